@@ -1,0 +1,142 @@
+//! Typed errors of the backend, classified by libvirt error code (never by message text).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use virt::error::{ErrorNumber, ErrorNumberEnum};
+
+/// What can go wrong talking to libvirt, QEMU or the guest agent.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The named libvirt object does not exist.
+    #[error("{kind} {name:?} not found")]
+    NotFound {
+        /// Object kind: `domain`, `network`, `nwfilter`, `snapshot`.
+        kind: &'static str,
+        /// Object name.
+        name: String,
+    },
+    /// An object with that name exists already.
+    #[error("{kind} {name:?} already exists")]
+    AlreadyExists {
+        /// Object kind.
+        kind: &'static str,
+        /// Object name.
+        name: String,
+    },
+    /// The object exists but was not created by agentvm, so agentvm will not touch it.
+    #[error("{kind} {name:?} exists but is not owned by agentvm; rename the manifest or remove the foreign object by hand")]
+    NotOwned {
+        /// Object kind.
+        kind: &'static str,
+        /// Object name.
+        name: String,
+    },
+    /// The guest agent did not answer (not started yet, crashed, or the guest hangs).
+    #[error("guest agent of {vm} unavailable: {message}")]
+    GuestAgentUnavailable {
+        /// Domain name.
+        vm: String,
+        /// What libvirt said.
+        message: String,
+    },
+    /// The guest agent answered with an error.
+    #[error("guest agent of {vm} failed {command}: {message}")]
+    GuestCommand {
+        /// Domain name.
+        vm: String,
+        /// The agent command, e.g. `guest-exec`.
+        command: String,
+        /// The agent's error description.
+        message: String,
+    },
+    /// An operation did not finish in time.
+    #[error("timed out after {after:?} waiting for {what}")]
+    Timeout {
+        /// What we waited for.
+        what: String,
+        /// How long we waited.
+        after: Duration,
+    },
+    /// Any other libvirt error.
+    #[error("libvirt error {code}: {message}")]
+    Libvirt {
+        /// libvirt's error number (virErrorNumber).
+        code: String,
+        /// libvirt's message.
+        message: String,
+    },
+    /// A host file operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What we were doing.
+        op: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A host command (e.g. `qemu-img`) failed.
+    #[error("{command} failed: {message}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// Exit status and stderr.
+        message: String,
+    },
+    /// The guest agent's reply could not be understood.
+    #[error("unexpected reply from {what}: {message}")]
+    Protocol {
+        /// Which call.
+        what: String,
+        /// What was wrong.
+        message: String,
+    },
+}
+
+/// Result alias of the backend.
+pub type Result<T, E = BackendError> = std::result::Result<T, E>;
+
+impl BackendError {
+    /// Classify a libvirt error for an object of `kind` named `name`.
+    pub fn from_virt(err: virt::error::Error, kind: &'static str, name: &str) -> Self {
+        match err.code() {
+            ErrorNumberEnum::Known(
+                ErrorNumber::NoDomain
+                | ErrorNumber::NoNetwork
+                | ErrorNumber::NoNwfilter
+                | ErrorNumber::NoDomainSnapshot,
+            ) => BackendError::NotFound {
+                kind,
+                name: name.to_string(),
+            },
+            ErrorNumberEnum::Known(ErrorNumber::DomExist) => BackendError::AlreadyExists {
+                kind,
+                name: name.to_string(),
+            },
+            ErrorNumberEnum::Known(ErrorNumber::AgentUnresponsive | ErrorNumber::AgentUnsynced) => {
+                BackendError::GuestAgentUnavailable {
+                    vm: name.to_string(),
+                    message: err.message().to_string(),
+                }
+            }
+            _ => BackendError::Libvirt {
+                code: code_name(&err),
+                message: err.message().to_string(),
+            },
+        }
+    }
+
+    /// True for [`BackendError::NotFound`].
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, BackendError::NotFound { .. })
+    }
+}
+
+/// libvirt's error number as a name (`OperationInvalid`), or the raw number if unknown.
+pub fn code_name(err: &virt::error::Error) -> String {
+    match err.code() {
+        ErrorNumberEnum::Known(n) => format!("{n:?}"),
+        ErrorNumberEnum::Unknown(n) => n.to_string(),
+    }
+}

@@ -1,0 +1,596 @@
+//! Running code in a guest through qemu-guest-agent: files in and out (chunked), exec with
+//! env and working directory, live output, an output cap, and timeouts enforced in the guest.
+//!
+//! Output is redirected to files in the guest and read while the process runs, rather than
+//! using the agent's `capture-output` (which holds up to 16 MiB per stream in the agent and
+//! only returns it at exit). That gives live following and a cap that protects host memory.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use crate::error::{BackendError, Result};
+
+/// Default cap on captured bytes per output stream (10 MiB).
+pub const DEFAULT_OUTPUT_CAP: usize = 10 * 1024 * 1024;
+/// Bytes moved per `guest-file-read` / `guest-file-write` call.
+pub const FILE_CHUNK: usize = 4 * 1024 * 1024;
+/// The `PATH` given to guest processes unless the caller sets one.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// A way to send one JSON command to a guest's agent and get its JSON reply.
+/// Implemented by the libvirt backend (`virDomainQemuAgentCommand`) and by test fakes.
+pub trait AgentChannel {
+    /// The VM's name, for error messages.
+    fn vm_name(&self) -> &str;
+    /// Send `command` (a full `{"execute":..}` object); return the reply's `return` value.
+    /// `timeout` bounds how long a connected but silent agent is waited for.
+    fn command(&self, command: &Value, timeout: Duration) -> Result<Value>;
+}
+
+/// Timeout for ordinary agent calls.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which output stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// What to run in the guest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExecRequest {
+    /// Program (absolute path, or a name looked up in `PATH`).
+    pub program: String,
+    /// Arguments.
+    pub args: Vec<String>,
+    /// Extra environment (on top of `PATH`, `HOME`, `LANG`).
+    pub env: BTreeMap<String, String>,
+    /// Working directory (default `/`).
+    pub cwd: Option<String>,
+    /// Kill the process (its whole process group) after this long.
+    pub timeout: Duration,
+    /// Keep at most this many bytes of each stream.
+    pub output_cap: usize,
+}
+
+impl ExecRequest {
+    /// A request for `program args..` with defaults: no extra env, `/`, 300 s, 10 MiB cap.
+    pub fn new(
+        program: impl Into<String>,
+        args: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        ExecRequest {
+            program: program.into(),
+            args: args.into_iter().map(Into::into).collect(),
+            env: BTreeMap::new(),
+            cwd: None,
+            timeout: Duration::from_secs(300),
+            output_cap: DEFAULT_OUTPUT_CAP,
+        }
+    }
+}
+
+/// How a guest process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutcome {
+    /// Exit code, when it exited normally.
+    pub exit_code: Option<i32>,
+    /// Signal number, when it was killed by a signal.
+    pub signal: Option<i32>,
+    /// True when agentvm killed it at its timeout.
+    pub timed_out: bool,
+    /// Captured standard output (at most the cap).
+    pub stdout: Vec<u8>,
+    /// Captured standard error (at most the cap).
+    pub stderr: Vec<u8>,
+    /// Total bytes the process wrote to stdout (may exceed what was captured).
+    pub stdout_total: u64,
+    /// Total bytes the process wrote to stderr.
+    pub stderr_total: u64,
+    /// Wall time from start to exit as seen by the host.
+    pub duration: Duration,
+}
+
+impl ExecOutcome {
+    /// True when stdout was cut at the cap.
+    pub fn stdout_truncated(&self) -> bool {
+        self.stdout_total > self.stdout.len() as u64
+    }
+    /// True when stderr was cut at the cap.
+    pub fn stderr_truncated(&self) -> bool {
+        self.stderr_total > self.stderr.len() as u64
+    }
+    /// True when the process exited with code 0.
+    pub fn success(&self) -> bool {
+        self.exit_code == Some(0)
+    }
+}
+
+/// Guest operations over any [`AgentChannel`].
+pub struct Guest<'a, C: AgentChannel + ?Sized> {
+    chan: &'a C,
+}
+
+fn agent_err(vm: &str, command: &str, e: BackendError) -> BackendError {
+    match e {
+        BackendError::Protocol { message, .. } => BackendError::GuestCommand {
+            vm: vm.to_string(),
+            command: command.to_string(),
+            message,
+        },
+        other => other,
+    }
+}
+
+static EXEC_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
+    /// Operations on the guest behind `chan`.
+    pub fn new(chan: &'a C) -> Self {
+        Guest { chan }
+    }
+
+    fn call(&self, execute: &str, arguments: Option<Value>) -> Result<Value> {
+        let cmd = match arguments {
+            Some(a) => json!({"execute": execute, "arguments": a}),
+            None => json!({"execute": execute}),
+        };
+        self.chan
+            .command(&cmd, CALL_TIMEOUT)
+            .map_err(|e| agent_err(self.chan.vm_name(), execute, e))
+    }
+
+    fn protocol(&self, what: &str, message: impl Into<String>) -> BackendError {
+        BackendError::Protocol {
+            what: format!("{} on {}", what, self.chan.vm_name()),
+            message: message.into(),
+        }
+    }
+
+    /// `guest-ping`.
+    pub fn ping(&self) -> Result<()> {
+        self.call("guest-ping", None).map(|_| ())
+    }
+
+    /// Wait until the agent answers a ping, polling every 50 ms until `timeout`.
+    pub fn wait_ready(&self, timeout: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        loop {
+            match self
+                .chan
+                .command(&json!({"execute": "guest-ping"}), Duration::from_secs(2))
+            {
+                Ok(_) => return Ok(start.elapsed()),
+                Err(e) => {
+                    if start.elapsed() >= timeout {
+                        return Err(match e {
+                            BackendError::GuestAgentUnavailable { .. } => BackendError::Timeout {
+                                what: format!(
+                                    "guest agent of {} to answer ({e})",
+                                    self.chan.vm_name()
+                                ),
+                                after: timeout,
+                            },
+                            other => other,
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    fn open(&self, path: &str, mode: &str) -> Result<i64> {
+        let r = self.call("guest-file-open", Some(json!({"path": path, "mode": mode})))?;
+        r.as_i64()
+            .ok_or_else(|| self.protocol("guest-file-open", format!("no handle in {r}")))
+    }
+
+    fn close(&self, handle: i64) -> Result<()> {
+        self.call("guest-file-close", Some(json!({"handle": handle})))
+            .map(|_| ())
+    }
+
+    /// Write `data` to `path` in the guest (created or truncated), in chunks of any total size.
+    pub fn write_file(&self, path: &str, data: &[u8]) -> Result<()> {
+        let h = self.open(path, "w")?;
+        let res = (|| {
+            for chunk in data.chunks(FILE_CHUNK) {
+                let mut off = 0;
+                while off < chunk.len() {
+                    let r = self.call(
+                        "guest-file-write",
+                        Some(json!({"handle": h, "buf-b64": B64.encode(&chunk[off..])})),
+                    )?;
+                    let n = r["count"].as_u64().ok_or_else(|| {
+                        self.protocol("guest-file-write", format!("no count in {r}"))
+                    })?;
+                    if n == 0 {
+                        return Err(
+                            self.protocol("guest-file-write", "wrote 0 bytes (guest disk full?)")
+                        );
+                    }
+                    off += n as usize;
+                }
+            }
+            self.call("guest-file-flush", Some(json!({"handle": h})))
+                .map(|_| ())
+        })();
+        let closed = self.close(h);
+        res.and(closed)
+    }
+
+    /// Read one chunk (up to `max` bytes) from an open handle. Returns the bytes and EOF flag.
+    fn read_chunk(&self, h: i64, max: usize) -> Result<(Vec<u8>, bool)> {
+        let r = self.call(
+            "guest-file-read",
+            Some(json!({"handle": h, "count": max.max(1)})),
+        )?;
+        let data = B64
+            .decode(r["buf-b64"].as_str().unwrap_or(""))
+            .map_err(|e| self.protocol("guest-file-read", e.to_string()))?;
+        Ok((data, r["eof"].as_bool().unwrap_or(data_is_empty(&r))))
+    }
+
+    /// Read the whole file at `path`, failing if it is larger than `max` bytes.
+    pub fn read_file(&self, path: &str, max: usize) -> Result<Vec<u8>> {
+        let h = self.open(path, "r")?;
+        let res = (|| {
+            let mut out = Vec::new();
+            loop {
+                let (data, eof) = self.read_chunk(h, FILE_CHUNK)?;
+                out.extend_from_slice(&data);
+                if out.len() > max {
+                    return Err(self.protocol(
+                        "guest-file-read",
+                        format!("{path} is larger than the limit of {max} bytes"),
+                    ));
+                }
+                if eof || data.is_empty() {
+                    return Ok(out);
+                }
+            }
+        })();
+        let closed = self.close(h);
+        let out = res?;
+        closed?;
+        Ok(out)
+    }
+
+    /// Size of an open file: seek to its end.
+    fn size_of(&self, h: i64) -> Result<u64> {
+        let r = self.call(
+            "guest-file-seek",
+            Some(json!({"handle": h, "offset": 0, "whence": "end"})),
+        )?;
+        r["position"]
+            .as_u64()
+            .ok_or_else(|| self.protocol("guest-file-seek", format!("no position in {r}")))
+    }
+
+    /// Start a process; returns the guest pid, which is also its process group id.
+    fn spawn(&self, req: &ExecRequest, out: &str, err: &str) -> Result<i64> {
+        let mut env: BTreeMap<String, String> = BTreeMap::from([
+            ("PATH".to_string(), DEFAULT_PATH.to_string()),
+            ("HOME".to_string(), "/root".to_string()),
+            ("LANG".to_string(), "C.UTF-8".to_string()),
+        ]);
+        env.extend(req.env.clone());
+        let env: Vec<String> = env.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+        // setsid makes the process a session and group leader, so a timeout kills the whole tree.
+        let mut args = vec![
+            "/bin/sh".to_string(),
+            "-c".to_string(),
+            r#"exec >"$1" 2>"$2"; cd "$3" || exit 126; shift 3; exec "$@""#.to_string(),
+            "agentvm-exec".to_string(),
+            out.to_string(),
+            err.to_string(),
+            req.cwd.clone().unwrap_or_else(|| "/".to_string()),
+            req.program.clone(),
+        ];
+        args.extend(req.args.iter().cloned());
+        let r = self.call(
+            "guest-exec",
+            Some(json!({"path": "/usr/bin/setsid", "arg": args, "env": env, "capture-output": false})),
+        )?;
+        r["pid"]
+            .as_i64()
+            .ok_or_else(|| self.protocol("guest-exec", format!("no pid in {r}")))
+    }
+
+    fn status(&self, pid: i64) -> Result<Option<(Option<i32>, Option<i32>)>> {
+        let r = self.call("guest-exec-status", Some(json!({"pid": pid})))?;
+        if r["exited"].as_bool() != Some(true) {
+            return Ok(None);
+        }
+        let code = r["exitcode"].as_i64().map(|c| c as i32);
+        let sig = r["signal"].as_i64().map(|c| c as i32);
+        Ok(Some((code, sig)))
+    }
+
+    /// Kill the process group `pgid` with SIGKILL.
+    pub fn kill_group(&self, pgid: i64) -> Result<()> {
+        let r = self.call(
+            "guest-exec",
+            Some(json!({"path": "/bin/sh", "arg": ["-c", "kill -s KILL -- -$1", "agentvm-kill", pgid.to_string()]})),
+        )?;
+        if let Some(pid) = r["pid"].as_i64() {
+            // Reap the helper so the agent does not keep its status forever.
+            for _ in 0..100 {
+                if self.status(pid)?.is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Ok(())
+    }
+
+    /// Run a process to completion (or its timeout), streaming output to `on_output` as it
+    /// arrives. Output beyond `output_cap` per stream is counted but not kept.
+    pub fn exec(
+        &self,
+        req: &ExecRequest,
+        on_output: &mut dyn FnMut(Stream, &[u8]),
+    ) -> Result<ExecOutcome> {
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            EXEC_SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let out_path = format!("/var/tmp/agentvm-exec-{id}.out");
+        let err_path = format!("/var/tmp/agentvm-exec-{id}.err");
+        // Create both files first so they can be opened for reading before the process writes.
+        for p in [&out_path, &err_path] {
+            let h = self.open(p, "w")?;
+            self.close(h)?;
+        }
+        let hout = self.open(&out_path, "r")?;
+        let herr = self.open(&err_path, "r")?;
+        let result = self.exec_inner(req, &out_path, &err_path, hout, herr, on_output);
+        let _ = self.close(hout);
+        let _ = self.close(herr);
+        // Best effort: remove the output files (the VM is reset after a run anyway).
+        let _ = self.call(
+            "guest-exec",
+            Some(json!({"path": "/bin/rm", "arg": ["-f", out_path, err_path]})),
+        );
+        result
+    }
+
+    fn exec_inner(
+        &self,
+        req: &ExecRequest,
+        out_path: &str,
+        err_path: &str,
+        hout: i64,
+        herr: i64,
+        on_output: &mut dyn FnMut(Stream, &[u8]),
+    ) -> Result<ExecOutcome> {
+        let start = Instant::now();
+        let pid = self.spawn(req, out_path, err_path)?;
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        let mut interval = Duration::from_millis(2);
+        let mut timed_out = false;
+        let mut drain = |g: &Self, h: i64, buf: &mut Vec<u8>, s: Stream| -> Result<()> {
+            loop {
+                let room = req.output_cap.saturating_sub(buf.len());
+                if room == 0 {
+                    return Ok(());
+                }
+                let (data, eof) = g.read_chunk(h, room.min(FILE_CHUNK))?;
+                if !data.is_empty() {
+                    on_output(s, &data);
+                    buf.extend_from_slice(&data);
+                }
+                if eof || data.is_empty() {
+                    return Ok(());
+                }
+            }
+        };
+        let status = loop {
+            let st = self.status(pid)?;
+            drain(self, hout, &mut stdout, Stream::Stdout)?;
+            drain(self, herr, &mut stderr, Stream::Stderr)?;
+            if let Some(st) = st {
+                break st;
+            }
+            if !timed_out && start.elapsed() >= req.timeout {
+                timed_out = true;
+                self.kill_group(pid)?;
+                continue;
+            }
+            if timed_out && start.elapsed() >= req.timeout + Duration::from_secs(30) {
+                return Err(BackendError::Timeout {
+                    what: format!("killed process {pid} in {} to exit", self.chan.vm_name()),
+                    after: Duration::from_secs(30),
+                });
+            }
+            std::thread::sleep(interval);
+            interval = (interval * 3 / 2).min(Duration::from_millis(50));
+        };
+        let duration = start.elapsed();
+        let stdout_total = self.size_of(hout)?.max(stdout.len() as u64);
+        let stderr_total = self.size_of(herr)?.max(stderr.len() as u64);
+        Ok(ExecOutcome {
+            exit_code: status.0,
+            signal: status.1,
+            timed_out,
+            stdout,
+            stderr,
+            stdout_total,
+            stderr_total,
+            duration,
+        })
+    }
+
+    /// Write `source` to a temporary file in the guest and run it with `interpreter`.
+    pub fn run_script(
+        &self,
+        interpreter: &str,
+        source: &str,
+        mut req: ExecRequest,
+        on_output: &mut dyn FnMut(Stream, &[u8]),
+    ) -> Result<ExecOutcome> {
+        let path = format!(
+            "/var/tmp/agentvm-script-{}-{}",
+            std::process::id(),
+            EXEC_SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        self.write_file(&path, source.as_bytes())?;
+        req.program = interpreter.to_string();
+        req.args.insert(0, path);
+        self.exec(&req, on_output)
+    }
+}
+
+fn data_is_empty(r: &Value) -> bool {
+    r["count"].as_u64() == Some(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::collections::VecDeque;
+
+    /// Answers queued replies in order and records every command.
+    struct FakeAgent {
+        replies: RefCell<VecDeque<Result<Value>>>,
+        calls: RefCell<Vec<Value>>,
+    }
+
+    impl FakeAgent {
+        fn new(replies: Vec<Result<Value>>) -> Self {
+            FakeAgent {
+                replies: RefCell::new(replies.into()),
+                calls: RefCell::new(vec![]),
+            }
+        }
+        fn executed(&self) -> Vec<String> {
+            self.calls
+                .borrow()
+                .iter()
+                .map(|c| c["execute"].as_str().unwrap().to_string())
+                .collect()
+        }
+    }
+
+    impl AgentChannel for FakeAgent {
+        fn vm_name(&self) -> &str {
+            "fake"
+        }
+        fn command(&self, command: &Value, _t: Duration) -> Result<Value> {
+            self.calls.borrow_mut().push(command.clone());
+            self.replies
+                .borrow_mut()
+                .pop_front()
+                .unwrap_or_else(|| panic!("unexpected call {command}"))
+        }
+    }
+
+    fn read(data: &[u8], eof: bool) -> Result<Value> {
+        Ok(json!({"count": data.len(), "buf-b64": B64.encode(data), "eof": eof}))
+    }
+
+    #[test]
+    fn write_file_chunks_large_data_and_closes() {
+        let data = vec![7u8; FILE_CHUNK + 10];
+        let agent = FakeAgent::new(vec![
+            Ok(json!(5)),
+            Ok(json!({"count": FILE_CHUNK, "eof": false})),
+            Ok(json!({"count": 10, "eof": false})),
+            Ok(json!({})),
+            Ok(json!({})),
+        ]);
+        Guest::new(&agent).write_file("/x", &data).unwrap();
+        assert_eq!(
+            agent.executed(),
+            [
+                "guest-file-open",
+                "guest-file-write",
+                "guest-file-write",
+                "guest-file-flush",
+                "guest-file-close"
+            ]
+        );
+    }
+
+    #[test]
+    fn exec_collects_output_caps_it_and_reports_exit() {
+        let mut replies = vec![
+            Ok(json!(1)),
+            Ok(json!({})), // create out
+            Ok(json!(2)),
+            Ok(json!({})), // create err
+            Ok(json!(3)),
+            Ok(json!(4)),           // open both for reading
+            Ok(json!({"pid": 42})), // guest-exec
+            Ok(json!({"exited": false})),
+            read(b"hel", false),
+            read(b"", true), // stdout chunk, then nothing yet
+            read(b"", true), // stderr empty
+            Ok(json!({"exited": true, "exitcode": 3})),
+            read(b"lo", false), // cap is 5: only 2 bytes requested
+            read(b"oops", true),
+        ];
+        replies.extend([
+            Ok(json!({"position": 11})), // stdout size
+            Ok(json!({"position": 4})),  // stderr size
+            Ok(json!({})),
+            Ok(json!({})),          // close
+            Ok(json!({"pid": 43})), // rm
+        ]);
+        let agent = FakeAgent::new(replies);
+        let mut req = ExecRequest::new("python3", ["-c", "x"]);
+        req.output_cap = 5;
+        let mut live = Vec::new();
+        let out = Guest::new(&agent)
+            .exec(&req, &mut |s, d| live.push((s, d.to_vec())))
+            .unwrap();
+        assert_eq!(out.exit_code, Some(3));
+        assert_eq!(out.stdout, b"hello");
+        assert!(out.stdout_truncated());
+        assert_eq!(out.stdout_total, 11);
+        assert_eq!(out.stderr, b"oops");
+        assert!(!out.stderr_truncated());
+        assert_eq!(live[0], (Stream::Stdout, b"hel".to_vec()));
+        let calls = agent.calls.borrow();
+        let spawn = &calls[6];
+        assert_eq!(spawn["arguments"]["path"], "/usr/bin/setsid");
+        assert!(spawn["arguments"]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e.as_str().unwrap().starts_with("PATH=")));
+        // after the cap only the remaining room is requested
+        assert_eq!(calls[12]["arguments"]["count"], 2);
+    }
+
+    #[test]
+    fn wait_ready_turns_a_silent_agent_into_a_timeout() {
+        let agent = FakeAgent::new(
+            (0..100)
+                .map(|_| {
+                    Err(BackendError::GuestAgentUnavailable {
+                        vm: "fake".into(),
+                        message: "not connected".into(),
+                    })
+                })
+                .collect(),
+        );
+        let err = Guest::new(&agent)
+            .wait_ready(Duration::from_millis(120))
+            .unwrap_err();
+        assert!(matches!(err, BackendError::Timeout { .. }), "{err}");
+    }
+}

@@ -1,0 +1,15 @@
+//! agentvm's libvirt backend: XML generation, domain lifecycle, guest execution through
+//! qemu-guest-agent, and the per-VM files (overlays, logs) that go with each domain.
+
+pub mod accel;
+pub mod error;
+pub mod guest;
+pub mod libvirt;
+pub mod vm;
+pub mod xml;
+
+pub use accel::{Accelerator, AcceleratorChoice};
+pub use error::{BackendError, Result};
+pub use guest::{AgentChannel, ExecOutcome, ExecRequest, Guest, Stream};
+pub use libvirt::Libvirt;
+pub use xml::{DomainSpec, NicSpec, Owner};

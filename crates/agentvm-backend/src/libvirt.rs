@@ -1,0 +1,289 @@
+//! The libvirt connection: domain lifecycle and the guest-agent channel, through the `virt` crate.
+//! Every call here is synchronous; async callers run them on blocking threads.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::sys;
+
+use crate::error::{BackendError, Result};
+use crate::guest::AgentChannel;
+use crate::xml::{parse_owner, DomainSpec, Owner};
+
+/// The default libvirt URI for real VMs.
+pub const DEFAULT_URI: &str = "qemu:///system";
+/// Environment variable overriding the libvirt URI.
+pub const URI_ENV: &str = "AGENTVM_LIBVIRT_URI";
+
+/// A libvirt connection.
+pub struct Libvirt {
+    conn: Connect,
+    uri: String,
+}
+
+/// Run state of a domain, reduced to what agentvm acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainState {
+    /// Running (or paused/blocked: QEMU is alive).
+    Running,
+    /// Defined but not running.
+    ShutOff,
+    /// Crashed or anything else.
+    Other,
+}
+
+/// An agentvm-owned domain as found in libvirt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OwnedDomain {
+    /// Domain name.
+    pub name: String,
+    /// Its ownership metadata.
+    pub owner: Owner,
+    /// Run state.
+    pub state: DomainState,
+}
+
+impl Libvirt {
+    /// Connect to `uri` (e.g. `qemu:///system`, `test:///default`).
+    pub fn connect(uri: &str) -> Result<Self> {
+        let conn = Connect::open(Some(uri)).map_err(|e| BackendError::Libvirt {
+            code: crate::error::code_name(&e),
+            message: format!(
+                "cannot connect to {uri}: {} (is libvirtd running? `scripts/host-setup.sh` starts it)",
+                e.message()
+            ),
+        })?;
+        Ok(Libvirt {
+            conn,
+            uri: uri.to_string(),
+        })
+    }
+
+    /// The URI from `$AGENTVM_LIBVIRT_URI`, else `qemu:///system`.
+    pub fn default_uri() -> String {
+        std::env::var(URI_ENV).unwrap_or_else(|_| DEFAULT_URI.to_string())
+    }
+
+    /// The URI this connection was opened with.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// The underlying `virt` connection.
+    pub fn raw(&self) -> &Connect {
+        &self.conn
+    }
+
+    /// libvirt library version as `major.minor.micro`.
+    pub fn version(&self) -> Result<String> {
+        let v = self
+            .conn
+            .lib_version()
+            .map_err(|e| BackendError::from_virt(e, "connection", &self.uri))?;
+        Ok(format!(
+            "{}.{}.{}",
+            v / 1_000_000,
+            (v / 1000) % 1000,
+            v % 1000
+        ))
+    }
+
+    fn lookup(&self, name: &str) -> Result<Domain> {
+        self.conn
+            .lookup_domain_by_name(name)
+            .map_err(|e| BackendError::from_virt(e, "domain", name))
+    }
+
+    /// Ownership metadata of domain `name`, `None` if it is not agentvm's.
+    pub fn domain_owner(&self, name: &str) -> Result<Option<Owner>> {
+        let dom = self.lookup(name)?;
+        let xml = dom
+            .xml_desc(0)
+            .map_err(|e| BackendError::from_virt(e, "domain", name))?;
+        Ok(parse_owner(&xml))
+    }
+
+    fn owned(&self, name: &str) -> Result<Domain> {
+        let dom = self.lookup(name)?;
+        let xml = dom
+            .xml_desc(0)
+            .map_err(|e| BackendError::from_virt(e, "domain", name))?;
+        if parse_owner(&xml).is_none() {
+            return Err(BackendError::NotOwned {
+                kind: "domain",
+                name: name.to_string(),
+            });
+        }
+        Ok(dom)
+    }
+
+    /// True when connected to libvirt's in-process `test:///` driver.
+    pub fn is_test_driver(&self) -> bool {
+        self.uri.starts_with("test:")
+    }
+
+    fn domain_type(&self, spec: &DomainSpec) -> &'static str {
+        if self.is_test_driver() {
+            "test"
+        } else {
+            spec.accelerator.domain_type()
+        }
+    }
+
+    /// Define (persistently) a domain. Fails with `AlreadyExists` if the name is taken.
+    pub fn define_domain(&self, spec: &DomainSpec) -> Result<()> {
+        if self.conn.lookup_domain_by_name(&spec.name).is_ok() {
+            return Err(BackendError::AlreadyExists {
+                kind: "domain",
+                name: spec.name.clone(),
+            });
+        }
+        self.conn
+            .define_domain_xml(&spec.to_xml_with_type(self.domain_type(spec)))
+            .map_err(|e| BackendError::from_virt(e, "domain", &spec.name))?;
+        Ok(())
+    }
+
+    /// Start a defined, owned domain.
+    pub fn start_domain(&self, name: &str) -> Result<()> {
+        self.owned(name)?
+            .create()
+            .map_err(|e| BackendError::from_virt(e, "domain", name))?;
+        Ok(())
+    }
+
+    /// Run state of domain `name`.
+    pub fn domain_state(&self, name: &str) -> Result<DomainState> {
+        use virt::domain::DomainState as V;
+        use virt::enumutil::Enum;
+        let (state, _) = self
+            .lookup(name)?
+            .state()
+            .map_err(|e| BackendError::from_virt(e, "domain", name))?;
+        Ok(match state {
+            Enum::Known(V::Running | V::Paused | V::Blocked) => DomainState::Running,
+            Enum::Known(V::Shutoff) => DomainState::ShutOff,
+            _ => DomainState::Other,
+        })
+    }
+
+    /// Stop an owned domain at once (pull the plug). Succeeds if it is not running.
+    pub fn destroy_domain(&self, name: &str) -> Result<()> {
+        let dom = self.owned(name)?;
+        if dom.is_active().unwrap_or(false) {
+            if let Err(e) = dom.destroy() {
+                // It may have stopped between the check and the call.
+                if dom.is_active().unwrap_or(false) {
+                    return Err(BackendError::from_virt(e, "domain", name));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ask the guest to power off (guest agent, then ACPI); destroy it if still running after
+    /// `deadline`.
+    pub fn shutdown_domain(&self, name: &str, deadline: Duration) -> Result<()> {
+        let dom = self.owned(name)?;
+        if !dom.is_active().unwrap_or(false) {
+            return Ok(());
+        }
+        let _ = dom.shutdown_flags(
+            sys::VIR_DOMAIN_SHUTDOWN_GUEST_AGENT | sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN,
+        );
+        let start = Instant::now();
+        while start.elapsed() < deadline {
+            if !dom.is_active().unwrap_or(false) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.destroy_domain(name)
+    }
+
+    /// Undefine an owned, stopped domain together with its snapshot metadata and managed save.
+    /// Succeeds when it is already gone. Files (overlays, saved states) are the caller's.
+    pub fn undefine_domain(&self, name: &str) -> Result<()> {
+        let dom = match self.owned(name) {
+            Ok(d) => d,
+            Err(e) if e.is_not_found() => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        dom.undefine_flags(
+            sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE,
+        )
+        .map_err(|e| BackendError::from_virt(e, "domain", name))
+    }
+
+    /// Every domain carrying agentvm's ownership metadata. Foreign domains are not listed.
+    pub fn list_owned_domains(&self) -> Result<Vec<OwnedDomain>> {
+        let doms = self
+            .conn
+            .list_all_domains(0)
+            .map_err(|e| BackendError::from_virt(e, "domain", "*"))?;
+        let mut out = Vec::new();
+        for d in doms {
+            let Ok(name) = d.name() else { continue };
+            let Ok(xml) = d.xml_desc(0) else { continue };
+            if let Some(owner) = parse_owner(&xml) {
+                let state = self.domain_state(&name).unwrap_or(DomainState::Other);
+                out.push(OwnedDomain { name, owner, state });
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// A guest-agent channel to domain `name`.
+    pub fn agent(&self, name: &str) -> Result<DomainAgent> {
+        Ok(DomainAgent {
+            dom: self.lookup(name)?,
+            name: name.to_string(),
+        })
+    }
+}
+
+/// The guest agent of one domain, reached through `virDomainQemuAgentCommand`.
+pub struct DomainAgent {
+    dom: Domain,
+    name: String,
+}
+
+impl AgentChannel for DomainAgent {
+    fn vm_name(&self) -> &str {
+        &self.name
+    }
+
+    fn command(&self, command: &Value, timeout: Duration) -> Result<Value> {
+        let secs = timeout.as_secs().clamp(1, i32::MAX as u64) as i32;
+        let reply = self
+            .dom
+            .qemu_agent_command(&command.to_string(), secs, 0)
+            .map_err(|e| match BackendError::from_virt(e, "domain", &self.name) {
+                BackendError::Libvirt { code, message } if code.contains("OperationTimeout") => {
+                    BackendError::GuestAgentUnavailable {
+                        vm: self.name.clone(),
+                        message,
+                    }
+                }
+                BackendError::Libvirt { code, message }
+                    if code.contains("OperationInvalid") || code.contains("AgentCommand") =>
+                {
+                    // The agent answered with an error (e.g. file not found): a protocol error.
+                    let _ = code;
+                    BackendError::Protocol {
+                        what: command["execute"].as_str().unwrap_or("?").to_string(),
+                        message,
+                    }
+                }
+                other => other,
+            })?;
+        let v: Value = serde_json::from_str(&reply).map_err(|e| BackendError::Protocol {
+            what: command["execute"].as_str().unwrap_or("?").to_string(),
+            message: format!("{e}: {reply}"),
+        })?;
+        Ok(v.get("return").cloned().unwrap_or(Value::Null))
+    }
+}

@@ -1,0 +1,241 @@
+//! One VM's life on the host: its directory (qcow2 overlay, serial log), define, boot, wait
+//! for the guest agent, and a teardown that leaves nothing behind.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::accel::Accelerator;
+use crate::error::{BackendError, Result};
+use crate::guest::Guest;
+use crate::libvirt::{DomainAgent, Libvirt};
+use crate::xml::{DomainSpec, NicSpec, Owner};
+
+/// Environment variable overriding the state directory.
+pub const STATE_DIR_ENV: &str = "AGENTVM_STATE_DIR";
+
+/// Where per-VM files live: `$AGENTVM_STATE_DIR` or `/var/lib/agentvm`.
+pub fn default_state_dir() -> PathBuf {
+    std::env::var_os(STATE_DIR_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/agentvm"))
+}
+
+/// A bootable guest image: base disk plus direct-boot kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootImage {
+    /// Read-only qcow2 base disk; each VM gets an overlay on it.
+    pub disk: PathBuf,
+    /// Kernel.
+    pub kernel: PathBuf,
+    /// Initrd.
+    pub initrd: PathBuf,
+    /// Kernel command line.
+    pub cmdline: String,
+}
+
+/// Shape of a VM to create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmShape {
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Network interface, `None` for an isolated guest with no NIC.
+    pub nic: Option<NicSpec>,
+    /// Accelerator.
+    pub accelerator: Accelerator,
+    /// How long to wait for the guest agent after start.
+    pub boot_timeout: Duration,
+}
+
+/// Files of one VM under `<state>/vms/<name>/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmFiles {
+    /// The VM's directory.
+    pub dir: PathBuf,
+}
+
+impl VmFiles {
+    /// The files of VM `name` under `state_dir`.
+    pub fn new(state_dir: &Path, name: &str) -> Self {
+        VmFiles {
+            dir: state_dir.join("vms").join(name),
+        }
+    }
+    /// The writable qcow2 overlay.
+    pub fn disk(&self) -> PathBuf {
+        self.dir.join("disk.qcow2")
+    }
+    /// The serial console log.
+    pub fn serial_log(&self) -> PathBuf {
+        self.dir.join("serial.log")
+    }
+    /// Remove the directory and everything in it. Succeeds if already gone.
+    pub fn remove(&self) -> Result<()> {
+        match std::fs::remove_dir_all(&self.dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(BackendError::Io {
+                op: "remove",
+                path: self.dir.clone(),
+                source,
+            }),
+        }
+    }
+}
+
+fn io_err<'p>(
+    op: &'static str,
+    path: &'p Path,
+) -> impl FnOnce(std::io::Error) -> BackendError + 'p {
+    move |source| BackendError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Make `dir` and its parents, readable by the QEMU user.
+pub fn make_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+        .map_err(io_err("chmod", dir))
+}
+
+/// Create a qcow2 overlay at `overlay` backed by `base` (which stays untouched).
+pub fn create_overlay(base: &Path, overlay: &Path) -> Result<()> {
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(base)
+        .arg(overlay)
+        .output()
+        .map_err(io_err("run qemu-img for", overlay))?;
+    if !out.status.success() {
+        return Err(BackendError::Command {
+            command: format!(
+                "qemu-img create -b {} {}",
+                base.display(),
+                overlay.display()
+            ),
+            message: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A VM created for one purpose and removed afterwards. Dropping it tears it down.
+pub struct EphemeralVm<'a> {
+    lv: &'a Libvirt,
+    name: String,
+    files: VmFiles,
+    torn_down: bool,
+    /// Time from `start` to the guest agent answering.
+    pub boot_time: Duration,
+}
+
+impl<'a> EphemeralVm<'a> {
+    /// Define `name` from `image` with a fresh overlay, start it and wait for its agent.
+    /// On failure everything created so far is removed again.
+    pub fn boot(
+        lv: &'a Libvirt,
+        state_dir: &Path,
+        name: &str,
+        image: &BootImage,
+        shape: &VmShape,
+        owner: Owner,
+    ) -> Result<Self> {
+        let files = VmFiles::new(state_dir, name);
+        let mut vm = EphemeralVm {
+            lv,
+            name: name.to_string(),
+            files: files.clone(),
+            torn_down: false,
+            boot_time: Duration::ZERO,
+        };
+        make_dir(&files.dir)?;
+        create_overlay(&image.disk, &files.disk())?;
+        let spec = DomainSpec {
+            name: name.to_string(),
+            vcpus: shape.vcpus,
+            memory_mib: shape.memory_mib,
+            cpu_shares: None,
+            memory_hard_limit_mib: None,
+            disk: files.disk(),
+            kernel: image.kernel.clone(),
+            initrd: image.initrd.clone(),
+            cmdline: image.cmdline.clone(),
+            serial_log: files.serial_log(),
+            nic: shape.nic.clone(),
+            accelerator: shape.accelerator,
+            owner,
+        };
+        if let Err(e) = lv.define_domain(&spec) {
+            // Not ours to clean up if the name was taken by someone else.
+            vm.torn_down = matches!(e, BackendError::AlreadyExists { .. });
+            if vm.torn_down {
+                let _ = files.remove();
+            }
+            return Err(e);
+        }
+        let start = Instant::now();
+        lv.start_domain(name)?;
+        let agent = lv.agent(name)?;
+        Guest::new(&agent)
+            .wait_ready(shape.boot_timeout)
+            .map_err(|e| match e {
+                BackendError::Timeout { what, after } => BackendError::Timeout {
+                    what: format!("{what}; serial log: {}", files.serial_log().display()),
+                    after,
+                },
+                other => other,
+            })?;
+        vm.boot_time = start.elapsed();
+        Ok(vm)
+    }
+
+    /// The domain name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The VM's files.
+    pub fn files(&self) -> &VmFiles {
+        &self.files
+    }
+
+    /// A guest-agent channel to this VM.
+    pub fn agent(&self) -> Result<DomainAgent> {
+        self.lv.agent(&self.name)
+    }
+
+    /// Destroy and undefine the domain and delete its files.
+    pub fn teardown(mut self) -> Result<()> {
+        self.torn_down = true;
+        teardown(self.lv, &self.name, &self.files)
+    }
+}
+
+fn teardown(lv: &Libvirt, name: &str, files: &VmFiles) -> Result<()> {
+    let r = lv
+        .destroy_domain(name)
+        .or_else(|e| if e.is_not_found() { Ok(()) } else { Err(e) })
+        .and_then(|_| lv.undefine_domain(name));
+    let f = files.remove();
+    r.and(f)
+}
+
+impl Drop for EphemeralVm<'_> {
+    fn drop(&mut self) {
+        if !self.torn_down {
+            if let Err(e) = teardown(self.lv, &self.name, &self.files) {
+                tracing::warn!(vm = %self.name, error = %e, "teardown of ephemeral VM failed");
+            }
+        }
+    }
+}

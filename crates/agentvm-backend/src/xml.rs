@@ -1,0 +1,385 @@
+//! libvirt XML documents generated from agentvm's domain descriptions, with an XML writer
+//! (never string concatenation), and the ownership metadata agentvm stamps on everything it creates.
+
+use std::io;
+use std::path::PathBuf;
+
+use quick_xml::events::{BytesText, Event};
+use quick_xml::{Reader, Writer};
+
+use crate::Accelerator;
+
+/// XML namespace of agentvm's ownership metadata inside libvirt `<metadata>`.
+pub const OWNER_NS: &str = "https://agentvm.dev/xmlns/owner/v1";
+/// Namespace prefix used for [`OWNER_NS`].
+pub const OWNER_PREFIX: &str = "agentvm";
+
+/// Who owns a libvirt object agentvm created: the manifest object it realises.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Owner {
+    /// Kind of the owning object (`VmPool`, `Network`, `NetworkFilter`, `AgentRun`).
+    pub kind: String,
+    /// Name of the owning object.
+    pub name: String,
+    /// Hash of the owner's spec the object was generated from (drift detection).
+    pub spec_hash: String,
+    /// The owner's generation when the object was generated.
+    pub generation: i64,
+}
+
+/// The guest network interface of a domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicSpec {
+    /// libvirt network the interface attaches to.
+    pub network: String,
+    /// nwfilter applied to the interface, if any.
+    pub filter: Option<String>,
+    /// Fixed MAC address (`52:54:00:..`); libvirt picks one when `None`.
+    pub mac: Option<String>,
+}
+
+/// Everything needed to define one agentvm guest domain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DomainSpec {
+    /// Domain name (a DNS label; unique on the host).
+    pub name: String,
+    /// Number of virtual CPUs.
+    pub vcpus: u32,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Relative CPU weight (`cputune/shares`), if set.
+    pub cpu_shares: Option<u64>,
+    /// Hard memory limit for the whole QEMU process in MiB (`memtune/hard_limit`), if set.
+    /// It must leave headroom above guest RAM, see [`memory_hard_limit_mib`].
+    pub memory_hard_limit_mib: Option<u64>,
+    /// Per-VM qcow2 overlay (writable root disk).
+    pub disk: PathBuf,
+    /// Kernel for direct boot.
+    pub kernel: PathBuf,
+    /// Initrd for direct boot.
+    pub initrd: PathBuf,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// File the guest's serial console is written to (boot log).
+    pub serial_log: PathBuf,
+    /// Network interface; `None` means isolated: the guest has no NIC at all.
+    pub nic: Option<NicSpec>,
+    /// Hardware acceleration (`kvm` or `qemu`/TCG domain type).
+    pub accelerator: Accelerator,
+    /// Ownership metadata.
+    pub owner: Owner,
+}
+
+/// QEMU needs memory beyond guest RAM (device emulation, TCG translation cache, I/O buffers).
+/// A hard limit equal to guest RAM gets QEMU OOM-killed; this gives 50% + 256 MiB of headroom.
+pub fn memory_hard_limit_mib(guest_mib: u64) -> u64 {
+    guest_mib + guest_mib / 2 + 256
+}
+
+fn s(p: &std::path::Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+type W = Writer<Vec<u8>>;
+
+fn text(w: &mut W, name: &str, value: &str) -> io::Result<()> {
+    w.create_element(name)
+        .write_text_content(BytesText::new(value))?;
+    Ok(())
+}
+
+fn owner_xml(w: &mut W, owner: &Owner) -> io::Result<()> {
+    let generation = owner.generation.to_string();
+    w.create_element(format!("{OWNER_PREFIX}:owner"))
+        .with_attribute((format!("xmlns:{OWNER_PREFIX}").as_str(), OWNER_NS))
+        .with_attribute(("kind", owner.kind.as_str()))
+        .with_attribute(("name", owner.name.as_str()))
+        .with_attribute(("specHash", owner.spec_hash.as_str()))
+        .with_attribute(("generation", generation.as_str()))
+        .write_empty()?;
+    Ok(())
+}
+
+/// The inner XML of the ownership metadata element, as passed to `virDomainSetMetadata`.
+pub fn owner_element(owner: &Owner) -> String {
+    let mut w = Writer::new(Vec::new());
+    owner_xml(&mut w, owner).expect("writing to a Vec cannot fail");
+    String::from_utf8(w.into_inner()).expect("XML writer emits UTF-8")
+}
+
+impl DomainSpec {
+    /// The libvirt domain XML.
+    pub fn to_xml(&self) -> String {
+        self.to_xml_with_type(self.accelerator.domain_type())
+    }
+
+    /// The libvirt domain XML with an explicit `<domain type>` (libvirt's `test:///` driver
+    /// knows only `test`).
+    pub fn to_xml_with_type(&self, domain_type: &str) -> String {
+        let mut w = Writer::new_with_indent(Vec::new(), b' ', 2);
+        self.write(&mut w, domain_type)
+            .expect("writing to a Vec cannot fail");
+        String::from_utf8(w.into_inner()).expect("XML writer emits UTF-8")
+    }
+
+    fn write(&self, w: &mut W, domain_type: &str) -> io::Result<()> {
+        let vcpus = self.vcpus.to_string();
+        let mem = self.memory_mib.to_string();
+        w.create_element("domain")
+            .with_attribute(("type", domain_type))
+            .write_inner_content(|w| {
+                text(w, "name", &self.name)?;
+                w.create_element("metadata")
+                    .write_inner_content(|w| owner_xml(w, &self.owner))?;
+                w.create_element("memory")
+                    .with_attribute(("unit", "MiB"))
+                    .write_text_content(BytesText::new(&mem))?;
+                text(w, "vcpu", &vcpus)?;
+                if let Some(shares) = self.cpu_shares {
+                    w.create_element("cputune")
+                        .write_inner_content(|w| text(w, "shares", &shares.to_string()))?;
+                }
+                if let Some(limit) = self.memory_hard_limit_mib {
+                    w.create_element("memtune").write_inner_content(|w| {
+                        w.create_element("hard_limit")
+                            .with_attribute(("unit", "MiB"))
+                            .write_text_content(BytesText::new(&limit.to_string()))?;
+                        Ok(())
+                    })?;
+                }
+                w.create_element("os").write_inner_content(|w| {
+                    w.create_element("type")
+                        .with_attribute(("arch", "x86_64"))
+                        .with_attribute(("machine", "q35"))
+                        .write_text_content(BytesText::new("hvm"))?;
+                    text(w, "kernel", &s(&self.kernel))?;
+                    text(w, "initrd", &s(&self.initrd))?;
+                    text(w, "cmdline", &self.cmdline)
+                })?;
+                w.create_element("features").write_inner_content(|w| {
+                    w.create_element("acpi").write_empty()?;
+                    Ok(())
+                })?;
+                if self.accelerator == Accelerator::Kvm {
+                    w.create_element("cpu")
+                        .with_attribute(("mode", "host-model"))
+                        .write_empty()?;
+                }
+                w.create_element("clock")
+                    .with_attribute(("offset", "utc"))
+                    .write_empty()?;
+                text(w, "on_poweroff", "destroy")?;
+                text(w, "on_reboot", "restart")?;
+                text(w, "on_crash", "destroy")?;
+                w.create_element("devices")
+                    .write_inner_content(|w| self.write_devices(w))?;
+                Ok(())
+            })?;
+        Ok(())
+    }
+
+    fn write_devices(&self, w: &mut W) -> io::Result<()> {
+        w.create_element("disk")
+            .with_attribute(("type", "file"))
+            .with_attribute(("device", "disk"))
+            .write_inner_content(|w| {
+                // Overlays are throw-away per VM: skipping host flushes is safe and fast.
+                w.create_element("driver")
+                    .with_attribute(("name", "qemu"))
+                    .with_attribute(("type", "qcow2"))
+                    .with_attribute(("cache", "unsafe"))
+                    .with_attribute(("discard", "unmap"))
+                    .write_empty()?;
+                w.create_element("source")
+                    .with_attribute(("file", s(&self.disk).as_str()))
+                    .write_empty()?;
+                w.create_element("target")
+                    .with_attribute(("dev", "vda"))
+                    .with_attribute(("bus", "virtio"))
+                    .write_empty()?;
+                Ok(())
+            })?;
+        if let Some(nic) = &self.nic {
+            w.create_element("interface")
+                .with_attribute(("type", "network"))
+                .write_inner_content(|w| {
+                    w.create_element("source")
+                        .with_attribute(("network", nic.network.as_str()))
+                        .write_empty()?;
+                    if let Some(mac) = &nic.mac {
+                        w.create_element("mac")
+                            .with_attribute(("address", mac.as_str()))
+                            .write_empty()?;
+                    }
+                    w.create_element("model")
+                        .with_attribute(("type", "virtio"))
+                        .write_empty()?;
+                    if let Some(filter) = &nic.filter {
+                        w.create_element("filterref")
+                            .with_attribute(("filter", filter.as_str()))
+                            .write_empty()?;
+                    }
+                    Ok(())
+                })?;
+        }
+        w.create_element("controller")
+            .with_attribute(("type", "usb"))
+            .with_attribute(("model", "none"))
+            .write_empty()?;
+        w.create_element("serial")
+            .with_attribute(("type", "file"))
+            .write_inner_content(|w| {
+                w.create_element("source")
+                    .with_attribute(("path", s(&self.serial_log).as_str()))
+                    .write_empty()?;
+                w.create_element("target")
+                    .with_attribute(("port", "0"))
+                    .write_empty()?;
+                Ok(())
+            })?;
+        w.create_element("channel")
+            .with_attribute(("type", "unix"))
+            .write_inner_content(|w| {
+                w.create_element("target")
+                    .with_attribute(("type", "virtio"))
+                    .with_attribute(("name", "org.qemu.guest_agent.0"))
+                    .write_empty()?;
+                Ok(())
+            })?;
+        w.create_element("rng")
+            .with_attribute(("model", "virtio"))
+            .write_inner_content(|w| {
+                w.create_element("backend")
+                    .with_attribute(("model", "random"))
+                    .write_text_content(BytesText::new("/dev/urandom"))?;
+                Ok(())
+            })?;
+        w.create_element("memballoon")
+            .with_attribute(("model", "virtio"))
+            .write_inner_content(|w| {
+                w.create_element("stats")
+                    .with_attribute(("period", "5"))
+                    .write_empty()?;
+                Ok(())
+            })?;
+        Ok(())
+    }
+}
+
+/// Find agentvm's ownership metadata in any libvirt XML document (domain, network, nwfilter).
+/// Returns `None` when the object carries none: such objects are not ours and are never touched.
+pub fn parse_owner(xml: &str) -> Option<Owner> {
+    let mut reader = Reader::from_str(xml);
+    loop {
+        match reader.read_event() {
+            Ok(Event::Start(e)) | Ok(Event::Empty(e)) => {
+                let name = e.name();
+                let local = name.local_name();
+                let is_owner = local.as_ref() == b"owner"
+                    && e.attributes().flatten().any(|a| {
+                        a.key.as_ref().starts_with(b"xmlns")
+                            && a.unescape_value().map(|v| v == OWNER_NS).unwrap_or(false)
+                    });
+                if !is_owner {
+                    continue;
+                }
+                let mut owner = Owner::default();
+                for a in e.attributes().flatten() {
+                    let v = a.unescape_value().ok()?.into_owned();
+                    match a.key.as_ref() {
+                        b"kind" => owner.kind = v,
+                        b"name" => owner.name = v,
+                        b"specHash" => owner.spec_hash = v,
+                        b"generation" => owner.generation = v.parse().unwrap_or(0),
+                        _ => {}
+                    }
+                }
+                return Some(owner);
+            }
+            Ok(Event::Eof) | Err(_) => return None,
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> DomainSpec {
+        DomainSpec {
+            name: "agentvm-sandbox-0".into(),
+            vcpus: 2,
+            memory_mib: 1024,
+            cpu_shares: Some(1024),
+            memory_hard_limit_mib: Some(memory_hard_limit_mib(1024)),
+            disk: "/var/lib/agentvm/vms/a&b/disk.qcow2".into(),
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            cmdline: "root=/dev/vda rw init=/sbin/agentvm-init quiet".into(),
+            serial_log: "/var/lib/agentvm/vms/x/serial.log".into(),
+            nic: None,
+            accelerator: Accelerator::Tcg,
+            owner: Owner {
+                kind: "VmPool".into(),
+                name: "p<&\"'>".into(),
+                spec_hash: "abc".into(),
+                generation: 3,
+            },
+        }
+    }
+
+    #[test]
+    fn owner_round_trips_through_domain_xml_with_special_characters() {
+        let xml = spec().to_xml();
+        assert!(xml.contains("a&amp;b"), "{xml}");
+        assert_eq!(parse_owner(&xml), Some(spec().owner));
+    }
+
+    #[test]
+    fn isolated_domain_has_no_interface_and_nat_one_has_a_filterref() {
+        let xml = spec().to_xml();
+        assert!(!xml.contains("<interface"));
+        let mut s = spec();
+        s.nic = Some(NicSpec {
+            network: "agentvm-net".into(),
+            filter: Some("agentvm-egress".into()),
+            mac: None,
+        });
+        let xml = s.to_xml();
+        assert!(xml.contains("<source network=\"agentvm-net\"/>"), "{xml}");
+        assert!(
+            xml.contains("<filterref filter=\"agentvm-egress\"/>"),
+            "{xml}"
+        );
+    }
+
+    #[test]
+    fn accelerator_selects_domain_type() {
+        assert!(spec().to_xml().starts_with("<domain type=\"qemu\">"));
+        let mut s = spec();
+        s.accelerator = Accelerator::Kvm;
+        let xml = s.to_xml();
+        assert!(xml.starts_with("<domain type=\"kvm\">"));
+        assert!(xml.contains("host-model"));
+    }
+
+    #[test]
+    fn hard_limit_leaves_headroom_above_guest_ram() {
+        assert!(memory_hard_limit_mib(512) > 512 + 256);
+        assert!(spec()
+            .to_xml()
+            .contains("<hard_limit unit=\"MiB\">1792</hard_limit>"));
+    }
+
+    #[test]
+    fn foreign_xml_has_no_owner() {
+        assert_eq!(parse_owner("<domain><name>test</name></domain>"), None);
+        assert_eq!(
+            parse_owner(
+                "<domain><metadata><x:owner xmlns:x=\"urn:other\" kind=\"a\"/></metadata></domain>"
+            ),
+            None
+        );
+    }
+}

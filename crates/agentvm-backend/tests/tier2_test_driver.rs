@@ -1,0 +1,95 @@
+//! Tier 2: the real libvirt API through libvirt's in-process `test:///default` driver
+//! (no hypervisor, no daemon). Domain lifecycle through agentvm's backend code.
+
+use agentvm_backend::libvirt::DomainState;
+use agentvm_backend::{Accelerator, BackendError, DomainSpec, Libvirt, Owner};
+
+fn spec(name: &str) -> DomainSpec {
+    DomainSpec {
+        name: name.into(),
+        vcpus: 1,
+        memory_mib: 256,
+        cpu_shares: Some(512),
+        memory_hard_limit_mib: None,
+        disk: "/nonexistent/agentvm/disk.qcow2".into(),
+        kernel: "/nonexistent/vmlinuz".into(),
+        initrd: "/nonexistent/initrd".into(),
+        cmdline: "root=/dev/vda".into(),
+        serial_log: "/nonexistent/serial.log".into(),
+        nic: None,
+        accelerator: Accelerator::Tcg,
+        owner: Owner {
+            kind: "VmPool".into(),
+            name: "pool-<&>".into(),
+            spec_hash: "h1".into(),
+            generation: 1,
+        },
+    }
+}
+
+#[test]
+fn define_start_destroy_undefine_through_backend() {
+    let lv = Libvirt::connect("test:///default").expect("test driver");
+    let name = "agentvm-t2-lifecycle";
+    let _ = lv.destroy_domain(name);
+    let _ = lv.undefine_domain(name);
+
+    lv.define_domain(&spec(name)).unwrap();
+    assert_eq!(lv.domain_state(name).unwrap(), DomainState::ShutOff);
+    let err = lv.define_domain(&spec(name)).unwrap_err();
+    assert!(matches!(err, BackendError::AlreadyExists { .. }), "{err}");
+
+    let owner = lv
+        .domain_owner(name)
+        .unwrap()
+        .expect("owner metadata survives libvirt");
+    assert_eq!(owner, spec(name).owner);
+
+    lv.start_domain(name).unwrap();
+    assert_eq!(lv.domain_state(name).unwrap(), DomainState::Running);
+    let owned = lv.list_owned_domains().unwrap();
+    assert!(owned
+        .iter()
+        .any(|d| d.name == name && d.state == DomainState::Running));
+
+    lv.destroy_domain(name).unwrap();
+    assert_eq!(lv.domain_state(name).unwrap(), DomainState::ShutOff);
+    lv.destroy_domain(name)
+        .expect("destroying a stopped domain succeeds");
+    lv.undefine_domain(name).unwrap();
+    let err = lv.domain_state(name).unwrap_err();
+    assert!(err.is_not_found(), "{err}");
+    lv.undefine_domain(name)
+        .expect("undefining a missing domain succeeds");
+}
+
+#[test]
+fn foreign_domains_are_never_touched() {
+    let lv = Libvirt::connect("test:///default").unwrap();
+    // The test driver predefines a running domain called "test", not created by agentvm.
+    assert_eq!(lv.domain_owner("test").unwrap(), None);
+    assert!(!lv
+        .list_owned_domains()
+        .unwrap()
+        .iter()
+        .any(|d| d.name == "test"));
+    for res in [
+        lv.destroy_domain("test"),
+        lv.undefine_domain("test"),
+        lv.start_domain("test"),
+    ] {
+        let err = res.unwrap_err();
+        assert!(matches!(err, BackendError::NotOwned { .. }), "{err}");
+    }
+    assert_eq!(lv.domain_state("test").unwrap(), DomainState::Running);
+}
+
+#[test]
+fn missing_domain_is_typed_not_found() {
+    let lv = Libvirt::connect("test:///default").unwrap();
+    let err = lv.start_domain("agentvm-t2-missing").unwrap_err();
+    assert!(
+        matches!(err, BackendError::NotFound { kind: "domain", .. }),
+        "{err}"
+    );
+}
