@@ -1,1 +1,51 @@
-//! placeholder
+//! agentvm's manifest API, `agentvm.dev/v1alpha1`: the resource types
+//! (`Network`, `NetworkFilter`, `Image`, `VmPool`, `AgentRun`), their
+//! validation, manifest parsing with precise error positions, spec hashing
+//! and JSON Schema generation. No I/O beyond reading manifests.
+//!
+//! ```
+//! let objects = agentvm_api::parse_str(
+//!     "apiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata:\n  name: debian-base\nspec: {}\n",
+//!     "inline.yaml",
+//! )
+//! .unwrap();
+//! assert_eq!(objects[0].resource.kind(), agentvm_api::Kind::Image);
+//! ```
+
+pub mod kind;
+pub mod kinds;
+pub mod meta;
+pub mod net;
+pub mod parse;
+pub mod resource;
+pub mod schema;
+pub mod validate;
+
+/// API group and version of every object.
+pub const API_VERSION: &str = "agentvm.dev/v1alpha1";
+
+pub use kind::{Kind, UnknownKind};
+pub use kinds::agent_run::{
+    AgentRun, AgentRunPhase, AgentRunSpec, AgentRunStatus, Anomaly, Artifacts, CollectedArtifact, Command,
+    Entrypoint, InputFile, Script, SecretEnvVar, Workspace,
+};
+pub use kinds::image::{Distro, Image, ImagePhase, ImageSpec, ImageStatus, KernelSource};
+pub use kinds::network::{DhcpRange, Network, NetworkMode, NetworkPhase, NetworkSpec, NetworkStatus};
+pub use kinds::network_filter::{
+    EgressRule, NetworkFilter, NetworkFilterPhase, NetworkFilterSpec, NetworkFilterStatus, Protocol,
+};
+pub use kinds::vm_pool::{
+    NetworkAttachment, PoolNetwork, PoolNetworkMode, Profile, ResolvedResources, Resources, VmPool,
+    VmPoolPhase, VmPoolSpec, VmPoolStatus, VmTemplate, WarmupStep,
+};
+pub use meta::{find_condition, set_condition, Condition, ConditionStatus, ObjectMeta};
+pub use net::{CidrError, Ipv4Cidr, PortRange, PortRangeError};
+pub use parse::{
+    manifest_files, parse_bytes, parse_dir, parse_file, parse_path, parse_paths, parse_reader, parse_str,
+    ManifestError, ManifestErrorKind, ManifestErrors, ParseResult, ParsedResource, SourceLocation,
+    MAX_MANIFEST_BYTES,
+};
+pub use resource::{spec_hash, Resource};
+pub use validate::{
+    is_dns_label, suggest_dns_label, validate, FieldPath, PathSegment, ValidationError, ValidationErrors,
+};

@@ -1,0 +1,362 @@
+//! `AgentRun`: one execution of a script or command in a VM taken from a pool.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::resource_object;
+use crate::meta::Condition;
+
+resource_object!(
+    /// One execution: take a VM from `poolRef`, copy files and the workspace
+    /// in, run the script or command with the given environment, enforce the
+    /// timeout, collect output and artifacts, then reset the VM.
+    AgentRun,
+    AgentRunSpec,
+    AgentRunStatus
+);
+
+/// Default `timeoutSeconds`.
+pub const DEFAULT_TIMEOUT_SECONDS: u32 = 300;
+/// Largest `timeoutSeconds` (one hour).
+pub const MAX_TIMEOUT_SECONDS: u32 = 3600;
+/// Default script interpreter.
+pub const DEFAULT_INTERPRETER: &str = "python3";
+/// Default guest path of the workspace.
+pub const DEFAULT_WORKSPACE_PATH: &str = "/workspace";
+/// Default artifact size cap, MiB.
+pub const DEFAULT_ARTIFACTS_MAX_SIZE_MIB: u32 = 64;
+/// Largest artifact size cap, MiB.
+pub const MAX_ARTIFACTS_MAX_SIZE_MIB: u32 = 1024;
+/// Largest inline content (script source, file content), bytes.
+pub const MAX_INLINE_BYTES: usize = 1024 * 1024;
+/// Default mode of files copied in.
+pub const DEFAULT_FILE_MODE: &str = "0644";
+
+fn default_timeout_seconds() -> u32 {
+    DEFAULT_TIMEOUT_SECONDS
+}
+fn default_interpreter() -> String {
+    DEFAULT_INTERPRETER.to_string()
+}
+fn default_workspace_path() -> String {
+    DEFAULT_WORKSPACE_PATH.to_string()
+}
+fn default_artifacts_max_size_mib() -> u32 {
+    DEFAULT_ARTIFACTS_MAX_SIZE_MIB
+}
+fn default_file_mode() -> String {
+    DEFAULT_FILE_MODE.to_string()
+}
+
+/// Desired state of an [`AgentRun`]. Set exactly one of `script` and `command`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentRunSpec {
+    /// Name of the `VmPool` to take a VM from.
+    pub pool_ref: String,
+    /// Inline program run by an interpreter. Exclusive with `command`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script: Option<Script>,
+    /// Program already in the image, with arguments. Exclusive with `script`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Command>,
+    /// Plain environment variables (`NAME: value`). Do not put secrets
+    /// here: they are stored and shown; use `secretEnv`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Environment variables whose values are read on the host when the run
+    /// starts, from a host environment variable or file. The values are never
+    /// stored in the manifest store or shown.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_env: Vec<SecretEnvVar>,
+    /// Files written into the guest before the run starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<InputFile>,
+    /// A directory tree copied into the guest before the run starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<Workspace>,
+    /// Absolute guest directory the program starts in. Default: the
+    /// workspace path when there is a workspace, otherwise `/root`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    /// Guest files or directories copied back to the host after the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifacts: Option<Artifacts>,
+    /// Seconds the program may run before it is killed and the run ends
+    /// `TimedOut` (1 to 3600). Default 300.
+    #[serde(default = "default_timeout_seconds")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub timeout_seconds: u32,
+}
+
+/// What an [`AgentRun`] executes: its `script` or its `command`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entrypoint<'a> {
+    /// An inline script.
+    Script(&'a Script),
+    /// A program with arguments.
+    Command(&'a Command),
+}
+
+impl AgentRunSpec {
+    /// A run of `command` on `pool` with everything else defaulted.
+    pub fn command(pool: impl Into<String>, program: impl Into<String>, args: Vec<String>) -> Self {
+        Self::with_entry(pool, None, Some(Command { program: program.into(), args }))
+    }
+
+    /// A run of a python3 `source` on `pool` with everything else defaulted.
+    pub fn python(pool: impl Into<String>, source: impl Into<String>) -> Self {
+        Self::with_entry(
+            pool,
+            Some(Script {
+                interpreter: default_interpreter(),
+                source: source.into(),
+            }),
+            None,
+        )
+    }
+
+    fn with_entry(pool: impl Into<String>, script: Option<Script>, command: Option<Command>) -> Self {
+        Self {
+            pool_ref: pool.into(),
+            script,
+            command,
+            env: BTreeMap::new(),
+            secret_env: Vec::new(),
+            files: Vec::new(),
+            workspace: None,
+            working_dir: None,
+            artifacts: None,
+            timeout_seconds: DEFAULT_TIMEOUT_SECONDS,
+        }
+    }
+
+    /// The script or command; `None` if neither or both are set (invalid).
+    pub fn entrypoint(&self) -> Option<Entrypoint<'_>> {
+        match (&self.script, &self.command) {
+            (Some(s), None) => Some(Entrypoint::Script(s)),
+            (None, Some(c)) => Some(Entrypoint::Command(c)),
+            _ => None,
+        }
+    }
+
+    /// The working directory in effect (see `workingDir`).
+    pub fn effective_working_dir(&self) -> &str {
+        match (&self.working_dir, &self.workspace) {
+            (Some(dir), _) => dir,
+            (None, Some(ws)) => &ws.path,
+            (None, None) => "/root",
+        }
+    }
+}
+
+/// An inline program and the interpreter that runs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Script {
+    /// Program that runs the source, by name on the guest's `PATH` or as an
+    /// absolute path: `python3` (default), `bash`, `node`, ... The source is
+    /// written to a file in the guest and passed as the only argument.
+    #[serde(default = "default_interpreter")]
+    pub interpreter: String,
+    /// The program text (at most 1 MiB).
+    pub source: String,
+}
+
+/// A program in the image and its arguments (no shell involved).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Command {
+    /// Program name on the guest's `PATH` (`claude`) or absolute path.
+    /// Use `program: /bin/sh` with `args: ["-c", "..."]` for shell syntax.
+    pub program: String,
+    /// Arguments, passed as-is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+}
+
+/// An environment variable whose value comes from the host at run time.
+/// Set exactly one of `fromEnv` and `fromFile`; literal values are not
+/// accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretEnvVar {
+    /// Variable name in the guest, e.g. `ANTHROPIC_API_KEY`.
+    pub name: String,
+    /// Name of the host environment variable (of the process that submits
+    /// the run) holding the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_env: Option<String>,
+    /// Host file holding the value (trailing newline stripped). Relative
+    /// paths are resolved against the directory of the manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_file: Option<PathBuf>,
+}
+
+/// A file written into the guest. Set exactly one of `content` and `fromFile`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InputFile {
+    /// Absolute guest path, e.g. `/workspace/input.csv`. Parent
+    /// directories are created.
+    pub path: String,
+    /// Inline text content (at most 1 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    /// Host file to copy. Relative paths are resolved against the directory
+    /// of the manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_file: Option<PathBuf>,
+    /// Octal permission bits, e.g. `"0755"` for an executable. Default `"0644"`.
+    #[serde(default = "default_file_mode")]
+    #[schemars(regex(pattern = r"^0?[0-7]{3}$"))]
+    pub mode: String,
+}
+
+impl InputFile {
+    /// The permission bits of `mode`, if it is valid octal.
+    pub fn mode_bits(&self) -> Option<u32> {
+        u32::from_str_radix(&self.mode, 8).ok().filter(|m| *m <= 0o777)
+    }
+}
+
+/// A directory tree copied into the guest. Set exactly one of `hostPath`
+/// and `gitUrl`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Workspace {
+    /// Host directory copied in. Relative paths are resolved against the
+    /// directory of the manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<PathBuf>,
+    /// Git repository cloned on the host and copied in (`https://`,
+    /// `http://`, `ssh://`, `git://` or `user@host:path`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_url: Option<String>,
+    /// Branch, tag or commit to check out. Only with `gitUrl`. Default: the
+    /// remote's default branch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_ref: Option<String>,
+    /// Absolute guest directory the tree lands in. Default `/workspace`.
+    #[serde(default = "default_workspace_path")]
+    pub path: String,
+}
+
+/// Guest paths copied back to the host when the run ends (also after a
+/// failure or timeout).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Artifacts {
+    /// Absolute guest paths of files or directories (collected recursively).
+    /// Missing paths are reported in status, not an error.
+    pub paths: Vec<String>,
+    /// Cap on the total size collected, MiB (1 to 1024); collection stops
+    /// there and the run gets an `ArtifactsTruncated` condition. Default 64.
+    #[serde(default = "default_artifacts_max_size_mib")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub max_size_mib: u32,
+}
+
+/// Lifecycle phase of an [`AgentRun`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum AgentRunPhase {
+    /// Waiting for a VM from the pool.
+    #[default]
+    Pending,
+    /// Executing in a VM.
+    Running,
+    /// The program exited 0.
+    Succeeded,
+    /// The program exited non-zero, or the run could not execute; see
+    /// `exitCode`, `reason` and `conditions`.
+    Failed,
+    /// Killed after `timeoutSeconds`.
+    TimedOut,
+    /// Stopped on request.
+    Cancelled,
+}
+
+impl AgentRunPhase {
+    /// True once the run has ended and will not change any more.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            AgentRunPhase::Succeeded | AgentRunPhase::Failed | AgentRunPhase::TimedOut | AgentRunPhase::Cancelled
+        )
+    }
+}
+
+/// Observed state of an [`AgentRun`], written by the controller.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentRunStatus {
+    /// Where the run is in its lifecycle.
+    #[serde(default)]
+    pub phase: AgentRunPhase,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Current observations (`Scheduled`, `Completed`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Name of the VM (libvirt domain) the run executes in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    /// Exit code of the program, once it exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// When the program started (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// When the run ended (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    /// Last part of standard output (capped).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stdout_tail: String,
+    /// Last part of standard error (capped).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stderr_tail: String,
+    /// Artifacts collected to the host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<CollectedArtifact>,
+    /// Unusual behaviour detected during the run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub anomalies: Vec<Anomaly>,
+    /// CamelCase reason for the current phase (`Completed`, `NonZeroExit`,
+    /// `Timeout`, `PoolNotFound`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// An artifact copied from the guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CollectedArtifact {
+    /// Guest path it came from.
+    pub path: String,
+    /// Where it is on the host.
+    pub host_path: String,
+    /// Size in bytes.
+    #[serde(default)]
+    pub size_bytes: u64,
+    /// sha256 of the content, hex (files only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// Unusual behaviour detected from the VM's statistics during a run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Anomaly {
+    /// Which rule fired, e.g. `CpuSaturated`, `MemoryNearLimit`, `DiskWriteBurst`.
+    pub rule: String,
+    /// Human-readable details with the observed values.
+    pub message: String,
+    /// When it was detected (RFC 3339).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detected_at: String,
+}

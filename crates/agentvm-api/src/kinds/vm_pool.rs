@@ -1,0 +1,342 @@
+//! `VmPool`: a set of warm VMs booted from one template and parked at a golden state.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::resource_object;
+use crate::meta::Condition;
+
+resource_object!(
+    /// A pool of VMs from one template. `minReady` VMs are booted ahead of
+    /// time, run their warmup steps once, and are parked at a golden state;
+    /// an `AgentRun` takes one, and the VM is reset to the golden state after.
+    VmPool,
+    VmPoolSpec,
+    VmPoolStatus
+);
+
+/// vCPU bounds for custom resources.
+pub const VCPU_RANGE: (u32, u32) = (1, 64);
+/// Memory bounds for custom resources, MiB.
+pub const MEMORY_MIB_RANGE: (u32, u32) = (128, 262_144);
+/// Disk bounds for custom resources, GiB.
+pub const DISK_GIB_RANGE: (u32, u32) = (1, 2048);
+/// cgroup `cpu.shares` bounds.
+pub const CPU_SHARES_RANGE: (u32, u32) = (2, 262_144);
+/// Default `cpuShares`.
+pub const DEFAULT_CPU_SHARES: u32 = 1024;
+/// Largest `maxSize`.
+pub const MAX_POOL_SIZE: u32 = 256;
+/// `ttlSeconds` bounds (1 minute to 7 days).
+pub const TTL_SECONDS_RANGE: (u32, u32) = (60, 604_800);
+/// Default `minReady`.
+pub const DEFAULT_MIN_READY: u32 = 1;
+/// Default `maxSize`.
+pub const DEFAULT_MAX_SIZE: u32 = 4;
+/// Default `ttlSeconds` (one hour).
+pub const DEFAULT_TTL_SECONDS: u32 = 3600;
+/// Default warmup step timeout.
+pub const DEFAULT_WARMUP_TIMEOUT_SECONDS: u32 = 600;
+/// Largest warmup step timeout.
+pub const MAX_WARMUP_TIMEOUT_SECONDS: u32 = 3600;
+
+fn default_min_ready() -> u32 {
+    DEFAULT_MIN_READY
+}
+fn default_max_size() -> u32 {
+    DEFAULT_MAX_SIZE
+}
+fn default_ttl_seconds() -> u32 {
+    DEFAULT_TTL_SECONDS
+}
+fn default_warmup_timeout_seconds() -> u32 {
+    DEFAULT_WARMUP_TIMEOUT_SECONDS
+}
+
+/// Desired state of a [`VmPool`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmPoolSpec {
+    /// What every VM of the pool looks like.
+    pub template: VmTemplate,
+    /// VMs kept booted, warmed up and idle at the golden state, ready to be
+    /// handed out. 0 means VMs are only booted on demand. Default 1.
+    #[serde(default = "default_min_ready")]
+    #[schemars(range(max = 256))]
+    pub min_ready: u32,
+    /// Most VMs the pool may have at once, idle and busy (1 to 256).
+    /// Runs wait for a VM when the pool is full. Default 4.
+    #[serde(default = "default_max_size")]
+    #[schemars(range(min = 1, max = 256))]
+    pub max_size: u32,
+    /// Age in seconds after which an idle VM is destroyed and replaced by a
+    /// freshly booted one (60 to 604800). Default 3600.
+    #[serde(default = "default_ttl_seconds")]
+    #[schemars(range(min = 60, max = 604_800))]
+    pub ttl_seconds: u32,
+}
+
+/// Template every VM of a pool is created from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmTemplate {
+    /// Name of the `Image` the VMs boot.
+    pub image_ref: String,
+    /// vCPUs, memory and disk. Default: the `standard` profile.
+    #[serde(default)]
+    pub resources: Resources,
+    /// Network attachment. Default: `mode: isolated` (no network interface).
+    #[serde(default)]
+    pub network: PoolNetwork,
+    /// Commands run once in every new VM, in order, before it is parked at
+    /// the golden state (e.g. warming caches, `git clone` of a mirror).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warmup: Vec<WarmupStep>,
+}
+
+/// A named resource profile (the predecessor's `ResourceProfile` presets).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// 1 vCPU, 1024 MiB, 10 GiB: simple scripts, quick tests.
+    Light,
+    /// 2 vCPU, 2048 MiB, 20 GiB: normal CLI agent work (default).
+    #[default]
+    Standard,
+    /// 4 vCPU, 4096 MiB, 40 GiB: large codebases, builds.
+    Intensive,
+    /// `vcpu`, `memoryMib` and `diskGib` given explicitly.
+    Custom,
+}
+
+impl Profile {
+    /// The preset as (vcpu, memoryMib, diskGib); `None` for `custom`.
+    pub fn preset(&self) -> Option<(u32, u32, u32)> {
+        match self {
+            Profile::Light => Some((1, 1024, 10)),
+            Profile::Standard => Some((2, 2048, 20)),
+            Profile::Intensive => Some((4, 4096, 40)),
+            Profile::Custom => None,
+        }
+    }
+
+    /// Lowercase name as written in manifests.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Profile::Light => "light",
+            Profile::Standard => "standard",
+            Profile::Intensive => "intensive",
+            Profile::Custom => "custom",
+        }
+    }
+}
+
+/// Compute resources of each VM: a profile, or `profile: custom` with
+/// explicit sizes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Resources {
+    /// `light` (1 vCPU/1024 MiB/10 GiB), `standard` (2/2048/20, default),
+    /// `intensive` (4/4096/40) or `custom` (set `vcpu`, `memoryMib` and
+    /// `diskGib`).
+    #[serde(default)]
+    pub profile: Profile,
+    /// Virtual CPUs (1 to 64). Only with `profile: custom`, where it is required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub vcpu: Option<u32>,
+    /// Memory in MiB (128 to 262144). Only with `profile: custom`, where it
+    /// is required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 128, max = 262_144))]
+    pub memory_mib: Option<u32>,
+    /// Disk size in GiB (1 to 2048), the virtual size of the VM's overlay.
+    /// Only with `profile: custom`, where it is required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 2048))]
+    pub disk_gib: Option<u32>,
+    /// Relative CPU weight against other VMs on the host (cgroup
+    /// `cpu.shares`, 2 to 262144). Any profile. Default 1024.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 2, max = 262_144))]
+    pub cpu_shares: Option<u32>,
+}
+
+/// [`Resources`] with the profile applied: what a VM actually gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ResolvedResources {
+    /// Virtual CPUs.
+    pub vcpu: u32,
+    /// Memory, MiB.
+    pub memory_mib: u32,
+    /// Disk (overlay virtual size), GiB.
+    pub disk_gib: u32,
+    /// cgroup `cpu.shares`.
+    pub cpu_shares: u32,
+}
+
+impl Resources {
+    /// Resources of a named profile.
+    pub fn profile(profile: Profile) -> Self {
+        Self {
+            profile,
+            ..Self::default()
+        }
+    }
+
+    /// Custom resources.
+    pub fn custom(vcpu: u32, memory_mib: u32, disk_gib: u32) -> Self {
+        Self {
+            profile: Profile::Custom,
+            vcpu: Some(vcpu),
+            memory_mib: Some(memory_mib),
+            disk_gib: Some(disk_gib),
+            cpu_shares: None,
+        }
+    }
+
+    /// The sizes in effect. For a validated object this is exact; for an
+    /// invalid `custom` one, missing sizes fall back to the `standard` preset.
+    pub fn resolved(&self) -> ResolvedResources {
+        let (std_vcpu, std_mem, std_disk) = Profile::Standard.preset().unwrap_or((2, 2048, 20));
+        let (vcpu, memory_mib, disk_gib) = match self.profile.preset() {
+            Some(preset) => preset,
+            None => (
+                self.vcpu.unwrap_or(std_vcpu),
+                self.memory_mib.unwrap_or(std_mem),
+                self.disk_gib.unwrap_or(std_disk),
+            ),
+        };
+        ResolvedResources {
+            vcpu,
+            memory_mib,
+            disk_gib,
+            cpu_shares: self.cpu_shares.unwrap_or(DEFAULT_CPU_SHARES),
+        }
+    }
+}
+
+/// How a pool's VMs are connected. Isolated unless stated otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PoolNetwork {
+    /// `isolated`: the VM has no network interface at all (the default when
+    /// `network` is omitted). `attached`: one interface on `networkRef`,
+    /// filtered by `filterRef`. Required when `network` is given.
+    pub mode: PoolNetworkMode,
+    /// Name of the `Network` to attach to. Required with `mode: attached`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_ref: Option<String>,
+    /// Name of the `NetworkFilter` applied to the interface. Required with
+    /// `mode: attached`: there is no unfiltered attachment (write a filter
+    /// allowing `protocol: all` if you really want one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter_ref: Option<String>,
+}
+
+/// Whether a pool's VMs have a network interface.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolNetworkMode {
+    /// No network interface: code cannot reach anything.
+    #[default]
+    Isolated,
+    /// One interface on a `Network`, restricted by a `NetworkFilter`.
+    Attached,
+}
+
+/// A network attachment with both references present.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetworkAttachment<'a> {
+    /// The `Network` name.
+    pub network_ref: &'a str,
+    /// The `NetworkFilter` name.
+    pub filter_ref: &'a str,
+}
+
+impl PoolNetwork {
+    /// No network interface.
+    pub fn isolated() -> Self {
+        Self::default()
+    }
+
+    /// Attached to `network` through `filter`.
+    pub fn attached(network: impl Into<String>, filter: impl Into<String>) -> Self {
+        Self {
+            mode: PoolNetworkMode::Attached,
+            network_ref: Some(network.into()),
+            filter_ref: Some(filter.into()),
+        }
+    }
+
+    /// The attachment, or `None` when isolated (or, for an invalid object,
+    /// when a reference is missing).
+    pub fn attachment(&self) -> Option<NetworkAttachment<'_>> {
+        match (self.mode, &self.network_ref, &self.filter_ref) {
+            (PoolNetworkMode::Attached, Some(n), Some(f)) => Some(NetworkAttachment {
+                network_ref: n,
+                filter_ref: f,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// One command run while warming a new VM, before its golden state is saved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WarmupStep {
+    /// Short label shown in events and logs. Default: the command itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Shell command, run with `/bin/sh -c` as root. Must exit 0, or the VM
+    /// is discarded and the pool reports the failure.
+    pub run: String,
+    /// Seconds the step may take (1 to 3600). Default 600.
+    #[serde(default = "default_warmup_timeout_seconds")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub timeout_seconds: u32,
+}
+
+/// Lifecycle phase of a [`VmPool`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum VmPoolPhase {
+    /// Waiting for its image, network or filter.
+    #[default]
+    Pending,
+    /// Booting and warming VMs up to `minReady`.
+    Warming,
+    /// At least `minReady` VMs are ready.
+    Ready,
+    /// Running, but VMs keep failing to boot or warm up; see `conditions`.
+    Degraded,
+    /// Cannot work (e.g. its image failed); see `conditions`.
+    Failed,
+}
+
+/// Observed state of a [`VmPool`], written by the controller.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VmPoolStatus {
+    /// Where the pool is in its lifecycle.
+    #[serde(default)]
+    pub phase: VmPoolPhase,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Current observations (`Ready`, `ImageReady`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// VMs idle at the golden state.
+    #[serde(default)]
+    pub ready: u32,
+    /// VMs running an `AgentRun`.
+    #[serde(default)]
+    pub busy: u32,
+    /// VMs booting, warming up or resetting.
+    #[serde(default)]
+    pub starting: u32,
+    /// Spec hash of the template the ready VMs were built from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_hash: Option<String>,
+}
