@@ -51,7 +51,7 @@ fn default_file_mode() -> String {
     DEFAULT_FILE_MODE.to_string()
 }
 
-/// Desired state of an [`AgentRun`]. Set exactly one of `script` and `command`.
+/// Desired state of an `AgentRun`. Set exactly one of `script` and `command`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AgentRunSpec {
@@ -92,7 +92,7 @@ pub struct AgentRunSpec {
     pub timeout_seconds: u32,
 }
 
-/// What an [`AgentRun`] executes: its `script` or its `command`.
+/// What an `AgentRun` executes: its `script` or its `command`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Entrypoint<'a> {
     /// An inline script.
@@ -260,7 +260,7 @@ pub struct Artifacts {
     pub max_size_mib: u32,
 }
 
-/// Lifecycle phase of an [`AgentRun`].
+/// Lifecycle phase of an `AgentRun`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum AgentRunPhase {
     /// Waiting for a VM from the pool.
@@ -289,7 +289,7 @@ impl AgentRunPhase {
     }
 }
 
-/// Observed state of an [`AgentRun`], written by the controller.
+/// Observed state of an `AgentRun`, written by the controller.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentRunStatus {

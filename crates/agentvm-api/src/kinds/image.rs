@@ -36,7 +36,7 @@ fn default_disk_size_mib() -> u32 {
     DEFAULT_DISK_SIZE_MIB
 }
 
-/// Desired state of an [`Image`].
+/// Desired state of an `Image`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ImageSpec {
@@ -86,7 +86,7 @@ impl Default for ImageSpec {
     }
 }
 
-/// Base distribution of an [`Image`].
+/// Base distribution of an `Image`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Distro {
@@ -95,7 +95,7 @@ pub enum Distro {
     Debian,
 }
 
-/// Where an [`Image`]'s kernel comes from.
+/// Where an `Image`'s kernel comes from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum KernelSource {
@@ -106,7 +106,7 @@ pub enum KernelSource {
     Distro,
 }
 
-/// Lifecycle phase of an [`Image`].
+/// Lifecycle phase of an `Image`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum ImagePhase {
     /// Not built yet.
@@ -120,7 +120,7 @@ pub enum ImagePhase {
     Failed,
 }
 
-/// Observed state of an [`Image`], written by the controller.
+/// Observed state of an `Image`, written by the controller.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ImageStatus {

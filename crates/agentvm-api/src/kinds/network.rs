@@ -22,7 +22,7 @@ pub const MIN_SUBNET_PREFIX: u8 = 8;
 /// Largest subnet prefix accepted (a /29 leaves 5 usable guest addresses).
 pub const MAX_SUBNET_PREFIX: u8 = 29;
 
-/// Desired state of a [`Network`].
+/// Desired state of a `Network`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NetworkSpec {
@@ -42,7 +42,7 @@ pub struct NetworkSpec {
     pub dhcp: Option<DhcpRange>,
 }
 
-/// How a [`Network`] connects guests to the outside.
+/// How a `Network` connects guests to the outside.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum NetworkMode {
@@ -86,7 +86,7 @@ impl NetworkSpec {
     }
 }
 
-/// Lifecycle phase of a [`Network`].
+/// Lifecycle phase of a `Network`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum NetworkPhase {
     /// Not created yet.
@@ -98,7 +98,7 @@ pub enum NetworkPhase {
     Failed,
 }
 
-/// Observed state of a [`Network`], written by the controller.
+/// Observed state of a `Network`, written by the controller.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkStatus {

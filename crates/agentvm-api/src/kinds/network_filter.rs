@@ -19,7 +19,7 @@ resource_object!(
 /// Most egress rules one filter may hold.
 pub const MAX_EGRESS_RULES: usize = 256;
 
-/// Desired state of a [`NetworkFilter`]. Anything not allowed here is
+/// Desired state of a `NetworkFilter`. Anything not allowed here is
 /// dropped (there is no way to change the default action).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -127,7 +127,7 @@ impl NetworkFilterSpec {
     }
 }
 
-/// Lifecycle phase of a [`NetworkFilter`].
+/// Lifecycle phase of a `NetworkFilter`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum NetworkFilterPhase {
     /// Not defined yet.
@@ -139,7 +139,7 @@ pub enum NetworkFilterPhase {
     Failed,
 }
 
-/// Observed state of a [`NetworkFilter`], written by the controller.
+/// Observed state of a `NetworkFilter`, written by the controller.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkFilterStatus {

@@ -53,7 +53,7 @@ fn default_warmup_timeout_seconds() -> u32 {
     DEFAULT_WARMUP_TIMEOUT_SECONDS
 }
 
-/// Desired state of a [`VmPool`].
+/// Desired state of a `VmPool`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VmPoolSpec {
@@ -162,7 +162,7 @@ pub struct Resources {
     pub cpu_shares: Option<u32>,
 }
 
-/// [`Resources`] with the profile applied: what a VM actually gets.
+/// `Resources` with the profile applied: what a VM actually gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ResolvedResources {
     /// Virtual CPUs.
@@ -298,7 +298,7 @@ pub struct WarmupStep {
     pub timeout_seconds: u32,
 }
 
-/// Lifecycle phase of a [`VmPool`].
+/// Lifecycle phase of a `VmPool`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum VmPoolPhase {
     /// Waiting for its image, network or filter.
@@ -314,7 +314,7 @@ pub enum VmPoolPhase {
     Failed,
 }
 
-/// Observed state of a [`VmPool`], written by the controller.
+/// Observed state of a `VmPool`, written by the controller.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VmPoolStatus {
