@@ -565,6 +565,15 @@ fn shift_line_numbers(message: &str, offset: usize) -> String {
     out
 }
 
+/// True when the character at the file position `pos` is a tab.
+fn tab_at(text: &str, pos: Option<(usize, usize)>, first_line: usize) -> bool {
+    let Some((line, column)) = pos else { return false };
+    text.lines()
+        .nth(line.saturating_sub(first_line))
+        .and_then(|l| l.chars().nth(column.saturating_sub(1)))
+        == Some('\t')
+}
+
 fn parse_document(
     text: &str,
     first_line: usize,
@@ -578,6 +587,8 @@ fn parse_document(
             "too many alias expansions (a \"billion laughs\" alias bomb?); expand fewer aliases".to_string()
         } else if message.contains("recursion limit exceeded") {
             "nesting is too deep (recursion limit exceeded); manifests are never nested this deeply".to_string()
+        } else if message.contains("cannot start any token") && tab_at(text, pos, first_line) {
+            format!("{message} (a tab: YAML is indented with spaces only)")
         } else {
             message
         };
@@ -756,6 +767,8 @@ fn explain_decode_error(raw: &str) -> (Option<String>, String) {
         return (Some(join(field)), "required field is missing; add it".into());
     }
     let message = message
+        .replace("expected a map", "expected a mapping (`key: value` lines)")
+        .replace("expected a sequence", "expected a list")
         .replace("expected u32", "expected a whole number from 0 to 4294967295")
         .replace("expected u16", "expected a whole number from 0 to 65535")
         .replace("expected i64", "expected a whole number")

@@ -246,17 +246,24 @@ pub fn suggest_dns_label(name: &str) -> Option<String> {
 /// Shows a user value in a message: backticks, control characters escaped,
 /// long values shortened.
 pub(crate) fn show(value: &str) -> String {
-    let escaped: String = value.escape_debug().collect();
-    let escaped = if escaped.contains('`') {
+    let mut escaped = String::new();
+    for c in value.chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_debug());
+        } else {
+            escaped.push(c);
+        }
+    }
+    let quoted = if escaped.contains('`') {
         format!("{value:?}")
     } else {
         format!("`{escaped}`")
     };
-    if escaped.chars().count() > 72 {
-        let head: String = escaped.chars().take(40).collect();
+    if quoted.chars().count() > 72 {
+        let head: String = quoted.chars().take(40).collect();
         format!("{head}…` ({} characters)", value.chars().count())
     } else {
-        escaped
+        quoted
     }
 }
 
