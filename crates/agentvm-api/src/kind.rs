@@ -137,7 +137,9 @@ impl Kind {
         for kind in Kind::ALL {
             for alias in kind.aliases() {
                 let d = edit_distance(lower, alias);
-                if d <= typo_budget(alias).min(typo_budget(lower)) && best.map_or(true, |(bd, _)| d < bd) {
+                if d <= typo_budget(alias).min(typo_budget(lower))
+                    && best.map_or(true, |(bd, _)| d < bd)
+                {
                     best = Some((d, kind));
                 }
             }
@@ -185,7 +187,10 @@ pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// The candidate closest to `input` (case-insensitive) within the typo budget.
-pub(crate) fn closest<'a>(input: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub(crate) fn closest<'a>(
+    input: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     let lower = input.to_ascii_lowercase();
     let mut best: Option<(usize, &str)> = None;
     for c in candidates {
@@ -251,7 +256,10 @@ mod tests {
         assert_eq!(edit_distance("", "abc"), 3);
         assert_eq!(edit_distance("imgae", "image"), 1);
         assert_eq!(closest("sctp", ["tcp", "udp", "icmp", "all"]), None);
-        assert_eq!(closest("memoryMiB", ["vcpu", "memoryMib", "diskGib"]), Some("memoryMib"));
+        assert_eq!(
+            closest("memoryMiB", ["vcpu", "memoryMib", "diskGib"]),
+            Some("memoryMib")
+        );
         assert_eq!(closest("zzz", ["vcpu", "memoryMib"]), None);
     }
 }

@@ -26,11 +26,13 @@ pub const API_VERSION: &str = "agentvm.dev/v1alpha1";
 
 pub use kind::{Kind, UnknownKind};
 pub use kinds::agent_run::{
-    AgentRun, AgentRunPhase, AgentRunSpec, AgentRunStatus, Anomaly, Artifacts, CollectedArtifact, Command,
-    Entrypoint, InputFile, Script, SecretEnvVar, Workspace,
+    AgentRun, AgentRunPhase, AgentRunSpec, AgentRunStatus, Anomaly, Artifacts, CollectedArtifact,
+    Command, Entrypoint, InputFile, Script, SecretEnvVar, Workspace,
 };
 pub use kinds::image::{Distro, Image, ImagePhase, ImageSpec, ImageStatus, KernelSource};
-pub use kinds::network::{DhcpRange, Network, NetworkMode, NetworkPhase, NetworkSpec, NetworkStatus};
+pub use kinds::network::{
+    DhcpRange, Network, NetworkMode, NetworkPhase, NetworkSpec, NetworkStatus,
+};
 pub use kinds::network_filter::{
     EgressRule, NetworkFilter, NetworkFilterPhase, NetworkFilterSpec, NetworkFilterStatus, Protocol,
 };
@@ -41,11 +43,12 @@ pub use kinds::vm_pool::{
 pub use meta::{find_condition, set_condition, Condition, ConditionStatus, ObjectMeta};
 pub use net::{CidrError, Ipv4Cidr, PortRange, PortRangeError};
 pub use parse::{
-    manifest_files, parse_bytes, parse_dir, parse_file, parse_path, parse_paths, parse_reader, parse_str,
-    ManifestError, ManifestErrorKind, ManifestErrors, ParseResult, ParsedResource, SourceLocation,
-    MAX_MANIFEST_BYTES,
+    manifest_files, parse_bytes, parse_dir, parse_file, parse_path, parse_paths, parse_reader,
+    parse_str, ManifestError, ManifestErrorKind, ManifestErrors, ParseResult, ParsedResource,
+    SourceLocation, MAX_MANIFEST_BYTES,
 };
 pub use resource::{spec_hash, Resource};
 pub use validate::{
-    is_dns_label, suggest_dns_label, validate, FieldPath, PathSegment, ValidationError, ValidationErrors,
+    is_dns_label, suggest_dns_label, validate, FieldPath, PathSegment, ValidationError,
+    ValidationErrors,
 };

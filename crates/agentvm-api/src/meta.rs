@@ -12,7 +12,10 @@ pub struct ObjectMeta {
     /// Name, unique per kind. Kubernetes DNS-label rules: lowercase letters,
     /// digits and `-`, starting and ending with a letter or digit, at most 63
     /// characters.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Identifying key/value pairs (Kubernetes label syntax), usable in selectors.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

@@ -23,7 +23,9 @@ pub struct Ipv4Cidr {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CidrError {
     /// The `/prefix` part is missing.
-    #[error("`{0}` is not a CIDR block: add a prefix length, e.g. `{0}/24` (or `/32` for one address)")]
+    #[error(
+        "`{0}` is not a CIDR block: add a prefix length, e.g. `{0}/24` (or `/32` for one address)"
+    )]
     MissingPrefix(String),
     /// The address part is not a dotted-quad IPv4 address.
     #[error("`{0}` is not a CIDR block: `{1}` is not an IPv4 address (IPv6 is not supported); write e.g. `10.0.0.0/8`")]
@@ -319,24 +321,52 @@ mod tests {
 
     #[test]
     fn cidr_errors() {
-        assert!(matches!("10.0.0.0".parse::<Ipv4Cidr>(), Err(CidrError::MissingPrefix(_))));
-        assert!(matches!("10.0.0.0/33".parse::<Ipv4Cidr>(), Err(CidrError::BadPrefix(_))));
-        assert!(matches!("10.0.0.0/-1".parse::<Ipv4Cidr>(), Err(CidrError::BadPrefix(_))));
-        assert!(matches!("10.0.0.256/8".parse::<Ipv4Cidr>(), Err(CidrError::BadAddress(..))));
-        assert!(matches!("::1/128".parse::<Ipv4Cidr>(), Err(CidrError::BadAddress(..))));
+        assert!(matches!(
+            "10.0.0.0".parse::<Ipv4Cidr>(),
+            Err(CidrError::MissingPrefix(_))
+        ));
+        assert!(matches!(
+            "10.0.0.0/33".parse::<Ipv4Cidr>(),
+            Err(CidrError::BadPrefix(_))
+        ));
+        assert!(matches!(
+            "10.0.0.0/-1".parse::<Ipv4Cidr>(),
+            Err(CidrError::BadPrefix(_))
+        ));
+        assert!(matches!(
+            "10.0.0.256/8".parse::<Ipv4Cidr>(),
+            Err(CidrError::BadAddress(..))
+        ));
+        assert!(matches!(
+            "::1/128".parse::<Ipv4Cidr>(),
+            Err(CidrError::BadAddress(..))
+        ));
     }
 
     #[test]
     fn ports() {
         assert_eq!("443".parse::<PortRange>().unwrap(), PortRange::single(443));
-        assert_eq!("8000-8100".parse::<PortRange>().unwrap(), PortRange::range(8000, 8100));
+        assert_eq!(
+            "8000-8100".parse::<PortRange>().unwrap(),
+            PortRange::range(8000, 8100)
+        );
         assert!("70000".parse::<PortRange>().is_err());
         assert!("a-b".parse::<PortRange>().is_err());
         assert!("1-2-3".parse::<PortRange>().is_err());
         assert_eq!(serde_json::to_string(&PortRange::single(22)).unwrap(), "22");
-        assert_eq!(serde_json::to_string(&PortRange::range(1, 2)).unwrap(), "\"1-2\"");
+        assert_eq!(
+            serde_json::to_string(&PortRange::range(1, 2)).unwrap(),
+            "\"1-2\""
+        );
         let p: Vec<PortRange> = serde_yaml::from_str("[22, \"80\", \"8000-8100\"]").unwrap();
-        assert_eq!(p, vec![PortRange::single(22), PortRange::single(80), PortRange::range(8000, 8100)]);
+        assert_eq!(
+            p,
+            vec![
+                PortRange::single(22),
+                PortRange::single(80),
+                PortRange::range(8000, 8100)
+            ]
+        );
         assert!(serde_yaml::from_str::<PortRange>("-5").is_err());
         assert!(serde_yaml::from_str::<PortRange>("65536").is_err());
     }

@@ -356,7 +356,8 @@ impl Collector {
         let file = match std::fs::File::open(path) {
             Ok(f) => f,
             Err(e) => {
-                self.errors.push(ManifestError::new(&name, None, ManifestErrorKind::Io(e)));
+                self.errors
+                    .push(ManifestError::new(&name, None, ManifestErrorKind::Io(e)));
                 return;
             }
         };
@@ -378,9 +379,14 @@ impl Collector {
 
     fn add_reader(&mut self, reader: impl Read, source: &str) {
         let mut bytes = Vec::new();
-        match reader.take(MAX_MANIFEST_BYTES as u64 + 1).read_to_end(&mut bytes) {
+        match reader
+            .take(MAX_MANIFEST_BYTES as u64 + 1)
+            .read_to_end(&mut bytes)
+        {
             Ok(_) => self.add_bytes(&bytes, source),
-            Err(e) => self.errors.push(ManifestError::new(source, None, ManifestErrorKind::Io(e))),
+            Err(e) => self
+                .errors
+                .push(ManifestError::new(source, None, ManifestErrorKind::Io(e))),
         }
     }
 
@@ -449,14 +455,22 @@ impl Collector {
             }
         }
         if !any && !documents.iter().skip(1).any(|d| is_blank(&d.text)) {
-            self.errors.push(ManifestError::new(source, None, ManifestErrorKind::NoDocuments));
+            self.errors.push(ManifestError::new(
+                source,
+                None,
+                ManifestErrorKind::NoDocuments,
+            ));
         }
     }
 
     fn accept(&mut self, parsed: ParsedResource, text: &str, first_line: usize) {
         let key = (parsed.resource.kind(), parsed.resource.name().to_string());
         if let Some(first) = self.seen.get(&key) {
-            let pos = locate(text, &FieldPath::root().key("metadata").key("name"), first_line);
+            let pos = locate(
+                text,
+                &FieldPath::root().key("metadata").key("name"),
+                first_line,
+            );
             self.errors.push(ManifestError::new(
                 &parsed.source.file,
                 Some(pos),
@@ -529,7 +543,8 @@ fn is_blank(text: &str) -> bool {
 }
 
 fn yaml_pos(e: &serde_yaml::Error, first_line: usize) -> Option<(usize, usize)> {
-    e.location().map(|l| (l.line() + first_line - 1, l.column()))
+    e.location()
+        .map(|l| (l.line() + first_line - 1, l.column()))
 }
 
 /// serde_yaml's message without its own ` at line L column C` (we print
@@ -567,7 +582,9 @@ fn shift_line_numbers(message: &str, offset: usize) -> String {
 
 /// True when the character at the file position `pos` is a tab.
 fn tab_at(text: &str, pos: Option<(usize, usize)>, first_line: usize) -> bool {
-    let Some((line, column)) = pos else { return false };
+    let Some((line, column)) = pos else {
+        return false;
+    };
     text.lines()
         .nth(line.saturating_sub(first_line))
         .and_then(|l| l.chars().nth(column.saturating_sub(1)))
@@ -584,9 +601,11 @@ fn parse_document(
         let pos = yaml_pos(&e, first_line).or(Some((first_line, 1)));
         let message = yaml_message(&e, first_line);
         let message = if message.contains("repetition limit exceeded") {
-            "too many alias expansions (a \"billion laughs\" alias bomb?); expand fewer aliases".to_string()
+            "too many alias expansions (a \"billion laughs\" alias bomb?); expand fewer aliases"
+                .to_string()
         } else if message.contains("recursion limit exceeded") {
-            "nesting is too deep (recursion limit exceeded); manifests are never nested this deeply".to_string()
+            "nesting is too deep (recursion limit exceeded); manifests are never nested this deeply"
+                .to_string()
         } else if message.contains("cannot start any token") && tab_at(text, pos, first_line) {
             format!("{message} (a tab: YAML is indented with spaces only)")
         } else {
@@ -652,7 +671,8 @@ fn parse_document(
             ));
             None
         }
-        Some(serde_yaml::Value::String(v)) => match Kind::ALL.into_iter().find(|k| k.as_str() == v) {
+        Some(serde_yaml::Value::String(v)) => match Kind::ALL.into_iter().find(|k| k.as_str() == v)
+        {
             Some(kind) => Some(kind),
             None => {
                 errors.push(ManifestError::new(
@@ -757,19 +777,32 @@ fn explain_decode_error(raw: &str) -> (Option<String>, String) {
                 Some(s) => format!("did you mean `{s}`? "),
                 None => String::new(),
             };
-            return (path, format!("{} is not a valid value; {fix}valid values: {}", show(variant), valid.join(", ")));
+            return (
+                path,
+                format!(
+                    "{} is not a valid value; {fix}valid values: {}",
+                    show(variant),
+                    valid.join(", ")
+                ),
+            );
         }
     }
     if let Some(field) = message
         .strip_prefix("missing field `")
         .and_then(|r| r.strip_suffix('`'))
     {
-        return (Some(join(field)), "required field is missing; add it".into());
+        return (
+            Some(join(field)),
+            "required field is missing; add it".into(),
+        );
     }
     let message = message
         .replace("expected a map", "expected a mapping (`key: value` lines)")
         .replace("expected a sequence", "expected a list")
-        .replace("expected u32", "expected a whole number from 0 to 4294967295")
+        .replace(
+            "expected u32",
+            "expected a whole number from 0 to 4294967295",
+        )
         .replace("expected u16", "expected a whole number from 0 to 65535")
         .replace("expected i64", "expected a whole number")
         .replace("expected i32", "expected a whole number");
@@ -940,8 +973,10 @@ mod tests {
     #[test]
     fn splits_documents_keeping_lines() {
         let docs = split_documents("# c\n---\na: 1\n---\n\n---   # x\nb: 2\n...\n--- {c: 3}\n");
-        let got: Vec<(usize, usize, &str)> =
-            docs.iter().map(|d| (d.first_line, d.separator_line, d.text.as_str())).collect();
+        let got: Vec<(usize, usize, &str)> = docs
+            .iter()
+            .map(|d| (d.first_line, d.separator_line, d.text.as_str()))
+            .collect();
         assert_eq!(
             got,
             vec![
@@ -961,7 +996,8 @@ mod tests {
         );
         assert_eq!(p.as_deref(), Some("spec.template.resources.memoryMiB"));
         assert_eq!(m, "unknown field; did you mean `memoryMib`?");
-        let (p, m) = explain_decode_error("unknown field `foo`, expected one of `apiVersion`, `kind`");
+        let (p, m) =
+            explain_decode_error("unknown field `foo`, expected one of `apiVersion`, `kind`");
         assert_eq!(p.as_deref(), Some("foo"));
         assert_eq!(m, "unknown field; valid fields here: apiVersion, kind");
     }

@@ -16,6 +16,9 @@ use crate::{Kind, ObjectMeta, API_VERSION};
 
 /// An object of any kind. Serializes as the object itself (its `kind`
 /// field tells them apart) and deserializes by dispatching on `kind`.
+// Variants are unboxed so other crates can match and build them directly;
+// objects are few and usually shared behind an `Arc`, so size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resource {
     /// A [`Network`].
@@ -122,7 +125,12 @@ impl<'de> Deserialize<'de> for Resource {
         let kind = Kind::ALL
             .into_iter()
             .find(|k| k.as_str() == kind)
-            .ok_or_else(|| D::Error::custom(format!("unknown kind {kind:?}; valid kinds: {}", crate::kind::valid_kinds())))?;
+            .ok_or_else(|| {
+                D::Error::custom(format!(
+                    "unknown kind {kind:?}; valid kinds: {}",
+                    crate::kind::valid_kinds()
+                ))
+            })?;
         let result = match kind {
             Kind::Network => serde_json::from_value(value).map(Resource::Network),
             Kind::NetworkFilter => serde_json::from_value(value).map(Resource::NetworkFilter),

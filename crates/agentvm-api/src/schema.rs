@@ -9,7 +9,9 @@ use crate::{AgentRun, Image, Kind, Network, NetworkFilter, Resource, VmPool};
 pub const ALL_KINDS_SCHEMA_FILE: &str = "agentvm.schema.json";
 
 fn generate<T: JsonSchema>() -> serde_json::Value {
-    let schema = SchemaSettings::draft07().into_generator().into_root_schema_for::<T>();
+    let schema = SchemaSettings::draft07()
+        .into_generator()
+        .into_root_schema_for::<T>();
     schema.to_value()
 }
 
@@ -46,6 +48,9 @@ pub fn schema_files() -> Vec<(String, String)> {
         .into_iter()
         .map(|k| (schema_file_name(k), pretty(schema_for_kind(k))))
         .collect();
-    files.push((ALL_KINDS_SCHEMA_FILE.to_string(), pretty(schema_for_any_kind())));
+    files.push((
+        ALL_KINDS_SCHEMA_FILE.to_string(),
+        pretty(schema_for_any_kind()),
+    ));
     files
 }

@@ -180,13 +180,20 @@ pub fn validate(resource: &Resource) -> Result<(), ValidationErrors> {
     if resource.api_version() != API_VERSION {
         v.error(
             root.key("apiVersion"),
-            format!("{} is not supported; use `{API_VERSION}`", show(resource.api_version())),
+            format!(
+                "{} is not supported; use `{API_VERSION}`",
+                show(resource.api_version())
+            ),
         );
     }
     if resource.kind_field() != resource.kind().as_str() {
         v.error(
             root.key("kind"),
-            format!("{} does not match the object; use `{}`", show(resource.kind_field()), resource.kind()),
+            format!(
+                "{} does not match the object; use `{}`",
+                show(resource.kind_field()),
+                resource.kind()
+            ),
         );
     }
     let meta = resource.metadata();
@@ -302,9 +309,9 @@ fn is_debian_package(spec: &str) -> bool {
     };
     let name_ok = name.len() >= 2
         && name.as_bytes()[0].is_ascii_alphanumeric()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'+' | b'-' | b'.'));
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'+' | b'-' | b'.')
+        });
     let version_ok = version.map_or(true, is_debian_version);
     name_ok && version_ok
 }
@@ -358,13 +365,18 @@ impl Validator {
         if name.is_empty() {
             self.error(
                 path.clone(),
-                format!("is empty; a {what} uses lowercase letters, digits and '-', e.g. `sandbox`"),
+                format!(
+                    "is empty; a {what} uses lowercase letters, digits and '-', e.g. `sandbox`"
+                ),
             );
             return;
         }
         let length = name.chars().count();
         let mut message = if length > 63 {
-            format!("{} is {length} characters long; a {what} has at most 63 characters", show(name))
+            format!(
+                "{} is {length} characters long; a {what} has at most 63 characters",
+                show(name)
+            )
         } else {
             format!(
                 "{} is not a valid {what}: use lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 characters",
@@ -407,11 +419,30 @@ impl Validator {
 
     fn guest_path(&mut self, path: FieldPath, value: &str) {
         if !value.starts_with('/') {
-            self.error(path, format!("{} is not an absolute guest path; start it with `/`, e.g. `/workspace/{}`", show(value), value.trim_start_matches("./")));
+            self.error(
+                path,
+                format!(
+                    "{} is not an absolute guest path; start it with `/`, e.g. `/workspace/{}`",
+                    show(value),
+                    value.trim_start_matches("./")
+                ),
+            );
         } else if value.split('/').any(|c| c == "..") {
-            self.error(path, format!("{} contains `..`; write the absolute path without `..`", show(value)));
+            self.error(
+                path,
+                format!(
+                    "{} contains `..`; write the absolute path without `..`",
+                    show(value)
+                ),
+            );
         } else if value.len() > 4096 {
-            self.error(path, format!("is {} bytes long; guest paths are at most 4096 bytes", value.len()));
+            self.error(
+                path,
+                format!(
+                    "is {} bytes long; guest paths are at most 4096 bytes",
+                    value.len()
+                ),
+            );
         } else {
             self.no_nul(path, value);
         }
@@ -460,14 +491,19 @@ impl Validator {
             }
         }
         if total > 256 * 1024 {
-            self.error(path.clone(), format!("annotations total {total} bytes; the limit is 262144 bytes (256 KiB)"));
+            self.error(
+                path.clone(),
+                format!("annotations total {total} bytes; the limit is 262144 bytes (256 KiB)"),
+            );
         }
     }
 
     fn network(&mut self, path: &FieldPath, spec: &NetworkSpec) {
         let subnet = spec.subnet;
         let sp = path.key("subnet");
-        if subnet.prefix_len() < network::MIN_SUBNET_PREFIX || subnet.prefix_len() > network::MAX_SUBNET_PREFIX {
+        if subnet.prefix_len() < network::MIN_SUBNET_PREFIX
+            || subnet.prefix_len() > network::MAX_SUBNET_PREFIX
+        {
             self.error(
                 sp.clone(),
                 format!(
@@ -482,7 +518,10 @@ impl Validator {
         if subnet.has_host_bits() {
             self.error(
                 sp,
-                format!("`{subnet}` has host bits set; write the network address `{}`", subnet.normalized()),
+                format!(
+                    "`{subnet}` has host bits set; write the network address `{}`",
+                    subnet.normalized()
+                ),
             );
             return;
         }
@@ -499,7 +538,9 @@ impl Validator {
             } else if addr == subnet.network() {
                 Some(format!("{addr} is the subnet's network address"))
             } else if addr == gateway {
-                Some(format!("{addr} is the gateway (the host's address on the network)"))
+                Some(format!(
+                    "{addr} is the gateway (the host's address on the network)"
+                ))
             } else if addr == subnet.broadcast() {
                 Some(format!("{addr} is the broadcast address"))
             } else {
@@ -507,7 +548,10 @@ impl Validator {
             };
             if let Some(problem) = problem {
                 ok = false;
-                self.error(p, format!("{problem}; pick an address from {first} to {last}"));
+                self.error(
+                    p,
+                    format!("{problem}; pick an address from {first} to {last}"),
+                );
             }
         }
         if ok && u32::from(dhcp.start) > u32::from(dhcp.end) {
@@ -570,7 +614,10 @@ impl Validator {
             }
             if let Some(d) = &rule.description {
                 if d.len() > 1024 {
-                    self.error(rp.key("description"), "is longer than 1024 bytes; shorten it");
+                    self.error(
+                        rp.key("description"),
+                        "is longer than 1024 bytes; shorten it",
+                    );
                 }
             }
         }
@@ -599,7 +646,11 @@ impl Validator {
             }
         }
         for (i, command) in spec.setup_commands.iter().enumerate() {
-            self.non_empty(path.key("setupCommands").index(i), command, "remove it or write a shell command");
+            self.non_empty(
+                path.key("setupCommands").index(i),
+                command,
+                "remove it or write a shell command",
+            );
         }
         self.range(
             path.key("diskSizeMib"),
@@ -611,7 +662,13 @@ impl Validator {
             let ok = (mirror.starts_with("http://") || mirror.starts_with("https://"))
                 && !mirror.chars().any(|c| c.is_whitespace() || c.is_control());
             if !ok {
-                self.error(path.key("mirror"), format!("{} is not an http(s) URL; write e.g. `http://deb.debian.org/debian`", show(mirror)));
+                self.error(
+                    path.key("mirror"),
+                    format!(
+                        "{} is not an http(s) URL; write e.g. `http://deb.debian.org/debian`",
+                        show(mirror)
+                    ),
+                );
             }
         }
     }
@@ -623,7 +680,11 @@ impl Validator {
 
         let rp = tp.key("resources");
         let r = &t.resources;
-        let custom = [("vcpu", r.vcpu), ("memoryMib", r.memory_mib), ("diskGib", r.disk_gib)];
+        let custom = [
+            ("vcpu", r.vcpu),
+            ("memoryMib", r.memory_mib),
+            ("diskGib", r.disk_gib),
+        ];
         match r.profile.preset() {
             Some((vcpu, mem, disk)) => {
                 for (field, value) in custom {
@@ -639,10 +700,17 @@ impl Validator {
                 }
             }
             None => {
-                let units = [("vcpu", "the number of vCPUs, e.g. 2"), ("memoryMib", "the memory in MiB, e.g. 2048"), ("diskGib", "the disk size in GiB, e.g. 20")];
+                let units = [
+                    ("vcpu", "the number of vCPUs, e.g. 2"),
+                    ("memoryMib", "the memory in MiB, e.g. 2048"),
+                    ("diskGib", "the disk size in GiB, e.g. 20"),
+                ];
                 for ((field, value), (_, example)) in custom.into_iter().zip(units) {
                     if value.is_none() {
-                        self.error(rp.key(field), format!("required with `profile: custom`; set {example}"));
+                        self.error(
+                            rp.key(field),
+                            format!("required with `profile: custom`; set {example}"),
+                        );
                     }
                 }
             }
@@ -665,7 +733,8 @@ impl Validator {
         let n = &t.network;
         match n.mode {
             PoolNetworkMode::Isolated => {
-                for (field, value) in [("networkRef", &n.network_ref), ("filterRef", &n.filter_ref)] {
+                for (field, value) in [("networkRef", &n.network_ref), ("filterRef", &n.filter_ref)]
+                {
                     if value.is_some() {
                         self.error(
                             np.key(field),
@@ -675,7 +744,10 @@ impl Validator {
                 }
             }
             PoolNetworkMode::Attached => {
-                for (field, value, kind) in [("networkRef", &n.network_ref, "Network"), ("filterRef", &n.filter_ref, "NetworkFilter")] {
+                for (field, value, kind) in [
+                    ("networkRef", &n.network_ref, "Network"),
+                    ("filterRef", &n.filter_ref, "NetworkFilter"),
+                ] {
                     match value {
                         Some(name) => self.dns_label(&np.key(field), name, &format!("{kind} name")),
                         None => self.error(
@@ -689,14 +761,28 @@ impl Validator {
 
         for (i, step) in t.warmup.iter().enumerate() {
             let wp = tp.key("warmup").index(i);
-            self.non_empty(wp.key("run"), &step.run, "write a shell command or remove the step");
+            self.non_empty(
+                wp.key("run"),
+                &step.run,
+                "write a shell command or remove the step",
+            );
             if let Some(name) = &step.name {
                 self.no_nul(wp.key("name"), name);
             }
-            self.range(wp.key("timeoutSeconds"), step.timeout_seconds, (1, vm_pool::MAX_WARMUP_TIMEOUT_SECONDS), "");
+            self.range(
+                wp.key("timeoutSeconds"),
+                step.timeout_seconds,
+                (1, vm_pool::MAX_WARMUP_TIMEOUT_SECONDS),
+                "",
+            );
         }
 
-        self.range(path.key("maxSize"), spec.max_size, (1, vm_pool::MAX_POOL_SIZE), "");
+        self.range(
+            path.key("maxSize"),
+            spec.max_size,
+            (1, vm_pool::MAX_POOL_SIZE),
+            "",
+        );
         if spec.min_ready > spec.max_size && spec.max_size >= 1 {
             self.error(
                 path.key("minReady"),
@@ -706,7 +792,12 @@ impl Validator {
                 ),
             );
         }
-        self.range(path.key("ttlSeconds"), spec.ttl_seconds, vm_pool::TTL_SECONDS_RANGE, "");
+        self.range(
+            path.key("ttlSeconds"),
+            spec.ttl_seconds,
+            vm_pool::TTL_SECONDS_RANGE,
+            "",
+        );
     }
 
     fn agent_run(&mut self, path: &FieldPath, spec: &AgentRunSpec) {
@@ -737,7 +828,11 @@ impl Validator {
         }
         if let Some(command) = &spec.command {
             let cp = path.key("command");
-            self.non_empty(cp.key("program"), &command.program, "name the program to run, e.g. `claude`");
+            self.non_empty(
+                cp.key("program"),
+                &command.program,
+                "name the program to run, e.g. `claude`",
+            );
             for (i, arg) in command.args.iter().enumerate() {
                 self.no_nul(cp.key("args").index(i), arg);
             }
@@ -756,9 +851,15 @@ impl Validator {
             if !is_env_name(&secret.name) {
                 self.error(sp.key("name"), format!("{} is not a valid environment variable name: use letters, digits and '_', not starting with a digit", show(&secret.name)));
             } else if spec.env.contains_key(&secret.name) {
-                self.error(sp.key("name"), format!("`{}` is also set in `env`; remove one of them", secret.name));
+                self.error(
+                    sp.key("name"),
+                    format!("`{}` is also set in `env`; remove one of them", secret.name),
+                );
             } else if !secret_names.insert(secret.name.as_str()) {
-                self.error(sp.key("name"), format!("`{}` is listed twice; remove one", secret.name));
+                self.error(
+                    sp.key("name"),
+                    format!("`{}` is listed twice; remove one", secret.name),
+                );
             }
             match (&secret.from_env, &secret.from_file) {
                 (None, None) => self.error(
@@ -780,29 +881,59 @@ impl Validator {
             let fp = path.key("files").index(i);
             self.guest_path(fp.key("path"), &file.path);
             if file.path.ends_with('/') {
-                self.error(fp.key("path"), format!("{} ends with `/`; give the file's full path", show(&file.path)));
+                self.error(
+                    fp.key("path"),
+                    format!(
+                        "{} ends with `/`; give the file's full path",
+                        show(&file.path)
+                    ),
+                );
             }
             if !file_paths.insert(file.path.as_str()) {
-                self.error(fp.key("path"), format!("{} is written by an earlier entry too; remove one", show(&file.path)));
+                self.error(
+                    fp.key("path"),
+                    format!(
+                        "{} is written by an earlier entry too; remove one",
+                        show(&file.path)
+                    ),
+                );
             }
             match (&file.content, &file.from_file) {
-                (None, None) => self.error(fp.clone(), "no content; set `content` (inline text) or `fromFile` (a host file)"),
-                (Some(_), Some(_)) => self.error(fp.key("fromFile"), "`content` and `fromFile` are both set; keep one"),
+                (None, None) => self.error(
+                    fp.clone(),
+                    "no content; set `content` (inline text) or `fromFile` (a host file)",
+                ),
+                (Some(_), Some(_)) => self.error(
+                    fp.key("fromFile"),
+                    "`content` and `fromFile` are both set; keep one",
+                ),
                 (Some(content), None) => {
                     self.inline_size(fp.key("content"), content);
                 }
                 (None, Some(host)) => self.host_path(fp.key("fromFile"), host),
             }
             if file.mode_bits().is_none() || !(3..=4).contains(&file.mode.len()) {
-                self.error(fp.key("mode"), format!("{} is not an octal file mode; write it quoted, e.g. \"0644\" or \"0755\"", show(&file.mode)));
+                self.error(
+                    fp.key("mode"),
+                    format!(
+                        "{} is not an octal file mode; write it quoted, e.g. \"0644\" or \"0755\"",
+                        show(&file.mode)
+                    ),
+                );
             }
         }
 
         if let Some(ws) = &spec.workspace {
             let wp = path.key("workspace");
             match (&ws.host_path, &ws.git_url) {
-                (None, None) => self.error(wp.clone(), "no source; set `hostPath` (a host directory) or `gitUrl` (a repository)"),
-                (Some(_), Some(_)) => self.error(wp.key("gitUrl"), "`hostPath` and `gitUrl` are both set; keep one"),
+                (None, None) => self.error(
+                    wp.clone(),
+                    "no source; set `hostPath` (a host directory) or `gitUrl` (a repository)",
+                ),
+                (Some(_), Some(_)) => self.error(
+                    wp.key("gitUrl"),
+                    "`hostPath` and `gitUrl` are both set; keep one",
+                ),
                 (Some(host), None) => self.host_path(wp.key("hostPath"), host),
                 (None, Some(url)) => {
                     if !git_url_ok(url) {
@@ -813,13 +944,22 @@ impl Validator {
             if let Some(git_ref) = &ws.git_ref {
                 if ws.git_url.is_none() {
                     self.error(wp.key("gitRef"), "only applies with `gitUrl`; remove it");
-                } else if git_ref.is_empty() || git_ref.starts_with('-') || git_ref.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                    self.error(wp.key("gitRef"), format!("{} is not a branch, tag or commit name", show(git_ref)));
+                } else if git_ref.is_empty()
+                    || git_ref.starts_with('-')
+                    || git_ref.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    self.error(
+                        wp.key("gitRef"),
+                        format!("{} is not a branch, tag or commit name", show(git_ref)),
+                    );
                 }
             }
             self.guest_path(wp.key("path"), &ws.path);
             if ws.path.trim_end_matches('/').is_empty() && ws.path.starts_with('/') {
-                self.error(wp.key("path"), "`/` is the guest's root directory; use a subdirectory such as /workspace");
+                self.error(
+                    wp.key("path"),
+                    "`/` is the guest's root directory; use a subdirectory such as /workspace",
+                );
             }
         }
         if let Some(dir) = &spec.working_dir {
@@ -828,18 +968,30 @@ impl Validator {
         if let Some(artifacts) = &spec.artifacts {
             let ap = path.key("artifacts");
             if artifacts.paths.is_empty() {
-                self.error(ap.key("paths"), "is empty; list guest paths to collect, or remove `artifacts`");
+                self.error(
+                    ap.key("paths"),
+                    "is empty; list guest paths to collect, or remove `artifacts`",
+                );
             }
             for (i, p) in artifacts.paths.iter().enumerate() {
                 self.guest_path(ap.key("paths").index(i), p);
             }
-            self.range(ap.key("maxSizeMib"), artifacts.max_size_mib, (1, agent_run::MAX_ARTIFACTS_MAX_SIZE_MIB), "");
+            self.range(
+                ap.key("maxSizeMib"),
+                artifacts.max_size_mib,
+                (1, agent_run::MAX_ARTIFACTS_MAX_SIZE_MIB),
+                "",
+            );
         }
         self.range(
             path.key("timeoutSeconds"),
             spec.timeout_seconds,
             (1, agent_run::MAX_TIMEOUT_SECONDS),
-            if spec.timeout_seconds > agent_run::MAX_TIMEOUT_SECONDS { " (one hour); split the work into several runs" } else { "" },
+            if spec.timeout_seconds > agent_run::MAX_TIMEOUT_SECONDS {
+                " (one hour); split the work into several runs"
+            } else {
+                ""
+            },
         );
     }
 }

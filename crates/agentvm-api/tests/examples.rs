@@ -5,7 +5,8 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use agentvm_api::{
-    parse_dir, parse_file, parse_str, spec_hash, Entrypoint, Kind, PoolNetworkMode, Profile, Resource,
+    parse_dir, parse_file, parse_str, spec_hash, Entrypoint, Kind, PoolNetworkMode, Profile,
+    Resource,
 };
 
 fn examples_dir() -> PathBuf {
@@ -14,7 +15,10 @@ fn examples_dir() -> PathBuf {
 
 fn example_files() -> Vec<PathBuf> {
     let files = agentvm_api::manifest_files(&examples_dir(), true).unwrap();
-    assert!(files.len() >= 5, "expected the example set, found {files:?}");
+    assert!(
+        files.len() >= 5,
+        "expected the example set, found {files:?}"
+    );
     files
 }
 
@@ -41,13 +45,20 @@ fn examples_apply_together_and_references_resolve() {
             .map(|p| p.resource.name().to_string())
             .collect()
     };
-    let (networks, filters, images, pools) =
-        (names(Kind::Network), names(Kind::NetworkFilter), names(Kind::Image), names(Kind::VmPool));
+    let (networks, filters, images, pools) = (
+        names(Kind::Network),
+        names(Kind::NetworkFilter),
+        names(Kind::Image),
+        names(Kind::VmPool),
+    );
     for parsed in &all {
         let at = &parsed.source;
         match &parsed.resource {
             Resource::VmPool(pool) => {
-                assert!(images.contains(&pool.spec.template.image_ref), "{at}: unknown image");
+                assert!(
+                    images.contains(&pool.spec.template.image_ref),
+                    "{at}: unknown image"
+                );
                 if let Some(att) = pool.spec.template.network.attachment() {
                     assert!(networks.contains(att.network_ref), "{at}: unknown network");
                     assert!(filters.contains(att.filter_ref), "{at}: unknown filter");
@@ -81,27 +92,45 @@ fn examples_round_trip_through_yaml_and_json() {
 #[test]
 fn hello_isolated_is_what_the_readme_promises() {
     let parsed = parse_file(&examples_dir().join("hello-isolated.yaml")).unwrap();
-    let kinds: Vec<(Kind, &str)> =
-        parsed.iter().map(|p| (p.resource.kind(), p.resource.name())).collect();
+    let kinds: Vec<(Kind, &str)> = parsed
+        .iter()
+        .map(|p| (p.resource.kind(), p.resource.name()))
+        .collect();
     assert_eq!(
         kinds,
-        vec![(Kind::Image, "debian-base"), (Kind::VmPool, "sandbox"), (Kind::AgentRun, "hello")]
+        vec![
+            (Kind::Image, "debian-base"),
+            (Kind::VmPool, "sandbox"),
+            (Kind::AgentRun, "hello")
+        ]
     );
-    let Resource::VmPool(pool) = &parsed[1].resource else { panic!() };
+    let Resource::VmPool(pool) = &parsed[1].resource else {
+        panic!()
+    };
     assert_eq!(pool.spec.template.resources.profile, Profile::Light);
     assert_eq!(pool.spec.template.network.mode, PoolNetworkMode::Isolated);
     assert_eq!(pool.spec.min_ready, 1);
-    let Resource::AgentRun(run) = &parsed[2].resource else { panic!() };
-    let Some(Entrypoint::Script(script)) = run.spec.entrypoint() else { panic!() };
+    let Resource::AgentRun(run) = &parsed[2].resource else {
+        panic!()
+    };
+    let Some(Entrypoint::Script(script)) = run.spec.entrypoint() else {
+        panic!()
+    };
     assert_eq!(script.interpreter, "python3");
     assert!(script.source.contains("print("));
-    assert_eq!(parsed[1].source.line, 21, "line of the document's first key");
+    assert_eq!(
+        parsed[1].source.line, 21,
+        "line of the document's first key"
+    );
 }
 
 #[test]
 fn agent_examples_take_keys_from_the_host() {
     for (file, image_cmd) in [
-        ("claude-code.yaml", "npm install -g @anthropic-ai/claude-code"),
+        (
+            "claude-code.yaml",
+            "npm install -g @anthropic-ai/claude-code",
+        ),
         ("aider.yaml", "aider-chat"),
     ] {
         let parsed = parse_file(&examples_dir().join(file)).unwrap();
@@ -112,7 +141,14 @@ fn agent_examples_take_keys_from_the_host() {
                 _ => None,
             })
             .unwrap();
-        assert!(image.spec.setup_commands.iter().any(|c| c.contains(image_cmd)), "{file}");
+        assert!(
+            image
+                .spec
+                .setup_commands
+                .iter()
+                .any(|c| c.contains(image_cmd)),
+            "{file}"
+        );
         let run = parsed
             .iter()
             .find_map(|p| match &p.resource {
@@ -120,7 +156,12 @@ fn agent_examples_take_keys_from_the_host() {
                 _ => None,
             })
             .unwrap();
-        let key = run.spec.secret_env.iter().find(|s| s.name == "ANTHROPIC_API_KEY").unwrap();
+        let key = run
+            .spec
+            .secret_env
+            .iter()
+            .find(|s| s.name == "ANTHROPIC_API_KEY")
+            .unwrap();
         assert_eq!(key.from_env.as_deref(), Some("ANTHROPIC_API_KEY"), "{file}");
     }
 }

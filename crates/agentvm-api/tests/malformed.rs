@@ -45,7 +45,11 @@ fn bless(path: &Path, bytes: &[u8], actual: &[String]) {
 #[test]
 fn every_malformed_manifest_fails_with_its_expected_errors() {
     let files = corpus();
-    assert!(files.len() >= 40, "the corpus must hold at least 40 manifests, has {}", files.len());
+    assert!(
+        files.len() >= 40,
+        "the corpus must hold at least 40 manifests, has {}",
+        files.len()
+    );
     let bless_mode = std::env::var("AGENTVM_BLESS").is_ok_and(|v| v == "1");
     let mut failures = Vec::new();
     for path in files {
@@ -53,7 +57,11 @@ fn every_malformed_manifest_fails_with_its_expected_errors() {
         let started = Instant::now();
         let result = parse_file(&path);
         let elapsed = started.elapsed();
-        assert!(elapsed < Duration::from_secs(5), "{} took {elapsed:?}", path.display());
+        assert!(
+            elapsed < Duration::from_secs(5),
+            "{} took {elapsed:?}",
+            path.display()
+        );
         let actual: Vec<String> = match result {
             Ok(objects) => vec![format!("(parsed without error: {} objects)", objects.len())],
             Err(errors) => errors.to_string().lines().map(str::to_string).collect(),
@@ -70,16 +78,31 @@ fn every_malformed_manifest_fails_with_its_expected_errors() {
             ));
         }
     }
-    assert!(failures.is_empty(), "{} manifest(s) did not fail as expected:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} manifest(s) did not fail as expected:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
 fn every_error_has_a_position_or_is_about_the_whole_file() {
     for path in corpus() {
-        let Err(errors) = parse_file(&path) else { continue };
+        let Err(errors) = parse_file(&path) else {
+            continue;
+        };
         for e in errors.iter() {
-            let whole_file = matches!(e.kind, ManifestErrorKind::NoDocuments | ManifestErrorKind::TooLarge { .. } | ManifestErrorKind::Io(_));
-            assert!(whole_file || (e.line.is_some() && e.column.is_some()), "{e}");
+            let whole_file = matches!(
+                e.kind,
+                ManifestErrorKind::NoDocuments
+                    | ManifestErrorKind::TooLarge { .. }
+                    | ManifestErrorKind::Io(_)
+            );
+            assert!(
+                whole_file || (e.line.is_some() && e.column.is_some()),
+                "{e}"
+            );
         }
     }
 }
@@ -105,7 +128,10 @@ fn ten_mib_document_is_rejected_before_parsing() {
     let path = dir.path().join("big.yaml");
     std::fs::write(&path, &text).unwrap();
     let errors = parse_file(&path).unwrap_err();
-    assert!(matches!(errors.0[0].kind, ManifestErrorKind::TooLarge { .. }), "{errors}");
+    assert!(
+        matches!(errors.0[0].kind, ManifestErrorKind::TooLarge { .. }),
+        "{errors}"
+    );
 }
 
 #[test]
@@ -117,14 +143,24 @@ fn inline_content_just_under_the_file_limit_is_rejected_by_validation() {
     }
     let errors = parse_str(&text, "big.yaml").unwrap_err();
     let message = errors.to_string();
-    assert!(message.starts_with("big.yaml:8:5: spec.script.source: is "), "{message}");
-    assert!(message.ends_with("use `fromFile`, or a workspace"), "{message}");
+    assert!(
+        message.starts_with("big.yaml:8:5: spec.script.source: is "),
+        "{message}"
+    );
+    assert!(
+        message.ends_with("use `fromFile`, or a workspace"),
+        "{message}"
+    );
 }
 
 #[test]
 fn billion_laughs_is_rejected_fast() {
     let started = Instant::now();
     let errors = parse_file(Path::new("tests/malformed/billion-laughs.yaml")).unwrap_err();
-    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
     assert!(errors.to_string().contains("alias bomb"), "{errors}");
 }

@@ -55,7 +55,11 @@ fn schemas_pin_api_version_and_kind() {
             "{name} must be draft-07 for editor support"
         );
         if name != agentvm_api::schema::ALL_KINDS_SCHEMA_FILE {
-            assert_eq!(schema["properties"]["apiVersion"]["const"], agentvm_api::API_VERSION, "{name}");
+            assert_eq!(
+                schema["properties"]["apiVersion"]["const"],
+                agentvm_api::API_VERSION,
+                "{name}"
+            );
             assert!(schema["properties"]["kind"]["const"].is_string(), "{name}");
             assert_eq!(schema["additionalProperties"], false, "{name}");
         }

@@ -104,7 +104,14 @@ pub enum Entrypoint<'a> {
 impl AgentRunSpec {
     /// A run of `command` on `pool` with everything else defaulted.
     pub fn command(pool: impl Into<String>, program: impl Into<String>, args: Vec<String>) -> Self {
-        Self::with_entry(pool, None, Some(Command { program: program.into(), args }))
+        Self::with_entry(
+            pool,
+            None,
+            Some(Command {
+                program: program.into(),
+                args,
+            }),
+        )
     }
 
     /// A run of a python3 `source` on `pool` with everything else defaulted.
@@ -119,7 +126,11 @@ impl AgentRunSpec {
         )
     }
 
-    fn with_entry(pool: impl Into<String>, script: Option<Script>, command: Option<Command>) -> Self {
+    fn with_entry(
+        pool: impl Into<String>,
+        script: Option<Script>,
+        command: Option<Command>,
+    ) -> Self {
         Self {
             pool_ref: pool.into(),
             script,
@@ -219,7 +230,9 @@ pub struct InputFile {
 impl InputFile {
     /// The permission bits of `mode`, if it is valid octal.
     pub fn mode_bits(&self) -> Option<u32> {
-        u32::from_str_radix(&self.mode, 8).ok().filter(|m| *m <= 0o777)
+        u32::from_str_radix(&self.mode, 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
     }
 }
 
@@ -284,7 +297,10 @@ impl AgentRunPhase {
     pub fn is_terminal(&self) -> bool {
         matches!(
             self,
-            AgentRunPhase::Succeeded | AgentRunPhase::Failed | AgentRunPhase::TimedOut | AgentRunPhase::Cancelled
+            AgentRunPhase::Succeeded
+                | AgentRunPhase::Failed
+                | AgentRunPhase::TimedOut
+                | AgentRunPhase::Cancelled
         )
     }
 }

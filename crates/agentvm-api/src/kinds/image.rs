@@ -25,7 +25,15 @@ pub const MIN_DISK_SIZE_MIB: u32 = 1024;
 pub const MAX_DISK_SIZE_MIB: u32 = 262_144;
 /// Debian suites the image builder knows.
 pub const KNOWN_DEBIAN_SUITES: &[&str] = &[
-    "bullseye", "bookworm", "trixie", "forky", "sid", "oldstable", "stable", "testing", "unstable",
+    "bullseye",
+    "bookworm",
+    "trixie",
+    "forky",
+    "sid",
+    "oldstable",
+    "stable",
+    "testing",
+    "unstable",
 ];
 
 fn default_suite() -> String {

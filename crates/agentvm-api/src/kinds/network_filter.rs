@@ -116,10 +116,16 @@ impl NetworkFilterSpec {
         Self {
             egress: vec![
                 EgressRule::new(Protocol::Udp, [PortRange::single(53)]).described("DNS"),
-                EgressRule::new(Protocol::Tcp, [PortRange::single(80), PortRange::single(443)])
-                    .described("HTTP and HTTPS"),
-                EgressRule::new(Protocol::Tcp, [PortRange::single(22), PortRange::single(9418)])
-                    .described("git over SSH and the git protocol"),
+                EgressRule::new(
+                    Protocol::Tcp,
+                    [PortRange::single(80), PortRange::single(443)],
+                )
+                .described("HTTP and HTTPS"),
+                EgressRule::new(
+                    Protocol::Tcp,
+                    [PortRange::single(22), PortRange::single(9418)],
+                )
+                .described("git over SSH and the git protocol"),
             ],
             allow_dhcp: true,
             allow_established: true,

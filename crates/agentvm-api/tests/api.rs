@@ -1,0 +1,635 @@
+//! Defaults, validation rules, hashing, round trips and manifest sources.
+
+use std::io::Cursor;
+use std::net::Ipv4Addr;
+
+use agentvm_api::*;
+
+fn parse_one(yaml: &str) -> Resource {
+    let mut parsed = parse_str(yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(parsed.len(), 1);
+    parsed.remove(0).resource
+}
+
+fn errors_of(resource: &Resource) -> Vec<String> {
+    match validate(resource) {
+        Ok(()) => Vec::new(),
+        Err(e) => e.iter().map(ToString::to_string).collect(),
+    }
+}
+
+const MINIMAL_POOL: &str = "apiVersion: agentvm.dev/v1alpha1\nkind: VmPool\nmetadata:\n  name: p\nspec:\n  template:\n    imageRef: img\n";
+
+#[test]
+fn pool_defaults() {
+    let Resource::VmPool(pool) = parse_one(MINIMAL_POOL) else {
+        panic!()
+    };
+    let spec = &pool.spec;
+    assert_eq!(spec.min_ready, 1);
+    assert_eq!(spec.max_size, 4);
+    assert_eq!(spec.ttl_seconds, 3600);
+    assert_eq!(spec.template.resources.profile, Profile::Standard);
+    assert_eq!(
+        spec.template.resources.resolved(),
+        ResolvedResources {
+            vcpu: 2,
+            memory_mib: 2048,
+            disk_gib: 20,
+            cpu_shares: 1024
+        }
+    );
+    // No network given: isolated, explicitly.
+    assert_eq!(spec.template.network.mode, PoolNetworkMode::Isolated);
+    assert_eq!(spec.template.network.attachment(), None);
+    assert!(spec.template.warmup.is_empty());
+}
+
+#[test]
+fn profiles_resolve_to_the_predecessor_numbers() {
+    let r = |p| Resources::profile(p).resolved();
+    assert_eq!(
+        r(Profile::Light),
+        ResolvedResources {
+            vcpu: 1,
+            memory_mib: 1024,
+            disk_gib: 10,
+            cpu_shares: 1024
+        }
+    );
+    assert_eq!(
+        r(Profile::Standard),
+        ResolvedResources {
+            vcpu: 2,
+            memory_mib: 2048,
+            disk_gib: 20,
+            cpu_shares: 1024
+        }
+    );
+    assert_eq!(
+        r(Profile::Intensive),
+        ResolvedResources {
+            vcpu: 4,
+            memory_mib: 4096,
+            disk_gib: 40,
+            cpu_shares: 1024
+        }
+    );
+    let mut custom = Resources::custom(8, 8192, 100);
+    custom.cpu_shares = Some(2048);
+    assert_eq!(
+        custom.resolved(),
+        ResolvedResources {
+            vcpu: 8,
+            memory_mib: 8192,
+            disk_gib: 100,
+            cpu_shares: 2048
+        }
+    );
+}
+
+#[test]
+fn run_defaults() {
+    let run = parse_one(
+        "apiVersion: agentvm.dev/v1alpha1\nkind: AgentRun\nmetadata:\n  name: r\nspec:\n  poolRef: p\n  script:\n    source: print(1)\n",
+    );
+    let Resource::AgentRun(run) = run else {
+        panic!()
+    };
+    assert_eq!(run.spec.timeout_seconds, 300);
+    let Some(Entrypoint::Script(script)) = run.spec.entrypoint() else {
+        panic!()
+    };
+    assert_eq!(script.interpreter, "python3");
+    assert_eq!(run.spec.effective_working_dir(), "/root");
+    let ws: Workspace = serde_yaml::from_str("hostPath: ./x").unwrap();
+    assert_eq!(ws.path, "/workspace");
+    let a: Artifacts = serde_yaml::from_str("paths: [/out]").unwrap();
+    assert_eq!(a.max_size_mib, 64);
+    let f: InputFile = serde_yaml::from_str("{path: /x, content: y}").unwrap();
+    assert_eq!(f.mode, "0644");
+    assert_eq!(f.mode_bits(), Some(0o644));
+}
+
+#[test]
+fn image_and_network_defaults() {
+    let Resource::Image(image) = parse_one(
+        "apiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata:\n  name: i\nspec: {}\n",
+    ) else {
+        panic!()
+    };
+    assert_eq!(image.spec, ImageSpec::default());
+    assert_eq!(image.spec.suite, "bookworm");
+    assert_eq!(image.spec.distro, Distro::Debian);
+    assert_eq!(image.spec.kernel, KernelSource::Host);
+    assert_eq!(image.spec.disk_size_mib, 4096);
+
+    let Resource::Network(net) = parse_one(
+        "apiVersion: agentvm.dev/v1alpha1\nkind: Network\nmetadata:\n  name: n\nspec:\n  subnet: 192.168.101.0/24\n",
+    ) else {
+        panic!()
+    };
+    assert_eq!(net.spec.mode, NetworkMode::Nat);
+    assert_eq!(net.spec.gateway(), Ipv4Addr::new(192, 168, 101, 1));
+    assert_eq!(
+        net.spec.dhcp_range(),
+        DhcpRange {
+            start: Ipv4Addr::new(192, 168, 101, 10),
+            end: Ipv4Addr::new(192, 168, 101, 254)
+        }
+    );
+    let small = NetworkSpec {
+        mode: NetworkMode::Isolated,
+        subnet: "10.0.0.0/29".parse().unwrap(),
+        dhcp: None,
+    };
+    assert_eq!(
+        small.dhcp_range(),
+        DhcpRange {
+            start: Ipv4Addr::new(10, 0, 0, 2),
+            end: Ipv4Addr::new(10, 0, 0, 6)
+        }
+    );
+}
+
+#[test]
+fn filter_defaults_and_predecessor_default() {
+    let Resource::NetworkFilter(f) = parse_one(
+        "apiVersion: agentvm.dev/v1alpha1\nkind: NetworkFilter\nmetadata:\n  name: f\nspec:\n  egress:\n    - protocol: tcp\n      ports: [443]\n",
+    ) else {
+        panic!()
+    };
+    assert!(f.spec.allow_dhcp);
+    assert!(f.spec.allow_established);
+
+    let d = NetworkFilterSpec::predecessor_default();
+    assert!(d.allow_dhcp, "guests must get an address");
+    assert!(d.allow_established);
+    let allowed: Vec<(Protocol, u16)> = d
+        .egress
+        .iter()
+        .flat_map(|r| r.ports.iter().map(move |p| (r.protocol, p.start)))
+        .collect();
+    assert_eq!(
+        allowed,
+        vec![
+            (Protocol::Udp, 53),
+            (Protocol::Tcp, 80),
+            (Protocol::Tcp, 443),
+            (Protocol::Tcp, 22),
+            (Protocol::Tcp, 9418)
+        ]
+    );
+    assert!(d.egress.iter().all(|r| r.destinations.is_empty()));
+    let obj: Resource = NetworkFilter::new("default", d).into();
+    assert_eq!(validate(&obj), Ok(()));
+}
+
+#[test]
+fn constructors_build_valid_objects() {
+    let objects: Vec<Resource> = vec![
+        Network::new(
+            "n",
+            NetworkSpec {
+                mode: NetworkMode::Nat,
+                subnet: "10.10.0.0/16".parse().unwrap(),
+                dhcp: None,
+            },
+        )
+        .into(),
+        Image::new("i", ImageSpec::default()).into(),
+        VmPool::new(
+            "p",
+            VmPoolSpec {
+                template: VmTemplate {
+                    image_ref: "i".into(),
+                    resources: Resources::custom(1, 512, 4),
+                    network: PoolNetwork::attached("n", "f"),
+                    warmup: vec![],
+                },
+                min_ready: 0,
+                max_size: 1,
+                ttl_seconds: 60,
+            },
+        )
+        .into(),
+        AgentRun::new("r", AgentRunSpec::python("p", "print(1)")).into(),
+        AgentRun::new(
+            "c",
+            AgentRunSpec::command("p", "claude", vec!["--version".into()]),
+        )
+        .into(),
+    ];
+    for o in &objects {
+        assert_eq!(validate(o), Ok(()), "{}", o.key());
+        assert_eq!(o.api_version(), API_VERSION);
+        assert_eq!(o.kind_field(), o.kind().as_str());
+    }
+}
+
+#[test]
+fn validation_reports_every_problem_with_its_path() {
+    let mut spec = AgentRunSpec::python("Bad_Pool", "");
+    spec.timeout_seconds = 4000;
+    spec.command = Some(Command {
+        program: "ls".into(),
+        args: vec![],
+    });
+    spec.env.insert("OK_NAME".into(), "x".into());
+    spec.secret_env.push(SecretEnvVar {
+        name: "OK_NAME".into(),
+        from_env: Some("A".into()),
+        from_file: Some("/k".into()),
+    });
+    spec.working_dir = Some("relative".into());
+    let mut run = AgentRun::new("run", spec);
+    run.metadata.labels.insert("bad key!".into(), "v".into());
+    let errors = errors_of(&run.into());
+    assert_eq!(
+        errors,
+        vec![
+            "metadata.labels[\"bad key!\"]: `bad key!` is not a valid label key: use an optional DNS prefix and `/`, then at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit (e.g. `app.example.com/team`)",
+            "spec.poolRef: `Bad_Pool` is not a valid VmPool name: use lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 characters (e.g. `bad-pool`)",
+            "spec.command: `script` and `command` are both set; keep exactly one of them",
+            "spec.script.source: is empty; write the program to run",
+            "spec.secretEnv[0].name: `OK_NAME` is also set in `env`; remove one of them",
+            "spec.secretEnv[0].fromFile: `fromEnv` and `fromFile` are both set; keep one",
+            "spec.workingDir: `relative` is not an absolute guest path; start it with `/`, e.g. `/workspace/relative`",
+            "spec.timeoutSeconds: 4000 is above the maximum 3600 (one hour); split the work into several runs",
+        ]
+    );
+}
+
+#[test]
+fn wrong_header_fields_are_validation_errors_too() {
+    let mut image = Image::new("i", ImageSpec::default());
+    image.api_version = "v1".into();
+    image.kind = "Img".into();
+    assert_eq!(
+        errors_of(&image.into()),
+        vec![
+            "apiVersion: `v1` is not supported; use `agentvm.dev/v1alpha1`",
+            "kind: `Img` does not match the object; use `Image`",
+        ]
+    );
+}
+
+#[test]
+fn dns_labels() {
+    for ok in ["a", "sandbox", "a-b-1", "0abc", &"x".repeat(63)] {
+        assert!(is_dns_label(ok), "{ok}");
+    }
+    for bad in [
+        "",
+        "A",
+        "-a",
+        "a-",
+        "a_b",
+        "a.b",
+        "a b",
+        "../x",
+        "a<b",
+        "é",
+        &"x".repeat(64),
+    ] {
+        assert!(!is_dns_label(bad), "{bad}");
+    }
+    assert_eq!(suggest_dns_label("My_Pool!").as_deref(), Some("my-pool"));
+    assert_eq!(suggest_dns_label("<&>"), None);
+}
+
+#[test]
+fn spec_hash_ignores_metadata_status_and_explicit_defaults() {
+    let a = parse_one(MINIMAL_POOL);
+    let explicit = format!("{MINIMAL_POOL}    resources:\n      profile: standard\n  minReady: 1\n  maxSize: 4\n  ttlSeconds: 3600\n")
+        .replace("name: p", "name: p\n  labels:\n    x: y");
+    let b = parse_one(&explicit);
+    assert_eq!(spec_hash(&a), spec_hash(&b));
+    assert_eq!(spec_hash(&a).len(), 64);
+    let mut c = b.clone();
+    c.metadata_mut().generation = 7;
+    if let Resource::VmPool(p) = &mut c {
+        p.status = Some(VmPoolStatus {
+            ready: 3,
+            ..Default::default()
+        });
+    }
+    assert_eq!(spec_hash(&a), spec_hash(&c));
+    let d = parse_one(&MINIMAL_POOL.replace("imageRef: img", "imageRef: other"));
+    assert_ne!(spec_hash(&a), spec_hash(&d));
+    // Stable across releases: changing this means every object looks drifted.
+    assert_eq!(
+        spec_hash(&Image::new("i", ImageSpec::default()).into()),
+        spec_hash(&Image::new("j", ImageSpec::default()).into())
+    );
+}
+
+#[test]
+fn status_and_generation_in_manifests_are_ignored() {
+    let text = "apiVersion: agentvm.dev/v1alpha1\nkind: AgentRun\nmetadata:\n  name: r\n  generation: 5\nspec:\n  poolRef: p\n  command: {program: ls}\nstatus:\n  phase: Succeeded\n  exitCode: 0\n  stdoutTail: hi\n";
+    let r = parse_one(text);
+    assert!(!r.has_status());
+    assert_eq!(r.metadata().generation, 0);
+}
+
+#[test]
+fn status_round_trips_and_skips_empty_collections() {
+    let mut run = AgentRun::new("r", AgentRunSpec::command("p", "true", vec![]));
+    run.status = Some(AgentRunStatus {
+        phase: AgentRunPhase::Succeeded,
+        observed_generation: Some(1),
+        conditions: vec![Condition::new(
+            "Completed",
+            ConditionStatus::True,
+            "ExitedZero",
+            "",
+            "2025-01-01T00:00:00Z",
+        )],
+        vm: Some("agentvm-p-0".into()),
+        exit_code: Some(0),
+        ..Default::default()
+    });
+    let json = serde_json::to_value(&run).unwrap();
+    assert_eq!(
+        json["status"],
+        serde_json::json!({
+            "phase": "Succeeded",
+            "observedGeneration": 1,
+            "conditions": [{"type": "Completed", "status": "True", "reason": "ExitedZero", "lastTransitionTime": "2025-01-01T00:00:00Z"}],
+            "vm": "agentvm-p-0",
+            "exitCode": 0
+        })
+    );
+    let back: AgentRun = serde_json::from_value(json).unwrap();
+    assert_eq!(back, run);
+    assert!(AgentRunPhase::TimedOut.is_terminal());
+    assert!(!AgentRunPhase::Running.is_terminal());
+}
+
+#[test]
+fn resource_deserializes_by_kind_and_rejects_strangers() {
+    let r: Resource = serde_json::from_str(
+        r#"{"apiVersion":"agentvm.dev/v1alpha1","kind":"Image","metadata":{"name":"i"},"spec":{}}"#,
+    )
+    .unwrap();
+    assert_eq!(r.kind(), Kind::Image);
+    assert_eq!(r.name(), "i");
+    assert_eq!(r.key(), "Image/i");
+    let e =
+        serde_json::from_str::<Resource>(r#"{"apiVersion":"agentvm.dev/v1alpha1","kind":"Pod"}"#)
+            .unwrap_err();
+    assert!(e.to_string().starts_with("unknown kind \"Pod\""), "{e}");
+    let e = serde_json::from_str::<Resource>(r#"{"apiVersion":"v1","kind":"Image"}"#).unwrap_err();
+    assert!(e.to_string().contains("unsupported apiVersion"), "{e}");
+}
+
+#[test]
+fn secret_values_are_never_serialized_because_they_cannot_exist() {
+    let run = parse_one(
+        "apiVersion: agentvm.dev/v1alpha1\nkind: AgentRun\nmetadata:\n  name: r\nspec:\n  poolRef: p\n  command: {program: env}\n  secretEnv:\n    - {name: KEY, fromEnv: HOST_KEY}\n    - {name: FILEKEY, fromFile: /etc/key}\n",
+    );
+    let yaml = serde_yaml::to_string(&run).unwrap();
+    assert!(yaml.contains("fromEnv: HOST_KEY"));
+    assert!(!yaml.contains("value"));
+}
+
+#[test]
+fn multi_document_sources_keep_order_and_lines() {
+    let text = "# modeline\n---\napiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata:\n  name: a\nspec: {}\n---\n\n# comment\napiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata:\n  name: b\nspec: {}\n...\n";
+    let parsed = parse_str(text, "multi.yaml").unwrap();
+    let got: Vec<(String, usize)> = parsed
+        .iter()
+        .map(|p| (p.resource.name().to_string(), p.source.line))
+        .collect();
+    assert_eq!(got, vec![("a".to_string(), 3), ("b".to_string(), 11)]);
+    assert_eq!(parsed[1].source.to_string(), "multi.yaml:11");
+}
+
+#[test]
+fn errors_from_several_documents_are_all_reported() {
+    let text = "apiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata:\n  name: A\nspec: {}\n---\napiVersion: agentvm.dev/v1alpha1\nkind: Imag\nmetadata:\n  name: b\nspec: {}\n";
+    let errors = parse_str(text, "x.yaml").unwrap_err();
+    assert_eq!(errors.len(), 2);
+    assert_eq!(errors.0[0].line, Some(4));
+    assert_eq!(errors.0[0].field_path().as_deref(), Some("metadata.name"));
+    assert_eq!(
+        errors.0[1].to_string(),
+        "x.yaml:8:1: kind: unknown kind `Imag` (did you mean `Image`?); valid kinds: Network, NetworkFilter, Image, VmPool, AgentRun"
+    );
+}
+
+#[test]
+fn reader_and_bytes_sources() {
+    let text = "apiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata:\n  name: a\nspec: {}\n";
+    let parsed = parse_reader(Cursor::new(text.as_bytes()), "<stdin>").unwrap();
+    assert_eq!(parsed[0].source.file, "<stdin>");
+    let errors = parse_bytes(b"kind: \xff\n", "bin.yaml").unwrap_err();
+    assert_eq!(
+        errors.to_string(),
+        "bin.yaml:1:7: is not valid UTF-8 (byte 0xff); save the file as UTF-8 text"
+    );
+    let errors = parse_str("", "empty.yaml").unwrap_err();
+    assert!(matches!(errors.0[0].kind, ManifestErrorKind::NoDocuments));
+    // A byte-order mark is tolerated.
+    assert_eq!(
+        parse_str(&format!("\u{feff}{text}"), "bom.yaml")
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn directories_are_read_sorted_recursively_and_skip_hidden_and_other_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let image = |name: &str| {
+        format!("apiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata:\n  name: {name}\nspec: {{}}\n")
+    };
+    std::fs::create_dir_all(root.join("sub/deeper")).unwrap();
+    std::fs::create_dir_all(root.join(".git")).unwrap();
+    std::fs::write(root.join("b.yaml"), image("b")).unwrap();
+    std::fs::write(root.join("a.yml"), image("a")).unwrap();
+    std::fs::write(root.join("notes.txt"), "not yaml").unwrap();
+    std::fs::write(root.join(".hidden.yaml"), image("hidden")).unwrap();
+    std::fs::write(root.join(".git/config.yaml"), "garbage: [").unwrap();
+    std::fs::write(root.join("sub/c.yaml"), image("c")).unwrap();
+    std::fs::write(root.join("sub/deeper/d.YAML"), image("d")).unwrap();
+
+    let names = |r: ParseResult| -> Vec<String> {
+        r.unwrap_or_else(|e| panic!("{e}"))
+            .iter()
+            .map(|p| p.resource.name().to_string())
+            .collect()
+    };
+    assert_eq!(names(parse_dir(root, false)), vec!["a", "b"]);
+    assert_eq!(names(parse_dir(root, true)), vec!["a", "b", "c", "d"]);
+    assert_eq!(names(parse_path(root, true)), vec!["a", "b", "c", "d"]);
+    assert_eq!(
+        names(parse_path(&root.join("sub/c.yaml"), false)),
+        vec!["c"]
+    );
+    // An explicitly named file is read whatever its extension.
+    std::fs::write(root.join("manifest.txt"), image("t")).unwrap();
+    assert_eq!(names(parse_file(&root.join("manifest.txt"))), vec!["t"]);
+
+    // Names are unique across every path of one call.
+    std::fs::write(root.join("sub/dup.yaml"), image("a")).unwrap();
+    let errors = parse_paths(&[root.join("a.yml"), root.join("sub/dup.yaml")], false).unwrap_err();
+    let message = errors.to_string();
+    assert!(
+        message.ends_with("a.yml:1; names must be unique per kind, rename one of them"),
+        "{message}"
+    );
+    assert!(
+        message.contains("dup.yaml:4:3: metadata.name: Image `a` is already declared at "),
+        "{message}"
+    );
+
+    let missing = parse_file(&root.join("nope.yaml")).unwrap_err();
+    assert!(
+        missing.to_string().contains("nope.yaml: cannot read: "),
+        "{missing}"
+    );
+    assert!(parse_dir(&root.join("empty-nonexistent"), false).is_err());
+    std::fs::create_dir(root.join("empty")).unwrap();
+    assert_eq!(parse_dir(&root.join("empty"), true).unwrap().len(), 0);
+}
+
+#[test]
+fn field_paths_display_and_parse() {
+    let p = FieldPath::root()
+        .key("spec")
+        .key("egress")
+        .index(0)
+        .key("ports")
+        .index(2);
+    assert_eq!(p.to_string(), "spec.egress[0].ports[2]");
+    assert_eq!(FieldPath::parse("spec.egress[0].ports[2]"), p);
+    let l = FieldPath::root()
+        .key("metadata")
+        .key("labels")
+        .key("app.kubernetes.io/name");
+    assert_eq!(l.to_string(), "metadata.labels[\"app.kubernetes.io/name\"]");
+    assert_eq!(FieldPath::parse(&l.to_string()), l);
+    assert_eq!(FieldPath::root().to_string(), ".");
+}
+
+#[test]
+fn labels_with_prefixes_are_valid() {
+    let mut image = Image::new("i", ImageSpec::default());
+    image
+        .metadata
+        .labels
+        .insert("app.kubernetes.io/name".into(), "agent_vm-1.0".into());
+    image.metadata.annotations.insert(
+        "example.com/note".into(),
+        "any text at all, even <xml> & \"quotes\"".into(),
+    );
+    assert_eq!(validate(&image.into()), Ok(()));
+}
+
+#[test]
+fn kinds_for_the_cli() {
+    assert_eq!("pools".parse::<Kind>().unwrap(), Kind::VmPool);
+    assert_eq!("nwf".parse::<Kind>().unwrap(), Kind::NetworkFilter);
+    assert_eq!(Kind::suggest("agnetrun"), Some(Kind::AgentRun));
+    assert_eq!(Kind::VmPool.short_name(), "pool");
+    assert_eq!(Kind::AgentRun.plural(), "agentruns");
+    assert_eq!(
+        schema::schema_file_name(Kind::NetworkFilter),
+        "networkfilter.schema.json"
+    );
+}
+
+#[test]
+fn network_validation_edges() {
+    let net = |subnet: &str, dhcp: Option<(&str, &str)>| -> Vec<String> {
+        let spec = NetworkSpec {
+            mode: NetworkMode::Nat,
+            subnet: subnet.parse().unwrap(),
+            dhcp: dhcp.map(|(s, e)| DhcpRange {
+                start: s.parse().unwrap(),
+                end: e.parse().unwrap(),
+            }),
+        };
+        errors_of(&Network::new("n", spec).into())
+    };
+    assert!(net(
+        "192.168.101.0/24",
+        Some(("192.168.101.2", "192.168.101.254"))
+    )
+    .is_empty());
+    assert_eq!(
+        net("192.168.101.0/24", Some(("192.168.101.0", "192.168.101.255"))),
+        vec![
+            "spec.dhcp.start: 192.168.101.0 is the subnet's network address; pick an address from 192.168.101.2 to 192.168.101.254",
+            "spec.dhcp.end: 192.168.101.255 is the broadcast address; pick an address from 192.168.101.2 to 192.168.101.254",
+        ]
+    );
+    assert_eq!(net("10.0.0.0/4", None), vec!["spec.subnet: prefix /4 is out of range; use a prefix from /8 to /29, e.g. `192.168.101.0/24`"]);
+}
+
+#[test]
+fn filter_validation_edges() {
+    let mut spec = NetworkFilterSpec::predecessor_default();
+    spec.egress.push(EgressRule {
+        protocol: Protocol::Tcp,
+        ports: vec![PortRange::range(8000, 8100)],
+        destinations: vec![
+            "10.1.2.3/8".parse().unwrap(),
+            "140.82.112.0/20".parse().unwrap(),
+        ],
+        description: None,
+    });
+    assert_eq!(
+        errors_of(&NetworkFilter::new("f", spec.clone()).into()),
+        vec!["spec.egress[3].destinations[0]: `10.1.2.3/8` has host bits set; write `10.0.0.0/8` (the network) or `10.1.2.3/32` (one address)"]
+    );
+    spec.egress = (0..257)
+        .map(|p| EgressRule::new(Protocol::Tcp, [PortRange::single(1000 + p)]))
+        .collect();
+    let errors = errors_of(&NetworkFilter::new("f", spec).into());
+    assert_eq!(errors, vec!["spec.egress: 257 rules; a filter holds at most 256 (use port ranges and CIDRs to combine rules)"]);
+}
+
+#[test]
+fn workspace_and_git_rules() {
+    let run = |ws: Workspace| {
+        let mut spec = AgentRunSpec::command("p", "ls", vec![]);
+        spec.workspace = Some(ws);
+        errors_of(&AgentRun::new("r", spec).into())
+    };
+    let ws = |host: Option<&str>, url: Option<&str>, git_ref: Option<&str>, path: &str| Workspace {
+        host_path: host.map(Into::into),
+        git_url: url.map(Into::into),
+        git_ref: git_ref.map(Into::into),
+        path: path.into(),
+    };
+    for url in [
+        "https://github.com/a/b.git",
+        "git@github.com:a/b.git",
+        "ssh://git@host/x",
+        "git://host/x",
+    ] {
+        assert!(
+            run(ws(None, Some(url), Some("main"), "/workspace")).is_empty(),
+            "{url}"
+        );
+    }
+    assert_eq!(
+        run(ws(Some("./x"), None, Some("main"), "/workspace")),
+        vec!["spec.workspace.gitRef: only applies with `gitUrl`; remove it"]
+    );
+    assert_eq!(
+        run(ws(None, Some("https://h/x"), Some("--force"), "/workspace")),
+        vec!["spec.workspace.gitRef: `--force` is not a branch, tag or commit name"]
+    );
+    assert_eq!(run(ws(None, None, None, "/")), vec![
+        "spec.workspace: no source; set `hostPath` (a host directory) or `gitUrl` (a repository)",
+        "spec.workspace.path: `/` is the guest's root directory; use a subdirectory such as /workspace",
+    ]);
+    let mut spec = AgentRunSpec::command("p", "ls", vec![]);
+    spec.workspace = Some(ws(Some("./x"), None, None, "/src"));
+    assert_eq!(spec.effective_working_dir(), "/src");
+}
