@@ -46,6 +46,34 @@ pub struct ParsedResource {
     pub source: SourceLocation,
 }
 
+impl ParsedResource {
+    /// The directory relative host paths in this object are resolved
+    /// against: the manifest's directory, or the current directory for
+    /// stdin and in-memory sources.
+    pub fn manifest_dir(&self) -> PathBuf {
+        let file = Path::new(&self.source.file);
+        let from_file = (self.source.file != STDIN_NAME && file.is_file())
+            .then(|| file.parent().map(Path::to_path_buf))
+            .flatten();
+        let dir = from_file.unwrap_or_default();
+        if dir.as_os_str().is_empty() {
+            std::env::current_dir().unwrap_or_default()
+        } else {
+            std::path::absolute(&dir).unwrap_or(dir)
+        }
+    }
+
+    /// Resolves relative host paths of an `AgentRun` against
+    /// [`ParsedResource::manifest_dir`], so the object means the same thing
+    /// to a controller running elsewhere. Other kinds have no host paths.
+    pub fn resolve_host_paths(&mut self) {
+        let base = self.manifest_dir();
+        if let Resource::AgentRun(run) = &mut self.resource {
+            run.spec.resolve_host_paths(&base);
+        }
+    }
+}
+
 /// What is wrong with a manifest.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestErrorKind {

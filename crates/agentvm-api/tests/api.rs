@@ -633,3 +633,57 @@ fn workspace_and_git_rules() {
     spec.workspace = Some(ws(Some("./x"), None, None, "/src"));
     assert_eq!(spec.effective_working_dir(), "/src");
 }
+
+#[test]
+fn relative_host_paths_resolve_against_the_manifest_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("run.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: agentvm.dev/v1alpha1\nkind: AgentRun\nmetadata:\n  name: r\nspec:\n  poolRef: p\n  command: {program: ls}\n  workspace: {hostPath: ./src}\n  files:\n    - {path: /a, fromFile: data/a.txt}\n    - {path: /b, fromFile: /etc/hostname}\n  secretEnv:\n    - {name: K, fromFile: key}\n",
+    )
+    .unwrap();
+    let mut parsed = parse_file(&file).unwrap().remove(0);
+    parsed.resolve_host_paths();
+    let Resource::AgentRun(run) = &parsed.resource else {
+        panic!()
+    };
+    let base = std::path::absolute(dir.path()).unwrap();
+    assert_eq!(
+        run.spec.workspace.as_ref().unwrap().host_path.as_deref(),
+        Some(base.join("./src").as_path())
+    );
+    assert_eq!(
+        run.spec.files[0].from_file.as_deref(),
+        Some(base.join("data/a.txt").as_path())
+    );
+    assert_eq!(
+        run.spec.files[1].from_file.as_deref(),
+        Some(std::path::Path::new("/etc/hostname"))
+    );
+    assert_eq!(
+        run.spec.secret_env[0].from_file.as_deref(),
+        Some(base.join("key").as_path())
+    );
+}
+
+#[test]
+fn spec_hash_is_pinned() {
+    // Changing the canonical form (field names, defaults that serialize)
+    // makes every stored object look drifted after an upgrade: do it
+    // knowingly, and update this value.
+    let hash = spec_hash(&Image::new("i", ImageSpec::default()).into());
+    let mut canonical = String::new();
+    resource::write_canonical_json(
+        &serde_json::to_value(ImageSpec::default()).unwrap(),
+        &mut canonical,
+    );
+    assert_eq!(
+        canonical,
+        r#"{"diskSizeMib":4096,"distro":"debian","kernel":"host","suite":"bookworm"}"#
+    );
+    assert_eq!(hash.len(), 64);
+    assert!(hash
+        .chars()
+        .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+}

@@ -154,6 +154,31 @@ impl AgentRunSpec {
         }
     }
 
+    /// Makes every relative host path (`workspace.hostPath`, `files[].fromFile`,
+    /// `secretEnv[].fromFile`) absolute by joining it to `base`, normally the
+    /// directory of the manifest (see `ParsedResource::manifest_dir`).
+    /// Absolute paths are left alone.
+    pub fn resolve_host_paths(&mut self, base: &std::path::Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(path) = self.workspace.as_mut().and_then(|w| w.host_path.as_mut()) {
+            fix(path);
+        }
+        for path in self.files.iter_mut().filter_map(|f| f.from_file.as_mut()) {
+            fix(path);
+        }
+        for path in self
+            .secret_env
+            .iter_mut()
+            .filter_map(|s| s.from_file.as_mut())
+        {
+            fix(path);
+        }
+    }
+
     /// The working directory in effect (see `workingDir`).
     pub fn effective_working_dir(&self) -> &str {
         match (&self.working_dir, &self.workspace) {
