@@ -1,0 +1,97 @@
+#!/bin/sh
+# agentvm-init: PID 1 of agentvm guests (installed by agentvm-image).
+#
+# Mounts the kernel filesystems, loads the virtio drivers, brings up lo and
+# DHCP on every e* NIC (in the background; isolated guests have none), keeps
+# qemu-guest-agent running on the org.qemu.guest_agent.0 virtio port, and
+# then reaps zombies forever. No systemd, no udev: this is all a guest needs
+# to answer the host's guest agent.
+
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+HOME=/root
+LANG=C.UTF-8
+export PATH HOME LANG
+
+log() {
+    echo "agentvm-init: $*" >/dev/console 2>/dev/null || echo "agentvm-init: $*"
+}
+
+# Mount $3 on $2 with type $1 and options $4, unless something is already there.
+mount_fs() {
+    mkdir -p "$2"
+    if ! mountpoint -q "$2" 2>/dev/null; then
+        mount -t "$1" -o "$4" "$3" "$2" || log "mounting $1 on $2 failed"
+    fi
+}
+
+mount_fs proc /proc proc nosuid,nodev,noexec
+mount_fs sysfs /sys sysfs nosuid,nodev,noexec
+mount_fs devtmpfs /dev devtmpfs mode=0755,nosuid
+mount_fs devpts /dev/pts devpts gid=5,mode=0620,ptmxmode=0666
+mount_fs tmpfs /dev/shm tmpfs mode=1777,nosuid,nodev
+mount_fs tmpfs /run tmpfs mode=0755,nosuid,nodev
+mount_fs tmpfs /tmp tmpfs mode=1777,nosuid,nodev
+# devtmpfs has no /dev/fd and friends (bash process substitution needs them).
+[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
+[ -e /dev/stdin ] || ln -s /proc/self/fd/0 /dev/stdin
+[ -e /dev/stdout ] || ln -s /proc/self/fd/1 /dev/stdout
+[ -e /dev/stderr ] || ln -s /proc/self/fd/2 /dev/stderr
+mkdir -p /run/lock /var/lib/dhcp
+
+if [ -s /etc/hostname ]; then
+    hostname "$(cat /etc/hostname)" 2>/dev/null || true
+fi
+
+for module in virtio_console virtio_net virtio_blk; do
+    modprobe -q "$module" 2>/dev/null || true
+done
+
+ip link set lo up 2>/dev/null || true
+
+# DHCP on every e* NIC, without blocking the boot (-nw: background at once).
+for nic in /sys/class/net/e*; do
+    [ -e "$nic" ] || continue
+    name=${nic##*/}
+    ip link set "$name" up 2>/dev/null || true
+    dhclient -nw -q "$name" >/dev/null 2>&1 </dev/null || log "dhclient on $name failed"
+done
+
+# Prints /dev/vportNpM of the virtio port named org.qemu.guest_agent.0.
+agent_port() {
+    for port in /sys/class/virtio-ports/*; do
+        [ -r "$port/name" ] || continue
+        if [ "$(cat "$port/name")" = org.qemu.guest_agent.0 ]; then
+            echo "/dev/${port##*/}"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# qemu-ga, restarted whenever it exits. The port can show up a little after
+# the driver loads, so poll for it quickly at first.
+(
+    waited=0
+    while :; do
+        if port=$(agent_port) && [ -c "$port" ]; then
+            qemu-ga -m virtio-serial -p "$port" </dev/null
+            log "qemu-ga exited with status $?; restarting"
+            sleep 1
+        else
+            if [ "$waited" -eq 100 ]; then
+                log "no virtio port named org.qemu.guest_agent.0 yet; still waiting"
+            fi
+            waited=$((waited + 1))
+            sleep 0.1
+        fi
+    done
+) &
+
+log "up"
+
+# PID 1: reap zombies forever. dash's wait (and its wait for the foreground
+# sleep) calls waitpid(-1), so adopted orphans are reaped too.
+while :; do
+    wait
+    sleep 1
+done
