@@ -5,6 +5,8 @@ pub mod accel;
 pub mod error;
 pub mod guest;
 pub mod libvirt;
+pub mod libvirt_net;
+pub mod netxml;
 pub mod vm;
 pub mod xml;
 
