@@ -122,7 +122,7 @@ fn image_and_network_defaults() {
     assert_eq!(image.spec.suite, "bookworm");
     assert_eq!(image.spec.distro, Distro::Debian);
     assert_eq!(image.spec.kernel, KernelSource::Host);
-    assert_eq!(image.spec.disk_size_mib, 4096);
+    assert_eq!(image.spec.disk_size_mib, 2048);
 
     let Resource::Network(net) = parse_one(
         "apiVersion: agentvm.dev/v1alpha1\nkind: Network\nmetadata:\n  name: n\nspec:\n  subnet: 192.168.101.0/24\n",
@@ -680,7 +680,7 @@ fn spec_hash_is_pinned() {
     );
     assert_eq!(
         canonical,
-        r#"{"diskSizeMib":4096,"distro":"debian","kernel":"host","suite":"bookworm"}"#
+        r#"{"diskSizeMib":2048,"distro":"debian","kernel":"host","suite":"bookworm"}"#
     );
     assert_eq!(hash.len(), 64);
     assert!(hash

@@ -119,7 +119,7 @@ fn hello_isolated_is_what_the_readme_promises() {
     assert_eq!(script.interpreter, "python3");
     assert!(script.source.contains("print("));
     assert_eq!(
-        parsed[1].source.line, 21,
+        parsed[1].source.line, 20,
         "line of the document's first key"
     );
 }

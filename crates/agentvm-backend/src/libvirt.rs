@@ -48,6 +48,8 @@ pub struct OwnedDomain {
 impl Libvirt {
     /// Connect to `uri` (e.g. `qemu:///system`, `test:///default`).
     pub fn connect(uri: &str) -> Result<Self> {
+        // libvirt prints every error to stderr by default; ours are returned as values.
+        virt::error::clear_error_callback();
         let conn = Connect::open(Some(uri)).map_err(|e| BackendError::Libvirt {
             code: crate::error::code_name(&e),
             message: format!(

@@ -239,3 +239,84 @@ impl Drop for EphemeralVm<'_> {
         }
     }
 }
+
+/// Resolve the accelerator to use. `Auto` picks KVM only when `/dev/kvm` is usable and a probe
+/// boot of `image` under KVM reaches the guest agent (some nested hosts expose `/dev/kvm` but
+/// cannot boot 64-bit guests); the probe's verdict is cached in `<state>/accel-probe.json`
+/// keyed by kernel and QEMU binary, so it runs once per host. Returns the choice and why.
+pub fn resolve_accelerator(
+    lv: &Libvirt,
+    state_dir: &Path,
+    image: &BootImage,
+    choice: crate::AcceleratorChoice,
+) -> Result<(Accelerator, String)> {
+    use crate::AcceleratorChoice as C;
+    match choice {
+        C::Kvm => return Ok((Accelerator::Kvm, "configured".into())),
+        C::Tcg => return Ok((Accelerator::Tcg, "configured".into())),
+        C::Auto => {}
+    }
+    if !crate::accel::kvm_device_usable() {
+        return Ok((Accelerator::Tcg, "auto: /dev/kvm is not usable".into()));
+    }
+    let key = probe_key(image);
+    let cache = state_dir.join("accel-probe.json");
+    if let Ok(text) = std::fs::read_to_string(&cache) {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+            if v["key"] == key.as_str() {
+                let acc = if v["kvm"].as_bool() == Some(true) {
+                    Accelerator::Kvm
+                } else {
+                    Accelerator::Tcg
+                };
+                return Ok((
+                    acc,
+                    format!(
+                        "auto: cached probe ({})",
+                        v["detail"].as_str().unwrap_or("")
+                    ),
+                ));
+            }
+        }
+    }
+    let shape = VmShape {
+        vcpus: 1,
+        memory_mib: 512,
+        nic: None,
+        accelerator: Accelerator::Kvm,
+        boot_timeout: Duration::from_secs(30),
+    };
+    let name = format!("agentvm-accel-probe-{}", std::process::id());
+    let owner = Owner {
+        kind: "AcceleratorProbe".into(),
+        name: name.clone(),
+        ..Owner::default()
+    };
+    let (kvm, detail) = match EphemeralVm::boot(lv, state_dir, &name, image, &shape, owner) {
+        Ok(vm) => {
+            let t = vm.boot_time;
+            vm.teardown()?;
+            (true, format!("KVM guest booted in {:.1}s", t.as_secs_f64()))
+        }
+        Err(e) => (false, format!("KVM guest did not boot: {e}")),
+    };
+    make_dir(state_dir)?;
+    let verdict = serde_json::json!({"key": key, "kvm": kvm, "detail": detail});
+    std::fs::write(&cache, verdict.to_string()).map_err(io_err("write", &cache))?;
+    let acc = if kvm {
+        Accelerator::Kvm
+    } else {
+        Accelerator::Tcg
+    };
+    Ok((acc, format!("auto: probe ({detail})")))
+}
+
+fn probe_key(image: &BootImage) -> String {
+    let qemu = ["/usr/bin/qemu-system-x86_64"]
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .filter_map(|m| m.modified().ok())
+        .map(|t| format!("{t:?}"))
+        .collect::<String>();
+    format!("{}|{}", image.kernel.display(), qemu)
+}

@@ -1,1 +1,61 @@
-fn main() {}
+//! `agentvm`: run CLI coding agents and untrusted code in libvirt/QEMU VMs, managed the
+//! Kubernetes way.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+/// Run CLI coding agents and untrusted code inside KVM/libvirt virtual machines.
+#[derive(Debug, Parser)]
+#[command(name = "agentvm", version, propagate_version = true)]
+struct Cli {
+    /// Config file (default: $AGENTVM_CONFIG or ~/.config/agentvm/config.yaml).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Prepare this host: packages, libvirt daemons.
+    #[command(subcommand)]
+    Host(cmd::host::HostCommand),
+    /// Check this host and print a fix for every problem found.
+    Doctor(cmd::doctor::DoctorArgs),
+    /// Build and inspect guest images.
+    #[command(subcommand)]
+    Image(cmd::image::ImageCommand),
+    /// Run one command in a fresh, isolated VM and print its output.
+    Exec(cmd::exec::ExecArgs),
+    /// Execute the AgentRuns of manifest files here, each in a fresh VM (no controller).
+    Run(cmd::run::RunArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AGENTVM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = (|| {
+        let cfg = cmd::load_config(cli.config.as_deref())?;
+        match cli.command {
+            Command::Host(c) => c.run(),
+            Command::Doctor(a) => a.run(&cfg),
+            Command::Image(c) => c.run(&cfg),
+            Command::Exec(a) => a.run(&cfg),
+            Command::Run(a) => a.run(&cfg),
+        }
+    })();
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -18,7 +18,7 @@ resource_object!(
 /// Default base suite.
 pub const DEFAULT_SUITE: &str = "bookworm";
 /// Default image disk size in MiB.
-pub const DEFAULT_DISK_SIZE_MIB: u32 = 4096;
+pub const DEFAULT_DISK_SIZE_MIB: u32 = 2048;
 /// Smallest image disk, MiB.
 pub const MIN_DISK_SIZE_MIB: u32 = 1024;
 /// Largest image disk, MiB (256 GiB).
@@ -69,7 +69,7 @@ pub struct ImageSpec {
     /// distribution's own kernel package installed in the image).
     #[serde(default)]
     pub kernel: KernelSource,
-    /// Size of the image's disk in MiB (1024 to 262144). Default 4096.
+    /// Size of the image's disk in MiB (1024 to 262144). Default 2048.
     /// VM disks (`VmPool` `diskGib`) are overlays and may be larger.
     #[serde(default = "default_disk_size_mib")]
     #[schemars(range(min = 1024, max = 262_144))]

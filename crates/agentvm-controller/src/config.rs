@@ -1,0 +1,209 @@
+//! Host configuration: defaults, overridden by a YAML config file, overridden by `AGENTVM_*`
+//! environment variables.
+
+use std::path::{Path, PathBuf};
+
+use agentvm_backend::AcceleratorChoice;
+use serde::Deserialize;
+
+/// Environment variable naming the config file.
+pub const CONFIG_ENV: &str = "AGENTVM_CONFIG";
+
+/// agentvm's host configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// libvirt URI (`AGENTVM_LIBVIRT_URI`, default `qemu:///system`).
+    pub libvirt_uri: String,
+    /// Per-VM files, store (`AGENTVM_STATE_DIR`, default `/var/lib/agentvm`).
+    pub state_dir: PathBuf,
+    /// Built images (`AGENTVM_CACHE_DIR`, default `/var/cache/agentvm`).
+    pub cache_dir: PathBuf,
+    /// Accelerator (`AGENTVM_ACCEL`: auto, kvm, tcg; default auto).
+    pub accelerator: AcceleratorChoice,
+    /// Seconds to wait for a booting guest's agent (`AGENTVM_BOOT_TIMEOUT_SECONDS`, default 120).
+    pub boot_timeout_seconds: u64,
+}
+
+/// The config file's shape; every field optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ConfigFile {
+    libvirt_uri: Option<String>,
+    state_dir: Option<PathBuf>,
+    cache_dir: Option<PathBuf>,
+    accelerator: Option<String>,
+    boot_timeout_seconds: Option<u64>,
+}
+
+/// A configuration problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("reading config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value (from file or environment) is not valid.
+    #[error("{source_name}: {message}")]
+    Value {
+        /// Where the value came from (`AGENTVM_ACCEL`, a file path).
+        source_name: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            libvirt_uri: "qemu:///system".into(),
+            state_dir: "/var/lib/agentvm".into(),
+            cache_dir: "/var/cache/agentvm".into(),
+            accelerator: AcceleratorChoice::Auto,
+            boot_timeout_seconds: 120,
+        }
+    }
+}
+
+/// The default config file: `$AGENTVM_CONFIG`, else `$XDG_CONFIG_HOME/agentvm/config.yaml`,
+/// else `~/.config/agentvm/config.yaml`.
+pub fn default_config_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(CONFIG_ENV) {
+        return Some(PathBuf::from(p));
+    }
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("agentvm").join("config.yaml"))
+}
+
+impl Config {
+    /// Defaults, then the file at `path` if it exists, then the environment.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut cfg = Config::default();
+        if let Some(path) = path {
+            match std::fs::read_to_string(path) {
+                Ok(text) => cfg.apply_file(path, &text)?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(ConfigError::Read {
+                        path: path.to_path_buf(),
+                        source,
+                    })
+                }
+            }
+        }
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        Ok(cfg)
+    }
+
+    fn apply_file(&mut self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let f: ConfigFile = if text.trim().is_empty() {
+            ConfigFile::default()
+        } else {
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?
+        };
+        if let Some(v) = f.libvirt_uri {
+            self.libvirt_uri = v;
+        }
+        if let Some(v) = f.state_dir {
+            self.state_dir = v;
+        }
+        if let Some(v) = f.cache_dir {
+            self.cache_dir = v;
+        }
+        if let Some(v) = f.accelerator {
+            self.accelerator =
+                v.parse()
+                    .map_err(|e: agentvm_backend::accel::UnknownAccelerator| {
+                        ConfigError::Value {
+                            source_name: format!("{}: accelerator", path.display()),
+                            message: e.to_string(),
+                        }
+                    })?;
+        }
+        if let Some(v) = f.boot_timeout_seconds {
+            self.boot_timeout_seconds = v;
+        }
+        Ok(())
+    }
+
+    fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = get("AGENTVM_LIBVIRT_URI") {
+            self.libvirt_uri = v;
+        }
+        if let Some(v) = get("AGENTVM_STATE_DIR") {
+            self.state_dir = v.into();
+        }
+        if let Some(v) = get("AGENTVM_CACHE_DIR") {
+            self.cache_dir = v.into();
+        }
+        if let Some(v) = get("AGENTVM_ACCEL") {
+            self.accelerator =
+                v.parse()
+                    .map_err(|e: agentvm_backend::accel::UnknownAccelerator| {
+                        ConfigError::Value {
+                            source_name: "AGENTVM_ACCEL".into(),
+                            message: e.to_string(),
+                        }
+                    })?;
+        }
+        if let Some(v) = get("AGENTVM_BOOT_TIMEOUT_SECONDS") {
+            self.boot_timeout_seconds = v.parse().map_err(|_| ConfigError::Value {
+                source_name: "AGENTVM_BOOT_TIMEOUT_SECONDS".into(),
+                message: format!("{v:?} is not a whole number of seconds"),
+            })?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_env_override_defaults() {
+        let mut c = Config::default();
+        c.apply_file(
+            Path::new("c.yaml"),
+            "accelerator: kvm\nstateDir: /srv/agentvm\n",
+        )
+        .unwrap();
+        assert_eq!(c.accelerator, AcceleratorChoice::Kvm);
+        c.apply_env(|k| (k == "AGENTVM_ACCEL").then(|| "tcg".to_string()))
+            .unwrap();
+        assert_eq!(c.accelerator, AcceleratorChoice::Tcg);
+        assert_eq!(c.state_dir, PathBuf::from("/srv/agentvm"));
+    }
+
+    #[test]
+    fn bad_values_name_their_source() {
+        let mut c = Config::default();
+        let e = c
+            .apply_file(Path::new("c.yaml"), "acclerator: kvm\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("unknown field `acclerator`"), "{e}");
+        let e = c
+            .apply_env(|k| (k == "AGENTVM_ACCEL").then(|| "hvf".to_string()))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "AGENTVM_ACCEL: unknown accelerator \"hvf\": use auto, kvm or tcg"
+        );
+    }
+}

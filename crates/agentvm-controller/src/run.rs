@@ -1,0 +1,528 @@
+//! Executing one `AgentRun` inside a VM that is already up: host-side inputs (secrets, files,
+//! workspace), the program itself with live output, secret redaction, and artifact collection.
+//! Used by `agentvm run` (one-shot, local) and by the controller's run scheduler.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use agentvm_api::{AgentRunSpec, Entrypoint};
+use agentvm_backend::guest::{AgentChannel, ExecOutcome, ExecRequest, Guest, Stream};
+use agentvm_backend::BackendError;
+
+/// Problems preparing or executing a run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A secret's source could not be read on the host.
+    #[error("secretEnv {name}: {message}")]
+    Secret {
+        /// The guest variable name.
+        name: String,
+        /// What went wrong (never the value).
+        message: String,
+    },
+    /// An input file or workspace could not be read on the host.
+    #[error("{what} {path}: {message}")]
+    Input {
+        /// `files` or `workspace`.
+        what: &'static str,
+        /// The host path.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The VM or its agent failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// A guest-side setup step failed.
+    #[error("{step} failed in the guest (exit {code:?}): {stderr}")]
+    GuestStep {
+        /// What was being done.
+        step: String,
+        /// Its exit code.
+        code: Option<i32>,
+        /// Its standard error.
+        stderr: String,
+    },
+}
+
+/// Host-side inputs of a run, read before a VM is taken: nothing is read twice, and a missing
+/// secret fails the run before it costs a VM.
+pub struct PreparedRun {
+    env: BTreeMap<String, String>,
+    secret_values: Vec<String>,
+    files: Vec<(String, Vec<u8>, u32)>,
+    workspace: Option<(Vec<u8>, String)>,
+}
+
+impl std::fmt::Debug for PreparedRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Secret values never reach logs, not even through Debug.
+        f.debug_struct("PreparedRun")
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("secrets", &self.secret_values.len())
+            .field(
+                "files",
+                &self.files.iter().map(|f| &f.0).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn tar_dir(dir: &Path) -> Result<Vec<u8>, String> {
+    let out = Command::new("tar")
+        .arg("-C")
+        .arg(dir)
+        .args(["-cf", "-", "."])
+        .output()
+        .map_err(|e| format!("running tar: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    Ok(out.stdout)
+}
+
+/// Read secrets, input files and the workspace on the host. `base` resolves relative paths
+/// (the manifest's directory); `host_env` looks up host environment variables.
+pub fn prepare(
+    spec: &AgentRunSpec,
+    base: &Path,
+    host_env: &dyn Fn(&str) -> Option<String>,
+) -> Result<PreparedRun, RunError> {
+    let mut env = spec.env.clone();
+    let mut secret_values = Vec::new();
+    for s in &spec.secret_env {
+        let value = match (&s.from_env, &s.from_file) {
+            (Some(var), None) => host_env(var).ok_or_else(|| RunError::Secret {
+                name: s.name.clone(),
+                message: format!("host environment variable {var} is not set; export it before submitting the run"),
+            })?,
+            (None, Some(file)) => {
+                let path = resolve(base, file);
+                let v = std::fs::read_to_string(&path).map_err(|e| RunError::Secret {
+                    name: s.name.clone(),
+                    message: format!("cannot read {}: {e}", path.display()),
+                })?;
+                v.strip_suffix('\n').unwrap_or(&v).to_string()
+            }
+            _ => {
+                return Err(RunError::Secret {
+                    name: s.name.clone(),
+                    message: "set exactly one of fromEnv and fromFile".into(),
+                })
+            }
+        };
+        if !value.is_empty() {
+            secret_values.push(value.clone());
+        }
+        env.insert(s.name.clone(), value);
+    }
+    let mut files = Vec::new();
+    for f in &spec.files {
+        let data = match (&f.content, &f.from_file) {
+            (Some(c), None) => c.clone().into_bytes(),
+            (None, Some(p)) => {
+                let path = resolve(base, p);
+                std::fs::read(&path).map_err(|e| RunError::Input {
+                    what: "files",
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?
+            }
+            _ => {
+                return Err(RunError::Input {
+                    what: "files",
+                    path: PathBuf::from(&f.path),
+                    message: "set exactly one of content and fromFile".into(),
+                })
+            }
+        };
+        files.push((f.path.clone(), data, f.mode_bits().unwrap_or(0o644)));
+    }
+    let workspace = match &spec.workspace {
+        None => None,
+        Some(ws) => {
+            let tmp;
+            let dir = match (&ws.host_path, &ws.git_url) {
+                (Some(p), None) => resolve(base, p),
+                (None, Some(url)) => {
+                    tmp = tempfile::tempdir().map_err(|e| RunError::Input {
+                        what: "workspace",
+                        path: PathBuf::from(url),
+                        message: e.to_string(),
+                    })?;
+                    clone_repo(url, ws.git_ref.as_deref(), tmp.path())?;
+                    tmp.path().to_path_buf()
+                }
+                _ => {
+                    return Err(RunError::Input {
+                        what: "workspace",
+                        path: PathBuf::new(),
+                        message: "set exactly one of hostPath and gitUrl".into(),
+                    })
+                }
+            };
+            let tar = tar_dir(&dir).map_err(|message| RunError::Input {
+                what: "workspace",
+                path: dir.clone(),
+                message,
+            })?;
+            Some((tar, ws.path.clone()))
+        }
+    };
+    Ok(PreparedRun {
+        env,
+        secret_values,
+        files,
+        workspace,
+    })
+}
+
+fn clone_repo(url: &str, git_ref: Option<&str>, into: &Path) -> Result<(), RunError> {
+    let fail = |message: String| RunError::Input {
+        what: "workspace",
+        path: PathBuf::from(url),
+        message,
+    };
+    let out = Command::new("git")
+        .args(["clone", "--quiet", url])
+        .arg(into)
+        .output()
+        .map_err(|e| fail(format!("running git: {e}")))?;
+    if !out.status.success() {
+        return Err(fail(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    if let Some(r) = git_ref {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(into)
+            .args(["checkout", "--quiet", r])
+            .output()
+            .map_err(|e| fail(format!("running git: {e}")))?;
+        if !out.status.success() {
+            return Err(fail(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Replaces exact secret values in a byte stream with `[REDACTED]`, including values split
+/// across chunk boundaries (it holds back the last `longest - 1` bytes until more arrive).
+pub struct Redactor {
+    secrets: Vec<Vec<u8>>,
+    held: Vec<u8>,
+    keep: usize,
+}
+
+/// What a redacted secret is replaced with.
+pub const REDACTED: &[u8] = b"[REDACTED]";
+
+impl Redactor {
+    /// A redactor for `secrets` (empty values are ignored).
+    pub fn new(secrets: &[String]) -> Self {
+        let mut secrets: Vec<Vec<u8>> = secrets
+            .iter()
+            .filter(|s| !s.is_empty())
+            .map(|s| s.as_bytes().to_vec())
+            .collect();
+        // Longest first, so a secret containing another is replaced whole.
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        let keep = secrets.first().map(|s| s.len() - 1).unwrap_or(0);
+        Redactor {
+            secrets,
+            held: Vec::new(),
+            keep,
+        }
+    }
+
+    fn replace_all(&self, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(data.len());
+        let mut i = 0;
+        'outer: while i < data.len() {
+            for s in &self.secrets {
+                if data[i..].starts_with(s) {
+                    out.extend_from_slice(REDACTED);
+                    i += s.len();
+                    continue 'outer;
+                }
+            }
+            out.push(data[i]);
+            i += 1;
+        }
+        out
+    }
+
+    /// Feed a chunk; returns the bytes that can be emitted now.
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
+        if self.secrets.is_empty() {
+            return chunk.to_vec();
+        }
+        self.held.extend_from_slice(chunk);
+        // Emit everything except a tail that could be the start of a secret.
+        let tail_start = self.held.len().saturating_sub(self.keep);
+        // Never cut inside a secret occurrence that starts before the tail and extends into it.
+        let straddling = (tail_start.saturating_sub(self.keep)..tail_start).find(|&start| {
+            self.secrets
+                .iter()
+                .any(|s| self.held[start..].starts_with(s) && start + s.len() > tail_start)
+        });
+        let cut = straddling.unwrap_or(tail_start);
+        let emit: Vec<u8> = self.held.drain(..cut).collect();
+        self.replace_all(&emit)
+    }
+
+    /// Flush what is held back at the end of the stream.
+    pub fn finish(&mut self) -> Vec<u8> {
+        let rest = std::mem::take(&mut self.held);
+        self.replace_all(&rest)
+    }
+
+    /// Redact a complete buffer in one go.
+    pub fn redact_all(secrets: &[String], data: &[u8]) -> Vec<u8> {
+        let mut r = Redactor::new(secrets);
+        let mut out = r.push(data);
+        out.extend(r.finish());
+        out
+    }
+}
+
+/// The result of executing a run's program.
+#[derive(Debug)]
+pub struct RunResult {
+    /// The program's outcome, with captured output already redacted.
+    pub outcome: ExecOutcome,
+}
+
+fn check(step: &str, out: ExecOutcome) -> Result<(), RunError> {
+    if out.success() {
+        Ok(())
+    } else {
+        Err(RunError::GuestStep {
+            step: step.to_string(),
+            code: out.exit_code,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+fn shell(
+    g: &Guest<'_, impl AgentChannel + ?Sized>,
+    step: &str,
+    script: &str,
+    args: &[&str],
+) -> Result<(), RunError> {
+    let mut a = vec!["-c".to_string(), script.to_string(), "agentvm".to_string()];
+    a.extend(args.iter().map(|s| s.to_string()));
+    let mut req = ExecRequest::new("/bin/sh", a);
+    req.timeout = Duration::from_secs(600);
+    check(step, g.exec(&req, &mut |_, _| {})?)
+}
+
+/// Copy inputs into the guest, run the program with live (redacted) output, and return its
+/// outcome. `on_output` receives redacted output as it arrives.
+pub fn execute<C: AgentChannel + ?Sized>(
+    g: &Guest<'_, C>,
+    spec: &AgentRunSpec,
+    prepared: &PreparedRun,
+    on_output: &mut dyn FnMut(Stream, &[u8]),
+) -> Result<RunResult, RunError> {
+    for (path, data, mode) in &prepared.files {
+        let dir = Path::new(path)
+            .parent()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "/".into());
+        shell(
+            g,
+            "creating the directory of an input file",
+            r#"mkdir -p "$1""#,
+            &[&dir],
+        )?;
+        g.write_file(path, data)?;
+        shell(
+            g,
+            "setting an input file's mode",
+            r#"chmod "$1" "$2""#,
+            &[&format!("{mode:o}"), path],
+        )?;
+    }
+    if let Some((tar, dest)) = &prepared.workspace {
+        let tmp = "/var/tmp/agentvm-workspace.tar";
+        g.write_file(tmp, tar)?;
+        shell(
+            g,
+            "unpacking the workspace",
+            r#"mkdir -p "$1" && tar -C "$1" -xf "$2" && rm -f "$2""#,
+            &[dest, tmp],
+        )?;
+    }
+    let cwd = spec.effective_working_dir().to_string();
+    shell(
+        g,
+        "creating the working directory",
+        r#"mkdir -p "$1""#,
+        &[&cwd],
+    )?;
+
+    let mut req = ExecRequest::new("", Vec::<String>::new());
+    req.env = prepared.env.clone();
+    req.cwd = Some(cwd);
+    req.timeout = Duration::from_secs(u64::from(spec.timeout_seconds));
+    let mut out_r = Redactor::new(&prepared.secret_values);
+    let mut err_r = Redactor::new(&prepared.secret_values);
+    let mut forward = |s: Stream, d: &[u8]| {
+        let r = match s {
+            Stream::Stdout => out_r.push(d),
+            Stream::Stderr => err_r.push(d),
+        };
+        if !r.is_empty() {
+            on_output(s, &r);
+        }
+    };
+    let mut outcome = match spec.entrypoint() {
+        Some(Entrypoint::Script(s)) => {
+            g.run_script(&s.interpreter, &s.source, req, &mut forward)?
+        }
+        Some(Entrypoint::Command(c)) => {
+            req.program = c.program.clone();
+            req.args = c.args.clone();
+            g.exec(&req, &mut forward)?
+        }
+        None => {
+            return Err(RunError::GuestStep {
+                step: "choosing the entrypoint".into(),
+                code: None,
+                stderr: "set exactly one of script and command".into(),
+            })
+        }
+    };
+    let tail = out_r.finish();
+    if !tail.is_empty() {
+        on_output(Stream::Stdout, &tail);
+    }
+    let tail = err_r.finish();
+    if !tail.is_empty() {
+        on_output(Stream::Stderr, &tail);
+    }
+    outcome.stdout = Redactor::redact_all(&prepared.secret_values, &outcome.stdout);
+    outcome.stderr = Redactor::redact_all(&prepared.secret_values, &outcome.stderr);
+    Ok(RunResult { outcome })
+}
+
+/// Copy `paths` out of the guest into `dest` (one tar stream per path, capped at `max_bytes`
+/// in total). Returns (guest path, host path, bytes) for each path that existed.
+pub fn collect_artifacts<C: AgentChannel + ?Sized>(
+    g: &Guest<'_, C>,
+    paths: &[String],
+    dest: &Path,
+    max_bytes: u64,
+) -> Result<Vec<(String, PathBuf, u64)>, RunError> {
+    let mut got = Vec::new();
+    let mut budget = max_bytes;
+    std::fs::create_dir_all(dest).map_err(|e| RunError::Input {
+        what: "artifacts",
+        path: dest.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    for p in paths {
+        let tmp = "/var/tmp/agentvm-artifact.tar";
+        let req = ExecRequest::new(
+            "/bin/sh",
+            [
+                "-c",
+                r#"[ -e "$1" ] || exit 3; tar -C "$(dirname "$1")" -cf "$2" "$(basename "$1")""#,
+                "agentvm",
+                p,
+                tmp,
+            ],
+        );
+        let out = g.exec(&req, &mut |_, _| {})?;
+        if out.exit_code == Some(3) {
+            continue;
+        }
+        check("packing an artifact", out)?;
+        let tar = g.read_file(tmp, budget as usize)?;
+        budget = budget.saturating_sub(tar.len() as u64);
+        let mut child = Command::new("tar")
+            .arg("-C")
+            .arg(dest)
+            .args(["-xf", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| RunError::Input {
+                what: "artifacts",
+                path: dest.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        let _ = child.stdin.take().expect("piped").write_all(&tar);
+        let _ = child.wait();
+        let name = Path::new(p)
+            .file_name()
+            .map(PathBuf::from)
+            .unwrap_or_default();
+        got.push((p.clone(), dest.join(name), tar.len() as u64));
+    }
+    Ok(got)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_secrets_split_across_chunks() {
+        let secrets = vec!["s3cr3t-value".to_string(), "tok".to_string()];
+        let mut r = Redactor::new(&secrets);
+        let mut out = Vec::new();
+        for chunk in [&b"key=s3c"[..], b"r3t-va", b"lue and tok", b"en\n"] {
+            out.extend(r.push(chunk));
+        }
+        out.extend(r.finish());
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "key=[REDACTED] and [REDACTED]en\n"
+        );
+    }
+
+    #[test]
+    fn no_secrets_passes_through() {
+        let mut r = Redactor::new(&[]);
+        assert_eq!(r.push(b"abc"), b"abc");
+        assert!(r.finish().is_empty());
+    }
+
+    #[test]
+    fn prepare_reads_secrets_from_env_and_file_and_fails_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("key.txt"), "from-file\n").unwrap();
+        let mut spec = AgentRunSpec::python("p", "print(1)");
+        spec.secret_env =
+            serde_yaml::from_str("- {name: A, fromEnv: HOST_A}\n- {name: B, fromFile: key.txt}\n")
+                .unwrap();
+        let p = prepare(&spec, dir.path(), &|k| {
+            (k == "HOST_A").then(|| "from-env".into())
+        })
+        .unwrap();
+        assert_eq!(p.env["A"], "from-env");
+        assert_eq!(p.env["B"], "from-file");
+        assert!(!format!("{p:?}").contains("from-env"));
+        let err = prepare(&spec, dir.path(), &|_| None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "secretEnv A: host environment variable HOST_A is not set; export it before submitting the run"
+        );
+    }
+}

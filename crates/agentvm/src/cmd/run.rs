@@ -1,0 +1,180 @@
+//! `agentvm run -f FILE`: execute the AgentRuns of a manifest set right here, each in a fresh
+//! VM of its pool's shape, without a controller. Output streams to the terminal; the exit code
+//! is the run's.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use agentvm_api::{AgentRun, Image, Resource, VmPool};
+use agentvm_backend::guest::{Guest, Stream};
+use agentvm_backend::vm::{resolve_accelerator, EphemeralVm, VmShape};
+use agentvm_backend::{Libvirt, Owner};
+use agentvm_controller::images::recipe_for;
+use agentvm_controller::run::{collect_artifacts, execute, prepare};
+use agentvm_controller::Config;
+use anyhow::{bail, Context};
+use clap::Args;
+
+/// Options of `run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Manifest file or directory (`-` for stdin) declaring the AgentRun(s) with their VmPool
+    /// and Image.
+    #[arg(short = 'f', long = "filename", required = true, value_name = "PATH")]
+    files: Vec<PathBuf>,
+    /// Only run the AgentRun with this name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Where collected artifacts go (a subdirectory per run).
+    #[arg(long, default_value = "agentvm-artifacts", value_name = "DIR")]
+    artifacts_dir: PathBuf,
+}
+
+impl RunArgs {
+    /// Run every selected AgentRun in order; the exit code is the first failure's (or 0).
+    pub fn run(self, cfg: &Config) -> anyhow::Result<i32> {
+        let parsed = super::manifests::load(&self.files)?;
+        let mut images: Vec<&Image> = vec![];
+        let mut pools: Vec<&VmPool> = vec![];
+        let mut runs: Vec<(&AgentRun, PathBuf)> = vec![];
+        for p in &parsed {
+            match &p.resource {
+                Resource::Image(i) => images.push(i),
+                Resource::VmPool(v) => pools.push(v),
+                Resource::AgentRun(r) => {
+                    let base = Path::new(&p.source.file)
+                        .parent()
+                        .map(Path::to_path_buf)
+                        .unwrap_or_default();
+                    runs.push((r, base))
+                }
+                _ => {}
+            }
+        }
+        runs.retain(|(r, _)| self.name.as_deref().map_or(true, |n| r.metadata.name == n));
+        if runs.is_empty() {
+            bail!(
+                "no AgentRun{} in {:?}",
+                self.name
+                    .as_deref()
+                    .map(|n| format!(" named {n}"))
+                    .unwrap_or_default(),
+                self.files
+            );
+        }
+        let lv = Libvirt::connect(&cfg.libvirt_uri)?;
+        let mut exit = 0;
+        for (run, base) in runs {
+            let code = self.one(cfg, &lv, run, &base, &images, &pools)?;
+            if exit == 0 {
+                exit = code;
+            }
+        }
+        Ok(exit)
+    }
+
+    fn one(
+        &self,
+        cfg: &Config,
+        lv: &Libvirt,
+        run: &AgentRun,
+        base: &Path,
+        images: &[&Image],
+        pools: &[&VmPool],
+    ) -> anyhow::Result<i32> {
+        let name = &run.metadata.name;
+        let pool = pools
+            .iter()
+            .find(|p| p.metadata.name == run.spec.pool_ref)
+            .with_context(|| format!("AgentRun {name}: VmPool {:?} is not declared in these files; `agentvm run` needs the pool and its image in the same manifest set", run.spec.pool_ref))?;
+        if let Some(att) = pool.spec.template.network.attachment() {
+            bail!(
+                "AgentRun {name}: pool {} attaches network {}; `agentvm run` runs isolated pools only — apply the manifests to a controller for networked pools",
+                pool.metadata.name,
+                att.network_ref
+            );
+        }
+        let image = images
+            .iter()
+            .find(|i| i.metadata.name == pool.spec.template.image_ref)
+            .with_context(|| {
+                format!(
+                    "VmPool {}: Image {:?} is not declared in these files",
+                    pool.metadata.name, pool.spec.template.image_ref
+                )
+            })?;
+        let prepared = prepare(&run.spec, base, &|k| std::env::var(k).ok())
+            .with_context(|| format!("AgentRun {name}"))?;
+        let img = super::image::ensure_image(cfg, &recipe_for(&image.spec))?;
+        let boot = super::image::boot_image(&img);
+        let (accel, why) = resolve_accelerator(lv, &cfg.state_dir, &boot, cfg.accelerator)?;
+        tracing::info!(%accel, %why, "accelerator");
+        let res = pool.spec.template.resources.resolved();
+        let shape = VmShape {
+            vcpus: res.vcpu,
+            memory_mib: u64::from(res.memory_mib),
+            nic: None,
+            accelerator: accel,
+            boot_timeout: Duration::from_secs(cfg.boot_timeout_seconds),
+        };
+        let vm_name = format!("agentvm-run-{name}-{}", std::process::id());
+        eprintln!(
+            "run/{name}: booting VM {vm_name} (pool {}, {} vCPU, {} MiB, {accel})",
+            pool.metadata.name, res.vcpu, res.memory_mib
+        );
+        let owner = Owner {
+            kind: "AgentRun".into(),
+            name: name.clone(),
+            ..Owner::default()
+        };
+        let vm = EphemeralVm::boot(lv, &cfg.state_dir, &vm_name, &boot, &shape, owner)?;
+        eprintln!(
+            "run/{name}: VM ready in {:.1}s; running",
+            vm.boot_time.as_secs_f64()
+        );
+        let agent = vm.agent()?;
+        let g = Guest::new(&agent);
+        let started = Instant::now();
+        let result = execute(&g, &run.spec, &prepared, &mut |s, d| {
+            let _ = match s {
+                Stream::Stdout => std::io::stdout().write_all(d),
+                Stream::Stderr => std::io::stderr().write_all(d),
+            };
+        });
+        let _ = std::io::stdout().flush();
+        let artifacts = match (&result, &run.spec.artifacts) {
+            (Ok(_), Some(a)) => {
+                let dest = self.artifacts_dir.join(name);
+                collect_artifacts(&g, &a.paths, &dest, u64::from(a.max_size_mib) << 20)
+            }
+            _ => Ok(vec![]),
+        };
+        vm.teardown()?;
+        let out = result.with_context(|| format!("AgentRun {name}"))?.outcome;
+        for (guest, host, bytes) in artifacts? {
+            eprintln!(
+                "run/{name}: artifact {guest} -> {} ({bytes} bytes)",
+                host.display()
+            );
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let (phase, code) = if out.timed_out {
+            ("TimedOut", 124)
+        } else if out.success() {
+            ("Succeeded", 0)
+        } else {
+            (
+                "Failed",
+                out.exit_code.unwrap_or(128 + out.signal.unwrap_or(0)),
+            )
+        };
+        eprintln!(
+            "run/{name}: {phase} (exit {}) in {secs:.2}s",
+            out.exit_code
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| format!("signal {}", out.signal.unwrap_or(0)))
+        );
+        Ok(code)
+    }
+}

