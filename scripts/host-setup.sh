@@ -95,5 +95,7 @@ else
     virsh -c qemu:///system version >/dev/null 2>&1 && break
     sleep 0.2
   done
+  # Remember that agentvm started this daemon (scripts/test.sh may restart it in its namespace).
+  cat /run/libvirtd.pid > /run/agentvm-started-libvirtd 2>/dev/null || true
   virsh -c qemu:///system version >/dev/null 2>&1 || { echo "host-setup: libvirtd did not answer" >&2; exit 1; }
 fi

