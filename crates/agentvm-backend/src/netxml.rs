@@ -24,8 +24,11 @@
 //!   guest opened (conntrack `ESTABLISHED,RELATED`, both directions), one accept rule per
 //!   egress protocol × port range × destination for `NEW` connections, then drop everything.
 //!
-//! Unsolicited inbound traffic is therefore always dropped, which also keeps guests on the same
-//! bridge apart: a connection from one guest to another dies at the receiver's filter.
+//! Unsolicited inbound traffic from other guests and from beyond the host is therefore dropped,
+//! which also keeps guests on the same bridge apart: a connection from one guest to another
+//! dies at the receiver's filter. Exception (a libvirt nwfilter property, measured in tier 3):
+//! connections the host itself opens to a guest (from its own address on the bridge) are not
+//! filtered, since libvirt hooks its chains into FORWARD and INPUT, not OUTPUT.
 
 use std::collections::BTreeMap;
 use std::fmt;
