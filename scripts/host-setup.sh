@@ -29,7 +29,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 PKGS=(libvirt-daemon-system libvirt-dev libvirt-clients libvirt-daemon-driver-qemu
       qemu-system-x86 dnsmasq-base iptables ebtables debootstrap
-      linux-image-cloud-amd64 pkg-config e2fsprogs iproute2 procps)
+      linux-image-cloud-amd64 pkg-config e2fsprogs iproute2 procps libxml2-utils)
 
 missing=()
 for p in "${PKGS[@]}"; do
