@@ -223,6 +223,8 @@ fn run_steps(
     );
     let disk = dir.join(cache::DISK_FILE);
     command::run(
+        // Uncompressed: `-c` halves the file (190 vs 406 MB) but took 12.5 s
+        // instead of 1.4 s, and every guest read would decompress.
         Command::new("qemu-img")
             .args(["convert", "-f", "raw", "-O", "qcow2"])
             .arg(&raw)
@@ -385,12 +387,13 @@ fn make_filesystem(rootfs: &Path, raw: &Path, size_mib: u64) -> Result<(), Image
     file.set_len(size_mib * MIB)
         .map_err(|e| ImageError::io("sizing", raw, e))?;
     drop(file);
-    // Inode tables and journal fully initialised now (cheap on a sparse file),
-    // so a booted guest has no lazy-init thread writing into its overlay.
+    // On a sparse file mke2fs zeroes by punching holes, so every group is
+    // marked ITABLE_ZEROED and the guest runs no lazy-init thread writing into
+    // its overlay (checked with dumpe2fs). Explicit lazy_itable_init=0 only
+    // made mkfs 3x slower for the same result.
     command::run(
         Command::new("mkfs.ext4")
             .args(["-q", "-F", "-L", "agentvm-root", "-m", "0"])
-            .args(["-E", "lazy_itable_init=0,lazy_journal_init=0"])
             .arg("-d")
             .arg(rootfs)
             .arg(raw),
