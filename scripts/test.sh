@@ -22,8 +22,10 @@ created_ns=""
 cleanup() {
   set +e
   step "teardown"
-  # Domains the tests left behind (they should not), then what this script started.
-  for d in $(virsh -c qemu:///system list --all --name 2>/dev/null | grep -E '^agentvm-(t[0-9]|exec|run|accel)'); do
+  # Domains this run's tests left behind (they should not: their files live under
+  # $AGENTVM_STATE_DIR), then what this script started.
+  for d in $(virsh -c qemu:///system list --all --name 2>/dev/null | grep '^agentvm-'); do
+    virsh -c qemu:///system dumpxml "$d" 2>/dev/null | grep -q "$AGENTVM_STATE_DIR/" || continue
     virsh -c qemu:///system destroy "$d" >/dev/null 2>&1
     virsh -c qemu:///system undefine "$d" --snapshots-metadata >/dev/null 2>&1
     echo "removed leftover domain $d"
