@@ -1,7 +1,16 @@
-//! agentvm controller: configuration now; object store, reconcilers, pools and runs build on it.
+//! agentvm controller: configuration, the object store, the spec-directory source, the API
+//! served on a Unix socket, and the reconcile dispatcher the per-kind reconcilers plug into.
 
 pub mod config;
 pub mod images;
+pub mod queue;
+pub mod reconcile;
 pub mod run;
+pub mod store;
+pub mod time;
 
 pub use config::Config;
+pub use store::{
+    ApplyOptions, ApplyOutcome, Change, Manager, ObjectKey, Store, StoreError, StoreEvent,
+    StoredObject,
+};
