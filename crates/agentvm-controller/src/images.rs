@@ -12,6 +12,7 @@ pub fn recipe_for(spec: &ImageSpec) -> Recipe {
         packages: spec.packages.clone(),
         setup_commands: spec.setup_commands.clone(),
         disk_size_mib: u64::from(spec.disk_size_mib),
+        mirror: spec.mirror.clone(),
         ..Recipe::default()
     }
 }

@@ -284,6 +284,7 @@ fn debootstrap(
         .arg(format!("--include={}", recipe.all_packages().join(",")))
         .arg(&recipe.suite)
         .arg(rootfs)
+        .args(recipe.mirror.as_deref())
         .env("DEBIAN_FRONTEND", "noninteractive")
         .env("LANG", "C.UTF-8");
     let mut forward = |line: String| progress(BuildEvent::Line(line));

@@ -15,7 +15,7 @@ pub(crate) const BUILD_FORMAT: u32 = 1;
 ///
 /// `kmod` matters: without `modprobe` no virtio driver loads after the initrd.
 pub const BASE_PACKAGES: &[&str] = &[
-    "python3-minimal",
+    "python3",
     "qemu-guest-agent",
     "kmod",
     "iproute2",
@@ -46,6 +46,8 @@ pub struct Recipe {
     pub kernel: KernelSource,
     /// Size of the root file system (the disk a VM sees), MiB.
     pub disk_size_mib: u64,
+    /// Debian mirror URL for debootstrap; `None` uses debootstrap's default mirror.
+    pub mirror: Option<String>,
 }
 
 impl Default for Recipe {
@@ -56,6 +58,7 @@ impl Default for Recipe {
             setup_commands: Vec::new(),
             kernel: KernelSource::Host,
             disk_size_mib: DEFAULT_DISK_SIZE_MIB,
+            mirror: None,
         }
     }
 }
@@ -69,6 +72,7 @@ struct CanonicalRecipe<'a> {
     packages: Vec<&'a str>,
     setup_commands: &'a [String],
     disk_size_mib: u64,
+    mirror: Option<&'a str>,
     kernel: Result<&'a ResolvedKernel, String>,
     cmdline: &'a str,
     guest_files: Vec<(&'a str, &'a str)>,
@@ -111,6 +115,7 @@ impl Recipe {
             packages,
             setup_commands: &self.setup_commands,
             disk_size_mib: self.disk_size_mib,
+            mirror: self.mirror.as_deref(),
             kernel,
             cmdline: KERNEL_CMDLINE,
             guest_files: guest::FILES.iter().map(|f| (f.path, f.content)).collect(),

@@ -107,11 +107,10 @@ pub enum Distro {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum KernelSource {
-    /// The host's running kernel, booted directly with a generated initrd.
+    /// The host's kernel (the newest `/boot/vmlinuz-*` with its initrd and modules), booted
+    /// directly. The only choice for now.
     #[default]
     Host,
-    /// The distribution's kernel package, installed in the image.
-    Distro,
 }
 
 /// Lifecycle phase of an `Image`.
