@@ -17,8 +17,12 @@ use crate::error::{BackendError, Result};
 
 /// Default cap on captured bytes per output stream (10 MiB).
 pub const DEFAULT_OUTPUT_CAP: usize = 10 * 1024 * 1024;
-/// Bytes moved per `guest-file-read` / `guest-file-write` call.
-pub const FILE_CHUNK: usize = 4 * 1024 * 1024;
+/// Bytes moved per `guest-file-read` / `guest-file-write` call. Two limits: libvirt caps every
+/// string in its RPC protocol at 4 MiB (`REMOTE_STRING_MAX`) and the data travels base64 (4/3
+/// larger) inside JSON, so 4 MiB chunks fail with "Unable to encode message payload"; and the
+/// agent parses JSON byte by byte, which under TCG takes seconds per MiB, so big chunks run
+/// into the call timeout. 1 MiB keeps each call short; per-call overhead is ~3 ms.
+pub const FILE_CHUNK: usize = 1024 * 1024;
 /// The `PATH` given to guest processes unless the caller sets one.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -34,6 +38,8 @@ pub trait AgentChannel {
 
 /// Timeout for ordinary agent calls.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Timeout for calls moving a [`FILE_CHUNK`] (the agent's JSON parser is slow under TCG).
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Which output stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +138,16 @@ fn agent_err(vm: &str, command: &str, e: BackendError) -> BackendError {
 
 static EXEC_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// First wait between `guest-exec-status` polls; it grows by half each time up to [`POLL_MAX`].
+const POLL_FIRST: Duration = Duration::from_millis(4);
+/// Longest wait between status polls during a process's first second (short commands are
+/// the common case, and their exit should be seen promptly)...
+const POLL_MAX_EARLY: Duration = Duration::from_millis(15);
+/// ...and after it (each poll costs guest CPU, which matters under TCG).
+const POLL_MAX: Duration = Duration::from_millis(50);
+/// How often output is read while a process runs.
+const DRAIN_EVERY: Duration = Duration::from_millis(100);
+
 impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
     /// Operations on the guest behind `chan`.
     pub fn new(chan: &'a C) -> Self {
@@ -139,12 +155,21 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
     }
 
     fn call(&self, execute: &str, arguments: Option<Value>) -> Result<Value> {
+        self.call_within(execute, arguments, CALL_TIMEOUT)
+    }
+
+    fn call_within(
+        &self,
+        execute: &str,
+        arguments: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value> {
         let cmd = match arguments {
             Some(a) => json!({"execute": execute, "arguments": a}),
             None => json!({"execute": execute}),
         };
         self.chan
-            .command(&cmd, CALL_TIMEOUT)
+            .command(&cmd, timeout)
             .map_err(|e| agent_err(self.chan.vm_name(), execute, e))
     }
 
@@ -169,6 +194,8 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
                 .command(&json!({"execute": "guest-ping"}), Duration::from_secs(2))
             {
                 Ok(_) => return Ok(start.elapsed()),
+                // The domain is gone (destroyed meanwhile): no point waiting.
+                Err(e @ BackendError::NotFound { .. }) => return Err(e),
                 Err(e) => {
                     if start.elapsed() >= timeout {
                         return Err(match e {
@@ -206,9 +233,10 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
             for chunk in data.chunks(FILE_CHUNK) {
                 let mut off = 0;
                 while off < chunk.len() {
-                    let r = self.call(
+                    let r = self.call_within(
                         "guest-file-write",
                         Some(json!({"handle": h, "buf-b64": B64.encode(&chunk[off..])})),
+                        CHUNK_TIMEOUT,
                     )?;
                     let n = r["count"].as_u64().ok_or_else(|| {
                         self.protocol("guest-file-write", format!("no count in {r}"))
@@ -230,9 +258,10 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
 
     /// Read one chunk (up to `max` bytes) from an open handle. Returns the bytes and EOF flag.
     fn read_chunk(&self, h: i64, max: usize) -> Result<(Vec<u8>, bool)> {
-        let r = self.call(
+        let r = self.call_within(
             "guest-file-read",
             Some(json!({"handle": h, "count": max.max(1)})),
+            CHUNK_TIMEOUT,
         )?;
         let data = B64
             .decode(r["buf-b64"].as_str().unwrap_or(""))
@@ -348,13 +377,16 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
         );
         let out_path = format!("/var/tmp/agentvm-exec-{id}.out");
         let err_path = format!("/var/tmp/agentvm-exec-{id}.err");
-        // Create both files first so they can be opened for reading before the process writes.
-        for p in [&out_path, &err_path] {
-            let h = self.open(p, "w")?;
-            self.close(h)?;
-        }
-        let hout = self.open(&out_path, "r")?;
-        let herr = self.open(&err_path, "r")?;
+        // "w+" creates each file and gives a handle we can read from while the process writes
+        // (one call per file, rather than create + close + reopen).
+        let hout = self.open(&out_path, "w+")?;
+        let herr = match self.open(&err_path, "w+") {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = self.close(hout);
+                return Err(e);
+            }
+        };
         let result = self.exec_inner(req, &out_path, &err_path, hout, herr, on_output);
         let _ = self.close(hout);
         let _ = self.close(herr);
@@ -379,13 +411,15 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
         let pid = self.spawn(req, out_path, err_path)?;
         let mut stdout = Vec::new();
         let mut stderr = Vec::new();
-        let mut interval = Duration::from_millis(2);
+        let mut interval = POLL_FIRST;
         let mut timed_out = false;
-        let mut drain = |g: &Self, h: i64, buf: &mut Vec<u8>, s: Stream| -> Result<()> {
+        // Reads what is there, up to the cap. Returns true when it stopped at the cap (so the
+        // total has to be asked for), false when it reached the current end of the file.
+        let mut drain = |g: &Self, h: i64, buf: &mut Vec<u8>, s: Stream| -> Result<bool> {
             loop {
                 let room = req.output_cap.saturating_sub(buf.len());
                 if room == 0 {
-                    return Ok(());
+                    return Ok(true);
                 }
                 let (data, eof) = g.read_chunk(h, room.min(FILE_CHUNK))?;
                 if !data.is_empty() {
@@ -393,16 +427,23 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
                     buf.extend_from_slice(&data);
                 }
                 if eof || data.is_empty() {
-                    return Ok(());
+                    return Ok(false);
                 }
             }
         };
-        let status = loop {
+        // Output is read while the process runs, at most every DRAIN_EVERY (live following),
+        // and once more after it exits; in between only the status is polled, which keeps the
+        // number of agent calls (each costs guest CPU) low for short commands.
+        let mut last_drain = Instant::now();
+        let (status, out_capped, err_capped) = loop {
             let st = self.status(pid)?;
-            drain(self, hout, &mut stdout, Stream::Stdout)?;
-            drain(self, herr, &mut stderr, Stream::Stderr)?;
-            if let Some(st) = st {
-                break st;
+            if st.is_some() || last_drain.elapsed() >= DRAIN_EVERY {
+                let out_capped = drain(self, hout, &mut stdout, Stream::Stdout)?;
+                let err_capped = drain(self, herr, &mut stderr, Stream::Stderr)?;
+                last_drain = Instant::now();
+                if let Some(st) = st {
+                    break (st, out_capped, err_capped);
+                }
             }
             if !timed_out && start.elapsed() >= req.timeout {
                 timed_out = true;
@@ -416,11 +457,24 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
                 });
             }
             std::thread::sleep(interval);
-            interval = (interval * 3 / 2).min(Duration::from_millis(50));
+            let cap = if start.elapsed() < Duration::from_secs(1) {
+                POLL_MAX_EARLY
+            } else {
+                POLL_MAX
+            };
+            interval = (interval * 3 / 2).min(cap);
         };
         let duration = start.elapsed();
-        let stdout_total = self.size_of(hout)?.max(stdout.len() as u64);
-        let stderr_total = self.size_of(herr)?.max(stderr.len() as u64);
+        // Below the cap the final drain read to the end, so the total is what was read.
+        let total = |capped: bool, h: i64, got: usize| -> Result<u64> {
+            Ok(if capped {
+                self.size_of(h)?.max(got as u64)
+            } else {
+                got as u64
+            })
+        };
+        let stdout_total = total(out_capped, hout, stdout.len())?;
+        let stderr_total = total(err_capped, herr, stderr.len())?;
         Ok(ExecOutcome {
             exit_code: status.0,
             signal: status.1,
@@ -467,6 +521,7 @@ mod tests {
     struct FakeAgent {
         replies: RefCell<VecDeque<Result<Value>>>,
         calls: RefCell<Vec<Value>>,
+        delay: RefCell<Option<(usize, Duration)>>,
     }
 
     impl FakeAgent {
@@ -474,7 +529,12 @@ mod tests {
             FakeAgent {
                 replies: RefCell::new(replies.into()),
                 calls: RefCell::new(vec![]),
+                delay: RefCell::new(None),
             }
+        }
+        /// Make call number `index` (0-based) take `d`.
+        fn delay_call(&self, index: usize, d: Duration) {
+            *self.delay.borrow_mut() = Some((index, d));
         }
         fn executed(&self) -> Vec<String> {
             self.calls
@@ -491,6 +551,11 @@ mod tests {
         }
         fn command(&self, command: &Value, _t: Duration) -> Result<Value> {
             self.calls.borrow_mut().push(command.clone());
+            if let Some((i, d)) = *self.delay.borrow() {
+                if i + 1 == self.calls.borrow().len() {
+                    std::thread::sleep(d);
+                }
+            }
             self.replies
                 .borrow_mut()
                 .pop_front()
@@ -527,13 +592,9 @@ mod tests {
 
     #[test]
     fn exec_collects_output_caps_it_and_reports_exit() {
-        let mut replies = vec![
-            Ok(json!(1)),
-            Ok(json!({})), // create out
-            Ok(json!(2)),
-            Ok(json!({})), // create err
-            Ok(json!(3)),
-            Ok(json!(4)),           // open both for reading
+        let replies = vec![
+            Ok(json!(1)),           // open stdout file "w+"
+            Ok(json!(2)),           // open stderr file "w+"
             Ok(json!({"pid": 42})), // guest-exec
             Ok(json!({"exited": false})),
             read(b"hel", false),
@@ -542,15 +603,14 @@ mod tests {
             Ok(json!({"exited": true, "exitcode": 3})),
             read(b"lo", false), // cap is 5: only 2 bytes requested
             read(b"oops", true),
-        ];
-        replies.extend([
-            Ok(json!({"position": 11})), // stdout size
-            Ok(json!({"position": 4})),  // stderr size
+            Ok(json!({"position": 11})), // stdout size (capped); stderr's is known
             Ok(json!({})),
-            Ok(json!({})),          // close
+            Ok(json!({})),          // close both
             Ok(json!({"pid": 43})), // rm
-        ]);
+        ];
         let agent = FakeAgent::new(replies);
+        // The first status poll is slow, so output is drained while the process runs.
+        agent.delay_call(3, DRAIN_EVERY + Duration::from_millis(10));
         let mut req = ExecRequest::new("python3", ["-c", "x"]);
         req.output_cap = 5;
         let mut live = Vec::new();
@@ -562,10 +622,13 @@ mod tests {
         assert!(out.stdout_truncated());
         assert_eq!(out.stdout_total, 11);
         assert_eq!(out.stderr, b"oops");
+        assert_eq!(out.stderr_total, 4);
         assert!(!out.stderr_truncated());
         assert_eq!(live[0], (Stream::Stdout, b"hel".to_vec()));
         let calls = agent.calls.borrow();
-        let spawn = &calls[6];
+        assert_eq!(calls[0]["arguments"]["mode"], "w+");
+        assert_eq!(calls[1]["arguments"]["mode"], "w+");
+        let spawn = &calls[2];
         assert_eq!(spawn["arguments"]["path"], "/usr/bin/setsid");
         assert!(spawn["arguments"]["env"]
             .as_array()
@@ -573,7 +636,46 @@ mod tests {
             .iter()
             .any(|e| e.as_str().unwrap().starts_with("PATH=")));
         // after the cap only the remaining room is requested
-        assert_eq!(calls[12]["arguments"]["count"], 2);
+        assert_eq!(calls[8]["arguments"]["count"], 2);
+        assert_eq!(calls.len(), 14, "{:?}", agent.executed());
+    }
+
+    #[test]
+    fn a_short_command_costs_few_agent_calls() {
+        let agent = FakeAgent::new(vec![
+            Ok(json!(1)),
+            Ok(json!(2)),
+            Ok(json!({"pid": 7})),
+            Ok(json!({"exited": false})),
+            Ok(json!({"exited": true, "exitcode": 0})),
+            read(b"", true),
+            read(b"", true),
+            Ok(json!({})),
+            Ok(json!({})),
+            Ok(json!({"pid": 8})),
+        ]);
+        let out = Guest::new(&agent)
+            .exec(
+                &ExecRequest::new("true", Vec::<String>::new()),
+                &mut |_, _| {},
+            )
+            .unwrap();
+        assert!(out.success());
+        assert_eq!(
+            agent.executed(),
+            [
+                "guest-file-open",
+                "guest-file-open",
+                "guest-exec",
+                "guest-exec-status",
+                "guest-exec-status",
+                "guest-file-read",
+                "guest-file-read",
+                "guest-file-close",
+                "guest-file-close",
+                "guest-exec"
+            ]
+        );
     }
 
     #[test]

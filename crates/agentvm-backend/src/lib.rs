@@ -3,15 +3,19 @@
 
 pub mod accel;
 pub mod error;
+pub mod golden;
 pub mod guest;
 pub mod libvirt;
 pub mod libvirt_net;
 pub mod netxml;
+pub mod stats;
 pub mod vm;
 pub mod xml;
 
 pub use accel::{Accelerator, AcceleratorChoice};
 pub use error::{BackendError, Result};
+pub use golden::{GoldenState, GoldenVm, ResetReport, ResetStrategy};
 pub use guest::{AgentChannel, ExecOutcome, ExecRequest, Guest, Stream};
 pub use libvirt::Libvirt;
+pub use stats::DomainStats;
 pub use xml::{DomainSpec, NicSpec, Owner};

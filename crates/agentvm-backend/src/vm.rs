@@ -214,6 +214,13 @@ impl<'a> EphemeralVm<'a> {
         self.lv.agent(&self.name)
     }
 
+    /// Keep the VM running: hand its name and files to the caller, who now owns its teardown
+    /// (e.g. a VM parked at a golden state for a pool).
+    pub fn into_parts(mut self) -> (String, VmFiles) {
+        self.torn_down = true;
+        (std::mem::take(&mut self.name), self.files.clone())
+    }
+
     /// Destroy and undefine the domain and delete its files.
     pub fn teardown(mut self) -> Result<()> {
         self.torn_down = true;

@@ -1,0 +1,382 @@
+//! Benchmark (not a test): reset time of every golden-state strategy against plain
+//! `virsh snapshot-revert`, and the round trip of `Guest::exec("/bin/true")` against a raw
+//! `guest-exec` + `guest-exec-status` loop. Real QEMU through `qemu:///system`.
+//!
+//! `AGENTVM_ACCEL=tcg cargo bench -p agentvm-backend --bench reset`
+//! Knobs: `AGENTVM_BENCH_CYCLES` (reset cycles, default 5), `AGENTVM_BENCH_EXECS` (default 20),
+//! `AGENTVM_BENCH_SMALL_MIB` (guest RAM of the extra small-RAM rows, default 256; 0 skips them),
+//! `AGENTVM_BENCH_ONLY=exec` (only the exec round trip).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use agentvm_backend::golden::{GoldenVm, ResetStrategy, GOLDEN_SNAPSHOT};
+use agentvm_backend::guest::{AgentChannel, ExecRequest, Guest};
+use agentvm_backend::vm::{default_state_dir, BootImage, VmShape};
+use agentvm_backend::{Accelerator, AcceleratorChoice, Libvirt, Owner};
+use serde_json::json;
+
+fn env_usize(key: &str, default: usize) -> usize {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The guest image for the default recipe, or the built image directory named by
+/// `$AGENTVM_IMAGE_DIR` (to pin an image while the recipe is being changed).
+fn image() -> BootImage {
+    if let Some(dir) = std::env::var_os("AGENTVM_IMAGE_DIR").map(std::path::PathBuf::from) {
+        let meta = std::fs::read_to_string(dir.join("image.json"))
+            .unwrap_or_else(|e| panic!("{}/image.json: {e}", dir.display()));
+        let meta: serde_json::Value = serde_json::from_str(&meta).unwrap();
+        return BootImage {
+            disk: dir.join("disk.qcow2"),
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initrd.img"),
+            cmdline: meta["cmdline"]
+                .as_str()
+                .expect("cmdline in image.json")
+                .into(),
+        };
+    }
+    let cache = agentvm_image::default_cache_dir();
+    let img = agentvm_image::lookup(&agentvm_image::Recipe::default(), &cache)
+        .expect("reading the image cache")
+        .unwrap_or_else(|| panic!("guest image not built under {}", cache.display()));
+    BootImage {
+        disk: img.disk,
+        kernel: img.kernel,
+        initrd: img.initrd,
+        cmdline: img.cmdline,
+    }
+}
+
+fn shape(memory_mib: u64) -> VmShape {
+    let accelerator = match AcceleratorChoice::from_env_or(AcceleratorChoice::Tcg).unwrap() {
+        AcceleratorChoice::Kvm => Accelerator::Kvm,
+        _ => Accelerator::Tcg,
+    };
+    VmShape {
+        vcpus: 1,
+        memory_mib,
+        nic: None,
+        accelerator,
+        boot_timeout: Duration::from_secs(180),
+    }
+}
+
+/// Order statistics of a sample.
+struct Summary {
+    n: usize,
+    median: Duration,
+    p90: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+fn summary(mut xs: Vec<Duration>) -> Summary {
+    xs.sort();
+    let n = xs.len();
+    let at = |q: f64| xs[(((n as f64) * q).ceil() as usize).clamp(1, n) - 1];
+    Summary {
+        n,
+        median: at(0.5),
+        p90: at(0.9),
+        min: xs[0],
+        max: xs[n - 1],
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0}", d.as_secs_f64() * 1000.0)
+}
+
+struct Row {
+    what: String,
+    total: Summary,
+    restore: Option<Duration>,
+    agent: Option<Duration>,
+    clock: Option<Duration>,
+}
+
+fn print_rows(title: &str, rows: &[Row]) {
+    println!("\n{title}");
+    println!(
+        "| {:<44} | {:>2} | {:>7} | {:>7} | {:>7} | {:>7} | {:>11} | {:>9} | {:>9} |",
+        "what", "n", "median", "p90", "min", "max", "restore med", "agent med", "clock med"
+    );
+    println!(
+        "|{:-<46}|{:->4}|{:->9}|{:->9}|{:->9}|{:->9}|{:->13}|{:->11}|{:->11}|",
+        "", "", "", "", "", "", "", "", ""
+    );
+    let opt = |d: Option<Duration>| d.map(ms).unwrap_or_else(|| "-".into());
+    for r in rows {
+        println!(
+            "| {:<44} | {:>2} | {:>7} | {:>7} | {:>7} | {:>7} | {:>11} | {:>9} | {:>9} |",
+            r.what,
+            r.total.n,
+            ms(r.total.median),
+            ms(r.total.p90),
+            ms(r.total.min),
+            ms(r.total.max),
+            opt(r.restore),
+            opt(r.agent),
+            opt(r.clock)
+        );
+    }
+}
+
+fn median(xs: &[Duration]) -> Duration {
+    summary(xs.to_vec()).median
+}
+
+/// Dirty the guest a little so a reset has something to undo.
+fn dirty(vm: &GoldenVm<'_>) {
+    let agent = vm.agent().unwrap();
+    Guest::new(&agent)
+        .write_file("/root/bench-dirty", b"dirty")
+        .unwrap();
+}
+
+fn bench_strategy(vm: &GoldenVm<'_>, strategy: ResetStrategy, cycles: usize, label: &str) -> Row {
+    let (mut total, mut restore, mut agent, mut clock) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..cycles {
+        dirty(vm);
+        let r = vm
+            .reset_with(strategy, Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("{strategy}: {e}"));
+        total.push(r.total);
+        restore.push(r.restore);
+        agent.push(r.agent);
+        clock.push(r.clock);
+    }
+    Row {
+        what: label.to_string(),
+        total: summary(total),
+        restore: Some(median(&restore)),
+        agent: Some(median(&agent)),
+        clock: Some(median(&clock)),
+    }
+}
+
+/// Baseline: `virsh snapshot-revert` of the same snapshot, then wait for the agent.
+fn bench_virsh_revert(vm: &GoldenVm<'_>, cycles: usize) -> Row {
+    let uri = Libvirt::default_uri();
+    let (mut total, mut restore, mut agent) = (vec![], vec![], vec![]);
+    for _ in 0..cycles {
+        dirty(vm);
+        let t = Instant::now();
+        let out = Command::new("virsh")
+            .args(["-c", &uri, "snapshot-revert", vm.name(), GOLDEN_SNAPSHOT])
+            .arg("--running")
+            .output()
+            .expect("running virsh");
+        assert!(
+            out.status.success(),
+            "virsh snapshot-revert: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r = t.elapsed();
+        let ch = vm.agent().unwrap();
+        let a = Guest::new(&ch)
+            .wait_ready(Duration::from_secs(120))
+            .unwrap();
+        total.push(t.elapsed());
+        restore.push(r);
+        agent.push(a);
+    }
+    Row {
+        what: "baseline: virsh snapshot-revert + ping".into(),
+        total: summary(total),
+        restore: Some(median(&restore)),
+        agent: Some(median(&agent)),
+        clock: None,
+    }
+}
+
+/// Baseline: one `guest-exec /bin/true` and `guest-exec-status` polled every 5 ms.
+fn raw_exec_true<C: AgentChannel + ?Sized>(ch: &C, poll: Duration) -> Duration {
+    raw_exec(ch, json!({"path": "/bin/true"}), poll)
+}
+
+/// The process chain `Guest::exec` starts (setsid, a shell redirecting output, the program),
+/// run raw: the floor of what `Guest::exec` can cost without giving up process-group kills
+/// and output files.
+fn raw_exec_chain<C: AgentChannel + ?Sized>(ch: &C, poll: Duration) -> Duration {
+    raw_exec(
+        ch,
+        json!({"path": "/usr/bin/setsid", "arg": ["/bin/sh", "-c",
+            "exec >/dev/null 2>&1; cd / || exit 126; exec /bin/true"]}),
+        poll,
+    )
+}
+
+fn raw_exec<C: AgentChannel + ?Sized>(
+    ch: &C,
+    arguments: serde_json::Value,
+    poll: Duration,
+) -> Duration {
+    let t = Instant::now();
+    let r = ch
+        .command(
+            &json!({"execute": "guest-exec", "arguments": arguments}),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    let pid = r["pid"].as_i64().unwrap();
+    loop {
+        let s = ch
+            .command(
+                &json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}),
+                Duration::from_secs(10),
+            )
+            .unwrap();
+        if s["exited"].as_bool() == Some(true) {
+            assert_eq!(s["exitcode"], 0);
+            return t.elapsed();
+        }
+        std::thread::sleep(poll);
+    }
+}
+
+fn bench_exec(vm: &GoldenVm<'_>, n: usize) -> Vec<Row> {
+    let ch = vm.agent().unwrap();
+    let g = Guest::new(&ch);
+    let (mut ours, mut raw, mut chain, mut ping) = (vec![], vec![], vec![], vec![]);
+    let req = ExecRequest::new("/bin/true", Vec::<String>::new());
+    // Warm the guest's page cache for both paths first.
+    g.exec(&req, &mut |_, _| {}).unwrap();
+    raw_exec_true(&ch, Duration::from_millis(5));
+    for _ in 0..n {
+        let t = Instant::now();
+        let out = g.exec(&req, &mut |_, _| {}).unwrap();
+        assert!(out.success());
+        ours.push(t.elapsed());
+        raw.push(raw_exec_true(&ch, Duration::from_millis(5)));
+        chain.push(raw_exec_chain(&ch, Duration::from_millis(5)));
+        let t = Instant::now();
+        g.ping().unwrap();
+        ping.push(t.elapsed());
+    }
+    let row = |what: &str, xs: Vec<Duration>| Row {
+        what: what.into(),
+        total: summary(xs),
+        restore: None,
+        agent: None,
+        clock: None,
+    };
+    vec![
+        row("Guest::exec(/bin/true)", ours),
+        row("baseline: raw guest-exec + status (5 ms poll)", raw),
+        row("raw setsid+sh+true chain (5 ms poll)", chain),
+        row("guest-ping through libvirt", ping),
+    ]
+}
+
+fn boot<'a>(lv: &'a Libvirt, tag: &str, memory_mib: u64, strategy: ResetStrategy) -> GoldenVm<'a> {
+    let name = format!("agentvm-bench-{tag}-{}", std::process::id());
+    let owner = Owner {
+        kind: "Benchmark".into(),
+        name: tag.into(),
+        ..Owner::default()
+    };
+    let vm = GoldenVm::boot(
+        lv,
+        &default_state_dir(),
+        &name,
+        &image(),
+        &shape(memory_mib),
+        owner,
+        strategy,
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("booting {name}: {e}"));
+    eprintln!(
+        "{name}: {memory_mib} MiB, boot {:.1}s, park ({}) {:.2}s",
+        vm.boot_time.as_secs_f64(),
+        strategy.kind_name(),
+        vm.golden().park_time.as_secs_f64()
+    );
+    vm
+}
+
+trait KindName {
+    fn kind_name(self) -> &'static str;
+}
+impl KindName for ResetStrategy {
+    fn kind_name(self) -> &'static str {
+        match self.kind() {
+            agentvm_backend::golden::GoldenKind::InternalSnapshot => "internal snapshot",
+            agentvm_backend::golden::GoldenKind::SavedMemory => "save",
+        }
+    }
+}
+
+fn main() {
+    let cycles = env_usize("AGENTVM_BENCH_CYCLES", 5).max(1);
+    let execs = env_usize("AGENTVM_BENCH_EXECS", 20).max(1);
+    let small = env_usize("AGENTVM_BENCH_SMALL_MIB", 256) as u64;
+    let lv = Libvirt::connect(&Libvirt::default_uri())
+        .unwrap_or_else(|e| panic!("libvirt must be running: {e}"));
+    let only_exec = std::env::var("AGENTVM_BENCH_ONLY").as_deref() == Ok("exec");
+    let mut rows = Vec::new();
+    let exec_rows;
+    if only_exec {
+        let vm = boot(&lv, "exec", 512, ResetStrategy::SnapshotLoadvm);
+        exec_rows = bench_exec(&vm, execs);
+        vm.teardown().unwrap();
+        print_rows("Guest exec round trip", &exec_rows);
+        return;
+    }
+    {
+        let vm = boot(&lv, "snap", 512, ResetStrategy::SnapshotLoadvm);
+        rows.push(bench_strategy(
+            &vm,
+            ResetStrategy::SnapshotLoadvm,
+            cycles,
+            "snapshot-loadvm (default), 512 MiB",
+        ));
+        rows.push(bench_strategy(
+            &vm,
+            ResetStrategy::SnapshotRevert,
+            cycles,
+            "snapshot-revert (libvirt API), 512 MiB",
+        ));
+        rows.push(bench_virsh_revert(&vm, cycles));
+        exec_rows = bench_exec(&vm, execs);
+        vm.teardown().unwrap();
+    }
+    {
+        let vm = boot(&lv, "saved", 512, ResetStrategy::SavedMemory);
+        rows.push(bench_strategy(
+            &vm,
+            ResetStrategy::SavedMemory,
+            cycles,
+            "saved-memory, 512 MiB",
+        ));
+        vm.teardown().unwrap();
+    }
+    if small > 0 {
+        for strategy in [ResetStrategy::SnapshotLoadvm, ResetStrategy::SavedMemory] {
+            let vm = boot(&lv, "small", small, strategy);
+            rows.push(bench_strategy(
+                &vm,
+                strategy,
+                cycles,
+                &format!("{strategy}, {small} MiB"),
+            ));
+            vm.teardown().unwrap();
+        }
+    }
+    println!(
+        "\nagentvm reset benchmark: libvirt {}, accelerator {}, times in ms",
+        lv.version().unwrap_or_default(),
+        shape(512).accelerator.as_str()
+    );
+    print_rows(
+        "Reset to golden state (total = until the guest agent answers and the clock is set)",
+        &rows,
+    );
+    print_rows("Guest exec round trip", &exec_rows);
+}

@@ -1,0 +1,400 @@
+//! Tier 3: guest execution limits, golden-state reset and domain statistics against real QEMU
+//! (TCG) through `qemu:///system`. These tests fail (never skip) when libvirt or the guest
+//! image is missing. VMs are named `agentvm-t3-<test>-<pid>` and torn down by drop guards.
+//!
+//! Boots are expensive under TCG (~10 s), so one VM serves several checks where sharing does
+//! not weaken them; the reset tests boot one VM per kind of golden state.
+
+use std::time::{Duration, Instant};
+
+use agentvm_backend::golden::{GoldenVm, ResetStrategy};
+use agentvm_backend::guest::{ExecRequest, Guest, DEFAULT_OUTPUT_CAP};
+use agentvm_backend::vm::{default_state_dir, BootImage, EphemeralVm, VmShape};
+use agentvm_backend::{Accelerator, AcceleratorChoice, BackendError, Libvirt, Owner};
+use sha2::{Digest, Sha256};
+
+/// The guest image for the default recipe, or the built image directory named by
+/// `$AGENTVM_IMAGE_DIR` (to pin an image while the recipe is being changed).
+fn image() -> BootImage {
+    if let Some(dir) = std::env::var_os("AGENTVM_IMAGE_DIR").map(std::path::PathBuf::from) {
+        let meta = std::fs::read_to_string(dir.join("image.json"))
+            .unwrap_or_else(|e| panic!("{}/image.json: {e}", dir.display()));
+        let meta: serde_json::Value = serde_json::from_str(&meta).unwrap();
+        return BootImage {
+            disk: dir.join("disk.qcow2"),
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initrd.img"),
+            cmdline: meta["cmdline"]
+                .as_str()
+                .expect("cmdline in image.json")
+                .into(),
+        };
+    }
+    let cache = agentvm_image::default_cache_dir();
+    let img = agentvm_image::lookup(&agentvm_image::Recipe::default(), &cache)
+        .expect("reading the image cache")
+        .unwrap_or_else(|| {
+            panic!(
+                "guest image not built under {}: run `agentvm image build` (scripts/test.sh does)",
+                cache.display()
+            )
+        });
+    BootImage {
+        disk: img.disk,
+        kernel: img.kernel,
+        initrd: img.initrd,
+        cmdline: img.cmdline,
+    }
+}
+
+fn accel() -> Accelerator {
+    match AcceleratorChoice::from_env_or(AcceleratorChoice::Tcg).unwrap() {
+        AcceleratorChoice::Kvm => Accelerator::Kvm,
+        _ => Accelerator::Tcg,
+    }
+}
+
+fn libvirt() -> Libvirt {
+    Libvirt::connect("qemu:///system")
+        .unwrap_or_else(|e| panic!("libvirt must be running for tier-3 tests: {e}"))
+}
+
+fn shape() -> VmShape {
+    VmShape {
+        vcpus: 1,
+        memory_mib: 512,
+        nic: None,
+        accelerator: accel(),
+        boot_timeout: Duration::from_secs(180),
+    }
+}
+
+fn owner(test: &str) -> Owner {
+    Owner {
+        kind: "Test".into(),
+        name: test.into(),
+        ..Owner::default()
+    }
+}
+
+fn vm_name(test: &str) -> String {
+    format!("agentvm-t3-{test}-{}", std::process::id())
+}
+
+fn sh<C: agentvm_backend::AgentChannel + ?Sized>(g: &Guest<'_, C>, script: &str) -> String {
+    let out = g
+        .exec(&ExecRequest::new("sh", ["-c", script]), &mut |_, _| {})
+        .unwrap_or_else(|e| panic!("running {script:?}: {e}"));
+    assert_eq!(
+        out.exit_code,
+        Some(0),
+        "{script:?}: stderr {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// How many guest processes have `marker` as an argument. The pattern is written with a
+/// bracket so the `grep` doing the counting does not match itself.
+fn processes_with_arg<C: agentvm_backend::AgentChannel + ?Sized>(
+    g: &Guest<'_, C>,
+    marker: &str,
+) -> usize {
+    let (head, last) = marker.split_at(marker.len() - 1);
+    let script = format!(
+        "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' '\\n' | grep -cx '{head}[{last}]' || true"
+    );
+    sh(g, &script).parse().unwrap()
+}
+
+#[test]
+fn large_files_timeouts_output_cap_stats_and_a_stopped_agent() {
+    let lv = libvirt();
+    let name = vm_name("limits");
+    let vm = EphemeralVm::boot(
+        &lv,
+        &default_state_dir(),
+        &name,
+        &image(),
+        &shape(),
+        owner("limits"),
+    )
+    .unwrap_or_else(|e| panic!("booting {name}: {e}"));
+    let agent = vm.agent().unwrap();
+    let g = Guest::new(&agent);
+
+    // A large file in and out: 20 MiB of pseudo-random bytes, checked in the guest and back.
+    let mut data = Vec::with_capacity(20 << 20);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    while data.len() < 20 << 20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    let want = format!("{:x}", Sha256::digest(&data));
+    let t = Instant::now();
+    g.write_file("/root/big.bin", &data).unwrap();
+    let write_time = t.elapsed();
+    let got = sh(&g, "sha256sum /root/big.bin");
+    assert_eq!(got.split_whitespace().next(), Some(want.as_str()));
+    let t = Instant::now();
+    let back = g.read_file("/root/big.bin", 64 << 20).unwrap();
+    eprintln!(
+        "20 MiB: write {:.2}s, read {:.2}s",
+        write_time.as_secs_f64(),
+        t.elapsed().as_secs_f64()
+    );
+    assert!(back == data, "file read back differs");
+    let too_small = g.read_file("/root/big.bin", 1 << 20).unwrap_err();
+    assert!(
+        matches!(too_small, BackendError::Protocol { .. }),
+        "{too_small}"
+    );
+
+    // Statistics: a disk write raises block_wr_bytes, burning CPU raises cpu_time.
+    let s0 = lv.domain_stats(&name).unwrap();
+    sh(
+        &g,
+        "dd if=/dev/zero of=/root/blob bs=1M count=16 conv=fsync 2>/dev/null",
+    );
+    let s1 = lv.domain_stats(&name).unwrap();
+    assert!(
+        s1.block_wr_bytes >= s0.block_wr_bytes + (16 << 20),
+        "{s0:?} -> {s1:?}"
+    );
+    let out = g
+        .exec(
+            &ExecRequest::new(
+                "python3",
+                ["-c", "import time\nwhile time.process_time() < 2: pass"],
+            ),
+            &mut |_, _| {},
+        )
+        .unwrap();
+    assert!(out.success(), "{out:?}");
+    let s2 = lv.domain_stats(&name).unwrap();
+    assert!(
+        s2.cpu_time_ns >= s1.cpu_time_ns + 1_500_000_000,
+        "2 s of guest CPU: {} -> {} ns",
+        s1.cpu_time_ns,
+        s2.cpu_time_ns
+    );
+    assert!(s2.memory_rss_bytes.unwrap_or(0) > 0, "{s2:?}");
+    assert!(s2.memory_actual_bytes.unwrap_or(0) >= 256 << 20, "{s2:?}");
+    let usage = s2.cpu_usage_since(&s1).unwrap();
+    assert!(usage > 0.3, "cpu usage {usage}");
+
+    // `while True: pass` is killed at its timeout, and the process is gone.
+    let mut req = ExecRequest::new("", ["spin-marker-4711"]);
+    req.timeout = Duration::from_secs(3);
+    let t = Instant::now();
+    let out = g
+        .run_script("python3", "while True:\n    pass\n", req, &mut |_, _| {})
+        .unwrap();
+    let took = t.elapsed();
+    assert!(out.timed_out, "{out:?}");
+    assert_eq!(out.signal, Some(9), "{out:?}");
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(20),
+        "{took:?}"
+    );
+    assert_eq!(processes_with_arg(&g, "spin-marker-4711"), 0);
+
+    // 100 MB of output is capped at the default 10 MiB; the host keeps only the cap.
+    let mut live = 0usize;
+    let out = g
+        .exec(
+            &ExecRequest::new("sh", ["-c", "head -c 100000000 /dev/zero; echo done >&2"]),
+            &mut |_, d| live += d.len(),
+        )
+        .unwrap();
+    assert!(out.success(), "{out:?}");
+    assert_eq!(out.stdout.len(), DEFAULT_OUTPUT_CAP);
+    assert_eq!(live, DEFAULT_OUTPUT_CAP + out.stderr.len());
+    assert!(out.stdout_total >= 100_000_000, "{}", out.stdout_total);
+    assert!(out.stdout_truncated());
+    assert_eq!(out.stderr, b"done\n");
+    assert!(!out.stderr_truncated());
+
+    // A guest agent that stops answering is a typed error within a bounded time.
+    let qga = sh(
+        &g,
+        "for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = qemu-ga ] && echo ${p#/proc/}; done",
+    );
+    let qga: u32 = qga
+        .lines()
+        .next()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or_else(|| panic!("no qemu-ga pid in {qga:?}"));
+    sh(
+        &g,
+        &format!("setsid sh -c 'sleep 1; kill -STOP {qga}' >/dev/null 2>&1 </dev/null &"),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let t = Instant::now();
+    let err = g.ping().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BackendError::GuestAgentUnavailable { .. } | BackendError::Timeout { .. }
+        ),
+        "{err}"
+    );
+    let err = g
+        .exec(
+            &ExecRequest::new("true", Vec::<String>::new()),
+            &mut |_, _| {},
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BackendError::GuestAgentUnavailable { .. } | BackendError::Timeout { .. }
+        ),
+        "{err}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(40),
+        "typed errors took {:?}",
+        t.elapsed()
+    );
+    eprintln!("stopped agent detected in {:?}", t.elapsed());
+
+    let dir = vm.files().dir.clone();
+    vm.teardown().unwrap();
+    assert!(!dir.exists());
+}
+
+/// Dirty the guest (file on disk, file in tmpfs, background process), reset with `strategy`,
+/// and check all three are gone and the agent answers with a current clock.
+fn dirty_then_reset(vm: &GoldenVm<'_>, strategy: ResetStrategy, round: u32) {
+    let agent = vm.agent().unwrap();
+    let g = Guest::new(&agent);
+    let marker = format!("bg-{}-{round}", strategy.as_str());
+    sh(
+        &g,
+        &format!(
+            "echo dirty > /root/marker && echo dirty > /tmp/marker && \
+             setsid python3 -c 'import time; time.sleep(100000)' {marker} \
+             >/dev/null 2>&1 </dev/null &"
+        ),
+    );
+    assert_eq!(sh(&g, "cat /root/marker /tmp/marker"), "dirty\ndirty");
+    assert_eq!(
+        sh(&g, "grep ' /tmp ' /proc/mounts | cut -d' ' -f3"),
+        "tmpfs"
+    );
+    assert_eq!(
+        processes_with_arg(&g, &marker),
+        1,
+        "background process runs"
+    );
+
+    let report = vm
+        .reset_with(strategy, Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("reset with {strategy}: {e}"));
+    eprintln!("{strategy} round {round}: {report:?}");
+
+    let agent = vm.agent().unwrap();
+    let g = Guest::new(&agent);
+    g.ping().unwrap();
+    assert_eq!(
+        sh(
+            &g,
+            "for f in /root/marker /tmp/marker; do [ -e $f ] && echo $f; done; true"
+        ),
+        "",
+        "files written before the reset are gone"
+    );
+    assert_eq!(processes_with_arg(&g, &marker), 0, "process is gone");
+    assert_eq!(
+        sh(&g, "cat /root/golden-file"),
+        "golden",
+        "warm-up state survives"
+    );
+    assert!(report.clock_synced, "{report:?}");
+    let guest_now: i64 = sh(&g, "date +%s").parse().unwrap();
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (guest_now - host_now).abs() <= 5,
+        "guest clock {guest_now} vs host {host_now}"
+    );
+}
+
+fn warmup() -> Vec<ExecRequest> {
+    vec![
+        ExecRequest::new("python3", ["-c", "import os, sys"]),
+        ExecRequest::new("sh", ["-c", "echo golden > /root/golden-file"]),
+    ]
+}
+
+fn assert_cleaned_up(lv: &Libvirt, name: &str, dir: &std::path::Path) {
+    assert!(!dir.exists(), "{} left behind", dir.display());
+    assert!(lv.domain_state(name).unwrap_err().is_not_found());
+    let snapshot_meta = std::path::Path::new("/var/lib/libvirt/qemu/snapshot").join(name);
+    assert!(!snapshot_meta.exists(), "{}", snapshot_meta.display());
+}
+
+#[test]
+fn snapshot_resets_clear_disk_tmpfs_and_processes_with_loadvm_and_libvirt_revert() {
+    let lv = libvirt();
+    let name = vm_name("reset-snap");
+    let vm = GoldenVm::boot(
+        &lv,
+        &default_state_dir(),
+        &name,
+        &image(),
+        &shape(),
+        owner("reset-snap"),
+        ResetStrategy::SnapshotLoadvm,
+        &warmup(),
+    )
+    .unwrap_or_else(|e| panic!("booting and parking {name}: {e}"));
+    eprintln!(
+        "boot {:?}, warm-up {:?}, park {:?}",
+        vm.boot_time,
+        vm.warmup_time,
+        vm.golden().park_time
+    );
+    dirty_then_reset(&vm, ResetStrategy::SnapshotLoadvm, 1);
+    dirty_then_reset(&vm, ResetStrategy::SnapshotLoadvm, 2);
+    dirty_then_reset(&vm, ResetStrategy::SnapshotRevert, 3);
+    dirty_then_reset(&vm, ResetStrategy::SnapshotLoadvm, 4);
+    let wrong = vm
+        .reset_with(ResetStrategy::SavedMemory, Duration::from_secs(5))
+        .unwrap_err();
+    assert!(matches!(wrong, BackendError::Protocol { .. }), "{wrong}");
+
+    let dir = vm.files().dir.clone();
+    vm.teardown().unwrap();
+    assert_cleaned_up(&lv, &name, &dir);
+}
+
+#[test]
+fn saved_memory_resets_clear_disk_tmpfs_and_processes() {
+    let lv = libvirt();
+    let name = vm_name("reset-saved");
+    let vm = GoldenVm::boot(
+        &lv,
+        &default_state_dir(),
+        &name,
+        &image(),
+        &shape(),
+        owner("reset-saved"),
+        ResetStrategy::SavedMemory,
+        &warmup(),
+    )
+    .unwrap_or_else(|e| panic!("booting and parking {name}: {e}"));
+    let golden = vm.golden().clone();
+    assert!(golden.save_file().exists() && golden.golden_disk().exists());
+    dirty_then_reset(&vm, ResetStrategy::SavedMemory, 1);
+    dirty_then_reset(&vm, ResetStrategy::SavedMemory, 2);
+
+    let dir = vm.files().dir.clone();
+    drop(vm); // the drop guard cleans up just like teardown
+    assert_cleaned_up(&lv, &name, &dir);
+}
