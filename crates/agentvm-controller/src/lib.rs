@@ -1,15 +1,20 @@
 //! agentvm controller: configuration, the object store, the spec-directory source, the API
 //! served on a Unix socket, and the reconcile dispatcher the per-kind reconcilers plug into.
 
+pub mod api;
 pub mod config;
+pub mod controller;
 pub mod images;
 pub mod queue;
 pub mod reconcile;
 pub mod run;
+pub mod source;
 pub mod store;
 pub mod time;
 
 pub use config::Config;
+pub use controller::Controller;
+pub use reconcile::{Action, Ctx, ReconcileError, Reconciler};
 pub use store::{
     ApplyOptions, ApplyOutcome, Change, Manager, ObjectKey, Store, StoreError, StoreEvent,
     StoredObject,

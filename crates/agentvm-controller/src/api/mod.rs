@@ -1,0 +1,267 @@
+//! The controller API: HTTP/1.1 + JSON on a Unix socket, used by the CLI for apply, delete,
+//! get, watch and logs. [`server`] serves it; [`client`] calls it; this module holds the
+//! wire types both sides share.
+//!
+//! | method and path | what |
+//! |---|---|
+//! | `GET /healthz` | [`Health`] |
+//! | `POST /v1/apply` | [`ApplyRequest`] → [`ApplyResponse`]; 422 [`ErrorBody`] when any object is invalid (nothing applied); 413 over 8 MiB |
+//! | `GET /v1/objects?kind=K&selector=S` | `[StoredObject]`, sorted |
+//! | `GET /v1/objects/{kind}/{name}` | `StoredObject`, or 404 |
+//! | `DELETE /v1/objects/{kind}/{name}?force=true` | [`DeleteResponse`]; 404; 409 when another source manages it |
+//! | `GET /v1/watch?kind=K&initial=true` | newline-delimited [`WatchEvent`]s, until the client hangs up |
+//! | `GET /v1/runs/{name}/logs?offset=N&follow=true` | the run's output (stdout and stderr interleaved), chunked; `follow` streams until the run ends |
+//! | `GET /v1/specdir/errors` | [`SpecDirResponse`] |
+//!
+//! `{kind}` accepts every spelling of a kind (`VmPool`, `vmpools`, `pool`). Errors are
+//! [`ErrorBody`] with a status code: 400 bad request, 404 not found, 409 conflict, 413 too
+//! large, 422 invalid objects, 500 store failure.
+
+pub mod client;
+pub mod server;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::source::SpecDirState;
+use crate::store::{ApplyOutcome, StoredObject};
+use crate::Config;
+
+/// Environment variable overriding the socket path.
+pub const SOCKET_ENV: &str = "AGENTVM_SOCKET";
+/// Socket file name inside the state directory.
+pub const SOCKET_FILE: &str = "agentvm.sock";
+/// Largest request body accepted: 8 MiB.
+pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+/// Header of a logs response: the offset to continue from.
+pub const NEXT_OFFSET_HEADER: &str = "x-agentvm-next-offset";
+/// Header of a logs response: `true` when output past the per-run cap was dropped.
+pub const TRUNCATED_HEADER: &str = "x-agentvm-truncated";
+
+/// The socket: `$AGENTVM_SOCKET`, else `<stateDir>/agentvm.sock`.
+pub fn default_socket(config: &Config) -> PathBuf {
+    match std::env::var_os(SOCKET_ENV) {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => config.state_dir.join(SOCKET_FILE),
+    }
+}
+
+/// `GET /healthz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Health {
+    /// Always true when the controller answers.
+    pub ok: bool,
+    /// The controller's version.
+    pub version: String,
+    /// Objects in the store.
+    pub objects: u64,
+    /// The watched spec directory, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec_dir: Option<PathBuf>,
+}
+
+/// `POST /v1/apply`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyRequest {
+    /// The objects, as JSON (`apiVersion`, `kind`, `metadata`, `spec`).
+    pub objects: Vec<serde_json::Value>,
+    /// Where each object came from (`file:line`), same order; used in messages.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<String>,
+    /// Report what would happen; change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Take objects over from another manager (e.g. the spec directory).
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// The outcome for one object of an apply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyResult {
+    /// The kind (canonical name).
+    pub kind: String,
+    /// The name.
+    pub name: String,
+    /// What happened, when it succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<ApplyOutcome>,
+    /// Why it failed (e.g. managed by another source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Where it was declared, as sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// Response to `POST /v1/apply`: one result per object, in request order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyResponse {
+    /// Per object.
+    pub results: Vec<ApplyResult>,
+    /// True when nothing was written.
+    pub dry_run: bool,
+}
+
+/// Response to `DELETE /v1/objects/{kind}/{name}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeleteResponse {
+    /// The kind (canonical name).
+    pub kind: String,
+    /// The name.
+    pub name: String,
+    /// True once deletion is requested; the object goes away when its reconciler has
+    /// cleaned up.
+    pub deletion_requested: bool,
+}
+
+/// An error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: String,
+    /// Per-object or per-field details (`file:line: spec.x: message`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<String>,
+}
+
+/// What a watch event reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WatchChange {
+    /// The object existed when the watch started (`initial=true`).
+    Initial,
+    /// Created, or its spec, metadata or manager changed.
+    Applied,
+    /// Its status changed.
+    StatusChanged,
+    /// Its deletion was requested.
+    DeleteRequested,
+    /// It is gone.
+    Removed,
+    /// The watch fell behind and missed events: re-list.
+    Lagged,
+}
+
+/// One line of `GET /v1/watch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WatchEvent {
+    /// What happened.
+    pub change: WatchChange,
+    /// The object's kind (absent for `Lagged`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<agentvm_api::Kind>,
+    /// The object's name (absent for `Lagged`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The object as it is now (absent once removed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<Box<StoredObject>>,
+}
+
+/// Response to `GET /v1/specdir/errors`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SpecDirResponse {
+    /// The spec directory's state, or `None` when the controller watches none.
+    pub spec_dir: Option<SpecDirState>,
+}
+
+/// A label selector, Kubernetes equality-based syntax: `a=b,c!=d,e,!f`
+/// (`==` is accepted for `=`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LabelSelector(Vec<Requirement>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Requirement {
+    Equals(String, String),
+    NotEquals(String, String),
+    Exists(String),
+    NotExists(String),
+}
+
+impl LabelSelector {
+    /// Parses `a=b,c!=d,e,!f`; empty matches everything.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut reqs = Vec::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let req = if let Some((k, v)) = part.split_once("!=") {
+                Requirement::NotEquals(k.trim().into(), v.trim().into())
+            } else if let Some((k, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
+                Requirement::Equals(k.trim().into(), v.trim().into())
+            } else if let Some(k) = part.strip_prefix('!') {
+                Requirement::NotExists(k.trim().into())
+            } else {
+                Requirement::Exists(part.into())
+            };
+            let key = match &req {
+                Requirement::Equals(k, _)
+                | Requirement::NotEquals(k, _)
+                | Requirement::Exists(k)
+                | Requirement::NotExists(k) => k,
+            };
+            if key.is_empty() || key.contains(|c: char| c.is_whitespace() || "=!".contains(c)) {
+                return Err(format!(
+                    "invalid label selector {part:?}: use key=value, key!=value, key or !key, separated by commas"
+                ));
+            }
+            reqs.push(req);
+        }
+        Ok(Self(reqs))
+    }
+
+    /// True when `labels` satisfy every requirement.
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.0.iter().all(|r| match r {
+            Requirement::Equals(k, v) => labels.get(k) == Some(v),
+            Requirement::NotEquals(k, v) => labels.get(k) != Some(v),
+            Requirement::Exists(k) => labels.contains_key(k),
+            Requirement::NotExists(k) => !labels.contains_key(k),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_selectors() {
+        let labels: BTreeMap<String, String> = [
+            ("tier".to_string(), "untrusted".to_string()),
+            ("team".into(), "a".into()),
+        ]
+        .into_iter()
+        .collect();
+        for (sel, want) in [
+            ("", true),
+            ("tier=untrusted", true),
+            ("tier==untrusted,team=a", true),
+            ("tier=trusted", false),
+            ("tier!=trusted", true),
+            ("team", true),
+            ("!team", false),
+            ("!owner", true),
+            ("owner", false),
+        ] {
+            assert_eq!(
+                LabelSelector::parse(sel).unwrap().matches(&labels),
+                want,
+                "{sel}"
+            );
+        }
+        assert!(LabelSelector::parse("=x").is_err());
+        assert!(LabelSelector::parse("a b").is_err());
+    }
+}
+
+#[cfg(test)]
+mod tests_server;

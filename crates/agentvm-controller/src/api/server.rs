@@ -1,0 +1,557 @@
+//! Serves the controller API (see [`crate::api`]) with axum on a Unix socket (mode 0660).
+
+// Helpers return `Result<_, Response>` so handlers can return an error response early;
+// responses are built once per request, their size does not matter.
+#![allow(clippy::result_large_err)]
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use agentvm_api::{validate, Kind, Resource};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use tokio::net::UnixListener;
+use tokio::sync::{broadcast, watch};
+
+use super::{
+    ApplyRequest, ApplyResponse, ApplyResult, DeleteResponse, ErrorBody, Health, LabelSelector,
+    SpecDirResponse, WatchChange, WatchEvent, MAX_BODY_BYTES, NEXT_OFFSET_HEADER, TRUNCATED_HEADER,
+};
+use crate::source::SpecDirState;
+use crate::store::{ApplyItem, Change, Manager, Store, StoreError};
+
+/// Bytes per read of run output in a logs response.
+const LOG_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Everything the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The object store.
+    pub store: Store,
+    /// The spec-dir source's state, when the controller watches a directory.
+    pub spec_dir: Option<Arc<RwLock<SpecDirState>>>,
+    /// Flips to true on shutdown; long-lived streams end then.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// A problem starting the API server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The socket could not be created.
+    #[error("API socket {path}: {message}")]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// Serving failed.
+    #[error("API server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Binds the socket: creates its directory, replaces a stale socket file (refusing when
+/// a live controller answers on it), and sets mode 0660.
+pub fn bind(path: &Path) -> Result<UnixListener, ServeError> {
+    let err = |message: String| ServeError::Socket {
+        path: path.to_path_buf(),
+        message,
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| err(e.to_string()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(err(
+                "another controller is already listening here; stop it or use another --socket"
+                    .into(),
+            ));
+        }
+        std::fs::remove_file(path).map_err(|e| err(format!("removing the stale socket: {e}")))?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| err(format!("setting mode 0660: {e}")))?;
+    Ok(listener)
+}
+
+/// The API's routes.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(health))
+        .route("/v1/apply", axum::routing::post(apply))
+        .route("/v1/objects", get(list))
+        .route("/v1/objects/{kind}/{name}", get(get_one).delete(delete))
+        .route("/v1/watch", get(watch_events))
+        .route("/v1/runs/{name}/logs", get(logs))
+        .route("/v1/specdir/errors", get(specdir_errors))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint", vec![]) })
+        .with_state(state)
+}
+
+/// Serves `router(state)` on `listener` until `shutdown` resolves; open streams (watch,
+/// logs -f) end when `state.shutdown` flips.
+pub async fn serve(
+    listener: UnixListener,
+    state: ApiState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+fn error(status: StatusCode, message: impl Into<String>, details: Vec<String>) -> Response {
+    let body = ErrorBody {
+        error: message.into(),
+        details,
+    };
+    (status, Json(body)).into_response()
+}
+
+fn store_error(e: StoreError) -> Response {
+    let status = match &e {
+        StoreError::NotFound(_) => StatusCode::NOT_FOUND,
+        StoreError::Conflict { .. } => StatusCode::CONFLICT,
+        StoreError::Invalid { .. } | StoreError::BadStatus { .. } => {
+            StatusCode::UNPROCESSABLE_ENTITY
+        }
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.to_string(), vec![])
+}
+
+fn parse_kind(text: &str) -> Result<Kind, Response> {
+    text.parse::<Kind>()
+        .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), vec![]))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, Response> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(store_error),
+        Err(e) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("internal error: {e}"),
+            vec![],
+        )),
+    }
+}
+
+async fn health(State(st): State<ApiState>) -> Response {
+    let objects = match st.store.len() {
+        Ok(n) => n,
+        Err(e) => return store_error(e),
+    };
+    let spec_dir = st
+        .spec_dir
+        .as_ref()
+        .map(|s| s.read().unwrap_or_else(|e| e.into_inner()).dir.clone());
+    Json(Health {
+        ok: true,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        objects,
+        spec_dir,
+    })
+    .into_response()
+}
+
+async fn apply(State(st): State<ApiState>, body: Body) -> Response {
+    let bytes = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                "request body is larger than {} MiB; apply the manifests in several smaller sets",
+                MAX_BODY_BYTES / (1024 * 1024)
+            ),
+                vec![],
+            )
+        }
+    };
+    let req: ApplyRequest = match serde_json::from_slice(&bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid request body: {e}"),
+                vec![],
+            )
+        }
+    };
+    let mut details = Vec::new();
+    let mut resources = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (i, value) in req.objects.into_iter().enumerate() {
+        let source = req
+            .sources
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| format!("objects[{i}]"));
+        match serde_json::from_value::<Resource>(value) {
+            Err(e) => details.push(format!("{source}: {e}")),
+            Ok(r) => match validate(&r) {
+                Err(errors) => {
+                    details.extend(errors.iter().map(|e| format!("{source}: {e}")));
+                }
+                Ok(()) if !seen.insert((r.kind(), r.name().to_string())) => details.push(format!(
+                    "{source}: metadata.name: {} is declared twice in this request",
+                    r.key()
+                )),
+                Ok(()) => resources.push((r, source)),
+            },
+        }
+    }
+    if !details.is_empty() {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid objects; nothing was applied",
+            details,
+        );
+    }
+    let (force, dry_run) = (req.force, req.dry_run);
+    let sources: Vec<(Kind, String, String)> = resources
+        .iter()
+        .map(|(r, s)| (r.kind(), r.name().to_string(), s.clone()))
+        .collect();
+    let items = resources
+        .into_iter()
+        .map(|(resource, _)| ApplyItem {
+            resource,
+            manager: Manager::Api,
+            force,
+        })
+        .collect();
+    let store = st.store.clone();
+    let results = match blocking(move || store.apply_batch(items, dry_run)).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let results = sources
+        .into_iter()
+        .zip(results)
+        .map(|((kind, name, source), r)| ApplyResult {
+            kind: kind.to_string(),
+            name,
+            outcome: r.as_ref().ok().copied(),
+            error: r.err().map(|e| e.to_string()),
+            source: Some(source),
+        })
+        .collect();
+    Json(ApplyResponse { results, dry_run }).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    kind: Option<String>,
+    selector: Option<String>,
+}
+
+async fn list(State(st): State<ApiState>, Query(q): Query<ListQuery>) -> Response {
+    let kind = match q.kind.as_deref().filter(|k| !k.is_empty() && *k != "all") {
+        Some(k) => match parse_kind(k) {
+            Ok(k) => Some(k),
+            Err(resp) => return resp,
+        },
+        None => None,
+    };
+    let selector = match LabelSelector::parse(q.selector.as_deref().unwrap_or("")) {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e, vec![]),
+    };
+    match st.store.list(kind) {
+        Ok(objects) => {
+            let objects: Vec<_> = objects
+                .into_iter()
+                .filter(|o| selector.matches(&o.resource.metadata().labels))
+                .collect();
+            Json(objects).into_response()
+        }
+        Err(e) => store_error(e),
+    }
+}
+
+async fn get_one(
+    State(st): State<ApiState>,
+    UrlPath((kind, name)): UrlPath<(String, String)>,
+) -> Response {
+    let kind = match parse_kind(&kind) {
+        Ok(k) => k,
+        Err(resp) => return resp,
+    };
+    match st.store.get(kind, &name) {
+        Ok(Some(obj)) => Json(obj).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("{kind}/{name} not found"),
+            vec![],
+        ),
+        Err(e) => store_error(e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct DeleteQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn delete(
+    State(st): State<ApiState>,
+    UrlPath((kind, name)): UrlPath<(String, String)>,
+    Query(q): Query<DeleteQuery>,
+) -> Response {
+    let kind = match parse_kind(&kind) {
+        Ok(k) => k,
+        Err(resp) => return resp,
+    };
+    let store = st.store.clone();
+    let n = name.clone();
+    let result = blocking(move || {
+        let check = (!q.force).then_some(Manager::Api);
+        store.request_delete(kind, &n, check.as_ref())
+    })
+    .await;
+    match result {
+        Ok(true) => Json(DeleteResponse {
+            kind: kind.to_string(),
+            name,
+            deletion_requested: true,
+        })
+        .into_response(),
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            format!("{kind}/{name} not found"),
+            vec![],
+        ),
+        Err(resp) => resp,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct WatchQuery {
+    kind: Option<String>,
+    #[serde(default)]
+    initial: bool,
+}
+
+fn json_line(event: &WatchEvent) -> Bytes {
+    let mut line = serde_json::to_vec(event).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+async fn watch_events(State(st): State<ApiState>, Query(q): Query<WatchQuery>) -> Response {
+    let kind = match q.kind.as_deref().filter(|k| !k.is_empty() && *k != "all") {
+        Some(k) => match parse_kind(k) {
+            Ok(k) => Some(k),
+            Err(resp) => return resp,
+        },
+        None => None,
+    };
+    // Subscribe before listing, so nothing in between is missed.
+    let events = st.store.subscribe();
+    let mut initial = Vec::new();
+    if q.initial {
+        match st.store.list(kind) {
+            Ok(objects) => {
+                for obj in objects {
+                    initial.push(json_line(&WatchEvent {
+                        change: WatchChange::Initial,
+                        kind: Some(obj.resource.kind()),
+                        name: Some(obj.resource.name().to_string()),
+                        object: Some(Box::new(obj)),
+                    }));
+                }
+            }
+            Err(e) => return store_error(e),
+        }
+    }
+    let initial = futures::stream::iter(initial.into_iter().map(Ok::<Bytes, std::io::Error>));
+    let live = futures::stream::unfold(
+        (events, st.store.clone(), st.shutdown.clone()),
+        move |(mut events, store, mut shutdown)| async move {
+            loop {
+                if *shutdown.borrow() {
+                    return None;
+                }
+                let received = tokio::select! {
+                    r = events.recv() => r,
+                    _ = shutdown.changed() => return None,
+                };
+                let event = match received {
+                    Ok(e) if kind.is_some_and(|k| k != e.kind) => continue,
+                    Ok(e) => {
+                        let object = match e.change {
+                            Change::Removed => None,
+                            _ => store.get(e.kind, &e.name).ok().flatten().map(Box::new),
+                        };
+                        WatchEvent {
+                            change: match e.change {
+                                Change::Applied => WatchChange::Applied,
+                                Change::StatusChanged => WatchChange::StatusChanged,
+                                Change::DeleteRequested => WatchChange::DeleteRequested,
+                                Change::Removed => WatchChange::Removed,
+                            },
+                            kind: Some(e.kind),
+                            name: Some(e.name),
+                            object,
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => WatchEvent {
+                        change: WatchChange::Lagged,
+                        kind: None,
+                        name: None,
+                        object: None,
+                    },
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                };
+                return Some((
+                    Ok::<Bytes, std::io::Error>(json_line(&event)),
+                    (events, store, shutdown),
+                ));
+            }
+        },
+    );
+    let stream = futures::StreamExt::chain(initial, live);
+    let mut resp = Response::new(Body::from_stream(stream));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    resp
+}
+
+#[derive(Debug, Deserialize)]
+struct LogsQuery {
+    #[serde(default)]
+    offset: u64,
+    #[serde(default)]
+    follow: bool,
+}
+
+/// True when the run will produce no more output: gone, being deleted, or ended.
+fn run_finished(store: &Store, name: &str) -> bool {
+    match store.get(Kind::AgentRun, name) {
+        Ok(Some(obj)) => {
+            obj.is_deleting()
+                || matches!(&obj.resource, Resource::AgentRun(r)
+                    if r.status.as_ref().is_some_and(|s| s.phase.is_terminal()))
+        }
+        _ => true,
+    }
+}
+
+async fn logs(
+    State(st): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<LogsQuery>,
+) -> Response {
+    // Subscribe first so output appended between the first read and the wait is seen.
+    let output_events = st.store.subscribe_output();
+    let first = match st.store.read_output(&name, q.offset, usize::MAX) {
+        Ok(r) => r,
+        Err(e) => return store_error(e),
+    };
+    if !q.follow {
+        let mut resp = Response::new(Body::from(first.bytes()));
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        if let Ok(v) = HeaderValue::from_str(&first.next_offset.to_string()) {
+            headers.insert(NEXT_OFFSET_HEADER, v);
+        }
+        headers.insert(
+            TRUNCATED_HEADER,
+            HeaderValue::from_static(if first.truncated { "true" } else { "false" }),
+        );
+        return resp;
+    }
+    let state = (
+        Some(first),
+        output_events,
+        st.store.clone(),
+        st.shutdown.clone(),
+        name,
+    );
+    let stream = futures::stream::unfold(
+        state,
+        |(pending, mut events, store, mut shutdown, name)| async move {
+            if let Some(read) = pending {
+                if !read.chunks.is_empty() {
+                    let next = read.next_offset;
+                    let bytes = Bytes::from(read.bytes());
+                    let after = store.read_output(&name, next, LOG_CHUNK_BYTES).ok();
+                    return Some((
+                        Ok::<Bytes, std::io::Error>(bytes),
+                        (after, events, store, shutdown, name),
+                    ));
+                }
+                let mut offset = read.next_offset;
+                loop {
+                    // Finished runs end the stream once everything is sent.
+                    if run_finished(&store, &name) || *shutdown.borrow() {
+                        let rest = store.read_output(&name, offset, usize::MAX).ok()?;
+                        if rest.chunks.is_empty() {
+                            return None;
+                        }
+                        let bytes = Bytes::from(rest.bytes());
+                        let done = crate::store::OutputRead {
+                            next_offset: rest.next_offset,
+                            ..Default::default()
+                        };
+                        // Deliver the rest; the next poll sees no chunks and ends.
+                        return Some((Ok(bytes), (Some(done), events, store, shutdown, name)));
+                    }
+                    tokio::select! {
+                        changed = shutdown.changed() => if changed.is_err() { return None },
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        r = events.recv() => match r {
+                            Ok(run) if run != name => continue,
+                            _ => {}
+                        },
+                    }
+                    let read = store.read_output(&name, offset, LOG_CHUNK_BYTES).ok()?;
+                    if !read.chunks.is_empty() {
+                        let next = read.next_offset;
+                        let bytes = Bytes::from(read.bytes());
+                        let idle = crate::store::OutputRead {
+                            next_offset: next,
+                            ..Default::default()
+                        };
+                        return Some((Ok(bytes), (Some(idle), events, store, shutdown, name)));
+                    }
+                    offset = read.next_offset;
+                }
+            }
+            None
+        },
+    );
+    let mut resp = Response::new(Body::from_stream(stream));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    resp
+}
+
+async fn specdir_errors(State(st): State<ApiState>) -> Response {
+    let spec_dir = st
+        .spec_dir
+        .as_ref()
+        .map(|s| s.read().unwrap_or_else(|e| e.into_inner()).clone());
+    Json(SpecDirResponse { spec_dir }).into_response()
+}

@@ -1,0 +1,191 @@
+//! `Controller`: the daemon: opens the store, starts the spec-dir source, the API server and
+//! the reconcile dispatcher, and stops them together.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::api::server::{self, ApiState, ServeError};
+use crate::reconcile::{Ctx, Dispatcher, DispatcherHandle, DispatcherOptions, Reconciler};
+use crate::source::specdir::SpecDirError;
+use crate::source::{SpecDir, WatchOptions};
+use crate::store::{Store, StoreError, STORE_FILE};
+use crate::Config;
+
+/// How long shutdown waits for reconciles in progress before giving up on them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Why the controller could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The spec directory is unusable.
+    #[error(transparent)]
+    SpecDir(#[from] SpecDirError),
+    /// The API socket could not be served.
+    #[error(transparent)]
+    Api(#[from] ServeError),
+    /// A component failed unexpectedly.
+    #[error("{0}")]
+    Task(String),
+}
+
+/// The controller daemon, configured builder-style, started with [`Controller::run`].
+pub struct Controller {
+    config: Config,
+    spec_dir: Option<PathBuf>,
+    socket: PathBuf,
+    reconcilers: Vec<Arc<dyn Reconciler>>,
+    dispatcher: DispatcherOptions,
+    watch: WatchOptions,
+    on_ready: Option<Box<dyn FnOnce(DispatcherHandle) + Send>>,
+}
+
+impl Controller {
+    /// A controller for `config`, serving on [`crate::api::default_socket`], without a spec
+    /// directory and without reconcilers.
+    pub fn new(config: Config) -> Self {
+        let socket = crate::api::default_socket(&config);
+        Self {
+            config,
+            spec_dir: None,
+            socket,
+            reconcilers: Vec::new(),
+            dispatcher: DispatcherOptions::default(),
+            watch: WatchOptions::default(),
+            on_ready: None,
+        }
+    }
+
+    /// Watch `dir` as a source of desired objects.
+    pub fn spec_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.spec_dir = dir;
+        self
+    }
+
+    /// Serve the API on `socket`.
+    pub fn socket(mut self, socket: PathBuf) -> Self {
+        self.socket = socket;
+        self
+    }
+
+    /// Register the reconciler of one kind.
+    pub fn reconciler(mut self, reconciler: Arc<dyn Reconciler>) -> Self {
+        self.reconcilers.push(reconciler);
+        self
+    }
+
+    /// Tune the dispatcher (resync period, workers, backoff).
+    pub fn dispatcher_options(mut self, options: DispatcherOptions) -> Self {
+        self.dispatcher = options;
+        self
+    }
+
+    /// Tune the spec-dir watcher.
+    pub fn watch_options(mut self, options: WatchOptions) -> Self {
+        self.watch = options;
+        self
+    }
+
+    /// Called once everything is started (tests and benchmarks use the handle).
+    pub fn on_ready(mut self, f: impl FnOnce(DispatcherHandle) + Send + 'static) -> Self {
+        self.on_ready = Some(Box::new(f));
+        self
+    }
+
+    /// Runs until `shutdown` resolves, then stops the API, the watcher and the dispatcher
+    /// (waiting up to 30 s for reconciles in progress) and removes the socket.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ControllerError> {
+        let store_path = self.config.state_dir.join(STORE_FILE);
+        let store = tokio::task::spawn_blocking(move || Store::open(store_path))
+            .await
+            .map_err(|e| ControllerError::Task(e.to_string()))??;
+        let spec_dir = match &self.spec_dir {
+            Some(dir) => Some(SpecDir::new(dir, store.clone())?),
+            None => None,
+        };
+        let listener = server::bind(&self.socket)?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            while !*rx.borrow() {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+
+        let api_state = ApiState {
+            store: store.clone(),
+            spec_dir: spec_dir.as_ref().map(SpecDir::state_handle),
+            shutdown: stop_rx.clone(),
+        };
+        let mut api = tokio::spawn(server::serve(listener, api_state, stopped(stop_rx.clone())));
+        let mut source = match spec_dir.clone() {
+            Some(s) => tokio::spawn(s.run(self.watch, stopped(stop_rx.clone()))),
+            None => {
+                let until = stopped(stop_rx.clone());
+                tokio::spawn(async move {
+                    until.await;
+                    Ok(())
+                })
+            }
+        };
+        let ctx = Ctx {
+            store: store.clone(),
+            config: Arc::new(self.config.clone()),
+        };
+        let dispatcher = Dispatcher::new(ctx, self.reconcilers, self.dispatcher);
+        let handle = dispatcher.handle();
+        let mut dispatch = tokio::spawn(dispatcher.run(stopped(stop_rx.clone())));
+        tracing::info!(
+            "controller ready: API on {}, store {}, spec dir {}",
+            self.socket.display(),
+            store.path().display(),
+            spec_dir
+                .as_ref()
+                .map(|s| s.dir().display().to_string())
+                .unwrap_or_else(|| "none".into())
+        );
+        if let Some(f) = self.on_ready {
+            f(handle);
+        }
+
+        let mut failure = None;
+        tokio::select! {
+            _ = shutdown => tracing::info!("shutting down"),
+            r = &mut api => failure = Some(match r {
+                Ok(Ok(())) => "the API server stopped".to_string(),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            }),
+            r = &mut source => failure = Some(match r {
+                Ok(Ok(())) => "the spec-dir watcher stopped".to_string(),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            }),
+            _ = &mut dispatch => failure = Some("the dispatcher stopped".to_string()),
+        }
+        let _ = stop_tx.send(true);
+        let wait_all = async {
+            let _ = api.await;
+            let _ = source.await;
+            let _ = dispatch.await;
+        };
+        if tokio::time::timeout(SHUTDOWN_GRACE, wait_all)
+            .await
+            .is_err()
+        {
+            tracing::warn!("reconciles still running after {SHUTDOWN_GRACE:?}; exiting anyway");
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        match failure {
+            Some(msg) => Err(ControllerError::Task(msg)),
+            None => Ok(()),
+        }
+    }
+}
