@@ -328,7 +328,7 @@ pub enum StoreError {
         errors: ValidationErrors,
     },
     /// The object is managed by another source.
-    #[error("{key} is managed by {manager}; change it there, or force the takeover (`--force`)")]
+    #[error("{key} is managed by {manager}; change or delete it there, or take it over with `agentvm apply --force`")]
     Conflict {
         /// The object.
         key: ObjectKey,

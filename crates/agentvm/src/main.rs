@@ -30,17 +30,33 @@ enum Command {
     Exec(cmd::exec::ExecArgs),
     /// Execute the AgentRuns of manifest files here, each in a fresh VM (no controller).
     Run(cmd::run::RunArgs),
+    /// Run the controller: object store, spec-directory watch, API socket, reconcilers.
+    Controller(cmd::controller::ControllerArgs),
+    /// Create or update objects from manifest files through the controller.
+    Apply(cmd::apply::ApplyArgs),
+    /// List objects (table, YAML, JSON or names).
+    Get(cmd::get::GetArgs),
+    /// Show one object in detail: spec, status, conditions.
+    Describe(cmd::describe::DescribeArgs),
+    /// Delete objects by name or by manifest file.
+    Delete(cmd::delete::DeleteArgs),
 }
 
 fn main() {
+    let cli = Cli::parse();
+    // The controller reports what it does by default; other commands only warn.
+    let default_level = match cli.command {
+        Command::Controller(_) => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("AGENTVM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
     let result = (|| {
         let cfg = cmd::load_config(cli.config.as_deref())?;
         match cli.command {
@@ -49,6 +65,11 @@ fn main() {
             Command::Image(c) => c.run(&cfg),
             Command::Exec(a) => a.run(&cfg),
             Command::Run(a) => a.run(&cfg),
+            Command::Controller(a) => a.run(&cfg),
+            Command::Apply(a) => a.run(&cfg),
+            Command::Get(a) => a.run(&cfg),
+            Command::Describe(a) => a.run(&cfg),
+            Command::Delete(a) => a.run(&cfg),
         }
     })();
     match result {

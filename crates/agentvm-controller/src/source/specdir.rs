@@ -324,7 +324,8 @@ impl SpecDir {
                 }
             }
             for old in &state.reports {
-                if !summary.reports.iter().any(|r| r.file == old.file) {
+                let still_there = paths.iter().any(|p| self.relative(p) == old.file);
+                if still_there && !summary.reports.iter().any(|r| r.file == old.file) {
                     tracing::info!("spec dir: {} is valid again", old.file);
                 }
             }

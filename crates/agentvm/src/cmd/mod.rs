@@ -1,10 +1,16 @@
 //! One module per subcommand.
 
+pub mod apply;
+pub mod controller;
+pub mod delete;
+pub mod describe;
 pub mod doctor;
 pub mod exec;
+pub mod get;
 pub mod host;
 pub mod image;
 pub mod manifests;
+pub mod objects;
 pub mod run;
 
 use std::path::Path;

@@ -1,0 +1,67 @@
+//! `agentvm controller`: run the controller daemon: the object store, the spec-directory
+//! watch, the API on a Unix socket, and the reconcilers.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agentvm_controller::reconcile::DispatcherOptions;
+use agentvm_controller::{Config, Controller};
+use anyhow::Context;
+use clap::Args;
+use tokio::signal::unix::{signal, SignalKind};
+
+/// Options of `controller`.
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    /// Watch this directory (e.g. a git checkout) and apply every `.yaml`/`.yml` file in it,
+    /// recursively; deleting a file deletes the objects it declared.
+    #[arg(long, value_name = "DIR", env = "AGENTVM_SPEC_DIR")]
+    spec_dir: Option<PathBuf>,
+    /// Serve the API on this Unix socket [default: $AGENTVM_SOCKET, else
+    /// <stateDir>/agentvm.sock].
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Reconcile every object at least this often, in seconds.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    resync_seconds: u64,
+}
+
+impl ControllerArgs {
+    /// Run until SIGTERM or SIGINT (a second signal exits at once).
+    pub fn run(self, cfg: &Config) -> anyhow::Result<i32> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        let socket = self
+            .socket
+            .unwrap_or_else(|| agentvm_controller::api::default_socket(cfg));
+        let controller = Controller::new(cfg.clone())
+            .spec_dir(self.spec_dir)
+            .socket(socket)
+            .dispatcher_options(DispatcherOptions {
+                resync: Duration::from_secs(self.resync_seconds.max(1)),
+                ..DispatcherOptions::default()
+            });
+        runtime.block_on(async move {
+            let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+            let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            tokio::spawn(async move {
+                tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+                eprintln!("agentvm controller: shutting down (signal again to exit at once)");
+                let _ = stop_tx.send(());
+                tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+                eprintln!("agentvm controller: second signal, exiting now");
+                std::process::exit(130);
+            });
+            controller
+                .run(async {
+                    let _ = stop_rx.await;
+                })
+                .await?;
+            Ok::<_, anyhow::Error>(())
+        })?;
+        Ok(0)
+    }
+}

@@ -1,0 +1,145 @@
+//! `agentvm describe KIND/NAME`: one object in full: identity, manager, spec, status and
+//! conditions.
+
+use agentvm_controller::store::{Manager, StoredObject};
+use agentvm_controller::time::{human_age, Timestamp};
+use agentvm_controller::Config;
+use clap::Args;
+use serde_json::Value;
+
+use super::objects::{parse_targets, ConnectArgs};
+
+/// Options of `describe`.
+#[derive(Debug, Args)]
+pub struct DescribeArgs {
+    /// Objects as `KIND/NAME...` or `KIND NAME...`.
+    #[arg(value_name = "TARGET", required = true)]
+    targets: Vec<String>,
+    #[command(flatten)]
+    conn: ConnectArgs,
+}
+
+fn when(t: &Timestamp) -> String {
+    format!("{t} ({} ago)", human_age(t.age()))
+}
+
+fn map_line(map: &std::collections::BTreeMap<String, String>) -> String {
+    if map.is_empty() {
+        "<none>".into()
+    } else {
+        map.iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+fn indented_yaml(value: &Value) -> String {
+    let text = serde_yaml::to_string(value).unwrap_or_default();
+    text.lines().map(|l| format!("  {l}\n")).collect::<String>()
+}
+
+/// The text `describe` prints for `obj`.
+pub fn describe(obj: &StoredObject) -> String {
+    let meta = obj.resource.metadata();
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{:<14}{v}\n", format!("{k}:")));
+    line("Name", meta.name.clone());
+    line("Kind", obj.resource.kind().to_string());
+    line("Labels", map_line(&meta.labels));
+    line("Annotations", map_line(&meta.annotations));
+    line(
+        "Managed by",
+        match &obj.manager {
+            Manager::Api => "api (agentvm apply)".into(),
+            Manager::SpecDir { file } => format!("spec directory, file {file}"),
+        },
+    );
+    line("Generation", meta.generation.to_string());
+    line("Created", when(&obj.created_at));
+    line("Updated", when(&obj.updated_at));
+    if let Some(t) = &obj.deletion_requested_at {
+        line("Deleting", format!("requested {}", when(t)));
+    }
+    out.push_str("Spec:\n");
+    out.push_str(&indented_yaml(&obj.resource.spec_json()));
+    let mut status = obj.status_json();
+    let conditions = status
+        .as_object_mut()
+        .and_then(|m| m.remove("conditions"))
+        .and_then(|c| c.as_array().cloned())
+        .unwrap_or_default();
+    if status.is_null() {
+        out.push_str("Status:       <none> (not reconciled yet)\n");
+    } else {
+        out.push_str("Status:\n");
+        out.push_str(&indented_yaml(&status));
+    }
+    if conditions.is_empty() {
+        out.push_str("Conditions:   <none>\n");
+    } else {
+        out.push_str("Conditions:\n");
+        let s = |c: &Value, k: &str| c.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        let mut rows = vec![["TYPE", "STATUS", "REASON", "AGE", "MESSAGE"]
+            .map(String::from)
+            .to_vec()];
+        for c in &conditions {
+            let age = Timestamp::parse(&s(c, "lastTransitionTime"))
+                .map(|t| human_age(t.age()))
+                .unwrap_or_else(|| "-".into());
+            rows.push(vec![
+                format!("  {}", s(c, "type")),
+                s(c, "status"),
+                s(c, "reason"),
+                age,
+                s(c, "message"),
+            ]);
+        }
+        rows[0][0] = format!("  {}", rows[0][0]);
+        out.push_str(&table_text(&rows));
+    }
+    out
+}
+
+fn table_text(rows: &[Vec<String>]) -> String {
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (c, cell) in r.iter().enumerate() {
+            line.push_str(&format!("{cell:<w$}   ", w = widths[c]));
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+impl DescribeArgs {
+    /// Print each object; exit 1 if one is missing.
+    pub fn run(self, cfg: &Config) -> anyhow::Result<i32> {
+        let client = self.conn.client(cfg);
+        let mut missing = 0;
+        for (i, (kind, name)) in parse_targets(&self.targets)?.into_iter().enumerate() {
+            match client.get(kind, &name) {
+                Ok(obj) => {
+                    if i > 0 {
+                        println!();
+                    }
+                    print!("{}", describe(&obj));
+                }
+                Err(e) if e.is_not_found() => {
+                    eprintln!(
+                        "error: {} not found",
+                        super::objects::object_ref(kind, &name)
+                    );
+                    missing += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(i32::from(missing > 0))
+    }
+}
