@@ -189,3 +189,113 @@ impl Controller {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::{Action, ReconcileError};
+    use crate::store::StoredObject;
+    use agentvm_api::Kind;
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    /// Records when each Image was first reconciled and marks it Ready.
+    struct FirstSeen(Mutex<std::collections::HashMap<String, Instant>>);
+
+    impl Reconciler for FirstSeen {
+        fn kind(&self) -> Kind {
+            Kind::Image
+        }
+        fn reconcile(&self, obj: Arc<StoredObject>, ctx: &Ctx) -> Result<Action, ReconcileError> {
+            let name = obj.resource.name().to_string();
+            self.0
+                .lock()
+                .unwrap()
+                .entry(name.clone())
+                .or_insert_with(Instant::now);
+            if obj.is_deleting() {
+                ctx.store.finalize_delete(Kind::Image, &name)?;
+                return Ok(Action::AwaitChange);
+            }
+            let status = serde_json::json!({
+                "phase": "Ready",
+                "observedGeneration": obj.generation(),
+            });
+            ctx.store.update_status(Kind::Image, &name, status)?;
+            Ok(Action::AwaitChange)
+        }
+    }
+
+    /// Prints the latency from a spec-file write to the start of its reconcile (run with
+    /// `--nocapture`), through the whole controller: watcher, debounce, store, dispatcher.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spec_file_write_reaches_its_reconciler() {
+        let tmp = tempfile::tempdir().unwrap();
+        let specs = tmp.path().join("specs");
+        std::fs::create_dir(&specs).unwrap();
+        let config = Config {
+            state_dir: tmp.path().join("state"),
+            ..Config::default()
+        };
+        let seen = Arc::new(FirstSeen(Mutex::default()));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let controller = Controller::new(config)
+            .spec_dir(Some(specs.clone()))
+            .socket(tmp.path().join("api.sock"))
+            .reconciler(seen.clone())
+            .on_ready(move |h| {
+                let _ = ready_tx.send(h);
+            });
+        let task = tokio::spawn(controller.run(async {
+            let _ = rx.await;
+        }));
+        let _handle = ready_rx.await.unwrap();
+        let client = crate::api::client::Client::new(tmp.path().join("api.sock"));
+        let mut latencies = Vec::new();
+        for i in 0..5 {
+            let name = format!("img-{i}");
+            let written = Instant::now();
+            std::fs::write(
+                specs.join(format!("{name}.yaml")),
+                format!("apiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata:\n  name: {name}\nspec: {{}}\n"),
+            )
+            .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let started = loop {
+                if let Some(t) = seen.0.lock().unwrap().get(&name) {
+                    break *t;
+                }
+                assert!(Instant::now() < deadline, "{name} never reconciled");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            };
+            latencies.push(started - written);
+        }
+        println!("spec-file write -> reconcile start: {latencies:?}");
+        // The status the reconciler wrote is what the API serves.
+        let c = client.clone();
+        let obj = tokio::task::spawn_blocking(move || c.get(Kind::Image, "img-0"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(obj.status_json()["phase"], "Ready");
+        assert_eq!(obj.status_json()["observedGeneration"], 1);
+        // Removing the file removes the object through the reconciler's finalizer.
+        std::fs::remove_file(specs.join("img-0.yaml")).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let c = client.clone();
+            let r = tokio::task::spawn_blocking(move || c.get(Kind::Image, "img-0"))
+                .await
+                .unwrap();
+            if r.as_ref().is_err_and(|e| e.is_not_found()) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "img-0 not removed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tx.send(()).unwrap();
+        task.await.unwrap().unwrap();
+        assert!(!tmp.path().join("api.sock").exists());
+    }
+}
