@@ -220,7 +220,7 @@ fn large_files_timeouts_output_cap_stats_and_a_stopped_agent() {
     // A guest agent that stops answering is a typed error within a bounded time.
     let qga = sh(
         &g,
-        "for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = qemu-ga ] && echo ${p#/proc/}; done",
+        "for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = qemu-ga ] && echo ${p#/proc/}; done; true",
     );
     let qga: u32 = qga
         .lines()
