@@ -202,7 +202,7 @@ mod tests {
             "mount_fs devpts /dev/pts",
             "mount_fs tmpfs /run",
             "mount_fs tmpfs /tmp",
-            "virtio_console virtio_net virtio_blk",
+            "virtio_console virtio_net virtio_blk virtio_balloon virtio_rng",
             "ip link set lo up",
             "/sys/class/net/e*",
             "dhclient -nw",

@@ -42,7 +42,7 @@ if [ -s /etc/hostname ]; then
     hostname "$(cat /etc/hostname)" 2>/dev/null || true
 fi
 
-for module in virtio_console virtio_net virtio_blk; do
+for module in virtio_console virtio_net virtio_blk virtio_balloon virtio_rng; do
     modprobe -q "$module" 2>/dev/null || true
 done
 
