@@ -3,11 +3,37 @@
 
 mod cmd;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+
+const LONG_ABOUT: &str =
+    "Run CLI coding agents and untrusted code inside KVM/libvirt virtual machines.
+
+Objects (Network, NetworkFilter, Image, VmPool, AgentRun) are declared in YAML manifests and \
+managed by `agentvm controller`, the Kubernetes way: `apply` them, `get`, `describe`, `wait` \
+for them, `diff` a changed manifest, read a run's `logs`, `delete` them. Kinds have short \
+names: net, nwf, img, pool, run.";
+
+const AFTER_LONG_HELP: &str = "Exit status:
+  0  success (`diff`: no differences)
+  1  failure: an error, a missing or refused object, a `wait` timeout (`diff`: differences found)
+  2  bad usage: unknown flag or missing argument (`diff`: an error)
+  3  the controller is not reachable (start it with `agentvm controller --spec-dir DIR`)
+
+Environment:
+  AGENTVM_SOCKET     the controller's API socket (default <stateDir>/agentvm.sock)
+  AGENTVM_CONFIG     the config file (default ~/.config/agentvm/config.yaml)
+  AGENTVM_LOG        log filter, e.g. debug or agentvm_controller=trace
+  NO_COLOR           no colour even on a terminal (colour is only used on terminals)";
 
 /// Run CLI coding agents and untrusted code inside KVM/libvirt virtual machines.
 #[derive(Debug, Parser)]
-#[command(name = "agentvm", version, propagate_version = true)]
+#[command(
+    name = "agentvm",
+    version,
+    propagate_version = true,
+    long_about = LONG_ABOUT,
+    after_long_help = AFTER_LONG_HELP
+)]
 struct Cli {
     /// Config file (default: $AGENTVM_CONFIG or ~/.config/agentvm/config.yaml).
     #[arg(long, global = true, value_name = "FILE")]
@@ -40,6 +66,18 @@ enum Command {
     Describe(cmd::describe::DescribeArgs),
     /// Delete objects by name or by manifest file.
     Delete(cmd::delete::DeleteArgs),
+    /// Show what `apply` would change (exit 1 when something would).
+    Diff(cmd::diff::DiffArgs),
+    /// Print an AgentRun's output; `-f` follows it until the run ends.
+    Logs(cmd::logs::LogsArgs),
+    /// Wait until objects meet a condition, reach a phase or are deleted.
+    Wait(cmd::wait::WaitArgs),
+    /// Print the JSON Schema of a kind's manifests.
+    Schema(cmd::schema::SchemaArgs),
+    /// Print the client's and the controller's versions.
+    Version(cmd::version::VersionArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completion(cmd::completion::CompletionArgs),
 }
 
 fn main() {
@@ -57,7 +95,14 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let is_diff = matches!(cli.command, Command::Diff(_));
     let result = (|| {
+        // Commands that need no configuration work even when it is broken.
+        let cli = match cli.command {
+            Command::Schema(a) => return a.run(),
+            Command::Completion(a) => return a.run(&mut Cli::command()),
+            _ => cli,
+        };
         let cfg = cmd::load_config(cli.config.as_deref())?;
         match cli.command {
             Command::Host(c) => c.run(),
@@ -70,13 +115,41 @@ fn main() {
             Command::Get(a) => a.run(&cfg),
             Command::Describe(a) => a.run(&cfg),
             Command::Delete(a) => a.run(&cfg),
+            Command::Diff(a) => a.run(&cfg),
+            Command::Logs(a) => a.run(&cfg),
+            Command::Wait(a) => a.run(&cfg),
+            Command::Version(a) => a.run(&cfg),
+            Command::Schema(a) => a.run(),
+            Command::Completion(a) => a.run(&mut Cli::command()),
         }
     })();
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::exit(1);
+            eprintln!("error: {}", error_text(&e));
+            let code = if cmd::is_unreachable(&e) {
+                cmd::EXIT_UNREACHABLE
+            } else if is_diff {
+                cmd::EXIT_USAGE
+            } else {
+                cmd::EXIT_FAILURE
+            };
+            std::process::exit(code);
         }
     }
+}
+
+/// The error and its causes, `: `-separated, leaving out a cause its effect already quotes.
+fn error_text(error: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }

@@ -1,16 +1,23 @@
 //! `agentvm apply -f FILE|DIR|-`: send manifests to the controller; print what each object
-//! became (`created`, `configured`, `unchanged`).
+//! became (`created`, `configured`, `unchanged`), and with `--prune` delete (`pruned`) what
+//! an earlier apply of the same set created that the manifests no longer declare.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use agentvm_api::parse::STDIN_NAME;
+use agentvm_api::Kind;
 use agentvm_api::ParsedResource;
+use agentvm_controller::api::client::Client;
 use agentvm_controller::api::ApplyRequest;
+use agentvm_controller::store::Manager;
 use agentvm_controller::Config;
 use anyhow::bail;
 use clap::Args;
 
-use super::objects::{object_ref, parse_kind, ConnectArgs};
+use super::objects::{
+    apply_set_id, object_ref, paint, parse_kind, use_color, Color, ConnectArgs, APPLY_SET_LABEL,
+};
 
 /// Options of `apply`.
 #[derive(Debug, Args)]
@@ -28,8 +35,47 @@ pub struct ApplyArgs {
     /// the next time their file changes).
     #[arg(long)]
     force: bool,
+    /// Delete the objects an earlier `apply --prune` of the same set created that these
+    /// manifests no longer declare (only objects managed by `agentvm apply`, never the
+    /// spec directory's). The set is named by --apply-set, else by the given paths; its
+    /// objects carry the label `agentvm.dev/apply-set`.
+    #[arg(long)]
+    prune: bool,
+    /// Name of the apply set for --prune (default: a hash of the absolute paths given with
+    /// -f). Needed with `-f -`.
+    #[arg(long, value_name = "NAME", requires = "prune")]
+    apply_set: Option<String>,
     #[command(flatten)]
     conn: ConnectArgs,
+}
+
+/// Labels every object with the apply set `id`.
+pub fn label_apply_set(objects: &mut [ParsedResource], id: &str) {
+    for o in objects {
+        o.resource
+            .metadata_mut()
+            .labels
+            .insert(APPLY_SET_LABEL.to_string(), id.to_string());
+    }
+}
+
+/// The objects of apply set `id` that `keep` does not name and `agentvm apply` manages:
+/// what `--prune` deletes. Objects already being deleted are left out.
+pub fn prune_candidates(
+    client: &Client,
+    id: &str,
+    keep: &BTreeSet<(Kind, String)>,
+) -> anyhow::Result<Vec<agentvm_controller::store::StoredObject>> {
+    let selector = format!("{APPLY_SET_LABEL}={id}");
+    Ok(client
+        .list(None, Some(&selector))?
+        .into_iter()
+        .filter(|o| {
+            o.manager == Manager::Api
+                && !o.is_deleting()
+                && !keep.contains(&(o.resource.kind(), o.resource.name().to_string()))
+        })
+        .collect())
 }
 
 /// Parses `paths` (`-` is stdin) as one set. Every error is printed as
@@ -67,12 +113,19 @@ pub fn load_manifests(paths: &[PathBuf], recursive: bool) -> anyhow::Result<Vec<
 }
 
 impl ApplyArgs {
-    /// Apply; exit 1 if any object was refused.
+    /// Apply (and prune); exit 1 if any object was refused or could not be pruned.
     pub fn run(self, cfg: &Config) -> anyhow::Result<i32> {
-        let objects = load_manifests(&self.files, self.recursive)?;
+        let mut objects = load_manifests(&self.files, self.recursive)?;
         if objects.is_empty() {
             bail!("no manifests found in {:?}", self.files);
         }
+        let set = if self.prune {
+            let id = apply_set_id(&self.files, self.apply_set.as_deref())?;
+            label_apply_set(&mut objects, &id);
+            Some(id)
+        } else {
+            None
+        };
         let request = ApplyRequest {
             objects: objects
                 .iter()
@@ -82,7 +135,9 @@ impl ApplyArgs {
             dry_run: self.dry_run,
             force: self.force,
         };
-        let response = self.conn.client(cfg).apply(&request)?;
+        let client = self.conn.client(cfg);
+        let response = client.apply(&request)?;
+        let color = use_color(&std::io::stdout());
         let suffix = if response.dry_run { " (dry run)" } else { "" };
         let mut failed = 0;
         for r in &response.results {
@@ -91,7 +146,15 @@ impl ApplyArgs {
                 Err(_) => format!("{}/{}", r.kind, r.name),
             };
             match (&r.outcome, &r.error) {
-                (Some(outcome), _) => println!("{name} {outcome}{suffix}"),
+                (Some(outcome), _) => {
+                    let word = outcome.to_string();
+                    let painted = match word.as_str() {
+                        "created" => paint(&word, Color::Green, color),
+                        "configured" => paint(&word, Color::Yellow, color),
+                        _ => word,
+                    };
+                    println!("{name} {painted}{suffix}");
+                }
                 (None, error) => {
                     failed += 1;
                     eprintln!(
@@ -99,6 +162,33 @@ impl ApplyArgs {
                         r.source.as_deref().unwrap_or(&name),
                         error.as_deref().unwrap_or("failed")
                     );
+                }
+            }
+        }
+        if let Some(id) = set {
+            if failed > 0 {
+                eprintln!("error: not pruning apply set {id}: {failed} object(s) were not applied; fix them and apply again");
+                return Ok(1);
+            }
+            let keep: BTreeSet<(Kind, String)> = objects
+                .iter()
+                .map(|p| (p.resource.kind(), p.resource.name().to_string()))
+                .collect();
+            for obj in prune_candidates(&client, &id, &keep)? {
+                let (kind, name) = (obj.resource.kind(), obj.resource.name());
+                let r = object_ref(kind, name);
+                if self.dry_run {
+                    println!("{r} {}{suffix}", paint("pruned", Color::Red, color));
+                    continue;
+                }
+                match client.delete(kind, name, false) {
+                    Ok(_) => println!("{r} {}", paint("pruned", Color::Red, color)),
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) if e.status().is_some() => {
+                        eprintln!("error: pruning {r}: {e}");
+                        failed += 1;
+                    }
+                    Err(e) => return Err(e.into()),
                 }
             }
         }

@@ -1,7 +1,10 @@
 //! `agentvm get KIND [NAME...]`: list objects from the controller as a table, YAML, JSON or
 //! names.
 
+use std::collections::BTreeMap;
+
 use agentvm_api::Kind;
+use agentvm_controller::api::{LabelSelector, WatchChange};
 use agentvm_controller::store::{Manager, StoredObject};
 use agentvm_controller::time::human_age;
 use agentvm_controller::Config;
@@ -9,7 +12,7 @@ use anyhow::bail;
 use clap::{Args, ValueEnum};
 use serde_json::Value;
 
-use super::objects::{lower, object_ref, parse_kind, print_table, ConnectArgs};
+use super::objects::{column_widths, lower, object_ref, parse_kind, table_text, ConnectArgs};
 
 /// Output formats of `get`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -43,6 +46,10 @@ pub struct GetArgs {
     /// Print tables without the header line.
     #[arg(long)]
     no_headers: bool,
+    /// After printing, keep watching: print one more entry for every change (PHASE
+    /// `Deleted` when an object is gone), until interrupted.
+    #[arg(short = 'w', long)]
+    watch: bool,
     #[command(flatten)]
     conn: ConnectArgs,
 }
@@ -174,18 +181,25 @@ fn row(obj: &StoredObject, wide: bool, name: String) -> Vec<String> {
     r
 }
 
-/// Prints `objects` in `format` (`None`: a table).
-pub fn print_objects(
+/// Column widths of each kind's table, so rows printed later line up.
+pub type TableWidths = BTreeMap<Kind, Vec<usize>>;
+
+/// The text `get` prints for `objects` in `format` (`None`: a table), and the widths of
+/// the tables printed.
+pub fn render_objects(
     objects: &[StoredObject],
     format: Option<OutputFormat>,
     no_headers: bool,
     single: bool,
     prefix_kind: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(String, TableWidths)> {
+    let mut out = String::new();
+    let mut widths = TableWidths::new();
     match format {
         Some(OutputFormat::Name) => {
             for o in objects {
-                println!("{}", object_ref(o.resource.kind(), o.resource.name()));
+                out.push_str(&object_ref(o.resource.kind(), o.resource.name()));
+                out.push('\n');
             }
         }
         Some(OutputFormat::Json) => {
@@ -195,14 +209,15 @@ pub fn print_objects(
                 let items: Vec<_> = objects.iter().map(|o| &o.resource).collect();
                 serde_json::to_string_pretty(&serde_json::json!({"kind": "List", "items": items}))?
             };
-            println!("{text}");
+            out.push_str(&text);
+            out.push('\n');
         }
         Some(OutputFormat::Yaml) => {
             for (i, o) in objects.iter().enumerate() {
                 if i > 0 {
-                    println!("---");
+                    out.push_str("---\n");
                 }
-                print!("{}", serde_yaml::to_string(&o.resource)?);
+                out.push_str(&serde_yaml::to_string(&o.resource)?);
             }
         }
         table @ (None | Some(OutputFormat::Wide)) => {
@@ -212,28 +227,79 @@ pub fn print_objects(
                 let rows: Vec<Vec<String>> = objects
                     .iter()
                     .filter(|o| o.resource.kind() == kind)
-                    .map(|o| {
-                        let name = if prefix_kind {
-                            object_ref(kind, o.resource.name())
-                        } else {
-                            o.resource.name().to_string()
-                        };
-                        row(o, wide, name)
-                    })
+                    .map(|o| row(o, wide, display_name(o, prefix_kind)))
                     .collect();
                 if rows.is_empty() {
                     continue;
                 }
                 if !first {
-                    println!();
+                    out.push('\n');
                 }
                 first = false;
                 let h = header(kind, wide);
-                print_table((!no_headers).then_some(h.as_slice()), &rows);
+                let (text, w) = table_text((!no_headers).then_some(h.as_slice()), &rows, &[]);
+                out.push_str(&text);
+                widths.insert(kind, w);
             }
         }
     }
-    Ok(())
+    Ok((out, widths))
+}
+
+fn display_name(obj: &StoredObject, prefix_kind: bool) -> String {
+    if prefix_kind {
+        object_ref(obj.resource.kind(), obj.resource.name())
+    } else {
+        obj.resource.name().to_string()
+    }
+}
+
+/// Prints `objects` in `format` (`None`: a table); returns the tables' column widths.
+pub fn print_objects(
+    objects: &[StoredObject],
+    format: Option<OutputFormat>,
+    no_headers: bool,
+    single: bool,
+    prefix_kind: bool,
+) -> anyhow::Result<TableWidths> {
+    let (text, widths) = render_objects(objects, format, no_headers, single, prefix_kind)?;
+    print!("{text}");
+    Ok(widths)
+}
+
+/// What `get --watch` prints for one changed object (`removed`: it is gone).
+fn watch_text(
+    obj: &StoredObject,
+    removed: bool,
+    format: Option<OutputFormat>,
+    prefix_kind: bool,
+    widths: &mut TableWidths,
+) -> anyhow::Result<String> {
+    let kind = obj.resource.kind();
+    Ok(match format {
+        Some(OutputFormat::Name) => format!("{}\n", object_ref(kind, obj.resource.name())),
+        Some(OutputFormat::Json) => {
+            format!("{}\n", serde_json::to_string_pretty(&obj.resource)?)
+        }
+        Some(OutputFormat::Yaml) => format!("---\n{}", serde_yaml::to_string(&obj.resource)?),
+        table @ (None | Some(OutputFormat::Wide)) => {
+            let wide = table.is_some();
+            let h = header(kind, wide);
+            let mut r = row(obj, wide, display_name(obj, prefix_kind));
+            if removed {
+                if let Some(i) = h.iter().position(|c| c == "PHASE") {
+                    r[i] = "Deleted".into();
+                }
+            }
+            let min = widths
+                .get(&kind)
+                .cloned()
+                .unwrap_or_else(|| column_widths(Some(&h), &[], &[]));
+            let (text, w) = table_text(None, &[r], &min);
+            widths.insert(kind, w);
+            text
+        }
+    })
 }
 
 impl GetArgs {
@@ -249,6 +315,14 @@ impl GetArgs {
         if all && !self.names.is_empty() {
             bail!("`get all` takes no names; name a kind to get single objects");
         }
+        let selector = LabelSelector::parse(self.selector.as_deref().unwrap_or(""))
+            .map_err(anyhow::Error::msg)?;
+        // Subscribe before listing, so no change in between is missed.
+        let events = if self.watch {
+            Some(client.watch(kind, false)?)
+        } else {
+            None
+        };
         let mut missing = 0;
         let objects = if self.names.is_empty() {
             client.list(kind, self.selector.as_deref())?
@@ -259,26 +333,219 @@ impl GetArgs {
                 match client.get(kind, name) {
                     Ok(o) => out.push(o),
                     Err(e) if e.is_not_found() => {
-                        eprintln!("error: {} \"{name}\" not found", lower(kind));
-                        missing += 1;
+                        if !self.watch {
+                            eprintln!("error: {} \"{name}\" not found", lower(kind));
+                            missing += 1;
+                        }
                     }
                     Err(e) => return Err(e.into()),
                 }
             }
             out
         };
-        if objects.is_empty()
-            && missing == 0
-            && matches!(self.output, None | Some(OutputFormat::Wide))
-        {
+        let table = matches!(self.output, None | Some(OutputFormat::Wide));
+        let mut widths = TableWidths::new();
+        if objects.is_empty() && missing == 0 && table {
             match kind {
                 Some(k) => eprintln!("No {} found.", k.plural()),
                 None => eprintln!("No objects found."),
             }
-            return Ok(0);
+            if kind.is_some() && !self.no_headers {
+                // Watching an empty kind: print the header the rows will line up with.
+                if let (Some(k), true) = (kind, self.watch) {
+                    let h = header(k, self.output.is_some());
+                    let (text, w) = table_text(Some(&h), &[], &[]);
+                    print!("{text}");
+                    widths.insert(k, w);
+                }
+            }
+        } else {
+            let single = self.names.len() == 1 && !self.watch;
+            widths = print_objects(&objects, self.output, self.no_headers, single, all)?;
         }
-        let single = self.names.len() == 1;
-        print_objects(&objects, self.output, self.no_headers, single, all)?;
+        let Some(events) = events else {
+            return Ok(i32::from(missing > 0));
+        };
+        // Watch: one entry per change, until interrupted or the controller stops.
+        let mut last: BTreeMap<(Kind, String), StoredObject> = objects
+            .into_iter()
+            .map(|o| ((o.resource.kind(), o.resource.name().to_string()), o))
+            .collect();
+        let wanted = |k: Kind, name: &str| {
+            self.names.is_empty() || (Some(k) == kind && self.names.iter().any(|n| n == name))
+        };
+        for event in events {
+            let event = event?;
+            let (Some(k), Some(name)) = (event.kind, event.name.clone()) else {
+                // Lagged: the stream missed events; show the current state of everything.
+                for o in client.list(kind, self.selector.as_deref())? {
+                    if wanted(o.resource.kind(), o.resource.name()) {
+                        print!("{}", watch_text(&o, false, self.output, all, &mut widths)?);
+                        last.insert((o.resource.kind(), o.resource.name().to_string()), o);
+                    }
+                }
+                continue;
+            };
+            if !wanted(k, &name) {
+                continue;
+            }
+            let key = (k, name);
+            let (obj, removed) = match (event.change, event.object) {
+                (WatchChange::Removed, _) | (_, None) => match last.remove(&key) {
+                    Some(o) => (o, true),
+                    None => continue,
+                },
+                (_, Some(o)) => (*o, false),
+            };
+            let matches = selector.matches(&obj.resource.metadata().labels);
+            if !matches {
+                // It may have left the selection: report it gone once.
+                if last.remove(&key).is_some() {
+                    print!("{}", watch_text(&obj, true, self.output, all, &mut widths)?);
+                }
+                continue;
+            }
+            print!(
+                "{}",
+                watch_text(&obj, removed, self.output, all, &mut widths)?
+            );
+            if !removed {
+                last.insert(key, obj);
+            }
+        }
         Ok(i32::from(missing > 0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use agentvm_controller::time::Timestamp;
+    use serde::Deserialize;
+
+    use super::*;
+
+    /// One object of every kind, with statuses, created 15 minutes ago.
+    fn objects() -> Vec<StoredObject> {
+        let yaml = r#"
+apiVersion: agentvm.dev/v1alpha1
+kind: Network
+metadata: {name: agent-nat, generation: 1}
+spec: {mode: nat, subnet: 192.168.101.0/24}
+status: {phase: Ready, observedGeneration: 1, bridge: virbr-agent}
+---
+apiVersion: agentvm.dev/v1alpha1
+kind: NetworkFilter
+metadata: {name: agent-egress, generation: 2}
+spec:
+  egress:
+    - {protocol: udp, ports: [53]}
+    - {protocol: tcp, ports: [443]}
+---
+apiVersion: agentvm.dev/v1alpha1
+kind: Image
+metadata: {name: debian-base, generation: 1}
+spec: {suite: trixie}
+status: {phase: Building, observedGeneration: 1}
+---
+apiVersion: agentvm.dev/v1alpha1
+kind: VmPool
+metadata: {name: sandbox, generation: 3, labels: {tier: untrusted}}
+spec:
+  template: {imageRef: debian-base}
+  minReady: 2
+  maxSize: 4
+status: {phase: Warming, observedGeneration: 2, ready: 1, busy: 1}
+---
+apiVersion: agentvm.dev/v1alpha1
+kind: AgentRun
+metadata: {name: hello, generation: 1}
+spec:
+  poolRef: sandbox
+  script: {source: "print(1)"}
+status: {phase: Succeeded, exitCode: 0, vm: sandbox-1, reason: Completed}
+"#;
+        let created = Timestamp(SystemTime::now() - Duration::from_secs(15 * 60));
+        serde_yaml::Deserializer::from_str(yaml)
+            .map(|doc| {
+                let resource = agentvm_api::Resource::deserialize(doc).unwrap();
+                let manager = match resource.kind() {
+                    Kind::NetworkFilter => Manager::SpecDir {
+                        file: "net/egress.yaml".into(),
+                    },
+                    _ => Manager::Api,
+                };
+                StoredObject {
+                    resource,
+                    manager,
+                    created_at: created,
+                    updated_at: created,
+                    deletion_requested_at: None,
+                }
+            })
+            .collect()
+    }
+
+    /// Compares `actual` with `tests/golden/NAME`; `AGENTVM_BLESS=1` rewrites the file.
+    fn golden(name: &str, actual: &str) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(name);
+        if std::env::var_os("AGENTVM_BLESS").is_some_and(|v| v == "1") {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, actual).unwrap();
+            return;
+        }
+        let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; run with AGENTVM_BLESS=1 to create it",
+                path.display()
+            )
+        });
+        assert!(
+            expected == actual,
+            "{} differs (AGENTVM_BLESS=1 rewrites it if the change is deliberate):\n--- expected\n{expected}\n--- actual\n{actual}",
+            path.display()
+        );
+    }
+
+    #[test]
+    fn table_output_is_stable() {
+        let mut objs = objects();
+        let render = |objs: &[StoredObject], f, nh, prefix| {
+            render_objects(objs, f, nh, false, prefix).unwrap().0
+        };
+        golden("get/all.txt", &render(&objs, None, false, true));
+        golden(
+            "get/all-wide.txt",
+            &render(&objs, Some(OutputFormat::Wide), false, true),
+        );
+        golden("get/all-no-headers.txt", &render(&objs, None, true, true));
+        golden(
+            "get/all-name.txt",
+            &render(&objs, Some(OutputFormat::Name), false, true),
+        );
+        objs.retain(|o| o.resource.kind() == Kind::VmPool);
+        objs[0].deletion_requested_at = Some(Timestamp(SystemTime::now()));
+        golden("get/pools.txt", &render(&objs, None, false, false));
+    }
+
+    #[test]
+    fn watch_rows_line_up_with_the_table() {
+        let objs = objects();
+        let pools: Vec<_> = objs
+            .iter()
+            .filter(|o| o.resource.kind() == Kind::VmPool)
+            .cloned()
+            .collect();
+        let (table, mut widths) = render_objects(&pools, None, false, false, false).unwrap();
+        let row = watch_text(&pools[0], true, None, false, &mut widths).unwrap();
+        let first_row = table.lines().nth(1).unwrap();
+        assert_eq!(
+            row.find("Deleted"),
+            first_row.find("Warming"),
+            "{table}{row}"
+        );
     }
 }
