@@ -27,6 +27,8 @@ pub const FILE_CHUNK: usize = 1024 * 1024;
 /// agent until the call times out, so base64 payloads stay well below that: 128 KiB of data is
 /// ~171 KiB of base64 (~44 ms per call under TCG).
 pub const WRITE_CHUNK: usize = 128 * 1024;
+/// Attempts of one file-data call when the agent is briefly unavailable.
+pub const FILE_RETRIES: u32 = 4;
 /// The `PATH` given to guest processes unless the caller sets one.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -234,14 +236,17 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
     pub fn write_file(&self, path: &str, data: &[u8]) -> Result<()> {
         let h = self.open(path, "w")?;
         let res = (|| {
+            let mut pos = 0u64;
             for chunk in data.chunks(WRITE_CHUNK) {
                 let mut off = 0;
                 while off < chunk.len() {
-                    let r = self.call_within(
-                        "guest-file-write",
-                        Some(json!({"handle": h, "buf-b64": B64.encode(&chunk[off..])})),
-                        CHUNK_TIMEOUT,
-                    )?;
+                    let r = self.at_position(h, pos, || {
+                        self.call_within(
+                            "guest-file-write",
+                            Some(json!({"handle": h, "buf-b64": B64.encode(&chunk[off..])})),
+                            CHUNK_TIMEOUT,
+                        )
+                    })?;
                     let n = r["count"].as_u64().ok_or_else(|| {
                         self.protocol("guest-file-write", format!("no count in {r}"))
                     })?;
@@ -251,6 +256,7 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
                         );
                     }
                     off += n as usize;
+                    pos += n;
                 }
             }
             self.call("guest-file-flush", Some(json!({"handle": h})))
@@ -260,13 +266,48 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
         res.and(closed)
     }
 
-    /// Read one chunk (up to `max` bytes) from an open handle. Returns the bytes and EOF flag.
-    fn read_chunk(&self, h: i64, max: usize) -> Result<(Vec<u8>, bool)> {
-        let r = self.call_within(
-            "guest-file-read",
-            Some(json!({"handle": h, "count": max.max(1)})),
-            CHUNK_TIMEOUT,
-        )?;
+    /// Run `call`, a data-moving call on handle `h` whose data belongs at offset `pos`. When
+    /// the agent is briefly unavailable (libvirt gives up on its 5 s `guest-sync` when a busy
+    /// host starves the guest), the call is retried after putting the handle back at `pos`,
+    /// so a call that did reach the guest is not applied twice. An agent that stays silent
+    /// still fails after [`FILE_RETRIES`] attempts.
+    fn at_position<T>(&self, h: i64, pos: u64, mut call: impl FnMut() -> Result<T>) -> Result<T> {
+        let mut attempt = 0;
+        loop {
+            let result = if attempt == 0 {
+                call()
+            } else {
+                std::thread::sleep(Duration::from_millis(250 * attempt as u64));
+                self.call(
+                    "guest-file-seek",
+                    Some(json!({"handle": h, "offset": pos, "whence": "set"})),
+                )
+                .and_then(|_| call())
+            };
+            match result {
+                Err(BackendError::GuestAgentUnavailable { .. }) if attempt + 1 < FILE_RETRIES => {
+                    attempt += 1;
+                    tracing::debug!(
+                        vm = self.chan.vm_name(),
+                        attempt,
+                        "agent unavailable; retrying file call"
+                    );
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Read one chunk (up to `max` bytes) at offset `pos` of an open handle (the handle's
+    /// position must be `pos`). Returns the bytes and the EOF flag.
+    fn read_chunk(&self, h: i64, pos: u64, max: usize) -> Result<(Vec<u8>, bool)> {
+        let r = self.at_position(h, pos, || {
+            self.call_within(
+                "guest-file-read",
+                Some(json!({"handle": h, "count": max.max(1)})),
+                CHUNK_TIMEOUT,
+            )
+        })?;
         let data = B64
             .decode(r["buf-b64"].as_str().unwrap_or(""))
             .map_err(|e| self.protocol("guest-file-read", e.to_string()))?;
@@ -279,7 +320,7 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
         let res = (|| {
             let mut out = Vec::new();
             loop {
-                let (data, eof) = self.read_chunk(h, FILE_CHUNK)?;
+                let (data, eof) = self.read_chunk(h, out.len() as u64, FILE_CHUNK)?;
                 out.extend_from_slice(&data);
                 if out.len() > max {
                     return Err(self.protocol(
@@ -425,7 +466,7 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
                 if room == 0 {
                     return Ok(true);
                 }
-                let (data, eof) = g.read_chunk(h, room.min(FILE_CHUNK))?;
+                let (data, eof) = g.read_chunk(h, buf.len() as u64, room.min(FILE_CHUNK))?;
                 if !data.is_empty() {
                     on_output(s, &data);
                     buf.extend_from_slice(&data);
@@ -569,6 +610,32 @@ mod tests {
 
     fn read(data: &[u8], eof: bool) -> Result<Value> {
         Ok(json!({"count": data.len(), "buf-b64": B64.encode(data), "eof": eof}))
+    }
+
+    #[test]
+    fn a_briefly_unavailable_agent_gets_the_chunk_again_at_the_same_position() {
+        let unavailable = || {
+            Err(BackendError::GuestAgentUnavailable {
+                vm: "fake".into(),
+                message: "Guest agent not available for now".into(),
+            })
+        };
+        let data = vec![1u8; WRITE_CHUNK + 5];
+        let agent = FakeAgent::new(vec![
+            Ok(json!(9)),                         // open
+            Ok(json!({"count": WRITE_CHUNK})),    // first chunk
+            unavailable(),                        // second chunk: sync timed out
+            Ok(json!({"position": WRITE_CHUNK})), // seek back to where it belongs
+            Ok(json!({"count": 5})),              // second chunk again
+            Ok(json!({})),                        // flush
+            Ok(json!({})),                        // close
+        ]);
+        Guest::new(&agent).write_file("/x", &data).unwrap();
+        let calls = agent.calls.borrow();
+        assert_eq!(calls[3]["execute"], "guest-file-seek");
+        assert_eq!(calls[3]["arguments"]["offset"], WRITE_CHUNK);
+        assert_eq!(calls[3]["arguments"]["whence"], "set");
+        assert_eq!(calls[4]["execute"], "guest-file-write");
     }
 
     #[test]
