@@ -12,44 +12,19 @@ use std::time::{Duration, Instant};
 
 use agentvm_backend::golden::{GoldenVm, ResetStrategy, GOLDEN_SNAPSHOT};
 use agentvm_backend::guest::{AgentChannel, ExecRequest, Guest};
-use agentvm_backend::vm::{default_state_dir, BootImage, VmShape};
+use agentvm_backend::vm::{default_state_dir, VmShape};
 use agentvm_backend::{Accelerator, AcceleratorChoice, Libvirt, Owner};
 use serde_json::json;
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::image;
 
 fn env_usize(key: &str, default: usize) -> usize {
     std::env::var(key)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// The guest image for the default recipe, or the built image directory named by
-/// `$AGENTVM_IMAGE_DIR` (to pin an image while the recipe is being changed).
-fn image() -> BootImage {
-    if let Some(dir) = std::env::var_os("AGENTVM_IMAGE_DIR").map(std::path::PathBuf::from) {
-        let meta = std::fs::read_to_string(dir.join("image.json"))
-            .unwrap_or_else(|e| panic!("{}/image.json: {e}", dir.display()));
-        let meta: serde_json::Value = serde_json::from_str(&meta).unwrap();
-        return BootImage {
-            disk: dir.join("disk.qcow2"),
-            kernel: dir.join("vmlinuz"),
-            initrd: dir.join("initrd.img"),
-            cmdline: meta["cmdline"]
-                .as_str()
-                .expect("cmdline in image.json")
-                .into(),
-        };
-    }
-    let cache = agentvm_image::default_cache_dir();
-    let img = agentvm_image::lookup(&agentvm_image::Recipe::default(), &cache)
-        .expect("reading the image cache")
-        .unwrap_or_else(|| panic!("guest image not built under {}", cache.display()));
-    BootImage {
-        disk: img.disk,
-        kernel: img.kernel,
-        initrd: img.initrd,
-        cmdline: img.cmdline,
-    }
 }
 
 fn shape(memory_mib: u64) -> VmShape {

@@ -9,55 +9,12 @@ use std::time::{Duration, Instant};
 
 use agentvm_backend::golden::{GoldenVm, ResetStrategy};
 use agentvm_backend::guest::{ExecRequest, Guest, DEFAULT_OUTPUT_CAP};
-use agentvm_backend::vm::{default_state_dir, BootImage, EphemeralVm, VmShape};
-use agentvm_backend::{Accelerator, AcceleratorChoice, BackendError, Libvirt, Owner};
+use agentvm_backend::vm::{default_state_dir, EphemeralVm, VmShape};
+use agentvm_backend::{BackendError, Libvirt, Owner};
 use sha2::{Digest, Sha256};
 
-/// The guest image for the default recipe, or the built image directory named by
-/// `$AGENTVM_IMAGE_DIR` (to pin an image while the recipe is being changed).
-fn image() -> BootImage {
-    if let Some(dir) = std::env::var_os("AGENTVM_IMAGE_DIR").map(std::path::PathBuf::from) {
-        let meta = std::fs::read_to_string(dir.join("image.json"))
-            .unwrap_or_else(|e| panic!("{}/image.json: {e}", dir.display()));
-        let meta: serde_json::Value = serde_json::from_str(&meta).unwrap();
-        return BootImage {
-            disk: dir.join("disk.qcow2"),
-            kernel: dir.join("vmlinuz"),
-            initrd: dir.join("initrd.img"),
-            cmdline: meta["cmdline"]
-                .as_str()
-                .expect("cmdline in image.json")
-                .into(),
-        };
-    }
-    let cache = agentvm_image::default_cache_dir();
-    let img = agentvm_image::lookup(&agentvm_image::Recipe::default(), &cache)
-        .expect("reading the image cache")
-        .unwrap_or_else(|| {
-            panic!(
-                "guest image not built under {}: run `agentvm image build` (scripts/test.sh does)",
-                cache.display()
-            )
-        });
-    BootImage {
-        disk: img.disk,
-        kernel: img.kernel,
-        initrd: img.initrd,
-        cmdline: img.cmdline,
-    }
-}
-
-fn accel() -> Accelerator {
-    match AcceleratorChoice::from_env_or(AcceleratorChoice::Tcg).unwrap() {
-        AcceleratorChoice::Kvm => Accelerator::Kvm,
-        _ => Accelerator::Tcg,
-    }
-}
-
-fn libvirt() -> Libvirt {
-    Libvirt::connect("qemu:///system")
-        .unwrap_or_else(|e| panic!("libvirt must be running for tier-3 tests: {e}"))
-}
+mod common;
+use common::{accel, image, libvirt};
 
 fn shape() -> VmShape {
     VmShape {

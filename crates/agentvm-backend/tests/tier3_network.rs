@@ -20,8 +20,11 @@ use agentvm_api::{NetworkMode, NetworkSpec};
 use agentvm_backend::guest::{ExecRequest, Guest};
 use agentvm_backend::libvirt_net::DefineOutcome;
 use agentvm_backend::netxml::{libvirt_name, parse_nwfilter, NetworkDef, NwFilterDef};
-use agentvm_backend::vm::{default_state_dir, BootImage, EphemeralVm, VmShape};
-use agentvm_backend::{Accelerator, AcceleratorChoice, BackendError, Libvirt, NicSpec, Owner};
+use agentvm_backend::vm::{default_state_dir, EphemeralVm, VmShape};
+use agentvm_backend::{BackendError, Libvirt, NicSpec, Owner};
+
+mod common;
+use common::{accel, image, libvirt};
 
 /// The "internet" host's address, inside the inet namespace.
 const INET_HOST: &str = "198.18.0.2";
@@ -121,36 +124,6 @@ fn assert_libvirtd_in_test_netns() -> String {
          create networks there"
     );
     ns
-}
-
-fn image() -> BootImage {
-    let cache = agentvm_image::default_cache_dir();
-    let img = agentvm_image::lookup(&agentvm_image::Recipe::default(), &cache)
-        .expect("reading the image cache")
-        .unwrap_or_else(|| {
-            panic!(
-                "guest image not built under {}: run `agentvm image build` (scripts/test.sh does)",
-                cache.display()
-            )
-        });
-    BootImage {
-        disk: img.disk,
-        kernel: img.kernel,
-        initrd: img.initrd,
-        cmdline: img.cmdline,
-    }
-}
-
-fn accel() -> Accelerator {
-    match AcceleratorChoice::from_env_or(AcceleratorChoice::Tcg).unwrap() {
-        AcceleratorChoice::Kvm => Accelerator::Kvm,
-        _ => Accelerator::Tcg,
-    }
-}
-
-fn libvirt() -> Libvirt {
-    Libvirt::connect("qemu:///system")
-        .unwrap_or_else(|e| panic!("libvirt must be running for tier-3 tests: {e}"))
 }
 
 fn owner(kind: &str, test: &str) -> Owner {

@@ -5,38 +5,11 @@
 use std::time::Duration;
 
 use agentvm_backend::guest::{ExecRequest, Guest, Stream};
-use agentvm_backend::vm::{default_state_dir, BootImage, EphemeralVm, VmShape};
-use agentvm_backend::{Accelerator, AcceleratorChoice, Libvirt, Owner};
+use agentvm_backend::vm::{default_state_dir, EphemeralVm, VmShape};
+use agentvm_backend::{Libvirt, Owner};
 
-fn image() -> BootImage {
-    let cache = agentvm_image::default_cache_dir();
-    let img = agentvm_image::lookup(&agentvm_image::Recipe::default(), &cache)
-        .expect("reading the image cache")
-        .unwrap_or_else(|| {
-            panic!(
-                "guest image not built under {}: run `agentvm image build` (scripts/test.sh does)",
-                cache.display()
-            )
-        });
-    BootImage {
-        disk: img.disk,
-        kernel: img.kernel,
-        initrd: img.initrd,
-        cmdline: img.cmdline,
-    }
-}
-
-fn accel() -> Accelerator {
-    match AcceleratorChoice::from_env_or(AcceleratorChoice::Tcg).unwrap() {
-        AcceleratorChoice::Kvm => Accelerator::Kvm,
-        _ => Accelerator::Tcg,
-    }
-}
-
-fn libvirt() -> Libvirt {
-    Libvirt::connect("qemu:///system")
-        .unwrap_or_else(|e| panic!("libvirt must be running for tier-3 tests: {e}"))
-}
+mod common;
+use common::{accel, image, libvirt};
 
 fn boot<'a>(lv: &'a Libvirt, test: &str) -> EphemeralVm<'a> {
     let name = format!("agentvm-t3-{test}-{}", std::process::id());

@@ -1,0 +1,39 @@
+//! Shared set-up of the tier-3 tests and the benchmarks: the guest image, the accelerator and
+//! the libvirt connection. Each fails loudly (never skips) when its part is missing.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use agentvm_backend::vm::BootImage;
+use agentvm_backend::{Accelerator, AcceleratorChoice, Libvirt};
+
+/// The default recipe's guest image (`agentvm image build`; scripts/test.sh builds it).
+pub fn image() -> BootImage {
+    let cache = agentvm_image::default_cache_dir();
+    let img = agentvm_image::lookup(&agentvm_image::Recipe::default(), &cache)
+        .expect("reading the image cache")
+        .unwrap_or_else(|| {
+            panic!(
+                "guest image not built under {}: run `agentvm image build` (scripts/test.sh does)",
+                cache.display()
+            )
+        });
+    BootImage {
+        disk: img.disk,
+        kernel: img.kernel,
+        initrd: img.initrd,
+        cmdline: img.cmdline,
+    }
+}
+
+/// `$AGENTVM_ACCEL` (kvm or tcg), TCG when unset: KVM cannot boot 64-bit guests on CI hosts.
+pub fn accel() -> Accelerator {
+    match AcceleratorChoice::from_env_or(AcceleratorChoice::Tcg).unwrap() {
+        AcceleratorChoice::Kvm => Accelerator::Kvm,
+        _ => Accelerator::Tcg,
+    }
+}
+
+/// The system libvirt (`qemu:///system`).
+pub fn libvirt() -> Libvirt {
+    Libvirt::connect("qemu:///system")
+        .unwrap_or_else(|e| panic!("libvirt must be running for tier-3 tests: {e}"))
+}
