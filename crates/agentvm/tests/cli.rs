@@ -122,6 +122,20 @@ fn next_line(rx: &mpsc::Receiver<String>, what: &str) -> String {
         .unwrap_or_else(|_| panic!("no line for {what}"))
 }
 
+/// Waits for a child that prints little; kills it (by its pid) and fails after `limit`.
+fn finish_within(mut child: Child, limit: Duration, what: &str) -> Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
 #[test]
 fn kubectl_style_commands() {
     let mut env = Env {
@@ -346,7 +360,7 @@ fn kubectl_style_commands() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     env.ok(&["delete", "nwf/cli-outside"]);
-    let out = waiter.wait_with_output().unwrap();
+    let out = finish_within(waiter, Duration::from_secs(30), "wait --for=delete");
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
@@ -361,6 +375,19 @@ fn kubectl_style_commands() {
     env.ok(&["apply", "-f", &run]);
     assert_eq!(env.ok(&["logs", "run/quiet"]), "");
     assert_eq!(env.ok(&["logs", "quiet"]), "");
+    // -f follows until the run ends; a deleted run ends it.
+    let follower = env
+        .cmd(&["logs", "-f", "run/quiet"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    env.ok(&["delete", "run/quiet"]);
+    let out = finish_within(follower, Duration::from_secs(20), "logs -f");
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
     let (code, _, err) = env.code(&["logs", "run/missing"]);
     assert_eq!(code, 1);
     assert!(err.contains("agentrun/missing not found"), "{err}");
