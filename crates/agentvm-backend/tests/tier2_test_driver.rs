@@ -93,3 +93,46 @@ fn missing_domain_is_typed_not_found() {
         "{err}"
     );
 }
+
+#[test]
+fn golden_snapshot_is_taken_reverted_to_and_removed_with_the_domain() {
+    use agentvm_backend::golden::{ResetStrategy, GOLDEN_SNAPSHOT};
+    use agentvm_backend::vm::VmFiles;
+    use std::time::Duration;
+
+    let lv = Libvirt::connect("test:///default").unwrap();
+    let name = "agentvm-t2-golden";
+    let _ = lv.destroy_domain(name);
+    let _ = lv.undefine_domain(name);
+    let dir = tempfile::tempdir().unwrap();
+    let files = VmFiles::new(dir.path(), name);
+    std::fs::create_dir_all(&files.dir).unwrap();
+
+    lv.define_domain(&spec(name)).unwrap();
+    lv.start_domain(name).unwrap();
+    let golden = lv
+        .park_golden(
+            name,
+            &files,
+            ResetStrategy::SnapshotRevert,
+            Duration::from_secs(1),
+        )
+        .expect("internal snapshot through the backend");
+    assert_eq!(golden.strategy, ResetStrategy::SnapshotRevert);
+
+    // The test driver has no guest agent, so revert through the libvirt API the strategy uses.
+    let dom = lv.raw().lookup_domain_by_name(name).unwrap();
+    let snap = virt::domain::Domain::lookup_snapshot_by_name(&dom, GOLDEN_SNAPSHOT, 0).unwrap();
+    lv.destroy_domain(name).unwrap();
+    assert_eq!(lv.domain_state(name).unwrap(), DomainState::ShutOff);
+    snap.revert(0).unwrap();
+    assert_eq!(
+        lv.domain_state(name).unwrap(),
+        DomainState::Running,
+        "reverting to the golden snapshot brings back the running state"
+    );
+
+    lv.remove_golden(name, &files).unwrap();
+    assert!(lv.domain_state(name).unwrap_err().is_not_found());
+    assert!(!files.dir.exists());
+}
