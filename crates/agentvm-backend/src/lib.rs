@@ -2,7 +2,9 @@
 //! qemu-guest-agent, and the per-VM files (overlays, logs) that go with each domain.
 
 pub mod accel;
+pub mod backend;
 pub mod error;
+pub mod fake;
 pub mod golden;
 pub mod guest;
 pub mod libvirt;
@@ -13,6 +15,7 @@ pub mod vm;
 pub mod xml;
 
 pub use accel::{Accelerator, AcceleratorChoice};
+pub use backend::{Backend, LibvirtBackend};
 pub use error::{BackendError, Result};
 pub use golden::{GoldenState, GoldenVm, ResetReport, ResetStrategy};
 pub use guest::{AgentChannel, ExecOutcome, ExecRequest, Guest, Stream};

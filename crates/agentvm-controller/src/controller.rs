@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::api::server::{self, ApiState, ServeError};
-use crate::reconcile::{Ctx, Dispatcher, DispatcherHandle, DispatcherOptions, Reconciler};
+use crate::reconcile::{Ctx, Dispatcher, DispatcherHandle, DispatcherOptions, Reconciler, Sweeper};
 use crate::source::specdir::SpecDirError;
 use crate::source::{SpecDir, WatchOptions};
 use crate::store::{Store, StoreError, STORE_FILE};
@@ -41,6 +41,7 @@ pub struct Controller {
     spec_dir: Option<PathBuf>,
     socket: PathBuf,
     reconcilers: Vec<Arc<dyn Reconciler>>,
+    sweepers: Vec<Arc<dyn Sweeper>>,
     dispatcher: DispatcherOptions,
     watch: WatchOptions,
     on_ready: Option<Box<dyn FnOnce(DispatcherHandle) + Send>>,
@@ -56,6 +57,7 @@ impl Controller {
             spec_dir: None,
             socket,
             reconcilers: Vec::new(),
+            sweepers: Vec::new(),
             dispatcher: DispatcherOptions::default(),
             watch: WatchOptions::default(),
             on_ready: None,
@@ -77,6 +79,12 @@ impl Controller {
     /// Register the reconciler of one kind.
     pub fn reconciler(mut self, reconciler: Arc<dyn Reconciler>) -> Self {
         self.reconcilers.push(reconciler);
+        self
+    }
+
+    /// Register periodic work (run at start and at every resync period).
+    pub fn sweeper(mut self, sweeper: Arc<dyn Sweeper>) -> Self {
+        self.sweepers.push(sweeper);
         self
     }
 
@@ -139,6 +147,32 @@ impl Controller {
             store: store.clone(),
             config: Arc::new(self.config.clone()),
         };
+        let sweeps: Vec<_> = self
+            .sweepers
+            .into_iter()
+            .map(|sweeper| {
+                let ctx = ctx.clone();
+                let every = self.dispatcher.resync;
+                let until = stopped(stop_rx.clone());
+                tokio::spawn(async move {
+                    tokio::pin!(until);
+                    let mut tick = tokio::time::interval(every);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    loop {
+                        tokio::select! {
+                            _ = &mut until => break,
+                            _ = tick.tick() => {}
+                        }
+                        let (s, c) = (sweeper.clone(), ctx.clone());
+                        match tokio::task::spawn_blocking(move || s.sweep(&c)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => tracing::warn!("sweep failed: {e}"),
+                            Err(e) => tracing::error!("sweep panicked: {e}"),
+                        }
+                    }
+                })
+            })
+            .collect();
         let dispatcher = Dispatcher::new(ctx, self.reconcilers, self.dispatcher);
         let handle = dispatcher.handle();
         let mut dispatch = tokio::spawn(dispatcher.run(stopped(stop_rx.clone())));
@@ -175,6 +209,9 @@ impl Controller {
             let _ = api.await;
             let _ = source.await;
             let _ = dispatch.await;
+            for s in sweeps {
+                let _ = s.await;
+            }
         };
         if tokio::time::timeout(SHUTDOWN_GRACE, wait_all)
             .await

@@ -7,6 +7,7 @@ pub mod controller;
 pub mod images;
 pub mod queue;
 pub mod reconcile;
+pub mod reconcilers;
 pub mod run;
 pub mod source;
 pub mod store;
@@ -14,7 +15,7 @@ pub mod time;
 
 pub use config::Config;
 pub use controller::Controller;
-pub use reconcile::{Action, Ctx, ReconcileError, Reconciler};
+pub use reconcile::{Action, Ctx, ReconcileError, Reconciler, Sweeper};
 pub use store::{
     ApplyOptions, ApplyOutcome, Change, Manager, ObjectKey, Store, StoreError, StoreEvent,
     StoredObject,

@@ -98,6 +98,13 @@ pub trait Reconciler: Send + Sync + 'static {
     }
 }
 
+/// Periodic work that is not about one object: garbage collection of owned libvirt objects
+/// that no stored object declares. Run on a blocking thread at start and at every resync.
+pub trait Sweeper: Send + Sync + 'static {
+    /// One pass; errors are logged and the next pass tries again.
+    fn sweep(&self, ctx: &Ctx) -> Result<(), ReconcileError>;
+}
+
 /// Tuning of the [`Dispatcher`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DispatcherOptions {

@@ -121,6 +121,7 @@ fn controller_and_cli_end_to_end() {
             specs.to_str().unwrap(),
             "--socket",
             socket.to_str().unwrap(),
+            "--without-reconcilers",
         ])
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())

@@ -336,6 +336,12 @@ pub struct VmPoolStatus {
     /// VMs booting, warming up or resetting.
     #[serde(default)]
     pub starting: u32,
+    /// Every VM of the pool, in any state.
+    #[serde(default)]
+    pub total: u32,
+    /// Names of the pool's libvirt domains.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vms: Vec<String>,
     /// Spec hash of the template the ready VMs were built from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template_hash: Option<String>,

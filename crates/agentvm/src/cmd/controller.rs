@@ -2,9 +2,12 @@
 //! watch, the API on a Unix socket, and the reconcilers.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use agentvm_backend::LibvirtBackend;
 use agentvm_controller::reconcile::DispatcherOptions;
+use agentvm_controller::reconcilers::{self, ImageCache, PoolRegistry};
 use agentvm_controller::{Config, Controller};
 use anyhow::Context;
 use clap::Args;
@@ -24,6 +27,10 @@ pub struct ControllerArgs {
     /// Reconcile every object at least this often, in seconds.
     #[arg(long, default_value_t = 30, value_name = "SECONDS")]
     resync_seconds: u64,
+    /// Only store, watch and serve objects; reconcile nothing into libvirt and build no
+    /// images (for trying out manifests and tooling).
+    #[arg(long)]
+    without_reconcilers: bool,
 }
 
 impl ControllerArgs {
@@ -36,13 +43,26 @@ impl ControllerArgs {
         let socket = self
             .socket
             .unwrap_or_else(|| agentvm_controller::api::default_socket(cfg));
-        let controller = Controller::new(cfg.clone())
+        let mut controller = Controller::new(cfg.clone())
             .spec_dir(self.spec_dir)
             .socket(socket)
             .dispatcher_options(DispatcherOptions {
                 resync: Duration::from_secs(self.resync_seconds.max(1)),
                 ..DispatcherOptions::default()
             });
+        if !self.without_reconcilers {
+            let backend = Arc::new(LibvirtBackend::new(
+                cfg.libvirt_uri.clone(),
+                cfg.state_dir.clone(),
+                cfg.accelerator,
+                Duration::from_secs(cfg.boot_timeout_seconds),
+            ));
+            let images = Arc::new(ImageCache {
+                dir: cfg.cache_dir.clone(),
+            });
+            controller =
+                reconcilers::register(controller, backend, Arc::new(PoolRegistry::new()), images);
+        }
         runtime.block_on(async move {
             let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
             let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;

@@ -1,0 +1,405 @@
+//! The `Backend` trait: exactly what the controller's reconcilers need from the hypervisor
+//! (owned networks, nwfilters and pool VMs), implemented for libvirt by [`LibvirtBackend`] and
+//! in memory by [`crate::fake::FakeBackend`].
+//!
+//! Every method is synchronous (callers run them on blocking threads) and idempotent where it
+//! says so. Nothing here touches an object without agentvm's ownership metadata: such objects
+//! are never listed, and acting on one by name fails with [`BackendError::NotOwned`].
+//!
+//! # Scope of a `LibvirtBackend`
+//! One libvirt daemon may serve several agentvm state directories (a host controller and
+//! tests, say). A backend lists only the owned objects *of its state directory*: domains whose
+//! VM directory (`<state>/vms/<name>`) exists, networks and filters with a record under
+//! `<state>/owned/`. So a controller garbage-collects only what it (or an earlier controller
+//! on the same state directory) created; adoption after a restart still reads the ownership
+//! metadata from libvirt.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::accel::{Accelerator, AcceleratorChoice};
+use crate::error::{BackendError, Result};
+use crate::golden::{GoldenKind, GoldenState, ResetStrategy, GOLDEN_SNAPSHOT};
+use crate::guest::{ExecRequest, Guest};
+use crate::libvirt::{DomainState, Libvirt};
+use crate::libvirt_net::OwnedFilter;
+use crate::netxml::{NetworkDef, NwFilterDef};
+use crate::vm::{make_dir, resolve_accelerator, BootImage, EphemeralVm, VmFiles, VmShape};
+use crate::xml::{NicSpec, Owner};
+
+pub use crate::libvirt_net::DefineOutcome as EnsureOutcome;
+
+/// An owned libvirt network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedNetwork {
+    /// libvirt network name.
+    pub name: String,
+    /// Its ownership metadata.
+    pub owner: Owner,
+    /// True when it is running.
+    pub active: bool,
+}
+
+/// An owned domain as the reconcilers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedVm {
+    /// Domain name.
+    pub name: String,
+    /// Its ownership metadata (the pool and the template hash it was built from).
+    pub owner: Owner,
+    /// Run state.
+    pub state: DomainState,
+    /// True when its golden state exists (it finished booting, warming up and parking).
+    pub golden: bool,
+}
+
+/// A pool VM to create: booted from `image`, warmed up, parked at its golden state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolVmRequest {
+    /// Domain name (unique on the host).
+    pub name: String,
+    /// What it boots.
+    pub image: BootImage,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Network interface; `None` for an isolated VM.
+    pub nic: Option<NicSpec>,
+    /// Ownership metadata (kind `VmPool`, the pool's name, the template hash).
+    pub owner: Owner,
+    /// Commands run once before parking; each must exit 0.
+    pub warmup: Vec<ExecRequest>,
+}
+
+/// Timings of a pool VM's creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PoolVmReport {
+    /// Start to the guest agent answering.
+    pub boot: Duration,
+    /// Warm-up commands.
+    pub warmup: Duration,
+    /// Taking the golden state.
+    pub park: Duration,
+}
+
+/// What the reconcilers need from the hypervisor. See the module docs for ownership rules.
+pub trait Backend: Send + Sync {
+    /// Checks that the hypervisor answers.
+    fn ping(&self) -> Result<()>;
+
+    /// Owned networks (of this backend's scope), sorted by name.
+    fn list_networks(&self) -> Result<Vec<OwnedNetwork>>;
+    /// Defines the network if missing or if its ownership data (spec hash) differs, and
+    /// starts it (a redefined running network is restarted to apply the change). Idempotent.
+    fn ensure_network(&self, def: &NetworkDef) -> Result<EnsureOutcome>;
+    /// Stops and undefines an owned network; succeeds when it does not exist.
+    fn delete_network(&self, name: &str) -> Result<()>;
+
+    /// Owned nwfilters (of this backend's scope), sorted by name.
+    fn list_nwfilters(&self) -> Result<Vec<OwnedFilter>>;
+    /// Defines the filter if missing or if its ownership data differs. Idempotent.
+    fn ensure_nwfilter(&self, def: &NwFilterDef) -> Result<EnsureOutcome>;
+    /// Undefines an owned filter; succeeds when it does not exist.
+    fn delete_nwfilter(&self, name: &str) -> Result<()>;
+
+    /// Owned domains (of this backend's scope), sorted by name.
+    fn list_vms(&self) -> Result<Vec<OwnedVm>>;
+    /// Creates a pool VM: overlay on the image, define with the owner metadata, boot, wait
+    /// for the agent, run the warm-up commands, park at the golden state. On failure nothing
+    /// of it is left behind.
+    fn create_pool_vm(&self, req: &PoolVmRequest) -> Result<PoolVmReport>;
+    /// Destroys and undefines an owned VM and removes its snapshots, saved state and
+    /// overlays. Succeeds when it is already gone.
+    fn destroy_vm(&self, name: &str) -> Result<()>;
+    /// Brings an owned, parked VM back to its golden state (memory and disk).
+    fn reset_vm(&self, name: &str) -> Result<Duration>;
+}
+
+/// [`Backend`] on a libvirt daemon: one connection (reopened after it fails), per-VM files
+/// under a state directory, and an accelerator (resolved on first use when `auto`).
+pub struct LibvirtBackend {
+    uri: String,
+    conn: Mutex<Option<Arc<Libvirt>>>,
+    state_dir: PathBuf,
+    accel_choice: AcceleratorChoice,
+    accel: Mutex<Option<Accelerator>>,
+    boot_timeout: Duration,
+    strategy: ResetStrategy,
+}
+
+impl std::fmt::Debug for LibvirtBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LibvirtBackend")
+            .field("uri", &self.uri)
+            .field("state_dir", &self.state_dir)
+            .finish()
+    }
+}
+
+fn io_err<'p>(
+    op: &'static str,
+    path: &'p Path,
+) -> impl FnOnce(std::io::Error) -> BackendError + 'p {
+    move |source| BackendError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl LibvirtBackend {
+    /// A backend for libvirt at `uri` with VM files under `state_dir`. Connects lazily.
+    pub fn new(
+        uri: impl Into<String>,
+        state_dir: impl Into<PathBuf>,
+        accelerator: AcceleratorChoice,
+        boot_timeout: Duration,
+    ) -> Self {
+        LibvirtBackend {
+            uri: uri.into(),
+            conn: Mutex::new(None),
+            state_dir: state_dir.into(),
+            accel_choice: accelerator,
+            accel: Mutex::new(None),
+            boot_timeout,
+            strategy: ResetStrategy::default(),
+        }
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    fn lv(&self) -> Result<Arc<Libvirt>> {
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = conn.as_ref() {
+            if c.raw().is_alive().unwrap_or(false) {
+                return Ok(c.clone());
+            }
+        }
+        let c = Arc::new(Libvirt::connect(&self.uri)?);
+        *conn = Some(c.clone());
+        Ok(c)
+    }
+
+    fn marker(&self, kind: &str, name: &str) -> Result<PathBuf> {
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return Err(BackendError::Protocol {
+                what: format!("{kind} name"),
+                message: format!("{name:?} cannot name a record file"),
+            });
+        }
+        Ok(self.state_dir.join("owned").join(kind).join(name))
+    }
+
+    fn mark(&self, kind: &str, name: &str) -> Result<()> {
+        let path = self.marker(kind, name)?;
+        if let Some(dir) = path.parent() {
+            make_dir(dir)?;
+        }
+        std::fs::write(&path, b"").map_err(io_err("write", &path))
+    }
+
+    fn unmark(&self, kind: &str, name: &str) -> Result<()> {
+        let path = self.marker(kind, name)?;
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("remove", &path)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    fn is_marked(&self, kind: &str, name: &str) -> bool {
+        self.marker(kind, name).is_ok_and(|p| p.exists())
+    }
+
+    fn files(&self, name: &str) -> VmFiles {
+        VmFiles::new(&self.state_dir, name)
+    }
+
+    fn accelerator(&self, lv: &Libvirt, image: &BootImage) -> Result<Accelerator> {
+        let mut accel = self.accel.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(a) = *accel {
+            return Ok(a);
+        }
+        let (a, why) = resolve_accelerator(lv, &self.state_dir, image, self.accel_choice)?;
+        tracing::info!(accelerator = %a, %why, "accelerator for pool VMs");
+        *accel = Some(a);
+        Ok(a)
+    }
+
+    fn golden_state(&self, name: &str) -> GoldenState {
+        GoldenState {
+            name: name.to_string(),
+            files: self.files(name),
+            kind: self.strategy.kind(),
+            strategy: self.strategy,
+            park_time: Duration::ZERO,
+        }
+    }
+
+    fn has_golden(&self, lv: &Libvirt, name: &str) -> bool {
+        match self.strategy.kind() {
+            GoldenKind::InternalSnapshot => lv
+                .raw()
+                .lookup_domain_by_name(name)
+                .and_then(|d| virt::domain::Domain::lookup_snapshot_by_name(&d, GOLDEN_SNAPSHOT, 0))
+                .is_ok(),
+            GoldenKind::SavedMemory => self.golden_state(name).save_file().exists(),
+        }
+    }
+}
+
+impl Backend for LibvirtBackend {
+    fn ping(&self) -> Result<()> {
+        self.lv()?.version().map(|_| ())
+    }
+
+    fn list_networks(&self) -> Result<Vec<OwnedNetwork>> {
+        Ok(self
+            .lv()?
+            .list_owned_networks()?
+            .into_iter()
+            .filter(|n| self.is_marked("networks", &n.name))
+            .filter_map(|n| {
+                Some(OwnedNetwork {
+                    owner: n.owner?,
+                    name: n.name,
+                    active: n.active,
+                })
+            })
+            .collect())
+    }
+
+    fn ensure_network(&self, def: &NetworkDef) -> Result<EnsureOutcome> {
+        let lv = self.lv()?;
+        self.mark("networks", &def.name)?;
+        let outcome = lv.define_network(def)?;
+        if outcome == EnsureOutcome::Updated && lv.network_info(&def.name)?.active {
+            // A running network keeps its old configuration until restarted.
+            lv.destroy_network(&def.name)?;
+        }
+        lv.start_network(&def.name)?;
+        Ok(outcome)
+    }
+
+    fn delete_network(&self, name: &str) -> Result<()> {
+        self.lv()?.undefine_network(name)?;
+        self.unmark("networks", name)
+    }
+
+    fn list_nwfilters(&self) -> Result<Vec<OwnedFilter>> {
+        Ok(self
+            .lv()?
+            .list_owned_nwfilters()?
+            .into_iter()
+            .filter(|f| self.is_marked("nwfilters", &f.name))
+            .collect())
+    }
+
+    fn ensure_nwfilter(&self, def: &NwFilterDef) -> Result<EnsureOutcome> {
+        let lv = self.lv()?;
+        self.mark("nwfilters", &def.name)?;
+        lv.define_nwfilter(def)
+    }
+
+    fn delete_nwfilter(&self, name: &str) -> Result<()> {
+        self.lv()?.undefine_nwfilter(name)?;
+        self.unmark("nwfilters", name)
+    }
+
+    fn list_vms(&self) -> Result<Vec<OwnedVm>> {
+        let lv = self.lv()?;
+        Ok(lv
+            .list_owned_domains()?
+            .into_iter()
+            .filter(|d| self.files(&d.name).dir.is_dir())
+            .map(|d| OwnedVm {
+                golden: self.has_golden(&lv, &d.name),
+                name: d.name,
+                owner: d.owner,
+                state: d.state,
+            })
+            .collect())
+    }
+
+    fn create_pool_vm(&self, req: &PoolVmRequest) -> Result<PoolVmReport> {
+        let lv = self.lv()?;
+        let shape = VmShape {
+            vcpus: req.vcpus,
+            memory_mib: req.memory_mib,
+            nic: req.nic.clone(),
+            accelerator: self.accelerator(&lv, &req.image)?,
+            boot_timeout: self.boot_timeout,
+        };
+        // Booting removes what it created when it fails; past `into_parts` we do.
+        let vm = EphemeralVm::boot(
+            &lv,
+            &self.state_dir,
+            &req.name,
+            &req.image,
+            &shape,
+            req.owner.clone(),
+        )?;
+        let boot = vm.boot_time;
+        let (name, files) = vm.into_parts();
+        let finish = || -> Result<PoolVmReport> {
+            let t = Instant::now();
+            let agent = lv.agent(&name)?;
+            let guest = Guest::new(&agent);
+            for step in &req.warmup {
+                let out = guest.exec(step, &mut |_, _| {})?;
+                if !out.success() {
+                    return Err(BackendError::GuestCommand {
+                        vm: name.clone(),
+                        command: format!("warm-up {} {}", step.program, step.args.join(" ")),
+                        message: format!(
+                            "exit {:?} signal {:?}: {}",
+                            out.exit_code,
+                            out.signal,
+                            String::from_utf8_lossy(&out.stderr).trim()
+                        ),
+                    });
+                }
+            }
+            let warmup = t.elapsed();
+            let golden = lv.park_golden(&name, &files, self.strategy, self.boot_timeout)?;
+            Ok(PoolVmReport {
+                boot,
+                warmup,
+                park: golden.park_time,
+            })
+        };
+        finish().inspect_err(|_| {
+            if let Err(e) = lv.remove_golden(&name, &files) {
+                tracing::warn!(vm = %name, error = %e, "cleanup after a failed pool VM creation failed");
+            }
+        })
+    }
+
+    fn destroy_vm(&self, name: &str) -> Result<()> {
+        let lv = self.lv()?;
+        // Never touch (not even the files of) a domain that is not ours.
+        match lv.domain_owner(name) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return Err(BackendError::NotOwned {
+                    kind: "domain",
+                    name: name.to_string(),
+                })
+            }
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+        lv.remove_golden(name, &self.files(name))
+    }
+
+    fn reset_vm(&self, name: &str) -> Result<Duration> {
+        let report = self
+            .lv()?
+            .reset_to_golden(&self.golden_state(name), self.boot_timeout)?;
+        Ok(report.total)
+    }
+}

@@ -1,0 +1,181 @@
+//! The per-kind reconcilers (`Network`, `NetworkFilter`, `Image`, `VmPool`), the pool
+//! registry they share with the run scheduler, and the garbage collector of owned libvirt
+//! objects that no stored object declares any more.
+//!
+//! Each reconciler is an idempotent function of (object, actual state read from the
+//! [`Backend`] on every pass) → backend actions + status. Status always carries `phase`,
+//! `observedGeneration` and the conditions `Ready`, `Progressing` and `Degraded` with
+//! CamelCase reasons. A backend failure is written as `Degraded` and returned as a
+//! [`ReconcileError`], so the dispatcher retries with backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentvm_api::{set_condition, Condition, ConditionStatus, Kind, Resource};
+use agentvm_backend::{Backend, BackendError};
+
+use crate::reconcile::{Ctx, ReconcileError};
+use crate::store::StoredObject;
+use crate::time::Timestamp;
+use crate::Controller;
+
+pub mod gc;
+pub mod image;
+pub mod network;
+pub mod network_filter;
+pub mod registry;
+pub mod vm_pool;
+
+pub use gc::GarbageCollector;
+pub use image::{ImageBuilder, ImageCache, ImageReconciler};
+pub use network::NetworkReconciler;
+pub use network_filter::NetworkFilterReconciler;
+pub use registry::{PoolRegistry, PoolVm, VmPhase};
+pub use vm_pool::VmPoolReconciler;
+
+/// Condition type: the object is usable.
+pub const READY: &str = "Ready";
+/// Condition type: the controller is working towards the desired state.
+pub const PROGRESSING: &str = "Progressing";
+/// Condition type: something failed; the reason and message say what.
+pub const DEGRADED: &str = "Degraded";
+
+/// Registers the four reconcilers and the garbage collector on `controller`, all on
+/// `backend`; `registry` is shared with whoever hands out pool VMs.
+pub fn register(
+    controller: Controller,
+    backend: Arc<dyn Backend>,
+    registry: Arc<PoolRegistry>,
+    images: Arc<dyn ImageBuilder>,
+) -> Controller {
+    controller
+        .reconciler(Arc::new(NetworkReconciler::new(backend.clone())))
+        .reconciler(Arc::new(NetworkFilterReconciler::new(backend.clone())))
+        .reconciler(Arc::new(ImageReconciler::new(images)))
+        .reconciler(Arc::new(VmPoolReconciler::new(backend.clone(), registry)))
+        .sweeper(Arc::new(GarbageCollector::new(backend)))
+}
+
+/// A condition stamped now (the timestamp is kept when the status does not change).
+pub(crate) fn condition(
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: impl Into<String>,
+) -> Condition {
+    Condition::new(
+        type_,
+        if status {
+            ConditionStatus::True
+        } else {
+            ConditionStatus::False
+        },
+        reason,
+        message,
+        Timestamp::now().to_string(),
+    )
+}
+
+/// Sets `Ready`, `Progressing` and `Degraded` at once.
+pub(crate) struct Conditions<'a>(pub &'a mut Vec<Condition>);
+
+impl Conditions<'_> {
+    pub(crate) fn set(
+        &mut self,
+        type_: &str,
+        status: bool,
+        reason: &str,
+        message: impl Into<String>,
+    ) {
+        set_condition(self.0, condition(type_, status, reason, message));
+    }
+
+    /// Ready and stable.
+    pub(crate) fn ready(&mut self, reason: &str, message: impl Into<String>) {
+        self.set(READY, true, reason, message);
+        self.set(PROGRESSING, false, "Reconciled", "");
+        self.set(DEGRADED, false, "Reconciled", "");
+    }
+
+    /// Not ready yet, working on it (or waiting for something).
+    pub(crate) fn progressing(&mut self, reason: &str, message: impl Into<String>) {
+        let message = message.into();
+        self.set(READY, false, reason, message.clone());
+        self.set(PROGRESSING, true, reason, message);
+        self.set(DEGRADED, false, "Reconciled", "");
+    }
+
+    /// Failed: `Degraded` with the error; `Ready` keeps `ready_still` (a degraded network
+    /// may still be up).
+    pub(crate) fn degraded(&mut self, err: &ReconcileError, ready_still: bool) {
+        if !ready_still {
+            self.set(READY, false, &err.reason, err.message.clone());
+        }
+        self.set(PROGRESSING, false, &err.reason, "");
+        self.set(DEGRADED, true, &err.reason, err.message.clone());
+    }
+}
+
+/// A backend failure as a reconcile error with a short reason label.
+pub(crate) fn backend_error(doing: &str, e: &BackendError) -> ReconcileError {
+    let reason = match e {
+        BackendError::NotFound { .. } => "NotFound",
+        BackendError::AlreadyExists { .. } => "AlreadyExists",
+        BackendError::NotOwned { .. } => "NotOwned",
+        BackendError::GuestAgentUnavailable { .. } => "GuestAgentUnavailable",
+        BackendError::GuestCommand { .. } => "GuestCommandFailed",
+        BackendError::Timeout { .. } => "Timeout",
+        BackendError::Libvirt { .. } => "LibvirtError",
+        BackendError::Io { .. } => "HostIoError",
+        BackendError::Command { .. } => "HostCommandFailed",
+        BackendError::Protocol { .. } => "ProtocolError",
+    };
+    ReconcileError::new(reason, format!("{doing}: {e}"))
+}
+
+/// The kind's status of `obj` (default when there is none yet).
+pub(crate) fn status_of<S: serde::de::DeserializeOwned + Default>(obj: &StoredObject) -> S {
+    serde_json::from_value(obj.status_json()).unwrap_or_default()
+}
+
+/// Writes `status` as the status of `obj`.
+pub(crate) fn write_status<S: serde::Serialize>(
+    ctx: &Ctx,
+    obj: &StoredObject,
+    status: &S,
+) -> Result<(), ReconcileError> {
+    let value = serde_json::to_value(status)
+        .map_err(|e| ReconcileError::new("StatusEncoding", e.to_string()))?;
+    ctx.store
+        .update_status(obj.resource.kind(), obj.resource.name(), value)?;
+    Ok(())
+}
+
+/// `VmPool`s in the store (including those being deleted) for which `uses` holds.
+pub(crate) fn pools_using(
+    ctx: &Ctx,
+    uses: impl Fn(&agentvm_api::VmPoolSpec) -> bool,
+) -> Result<Vec<String>, ReconcileError> {
+    Ok(ctx
+        .store
+        .list(Some(Kind::VmPool))?
+        .into_iter()
+        .filter_map(|o| match o.resource {
+            Resource::VmPool(p) if uses(&p.spec) => Some(p.metadata.name),
+            _ => None,
+        })
+        .collect())
+}
+
+/// How long a refused deletion waits before trying again (watches usually come first).
+pub(crate) const IN_USE_RETRY: Duration = Duration::from_secs(5);
+
+fn wrong_kind(obj: &StoredObject, expected: Kind) -> ReconcileError {
+    ReconcileError::new(
+        "WrongKind",
+        format!("{} given to the {expected} reconciler", obj.key()),
+    )
+}
+
+#[cfg(test)]
+pub(crate) mod testutil;

@@ -1,0 +1,221 @@
+//! `Network` → a libvirt network named `agentvm-<name>`, defined and running with the spec's
+//! hash in its ownership metadata.
+//!
+//! Every pass ensures the network (redefined when the spec hash differs, recreated when it
+//! was removed by hand, restarted when stopped by hand). Deletion waits while any `VmPool`
+//! still refers to the network (`Degraded`/`InUse`), then undefines it and finalizes.
+
+use std::sync::Arc;
+
+use agentvm_api::{spec_hash, Kind, NetworkPhase, NetworkStatus, Resource};
+use agentvm_backend::backend::EnsureOutcome;
+use agentvm_backend::netxml::{libvirt_name, NetworkDef};
+use agentvm_backend::{Backend, Owner};
+
+use super::{backend_error, pools_using, status_of, write_status, Conditions, IN_USE_RETRY};
+use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
+use crate::store::StoredObject;
+
+/// Reconciles `Network` objects into libvirt networks.
+pub struct NetworkReconciler {
+    backend: Arc<dyn Backend>,
+}
+
+impl NetworkReconciler {
+    /// A reconciler acting through `backend`.
+    pub fn new(backend: Arc<dyn Backend>) -> Self {
+        Self { backend }
+    }
+}
+
+impl Reconciler for NetworkReconciler {
+    fn kind(&self) -> Kind {
+        Kind::Network
+    }
+
+    fn watches(&self) -> &[Kind] {
+        // A pool going away may unblock a deletion.
+        &[Kind::VmPool]
+    }
+
+    fn reconcile(&self, obj: Arc<StoredObject>, ctx: &Ctx) -> Result<Action, ReconcileError> {
+        let Resource::Network(net) = &obj.resource else {
+            return Err(super::wrong_kind(&obj, Kind::Network));
+        };
+        let name = net.name();
+        let lname = libvirt_name(name);
+        let mut status: NetworkStatus = status_of(&obj);
+        status.libvirt_name = Some(lname.clone());
+        status.observed_generation = Some(obj.generation());
+
+        if obj.is_deleting() {
+            let users = pools_using(ctx, |p| {
+                p.template
+                    .network
+                    .attachment()
+                    .is_some_and(|a| a.network_ref == name)
+            })?;
+            if !users.is_empty() {
+                let err = ReconcileError::new(
+                    "InUse",
+                    format!(
+                        "deletion waits: still used by VmPool {}; delete those first",
+                        users.join(", ")
+                    ),
+                );
+                Conditions(&mut status.conditions)
+                    .degraded(&err, status.phase == NetworkPhase::Ready);
+                write_status(ctx, &obj, &status)?;
+                return Ok(Action::Requeue(IN_USE_RETRY));
+            }
+            if let Err(e) = self.backend.delete_network(&lname) {
+                let err = backend_error(&format!("deleting network {lname}"), &e);
+                Conditions(&mut status.conditions).degraded(&err, false);
+                write_status(ctx, &obj, &status)?;
+                return Err(err);
+            }
+            ctx.store.finalize_delete(Kind::Network, name)?;
+            return Ok(Action::AwaitChange);
+        }
+
+        let def = NetworkDef {
+            name: lname.clone(),
+            spec: net.spec.clone(),
+            owner: Owner {
+                kind: Kind::Network.to_string(),
+                name: name.to_string(),
+                spec_hash: spec_hash(&obj.resource),
+                generation: obj.generation(),
+            },
+        };
+        match self.backend.ensure_network(&def) {
+            Ok(outcome) => {
+                if outcome != EnsureOutcome::Unchanged {
+                    tracing::info!(network = %lname, ?outcome, "network ensured");
+                }
+                status.phase = NetworkPhase::Ready;
+                status.bridge = Some(def.bridge());
+                Conditions(&mut status.conditions).ready(
+                    "Active",
+                    format!("libvirt network {lname} is defined and running"),
+                );
+                write_status(ctx, &obj, &status)?;
+                Ok(Action::AwaitChange)
+            }
+            Err(e) => {
+                let err = backend_error(&format!("ensuring network {lname}"), &e);
+                status.phase = NetworkPhase::Failed;
+                Conditions(&mut status.conditions).degraded(&err, false);
+                write_status(ctx, &obj, &status)?;
+                Err(err)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcilers::testutil::*;
+    use agentvm_backend::fake::Op;
+
+    const NET: &str = "apiVersion: agentvm.dev/v1alpha1\nkind: Network\nmetadata: {name: lan}\nspec: {mode: nat, subnet: 10.80.0.0/24}\n";
+
+    #[test]
+    fn creates_then_is_idempotent_and_redefines_on_spec_change() {
+        let t = Setup::new();
+        t.apply(NET);
+        let r = NetworkReconciler::new(t.backend());
+        assert_eq!(
+            t.reconcile(&r, Kind::Network, "lan").unwrap(),
+            Action::AwaitChange
+        );
+        t.reconcile(&r, Kind::Network, "lan").unwrap();
+        assert_eq!(
+            t.fake.mutations(),
+            ["EnsureNetwork(agentvm-lan)", "EnsureNetwork(agentvm-lan)"]
+        );
+        let s = t.status(Kind::Network, "lan");
+        assert_eq!(s["phase"], "Ready");
+        assert_eq!(s["observedGeneration"], 1);
+        assert_eq!(s["libvirtName"], "agentvm-lan");
+        assert_eq!(cond(&s, "Ready"), ("True".into(), "Active".into()));
+        assert_eq!(cond(&s, "Degraded").0, "False");
+        let first = t.fake.networks()["agentvm-lan"].owner.clone().unwrap();
+        t.apply(&NET.replace("10.80.0.0", "10.81.0.0"));
+        t.reconcile(&r, Kind::Network, "lan").unwrap();
+        let second = t.fake.networks()["agentvm-lan"].owner.clone().unwrap();
+        assert_ne!(first.spec_hash, second.spec_hash);
+        assert_eq!(second.generation, 2);
+        assert_eq!(t.status(Kind::Network, "lan")["observedGeneration"], 2);
+    }
+
+    #[test]
+    fn recreates_a_network_removed_by_hand() {
+        let t = Setup::new();
+        t.apply(NET);
+        let r = NetworkReconciler::new(t.backend());
+        t.reconcile(&r, Kind::Network, "lan").unwrap();
+        t.fake.remove_network_by_hand("agentvm-lan");
+        t.reconcile(&r, Kind::Network, "lan").unwrap();
+        assert!(t.fake.networks()["agentvm-lan"].active);
+    }
+
+    #[test]
+    fn backend_failure_is_degraded_and_an_error() {
+        let t = Setup::new();
+        t.apply(NET);
+        let r = NetworkReconciler::new(t.backend());
+        t.fake.fail_next(
+            Op::EnsureNetwork,
+            agentvm_backend::fake::FakeBackend::libvirt_error("boom"),
+        );
+        let err = t.reconcile(&r, Kind::Network, "lan").unwrap_err();
+        assert_eq!(err.reason, "LibvirtError");
+        let s = t.status(Kind::Network, "lan");
+        assert_eq!(s["phase"], "Failed");
+        assert_eq!(cond(&s, "Degraded"), ("True".into(), "LibvirtError".into()));
+        assert!(s["conditions"].to_string().contains("boom"));
+        // The next pass recovers.
+        t.reconcile(&r, Kind::Network, "lan").unwrap();
+        let s = t.status(Kind::Network, "lan");
+        assert_eq!(s["phase"], "Ready");
+        assert_eq!(cond(&s, "Degraded").0, "False");
+    }
+
+    #[test]
+    fn a_foreign_network_of_the_same_name_is_not_taken_over() {
+        let t = Setup::new();
+        t.fake.add_foreign_network("agentvm-lan");
+        t.apply(NET);
+        let r = NetworkReconciler::new(t.backend());
+        assert_eq!(
+            t.reconcile(&r, Kind::Network, "lan").unwrap_err().reason,
+            "NotOwned"
+        );
+        assert!(t.fake.networks()["agentvm-lan"].owner.is_none());
+    }
+
+    #[test]
+    fn deletion_waits_for_pools_using_the_network() {
+        let t = Setup::new();
+        t.apply(NET);
+        t.apply(&attached_pool("p", "lan", "egress"));
+        let r = NetworkReconciler::new(t.backend());
+        t.reconcile(&r, Kind::Network, "lan").unwrap();
+        t.store.request_delete(Kind::Network, "lan", None).unwrap();
+        assert_eq!(
+            t.reconcile(&r, Kind::Network, "lan").unwrap(),
+            Action::Requeue(IN_USE_RETRY)
+        );
+        let s = t.status(Kind::Network, "lan");
+        assert_eq!(cond(&s, "Degraded"), ("True".into(), "InUse".into()));
+        assert!(t.fake.networks().contains_key("agentvm-lan"));
+        // The pool goes: the network follows.
+        t.store.request_delete(Kind::VmPool, "p", None).unwrap();
+        t.store.finalize_delete(Kind::VmPool, "p").unwrap();
+        t.reconcile(&r, Kind::Network, "lan").unwrap();
+        assert!(t.fake.networks().is_empty());
+        assert!(t.store.get(Kind::Network, "lan").unwrap().is_none());
+    }
+}

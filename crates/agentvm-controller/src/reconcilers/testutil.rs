@@ -1,0 +1,81 @@
+//! Test helpers: a store in a temp dir, a fake backend, manifests applied from YAML.
+
+use std::sync::Arc;
+
+use agentvm_api::Kind;
+use agentvm_backend::fake::FakeBackend;
+use agentvm_backend::Backend;
+
+use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
+use crate::store::{ApplyOptions, Manager, Store, STORE_FILE};
+use crate::Config;
+
+pub(crate) struct Setup {
+    _dir: tempfile::TempDir,
+    pub store: Store,
+    pub fake: Arc<FakeBackend>,
+    pub ctx: Ctx,
+}
+
+impl Setup {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join(STORE_FILE)).unwrap();
+        let ctx = Ctx {
+            store: store.clone(),
+            config: Arc::new(Config {
+                state_dir: dir.path().to_path_buf(),
+                cache_dir: dir.path().join("cache"),
+                ..Config::default()
+            }),
+        };
+        Setup {
+            _dir: dir,
+            store,
+            fake: Arc::new(FakeBackend::new()),
+            ctx,
+        }
+    }
+
+    pub fn backend(&self) -> Arc<dyn Backend> {
+        self.fake.clone()
+    }
+
+    pub fn apply(&self, yaml: &str) {
+        for p in agentvm_api::parse_str(yaml, "test.yaml").unwrap() {
+            self.store
+                .apply(p.resource, Manager::Api, ApplyOptions::default())
+                .unwrap();
+        }
+    }
+
+    pub fn reconcile(
+        &self,
+        r: &dyn Reconciler,
+        kind: Kind,
+        name: &str,
+    ) -> Result<Action, ReconcileError> {
+        let obj = self.store.get(kind, name).unwrap().expect("object exists");
+        r.reconcile(Arc::new(obj), &self.ctx)
+    }
+
+    pub fn status(&self, kind: Kind, name: &str) -> serde_json::Value {
+        self.store.get(kind, name).unwrap().unwrap().status_json()
+    }
+}
+
+/// (status, reason) of condition `type_`.
+pub(crate) fn cond(status: &serde_json::Value, type_: &str) -> (String, String) {
+    let c = status["conditions"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["type"] == type_))
+        .unwrap_or_else(|| panic!("no condition {type_} in {status}"));
+    (
+        c["status"].as_str().unwrap().to_string(),
+        c["reason"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+pub(crate) fn attached_pool(name: &str, net: &str, filter: &str) -> String {
+    format!("apiVersion: agentvm.dev/v1alpha1\nkind: VmPool\nmetadata: {{name: {name}}}\nspec:\n  template:\n    imageRef: img\n    network: {{mode: attached, networkRef: {net}, filterRef: {filter}}}\n")
+}

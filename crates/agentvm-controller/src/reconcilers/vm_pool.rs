@@ -1,0 +1,517 @@
+//! `VmPool` → `minReady` libvirt domains booted from the pool's template, warmed up and
+//! parked at their golden state, named `agentvm-<pool>-<random suffix>`.
+//!
+//! Each pass:
+//! 1. waits (`Progressing`: `WaitingForImage` / `WaitingForNetwork`) until the `Image` is
+//!    `Ready` and, for an attached pool, its `Network` and `NetworkFilter` are `Ready`;
+//! 2. lists the pool's domains **by ownership metadata** (kind `VmPool`, the pool's name) and
+//!    syncs the [`PoolRegistry`]: a domain the registry does not know is adopted as
+//!    `NeedsReset` (after a restart it may have been in the middle of a run); a known VM that
+//!    vanished from libvirt is forgotten (its files removed);
+//! 3. destroys idle VMs that are broken (shut off by hand, never finished parking), resets
+//!    adopted/released ones to golden;
+//! 4. takes at most one slow step: create a VM while fewer than `minReady` current VMs are
+//!    ready (room permitting under `maxSize`), else destroy one VM of an old template
+//!    (rolling: the new one is up first), else scale down idle VMs beyond `minReady`, then
+//!    requeues at once. A steady pool is rechecked every `drift_check` (10 s).
+//!
+//! Busy VMs (handed out to a run) are never destroyed or reset. The template hash stamped on
+//! each domain covers the template, the image's artifact paths (a rebuilt image rolls the
+//! pool) and the attached network's spec. Deletion destroys the idle VMs, waits for busy
+//! ones, then finalizes.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentvm_api::{
+    spec_hash, ImagePhase, ImageStatus, Kind, NetworkFilterPhase, NetworkFilterStatus,
+    NetworkPhase, NetworkStatus, Resource, VmPool, VmPoolPhase, VmPoolStatus,
+};
+use agentvm_backend::backend::{OwnedVm, PoolVmRequest};
+use agentvm_backend::guest::ExecRequest;
+use agentvm_backend::libvirt::DomainState;
+use agentvm_backend::netxml::libvirt_name;
+use agentvm_backend::vm::BootImage;
+use agentvm_backend::{Backend, NicSpec, Owner};
+use sha2::{Digest, Sha256};
+
+use super::{backend_error, status_of, write_status, Conditions, PoolRegistry, VmPhase};
+use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
+use crate::store::StoredObject;
+
+/// Requeue delay after a step, to take the next one.
+const NEXT_STEP: Duration = Duration::from_millis(50);
+/// Requeue delay while waiting for the image or the network (watches usually come first).
+const WAITING: Duration = Duration::from_secs(10);
+
+/// Reconciles `VmPool` objects into warm, parked VMs.
+pub struct VmPoolReconciler {
+    backend: Arc<dyn Backend>,
+    registry: Arc<PoolRegistry>,
+    drift_check: Duration,
+}
+
+/// What a pool's VMs are made of, resolved from the store.
+#[derive(Debug, Clone)]
+struct Template {
+    image: BootImage,
+    nic: Option<NicSpec>,
+    hash: String,
+    vcpus: u32,
+    memory_mib: u64,
+    warmup: Vec<ExecRequest>,
+}
+
+/// Counts for the status.
+#[derive(Debug, Default)]
+struct Counts {
+    ready_current: u32,
+    ready: u32,
+    busy: u32,
+    starting: u32,
+    total: u32,
+    names: Vec<String>,
+}
+
+impl VmPoolReconciler {
+    /// A reconciler acting through `backend`, sharing `registry` with the run scheduler.
+    pub fn new(backend: Arc<dyn Backend>, registry: Arc<PoolRegistry>) -> Self {
+        Self {
+            backend,
+            registry,
+            drift_check: Duration::from_secs(10),
+        }
+    }
+
+    /// How often a steady pool is compared with libvirt again (default 10 s).
+    pub fn drift_check(mut self, every: Duration) -> Self {
+        self.drift_check = every;
+        self
+    }
+
+    /// The registry this reconciler keeps up to date.
+    pub fn registry(&self) -> &Arc<PoolRegistry> {
+        &self.registry
+    }
+
+    /// The pool's domains in libvirt, with the registry synced to them.
+    fn observe(&self, pool: &str) -> Result<Vec<OwnedVm>, ReconcileError> {
+        let vms: Vec<OwnedVm> = self
+            .backend
+            .list_vms()
+            .map_err(|e| backend_error("listing domains", &e))?
+            .into_iter()
+            .filter(|v| v.owner.kind == Kind::VmPool.as_str() && v.owner.name == pool)
+            .collect();
+        for vm in &vms {
+            // Unknown to this controller: adopted; reset before it is handed out.
+            self.registry
+                .insert(pool, &vm.name, VmPhase::NeedsReset, &vm.owner.spec_hash);
+        }
+        for known in self.registry.vms(pool) {
+            if known.phase != VmPhase::Busy && !vms.iter().any(|v| v.name == known.name) {
+                tracing::warn!(pool, vm = %known.name, "VM vanished from libvirt; replacing it");
+                self.registry.remove(pool, &known.name);
+                // Its files (and anything half-left) go too.
+                self.backend
+                    .destroy_vm(&known.name)
+                    .map_err(|e| backend_error(&format!("cleaning up {}", known.name), &e))?;
+            }
+        }
+        Ok(vms)
+    }
+
+    fn destroy(&self, pool: &str, vm: &str, why: &str) -> Result<bool, ReconcileError> {
+        if !self.registry.retire(pool, vm) {
+            return Ok(false);
+        }
+        tracing::info!(pool, vm, "destroying VM: {why}");
+        self.backend
+            .destroy_vm(vm)
+            .map_err(|e| backend_error(&format!("destroying {vm}"), &e))?;
+        self.registry.remove(pool, vm);
+        Ok(true)
+    }
+
+    fn counts(&self, pool: &str, current: &str) -> Counts {
+        let mut c = Counts::default();
+        for vm in self.registry.vms(pool) {
+            c.total += 1;
+            c.names.push(vm.name.clone());
+            match vm.phase {
+                VmPhase::Ready => {
+                    c.ready += 1;
+                    if vm.template_hash == current {
+                        c.ready_current += 1;
+                    }
+                }
+                VmPhase::Busy => c.busy += 1,
+                VmPhase::NeedsReset | VmPhase::Retiring => c.starting += 1,
+            }
+        }
+        c
+    }
+
+    fn fill_status(&self, status: &mut VmPoolStatus, c: &Counts) {
+        status.ready = c.ready;
+        status.busy = c.busy;
+        status.starting = c.starting;
+        status.total = c.total;
+        status.vms = c.names.clone();
+    }
+
+    fn delete(
+        &self,
+        obj: &StoredObject,
+        pool: &str,
+        ctx: &Ctx,
+        status: &mut VmPoolStatus,
+    ) -> Result<Action, ReconcileError> {
+        let result = (|| {
+            let vms = self.observe(pool)?;
+            let mut busy = Vec::new();
+            for vm in &vms {
+                if !self.destroy(pool, &vm.name, "pool deleted")? {
+                    busy.push(vm.name.clone());
+                }
+            }
+            Ok::<_, ReconcileError>(busy)
+        })();
+        match result {
+            Ok(busy) if busy.is_empty() => {
+                self.registry.forget(pool);
+                ctx.store.finalize_delete(Kind::VmPool, pool)?;
+                Ok(Action::AwaitChange)
+            }
+            Ok(busy) => {
+                let c = self.counts(pool, "");
+                self.fill_status(status, &c);
+                Conditions(&mut status.conditions).progressing(
+                    "WaitingForRuns",
+                    format!("deletion waits for busy VMs: {}", busy.join(", ")),
+                );
+                write_status(ctx, obj, status)?;
+                Ok(Action::Requeue(Duration::from_secs(2)))
+            }
+            Err(err) => {
+                Conditions(&mut status.conditions).degraded(&err, false);
+                write_status(ctx, obj, status)?;
+                Err(err)
+            }
+        }
+    }
+
+    /// One convergence step; returns the action and whether the pool is steady.
+    fn converge(
+        &self,
+        obj: &StoredObject,
+        pool: &VmPool,
+        tpl: &Template,
+        ctx: &Ctx,
+        status: &mut VmPoolStatus,
+    ) -> Result<Action, ReconcileError> {
+        let name = pool.name();
+        let vms = self.observe(name)?;
+        // Broken idle VMs: shut off or crashed by hand, or never finished parking.
+        for vm in &vms {
+            if vm.state != DomainState::Running || !vm.golden {
+                let why = if vm.golden {
+                    format!("domain is {:?}, not running", vm.state)
+                } else {
+                    "no golden state (creation was interrupted)".to_string()
+                };
+                self.destroy(name, &vm.name, &why)?;
+            }
+        }
+        // Adopted or released VMs of the current template: back to golden.
+        for vm in self.registry.vms(name) {
+            if vm.phase == VmPhase::NeedsReset && vm.template_hash == tpl.hash {
+                match self.backend.reset_vm(&vm.name) {
+                    Ok(took) => {
+                        tracing::info!(pool = name, vm = %vm.name, ?took, "VM reset to golden");
+                        self.registry.transition(
+                            name,
+                            &vm.name,
+                            VmPhase::NeedsReset,
+                            VmPhase::Ready,
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(pool = name, vm = %vm.name, error = %e, "reset failed; replacing the VM");
+                        self.destroy(name, &vm.name, "reset failed")?;
+                    }
+                }
+            }
+        }
+
+        let spec = &pool.spec;
+        let min = spec.min_ready.min(spec.max_size);
+        let c = self.counts(name, &tpl.hash);
+        let stale_idle: Vec<String> = self
+            .registry
+            .vms(name)
+            .into_iter()
+            .filter(|v| {
+                v.template_hash != tpl.hash
+                    && matches!(v.phase, VmPhase::Ready | VmPhase::NeedsReset)
+            })
+            .map(|v| v.name)
+            .collect();
+        let rolling = !stale_idle.is_empty();
+
+        if c.ready_current < min {
+            if c.total < spec.max_size {
+                let vm_name = vm_name(name);
+                let mut c = c;
+                c.starting += 1;
+                c.total += 1;
+                c.names.push(vm_name.clone());
+                self.fill_status(status, &c);
+                status.phase = VmPoolPhase::Warming;
+                let reason = if rolling {
+                    "RollingUpdate"
+                } else {
+                    "ScalingUp"
+                };
+                Conditions(&mut status.conditions).progressing(
+                    reason,
+                    format!("creating {vm_name} ({} of {min} ready)", c.ready_current),
+                );
+                write_status(ctx, obj, status)?;
+                self.create(name, &vm_name, tpl, obj.generation())?;
+                return Ok(Action::Requeue(NEXT_STEP));
+            }
+            if let Some(old) = stale_idle.first() {
+                self.destroy(name, old, "template changed (making room)")?;
+                return Ok(Action::Requeue(NEXT_STEP));
+            }
+        } else if let Some(old) = stale_idle.first() {
+            self.destroy(name, old, "template changed")?;
+            return Ok(Action::Requeue(NEXT_STEP));
+        } else if c.ready_current > min {
+            let extra: Vec<String> = self
+                .registry
+                .vms(name)
+                .into_iter()
+                .filter(|v| v.phase == VmPhase::Ready)
+                .map(|v| v.name)
+                .take((c.ready_current - min) as usize)
+                .collect();
+            for vm in extra {
+                self.destroy(name, &vm, "scaling down")?;
+            }
+            return Ok(Action::Requeue(NEXT_STEP));
+        }
+
+        let c = self.counts(name, &tpl.hash);
+        self.fill_status(status, &c);
+        if c.ready_current >= min {
+            status.phase = VmPoolPhase::Ready;
+            Conditions(&mut status.conditions).ready(
+                "MinReadyReached",
+                format!("{} VMs ready (minReady {min}), {} busy", c.ready, c.busy),
+            );
+        } else {
+            status.phase = VmPoolPhase::Warming;
+            Conditions(&mut status.conditions).progressing(
+                "AtMaxSize",
+                format!(
+                    "{} of {min} VMs ready; maxSize {} reached with {} busy",
+                    c.ready_current, spec.max_size, c.busy
+                ),
+            );
+        }
+        write_status(ctx, obj, status)?;
+        Ok(Action::Requeue(self.drift_check))
+    }
+
+    fn create(
+        &self,
+        pool: &str,
+        vm: &str,
+        tpl: &Template,
+        generation: i64,
+    ) -> Result<(), ReconcileError> {
+        let req = PoolVmRequest {
+            name: vm.to_string(),
+            image: tpl.image.clone(),
+            vcpus: tpl.vcpus,
+            memory_mib: tpl.memory_mib,
+            nic: tpl.nic.clone(),
+            owner: Owner {
+                kind: Kind::VmPool.to_string(),
+                name: pool.to_string(),
+                spec_hash: tpl.hash.clone(),
+                generation,
+            },
+            warmup: tpl.warmup.clone(),
+        };
+        tracing::info!(pool, vm, "creating VM");
+        let report = self
+            .backend
+            .create_pool_vm(&req)
+            .map_err(|e| backend_error(&format!("creating {vm}"), &e))?;
+        tracing::info!(pool, vm, boot = ?report.boot, warmup = ?report.warmup, park = ?report.park, "VM ready");
+        self.registry.insert(pool, vm, VmPhase::Ready, &tpl.hash);
+        Ok(())
+    }
+}
+
+/// `agentvm-<pool>-<5 random base-36 characters>`.
+fn vm_name(pool: &str) -> String {
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    let mut n = h.finish();
+    let mut suffix = String::new();
+    for _ in 0..5 {
+        suffix.push(char::from_digit((n % 36) as u32, 36).unwrap_or('0'));
+        n /= 36;
+    }
+    format!("agentvm-{pool}-{suffix}")
+}
+
+/// Why a pool cannot create VMs yet: (reason, message).
+type Waiting = (&'static str, String);
+
+fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Waiting>, ReconcileError> {
+    let t = &pool.spec.template;
+    let Some(img) = ctx.store.get(Kind::Image, &t.image_ref)? else {
+        return Ok(Err((
+            "WaitingForImage",
+            format!("Image {} does not exist", t.image_ref),
+        )));
+    };
+    let st: ImageStatus = status_of(&img);
+    let (Some(disk), Some(kernel), Some(initrd), ImagePhase::Ready) =
+        (&st.disk_path, &st.kernel_path, &st.initrd_path, st.phase)
+    else {
+        return Ok(Err((
+            "WaitingForImage",
+            format!("Image {} is {:?}", t.image_ref, st.phase),
+        )));
+    };
+    let image = BootImage {
+        disk: disk.into(),
+        kernel: kernel.into(),
+        initrd: initrd.into(),
+        cmdline: agentvm_image::KERNEL_CMDLINE.to_string(),
+    };
+    let mut network_hash = serde_json::Value::Null;
+    let nic = match t.network.attachment() {
+        None => None,
+        Some(a) => {
+            let net = ctx.store.get(Kind::Network, a.network_ref)?;
+            let filter = ctx.store.get(Kind::NetworkFilter, a.filter_ref)?;
+            let net_ready = net.as_ref().is_some_and(|n| {
+                status_of::<NetworkStatus>(n).phase == NetworkPhase::Ready && !n.is_deleting()
+            });
+            let filter_ready = filter.as_ref().is_some_and(|f| {
+                status_of::<NetworkFilterStatus>(f).phase == NetworkFilterPhase::Ready
+                    && !f.is_deleting()
+            });
+            if !net_ready || !filter_ready {
+                let what = if !net_ready {
+                    format!("Network {}", a.network_ref)
+                } else {
+                    format!("NetworkFilter {}", a.filter_ref)
+                };
+                return Ok(Err(("WaitingForNetwork", format!("{what} is not Ready"))));
+            }
+            if let Some(n) = &net {
+                network_hash = spec_hash(&n.resource).into();
+            }
+            Some(NicSpec {
+                network: libvirt_name(a.network_ref),
+                filter: Some(libvirt_name(a.filter_ref)),
+                mac: None,
+            })
+        }
+    };
+    let identity = serde_json::json!({
+        "template": t,
+        "image": [disk, kernel, initrd, agentvm_image::KERNEL_CMDLINE],
+        "network": network_hash,
+    });
+    let mut canonical = String::new();
+    agentvm_api::resource::write_canonical_json(&identity, &mut canonical);
+    let hash: String = Sha256::digest(canonical.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let res = t.resources.resolved();
+    let warmup = t
+        .warmup
+        .iter()
+        .map(|w| {
+            let mut r = ExecRequest::new("/bin/sh", ["-c", w.run.as_str()]);
+            r.timeout = Duration::from_secs(u64::from(w.timeout_seconds));
+            r
+        })
+        .collect();
+    Ok(Ok(Template {
+        image,
+        nic,
+        hash,
+        vcpus: res.vcpu,
+        memory_mib: u64::from(res.memory_mib),
+        warmup,
+    }))
+}
+
+impl Reconciler for VmPoolReconciler {
+    fn kind(&self) -> Kind {
+        Kind::VmPool
+    }
+
+    fn watches(&self) -> &[Kind] {
+        &[Kind::Image, Kind::Network, Kind::NetworkFilter]
+    }
+
+    fn reconcile(&self, obj: Arc<StoredObject>, ctx: &Ctx) -> Result<Action, ReconcileError> {
+        let Resource::VmPool(pool) = &obj.resource else {
+            return Err(super::wrong_kind(&obj, Kind::VmPool));
+        };
+        let name = pool.name();
+        let mut status: VmPoolStatus = status_of(&obj);
+        status.observed_generation = Some(obj.generation());
+        if obj.is_deleting() {
+            return self.delete(&obj, name, ctx, &mut status);
+        }
+        let tpl = match resolve(ctx, pool)? {
+            Ok(t) => t,
+            Err((reason, message)) => {
+                // Existing VMs stay as they are while a dependency is not ready.
+                let c = self.counts(name, status.template_hash.as_deref().unwrap_or(""));
+                self.fill_status(&mut status, &c);
+                status.phase = VmPoolPhase::Pending;
+                Conditions(&mut status.conditions).progressing(reason, message);
+                write_status(ctx, &obj, &status)?;
+                return Ok(Action::Requeue(WAITING));
+            }
+        };
+        self.registry.set_current_hash(name, &tpl.hash);
+        status.template_hash = Some(tpl.hash.clone());
+        match self.converge(&obj, pool, &tpl, ctx, &mut status) {
+            Ok(action) => Ok(action),
+            Err(err) => {
+                let c = self.counts(name, &tpl.hash);
+                self.fill_status(&mut status, &c);
+                let min = pool.spec.min_ready.min(pool.spec.max_size);
+                status.phase = VmPoolPhase::Degraded;
+                Conditions(&mut status.conditions).degraded(&err, c.ready_current >= min);
+                write_status(ctx, &obj, &status)?;
+                Err(err)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

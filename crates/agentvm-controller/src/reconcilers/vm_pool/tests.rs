@@ -1,0 +1,435 @@
+use super::*;
+use crate::reconcilers::testutil::*;
+use crate::reconcilers::{NetworkFilterReconciler, NetworkReconciler};
+use agentvm_backend::fake::{FakeBackend, Op};
+use agentvm_backend::BackendError;
+
+const IMG: &str =
+    "apiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata: {name: img}\nspec: {}\n";
+
+fn pool_yaml(min: u32, max: u32, memory: u32) -> String {
+    format!("apiVersion: agentvm.dev/v1alpha1\nkind: VmPool\nmetadata: {{name: p}}\nspec:\n  template:\n    imageRef: img\n    resources: {{profile: custom, vcpu: 1, memoryMib: {memory}, diskGib: 2}}\n  minReady: {min}\n  maxSize: {max}\n")
+}
+
+fn image_ready(t: &Setup) {
+    t.apply(IMG);
+    t.store
+        .update_status(
+            Kind::Image,
+            "img",
+            serde_json::json!({"phase": "Ready", "diskPath": "/c/disk.qcow2", "kernelPath": "/c/vmlinuz", "initrdPath": "/c/initrd.img"}),
+        )
+        .unwrap();
+}
+
+struct Pools {
+    t: Setup,
+    r: VmPoolReconciler,
+}
+
+impl Pools {
+    fn new() -> Self {
+        let t = Setup::new();
+        let r = VmPoolReconciler::new(t.backend(), Arc::new(PoolRegistry::new()));
+        Pools { t, r }
+    }
+
+    /// Reconciles until the pool is steady (or fails); returns the last result.
+    fn settle(&self) -> Result<Action, ReconcileError> {
+        for _ in 0..20 {
+            match self.t.reconcile(&self.r, Kind::VmPool, "p") {
+                Ok(Action::Requeue(d)) if d == NEXT_STEP => continue,
+                other => return other,
+            }
+        }
+        panic!("pool never settled: {:?}", self.t.fake.mutations());
+    }
+
+    fn vms(&self) -> Vec<String> {
+        self.t
+            .fake
+            .domains()
+            .into_iter()
+            .filter(|(_, d)| d.owner.as_ref().is_some_and(|o| o.name == "p"))
+            .map(|(n, _)| n)
+            .collect()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        self.t.status(Kind::VmPool, "p")
+    }
+}
+
+#[test]
+fn waits_for_the_image_then_warms_up_to_min_ready() {
+    let p = Pools::new();
+    p.t.apply(&pool_yaml(2, 4, 512));
+    assert_eq!(p.settle().unwrap(), Action::Requeue(WAITING));
+    let s = p.status();
+    assert_eq!(s["phase"], "Pending");
+    assert_eq!(
+        cond(&s, "Progressing"),
+        ("True".into(), "WaitingForImage".into())
+    );
+    p.t.apply(IMG);
+    p.settle().unwrap();
+    assert!(p.status()["conditions"]
+        .to_string()
+        .contains("Image img is Pending"));
+    assert!(p.t.fake.mutations().is_empty());
+
+    image_ready(&p.t);
+    assert_eq!(
+        p.settle().unwrap(),
+        Action::Requeue(Duration::from_secs(10))
+    );
+    let vms = p.vms();
+    assert_eq!(vms.len(), 2);
+    assert!(vms
+        .iter()
+        .all(|n| n.starts_with("agentvm-p-") && n.len() == "agentvm-p-".len() + 5));
+    let s = p.status();
+    assert_eq!(s["phase"], "Ready");
+    assert_eq!(
+        (s["ready"].as_u64(), s["total"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert_eq!(s["vms"].as_array().unwrap().len(), 2);
+    assert_eq!(cond(&s, "Ready"), ("True".into(), "MinReadyReached".into()));
+    assert_eq!(s["observedGeneration"], 1);
+    // Ownership metadata carries the pool and the template hash.
+    let d = &p.t.fake.domains()[&vms[0]];
+    let owner = d.owner.clone().unwrap();
+    assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("VmPool", "p"));
+    assert_eq!(Some(owner.spec_hash.as_str()), s["templateHash"].as_str());
+    // Steady: another pass only looks.
+    p.t.fake.clear_calls();
+    p.settle().unwrap();
+    assert!(
+        p.t.fake.mutations().is_empty(),
+        "{:?}",
+        p.t.fake.mutations()
+    );
+}
+
+#[test]
+fn scales_up_and_down_without_touching_the_template_hash() {
+    let p = Pools::new();
+    image_ready(&p.t);
+    p.t.apply(&pool_yaml(1, 4, 512));
+    p.settle().unwrap();
+    let hash = p.status()["templateHash"].clone();
+    p.t.apply(&pool_yaml(3, 4, 512));
+    p.settle().unwrap();
+    assert_eq!(p.vms().len(), 3);
+    // minReady is not part of the template: no replacement.
+    assert_eq!(p.status()["templateHash"], hash);
+    assert_eq!(p.status()["observedGeneration"], 2);
+    p.t.fake.clear_calls();
+    p.t.apply(&pool_yaml(1, 4, 512));
+    p.settle().unwrap();
+    assert_eq!(p.vms().len(), 1);
+    let m = p.t.fake.mutations();
+    assert_eq!(m.len(), 2);
+    assert!(m.iter().all(|c| c.starts_with("DestroyVm(")), "{m:?}");
+}
+
+#[test]
+fn a_template_change_replaces_vms_one_at_a_time_new_before_old() {
+    let p = Pools::new();
+    image_ready(&p.t);
+    p.t.apply(&pool_yaml(2, 3, 512));
+    p.settle().unwrap();
+    let old = p.vms();
+    p.t.fake.clear_calls();
+    p.t.apply(&pool_yaml(2, 3, 768));
+    p.settle().unwrap();
+    let new = p.vms();
+    assert_eq!(new.len(), 2);
+    assert!(new.iter().all(|n| !old.contains(n)));
+    // Rolling: create (room under maxSize 3), destroy an old one, create, destroy.
+    let muts = p.t.fake.mutations();
+    let kinds: Vec<&str> = muts
+        .iter()
+        .map(|m| {
+            if m.starts_with("Create") {
+                "create"
+            } else {
+                "destroy"
+            }
+        })
+        .collect();
+    assert_eq!(kinds, ["create", "destroy", "create", "destroy"]);
+    let s = p.status();
+    assert_eq!(s["phase"], "Ready");
+    let hash = s["templateHash"].as_str().unwrap();
+    assert!(p
+        .t
+        .fake
+        .domains()
+        .values()
+        .all(|d| d.owner.as_ref().unwrap().spec_hash == hash));
+}
+
+#[test]
+fn at_max_size_the_old_vm_makes_room_first() {
+    let p = Pools::new();
+    image_ready(&p.t);
+    p.t.apply(&pool_yaml(1, 1, 512));
+    p.settle().unwrap();
+    let old = p.vms();
+    p.t.fake.clear_calls();
+    p.t.apply(&pool_yaml(1, 1, 768));
+    p.settle().unwrap();
+    assert_eq!(p.t.fake.mutations()[0], format!("DestroyVm({})", old[0]));
+    assert!(p.t.fake.mutations()[1].starts_with("CreatePoolVm("));
+    assert_eq!(p.vms().len(), 1);
+}
+
+#[test]
+fn busy_vms_are_never_destroyed_and_deletion_waits_for_them() {
+    let p = Pools::new();
+    image_ready(&p.t);
+    p.t.apply(&pool_yaml(1, 2, 512));
+    p.settle().unwrap();
+    let busy = p.r.registry().acquire("p").unwrap();
+    // A busy VM does not count as ready: a second one is started.
+    p.settle().unwrap();
+    assert_eq!(p.vms().len(), 2);
+    assert_eq!(p.status()["busy"], 1);
+    // Template change and scale to zero: the busy VM stays.
+    p.t.apply(&pool_yaml(0, 2, 768));
+    p.settle().unwrap();
+    assert_eq!(p.vms(), std::slice::from_ref(&busy));
+    // Deletion waits for the run.
+    p.t.store.request_delete(Kind::VmPool, "p", None).unwrap();
+    assert_eq!(p.settle().unwrap(), Action::Requeue(Duration::from_secs(2)));
+    assert_eq!(cond(&p.status(), "Progressing").1, "WaitingForRuns");
+    assert_eq!(p.vms(), std::slice::from_ref(&busy));
+    assert!(p.r.registry().release("p", &busy));
+    p.settle().unwrap();
+    assert!(p.vms().is_empty());
+    assert!(p.t.store.get(Kind::VmPool, "p").unwrap().is_none());
+    assert!(p.r.registry().vms("p").is_empty());
+}
+
+#[test]
+fn a_released_vm_is_reset_before_it_is_ready_again() {
+    let p = Pools::new();
+    image_ready(&p.t);
+    p.t.apply(&pool_yaml(1, 2, 512));
+    p.settle().unwrap();
+    let vm = p.r.registry().acquire("p").unwrap();
+    p.settle().unwrap();
+    p.r.registry().release("p", &vm);
+    assert_eq!(p.r.registry().phase("p", &vm), Some(VmPhase::NeedsReset));
+    p.t.fake.clear_calls();
+    p.settle().unwrap();
+    assert_eq!(p.t.fake.mutations()[0], format!("ResetVm({vm})"));
+    // Back to ready; now one too many: scaled down to minReady.
+    assert_eq!(p.vms().len(), 1);
+    assert_eq!(p.status()["ready"], 1);
+}
+
+#[test]
+fn vms_destroyed_or_undefined_by_hand_are_replaced() {
+    let p = Pools::new();
+    image_ready(&p.t);
+    p.t.fake.add_foreign_domain("agentvm-t3-foreign-x");
+    p.t.apply(&pool_yaml(2, 4, 512));
+    p.settle().unwrap();
+    let vms = p.vms();
+    p.t.fake.stop_domain_by_hand(&vms[0]);
+    p.t.fake.remove_domain_by_hand(&vms[1]);
+    p.t.fake.clear_calls();
+    p.settle().unwrap();
+    let now = p.vms();
+    assert_eq!(now.len(), 2);
+    assert!(now.iter().all(|n| !vms.contains(n)));
+    let m = p.t.fake.mutations();
+    // Cleanup of both (the shut-off one and the leftovers of the vanished one), then two boots.
+    assert_eq!(
+        m.iter().filter(|c| c.starts_with("DestroyVm")).count(),
+        2,
+        "{m:?}"
+    );
+    assert_eq!(
+        m.iter().filter(|c| c.starts_with("CreatePoolVm")).count(),
+        2,
+        "{m:?}"
+    );
+    assert!(p.t.fake.domains().contains_key("agentvm-t3-foreign-x"));
+}
+
+#[test]
+fn a_restarted_controller_adopts_vms_by_metadata_and_resets_them() {
+    let p = Pools::new();
+    image_ready(&p.t);
+    p.t.fake.add_foreign_domain("agentvm-p-zzzzz");
+    p.t.apply(&pool_yaml(2, 4, 512));
+    p.settle().unwrap();
+    let vms = p.vms();
+    // A new reconciler (new registry) over the same hypervisor and store.
+    let fresh = VmPoolReconciler::new(p.t.backend(), Arc::new(PoolRegistry::new()));
+    p.t.fake.clear_calls();
+    for _ in 0..5 {
+        p.t.reconcile(&fresh, Kind::VmPool, "p").unwrap();
+    }
+    let mut m = p.t.fake.mutations();
+    m.sort();
+    assert_eq!(
+        m,
+        vms.iter()
+            .map(|v| format!("ResetVm({v})"))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(p.vms(), vms);
+    assert_eq!(fresh.registry().vms("p").len(), 2);
+    assert!(fresh
+        .registry()
+        .vms("p")
+        .iter()
+        .all(|v| v.phase == VmPhase::Ready));
+    // The foreign domain with a pool-like name was never adopted or touched.
+    assert!(p.t.fake.domains()["agentvm-p-zzzzz"].owner.is_none());
+    assert_eq!(p.status()["total"], 2);
+}
+
+#[test]
+fn adopted_vms_of_an_old_template_or_half_created_are_replaced() {
+    let p = Pools::new();
+    image_ready(&p.t);
+    p.t.apply(&pool_yaml(1, 4, 512));
+    let stale = Owner {
+        kind: "VmPool".into(),
+        name: "p".into(),
+        spec_hash: "edited-by-hand".into(),
+        generation: 1,
+    };
+    p.t.fake
+        .add_owned_domain("agentvm-p-stale", stale.clone(), true);
+    p.t.fake.add_owned_domain("agentvm-p-half", stale, false);
+    p.settle().unwrap();
+    let vms = p.vms();
+    assert_eq!(vms.len(), 1);
+    assert!(!vms.contains(&"agentvm-p-stale".to_string()));
+    let m = p.t.fake.mutations();
+    // The half-created one goes at once; the stale one only after its replacement is up.
+    assert_eq!(m[0], "DestroyVm(agentvm-p-half)");
+    assert!(m[1].starts_with("CreatePoolVm("));
+    assert_eq!(m[2], "DestroyVm(agentvm-p-stale)");
+}
+
+#[test]
+fn backend_failures_degrade_the_pool_and_the_next_pass_recovers() {
+    let p = Pools::new();
+    image_ready(&p.t);
+    p.t.apply(&pool_yaml(1, 4, 512));
+    p.t.fake.fail_next(
+        Op::CreatePoolVm,
+        BackendError::Timeout {
+            what: "guest agent".into(),
+            after: Duration::from_secs(120),
+        },
+    );
+    let err = p.settle().unwrap_err();
+    assert_eq!(err.reason, "Timeout");
+    let s = p.status();
+    assert_eq!(s["phase"], "Degraded");
+    assert_eq!(cond(&s, "Degraded"), ("True".into(), "Timeout".into()));
+    assert_eq!(cond(&s, "Ready").0, "False");
+    p.t.fake
+        .fail_next(Op::ListVms, FakeBackend::libvirt_error("connection reset"));
+    assert_eq!(p.settle().unwrap_err().reason, "LibvirtError");
+    p.settle().unwrap();
+    let s = p.status();
+    assert_eq!(s["phase"], "Ready");
+    assert_eq!(cond(&s, "Degraded").0, "False");
+    // A reset that fails replaces the VM instead of handing out a dirty one.
+    let vm = p.r.registry().acquire("p").unwrap();
+    p.settle().unwrap();
+    p.r.registry().release("p", &vm);
+    p.t.fake
+        .fail_next(Op::ResetVm, FakeBackend::libvirt_error("loadvm failed"));
+    p.settle().unwrap();
+    assert!(!p.vms().contains(&vm));
+    assert_eq!(p.vms().len(), 1);
+}
+
+#[test]
+fn network_before_vms_and_vms_before_the_network_on_deletion() {
+    let t = Setup::new();
+    image_ready(&t);
+    t.apply("apiVersion: agentvm.dev/v1alpha1\nkind: Network\nmetadata: {name: lan}\nspec: {mode: nat, subnet: 10.80.0.0/24}\n");
+    t.apply("apiVersion: agentvm.dev/v1alpha1\nkind: NetworkFilter\nmetadata: {name: egress}\nspec:\n  egress:\n    - {protocol: tcp, ports: [443]}\n");
+    t.apply(&attached_pool("p", "lan", "egress").replace(
+        "imageRef: img",
+        "imageRef: img\n    resources: {profile: light}",
+    ));
+    let pools = VmPoolReconciler::new(t.backend(), Arc::new(PoolRegistry::new()));
+    let nets = NetworkReconciler::new(t.backend());
+    let filters = NetworkFilterReconciler::new(t.backend());
+    // The pool first: it waits for its network.
+    t.reconcile(&pools, Kind::VmPool, "p").unwrap();
+    assert_eq!(
+        cond(&t.status(Kind::VmPool, "p"), "Progressing").1,
+        "WaitingForNetwork"
+    );
+    t.reconcile(&nets, Kind::Network, "lan").unwrap();
+    t.reconcile(&pools, Kind::VmPool, "p").unwrap();
+    assert!(t
+        .status(Kind::VmPool, "p")
+        .to_string()
+        .contains("NetworkFilter egress is not Ready"));
+    t.reconcile(&filters, Kind::NetworkFilter, "egress")
+        .unwrap();
+    for _ in 0..3 {
+        t.reconcile(&pools, Kind::VmPool, "p").unwrap();
+    }
+    let m = t.fake.mutations();
+    assert_eq!(
+        m[..2],
+        [
+            "EnsureNetwork(agentvm-lan)",
+            "EnsureNwFilter(agentvm-egress)"
+        ]
+    );
+    assert!(m[2].starts_with("CreatePoolVm(agentvm-p-"));
+    let vm = t
+        .fake
+        .domains()
+        .into_iter()
+        .find(|(_, d)| d.owner.is_some())
+        .unwrap()
+        .1;
+    assert_eq!(vm.network.as_deref(), Some("agentvm-lan"));
+    assert_eq!(vm.filter.as_deref(), Some("agentvm-egress"));
+
+    // Delete everything at once (like removing the file): the network and the filter wait.
+    t.fake.clear_calls();
+    for (k, n) in [
+        (Kind::Network, "lan"),
+        (Kind::NetworkFilter, "egress"),
+        (Kind::VmPool, "p"),
+    ] {
+        t.store.request_delete(k, n, None).unwrap();
+    }
+    t.reconcile(&nets, Kind::Network, "lan").unwrap();
+    t.reconcile(&filters, Kind::NetworkFilter, "egress")
+        .unwrap();
+    assert!(t.fake.mutations().is_empty());
+    t.reconcile(&pools, Kind::VmPool, "p").unwrap();
+    t.reconcile(&nets, Kind::Network, "lan").unwrap();
+    t.reconcile(&filters, Kind::NetworkFilter, "egress")
+        .unwrap();
+    let m = t.fake.mutations();
+    assert!(m[0].starts_with("DestroyVm(agentvm-p-"), "{m:?}");
+    assert_eq!(
+        m[1..],
+        [
+            "DeleteNetwork(agentvm-lan)",
+            "DeleteNwFilter(agentvm-egress)"
+        ]
+    );
+    assert_eq!(t.store.len().unwrap(), 1, "only the Image is left");
+}
