@@ -5,6 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+if ! command -v cargo >/dev/null; then
+  echo "quickstart: cargo not found; install the Rust toolchain (https://rustup.rs) and run this again" >&2
+  exit 1
+fi
 bash scripts/host-setup.sh
 echo "quickstart: building agentvm (cargo build --release)"
 cargo build --release -q -p agentvm
