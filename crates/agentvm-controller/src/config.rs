@@ -9,6 +9,9 @@ use serde::Deserialize;
 /// Environment variable naming the config file.
 pub const CONFIG_ENV: &str = "AGENTVM_CONFIG";
 
+/// Default address of the metrics endpoint.
+pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:9090";
+
 /// agentvm's host configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -22,6 +25,17 @@ pub struct Config {
     pub accelerator: AcceleratorChoice,
     /// Seconds to wait for a booting guest's agent (`AGENTVM_BOOT_TIMEOUT_SECONDS`, default 120).
     pub boot_timeout_seconds: u64,
+    /// TCP address of the metrics endpoint (`/metrics`, `/healthz`, `/readyz`)
+    /// (`AGENTVM_METRICS_ADDR`, default `127.0.0.1:9090`; `off` or empty disables it; port 0
+    /// picks a free port, logged at start).
+    pub metrics_address: String,
+    /// Seconds between two samples of the VMs' statistics (`AGENTVM_VM_STATS_INTERVAL_SECONDS`,
+    /// default 5).
+    pub vm_stats_interval_seconds: u64,
+    /// The audit log (`AGENTVM_AUDIT_LOG`, default `<stateDir>/audit.log`).
+    pub audit_log: Option<PathBuf>,
+    /// Size at which the audit log is rotated (`AGENTVM_AUDIT_LOG_MAX_BYTES`, default 64 MiB).
+    pub audit_log_max_bytes: u64,
 }
 
 /// The config file's shape; every field optional.
@@ -33,6 +47,10 @@ struct ConfigFile {
     cache_dir: Option<PathBuf>,
     accelerator: Option<String>,
     boot_timeout_seconds: Option<u64>,
+    metrics_address: Option<String>,
+    vm_stats_interval_seconds: Option<u64>,
+    audit_log: Option<PathBuf>,
+    audit_log_max_bytes: Option<u64>,
 }
 
 /// A configuration problem.
@@ -72,6 +90,10 @@ impl Default for Config {
             cache_dir: "/var/cache/agentvm".into(),
             accelerator: AcceleratorChoice::Auto,
             boot_timeout_seconds: 120,
+            metrics_address: DEFAULT_METRICS_ADDRESS.into(),
+            vm_stats_interval_seconds: 5,
+            audit_log: None,
+            audit_log_max_bytes: crate::audit::DEFAULT_MAX_BYTES,
         }
     }
 }
@@ -139,6 +161,18 @@ impl Config {
         if let Some(v) = f.boot_timeout_seconds {
             self.boot_timeout_seconds = v;
         }
+        if let Some(v) = f.metrics_address {
+            self.metrics_address = v;
+        }
+        if let Some(v) = f.vm_stats_interval_seconds {
+            self.vm_stats_interval_seconds = v;
+        }
+        if let Some(v) = f.audit_log {
+            self.audit_log = Some(v);
+        }
+        if let Some(v) = f.audit_log_max_bytes {
+            self.audit_log_max_bytes = v;
+        }
         Ok(())
     }
 
@@ -168,7 +202,32 @@ impl Config {
                 message: format!("{v:?} is not a whole number of seconds"),
             })?;
         }
+        if let Some(v) = get("AGENTVM_METRICS_ADDR") {
+            self.metrics_address = v;
+        }
+        if let Some(v) = get("AGENTVM_VM_STATS_INTERVAL_SECONDS") {
+            self.vm_stats_interval_seconds = v.parse().map_err(|_| ConfigError::Value {
+                source_name: "AGENTVM_VM_STATS_INTERVAL_SECONDS".into(),
+                message: format!("{v:?} is not a whole number of seconds"),
+            })?;
+        }
+        if let Some(v) = get("AGENTVM_AUDIT_LOG") {
+            self.audit_log = Some(v.into());
+        }
+        if let Some(v) = get("AGENTVM_AUDIT_LOG_MAX_BYTES") {
+            self.audit_log_max_bytes = v.parse().map_err(|_| ConfigError::Value {
+                source_name: "AGENTVM_AUDIT_LOG_MAX_BYTES".into(),
+                message: format!("{v:?} is not a whole number of bytes"),
+            })?;
+        }
         Ok(())
+    }
+
+    /// The audit log's path: `auditLog`, else `<stateDir>/audit.log`.
+    pub fn audit_log_path(&self) -> PathBuf {
+        self.audit_log
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join(crate::audit::AUDIT_FILE))
     }
 }
 
@@ -189,6 +248,28 @@ mod tests {
             .unwrap();
         assert_eq!(c.accelerator, AcceleratorChoice::Tcg);
         assert_eq!(c.state_dir, PathBuf::from("/srv/agentvm"));
+    }
+
+    #[test]
+    fn observability_settings() {
+        let mut c = Config::default();
+        assert_eq!(c.metrics_address, "127.0.0.1:9090");
+        assert_eq!(c.vm_stats_interval_seconds, 5);
+        assert_eq!(c.audit_log_path(), Path::new("/var/lib/agentvm/audit.log"));
+        c.apply_file(
+            Path::new("c.yaml"),
+            "metricsAddress: off\nauditLog: /var/log/agentvm/audit.log\nauditLogMaxBytes: 1024\nvmStatsIntervalSeconds: 10\n",
+        )
+        .unwrap();
+        assert_eq!(c.metrics_address, "off");
+        assert_eq!(c.audit_log_path(), Path::new("/var/log/agentvm/audit.log"));
+        assert_eq!(
+            (c.audit_log_max_bytes, c.vm_stats_interval_seconds),
+            (1024, 10)
+        );
+        c.apply_env(|k| (k == "AGENTVM_METRICS_ADDR").then(|| "0.0.0.0:9100".to_string()))
+            .unwrap();
+        assert_eq!(c.metrics_address, "0.0.0.0:9100");
     }
 
     #[test]

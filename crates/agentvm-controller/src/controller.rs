@@ -9,10 +9,15 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::api::server::{self, ApiState, ServeError};
+use crate::audit::{AuditLog, KEEP_ROTATED};
+use crate::health::Readiness;
+use crate::metrics::Metrics;
+use crate::metrics_server;
 use crate::reconcile::{Ctx, Dispatcher, DispatcherHandle, DispatcherOptions, Reconciler, Sweeper};
 use crate::source::specdir::SpecDirError;
 use crate::source::{SpecDir, WatchOptions};
 use crate::store::{Store, StoreError, STORE_FILE};
+use crate::vm_stats::{StatsSource, VmStatsHistory, VmStatsSampler, DEFAULT_HISTORY};
 use crate::Config;
 
 /// How long shutdown waits for reconciles in progress before giving up on them.
@@ -33,6 +38,14 @@ pub enum ControllerError {
     /// A component failed unexpectedly.
     #[error("{0}")]
     Task(String),
+    /// The audit log could not be opened.
+    #[error("audit log {path}: {source}")]
+    Audit {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// The controller daemon, configured builder-style, started with [`Controller::run`].
@@ -45,6 +58,10 @@ pub struct Controller {
     dispatcher: DispatcherOptions,
     watch: WatchOptions,
     on_ready: Option<Box<dyn FnOnce(DispatcherHandle) + Send>>,
+    metrics: Metrics,
+    readiness: Readiness,
+    vm_stats: VmStatsHistory,
+    stats_source: Option<Box<dyn StatsSource>>,
 }
 
 impl Controller {
@@ -61,7 +78,24 @@ impl Controller {
             dispatcher: DispatcherOptions::default(),
             watch: WatchOptions::default(),
             on_ready: None,
+            metrics: Metrics::new(),
+            readiness: Readiness::default(),
+            vm_stats: VmStatsHistory::new(DEFAULT_HISTORY),
+            stats_source: None,
         }
+    }
+
+    /// Sample VM statistics from `source` every `vmStatsIntervalSeconds` into the per-VM
+    /// metrics and [`Ctx::vm_stats`]; `/readyz` then also needs the last sample to succeed.
+    pub fn vm_stats(mut self, source: impl StatsSource) -> Self {
+        self.stats_source = Some(Box::new(source));
+        self
+    }
+
+    /// The controller's metrics (the same as [`Ctx::metrics`]), for components built before
+    /// it runs.
+    pub fn metrics(&self) -> Metrics {
+        self.metrics.clone()
     }
 
     /// Watch `dir` as a source of desired objects.
@@ -108,11 +142,39 @@ impl Controller {
 
     /// Runs until `shutdown` resolves, then stops the API, the watcher and the dispatcher
     /// (waiting up to 30 s for reconciles in progress) and removes the socket.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ControllerError> {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), ControllerError> {
         let store_path = self.config.state_dir.join(STORE_FILE);
         let store = tokio::task::spawn_blocking(move || Store::open(store_path))
             .await
             .map_err(|e| ControllerError::Task(e.to_string()))??;
+        self.readiness.set_store_open(true);
+        // Subscribed before anything can change the store, so every change is audited.
+        let store_events = store.subscribe();
+        let audit_path = self.config.audit_log_path();
+        let max_bytes = self.config.audit_log_max_bytes;
+        let audit = tokio::task::spawn_blocking(move || {
+            AuditLog::open(&audit_path, max_bytes, KEEP_ROTATED).map_err(|source| {
+                ControllerError::Audit {
+                    path: audit_path,
+                    source,
+                }
+            })
+        })
+        .await
+        .map_err(|e| ControllerError::Task(e.to_string()))??
+        .with_metrics(self.metrics.clone());
+        // An unusable metrics address does not stop the controller: it is logged, and
+        // Prometheus reports the target down.
+        let metrics_listener = match metrics_server::parse_address(&self.config.metrics_address) {
+            None => None,
+            Some(addr) => match metrics_server::bind(addr).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::error!("metrics endpoint: cannot listen on {addr}: {e}");
+                    None
+                }
+            },
+        };
         let spec_dir = match &self.spec_dir {
             Some(dir) => Some(SpecDir::new(dir, store.clone())?),
             None => None,
@@ -146,6 +208,9 @@ impl Controller {
         let ctx = Ctx {
             store: store.clone(),
             config: Arc::new(self.config.clone()),
+            metrics: self.metrics.clone(),
+            audit: audit.clone(),
+            vm_stats: self.vm_stats.clone(),
         };
         let sweeps: Vec<_> = self
             .sweepers
@@ -173,9 +238,51 @@ impl Controller {
                 })
             })
             .collect();
+        let mut observers = vec![tokio::spawn(crate::audit::record_store_events(
+            store.clone(),
+            audit,
+            store_events,
+            stopped(stop_rx.clone()),
+        ))];
+        if let Some(listener) = metrics_listener {
+            if let Some(addr) = metrics_server::bound_address(&listener) {
+                tracing::info!("metrics endpoint on http://{addr} (/metrics, /healthz, /readyz)");
+            }
+            let serve = metrics_server::serve(
+                listener,
+                self.metrics.clone(),
+                self.readiness.clone(),
+                stopped(stop_rx.clone()),
+            );
+            observers.push(tokio::spawn(async move {
+                if let Err(e) = serve.await {
+                    tracing::error!("metrics endpoint stopped: {e}");
+                }
+            }));
+        }
+        if let Some(source) = self.stats_source.take() {
+            self.readiness.require_libvirt();
+            let sampler = VmStatsSampler::new(
+                self.metrics.clone(),
+                self.vm_stats.clone(),
+                self.readiness.clone(),
+            );
+            let every = Duration::from_secs(self.config.vm_stats_interval_seconds.max(1));
+            observers.push(tokio::spawn(sampler.run(
+                source,
+                every,
+                stopped(stop_rx.clone()),
+            )));
+        }
         let dispatcher = Dispatcher::new(ctx, self.reconcilers, self.dispatcher);
         let handle = dispatcher.handle();
-        let mut dispatch = tokio::spawn(dispatcher.run(stopped(stop_rx.clone())));
+        let dispatching = dispatcher.run(stopped(stop_rx.clone()));
+        let readiness = self.readiness.clone();
+        readiness.set_dispatcher_running(true);
+        let mut dispatch = tokio::spawn(async move {
+            dispatching.await;
+            readiness.set_dispatcher_running(false);
+        });
         tracing::info!(
             "controller ready: API on {}, store {}, spec dir {}",
             self.socket.display(),
@@ -211,6 +318,9 @@ impl Controller {
             let _ = dispatch.await;
             for s in sweeps {
                 let _ = s.await;
+            }
+            for o in observers {
+                let _ = o.await;
             }
         };
         if tokio::time::timeout(SHUTDOWN_GRACE, wait_all)

@@ -2,9 +2,13 @@
 //! served on a Unix socket, and the reconcile dispatcher the per-kind reconcilers plug into.
 
 pub mod api;
+pub mod audit;
 pub mod config;
 pub mod controller;
+pub mod health;
 pub mod images;
+pub mod metrics;
+pub mod metrics_server;
 pub mod queue;
 pub mod reconcile;
 pub mod reconcilers;
@@ -12,9 +16,12 @@ pub mod run;
 pub mod source;
 pub mod store;
 pub mod time;
+pub mod vm_stats;
 
+pub use audit::{AuditEvent, AuditEventType, AuditLog};
 pub use config::Config;
 pub use controller::Controller;
+pub use metrics::Metrics;
 pub use reconcile::{Action, Ctx, ReconcileError, Reconciler, Sweeper};
 pub use store::{
     ApplyOptions, ApplyOutcome, Change, Manager, ObjectKey, Store, StoreError, StoreEvent,

@@ -31,8 +31,11 @@ use std::time::Duration;
 use agentvm_api::Kind;
 use tokio::sync::broadcast::error::RecvError;
 
+use crate::audit::AuditLog;
+use crate::metrics::Metrics;
 use crate::queue::WorkQueue;
 use crate::store::{Change, ObjectKey, Store, StoreError, StoredObject};
+use crate::vm_stats::{VmStatsHistory, DEFAULT_HISTORY};
 use crate::Config;
 
 /// What to do after a successful reconcile.
@@ -78,6 +81,25 @@ pub struct Ctx {
     pub store: Store,
     /// Host configuration.
     pub config: Arc<Config>,
+    /// Metrics to record pool, VM and run events in.
+    pub metrics: Metrics,
+    /// The audit log, for VM and run lifecycle events.
+    pub audit: AuditLog,
+    /// The latest statistics samples of each running VM (anomaly detection).
+    pub vm_stats: VmStatsHistory,
+}
+
+impl Ctx {
+    /// A context with fresh metrics, no audit log and an empty statistics history.
+    pub fn new(store: Store, config: Arc<Config>) -> Self {
+        Ctx {
+            store,
+            config,
+            metrics: Metrics::new(),
+            audit: AuditLog::disabled(),
+            vm_stats: VmStatsHistory::new(DEFAULT_HISTORY),
+        }
+    }
 }
 
 /// Makes the world match one kind's objects. Implementations hold their own handles
@@ -193,7 +215,11 @@ impl Dispatcher {
         reconcilers: Vec<Arc<dyn Reconciler>>,
         options: DispatcherOptions,
     ) -> Self {
-        let reconcilers = reconcilers.into_iter().map(|r| (r.kind(), r)).collect();
+        let reconcilers: HashMap<Kind, Arc<dyn Reconciler>> =
+            reconcilers.into_iter().map(|r| (r.kind(), r)).collect();
+        for kind in reconcilers.keys() {
+            ctx.metrics.reconcile_kind(kind.as_str());
+        }
         Self {
             shared: Arc::new(Shared {
                 ctx: Arc::new(ctx),
@@ -322,9 +348,16 @@ impl Shared {
             return;
         };
         self.stats.reconciles.fetch_add(1, Ordering::Relaxed);
+        let kind = key.kind.as_str();
+        let _timer = self.ctx.metrics.reconcile_started(kind);
         let ctx = self.ctx.clone();
         let obj = Arc::new(obj);
         let result = tokio::task::spawn_blocking(move || reconciler.reconcile(obj, &ctx)).await;
+        match &result {
+            Ok(Err(e)) => self.ctx.metrics.reconcile_failed(kind, &e.reason),
+            Err(_) => self.ctx.metrics.reconcile_failed(kind, "Panic"),
+            Ok(Ok(_)) => {}
+        }
         match result {
             Ok(Ok(action)) => {
                 self.forget(key);
@@ -450,10 +483,7 @@ mod tests {
     }
 
     fn ctx(store: &Store) -> Ctx {
-        Ctx {
-            store: store.clone(),
-            config: Arc::new(Config::default()),
-        }
+        Ctx::new(store.clone(), Arc::new(Config::default()))
     }
 
     fn fast() -> DispatcherOptions {
@@ -517,7 +547,9 @@ mod tests {
         let mut rec = Recorder::new(Kind::Image);
         rec.fail_first = 4;
         let rec = Arc::new(rec);
-        let dispatcher = Dispatcher::new(ctx(&store), vec![rec.clone()], fast());
+        let ctx = ctx(&store);
+        let metrics = ctx.metrics.clone();
+        let dispatcher = Dispatcher::new(ctx, vec![rec.clone()], fast());
         let handle = dispatcher.handle();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(dispatcher.run(async {
@@ -535,6 +567,15 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(rec.count("flaky"), 5);
         assert_eq!(handle.stats().failures.load(Ordering::Relaxed), 4);
+        // The same counts as metrics, failures labelled by the error's reason.
+        let text = metrics.render();
+        for line in [
+            "agentvm_reconcile_runs_total{kind=\"Image\"} 5",
+            "agentvm_reconcile_failures_total{kind=\"Image\",reason=\"Injected\"} 4",
+            "agentvm_reconcile_duration_seconds_count{kind=\"Image\"} 5",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line} in:\n{text}");
+        }
         tx.send(()).unwrap();
         task.await.unwrap();
     }

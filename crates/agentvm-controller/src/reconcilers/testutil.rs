@@ -21,14 +21,14 @@ impl Setup {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path().join(STORE_FILE)).unwrap();
-        let ctx = Ctx {
-            store: store.clone(),
-            config: Arc::new(Config {
+        let ctx = Ctx::new(
+            store.clone(),
+            Arc::new(Config {
                 state_dir: dir.path().to_path_buf(),
                 cache_dir: dir.path().join("cache"),
                 ..Config::default()
             }),
-        };
+        );
         Setup {
             _dir: dir,
             store,

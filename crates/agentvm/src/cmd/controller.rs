@@ -8,6 +8,7 @@ use std::time::Duration;
 use agentvm_backend::LibvirtBackend;
 use agentvm_controller::reconcile::DispatcherOptions;
 use agentvm_controller::reconcilers::{self, ImageCache, PoolRegistry};
+use agentvm_controller::vm_stats::LibvirtStatsSource;
 use agentvm_controller::{Config, Controller};
 use anyhow::Context;
 use clap::Args;
@@ -31,6 +32,11 @@ pub struct ControllerArgs {
     /// images (for trying out manifests and tooling).
     #[arg(long)]
     without_reconcilers: bool,
+    /// Serve /metrics (Prometheus), /healthz and /readyz on this TCP address; `off`
+    /// disables, port 0 picks a free port [default: $AGENTVM_METRICS_ADDR, else
+    /// metricsAddress, else 127.0.0.1:9090].
+    #[arg(long, value_name = "ADDR")]
+    metrics_address: Option<String>,
 }
 
 impl ControllerArgs {
@@ -43,6 +49,10 @@ impl ControllerArgs {
         let socket = self
             .socket
             .unwrap_or_else(|| agentvm_controller::api::default_socket(cfg));
+        let mut cfg = cfg.clone();
+        if let Some(addr) = self.metrics_address {
+            cfg.metrics_address = addr;
+        }
         let mut controller = Controller::new(cfg.clone())
             .spec_dir(self.spec_dir)
             .socket(socket)
@@ -61,7 +71,8 @@ impl ControllerArgs {
                 dir: cfg.cache_dir.clone(),
             });
             controller =
-                reconcilers::register(controller, backend, Arc::new(PoolRegistry::new()), images);
+                reconcilers::register(controller, backend, Arc::new(PoolRegistry::new()), images)
+                    .vm_stats(LibvirtStatsSource::new(cfg.libvirt_uri.clone()));
         }
         runtime.block_on(async move {
             let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
