@@ -138,7 +138,7 @@ impl Kind {
             for alias in kind.aliases() {
                 let d = edit_distance(lower, alias);
                 if d <= typo_budget(alias).min(typo_budget(lower))
-                    && best.map_or(true, |(bd, _)| d < bd)
+                    && best.is_none_or(|(bd, _)| d < bd)
                 {
                     best = Some((d, kind));
                 }
@@ -195,7 +195,7 @@ pub(crate) fn closest<'a>(
     let mut best: Option<(usize, &str)> = None;
     for c in candidates {
         let d = edit_distance(&lower, &c.to_ascii_lowercase());
-        if d <= typo_budget(c).min(typo_budget(&lower)) && best.map_or(true, |(bd, _)| d < bd) {
+        if d <= typo_budget(c).min(typo_budget(&lower)) && best.is_none_or(|(bd, _)| d < bd) {
             best = Some((d, c));
         }
     }

@@ -312,7 +312,7 @@ fn is_debian_package(spec: &str) -> bool {
         && name.bytes().all(|b| {
             b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'+' | b'-' | b'.')
         });
-    let version_ok = version.map_or(true, is_debian_version);
+    let version_ok = version.is_none_or(is_debian_version);
     name_ok && version_ok
 }
 

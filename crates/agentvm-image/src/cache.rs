@@ -167,7 +167,7 @@ fn lock_owner_alive(content: &str) -> bool {
         None => false,
         Some(actual) => start
             .and_then(|s| s.parse::<u64>().ok())
-            .map_or(true, |s| s == actual),
+            .is_none_or(|s| s == actual),
     }
 }
 

@@ -166,7 +166,7 @@ pub fn apply_set_id(paths: &[PathBuf], name: Option<&str>) -> anyhow::Result<Str
 
 /// True when `stream` is a terminal and `NO_COLOR` is unset (colour only then).
 pub fn use_color(stream: &impl std::io::IsTerminal) -> bool {
-    stream.is_terminal() && std::env::var_os("NO_COLOR").map_or(true, |v| v.is_empty())
+    stream.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// ANSI colours used on terminals.

@@ -52,7 +52,7 @@ impl RunArgs {
                 _ => {}
             }
         }
-        runs.retain(|(r, _)| self.name.as_deref().map_or(true, |n| r.metadata.name == n));
+        runs.retain(|(r, _)| self.name.as_deref().is_none_or(|n| r.metadata.name == n));
         if runs.is_empty() {
             bail!(
                 "no AgentRun{} in {:?}",
