@@ -12,6 +12,20 @@ use agentvm_api::{AgentRunSpec, Entrypoint};
 use agentvm_backend::guest::{AgentChannel, ExecOutcome, ExecRequest, Guest, Stream};
 use agentvm_backend::BackendError;
 
+/// The guest commands of a pool template's warm-up steps (`/bin/sh -c STEP` each, with the
+/// step's timeout), run once per VM before it is parked at its golden state.
+pub fn warmup_requests(template: &agentvm_api::VmTemplate) -> Vec<ExecRequest> {
+    template
+        .warmup
+        .iter()
+        .map(|w| {
+            let mut r = ExecRequest::new("/bin/sh", ["-c", w.run.as_str()]);
+            r.timeout = Duration::from_secs(u64::from(w.timeout_seconds));
+            r
+        })
+        .collect()
+}
+
 /// Problems preparing or executing a run.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -55,6 +69,13 @@ pub struct PreparedRun {
     secret_values: Vec<String>,
     files: Vec<(String, Vec<u8>, u32)>,
     workspace: Option<(Vec<u8>, String)>,
+}
+
+impl PreparedRun {
+    /// The secret values (for redaction only: never store or log them).
+    pub fn secret_values(&self) -> &[String] {
+        &self.secret_values
+    }
 }
 
 impl std::fmt::Debug for PreparedRun {

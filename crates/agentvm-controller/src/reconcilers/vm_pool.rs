@@ -446,15 +446,7 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Waiting>, Reconc
         .map(|b| format!("{b:02x}"))
         .collect();
     let res = t.resources.resolved();
-    let warmup = t
-        .warmup
-        .iter()
-        .map(|w| {
-            let mut r = ExecRequest::new("/bin/sh", ["-c", w.run.as_str()]);
-            r.timeout = Duration::from_secs(u64::from(w.timeout_seconds));
-            r
-        })
-        .collect();
+    let warmup = crate::run::warmup_requests(t);
     Ok(Ok(Template {
         image,
         nic,

@@ -11,7 +11,7 @@ use agentvm_backend::guest::{Guest, Stream};
 use agentvm_backend::vm::{resolve_accelerator, EphemeralVm, VmShape};
 use agentvm_backend::{Libvirt, Owner};
 use agentvm_controller::images::recipe_for;
-use agentvm_controller::run::{collect_artifacts, execute, prepare};
+use agentvm_controller::run::{collect_artifacts, execute, prepare, warmup_requests};
 use agentvm_controller::Config;
 use anyhow::{bail, Context};
 use clap::Args;
@@ -135,6 +135,25 @@ impl RunArgs {
         );
         let agent = vm.agent()?;
         let g = Guest::new(&agent);
+        for (step, req) in pool
+            .spec
+            .template
+            .warmup
+            .iter()
+            .zip(warmup_requests(&pool.spec.template))
+        {
+            let label = step.name.clone().unwrap_or_else(|| step.run.clone());
+            eprintln!("run/{name}: warm-up: {label}");
+            let out = g.exec(&req, &mut |_, _| {})?;
+            if !out.success() {
+                bail!(
+                    "AgentRun {name}: warm-up step {label:?} of pool {} failed (exit {:?}): {}",
+                    pool.metadata.name,
+                    out.exit_code,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
         let started = Instant::now();
         let result = execute(&g, &run.spec, &prepared, &mut |s, d| {
             let _ = match s {

@@ -1,0 +1,106 @@
+//! `agentvm run -f FILE` end to end on a real VM (TCG): pool warm-up steps, env, a secret from
+//! the host environment that is redacted when the agent prints it, artifacts copied back, and
+//! the run's exit code as the command's. Fails (never skips) when libvirt or the image is
+//! missing.
+
+use std::process::Command;
+
+const MANIFEST: &str = r#"
+apiVersion: agentvm.dev/v1alpha1
+kind: Image
+metadata: {name: base}
+spec: {}
+---
+apiVersion: agentvm.dev/v1alpha1
+kind: VmPool
+metadata: {name: warm}
+spec:
+  template:
+    imageRef: base
+    resources: {profile: custom, vcpu: 1, memoryMib: 512, diskGib: 2}
+    warmup:
+      - name: prepare data
+        run: "mkdir -p /srv/data && echo 42 > /srv/data/answer"
+---
+apiVersion: agentvm.dev/v1alpha1
+kind: AgentRun
+metadata: {name: local-check}
+spec:
+  poolRef: warm
+  env: {WHO: "world <&>"}
+  secretEnv:
+    - {name: API_KEY, fromEnv: AGENTVM_TEST_SECRET}
+  artifacts: {paths: [/root/out]}
+  script:
+    source: |
+      import json, os, sys
+      os.makedirs("/root/out", exist_ok=True)
+      open("/root/out/result.json", "w").write(json.dumps({"ok": True}))
+      print(json.dumps({"answer": open("/srv/data/answer").read().strip(), "who": os.environ["WHO"]}))
+      print("key is", os.environ["API_KEY"])
+      sys.exit(3)
+"#;
+
+#[test]
+fn local_run_executes_in_a_real_vm_with_warmup_env_secrets_and_artifacts() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::Builder::new()
+        .prefix("agentvm-localrun-")
+        .tempdir_in("/var/lib")
+        .unwrap();
+    std::fs::set_permissions(
+        state.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let manifest = dir.path().join("run.yaml");
+    std::fs::write(&manifest, MANIFEST).unwrap();
+    let secret = "s3cr3t-4f9a-value";
+    let out = Command::new(env!("CARGO_BIN_EXE_agentvm"))
+        .args(["run", "-f"])
+        .arg(&manifest)
+        .arg("--artifacts-dir")
+        .arg(dir.path().join("artifacts"))
+        .env("AGENTVM_STATE_DIR", state.path())
+        .env(
+            "AGENTVM_ACCEL",
+            std::env::var("AGENTVM_ACCEL").unwrap_or("tcg".into()),
+        )
+        .env("AGENTVM_TEST_SECRET", secret)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(
+        stdout.contains(r#"{"answer": "42", "who": "world <&>"}"#),
+        "warm-up and env reach the run: {stdout}"
+    );
+    assert!(stdout.contains("key is [REDACTED]"), "{stdout}");
+    assert!(!stdout.contains(secret) && !stderr.contains(secret));
+    assert!(
+        stderr.contains("run/local-check: Failed (exit 3)"),
+        "{stderr}"
+    );
+    let artifact = dir.path().join("artifacts/local-check/out/result.json");
+    assert_eq!(
+        std::fs::read_to_string(&artifact)
+            .unwrap_or_else(|e| panic!("{}: {e}\n{stderr}", artifact.display())),
+        r#"{"ok": true}"#
+    );
+    // The VM is gone: no domain and no files left in the state directory.
+    let vms = state.path().join("vms");
+    let left: Vec<_> = std::fs::read_dir(&vms)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "VM files left behind: {left:?}");
+    let list = Command::new("virsh")
+        .args(["-c", "qemu:///system", "list", "--all", "--name"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&list.stdout).contains("agentvm-run-local-check-"));
+}
