@@ -115,6 +115,8 @@ pub trait Backend: Send + Sync {
     fn destroy_vm(&self, name: &str) -> Result<()>;
     /// Brings an owned, parked VM back to its golden state (memory and disk).
     fn reset_vm(&self, name: &str) -> Result<Duration>;
+    /// The guest agent of a VM, to run code in it (wrap it in a [`crate::Guest`]).
+    fn agent(&self, name: &str) -> Result<Box<dyn crate::guest::AgentChannel + '_>>;
 }
 
 /// [`Backend`] on a libvirt daemon: one connection (reopened after it fails), per-VM files
@@ -401,5 +403,9 @@ impl Backend for LibvirtBackend {
             .lv()?
             .reset_to_golden(&self.golden_state(name), self.boot_timeout)?;
         Ok(report.total)
+    }
+
+    fn agent(&self, name: &str) -> Result<Box<dyn crate::guest::AgentChannel + '_>> {
+        Ok(Box::new(self.lv()?.agent(name)?))
     }
 }

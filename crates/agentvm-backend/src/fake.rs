@@ -38,6 +38,8 @@ pub enum Op {
     DestroyVm,
     /// [`Backend::reset_vm`].
     ResetVm,
+    /// [`Backend::agent`].
+    Agent,
 }
 
 /// One recorded call: the operation and the object name it acted on (empty for lists).
@@ -54,7 +56,7 @@ impl Call {
     pub fn is_mutation(&self) -> bool {
         !matches!(
             self.op,
-            Op::Ping | Op::ListNetworks | Op::ListNwFilters | Op::ListVms
+            Op::Ping | Op::ListNetworks | Op::ListNwFilters | Op::ListVms | Op::Agent
         )
     }
 }
@@ -475,6 +477,23 @@ impl Backend for FakeBackend {
                 d.resets += 1;
                 Ok(Duration::from_millis(1))
             }
+        }
+    }
+
+    fn agent(&self, name: &str) -> Result<Box<dyn crate::guest::AgentChannel + '_>> {
+        let s = self.enter(Op::Agent, name)?;
+        match s.domains.get(name) {
+            Some(d) if d.owner.is_some() && d.state == DomainState::Running => {
+                Ok(Box::new(crate::fake_agent::FakeAgent::new(name)))
+            }
+            Some(_) => Err(BackendError::GuestAgentUnavailable {
+                vm: name.to_string(),
+                message: "domain is not running".into(),
+            }),
+            None => Err(BackendError::NotFound {
+                kind: "domain",
+                name: name.to_string(),
+            }),
         }
     }
 }

@@ -129,6 +129,7 @@ impl ExecOutcome {
 /// Guest operations over any [`AgentChannel`].
 pub struct Guest<'a, C: AgentChannel + ?Sized> {
     chan: &'a C,
+    cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 fn agent_err(vm: &str, command: &str, e: BackendError) -> BackendError {
@@ -157,7 +158,22 @@ const DRAIN_EVERY: Duration = Duration::from_millis(100);
 impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
     /// Operations on the guest behind `chan`.
     pub fn new(chan: &'a C) -> Self {
-        Guest { chan }
+        Guest { chan, cancel: None }
+    }
+
+    /// Operations on the guest behind `chan` whose running processes are killed (their whole
+    /// process group) as soon as `cancel` becomes true; the exec then returns once they exit.
+    pub fn with_cancel(chan: &'a C, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
+        Guest {
+            chan,
+            cancel: Some(cancel),
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::SeqCst))
     }
 
     fn call(&self, execute: &str, arguments: Option<Value>) -> Result<Value> {
@@ -458,6 +474,7 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
         let mut stderr = Vec::new();
         let mut interval = POLL_FIRST;
         let mut timed_out = false;
+        let mut killed = false;
         // Reads what is there, up to the cap. Returns true when it stopped at the cap (so the
         // total has to be asked for), false when it reached the current end of the file.
         let mut drain = |g: &Self, h: i64, buf: &mut Vec<u8>, s: Stream| -> Result<bool> {
@@ -489,6 +506,11 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
                 if let Some(st) = st {
                     break (st, out_capped, err_capped);
                 }
+            }
+            if !timed_out && !killed && self.cancelled() {
+                killed = true;
+                self.kill_group(pid)?;
+                continue;
             }
             if !timed_out && start.elapsed() >= req.timeout {
                 timed_out = true;

@@ -5,6 +5,7 @@ pub mod accel;
 pub mod backend;
 pub mod error;
 pub mod fake;
+pub mod fake_agent;
 pub mod golden;
 pub mod guest;
 pub mod libvirt;

@@ -304,6 +304,8 @@ pub enum AgentRunPhase {
     /// Waiting for a VM from the pool.
     #[default]
     Pending,
+    /// A VM has been taken from the pool; inputs are being copied in.
+    Scheduled,
     /// Executing in a VM.
     Running,
     /// The program exited 0.

@@ -19,6 +19,7 @@ use crate::store::StoredObject;
 use crate::time::Timestamp;
 use crate::Controller;
 
+pub mod agent_run;
 pub mod gc;
 pub mod image;
 pub mod network;
@@ -26,6 +27,7 @@ pub mod network_filter;
 pub mod registry;
 pub mod vm_pool;
 
+pub use agent_run::AgentRunReconciler;
 pub use gc::GarbageCollector;
 pub use image::{ImageBuilder, ImageCache, ImageReconciler};
 pub use network::NetworkReconciler;
@@ -40,7 +42,7 @@ pub const PROGRESSING: &str = "Progressing";
 /// Condition type: something failed; the reason and message say what.
 pub const DEGRADED: &str = "Degraded";
 
-/// Registers the four reconcilers and the garbage collector on `controller`, all on
+/// Registers the five reconcilers (`AgentRun` included) and the garbage collector on `controller`, all on
 /// `backend`; `registry` is shared with whoever hands out pool VMs.
 pub fn register(
     controller: Controller,
@@ -52,7 +54,11 @@ pub fn register(
         .reconciler(Arc::new(NetworkReconciler::new(backend.clone())))
         .reconciler(Arc::new(NetworkFilterReconciler::new(backend.clone())))
         .reconciler(Arc::new(ImageReconciler::new(images)))
-        .reconciler(Arc::new(VmPoolReconciler::new(backend.clone(), registry)))
+        .reconciler(Arc::new(VmPoolReconciler::new(
+            backend.clone(),
+            registry.clone(),
+        )))
+        .reconciler(Arc::new(AgentRunReconciler::new(backend.clone(), registry)))
         .sweeper(Arc::new(GarbageCollector::new(backend)))
 }
 

@@ -40,6 +40,7 @@ pub struct PoolVm {
 struct Pool {
     current_hash: String,
     vms: BTreeMap<String, PoolVm>,
+    waiting: u32,
 }
 
 /// Pool VMs by pool name. Cheap to share behind an `Arc`.
@@ -84,6 +85,17 @@ impl PoolRegistry {
             }
             None => false,
         }
+    }
+
+    /// Records how many runs wait for a VM of `pool`: the pool reconciler keeps that many
+    /// more VMs starting or ready (up to `maxSize`) on top of `minReady`.
+    pub fn set_waiting(&self, pool: &str, runs: u32) {
+        self.lock().entry(pool.to_string()).or_default().waiting = runs;
+    }
+
+    /// How many runs wait for a VM of `pool`.
+    pub fn waiting(&self, pool: &str) -> u32 {
+        self.lock().get(pool).map_or(0, |p| p.waiting)
     }
 
     /// The VMs of `pool`, by name.

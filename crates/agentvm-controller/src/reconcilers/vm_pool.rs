@@ -41,6 +41,9 @@ use super::{backend_error, status_of, write_status, Conditions, PoolRegistry, Vm
 use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
 use crate::store::StoredObject;
 
+/// Recheck delay while VMs are busy or runs wait (released VMs are reset promptly).
+const BUSY_RECHECK: Duration = Duration::from_millis(200);
+
 /// Requeue delay after a step, to take the next one.
 const NEXT_STEP: Duration = Duration::from_millis(50);
 /// Requeue delay while waiting for the image or the network (watches usually come first).
@@ -247,7 +250,9 @@ impl VmPoolReconciler {
         }
 
         let spec = &pool.spec;
-        let min = spec.min_ready.min(spec.max_size);
+        // Runs waiting for a VM are demand on top of minReady (up to maxSize).
+        let waiting = self.registry.waiting(name);
+        let min = (spec.min_ready + waiting).min(spec.max_size);
         let c = self.counts(name, &tpl.hash);
         let stale_idle: Vec<String> = self
             .registry
@@ -324,6 +329,10 @@ impl VmPoolReconciler {
             );
         }
         write_status(ctx, obj, status)?;
+        if c.busy > 0 || waiting > 0 {
+            // Runs hold or want VMs: look again soon (a released VM is reset promptly).
+            return Ok(Action::Requeue(self.drift_check.min(BUSY_RECHECK)));
+        }
         Ok(Action::Requeue(self.drift_check))
     }
 
@@ -463,7 +472,12 @@ impl Reconciler for VmPoolReconciler {
     }
 
     fn watches(&self) -> &[Kind] {
-        &[Kind::Image, Kind::Network, Kind::NetworkFilter]
+        &[
+            Kind::Image,
+            Kind::Network,
+            Kind::NetworkFilter,
+            Kind::AgentRun,
+        ]
     }
 
     fn reconcile(&self, obj: Arc<StoredObject>, ctx: &Ctx) -> Result<Action, ReconcileError> {

@@ -1,0 +1,509 @@
+//! `AgentRun` → one execution in a VM taken from its pool.
+//!
+//! Lifecycle: `Pending → Scheduled → Running → Succeeded | Failed | TimedOut | Cancelled`.
+//!
+//! - **Scheduling** is fair FIFO per pool: only the oldest pending run of a pool (store
+//!   creation time, then name) may take a VM; the others wait (`Queued`). The number of
+//!   waiting runs is published in the [`PoolRegistry`], so the pool reconciler starts VMs
+//!   beyond `minReady`, up to `maxSize`. A VM is handed out from memory
+//!   ([`PoolRegistry::acquire`]).
+//! - **Execution** runs on a thread of its own (never on the dispatcher's workers): host
+//!   inputs are read first ([`run::prepare`]: secrets from the controller's environment or
+//!   files, never stored), then [`run::execute`] streams redacted output into the store
+//!   ([`Store::append_output`](crate::store::Store::append_output)) so `agentvm logs -f`
+//!   follows it, artifacts are collected to `<stateDir>/artifacts/<run>/`, the VM is released
+//!   (the pool reconciler resets it to golden in the background) and the final status is
+//!   written.
+//! - **Cancellation**: deleting a running run kills its process group in the guest; the run
+//!   ends `Cancelled`, its VM is released (so reset), and the deletion is finalized.
+//! - **Restart recovery**: a run found `Scheduled` or `Running` that this process is not
+//!   executing was left by an earlier controller: it ends `Failed` with reason
+//!   `ControllerRestarted` (the pool adopts its VM as needing a reset).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agentvm_api::{AgentRun, AgentRunPhase, AgentRunStatus, CollectedArtifact, Kind, Resource};
+use agentvm_backend::{Backend, Guest, Stream};
+
+use super::{condition, status_of, write_status, PoolRegistry};
+use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
+use crate::run::{self, Redactor, RunError};
+use crate::store::{OutputStream, StoredObject};
+use crate::time::Timestamp;
+
+/// Bytes of each output stream kept in `status.stdoutTail` / `stderrTail`.
+pub const TAIL_BYTES: usize = 4096;
+/// Condition type: the run has (or has not yet) been given a VM.
+pub const SCHEDULED: &str = "Scheduled";
+/// Condition type: the run has ended.
+pub const COMPLETED: &str = "Completed";
+
+/// Looks up a host environment variable (the controller's own environment by default).
+pub type HostEnv = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+struct Active {
+    cancel: Arc<AtomicBool>,
+}
+
+/// Reconciles `AgentRun`s: schedules them on pool VMs and executes them on threads.
+pub struct AgentRunReconciler {
+    backend: Arc<dyn Backend>,
+    registry: Arc<PoolRegistry>,
+    host_env: HostEnv,
+    active: Arc<Mutex<HashMap<String, Active>>>,
+    poll: Duration,
+}
+
+impl std::fmt::Debug for AgentRunReconciler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentRunReconciler").finish_non_exhaustive()
+    }
+}
+
+impl AgentRunReconciler {
+    /// Runs on VMs of `registry`'s pools, executed through `backend`; secrets come from the
+    /// controller's environment.
+    pub fn new(backend: Arc<dyn Backend>, registry: Arc<PoolRegistry>) -> Self {
+        AgentRunReconciler {
+            backend,
+            registry,
+            host_env: Arc::new(|k| std::env::var(k).ok()),
+            active: Arc::default(),
+            poll: Duration::from_millis(100),
+        }
+    }
+
+    /// Reads secrets' host environment variables through `env` instead (tests).
+    pub fn host_env(mut self, env: HostEnv) -> Self {
+        self.host_env = env;
+        self
+    }
+
+    /// How often a waiting run looks for a ready VM (default 100 ms).
+    pub fn poll(mut self, every: Duration) -> Self {
+        self.poll = every;
+        self
+    }
+
+    /// Names of the runs this process is executing now.
+    pub fn executing(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.lock().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Active>> {
+        self.active.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Pending runs of `pool` in FIFO order (creation time, then name), not yet executing.
+    fn queue(&self, ctx: &Ctx, pool: &str) -> Result<Vec<String>, ReconcileError> {
+        let active = self.lock();
+        let mut q: Vec<(Timestamp, String)> = ctx
+            .store
+            .list(Some(Kind::AgentRun))?
+            .into_iter()
+            .filter(|o| !o.is_deleting())
+            .filter_map(|o| match &o.resource {
+                Resource::AgentRun(r)
+                    if r.spec.pool_ref == pool
+                        && status_of::<AgentRunStatus>(&o).phase == AgentRunPhase::Pending
+                        && !active.contains_key(&r.metadata.name) =>
+                {
+                    Some((o.created_at, r.metadata.name.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        q.sort();
+        Ok(q.into_iter().map(|(_, n)| n).collect())
+    }
+
+    fn pending(
+        &self,
+        obj: &StoredObject,
+        run: &AgentRun,
+        ctx: &Ctx,
+        mut status: AgentRunStatus,
+    ) -> Result<Action, ReconcileError> {
+        let name = run.metadata.name.as_str();
+        let pool = run.spec.pool_ref.as_str();
+        let before = status.clone();
+        let pool_ok = ctx
+            .store
+            .get(Kind::VmPool, pool)?
+            .is_some_and(|p| !p.is_deleting());
+        if !pool_ok {
+            status.reason = Some("PoolNotFound".into());
+            set(
+                &mut status,
+                SCHEDULED,
+                false,
+                "PoolNotFound",
+                format!("VmPool {pool} does not exist"),
+            );
+            write_if_changed(ctx, obj, &before, &status)?;
+            return Ok(Action::Requeue(Duration::from_secs(2)));
+        }
+        let queue = self.queue(ctx, pool)?;
+        self.registry.set_waiting(pool, queue.len() as u32);
+        let position = queue.iter().position(|n| n == name).unwrap_or(0);
+        if position > 0 {
+            status.reason = Some("Queued".into());
+            set(
+                &mut status,
+                SCHEDULED,
+                false,
+                "Queued",
+                format!("{position} run(s) ahead in the queue of pool {pool}"),
+            );
+            write_if_changed(ctx, obj, &before, &status)?;
+            return Ok(Action::Requeue(self.poll));
+        }
+        // First in line: read the host inputs before taking a VM (a missing secret must not
+        // cost one).
+        let base = base_dir(obj, ctx);
+        let prepared = match run::prepare(&run.spec, &base, &*self.host_env) {
+            Ok(p) => p,
+            Err(e) => {
+                let reason = match e {
+                    RunError::Secret { .. } => "SecretUnavailable",
+                    _ => "InputUnavailable",
+                };
+                self.registry
+                    .set_waiting(pool, queue.len().saturating_sub(1) as u32);
+                finish(&mut status, AgentRunPhase::Failed, reason, e.to_string());
+                write_status(ctx, obj, &status)?;
+                return Ok(Action::AwaitChange);
+            }
+        };
+        let acquired = Instant::now();
+        let Some(vm) = self.registry.acquire(pool) else {
+            status.reason = Some("WaitingForVm".into());
+            set(
+                &mut status,
+                SCHEDULED,
+                false,
+                "WaitingForVm",
+                format!("no VM of pool {pool} is ready"),
+            );
+            write_if_changed(ctx, obj, &before, &status)?;
+            return Ok(Action::Requeue(self.poll));
+        };
+        tracing::info!(run = name, pool, vm, took = ?acquired.elapsed(), "run scheduled");
+        self.registry
+            .set_waiting(pool, queue.len().saturating_sub(1) as u32);
+        status.phase = AgentRunPhase::Scheduled;
+        status.vm = Some(vm.clone());
+        status.reason = Some("Scheduled".into());
+        set(
+            &mut status,
+            SCHEDULED,
+            true,
+            "Scheduled",
+            format!("VM {vm} of pool {pool}"),
+        );
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.lock().insert(
+            name.to_string(),
+            Active {
+                cancel: cancel.clone(),
+            },
+        );
+        if let Err(e) = write_status(ctx, obj, &status) {
+            self.lock().remove(name);
+            self.registry.release(pool, &vm);
+            return Err(e);
+        }
+        let job = Job {
+            name: name.to_string(),
+            pool: pool.to_string(),
+            vm,
+            run: run.clone(),
+            generation: obj.generation(),
+            ctx: ctx.clone(),
+            backend: self.backend.clone(),
+            registry: self.registry.clone(),
+            active: self.active.clone(),
+            cancel,
+            status,
+        };
+        let spawned = std::thread::Builder::new()
+            .name(format!("run-{name}"))
+            .spawn(move || job.run(prepared));
+        if let Err(e) = spawned {
+            return Err(ReconcileError::new("ThreadSpawn", e.to_string()));
+        }
+        Ok(Action::AwaitChange)
+    }
+}
+
+/// The directory relative input paths (`fromFile`, `hostPath`) are resolved against: the
+/// controller's state directory (manifests should use absolute paths).
+fn base_dir(_obj: &StoredObject, ctx: &Ctx) -> PathBuf {
+    ctx.config.state_dir.clone()
+}
+
+fn set(status: &mut AgentRunStatus, type_: &str, ok: bool, reason: &str, message: String) {
+    agentvm_api::set_condition(
+        &mut status.conditions,
+        condition(type_, ok, reason, message),
+    );
+}
+
+fn write_if_changed(
+    ctx: &Ctx,
+    obj: &StoredObject,
+    before: &AgentRunStatus,
+    status: &AgentRunStatus,
+) -> Result<(), ReconcileError> {
+    if before != status {
+        write_status(ctx, obj, status)?;
+    }
+    Ok(())
+}
+
+/// Ends `status` in `phase` with `reason` (finishedAt now, `Completed` condition).
+fn finish(status: &mut AgentRunStatus, phase: AgentRunPhase, reason: &str, message: String) {
+    status.phase = phase;
+    status.reason = Some(reason.to_string());
+    status.finished_at = Some(Timestamp::now().to_string());
+    set(status, COMPLETED, true, reason, message);
+}
+
+/// The last `TAIL_BYTES` of a stream, kept as it arrives.
+#[derive(Default)]
+struct Tail(Vec<u8>);
+
+impl Tail {
+    fn push(&mut self, d: &[u8]) {
+        self.0.extend_from_slice(d);
+        if self.0.len() > 2 * TAIL_BYTES {
+            self.0.drain(..self.0.len() - TAIL_BYTES);
+        }
+    }
+    fn text(&self) -> String {
+        let start = self.0.len().saturating_sub(TAIL_BYTES);
+        String::from_utf8_lossy(&self.0[start..]).into_owned()
+    }
+}
+
+/// One run being executed on its own thread.
+struct Job {
+    name: String,
+    pool: String,
+    vm: String,
+    run: AgentRun,
+    generation: i64,
+    ctx: Ctx,
+    backend: Arc<dyn Backend>,
+    registry: Arc<PoolRegistry>,
+    active: Arc<Mutex<HashMap<String, Active>>>,
+    cancel: Arc<AtomicBool>,
+    status: AgentRunStatus,
+}
+
+impl Job {
+    fn write(&self) {
+        match serde_json::to_value(&self.status) {
+            Ok(v) => {
+                if let Err(e) = self.ctx.store.update_status(Kind::AgentRun, &self.name, v) {
+                    tracing::warn!(run = %self.name, error = %e, "writing the run status failed");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(run = %self.name, error = %e, "encoding the run status failed")
+            }
+        }
+    }
+
+    fn run(mut self, prepared: run::PreparedRun) {
+        let started = Instant::now();
+        let spec = self.run.spec.clone();
+        let secrets = prepared.secret_values().to_vec();
+        let mut out_tail = Tail::default();
+        let mut err_tail = Tail::default();
+        let mut artifacts = Vec::new();
+        let result = match self.backend.agent(&self.vm) {
+            Err(e) => Err(RunError::Backend(e)),
+            Ok(chan) => {
+                let g = Guest::with_cancel(&*chan, self.cancel.clone());
+                self.status.phase = AgentRunPhase::Running;
+                self.status.reason = Some("Running".into());
+                self.status.started_at = Some(Timestamp::now().to_string());
+                self.status.observed_generation = Some(self.generation);
+                self.write();
+                let store = self.ctx.store.clone();
+                let name = self.name.clone();
+                let r = run::execute(&g, &spec, &prepared, &mut |s, d| {
+                    let stream = match s {
+                        Stream::Stdout => {
+                            out_tail.push(d);
+                            OutputStream::Stdout
+                        }
+                        Stream::Stderr => {
+                            err_tail.push(d);
+                            OutputStream::Stderr
+                        }
+                    };
+                    if let Err(e) = store.append_output(&name, stream, d) {
+                        tracing::warn!(run = %name, error = %e, "storing output failed");
+                    }
+                });
+                if r.is_ok() && !self.cancel.load(Ordering::SeqCst) {
+                    if let Some(a) = &spec.artifacts {
+                        let dest = self.ctx.config.state_dir.join("artifacts").join(&self.name);
+                        let cap = u64::from(a.max_size_mib) * 1024 * 1024;
+                        match run::collect_artifacts(&g, &a.paths, &dest, cap) {
+                            Ok(got) => {
+                                artifacts = got
+                                    .into_iter()
+                                    .map(|(path, host, size)| CollectedArtifact {
+                                        path,
+                                        host_path: host.display().to_string(),
+                                        size_bytes: size,
+                                        sha256: None,
+                                    })
+                                    .collect()
+                            }
+                            Err(e) => {
+                                tracing::warn!(run = %self.name, error = %e, "collecting artifacts failed")
+                            }
+                        }
+                    }
+                }
+                r
+            }
+        };
+        // The VM goes back to the pool, which resets it to golden before anyone gets it.
+        self.registry.release(&self.pool, &self.vm);
+        let cancelled = self.cancel.load(Ordering::SeqCst);
+        let redact = |s: String| {
+            String::from_utf8_lossy(&Redactor::redact_all(&secrets, s.as_bytes())).into_owned()
+        };
+        let st = &mut self.status;
+        st.stdout_tail = out_tail.text();
+        st.stderr_tail = err_tail.text();
+        st.artifacts = artifacts;
+        let secs = started.elapsed().as_secs_f64();
+        let (phase, reason, message) = match result {
+            _ if cancelled => (
+                AgentRunPhase::Cancelled,
+                "Cancelled",
+                "deleted while running; killed in the guest".to_string(),
+            ),
+            Ok(r) => {
+                st.exit_code = r.outcome.exit_code;
+                if r.outcome.timed_out {
+                    (
+                        AgentRunPhase::TimedOut,
+                        "Timeout",
+                        format!("killed after {} s", spec.timeout_seconds),
+                    )
+                } else if r.outcome.exit_code == Some(0) {
+                    (
+                        AgentRunPhase::Succeeded,
+                        "Completed",
+                        format!("exited 0 in {secs:.1} s"),
+                    )
+                } else if let Some(code) = r.outcome.exit_code {
+                    (
+                        AgentRunPhase::Failed,
+                        "NonZeroExit",
+                        format!("exited {code}"),
+                    )
+                } else {
+                    (
+                        AgentRunPhase::Failed,
+                        "Signaled",
+                        format!("killed by signal {:?}", r.outcome.signal),
+                    )
+                }
+            }
+            Err(RunError::Backend(e)) => (
+                AgentRunPhase::Failed,
+                "VmLost",
+                redact(format!("VM {}: {e}", self.vm)),
+            ),
+            Err(e) => (AgentRunPhase::Failed, "SetupFailed", redact(e.to_string())),
+        };
+        tracing::info!(run = %self.name, vm = %self.vm, ?phase, reason, took = ?started.elapsed(), "run finished");
+        finish(st, phase, reason, message);
+        let label = format!("{phase:?}").to_lowercase();
+        self.ctx.metrics.execution_finished(&label, secs);
+        self.write();
+        self.active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.name);
+        // A deletion requested meanwhile is finalized now that the run has ended.
+        if let Ok(Some(o)) = self.ctx.store.get(Kind::AgentRun, &self.name) {
+            if o.is_deleting() {
+                let _ = self.ctx.store.finalize_delete(Kind::AgentRun, &self.name);
+            }
+        }
+    }
+}
+
+impl Reconciler for AgentRunReconciler {
+    fn kind(&self) -> Kind {
+        Kind::AgentRun
+    }
+
+    fn reconcile(&self, obj: Arc<StoredObject>, ctx: &Ctx) -> Result<Action, ReconcileError> {
+        let Resource::AgentRun(run) = &obj.resource else {
+            return Err(super::wrong_kind(&obj, Kind::AgentRun));
+        };
+        let name = run.metadata.name.as_str();
+        let mut status: AgentRunStatus = status_of(&obj);
+        if let Some(a) = self.lock().get(name) {
+            // Executing here: the thread owns the status. A deletion cancels it.
+            if obj.is_deleting() {
+                a.cancel.store(true, Ordering::SeqCst);
+                return Ok(Action::Requeue(Duration::from_millis(200)));
+            }
+            return Ok(Action::AwaitChange);
+        }
+        let finalize = |ctx: &Ctx| -> Result<Action, ReconcileError> {
+            if obj.is_deleting() {
+                ctx.store.finalize_delete(Kind::AgentRun, name)?;
+            }
+            Ok(Action::AwaitChange)
+        };
+        match status.phase {
+            p if p.is_terminal() => finalize(ctx),
+            AgentRunPhase::Scheduled | AgentRunPhase::Running => {
+                // Not executing in this process: an earlier controller was running it.
+                finish(
+                    &mut status,
+                    AgentRunPhase::Failed,
+                    "ControllerRestarted",
+                    "the controller restarted while the run was in flight".into(),
+                );
+                write_status(ctx, &obj, &status)?;
+                finalize(ctx)
+            }
+            _ => {
+                status.observed_generation = Some(obj.generation());
+                if obj.is_deleting() {
+                    finish(
+                        &mut status,
+                        AgentRunPhase::Cancelled,
+                        "Cancelled",
+                        "deleted before it started".into(),
+                    );
+                    write_status(ctx, &obj, &status)?;
+                    return finalize(ctx);
+                }
+                self.pending(&obj, run, ctx, status)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,331 @@
+use super::*;
+use crate::reconcilers::testutil::*;
+use crate::reconcilers::{VmPhase, VmPoolReconciler};
+use agentvm_api::Kind;
+
+const IMG: &str =
+    "apiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata: {name: img}\nspec: {}\n";
+const SECRET: &str = "sup3r-s3cret-v4lue";
+
+fn pool_yaml(min: u32, max: u32) -> String {
+    format!("apiVersion: agentvm.dev/v1alpha1\nkind: VmPool\nmetadata: {{name: p}}\nspec:\n  template:\n    imageRef: img\n  minReady: {min}\n  maxSize: {max}\n")
+}
+
+/// A run of `source` (interpreted by the fake agent) on pool `p`.
+fn run_yaml(name: &str, source: &str, extra: &str) -> String {
+    let source = source.replace('\n', "\\n");
+    format!("apiVersion: agentvm.dev/v1alpha1\nkind: AgentRun\nmetadata: {{name: {name}}}\nspec:\n  poolRef: p\n  script: {{interpreter: sh, source: \"{source}\"}}\n{extra}")
+}
+
+struct Runs {
+    t: Setup,
+    registry: Arc<PoolRegistry>,
+    pools: VmPoolReconciler,
+    runs: AgentRunReconciler,
+}
+
+impl Runs {
+    fn new(min: u32, max: u32) -> Self {
+        let t = Setup::new();
+        t.apply(IMG);
+        t.store
+            .update_status(
+                Kind::Image,
+                "img",
+                serde_json::json!({"phase": "Ready", "diskPath": "/c/disk.qcow2", "kernelPath": "/c/vmlinuz", "initrdPath": "/c/initrd.img"}),
+            )
+            .unwrap();
+        t.apply(&pool_yaml(min, max));
+        let registry = Arc::new(PoolRegistry::new());
+        let pools = VmPoolReconciler::new(t.backend(), registry.clone());
+        let runs = AgentRunReconciler::new(t.backend(), registry.clone()).host_env(Arc::new(|k| {
+            (k == "HOST_TOKEN").then(|| SECRET.to_string())
+        }));
+        Runs {
+            t,
+            registry,
+            pools,
+            runs,
+        }
+    }
+
+    fn run_names(&self) -> Vec<String> {
+        self.t
+            .store
+            .list(Some(Kind::AgentRun))
+            .unwrap()
+            .into_iter()
+            .map(|o| o.resource.name().to_string())
+            .collect()
+    }
+
+    fn phase(&self, run: &str) -> Option<String> {
+        let o = self.t.store.get(Kind::AgentRun, run).unwrap()?;
+        Some(
+            o.status_json()["phase"]
+                .as_str()
+                .unwrap_or("Pending")
+                .to_string(),
+        )
+    }
+
+    /// One pass: the pool (a few steps), then every run in name order.
+    fn pass(&self) {
+        for _ in 0..4 {
+            let _ = self.t.reconcile(&self.pools, Kind::VmPool, "p");
+        }
+        for name in self.run_names() {
+            if let Some(o) = self.t.store.get(Kind::AgentRun, &name).unwrap() {
+                let _ = self.runs.reconcile(Arc::new(o), &self.t.ctx);
+            }
+        }
+    }
+
+    /// Passes until `done` holds (at most 10 s).
+    fn drive(&self, mut done: impl FnMut(&Self) -> bool) {
+        let start = Instant::now();
+        while !done(self) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "runs never settled"
+            );
+            self.pass();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn all_terminal(&self) -> bool {
+        self.run_names().iter().all(|n| {
+            let o = self.t.store.get(Kind::AgentRun, n).unwrap().unwrap();
+            status_of::<AgentRunStatus>(&o).phase.is_terminal()
+        }) && self.runs.executing().is_empty()
+    }
+
+    fn status(&self, run: &str) -> AgentRunStatus {
+        status_of(&self.t.store.get(Kind::AgentRun, run).unwrap().unwrap())
+    }
+
+    fn output(&self, run: &str) -> String {
+        let r = self.t.store.read_output(run, 0, 1 << 20).unwrap();
+        String::from_utf8(r.bytes()).unwrap()
+    }
+}
+
+#[test]
+fn runs_wait_in_fifo_order_at_max_size_one() {
+    let r = Runs::new(1, 1);
+    // Applied in this order; names sort the other way, so order comes from creation time.
+    let names = ["r9", "r7", "r5", "r3", "r1"];
+    for n in names {
+        r.t.apply(&run_yaml(
+            n,
+            &format!("echo hello from {n}\nsleep 0.05"),
+            "",
+        ));
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    r.drive(Runs::all_terminal);
+    let mut started: Vec<(String, String)> = names
+        .iter()
+        .map(|n| {
+            let s = r.status(n);
+            assert_eq!(s.phase, AgentRunPhase::Succeeded, "{n}: {s:?}");
+            assert_eq!(s.exit_code, Some(0));
+            assert_eq!(s.reason.as_deref(), Some("Completed"));
+            assert_eq!(s.stdout_tail, format!("hello from {n}\n"));
+            assert_eq!(r.output(n), format!("hello from {n}\n"));
+            assert!(s.finished_at.is_some());
+            (s.started_at.clone().unwrap(), n.to_string())
+        })
+        .collect();
+    started.sort();
+    let order: Vec<&str> = started.iter().map(|(_, n)| n.as_str()).collect();
+    assert_eq!(order, names, "runs started out of submission order");
+    // One VM only, reset after every run.
+    let domains = r.t.fake.domains();
+    assert_eq!(domains.len(), 1);
+    let d = domains.values().next().unwrap();
+    r.drive(|r| {
+        r.registry
+            .vms("p")
+            .iter()
+            .all(|v| v.phase == VmPhase::Ready)
+    });
+    assert_eq!(
+        r.t.fake.domains().values().next().unwrap().resets,
+        5,
+        "{d:?}"
+    );
+}
+
+#[test]
+fn waiting_runs_make_the_pool_grow_up_to_max_size() {
+    let r = Runs::new(0, 3);
+    for n in ["a", "b", "c", "d", "e"] {
+        r.t.apply(&run_yaml(n, "sleep 0.3", ""));
+    }
+    r.drive(|r| r.runs.executing().len() == 3);
+    assert_eq!(r.t.fake.domains().len(), 3);
+    let mut most = 0;
+    r.drive(|r| {
+        most = most.max(r.t.fake.domains().len());
+        r.all_terminal()
+    });
+    assert_eq!(most, 3, "never beyond maxSize");
+    for n in ["a", "b", "c", "d", "e"] {
+        assert_eq!(r.status(n).phase, AgentRunPhase::Succeeded);
+    }
+    // Demand gone: the pool scales back to minReady 0.
+    r.drive(|r| r.registry.waiting("p") == 0 && r.t.fake.domains().is_empty());
+}
+
+#[test]
+fn deleting_a_running_run_kills_it_resets_the_vm_and_finalizes() {
+    let r = Runs::new(1, 1);
+    r.t.apply(&run_yaml("long", "echo started\nsleep 30", ""));
+    r.drive(|r| r.phase("long").as_deref() == Some("Running"));
+    let vm = r.status("long").vm.unwrap();
+    assert_eq!(r.registry.phase("p", &vm), Some(VmPhase::Busy));
+    let t0 = Instant::now();
+    r.t.store
+        .request_delete(Kind::AgentRun, "long", None)
+        .unwrap();
+    let mut seen_cancelled = false;
+    r.drive(|r| {
+        if r.phase("long").as_deref() == Some("Cancelled") {
+            seen_cancelled = true;
+        }
+        r.phase("long").is_none()
+    });
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "killed, not waited for"
+    );
+    let _ = seen_cancelled;
+    assert!(r.runs.executing().is_empty());
+    r.drive(|r| r.registry.phase("p", &vm) == Some(VmPhase::Ready));
+    assert_eq!(r.t.fake.domains()[&vm].resets, 1);
+    assert!(r
+        .t
+        .ctx
+        .metrics
+        .render()
+        .contains("agent_execution_total{status=\"cancelled\"} 1"));
+}
+
+#[test]
+fn a_run_past_its_timeout_ends_timed_out_and_the_vm_comes_back() {
+    let r = Runs::new(1, 1);
+    r.t.apply(&run_yaml(
+        "slow",
+        "echo working\nsleep 20",
+        "  timeoutSeconds: 1\n",
+    ));
+    r.drive(Runs::all_terminal);
+    let s = r.status("slow");
+    assert_eq!(s.phase, AgentRunPhase::TimedOut, "{s:?}");
+    assert_eq!(s.reason.as_deref(), Some("Timeout"));
+    assert_eq!(s.stdout_tail, "working\n");
+    let vm = s.vm.unwrap();
+    r.drive(|r| r.registry.phase("p", &vm) == Some(VmPhase::Ready));
+    assert_eq!(r.t.fake.domains()[&vm].resets, 1);
+    // The next run gets the same (reset) VM.
+    r.t.apply(&run_yaml("next", "exit 3", ""));
+    r.drive(Runs::all_terminal);
+    let s = r.status("next");
+    assert_eq!(
+        (s.phase, s.exit_code, s.reason.as_deref()),
+        (AgentRunPhase::Failed, Some(3), Some("NonZeroExit"))
+    );
+    assert_eq!(s.vm.as_deref(), Some(vm.as_str()));
+}
+
+#[test]
+fn secrets_reach_the_guest_but_never_status_output_or_store_file() {
+    let r = Runs::new(1, 1);
+    let extra = "  secretEnv:\n  - {name: TOKEN, fromEnv: HOST_TOKEN}\n";
+    r.t.apply(&run_yaml(
+        "sec",
+        "echo token=$TOKEN\necho err $TOKEN >&2",
+        extra,
+    ));
+    r.drive(Runs::all_terminal);
+    let s = r.status("sec");
+    assert_eq!(s.phase, AgentRunPhase::Succeeded, "{s:?}");
+    assert_eq!(s.stdout_tail, "token=[REDACTED]\n");
+    assert_eq!(s.stderr_tail, "err [REDACTED]\n");
+    let status = r.t.status(Kind::AgentRun, "sec").to_string();
+    assert!(!status.contains(SECRET));
+    assert!(!r.output("sec").contains(SECRET));
+    let stdout: Vec<u8> = r
+        .t
+        .store
+        .read_output("sec", 0, 1 << 20)
+        .unwrap()
+        .chunks
+        .into_iter()
+        .filter(|c| c.stream == OutputStream::Stdout)
+        .flat_map(|c| c.data)
+        .collect();
+    assert_eq!(stdout, b"token=[REDACTED]\n");
+    let file = std::fs::read(r.t.store.path()).unwrap();
+    assert!(
+        !file.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
+        "the secret is in the store file"
+    );
+
+    // A secret that cannot be read fails the run before it takes a VM.
+    let extra = "  secretEnv:\n  - {name: TOKEN, fromEnv: NOT_SET_ANYWHERE}\n";
+    r.t.apply(&run_yaml("nosec", "echo hi", extra));
+    r.drive(Runs::all_terminal);
+    let s = r.status("nosec");
+    assert_eq!(s.phase, AgentRunPhase::Failed);
+    assert_eq!(s.reason.as_deref(), Some("SecretUnavailable"));
+    assert!(s.vm.is_none());
+}
+
+#[test]
+fn runs_left_in_flight_by_an_earlier_controller_fail_with_controller_restarted() {
+    let r = Runs::new(1, 1);
+    for (n, phase) in [("was-running", "Running"), ("was-scheduled", "Scheduled")] {
+        r.t.apply(&run_yaml(n, "echo hi", ""));
+        r.t.store
+            .update_status(
+                Kind::AgentRun,
+                n,
+                serde_json::json!({"phase": phase, "vm": "agentvm-p-old00"}),
+            )
+            .unwrap();
+    }
+    r.pass();
+    for n in ["was-running", "was-scheduled"] {
+        let s = r.status(n);
+        assert_eq!(s.phase, AgentRunPhase::Failed);
+        assert_eq!(s.reason.as_deref(), Some("ControllerRestarted"));
+        assert!(s.finished_at.is_some());
+    }
+    // A run of this process is left alone while it executes.
+    r.t.apply(&run_yaml("mine", "sleep 0.5", ""));
+    r.drive(|r| r.phase("mine").as_deref() == Some("Running"));
+    r.pass();
+    assert_eq!(r.phase("mine").as_deref(), Some("Running"));
+    r.drive(Runs::all_terminal);
+    assert_eq!(r.status("mine").phase, AgentRunPhase::Succeeded);
+}
+
+#[test]
+fn a_run_of_a_missing_pool_waits_with_reason_pool_not_found() {
+    let r = Runs::new(1, 1);
+    let yaml = run_yaml("orphan", "echo hi", "").replace("poolRef: p", "poolRef: nope");
+    r.t.apply(&yaml);
+    r.pass();
+    let s = r.status("orphan");
+    assert_eq!(s.phase, AgentRunPhase::Pending);
+    assert_eq!(s.reason.as_deref(), Some("PoolNotFound"));
+    // Deleting a run that never started finalizes it at once.
+    r.t.store
+        .request_delete(Kind::AgentRun, "orphan", None)
+        .unwrap();
+    r.pass();
+    assert!(r.phase("orphan").is_none());
+}
