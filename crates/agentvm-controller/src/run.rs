@@ -301,7 +301,14 @@ impl Redactor {
                 .iter()
                 .any(|s| self.held[start..].starts_with(s) && start + s.len() > tail_start)
         });
-        let cut = straddling.unwrap_or(tail_start);
+        let mut cut = straddling.unwrap_or(tail_start);
+        // A secret without a newline cannot span one: whole lines go out at once (so
+        // interleaved stdout and stderr stay line-aligned).
+        if !self.secrets.iter().any(|s| s.contains(&b'\n')) {
+            if let Some(nl) = self.held.iter().rposition(|&b| b == b'\n') {
+                cut = cut.max(nl + 1);
+            }
+        }
         let emit: Vec<u8> = self.held.drain(..cut).collect();
         self.replace_all(&emit)
     }
@@ -516,6 +523,19 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "key=[REDACTED] and [REDACTED]en\n"
         );
+    }
+
+    #[test]
+    fn complete_lines_are_not_held_back() {
+        let secrets = vec!["a-long-secret".to_string()];
+        let mut r = Redactor::new(&secrets);
+        assert_eq!(r.push(b"x=a-long-secret\n"), b"x=[REDACTED]\n");
+        assert_eq!(r.push(b"y=a-long"), b"");
+        assert_eq!(
+            r.push(b"-secret and more\nrest"),
+            b"y=[REDACTED] and more\n"
+        );
+        assert_eq!(r.finish(), b"rest");
     }
 
     #[test]

@@ -257,16 +257,15 @@ fn secrets_reach_the_guest_but_never_status_output_or_store_file() {
     let status = r.t.status(Kind::AgentRun, "sec").to_string();
     assert!(!status.contains(SECRET));
     assert!(!r.output("sec").contains(SECRET));
-    let stdout: Vec<u8> = r
-        .t
-        .store
-        .read_output("sec", 0, 1 << 20)
-        .unwrap()
-        .chunks
-        .into_iter()
-        .filter(|c| c.stream == OutputStream::Stdout)
-        .flat_map(|c| c.data)
-        .collect();
+    let stdout: Vec<u8> =
+        r.t.store
+            .read_output("sec", 0, 1 << 20)
+            .unwrap()
+            .chunks
+            .into_iter()
+            .filter(|c| c.stream == OutputStream::Stdout)
+            .flat_map(|c| c.data)
+            .collect();
     assert_eq!(stdout, b"token=[REDACTED]\n");
     let file = std::fs::read(r.t.store.path()).unwrap();
     assert!(

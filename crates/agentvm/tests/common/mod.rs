@@ -1,0 +1,272 @@
+//! Shared set-up of the end-to-end tests against real libvirt (`qemu:///system`, TCG): the
+//! controller process in a throw-away state directory, `agentvm` CLI calls, virsh helpers,
+//! and a `Drop` guard that removes everything a test created.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_agentvm");
+pub const URI: &str = "qemu:///system";
+
+pub fn virsh(args: &[&str]) -> (bool, String) {
+    let out = Command::new("virsh")
+        .arg("-c")
+        .arg(URI)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running virsh");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+pub fn domains_with_prefix(prefix: &str) -> Vec<String> {
+    let (ok, out) = virsh(&["list", "--all", "--name"]);
+    assert!(ok, "virsh list failed: {out}");
+    let mut v: Vec<String> = out
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with(prefix))
+        .map(String::from)
+        .collect();
+    v.sort();
+    v
+}
+
+pub fn running(name: &str) -> bool {
+    virsh(&["domstate", name]).1.contains("running")
+}
+
+/// The controller process plus everything a test may leave behind; `Drop` cleans up even
+/// when an assertion failed.
+pub struct Env {
+    pub dir: PathBuf,
+    pub controller: Option<Child>,
+    pub domain_prefix: String,
+    pub foreign: Option<String>,
+    pub networks: Vec<String>,
+    pub filters: Vec<String>,
+    /// Extra environment variables of the controller process.
+    pub controller_env: Vec<(String, String)>,
+}
+
+impl Env {
+    pub fn new(tag: &str) -> Self {
+        // Under /var/lib, readable by libvirt's qemu user.
+        let dir = PathBuf::from(format!("/var/lib/agentvm-e2e-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("specs")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Env {
+            dir,
+            controller: None,
+            domain_prefix: String::new(),
+            foreign: None,
+            networks: Vec::new(),
+            filters: Vec::new(),
+            controller_env: Vec::new(),
+        }
+    }
+
+    pub fn specs(&self) -> PathBuf {
+        self.dir.join("specs")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("sock")
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .env("AGENTVM_STATE_DIR", &self.dir)
+            .env("AGENTVM_CACHE_DIR", agentvm_image::default_cache_dir())
+            .env("AGENTVM_LIBVIRT_URI", URI)
+            .env("AGENTVM_ACCEL", "tcg")
+            .env("AGENTVM_SOCKET", self.socket())
+            .env("AGENTVM_CONFIG", self.dir.join("no-config.yaml"))
+            .env("AGENTVM_LOG", "info")
+            .env_remove("AGENTVM_SPEC_DIR")
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn start_controller(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("controller.log"))
+            .unwrap();
+        let specs = self.specs();
+        let socket = self.socket();
+        let child = self
+            .cmd(&[
+                "controller",
+                "--spec-dir",
+                specs.to_str().unwrap(),
+                "--socket",
+                socket.to_str().unwrap(),
+                "--resync-seconds",
+                "2",
+            ])
+            .envs(self.controller_env.iter().map(|(k, v)| (k, v)))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.controller = Some(child);
+        self.wait("the controller's socket", Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(self.socket()).is_ok()
+        });
+    }
+
+    /// `kill -9` of the controller (by its pid).
+    pub fn kill_controller(&mut self) {
+        if let Some(mut c) = self.controller.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(self.socket());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("controller.log")).unwrap_or_default()
+    }
+
+    pub fn wait(&self, what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Duration {
+        let start = Instant::now();
+        while !cond() {
+            if start.elapsed() > timeout {
+                let log = self.log();
+                let tail: String = log
+                    .lines()
+                    .rev()
+                    .take(40)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}\ncontroller log tail:\n{tail}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        start.elapsed()
+    }
+
+    /// `agentvm get KIND NAME -o json` → the object, `None` when not found.
+    pub fn get(&self, kind: &str, name: &str) -> Option<serde_json::Value> {
+        let out = self
+            .cmd(&["get", kind, name, "-o", "json"])
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("not found"),
+                "agentvm get {kind} {name}: {err}"
+            );
+            return None;
+        }
+        Some(serde_json::from_slice(&out.stdout).unwrap())
+    }
+
+    pub fn status(&self, kind: &str, name: &str) -> serde_json::Value {
+        self.get(kind, name)
+            .map(|o| o["status"].clone())
+            .unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.kill_controller();
+        if !self.domain_prefix.is_empty() {
+            for d in domains_with_prefix(&self.domain_prefix) {
+                // Only ours: their files live in this test's state dir.
+                if virsh(&["dumpxml", &d])
+                    .1
+                    .contains(self.dir.to_str().unwrap())
+                {
+                    let _ = virsh(&["destroy", &d]);
+                    let _ = virsh(&["undefine", &d, "--snapshots-metadata"]);
+                }
+            }
+        }
+        if let Some(f) = &self.foreign {
+            let _ = virsh(&["destroy", f]);
+            let _ = virsh(&["undefine", f]);
+        }
+        for f in &self.filters {
+            let _ = virsh(&["nwfilter-undefine", f]);
+        }
+        for n in &self.networks {
+            let _ = virsh(&["net-destroy", n]);
+            let _ = virsh(&["net-undefine", n]);
+        }
+        if std::thread::panicking() {
+            eprintln!("controller log kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+pub fn require_libvirt_and_image() {
+    let (ok, out) = virsh(&["version"]);
+    assert!(
+        ok,
+        "libvirt at {URI} is not reachable (run scripts/host-setup.sh): {out}"
+    );
+    let recipe = agentvm_controller::images::default_recipe();
+    let found = agentvm_image::lookup(&recipe, &agentvm_image::default_cache_dir()).unwrap();
+    assert!(
+        found.is_some(),
+        "the default guest image is not built in {}; build it with `agentvm image build`",
+        agentvm_image::default_cache_dir().display()
+    );
+}
+
+/// A domain without agentvm's metadata (defined, never started: it needs no disk).
+pub fn define_foreign_domain(name: &str, dir: &Path) {
+    let xml = format!(
+        "<domain type='qemu'><name>{name}</name><memory unit='MiB'>32</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='q35'>hvm</type></os></domain>"
+    );
+    let path = dir.join("foreign.xml");
+    std::fs::write(&path, xml).unwrap();
+    let (ok, out) = virsh(&["define", path.to_str().unwrap()]);
+    assert!(ok, "defining {name}: {out}");
+}
+
+pub fn pool_manifest(pool: &str, image: &str, min_ready: u32) -> String {
+    format!(
+        "apiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata: {{name: {image}}}\nspec: {{}}\n---\n\
+         apiVersion: agentvm.dev/v1alpha1\nkind: VmPool\nmetadata: {{name: {pool}}}\nspec:\n  template:\n    imageRef: {image}\n    resources: {{profile: custom, vcpu: 1, memoryMib: 512, diskGib: 2}}\n  minReady: {min_ready}\n  maxSize: 3\n"
+    )
+}
+
+pub fn vm_names(status: &serde_json::Value) -> Vec<String> {
+    let mut v: Vec<String> = status["vms"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|n| n.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+pub fn pool_ready(env: &Env, pool: &str, n: u64) -> bool {
+    let s = env.status("pool", pool);
+    s["phase"] == "Ready" && s["ready"].as_u64() == Some(n) && s["total"].as_u64() == Some(n)
+}

@@ -1,0 +1,278 @@
+//! End to end with real VMs (`qemu:///system`, TCG): `AgentRun`s applied to the `agentvm
+//! controller` binary run in pool VMs. Many runs submitted at once against `maxSize: 2` all
+//! succeed, once each, started in submission order; a run's files and background processes
+//! are gone for the next run on the same VM; a cancelled and a timed-out run leave their VM
+//! clean and Ready; a secret from the controller's environment never shows up in status,
+//! `agentvm logs`, the controller log or the store file. Fails (never skips) without libvirt
+//! or the default image.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Runs submitted at once against a pool of at most 2 VMs.
+const BATCH: usize = 20;
+const SECRET: &str = "e2e-s3cret-Zq81vX";
+
+fn pool_manifest(pool: &str, image: &str, max_size: u32) -> String {
+    format!(
+        "apiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata: {{name: {image}}}\nspec: {{}}\n---\n\
+         apiVersion: agentvm.dev/v1alpha1\nkind: VmPool\nmetadata: {{name: {pool}}}\nspec:\n  template:\n    imageRef: {image}\n    resources: {{profile: custom, vcpu: 1, memoryMib: 512, diskGib: 2}}\n  minReady: 1\n  maxSize: {max_size}\n"
+    )
+}
+
+/// An AgentRun document running `source` with `sh`; `extra` is appended to the spec.
+fn run_doc(name: &str, pool: &str, source: &str, extra: &str) -> String {
+    let source = source
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n");
+    format!("apiVersion: agentvm.dev/v1alpha1\nkind: AgentRun\nmetadata: {{name: {name}}}\nspec:\n  poolRef: {pool}\n  script: {{interpreter: sh, source: \"{source}\"}}\n{extra}")
+}
+
+fn apply(env: &Env, file: &str, yaml: &str) {
+    let path = env.dir.join(file);
+    std::fs::write(&path, yaml).unwrap();
+    let out = env
+        .cmd(&["apply", "-f", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn phase(env: &Env, run: &str) -> String {
+    env.status("run", run)["phase"]
+        .as_str()
+        .unwrap_or("Pending")
+        .to_string()
+}
+
+fn terminal(p: &str) -> bool {
+    matches!(p, "Succeeded" | "Failed" | "TimedOut" | "Cancelled")
+}
+
+fn logs(env: &Env, run: &str) -> String {
+    let out = env.cmd(&["logs", &format!("run/{run}")]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "logs {run}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
+    require_libvirt_and_image();
+    let mut env = Env::new("runs");
+    let pid = std::process::id();
+    let pool = format!("e2er{pid}");
+    let image = format!("e2e-rimg-{pid}");
+    env.domain_prefix = format!("agentvm-{pool}-");
+    env.controller_env
+        .push(("AGENTVM_E2E_SECRET".into(), SECRET.into()));
+    std::fs::write(
+        env.specs().join("pool.yaml"),
+        pool_manifest(&pool, &image, 2),
+    )
+    .unwrap();
+    env.start_controller();
+    let t = env.wait("pool Ready", Duration::from_secs(300), || {
+        env.status("pool", &pool)["phase"] == "Ready"
+    });
+    eprintln!("pool Ready after {:.1}s", t.as_secs_f64());
+
+    // apply -> Running with a warm pool.
+    let t0 = Instant::now();
+    apply(&env, "first.yaml", &run_doc("first", &pool, "sleep 2", ""));
+    let latency = loop {
+        let p = phase(&env, "first");
+        if p != "Pending" && p != "Scheduled" {
+            break t0.elapsed();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "first never ran");
+    };
+    eprintln!(
+        "apply -> Running with a warm pool: {:.0} ms (including the apply and get CLI calls)",
+        latency.as_secs_f64() * 1000.0
+    );
+    env.wait("first done", Duration::from_secs(60), || {
+        terminal(&phase(&env, "first"))
+    });
+    assert_eq!(phase(&env, "first"), "Succeeded");
+
+    // (a) A batch submitted at once (one apply: names give the order within it).
+    let names: Vec<String> = (0..BATCH).map(|i| format!("batch-{i:02}")).collect();
+    let docs: Vec<String> = names
+        .iter()
+        .map(|n| run_doc(n, &pool, &format!("echo {n} ran on $(hostname)"), ""))
+        .collect();
+    let t0 = Instant::now();
+    apply(&env, "batch.yaml", &docs.join("---\n"));
+    env.wait("the batch done", Duration::from_secs(600), || {
+        names.iter().all(|n| terminal(&phase(&env, n)))
+    });
+    let took = t0.elapsed();
+    eprintln!(
+        "{BATCH} trivial runs on maxSize 2 in {:.1}s: {:.1} runs/minute",
+        took.as_secs_f64(),
+        BATCH as f64 * 60.0 / took.as_secs_f64()
+    );
+    let mut started = Vec::new();
+    let mut vms = std::collections::BTreeSet::new();
+    for n in &names {
+        let s = env.status("run", n);
+        assert_eq!(s["phase"], "Succeeded", "{n}: {s}");
+        assert_eq!(s["exitCode"], 0);
+        let out = logs(&env, n);
+        assert_eq!(out.matches(&format!("{n} ran on")).count(), 1, "{n}: {out}");
+        vms.insert(s["vm"].as_str().unwrap().to_string());
+        started.push((s["startedAt"].as_str().unwrap().to_string(), n.clone()));
+    }
+    assert!(vms.len() <= 2, "more than maxSize VMs used: {vms:?}");
+    assert!(domains_with_prefix(&env.domain_prefix).len() <= 2);
+    let mut by_start = started.clone();
+    by_start.sort();
+    assert_eq!(
+        by_start.iter().map(|(_, n)| n).collect::<Vec<_>>(),
+        names.iter().collect::<Vec<_>>(),
+        "runs started out of submission order: {started:?}"
+    );
+
+    // (b), (c): one VM from here on, so every run follows the previous one on it.
+    std::fs::write(
+        env.specs().join("pool.yaml"),
+        pool_manifest(&pool, &image, 1),
+    )
+    .unwrap();
+    env.wait("pool down to 1 VM", Duration::from_secs(120), || {
+        let s = env.status("pool", &pool);
+        s["phase"] == "Ready" && s["total"] == 1
+    });
+    let dirty = "echo dirty > /tmp/marker; echo dirty > /root/marker; sync\n\
+                 setsid sh -c 'exec sleep 4242' </dev/null >/dev/null 2>&1 &\n\
+                 sleep 1; grep -qa '424[2]' /proc/[0-9]*/cmdline && echo started";
+    apply(&env, "dirty.yaml", &run_doc("dirty", &pool, dirty, ""));
+    env.wait("dirty done", Duration::from_secs(120), || {
+        terminal(&phase(&env, "dirty"))
+    });
+    let s = env.status("run", "dirty");
+    assert_eq!(s["phase"], "Succeeded", "{s}");
+    assert_eq!(s["stdoutTail"], "started\n", "{s}");
+    let vm = s["vm"].as_str().unwrap().to_string();
+
+    // A timed-out run (which also leaves a marker behind).
+    apply(
+        &env,
+        "slow.yaml",
+        &run_doc(
+            "slow",
+            &pool,
+            "echo begin; touch /tmp/slow-marker; sleep 611",
+            "  timeoutSeconds: 3\n",
+        ),
+    );
+    env.wait("slow done", Duration::from_secs(120), || {
+        terminal(&phase(&env, "slow"))
+    });
+    let s = env.status("run", "slow");
+    assert_eq!(s["phase"], "TimedOut", "{s}");
+    assert_eq!(s["reason"], "Timeout", "{s}");
+    assert_eq!(s["vm"], vm.as_str());
+    let t = env.wait("the VM Ready again", Duration::from_secs(60), || {
+        let p = env.status("pool", &pool);
+        p["ready"] == 1 && p["busy"] == 0
+    });
+    eprintln!(
+        "timed-out run's VM Ready again {:.1}s later",
+        t.as_secs_f64()
+    );
+
+    // A cancelled run: deleted while it runs.
+    apply(
+        &env,
+        "cancel.yaml",
+        &run_doc("cancel", &pool, "touch /tmp/cancel-marker; sleep 622", ""),
+    );
+    env.wait("cancel Running", Duration::from_secs(60), || {
+        phase(&env, "cancel") == "Running"
+    });
+    let t0 = Instant::now();
+    let out = env.cmd(&["delete", "run/cancel"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.wait("cancel gone", Duration::from_secs(60), || {
+        env.get("run", "cancel").is_none()
+    });
+    eprintln!(
+        "running run cancelled and removed in {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(
+        env.log().contains("phase=Cancelled"),
+        "no Cancelled end in the controller log"
+    );
+
+    let check = "for f in /tmp/marker /root/marker /tmp/slow-marker /tmp/cancel-marker; do [ -e $f ] && echo found $f; done\n\
+                 grep -lEa '424[2]|61[1]|62[2]' /proc/[0-9]*/cmdline && echo found process\n\
+                 echo checked";
+    apply(&env, "check.yaml", &run_doc("check", &pool, check, ""));
+    env.wait("check done", Duration::from_secs(120), || {
+        terminal(&phase(&env, "check"))
+    });
+    let s = env.status("run", "check");
+    assert_eq!(s["phase"], "Succeeded", "{s}");
+    assert_eq!(s["vm"], vm.as_str(), "not the same VM");
+    assert_eq!(
+        s["stdoutTail"], "checked\n",
+        "state leaked between runs: {s}"
+    );
+
+    // (d) A secret from the controller's environment.
+    apply(
+        &env,
+        "secret.yaml",
+        &run_doc(
+            "secret",
+            &pool,
+            "echo token=$TOKEN; echo \"$TOKEN\" | wc -c; echo err=$TOKEN >&2",
+            "  secretEnv:\n  - {name: TOKEN, fromEnv: AGENTVM_E2E_SECRET}\n",
+        ),
+    );
+    env.wait("secret done", Duration::from_secs(120), || {
+        terminal(&phase(&env, "secret"))
+    });
+    let obj = env.get("run", "secret").unwrap();
+    let s = &obj["status"];
+    assert_eq!(s["phase"], "Succeeded", "{s}");
+    let len = SECRET.len() + 1;
+    assert_eq!(
+        s["stdoutTail"],
+        format!("token=[REDACTED]\n{len}\n"),
+        "the guest got the secret"
+    );
+    assert!(
+        !obj.to_string().contains(SECRET),
+        "secret in the object: {obj}"
+    );
+    let out = logs(&env, "secret");
+    assert!(
+        out.contains("token=[REDACTED]") && !out.contains(SECRET),
+        "{out}"
+    );
+    assert!(!env.log().contains(SECRET), "secret in the controller log");
+    let store = std::fs::read(env.dir.join(agentvm_controller::store::STORE_FILE)).unwrap();
+    assert!(
+        !store.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
+        "secret in the store file"
+    );
+}
