@@ -2,8 +2,9 @@
 //! controller` binary run in pool VMs. Many runs submitted at once against `maxSize: 2` all
 //! succeed, once each, started in submission order; a run's files and background processes
 //! are gone for the next run on the same VM; a cancelled and a timed-out run leave their VM
-//! clean and Ready; a secret from the controller's environment never shows up in status,
-//! `agentvm logs`, the controller log or the store file. Fails (never skips) without libvirt
+//! clean and Ready; a run in flight at `kill -9` of the controller ends `Failed` with reason
+//! `ControllerRestarted` and its VM is reset; a secret from the controller's environment never shows up in status,
+//! `agentvm logs`, the controller log, the audit log or the store file. Fails (never skips) without libvirt
 //! or the default image.
 
 mod common;
@@ -222,8 +223,8 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
         "no Cancelled end in the controller log"
     );
 
-    let check = "for f in /tmp/marker /root/marker /tmp/slow-marker /tmp/cancel-marker; do [ -e $f ] && echo found $f; done\n\
-                 grep -lEa '424[2]|61[1]|62[2]' /proc/[0-9]*/cmdline && echo found process\n\
+    let check = "for f in /tmp/marker /root/marker /tmp/slow-marker /tmp/cancel-marker /tmp/inflight-marker; do [ -e $f ] && echo found $f; done\n\
+                 grep -lEa '424[2]|61[1]|62[2]|63[3]' /proc/[0-9]*/cmdline && echo found process\n\
                  echo checked";
     apply(&env, "check.yaml", &run_doc("check", &pool, check, ""));
     env.wait("check done", Duration::from_secs(120), || {
@@ -235,6 +236,45 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
     assert_eq!(
         s["stdoutTail"], "checked\n",
         "state leaked between runs: {s}"
+    );
+
+    // kill -9 of the controller during a run: the new controller settles the run as
+    // Failed/ControllerRestarted, and the adopted VM is reset before the next run.
+    apply(
+        &env,
+        "inflight.yaml",
+        &run_doc(
+            "inflight",
+            &pool,
+            "touch /tmp/inflight-marker; sleep 633",
+            "",
+        ),
+    );
+    env.wait("inflight Running", Duration::from_secs(60), || {
+        phase(&env, "inflight") == "Running"
+    });
+    env.kill_controller();
+    env.start_controller();
+    let t = env.wait("inflight settled", Duration::from_secs(60), || {
+        terminal(&phase(&env, "inflight"))
+    });
+    let s = env.status("run", "inflight");
+    assert_eq!(s["phase"], "Failed", "{s}");
+    assert_eq!(s["reason"], "ControllerRestarted", "{s}");
+    eprintln!(
+        "run in flight at kill -9 settled ControllerRestarted {:.1}s after the restart",
+        t.as_secs_f64()
+    );
+    apply(&env, "check2.yaml", &run_doc("check2", &pool, check, ""));
+    env.wait("check2 done", Duration::from_secs(120), || {
+        terminal(&phase(&env, "check2"))
+    });
+    let s = env.status("run", "check2");
+    assert_eq!(s["phase"], "Succeeded", "{s}");
+    assert_eq!(s["vm"], vm.as_str(), "the adopted VM was replaced");
+    assert_eq!(
+        s["stdoutTail"], "checked\n",
+        "state survived the restart: {s}"
     );
 
     // (d) A secret from the controller's environment.
@@ -270,6 +310,13 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
         "{out}"
     );
     assert!(!env.log().contains(SECRET), "secret in the controller log");
+    let audit = env.dir.join(agentvm_controller::audit::AUDIT_FILE);
+    let audit = std::fs::read_to_string(audit).unwrap_or_default();
+    assert!(
+        audit.contains("run_finished"),
+        "no run_finished in the audit log"
+    );
+    assert!(!audit.contains(SECRET), "secret in the audit log");
     let store = std::fs::read(env.dir.join(agentvm_controller::store::STORE_FILE)).unwrap();
     assert!(
         !store.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),

@@ -30,6 +30,7 @@ use agentvm_api::{AgentRun, AgentRunPhase, AgentRunStatus, CollectedArtifact, Ki
 use agentvm_backend::{Backend, Guest, Stream};
 
 use super::{condition, status_of, write_status, PoolRegistry};
+use crate::audit::{AuditEvent, AuditEventType};
 use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
 use crate::run::{self, Redactor, RunError};
 use crate::store::{OutputStream, StoredObject};
@@ -151,6 +152,7 @@ impl AgentRunReconciler {
         }
         let queue = self.queue(ctx, pool)?;
         self.registry.set_waiting(pool, queue.len() as u32);
+        ctx.metrics.queue_length(pool, queue.len());
         let position = queue.iter().position(|n| n == name).unwrap_or(0);
         if position > 0 {
             status.reason = Some("Queued".into());
@@ -194,6 +196,7 @@ impl AgentRunReconciler {
             write_if_changed(ctx, obj, &before, &status)?;
             return Ok(Action::Requeue(self.poll));
         };
+        ctx.metrics.acquire(pool, acquired.elapsed().as_secs_f64());
         tracing::info!(run = name, pool, vm, took = ?acquired.elapsed(), "run scheduled");
         self.registry
             .set_waiting(pool, queue.len().saturating_sub(1) as u32);
@@ -337,6 +340,17 @@ impl Job {
                 self.status.started_at = Some(Timestamp::now().to_string());
                 self.status.observed_generation = Some(self.generation);
                 self.write();
+                self.ctx.audit.add_secrets(secrets.iter());
+                self.ctx.audit.record(
+                    AuditEvent::new(
+                        AuditEventType::RunStarted,
+                        Kind::AgentRun,
+                        &self.name,
+                        "controller",
+                    )
+                    .vm(&self.vm)
+                    .details(serde_json::json!({"pool": self.pool})),
+                );
                 let store = self.ctx.store.clone();
                 let name = self.name.clone();
                 let r = run::execute(&g, &spec, &prepared, &mut |s, d| {
@@ -436,6 +450,22 @@ impl Job {
         let label = format!("{phase:?}").to_lowercase();
         self.ctx.metrics.execution_finished(&label, secs);
         self.write();
+        self.ctx.audit.record(
+            AuditEvent::new(
+                AuditEventType::RunFinished,
+                Kind::AgentRun,
+                &self.name,
+                "controller",
+            )
+            .vm(&self.vm)
+            .details(serde_json::json!({
+                "phase": format!("{phase:?}"),
+                "reason": reason,
+                "exitCode": self.status.exit_code,
+                "durationSeconds": secs,
+            })),
+        );
+        self.ctx.audit.remove_secrets(secrets.iter());
         self.active
             .lock()
             .unwrap_or_else(|e| e.into_inner())
