@@ -108,6 +108,58 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
     });
     assert_eq!(phase(&env, "first"), "Succeeded");
 
+    // Output is followed live: `logs -f` prints the first line long before the run ends,
+    // and exits when it ends.
+    apply(
+        &env,
+        "live.yaml",
+        &run_doc("live", &pool, "echo first; sleep 4; echo second", ""),
+    );
+    let mut follow = env
+        .cmd(&["logs", "-f", "run/live"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = follow.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let _ = tx.send((line.unwrap_or_default(), Instant::now()));
+        }
+    });
+    let (l1, at1) = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("first line");
+    let (l2, at2) = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("second line");
+    assert_eq!((l1.as_str(), l2.as_str()), ("first", "second"));
+    assert!(
+        at2 - at1 >= Duration::from_secs(3),
+        "first line not live: {:?} apart",
+        at2 - at1
+    );
+    eprintln!(
+        "logs -f: first line {:.1}s after apply, second {:.1}s later",
+        (at1 - t0).as_secs_f64(),
+        (at2 - at1).as_secs_f64()
+    );
+    let exited = Instant::now();
+    loop {
+        if follow.try_wait().unwrap().is_some() {
+            break;
+        }
+        if exited.elapsed() > Duration::from_secs(30) {
+            let _ = follow.kill();
+            let _ = follow.wait();
+            panic!("logs -f did not end with the run");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(phase(&env, "live"), "Succeeded");
+
     // (a) A batch submitted at once (one apply: names give the order within it).
     let names: Vec<String> = (0..BATCH).map(|i| format!("batch-{i:02}")).collect();
     let docs: Vec<String> = names

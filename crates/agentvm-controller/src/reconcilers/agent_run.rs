@@ -11,11 +11,12 @@
 //!   inputs are read first ([`run::prepare`]: secrets from the controller's environment or
 //!   files, never stored), then [`run::execute`] streams redacted output into the store
 //!   ([`Store::append_output`](crate::store::Store::append_output)) so `agentvm logs -f`
-//!   follows it, artifacts are collected to `<stateDir>/artifacts/<run>/`, the VM is released
-//!   (the pool reconciler resets it to golden in the background) and the final status is
-//!   written.
+//!   follows it, artifacts are collected to `<stateDir>/artifacts/<run>/` and the final
+//!   status is written. The VM is then reset to golden on the same thread (still busy, so
+//!   the pool leaves it alone) and made ready again; a failed reset hands it to the pool
+//!   reconciler as needing one (which retries or replaces it).
 //! - **Cancellation**: deleting a running run kills its process group in the guest; the run
-//!   ends `Cancelled`, its VM is released (so reset), and the deletion is finalized.
+//!   ends `Cancelled`, its VM is reset, and the deletion is finalized.
 //! - **Restart recovery**: a run found `Scheduled` or `Running` that this process is not
 //!   executing was left by an earlier controller: it ends `Failed` with reason
 //!   `ControllerRestarted` (the pool adopts its VM as needing a reset).
@@ -29,7 +30,7 @@ use std::time::{Duration, Instant};
 use agentvm_api::{AgentRun, AgentRunPhase, AgentRunStatus, CollectedArtifact, Kind, Resource};
 use agentvm_backend::{Backend, Guest, Stream};
 
-use super::{condition, status_of, write_status, PoolRegistry};
+use super::{condition, status_of, write_status, PoolRegistry, VmPhase};
 use crate::audit::{AuditEvent, AuditEventType};
 use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
 use crate::run::{self, Redactor, RunError};
@@ -393,8 +394,6 @@ impl Job {
                 r
             }
         };
-        // The VM goes back to the pool, which resets it to golden before anyone gets it.
-        self.registry.release(&self.pool, &self.vm);
         let cancelled = self.cancel.load(Ordering::SeqCst);
         let redact = |s: String| {
             String::from_utf8_lossy(&Redactor::redact_all(&secrets, s.as_bytes())).into_owned()
@@ -466,6 +465,24 @@ impl Job {
             })),
         );
         self.ctx.audit.remove_secrets(secrets.iter());
+        // Back to golden right here (the VM is still busy, so the pool leaves it alone), then
+        // ready for the next run: a pool reconciler busy booting another VM does not delay
+        // it. If the reset fails, the pool gets it as needing a reset (and replaces it).
+        match self.backend.reset_vm(&self.vm) {
+            Ok(took) => {
+                tracing::info!(pool = %self.pool, vm = %self.vm, ?took, "VM reset to golden");
+                if !self
+                    .registry
+                    .transition(&self.pool, &self.vm, VmPhase::Busy, VmPhase::Ready)
+                {
+                    self.registry.release(&self.pool, &self.vm);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(pool = %self.pool, vm = %self.vm, error = %e, "reset after the run failed; the pool takes over");
+                self.registry.release(&self.pool, &self.vm);
+            }
+        }
         self.active
             .lock()
             .unwrap_or_else(|e| e.into_inner())

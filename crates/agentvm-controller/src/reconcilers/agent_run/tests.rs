@@ -328,3 +328,29 @@ fn a_run_of_a_missing_pool_waits_with_reason_pool_not_found() {
     r.pass();
     assert!(r.phase("orphan").is_none());
 }
+
+#[test]
+fn a_vm_whose_agent_is_gone_fails_the_run_with_vm_lost_and_goes_back_for_reset() {
+    let r = Runs::new(1, 1);
+    r.drive(|r| {
+        r.registry
+            .vms("p")
+            .iter()
+            .any(|v| v.phase == VmPhase::Ready)
+    });
+    r.t.fake.fail_next(
+        agentvm_backend::fake::Op::Agent,
+        agentvm_backend::BackendError::GuestAgentUnavailable {
+            vm: "x".into(),
+            message: "gone".into(),
+        },
+    );
+    r.t.apply(&run_yaml("lost", "echo hi", ""));
+    r.drive(Runs::all_terminal);
+    let s = r.status("lost");
+    assert_eq!(s.phase, AgentRunPhase::Failed);
+    assert_eq!(s.reason.as_deref(), Some("VmLost"));
+    let vm = s.vm.unwrap();
+    r.drive(|r| r.registry.phase("p", &vm) == Some(VmPhase::Ready));
+    assert_eq!(r.t.fake.domains()[&vm].resets, 1);
+}
