@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::accel::{Accelerator, AcceleratorChoice};
-use crate::error::{BackendError, Result};
+use crate::error::{io_err, BackendError, Result};
 use crate::golden::{GoldenKind, GoldenState, ResetStrategy, GOLDEN_SNAPSHOT};
 use crate::guest::{ExecRequest, Guest};
 use crate::libvirt::{DomainState, Libvirt};
@@ -137,17 +137,6 @@ impl std::fmt::Debug for LibvirtBackend {
             .field("uri", &self.uri)
             .field("state_dir", &self.state_dir)
             .finish()
-    }
-}
-
-fn io_err<'p>(
-    op: &'static str,
-    path: &'p Path,
-) -> impl FnOnce(std::io::Error) -> BackendError + 'p {
-    move |source| BackendError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
     }
 }
 

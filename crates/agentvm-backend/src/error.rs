@@ -94,6 +94,18 @@ pub enum BackendError {
     },
 }
 
+/// Maps an I/O error on `path` during `op` to [`BackendError::Io`].
+pub(crate) fn io_err<'p>(
+    op: &'static str,
+    path: &'p std::path::Path,
+) -> impl FnOnce(std::io::Error) -> BackendError + 'p {
+    move |source| BackendError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// Result alias of the backend.
 pub type Result<T, E = BackendError> = std::result::Result<T, E>;
 

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use virt::domain::Domain;
 use virt::sys;
 
-use crate::error::{BackendError, Result};
+use crate::error::{io_err, BackendError, Result};
 use crate::guest::{ExecRequest, Guest};
 use crate::libvirt::{DomainAgent, Libvirt};
 use crate::vm::{create_overlay, BootImage, EphemeralVm, VmFiles, VmShape};
@@ -158,17 +158,6 @@ pub struct ResetReport {
     pub clock: Duration,
     /// False when setting the clock failed (the reset itself still succeeded).
     pub clock_synced: bool,
-}
-
-fn io_err<'p>(
-    op: &'static str,
-    path: &'p Path,
-) -> impl FnOnce(std::io::Error) -> BackendError + 'p {
-    move |source| BackendError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 fn path_str(p: &Path) -> Result<&str> {

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::accel::Accelerator;
-use crate::error::{BackendError, Result};
+use crate::error::{io_err, BackendError, Result};
 use crate::guest::Guest;
 use crate::libvirt::{DomainAgent, Libvirt};
 use crate::xml::{DomainSpec, NicSpec, Owner};
@@ -82,17 +82,6 @@ impl VmFiles {
                 source,
             }),
         }
-    }
-}
-
-fn io_err<'p>(
-    op: &'static str,
-    path: &'p Path,
-) -> impl FnOnce(std::io::Error) -> BackendError + 'p {
-    move |source| BackendError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
     }
 }
 
