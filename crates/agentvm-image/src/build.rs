@@ -1,5 +1,6 @@
-//! The build pipeline: debootstrap, modules, agentvm's init, setup commands,
-//! ext4 file system, qcow2, then an atomic rename into the cache.
+//! The build pipeline: debootstrap (base packages), the recipe's packages with apt, modules,
+//! agentvm's init, setup commands, ext4 file system, qcow2, then an atomic rename into the
+//! cache.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -12,7 +13,7 @@ use crate::command;
 use crate::guest;
 use crate::kernel::ResolvedKernel;
 use crate::mounts::{self, ChrootMounts};
-use crate::recipe::KERNEL_CMDLINE;
+use crate::recipe::{BASE_PACKAGES, KERNEL_CMDLINE};
 use crate::{BuildEvent, BuiltImage, ImageError, Recipe};
 
 const MIB: u64 = 1024 * 1024;
@@ -150,7 +151,7 @@ fn run_steps(
     dir: &Path,
     progress: &mut dyn FnMut(BuildEvent),
 ) -> Result<ImageMetadata, ImageError> {
-    const TOTAL: usize = 6;
+    const TOTAL: usize = 7;
     let rootfs = dir.join("rootfs");
     let raw = dir.join("disk.raw");
     let mut step_seconds: Vec<(String, f64)> = Vec::new();
@@ -180,7 +181,19 @@ fn run_steps(
     );
     debootstrap(recipe, &rootfs, progress)?;
 
-    // 2. kernel modules
+    // 2. the recipe's own packages. Through apt in the new root rather than debootstrap's
+    // `--include`: debootstrap configures included packages in one dpkg pass without
+    // ordering them, which fails for packages with deep dependency trees (npm: 300 node-*
+    // packages whose postinst scripts need each other configured first).
+    let extra = recipe.extra_packages();
+    step(
+        format!("packages ({})", extra.len()),
+        progress,
+        &mut step_seconds,
+    );
+    install_packages(&extra, &rootfs, progress)?;
+
+    // 3. kernel modules
     step(
         format!("kernel modules {}", kernel.version),
         progress,
@@ -188,7 +201,7 @@ fn run_steps(
     );
     copy_modules(recipe, kernel, &rootfs, progress)?;
 
-    // 3. agentvm's init and guest files
+    // 4. agentvm's init and guest files
     step(
         "agentvm init and guest files".into(),
         progress,
@@ -196,7 +209,7 @@ fn run_steps(
     );
     guest::install(&rootfs)?;
 
-    // 4. setup commands
+    // 5. setup commands
     step(
         format!("setup commands ({})", recipe.setup_commands.len()),
         progress,
@@ -205,7 +218,7 @@ fn run_steps(
     run_setup_commands(&recipe.setup_commands, &rootfs, progress)?;
     guest::finalize(&rootfs)?;
 
-    // 5. ext4 file system
+    // 6. ext4 file system
     step(
         format!("ext4 file system ({} MiB)", recipe.disk_size_mib),
         progress,
@@ -215,7 +228,7 @@ fn run_steps(
     make_filesystem(&rootfs, &raw, recipe.disk_size_mib)?;
     mounts::remove_build_dir(&rootfs)?;
 
-    // 6. qcow2, kernel, initrd, metadata
+    // 7. qcow2, kernel, initrd, metadata
     step(
         "qcow2 disk, kernel, initrd".into(),
         progress,
@@ -281,7 +294,7 @@ fn debootstrap(
 ) -> Result<(), ImageError> {
     let mut cmd = Command::new("debootstrap");
     cmd.arg("--variant=minbase")
-        .arg(format!("--include={}", recipe.all_packages().join(",")))
+        .arg(format!("--include={}", BASE_PACKAGES.join(",")))
         .arg(&recipe.suite)
         .arg(rootfs)
         .args(recipe.mirror.as_deref())
@@ -344,8 +357,45 @@ fn copy_modules(
     command::run(Command::new("cp").arg("-a").arg(&source).arg(&target), None)
 }
 
+fn install_packages(
+    packages: &[String],
+    rootfs: &Path,
+    progress: &mut dyn FnMut(BuildEvent),
+) -> Result<(), ImageError> {
+    if packages.is_empty() {
+        return Ok(());
+    }
+    let install = std::iter::once("apt-get install -y --no-install-recommends".to_owned())
+        .chain(packages.iter().map(|p| shell_quote(p)))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let commands = [
+        "apt-get update -q".to_owned(),
+        install,
+        "apt-get clean".to_owned(),
+        "rm -rf /var/lib/apt/lists/*".to_owned(),
+    ];
+    run_in_root(&commands, "packages", rootfs, progress)
+}
+
+/// `s` as one word for `sh -c`.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r#"'\''"#))
+}
+
 fn run_setup_commands(
     commands: &[String],
+    rootfs: &Path,
+    progress: &mut dyn FnMut(BuildEvent),
+) -> Result<(), ImageError> {
+    run_in_root(commands, "setup", rootfs, progress)
+}
+
+/// Runs each of `commands` with `sh -c` chrooted into `rootfs` (with /proc, /sys, /dev
+/// mounted and daemons kept from starting), stopping at the first failure.
+fn run_in_root(
+    commands: &[String],
+    label: &str,
     rootfs: &Path,
     progress: &mut dyn FnMut(BuildEvent),
 ) -> Result<(), ImageError> {
@@ -358,11 +408,35 @@ fn run_setup_commands(
         .map_err(|e| ImageError::io("writing", &policy, e))?;
     set_mode(&policy, 0o755)?;
 
+    // The host's trust anchors and proxy settings, for the commands' downloads only: a host
+    // behind a TLS-inspecting proxy trusts that proxy's CA, the fresh image does not. The
+    // copy is removed again, so the image never carries it.
+    let host_ca = host_ca_bundle();
+    let ca_in_root = guest::resolve_in_root(rootfs, Path::new(BUILD_CA_PATH))?;
+    let mut env: Vec<(String, String)> = CHROOT_ENV
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    if let Some(ca) = &host_ca {
+        fs::copy(ca, &ca_in_root).map_err(|e| ImageError::io("copying", ca, e))?;
+        env.extend(
+            CA_ENV_VARS
+                .iter()
+                .map(|k| (k.to_string(), BUILD_CA_PATH.to_string())),
+        );
+    }
+    env.extend(PROXY_ENV_VARS.iter().filter_map(|k| {
+        std::env::var(k)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(|v| (k.to_string(), v))
+    }));
+
     let mounts = ChrootMounts::mount(rootfs)?;
     let mut result = Ok(());
     for (i, cmd) in commands.iter().enumerate() {
         progress(BuildEvent::Line(format!(
-            "[setup {}/{}] {cmd}",
+            "[{label} {}/{}] {cmd}",
             i + 1,
             commands.len()
         )));
@@ -371,7 +445,7 @@ fn run_setup_commands(
             .arg(rootfs)
             .args(["/bin/sh", "-c", cmd])
             .env_clear()
-            .envs(CHROOT_ENV.iter().copied());
+            .envs(env.iter().map(|(k, v)| (k, v)));
         let mut forward = |line: String| progress(BuildEvent::Line(line));
         result = command::run(&mut chroot, Some(&mut forward));
         if result.is_err() {
@@ -380,7 +454,48 @@ fn run_setup_commands(
     }
     let unmounted = mounts.unmount();
     let removed = fs::remove_file(&policy).map_err(|e| ImageError::io("removing", &policy, e));
-    result.and(unmounted).and(removed)
+    let ca_removed = match host_ca {
+        Some(_) => {
+            fs::remove_file(&ca_in_root).map_err(|e| ImageError::io("removing", &ca_in_root, e))
+        }
+        None => Ok(()),
+    };
+    result.and(unmounted).and(removed).and(ca_removed)
+}
+
+/// Where the host's CA bundle is copied inside the build root while commands run.
+const BUILD_CA_PATH: &str = "/etc/agentvm-build-ca.pem";
+
+/// Variables that point the usual tools (OpenSSL, curl, git, Node.js/npm, pip/requests) at
+/// [`BUILD_CA_PATH`].
+const CA_ENV_VARS: &[&str] = &[
+    "SSL_CERT_FILE",
+    "CURL_CA_BUNDLE",
+    "GIT_SSL_CAINFO",
+    "NODE_EXTRA_CA_CERTS",
+    "npm_config_cafile",
+    "PIP_CERT",
+    "REQUESTS_CA_BUNDLE",
+];
+
+/// Proxy settings passed through from the builder's environment when set.
+const PROXY_ENV_VARS: &[&str] = &[
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+];
+
+/// The host's CA bundle: `$SSL_CERT_FILE` when set and readable, else Debian's
+/// `/etc/ssl/certs/ca-certificates.crt`; `None` when neither exists.
+fn host_ca_bundle() -> Option<PathBuf> {
+    std::env::var_os("SSL_CERT_FILE")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([PathBuf::from("/etc/ssl/certs/ca-certificates.crt")])
+        .find(|p| p.is_file())
 }
 
 fn make_filesystem(rootfs: &Path, raw: &Path, size_mib: u64) -> Result<(), ImageError> {

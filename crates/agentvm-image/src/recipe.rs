@@ -163,22 +163,35 @@ impl Recipe {
         Ok(())
     }
 
-    /// Base packages plus the recipe's, sorted, without duplicates.
-    pub fn all_packages(&self) -> Vec<String> {
-        let mut all: Vec<String> = BASE_PACKAGES
+    /// The recipe's packages that [`BASE_PACKAGES`] does not already hold, sorted, each once:
+    /// what the build installs with apt after debootstrap.
+    pub fn extra_packages(&self) -> Vec<String> {
+        let mut extra: Vec<String> = self
+            .packages
             .iter()
-            .map(|s| s.to_string())
-            .chain(self.packages.iter().map(|p| p.trim().to_owned()))
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !BASE_PACKAGES.contains(&p.as_str()))
             .collect();
-        all.sort();
-        all.dedup();
-        all
+        extra.sort();
+        extra.dedup();
+        extra
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extra_packages_are_the_recipes_own_sorted_once_without_the_base() {
+        let r = Recipe {
+            packages: vec!["npm".into(), " git".into(), "nodejs".into(), "npm".into()],
+            ..Recipe::default()
+        };
+        assert!(BASE_PACKAGES.contains(&"git"));
+        assert_eq!(r.extra_packages(), ["nodejs", "npm"]);
+        assert!(Recipe::default().extra_packages().is_empty());
+    }
     use crate::kernel::FileIdentity;
     use std::path::PathBuf;
 

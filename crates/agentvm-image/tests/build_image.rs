@@ -125,10 +125,15 @@ fn builds_a_bootable_image_then_reuses_it() {
     assert!(status.success());
 
     let recipe = Recipe {
+        // A package outside the base set: installed with apt after debootstrap.
+        packages: vec!["jq".into()],
         setup_commands: vec![
             // Runs in the image, with /proc and /dev usable.
             "test -r /proc/self/status && echo ok > /dev/null && uname -r > /etc/agentvm-test-marker".into(),
             "echo setup-output-line".into(),
+            "echo '{\"a\": 41}' | jq '.a + 1' > /etc/agentvm-test-jq".into(),
+            // The host's CA bundle is there for the commands' downloads…
+            "test -s \"$SSL_CERT_FILE\" && test \"$NODE_EXTRA_CA_CERTS\" = \"$SSL_CERT_FILE\"".into(),
         ],
         ..Recipe::default()
     };
@@ -152,7 +157,7 @@ fn builds_a_bootable_image_then_reuses_it() {
     let (image, events) = first;
     let image = image.unwrap_or_else(|e| panic!("build failed: {e}"));
     assert!(events.done && !events.reused, "{events:?}");
-    assert_eq!(events.steps.len(), 6, "{:?}", events.steps);
+    assert_eq!(events.steps.len(), 7, "{:?}", events.steps);
     assert!(events.lines.iter().any(|l| l.starts_with("I: Retrieving")));
     assert!(events.lines.iter().any(|l| l == "setup-output-line"));
     assert!(events
@@ -237,6 +242,10 @@ fn builds_a_bootable_image_then_reuses_it() {
     let marker = disk.debugfs("cat /etc/agentvm-test-marker");
     assert!(!marker.trim().is_empty(), "setup command output missing");
     assert_eq!(disk.debugfs("cat /etc/hostname").trim(), "agentvm");
+    assert_eq!(disk.debugfs("cat /etc/agentvm-test-jq").trim(), "42");
+    // …and gone from the image afterwards.
+    let ca = disk.debugfs("stat /etc/agentvm-build-ca.pem");
+    assert!(!ca.contains("Type: "), "the build's CA copy stayed: {ca}");
 
     // Again: a no-op, well under a second.
     let started = Instant::now();
