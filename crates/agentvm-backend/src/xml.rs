@@ -160,11 +160,16 @@ impl DomainSpec {
                     w.create_element("acpi").write_empty()?;
                     Ok(())
                 })?;
-                if self.accelerator == Accelerator::Kvm {
-                    w.create_element("cpu")
-                        .with_attribute(("mode", "host-model"))
-                        .write_empty()?;
-                }
+                // KVM: the host's CPU model. TCG: every feature QEMU emulates (`-cpu max`:
+                // SSE4.2, AVX2, BMI…) instead of the bare `qemu64` default, on which binaries
+                // built for x86-64-v3 die of SIGILL (Claude Code's native binary does).
+                let cpu_mode = match self.accelerator {
+                    Accelerator::Kvm => "host-model",
+                    Accelerator::Tcg => "maximum",
+                };
+                w.create_element("cpu")
+                    .with_attribute(("mode", cpu_mode))
+                    .write_empty()?;
                 w.create_element("clock")
                     .with_attribute(("offset", "utc"))
                     .write_empty()?;
@@ -357,6 +362,7 @@ mod tests {
     #[test]
     fn accelerator_selects_domain_type() {
         assert!(spec().to_xml().starts_with("<domain type=\"qemu\">"));
+        assert!(spec().to_xml().contains("<cpu mode=\"maximum\"/>"));
         let mut s = spec();
         s.accelerator = Accelerator::Kvm;
         let xml = s.to_xml();

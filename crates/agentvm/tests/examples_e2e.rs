@@ -1,0 +1,220 @@
+//! The shipped examples, unchanged, as a controller's spec directory on real libvirt: every
+//! Network, NetworkFilter, Image and VmPool becomes Ready (the Claude Code and Aider images
+//! are built from the registries, cached by recipe), and the runs that need nothing outside
+//! this machine succeed — among them `claude --version` from the real Claude Code CLI.
+//!
+//! libvirtd must run inside the test network namespace (scripts/test.sh): the examples
+//! declare a NAT network. That namespace has no route out, so the runs that want the
+//! internet (`egress-check`, `aider-docstrings`) fail there, which the test checks too:
+//! nothing leaves this machine.
+
+mod common;
+
+use common::*;
+use std::time::{Duration, Instant};
+
+const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+fn assert_libvirtd_in_other_netns() {
+    let pidfile = std::fs::read_to_string("/run/libvirtd.pid")
+        .expect("libvirtd is not running (no /run/libvirtd.pid)");
+    let libvirtd_ns =
+        std::fs::read_link(format!("/proc/{}/ns/net", pidfile.trim())).expect("libvirtd netns");
+    let own_ns = std::fs::read_link("/proc/self/ns/net").unwrap();
+    assert_ne!(
+        libvirtd_ns, own_ns,
+        "libvirtd runs in this process's network namespace; refusing to create the examples' NAT network here (start it inside the test namespace: scripts/test.sh)"
+    );
+    // …and that namespace has no route out, so the examples' runs cannot reach the internet.
+    let ns = format!("/proc/{}/net/route", pidfile.trim());
+    let routes = std::fs::read_to_string(&ns).unwrap_or_default();
+    assert!(
+        !routes
+            .lines()
+            .skip(1)
+            .any(|l| l.split_whitespace().nth(1) == Some("00000000")),
+        "libvirtd's network namespace has a default route; the examples' runs could reach the internet"
+    );
+}
+
+fn logs(env: &Env, run: &str) -> String {
+    let out = env.cmd(&["logs", &format!("run/{run}")]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+#[test]
+fn the_examples_as_a_spec_dir_become_ready_and_their_local_runs_succeed() {
+    assert_libvirtd_in_other_netns();
+    require_libvirt_and_image();
+
+    let mut env = Env::new("examples");
+    // Only this test's domains are removed: Drop checks that their files live in its dir.
+    env.domain_prefix = "agentvm-".into();
+    assert!(
+        !virsh(&["net-info", "agentvm-agent-nat"]).0
+            && !virsh(&["nwfilter-dumpxml", "agentvm-agent-egress"]).0,
+        "the examples' network or filter exists already (another run of the examples?); not touching it"
+    );
+    env.networks.push("agentvm-agent-nat".into());
+    env.filters.push("agentvm-agent-egress".into());
+    // `claude --version` needs no key, but the manifest names one: any value will do here.
+    let key = "sk-ant-examples-e2e-not-a-real-key";
+    env.controller_env
+        .push(("ANTHROPIC_API_KEY".into(), key.into()));
+    for e in std::fs::read_dir(EXAMPLES).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".yaml") {
+            std::fs::copy(e.path(), env.specs().join(&name)).unwrap();
+        } else if name == "data" {
+            copy_dir(&e.path(), &env.specs().join("data"));
+        }
+    }
+    let start = Instant::now();
+    env.start_controller();
+
+    let ready = [
+        ("network", "agent-nat"),
+        ("networkfilter", "agent-egress"),
+        ("image", "debian-base"),
+        ("image", "debian-net"),
+        ("image", "claude-code"),
+        ("image", "aider"),
+        ("vmpool", "sandbox"),
+        ("vmpool", "net-pool"),
+        ("vmpool", "claude-code"),
+        ("vmpool", "aider"),
+    ];
+    let mut seen = std::collections::BTreeSet::new();
+    env.wait(
+        "every example object Ready",
+        Duration::from_secs(40 * 60),
+        || {
+            let mut all = true;
+            for (kind, name) in ready {
+                let s = env.status(kind, name);
+                if s["phase"] == "Ready" {
+                    if seen.insert((kind, name)) {
+                        eprintln!(
+                            "{:>6.1}s {kind}/{name} Ready",
+                            start.elapsed().as_secs_f64()
+                        );
+                    }
+                } else {
+                    all = false;
+                }
+            }
+            all
+        },
+    );
+
+    let terminal = |phase: &serde_json::Value| {
+        ["Succeeded", "Failed", "TimedOut", "Cancelled"]
+            .iter()
+            .any(|p| phase == p)
+    };
+    let runs = [
+        "hello",
+        "sum-numbers",
+        "claude-version",
+        "egress-check",
+        "aider-docstrings",
+    ];
+    env.wait(
+        "every example run finished",
+        Duration::from_secs(20 * 60),
+        || {
+            runs.iter()
+                .all(|r| terminal(&env.status("agentrun", r)["phase"]))
+        },
+    );
+    for r in runs {
+        let s = env.status("agentrun", r);
+        eprintln!(
+            "{:>6.1}s run/{r}: {} {} exit {}",
+            start.elapsed().as_secs_f64(),
+            s["phase"],
+            s["reason"],
+            s["exitCode"]
+        );
+    }
+
+    let hello = env.status("agentrun", "hello");
+    assert_eq!(hello["phase"], "Succeeded", "{hello:#}");
+    assert!(logs(&env, "hello").contains("hello from"), "{hello:#}");
+
+    let sum = env.status("agentrun", "sum-numbers");
+    assert_eq!(sum["phase"], "Succeeded", "{sum:#}");
+    assert!(logs(&env, "sum-numbers").contains("total:"), "{sum:#}");
+    let artifacts = sum["artifacts"].as_array().expect("artifacts listed");
+    let out_dir = artifacts
+        .iter()
+        .find(|a| a["path"] == "/workspace/out")
+        .unwrap_or_else(|| panic!("/workspace/out not collected: {sum:#}"));
+    let report = std::path::Path::new(out_dir["hostPath"].as_str().unwrap()).join("report.json");
+    let on_host = std::fs::read_to_string(&report)
+        .unwrap_or_else(|e| panic!("{}: {e}; {sum:#}", report.display()));
+    assert!(on_host.contains("\"total\": 42.5"), "{on_host}");
+
+    // The real Claude Code CLI, installed from the npm registry at image build time.
+    let claude = env.status("agentrun", "claude-version");
+    assert_eq!(claude["phase"], "Succeeded", "{claude:#}");
+    let out = logs(&env, "claude-version");
+    assert!(
+        out.contains("(Claude Code)"),
+        "claude --version printed: {out}"
+    );
+    eprintln!("claude --version in the guest: {}", out.trim());
+
+    // No route out of the test namespace: the internet runs fail, and say why.
+    let egress = env.status("agentrun", "egress-check");
+    assert_eq!(egress["phase"], "Failed", "{egress:#}");
+    let aider = env.status("agentrun", "aider-docstrings");
+    assert_eq!(aider["phase"], "Failed", "{aider:#}");
+    assert!(aider["reason"].is_string(), "{aider:#}");
+
+    // The key never reached the store or the controller's log.
+    let log = env.log();
+    assert!(!log.contains(key), "secret in the controller log");
+    for entry in walk(&env.dir) {
+        if let Ok(bytes) = std::fs::read(&entry) {
+            assert!(
+                !bytes.windows(key.len()).any(|w| w == key.as_bytes()),
+                "secret found in {}",
+                entry.display()
+            );
+        }
+    }
+    eprintln!("examples e2e done in {:.0}s", start.elapsed().as_secs_f64());
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        match e.file_type() {
+            Ok(t) if t.is_dir() => out.extend(walk(&p)),
+            Ok(t) if t.is_file() && e.metadata().map(|m| m.len() < 256 << 20).unwrap_or(false) => {
+                out.push(p)
+            }
+            _ => {}
+        }
+    }
+    out
+}
