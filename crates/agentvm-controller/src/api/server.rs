@@ -125,6 +125,7 @@ fn store_error(e: StoreError) -> Response {
         StoreError::Invalid { .. } | StoreError::BadStatus { .. } => {
             StatusCode::UNPROCESSABLE_ENTITY
         }
+        StoreError::DiskFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, e.to_string(), vec![])
