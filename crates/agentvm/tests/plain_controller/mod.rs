@@ -19,6 +19,8 @@ pub struct PlainController {
     pub spec_dir: Option<PathBuf>,
     /// Extra `agentvm controller` arguments.
     pub extra_args: Vec<String>,
+    /// Extra environment of the controller process.
+    pub env: Vec<(String, String)>,
     /// Where its stderr goes.
     pub log: PathBuf,
     child: Option<Child>,
@@ -32,6 +34,7 @@ impl PlainController {
             socket: socket.to_path_buf(),
             spec_dir: None,
             extra_args: Vec::new(),
+            env: Vec::new(),
             log: socket.with_extension("log"),
             child: None,
         }
@@ -77,6 +80,7 @@ impl PlainController {
         let child = self
             .cmd(&args)
             .env("AGENTVM_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
