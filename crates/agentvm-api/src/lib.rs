@@ -12,6 +12,7 @@
 //! assert_eq!(objects[0].resource.kind(), agentvm_api::Kind::Image);
 //! ```
 
+pub mod json;
 pub mod kind;
 pub mod kinds;
 pub mod meta;
@@ -24,6 +25,7 @@ pub mod validate;
 /// API group and version of every object.
 pub const API_VERSION: &str = "agentvm.dev/v1alpha1";
 
+pub use json::resources_from_json;
 pub use kind::{Kind, UnknownKind};
 pub use kinds::agent_run::{
     AgentRun, AgentRunPhase, AgentRunSpec, AgentRunStatus, Anomaly, Artifacts, CollectedArtifact,

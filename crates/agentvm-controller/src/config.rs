@@ -29,6 +29,11 @@ pub struct Config {
     /// (`AGENTVM_METRICS_ADDR`, default `127.0.0.1:9090`; `off` or empty disables it; port 0
     /// picks a free port, logged at start).
     pub metrics_address: String,
+    /// Group that may use the API socket besides root (`socketGroup`,
+    /// `AGENTVM_SOCKET_GROUP`; a group name from `/etc/group` or a numeric GID). The socket
+    /// is always mode 0660 and owned by the controller's user; by default its group is the
+    /// controller's own group (root's for a root controller), so only root can connect.
+    pub socket_group: Option<String>,
     /// Seconds between two samples of the VMs' statistics (`AGENTVM_VM_STATS_INTERVAL_SECONDS`,
     /// default 5).
     pub vm_stats_interval_seconds: u64,
@@ -48,6 +53,7 @@ struct ConfigFile {
     accelerator: Option<String>,
     boot_timeout_seconds: Option<u64>,
     metrics_address: Option<String>,
+    socket_group: Option<String>,
     vm_stats_interval_seconds: Option<u64>,
     audit_log: Option<PathBuf>,
     audit_log_max_bytes: Option<u64>,
@@ -91,6 +97,7 @@ impl Default for Config {
             accelerator: AcceleratorChoice::Auto,
             boot_timeout_seconds: 120,
             metrics_address: DEFAULT_METRICS_ADDRESS.into(),
+            socket_group: None,
             vm_stats_interval_seconds: 5,
             audit_log: None,
             audit_log_max_bytes: crate::audit::DEFAULT_MAX_BYTES,
@@ -164,6 +171,9 @@ impl Config {
         if let Some(v) = f.metrics_address {
             self.metrics_address = v;
         }
+        if let Some(v) = f.socket_group {
+            self.socket_group = Some(v).filter(|g| !g.is_empty());
+        }
         if let Some(v) = f.vm_stats_interval_seconds {
             self.vm_stats_interval_seconds = v;
         }
@@ -205,6 +215,9 @@ impl Config {
         if let Some(v) = get("AGENTVM_METRICS_ADDR") {
             self.metrics_address = v;
         }
+        if let Some(v) = get("AGENTVM_SOCKET_GROUP") {
+            self.socket_group = Some(v).filter(|g| !g.is_empty());
+        }
         if let Some(v) = get("AGENTVM_VM_STATS_INTERVAL_SECONDS") {
             self.vm_stats_interval_seconds = v.parse().map_err(|_| ConfigError::Value {
                 source_name: "AGENTVM_VM_STATS_INTERVAL_SECONDS".into(),
@@ -223,6 +236,26 @@ impl Config {
         Ok(())
     }
 
+    /// The GID of [`Config::socket_group`], if set: a number as it is, a name looked up in
+    /// `/etc/group`.
+    pub fn socket_gid(&self) -> Result<Option<u32>, ConfigError> {
+        let Some(group) = &self.socket_group else {
+            return Ok(None);
+        };
+        if let Ok(gid) = group.parse::<u32>() {
+            return Ok(Some(gid));
+        }
+        let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+        lookup_group(&groups, group)
+            .map(Some)
+            .ok_or_else(|| ConfigError::Value {
+                source_name: "socketGroup".into(),
+                message: format!(
+                    "group {group:?} is not in /etc/group: create it (`groupadd {group}`) or give a numeric GID"
+                ),
+            })
+    }
+
     /// The audit log's path: `auditLog`, else `<stateDir>/audit.log`.
     pub fn audit_log_path(&self) -> PathBuf {
         self.audit_log
@@ -231,9 +264,40 @@ impl Config {
     }
 }
 
+/// The GID of `name` in the `/etc/group` text `groups`.
+fn lookup_group(groups: &str, name: &str) -> Option<u32> {
+    groups.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next()? == name)
+            .then(|| fields.nth(1)?.trim().parse().ok())
+            .flatten()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socket_group_by_name_or_number() {
+        let groups = "root:x:0:\nagentvm:x:998:alice,bob\nbroken:x:\n";
+        assert_eq!(lookup_group(groups, "agentvm"), Some(998));
+        assert_eq!(lookup_group(groups, "root"), Some(0));
+        assert_eq!(lookup_group(groups, "broken"), None);
+        assert_eq!(lookup_group(groups, "agent"), None);
+        let mut c = Config::default();
+        assert_eq!(c.socket_gid().unwrap(), None);
+        c.apply_file(Path::new("c.yaml"), "socketGroup: \"4242\"\n")
+            .unwrap();
+        assert_eq!(c.socket_gid().unwrap(), Some(4242));
+        c.apply_env(|k| (k == "AGENTVM_SOCKET_GROUP").then(|| "no-such-group-here".into()))
+            .unwrap();
+        let e = c.socket_gid().unwrap_err().to_string();
+        assert!(
+            e.starts_with("socketGroup: group \"no-such-group-here\" is not in /etc/group"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn file_then_env_override_defaults() {

@@ -179,7 +179,11 @@ impl Controller {
             Some(dir) => Some(SpecDir::new(dir, store.clone())?),
             None => None,
         };
-        let listener = server::bind(&self.socket)?;
+        let gid = self.config.socket_gid().map_err(|e| ServeError::Socket {
+            path: self.socket.clone(),
+            message: e.to_string(),
+        })?;
+        let listener = server::bind_with_group(&self.socket, gid)?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             while !*rx.borrow() {

@@ -23,6 +23,9 @@
 //!   [`Store::finalize_delete`], called by the reconciler once nothing outside the store
 //!   refers to the object any more, removes it (and a run's output). A deletion cannot be
 //!   lost by a missed event: the mark is in the store.
+//! - A full disk (or any I/O error) fails only the write that hit it, with
+//!   [`StoreError::DiskFull`]; the database is then reopened from its last commit, so reads
+//!   go on and writes succeed again once space is freed, without a restart.
 //! - Secrets never enter the store: `AgentRun.spec.secretEnv` only names where a value is
 //!   read (`fromEnv`, `fromFile`) when the run starts; the store never reads them.
 //!
@@ -37,7 +40,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use agentvm_api::{spec_hash, validate, Kind, Resource, ValidationErrors};
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -319,6 +322,12 @@ pub enum StoreError {
     /// The database failed (I/O error, corruption).
     #[error("object store: {0}")]
     Db(Box<redb::Error>),
+    /// The filesystem holding the store is full: the write was not stored.
+    #[error("the object store's disk is full ({}): this change was not stored; free space on that filesystem and retry", .path.display())]
+    DiskFull {
+        /// The database file.
+        path: PathBuf,
+    },
     /// The object breaks a validation rule.
     #[error("{key}: invalid object:\n{errors}")]
     Invalid {
@@ -380,7 +389,9 @@ pub struct Store {
 }
 
 struct Inner {
-    db: Database,
+    /// The open database and how often it was reopened. `None` while a reopen failed
+    /// (the next call tries again).
+    db: RwLock<(Option<Database>, u64)>,
     path: PathBuf,
     events: broadcast::Sender<StoreEvent>,
     output_events: broadcast::Sender<String>,
@@ -419,7 +430,139 @@ fn carry_status(to: &mut Resource, from: &Resource) {
     }
 }
 
+/// Opens (creating, or repairing after an unclean stop) the database file and creates the
+/// tables so read transactions never see them missing.
+fn open_database(path: &Path) -> Result<Database, StoreError> {
+    let open_err = |message: String| StoreError::Open {
+        path: path.to_path_buf(),
+        message,
+    };
+    let db = Database::create(path).map_err(|e| match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => open_err(
+            "it is already open (is another agentvm controller running with this state directory?)"
+                .into(),
+        ),
+        redb::DatabaseError::Storage(s) if is_disk_full(&s) => StoreError::DiskFull {
+            path: path.to_path_buf(),
+        },
+        other => open_err(other.to_string()),
+    })?;
+    let txn = db.begin_write()?;
+    txn.open_table(OBJECTS)?;
+    txn.open_table(OUTPUT)?;
+    txn.open_table(OUTPUT_META)?;
+    txn.commit()?;
+    Ok(db)
+}
+
+fn is_disk_full(e: &redb::StorageError) -> bool {
+    matches!(e, redb::StorageError::Io(io) if io_is_disk_full(io))
+}
+
+/// ENOSPC or EDQUOT.
+fn io_is_disk_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(28 | 122))
+}
+
+/// What a database error means for the open handle.
+enum DbFailure {
+    /// An earlier I/O error poisoned the handle (redb refuses every call until it is
+    /// reopened); this call did nothing.
+    Poisoned,
+    /// This call hit an I/O error: it did not complete and the handle is now poisoned.
+    Io { disk_full: bool },
+}
+
+impl StoreError {
+    fn db_failure(&self) -> Option<DbFailure> {
+        let StoreError::Db(e) = self else {
+            return None;
+        };
+        match e.as_ref() {
+            redb::Error::PreviousIo => Some(DbFailure::Poisoned),
+            redb::Error::Io(io) => Some(DbFailure::Io {
+                disk_full: io_is_disk_full(io),
+            }),
+            _ => None,
+        }
+    }
+}
+
 impl Store {
+    /// Runs `f` on the database. redb refuses every call after an I/O error (a full disk,
+    /// say) until the file is reopened, so such a failure reopens the database (repairing
+    /// it from its last commit); a call refused that way is retried once on the reopened
+    /// handle, and a disk-full error becomes [`StoreError::DiskFull`]. Reads and writes
+    /// therefore work again as soon as the cause is gone, without a controller restart.
+    fn with_db<T>(
+        &self,
+        mut f: impl FnMut(&Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut retried = false;
+        loop {
+            let (result, seen) = {
+                let guard = self.inner.db.read().unwrap_or_else(PoisonError::into_inner);
+                match &guard.0 {
+                    Some(db) => (f(db), guard.1),
+                    None => (
+                        Err(StoreError::Db(Box::new(redb::Error::PreviousIo))),
+                        guard.1,
+                    ),
+                }
+            };
+            let Err(e) = result else {
+                return result;
+            };
+            match e.db_failure() {
+                None => return Err(e),
+                Some(DbFailure::Poisoned) => {
+                    self.reopen(seen)?;
+                    if retried {
+                        return Err(e);
+                    }
+                    retried = true;
+                }
+                Some(DbFailure::Io { disk_full }) => {
+                    // Reopen now so later calls work once the cause is gone; a failed
+                    // reopen is retried by the next call.
+                    if let Err(reopen) = self.reopen(seen) {
+                        tracing::error!("object store: reopening after an I/O error: {reopen}");
+                    }
+                    return Err(if disk_full {
+                        StoreError::DiskFull {
+                            path: self.inner.path.clone(),
+                        }
+                    } else {
+                        e
+                    });
+                }
+            }
+        }
+    }
+
+    /// Closes and reopens the database unless another thread already did since the handle
+    /// `seen` was taken.
+    fn reopen(&self, seen: u64) -> Result<(), StoreError> {
+        let mut guard = self
+            .inner
+            .db
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if guard.1 != seen && guard.0.is_some() {
+            return Ok(());
+        }
+        // The old handle must be closed first: redb locks the file.
+        guard.0 = None;
+        guard.1 += 1;
+        let db = open_database(&self.inner.path)?;
+        tracing::warn!(
+            "object store {}: reopened after an I/O error",
+            self.inner.path.display()
+        );
+        guard.0 = Some(db);
+        Ok(())
+    }
+
     /// Opens (creating if needed) the store at `path`, and its parent directory.
     pub fn open(path: impl AsRef<Path>) -> Result<Store, StoreError> {
         Self::open_with_output_cap(path, MAX_OUTPUT_BYTES_PER_RUN)
@@ -435,24 +578,12 @@ impl Store {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| open_err(e.to_string()))?;
         }
-        let db = Database::create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => open_err(
-                "it is already open (is another agentvm controller running with this state directory?)"
-                    .into(),
-            ),
-            other => open_err(other.to_string()),
-        })?;
-        // Create the tables so read transactions never see them missing.
-        let txn = db.begin_write()?;
-        txn.open_table(OBJECTS)?;
-        txn.open_table(OUTPUT)?;
-        txn.open_table(OUTPUT_META)?;
-        txn.commit()?;
+        let db = open_database(&path)?;
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let (output_events, _) = broadcast::channel(EVENT_CAPACITY);
         Ok(Store {
             inner: Arc::new(Inner {
-                db,
+                db: RwLock::new((Some(db), 0)),
                 path,
                 events,
                 output_events,
@@ -515,31 +646,33 @@ impl Store {
         items: Vec<ApplyItem>,
         dry_run: bool,
     ) -> Result<Vec<Result<ApplyOutcome, StoreError>>, StoreError> {
-        let txn = self.inner.db.begin_write()?;
-        let mut results = Vec::with_capacity(items.len());
-        let mut changed = Vec::new();
-        {
-            let mut table = txn.open_table(OBJECTS)?;
-            let now = Timestamp::now();
-            for item in items {
-                let outcome = Self::apply_one(&mut table, item, now)?;
-                if let Ok((outcome, key)) = &outcome {
-                    if *outcome != ApplyOutcome::Unchanged {
-                        changed.push(key.clone());
+        self.with_db(|db| {
+            let txn = db.begin_write()?;
+            let mut results = Vec::with_capacity(items.len());
+            let mut changed = Vec::new();
+            {
+                let mut table = txn.open_table(OBJECTS)?;
+                let now = Timestamp::now();
+                for item in items.iter().cloned() {
+                    let outcome = Self::apply_one(&mut table, item, now)?;
+                    if let Ok((outcome, key)) = &outcome {
+                        if *outcome != ApplyOutcome::Unchanged {
+                            changed.push(key.clone());
+                        }
                     }
+                    results.push(outcome.map(|(o, _)| o));
                 }
-                results.push(outcome.map(|(o, _)| o));
             }
-        }
-        if dry_run || changed.is_empty() {
-            txn.abort()?;
-        } else {
-            txn.commit()?;
-            for key in &changed {
-                self.emit(key, Change::Applied);
+            if dry_run || changed.is_empty() {
+                txn.abort()?;
+            } else {
+                txn.commit()?;
+                for key in &changed {
+                    self.emit(key, Change::Applied);
+                }
             }
-        }
-        Ok(results)
+            Ok(results)
+        })
     }
 
     /// The inner `Result` is the object's own outcome; the outer one a database failure.
@@ -614,49 +747,55 @@ impl Store {
 
     /// The object `kind`/`name`, if stored (also while its deletion is pending).
     pub fn get(&self, kind: Kind, name: &str) -> Result<Option<StoredObject>, StoreError> {
-        let txn = self.inner.db.begin_read()?;
-        let table = txn.open_table(OBJECTS)?;
-        let db_key = ObjectKey::new(kind, name).db_key();
-        let got = table.get(db_key.as_str())?;
-        got.map(|v| decode(&db_key, v.value())).transpose()
+        self.with_db(|db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(OBJECTS)?;
+            let db_key = ObjectKey::new(kind, name).db_key();
+            let got = table.get(db_key.as_str())?;
+            got.map(|v| decode(&db_key, v.value())).transpose()
+        })
     }
 
     /// Every object of `kind` (all kinds when `None`), sorted by kind (dependency order)
     /// then name.
     pub fn list(&self, kind: Option<Kind>) -> Result<Vec<StoredObject>, StoreError> {
-        let txn = self.inner.db.begin_read()?;
-        let table = txn.open_table(OBJECTS)?;
-        let mut out = Vec::new();
-        let mut push = |k: &str, v: &[u8]| -> Result<(), StoreError> {
-            out.push(decode(k, v)?);
-            Ok(())
-        };
-        match kind {
-            Some(kind) => {
-                // `/` + 1 is `0`: the range holds exactly the keys `Kind/...`.
-                let (from, to) = (format!("{kind}/"), format!("{kind}0"));
-                for entry in table.range(from.as_str()..to.as_str())? {
-                    let (k, v) = entry?;
-                    push(k.value(), v.value())?;
+        self.with_db(|db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(OBJECTS)?;
+            let mut out = Vec::new();
+            let mut push = |k: &str, v: &[u8]| -> Result<(), StoreError> {
+                out.push(decode(k, v)?);
+                Ok(())
+            };
+            match kind {
+                Some(kind) => {
+                    // `/` + 1 is `0`: the range holds exactly the keys `Kind/...`.
+                    let (from, to) = (format!("{kind}/"), format!("{kind}0"));
+                    for entry in table.range(from.as_str()..to.as_str())? {
+                        let (k, v) = entry?;
+                        push(k.value(), v.value())?;
+                    }
+                }
+                None => {
+                    for entry in table.iter()? {
+                        let (k, v) = entry?;
+                        push(k.value(), v.value())?;
+                    }
                 }
             }
-            None => {
-                for entry in table.iter()? {
-                    let (k, v) = entry?;
-                    push(k.value(), v.value())?;
-                }
-            }
-        }
-        out.sort_by(|a, b| {
-            (a.resource.kind(), a.resource.name()).cmp(&(b.resource.kind(), b.resource.name()))
-        });
-        Ok(out)
+            out.sort_by(|a, b| {
+                (a.resource.kind(), a.resource.name()).cmp(&(b.resource.kind(), b.resource.name()))
+            });
+            Ok(out)
+        })
     }
 
     /// Number of stored objects.
     pub fn len(&self) -> Result<u64, StoreError> {
-        let txn = self.inner.db.begin_read()?;
-        Ok(txn.open_table(OBJECTS)?.len()?)
+        self.with_db(|db| {
+            let txn = db.begin_read()?;
+            Ok(txn.open_table(OBJECTS)?.len()?)
+        })
     }
 
     /// True when no object is stored.
@@ -676,45 +815,47 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let key = ObjectKey::new(kind, name);
         let db_key = key.db_key();
-        let txn = self.inner.db.begin_write()?;
-        let changed = {
-            let mut table = txn.open_table(OBJECTS)?;
-            let mut record = match table.get(db_key.as_str())? {
-                Some(v) => decode(&db_key, v.value())?,
-                None => return Err(StoreError::NotFound(key)),
-            };
-            let mut value =
-                serde_json::to_value(&record.resource).map_err(|e| StoreError::Corrupt {
-                    key: db_key.clone(),
-                    message: e.to_string(),
-                })?;
-            value["status"] = status;
-            if value["status"].is_null() {
-                if let Some(map) = value.as_object_mut() {
-                    map.remove("status");
+        self.with_db(|db| {
+            let txn = db.begin_write()?;
+            let changed = {
+                let mut table = txn.open_table(OBJECTS)?;
+                let mut record = match table.get(db_key.as_str())? {
+                    Some(v) => decode(&db_key, v.value())?,
+                    None => return Err(StoreError::NotFound(key.clone())),
+                };
+                let mut value =
+                    serde_json::to_value(&record.resource).map_err(|e| StoreError::Corrupt {
+                        key: db_key.clone(),
+                        message: e.to_string(),
+                    })?;
+                value["status"] = status.clone();
+                if value["status"].is_null() {
+                    if let Some(map) = value.as_object_mut() {
+                        map.remove("status");
+                    }
                 }
-            }
-            let updated: Resource =
-                serde_json::from_value(value).map_err(|e| StoreError::BadStatus {
-                    key: key.clone(),
-                    message: e.to_string(),
-                })?;
-            if updated == record.resource {
-                false
+                let updated: Resource =
+                    serde_json::from_value(value).map_err(|e| StoreError::BadStatus {
+                        key: key.clone(),
+                        message: e.to_string(),
+                    })?;
+                if updated == record.resource {
+                    false
+                } else {
+                    record.resource = updated;
+                    record.updated_at = Timestamp::now();
+                    table.insert(db_key.as_str(), encode(&record).as_slice())?;
+                    true
+                }
+            };
+            if changed {
+                txn.commit()?;
+                self.emit(&key, Change::StatusChanged);
             } else {
-                record.resource = updated;
-                record.updated_at = Timestamp::now();
-                table.insert(db_key.as_str(), encode(&record).as_slice())?;
-                true
+                txn.abort()?;
             }
-        };
-        if changed {
-            txn.commit()?;
-            self.emit(&key, Change::StatusChanged);
-        } else {
-            txn.abort()?;
-        }
-        Ok(changed)
+            Ok(changed)
+        })
     }
 
     /// Writes the status carried by `resource` (typed form of [`Store::update_status`]).
@@ -738,32 +879,34 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let key = ObjectKey::new(kind, name);
         let db_key = key.db_key();
-        let txn = self.inner.db.begin_write()?;
-        {
-            let mut table = txn.open_table(OBJECTS)?;
-            let mut record = match table.get(db_key.as_str())? {
-                Some(v) => decode(&db_key, v.value())?,
-                None => return Ok(false),
-            };
-            if let Some(expected) = manager_check {
-                if *expected != record.manager {
-                    return Err(StoreError::Conflict {
-                        key,
-                        manager: record.manager,
-                    });
+        self.with_db(|db| {
+            let txn = db.begin_write()?;
+            {
+                let mut table = txn.open_table(OBJECTS)?;
+                let mut record = match table.get(db_key.as_str())? {
+                    Some(v) => decode(&db_key, v.value())?,
+                    None => return Ok(false),
+                };
+                if let Some(expected) = manager_check {
+                    if *expected != record.manager {
+                        return Err(StoreError::Conflict {
+                            key: key.clone(),
+                            manager: record.manager,
+                        });
+                    }
                 }
+                if record.deletion_requested_at.is_some() {
+                    return Ok(true);
+                }
+                let now = Timestamp::now();
+                record.deletion_requested_at = Some(now);
+                record.updated_at = now;
+                table.insert(db_key.as_str(), encode(&record).as_slice())?;
             }
-            if record.deletion_requested_at.is_some() {
-                return Ok(true);
-            }
-            let now = Timestamp::now();
-            record.deletion_requested_at = Some(now);
-            record.updated_at = now;
-            table.insert(db_key.as_str(), encode(&record).as_slice())?;
-        }
-        txn.commit()?;
-        self.emit(&key, Change::DeleteRequested);
-        Ok(true)
+            txn.commit()?;
+            self.emit(&key, Change::DeleteRequested);
+            Ok(true)
+        })
     }
 
     /// Removes `kind`/`name` (and a run's output) if its deletion was requested. Returns
@@ -773,26 +916,28 @@ impl Store {
     pub fn finalize_delete(&self, kind: Kind, name: &str) -> Result<bool, StoreError> {
         let key = ObjectKey::new(kind, name);
         let db_key = key.db_key();
-        let txn = self.inner.db.begin_write()?;
-        {
-            let mut table = txn.open_table(OBJECTS)?;
-            let deleting = match table.get(db_key.as_str())? {
-                Some(v) => decode(&db_key, v.value())?.is_deleting(),
-                None => false,
-            };
-            if !deleting {
-                return Ok(false);
+        self.with_db(|db| {
+            let txn = db.begin_write()?;
+            {
+                let mut table = txn.open_table(OBJECTS)?;
+                let deleting = match table.get(db_key.as_str())? {
+                    Some(v) => decode(&db_key, v.value())?.is_deleting(),
+                    None => false,
+                };
+                if !deleting {
+                    return Ok(false);
+                }
+                table.remove(db_key.as_str())?;
+                if kind == Kind::AgentRun {
+                    txn.open_table(OUTPUT_META)?.remove(name)?;
+                    txn.open_table(OUTPUT)?
+                        .retain_in((name, 0u64)..=(name, u64::MAX), |_, _| false)?;
+                }
             }
-            table.remove(db_key.as_str())?;
-            if kind == Kind::AgentRun {
-                txn.open_table(OUTPUT_META)?.remove(name)?;
-                txn.open_table(OUTPUT)?
-                    .retain_in((name, 0u64)..=(name, u64::MAX), |_, _| false)?;
-            }
-        }
-        txn.commit()?;
-        self.emit(&key, Change::Removed);
-        Ok(true)
+            txn.commit()?;
+            self.emit(&key, Change::Removed);
+            Ok(true)
+        })
     }
 
     /// Appends output of the AgentRun `run`. Bytes past the per-run cap are dropped and the
@@ -806,37 +951,39 @@ impl Store {
     ) -> Result<usize, StoreError> {
         let key = ObjectKey::new(Kind::AgentRun, run);
         let db_key = key.db_key();
-        let mut txn = self.inner.db.begin_write()?;
-        txn.set_durability(Durability::Eventual);
-        let kept = {
-            if txn.open_table(OBJECTS)?.get(db_key.as_str())?.is_none() {
-                return Err(StoreError::NotFound(key));
-            }
-            let mut meta_table = txn.open_table(OUTPUT_META)?;
-            let mut meta: OutputMeta = match meta_table.get(run)? {
-                Some(v) => serde_json::from_slice(v.value()).unwrap_or_default(),
-                None => OutputMeta::default(),
+        self.with_db(|db| {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(Durability::Eventual);
+            let kept = {
+                if txn.open_table(OBJECTS)?.get(db_key.as_str())?.is_none() {
+                    return Err(StoreError::NotFound(key.clone()));
+                }
+                let mut meta_table = txn.open_table(OUTPUT_META)?;
+                let mut meta: OutputMeta = match meta_table.get(run)? {
+                    Some(v) => serde_json::from_slice(v.value()).unwrap_or_default(),
+                    None => OutputMeta::default(),
+                };
+                let room = self.inner.output_cap.saturating_sub(meta.len);
+                let kept = bytes.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+                if kept < bytes.len() {
+                    meta.truncated = true;
+                }
+                if kept > 0 {
+                    let mut value = Vec::with_capacity(kept + 1);
+                    value.push(stream.tag());
+                    value.extend_from_slice(&bytes[..kept]);
+                    txn.open_table(OUTPUT)?
+                        .insert((run, meta.len), value.as_slice())?;
+                    meta.len += kept as u64;
+                }
+                let meta_bytes = serde_json::to_vec(&meta).unwrap_or_default();
+                meta_table.insert(run, meta_bytes.as_slice())?;
+                kept
             };
-            let room = self.inner.output_cap.saturating_sub(meta.len);
-            let kept = bytes.len().min(usize::try_from(room).unwrap_or(usize::MAX));
-            if kept < bytes.len() {
-                meta.truncated = true;
-            }
-            if kept > 0 {
-                let mut value = Vec::with_capacity(kept + 1);
-                value.push(stream.tag());
-                value.extend_from_slice(&bytes[..kept]);
-                txn.open_table(OUTPUT)?
-                    .insert((run, meta.len), value.as_slice())?;
-                meta.len += kept as u64;
-            }
-            let meta_bytes = serde_json::to_vec(&meta).unwrap_or_default();
-            meta_table.insert(run, meta_bytes.as_slice())?;
-            kept
-        };
-        txn.commit()?;
-        let _ = self.inner.output_events.send(run.to_string());
-        Ok(kept)
+            txn.commit()?;
+            let _ = self.inner.output_events.send(run.to_string());
+            Ok(kept)
+        })
     }
 
     /// Reads the output of `run` from byte `offset` on (both streams, interleaved as
@@ -849,61 +996,63 @@ impl Store {
         max_bytes: usize,
     ) -> Result<OutputRead, StoreError> {
         let key = ObjectKey::new(Kind::AgentRun, run);
-        let txn = self.inner.db.begin_read()?;
-        let meta: Option<OutputMeta> = txn
-            .open_table(OUTPUT_META)?
-            .get(run)?
-            .map(|v| serde_json::from_slice(v.value()).unwrap_or_default());
-        let Some(meta) = meta else {
-            if txn
-                .open_table(OBJECTS)?
-                .get(key.db_key().as_str())?
-                .is_none()
-            {
-                return Err(StoreError::NotFound(key));
-            }
-            return Ok(OutputRead::default());
-        };
-        let table = txn.open_table(OUTPUT)?;
-        let mut read = OutputRead {
-            chunks: Vec::new(),
-            next_offset: offset.min(meta.len),
-            total: meta.len,
-            truncated: meta.truncated,
-        };
-        let mut taken = 0usize;
-        let push = |start: u64, value: &[u8], read: &mut OutputRead| -> usize {
-            let Some((&tag, data)) = value.split_first() else {
-                return 0;
-            };
-            let end = start + data.len() as u64;
-            if end <= read.next_offset {
-                return 0;
-            }
-            let skip = usize::try_from(read.next_offset.saturating_sub(start)).unwrap_or(0);
-            let data = &data[skip..];
-            read.next_offset = end;
-            read.chunks.push(OutputChunk {
-                stream: OutputStream::from_tag(tag),
-                data: data.to_vec(),
-            });
-            data.len()
-        };
-        // The chunk that contains `offset`, then everything after it.
-        if let Some(entry) = table.range((run, 0u64)..=(run, offset))?.next_back() {
-            let (k, v) = entry?;
-            taken += push(k.value().1, v.value(), &mut read);
-        }
-        if offset < u64::MAX {
-            for entry in table.range((run, offset + 1)..=(run, u64::MAX))? {
-                if taken >= max_bytes && !read.chunks.is_empty() {
-                    break;
+        self.with_db(|db| {
+            let txn = db.begin_read()?;
+            let meta: Option<OutputMeta> = txn
+                .open_table(OUTPUT_META)?
+                .get(run)?
+                .map(|v| serde_json::from_slice(v.value()).unwrap_or_default());
+            let Some(meta) = meta else {
+                if txn
+                    .open_table(OBJECTS)?
+                    .get(key.db_key().as_str())?
+                    .is_none()
+                {
+                    return Err(StoreError::NotFound(key.clone()));
                 }
+                return Ok(OutputRead::default());
+            };
+            let table = txn.open_table(OUTPUT)?;
+            let mut read = OutputRead {
+                chunks: Vec::new(),
+                next_offset: offset.min(meta.len),
+                total: meta.len,
+                truncated: meta.truncated,
+            };
+            let mut taken = 0usize;
+            let push = |start: u64, value: &[u8], read: &mut OutputRead| -> usize {
+                let Some((&tag, data)) = value.split_first() else {
+                    return 0;
+                };
+                let end = start + data.len() as u64;
+                if end <= read.next_offset {
+                    return 0;
+                }
+                let skip = usize::try_from(read.next_offset.saturating_sub(start)).unwrap_or(0);
+                let data = &data[skip..];
+                read.next_offset = end;
+                read.chunks.push(OutputChunk {
+                    stream: OutputStream::from_tag(tag),
+                    data: data.to_vec(),
+                });
+                data.len()
+            };
+            // The chunk that contains `offset`, then everything after it.
+            if let Some(entry) = table.range((run, 0u64)..=(run, offset))?.next_back() {
                 let (k, v) = entry?;
                 taken += push(k.value().1, v.value(), &mut read);
             }
-        }
-        Ok(read)
+            if offset < u64::MAX {
+                for entry in table.range((run, offset + 1)..=(run, u64::MAX))? {
+                    if taken >= max_bytes && !read.chunks.is_empty() {
+                        break;
+                    }
+                    let (k, v) = entry?;
+                    taken += push(k.value().1, v.value(), &mut read);
+                }
+            }
+            Ok(read)
+        })
     }
 
     /// Count of objects per kind (for metrics and the health endpoint).

@@ -25,7 +25,7 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Nothing answers on the socket.
-    #[error("controller not reachable at {}: {source}; start it with `agentvm controller --spec-dir DIR` (or set AGENTVM_SOCKET to its socket)", socket.display())]
+    #[error("{}", unreachable_message(socket, source))]
     Unreachable {
         /// The socket.
         socket: PathBuf,
@@ -50,6 +50,23 @@ pub enum ClientError {
         /// What went wrong.
         message: String,
     },
+}
+
+fn unreachable_message(socket: &std::path::Path, source: &std::io::Error) -> String {
+    if source.kind() == std::io::ErrorKind::PermissionDenied {
+        use std::os::unix::fs::MetadataExt;
+        let group = std::fs::metadata(socket)
+            .map(|m| format!("group {}", m.gid()))
+            .unwrap_or_else(|_| "its group".into());
+        return format!(
+            "controller not reachable at {}: {source}; the socket is mode 0660: run as root, or as a member of {group} (the controller's `socketGroup` / AGENTVM_SOCKET_GROUP)",
+            socket.display()
+        );
+    }
+    format!(
+        "controller not reachable at {}: {source}; start it with `agentvm controller --spec-dir DIR` (or set AGENTVM_SOCKET to its socket)",
+        socket.display()
+    )
 }
 
 impl ClientError {

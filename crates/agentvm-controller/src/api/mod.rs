@@ -14,8 +14,11 @@
 //! | `GET /v1/specdir/errors` | [`SpecDirResponse`] |
 //!
 //! `{kind}` accepts every spelling of a kind (`VmPool`, `vmpools`, `pool`). Errors are
-//! [`ErrorBody`] with a status code: 400 bad request, 404 not found, 409 conflict, 413 too
-//! large, 422 invalid objects, 500 store failure.
+//! [`ErrorBody`] with a status code: 400 bad request, 404 not found, 405 wrong method (with
+//! `Allow`), 408 body not sent within 30 s, 409 conflict, 413 too large (also when only
+//! announced by `Content-Length`), 415 a body that is not `application/json`, 422 invalid
+//! objects, 500 store failure, 507 the store's disk is full. A client that does not send its
+//! request head within 10 s is disconnected; at most 256 connections are served at once.
 
 pub mod client;
 pub mod server;

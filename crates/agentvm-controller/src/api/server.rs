@@ -1,16 +1,19 @@
-//! Serves the controller API (see [`crate::api`]) with axum on a Unix socket (mode 0660).
+//! Serves the controller API (see [`crate::api`]) with axum on a Unix socket (mode 0660,
+//! group configurable), defending itself against bad clients: at most
+//! [`MAX_CONNECTIONS`] at once, [`HEADER_TIMEOUT`] to send the request head and
+//! [`BODY_TIMEOUT`] to send a body, bodies up to [`MAX_BODY_BYTES`], and every error as a
+//! JSON [`ErrorBody`].
 
 // Helpers return `Result<_, Response>` so handlers can return an error response early;
 // responses are built once per request, their size does not matter.
 #![allow(clippy::result_large_err)]
 
-use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use agentvm_api::{validate, Kind, Resource};
+use agentvm_api::{Kind, Resource};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -19,7 +22,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use tokio::net::UnixListener;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, watch, Semaphore};
+use tokio::task::JoinSet;
 
 use super::{
     ApplyRequest, ApplyResponse, ApplyResult, DeleteResponse, ErrorBody, Health, LabelSelector,
@@ -30,6 +34,17 @@ use crate::store::{ApplyItem, Change, Manager, Store, StoreError};
 
 /// Bytes per read of run output in a logs response.
 const LOG_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Connections served at once; further clients wait in the socket's backlog.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Time a client has to send a request's line and headers; then the connection is closed.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a client has to send a request body; then it gets 408.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest request head (line and headers) read; larger ones get 431.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// How long shutdown waits for requests in progress before dropping their connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Everything the handlers share.
 #[derive(Clone)]
@@ -58,34 +73,61 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
-/// Binds the socket: creates its directory, replaces a stale socket file (refusing when
-/// a live controller answers on it), and sets mode 0660.
+/// Binds the socket with the process's own group; see [`bind_with_group`].
 pub fn bind(path: &Path) -> Result<UnixListener, ServeError> {
+    bind_with_group(path, None)
+}
+
+/// Binds the socket: creates its directory, replaces a stale socket file (refusing when
+/// a live controller answers on it), and gives it mode 0660 and group `gid` (the
+/// process's group when `None`). The socket is made under a temporary name and renamed
+/// into place once its mode and group are set, so no client ever sees it with others.
+pub fn bind_with_group(path: &Path, gid: Option<u32>) -> Result<UnixListener, ServeError> {
     let err = |message: String| ServeError::Socket {
         path: path.to_path_buf(),
         message,
     };
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| err(e.to_string()))?;
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| err(e.to_string()))?;
+    if path.exists() && std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(err(
+            "another controller is already listening here; stop it or use another --socket".into(),
+        ));
     }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(err(
-                "another controller is already listening here; stop it or use another --socket"
-                    .into(),
-            ));
-        }
-        std::fs::remove_file(path).map_err(|e| err(format!("removing the stale socket: {e}")))?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| err("not a file path".into()))?;
+    let staging = parent.join(format!(
+        ".{}.{}.new",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&staging);
+    let listener = UnixListener::bind(&staging).map_err(|e| err(e.to_string()))?;
+    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| err(format!("setting mode 0660: {e}")))
+        .and_then(|()| match gid {
+            Some(gid) => std::os::unix::fs::chown(&staging, None, Some(gid))
+                .map_err(|e| err(format!("setting group {gid}: {e}"))),
+            None => Ok(()),
+        })
+        .and_then(|()| {
+            std::fs::rename(&staging, path)
+                .map_err(|e| err(format!("replacing the stale socket: {e}")))
+        });
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
     }
-    let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .map_err(|e| err(format!("setting mode 0660: {e}")))?;
     Ok(listener)
 }
 
 /// The API's routes.
 pub fn router(state: ApiState) -> Router {
-    Router::new()
+    let api = Router::new()
         .route("/healthz", get(health))
         .route("/v1/apply", axum::routing::post(apply))
         .route("/v1/objects", get(list))
@@ -94,19 +136,111 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/runs/{name}/logs", get(logs))
         .route("/v1/specdir/errors", get(specdir_errors))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint", vec![]) })
-        .with_state(state)
+        .with_state(state);
+    // Outside the routes, so that it also sees what method routing adds (`Allow`).
+    Router::new()
+        .fallback_service(api)
+        .layer(axum::middleware::map_response(json_errors))
+}
+
+/// Turns the plain-text error responses of axum's extractors and method routing (a bad
+/// query string, a wrong method) into [`ErrorBody`] JSON like every other error.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_string();
+    let reason = status.canonical_reason().unwrap_or("error").to_lowercase();
+    let message = match parts.headers.get(header::ALLOW) {
+        _ if !text.is_empty() => text,
+        Some(allow) => format!(
+            "{reason}: this endpoint accepts {}",
+            allow.to_str().unwrap_or_default()
+        ),
+        None => reason,
+    };
+    let mut out = error(status, message, vec![]);
+    if let Some(allow) = parts.headers.get(header::ALLOW) {
+        out.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    out
 }
 
 /// Serves `router(state)` on `listener` until `shutdown` resolves; open streams (watch,
-/// logs -f) end when `state.shutdown` flips.
+/// logs -f) end when `state.shutdown` flips. Requests in progress then get
+/// `SHUTDOWN_GRACE` to finish.
 pub async fn serve(
     listener: UnixListener,
     state: ApiState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let app = router(state);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let (closing, _) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+            _ = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: wait instead of spinning.
+                    tracing::warn!("API: accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut closing = closing.subscribe();
+        connections.spawn(async move {
+            let _slot = slot;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                // A client may shut down its write side and wait for the answer.
+                .half_close(true)
+                .max_buf_size(MAX_HEAD_BYTES)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = closing.wait_for(|c| *c) => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = conn.await;
+        });
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    let _ = closing.send(true);
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            "API: dropping {} connection(s) still open after {SHUTDOWN_GRACE:?}",
+            connections.len()
+        );
+        connections.abort_all();
+    }
     Ok(())
 }
 
@@ -125,9 +259,22 @@ fn store_error(e: StoreError) -> Response {
         StoreError::Invalid { .. } | StoreError::BadStatus { .. } => {
             StatusCode::UNPROCESSABLE_ENTITY
         }
+        StoreError::DiskFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, e.to_string(), vec![])
+}
+
+/// True when reading a body failed because it exceeded the limit.
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 fn parse_kind(text: &str) -> Result<Kind, Response> {
@@ -166,16 +313,69 @@ async fn health(State(st): State<ApiState>) -> Response {
     .into_response()
 }
 
-async fn apply(State(st): State<ApiState>, body: Body) -> Response {
-    let bytes = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
-        Ok(b) => b,
-        Err(_) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
+/// True for `application/json` (with parameters) or no content type at all.
+fn is_json_or_unset(headers: &axum::http::HeaderMap) -> bool {
+    match headers.get(header::CONTENT_TYPE) {
+        None => true,
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json")),
+    }
+}
+
+async fn apply(State(st): State<ApiState>, headers: axum::http::HeaderMap, body: Body) -> Response {
+    if !is_json_or_unset(&headers) {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "content type {:?} is not accepted: send the objects as JSON (`Content-Type: application/json`); `agentvm apply -f` converts YAML manifests",
+                headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+            ),
+            vec![],
+        );
+    }
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
                 "request body is larger than {} MiB; apply the manifests in several smaller sets",
                 MAX_BODY_BYTES / (1024 * 1024)
             ),
+            vec![],
+        )
+    };
+    // A body announced as too large is refused before any of it is read.
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return too_large();
+    }
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY_BYTES))
+        .await
+    {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) if is_length_limit(&e) => return too_large(),
+        Ok(Err(e)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("reading the request body: {e}"),
+                vec![],
+            )
+        }
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} s",
+                    BODY_TIMEOUT.as_secs()
+                ),
                 vec![],
             )
         }
@@ -190,36 +390,16 @@ async fn apply(State(st): State<ApiState>, body: Body) -> Response {
             )
         }
     };
-    let mut details = Vec::new();
-    let mut resources = Vec::new();
-    let mut seen = BTreeSet::new();
-    for (i, value) in req.objects.into_iter().enumerate() {
-        let source = req
-            .sources
-            .get(i)
-            .cloned()
-            .unwrap_or_else(|| format!("objects[{i}]"));
-        match serde_json::from_value::<Resource>(value) {
-            Err(e) => details.push(format!("{source}: {e}")),
-            Ok(r) => match validate(&r) {
-                Err(errors) => {
-                    details.extend(errors.iter().map(|e| format!("{source}: {e}")));
-                }
-                Ok(()) if !seen.insert((r.kind(), r.name().to_string())) => details.push(format!(
-                    "{source}: metadata.name: {} is declared twice in this request",
-                    r.key()
-                )),
-                Ok(()) => resources.push((r, source)),
-            },
+    let resources = match agentvm_api::resources_from_json(req.objects, &req.sources) {
+        Ok(r) => r,
+        Err(details) => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid objects; nothing was applied",
+                details,
+            )
         }
-    }
-    if !details.is_empty() {
-        return error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid objects; nothing was applied",
-            details,
-        );
-    }
+    };
     let (force, dry_run) = (req.force, req.dry_run);
     let sources: Vec<(Kind, String, String)> = resources
         .iter()
