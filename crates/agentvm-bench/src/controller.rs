@@ -366,19 +366,35 @@ pub fn run_rows(
                 .unwrap_or_default();
             let mut ok = 0;
             let mut spans = Vec::new();
+            let mut failed: std::collections::BTreeMap<String, usize> = Default::default();
             for r in &names {
                 let obj = seen(&runs, r).last.context("no object")?;
-                if obj.status_json()["phase"] == "Succeeded" {
+                let st = obj.status_json();
+                if st["phase"] == "Succeeded" {
                     ok += 1;
+                } else {
+                    let why = format!(
+                        "{} ({})",
+                        st["phase"].as_str().unwrap_or("?"),
+                        st["reason"].as_str().unwrap_or("?")
+                    );
+                    eprintln!("  run {r}: {why}: {st}");
+                    *failed.entry(why).or_default() += 1;
                 }
                 spans.push(server_times(&obj)?);
             }
+            let failed: Vec<String> = failed.iter().map(|(w, n)| format!("{n} {w}")).collect();
+            let failed = if failed.is_empty() {
+                String::new()
+            } else {
+                format!(" (not succeeded: {})", failed.join(", "))
+            };
             throughput.push(Row::value(
                 format!("runs per minute, trivial runs (`true`), pool maxSize {size}"),
                 n,
                 format!("{:.1} /min", n as f64 * 60.0 / took.as_secs_f64()),
                 format!(
-                    "{n} runs applied at once, warm pool of {size}; all done in {}; {ok}/{n} Succeeded",
+                    "{n} runs applied at once, warm pool of {size}; all done in {}; {ok}/{n} Succeeded{failed}",
                     fmt_duration(took)
                 ),
             ));

@@ -45,6 +45,9 @@ struct Args {
     /// A sentence printed under the machine description (e.g. how loaded the host was).
     #[arg(long, value_name = "TEXT")]
     note: Option<String>,
+    /// Keep the scratch state directory (controller logs, store) for inspection.
+    #[arg(long)]
+    keep: bool,
 }
 
 /// Parts of the benchmark.
@@ -135,7 +138,7 @@ fn main() -> Result<()> {
             let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755));
         }
     }
-    let scratch = Scratch(dir.clone());
+    let scratch = (!args.keep).then(|| Scratch(dir.clone()));
     let lv = agentvm_backend::Libvirt::connect(&uri).with_context(|| {
         format!("libvirt at {uri} must be running (scripts/bench.sh starts it)")
     })?;
@@ -215,7 +218,10 @@ fn main() -> Result<()> {
             &mut runs,
         )?;
     }
-    drop(scratch);
+    match scratch {
+        Some(s) => drop(s),
+        None => eprintln!("scratch state kept in {}", dir.display()),
+    }
 
     let mut out = String::from("## Results\n\n");
     for line in system::describe(&accelerator.to_uppercase(), &libvirt_version) {
