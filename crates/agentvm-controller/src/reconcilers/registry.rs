@@ -122,8 +122,9 @@ impl PoolRegistry {
             .current_hash = hash.to_string();
     }
 
-    /// Adds a VM (created or adopted) unless it is known already.
-    pub(crate) fn insert(&self, pool: &str, name: &str, phase: VmPhase, template_hash: &str) {
+    /// Adds a VM (created or adopted) unless it is known already. Public for benchmarks of
+    /// the hand-out; in the controller only the `VmPool` reconciler adds VMs.
+    pub fn insert(&self, pool: &str, name: &str, phase: VmPhase, template_hash: &str) {
         self.lock()
             .entry(pool.to_string())
             .or_default()
@@ -138,7 +139,8 @@ impl PoolRegistry {
     }
 
     /// Moves a VM from `from` to `to`; false (and no change) when it is not in `from`.
-    pub(crate) fn transition(&self, pool: &str, vm: &str, from: VmPhase, to: VmPhase) -> bool {
+    /// Public for benchmarks of the hand-out (a run gives its reset VM back this way).
+    pub fn transition(&self, pool: &str, vm: &str, from: VmPhase, to: VmPhase) -> bool {
         let mut pools = self.lock();
         match pools.get_mut(pool).and_then(|p| p.vms.get_mut(vm)) {
             Some(v) if v.phase == from => {

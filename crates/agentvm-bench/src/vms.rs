@@ -1,0 +1,232 @@
+//! Benchmarks of pool VMs through the controller's own backend (`LibvirtBackend`, real
+//! QEMU): boot to ready (define → parked golden state), the reset cycle against `virsh
+//! snapshot-revert` in the same run, and the host memory of an idle parked guest.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use agentvm_backend::backend::PoolVmRequest;
+use agentvm_backend::golden::GOLDEN_SNAPSHOT;
+use agentvm_backend::vm::BootImage;
+use agentvm_backend::{AcceleratorChoice, Backend, Guest, LibvirtBackend, Owner};
+use anyhow::{bail, Context, Result};
+
+use crate::report::{Row, Table};
+use crate::stats::{fmt_duration, fmt_kib, summarize};
+use crate::system::rss_kib;
+
+/// Guest RAM of every benchmark VM, MiB (the shape the e2e tests use).
+pub const MEMORY_MIB: u64 = 512;
+
+/// Destroys a VM of the backend when dropped (also when a measurement failed).
+struct VmGuard<'a> {
+    backend: &'a LibvirtBackend,
+    name: String,
+}
+
+impl Drop for VmGuard<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.backend.destroy_vm(&self.name) {
+            eprintln!("warning: destroying {}: {e}", self.name);
+        }
+    }
+}
+
+fn virsh(uri: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new("virsh")
+        .arg("-c")
+        .arg(uri)
+        .args(args)
+        .output()
+        .context("running virsh")?;
+    if !out.status.success() {
+        bail!(
+            "virsh {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The QEMU process of a running domain (libvirt's pid file).
+pub fn qemu_pid(name: &str) -> Result<u32> {
+    let path = format!("/run/libvirt/qemu/{name}.pid");
+    let pid = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {path}"))?
+        .trim()
+        .parse()
+        .with_context(|| format!("parsing {path}"))?;
+    Ok(pid)
+}
+
+/// Leaves a mark in the guest (a file on its disk) for the reset to undo. Returns true when
+/// the guest agent, although it had answered after the previous reset, dropped the first
+/// command (then it waits for the agent and tries again, up to 5 times).
+fn dirty(backend: &LibvirtBackend, name: &str) -> Result<bool> {
+    let mut dropped = false;
+    for attempt in 1.. {
+        let chan = backend.agent(name)?;
+        let g = Guest::new(&*chan);
+        match g.write_file("/root/bench-dirty", b"dirty") {
+            Ok(()) => return Ok(dropped),
+            Err(e) if attempt < 5 => {
+                eprintln!("  guest agent dropped a command after a reset ({e}); retrying");
+                dropped = true;
+                std::thread::sleep(Duration::from_millis(500));
+                g.wait_ready(Duration::from_secs(120))?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// What [`vm_rows`] found out besides its rows.
+pub struct VmFacts {
+    /// `TCG` or `KVM`, from the booted domain's XML.
+    pub accelerator: String,
+}
+
+/// Boots `boots` pool VMs one after another (timing each), then on the last one runs
+/// `cycles` resets through the backend interleaved with `cycles` `virsh snapshot-revert`s, and
+/// reads the host memory of its QEMU process while it idles.
+pub fn vm_rows(
+    uri: &str,
+    state_dir: &Path,
+    image: &BootImage,
+    boots: usize,
+    cycles: usize,
+    timing: &mut Table,
+    memory: &mut Table,
+) -> Result<VmFacts> {
+    let accel = AcceleratorChoice::from_env_or(AcceleratorChoice::Tcg)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let backend = LibvirtBackend::new(uri, state_dir, accel, Duration::from_secs(300));
+    let pid = std::process::id();
+    let (mut total, mut boot, mut park) = (vec![], vec![], vec![]);
+    let mut kept = None;
+    for b in 0..boots.max(1) {
+        let name = format!("agentvm-bench{pid}-vm{b}");
+        let req = PoolVmRequest {
+            name: name.clone(),
+            image: image.clone(),
+            vcpus: 1,
+            memory_mib: MEMORY_MIB,
+            nic: None,
+            owner: Owner {
+                kind: "Benchmark".into(),
+                name: format!("bench{pid}"),
+                ..Owner::default()
+            },
+            warmup: Vec::new(),
+        };
+        let t = Instant::now();
+        let guard = VmGuard {
+            backend: &backend,
+            name: name.clone(),
+        };
+        let report = backend
+            .create_pool_vm(&req)
+            .with_context(|| format!("creating {name}"))?;
+        total.push(t.elapsed());
+        boot.push(report.boot);
+        park.push(report.park);
+        eprintln!(
+            "  {name}: ready in {} (boot {}, park {})",
+            fmt_duration(t.elapsed()),
+            fmt_duration(report.boot),
+            fmt_duration(report.park)
+        );
+        // Only the last one stays up.
+        kept = Some(guard);
+    }
+    let vm = kept.expect("at least one VM");
+    let name = vm.name.clone();
+    let xml = virsh(uri, &["dumpxml", &name])?;
+    let accelerator = if xml.contains("<domain type='kvm'") {
+        "KVM"
+    } else {
+        "TCG"
+    }
+    .to_string();
+    timing.push(Row::timing(
+        "boot to ready: define → agent answers → parked at golden",
+        &summarize(total),
+        format!(
+            "`Backend::create_pool_vm`, 1 vCPU, {MEMORY_MIB} MiB, no warm-up; boot part median {}, park median {}",
+            fmt_duration(summarize(boot).median),
+            fmt_duration(summarize(park).median)
+        ),
+    ));
+
+    // The parked VM idles: its QEMU's resident memory.
+    std::thread::sleep(Duration::from_secs(3));
+    let parked_rss = rss_kib(qemu_pid(&name)?).context("reading the QEMU process's memory")?;
+
+    let (mut ours, mut baseline) = (vec![], vec![]);
+    // Resets after which the agent answered, then dropped the next command.
+    let (mut ours_dropped, mut baseline_dropped) = (0, 0);
+    let mut reset_rss = None;
+    for i in 0..cycles.max(1) {
+        if dirty(&backend, &name)? && i > 0 {
+            baseline_dropped += 1;
+        }
+        let t = Instant::now();
+        backend.reset_vm(&name).context("reset_vm")?;
+        ours.push(t.elapsed());
+        if reset_rss.is_none() {
+            // After one reset in the same QEMU process (before any `virsh snapshot-revert`,
+            // which starts a new one): how a pool VM idles between runs.
+            std::thread::sleep(Duration::from_secs(3));
+            reset_rss = Some(rss_kib(qemu_pid(&name)?).context("reading QEMU's memory")?);
+        }
+
+        if dirty(&backend, &name)? {
+            ours_dropped += 1;
+        }
+        let t = Instant::now();
+        virsh(
+            uri,
+            &["snapshot-revert", &name, GOLDEN_SNAPSHOT, "--running"],
+        )?;
+        let chan = backend.agent(&name)?;
+        Guest::new(&*chan).wait_ready(Duration::from_secs(300))?;
+        baseline.push(t.elapsed());
+    }
+    let ours = summarize(ours);
+    let baseline = summarize(baseline);
+    timing.push(Row::timing(
+        "reset cycle: release → ready (`Backend::reset_vm`, the default strategy)",
+        &ours,
+        format!(
+            "until the agent answers and the clock is set; {:.1}× faster than the baseline below; \
+             after {ours_dropped} of {} the agent then dropped the next command",
+            baseline.median.as_secs_f64() / ours.median.as_secs_f64(),
+            ours.n
+        ),
+    ));
+    timing.push(Row::timing(
+        "baseline: `virsh snapshot-revert --running` + agent ping",
+        &baseline,
+        format!(
+            "same VM, same golden snapshot, interleaved with the row above; after {baseline_dropped} of {} the agent then dropped the next command",
+            baseline.n.saturating_sub(1)
+        ),
+    ));
+
+    let reset_rss = reset_rss.expect("at least one cycle");
+    memory.push(Row::value(
+        format!("idle guest, host RSS of its QEMU process ({MEMORY_MIB} MiB guest)"),
+        1,
+        fmt_kib(parked_rss.0),
+        format!(
+            "3 s after parking; {} 3 s after a run's reset; peak {}",
+            fmt_kib(reset_rss.0),
+            fmt_kib(parked_rss.1.max(reset_rss.1))
+        ),
+    ));
+    drop(vm);
+    Ok(VmFacts { accelerator })
+}
