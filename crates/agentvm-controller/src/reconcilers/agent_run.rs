@@ -467,7 +467,27 @@ impl Job {
         self.ctx.audit.remove_secrets(secrets.iter());
         // Back to golden right here (the VM is still busy, so the pool leaves it alone), then
         // ready for the next run: a pool reconciler busy booting another VM does not delay
-        // it. If the reset fails, the pool gets it as needing a reset (and replaces it).
+        // it. If the reset fails, the pool gets it as needing a reset (and replaces it). A VM
+        // that passed the pool's TTL during the run is handed back unreset: the pool replaces it.
+        if self.registry.expired(&self.pool, &self.vm) {
+            tracing::info!(pool = %self.pool, vm = %self.vm, "VM past its TTL; the pool replaces it");
+            self.registry.release(&self.pool, &self.vm);
+        } else {
+            self.reset_after_run();
+        }
+        self.active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.name);
+        // A deletion requested meanwhile is finalized now that the run has ended.
+        if let Ok(Some(o)) = self.ctx.store.get(Kind::AgentRun, &self.name) {
+            if o.is_deleting() {
+                let _ = self.ctx.store.finalize_delete(Kind::AgentRun, &self.name);
+            }
+        }
+    }
+
+    fn reset_after_run(&self) {
         match self.backend.reset_vm(&self.vm) {
             Ok(took) => {
                 tracing::info!(pool = %self.pool, vm = %self.vm, ?took, "VM reset to golden");
@@ -481,16 +501,6 @@ impl Job {
             Err(e) => {
                 tracing::warn!(pool = %self.pool, vm = %self.vm, error = %e, "reset after the run failed; the pool takes over");
                 self.registry.release(&self.pool, &self.vm);
-            }
-        }
-        self.active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.name);
-        // A deletion requested meanwhile is finalized now that the run has ended.
-        if let Ok(Some(o)) = self.ctx.store.get(Kind::AgentRun, &self.name) {
-            if o.is_deleting() {
-                let _ = self.ctx.store.finalize_delete(Kind::AgentRun, &self.name);
             }
         }
     }
