@@ -161,7 +161,12 @@ impl AgentRunSpec {
     pub fn resolve_host_paths(&mut self, base: &std::path::Path) {
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
-                *p = base.join(&*p);
+                // `./data` becomes `<base>/data`, not `<base>/./data`.
+                *p = base
+                    .join(&*p)
+                    .components()
+                    .filter(|c| *c != std::path::Component::CurDir)
+                    .collect();
             }
         };
         if let Some(path) = self.workspace.as_mut().and_then(|w| w.host_path.as_mut()) {
