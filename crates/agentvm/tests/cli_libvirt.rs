@@ -317,10 +317,7 @@ fn cli_against_a_controller_on_real_libvirt() {
     for target in ["img/debian-base", "pool/sandbox", "run/capped"] {
         let text = ok(&env, &["describe", target]);
         assert!(text.contains("Conditions:"), "{target}: {text}");
-        assert!(
-            text.contains("Managed by:   api (agentvm apply)"),
-            "{text}"
-        );
+        assert!(text.contains("Managed by:   api (agentvm apply)"), "{text}");
     }
     let text = ok(&env, &["describe", "run/capped"]);
     assert!(
