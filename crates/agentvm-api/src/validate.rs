@@ -798,6 +798,12 @@ impl Validator {
             vm_pool::TTL_SECONDS_RANGE,
             "",
         );
+        self.range(
+            path.key("healthCheckSeconds"),
+            spec.health_check_seconds,
+            vm_pool::HEALTH_CHECK_SECONDS_RANGE,
+            "",
+        );
     }
 
     fn agent_run(&mut self, path: &FieldPath, spec: &AgentRunSpec) {

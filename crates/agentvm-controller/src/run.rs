@@ -450,28 +450,96 @@ pub fn execute<C: AgentChannel + ?Sized>(
     Ok(RunResult { outcome })
 }
 
-/// Copy `paths` out of the guest into `dest` (one tar stream per path, capped at `max_bytes`
-/// in total). Returns (guest path, host path, bytes) for each path that existed.
+/// One artifact copied to the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Artifact {
+    /// Guest path it came from.
+    pub guest_path: String,
+    /// Where it is on the host.
+    pub host_path: PathBuf,
+    /// Bytes of content (for a directory: of all regular files in it).
+    pub size_bytes: u64,
+    /// sha256 of the content, hex (regular files only).
+    pub sha256: Option<String>,
+}
+
+/// What [`collect_artifacts`] did with each declared path.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ArtifactReport {
+    /// Copied to the host.
+    pub collected: Vec<Artifact>,
+    /// Declared paths that did not exist in the guest.
+    pub missing: Vec<String>,
+    /// Paths left in the guest because they did not fit in what was left of the size cap,
+    /// with their packed size in bytes.
+    pub skipped: Vec<(String, u64)>,
+}
+
+impl ArtifactReport {
+    /// A one-line summary of the skipped paths, for a condition message.
+    pub fn skipped_message(&self, max_bytes: u64) -> String {
+        let list: Vec<String> = self
+            .skipped
+            .iter()
+            .map(|(p, n)| format!("{p} ({n} bytes)"))
+            .collect();
+        format!(
+            "not collected, over the size cap of {max_bytes} bytes: {}",
+            list.join(", ")
+        )
+    }
+}
+
+/// Size and sha256 (files only) of what was extracted at `path`.
+fn measure(path: &Path) -> std::io::Result<(u64, Option<String>)> {
+    use sha2::{Digest, Sha256};
+    let meta = std::fs::symlink_metadata(path)?;
+    if meta.is_file() {
+        let mut hasher = Sha256::new();
+        let mut f = std::fs::File::open(path)?;
+        let n = std::io::copy(&mut f, &mut hasher)?;
+        let hex = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        return Ok((n, Some(hex)));
+    }
+    let mut total = 0;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            total += measure(&entry?.path())?.0;
+        }
+    }
+    Ok((total, None))
+}
+
+/// Copy `paths` out of the guest into `dest` (one tar stream per path). The packed size of
+/// everything collected stays within `max_bytes`: a path whose tar does not fit in what is
+/// left is not copied at all (never cut in half) and is reported in
+/// [`ArtifactReport::skipped`]; the following paths are still tried.
 pub fn collect_artifacts<C: AgentChannel + ?Sized>(
     g: &Guest<'_, C>,
     paths: &[String],
     dest: &Path,
     max_bytes: u64,
-) -> Result<Vec<(String, PathBuf, u64)>, RunError> {
-    let mut got = Vec::new();
+) -> Result<ArtifactReport, RunError> {
+    let mut report = ArtifactReport::default();
     let mut budget = max_bytes;
-    std::fs::create_dir_all(dest).map_err(|e| RunError::Input {
+    let host_err = |path: &Path, e: &dyn std::fmt::Display| RunError::Input {
         what: "artifacts",
-        path: dest.to_path_buf(),
+        path: path.to_path_buf(),
         message: e.to_string(),
-    })?;
+    };
+    std::fs::create_dir_all(dest).map_err(|e| host_err(dest, &e))?;
+    let tmp = "/var/tmp/agentvm-artifact.tar";
     for p in paths {
-        let tmp = "/var/tmp/agentvm-artifact.tar";
+        // Pack, then print the tar's size (so an artifact over the cap is never read).
         let req = ExecRequest::new(
             "/bin/sh",
             [
                 "-c",
-                r#"[ -e "$1" ] || exit 3; tar -C "$(dirname "$1")" -cf "$2" "$(basename "$1")""#,
+                r#"[ -e "$1" ] || exit 3; tar -C "$(dirname "$1")" -cf "$2" "$(basename "$1")" && wc -c < "$2""#,
                 "agentvm",
                 p,
                 tmp,
@@ -479,9 +547,18 @@ pub fn collect_artifacts<C: AgentChannel + ?Sized>(
         );
         let out = g.exec(&req, &mut |_, _| {})?;
         if out.exit_code == Some(3) {
+            report.missing.push(p.clone());
             continue;
         }
+        let size: u64 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(u64::MAX);
         check("packing an artifact", out)?;
+        if size > budget {
+            report.skipped.push((p.clone(), size));
+            continue;
+        }
         let tar = g.read_file(tmp, budget as usize)?;
         budget = budget.saturating_sub(tar.len() as u64);
         let mut child = Command::new("tar")
@@ -489,21 +566,39 @@ pub fn collect_artifacts<C: AgentChannel + ?Sized>(
             .arg(dest)
             .args(["-xf", "-"])
             .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
             .spawn()
-            .map_err(|e| RunError::Input {
-                what: "artifacts",
-                path: dest.to_path_buf(),
-                message: e.to_string(),
-            })?;
-        let _ = child.stdin.take().expect("piped").write_all(&tar);
-        let _ = child.wait();
+            .map_err(|e| host_err(dest, &e))?;
+        let written = child.stdin.take().expect("piped").write_all(&tar);
+        let status = child.wait_with_output().map_err(|e| host_err(dest, &e))?;
+        if let Err(e) = written {
+            return Err(host_err(dest, &e));
+        }
+        if !status.status.success() {
+            return Err(host_err(
+                dest,
+                &format!(
+                    "unpacking {p}: {}",
+                    String::from_utf8_lossy(&status.stderr).trim()
+                ),
+            ));
+        }
         let name = Path::new(p)
             .file_name()
             .map(PathBuf::from)
             .unwrap_or_default();
-        got.push((p.clone(), dest.join(name), tar.len() as u64));
+        let host_path = dest.join(name);
+        let (size_bytes, sha256) = measure(&host_path).map_err(|e| host_err(&host_path, &e))?;
+        report.collected.push(Artifact {
+            guest_path: p.clone(),
+            host_path,
+            size_bytes,
+            sha256,
+        });
     }
-    Ok(got)
+    // Best effort: the VM is reset after the run anyway.
+    let _ = g.exec(&ExecRequest::new("/bin/rm", ["-f", tmp]), &mut |_, _| {});
+    Ok(report)
 }
 
 #[cfg(test)]

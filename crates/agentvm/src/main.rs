@@ -78,6 +78,8 @@ enum Command {
     Version(cmd::version::VersionArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion(cmd::completion::CompletionArgs),
+    /// Print the manual page (roff), or write one page per command into a directory.
+    Man(cmd::man::ManArgs),
 }
 
 fn main() {
@@ -101,6 +103,7 @@ fn main() {
         let cli = match cli.command {
             Command::Schema(a) => return a.run(),
             Command::Completion(a) => return a.run(&mut Cli::command()),
+            Command::Man(a) => return a.run(Cli::command()),
             _ => cli,
         };
         let cfg = cmd::load_config(cli.config.as_deref())?;
@@ -121,6 +124,7 @@ fn main() {
             Command::Version(a) => a.run(&cfg),
             Command::Schema(a) => a.run(),
             Command::Completion(a) => a.run(&mut Cli::command()),
+            Command::Man(a) => a.run(Cli::command()),
         }
     })();
     match result {

@@ -4,98 +4,26 @@
 //! exit codes scripts rely on.
 
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_agentvm");
+mod common;
 
-struct Env {
-    dir: tempfile::TempDir,
-    controller: Option<Child>,
+use common::Env;
+
+/// A controller without reconcilers on `test:///default`, commands run in its state dir.
+fn env() -> Env {
+    let mut env = Env::test_driver("cli");
+    env.workdir = Some(env.dir.clone());
+    env
 }
 
-impl Env {
-    fn state(&self) -> &Path {
-        self.dir.path()
-    }
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("sock")
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(BIN);
-        c.args(args)
-            .env("AGENTVM_STATE_DIR", self.state())
-            .env("AGENTVM_CACHE_DIR", self.state().join("cache"))
-            .env("AGENTVM_LIBVIRT_URI", "test:///default")
-            .env("AGENTVM_SOCKET", self.socket())
-            .env("AGENTVM_CONFIG", self.state().join("no-config.yaml"))
-            .env_remove("AGENTVM_SPEC_DIR")
-            .env_remove("AGENTVM_LOG")
-            .current_dir(self.state());
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).stdin(Stdio::null()).output().unwrap()
-    }
-
-    /// Runs; returns (exit code, stdout, stderr).
-    fn code(&self, args: &[&str]) -> (i32, String, String) {
-        let out = self.run(args);
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8(out.stdout).unwrap(),
-            String::from_utf8(out.stderr).unwrap(),
-        )
-    }
-
-    /// Runs and expects success; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let (code, stdout, stderr) = self.code(args);
-        assert_eq!(
-            code, 0,
-            "agentvm {args:?} failed:\nstdout: {stdout}\nstderr: {stderr}"
-        );
-        stdout
-    }
-
-    fn start_controller(&mut self) {
-        let log = std::fs::File::create(self.state().join("controller.log")).unwrap();
-        let child = self
-            // The CLI's behaviour against the API is under test here, not libvirt's: the
-            // test driver has no nwfilters, so a reconciled filter could never be deleted.
-            .cmd(&["controller", "--without-reconcilers"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.controller = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
-            assert!(Instant::now() < deadline, "the controller did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn write(&self, rel: &str, text: &str) -> String {
-        let path = self.state().join(rel);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, text).unwrap();
-        path.to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.controller.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// Starts the controller: the CLI's behaviour against the API is under test here, not
+/// libvirt's (the test driver has no nwfilters, so a reconciled filter could never be
+/// deleted).
+fn start_controller(env: &mut Env) {
+    env.start_controller_with(&["controller", "--without-reconcilers"]);
 }
 
 fn filter(name: &str, port: u16) -> String {
@@ -140,10 +68,7 @@ fn finish_within(mut child: Child, limit: Duration, what: &str) -> Output {
 
 #[test]
 fn kubectl_style_commands() {
-    let mut env = Env {
-        dir: tempfile::tempdir().unwrap(),
-        controller: None,
-    };
+    let mut env = env();
 
     // No controller: exit 3 and how to start it.
     let (code, _, err) = env.code(&["get", "nwf"]);
@@ -181,7 +106,7 @@ fn kubectl_style_commands() {
     assert_eq!(env.code(&["get"]).0, 2);
     assert_eq!(env.code(&["wait", "nwf/x", "--for=jsonpath=x"]).0, 2);
 
-    env.start_controller();
+    start_controller(&mut env);
     let v: serde_json::Value = serde_json::from_str(&env.ok(&["version", "-o", "json"])).unwrap();
     assert_eq!(v["client"]["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(v["controller"]["version"], env!("CARGO_PKG_VERSION"));

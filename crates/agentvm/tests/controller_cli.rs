@@ -3,83 +3,19 @@
 //! not need yet (`test:///default`).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_agentvm");
+mod common;
 
-struct Env {
-    dir: tempfile::TempDir,
-    controller: Option<Child>,
-}
+use common::Env;
 
-impl Env {
-    fn state(&self) -> &Path {
-        self.dir.path()
-    }
-    fn specs(&self) -> PathBuf {
-        self.dir.path().join("specs")
-    }
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("sock")
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(BIN);
-        c.args(args)
-            .env("AGENTVM_STATE_DIR", self.state())
-            .env("AGENTVM_CACHE_DIR", self.state().join("cache"))
-            .env("AGENTVM_LIBVIRT_URI", "test:///default")
-            .env("AGENTVM_SOCKET", self.socket())
-            .env("AGENTVM_CONFIG", self.state().join("no-config.yaml"))
-            .env_remove("AGENTVM_SPEC_DIR")
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).stdin(Stdio::null()).output().unwrap()
-    }
-
-    /// Runs and expects success; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "agentvm {args:?} failed ({}):\nstdout: {}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// Runs and expects failure; returns stderr.
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            !out.status.success(),
-            "agentvm {args:?} should fail; stdout: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8(out.stderr).unwrap()
-    }
-
-    fn eventually(&self, what: &str, mut cond: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !cond() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.controller.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+/// Waits up to 20 s for `cond`.
+fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -97,11 +33,8 @@ fn examples() -> Vec<String> {
 
 #[test]
 fn controller_and_cli_end_to_end() {
-    let mut env = Env {
-        dir: tempfile::tempdir().unwrap(),
-        controller: None,
-    };
-    std::fs::create_dir(env.specs()).unwrap();
+    let mut env = Env::test_driver("controller-cli");
+    env.workdir = Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
 
     // Without a controller: a clear error.
     let err = env.fails(&["get", "pools"]);
@@ -113,26 +46,15 @@ fn controller_and_cli_end_to_end() {
 
     let specs = env.specs();
     let socket = env.socket();
-    let log = std::fs::File::create(env.state().join("controller.log")).unwrap();
-    let child = env
-        .cmd(&[
-            "controller",
-            "--spec-dir",
-            specs.to_str().unwrap(),
-            "--socket",
-            socket.to_str().unwrap(),
-            "--without-reconcilers",
-        ])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    env.controller = Some(child);
-    env.eventually("the controller's socket", || {
-        std::os::unix::net::UnixStream::connect(env.socket()).is_ok()
-    });
+    env.start_controller_with(&[
+        "controller",
+        "--spec-dir",
+        specs.to_str().unwrap(),
+        "--socket",
+        socket.to_str().unwrap(),
+        "--without-reconcilers",
+    ]);
+    let pid = env.controller.as_ref().unwrap().id();
 
     // Apply every example.
     let files = examples();
@@ -219,7 +141,7 @@ fn controller_and_cli_end_to_end() {
         "apiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata:\n  name: team-image\nspec:\n  suite: trixie\n---\napiVersion: agentvm.dev/v1alpha1\nkind: Network\nmetadata:\n  name: team-net\nspec:\n  mode: isolated\n  subnet: 10.77.0.0/24\n",
     )
     .unwrap();
-    env.eventually("spec-dir objects", || {
+    eventually("spec-dir objects", || {
         env.run(&["get", "img", "team-image"]).status.success()
             && env.run(&["get", "net", "team-net"]).status.success()
     });
@@ -229,7 +151,7 @@ fn controller_and_cli_end_to_end() {
     let err = env.fails(&["delete", "img/team-image"]);
     assert!(err.contains("managed by spec-dir file team.yaml"), "{err}");
     std::fs::remove_file(specs.join("team.yaml")).unwrap();
-    env.eventually("spec-dir objects pruned", || {
+    eventually("spec-dir objects pruned", || {
         !env.run(&["get", "img", "team-image"]).status.success()
             && !env.run(&["get", "net", "team-net"]).status.success()
     });

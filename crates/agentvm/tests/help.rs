@@ -24,6 +24,7 @@ const SUBCOMMANDS: &[&str] = &[
     "schema",
     "version",
     "completion",
+    "man",
 ];
 
 fn help(args: &[&str]) -> String {
@@ -84,4 +85,52 @@ fn help_texts_match_the_golden_files() {
         "help text changed (AGENTVM_BLESS=1 rewrites the golden files if that is deliberate):\n{}",
         differ.join("\n")
     );
+}
+
+#[test]
+fn man_pages_document_every_command_and_flag() {
+    let dir = std::env::temp_dir().join(format!("agentvm-man-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(BIN)
+        .args(["man", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let top = std::fs::read_to_string(dir.join("agentvm.1")).unwrap();
+    assert!(
+        top.starts_with(".ie") && top.contains(".TH agentvm 1"),
+        "{top}"
+    );
+    for sub in SUBCOMMANDS {
+        let page = std::fs::read_to_string(dir.join(format!("agentvm-{sub}.1")))
+            .unwrap_or_else(|e| panic!("agentvm-{sub}.1: {e}"));
+        assert!(
+            top.contains(&format!("agentvm\\-{sub}(1)")),
+            "{sub} not listed"
+        );
+        // Every long flag of `--help` is in the page.
+        for line in help(&[sub]).lines() {
+            let Some(flag) = line
+                .trim_start()
+                .split([' ', ','])
+                .find(|w| w.starts_with("--"))
+            else {
+                continue;
+            };
+            let escaped = flag.replace('-', "\\-");
+            assert!(page.contains(&escaped), "agentvm-{sub}.1 lacks {flag}");
+        }
+    }
+    // One page on stdout, as `man -l -` reads it.
+    let out = Command::new(BIN).args(["man", "wait"]).output().unwrap();
+    assert!(out.status.success());
+    let page = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        page.contains(".TH agentvm-wait 1") && page.contains("\\-\\-for"),
+        "{page}"
+    );
+    let out = Command::new(BIN).args(["man", "nope"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let _ = std::fs::remove_dir_all(&dir);
 }

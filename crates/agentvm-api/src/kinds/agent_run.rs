@@ -161,7 +161,12 @@ impl AgentRunSpec {
     pub fn resolve_host_paths(&mut self, base: &std::path::Path) {
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
-                *p = base.join(&*p);
+                // `./data` becomes `<base>/data`, not `<base>/./data`.
+                *p = base
+                    .join(&*p)
+                    .components()
+                    .filter(|c| *c != std::path::Component::CurDir)
+                    .collect();
             }
         };
         if let Some(path) = self.workspace.as_mut().and_then(|w| w.host_path.as_mut()) {
@@ -289,10 +294,13 @@ pub struct Workspace {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Artifacts {
     /// Absolute guest paths of files or directories (collected recursively).
-    /// Missing paths are reported in status, not an error.
+    /// Missing paths are reported in status (an `ArtifactsMissing`
+    /// condition), not an error.
     pub paths: Vec<String>,
-    /// Cap on the total size collected, MiB (1 to 1024); collection stops
-    /// there and the run gets an `ArtifactsTruncated` condition. Default 64.
+    /// Cap on the total size collected, MiB (1 to 1024). A path that does
+    /// not fit in what is left of the cap is not copied (never cut in half),
+    /// and the run gets an `ArtifactsTruncated` condition naming it.
+    /// Default 64.
     #[serde(default = "default_artifacts_max_size_mib")]
     #[schemars(range(min = 1, max = 1024))]
     pub max_size_mib: u32,
@@ -383,7 +391,7 @@ pub struct CollectedArtifact {
     pub path: String,
     /// Where it is on the host.
     pub host_path: String,
-    /// Size in bytes.
+    /// Size in bytes (for a directory: of the regular files in it).
     #[serde(default)]
     pub size_bytes: u64,
     /// sha256 of the content, hex (files only).

@@ -1,5 +1,7 @@
 //! `VmPool`: a set of warm VMs booted from one template and parked at a golden state.
 
+use std::collections::BTreeMap;
+
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +37,12 @@ pub const DEFAULT_MIN_READY: u32 = 1;
 pub const DEFAULT_MAX_SIZE: u32 = 4;
 /// Default `ttlSeconds` (one hour).
 pub const DEFAULT_TTL_SECONDS: u32 = 3600;
+/// `healthCheckSeconds` bounds.
+pub const HEALTH_CHECK_SECONDS_RANGE: (u32, u32) = (5, 3600);
+/// Default `healthCheckSeconds`.
+pub const DEFAULT_HEALTH_CHECK_SECONDS: u32 = 30;
+/// Most entries kept in `status.events`.
+pub const MAX_POOL_EVENTS: usize = 10;
 /// Default warmup step timeout.
 pub const DEFAULT_WARMUP_TIMEOUT_SECONDS: u32 = 600;
 /// Largest warmup step timeout.
@@ -48,6 +56,9 @@ fn default_max_size() -> u32 {
 }
 fn default_ttl_seconds() -> u32 {
     DEFAULT_TTL_SECONDS
+}
+fn default_health_check_seconds() -> u32 {
+    DEFAULT_HEALTH_CHECK_SECONDS
 }
 fn default_warmup_timeout_seconds() -> u32 {
     DEFAULT_WARMUP_TIMEOUT_SECONDS
@@ -69,11 +80,19 @@ pub struct VmPoolSpec {
     #[serde(default = "default_max_size")]
     #[schemars(range(min = 1, max = 256))]
     pub max_size: u32,
-    /// Age in seconds after which an idle VM is destroyed and replaced by a
-    /// freshly booted one (60 to 604800). Default 3600.
+    /// Age in seconds, counted from the VM's creation (not from its last
+    /// use), after which an idle VM is destroyed and replaced by a freshly
+    /// booted one (60 to 604800). A VM that expires during a run finishes
+    /// the run and is replaced after it. Default 3600.
     #[serde(default = "default_ttl_seconds")]
     #[schemars(range(min = 60, max = 604_800))]
     pub ttl_seconds: u32,
+    /// How often each idle VM's guest agent is pinged, in seconds (5 to
+    /// 3600). A VM that does not answer is destroyed and replaced.
+    /// Default 30.
+    #[serde(default = "default_health_check_seconds")]
+    #[schemars(range(min = 5, max = 3600))]
+    pub health_check_seconds: u32,
 }
 
 /// Template every VM of a pool is created from.
@@ -345,4 +364,37 @@ pub struct VmPoolStatus {
     /// Spec hash of the template the ready VMs were built from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template_hash: Option<String>,
+    /// When each VM was created (RFC 3339), by domain name: `ttlSeconds`
+    /// counts from here, also across controller restarts.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vm_created_at: BTreeMap<String, String>,
+    /// The most recent VM replacements and why (newest last, at most 10).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<PoolEvent>,
+}
+
+/// Something that happened to one VM of a pool, e.g. its replacement.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolEvent {
+    /// When it happened (RFC 3339).
+    pub time: String,
+    /// CamelCase reason: `TtlExpired`, `Unhealthy`, `ResetFailed`.
+    pub reason: String,
+    /// The VM (libvirt domain) concerned.
+    pub vm: String,
+    /// Details.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+impl VmPoolStatus {
+    /// Appends `event`, keeping the newest [`MAX_POOL_EVENTS`].
+    pub fn push_event(&mut self, event: PoolEvent) {
+        self.events.push(event);
+        if self.events.len() > MAX_POOL_EVENTS {
+            let extra = self.events.len() - MAX_POOL_EVENTS;
+            self.events.drain(..extra);
+        }
+    }
 }

@@ -44,6 +44,14 @@ pub const SCHEDULED: &str = "Scheduled";
 /// Condition type: the run has ended.
 pub const COMPLETED: &str = "Completed";
 
+/// Condition type: whether the declared artifacts were copied to the host (`False` with
+/// reason `CollectionFailed` when copying failed).
+pub const ARTIFACTS_COLLECTED: &str = "ArtifactsCollected";
+/// Condition type: some artifacts were left in the guest because of `maxSizeMib`.
+pub const ARTIFACTS_TRUNCATED: &str = "ArtifactsTruncated";
+/// Condition type: some declared artifact paths did not exist in the guest.
+pub const ARTIFACTS_MISSING: &str = "ArtifactsMissing";
+
 /// Looks up a host environment variable (the controller's own environment by default).
 pub type HostEnv = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
@@ -246,8 +254,10 @@ impl AgentRunReconciler {
     }
 }
 
-/// The directory relative input paths (`fromFile`, `hostPath`) are resolved against: the
-/// controller's state directory (manifests should use absolute paths).
+/// The directory relative input paths (`fromFile`, `hostPath`) are resolved against.
+/// `agentvm apply -f` and the spec-directory source make them absolute (against the
+/// manifest's directory) before they reach the store; a relative path that still arrives
+/// (another API client) resolves against the controller's state directory.
 fn base_dir(_obj: &StoredObject, ctx: &Ctx) -> PathBuf {
     ctx.config.state_dir.clone()
 }
@@ -277,6 +287,35 @@ fn finish(status: &mut AgentRunStatus, phase: AgentRunPhase, reason: &str, messa
     status.reason = Some(reason.to_string());
     status.finished_at = Some(Timestamp::now().to_string());
     set(status, COMPLETED, true, reason, message);
+}
+
+/// The artifact conditions of a finished collection.
+fn artifact_conditions(status: &mut AgentRunStatus, report: &run::ArtifactReport, cap: u64) {
+    set(
+        status,
+        ARTIFACTS_COLLECTED,
+        true,
+        "Collected",
+        format!("{} artifact(s) collected", report.collected.len()),
+    );
+    if !report.skipped.is_empty() {
+        set(
+            status,
+            ARTIFACTS_TRUNCATED,
+            true,
+            "SizeCapReached",
+            report.skipped_message(cap),
+        );
+    }
+    if !report.missing.is_empty() {
+        set(
+            status,
+            ARTIFACTS_MISSING,
+            true,
+            "PathNotFound",
+            format!("not in the guest: {}", report.missing.join(", ")),
+        );
+    }
 }
 
 /// The last `TAIL_BYTES` of a stream, kept as it arrives.
@@ -374,19 +413,28 @@ impl Job {
                         let dest = self.ctx.config.state_dir.join("artifacts").join(&self.name);
                         let cap = u64::from(a.max_size_mib) * 1024 * 1024;
                         match run::collect_artifacts(&g, &a.paths, &dest, cap) {
-                            Ok(got) => {
-                                artifacts = got
+                            Ok(report) => {
+                                artifact_conditions(&mut self.status, &report, cap);
+                                artifacts = report
+                                    .collected
                                     .into_iter()
-                                    .map(|(path, host, size)| CollectedArtifact {
-                                        path,
-                                        host_path: host.display().to_string(),
-                                        size_bytes: size,
-                                        sha256: None,
+                                    .map(|a| CollectedArtifact {
+                                        path: a.guest_path,
+                                        host_path: a.host_path.display().to_string(),
+                                        size_bytes: a.size_bytes,
+                                        sha256: a.sha256,
                                     })
                                     .collect()
                             }
                             Err(e) => {
-                                tracing::warn!(run = %self.name, error = %e, "collecting artifacts failed")
+                                tracing::warn!(run = %self.name, error = %e, "collecting artifacts failed");
+                                set(
+                                    &mut self.status,
+                                    ARTIFACTS_COLLECTED,
+                                    false,
+                                    "CollectionFailed",
+                                    e.to_string(),
+                                );
                             }
                         }
                     }
@@ -467,7 +515,27 @@ impl Job {
         self.ctx.audit.remove_secrets(secrets.iter());
         // Back to golden right here (the VM is still busy, so the pool leaves it alone), then
         // ready for the next run: a pool reconciler busy booting another VM does not delay
-        // it. If the reset fails, the pool gets it as needing a reset (and replaces it).
+        // it. If the reset fails, the pool gets it as needing a reset (and replaces it). A VM
+        // that passed the pool's TTL during the run is handed back unreset: the pool replaces it.
+        if self.registry.expired(&self.pool, &self.vm) {
+            tracing::info!(pool = %self.pool, vm = %self.vm, "VM past its TTL; the pool replaces it");
+            self.registry.release(&self.pool, &self.vm);
+        } else {
+            self.reset_after_run();
+        }
+        self.active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.name);
+        // A deletion requested meanwhile is finalized now that the run has ended.
+        if let Ok(Some(o)) = self.ctx.store.get(Kind::AgentRun, &self.name) {
+            if o.is_deleting() {
+                let _ = self.ctx.store.finalize_delete(Kind::AgentRun, &self.name);
+            }
+        }
+    }
+
+    fn reset_after_run(&self) {
         match self.backend.reset_vm(&self.vm) {
             Ok(took) => {
                 tracing::info!(pool = %self.pool, vm = %self.vm, ?took, "VM reset to golden");
@@ -481,16 +549,6 @@ impl Job {
             Err(e) => {
                 tracing::warn!(pool = %self.pool, vm = %self.vm, error = %e, "reset after the run failed; the pool takes over");
                 self.registry.release(&self.pool, &self.vm);
-            }
-        }
-        self.active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.name);
-        // A deletion requested meanwhile is finalized now that the run has ended.
-        if let Ok(Some(o)) = self.ctx.store.get(Kind::AgentRun, &self.name) {
-            if o.is_deleting() {
-                let _ = self.ctx.store.finalize_delete(Kind::AgentRun, &self.name);
             }
         }
     }

@@ -5,10 +5,14 @@
 //! After a controller restart the registry is empty; the reconciler adopts the pools' VMs
 //! from libvirt (by ownership metadata) as `NeedsReset`, so a VM that was in the middle of a
 //! run is reset to its golden state before anyone gets it.
+//!
+//! Each VM carries its creation time (wall clock; for an adopted VM the pool reconciler
+//! restores it from the pool's status) and the pool's TTL: an expired VM is never handed
+//! out, and a run that had it gives it back for replacement instead of a reset.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 /// Where a pool VM is in its use cycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -21,6 +25,9 @@ pub enum VmPhase {
     NeedsReset,
     /// Being destroyed by the reconciler (scale down, rolling replacement, broken).
     Retiring,
+    /// Idle, its guest agent being pinged by the pool reconciler's health check; ready
+    /// again right after (or retired when it does not answer).
+    Checking,
 }
 
 /// One VM of a pool.
@@ -34,6 +41,19 @@ pub struct PoolVm {
     pub template_hash: String,
     /// When this controller first saw it (creation or adoption).
     pub since: Instant,
+    /// When the VM was created (for an adopted VM: as recorded before, else its adoption).
+    pub created: SystemTime,
+    /// When its guest agent last answered a health check (or it became known).
+    pub last_checked: Instant,
+}
+
+impl PoolVm {
+    /// Time since the VM's creation.
+    pub fn age(&self) -> Duration {
+        SystemTime::now()
+            .duration_since(self.created)
+            .unwrap_or(Duration::ZERO)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -41,6 +61,13 @@ struct Pool {
     current_hash: String,
     vms: BTreeMap<String, PoolVm>,
     waiting: u32,
+    ttl: Option<Duration>,
+}
+
+impl Pool {
+    fn expired(&self, vm: &PoolVm) -> bool {
+        self.ttl.is_some_and(|ttl| vm.age() >= ttl)
+    }
 }
 
 /// Pool VMs by pool name. Cheap to share behind an `Arc`.
@@ -60,18 +87,50 @@ impl PoolRegistry {
     }
 
     /// Takes a ready VM of `pool` (one of the current template when there is one) and marks
-    /// it busy. `None` when no VM is ready.
+    /// it busy. `None` when no VM is ready. A VM past the pool's TTL is never handed out.
     pub fn acquire(&self, pool: &str) -> Option<String> {
         let mut pools = self.lock();
         let p = pools.get_mut(pool)?;
         let current = p.current_hash.clone();
-        let vm = p
+        let name = p
             .vms
-            .values_mut()
-            .filter(|v| v.phase == VmPhase::Ready)
-            .min_by_key(|v| v.template_hash != current)?;
+            .values()
+            .filter(|v| v.phase == VmPhase::Ready && !p.expired(v))
+            .min_by_key(|v| v.template_hash != current)?
+            .name
+            .clone();
+        let vm = p.vms.get_mut(&name)?;
         vm.phase = VmPhase::Busy;
-        Some(vm.name.clone())
+        Some(name)
+    }
+
+    /// True when `vm` of `pool` has lived past the pool's TTL (it is replaced, not reused).
+    pub fn expired(&self, pool: &str, vm: &str) -> bool {
+        let pools = self.lock();
+        pools
+            .get(pool)
+            .and_then(|p| p.vms.get(vm).map(|v| p.expired(v)))
+            .unwrap_or(false)
+    }
+
+    /// Sets the TTL of `pool`'s VMs, counted from each VM's creation.
+    pub(crate) fn set_ttl(&self, pool: &str, ttl: Duration) {
+        self.lock().entry(pool.to_string()).or_default().ttl = Some(ttl);
+    }
+
+    /// Restores the creation time of a VM known from an earlier controller (the earlier of
+    /// the recorded time and the one it has now).
+    pub(crate) fn seed_created(&self, pool: &str, vm: &str, created: SystemTime) {
+        if let Some(v) = self.lock().get_mut(pool).and_then(|p| p.vms.get_mut(vm)) {
+            v.created = v.created.min(created);
+        }
+    }
+
+    /// Records that `vm`'s guest agent answered a health check now.
+    pub(crate) fn mark_checked(&self, pool: &str, vm: &str) {
+        if let Some(v) = self.lock().get_mut(pool).and_then(|p| p.vms.get_mut(vm)) {
+            v.last_checked = Instant::now();
+        }
     }
 
     /// Gives a busy VM back: it is reset to the golden state by the pool reconciler before
@@ -135,6 +194,8 @@ impl PoolRegistry {
                 phase,
                 template_hash: template_hash.to_string(),
                 since: Instant::now(),
+                created: SystemTime::now(),
+                last_checked: Instant::now(),
             });
     }
 
@@ -161,6 +222,14 @@ impl PoolRegistry {
                 true
             }
             None => true,
+        }
+    }
+
+    /// Makes `vm`'s last health check `by` older (tests).
+    #[cfg(test)]
+    pub(crate) fn backdate_check(&self, pool: &str, vm: &str, by: Duration) {
+        if let Some(v) = self.lock().get_mut(pool).and_then(|p| p.vms.get_mut(vm)) {
+            v.last_checked -= by;
         }
     }
 
@@ -195,5 +264,26 @@ mod tests {
         assert_eq!(r.phase("p", "b-new"), Some(VmPhase::NeedsReset));
         assert!(r.retire("p", "b-new"));
         assert!(!r.release("p", "gone"));
+    }
+
+    #[test]
+    fn an_expired_vm_is_never_handed_out_and_ttl_counts_from_creation() {
+        let r = PoolRegistry::new();
+        r.set_current_hash("p", "h");
+        r.set_ttl("p", Duration::from_secs(60));
+        r.insert("p", "old", VmPhase::Ready, "h");
+        r.insert("p", "young", VmPhase::Ready, "h");
+        // Created 61 s ago (e.g. restored from the status after a restart).
+        r.seed_created("p", "old", SystemTime::now() - Duration::from_secs(61));
+        // A later time never makes a VM younger.
+        r.seed_created("p", "old", SystemTime::now());
+        assert!(r.expired("p", "old"));
+        assert!(!r.expired("p", "young"));
+        assert_eq!(r.acquire("p").as_deref(), Some("young"));
+        assert_eq!(r.acquire("p"), None, "the expired VM is not handed out");
+        // A VM that expires while busy stays busy: nothing takes it from its run.
+        r.seed_created("p", "young", SystemTime::now() - Duration::from_secs(120));
+        assert!(!r.retire("p", "young"));
+        assert_eq!(r.phase("p", "young"), Some(VmPhase::Busy));
     }
 }

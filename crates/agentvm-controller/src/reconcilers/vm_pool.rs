@@ -8,8 +8,13 @@
 //!    syncs the [`PoolRegistry`]: a domain the registry does not know is adopted as
 //!    `NeedsReset` (after a restart it may have been in the middle of a run); a known VM that
 //!    vanished from libvirt is forgotten (its files removed);
-//! 3. destroys idle VMs that are broken (shut off by hand, never finished parking), resets
-//!    adopted/released ones to golden;
+//! 3. destroys idle VMs that are broken (shut off by hand, never finished parking) or past
+//!    `ttlSeconds` (counted from creation; a busy VM finishes its run first and is replaced
+//!    after it), resets adopted/released ones to golden (replacing one whose reset fails),
+//!    and pings the guest agent of each idle VM every `healthCheckSeconds` (replacing one
+//!    that does not answer). Each replacement is recorded in `status.events`, in the audit
+//!    log (`vm_destroyed` with the reason) and in the `Progressing` condition of the
+//!    replacement's creation;
 //! 4. takes at most one slow step: create a VM while fewer than `minReady` current VMs are
 //!    ready (room permitting under `maxSize`), else destroy one VM of an old template
 //!    (rolling: the new one is up first), else scale down idle VMs beyond `minReady`, then
@@ -27,7 +32,7 @@ use std::time::Duration;
 
 use agentvm_api::{
     spec_hash, ImagePhase, ImageStatus, Kind, NetworkFilterPhase, NetworkFilterStatus,
-    NetworkPhase, NetworkStatus, Resource, VmPool, VmPoolPhase, VmPoolStatus,
+    NetworkPhase, NetworkStatus, PoolEvent, Resource, VmPool, VmPoolPhase, VmPoolStatus,
 };
 use agentvm_backend::backend::{OwnedVm, PoolVmRequest};
 use agentvm_backend::guest::ExecRequest;
@@ -38,8 +43,10 @@ use agentvm_backend::{Backend, NicSpec, Owner};
 use sha2::{Digest, Sha256};
 
 use super::{backend_error, status_of, write_status, Conditions, PoolRegistry, VmPhase};
+use crate::audit::{AuditEvent, AuditEventType};
 use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
 use crate::store::StoredObject;
+use crate::time::{human_age, Timestamp};
 
 /// Recheck delay while VMs are busy or runs wait (released VMs are reset promptly).
 const BUSY_RECHECK: Duration = Duration::from_millis(200);
@@ -48,6 +55,8 @@ const BUSY_RECHECK: Duration = Duration::from_millis(200);
 const NEXT_STEP: Duration = Duration::from_millis(50);
 /// Requeue delay while waiting for the image or the network (watches usually come first).
 const WAITING: Duration = Duration::from_secs(10);
+/// How long a health check waits for the guest agent's answer to `guest-ping`.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Reconciles `VmPool` objects into warm, parked VMs.
 pub struct VmPoolReconciler {
@@ -76,6 +85,7 @@ struct Counts {
     starting: u32,
     total: u32,
     names: Vec<String>,
+    created: std::collections::BTreeMap<String, String>,
 }
 
 impl VmPoolReconciler {
@@ -138,13 +148,58 @@ impl VmPoolReconciler {
         Ok(true)
     }
 
+    /// Destroys an idle VM that has to be replaced and records why (status event, audit log).
+    /// False when it was busy (left alone).
+    fn replace(
+        &self,
+        ctx: &Ctx,
+        pool: &str,
+        vm: &str,
+        reason: &str,
+        message: String,
+        status: &mut VmPoolStatus,
+    ) -> Result<bool, ReconcileError> {
+        if !self.destroy(pool, vm, &format!("{reason}: {message}"))? {
+            return Ok(false);
+        }
+        ctx.audit.record(
+            AuditEvent::new(
+                AuditEventType::VmDestroyed,
+                Kind::VmPool,
+                pool,
+                "controller",
+            )
+            .vm(vm)
+            .details(serde_json::json!({"reason": reason, "message": message})),
+        );
+        status.push_event(PoolEvent {
+            time: Timestamp::now().to_string(),
+            reason: reason.to_string(),
+            vm: vm.to_string(),
+            message,
+        });
+        Ok(true)
+    }
+
+    /// `guest-ping` through the VM's guest agent, bounded by [`HEALTH_TIMEOUT`].
+    fn health_check(&self, vm: &str) -> Result<(), agentvm_backend::BackendError> {
+        let chan = self.backend.agent(vm)?;
+        chan.command(
+            &serde_json::json!({"execute": "guest-ping"}),
+            HEALTH_TIMEOUT,
+        )?;
+        Ok(())
+    }
+
     fn counts(&self, pool: &str, current: &str) -> Counts {
         let mut c = Counts::default();
         for vm in self.registry.vms(pool) {
             c.total += 1;
             c.names.push(vm.name.clone());
+            c.created
+                .insert(vm.name.clone(), Timestamp(vm.created).to_string());
             match vm.phase {
-                VmPhase::Ready => {
+                VmPhase::Ready | VmPhase::Checking => {
                     c.ready += 1;
                     if vm.template_hash == current {
                         c.ready_current += 1;
@@ -163,6 +218,7 @@ impl VmPoolReconciler {
         status.starting = c.starting;
         status.total = c.total;
         status.vms = c.names.clone();
+        status.vm_created_at = c.created.clone();
     }
 
     fn delete(
@@ -217,6 +273,12 @@ impl VmPoolReconciler {
     ) -> Result<Action, ReconcileError> {
         let name = pool.name();
         let vms = self.observe(name)?;
+        // Creation times recorded earlier (adopted VMs keep their age across restarts).
+        for (vm, at) in &status.vm_created_at {
+            if let Some(t) = Timestamp::parse(at) {
+                self.registry.seed_created(name, vm, t.0);
+            }
+        }
         // Broken idle VMs: shut off or crashed by hand, or never finished parking.
         for vm in &vms {
             if vm.state != DomainState::Running || !vm.golden {
@@ -226,6 +288,24 @@ impl VmPoolReconciler {
                     "no golden state (creation was interrupted)".to_string()
                 };
                 self.destroy(name, &vm.name, &why)?;
+            }
+        }
+        // The last replacement of this pass, for the condition of the creation that follows.
+        let mut replaced: Option<(&str, String)> = None;
+        // Idle VMs past their TTL (from creation): replaced, not reset or reused. A busy one
+        // finishes its run first (its run hands it back as needing a reset).
+        let ttl = Duration::from_secs(u64::from(pool.spec.ttl_seconds));
+        self.registry.set_ttl(name, ttl);
+        for vm in self.registry.vms(name) {
+            if matches!(vm.phase, VmPhase::Ready | VmPhase::NeedsReset) && vm.age() >= ttl {
+                let message = format!(
+                    "created {} ago, past ttlSeconds {}",
+                    human_age(vm.age()),
+                    pool.spec.ttl_seconds
+                );
+                if self.replace(ctx, name, &vm.name, "TtlExpired", message.clone(), status)? {
+                    replaced = Some(("TtlExpired", format!("{}: {message}", vm.name)));
+                }
             }
         }
         // Adopted or released VMs of the current template: back to golden.
@@ -243,7 +323,44 @@ impl VmPoolReconciler {
                     }
                     Err(e) => {
                         tracing::warn!(pool = name, vm = %vm.name, error = %e, "reset failed; replacing the VM");
-                        self.destroy(name, &vm.name, "reset failed")?;
+                        let message = format!("reset to golden failed: {e}");
+                        if self.replace(
+                            ctx,
+                            name,
+                            &vm.name,
+                            "ResetFailed",
+                            message.clone(),
+                            status,
+                        )? {
+                            replaced = Some(("ResetFailed", format!("{}: {message}", vm.name)));
+                        }
+                    }
+                }
+            }
+        }
+        // Health checks: each idle VM's guest agent answers a ping every healthCheckSeconds
+        // (claimed as `Checking` meanwhile, so no run takes it half-checked).
+        let every = Duration::from_secs(u64::from(pool.spec.health_check_seconds));
+        for vm in self.registry.vms(name) {
+            if vm.phase != VmPhase::Ready
+                || vm.last_checked.elapsed() < every
+                || !self
+                    .registry
+                    .transition(name, &vm.name, VmPhase::Ready, VmPhase::Checking)
+            {
+                continue;
+            }
+            match self.health_check(&vm.name) {
+                Ok(()) => {
+                    self.registry.mark_checked(name, &vm.name);
+                    self.registry
+                        .transition(name, &vm.name, VmPhase::Checking, VmPhase::Ready);
+                }
+                Err(e) => {
+                    tracing::warn!(pool = name, vm = %vm.name, error = %e, "health check failed; replacing the VM");
+                    let message = format!("guest agent did not answer a ping: {e}");
+                    if self.replace(ctx, name, &vm.name, "Unhealthy", message.clone(), status)? {
+                        replaced = Some(("Unhealthy", format!("{}: {message}", vm.name)));
                     }
                 }
             }
@@ -275,15 +392,13 @@ impl VmPoolReconciler {
                 c.names.push(vm_name.clone());
                 self.fill_status(status, &c);
                 status.phase = VmPoolPhase::Warming;
-                let reason = if rolling {
-                    "RollingUpdate"
-                } else {
-                    "ScalingUp"
+                let progress = format!("creating {vm_name} ({} of {min} ready)", c.ready_current);
+                let (reason, message) = match &replaced {
+                    Some((reason, why)) => (*reason, format!("replacing {why}; {progress}")),
+                    None if rolling => ("RollingUpdate", progress),
+                    None => ("ScalingUp", progress),
                 };
-                Conditions(&mut status.conditions).progressing(
-                    reason,
-                    format!("creating {vm_name} ({} of {min} ready)", c.ready_current),
-                );
+                Conditions(&mut status.conditions).progressing(reason, message);
                 write_status(ctx, obj, status)?;
                 self.create(name, &vm_name, tpl, obj.generation())?;
                 return Ok(Action::Requeue(NEXT_STEP));
@@ -333,7 +448,7 @@ impl VmPoolReconciler {
             // Runs hold or want VMs: look again soon (a released VM is reset promptly).
             return Ok(Action::Requeue(self.drift_check.min(BUSY_RECHECK)));
         }
-        Ok(Action::Requeue(self.drift_check))
+        Ok(Action::Requeue(self.drift_check.min(every)))
     }
 
     fn create(

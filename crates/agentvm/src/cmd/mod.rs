@@ -12,6 +12,7 @@ pub mod get;
 pub mod host;
 pub mod image;
 pub mod logs;
+pub mod man;
 pub mod manifests;
 pub mod objects;
 pub mod run;

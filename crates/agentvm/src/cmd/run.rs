@@ -167,14 +167,36 @@ impl RunArgs {
                 let dest = self.artifacts_dir.join(name);
                 collect_artifacts(&g, &a.paths, &dest, u64::from(a.max_size_mib) << 20)
             }
-            _ => Ok(vec![]),
+            _ => Ok(Default::default()),
         };
         vm.teardown()?;
         let out = result.with_context(|| format!("AgentRun {name}"))?.outcome;
-        for (guest, host, bytes) in artifacts? {
+        let report = artifacts?;
+        for a in &report.collected {
+            let sha = a
+                .sha256
+                .as_deref()
+                .map(|h| format!(", sha256 {h}"))
+                .unwrap_or_default();
             eprintln!(
-                "run/{name}: artifact {guest} -> {} ({bytes} bytes)",
-                host.display()
+                "run/{name}: artifact {} -> {} ({} bytes{sha})",
+                a.guest_path,
+                a.host_path.display(),
+                a.size_bytes
+            );
+        }
+        for p in &report.missing {
+            eprintln!("run/{name}: artifact {p} not found in the guest");
+        }
+        if !report.skipped.is_empty() {
+            let cap = run
+                .spec
+                .artifacts
+                .as_ref()
+                .map_or(0, |a| u64::from(a.max_size_mib) << 20);
+            eprintln!(
+                "run/{name}: ArtifactsTruncated: {}",
+                report.skipped_message(cap)
             );
         }
         let secs = started.elapsed().as_secs_f64();

@@ -2,6 +2,9 @@
 //! block until every object meets the condition (exit 0) or the timeout passes (exit 1).
 //! Driven by the controller's watch stream; re-reads the objects when the stream lags,
 //! breaks, or stays quiet for a while.
+//!
+//! Progress goes to stderr: on a terminal a live line (a bar of ready VMs for a pool,
+//! `ready 1/3`, a spinner otherwise); elsewhere one plain line each time the state changes.
 
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -202,28 +205,69 @@ fn spawn_watch(client: Client) -> mpsc::Receiver<Signal> {
     rx
 }
 
-/// Shows progress: a spinner on a terminal, one line otherwise.
-struct Progress(Option<indicatif::ProgressBar>);
+/// How far a `VmPool` is towards `minReady`: (ready VMs, VMs wanted).
+fn pool_ready(obj: Option<&StoredObject>) -> Option<(u64, u64)> {
+    let agentvm_api::Resource::VmPool(pool) = &obj?.resource else {
+        return None;
+    };
+    let want = u64::from(pool.spec.min_ready.min(pool.spec.max_size));
+    let ready = obj?
+        .status_json()
+        .get("ready")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    Some((ready, want))
+}
+
+/// Shows progress on stderr: a live line on a terminal (a bar when there is a count), one
+/// plain line per change otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    last: String,
+}
 
 impl Progress {
-    fn new(message: String) -> Self {
-        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+    fn new() -> Self {
+        let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
             let bar = indicatif::ProgressBar::new_spinner();
-            bar.set_message(message);
             bar.enable_steady_tick(Duration::from_millis(100));
-            Self(Some(bar))
-        } else {
-            eprintln!("{message}");
-            Self(None)
+            bar
+        });
+        Self {
+            bar,
+            last: String::new(),
         }
     }
-    fn update(&self, message: String) {
-        if let Some(bar) = &self.0 {
-            bar.set_message(message);
+
+    fn update(&mut self, message: String, count: Option<(u64, u64)>) {
+        let line = match count {
+            Some((ready, want)) => format!("{message} ready {ready}/{want}"),
+            None => message.clone(),
+        };
+        match &self.bar {
+            Some(bar) => {
+                if let Some((ready, want)) = count {
+                    if bar.length() != Some(want) {
+                        bar.set_length(want);
+                        bar.set_style(
+                            indicatif::ProgressStyle::with_template(
+                                "{spinner} [{elapsed}] {bar:20} ready {pos}/{len} {wide_msg}",
+                            )
+                            .expect("valid template"),
+                        );
+                    }
+                    bar.set_position(ready.min(want));
+                }
+                bar.set_message(message);
+            }
+            None if line != self.last => eprintln!("{line}"),
+            None => {}
         }
+        self.last = line;
     }
+
     fn finish(&self) {
-        if let Some(bar) = &self.0 {
+        if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
     }
@@ -247,15 +291,13 @@ impl WaitArgs {
             let r = object_ref(kind, &name);
             let what = &self.wait_for;
             let mut state = get(kind, &name)?;
-            let mut progress: Option<Progress> = None;
+            let mut progress = Progress::new();
             let mut last_read = Instant::now();
             loop {
                 let now_state = check(what, state.as_ref());
                 match &now_state {
                     Check::Met => {
-                        if let Some(p) = &progress {
-                            p.finish();
-                        }
+                        progress.finish();
                         match what {
                             WaitFor::Delete => println!("{r} deleted"),
                             _ => println!("{r} {what} met"),
@@ -263,25 +305,18 @@ impl WaitArgs {
                         break;
                     }
                     Check::Impossible(why) => {
-                        if let Some(p) = &progress {
-                            p.finish();
-                        }
+                        progress.finish();
                         eprintln!("error: {r} {why}; cannot wait for its {what}");
                         return Ok(1);
                     }
                     Check::Pending(now) => {
                         let message = format!("waiting for {r}: {what} (now: {now})");
-                        match &progress {
-                            Some(p) => p.update(message),
-                            None => progress = Some(Progress::new(message)),
-                        }
+                        progress.update(message, pool_ready(state.as_ref()));
                     }
                 }
                 let remaining = deadline.saturating_duration_since(Instant::now());
                 if remaining.is_zero() {
-                    if let Some(p) = &progress {
-                        p.finish();
-                    }
+                    progress.finish();
                     let Check::Pending(now) = now_state else {
                         unreachable!("met and impossible return above")
                     };

@@ -1,10 +1,11 @@
-//! Shared set-up of the end-to-end tests against real libvirt (`qemu:///system`, TCG): the
-//! controller process in a throw-away state directory, `agentvm` CLI calls, virsh helpers,
-//! and a `Drop` guard that removes everything a test created.
+//! Shared set-up of the end-to-end tests of the `agentvm` binary: the controller process in a
+//! throw-away state directory, `agentvm` CLI calls, virsh helpers, and a `Drop` guard that
+//! removes everything a test created. [`Env::new`] is for real libvirt (`qemu:///system`,
+//! TCG); [`Env::test_driver`] for libvirt's in-process `test:///default` (no VMs).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_agentvm");
@@ -52,6 +53,14 @@ pub struct Env {
     pub filters: Vec<String>,
     /// Extra environment variables of the controller process.
     pub controller_env: Vec<(String, String)>,
+    /// The libvirt URI of the controller and CLI.
+    pub uri: String,
+    /// The image cache.
+    pub cache_dir: PathBuf,
+    /// `AGENTVM_LOG` of every command (`None`: unset, only warnings and errors).
+    pub log_level: Option<String>,
+    /// Working directory of every command (default: the test's).
+    pub workdir: Option<PathBuf>,
 }
 
 impl Env {
@@ -62,6 +71,23 @@ impl Env {
         std::fs::create_dir_all(dir.join("specs")).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Env::new_in(dir)
+    }
+
+    /// An environment on libvirt's `test:///default` (in-process, no VMs), its own image
+    /// cache, commands logging warnings only.
+    pub fn test_driver(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("agentvm-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("specs")).unwrap();
+        let mut env = Env::new_in(dir);
+        env.uri = "test:///default".into();
+        env.cache_dir = env.dir.join("cache");
+        env.log_level = None;
+        env
+    }
+
+    fn new_in(dir: PathBuf) -> Self {
         Env {
             dir,
             controller: None,
@@ -70,7 +96,16 @@ impl Env {
             networks: Vec::new(),
             filters: Vec::new(),
             controller_env: Vec::new(),
+            uri: URI.to_string(),
+            cache_dir: agentvm_image::default_cache_dir(),
+            log_level: Some("info".into()),
+            workdir: None,
         }
+    }
+
+    /// The state directory.
+    pub fn state(&self) -> &Path {
+        &self.dir
     }
 
     pub fn specs(&self) -> PathBuf {
@@ -85,35 +120,88 @@ impl Env {
         let mut c = Command::new(BIN);
         c.args(args)
             .env("AGENTVM_STATE_DIR", &self.dir)
-            .env("AGENTVM_CACHE_DIR", agentvm_image::default_cache_dir())
-            .env("AGENTVM_LIBVIRT_URI", URI)
+            .env("AGENTVM_CACHE_DIR", &self.cache_dir)
+            .env("AGENTVM_LIBVIRT_URI", &self.uri)
             .env("AGENTVM_ACCEL", "tcg")
             .env("AGENTVM_SOCKET", self.socket())
             .env("AGENTVM_CONFIG", self.dir.join("no-config.yaml"))
-            .env("AGENTVM_LOG", "info")
             .env_remove("AGENTVM_SPEC_DIR")
             .stdin(Stdio::null());
+        match &self.log_level {
+            Some(level) => c.env("AGENTVM_LOG", level),
+            None => c.env_remove("AGENTVM_LOG"),
+        };
+        if let Some(dir) = &self.workdir {
+            c.current_dir(dir);
+        }
         c
     }
 
+    /// Runs `agentvm ARGS` to its end.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// Runs; returns (exit code, stdout, stderr).
+    pub fn code(&self, args: &[&str]) -> (i32, String, String) {
+        let out = self.run(args);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    }
+
+    /// Runs and expects success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let (code, stdout, stderr) = self.code(args);
+        assert_eq!(
+            code, 0,
+            "agentvm {args:?} failed:\nstdout: {stdout}\nstderr: {stderr}"
+        );
+        stdout
+    }
+
+    /// Runs and expects failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let (code, stdout, stderr) = self.code(args);
+        assert_ne!(code, 0, "agentvm {args:?} should fail; stdout: {stdout}");
+        stderr
+    }
+
+    /// Writes `text` to `rel` under the state directory; returns the path.
+    pub fn write(&self, rel: &str, text: &str) -> String {
+        let path = self.dir.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+        path.to_string_lossy().into_owned()
+    }
+
+    /// Starts `agentvm controller` on the spec directory and socket, resyncing every 2 s.
     pub fn start_controller(&mut self) {
+        let specs = self.specs();
+        let socket = self.socket();
+        self.start_controller_with(&[
+            "controller",
+            "--spec-dir",
+            specs.to_str().unwrap(),
+            "--socket",
+            socket.to_str().unwrap(),
+            "--resync-seconds",
+            "2",
+        ]);
+    }
+
+    /// Starts `agentvm ARGS` as the controller (output to `controller.log`) and waits for
+    /// its socket.
+    pub fn start_controller_with(&mut self, args: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join("controller.log"))
             .unwrap();
-        let specs = self.specs();
-        let socket = self.socket();
         let child = self
-            .cmd(&[
-                "controller",
-                "--spec-dir",
-                specs.to_str().unwrap(),
-                "--socket",
-                socket.to_str().unwrap(),
-                "--resync-seconds",
-                "2",
-            ])
+            .cmd(args)
             .envs(self.controller_env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -354,3 +354,38 @@ fn a_vm_whose_agent_is_gone_fails_the_run_with_vm_lost_and_goes_back_for_reset()
     r.drive(|r| r.registry.phase("p", &vm) == Some(VmPhase::Ready));
     assert_eq!(r.t.fake.domains()[&vm].resets, 1);
 }
+
+#[test]
+fn a_vm_that_expires_during_a_run_finishes_it_and_is_replaced_not_reset() {
+    let r = Runs::new(1, 1);
+    r.drive(|r| {
+        r.registry
+            .vms("p")
+            .iter()
+            .any(|v| v.phase == VmPhase::Ready)
+    });
+    let vm = r.registry.vms("p")[0].name.clone();
+    r.t.apply(&run_yaml("long", "sleep 0.3\necho done", ""));
+    r.drive(|r| r.phase("long").as_deref() == Some("Running"));
+    // The VM passes its TTL (default 3600 s) while the run is in it.
+    r.registry.seed_created(
+        "p",
+        &vm,
+        std::time::SystemTime::now() - Duration::from_secs(7200),
+    );
+    r.pass();
+    assert_eq!(r.registry.phase("p", &vm), Some(VmPhase::Busy));
+    r.t.fake.clear_calls();
+    r.drive(|r| r.all_terminal() && r.registry.vms("p").iter().all(|v| v.name != vm));
+    assert_eq!(r.status("long").phase, AgentRunPhase::Succeeded);
+    let m = r.t.fake.mutations();
+    assert!(!m.contains(&format!("ResetVm({vm})")), "{m:?}");
+    assert!(m.contains(&format!("DestroyVm({vm})")), "{m:?}");
+    // A fresh VM takes its place.
+    r.drive(|r| {
+        r.registry
+            .vms("p")
+            .iter()
+            .any(|v| v.phase == VmPhase::Ready)
+    });
+}

@@ -433,3 +433,179 @@ fn network_before_vms_and_vms_before_the_network_on_deletion() {
     );
     assert_eq!(t.store.len().unwrap(), 1, "only the Image is left");
 }
+
+fn events(p: &Pools) -> Vec<(String, String)> {
+    p.status()["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|e| {
+            (
+                e["reason"].as_str().unwrap_or("").to_string(),
+                e["vm"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn an_idle_vm_past_its_ttl_is_replaced_and_a_busy_one_only_after_its_run() {
+    let p = Pools::new();
+    image_ready(&p.t);
+    p.t.apply(&pool_yaml(2, 3, 512));
+    p.settle().unwrap();
+    let vms = p.vms();
+    let created = &p.status()["vmCreatedAt"];
+    assert!(created[&vms[0]].is_string(), "{created}");
+    // Both VMs were created 2 hours ago (default ttlSeconds 3600); one is running a run.
+    let long_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+    let busy = p.r.registry().acquire("p").unwrap();
+    let idle = vms.iter().find(|v| **v != busy).unwrap().clone();
+    for vm in &vms {
+        p.r.registry().seed_created("p", vm, long_ago);
+    }
+    p.t.fake.clear_calls();
+    p.settle().unwrap();
+    let now = p.vms();
+    assert!(!now.contains(&idle), "the idle expired VM is replaced");
+    assert!(now.contains(&busy), "the busy one is left to its run");
+    assert_eq!(now.len(), 3);
+    assert_eq!(p.r.registry().phase("p", &busy), Some(VmPhase::Busy));
+    assert_eq!(events(&p), vec![("TtlExpired".to_string(), idle.clone())]);
+    assert_eq!(
+        cond(&p.status(), "Ready"),
+        ("True".to_string(), "MinReadyReached".to_string())
+    );
+    // The run ends: its VM is handed back and replaced instead of reset.
+    assert!(p.r.registry().expired("p", &busy));
+    p.r.registry().release("p", &busy);
+    p.t.fake.clear_calls();
+    p.settle().unwrap();
+    let m = p.t.fake.mutations();
+    assert!(!m.contains(&format!("ResetVm({busy})")), "{m:?}");
+    assert!(m.contains(&format!("DestroyVm({busy})")), "{m:?}");
+    assert!(!p.vms().contains(&busy));
+    assert_eq!(
+        events(&p).last().unwrap(),
+        &("TtlExpired".to_string(), busy)
+    );
+}
+
+#[test]
+fn ttl_counts_from_creation_across_a_controller_restart() {
+    let p = Pools::new();
+    image_ready(&p.t);
+    p.t.apply(&pool_yaml(1, 2, 512));
+    p.settle().unwrap();
+    let vm = p.vms()[0].clone();
+    // Recorded as created 2 hours ago.
+    let mut status = p.status();
+    status["vmCreatedAt"][&vm] = serde_json::json!(Timestamp(
+        std::time::SystemTime::now() - Duration::from_secs(7200)
+    )
+    .to_string());
+    p.t.store.update_status(Kind::VmPool, "p", status).unwrap();
+    // A new controller (empty registry) adopts the VM and knows its real age.
+    let restarted = VmPoolReconciler::new(p.t.backend(), Arc::new(PoolRegistry::new()));
+    p.t.fake.clear_calls();
+    for _ in 0..20 {
+        match p.t.reconcile(&restarted, Kind::VmPool, "p") {
+            Ok(Action::Requeue(d)) if d == NEXT_STEP => continue,
+            other => {
+                other.unwrap();
+                break;
+            }
+        }
+    }
+    let m = p.t.fake.mutations();
+    assert!(m.contains(&format!("DestroyVm({vm})")), "{m:?}");
+    assert!(!m.contains(&format!("ResetVm({vm})")), "{m:?}");
+    assert_eq!(events(&p), vec![("TtlExpired".to_string(), vm)]);
+}
+
+#[test]
+fn an_idle_vm_whose_agent_does_not_answer_is_replaced() {
+    let p = Pools::new();
+    image_ready(&p.t);
+    p.t.apply(&pool_yaml(2, 2, 512));
+    p.settle().unwrap();
+    let vms = p.vms();
+    // Not due yet: no ping.
+    p.t.fake.clear_calls();
+    p.settle().unwrap();
+    assert!(!p
+        .t
+        .fake
+        .calls()
+        .iter()
+        .any(|c| format!("{c:?}").contains("Agent")));
+    // Due: the first one pinged does not answer, the other does.
+    for vm in &vms {
+        p.r.registry()
+            .backdate_check("p", vm, Duration::from_secs(31));
+    }
+    p.t.fake.fail_next(
+        Op::Agent,
+        BackendError::GuestAgentUnavailable {
+            vm: vms[1].clone(),
+            message: "no answer".into(),
+        },
+    );
+    p.t.fake.clear_calls();
+    let first = p.t.reconcile(&p.r, Kind::VmPool, "p");
+    assert_eq!(first.unwrap(), Action::Requeue(NEXT_STEP));
+    assert_eq!(
+        cond(&p.status(), "Progressing"),
+        ("True".to_string(), "Unhealthy".to_string())
+    );
+    let status = p.status();
+    let progressing = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Progressing")
+        .unwrap();
+    assert!(
+        progressing["message"]
+            .as_str()
+            .unwrap()
+            .contains("guest agent did not answer"),
+        "{progressing}"
+    );
+    p.settle().unwrap();
+    let now = p.vms();
+    assert_eq!(now.len(), 2);
+    assert_eq!(
+        now.iter().filter(|v| vms.contains(v)).count(),
+        1,
+        "exactly one VM replaced: {now:?}"
+    );
+    let ev = events(&p);
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(ev[0].0, "Unhealthy");
+    assert_eq!(p.status()["phase"], "Ready");
+}
+
+#[test]
+fn a_vm_whose_reset_fails_is_replaced_and_the_event_says_why() {
+    let p = Pools::new();
+    image_ready(&p.t);
+    p.t.apply(&pool_yaml(1, 2, 512));
+    p.settle().unwrap();
+    let vm = p.r.registry().acquire("p").unwrap();
+    p.r.registry().release("p", &vm);
+    p.t.fake
+        .fail_next(Op::ResetVm, FakeBackend::libvirt_error("revert failed"));
+    p.settle().unwrap();
+    assert!(!p.vms().contains(&vm));
+    assert_eq!(p.vms().len(), 1);
+    let status = p.status();
+    let ev = &status["events"][0];
+    assert_eq!(ev["reason"], "ResetFailed");
+    assert_eq!(ev["vm"], vm.as_str());
+    assert!(
+        ev["message"].as_str().unwrap().contains("revert failed"),
+        "{ev}"
+    );
+}

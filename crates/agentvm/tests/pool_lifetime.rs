@@ -1,0 +1,192 @@
+//! End to end with real VMs (`qemu:///system`, TCG): the lifetime of pool VMs under the
+//! `agentvm controller` binary. A VM whose guest agent stops answering (its `qemu-ga` is
+//! frozen with SIGSTOP inside the guest) is replaced with reason `Unhealthy`; a VM past
+//! `ttlSeconds` (counted from its creation) is replaced with reason `TtlExpired`, except that
+//! a VM running an AgentRun keeps it until the run ends and is replaced after. Fails (never
+//! skips) without libvirt or the default image.
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use serde_json::Value;
+
+const TTL: u64 = 60;
+
+fn manifest(pool: &str, image: &str) -> String {
+    format!(
+        "apiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata: {{name: {image}}}\nspec: {{}}\n---\n\
+         apiVersion: agentvm.dev/v1alpha1\nkind: VmPool\nmetadata: {{name: {pool}}}\nspec:\n  template:\n    imageRef: {image}\n    resources: {{profile: custom, vcpu: 1, memoryMib: 512, diskGib: 2}}\n  minReady: 2\n  maxSize: 3\n  ttlSeconds: {TTL}\n  healthCheckSeconds: 5\n"
+    )
+}
+
+fn time(v: &Value) -> SystemTime {
+    humantime::parse_rfc3339_weak(v.as_str().unwrap_or_else(|| panic!("not a time: {v}"))).unwrap()
+}
+
+fn events(env: &Env, pool: &str) -> Vec<Value> {
+    env.status("pool", pool)["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn event_for(env: &Env, pool: &str, vm: &str) -> Option<Value> {
+    events(env, pool).into_iter().find(|e| e["vm"] == vm)
+}
+
+#[test]
+fn unhealthy_and_expired_vms_are_replaced_but_never_taken_from_a_run() {
+    require_libvirt_and_image();
+    let mut env = Env::new("lifetime");
+    let pid = std::process::id();
+    let pool = format!("e2el{pid}");
+    let image = format!("e2e-limg-{pid}");
+    env.domain_prefix = format!("agentvm-{pool}-");
+    let file = env.dir.join("pool.yaml");
+    std::fs::write(&file, manifest(&pool, &image)).unwrap();
+    env.start_controller();
+    let out = env
+        .cmd(&["apply", "-f", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.wait("pool Ready", Duration::from_secs(300), || {
+        pool_ready(&env, &pool, 2)
+    });
+
+    // A run long enough for its VM to expire under it.
+    let run = env.dir.join("run.yaml");
+    std::fs::write(
+        &run,
+        format!(
+            "apiVersion: agentvm.dev/v1alpha1\nkind: AgentRun\nmetadata: {{name: long}}\nspec:\n  poolRef: {pool}\n  script: {{interpreter: sh, source: \"sleep {}; echo survived\"}}\n  timeoutSeconds: 600\n",
+            TTL + 10
+        ),
+    )
+    .unwrap();
+    let out = env
+        .cmd(&["apply", "-f", run.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.wait("the run Running", Duration::from_secs(120), || {
+        env.status("run", "long")["phase"] == "Running"
+    });
+    let busy = env.status("run", "long")["vm"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let idle: String = vm_names(&env.status("pool", &pool))
+        .into_iter()
+        .find(|v| *v != busy)
+        .expect("an idle VM");
+
+    // Freeze the idle VM's guest agent from inside the guest.
+    let cmd = r#"{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c","sleep 1; for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = qemu-ga ] && kill -STOP ${p#/proc/}; done"]}}"#;
+    let (ok, out) = virsh(&["qemu-agent-command", &idle, cmd]);
+    assert!(ok, "guest-exec in {idle}: {out}");
+    let t = env.wait(
+        "the unhealthy VM replaced",
+        Duration::from_secs(120),
+        || event_for(&env, &pool, &idle).is_some(),
+    );
+    let ev = event_for(&env, &pool, &idle).unwrap();
+    eprintln!(
+        "frozen guest agent detected and its VM replaced {:.1}s later: {ev}",
+        t.as_secs_f64()
+    );
+    assert_eq!(ev["reason"], "Unhealthy", "{ev}");
+    assert!(
+        !vm_names(&env.status("pool", &pool)).contains(&idle),
+        "{idle} still listed"
+    );
+    env.wait("the unhealthy domain gone", Duration::from_secs(60), || {
+        !domains_with_prefix(&env.domain_prefix).contains(&idle)
+    });
+
+    // The busy VM expires during the run: the run goes on and succeeds, then the VM is
+    // replaced (not reset, not reused).
+    let created = time(&env.status("pool", &pool)["vmCreatedAt"][&busy]);
+    env.wait("the run done", Duration::from_secs(300), || {
+        env.status("run", "long")["phase"]
+            .as_str()
+            .is_some_and(|p| p != "Running" && p != "Scheduled")
+    });
+    let status = env.status("run", "long");
+    assert_eq!(status["phase"], "Succeeded", "{status}");
+    assert_eq!(status["stdoutTail"], "survived\n");
+    let finished = time(&status["finishedAt"]);
+    assert!(
+        finished.duration_since(created).unwrap() >= Duration::from_secs(TTL),
+        "the run ended before its VM expired"
+    );
+    env.wait(
+        "the expired busy VM replaced",
+        Duration::from_secs(60),
+        || event_for(&env, &pool, &busy).is_some(),
+    );
+    let ev = event_for(&env, &pool, &busy).unwrap();
+    assert_eq!(ev["reason"], "TtlExpired", "{ev}");
+    assert!(
+        time(&ev["time"]) >= finished,
+        "replaced before its run ended: {ev}"
+    );
+
+    // Idle VMs expire too: each replacement comes at least ttlSeconds after its creation.
+    let first: Vec<String> = vm_names(&env.status("pool", &pool));
+    let born: Vec<(String, SystemTime)> = first
+        .iter()
+        .map(|v| {
+            (
+                v.clone(),
+                time(&env.status("pool", &pool)["vmCreatedAt"][v]),
+            )
+        })
+        .collect();
+    let (vm, created) = born[0].clone();
+    env.wait("an idle VM expired", Duration::from_secs(TTL + 120), || {
+        event_for(&env, &pool, &vm).is_some()
+    });
+    let ev = event_for(&env, &pool, &vm).unwrap();
+    assert_eq!(ev["reason"], "TtlExpired", "{ev}");
+    let lived = time(&ev["time"]).duration_since(created).unwrap();
+    assert!(
+        lived >= Duration::from_secs(TTL),
+        "replaced after {lived:?}"
+    );
+    eprintln!(
+        "idle VM replaced {:.1}s after its creation (ttlSeconds {TTL})",
+        lived.as_secs_f64()
+    );
+
+    // The audit log says why, too.
+    let audit = std::fs::read_to_string(env.dir.join("audit.log")).unwrap();
+    for (vm, reason) in [(&idle, "Unhealthy"), (&busy, "TtlExpired")] {
+        assert!(
+            audit.lines().any(|l| l.contains("vm_destroyed")
+                && l.contains(vm.as_str())
+                && l.contains(reason)),
+            "no vm_destroyed {reason} for {vm} in the audit log"
+        );
+    }
+    // `describe` shows the events.
+    let out = env
+        .cmd(&["describe", &format!("pool/{pool}")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Unhealthy") && text.contains("TtlExpired"),
+        "{text}"
+    );
+}
