@@ -27,7 +27,7 @@ pub const API_VERSION: &str = "agentvm.dev/v1alpha1";
 pub use kind::{Kind, UnknownKind};
 pub use kinds::agent_run::{
     AgentRun, AgentRunPhase, AgentRunSpec, AgentRunStatus, Anomaly, Artifacts, CollectedArtifact,
-    Command, Entrypoint, InputFile, Script, SecretEnvVar, Workspace,
+    Command, Entrypoint, InputFile, ResourceUsage, Script, SecretEnvVar, Workspace,
 };
 pub use kinds::image::{Distro, Image, ImagePhase, ImageSpec, ImageStatus, KernelSource};
 pub use kinds::network::{
@@ -37,7 +37,7 @@ pub use kinds::network_filter::{
     EgressRule, NetworkFilter, NetworkFilterPhase, NetworkFilterSpec, NetworkFilterStatus, Protocol,
 };
 pub use kinds::vm_pool::{
-    NetworkAttachment, PoolNetwork, PoolNetworkMode, Profile, ResolvedResources, Resources, VmPool,
+    AnomalyDetection, AnomalyPolicy, NetworkAttachment, PoolNetwork, PoolNetworkMode, Profile, ResolvedResources, Resources, VmPool,
     VmPoolPhase, VmPoolSpec, VmPoolStatus, VmTemplate, WarmupStep,
 };
 pub use meta::{find_condition, set_condition, Condition, ConditionStatus, ObjectMeta};

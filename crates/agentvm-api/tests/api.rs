@@ -210,6 +210,7 @@ fn constructors_build_valid_objects() {
                 min_ready: 0,
                 max_size: 1,
                 ttl_seconds: 60,
+                anomalies: Default::default(),
             },
         )
         .into(),
