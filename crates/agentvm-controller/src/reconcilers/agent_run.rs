@@ -527,6 +527,7 @@ impl Job {
         match self.backend.reset_vm(&self.vm) {
             Ok(took) => {
                 tracing::info!(pool = %self.pool, vm = %self.vm, ?took, "VM reset to golden");
+                super::vm_pool::vm_reset(&self.ctx, &*self.backend, &self.pool, &self.vm, took);
                 if !self
                     .registry
                     .transition(&self.pool, &self.vm, VmPhase::Busy, VmPhase::Ready)

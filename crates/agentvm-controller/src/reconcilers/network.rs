@@ -90,6 +90,7 @@ impl Reconciler for NetworkReconciler {
         };
         match self.backend.ensure_network(&def) {
             Ok(outcome) => {
+                super::drift_check(ctx, &obj, outcome);
                 if outcome != EnsureOutcome::Unchanged {
                     tracing::info!(network = %lname, ?outcome, "network ensured");
                 }
