@@ -29,7 +29,7 @@ pub use json::resources_from_json;
 pub use kind::{Kind, UnknownKind};
 pub use kinds::agent_run::{
     AgentRun, AgentRunPhase, AgentRunSpec, AgentRunStatus, Anomaly, Artifacts, CollectedArtifact,
-    Command, Entrypoint, InputFile, Script, SecretEnvVar, Workspace,
+    Command, Entrypoint, InputFile, ResourceUsage, Script, SecretEnvVar, Workspace,
 };
 pub use kinds::image::{Distro, Image, ImagePhase, ImageSpec, ImageStatus, KernelSource};
 pub use kinds::network::{
@@ -39,8 +39,9 @@ pub use kinds::network_filter::{
     EgressRule, NetworkFilter, NetworkFilterPhase, NetworkFilterSpec, NetworkFilterStatus, Protocol,
 };
 pub use kinds::vm_pool::{
-    NetworkAttachment, PoolEvent, PoolNetwork, PoolNetworkMode, Profile, ResolvedResources,
-    Resources, VmPool, VmPoolPhase, VmPoolSpec, VmPoolStatus, VmTemplate, WarmupStep,
+    AnomalyDetection, AnomalyPolicy, NetworkAttachment, PoolEvent, PoolNetwork, PoolNetworkMode,
+    Profile, ResolvedResources, Resources, VmPool, VmPoolPhase, VmPoolSpec, VmPoolStatus,
+    VmTemplate, WarmupStep,
 };
 pub use meta::{find_condition, set_condition, Condition, ConditionStatus, ObjectMeta};
 pub use net::{CidrError, Ipv4Cidr, PortRange, PortRangeError};

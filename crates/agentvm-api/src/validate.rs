@@ -804,6 +804,49 @@ impl Validator {
             vm_pool::HEALTH_CHECK_SECONDS_RANGE,
             "",
         );
+        let ap = path.key("anomalies");
+        let a = &spec.anomalies;
+        for (field, value, range) in [
+            ("cpuPercent", a.cpu_percent, vm_pool::ANOMALY_PERCENT_RANGE),
+            (
+                "cpuSustainedSamples",
+                a.cpu_sustained_samples,
+                vm_pool::ANOMALY_SAMPLES_RANGE,
+            ),
+            (
+                "diskWriteMibPerSecond",
+                a.disk_write_mib_per_second,
+                vm_pool::ANOMALY_MIB_PER_SECOND_RANGE,
+            ),
+            (
+                "netTxMibPerSecond",
+                a.net_tx_mib_per_second,
+                vm_pool::ANOMALY_MIB_PER_SECOND_RANGE,
+            ),
+            (
+                "rateWindowSamples",
+                a.rate_window_samples,
+                vm_pool::ANOMALY_SAMPLES_RANGE,
+            ),
+            (
+                "memoryPercent",
+                a.memory_percent,
+                vm_pool::ANOMALY_PERCENT_RANGE,
+            ),
+            (
+                "maxProcesses",
+                a.max_processes,
+                vm_pool::ANOMALY_MAX_PROCESSES_RANGE,
+            ),
+            ("zScore", a.z_score, vm_pool::ANOMALY_Z_SCORE_RANGE),
+            (
+                "baselineSamples",
+                a.baseline_samples,
+                vm_pool::ANOMALY_SAMPLES_RANGE,
+            ),
+        ] {
+            self.range(ap.key(field), value, range, "");
+        }
     }
 
     fn agent_run(&mut self, path: &FieldPath, spec: &AgentRunSpec) {

@@ -211,6 +211,7 @@ fn constructors_build_valid_objects() {
                 max_size: 1,
                 ttl_seconds: 60,
                 health_check_seconds: 5,
+                anomalies: Default::default(),
             },
         )
         .into(),

@@ -117,6 +117,19 @@ pub trait Backend: Send + Sync {
     fn reset_vm(&self, name: &str) -> Result<Duration>;
     /// The guest agent of a VM, to run code in it (wrap it in a [`crate::Guest`]).
     fn agent(&self, name: &str) -> Result<Box<dyn crate::guest::AgentChannel + '_>>;
+    /// The name of the reset strategy [`Backend::reset_vm`] uses (a metric label).
+    fn reset_strategy(&self) -> &'static str {
+        "golden"
+    }
+
+    /// A sample of a running VM's statistics counters (CPU time, memory, disk and network
+    /// I/O), for anomaly detection and usage summaries. Backends without statistics fail.
+    fn vm_stats(&self, name: &str) -> Result<crate::stats::DomainStats> {
+        Err(BackendError::Protocol {
+            what: "domain statistics".into(),
+            message: format!("this backend has no statistics for {name}"),
+        })
+    }
 }
 
 /// [`Backend`] on a libvirt daemon: one connection (reopened after it fails), per-VM files
@@ -396,5 +409,13 @@ impl Backend for LibvirtBackend {
 
     fn agent(&self, name: &str) -> Result<Box<dyn crate::guest::AgentChannel + '_>> {
         Ok(Box::new(self.lv()?.agent(name)?))
+    }
+
+    fn vm_stats(&self, name: &str) -> Result<crate::stats::DomainStats> {
+        self.lv()?.domain_stats(name)
+    }
+
+    fn reset_strategy(&self) -> &'static str {
+        self.strategy.as_str()
     }
 }

@@ -102,10 +102,14 @@ struct State {
     failures: HashMap<Op, VecDeque<BackendError>>,
 }
 
+/// Answers [`Backend::vm_stats`] for a VM name.
+pub type StatsFn = dyn Fn(&str) -> Result<crate::stats::DomainStats> + Send + Sync;
+
 /// In-memory [`Backend`]. Cheap to share behind an `Arc`; every method takes `&self`.
 #[derive(Default)]
 pub struct FakeBackend {
     state: Mutex<State>,
+    stats: Mutex<Option<std::sync::Arc<StatsFn>>>,
 }
 
 impl std::fmt::Debug for FakeBackend {
@@ -125,6 +129,14 @@ impl FakeBackend {
     /// An empty hypervisor.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Makes [`Backend::vm_stats`] answer with `f` (by default it has no statistics).
+    pub fn set_vm_stats(
+        &self,
+        f: impl Fn(&str) -> Result<crate::stats::DomainStats> + Send + Sync + 'static,
+    ) {
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::sync::Arc::new(f));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -493,6 +505,17 @@ impl Backend for FakeBackend {
             None => Err(BackendError::NotFound {
                 kind: "domain",
                 name: name.to_string(),
+            }),
+        }
+    }
+
+    fn vm_stats(&self, name: &str) -> Result<crate::stats::DomainStats> {
+        let f = self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match f {
+            Some(f) => f(name),
+            None => Err(BackendError::Protocol {
+                what: "domain statistics".into(),
+                message: format!("the fake backend has no statistics for {name}"),
             }),
         }
     }

@@ -24,6 +24,9 @@ pub struct DomainStats {
     pub memory_available_bytes: Option<u64>,
     /// Memory left unused by the guest, in bytes; needs the guest's balloon driver.
     pub memory_unused_bytes: Option<u64>,
+    /// Memory the guest could still use without swapping (unused plus reclaimable cache),
+    /// in bytes; needs the guest's balloon driver.
+    pub memory_usable_bytes: Option<u64>,
     /// Bytes read from all disks.
     pub block_rd_bytes: u64,
     /// Bytes written to all disks.
@@ -109,6 +112,7 @@ impl Libvirt {
             memory_actual_bytes: None,
             memory_available_bytes: None,
             memory_unused_bytes: None,
+            memory_usable_bytes: None,
             block_rd_bytes: 0,
             block_wr_bytes: 0,
             net_rx_bytes: 0,
@@ -128,6 +132,9 @@ impl Libvirt {
                 }
                 t if t == sys::VIR_DOMAIN_MEMORY_STAT_UNUSED as i32 => {
                     stats.memory_unused_bytes = bytes
+                }
+                t if t == sys::VIR_DOMAIN_MEMORY_STAT_USABLE as i32 => {
+                    stats.memory_usable_bytes = bytes
                 }
                 _ => {}
             }
@@ -178,6 +185,7 @@ mod tests {
             memory_actual_bytes: None,
             memory_available_bytes: None,
             memory_unused_bytes: None,
+            memory_usable_bytes: None,
             block_rd_bytes: 0,
             block_wr_bytes: 0,
             net_rx_bytes: 0,

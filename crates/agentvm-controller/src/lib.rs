@@ -1,6 +1,7 @@
 //! agentvm controller: configuration, the object store, the spec-directory source, the API
 //! served on a Unix socket, and the reconcile dispatcher the per-kind reconcilers plug into.
 
+pub mod anomaly;
 pub mod api;
 pub mod audit;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod queue;
 pub mod reconcile;
 pub mod reconcilers;
 pub mod run;
+pub mod run_monitor;
 pub mod source;
 pub mod store;
 pub mod time;

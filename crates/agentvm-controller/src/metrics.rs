@@ -55,6 +55,7 @@ struct Inner {
     executions: IntCounterVec,
     execution_duration: prometheus::Histogram,
     execution_timeouts: IntCounter,
+    anomalies: IntCounterVec,
     // agentvm's.
     reset_duration: HistogramVec,
     run_queue_length: IntGaugeVec,
@@ -196,6 +197,17 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            anomalies: reg(
+                &r,
+                IntCounterVec::new(
+                    opts(
+                        "agent_vm_anomalies_total",
+                        "Anomalies detected in VMs running agent runs, by rule.",
+                    ),
+                    &["rule"],
+                )
+                .unwrap(),
+            ),
             execution_duration: reg(
                 &r,
                 prometheus::Histogram::with_opts(hopts(
@@ -299,6 +311,9 @@ impl Metrics {
         };
         for status in EXECUTION_STATUSES {
             inner.executions.with_label_values(&[status]);
+        }
+        for rule in crate::anomaly::Rule::ALL {
+            inner.anomalies.with_label_values(&[rule.as_str()]);
         }
         Metrics {
             inner: Arc::new(inner),
@@ -450,6 +465,14 @@ impl Metrics {
         }
     }
 
+    /// An anomaly of `rule` was detected (the label set is [`crate::anomaly::Rule::ALL`]).
+    pub fn anomaly(&self, rule: crate::anomaly::Rule) {
+        self.inner
+            .anomalies
+            .with_label_values(&[rule.as_str()])
+            .inc();
+    }
+
     // --- Reconciles ----------------------------------------------------------------------
 
     /// Creates the reconcile series of `kind` at zero (so a kind that never fails still has
@@ -522,7 +545,7 @@ mod tests {
     use super::*;
 
     /// Every metric name this module promises, as it appears in the exposition.
-    pub(crate) const ALL_NAMES: [&str; 18] = [
+    pub(crate) const ALL_NAMES: [&str; 19] = [
         "agent_vm_boot_duration_seconds",
         "agent_vm_pool_size",
         "agent_vm_pool_acquire_duration_seconds",
@@ -533,6 +556,7 @@ mod tests {
         "agent_execution_total",
         "agent_execution_duration_seconds",
         "agent_execution_timeout_total",
+        "agent_vm_anomalies_total",
         "agentvm_vm_reset_duration_seconds",
         "agentvm_run_queue_length",
         "agentvm_reconcile_runs_total",

@@ -150,13 +150,10 @@ pub struct VmStatsSampler {
     health: Readiness,
 }
 
-/// Memory the guest uses: balloon `available - unused` when the guest reports them, else
-/// QEMU's resident set, else the balloon size.
+/// Memory the guest uses: balloon `available - usable` (or `- unused`) when the guest reports
+/// them, else QEMU's resident set, else the balloon size.
 pub fn memory_used_bytes(s: &DomainStats) -> Option<u64> {
-    match (s.memory_available_bytes, s.memory_unused_bytes) {
-        (Some(avail), Some(unused)) => Some(avail.saturating_sub(unused)),
-        _ => s.memory_rss_bytes.or(s.memory_actual_bytes),
-    }
+    crate::anomaly::guest_memory_used(s).or(s.memory_rss_bytes.or(s.memory_actual_bytes))
 }
 
 /// Growth of a cumulative counter between two readings; a counter that went backwards
@@ -272,6 +269,7 @@ mod tests {
             memory_actual_bytes: Some(1 << 30),
             memory_available_bytes: Some(1000 << 20),
             memory_unused_bytes: Some(600 << 20),
+            memory_usable_bytes: None,
             block_rd_bytes: rd,
             block_wr_bytes: wr,
             net_rx_bytes: 0,

@@ -377,6 +377,9 @@ pub struct AgentRunStatus {
     /// Unusual behaviour detected during the run.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub anomalies: Vec<Anomaly>,
+    /// Resources the VM used during the run (once it has ended).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_usage: Option<ResourceUsage>,
     /// CamelCase reason for the current phase (`Completed`, `NonZeroExit`,
     /// `Timeout`, `PoolNotFound`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -403,11 +406,48 @@ pub struct CollectedArtifact {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Anomaly {
-    /// Which rule fired, e.g. `CpuSaturated`, `MemoryNearLimit`, `DiskWriteBurst`.
+    /// Which rule fired: `CpuSaturated`, `DiskWriteBurst`, `NetworkTxBurst`,
+    /// `MemoryNearLimit`, `ProcessExplosion` or `BaselineDeviation`.
     pub rule: String,
+    /// The metric it looked at, with its unit: `cpu_percent`,
+    /// `disk_write_bytes_per_second`, `net_tx_bytes_per_second`,
+    /// `memory_used_bytes` or `processes`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub metric: String,
+    /// The value observed, in the metric's unit.
+    #[serde(default)]
+    pub observed: u64,
+    /// The threshold it reached, in the metric's unit.
+    #[serde(default)]
+    pub threshold: u64,
     /// Human-readable details with the observed values.
     pub message: String,
     /// When it was detected (RFC 3339).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub detected_at: String,
+}
+
+/// Resources a run's VM used while the run executed, from the same samples
+/// anomaly detection reads (about one a second).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceUsage {
+    /// vCPU time used, in milliseconds.
+    pub cpu_milliseconds: u64,
+    /// Highest memory use seen in the guest (not counting reclaimable
+    /// cache), in bytes; 0 when the guest did not report it.
+    pub peak_memory_bytes: u64,
+    /// Bytes read from the VM's disks.
+    pub disk_read_bytes: u64,
+    /// Bytes written to the VM's disks.
+    pub disk_write_bytes: u64,
+    /// Bytes received on the VM's network interfaces.
+    pub net_rx_bytes: u64,
+    /// Bytes sent on the VM's network interfaces.
+    pub net_tx_bytes: u64,
+    /// Most tasks (processes and threads) seen in the guest; 0 when unknown.
+    #[serde(default)]
+    pub peak_processes: u64,
+    /// Samples these figures come from.
+    pub samples: u64,
 }

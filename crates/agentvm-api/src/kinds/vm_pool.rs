@@ -93,6 +93,156 @@ pub struct VmPoolSpec {
     #[serde(default = "default_health_check_seconds")]
     #[schemars(range(min = 5, max = 3600))]
     pub health_check_seconds: u32,
+    /// Anomaly detection on the statistics of VMs running an `AgentRun`:
+    /// thresholds and what to do when one is crossed. Default: every rule
+    /// on with its default threshold, policy `record`.
+    #[serde(default, skip_serializing_if = "AnomalyDetection::is_default")]
+    pub anomalies: AnomalyDetection,
+}
+
+/// What the controller does when a run's VM behaves anomalously.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AnomalyPolicy {
+    /// Record the anomaly (run status, metrics, audit log); the run goes on.
+    #[default]
+    Record,
+    /// Record it and stop the run: it is killed in the guest and ends
+    /// `Failed` with reason `AnomalyPolicy`.
+    Kill,
+}
+
+/// Default `cpuPercent`.
+pub const DEFAULT_ANOMALY_CPU_PERCENT: u32 = 90;
+/// Default `cpuSustainedSamples`.
+pub const DEFAULT_ANOMALY_CPU_SUSTAINED_SAMPLES: u32 = 10;
+/// Default `diskWriteMibPerSecond`.
+pub const DEFAULT_ANOMALY_DISK_WRITE_MIB_PER_SECOND: u32 = 50;
+/// Default `netTxMibPerSecond`.
+pub const DEFAULT_ANOMALY_NET_TX_MIB_PER_SECOND: u32 = 10;
+/// Default `rateWindowSamples`.
+pub const DEFAULT_ANOMALY_RATE_WINDOW_SAMPLES: u32 = 5;
+/// Default `memoryPercent`.
+pub const DEFAULT_ANOMALY_MEMORY_PERCENT: u32 = 90;
+/// Default `maxProcesses`.
+pub const DEFAULT_ANOMALY_MAX_PROCESSES: u32 = 1000;
+/// Default `zScore`.
+pub const DEFAULT_ANOMALY_Z_SCORE: u32 = 6;
+/// Default `baselineSamples`.
+pub const DEFAULT_ANOMALY_BASELINE_SAMPLES: u32 = 10;
+/// Bounds of the sample counts (`cpuSustainedSamples`, `rateWindowSamples`,
+/// `baselineSamples`).
+pub const ANOMALY_SAMPLES_RANGE: (u32, u32) = (1, 3600);
+/// Bounds of `cpuPercent` and `memoryPercent`.
+pub const ANOMALY_PERCENT_RANGE: (u32, u32) = (1, 100);
+/// Bounds of the MiB/s rates.
+pub const ANOMALY_MIB_PER_SECOND_RANGE: (u32, u32) = (1, 1_000_000);
+/// Bounds of `maxProcesses`.
+pub const ANOMALY_MAX_PROCESSES_RANGE: (u32, u32) = (16, 4_194_304);
+/// Bounds of `zScore` (0 turns the baseline rule off).
+pub const ANOMALY_Z_SCORE_RANGE: (u32, u32) = (0, 100);
+
+macro_rules! anomaly_defaults {
+    ($($f:ident = $c:ident),* $(,)?) => {
+        $(fn $f() -> u32 { $c })*
+    };
+}
+anomaly_defaults!(
+    default_cpu_percent = DEFAULT_ANOMALY_CPU_PERCENT,
+    default_cpu_sustained_samples = DEFAULT_ANOMALY_CPU_SUSTAINED_SAMPLES,
+    default_disk_write_mib_per_second = DEFAULT_ANOMALY_DISK_WRITE_MIB_PER_SECOND,
+    default_net_tx_mib_per_second = DEFAULT_ANOMALY_NET_TX_MIB_PER_SECOND,
+    default_rate_window_samples = DEFAULT_ANOMALY_RATE_WINDOW_SAMPLES,
+    default_memory_percent = DEFAULT_ANOMALY_MEMORY_PERCENT,
+    default_max_processes = DEFAULT_ANOMALY_MAX_PROCESSES,
+    default_z_score = DEFAULT_ANOMALY_Z_SCORE,
+    default_baseline_samples = DEFAULT_ANOMALY_BASELINE_SAMPLES,
+);
+
+/// Anomaly detection settings of a pool. The VM running a run is sampled
+/// about once a second (libvirt domain statistics, plus the guest's process
+/// count through its agent); each rule below fires at most once per run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AnomalyDetection {
+    /// `record` (default) or `kill` (stop the run on the first anomaly).
+    #[serde(default)]
+    pub policy: AnomalyPolicy,
+    /// `CpuSaturated` fires when CPU use in percent of the VM's vCPUs (its
+    /// vCPU time over wall time) stays at or above this (1 to 100) for
+    /// `cpuSustainedSamples` consecutive samples. Default 90.
+    #[serde(default = "default_cpu_percent")]
+    #[schemars(range(min = 1, max = 100))]
+    pub cpu_percent: u32,
+    /// Consecutive samples a CPU or baseline rule must hold before it fires
+    /// (1 to 3600). Default 10.
+    #[serde(default = "default_cpu_sustained_samples")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub cpu_sustained_samples: u32,
+    /// `DiskWriteBurst`: disk write rate in MiB/s, averaged over
+    /// `rateWindowSamples` samples, at or above this (1 to 1000000).
+    /// Default 50.
+    #[serde(default = "default_disk_write_mib_per_second")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub disk_write_mib_per_second: u32,
+    /// `NetworkTxBurst`: network transmit rate in MiB/s, averaged over
+    /// `rateWindowSamples` samples, at or above this (1 to 1000000).
+    /// Default 10.
+    #[serde(default = "default_net_tx_mib_per_second")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub net_tx_mib_per_second: u32,
+    /// Samples the disk and network rates are averaged over (1 to 3600).
+    /// Default 5.
+    #[serde(default = "default_rate_window_samples")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub rate_window_samples: u32,
+    /// `MemoryNearLimit`: memory the guest uses (not counting reclaimable
+    /// cache) at or above this percent of its RAM (1 to 100). Default 90.
+    #[serde(default = "default_memory_percent")]
+    #[schemars(range(min = 1, max = 100))]
+    pub memory_percent: u32,
+    /// `ProcessExplosion`: tasks (processes and threads) in the guest at or
+    /// above this (16 to 4194304). Default 1000.
+    #[serde(default = "default_max_processes")]
+    #[schemars(range(min = 16, max = 4_194_304))]
+    pub max_processes: u32,
+    /// `BaselineDeviation`: a metric (CPU, disk write rate, network
+    /// transmit rate, processes) this many standard deviations above its
+    /// running mean, for `cpuSustainedSamples` consecutive samples once
+    /// `baselineSamples` were seen (0 to 100; 0 turns the rule off).
+    /// Default 6.
+    #[serde(default = "default_z_score")]
+    #[schemars(range(min = 0, max = 100))]
+    pub z_score: u32,
+    /// Samples that form a metric's baseline before `zScore` applies
+    /// (1 to 3600). Default 10.
+    #[serde(default = "default_baseline_samples")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub baseline_samples: u32,
+}
+
+impl Default for AnomalyDetection {
+    fn default() -> Self {
+        Self {
+            policy: AnomalyPolicy::default(),
+            cpu_percent: DEFAULT_ANOMALY_CPU_PERCENT,
+            cpu_sustained_samples: DEFAULT_ANOMALY_CPU_SUSTAINED_SAMPLES,
+            disk_write_mib_per_second: DEFAULT_ANOMALY_DISK_WRITE_MIB_PER_SECOND,
+            net_tx_mib_per_second: DEFAULT_ANOMALY_NET_TX_MIB_PER_SECOND,
+            rate_window_samples: DEFAULT_ANOMALY_RATE_WINDOW_SAMPLES,
+            memory_percent: DEFAULT_ANOMALY_MEMORY_PERCENT,
+            max_processes: DEFAULT_ANOMALY_MAX_PROCESSES,
+            z_score: DEFAULT_ANOMALY_Z_SCORE,
+            baseline_samples: DEFAULT_ANOMALY_BASELINE_SAMPLES,
+        }
+    }
+}
+
+impl AnomalyDetection {
+    /// True when every setting has its default (then it is not written out).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// Template every VM of a pool is created from.

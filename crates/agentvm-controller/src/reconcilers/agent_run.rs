@@ -15,6 +15,10 @@
 //!   status is written. The VM is then reset to golden on the same thread (still busy, so
 //!   the pool leaves it alone) and made ready again; a failed reset hands it to the pool
 //!   reconciler as needing one (which retries or replaces it).
+//! - **Anomalies**: while the program runs, a [`RunMonitor`] samples the VM about once a
+//!   second against the pool's `spec.anomalies`; anomalies go into the status as they are
+//!   found, and with policy `kill` the run is killed in the guest and ends `Failed` with
+//!   reason `AnomalyPolicy`. The same samples give the final `resourceUsage`.
 //! - **Cancellation**: deleting a running run kills its process group in the guest; the run
 //!   ends `Cancelled`, its VM is reset, and the deletion is finalized.
 //! - **Restart recovery**: a run found `Scheduled` or `Running` that this process is not
@@ -34,6 +38,7 @@ use super::{condition, status_of, write_status, PoolRegistry, VmPhase};
 use crate::audit::{AuditEvent, AuditEventType};
 use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
 use crate::run::{self, Redactor, RunError};
+use crate::run_monitor::{MonitorReport, MonitorTarget, RunMonitor, SAMPLE_INTERVAL};
 use crate::store::{OutputStream, StoredObject};
 use crate::time::Timestamp;
 
@@ -364,6 +369,38 @@ impl Job {
         }
     }
 
+    /// Starts sampling the VM for anomalies (settings and size from the run's pool).
+    fn start_monitor(&self) -> Option<RunMonitor> {
+        let pool = match self.ctx.store.get(Kind::VmPool, &self.pool) {
+            Ok(Some(o)) => match o.resource {
+                Resource::VmPool(p) => p,
+                _ => return None,
+            },
+            _ => return None,
+        };
+        let res = pool.spec.template.resources.resolved();
+        let target = MonitorTarget {
+            run: self.name.clone(),
+            pool: self.pool.clone(),
+            vm: self.vm.clone(),
+            settings: pool.spec.anomalies.clone(),
+            vcpus: res.vcpu,
+            memory_bytes: u64::from(res.memory_mib) << 20,
+        };
+        RunMonitor::start(
+            self.backend.clone(),
+            self.ctx.clone(),
+            target,
+            self.status.clone(),
+            self.cancel.clone(),
+            SAMPLE_INTERVAL,
+        )
+        .inspect_err(
+            |e| tracing::warn!(run = %self.name, error = %e, "cannot start the anomaly monitor"),
+        )
+        .ok()
+    }
+
     fn run(mut self, prepared: run::PreparedRun) {
         let started = Instant::now();
         let spec = self.run.spec.clone();
@@ -371,6 +408,7 @@ impl Job {
         let mut out_tail = Tail::default();
         let mut err_tail = Tail::default();
         let mut artifacts = Vec::new();
+        let mut report = MonitorReport::default();
         let result = match self.backend.agent(&self.vm) {
             Err(e) => Err(RunError::Backend(e)),
             Ok(chan) => {
@@ -391,6 +429,7 @@ impl Job {
                     .vm(&self.vm)
                     .details(serde_json::json!({"pool": self.pool})),
                 );
+                let monitor = self.start_monitor();
                 let store = self.ctx.store.clone();
                 let name = self.name.clone();
                 let r = run::execute(&g, &spec, &prepared, &mut |s, d| {
@@ -408,6 +447,9 @@ impl Job {
                         tracing::warn!(run = %name, error = %e, "storing output failed");
                     }
                 });
+                if let Some(m) = monitor {
+                    report = m.stop();
+                }
                 if r.is_ok() && !self.cancel.load(Ordering::SeqCst) {
                     if let Some(a) = &spec.artifacts {
                         let dest = self.ctx.config.state_dir.join("artifacts").join(&self.name);
@@ -450,8 +492,21 @@ impl Job {
         st.stdout_tail = out_tail.text();
         st.stderr_tail = err_tail.text();
         st.artifacts = artifacts;
+        st.anomalies = report.anomalies;
+        st.resource_usage = report.usage;
         let secs = started.elapsed().as_secs_f64();
         let (phase, reason, message) = match result {
+            _ if report.killed => (
+                AgentRunPhase::Failed,
+                "AnomalyPolicy",
+                match st.anomalies.first() {
+                    Some(a) => format!(
+                        "stopped by the pool's anomaly policy: {}: {}",
+                        a.rule, a.message
+                    ),
+                    None => "stopped by the pool's anomaly policy".to_string(),
+                },
+            ),
             _ if cancelled => (
                 AgentRunPhase::Cancelled,
                 "Cancelled",
@@ -510,6 +565,7 @@ impl Job {
                 "reason": reason,
                 "exitCode": self.status.exit_code,
                 "durationSeconds": secs,
+                "anomalies": self.status.anomalies.len(),
             })),
         );
         self.ctx.audit.remove_secrets(secrets.iter());
@@ -539,6 +595,7 @@ impl Job {
         match self.backend.reset_vm(&self.vm) {
             Ok(took) => {
                 tracing::info!(pool = %self.pool, vm = %self.vm, ?took, "VM reset to golden");
+                super::vm_pool::vm_reset(&self.ctx, &*self.backend, &self.pool, &self.vm, took);
                 if !self
                     .registry
                     .transition(&self.pool, &self.vm, VmPhase::Busy, VmPhase::Ready)

@@ -185,3 +185,34 @@ fn wrong_kind(obj: &StoredObject, expected: Kind) -> ReconcileError {
 
 #[cfg(test)]
 pub(crate) mod testutil;
+
+/// Writes a `drift_repaired` audit event when ensuring an object that was `Ready` at this
+/// generation had to create or redefine it in libvirt (it was deleted or changed by hand).
+pub(crate) fn drift_check(
+    ctx: &Ctx,
+    obj: &StoredObject,
+    outcome: agentvm_backend::backend::EnsureOutcome,
+) {
+    use agentvm_backend::backend::EnsureOutcome;
+    let before = obj.status_json();
+    let was_ready = before["phase"] == "Ready"
+        && before["observedGeneration"].as_i64() == Some(obj.generation());
+    if outcome == EnsureOutcome::Unchanged || !was_ready {
+        return;
+    }
+    let what = match outcome {
+        EnsureOutcome::Created => "recreated (it was missing from libvirt)",
+        _ => "redefined (its libvirt definition was changed)",
+    };
+    let (kind, name) = (obj.resource.kind(), obj.resource.name());
+    tracing::warn!(%kind, name, "drift repaired: {what}");
+    ctx.audit.record(
+        crate::audit::AuditEvent::new(
+            crate::audit::AuditEventType::DriftRepaired,
+            kind,
+            name,
+            "controller",
+        )
+        .details(serde_json::json!({ "repair": what })),
+    );
+}

@@ -90,6 +90,7 @@ impl Reconciler for NetworkReconciler {
         };
         match self.backend.ensure_network(&def) {
             Ok(outcome) => {
+                super::drift_check(ctx, &obj, outcome);
                 if outcome != EnsureOutcome::Unchanged {
                     tracing::info!(network = %lname, ?outcome, "network ensured");
                 }
@@ -152,13 +153,33 @@ mod tests {
 
     #[test]
     fn recreates_a_network_removed_by_hand() {
-        let t = Setup::new();
+        let mut t = Setup::new();
+        let log = t.ctx.config.state_dir.join("audit.log");
+        t.ctx.audit = crate::audit::AuditLog::open(&log, 1 << 20, 1).unwrap();
         t.apply(NET);
         let r = NetworkReconciler::new(t.backend());
         t.reconcile(&r, Kind::Network, "lan").unwrap();
+        // Creating it the first time is no drift; an unchanged pass neither.
+        t.reconcile(&r, Kind::Network, "lan").unwrap();
+        assert!(!std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("drift_repaired"));
         t.fake.remove_network_by_hand("agentvm-lan");
         t.reconcile(&r, Kind::Network, "lan").unwrap();
         assert!(t.fake.networks()["agentvm-lan"].active);
+        let audit = std::fs::read_to_string(&log).unwrap();
+        let drift: Vec<serde_json::Value> = audit
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|e| e["event_type"] == "drift_repaired")
+            .collect();
+        assert_eq!(drift.len(), 1, "{audit}");
+        assert_eq!(drift[0]["kind"], "Network");
+        assert_eq!(drift[0]["name"], "lan");
+        assert!(drift[0]["details"]["repair"]
+            .as_str()
+            .unwrap()
+            .contains("recreated"));
     }
 
     #[test]

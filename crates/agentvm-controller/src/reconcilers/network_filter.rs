@@ -88,6 +88,7 @@ impl Reconciler for NetworkFilterReconciler {
         };
         match self.backend.ensure_nwfilter(&def) {
             Ok(outcome) => {
+                super::drift_check(ctx, &obj, outcome);
                 tracing::debug!(nwfilter = %lname, ?outcome, "nwfilter ensured");
                 status.phase = NetworkFilterPhase::Ready;
                 Conditions(&mut status.conditions)

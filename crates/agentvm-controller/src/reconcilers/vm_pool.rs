@@ -110,7 +110,7 @@ impl VmPoolReconciler {
     }
 
     /// The pool's domains in libvirt, with the registry synced to them.
-    fn observe(&self, pool: &str) -> Result<Vec<OwnedVm>, ReconcileError> {
+    fn observe(&self, pool: &str, ctx: &Ctx) -> Result<Vec<OwnedVm>, ReconcileError> {
         let vms: Vec<OwnedVm> = self
             .backend
             .list_vms()
@@ -131,12 +131,19 @@ impl VmPoolReconciler {
                 self.backend
                     .destroy_vm(&known.name)
                     .map_err(|e| backend_error(&format!("cleaning up {}", known.name), &e))?;
+                ctx.metrics.vm_removed(&known.name);
+                drift_repaired(
+                    ctx,
+                    pool,
+                    &known.name,
+                    "domain vanished from libvirt; replaced",
+                );
             }
         }
         Ok(vms)
     }
 
-    fn destroy(&self, pool: &str, vm: &str, why: &str) -> Result<bool, ReconcileError> {
+    fn destroy(&self, pool: &str, vm: &str, why: &str, ctx: &Ctx) -> Result<bool, ReconcileError> {
         if !self.registry.retire(pool, vm) {
             return Ok(false);
         }
@@ -145,6 +152,17 @@ impl VmPoolReconciler {
             .destroy_vm(vm)
             .map_err(|e| backend_error(&format!("destroying {vm}"), &e))?;
         self.registry.remove(pool, vm);
+        ctx.metrics.vm_removed(vm);
+        ctx.audit.record(
+            AuditEvent::new(
+                AuditEventType::VmDestroyed,
+                Kind::VmPool,
+                pool,
+                "controller",
+            )
+            .vm(vm)
+            .details(serde_json::json!({ "reason": why })),
+        );
         Ok(true)
     }
 
@@ -159,19 +177,10 @@ impl VmPoolReconciler {
         message: String,
         status: &mut VmPoolStatus,
     ) -> Result<bool, ReconcileError> {
-        if !self.destroy(pool, vm, &format!("{reason}: {message}"))? {
+        // `destroy` writes the audit event, with the reason in front of the message.
+        if !self.destroy(pool, vm, &format!("{reason}: {message}"), ctx)? {
             return Ok(false);
         }
-        ctx.audit.record(
-            AuditEvent::new(
-                AuditEventType::VmDestroyed,
-                Kind::VmPool,
-                pool,
-                "controller",
-            )
-            .vm(vm)
-            .details(serde_json::json!({"reason": reason, "message": message})),
-        );
         status.push_event(PoolEvent {
             time: Timestamp::now().to_string(),
             reason: reason.to_string(),
@@ -212,7 +221,8 @@ impl VmPoolReconciler {
         c
     }
 
-    fn fill_status(&self, status: &mut VmPoolStatus, c: &Counts) {
+    fn fill_status(&self, status: &mut VmPoolStatus, c: &Counts, ctx: &Ctx, pool: &str) {
+        ctx.metrics.pool_size(pool, c.total as usize);
         status.ready = c.ready;
         status.busy = c.busy;
         status.starting = c.starting;
@@ -229,10 +239,10 @@ impl VmPoolReconciler {
         status: &mut VmPoolStatus,
     ) -> Result<Action, ReconcileError> {
         let result = (|| {
-            let vms = self.observe(pool)?;
+            let vms = self.observe(pool, ctx)?;
             let mut busy = Vec::new();
             for vm in &vms {
-                if !self.destroy(pool, &vm.name, "pool deleted")? {
+                if !self.destroy(pool, &vm.name, "pool deleted", ctx)? {
                     busy.push(vm.name.clone());
                 }
             }
@@ -241,12 +251,13 @@ impl VmPoolReconciler {
         match result {
             Ok(busy) if busy.is_empty() => {
                 self.registry.forget(pool);
+                ctx.metrics.pool_removed(pool);
                 ctx.store.finalize_delete(Kind::VmPool, pool)?;
                 Ok(Action::AwaitChange)
             }
             Ok(busy) => {
                 let c = self.counts(pool, "");
-                self.fill_status(status, &c);
+                self.fill_status(status, &c, ctx, pool);
                 Conditions(&mut status.conditions).progressing(
                     "WaitingForRuns",
                     format!("deletion waits for busy VMs: {}", busy.join(", ")),
@@ -272,7 +283,7 @@ impl VmPoolReconciler {
         status: &mut VmPoolStatus,
     ) -> Result<Action, ReconcileError> {
         let name = pool.name();
-        let vms = self.observe(name)?;
+        let vms = self.observe(name, ctx)?;
         // Creation times recorded earlier (adopted VMs keep their age across restarts).
         for (vm, at) in &status.vm_created_at {
             if let Some(t) = Timestamp::parse(at) {
@@ -287,7 +298,9 @@ impl VmPoolReconciler {
                 } else {
                     "no golden state (creation was interrupted)".to_string()
                 };
-                self.destroy(name, &vm.name, &why)?;
+                if self.destroy(name, &vm.name, &why, ctx)? && vm.golden {
+                    drift_repaired(ctx, name, &vm.name, &format!("{why}; replaced"));
+                }
             }
         }
         // The last replacement of this pass, for the condition of the creation that follows.
@@ -314,6 +327,7 @@ impl VmPoolReconciler {
                 match self.backend.reset_vm(&vm.name) {
                     Ok(took) => {
                         tracing::info!(pool = name, vm = %vm.name, ?took, "VM reset to golden");
+                        vm_reset(ctx, &*self.backend, name, &vm.name, took);
                         self.registry.transition(
                             name,
                             &vm.name,
@@ -390,7 +404,7 @@ impl VmPoolReconciler {
                 c.starting += 1;
                 c.total += 1;
                 c.names.push(vm_name.clone());
-                self.fill_status(status, &c);
+                self.fill_status(status, &c, ctx, name);
                 status.phase = VmPoolPhase::Warming;
                 let progress = format!("creating {vm_name} ({} of {min} ready)", c.ready_current);
                 let (reason, message) = match &replaced {
@@ -400,15 +414,15 @@ impl VmPoolReconciler {
                 };
                 Conditions(&mut status.conditions).progressing(reason, message);
                 write_status(ctx, obj, status)?;
-                self.create(name, &vm_name, tpl, obj.generation())?;
+                self.create(name, &vm_name, tpl, obj.generation(), ctx)?;
                 return Ok(Action::Requeue(NEXT_STEP));
             }
             if let Some(old) = stale_idle.first() {
-                self.destroy(name, old, "template changed (making room)")?;
+                self.destroy(name, old, "template changed (making room)", ctx)?;
                 return Ok(Action::Requeue(NEXT_STEP));
             }
         } else if let Some(old) = stale_idle.first() {
-            self.destroy(name, old, "template changed")?;
+            self.destroy(name, old, "template changed", ctx)?;
             return Ok(Action::Requeue(NEXT_STEP));
         } else if c.ready_current > min {
             let extra: Vec<String> = self
@@ -420,13 +434,13 @@ impl VmPoolReconciler {
                 .take((c.ready_current - min) as usize)
                 .collect();
             for vm in extra {
-                self.destroy(name, &vm, "scaling down")?;
+                self.destroy(name, &vm, "scaling down", ctx)?;
             }
             return Ok(Action::Requeue(NEXT_STEP));
         }
 
         let c = self.counts(name, &tpl.hash);
-        self.fill_status(status, &c);
+        self.fill_status(status, &c, ctx, name);
         if c.ready_current >= min {
             status.phase = VmPoolPhase::Ready;
             Conditions(&mut status.conditions).ready(
@@ -457,6 +471,7 @@ impl VmPoolReconciler {
         vm: &str,
         tpl: &Template,
         generation: i64,
+        ctx: &Ctx,
     ) -> Result<(), ReconcileError> {
         let req = PoolVmRequest {
             name: vm.to_string(),
@@ -478,9 +493,49 @@ impl VmPoolReconciler {
             .create_pool_vm(&req)
             .map_err(|e| backend_error(&format!("creating {vm}"), &e))?;
         tracing::info!(pool, vm, boot = ?report.boot, warmup = ?report.warmup, park = ?report.park, "VM ready");
+        ctx.metrics.vm_booted(vm, pool, report.boot.as_secs_f64());
+        ctx.audit.record(
+            AuditEvent::new(AuditEventType::VmCreated, Kind::VmPool, pool, "controller")
+                .vm(vm)
+                .details(serde_json::json!({
+                    "bootSeconds": report.boot.as_secs_f64(),
+                    "warmupSeconds": report.warmup.as_secs_f64(),
+                    "parkSeconds": report.park.as_secs_f64(),
+                    "templateHash": tpl.hash,
+                })),
+        );
         self.registry.insert(pool, vm, VmPhase::Ready, &tpl.hash);
         Ok(())
     }
+}
+
+/// Records a reset of `vm` of `pool` that took `took`: reset duration metric, `vm_reset` audit
+/// event.
+pub(crate) fn vm_reset(ctx: &Ctx, backend: &dyn Backend, pool: &str, vm: &str, took: Duration) {
+    let strategy = backend.reset_strategy();
+    ctx.metrics.reset(pool, strategy, took.as_secs_f64());
+    ctx.audit.record(
+        AuditEvent::new(AuditEventType::VmReset, Kind::VmPool, pool, "controller")
+            .vm(vm)
+            .details(serde_json::json!({
+                "strategy": strategy,
+                "seconds": took.as_secs_f64(),
+            })),
+    );
+}
+
+/// Records a `drift_repaired` audit event for VM `vm` of `pool`.
+fn drift_repaired(ctx: &Ctx, pool: &str, vm: &str, what: &str) {
+    ctx.audit.record(
+        AuditEvent::new(
+            AuditEventType::DriftRepaired,
+            Kind::VmPool,
+            pool,
+            "controller",
+        )
+        .vm(vm)
+        .details(serde_json::json!({ "repair": what })),
+    );
 }
 
 /// `agentvm-<pool>-<5 random base-36 characters>`.
@@ -610,7 +665,7 @@ impl Reconciler for VmPoolReconciler {
             Err((reason, message)) => {
                 // Existing VMs stay as they are while a dependency is not ready.
                 let c = self.counts(name, status.template_hash.as_deref().unwrap_or(""));
-                self.fill_status(&mut status, &c);
+                self.fill_status(&mut status, &c, ctx, name);
                 status.phase = VmPoolPhase::Pending;
                 Conditions(&mut status.conditions).progressing(reason, message);
                 write_status(ctx, &obj, &status)?;
@@ -623,7 +678,7 @@ impl Reconciler for VmPoolReconciler {
             Ok(action) => Ok(action),
             Err(err) => {
                 let c = self.counts(name, &tpl.hash);
-                self.fill_status(&mut status, &c);
+                self.fill_status(&mut status, &c, ctx, name);
                 let min = pool.spec.min_ready.min(pool.spec.max_size);
                 status.phase = VmPoolPhase::Degraded;
                 Conditions(&mut status.conditions).degraded(&err, c.ready_current >= min);

@@ -389,3 +389,59 @@ fn a_vm_that_expires_during_a_run_finishes_it_and_is_replaced_not_reset() {
             .any(|v| v.phase == VmPhase::Ready)
     });
 }
+
+#[test]
+fn policy_kill_stops_a_run_on_its_first_anomaly_and_the_summary_is_kept() {
+    let r = Runs::new(1, 1);
+    r.t.apply(&format!(
+        "{}  anomalies: {{policy: kill, cpuPercent: 50, cpuSustainedSamples: 2}}\n",
+        pool_yaml(1, 1)
+    ));
+    // Every vCPU of the (standard, 2 vCPU) VM busy all the time.
+    let t0 = Instant::now();
+    r.t.fake.set_vm_stats(move |_| {
+        let at = Instant::now();
+        Ok(agentvm_backend::stats::DomainStats {
+            cpu_time_ns: 2 * at.duration_since(t0).as_nanos() as u64,
+            memory_rss_bytes: None,
+            memory_actual_bytes: None,
+            memory_available_bytes: Some(2 << 30),
+            memory_unused_bytes: Some(1 << 30),
+            memory_usable_bytes: Some(1 << 30),
+            block_rd_bytes: 0,
+            block_wr_bytes: 4096,
+            net_rx_bytes: 0,
+            net_tx_bytes: 0,
+            at,
+        })
+    });
+    r.t.apply(&run_yaml("spin", "echo started\nsleep 60", ""));
+    let started = Instant::now();
+    r.drive(|r| r.phase("spin").as_deref() == Some("Failed"));
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let st = r.status("spin");
+    assert_eq!(st.reason.as_deref(), Some("AnomalyPolicy"));
+    assert_eq!(st.anomalies.len(), 1, "{st:?}");
+    let a = &st.anomalies[0];
+    assert_eq!(
+        (a.rule.as_str(), a.metric.as_str(), a.threshold),
+        ("CpuSaturated", "cpu_percent", 50)
+    );
+    assert!(a.observed >= 90, "{a:?}");
+    let usage = st.resource_usage.expect("a usage summary");
+    assert!(
+        usage.samples >= 3 && usage.cpu_milliseconds > 0,
+        "{usage:?}"
+    );
+    assert_eq!(usage.peak_memory_bytes, 1 << 30);
+    let text = r.t.ctx.metrics.render();
+    assert!(
+        text.contains("agent_vm_anomalies_total{rule=\"CpuSaturated\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("agent_execution_total{status=\"failed\"} 1"));
+    // The VM is reset and ready again.
+    let vm = st.vm.unwrap();
+    r.drive(|r| r.registry.phase("p", &vm) == Some(VmPhase::Ready));
+    assert_eq!(r.t.fake.domains()[&vm].resets, 1);
+}

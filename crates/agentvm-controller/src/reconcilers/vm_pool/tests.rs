@@ -609,3 +609,68 @@ fn a_vm_whose_reset_fails_is_replaced_and_the_event_says_why() {
         "{ev}"
     );
 }
+
+#[test]
+fn pool_vms_feed_boot_reset_and_size_metrics_and_the_audit_log_including_drift() {
+    let mut p = Pools::new();
+    let log = p.t.ctx.config.state_dir.join("audit.log");
+    p.t.ctx.audit = crate::audit::AuditLog::open(&log, 1 << 20, 1).unwrap();
+    image_ready(&p.t);
+    p.t.apply(&pool_yaml(2, 3, 512));
+    p.settle().unwrap();
+    let vms = p.vms();
+    let text = p.t.ctx.metrics.render();
+    for vm in &vms {
+        assert!(
+            text.contains(&format!("agent_vm_boot_duration_seconds{{vm_id=\"{vm}\"}}")),
+            "{text}"
+        );
+    }
+    assert!(
+        text.contains("agent_vm_pool_size{pool_id=\"p\"} 2"),
+        "{text}"
+    );
+
+    // A released VM is reset: reset duration by strategy.
+    let vm = p.r.registry().acquire("p").unwrap();
+    p.r.registry().release("p", &vm);
+    p.settle().unwrap();
+    let text = p.t.ctx.metrics.render();
+    assert!(
+        text.contains(
+            "agentvm_vm_reset_duration_seconds_count{pool_id=\"p\",strategy=\"golden\"} 1"
+        ),
+        "{text}"
+    );
+
+    // Shut off by hand: destroyed, replaced, series gone, drift audited.
+    p.t.fake.stop_domain_by_hand(&vms[0]);
+    p.settle().unwrap();
+    let text = p.t.ctx.metrics.render();
+    assert!(!text.contains(&format!("vm_id=\"{}\"", vms[0])), "{text}");
+
+    let events: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let of = |ty: &str| -> Vec<&serde_json::Value> {
+        events.iter().filter(|e| e["event_type"] == ty).collect()
+    };
+    assert_eq!(of("vm_created").len(), 3, "{events:?}");
+    assert!(of("vm_created").iter().all(|e| e["kind"] == "VmPool"
+        && e["name"] == "p"
+        && e["details"]["bootSeconds"].is_number()));
+    assert_eq!(of("vm_reset").len(), 1);
+    assert_eq!(of("vm_reset")[0]["vm_id"], vm.as_str());
+    let destroyed = of("vm_destroyed");
+    assert_eq!(destroyed.len(), 1, "{events:?}");
+    assert_eq!(destroyed[0]["vm_id"], vms[0].as_str());
+    let drift = of("drift_repaired");
+    assert_eq!(drift.len(), 1, "{events:?}");
+    assert_eq!(drift[0]["vm_id"], vms[0].as_str());
+    assert!(drift[0]["details"]["repair"]
+        .as_str()
+        .unwrap()
+        .contains("ShutOff"));
+}

@@ -1,0 +1,243 @@
+//! `RunMonitor`: samples the VM of a running `AgentRun` about once a second on a thread of its
+//! own (libvirt domain statistics through [`Backend::vm_stats`], the guest's task count from
+//! `/proc/loadavg` through the guest agent), feeds the [`AnomalyDetector`], and for each
+//! anomaly: appends it to the run's status (written at once), counts it in
+//! `agent_vm_anomalies_total{rule}` and writes an `anomaly` audit event. With policy `kill`
+//! the first anomaly also sets the run's cancel flag (the executor kills the process group in
+//! the guest) and [`MonitorReport::killed`]. Stopping it returns the anomalies and the
+//! resource-usage summary for the final status.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use agentvm_api::{AgentRunStatus, Anomaly, AnomalyDetection, AnomalyPolicy, Kind, ResourceUsage};
+use agentvm_backend::{Backend, Guest};
+
+use crate::anomaly::{tasks_from_loadavg, AnomalyDetector, Observation};
+use crate::audit::{AuditEvent, AuditEventType};
+use crate::reconcile::Ctx;
+use crate::time::Timestamp;
+
+/// Default time between two samples.
+pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What to watch.
+#[derive(Debug, Clone)]
+pub struct MonitorTarget {
+    /// The run's name.
+    pub run: String,
+    /// Its pool.
+    pub pool: String,
+    /// The VM (libvirt domain).
+    pub vm: String,
+    /// The pool's thresholds and policy.
+    pub settings: AnomalyDetection,
+    /// The VM's vCPUs.
+    pub vcpus: u32,
+    /// The VM's RAM in bytes.
+    pub memory_bytes: u64,
+}
+
+/// What a stopped monitor observed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MonitorReport {
+    /// Anomalies, in the order detected.
+    pub anomalies: Vec<Anomaly>,
+    /// Resource use over the samples (`None` when no sample could be taken).
+    pub usage: Option<ResourceUsage>,
+    /// True when policy `kill` stopped the run.
+    pub killed: bool,
+}
+
+/// A running monitor; [`RunMonitor::stop`] ends it.
+pub struct RunMonitor {
+    stop: Arc<AtomicBool>,
+    killed: Arc<AtomicBool>,
+    handle: Option<JoinHandle<MonitorReport>>,
+}
+
+impl std::fmt::Debug for RunMonitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunMonitor").finish_non_exhaustive()
+    }
+}
+
+struct Sampler {
+    backend: Arc<dyn Backend>,
+    target: MonitorTarget,
+    ctx: Ctx,
+    detector: AnomalyDetector,
+    /// The status as the run's thread last wrote it (`Running`); anomalies are added to it.
+    status: AgentRunStatus,
+    anomalies: Vec<Anomaly>,
+    cancel: Arc<AtomicBool>,
+    killed: Arc<AtomicBool>,
+    warned: bool,
+}
+
+impl Sampler {
+    fn tasks(&self) -> Option<u64> {
+        let chan = self.backend.agent(&self.target.vm).ok()?;
+        let text = Guest::new(&*chan).read_file("/proc/loadavg", 4096).ok()?;
+        tasks_from_loadavg(&String::from_utf8_lossy(&text))
+    }
+
+    fn sample(&mut self) -> Option<Observation> {
+        match self.backend.vm_stats(&self.target.vm) {
+            Ok(stats) => Some(Observation {
+                stats,
+                processes: None,
+            }),
+            Err(e) => {
+                if !self.warned {
+                    self.warned = true;
+                    tracing::warn!(run = %self.target.run, vm = %self.target.vm, error = %e, "sampling the VM's statistics failed");
+                }
+                None
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        let Some(mut obs) = self.sample() else {
+            return;
+        };
+        obs.processes = self.tasks();
+        let findings = self.detector.observe(obs);
+        if findings.is_empty() {
+            return;
+        }
+        let policy = self.target.settings.policy;
+        for f in findings {
+            let a = Anomaly {
+                rule: f.rule.as_str().to_string(),
+                metric: f.metric.as_str().to_string(),
+                observed: f.observed,
+                threshold: f.threshold,
+                message: f.message,
+                detected_at: Timestamp::now().to_string(),
+            };
+            tracing::warn!(run = %self.target.run, vm = %self.target.vm, rule = %a.rule, "anomaly: {}", a.message);
+            self.ctx.metrics.anomaly(f.rule);
+            self.ctx.audit.record(
+                AuditEvent::new(
+                    AuditEventType::Anomaly,
+                    Kind::AgentRun,
+                    &self.target.run,
+                    "controller",
+                )
+                .vm(&self.target.vm)
+                .details(serde_json::json!({
+                    "pool": self.target.pool,
+                    "rule": a.rule,
+                    "metric": a.metric,
+                    "observed": a.observed,
+                    "threshold": a.threshold,
+                    "message": a.message,
+                    "policy": format!("{policy:?}").to_lowercase(),
+                })),
+            );
+            self.anomalies.push(a);
+        }
+        if policy == AnomalyPolicy::Kill && !self.killed.swap(true, Ordering::SeqCst) {
+            tracing::warn!(run = %self.target.run, "policy kill: stopping the run");
+            self.cancel.store(true, Ordering::SeqCst);
+        }
+        let mut st = self.status.clone();
+        st.anomalies = self.anomalies.clone();
+        match serde_json::to_value(&st) {
+            Ok(v) => {
+                if let Err(e) = self
+                    .ctx
+                    .store
+                    .update_status(Kind::AgentRun, &self.target.run, v)
+                {
+                    tracing::warn!(run = %self.target.run, error = %e, "writing anomalies failed");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(run = %self.target.run, error = %e, "encoding anomalies failed")
+            }
+        }
+    }
+}
+
+impl RunMonitor {
+    /// Starts sampling `target` every `every`. `status` is the run's status as last written
+    /// (anomalies are written on top of it while the run goes on); `cancel` is the run's
+    /// cancel flag (set by policy `kill`).
+    pub fn start(
+        backend: Arc<dyn Backend>,
+        ctx: Ctx,
+        target: MonitorTarget,
+        status: AgentRunStatus,
+        cancel: Arc<AtomicBool>,
+        every: Duration,
+    ) -> std::io::Result<RunMonitor> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let killed = Arc::new(AtomicBool::new(false));
+        let mut s = Sampler {
+            detector: AnomalyDetector::new(&target.settings, target.vcpus, target.memory_bytes),
+            backend,
+            ctx,
+            status,
+            anomalies: Vec::new(),
+            cancel,
+            killed: killed.clone(),
+            warned: false,
+            target,
+        };
+        let stopping = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("watch-{}", s.target.run))
+            .spawn(move || {
+                let every = every.max(Duration::from_millis(50));
+                loop {
+                    let next = Instant::now() + every;
+                    s.tick();
+                    while Instant::now() < next {
+                        if stopping.load(Ordering::SeqCst) {
+                            // A last reading so the usage covers the whole run.
+                            if let Some(obs) = s.sample() {
+                                s.detector.account(&obs);
+                            }
+                            let usage = s.detector.usage();
+                            return MonitorReport {
+                                anomalies: s.anomalies,
+                                usage: (usage.samples > 0).then_some(usage),
+                                killed: s.killed.load(Ordering::SeqCst),
+                            };
+                        }
+                        std::thread::sleep(Duration::from_millis(25).min(every));
+                    }
+                }
+            })?;
+        Ok(RunMonitor {
+            stop,
+            killed,
+            handle: Some(handle),
+        })
+    }
+
+    /// True once policy `kill` stopped the run.
+    pub fn killed(&self) -> bool {
+        self.killed.load(Ordering::SeqCst)
+    }
+
+    /// Stops sampling and returns what was seen (waits for a sample in progress).
+    pub fn stop(mut self) -> MonitorReport {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for RunMonitor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
