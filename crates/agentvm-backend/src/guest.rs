@@ -449,6 +449,12 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
             }
         };
         let result = self.exec_inner(req, &out_path, &err_path, hout, herr, on_output);
+        if let Err(e) = &result {
+            if e.is_transient() || matches!(e, BackendError::Timeout { .. }) {
+                // Every cleanup call would wait for a silent agent; the VM is not reused.
+                return result;
+            }
+        }
         let _ = self.close(hout);
         let _ = self.close(herr);
         // Best effort: remove the output files (the VM is reset after a run anyway).
@@ -496,26 +502,69 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
         // Output is read while the process runs, at most every DRAIN_EVERY (live following),
         // and once more after it exits; in between only the status is polled, which keeps the
         // number of agent calls (each costs guest CPU) low for short commands.
+        //
+        // An agent that stops answering (stopped or hung in the guest, or libvirtd restarting
+        // under us) does not end the process's run by itself: polling goes on until the
+        // process's timeout (then `BackendError::Timeout`). A guest that is gone (QEMU died)
+        // fails at once.
         let mut last_drain = Instant::now();
+        let mut unreachable: Option<(Instant, BackendError)> = None;
         let (status, out_capped, err_capped) = loop {
-            let st = self.status(pid)?;
-            if st.is_some() || last_drain.elapsed() >= DRAIN_EVERY {
-                let out_capped = drain(self, hout, &mut stdout, Stream::Stdout)?;
-                let err_capped = drain(self, herr, &mut stderr, Stream::Stderr)?;
-                last_drain = Instant::now();
-                if let Some(st) = st {
-                    break (st, out_capped, err_capped);
+            let step = (|| -> Result<Option<_>> {
+                if unreachable.is_some() {
+                    // A failed call may have moved the handles: put them back.
+                    for (h, at) in [(hout, stdout.len()), (herr, stderr.len())] {
+                        self.call(
+                            "guest-file-seek",
+                            Some(json!({"handle": h, "offset": at, "whence": "set"})),
+                        )?;
+                    }
                 }
-            }
-            if !timed_out && !killed && self.cancelled() {
-                killed = true;
-                self.kill_group(pid)?;
-                continue;
-            }
-            if !timed_out && start.elapsed() >= req.timeout {
-                timed_out = true;
-                self.kill_group(pid)?;
-                continue;
+                let st = self.status(pid)?;
+                if st.is_some() || last_drain.elapsed() >= DRAIN_EVERY {
+                    let out_capped = drain(self, hout, &mut stdout, Stream::Stdout)?;
+                    let err_capped = drain(self, herr, &mut stderr, Stream::Stderr)?;
+                    last_drain = Instant::now();
+                    if let Some(st) = st {
+                        return Ok(Some((st, out_capped, err_capped)));
+                    }
+                }
+                if !timed_out && !killed && self.cancelled() {
+                    killed = true;
+                    self.kill_group(pid)?;
+                } else if !timed_out && start.elapsed() >= req.timeout {
+                    timed_out = true;
+                    self.kill_group(pid)?;
+                }
+                Ok(None)
+            })();
+            match step {
+                Ok(Some(done)) => break done,
+                Ok(None) => {
+                    if let Some((since, _)) = unreachable.take() {
+                        tracing::info!(vm = self.chan.vm_name(), after = ?since.elapsed(), "guest agent answers again");
+                    }
+                }
+                Err(e) if e.is_transient() && !self.cancelled() => {
+                    if unreachable.is_none() {
+                        tracing::warn!(vm = self.chan.vm_name(), error = %e, "guest agent not answering; still waiting for the process");
+                    }
+                    let since = unreachable.map_or_else(Instant::now, |(t, _)| t);
+                    if start.elapsed() >= req.timeout {
+                        return Err(BackendError::Timeout {
+                            what: format!(
+                                "process {pid} in {} (its guest agent stopped answering {:.0} s before the deadline: {e})",
+                                self.chan.vm_name(),
+                                req.timeout.saturating_sub(since.duration_since(start)).as_secs_f64()
+                            ),
+                            after: req.timeout,
+                        });
+                    }
+                    unreachable = Some((since, e));
+                    std::thread::sleep(Duration::from_millis(500));
+                    continue;
+                }
+                Err(e) => return Err(e),
             }
             if timed_out && start.elapsed() >= req.timeout + Duration::from_secs(30) {
                 return Err(BackendError::Timeout {
@@ -632,6 +681,87 @@ mod tests {
 
     fn read(data: &[u8], eof: bool) -> Result<Value> {
         Ok(json!({"count": data.len(), "buf-b64": B64.encode(data), "eof": eof}))
+    }
+
+    /// An agent answering by command name; `exec-status` answers come from `status` (called
+    /// with how many status calls came before).
+    struct ByName<F: Fn(usize) -> Result<Value>> {
+        status: F,
+        calls: RefCell<Vec<String>>,
+    }
+
+    impl<F: Fn(usize) -> Result<Value>> AgentChannel for ByName<F> {
+        fn vm_name(&self) -> &str {
+            "fake"
+        }
+        fn command(&self, command: &Value, _t: Duration) -> Result<Value> {
+            let name = command["execute"].as_str().unwrap().to_string();
+            let n = self
+                .calls
+                .borrow()
+                .iter()
+                .filter(|c| *c == "guest-exec-status")
+                .count();
+            self.calls.borrow_mut().push(name.clone());
+            match name.as_str() {
+                "guest-file-open" => Ok(json!(7)),
+                "guest-exec" => Ok(json!({"pid": 42})),
+                "guest-exec-status" => (self.status)(n),
+                "guest-file-read" => read(b"", true),
+                "guest-file-seek" => Ok(json!({"position": 0})),
+                _ => Ok(json!({})),
+            }
+        }
+    }
+
+    fn unavailable() -> Result<Value> {
+        Err(BackendError::GuestAgentUnavailable {
+            vm: "fake".into(),
+            message: "Guest agent is not responding".into(),
+        })
+    }
+
+    #[test]
+    fn a_process_outlives_a_brief_agent_outage_and_its_output_handles_are_put_back() {
+        let agent = ByName {
+            status: |n| match n {
+                0 | 1 => unavailable(),
+                _ => Ok(json!({"exited": true, "exitcode": 0})),
+            },
+            calls: RefCell::new(vec![]),
+        };
+        let mut req = ExecRequest::new("/bin/true", Vec::<String>::new());
+        req.timeout = Duration::from_secs(30);
+        let out = Guest::new(&agent).exec(&req, &mut |_, _| {}).unwrap();
+        assert_eq!(out.exit_code, Some(0));
+        let calls = agent.calls.borrow();
+        let seeks = calls.iter().filter(|c| *c == "guest-file-seek").count();
+        assert_eq!(
+            seeks, 4,
+            "both handles put back after each failed poll: {calls:?}"
+        );
+    }
+
+    #[test]
+    fn an_agent_that_stops_answering_ends_the_exec_with_a_timeout_at_the_deadline() {
+        let agent = ByName {
+            status: |n| match n {
+                0 => Ok(json!({"exited": false})),
+                _ => unavailable(),
+            },
+            calls: RefCell::new(vec![]),
+        };
+        let mut req = ExecRequest::new("/bin/sleep", ["100"]);
+        req.timeout = Duration::from_secs(2);
+        let t = Instant::now();
+        let err = Guest::new(&agent).exec(&req, &mut |_, _| {}).unwrap_err();
+        assert!(matches!(err, BackendError::Timeout { .. }), "{err}");
+        assert!(err.to_string().contains("stopped answering"), "{err}");
+        assert!(t.elapsed() >= Duration::from_secs(2));
+        assert!(t.elapsed() < Duration::from_secs(10));
+        // No cleanup calls wait on the silent agent afterwards.
+        let calls = agent.calls.borrow();
+        assert_ne!(calls.last().map(String::as_str), Some("guest-file-close"));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentvm_api::{AgentRun, AgentRunPhase, AgentRunStatus, CollectedArtifact, Kind, Resource};
-use agentvm_backend::{Backend, Guest, Stream};
+use agentvm_backend::{Backend, BackendError, Guest, Stream};
 
 use super::{condition, status_of, write_status, PoolRegistry, VmPhase};
 use crate::audit::{AuditEvent, AuditEventType};
@@ -403,6 +403,8 @@ impl Job {
         st.stderr_tail = err_tail.text();
         st.artifacts = artifacts;
         let secs = started.elapsed().as_secs_f64();
+        // A VM whose QEMU or guest agent failed under the run is not trusted with another.
+        let mut replace = false;
         let (phase, reason, message) = match result {
             _ if cancelled => (
                 AgentRunPhase::Cancelled,
@@ -437,11 +439,22 @@ impl Job {
                     )
                 }
             }
-            Err(RunError::Backend(e)) => (
-                AgentRunPhase::Failed,
-                "VmLost",
-                redact(format!("VM {}: {e}", self.vm)),
-            ),
+            Err(RunError::Backend(e @ BackendError::Timeout { .. })) => {
+                replace = true;
+                (
+                    AgentRunPhase::TimedOut,
+                    "GuestUnresponsive",
+                    redact(format!("VM {} (replaced): {e}", self.vm)),
+                )
+            }
+            Err(RunError::Backend(e)) => {
+                replace = true;
+                (
+                    AgentRunPhase::Failed,
+                    "VmLost",
+                    redact(format!("VM {} (replaced): {e}", self.vm)),
+                )
+            }
             Err(e) => (AgentRunPhase::Failed, "SetupFailed", redact(e.to_string())),
         };
         tracing::info!(run = %self.name, vm = %self.vm, ?phase, reason, took = ?started.elapsed(), "run finished");
@@ -468,7 +481,24 @@ impl Job {
         // Back to golden right here (the VM is still busy, so the pool leaves it alone), then
         // ready for the next run: a pool reconciler busy booting another VM does not delay
         // it. If the reset fails, the pool gets it as needing a reset (and replaces it).
-        match self.backend.reset_vm(&self.vm) {
+        let reset = if replace {
+            Err(None)
+        } else {
+            self.backend.reset_vm(&self.vm).map_err(Some)
+        };
+        match reset {
+            Err(None) => {
+                // Still busy, so the pool leaves it alone while it goes; the pool then
+                // starts a replacement.
+                tracing::warn!(pool = %self.pool, vm = %self.vm, "destroying the VM the run lost; the pool replaces it");
+                match self.backend.destroy_vm(&self.vm) {
+                    Ok(()) => self.registry.remove(&self.pool, &self.vm),
+                    Err(e) => {
+                        tracing::warn!(pool = %self.pool, vm = %self.vm, error = %e, "destroying the lost VM failed; the pool takes over");
+                        self.registry.release(&self.pool, &self.vm);
+                    }
+                }
+            }
             Ok(took) => {
                 tracing::info!(pool = %self.pool, vm = %self.vm, ?took, "VM reset to golden");
                 if !self
@@ -478,7 +508,7 @@ impl Job {
                     self.registry.release(&self.pool, &self.vm);
                 }
             }
-            Err(e) => {
+            Err(Some(e)) => {
                 tracing::warn!(pool = %self.pool, vm = %self.vm, error = %e, "reset after the run failed; the pool takes over");
                 self.registry.release(&self.pool, &self.vm);
             }
