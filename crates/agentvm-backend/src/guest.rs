@@ -42,6 +42,9 @@ pub trait AgentChannel {
     fn command(&self, command: &Value, timeout: Duration) -> Result<Value>;
 }
 
+/// Retries of a repeatable agent command that failed at once because libvirt reported the
+/// agent as not connected (200, 400, .. ms apart).
+const QUICK_RETRIES: u32 = 5;
 /// Timeout for ordinary agent calls.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Timeout for calls moving a [`FILE_CHUNK`] (the agent's JSON parser is slow under TCG).
@@ -190,9 +193,27 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
             Some(a) => json!({"execute": execute, "arguments": a}),
             None => json!({"execute": execute}),
         };
-        self.chan
-            .command(&cmd, timeout)
-            .map_err(|e| agent_err(self.chan.vm_name(), execute, e))
+        // Right after a reset libvirt may briefly report the agent as not connected (it
+        // re-opens the channel when the restored guest's port reconnects). Commands that can
+        // safely be sent twice are retried when that happens; an agent that is silent (the
+        // call ran into its timeout) is not waited for here.
+        let retry = matches!(
+            execute,
+            "guest-ping" | "guest-exec-status" | "guest-file-open" | "guest-file-seek"
+        );
+        let mut attempt = 0u32;
+        loop {
+            let t = Instant::now();
+            match self.chan.command(&cmd, timeout) {
+                Err(BackendError::GuestAgentUnavailable { .. })
+                    if retry && attempt < QUICK_RETRIES && t.elapsed() < Duration::from_secs(1) =>
+                {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(200 * u64::from(attempt)));
+                }
+                other => return other.map_err(|e| agent_err(self.chan.vm_name(), execute, e)),
+            }
+        }
     }
 
     fn protocol(&self, what: &str, message: impl Into<String>) -> BackendError {
@@ -721,24 +742,42 @@ mod tests {
         })
     }
 
-    #[test]
-    fn a_process_outlives_a_brief_agent_outage_and_its_output_handles_are_put_back() {
+    fn exec_through_outage(failing_polls: usize) -> Vec<String> {
         let agent = ByName {
-            status: |n| match n {
-                0 | 1 => unavailable(),
-                _ => Ok(json!({"exited": true, "exitcode": 0})),
+            status: move |n| {
+                if n < failing_polls {
+                    unavailable()
+                } else {
+                    Ok(json!({"exited": true, "exitcode": 0}))
+                }
             },
             calls: RefCell::new(vec![]),
         };
         let mut req = ExecRequest::new("/bin/true", Vec::<String>::new());
-        req.timeout = Duration::from_secs(30);
+        req.timeout = Duration::from_secs(60);
         let out = Guest::new(&agent).exec(&req, &mut |_, _| {}).unwrap();
         assert_eq!(out.exit_code, Some(0));
-        let calls = agent.calls.borrow();
+        agent.calls.take()
+    }
+
+    #[test]
+    fn a_momentarily_disconnected_agent_is_asked_again() {
+        let calls = exec_through_outage(2);
+        assert_eq!(
+            calls.iter().filter(|c| *c == "guest-exec-status").count(),
+            3
+        );
+        assert!(!calls.iter().any(|c| c == "guest-file-seek"), "{calls:?}");
+    }
+
+    #[test]
+    fn a_process_outlives_a_longer_agent_outage_and_its_output_handles_are_put_back() {
+        // The first poll gives up after its quick retries; the exec goes on.
+        let calls = exec_through_outage(QUICK_RETRIES as usize + 3);
         let seeks = calls.iter().filter(|c| *c == "guest-file-seek").count();
         assert_eq!(
-            seeks, 4,
-            "both handles put back after each failed poll: {calls:?}"
+            seeks, 2,
+            "both handles put back after the failed poll: {calls:?}"
         );
     }
 
