@@ -102,8 +102,9 @@ fn hostile_guests_are_contained_and_the_next_run_starts_clean() {
     let mut rss = vec![("idle".to_string(), rss_idle)];
 
     let cases: [(&str, &str, &str); 5] = [
-        // A fork bomb (dash has no `:` functions; `b` does the same), killed at the timeout.
-        ("fork-bomb", "b() { b | b & }; b", "  timeoutSeconds: 30\n"),
+        // A fork bomb (dash has no `:` functions; `b` does the same) that keeps the run
+        // going until it is killed at the timeout.
+        ("fork-bomb", "b() { b | b & }; b; sleep 600", "  timeoutSeconds: 30\n"),
         // Grab memory 10 MB at a time until the guest's OOM killer steps in.
         (
             "memory-hog",
