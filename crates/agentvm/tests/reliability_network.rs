@@ -2,10 +2,11 @@
 //! (`qemu:///system`, TCG): a NAT network with an egress filter allowing DNS (udp/53) and
 //! tcp/443 only, like `examples/nat-filtered.yaml`, a pool of two VMs attached to it, and an
 //! `AgentRun` that probes what it should not reach: blocked ports on "the internet", the
-//! host's own services (stand-ins for the metrics port 9090 and libvirtd's TCP port 16509 on
-//! the host's address on the bridge, and dnsmasq over TCP), and a server another run keeps
-//! open in the other guest. Control probes show the network works (tcp/443 to the internet,
-//! DNS to the host's dnsmasq) and that every stand-in answers outside the guests' filters.
+//! host's own services (stand-ins for the metrics port 9090, libvirtd's TCP port 16509 and a
+//! service on tcp/443 — a port the filter allows — on the host's address on the bridge), and
+//! a server another run keeps open in the other guest. Control probes show the network works
+//! (tcp/443 to the internet; DNS over udp and tcp to the host's dnsmasq, the one host service
+//! besides DHCP a guest may use) and that every stand-in answers outside the guests' filters.
 //!
 //! Safety (as in `agentvm-backend/tests/tier3_network.rs`): libvirtd must run inside the
 //! test network namespace (`$AGENTVM_TEST_NETNS`); the test checks it before anything
@@ -307,10 +308,14 @@ fn a_guest_reaches_only_what_its_filter_allows_not_the_host_nor_another_guest() 
     // Controls: the guest is on the network.
     assert_eq!(verdict(&targets[0]), "ok", "tcp/443 to the internet");
     assert_eq!(verdict(&targets[2]), "ok", "DNS to the host's dnsmasq");
+    assert_eq!(
+        verdict(&targets[3]),
+        "ok",
+        "DNS over TCP to the host's dnsmasq"
+    );
     // Contained.
     for t in [
         &targets[1],
-        &targets[3],
         &targets[4],
         &targets[5],
         &targets[7],
