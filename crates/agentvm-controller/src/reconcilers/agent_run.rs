@@ -14,7 +14,9 @@
 //!   follows it, artifacts are collected to `<stateDir>/artifacts/<run>/` and the final
 //!   status is written. The VM is then reset to golden on the same thread (still busy, so
 //!   the pool leaves it alone) and made ready again; a failed reset hands it to the pool
-//!   reconciler as needing one (which retries or replaces it).
+//!   reconciler as needing one (which retries or replaces it). A VM whose QEMU died
+//!   (`VmLost`) or whose agent stopped answering until the timeout (`TimedOut` /
+//!   `GuestUnresponsive`) is destroyed instead, and the pool starts another.
 //! - **Cancellation**: deleting a running run kills its process group in the guest; the run
 //!   ends `Cancelled`, its VM is reset, and the deletion is finalized.
 //! - **Restart recovery**: a run found `Scheduled` or `Running` that this process is not
