@@ -11,7 +11,9 @@
 //! it (`ip netns exec NS libvirtd -d`), so it must run alone: no other test may use libvirt
 //! meanwhile. It refuses to run unless libvirtd runs inside `$AGENTVM_TEST_NETNS` (the
 //! network namespace tests use), and it starts libvirtd again there if it fails halfway.
-//! Run it by hand: `cargo test -p agentvm --test reliability_libvirtd -- --test-threads=1`.
+//! It fails at once unless `AGENTVM_TEST_RESTART_LIBVIRTD=1` (set by `scripts/test.sh`, where
+//! cargo runs the test binaries one after another). By hand:
+//! `AGENTVM_TEST_RESTART_LIBVIRTD=1 cargo test -p agentvm --test reliability_libvirtd`.
 
 mod common;
 
@@ -106,6 +108,13 @@ impl Drop for LibvirtdGuard {
 
 #[test]
 fn the_controller_reconnects_after_libvirtd_restarts_mid_reconcile_and_mid_run() {
+    // Consent: restarting the daemon breaks every other libvirt user for a few seconds.
+    assert_eq!(
+        std::env::var("AGENTVM_TEST_RESTART_LIBVIRTD").as_deref(),
+        Ok("1"),
+        "this test restarts libvirtd: set AGENTVM_TEST_RESTART_LIBVIRTD=1 when nothing else \
+         uses it (scripts/test.sh does)"
+    );
     // Safety: only the libvirtd of the test namespace is ever restarted.
     let ns = netns();
     let pid = libvirtd_pid().expect("libvirtd is not running (scripts/host-setup.sh --netns)");
