@@ -532,8 +532,9 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
         let mut unreachable: Option<(Instant, BackendError)> = None;
         let (status, out_capped, err_capped) = loop {
             let step = (|| -> Result<Option<_>> {
+                let st = self.status(pid)?;
                 if unreachable.is_some() {
-                    // A failed call may have moved the handles: put them back.
+                    // Answering again. A failed call may have moved the handles: put them back.
                     for (h, at) in [(hout, stdout.len()), (herr, stderr.len())] {
                         self.call(
                             "guest-file-seek",
@@ -541,7 +542,6 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
                         )?;
                     }
                 }
-                let st = self.status(pid)?;
                 if st.is_some() || last_drain.elapsed() >= DRAIN_EVERY {
                     let out_capped = drain(self, hout, &mut stdout, Stream::Stdout)?;
                     let err_capped = drain(self, herr, &mut stderr, Stream::Stderr)?;
