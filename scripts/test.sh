@@ -10,6 +10,8 @@ export AGENTVM_ACCEL=${AGENTVM_ACCEL:-tcg}   # KVM cannot boot 64-bit guests on 
 export AGENTVM_CACHE_DIR=${AGENTVM_CACHE_DIR:-/var/cache/agentvm}
 export AGENTVM_STATE_DIR=${AGENTVM_STATE_DIR:-/var/lib/agentvm-test}
 export AGENTVM_TEST_NETNS=$NS
+# Test binaries run one after another, so reliability_libvirtd may restart libvirtd.
+export AGENTVM_TEST_RESTART_LIBVIRTD=1
 export CARGO_TERM_COLOR=never
 step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
 

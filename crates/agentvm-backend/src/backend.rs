@@ -25,6 +25,7 @@ use crate::guest::{ExecRequest, Guest};
 use crate::libvirt::{DomainState, Libvirt};
 use crate::libvirt_net::OwnedFilter;
 use crate::netxml::{NetworkDef, NwFilterDef};
+use crate::reconnect::Reconnecting;
 use crate::vm::{make_dir, resolve_accelerator, BootImage, EphemeralVm, VmFiles, VmShape};
 use crate::xml::{NicSpec, Owner};
 
@@ -136,7 +137,7 @@ pub trait Backend: Send + Sync {
 /// under a state directory, and an accelerator (resolved on first use when `auto`).
 pub struct LibvirtBackend {
     uri: String,
-    conn: Mutex<Option<Arc<Libvirt>>>,
+    conn: Reconnecting<Libvirt>,
     state_dir: PathBuf,
     accel_choice: AcceleratorChoice,
     accel: Mutex<Option<Accelerator>>,
@@ -163,7 +164,7 @@ impl LibvirtBackend {
     ) -> Self {
         LibvirtBackend {
             uri: uri.into(),
-            conn: Mutex::new(None),
+            conn: Reconnecting::new(),
             state_dir: state_dir.into(),
             accel_choice: accelerator,
             accel: Mutex::new(None),
@@ -177,16 +178,11 @@ impl LibvirtBackend {
         &self.state_dir
     }
 
+    /// The connection, reopened first when the daemon stopped answering on it (libvirtd
+    /// restarted): every caller gets a working one without restarting the controller.
     fn lv(&self) -> Result<Arc<Libvirt>> {
-        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = conn.as_ref() {
-            if c.raw().is_alive().unwrap_or(false) {
-                return Ok(c.clone());
-            }
-        }
-        let c = Arc::new(Libvirt::connect(&self.uri)?);
-        *conn = Some(c.clone());
-        Ok(c)
+        self.conn
+            .get(|c| c.answers(), || Libvirt::connect(&self.uri))
     }
 
     fn marker(&self, kind: &str, name: &str) -> Result<PathBuf> {
@@ -408,7 +404,13 @@ impl Backend for LibvirtBackend {
     }
 
     fn agent(&self, name: &str) -> Result<Box<dyn crate::guest::AgentChannel + '_>> {
-        Ok(Box::new(self.lv()?.agent(name)?))
+        let lv = self.lv()?;
+        let agent = lv.agent(name)?;
+        Ok(Box::new(BackendAgent {
+            backend: self,
+            name: name.to_string(),
+            current: Mutex::new((lv, agent)),
+        }))
     }
 
     fn vm_stats(&self, name: &str) -> Result<crate::stats::DomainStats> {
@@ -417,5 +419,28 @@ impl Backend for LibvirtBackend {
 
     fn reset_strategy(&self) -> &'static str {
         self.strategy.as_str()
+    }
+}
+
+/// A VM's guest agent that follows the backend's connection: when libvirtd restarts during
+/// a run, the next command goes through the new connection.
+struct BackendAgent<'a> {
+    backend: &'a LibvirtBackend,
+    name: String,
+    current: Mutex<(Arc<Libvirt>, crate::libvirt::DomainAgent)>,
+}
+
+impl crate::guest::AgentChannel for BackendAgent<'_> {
+    fn vm_name(&self) -> &str {
+        &self.name
+    }
+
+    fn command(&self, command: &serde_json::Value, timeout: Duration) -> Result<serde_json::Value> {
+        let lv = self.backend.lv()?;
+        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if !Arc::ptr_eq(&cur.0, &lv) {
+            *cur = (lv.clone(), lv.agent(&self.name)?);
+        }
+        cur.1.command(command, timeout)
     }
 }

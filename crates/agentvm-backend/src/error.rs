@@ -139,6 +139,22 @@ impl BackendError {
         }
     }
 
+    /// True when the guest agent or libvirtd may answer again shortly: the agent did not
+    /// answer ([`BackendError::GuestAgentUnavailable`]), or the connection to libvirtd broke
+    /// or could not be opened (it is restarting). False when the domain is gone or refused.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            BackendError::GuestAgentUnavailable { .. } => true,
+            BackendError::Libvirt { code, .. } => {
+                matches!(
+                    code.as_str(),
+                    "SystemError" | "Rpc" | "NoConnect" | "InternalError"
+                )
+            }
+            _ => false,
+        }
+    }
+
     /// True for [`BackendError::NotFound`].
     pub fn is_not_found(&self) -> bool {
         matches!(self, BackendError::NotFound { .. })

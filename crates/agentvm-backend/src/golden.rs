@@ -340,7 +340,18 @@ impl Libvirt {
         let agent = self.agent(name)?;
         let agent_wait = Guest::new(&agent).wait_ready(agent_timeout)?;
         let t = Instant::now();
-        let clock_synced = match set_guest_clock(&agent) {
+        // The agent can drop out right after answering the first ping (libvirt re-opens its
+        // channel when the restored guest's serial port reconnects): wait for it again, so a
+        // reset never hands over a VM whose agent does not answer.
+        let clock = match set_guest_clock(&agent) {
+            Err(e) if e.is_transient() => {
+                tracing::info!(vm = %name, error = %e, "guest agent dropped out after the reset; waiting for it again");
+                Guest::new(&agent).wait_ready(agent_timeout)?;
+                set_guest_clock(&agent)
+            }
+            other => other,
+        };
+        let clock_synced = match clock {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(vm = %name, error = %e, "setting the guest clock after reset failed");

@@ -42,6 +42,9 @@ pub trait AgentChannel {
     fn command(&self, command: &Value, timeout: Duration) -> Result<Value>;
 }
 
+/// Retries of a repeatable agent command that failed at once because libvirt reported the
+/// agent as not connected (200, 400, .. ms apart).
+const QUICK_RETRIES: u32 = 5;
 /// Timeout for ordinary agent calls.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Timeout for calls moving a [`FILE_CHUNK`] (the agent's JSON parser is slow under TCG).
@@ -190,9 +193,27 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
             Some(a) => json!({"execute": execute, "arguments": a}),
             None => json!({"execute": execute}),
         };
-        self.chan
-            .command(&cmd, timeout)
-            .map_err(|e| agent_err(self.chan.vm_name(), execute, e))
+        // Right after a reset libvirt may briefly report the agent as not connected (it
+        // re-opens the channel when the restored guest's port reconnects). Commands that can
+        // safely be sent twice are retried when that happens; an agent that is silent (the
+        // call ran into its timeout) is not waited for here.
+        let retry = matches!(
+            execute,
+            "guest-ping" | "guest-exec-status" | "guest-file-open" | "guest-file-seek"
+        );
+        let mut attempt = 0u32;
+        loop {
+            let t = Instant::now();
+            match self.chan.command(&cmd, timeout) {
+                Err(BackendError::GuestAgentUnavailable { .. })
+                    if retry && attempt < QUICK_RETRIES && t.elapsed() < Duration::from_secs(1) =>
+                {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(200 * u64::from(attempt)));
+                }
+                other => return other.map_err(|e| agent_err(self.chan.vm_name(), execute, e)),
+            }
+        }
     }
 
     fn protocol(&self, what: &str, message: impl Into<String>) -> BackendError {
@@ -449,6 +470,12 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
             }
         };
         let result = self.exec_inner(req, &out_path, &err_path, hout, herr, on_output);
+        if let Err(e) = &result {
+            if e.is_transient() || matches!(e, BackendError::Timeout { .. }) {
+                // Every cleanup call would wait for a silent agent; the VM is not reused.
+                return result;
+            }
+        }
         let _ = self.close(hout);
         let _ = self.close(herr);
         // Best effort: remove the output files (the VM is reset after a run anyway).
@@ -496,26 +523,69 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
         // Output is read while the process runs, at most every DRAIN_EVERY (live following),
         // and once more after it exits; in between only the status is polled, which keeps the
         // number of agent calls (each costs guest CPU) low for short commands.
+        //
+        // An agent that stops answering (stopped or hung in the guest, or libvirtd restarting
+        // under us) does not end the process's run by itself: polling goes on until the
+        // process's timeout (then `BackendError::Timeout`). A guest that is gone (QEMU died)
+        // fails at once.
         let mut last_drain = Instant::now();
+        let mut unreachable: Option<(Instant, BackendError)> = None;
         let (status, out_capped, err_capped) = loop {
-            let st = self.status(pid)?;
-            if st.is_some() || last_drain.elapsed() >= DRAIN_EVERY {
-                let out_capped = drain(self, hout, &mut stdout, Stream::Stdout)?;
-                let err_capped = drain(self, herr, &mut stderr, Stream::Stderr)?;
-                last_drain = Instant::now();
-                if let Some(st) = st {
-                    break (st, out_capped, err_capped);
+            let step = (|| -> Result<Option<_>> {
+                let st = self.status(pid)?;
+                if unreachable.is_some() {
+                    // Answering again. A failed call may have moved the handles: put them back.
+                    for (h, at) in [(hout, stdout.len()), (herr, stderr.len())] {
+                        self.call(
+                            "guest-file-seek",
+                            Some(json!({"handle": h, "offset": at, "whence": "set"})),
+                        )?;
+                    }
                 }
-            }
-            if !timed_out && !killed && self.cancelled() {
-                killed = true;
-                self.kill_group(pid)?;
-                continue;
-            }
-            if !timed_out && start.elapsed() >= req.timeout {
-                timed_out = true;
-                self.kill_group(pid)?;
-                continue;
+                if st.is_some() || last_drain.elapsed() >= DRAIN_EVERY {
+                    let out_capped = drain(self, hout, &mut stdout, Stream::Stdout)?;
+                    let err_capped = drain(self, herr, &mut stderr, Stream::Stderr)?;
+                    last_drain = Instant::now();
+                    if let Some(st) = st {
+                        return Ok(Some((st, out_capped, err_capped)));
+                    }
+                }
+                if !timed_out && !killed && self.cancelled() {
+                    killed = true;
+                    self.kill_group(pid)?;
+                } else if !timed_out && start.elapsed() >= req.timeout {
+                    timed_out = true;
+                    self.kill_group(pid)?;
+                }
+                Ok(None)
+            })();
+            match step {
+                Ok(Some(done)) => break done,
+                Ok(None) => {
+                    if let Some((since, _)) = unreachable.take() {
+                        tracing::info!(vm = self.chan.vm_name(), after = ?since.elapsed(), "guest agent answers again");
+                    }
+                }
+                Err(e) if e.is_transient() && !self.cancelled() => {
+                    if unreachable.is_none() {
+                        tracing::warn!(vm = self.chan.vm_name(), error = %e, "guest agent not answering; still waiting for the process");
+                    }
+                    let since = unreachable.map_or_else(Instant::now, |(t, _)| t);
+                    if start.elapsed() >= req.timeout {
+                        return Err(BackendError::Timeout {
+                            what: format!(
+                                "process {pid} in {} (its guest agent gave no answer for the last {:.0} s: {e})",
+                                self.chan.vm_name(),
+                                since.elapsed().as_secs_f64()
+                            ),
+                            after: req.timeout,
+                        });
+                    }
+                    unreachable = Some((since, e));
+                    std::thread::sleep(Duration::from_millis(500));
+                    continue;
+                }
+                Err(e) => return Err(e),
             }
             if timed_out && start.elapsed() >= req.timeout + Duration::from_secs(30) {
                 return Err(BackendError::Timeout {
@@ -632,6 +702,105 @@ mod tests {
 
     fn read(data: &[u8], eof: bool) -> Result<Value> {
         Ok(json!({"count": data.len(), "buf-b64": B64.encode(data), "eof": eof}))
+    }
+
+    /// An agent answering by command name; `exec-status` answers come from `status` (called
+    /// with how many status calls came before).
+    struct ByName<F: Fn(usize) -> Result<Value>> {
+        status: F,
+        calls: RefCell<Vec<String>>,
+    }
+
+    impl<F: Fn(usize) -> Result<Value>> AgentChannel for ByName<F> {
+        fn vm_name(&self) -> &str {
+            "fake"
+        }
+        fn command(&self, command: &Value, _t: Duration) -> Result<Value> {
+            let name = command["execute"].as_str().unwrap().to_string();
+            let n = self
+                .calls
+                .borrow()
+                .iter()
+                .filter(|c| *c == "guest-exec-status")
+                .count();
+            self.calls.borrow_mut().push(name.clone());
+            match name.as_str() {
+                "guest-file-open" => Ok(json!(7)),
+                "guest-exec" => Ok(json!({"pid": 42})),
+                "guest-exec-status" => (self.status)(n),
+                "guest-file-read" => read(b"", true),
+                "guest-file-seek" => Ok(json!({"position": 0})),
+                _ => Ok(json!({})),
+            }
+        }
+    }
+
+    fn unavailable() -> Result<Value> {
+        Err(BackendError::GuestAgentUnavailable {
+            vm: "fake".into(),
+            message: "Guest agent is not responding".into(),
+        })
+    }
+
+    fn exec_through_outage(failing_polls: usize) -> Vec<String> {
+        let agent = ByName {
+            status: move |n| {
+                if n < failing_polls {
+                    unavailable()
+                } else {
+                    Ok(json!({"exited": true, "exitcode": 0}))
+                }
+            },
+            calls: RefCell::new(vec![]),
+        };
+        let mut req = ExecRequest::new("/bin/true", Vec::<String>::new());
+        req.timeout = Duration::from_secs(60);
+        let out = Guest::new(&agent).exec(&req, &mut |_, _| {}).unwrap();
+        assert_eq!(out.exit_code, Some(0));
+        agent.calls.take()
+    }
+
+    #[test]
+    fn a_momentarily_disconnected_agent_is_asked_again() {
+        let calls = exec_through_outage(2);
+        assert_eq!(
+            calls.iter().filter(|c| *c == "guest-exec-status").count(),
+            3
+        );
+        assert!(!calls.iter().any(|c| c == "guest-file-seek"), "{calls:?}");
+    }
+
+    #[test]
+    fn a_process_outlives_a_longer_agent_outage_and_its_output_handles_are_put_back() {
+        // The first poll gives up after its quick retries; the exec goes on.
+        let calls = exec_through_outage(QUICK_RETRIES as usize + 3);
+        let seeks = calls.iter().filter(|c| *c == "guest-file-seek").count();
+        assert_eq!(
+            seeks, 2,
+            "both handles put back after the failed poll: {calls:?}"
+        );
+    }
+
+    #[test]
+    fn an_agent_that_stops_answering_ends_the_exec_with_a_timeout_at_the_deadline() {
+        let agent = ByName {
+            status: |n| match n {
+                0 => Ok(json!({"exited": false})),
+                _ => unavailable(),
+            },
+            calls: RefCell::new(vec![]),
+        };
+        let mut req = ExecRequest::new("/bin/sleep", ["100"]);
+        req.timeout = Duration::from_secs(2);
+        let t = Instant::now();
+        let err = Guest::new(&agent).exec(&req, &mut |_, _| {}).unwrap_err();
+        assert!(matches!(err, BackendError::Timeout { .. }), "{err}");
+        assert!(err.to_string().contains("gave no answer"), "{err}");
+        assert!(t.elapsed() >= Duration::from_secs(2));
+        assert!(t.elapsed() < Duration::from_secs(10));
+        // No cleanup calls wait on the silent agent afterwards.
+        let calls = agent.calls.borrow();
+        assert_ne!(calls.last().map(String::as_str), Some("guest-file-close"));
     }
 
     #[test]

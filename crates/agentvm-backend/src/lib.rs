@@ -11,6 +11,7 @@ pub mod guest;
 pub mod libvirt;
 pub mod libvirt_net;
 pub mod netxml;
+pub mod reconnect;
 pub mod stats;
 pub mod vm;
 pub mod xml;

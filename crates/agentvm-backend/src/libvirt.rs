@@ -78,6 +78,13 @@ impl Libvirt {
         &self.conn
     }
 
+    /// True when the daemon answers on this connection: a round trip, so it sees a
+    /// connection whose daemon restarted (libvirt's own `is_alive` only notices a closed
+    /// socket once a call has failed on it).
+    pub fn answers(&self) -> bool {
+        self.conn.is_alive().unwrap_or(false) && self.conn.hyp_version().is_ok()
+    }
+
     /// libvirt library version as `major.minor.micro`.
     pub fn version(&self) -> Result<String> {
         let v = self

@@ -21,8 +21,11 @@
 //!   by libvirt), accept ARP (without it guests cannot reach their gateway) and IPv4, drop every
 //!   other frame (IPv6 included) in both directions;
 //! - IPv4 (iptables): DHCP (udp 68→67 out, 67→68 in; stateless), replies of connections the
-//!   guest opened (conntrack `ESTABLISHED,RELATED`, both directions), one accept rule per
-//!   egress protocol × port range × destination for `NEW` connections, then drop everything.
+//!   guest opened (conntrack `ESTABLISHED,RELATED`, both directions), DNS (udp and tcp 53) to
+//!   the host and nothing else to it (its address on the guest's network comes in as the
+//!   interface parameter [`HOST_VARIABLE`]: the host's own services stay out of reach even on
+//!   ports the egress rules allow), one accept rule per egress protocol × port range ×
+//!   destination for `NEW` connections, then drop everything.
 //!
 //! Unsolicited inbound traffic from other guests and from beyond the host is therefore dropped,
 //! which also keeps guests on the same bridge apart: a connection from one guest to another
@@ -67,11 +70,19 @@ pub mod priority {
     pub const DHCP: i32 = 100;
     /// IPv4: replies of connections the guest opened.
     pub const ESTABLISHED: i32 = 200;
+    /// IPv4: DNS to the host (the network's dnsmasq).
+    pub const HOST_DNS: i32 = 300;
+    /// IPv4: anything else to the host (its own services) is dropped.
+    pub const HOST_DROP: i32 = 310;
     /// IPv4: allowed egress.
     pub const EGRESS: i32 = 500;
     /// Both layers: drop the rest.
     pub const DEFAULT_DROP: i32 = 1000;
 }
+
+/// The nwfilter variable holding the host's address on the guest's network (its gateway).
+/// Every interface referencing an agentvm filter must set it ([`crate::NicSpec::host`]).
+pub const HOST_VARIABLE: &str = "AGENTVM_HOST";
 
 /// Why a network or filter definition cannot be turned into libvirt XML.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -469,6 +480,37 @@ impl NwFilterDef {
                 comment: None,
             });
         }
+        // The host (the network's gateway, `$AGENTVM_HOST`, set on each interface) answers DNS
+        // and DHCP and nothing else: its own services (SSH, a metrics port, anything bound to
+        // all addresses) stay out of reach even on ports the egress rules allow.
+        for protocol in ["udp", "tcp"] {
+            let mut attrs = vec![
+                ("dstipaddr", format!("${HOST_VARIABLE}")),
+                ("dstportstart", "53".into()),
+                ("dstportend", "53".into()),
+            ];
+            if spec.allow_established {
+                attrs.push(("state", "NEW".into()));
+            }
+            rules.push(RuleOut {
+                action: "accept",
+                direction: "out",
+                priority: priority::HOST_DNS,
+                statematch: spec.allow_established,
+                protocol,
+                attrs,
+                comment: None,
+            });
+        }
+        rules.push(RuleOut {
+            action: "drop",
+            direction: "out",
+            priority: priority::HOST_DROP,
+            statematch: true,
+            protocol: "all",
+            attrs: vec![("dstipaddr", format!("${HOST_VARIABLE}"))],
+            comment: None,
+        });
         for (rule, description) in spec.egress.iter().zip(descriptions) {
             let first = rules.len();
             // Without `allowEstablished`, `statematch='false'` stops libvirt from adding its
@@ -875,10 +917,14 @@ mod tests {
         assert!(parse_network("<filter name='x'/>").is_err());
     }
 
+    /// The rules of `protocol`, except those protecting the host.
     fn rules_with(f: &ParsedFilter, protocol: &str) -> Vec<ParsedRule> {
         f.rules
             .iter()
-            .filter(|r| r.protocol == protocol)
+            .filter(|r| {
+                r.protocol == protocol
+                    && r.attrs.get("dstipaddr").map(String::as_str) != Some("$AGENTVM_HOST")
+            })
             .cloned()
             .collect()
     }
@@ -921,9 +967,10 @@ mod tests {
         assert_eq!(dns[0].attrs["comment"], "DNS");
 
         // DHCP both ways, stateless.
-        let dhcp: Vec<_> = udp
+        let dhcp: Vec<_> = f
+            .rules
             .iter()
-            .filter(|r| r.priority == priority::DHCP)
+            .filter(|r| r.protocol == "udp" && r.priority == priority::DHCP)
             .collect();
         assert_eq!(dhcp.len(), 2);
         assert!(dhcp
@@ -937,7 +984,11 @@ mod tests {
             && r.attrs["dstportstart"] == "68"));
 
         // Replies in, then drop everything on both layers, ARP and IPv4 let through on layer 2.
-        let all = rules_with(&f, "all");
+        let all: Vec<_> = f
+            .rules
+            .iter()
+            .filter(|r| r.protocol == "all" && !r.attrs.contains_key("dstipaddr"))
+            .collect();
         assert_eq!(all[0].attrs["state"], "ESTABLISHED,RELATED");
         assert_eq!(
             (all[0].action.as_str(), all[0].direction.as_str()),
@@ -1036,6 +1087,55 @@ mod tests {
             "no DHCP rules when disabled"
         );
         assert_eq!(f.owner(), Some(def.owner));
+    }
+
+    #[test]
+    fn the_host_answers_dns_and_nothing_else_even_on_allowed_ports() {
+        let f = parse_nwfilter(
+            &filter_def(NetworkFilterSpec::predecessor_default())
+                .to_xml()
+                .unwrap(),
+        )
+        .unwrap();
+        let host: Vec<&ParsedRule> = f
+            .rules
+            .iter()
+            .filter(|r| r.attrs.get("dstipaddr").map(String::as_str) == Some("$AGENTVM_HOST"))
+            .collect();
+        let summary: Vec<(String, i32, String, Option<&str>)> = host
+            .iter()
+            .map(|r| {
+                (
+                    r.action.clone(),
+                    r.priority,
+                    r.protocol.clone(),
+                    r.attrs.get("dstportstart").map(String::as_str),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (
+                    "accept".into(),
+                    priority::HOST_DNS,
+                    "udp".into(),
+                    Some("53")
+                ),
+                (
+                    "accept".into(),
+                    priority::HOST_DNS,
+                    "tcp".into(),
+                    Some("53")
+                ),
+                ("drop".into(), priority::HOST_DROP, "all".into(), None),
+            ]
+        );
+        // Before every egress accept (lower priority numbers are evaluated first), after
+        // DHCP and replies.
+        const { assert!(priority::ESTABLISHED < priority::HOST_DNS) };
+        const { assert!(priority::HOST_DROP < priority::EGRESS) };
+        assert!(host.iter().all(|r| r.direction == "out"));
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub struct NicSpec {
     pub filter: Option<String>,
     /// Fixed MAC address (`52:54:00:..`); libvirt picks one when `None`.
     pub mac: Option<String>,
+    /// The host's address on the network (its gateway): agentvm filters drop everything a
+    /// guest sends there except DNS. Required with `filter`.
+    pub host: Option<std::net::Ipv4Addr>,
 }
 
 /// Everything needed to define one agentvm guest domain.
@@ -220,9 +223,24 @@ impl DomainSpec {
                         .with_attribute(("type", "virtio"))
                         .write_empty()?;
                     if let Some(filter) = &nic.filter {
-                        w.create_element("filterref")
-                            .with_attribute(("filter", filter.as_str()))
-                            .write_empty()?;
+                        let el = w
+                            .create_element("filterref")
+                            .with_attribute(("filter", filter.as_str()));
+                        match nic.host {
+                            Some(host) => {
+                                let host = host.to_string();
+                                el.write_inner_content(|w| {
+                                    w.create_element("parameter")
+                                        .with_attribute(("name", crate::netxml::HOST_VARIABLE))
+                                        .with_attribute(("value", host.as_str()))
+                                        .write_empty()?;
+                                    Ok(())
+                                })?;
+                            }
+                            None => {
+                                el.write_empty()?;
+                            }
+                        }
                     }
                     Ok(())
                 })?;
@@ -350,11 +368,13 @@ mod tests {
             network: "agentvm-net".into(),
             filter: Some("agentvm-egress".into()),
             mac: None,
+            host: Some("10.1.2.1".parse().unwrap()),
         });
         let xml = s.to_xml();
         assert!(xml.contains("<source network=\"agentvm-net\"/>"), "{xml}");
         assert!(
-            xml.contains("<filterref filter=\"agentvm-egress\"/>"),
+            xml.contains("<filterref filter=\"agentvm-egress\">")
+                && xml.contains("<parameter name=\"AGENTVM_HOST\" value=\"10.1.2.1\"/>"),
             "{xml}"
         );
     }

@@ -234,11 +234,12 @@ fn network_with_default_filter<'a>(
     (net_guard, filter_guard)
 }
 
-fn nic(network: &str) -> Option<NicSpec> {
+fn nic(network: &str, host: &str) -> Option<NicSpec> {
     Some(NicSpec {
         network: network.to_string(),
         filter: Some(network.to_string()),
         mac: None,
+        host: Some(host.parse().unwrap()),
     })
 }
 
@@ -434,7 +435,7 @@ fn default_filter_lets_a_nat_guest_reach_443_but_not_8080() {
     let test_ns = assert_libvirtd_in_test_netns();
     let inet = Internet::create(&test_ns);
     let (net, _filter) = network_with_default_filter(&lv, "egress", "192.168.231.0/24");
-    let vm = boot(&lv, &net.name, nic(&net.name));
+    let vm = boot(&lv, &net.name, nic(&net.name, "192.168.231.1"));
     let agent = vm.agent().unwrap();
     let g = Guest::new(&agent);
 
@@ -488,8 +489,20 @@ fn guests_on_one_network_cannot_reach_each_other() {
     let lv = libvirt();
     let (net, _filter) = network_with_default_filter(&lv, "g2g", "192.168.232.0/24");
     let (a, b) = std::thread::scope(|s| {
-        let a = s.spawn(|| boot(&lv, &format!("{}-a", net.name), nic(&net.name)));
-        let b = s.spawn(|| boot(&lv, &format!("{}-b", net.name), nic(&net.name)));
+        let a = s.spawn(|| {
+            boot(
+                &lv,
+                &format!("{}-a", net.name),
+                nic(&net.name, "192.168.232.1"),
+            )
+        });
+        let b = s.spawn(|| {
+            boot(
+                &lv,
+                &format!("{}-b", net.name),
+                nic(&net.name, "192.168.232.1"),
+            )
+        });
         (a.join().unwrap(), b.join().unwrap())
     });
     let (agent_a, agent_b) = (a.agent().unwrap(), b.agent().unwrap());

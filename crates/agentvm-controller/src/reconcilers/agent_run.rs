@@ -14,7 +14,9 @@
 //!   follows it, artifacts are collected to `<stateDir>/artifacts/<run>/` and the final
 //!   status is written. The VM is then reset to golden on the same thread (still busy, so
 //!   the pool leaves it alone) and made ready again; a failed reset hands it to the pool
-//!   reconciler as needing one (which retries or replaces it).
+//!   reconciler as needing one (which retries or replaces it). A VM whose QEMU died
+//!   (`VmLost`) or whose agent stopped answering until the timeout (`TimedOut` /
+//!   `GuestUnresponsive`) is destroyed instead, and the pool starts another.
 //! - **Anomalies**: while the program runs, a [`RunMonitor`] samples the VM about once a
 //!   second against the pool's `spec.anomalies`; anomalies go into the status as they are
 //!   found, and with policy `kill` the run is killed in the guest and ends `Failed` with
@@ -32,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentvm_api::{AgentRun, AgentRunPhase, AgentRunStatus, CollectedArtifact, Kind, Resource};
-use agentvm_backend::{Backend, Guest, Stream};
+use agentvm_backend::{Backend, BackendError, Guest, Stream};
 
 use super::{condition, status_of, write_status, PoolRegistry, VmPhase};
 use crate::audit::{AuditEvent, AuditEventType};
@@ -495,6 +497,8 @@ impl Job {
         st.anomalies = report.anomalies;
         st.resource_usage = report.usage;
         let secs = started.elapsed().as_secs_f64();
+        // A VM whose QEMU or guest agent failed under the run is not trusted with another.
+        let mut replace = false;
         let (phase, reason, message) = match result {
             _ if report.killed => (
                 AgentRunPhase::Failed,
@@ -540,11 +544,22 @@ impl Job {
                     )
                 }
             }
-            Err(RunError::Backend(e)) => (
-                AgentRunPhase::Failed,
-                "VmLost",
-                redact(format!("VM {}: {e}", self.vm)),
-            ),
+            Err(RunError::Backend(e @ BackendError::Timeout { .. })) => {
+                replace = true;
+                (
+                    AgentRunPhase::TimedOut,
+                    "GuestUnresponsive",
+                    redact(format!("VM {} (replaced): {e}", self.vm)),
+                )
+            }
+            Err(RunError::Backend(e)) => {
+                replace = true;
+                (
+                    AgentRunPhase::Failed,
+                    "VmLost",
+                    redact(format!("VM {} (replaced): {e}", self.vm)),
+                )
+            }
             Err(e) => (AgentRunPhase::Failed, "SetupFailed", redact(e.to_string())),
         };
         tracing::info!(run = %self.name, vm = %self.vm, ?phase, reason, took = ?started.elapsed(), "run finished");
@@ -572,8 +587,11 @@ impl Job {
         // Back to golden right here (the VM is still busy, so the pool leaves it alone), then
         // ready for the next run: a pool reconciler busy booting another VM does not delay
         // it. If the reset fails, the pool gets it as needing a reset (and replaces it). A VM
-        // that passed the pool's TTL during the run is handed back unreset: the pool replaces it.
-        if self.registry.expired(&self.pool, &self.vm) {
+        // that passed the pool's TTL during the run is handed back unreset: the pool replaces
+        // it. A VM the run lost (QEMU gone, agent silent) is destroyed right here.
+        if replace {
+            self.destroy_lost_vm();
+        } else if self.registry.expired(&self.pool, &self.vm) {
             tracing::info!(pool = %self.pool, vm = %self.vm, "VM past its TTL; the pool replaces it");
             self.registry.release(&self.pool, &self.vm);
         } else {
@@ -587,6 +605,32 @@ impl Job {
         if let Ok(Some(o)) = self.ctx.store.get(Kind::AgentRun, &self.name) {
             if o.is_deleting() {
                 let _ = self.ctx.store.finalize_delete(Kind::AgentRun, &self.name);
+            }
+        }
+    }
+
+    /// Still busy, so the pool leaves it alone while it goes; the pool then starts a
+    /// replacement.
+    fn destroy_lost_vm(&self) {
+        tracing::warn!(pool = %self.pool, vm = %self.vm, "destroying the VM the run lost; the pool replaces it");
+        match self.backend.destroy_vm(&self.vm) {
+            Ok(()) => {
+                self.registry.remove(&self.pool, &self.vm);
+                self.ctx.metrics.vm_removed(&self.vm);
+                self.ctx.audit.record(
+                    AuditEvent::new(
+                        AuditEventType::VmDestroyed,
+                        Kind::VmPool,
+                        &self.pool,
+                        "controller",
+                    )
+                    .vm(&self.vm)
+                    .details(serde_json::json!({ "reason": "lost during a run" })),
+                );
+            }
+            Err(e) => {
+                tracing::warn!(pool = %self.pool, vm = %self.vm, error = %e, "destroying the lost VM failed; the pool takes over");
+                self.registry.release(&self.pool, &self.vm);
             }
         }
     }

@@ -603,13 +603,18 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Waiting>, Reconc
                 };
                 return Ok(Err(("WaitingForNetwork", format!("{what} is not Ready"))));
             }
+            let mut host = None;
             if let Some(n) = &net {
                 network_hash = spec_hash(&n.resource).into();
+                if let Resource::Network(n) = &n.resource {
+                    host = Some(n.spec.gateway());
+                }
             }
             Some(NicSpec {
                 network: libvirt_name(a.network_ref),
                 filter: Some(libvirt_name(a.filter_ref)),
                 mac: None,
+                host,
             })
         }
     };
@@ -617,6 +622,8 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Waiting>, Reconc
         "template": t,
         "image": [disk, kernel, initrd, agentvm_image::KERNEL_CMDLINE],
         "network": network_hash,
+        // VMs from before filters took the host's address as a parameter are replaced.
+        "nicHost": nic.as_ref().and_then(|n| n.host).map(|h| h.to_string()),
     });
     let mut canonical = String::new();
     agentvm_api::resource::write_canonical_json(&identity, &mut canonical);

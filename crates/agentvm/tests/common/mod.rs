@@ -358,3 +358,119 @@ pub fn pool_ready(env: &Env, pool: &str, n: u64) -> bool {
     let s = env.status("pool", pool);
     s["phase"] == "Ready" && s["ready"].as_u64() == Some(n) && s["total"].as_u64() == Some(n)
 }
+
+/// Resident set size of the running controller process in KiB (`VmRSS` of its `/proc` entry).
+pub fn controller_rss_kib(env: &Env) -> u64 {
+    let pid = env.controller.as_ref().expect("controller running").id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("controller /proc");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// `agentvm get runs -o json` → every AgentRun object.
+pub fn all_runs(env: &Env) -> Vec<serde_json::Value> {
+    let out = env.cmd(&["get", "runs", "-o", "json"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "get runs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    match v.get("items") {
+        Some(items) => items.as_array().cloned().unwrap_or_default(),
+        None if v.get("metadata").is_some() => vec![v],
+        None => Vec::new(),
+    }
+}
+
+/// An AgentRun document running `source` with `sh`; `extra` is appended to the spec.
+pub fn sh_run(name: &str, pool: &str, source: &str, extra: &str) -> String {
+    let source = source
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n");
+    format!("apiVersion: agentvm.dev/v1alpha1\nkind: AgentRun\nmetadata: {{name: {name}}}\nspec:\n  poolRef: {pool}\n  script: {{interpreter: sh, source: \"{source}\"}}\n{extra}")
+}
+
+/// `agentvm apply -f` of `yaml` (written to `file` in the state directory).
+pub fn apply_yaml(env: &Env, file: &str, yaml: &str) {
+    let path = env.dir.join(file);
+    std::fs::write(&path, yaml).unwrap();
+    let out = env
+        .cmd(&["apply", "-f", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// True for the phases a run ends in.
+pub fn run_terminal(p: &str) -> bool {
+    matches!(p, "Succeeded" | "Failed" | "TimedOut" | "Cancelled")
+}
+
+/// The phase of run `name` (`Pending` before the controller wrote a status).
+pub fn run_phase(env: &Env, name: &str) -> String {
+    env.status("run", name)["phase"]
+        .as_str()
+        .unwrap_or("Pending")
+        .to_string()
+}
+
+/// A pool (with its Image) of 512 MiB, 1 vCPU VMs; `extra` is appended to the pool spec.
+pub fn small_pool(pool: &str, image: &str, min_ready: u32, max_size: u32, extra: &str) -> String {
+    format!(
+        "apiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata: {{name: {image}}}\nspec: {{}}\n---\n\
+         apiVersion: agentvm.dev/v1alpha1\nkind: VmPool\nmetadata: {{name: {pool}}}\nspec:\n  template:\n    imageRef: {image}\n    resources: {{profile: custom, vcpu: 1, memoryMib: 512, diskGib: 2}}\n{extra}  minReady: {min_ready}\n  maxSize: {max_size}\n"
+    )
+}
+
+/// What is inconsistent between libvirt's domains with the test's prefix, the pool's status
+/// list and the VM directories (overlays, saved states) under the state directory; `None`
+/// when they are the same set of running domains.
+pub fn orphan_report(env: &Env, pool: &str) -> Option<String> {
+    let domains = domains_with_prefix(&env.domain_prefix);
+    let listed = vm_names(&env.status("pool", pool));
+    let mut dirs: Vec<String> = std::fs::read_dir(env.dir.join("vms"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    dirs.sort();
+    let stopped: Vec<&String> = domains.iter().filter(|d| !running(d)).collect();
+    if domains == listed && domains == dirs && stopped.is_empty() {
+        None
+    } else {
+        Some(format!(
+            "domains {domains:?}, pool status {listed:?}, VM directories {dirs:?}, not running {stopped:?}"
+        ))
+    }
+}
+
+/// Waits (up to `timeout`) until [`orphan_report`] finds nothing and the pool is Ready with
+/// `n` VMs; panics with the last report otherwise.
+pub fn wait_consistent(env: &Env, pool: &str, n: u64, timeout: Duration) {
+    let start = Instant::now();
+    loop {
+        let report = orphan_report(env, pool);
+        if report.is_none() && pool_ready(env, pool, n) {
+            return;
+        }
+        if start.elapsed() > timeout {
+            panic!(
+                "pool {pool} not consistent with {n} ready VMs after {timeout:?}: {}\npool status: {}",
+                report.unwrap_or_default(),
+                env.status("pool", pool)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

@@ -330,7 +330,7 @@ fn a_run_of_a_missing_pool_waits_with_reason_pool_not_found() {
 }
 
 #[test]
-fn a_vm_whose_agent_is_gone_fails_the_run_with_vm_lost_and_goes_back_for_reset() {
+fn a_vm_whose_agent_is_gone_fails_the_run_with_vm_lost_and_is_replaced() {
     let r = Runs::new(1, 1);
     r.drive(|r| {
         r.registry
@@ -350,9 +350,17 @@ fn a_vm_whose_agent_is_gone_fails_the_run_with_vm_lost_and_goes_back_for_reset()
     let s = r.status("lost");
     assert_eq!(s.phase, AgentRunPhase::Failed);
     assert_eq!(s.reason.as_deref(), Some("VmLost"));
+    assert!(s.conditions.iter().any(|c| c.message.contains("replaced")));
     let vm = s.vm.unwrap();
-    r.drive(|r| r.registry.phase("p", &vm) == Some(VmPhase::Ready));
-    assert_eq!(r.t.fake.domains()[&vm].resets, 1);
+    // Destroyed, not reset; the pool starts another VM in its place.
+    assert!(!r.t.fake.domains().contains_key(&vm));
+    r.drive(|r| {
+        r.registry
+            .vms("p")
+            .iter()
+            .any(|v| v.phase == VmPhase::Ready && v.name != vm)
+    });
+    assert_eq!(r.registry.phase("p", &vm), None);
 }
 
 #[test]

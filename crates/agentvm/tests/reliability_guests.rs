@@ -1,0 +1,230 @@
+//! Hostile guests, end to end with real VMs (`qemu:///system`, TCG): a fork bomb, a memory
+//! hog driven into the guest's OOM killer, a run filling the guest's disk, 1 GiB of stdout,
+//! and binary garbage on stdout, one after another on a one-VM pool. Each is contained: the
+//! run ends with a phase and a reason, the controller's API keeps answering and its resident
+//! memory stays bounded (sampled after every case), captured output stays at its cap, and
+//! the next run on the VM (the same VM unless the run's VM had to be replaced) finds no
+//! trace of the previous one: no leftover files or processes, the disk and memory as before.
+//! Fails (never skips) without libvirt or the default image.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Prints `files=<leftovers> procs=<n> disk=<used KiB> memfree=<MemAvailable KiB>`.
+const PROBE: &str =
+    "f=''; for p in /var/tmp/fill /root/fill /var/tmp/big; do [ -e $p ] && f=\"$f$p,\"; done\n\
+    n=0; for p in /proc/[0-9]*; do n=$((n+1)); done\n\
+    used=$(df -k / | awk 'NR==2 {print $3}')\n\
+    mem=$(awk '/MemAvailable/ {print $2}' /proc/meminfo)\n\
+    echo \"files=$f procs=$n disk=$used mem=$mem\"";
+
+struct Probe {
+    files: String,
+    procs: i64,
+    disk_kib: i64,
+    mem_kib: i64,
+    vm: String,
+}
+
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+}
+
+/// Runs `src` to its end, timing every status call (the API must keep answering).
+fn run_to_end(
+    env: &Env,
+    name: &str,
+    pool: &str,
+    src: &str,
+    extra: &str,
+    api: &mut Duration,
+) -> serde_json::Value {
+    apply_yaml(
+        env,
+        &format!("{name}.yaml"),
+        &sh_run(name, pool, src, extra),
+    );
+    env.wait(&format!("{name} ended"), Duration::from_secs(600), || {
+        let t = Instant::now();
+        let p = run_phase(env, name);
+        *api = (*api).max(t.elapsed());
+        run_terminal(&p)
+    });
+    env.status("run", name)
+}
+
+fn probe(env: &Env, pool: &str, n: &mut u32, api: &mut Duration) -> Probe {
+    *n += 1;
+    let name = format!("probe-{n}");
+    let s = run_to_end(env, &name, pool, PROBE, "", api);
+    assert_eq!(s["phase"], "Succeeded", "{name}: {s}");
+    let line = s["stdoutTail"].as_str().unwrap().trim().to_string();
+    Probe {
+        files: field(&line, "files").to_string(),
+        procs: field(&line, "procs").parse().unwrap(),
+        disk_kib: field(&line, "disk").parse().unwrap(),
+        mem_kib: field(&line, "mem").parse().unwrap(),
+        vm: s["vm"].as_str().unwrap().to_string(),
+    }
+}
+
+#[test]
+fn hostile_guests_are_contained_and_the_next_run_starts_clean() {
+    require_libvirt_and_image();
+    let mut env = Env::new("guests");
+    let pid = std::process::id();
+    let pool = format!("e2ehost{pid}");
+    let image = format!("e2e-himg-{pid}");
+    env.domain_prefix = format!("agentvm-{pool}-");
+    std::fs::write(
+        env.specs().join("pool.yaml"),
+        small_pool(&pool, &image, 1, 1, ""),
+    )
+    .unwrap();
+    env.start_controller();
+    let t = env.wait("pool Ready", Duration::from_secs(300), || {
+        pool_ready(&env, &pool, 1)
+    });
+    eprintln!("pool Ready after {:.1}s", t.as_secs_f64());
+    let mut api = Duration::ZERO;
+    let mut n = 0;
+    let base = probe(&env, &pool, &mut n, &mut api);
+    let rss_idle = controller_rss_kib(&env);
+    eprintln!(
+        "baseline: {} processes, {} KiB used on /, {} KiB available memory; controller RSS {rss_idle} KiB",
+        base.procs, base.disk_kib, base.mem_kib
+    );
+    let mut rss = vec![("idle".to_string(), rss_idle)];
+
+    let cases: [(&str, &str, &str); 5] = [
+        // A fork bomb (dash has no `:` functions; `b` does the same) that keeps the run
+        // going until it is killed at the timeout.
+        ("fork-bomb", "b() { b | b & }; b; sleep 600", "  timeoutSeconds: 30\n"),
+        // Grab memory 10 MB at a time until the guest's OOM killer steps in.
+        (
+            "memory-hog",
+            "exec python3 -c 'a=[]\nwhile True: a.append(bytearray(10**7))'",
+            "  timeoutSeconds: 300\n",
+        ),
+        // Fill the disk until ENOSPC, then report it.
+        (
+            "disk-fill",
+            "dd if=/dev/zero of=/var/tmp/fill bs=1M 2>/dev/null; echo dd exit $?; df -k / | tail -1",
+            "  timeoutSeconds: 300\n",
+        ),
+        // 1 GiB on stdout.
+        (
+            "gigabyte-stdout",
+            "yes aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa | head -c 1073741824",
+            "  timeoutSeconds: 900\n",
+        ),
+        // Binary garbage (every byte value, NULs and invalid UTF-8) on stdout and stderr.
+        (
+            "binary-garbage",
+            "head -c 1048576 /dev/urandom; head -c 65536 /dev/urandom >&2",
+            "  timeoutSeconds: 300\n",
+        ),
+    ];
+    let mut report = Vec::new();
+    for (name, src, extra) in cases {
+        let t = Instant::now();
+        let s = run_to_end(&env, name, &pool, src, extra, &mut api);
+        let took = t.elapsed();
+        let phase = s["phase"].as_str().unwrap().to_string();
+        let reason = s["reason"].as_str().unwrap_or("").to_string();
+        assert!(!reason.is_empty(), "{name} ended without a reason: {s}");
+        let tail = s["stdoutTail"].as_str().unwrap_or("");
+        assert!(
+            tail.len() <= 3 * 4096,
+            "{name}: stdoutTail of {} bytes",
+            tail.len()
+        );
+        // Output through the API: capped.
+        let out = env.cmd(&["logs", &format!("run/{name}")]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "logs {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let logged = out.stdout.len();
+        assert!(
+            logged <= 2 * 10 * 1024 * 1024 + 4096,
+            "{name}: {logged} bytes of output kept"
+        );
+        let kib = controller_rss_kib(&env);
+        rss.push((name.to_string(), kib));
+        match name {
+            "fork-bomb" => assert!(
+                phase == "TimedOut" || phase == "Failed",
+                "fork bomb ended {phase}: {s}"
+            ),
+            "memory-hog" => assert_eq!(phase, "Failed", "memory hog: {s}"),
+            "gigabyte-stdout" => {
+                assert!(
+                    logged >= 10 * 1024 * 1024 - 4096,
+                    "only {logged} bytes of the 1 GiB kept (expected the 10 MiB cap)"
+                );
+            }
+            "binary-garbage" => {
+                assert_eq!(phase, "Succeeded", "{s}");
+                assert!(logged >= 1024 * 1024, "garbage output lost: {logged} bytes");
+            }
+            _ => {}
+        }
+        let after = probe(&env, &pool, &mut n, &mut api);
+        let same_vm = after.vm == s["vm"].as_str().unwrap_or("");
+        eprintln!(
+            "{name}: {phase}/{reason} in {:.1}s; {logged} bytes of output kept; controller RSS {kib} KiB; next run on {} VM: files={:?} procs={} disk={} KiB mem={} KiB",
+            took.as_secs_f64(),
+            if same_vm { "the same" } else { "a replacement" },
+            after.files,
+            after.procs,
+            after.disk_kib,
+            after.mem_kib
+        );
+        report.push(format!(
+            "{name}: {phase}/{reason}, same VM after: {same_vm}"
+        ));
+        assert_eq!(after.files, "", "{name} left files behind");
+        assert!(
+            (after.procs - base.procs).abs() <= 3,
+            "{name}: {} processes in the next run, {} before",
+            after.procs,
+            base.procs
+        );
+        assert!(
+            (after.disk_kib - base.disk_kib).abs() <= 8 * 1024,
+            "{name}: {} KiB used on / in the next run, {} before",
+            after.disk_kib,
+            base.disk_kib
+        );
+        assert!(
+            after.mem_kib >= base.mem_kib - 32 * 1024,
+            "{name}: {} KiB available in the next run, {} before",
+            after.mem_kib,
+            base.mem_kib
+        );
+        wait_consistent(&env, &pool, 1, Duration::from_secs(300));
+    }
+
+    eprintln!("outcomes: {report:#?}");
+    eprintln!("controller RSS after each case (KiB): {rss:?}");
+    eprintln!(
+        "slowest API answer during the runs: {:.0} ms",
+        api.as_secs_f64() * 1000.0
+    );
+    let max = rss.iter().map(|r| r.1).max().unwrap();
+    assert!(
+        max < rss_idle + 128 * 1024,
+        "controller RSS reached {max} KiB (idle {rss_idle} KiB)"
+    );
+    assert!(
+        api < Duration::from_secs(10),
+        "the API took {api:?} to answer"
+    );
+}

@@ -1,0 +1,336 @@
+//! Hostile guests on the network, end to end through the controller with real VMs
+//! (`qemu:///system`, TCG): a NAT network with an egress filter allowing DNS (udp/53) and
+//! tcp/443 only, like `examples/nat-filtered.yaml`, a pool of two VMs attached to it, and an
+//! `AgentRun` that probes what it should not reach: blocked ports on "the internet", the
+//! host's own services (stand-ins for the metrics port 9090, libvirtd's TCP port 16509 and a
+//! service on tcp/443 — a port the filter allows — on the host's address on the bridge), and
+//! a server another run keeps open in the other guest. Control probes show the network works
+//! (tcp/443 to the internet; DNS over udp and tcp to the host's dnsmasq, the one host service
+//! besides DHCP a guest may use) and that every stand-in answers outside the guests' filters.
+//!
+//! Safety (as in `agentvm-backend/tests/tier3_network.rs`): libvirtd must run inside the
+//! test network namespace (`$AGENTVM_TEST_NETNS`); the test checks it before anything
+//! else. "The internet" is one more namespace joined to the test namespace by a veth pair in
+//! 198.18.0.0/30 with no route anywhere else; nothing is sent off this machine. Servers,
+//! namespace and veth are removed by drop guards, processes killed by pid.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const INET_HOST: &str = "198.18.0.2";
+
+/// `python3 PROBE` prints one line per `host:port[/udp]` argument: `TARGET ok|timeout|refused|error`.
+const PROBE: &str = r#"
+import socket, sys
+for t in sys.argv[1:]:
+    hp, _, proto = t.partition("/")
+    host, port = hp.rsplit(":", 1)
+    try:
+        if proto == "udp":
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(5)
+            q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example\x03com\x00\x00\x01\x00\x01"
+            s.sendto(q, (host, int(port)))
+            s.recv(512)
+        else:
+            s = socket.create_connection((host, int(port)), timeout=5)
+        print(t, "ok")
+    except socket.timeout:
+        print(t, "timeout")
+    except ConnectionRefusedError:
+        print(t, "refused")
+    except OSError as e:
+        print(t, "error", e.errno)
+"#;
+
+/// A TCP server for guests on the given ports (forks one listener each), then sleeps.
+const SERVER: &str = r#"
+import os, socket, sys, time
+for port in sys.argv[1:]:
+    if os.fork() == 0:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", int(port)))
+        s.listen(16)
+        while True:
+            c, _ = s.accept()
+            c.close()
+time.sleep(3600)
+"#;
+
+fn test_netns() -> String {
+    std::env::var("AGENTVM_TEST_NETNS").unwrap_or_else(|_| "agentvm-test".to_string())
+}
+
+fn in_ns(ns: &str, args: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]).args(args);
+    c
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Panics unless libvirtd runs in the test namespace (never in this process's own).
+fn assert_libvirtd_in_test_netns() -> String {
+    use std::os::unix::fs::MetadataExt;
+    let ns = test_netns();
+    let pid = std::fs::read_to_string("/run/libvirtd.pid").expect("libvirtd is not running");
+    let pid = pid.trim();
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    assert_ne!(
+        theirs,
+        std::fs::read_link("/proc/self/ns/net").unwrap(),
+        "SAFETY: libvirtd runs in this machine's own network namespace; refusing to create networks"
+    );
+    let want = std::fs::metadata(format!("/run/netns/{ns}")).unwrap().ino();
+    let have = std::fs::metadata(format!("/proc/{pid}/ns/net"))
+        .unwrap()
+        .ino();
+    assert_eq!(
+        want, have,
+        "SAFETY: libvirtd is not in network namespace {ns}"
+    );
+    ns
+}
+
+/// Processes and a namespace the test started; removed on drop.
+struct Servers {
+    children: Vec<Child>,
+    netns: Option<String>,
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(ns) = &self.netns {
+            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
+        }
+    }
+}
+
+/// A listener in namespace `ns` on `addr:port` that accepts and closes connections.
+fn listen(servers: &mut Servers, ns: &str, addr: &str, port: u16) {
+    let child = in_ns(
+        ns,
+        &[
+            "/usr/bin/python3",
+            "-c",
+            "import socket,sys\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind((sys.argv[1],int(sys.argv[2])))\ns.listen(16)\nwhile True:\n    c,_=s.accept(); c.close()",
+            addr,
+            &port.to_string(),
+        ],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    servers.children.push(child);
+    let start = Instant::now();
+    while !run(&mut in_ns(ns, &["ss", "-ltnH"])).contains(&format!("{addr}:{port}")) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "listener {addr}:{port} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Connects from namespace `ns` (outside any guest filter): true when it connects.
+fn reachable_from(ns: &str, addr: &str, port: u16) -> bool {
+    let out = run(&mut in_ns(
+        ns,
+        &["/usr/bin/python3", "-c", PROBE, &format!("{addr}:{port}")],
+    ));
+    out.trim().ends_with(" ok")
+}
+
+#[test]
+fn a_guest_reaches_only_what_its_filter_allows_not_the_host_nor_another_guest() {
+    let test_ns = assert_libvirtd_in_test_netns();
+    require_libvirt_and_image();
+    let pid = std::process::id();
+    let mut servers = Servers {
+        children: Vec::new(),
+        netns: None,
+    };
+
+    // The internet: servers on 443 (allowed) and 8080 (not).
+    let inet = format!("agentvm-relinet-{pid}");
+    run(Command::new("ip").args(["netns", "add", &inet]));
+    servers.netns = Some(inet.clone());
+    let (outer, inner) = (
+        format!("avri{}", pid % 1_000_000),
+        format!("avro{}", pid % 1_000_000),
+    );
+    run(&mut in_ns(&inet, &["ip", "link", "set", "lo", "up"]));
+    run(&mut in_ns(
+        &test_ns,
+        &[
+            "ip", "link", "add", &outer, "type", "veth", "peer", "name", &inner, "netns", &inet,
+        ],
+    ));
+    run(&mut in_ns(
+        &test_ns,
+        &["ip", "addr", "add", "198.18.0.1/30", "dev", &outer],
+    ));
+    run(&mut in_ns(&test_ns, &["ip", "link", "set", &outer, "up"]));
+    run(&mut in_ns(
+        &inet,
+        &["ip", "addr", "add", "198.18.0.2/30", "dev", &inner],
+    ));
+    run(&mut in_ns(&inet, &["ip", "link", "set", &inner, "up"]));
+    run(&mut in_ns(
+        &test_ns,
+        &["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+    ));
+    assert!(!run(&mut in_ns(&inet, &["ip", "-4", "route"])).contains("default"));
+    listen(&mut servers, &inet, INET_HOST, 443);
+    listen(&mut servers, &inet, INET_HOST, 8080);
+
+    // The controller, a NAT network, an egress filter (DNS + tcp/443) and a pool of two.
+    let mut env = Env::new("netguest");
+    let net = format!("e2e-rnet-{pid}");
+    let filter = format!("e2e-regress-{pid}");
+    let pool = format!("e2enet{pid}");
+    let image = format!("e2e-nimg-{pid}");
+    env.domain_prefix = format!("agentvm-{pool}-");
+    env.networks.push(format!("agentvm-{net}"));
+    env.filters.push(format!("agentvm-{filter}"));
+    let third = 100 + pid % 150;
+    let gateway = format!("10.214.{third}.1");
+    let extra =
+        format!("    network: {{mode: attached, networkRef: {net}, filterRef: {filter}}}\n");
+    std::fs::write(
+        env.specs().join("net.yaml"),
+        format!(
+            "apiVersion: agentvm.dev/v1alpha1\nkind: Network\nmetadata: {{name: {net}}}\nspec: {{mode: nat, subnet: 10.214.{third}.0/24}}\n---\n\
+             apiVersion: agentvm.dev/v1alpha1\nkind: NetworkFilter\nmetadata: {{name: {filter}}}\nspec:\n  egress:\n    - {{protocol: udp, ports: [53]}}\n    - {{protocol: tcp, ports: [443]}}\n---\n{}",
+            small_pool(&pool, &image, 2, 2, &extra)
+        ),
+    )
+    .unwrap();
+    env.start_controller();
+    env.wait("pool Ready with 2 VMs", Duration::from_secs(400), || {
+        pool_ready(&env, &pool, 2)
+    });
+    // The host's services on its address on the guests' bridge (stand-ins, since the real
+    // controller serves its API on a unix socket and metrics on 127.0.0.1, and libvirtd on
+    // a unix socket): all answer from the host side.
+    for port in [9090, 16509, 443] {
+        listen(&mut servers, &test_ns, &gateway, port);
+        assert!(
+            reachable_from(&test_ns, &gateway, port),
+            "control {gateway}:{port}"
+        );
+    }
+    assert!(
+        reachable_from(&test_ns, INET_HOST, 8080),
+        "control internet:8080"
+    );
+
+    // Another guest keeps servers open on 443 and 8080 and says where.
+    let victim_src = format!(
+        "ip -4 -o addr show scope global | awk '{{print \"ip=\" $4}}'; exec python3 -c '{}' 443 8080",
+        SERVER.replace('\'', "\"")
+    );
+    apply_yaml(
+        &env,
+        "victim.yaml",
+        &sh_run("victim", &pool, &victim_src, "  timeoutSeconds: 600\n"),
+    );
+    let mut victim_ip = String::new();
+    env.wait("the victim's address", Duration::from_secs(120), || {
+        let out = env.cmd(&["logs", "run/victim"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let Some(ip) = text.lines().find_map(|l| l.strip_prefix("ip=")) {
+            victim_ip = ip.split('/').next().unwrap().to_string();
+            true
+        } else {
+            false
+        }
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        reachable_from(&test_ns, &victim_ip, 8080),
+        "control: the victim's server does not answer from the host"
+    );
+
+    let targets = [
+        format!("{INET_HOST}:443"),
+        format!("{INET_HOST}:8080"),
+        format!("{gateway}:53/udp"),
+        format!("{gateway}:53"),
+        format!("{gateway}:9090"),
+        format!("{gateway}:16509"),
+        format!("{gateway}:443"),
+        format!("{victim_ip}:443"),
+        format!("{victim_ip}:8080"),
+    ];
+    let attacker_src = format!(
+        "exec python3 -c '{}' {}",
+        PROBE.replace('\'', "\""),
+        targets.join(" ")
+    );
+    apply_yaml(
+        &env,
+        "attacker.yaml",
+        &sh_run("attacker", &pool, &attacker_src, "  timeoutSeconds: 300\n"),
+    );
+    env.wait("attacker ended", Duration::from_secs(300), || {
+        run_terminal(&run_phase(&env, "attacker"))
+    });
+    let s = env.status("run", "attacker");
+    assert_eq!(s["phase"], "Succeeded", "{s}");
+    let out = s["stdoutTail"].as_str().unwrap().to_string();
+    eprintln!("probes from a guest:\n{out}");
+    let verdict = |t: &str| -> String {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{t} ")))
+            .unwrap_or_else(|| panic!("no verdict for {t}: {out}"))
+            .to_string()
+    };
+    // Controls: the guest is on the network.
+    assert_eq!(verdict(&targets[0]), "ok", "tcp/443 to the internet");
+    assert_eq!(verdict(&targets[2]), "ok", "DNS to the host's dnsmasq");
+    assert_eq!(
+        verdict(&targets[3]),
+        "ok",
+        "DNS over TCP to the host's dnsmasq"
+    );
+    // Contained.
+    for t in [
+        &targets[1],
+        &targets[4],
+        &targets[5],
+        &targets[7],
+        &targets[8],
+    ] {
+        assert_eq!(verdict(t), "timeout", "{t} must be dropped");
+    }
+    // The host itself on an allowed egress port.
+    assert_eq!(
+        verdict(&targets[6]),
+        "timeout",
+        "the host's own service on an allowed egress port (443) must be dropped"
+    );
+
+    let _ = env.cmd(&["delete", "run/victim"]).output();
+    drop(env);
+    drop(servers);
+}
