@@ -606,6 +606,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn artifacts_are_measured_files_hashed_directories_summed_symlinks_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("out");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::write(root.join("a.txt"), b"hello\n").unwrap();
+        std::fs::write(root.join("sub/b.bin"), vec![7u8; 1000]).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", root.join("link")).unwrap();
+        let (size, sha) = measure(&root.join("a.txt")).unwrap();
+        assert_eq!(size, 6);
+        assert_eq!(
+            sha.as_deref(),
+            Some("5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03")
+        );
+        assert_eq!(measure(&root).unwrap(), (1006, None));
+        let report = ArtifactReport {
+            skipped: vec![("/root/big".into(), 2_100_000)],
+            ..Default::default()
+        };
+        assert_eq!(
+            report.skipped_message(1 << 20),
+            "not collected, over the size cap of 1048576 bytes: /root/big (2100000 bytes)"
+        );
+    }
+
+    #[test]
     fn redacts_secrets_split_across_chunks() {
         let secrets = vec!["s3cr3t-value".to_string(), "tok".to_string()];
         let mut r = Redactor::new(&secrets);

@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use common::*;
@@ -14,11 +15,24 @@ use serde_json::Value;
 
 const TTL: u64 = 60;
 
-fn manifest(pool: &str, image: &str) -> String {
+fn manifest(pool: &str, image: &str, ttl: u64) -> String {
     format!(
         "apiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata: {{name: {image}}}\nspec: {{}}\n---\n\
-         apiVersion: agentvm.dev/v1alpha1\nkind: VmPool\nmetadata: {{name: {pool}}}\nspec:\n  template:\n    imageRef: {image}\n    resources: {{profile: custom, vcpu: 1, memoryMib: 512, diskGib: 2}}\n  minReady: 2\n  maxSize: 3\n  ttlSeconds: {TTL}\n  healthCheckSeconds: 5\n"
+         apiVersion: agentvm.dev/v1alpha1\nkind: VmPool\nmetadata: {{name: {pool}}}\nspec:\n  template:\n    imageRef: {image}\n    resources: {{profile: custom, vcpu: 1, memoryMib: 512, diskGib: 2}}\n  minReady: 2\n  maxSize: 3\n  ttlSeconds: {ttl}\n  healthCheckSeconds: 5\n"
     )
+}
+
+fn apply(env: &Env, file: &Path, text: &str) {
+    std::fs::write(file, text).unwrap();
+    let out = env
+        .cmd(&["apply", "-f", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn time(v: &Value) -> SystemTime {
@@ -45,51 +59,13 @@ fn unhealthy_and_expired_vms_are_replaced_but_never_taken_from_a_run() {
     let image = format!("e2e-limg-{pid}");
     env.domain_prefix = format!("agentvm-{pool}-");
     let file = env.dir.join("pool.yaml");
-    std::fs::write(&file, manifest(&pool, &image)).unwrap();
     env.start_controller();
-    let out = env
-        .cmd(&["apply", "-f", file.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // First a long TTL: the health check is what replaces the VM, whatever the load.
+    apply(&env, &file, &manifest(&pool, &image, 3600));
     env.wait("pool Ready", Duration::from_secs(300), || {
         pool_ready(&env, &pool, 2)
     });
-
-    // A run long enough for its VM to expire under it.
-    let run = env.dir.join("run.yaml");
-    std::fs::write(
-        &run,
-        format!(
-            "apiVersion: agentvm.dev/v1alpha1\nkind: AgentRun\nmetadata: {{name: long}}\nspec:\n  poolRef: {pool}\n  script: {{interpreter: sh, source: \"sleep {}; echo survived\"}}\n  timeoutSeconds: 600\n",
-            TTL + 10
-        ),
-    )
-    .unwrap();
-    let out = env
-        .cmd(&["apply", "-f", run.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    env.wait("the run Running", Duration::from_secs(120), || {
-        env.status("run", "long")["phase"] == "Running"
-    });
-    let busy = env.status("run", "long")["vm"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let idle: String = vm_names(&env.status("pool", &pool))
-        .into_iter()
-        .find(|v| *v != busy)
-        .expect("an idle VM");
+    let idle = vm_names(&env.status("pool", &pool))[0].clone();
 
     // Freeze the idle VM's guest agent from inside the guest.
     let cmd = r#"{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c","sleep 1; for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = qemu-ga ] && kill -STOP ${p#/proc/}; done"]}}"#;
@@ -97,7 +73,7 @@ fn unhealthy_and_expired_vms_are_replaced_but_never_taken_from_a_run() {
     assert!(ok, "guest-exec in {idle}: {out}");
     let t = env.wait(
         "the unhealthy VM replaced",
-        Duration::from_secs(120),
+        Duration::from_secs(180),
         || event_for(&env, &pool, &idle).is_some(),
     );
     let ev = event_for(&env, &pool, &idle).unwrap();
@@ -113,6 +89,29 @@ fn unhealthy_and_expired_vms_are_replaced_but_never_taken_from_a_run() {
     env.wait("the unhealthy domain gone", Duration::from_secs(60), || {
         !domains_with_prefix(&env.domain_prefix).contains(&idle)
     });
+    env.wait("pool Ready again", Duration::from_secs(300), || {
+        pool_ready(&env, &pool, 2)
+    });
+
+    // Now ttlSeconds 60 (not part of the template: no rolling update). A run long enough
+    // for its VM to expire under it.
+    apply(&env, &file, &manifest(&pool, &image, TTL));
+    let run = env.dir.join("run.yaml");
+    apply(
+        &env,
+        &run,
+        &format!(
+            "apiVersion: agentvm.dev/v1alpha1\nkind: AgentRun\nmetadata: {{name: long}}\nspec:\n  poolRef: {pool}\n  script: {{interpreter: sh, source: \"sleep {}; echo survived\"}}\n  timeoutSeconds: 600\n",
+            TTL + 10
+        ),
+    );
+    env.wait("the run Running", Duration::from_secs(300), || {
+        env.status("run", "long")["phase"] == "Running"
+    });
+    let busy = env.status("run", "long")["vm"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     // The busy VM expires during the run: the run goes on and succeeds, then the VM is
     // replaced (not reset, not reused).
@@ -132,7 +131,7 @@ fn unhealthy_and_expired_vms_are_replaced_but_never_taken_from_a_run() {
     );
     env.wait(
         "the expired busy VM replaced",
-        Duration::from_secs(60),
+        Duration::from_secs(180),
         || event_for(&env, &pool, &busy).is_some(),
     );
     let ev = event_for(&env, &pool, &busy).unwrap();
@@ -154,7 +153,7 @@ fn unhealthy_and_expired_vms_are_replaced_but_never_taken_from_a_run() {
         })
         .collect();
     let (vm, created) = born[0].clone();
-    env.wait("an idle VM expired", Duration::from_secs(TTL + 120), || {
+    env.wait("an idle VM expired", Duration::from_secs(TTL + 240), || {
         event_for(&env, &pool, &vm).is_some()
     });
     let ev = event_for(&env, &pool, &vm).unwrap();
@@ -185,8 +184,13 @@ fn unhealthy_and_expired_vms_are_replaced_but_never_taken_from_a_run() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
+    let events = text
+        .split("Events:\n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no Events in describe: {text}"));
+    assert!(events.starts_with("  AGE"), "{events}");
     assert!(
-        text.contains("Unhealthy") && text.contains("TtlExpired"),
-        "{text}"
+        events.contains("Unhealthy") && events.contains("TtlExpired"),
+        "{events}"
     );
 }

@@ -1,5 +1,5 @@
-//! `agentvm describe KIND/NAME`: one object in full: identity, manager, spec, status and
-//! conditions.
+//! `agentvm describe KIND/NAME`: one object in full: identity, manager, spec, status,
+//! conditions and (for pools) recent VM events, newest first.
 
 use agentvm_controller::store::{Manager, StoredObject};
 use agentvm_controller::time::{human_age, Timestamp};
@@ -69,6 +69,12 @@ pub fn describe(obj: &StoredObject) -> String {
         .and_then(|m| m.remove("conditions"))
         .and_then(|c| c.as_array().cloned())
         .unwrap_or_default();
+    // A pool's VM events (replacements and why), shown as a table like kubectl's Events.
+    let events = status
+        .as_object_mut()
+        .and_then(|m| m.remove("events"))
+        .and_then(|c| c.as_array().cloned())
+        .unwrap_or_default();
     if status.is_null() {
         out.push_str("Status:       <none> (not reconciled yet)\n");
     } else {
@@ -96,6 +102,25 @@ pub fn describe(obj: &StoredObject) -> String {
             ]);
         }
         rows[0][0] = format!("  {}", rows[0][0]);
+        out.push_str(&table_text(&rows));
+    }
+    if !events.is_empty() {
+        out.push_str("Events:\n");
+        let s = |c: &Value, k: &str| c.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        let mut rows = vec![["  AGE", "REASON", "VM", "MESSAGE"]
+            .map(String::from)
+            .to_vec()];
+        for e in events.iter().rev() {
+            let age = Timestamp::parse(&s(e, "time"))
+                .map(|t| human_age(t.age()))
+                .unwrap_or_else(|| "-".into());
+            rows.push(vec![
+                format!("  {age}"),
+                s(e, "reason"),
+                s(e, "vm"),
+                s(e, "message"),
+            ]);
+        }
         out.push_str(&table_text(&rows));
     }
     out
