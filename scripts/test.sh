@@ -42,7 +42,7 @@ step "build"
 cargo build --workspace --all-targets
 
 step "guest image (cached by recipe under $AGENTVM_CACHE_DIR)"
-./target/debug/agentvm image build
+"${CARGO_TARGET_DIR:-target}/debug/agentvm" image build
 
 step "tests: unit, libvirt test driver, real QEMU ($AGENTVM_ACCEL)"
 cargo test --workspace -- --test-threads=2

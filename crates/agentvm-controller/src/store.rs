@@ -56,6 +56,10 @@ pub const STORE_FILE: &str = "store.redb";
 /// kept; later output is dropped and the run's output is marked truncated.
 pub const MAX_OUTPUT_BYTES_PER_RUN: u64 = 64 * 1024 * 1024;
 
+/// Bytes of the store file redb keeps cached in memory. Its default (1 GiB) let the
+/// controller's memory grow with the total output runs ever wrote, up to that size.
+pub const STORE_CACHE_BYTES: usize = 32 * 1024 * 1024;
+
 /// Capacity of the event channel before slow subscribers start lagging.
 const EVENT_CAPACITY: usize = 4096;
 
@@ -437,7 +441,11 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
         path: path.to_path_buf(),
         message,
     };
-    let db = Database::create(path).map_err(|e| match e {
+    let db = Database::builder()
+        .set_cache_size(STORE_CACHE_BYTES)
+        .create(path)
+        .map_err(|e| {
+            match e {
         redb::DatabaseError::DatabaseAlreadyOpen => open_err(
             "it is already open (is another agentvm controller running with this state directory?)"
                 .into(),
@@ -446,7 +454,8 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
             path: path.to_path_buf(),
         },
         other => open_err(other.to_string()),
-    })?;
+    }
+        })?;
     let txn = db.begin_write()?;
     txn.open_table(OBJECTS)?;
     txn.open_table(OUTPUT)?;
@@ -1079,7 +1088,7 @@ mod tests {
             .clone()
     }
 
-    fn run(name: &str) -> Resource {
+    pub(super) fn run(name: &str) -> Resource {
         AgentRun::new(
             name,
             AgentRunSpec::command("sandbox", "echo", vec!["hi".into()]),
@@ -1097,7 +1106,7 @@ mod tests {
         Manager::SpecDir { file: file.into() }
     }
 
-    const API: ApplyOptions = ApplyOptions {
+    pub(super) const API: ApplyOptions = ApplyOptions {
         force: false,
         dry_run: false,
     };
@@ -1529,5 +1538,43 @@ mod tests {
         assert_eq!(results[0].as_ref().unwrap(), &ApplyOutcome::Created);
         assert!(matches!(results[1], Err(StoreError::Conflict { .. })));
         assert!(store.get(Kind::Image, "fresh").unwrap().is_some());
+    }
+}
+#[cfg(test)]
+mod memory {
+    use super::*;
+
+    fn rss_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    #[test]
+    fn memory_stays_bounded_however_much_output_runs_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join(STORE_FILE)).unwrap();
+        let chunk = vec![b'a'; 1024 * 1024];
+        let before = rss_kib();
+        // 200 MiB of output over 20 runs (redb's default cache kept nearly all of it).
+        for r in 0..20 {
+            let name = format!("r{r}");
+            store
+                .apply(tests::run(&name), Manager::Api, tests::API)
+                .unwrap();
+            for _ in 0..10 {
+                store
+                    .append_output(&name, OutputStream::Stdout, &chunk)
+                    .unwrap();
+            }
+        }
+        let grew = rss_kib().saturating_sub(before);
+        assert!(
+            grew < 100 * 1024,
+            "RSS grew by {grew} KiB for 200 MiB of output (cache {STORE_CACHE_BYTES} bytes)"
+        );
     }
 }
