@@ -99,7 +99,7 @@ fuzz_scratch=$(mktemp -d)
 for target in manifest apply_request; do
   mkdir -p "$fuzz_scratch/$target"
   if ! (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" "$fuzz_scratch/$target" "corpus/$target" -- \
-          -max_total_time="$fuzz_seconds" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
+          -max_total_time="$fuzz_seconds" -timeout=30 -rss_limit_mb=2048 -max_len=65536 \
           -artifact_prefix="$fuzz_scratch/$target-" -print_final_stats=1) >"$fuzz_scratch/$target.log" 2>&1; then
     tail -60 "$fuzz_scratch/$target.log" >&2
     mkdir -p fuzz/artifacts/"$target"
