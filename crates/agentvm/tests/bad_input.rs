@@ -252,14 +252,43 @@ fn the_corpus_in_the_spec_dir_is_reported_per_file_while_good_files_sync() {
     for (name, bytes, _) in &corpus {
         std::fs::write(specs.join(name), bytes).unwrap();
     }
+    // Files that are not manifests at all: too big, a FIFO nobody writes to, a symlink to
+    // an endless device. The big one is reported; the others are not regular files and are
+    // skipped (opening the FIFO would block the spec-dir pass forever).
+    std::fs::write(specs.join("huge.yaml"), vec![b'#'; 5 * 1024 * 1024]).unwrap();
+    let mkfifo = Command::new("mkfifo")
+        .arg(specs.join("fifo.yaml"))
+        .status()
+        .unwrap();
+    assert!(mkfifo.success());
+    std::os::unix::fs::symlink("/dev/zero", specs.join("zero.yaml")).unwrap();
     let reports = || -> serde_json::Value {
         let r = send(&c.socket, &request("GET", "/v1/specdir/errors", &[], b""));
         assert_eq!(r.status, 200, "{r:?}");
         r.json()["specDir"].clone()
     };
     eventually("a report for every corpus file", 60, || {
-        reports()["reports"].as_array().map_or(0, Vec::len) >= corpus.len()
+        reports()["reports"].as_array().map_or(0, Vec::len) > corpus.len()
     });
+    let all = reports();
+    let huge = all["reports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["file"] == "huge.yaml")
+        .expect("huge.yaml reported");
+    assert!(
+        huge["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("a manifest source may be at most 4194304 bytes"),
+        "{huge}"
+    );
+    assert_eq!(
+        all["reports"].as_array().unwrap().len(),
+        corpus.len() + 1,
+        "only the corpus and huge.yaml have problems: {all}"
+    );
     // The good file still syncs: an edit lands, a new good file lands.
     std::fs::write(specs.join("good.yaml"), good("trixie")).unwrap();
     std::fs::write(
