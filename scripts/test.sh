@@ -46,3 +46,25 @@ step "guest image (cached by recipe under $AGENTVM_CACHE_DIR)"
 
 step "tests: unit, libvirt test driver, real QEMU ($AGENTVM_ACCEL)"
 cargo test --workspace -- --test-threads=2
+
+# Bounded fuzzing of manifest parsing and API request decoding (fuzz/README.md). The stable
+# toolchain takes cargo fuzz's sanitizer flags with RUSTC_BOOTSTRAP=1; fuzz/target is kept
+# between runs, and what libFuzzer finds goes to a scratch directory, not into git.
+fuzz_seconds=${AGENTVM_FUZZ_SECONDS:-60}
+step "fuzz: ${fuzz_seconds} s per target"
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+fuzz_scratch=$(mktemp -d)
+for target in manifest apply_request; do
+  mkdir -p "$fuzz_scratch/$target"
+  if ! (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" "$fuzz_scratch/$target" "corpus/$target" -- \
+          -max_total_time="$fuzz_seconds" -timeout=30 -rss_limit_mb=2048 -max_len=65536 \
+          -artifact_prefix="$fuzz_scratch/$target-" -print_final_stats=1) >"$fuzz_scratch/$target.log" 2>&1; then
+    tail -60 "$fuzz_scratch/$target.log" >&2
+    mkdir -p fuzz/artifacts/"$target"
+    cp "$fuzz_scratch/$target"-* fuzz/artifacts/"$target"/ 2>/dev/null || true
+    echo "fuzz target $target failed; crashing inputs (if any) copied to fuzz/artifacts/$target" >&2
+    exit 1
+  fi
+  grep -E '^stat::(number_of_executed_units|peak_rss_mb)' "$fuzz_scratch/$target.log" | sed "s/^/$target: /"
+done
+rm -rf "$fuzz_scratch"
