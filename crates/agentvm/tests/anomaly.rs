@@ -32,35 +32,17 @@ fn pool_doc(pool: &str, image: &str, policy: &str) -> String {
     )
 }
 
-/// An AgentRun running `source` with `sh`; `extra` is appended to the spec.
-fn run_doc(name: &str, pool: &str, source: &str, extra: &str) -> String {
-    let source = source
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n");
-    format!("apiVersion: agentvm.dev/v1alpha1\nkind: AgentRun\nmetadata: {{name: {name}}}\nspec:\n  poolRef: {pool}\n  timeoutSeconds: 600\n  script: {{interpreter: sh, source: \"{source}\"}}\n{extra}")
-}
-
-fn apply(env: &Env, file: &str, yaml: &str) {
-    let path = env.dir.join(file);
-    std::fs::write(&path, yaml).unwrap();
-    let out = env
-        .cmd(&["apply", "-f", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "apply: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Applies the run and waits for it to end; returns its status.
 fn run(env: &Env, pool: &str, name: &str, source: &str, extra: &str) -> serde_json::Value {
-    apply(
+    apply_yaml(
         env,
         &format!("{name}.yaml"),
-        &run_doc(name, pool, source, extra),
+        &sh_run(
+            name,
+            pool,
+            source,
+            &format!("  timeoutSeconds: 600\n{extra}"),
+        ),
     );
     let mut status = serde_json::Value::Null;
     env.wait(
@@ -151,7 +133,7 @@ fn anomalies_of_real_runs_reach_status_metrics_and_audit_and_policy_kill_stops_a
         addr
     };
 
-    apply(&env, "pool.yaml", &pool_doc(&pool, &image, "record"));
+    apply_yaml(&env, "pool.yaml", &pool_doc(&pool, &image, "record"));
     env.wait("the pool to be Ready", Duration::from_secs(600), || {
         pool_ready(&env, &pool, 1)
     });
@@ -315,7 +297,7 @@ fn anomalies_of_real_runs_reach_status_metrics_and_audit_and_policy_kill_stops_a
     );
 
     // Policy kill: the burning run is stopped and fails with AnomalyPolicy.
-    apply(&env, "pool.yaml", &pool_doc(&pool, &image, "kill"));
+    apply_yaml(&env, "pool.yaml", &pool_doc(&pool, &image, "kill"));
     let started = Instant::now();
     let killed = run(&env, &pool, "cpu-kill", &burn(300), "");
     assert_eq!(killed["phase"], "Failed", "{killed:#}");

@@ -127,15 +127,7 @@ fn pool_vms_follow_the_spec_dir_survive_drift_and_kill_9() {
 #[test]
 fn networks_and_filters_follow_the_spec_dir_inside_the_test_namespace() {
     // Safety first: libvirt's networks must not land in this (the host's) namespace.
-    let pidfile = std::fs::read_to_string("/run/libvirtd.pid")
-        .expect("libvirtd is not running (no /run/libvirtd.pid)");
-    let libvirtd_ns =
-        std::fs::read_link(format!("/proc/{}/ns/net", pidfile.trim())).expect("libvirtd netns");
-    let own_ns = std::fs::read_link("/proc/self/ns/net").unwrap();
-    assert_ne!(
-        libvirtd_ns, own_ns,
-        "libvirtd runs in this process's network namespace; refusing to create networks (start it inside the test namespace: scripts/test.sh)"
-    );
+    assert_libvirtd_in_test_netns();
     require_libvirt_and_image();
 
     let mut env = Env::new("net");

@@ -24,29 +24,6 @@ fn pool_manifest(pool: &str, image: &str, max_size: u32) -> String {
     )
 }
 
-/// An AgentRun document running `source` with `sh`; `extra` is appended to the spec.
-fn run_doc(name: &str, pool: &str, source: &str, extra: &str) -> String {
-    let source = source
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n");
-    format!("apiVersion: agentvm.dev/v1alpha1\nkind: AgentRun\nmetadata: {{name: {name}}}\nspec:\n  poolRef: {pool}\n  script: {{interpreter: sh, source: \"{source}\"}}\n{extra}")
-}
-
-fn apply(env: &Env, file: &str, yaml: &str) {
-    let path = env.dir.join(file);
-    std::fs::write(&path, yaml).unwrap();
-    let out = env
-        .cmd(&["apply", "-f", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "apply: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn phase(env: &Env, run: &str) -> String {
     env.status("run", run)["phase"]
         .as_str()
@@ -91,7 +68,7 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
 
     // apply -> Running with a warm pool.
     let t0 = Instant::now();
-    apply(&env, "first.yaml", &run_doc("first", &pool, "sleep 2", ""));
+    apply_yaml(&env, "first.yaml", &sh_run("first", &pool, "sleep 2", ""));
     let latency = loop {
         let p = phase(&env, "first");
         if p != "Pending" && p != "Scheduled" {
@@ -110,10 +87,10 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
 
     // Output is followed live: `logs -f` prints the first line long before the run ends,
     // and exits when it ends.
-    apply(
+    apply_yaml(
         &env,
         "live.yaml",
-        &run_doc("live", &pool, "echo first; sleep 4; echo second", ""),
+        &sh_run("live", &pool, "echo first; sleep 4; echo second", ""),
     );
     let mut follow = env
         .cmd(&["logs", "-f", "run/live"])
@@ -164,10 +141,10 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
     let names: Vec<String> = (0..BATCH).map(|i| format!("batch-{i:02}")).collect();
     let docs: Vec<String> = names
         .iter()
-        .map(|n| run_doc(n, &pool, &format!("echo {n} ran on $(hostname)"), ""))
+        .map(|n| sh_run(n, &pool, &format!("echo {n} ran on $(hostname)"), ""))
         .collect();
     let t0 = Instant::now();
-    apply(&env, "batch.yaml", &docs.join("---\n"));
+    apply_yaml(&env, "batch.yaml", &docs.join("---\n"));
     env.wait("the batch done", Duration::from_secs(600), || {
         names.iter().all(|n| terminal(&phase(&env, n)))
     });
@@ -211,7 +188,7 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
     let dirty = "echo dirty > /tmp/marker; echo dirty > /root/marker; sync\n\
                  setsid sh -c 'exec sleep 4242' </dev/null >/dev/null 2>&1 &\n\
                  sleep 1; grep -qa '424[2]' /proc/[0-9]*/cmdline && echo started";
-    apply(&env, "dirty.yaml", &run_doc("dirty", &pool, dirty, ""));
+    apply_yaml(&env, "dirty.yaml", &sh_run("dirty", &pool, dirty, ""));
     env.wait("dirty done", Duration::from_secs(120), || {
         terminal(&phase(&env, "dirty"))
     });
@@ -221,10 +198,10 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
     let vm = s["vm"].as_str().unwrap().to_string();
 
     // A timed-out run (which also leaves a marker behind).
-    apply(
+    apply_yaml(
         &env,
         "slow.yaml",
-        &run_doc(
+        &sh_run(
             "slow",
             &pool,
             "echo begin; touch /tmp/slow-marker; sleep 611",
@@ -248,10 +225,10 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
     );
 
     // A cancelled run: deleted while it runs.
-    apply(
+    apply_yaml(
         &env,
         "cancel.yaml",
-        &run_doc("cancel", &pool, "touch /tmp/cancel-marker; sleep 622", ""),
+        &sh_run("cancel", &pool, "touch /tmp/cancel-marker; sleep 622", ""),
     );
     env.wait("cancel Running", Duration::from_secs(60), || {
         phase(&env, "cancel") == "Running"
@@ -278,7 +255,7 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
     let check = "for f in /tmp/marker /root/marker /tmp/slow-marker /tmp/cancel-marker /tmp/inflight-marker; do [ -e $f ] && echo found $f; done\n\
                  grep -lEa '424[2]|61[1]|62[2]|63[3]' /proc/[0-9]*/cmdline && echo found process\n\
                  echo checked";
-    apply(&env, "check.yaml", &run_doc("check", &pool, check, ""));
+    apply_yaml(&env, "check.yaml", &sh_run("check", &pool, check, ""));
     env.wait("check done", Duration::from_secs(120), || {
         terminal(&phase(&env, "check"))
     });
@@ -292,10 +269,10 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
 
     // kill -9 of the controller during a run: the new controller settles the run as
     // Failed/ControllerRestarted, and the adopted VM is reset before the next run.
-    apply(
+    apply_yaml(
         &env,
         "inflight.yaml",
-        &run_doc(
+        &sh_run(
             "inflight",
             &pool,
             "touch /tmp/inflight-marker; sleep 633",
@@ -317,7 +294,7 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
         "run in flight at kill -9 settled ControllerRestarted {:.1}s after the restart",
         t.as_secs_f64()
     );
-    apply(&env, "check2.yaml", &run_doc("check2", &pool, check, ""));
+    apply_yaml(&env, "check2.yaml", &sh_run("check2", &pool, check, ""));
     env.wait("check2 done", Duration::from_secs(120), || {
         terminal(&phase(&env, "check2"))
     });
@@ -330,10 +307,10 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
     );
 
     // (d) A secret from the controller's environment.
-    apply(
+    apply_yaml(
         &env,
         "secret.yaml",
-        &run_doc(
+        &sh_run(
             "secret",
             &pool,
             "echo token=$TOKEN; echo \"$TOKEN\" | wc -c; echo err=$TOKEN >&2",

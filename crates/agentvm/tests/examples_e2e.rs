@@ -28,19 +28,13 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
-fn assert_libvirtd_in_other_netns() {
-    let pidfile = std::fs::read_to_string("/run/libvirtd.pid")
-        .expect("libvirtd is not running (no /run/libvirtd.pid)");
-    let libvirtd_ns =
-        std::fs::read_link(format!("/proc/{}/ns/net", pidfile.trim())).expect("libvirtd netns");
-    let own_ns = std::fs::read_link("/proc/self/ns/net").unwrap();
-    assert_ne!(
-        libvirtd_ns, own_ns,
-        "libvirtd runs in this process's network namespace; refusing to create the examples' NAT network here (start it inside the test namespace: scripts/test.sh)"
-    );
-    // …and that namespace has no route out, so the examples' runs cannot reach the internet.
-    let ns = format!("/proc/{}/net/route", pidfile.trim());
-    let routes = std::fs::read_to_string(&ns).unwrap_or_default();
+/// libvirtd in the test namespace, and that namespace without a route out, so the examples'
+/// runs cannot reach the internet.
+fn assert_libvirtd_in_routeless_netns() {
+    assert_libvirtd_in_test_netns();
+    let pid = std::fs::read_to_string("/run/libvirtd.pid").unwrap();
+    let routes =
+        std::fs::read_to_string(format!("/proc/{}/net/route", pid.trim())).unwrap_or_default();
     assert!(
         !routes
             .lines()
@@ -57,7 +51,7 @@ fn logs(env: &Env, run: &str) -> String {
 
 #[test]
 fn the_examples_as_a_spec_dir_become_ready_and_their_local_runs_succeed() {
-    assert_libvirtd_in_other_netns();
+    assert_libvirtd_in_routeless_netns();
     require_libvirt_and_image();
 
     let mut env = Env::new("examples");

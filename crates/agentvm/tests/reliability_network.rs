@@ -62,10 +62,6 @@ for port in sys.argv[1:]:
 time.sleep(3600)
 "#;
 
-fn test_netns() -> String {
-    std::env::var("AGENTVM_TEST_NETNS").unwrap_or_else(|_| "agentvm-test".to_string())
-}
-
 fn in_ns(ns: &str, args: &[&str]) -> Command {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", ns]).args(args);
@@ -80,29 +76,6 @@ fn run(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Panics unless libvirtd runs in the test namespace (never in this process's own).
-fn assert_libvirtd_in_test_netns() -> String {
-    use std::os::unix::fs::MetadataExt;
-    let ns = test_netns();
-    let pid = std::fs::read_to_string("/run/libvirtd.pid").expect("libvirtd is not running");
-    let pid = pid.trim();
-    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
-    assert_ne!(
-        theirs,
-        std::fs::read_link("/proc/self/ns/net").unwrap(),
-        "SAFETY: libvirtd runs in this machine's own network namespace; refusing to create networks"
-    );
-    let want = std::fs::metadata(format!("/run/netns/{ns}")).unwrap().ino();
-    let have = std::fs::metadata(format!("/proc/{pid}/ns/net"))
-        .unwrap()
-        .ino();
-    assert_eq!(
-        want, have,
-        "SAFETY: libvirtd is not in network namespace {ns}"
-    );
-    ns
 }
 
 /// Processes and a namespace the test started; removed on drop.

@@ -474,3 +474,31 @@ pub fn wait_consistent(env: &Env, pool: &str, n: u64, timeout: Duration) {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// The network namespace the tests run libvirtd in ($AGENTVM_TEST_NETNS).
+pub fn test_netns() -> String {
+    std::env::var("AGENTVM_TEST_NETNS").unwrap_or_else(|_| "agentvm-test".to_string())
+}
+
+/// Panics unless libvirtd runs in the test namespace (never in this process's own).
+pub fn assert_libvirtd_in_test_netns() -> String {
+    use std::os::unix::fs::MetadataExt;
+    let ns = test_netns();
+    let pid = std::fs::read_to_string("/run/libvirtd.pid").expect("libvirtd is not running");
+    let pid = pid.trim();
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    assert_ne!(
+        theirs,
+        std::fs::read_link("/proc/self/ns/net").unwrap(),
+        "SAFETY: libvirtd runs in this machine's own network namespace; refusing to create networks"
+    );
+    let want = std::fs::metadata(format!("/run/netns/{ns}")).unwrap().ino();
+    let have = std::fs::metadata(format!("/proc/{pid}/ns/net"))
+        .unwrap()
+        .ino();
+    assert_eq!(
+        want, have,
+        "SAFETY: libvirtd is not in network namespace {ns}"
+    );
+    ns
+}
