@@ -42,6 +42,9 @@ pub struct OwnedNetwork {
     pub active: bool,
 }
 
+/// File in a VM's directory holding the fingerprint of its libvirt definition at creation.
+const DEFINITION_FINGERPRINT: &str = "definition.sha256";
+
 /// An owned domain as the reconcilers see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwnedVm {
@@ -53,6 +56,9 @@ pub struct OwnedVm {
     pub state: DomainState,
     /// True when its golden state exists (it finished booting, warming up and parking).
     pub golden: bool,
+    /// True when its persistent libvirt definition is no longer the one agentvm defined
+    /// (edited by hand, e.g. with `virsh edit`).
+    pub edited: bool,
 }
 
 /// A pool VM to create: booted from `image`, warmed up, parked at its golden state.
@@ -240,6 +246,18 @@ impl LibvirtBackend {
         }
     }
 
+    /// True when the domain's persistent definition differs from the one recorded when the
+    /// VM was created. Unknown (no record, or libvirt cannot say) counts as not edited.
+    fn edited(&self, lv: &Libvirt, name: &str) -> bool {
+        let Ok(recorded) =
+            std::fs::read_to_string(self.files(name).dir.join(DEFINITION_FINGERPRINT))
+        else {
+            return false;
+        };
+        lv.definition_fingerprint(name)
+            .is_ok_and(|now| now != recorded.trim())
+    }
+
     fn has_golden(&self, lv: &Libvirt, name: &str) -> bool {
         match self.strategy.kind() {
             GoldenKind::InternalSnapshot => lv
@@ -318,6 +336,7 @@ impl Backend for LibvirtBackend {
             .filter(|d| self.files(&d.name).dir.is_dir())
             .map(|d| OwnedVm {
                 golden: self.has_golden(&lv, &d.name),
+                edited: self.edited(&lv, &d.name),
                 name: d.name,
                 owner: d.owner,
                 state: d.state,
@@ -366,6 +385,10 @@ impl Backend for LibvirtBackend {
             }
             let warmup = t.elapsed();
             let golden = lv.park_golden(&name, &files, self.strategy, self.boot_timeout)?;
+            // What its definition looks like now, to notice hand edits later.
+            let fingerprint = lv.definition_fingerprint(&name)?;
+            let path = files.dir.join(DEFINITION_FINGERPRINT);
+            std::fs::write(&path, fingerprint).map_err(crate::error::io_err("writing", &path))?;
             Ok(PoolVmReport {
                 boot,
                 warmup,

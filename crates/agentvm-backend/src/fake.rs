@@ -91,6 +91,8 @@ pub struct FakeDomain {
     pub filter: Option<String>,
     /// Resets it went through.
     pub resets: u32,
+    /// Its definition was edited by hand.
+    pub edited: bool,
 }
 
 #[derive(Default)]
@@ -215,6 +217,7 @@ impl FakeBackend {
                 network: None,
                 filter: None,
                 resets: 0,
+                edited: false,
             },
         );
     }
@@ -230,6 +233,7 @@ impl FakeBackend {
                 network: None,
                 filter: None,
                 resets: 0,
+                edited: false,
             },
         );
     }
@@ -270,6 +274,13 @@ impl FakeBackend {
     pub fn stop_domain_by_hand(&self, name: &str) {
         if let Some(d) = self.lock().domains.get_mut(name) {
             d.state = DomainState::ShutOff;
+        }
+    }
+
+    /// `virsh edit` by hand (the definition no longer matches what was defined).
+    pub fn edit_domain_by_hand(&self, name: &str) {
+        if let Some(d) = self.lock().domains.get_mut(name) {
+            d.edited = true;
         }
     }
 
@@ -413,6 +424,7 @@ impl Backend for FakeBackend {
                     owner: d.owner.clone()?,
                     state: d.state,
                     golden: d.golden,
+                    edited: d.edited,
                 })
             })
             .collect())
@@ -451,6 +463,7 @@ impl Backend for FakeBackend {
                 network: req.nic.as_ref().map(|n| n.network.clone()),
                 filter: req.nic.as_ref().and_then(|n| n.filter.clone()),
                 resets: 0,
+                edited: false,
             },
         );
         Ok(PoolVmReport {

@@ -226,6 +226,21 @@ impl Libvirt {
         .map_err(|e| BackendError::from_virt(e, "domain", name))
     }
 
+    /// SHA-256 (hex) of domain `name`'s persistent definition (`virsh dumpxml --inactive`),
+    /// which a hand edit (`virsh edit`, `virsh define`) changes and running, snapshots and
+    /// resets do not.
+    pub fn definition_fingerprint(&self, name: &str) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let xml = self
+            .lookup(name)?
+            .xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
+            .map_err(|e| BackendError::from_virt(e, "domain", name))?;
+        Ok(Sha256::digest(xml.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect())
+    }
+
     /// Every domain carrying agentvm's ownership metadata. Foreign domains are not listed.
     pub fn list_owned_domains(&self) -> Result<Vec<OwnedDomain>> {
         let doms = self

@@ -1,5 +1,6 @@
 //! End to end with real libvirt (`qemu:///system`, TCG): the `agentvm controller` binary
-//! reconciles a spec directory into pool VMs, networks and filters, repairs drift, survives
+//! reconciles a spec directory into pool VMs, networks and filters, repairs drift (VMs
+//! destroyed or edited by hand, networks and filters removed by hand), survives
 //! `kill -9` by adopting what it owns, removes what a deleted file declared, and never touches
 //! a domain it does not own. Fails (never skips) without libvirt or the default image.
 
@@ -101,6 +102,21 @@ fn pool_vms_follow_the_spec_dir_survive_drift_and_kill_9() {
         vms.len(),
         t_adopt.as_secs_f64()
     );
+
+    // A definition edited by hand (`virsh desc --config` changes the persistent XML): that
+    // VM is replaced by one of the template; the other one, reset and adopted above with its
+    // definition untouched, stays.
+    let (edited, kept) = (vms[0].clone(), vms[1].clone());
+    let (ok, out) = virsh(&["desc", &edited, "--config", "edited by hand"]);
+    assert!(ok, "{out}");
+    let t_edit = env.wait("the edited VM replaced", Duration::from_secs(180), || {
+        let now = domains_with_prefix(&prefix);
+        now.len() == 2 && !now.contains(&edited) && pool_ready(&env, &pool, 2)
+    });
+    assert!(domains_with_prefix(&prefix).contains(&kept));
+    let events = env.status("pool", &pool)["events"].to_string();
+    assert!(events.contains("EditedByHand"), "{events}");
+    eprintln!("VM edited by hand replaced in {:.1}s", t_edit.as_secs_f64());
 
     // Removing the file removes the VMs and the objects.
     std::fs::remove_file(&file).unwrap();

@@ -305,6 +305,18 @@ impl VmPoolReconciler {
         }
         // The last replacement of this pass, for the condition of the creation that follows.
         let mut replaced: Option<(&str, String)> = None;
+        // Definitions edited by hand (`virsh edit`): replaced by a VM of the template once
+        // idle (a busy one finishes its run first; `replace` leaves it alone until then).
+        for vm in vms
+            .iter()
+            .filter(|v| v.edited && v.state == DomainState::Running)
+        {
+            let message = "its libvirt definition was changed outside agentvm".to_string();
+            if self.replace(ctx, name, &vm.name, "EditedByHand", message.clone(), status)? {
+                drift_repaired(ctx, name, &vm.name, "definition edited by hand; replaced");
+                replaced = Some(("EditedByHand", format!("{}: {message}", vm.name)));
+            }
+        }
         // Idle VMs past their TTL (from creation): replaced, not reset or reused. A busy one
         // finishes its run first (its run hands it back as needing a reset).
         let ttl = Duration::from_secs(u64::from(pool.spec.ttl_seconds));

@@ -674,3 +674,45 @@ fn pool_vms_feed_boot_reset_and_size_metrics_and_the_audit_log_including_drift()
         .unwrap()
         .contains("ShutOff"));
 }
+
+#[test]
+fn a_definition_edited_by_hand_is_replaced_once_idle_and_audited() {
+    let mut p = Pools::new();
+    let log = p.t.ctx.config.state_dir.join("audit.log");
+    p.t.ctx.audit = crate::audit::AuditLog::open(&log, 1 << 20, 1).unwrap();
+    image_ready(&p.t);
+    p.t.apply(&pool_yaml(2, 3, 512));
+    p.settle().unwrap();
+    let vms = p.vms();
+    assert_eq!(vms.len(), 2);
+    // One is busy with a run, the other idle; both are edited by hand.
+    let busy = p.r.registry().acquire("p").unwrap();
+    let idle = vms.iter().find(|v| **v != busy).unwrap().clone();
+    p.t.fake.edit_domain_by_hand(&busy);
+    p.t.fake.edit_domain_by_hand(&idle);
+    p.settle().unwrap();
+    let now = p.vms();
+    assert!(!now.contains(&idle), "the idle edited VM stayed: {now:?}");
+    assert!(now.contains(&busy), "the busy VM was taken from its run");
+    assert_eq!(now.len(), 3, "{now:?}");
+    let events = p.status()["events"].to_string();
+    assert!(
+        events.contains("EditedByHand") && events.contains(&idle),
+        "{events}"
+    );
+    // The run ends: the busy one goes too.
+    p.r.registry().release("p", &busy);
+    p.settle().unwrap();
+    let now = p.vms();
+    assert!(!now.contains(&busy), "{now:?}");
+    assert_eq!(now.len(), 2, "{now:?}");
+    let audit = std::fs::read_to_string(&log).unwrap();
+    for vm in [&idle, &busy] {
+        assert!(
+            audit.lines().any(|l| l.contains("drift_repaired")
+                && l.contains(vm.as_str())
+                && l.contains("edited by hand")),
+            "no drift_repaired for {vm}: {audit}"
+        );
+    }
+}
