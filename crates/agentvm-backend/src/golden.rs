@@ -373,12 +373,14 @@ impl Libvirt {
     /// remove its directory: overlays, golden disk, saved memory, logs. Succeeds when already
     /// gone. Internal snapshots live inside the overlay, which is deleted with it.
     pub fn remove_golden(&self, name: &str, files: &VmFiles) -> Result<()> {
-        let r = self
-            .destroy_domain(name)
-            .or_else(|e| if e.is_not_found() { Ok(()) } else { Err(e) })
-            .and_then(|_| self.undefine_domain(name));
-        let f = files.remove();
-        r.and(f)
+        let gone = |e: BackendError| if e.is_not_found() { Ok(()) } else { Err(e) };
+        self.destroy_domain(name)
+            .or_else(gone)
+            .and_then(|_| self.undefine_domain(name).or_else(gone))?;
+        // Only once the domain is gone: while it is still defined (libvirtd went away
+        // mid-teardown, say), its directory is what makes it one of ours in
+        // `Backend::list_vms`, so a later pass finds it and removes both.
+        files.remove()
     }
 }
 

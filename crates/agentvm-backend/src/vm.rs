@@ -218,12 +218,7 @@ impl<'a> EphemeralVm<'a> {
 }
 
 fn teardown(lv: &Libvirt, name: &str, files: &VmFiles) -> Result<()> {
-    let r = lv
-        .destroy_domain(name)
-        .or_else(|e| if e.is_not_found() { Ok(()) } else { Err(e) })
-        .and_then(|_| lv.undefine_domain(name));
-    let f = files.remove();
-    r.and(f)
+    lv.remove_golden(name, files)
 }
 
 impl Drop for EphemeralVm<'_> {

@@ -132,7 +132,7 @@ fn the_controller_reconnects_after_libvirtd_restarts_mid_reconcile_and_mid_run()
     let image = format!("e2e-lvimg-{me}");
     env.domain_prefix = format!("agentvm-{pool}-");
     let file = env.specs().join("pool.yaml");
-    std::fs::write(&file, small_pool(&pool, &image, 1, 2, "")).unwrap();
+    std::fs::write(&file, small_pool(&pool, &image, 1, 3, "")).unwrap();
     env.start_controller();
     let controller_pid = env.controller.as_ref().unwrap().id();
     env.wait("pool Ready", Duration::from_secs(300), || {
@@ -143,15 +143,27 @@ fn the_controller_reconnects_after_libvirtd_restarts_mid_reconcile_and_mid_run()
     apply_yaml(
         &env,
         "span.yaml",
-        &sh_run("span", &pool, "echo before; sleep 40; echo after", ""),
+        &sh_run("span", &pool, "echo before; sleep 120; echo after", ""),
     );
     env.wait("span Running", Duration::from_secs(60), || {
         run_phase(&env, "span") == "Running"
     });
-    // Mid-reconcile: the second VM is being created.
+    // The run holds the first VM, so the pool boots a second one to keep one ready; wait
+    // until that one is parked, so the next creation is the one the restart interrupts.
+    env.wait(
+        "a second VM ready beside the busy one",
+        Duration::from_secs(300),
+        || {
+            let st = env.status("pool", &pool);
+            domains_with_prefix(&env.domain_prefix).len() == 2
+                && st["ready"].as_u64() == Some(1)
+                && st["total"].as_u64() == Some(2)
+        },
+    );
+    // Mid-reconcile: a third VM is being created (minReady 2 with one VM busy).
     let before = domains_with_prefix(&env.domain_prefix);
-    std::fs::write(&file, small_pool(&pool, &image, 2, 2, "")).unwrap();
-    env.wait("a second domain defined", Duration::from_secs(120), || {
+    std::fs::write(&file, small_pool(&pool, &image, 2, 3, "")).unwrap();
+    env.wait("a third domain defined", Duration::from_secs(120), || {
         domains_with_prefix(&env.domain_prefix).len() > before.len()
     });
     let down = restart_libvirtd(&ns);
