@@ -251,9 +251,11 @@ impl AnomalyDetector {
         self.account(&obs);
         let mut out = Vec::new();
         let s = &obs.stats;
+        // Capped at 100%: sampling jitter (the two timestamps are not taken exactly when
+        // the counters are read) makes a saturated vCPU read 101–103% now and then.
         let cpu = self.prev.as_ref().and_then(|p| {
             s.cpu_usage_since(p)
-                .map(|f| f * 100.0 / f64::from(self.vcpus))
+                .map(|f| (f * 100.0 / f64::from(self.vcpus)).min(100.0))
         });
         self.prev = Some(s.clone());
 
