@@ -9,7 +9,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use agentvm_api::{AgentRunStatus, Anomaly, AnomalyDetection, AnomalyPolicy, Kind, ResourceUsage};
@@ -55,8 +54,16 @@ pub struct MonitorReport {
 pub struct RunMonitor {
     stop: Arc<AtomicBool>,
     killed: Arc<AtomicBool>,
-    handle: Option<JoinHandle<MonitorReport>>,
+    /// The sampling thread's final report.
+    done: std::sync::mpsc::Receiver<MonitorReport>,
+    /// What the thread had seen after its last complete sample.
+    latest: Arc<std::sync::Mutex<MonitorReport>>,
 }
+
+/// How long [`RunMonitor::stop`] waits for the sampling thread to finish its sample in
+/// progress. A guest agent call can block in libvirt for good when the agent is stuck; the
+/// run must not wait for that, so the thread is then left to end on its own.
+const STOP_WAIT: Duration = Duration::from_secs(15);
 
 impl std::fmt::Debug for RunMonitor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -190,25 +197,34 @@ impl RunMonitor {
             target,
         };
         let stopping = stop.clone();
-        let handle = std::thread::Builder::new()
+        let (tx, done) = std::sync::mpsc::channel();
+        let latest = Arc::new(std::sync::Mutex::new(MonitorReport::default()));
+        let shared = latest.clone();
+        std::thread::Builder::new()
             .name(format!("watch-{}", s.target.run))
             .spawn(move || {
                 let every = every.max(Duration::from_millis(50));
+                let report = |s: &Sampler| {
+                    let usage = s.detector.usage();
+                    MonitorReport {
+                        anomalies: s.anomalies.clone(),
+                        usage: (usage.samples > 0).then_some(usage),
+                        killed: s.killed.load(Ordering::SeqCst),
+                    }
+                };
                 loop {
                     let next = Instant::now() + every;
                     s.tick();
+                    *shared.lock().unwrap_or_else(|e| e.into_inner()) = report(&s);
                     while Instant::now() < next {
                         if stopping.load(Ordering::SeqCst) {
                             // A last reading so the usage covers the whole run.
                             if let Some(obs) = s.sample() {
                                 s.detector.account(&obs);
                             }
-                            let usage = s.detector.usage();
-                            return MonitorReport {
-                                anomalies: s.anomalies,
-                                usage: (usage.samples > 0).then_some(usage),
-                                killed: s.killed.load(Ordering::SeqCst),
-                            };
+                            // The receiver may have stopped waiting; nothing to do then.
+                            let _ = tx.send(report(&s));
+                            return;
                         }
                         std::thread::sleep(Duration::from_millis(25).min(every));
                     }
@@ -217,7 +233,8 @@ impl RunMonitor {
         Ok(RunMonitor {
             stop,
             killed,
-            handle: Some(handle),
+            done,
+            latest,
         })
     }
 
@@ -226,13 +243,22 @@ impl RunMonitor {
         self.killed.load(Ordering::SeqCst)
     }
 
-    /// Stops sampling and returns what was seen (waits for a sample in progress).
-    pub fn stop(mut self) -> MonitorReport {
+    /// Stops sampling and returns what was seen. Waits for a sample in progress, but at most
+    /// [`STOP_WAIT`]; after that the report of the last complete sample is returned.
+    pub fn stop(self) -> MonitorReport {
         self.stop.store(true, Ordering::SeqCst);
-        self.handle
-            .take()
-            .and_then(|h| h.join().ok())
-            .unwrap_or_default()
+        match self.done.recv_timeout(STOP_WAIT) {
+            Ok(report) => report,
+            Err(_) => {
+                tracing::warn!(
+                    "the anomaly monitor is stuck in a call to the VM (its guest agent does not answer); the run goes on without it"
+                );
+                self.latest
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+            }
+        }
     }
 }
 
