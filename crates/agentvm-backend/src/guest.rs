@@ -377,6 +377,58 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
     }
 
     /// Size of an open file: seek to its end.
+    /// The guest's IPv4 addresses outside loopback (`guest-network-get-interfaces`), as
+    /// `interface=address/prefix`.
+    pub fn ipv4_addresses(&self) -> Result<Vec<String>> {
+        let r = self.call("guest-network-get-interfaces", None)?;
+        let ifaces = r.as_array().ok_or_else(|| {
+            self.protocol("guest-network-get-interfaces", format!("not a list: {r}"))
+        })?;
+        Ok(ifaces
+            .iter()
+            .filter(|i| i["name"] != "lo")
+            .flat_map(|i| {
+                let name = i["name"].as_str().unwrap_or("?").to_string();
+                i["ip-addresses"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|a| a["ip-address-type"] == "ipv4")
+                    .filter_map(move |a| {
+                        Some(format!(
+                            "{name}={}/{}",
+                            a["ip-address"].as_str()?,
+                            a["prefix"].as_u64().unwrap_or(32)
+                        ))
+                    })
+            })
+            .collect())
+    }
+
+    /// Wait until the guest has an IPv4 address outside loopback (its DHCP lease), polling
+    /// every 100 ms until `timeout`; returns the addresses.
+    pub fn wait_ipv4(&self, timeout: Duration) -> Result<Vec<String>> {
+        let start = Instant::now();
+        loop {
+            match self.ipv4_addresses() {
+                Ok(a) if !a.is_empty() => return Ok(a),
+                Ok(_) => {}
+                Err(e) if e.is_transient() => {}
+                Err(e) => return Err(e),
+            }
+            if start.elapsed() >= timeout {
+                return Err(BackendError::Timeout {
+                    what: format!(
+                        "an IPv4 address by DHCP in {} (is DHCP blocked by its filter?)",
+                        self.chan.vm_name()
+                    ),
+                    after: timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn size_of(&self, h: i64) -> Result<u64> {
         let r = self.call(
             "guest-file-seek",
@@ -948,6 +1000,35 @@ mod tests {
                 "guest-exec"
             ]
         );
+    }
+
+    #[test]
+    fn wait_ipv4_polls_until_dhcp_gave_an_address_and_ignores_loopback() {
+        let lo = json!({"name": "lo", "ip-addresses": [
+            {"ip-address-type": "ipv4", "ip-address": "127.0.0.1", "prefix": 8}]});
+        let agent = FakeAgent::new(vec![
+            Ok(json!([lo.clone(), {"name": "enp1s0"}])),
+            Ok(json!([lo.clone(), {"name": "enp1s0", "ip-addresses": [
+                {"ip-address-type": "ipv6", "ip-address": "fe80::1", "prefix": 64}]}])),
+            Ok(json!([lo, {"name": "enp1s0", "ip-addresses": [
+                {"ip-address-type": "ipv6", "ip-address": "fe80::1", "prefix": 64},
+                {"ip-address-type": "ipv4", "ip-address": "10.9.0.12", "prefix": 24}]}])),
+        ]);
+        let got = Guest::new(&agent)
+            .wait_ipv4(Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(got, vec!["enp1s0=10.9.0.12/24".to_string()]);
+        assert_eq!(agent.executed().len(), 3);
+    }
+
+    #[test]
+    fn wait_ipv4_without_a_lease_is_a_timeout_naming_dhcp() {
+        let agent = FakeAgent::new((0..50).map(|_| Ok(json!([{"name": "enp1s0"}]))).collect());
+        let e = Guest::new(&agent)
+            .wait_ipv4(Duration::from_millis(250))
+            .unwrap_err();
+        assert!(matches!(e, BackendError::Timeout { .. }), "{e}");
+        assert!(e.to_string().contains("DHCP"), "{e}");
     }
 
     #[test]

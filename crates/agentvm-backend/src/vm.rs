@@ -175,15 +175,24 @@ impl<'a> EphemeralVm<'a> {
         let start = Instant::now();
         lv.start_domain(name)?;
         let agent = lv.agent(name)?;
-        Guest::new(&agent)
-            .wait_ready(shape.boot_timeout)
-            .map_err(|e| match e {
-                BackendError::Timeout { what, after } => BackendError::Timeout {
-                    what: format!("{what}; serial log: {}", files.serial_log().display()),
-                    after,
-                },
-                other => other,
-            })?;
+        let guest = Guest::new(&agent);
+        let with_log = |e| match e {
+            BackendError::Timeout { what, after } => BackendError::Timeout {
+                what: format!("{what}; serial log: {}", files.serial_log().display()),
+                after,
+            },
+            other => other,
+        };
+        guest.wait_ready(shape.boot_timeout).map_err(with_log)?;
+        // A guest on a network is not ready before it has its address: a golden state taken
+        // earlier would make every run wait for DHCP again (ISC dhclient backs off for up to
+        // two minutes when its first DISCOVER goes unanswered).
+        if shape.nic.as_ref().is_some_and(|n| n.dhcp) {
+            let left = shape.boot_timeout.saturating_sub(start.elapsed());
+            guest
+                .wait_ipv4(left.max(Duration::from_secs(5)))
+                .map_err(with_log)?;
+        }
         vm.boot_time = start.elapsed();
         Ok(vm)
     }

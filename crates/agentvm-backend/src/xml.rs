@@ -39,6 +39,10 @@ pub struct NicSpec {
     /// The host's address on the network (its gateway): agentvm filters drop everything a
     /// guest sends there except DNS. Required with `filter`.
     pub host: Option<std::net::Ipv4Addr>,
+    /// The guest gets its IPv4 address by DHCP (the filter lets DHCP through): booting
+    /// waits for that address, so a VM is never handed out (or its golden state taken)
+    /// before it is on the network. Not part of the domain XML.
+    pub dhcp: bool,
 }
 
 /// Everything needed to define one agentvm guest domain.
@@ -369,6 +373,7 @@ mod tests {
             filter: Some("agentvm-egress".into()),
             mac: None,
             host: Some("10.1.2.1".parse().unwrap()),
+            dhcp: true,
         });
         let xml = s.to_xml();
         assert!(xml.contains("<source network=\"agentvm-net\"/>"), "{xml}");

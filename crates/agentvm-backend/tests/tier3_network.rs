@@ -240,6 +240,7 @@ fn nic(network: &str, host: &str) -> Option<NicSpec> {
         filter: Some(network.to_string()),
         mac: None,
         host: Some(host.parse().unwrap()),
+        dhcp: true,
     })
 }
 

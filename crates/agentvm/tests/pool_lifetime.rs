@@ -142,15 +142,11 @@ fn unhealthy_and_expired_vms_are_replaced_but_never_taken_from_a_run() {
     );
 
     // Idle VMs expire too: each replacement comes at least ttlSeconds after its creation.
-    let first: Vec<String> = vm_names(&env.status("pool", &pool));
-    let born: Vec<(String, SystemTime)> = first
+    // One snapshot of the status: a VM can be replaced between two reads.
+    let snapshot = env.status("pool", &pool);
+    let born: Vec<(String, SystemTime)> = vm_names(&snapshot)
         .iter()
-        .map(|v| {
-            (
-                v.clone(),
-                time(&env.status("pool", &pool)["vmCreatedAt"][v]),
-            )
-        })
+        .map(|v| (v.clone(), time(&snapshot["vmCreatedAt"][v])))
         .collect();
     let (vm, created) = born[0].clone();
     env.wait("an idle VM expired", Duration::from_secs(TTL + 240), || {

@@ -616,6 +616,9 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Waiting>, Reconc
                 return Ok(Err(("WaitingForNetwork", format!("{what} is not Ready"))));
             }
             let mut host = None;
+            let dhcp = filter.as_ref().is_some_and(
+                |f| matches!(&f.resource, Resource::NetworkFilter(f) if f.spec.allow_dhcp),
+            );
             if let Some(n) = &net {
                 network_hash = spec_hash(&n.resource).into();
                 if let Resource::Network(n) = &n.resource {
@@ -627,6 +630,7 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Waiting>, Reconc
                 filter: Some(libvirt_name(a.filter_ref)),
                 mac: None,
                 host,
+                dhcp,
             })
         }
     };
