@@ -248,14 +248,10 @@ impl LibvirtBackend {
 
     /// True when the domain's persistent definition differs from the one recorded when the
     /// VM was created. Unknown (no record, or libvirt cannot say) counts as not edited.
-    fn edited(&self, lv: &Libvirt, name: &str) -> bool {
-        let Ok(recorded) =
-            std::fs::read_to_string(self.files(name).dir.join(DEFINITION_FINGERPRINT))
-        else {
-            return false;
-        };
-        lv.definition_fingerprint(name)
-            .is_ok_and(|now| now != recorded.trim())
+    /// Whether `name`'s definition differs from the one recorded when it was parked.
+    fn edited(&self, name: &str, now: &str) -> bool {
+        std::fs::read_to_string(self.files(name).dir.join(DEFINITION_FINGERPRINT))
+            .is_ok_and(|recorded| now != recorded.trim())
     }
 
     fn has_golden(&self, lv: &Libvirt, name: &str) -> bool {
@@ -336,7 +332,7 @@ impl Backend for LibvirtBackend {
             .filter(|d| self.files(&d.name).dir.is_dir())
             .map(|d| OwnedVm {
                 golden: self.has_golden(&lv, &d.name),
-                edited: self.edited(&lv, &d.name),
+                edited: self.edited(&d.name, &d.definition_sha256),
                 name: d.name,
                 owner: d.owner,
                 state: d.state,

@@ -43,6 +43,26 @@ pub struct OwnedDomain {
     pub owner: Owner,
     /// Run state.
     pub state: DomainState,
+    /// SHA-256 of its persistent (inactive) XML, as [`Libvirt::definition_fingerprint`].
+    pub definition_sha256: String,
+}
+
+fn state_of(state: virt::domain::DomainStateEnum) -> DomainState {
+    use virt::domain::DomainState as V;
+    use virt::enumutil::Enum;
+    match state {
+        Enum::Known(V::Running | V::Paused | V::Blocked) => DomainState::Running,
+        Enum::Known(V::Shutoff) => DomainState::ShutOff,
+        _ => DomainState::Other,
+    }
+}
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 impl Libvirt {
@@ -165,17 +185,11 @@ impl Libvirt {
 
     /// Run state of domain `name`.
     pub fn domain_state(&self, name: &str) -> Result<DomainState> {
-        use virt::domain::DomainState as V;
-        use virt::enumutil::Enum;
         let (state, _) = self
             .lookup(name)?
             .state()
             .map_err(|e| BackendError::from_virt(e, "domain", name))?;
-        Ok(match state {
-            Enum::Known(V::Running | V::Paused | V::Blocked) => DomainState::Running,
-            Enum::Known(V::Shutoff) => DomainState::ShutOff,
-            _ => DomainState::Other,
-        })
+        Ok(state_of(state))
     }
 
     /// Stop an owned domain at once (pull the plug). Succeeds if it is not running.
@@ -230,15 +244,11 @@ impl Libvirt {
     /// which a hand edit (`virsh edit`, `virsh define`) changes and running, snapshots and
     /// resets do not.
     pub fn definition_fingerprint(&self, name: &str) -> Result<String> {
-        use sha2::{Digest, Sha256};
         let xml = self
             .lookup(name)?
             .xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
             .map_err(|e| BackendError::from_virt(e, "domain", name))?;
-        Ok(Sha256::digest(xml.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect())
+        Ok(sha256_hex(&xml))
     }
 
     /// Every domain carrying agentvm's ownership metadata. Foreign domains are not listed.
@@ -248,12 +258,24 @@ impl Libvirt {
             .list_all_domains(0)
             .map_err(|e| BackendError::from_virt(e, "domain", "*"))?;
         let mut out = Vec::new();
+        // One XML fetch per domain: the persistent definition carries the ownership metadata
+        // and is what the drift fingerprint hashes.
         for d in doms {
             let Ok(name) = d.name() else { continue };
-            let Ok(xml) = d.xml_desc(0) else { continue };
+            let Ok(xml) = d.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE) else {
+                continue;
+            };
             if let Some(owner) = parse_owner(&xml) {
-                let state = self.domain_state(&name).unwrap_or(DomainState::Other);
-                out.push(OwnedDomain { name, owner, state });
+                let state = d
+                    .state()
+                    .map(|(s, _)| state_of(s))
+                    .unwrap_or(DomainState::Other);
+                out.push(OwnedDomain {
+                    name,
+                    owner,
+                    state,
+                    definition_sha256: sha256_hex(&xml),
+                });
             }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
