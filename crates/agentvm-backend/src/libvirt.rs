@@ -291,6 +291,11 @@ impl Libvirt {
     }
 }
 
+/// How much longer than its own timeout a guest agent call may take before its caller
+/// gives up: libvirt first waits up to 30 s for the domain's agent job and syncs with the
+/// agent (up to 5 s).
+pub const AGENT_CALL_GRACE: Duration = Duration::from_secs(40);
+
 /// The guest agent of one domain, reached through `virDomainQemuAgentCommand`.
 pub struct DomainAgent {
     dom: Domain,
@@ -304,28 +309,50 @@ impl AgentChannel for DomainAgent {
 
     fn command(&self, command: &Value, timeout: Duration) -> Result<Value> {
         let secs = timeout.as_secs().clamp(1, i32::MAX as u64) as i32;
-        let reply = self
-            .dom
-            .qemu_agent_command(&command.to_string(), secs, 0)
-            .map_err(|e| match BackendError::from_virt(e, "domain", &self.name) {
-                BackendError::Libvirt { code, message } if code.contains("OperationTimeout") => {
-                    BackendError::GuestAgentUnavailable {
-                        vm: self.name.clone(),
-                        message,
-                    }
+        // libvirt bounds the agent's silence by `secs`, but not the wait for the domain's
+        // agent job or for its own reply to reach us: the call runs on a helper thread and
+        // its caller gives up after `timeout + AGENT_CALL_GRACE` (the thread is left to
+        // finish on its own), so no caller ever blocks for good.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = {
+            let (dom, text, tx) = (self.dom.clone(), command.to_string(), tx.clone());
+            std::thread::Builder::new()
+                .name("agent-call".into())
+                .spawn(move || {
+                    let _ = tx.send(dom.qemu_agent_command(&text, secs, 0));
+                })
+        };
+        if spawned.is_err() {
+            // No thread to spare: the call is made here, unbounded.
+            let _ = tx.send(self.dom.qemu_agent_command(&command.to_string(), secs, 0));
+        }
+        let bound = timeout + AGENT_CALL_GRACE;
+        let answer = rx.recv_timeout(bound).map_err(|_| {
+            tracing::warn!(vm = %self.name, after = ?bound, "libvirt did not return from a guest agent call");
+            BackendError::GuestAgentUnavailable {
+                vm: self.name.clone(),
+                message: format!("libvirt gave no answer within {} s", bound.as_secs()),
+            }
+        })?;
+        let reply = answer.map_err(|e| match BackendError::from_virt(e, "domain", &self.name) {
+            BackendError::Libvirt { code, message } if code.contains("OperationTimeout") => {
+                BackendError::GuestAgentUnavailable {
+                    vm: self.name.clone(),
+                    message,
                 }
-                BackendError::Libvirt { code, message }
-                    if code.contains("OperationInvalid") || code.contains("AgentCommand") =>
-                {
-                    // The agent answered with an error (e.g. file not found): a protocol error.
-                    let _ = code;
-                    BackendError::Protocol {
-                        what: command["execute"].as_str().unwrap_or("?").to_string(),
-                        message,
-                    }
+            }
+            BackendError::Libvirt { code, message }
+                if code.contains("OperationInvalid") || code.contains("AgentCommand") =>
+            {
+                // The agent answered with an error (e.g. file not found): a protocol error.
+                let _ = code;
+                BackendError::Protocol {
+                    what: command["execute"].as_str().unwrap_or("?").to_string(),
+                    message,
                 }
-                other => other,
-            })?;
+            }
+            other => other,
+        })?;
         let v: Value = serde_json::from_str(&reply).map_err(|e| BackendError::Protocol {
             what: command["execute"].as_str().unwrap_or("?").to_string(),
             message: format!("{e}: {reply}"),

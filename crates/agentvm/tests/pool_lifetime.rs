@@ -146,7 +146,11 @@ fn unhealthy_and_expired_vms_are_replaced_but_never_taken_from_a_run() {
     let snapshot = env.status("pool", &pool);
     let born: Vec<(String, SystemTime)> = vm_names(&snapshot)
         .iter()
-        .map(|v| (v.clone(), time(&snapshot["vmCreatedAt"][v])))
+        .map(|v| {
+            let at = &snapshot["vmCreatedAt"][v];
+            assert!(at.is_string(), "no creation time for {v}: {snapshot}");
+            (v.clone(), time(at))
+        })
         .collect();
     let (vm, created) = born[0].clone();
     env.wait("an idle VM expired", Duration::from_secs(TTL + 240), || {

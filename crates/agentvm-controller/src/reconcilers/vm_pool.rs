@@ -416,6 +416,9 @@ impl VmPoolReconciler {
                 c.starting += 1;
                 c.total += 1;
                 c.names.push(vm_name.clone());
+                // Listed while it boots, with its creation time (its TTL counts from here).
+                c.created
+                    .insert(vm_name.clone(), Timestamp::now().to_string());
                 self.fill_status(status, &c, ctx, name);
                 status.phase = VmPoolPhase::Warming;
                 let progress = format!("creating {vm_name} ({} of {min} ready)", c.ready_current);
