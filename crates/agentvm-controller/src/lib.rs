@@ -7,6 +7,7 @@ pub mod audit;
 pub mod config;
 pub mod controller;
 pub mod health;
+pub mod http_serve;
 pub mod images;
 pub mod metrics;
 pub mod metrics_server;

@@ -1,5 +1,5 @@
 //! The metrics endpoint: `/metrics` (Prometheus text format 0.0.4), `/healthz` (the process
-//! answers) and `/readyz` (see [`Readiness`]) over HTTP on a TCP address.
+//! answers) and `/readyz` (see [`Readiness`]) over HTTP on a TCP address, within [`LIMITS`].
 
 use std::net::SocketAddr;
 
@@ -62,10 +62,26 @@ pub async fn serve(
     readiness: Readiness,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(metrics, readiness))
-        .with_graceful_shutdown(shutdown)
-        .await
+    crate::http_serve::serve(
+        "metrics endpoint",
+        listener,
+        router(metrics, readiness),
+        LIMITS,
+        shutdown,
+    )
+    .await;
+    Ok(())
 }
+
+/// The endpoint serves scrapers and probes, not the public: a few connections at once, each
+/// with 10 s to send its request head (a client holding connections open without sending
+/// cannot starve scrapes for longer), heads up to 16 KiB.
+pub const LIMITS: crate::http_serve::Limits = crate::http_serve::Limits {
+    max_connections: 32,
+    header_timeout: std::time::Duration::from_secs(10),
+    max_head_bytes: 16 * 1024,
+    shutdown_grace: std::time::Duration::from_secs(2),
+};
 
 /// The address a listener is bound to, for logs (`127.0.0.1:9090`).
 pub fn bound_address(listener: &TcpListener) -> Option<SocketAddr> {

@@ -22,8 +22,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use tokio::net::UnixListener;
-use tokio::sync::{broadcast, watch, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::{broadcast, watch};
 
 use super::{
     ApplyRequest, ApplyResponse, ApplyResult, DeleteResponse, ErrorBody, Health, LabelSelector,
@@ -183,64 +182,19 @@ pub async fn serve(
     state: ApiState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let app = router(state);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let (closing, _) = watch::channel(false);
-    let mut connections = JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(s) => s,
-                Err(_) => break,
-            },
-            _ = &mut shutdown => break,
-        };
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of file descriptors, say: wait instead of spinning.
-                    tracing::warn!("API: accepting a connection: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
-        };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let mut closing = closing.subscribe();
-        connections.spawn(async move {
-            let _slot = slot;
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                // A client may shut down its write side and wait for the answer.
-                .half_close(true)
-                .max_buf_size(MAX_HEAD_BYTES)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                _ = closing.wait_for(|c| *c) => conn.as_mut().graceful_shutdown(),
-            }
-            let _ = conn.await;
-        });
-        while connections.try_join_next().is_some() {}
-    }
-    drop(listener);
-    let _ = closing.send(true);
-    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        while connections.join_next().await.is_some() {}
-    })
+    crate::http_serve::serve(
+        "API",
+        listener,
+        router(state),
+        crate::http_serve::Limits {
+            max_connections: MAX_CONNECTIONS,
+            header_timeout: HEADER_TIMEOUT,
+            max_head_bytes: MAX_HEAD_BYTES,
+            shutdown_grace: SHUTDOWN_GRACE,
+        },
+        shutdown,
+    )
     .await;
-    if drained.is_err() {
-        tracing::warn!(
-            "API: dropping {} connection(s) still open after {SHUTDOWN_GRACE:?}",
-            connections.len()
-        );
-        connections.abort_all();
-    }
     Ok(())
 }
 
