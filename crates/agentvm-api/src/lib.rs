@@ -12,6 +12,7 @@
 //! assert_eq!(objects[0].resource.kind(), agentvm_api::Kind::Image);
 //! ```
 
+pub mod errors;
 pub mod json;
 pub mod kind;
 pub mod kinds;

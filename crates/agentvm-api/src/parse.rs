@@ -201,53 +201,7 @@ impl ManifestError {
 }
 
 /// Every problem found in one parse call (never empty as an error).
-#[derive(Debug)]
-pub struct ManifestErrors(pub Vec<ManifestError>);
-
-impl ManifestErrors {
-    /// The individual errors, in source order.
-    pub fn iter(&self) -> impl Iterator<Item = &ManifestError> {
-        self.0.iter()
-    }
-
-    /// Number of errors.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// True when there are none.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Display for ManifestErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ManifestErrors {}
-
-impl From<ManifestError> for ManifestErrors {
-    fn from(e: ManifestError) -> Self {
-        Self(vec![e])
-    }
-}
-
-impl IntoIterator for ManifestErrors {
-    type Item = ManifestError;
-    type IntoIter = std::vec::IntoIter<ManifestError>;
-    fn into_iter(self) -> Self::IntoIter {
-        self.0.into_iter()
-    }
-}
+pub type ManifestErrors = crate::errors::ErrorList<ManifestError>;
 
 /// Result of parsing: every object, or every error.
 pub type ParseResult = Result<Vec<ParsedResource>, ManifestErrors>;
@@ -350,7 +304,7 @@ impl Collector {
         if self.errors.is_empty() {
             Ok(self.resources)
         } else {
-            Err(ManifestErrors(self.errors))
+            Err(crate::errors::ErrorList(self.errors))
         }
     }
 

@@ -129,47 +129,7 @@ pub struct ValidationError {
 }
 
 /// Every problem found in one object (never empty when returned as an error).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ValidationErrors(pub Vec<ValidationError>);
-
-impl ValidationErrors {
-    /// The individual errors.
-    pub fn iter(&self) -> impl Iterator<Item = &ValidationError> {
-        self.0.iter()
-    }
-
-    /// Number of errors.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// True when there are none.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Display for ValidationErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ValidationErrors {}
-
-impl IntoIterator for ValidationErrors {
-    type Item = ValidationError;
-    type IntoIter = std::vec::IntoIter<ValidationError>;
-    fn into_iter(self) -> Self::IntoIter {
-        self.0.into_iter()
-    }
-}
+pub type ValidationErrors = crate::errors::ErrorList<ValidationError>;
 
 /// Checks one object against every rule of its kind. Pure: looks at
 /// nothing but the object (references to other objects are checked for
@@ -212,7 +172,7 @@ pub fn validate(resource: &Resource) -> Result<(), ValidationErrors> {
     if v.errors.is_empty() {
         Ok(())
     } else {
-        Err(ValidationErrors(v.errors))
+        Err(crate::errors::ErrorList(v.errors))
     }
 }
 
