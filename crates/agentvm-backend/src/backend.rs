@@ -363,22 +363,7 @@ impl Backend for LibvirtBackend {
         let finish = || -> Result<PoolVmReport> {
             let t = Instant::now();
             let agent = lv.agent(&name)?;
-            let guest = Guest::new(&agent);
-            for step in &req.warmup {
-                let out = guest.exec(step, &mut |_, _| {})?;
-                if !out.success() {
-                    return Err(BackendError::GuestCommand {
-                        vm: name.clone(),
-                        command: format!("warm-up {} {}", step.program, step.args.join(" ")),
-                        message: format!(
-                            "exit {:?} signal {:?}: {}",
-                            out.exit_code,
-                            out.signal,
-                            String::from_utf8_lossy(&out.stderr).trim()
-                        ),
-                    });
-                }
-            }
+            Guest::new(&agent).warm_up(&req.warmup)?;
             let warmup = t.elapsed();
             let golden = lv.park_golden(&name, &files, self.strategy, self.boot_timeout)?;
             // What its definition looks like now, to notice hand edits later.

@@ -484,25 +484,7 @@ impl<'a> GoldenVm<'a> {
             warmup_time: Duration::ZERO,
         };
         let t = Instant::now();
-        {
-            let agent = this.agent()?;
-            let guest = Guest::new(&agent);
-            for req in warmup {
-                let out = guest.exec(req, &mut |_, _| {})?;
-                if !out.success() {
-                    return Err(BackendError::GuestCommand {
-                        vm: this.golden.name.clone(),
-                        command: format!("warm-up {} {}", req.program, req.args.join(" ")),
-                        message: format!(
-                            "exit {:?} signal {:?}: {}",
-                            out.exit_code,
-                            out.signal,
-                            String::from_utf8_lossy(&out.stderr).trim()
-                        ),
-                    });
-                }
-            }
-        }
+        Guest::new(&this.agent()?).warm_up(warmup)?;
         this.warmup_time = t.elapsed();
         this.golden = lv.park_golden(
             &this.golden.name,

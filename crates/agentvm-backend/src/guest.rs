@@ -676,6 +676,27 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
         })
     }
 
+    /// Run warm-up `steps` in order, output discarded; the first that does not exit 0 ends
+    /// it with [`BackendError::GuestCommand`] (its exit and stderr).
+    pub fn warm_up(&self, steps: &[ExecRequest]) -> Result<()> {
+        for step in steps {
+            let out = self.exec(step, &mut |_, _| {})?;
+            if !out.success() {
+                return Err(BackendError::GuestCommand {
+                    vm: self.chan.vm_name().to_string(),
+                    command: format!("warm-up {} {}", step.program, step.args.join(" ")),
+                    message: format!(
+                        "exit {:?} signal {:?}: {}",
+                        out.exit_code,
+                        out.signal,
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Write `source` to a temporary file in the guest and run it with `interpreter`.
     pub fn run_script(
         &self,
