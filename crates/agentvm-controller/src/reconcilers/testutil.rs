@@ -62,6 +62,20 @@ impl Setup {
     pub fn status(&self, kind: Kind, name: &str) -> serde_json::Value {
         self.store.get(kind, name).unwrap().unwrap().status_json()
     }
+
+    /// Image `img`, as if built: Ready with its artifact paths.
+    pub fn image_ready(&self) {
+        self.apply(
+            "apiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata: {name: img}\nspec: {}\n",
+        );
+        self.store
+            .update_status(
+                Kind::Image,
+                "img",
+                serde_json::json!({"phase": "Ready", "diskPath": "/c/disk.qcow2", "kernelPath": "/c/vmlinuz", "initrdPath": "/c/initrd.img"}),
+            )
+            .unwrap();
+    }
 }
 
 /// (status, reason) of condition `type_`.

@@ -3,8 +3,6 @@ use crate::reconcilers::testutil::*;
 use crate::reconcilers::{VmPhase, VmPoolReconciler};
 use agentvm_api::Kind;
 
-const IMG: &str =
-    "apiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata: {name: img}\nspec: {}\n";
 const SECRET: &str = "sup3r-s3cret-v4lue";
 
 fn pool_yaml(min: u32, max: u32) -> String {
@@ -27,14 +25,7 @@ struct Runs {
 impl Runs {
     fn new(min: u32, max: u32) -> Self {
         let t = Setup::new();
-        t.apply(IMG);
-        t.store
-            .update_status(
-                Kind::Image,
-                "img",
-                serde_json::json!({"phase": "Ready", "diskPath": "/c/disk.qcow2", "kernelPath": "/c/vmlinuz", "initrdPath": "/c/initrd.img"}),
-            )
-            .unwrap();
+        t.image_ready();
         t.apply(&pool_yaml(min, max));
         let registry = Arc::new(PoolRegistry::new());
         let pools = VmPoolReconciler::new(t.backend(), registry.clone());
@@ -92,6 +83,13 @@ impl Runs {
             self.pass();
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    fn a_vm_ready(&self) -> bool {
+        self.registry
+            .vms("p")
+            .iter()
+            .any(|v| v.phase == VmPhase::Ready)
     }
 
     fn all_terminal(&self) -> bool {
@@ -332,12 +330,7 @@ fn a_run_of_a_missing_pool_waits_with_reason_pool_not_found() {
 #[test]
 fn a_vm_whose_agent_is_gone_fails_the_run_with_vm_lost_and_is_replaced() {
     let r = Runs::new(1, 1);
-    r.drive(|r| {
-        r.registry
-            .vms("p")
-            .iter()
-            .any(|v| v.phase == VmPhase::Ready)
-    });
+    r.drive(Runs::a_vm_ready);
     r.t.fake.fail_next(
         agentvm_backend::fake::Op::Agent,
         agentvm_backend::BackendError::GuestAgentUnavailable {
@@ -366,12 +359,7 @@ fn a_vm_whose_agent_is_gone_fails_the_run_with_vm_lost_and_is_replaced() {
 #[test]
 fn a_vm_that_expires_during_a_run_finishes_it_and_is_replaced_not_reset() {
     let r = Runs::new(1, 1);
-    r.drive(|r| {
-        r.registry
-            .vms("p")
-            .iter()
-            .any(|v| v.phase == VmPhase::Ready)
-    });
+    r.drive(Runs::a_vm_ready);
     let vm = r.registry.vms("p")[0].name.clone();
     r.t.apply(&run_yaml("long", "sleep 0.3\necho done", ""));
     r.drive(|r| r.phase("long").as_deref() == Some("Running"));
@@ -390,12 +378,7 @@ fn a_vm_that_expires_during_a_run_finishes_it_and_is_replaced_not_reset() {
     assert!(!m.contains(&format!("ResetVm({vm})")), "{m:?}");
     assert!(m.contains(&format!("DestroyVm({vm})")), "{m:?}");
     // A fresh VM takes its place.
-    r.drive(|r| {
-        r.registry
-            .vms("p")
-            .iter()
-            .any(|v| v.phase == VmPhase::Ready)
-    });
+    r.drive(Runs::a_vm_ready);
 }
 
 #[test]

@@ -11,17 +11,6 @@ fn pool_yaml(min: u32, max: u32, memory: u32) -> String {
     format!("apiVersion: agentvm.dev/v1alpha1\nkind: VmPool\nmetadata: {{name: p}}\nspec:\n  template:\n    imageRef: img\n    resources: {{profile: custom, vcpu: 1, memoryMib: {memory}, diskGib: 2}}\n  minReady: {min}\n  maxSize: {max}\n")
 }
 
-fn image_ready(t: &Setup) {
-    t.apply(IMG);
-    t.store
-        .update_status(
-            Kind::Image,
-            "img",
-            serde_json::json!({"phase": "Ready", "diskPath": "/c/disk.qcow2", "kernelPath": "/c/vmlinuz", "initrdPath": "/c/initrd.img"}),
-        )
-        .unwrap();
-}
-
 struct Pools {
     t: Setup,
     r: VmPoolReconciler,
@@ -32,6 +21,26 @@ impl Pools {
         let t = Setup::new();
         let r = VmPoolReconciler::new(t.backend(), Arc::new(PoolRegistry::new()));
         Pools { t, r }
+    }
+
+    /// Image `img` Ready and pool `p` (`pool_yaml(min, max, memory)`) settled.
+    fn settled(min: u32, max: u32, memory: u32) -> Self {
+        let p = Pools::new();
+        p.t.image_ready();
+        p.t.apply(&pool_yaml(min, max, memory));
+        p.settle().unwrap();
+        p
+    }
+
+    /// [`Pools::settled`], writing its audit log to the returned path.
+    fn settled_with_audit_log(min: u32, max: u32, memory: u32) -> (Self, std::path::PathBuf) {
+        let mut p = Pools::new();
+        let log = p.t.ctx.config.state_dir.join("audit.log");
+        p.t.ctx.audit = crate::audit::AuditLog::open(&log, 1 << 20, 1).unwrap();
+        p.t.image_ready();
+        p.t.apply(&pool_yaml(min, max, memory));
+        p.settle().unwrap();
+        (p, log)
     }
 
     /// Reconciles until the pool is steady (or fails); returns the last result.
@@ -78,7 +87,7 @@ fn waits_for_the_image_then_warms_up_to_min_ready() {
         .contains("Image img is Pending"));
     assert!(p.t.fake.mutations().is_empty());
 
-    image_ready(&p.t);
+    p.t.image_ready();
     assert_eq!(
         p.settle().unwrap(),
         Action::Requeue(Duration::from_secs(10))
@@ -114,10 +123,7 @@ fn waits_for_the_image_then_warms_up_to_min_ready() {
 
 #[test]
 fn scales_up_and_down_without_touching_the_template_hash() {
-    let p = Pools::new();
-    image_ready(&p.t);
-    p.t.apply(&pool_yaml(1, 4, 512));
-    p.settle().unwrap();
+    let p = Pools::settled(1, 4, 512);
     let hash = p.status()["templateHash"].clone();
     p.t.apply(&pool_yaml(3, 4, 512));
     p.settle().unwrap();
@@ -136,10 +142,7 @@ fn scales_up_and_down_without_touching_the_template_hash() {
 
 #[test]
 fn a_template_change_replaces_vms_one_at_a_time_new_before_old() {
-    let p = Pools::new();
-    image_ready(&p.t);
-    p.t.apply(&pool_yaml(2, 3, 512));
-    p.settle().unwrap();
+    let p = Pools::settled(2, 3, 512);
     let old = p.vms();
     p.t.fake.clear_calls();
     p.t.apply(&pool_yaml(2, 3, 768));
@@ -173,10 +176,7 @@ fn a_template_change_replaces_vms_one_at_a_time_new_before_old() {
 
 #[test]
 fn at_max_size_the_old_vm_makes_room_first() {
-    let p = Pools::new();
-    image_ready(&p.t);
-    p.t.apply(&pool_yaml(1, 1, 512));
-    p.settle().unwrap();
+    let p = Pools::settled(1, 1, 512);
     let old = p.vms();
     p.t.fake.clear_calls();
     p.t.apply(&pool_yaml(1, 1, 768));
@@ -188,10 +188,7 @@ fn at_max_size_the_old_vm_makes_room_first() {
 
 #[test]
 fn busy_vms_are_never_destroyed_and_deletion_waits_for_them() {
-    let p = Pools::new();
-    image_ready(&p.t);
-    p.t.apply(&pool_yaml(1, 2, 512));
-    p.settle().unwrap();
+    let p = Pools::settled(1, 2, 512);
     let busy = p.r.registry().acquire("p").unwrap();
     // A busy VM does not count as ready: a second one is started.
     p.settle().unwrap();
@@ -215,10 +212,7 @@ fn busy_vms_are_never_destroyed_and_deletion_waits_for_them() {
 
 #[test]
 fn a_released_vm_is_reset_before_it_is_ready_again() {
-    let p = Pools::new();
-    image_ready(&p.t);
-    p.t.apply(&pool_yaml(1, 2, 512));
-    p.settle().unwrap();
+    let p = Pools::settled(1, 2, 512);
     let vm = p.r.registry().acquire("p").unwrap();
     p.settle().unwrap();
     p.r.registry().release("p", &vm);
@@ -234,7 +228,7 @@ fn a_released_vm_is_reset_before_it_is_ready_again() {
 #[test]
 fn vms_destroyed_or_undefined_by_hand_are_replaced() {
     let p = Pools::new();
-    image_ready(&p.t);
+    p.t.image_ready();
     p.t.fake.add_foreign_domain("agentvm-t3-foreign-x");
     p.t.apply(&pool_yaml(2, 4, 512));
     p.settle().unwrap();
@@ -264,7 +258,7 @@ fn vms_destroyed_or_undefined_by_hand_are_replaced() {
 #[test]
 fn a_restarted_controller_adopts_vms_by_metadata_and_resets_them() {
     let p = Pools::new();
-    image_ready(&p.t);
+    p.t.image_ready();
     p.t.fake.add_foreign_domain("agentvm-p-zzzzz");
     p.t.apply(&pool_yaml(2, 4, 512));
     p.settle().unwrap();
@@ -298,7 +292,7 @@ fn a_restarted_controller_adopts_vms_by_metadata_and_resets_them() {
 #[test]
 fn adopted_vms_of_an_old_template_or_half_created_are_replaced() {
     let p = Pools::new();
-    image_ready(&p.t);
+    p.t.image_ready();
     p.t.apply(&pool_yaml(1, 4, 512));
     let stale = Owner {
         kind: "VmPool".into(),
@@ -323,7 +317,7 @@ fn adopted_vms_of_an_old_template_or_half_created_are_replaced() {
 #[test]
 fn backend_failures_degrade_the_pool_and_the_next_pass_recovers() {
     let p = Pools::new();
-    image_ready(&p.t);
+    p.t.image_ready();
     p.t.apply(&pool_yaml(1, 4, 512));
     p.t.fake.fail_next(
         Op::CreatePoolVm,
@@ -359,7 +353,7 @@ fn backend_failures_degrade_the_pool_and_the_next_pass_recovers() {
 #[test]
 fn network_before_vms_and_vms_before_the_network_on_deletion() {
     let t = Setup::new();
-    image_ready(&t);
+    t.image_ready();
     t.apply("apiVersion: agentvm.dev/v1alpha1\nkind: Network\nmetadata: {name: lan}\nspec: {mode: nat, subnet: 10.80.0.0/24}\n");
     t.apply("apiVersion: agentvm.dev/v1alpha1\nkind: NetworkFilter\nmetadata: {name: egress}\nspec:\n  egress:\n    - {protocol: tcp, ports: [443]}\n");
     t.apply(&attached_pool("p", "lan", "egress").replace(
@@ -451,10 +445,7 @@ fn events(p: &Pools) -> Vec<(String, String)> {
 
 #[test]
 fn an_idle_vm_past_its_ttl_is_replaced_and_a_busy_one_only_after_its_run() {
-    let p = Pools::new();
-    image_ready(&p.t);
-    p.t.apply(&pool_yaml(2, 3, 512));
-    p.settle().unwrap();
+    let p = Pools::settled(2, 3, 512);
     let vms = p.vms();
     let created = &p.status()["vmCreatedAt"];
     assert!(created[&vms[0]].is_string(), "{created}");
@@ -494,10 +485,7 @@ fn an_idle_vm_past_its_ttl_is_replaced_and_a_busy_one_only_after_its_run() {
 
 #[test]
 fn ttl_counts_from_creation_across_a_controller_restart() {
-    let p = Pools::new();
-    image_ready(&p.t);
-    p.t.apply(&pool_yaml(1, 2, 512));
-    p.settle().unwrap();
+    let p = Pools::settled(1, 2, 512);
     let vm = p.vms()[0].clone();
     // Recorded as created 2 hours ago.
     let mut status = p.status();
@@ -526,10 +514,7 @@ fn ttl_counts_from_creation_across_a_controller_restart() {
 
 #[test]
 fn an_idle_vm_whose_agent_does_not_answer_is_replaced() {
-    let p = Pools::new();
-    image_ready(&p.t);
-    p.t.apply(&pool_yaml(2, 2, 512));
-    p.settle().unwrap();
+    let p = Pools::settled(2, 2, 512);
     let vms = p.vms();
     // Not due yet: no ping.
     p.t.fake.clear_calls();
@@ -589,10 +574,7 @@ fn an_idle_vm_whose_agent_does_not_answer_is_replaced() {
 
 #[test]
 fn a_vm_whose_reset_fails_is_replaced_and_the_event_says_why() {
-    let p = Pools::new();
-    image_ready(&p.t);
-    p.t.apply(&pool_yaml(1, 2, 512));
-    p.settle().unwrap();
+    let p = Pools::settled(1, 2, 512);
     let vm = p.r.registry().acquire("p").unwrap();
     p.r.registry().release("p", &vm);
     p.t.fake
@@ -612,12 +594,7 @@ fn a_vm_whose_reset_fails_is_replaced_and_the_event_says_why() {
 
 #[test]
 fn pool_vms_feed_boot_reset_and_size_metrics_and_the_audit_log_including_drift() {
-    let mut p = Pools::new();
-    let log = p.t.ctx.config.state_dir.join("audit.log");
-    p.t.ctx.audit = crate::audit::AuditLog::open(&log, 1 << 20, 1).unwrap();
-    image_ready(&p.t);
-    p.t.apply(&pool_yaml(2, 3, 512));
-    p.settle().unwrap();
+    let (p, log) = Pools::settled_with_audit_log(2, 3, 512);
     let vms = p.vms();
     let text = p.t.ctx.metrics.render();
     for vm in &vms {
@@ -677,12 +654,7 @@ fn pool_vms_feed_boot_reset_and_size_metrics_and_the_audit_log_including_drift()
 
 #[test]
 fn a_definition_edited_by_hand_is_replaced_once_idle_and_audited() {
-    let mut p = Pools::new();
-    let log = p.t.ctx.config.state_dir.join("audit.log");
-    p.t.ctx.audit = crate::audit::AuditLog::open(&log, 1 << 20, 1).unwrap();
-    image_ready(&p.t);
-    p.t.apply(&pool_yaml(2, 3, 512));
-    p.settle().unwrap();
+    let (p, log) = Pools::settled_with_audit_log(2, 3, 512);
     let vms = p.vms();
     assert_eq!(vms.len(), 2);
     // One is busy with a run, the other idle; both are edited by hand.
