@@ -176,6 +176,45 @@ pub(crate) fn pools_using(
 /// How long a refused deletion waits before trying again (watches usually come first).
 pub(crate) const IN_USE_RETRY: Duration = Duration::from_secs(5);
 
+/// Deletes an object pools attach to (a network or a filter) finalizer-style: while any
+/// `VmPool` in `users` still refers to it, the deletion waits (`Degraded`/`InUse`, retried);
+/// then `delete` removes it from libvirt (`what` names it in errors) and the object is
+/// finalized. `conditions` picks the status's conditions; `was_ready` keeps `Ready` true
+/// while the object is still in service.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn delete_when_unused<S: serde::Serialize>(
+    ctx: &Ctx,
+    obj: &StoredObject,
+    status: &mut S,
+    conditions: fn(&mut S) -> &mut Vec<Condition>,
+    was_ready: bool,
+    users: Vec<String>,
+    what: &str,
+    delete: impl FnOnce() -> Result<(), BackendError>,
+) -> Result<crate::reconcile::Action, ReconcileError> {
+    if !users.is_empty() {
+        let err = ReconcileError::new(
+            "InUse",
+            format!(
+                "deletion waits: still used by VmPool {}; delete those first",
+                users.join(", ")
+            ),
+        );
+        Conditions(conditions(status)).degraded(&err, was_ready);
+        write_status(ctx, obj, status)?;
+        return Ok(crate::reconcile::Action::Requeue(IN_USE_RETRY));
+    }
+    if let Err(e) = delete() {
+        let err = backend_error(&format!("deleting {what}"), &e);
+        Conditions(conditions(status)).degraded(&err, false);
+        write_status(ctx, obj, status)?;
+        return Err(err);
+    }
+    ctx.store
+        .finalize_delete(obj.resource.kind(), obj.resource.name())?;
+    Ok(crate::reconcile::Action::AwaitChange)
+}
+
 fn wrong_kind(obj: &StoredObject, expected: Kind) -> ReconcileError {
     ReconcileError::new(
         "WrongKind",

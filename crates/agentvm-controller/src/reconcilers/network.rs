@@ -12,7 +12,7 @@ use agentvm_backend::backend::EnsureOutcome;
 use agentvm_backend::netxml::{libvirt_name, NetworkDef};
 use agentvm_backend::{Backend, Owner};
 
-use super::{backend_error, pools_using, status_of, write_status, Conditions, IN_USE_RETRY};
+use super::{backend_error, pools_using, status_of, write_status, Conditions};
 use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
 use crate::store::StoredObject;
 
@@ -55,27 +55,17 @@ impl Reconciler for NetworkReconciler {
                     .attachment()
                     .is_some_and(|a| a.network_ref == name)
             })?;
-            if !users.is_empty() {
-                let err = ReconcileError::new(
-                    "InUse",
-                    format!(
-                        "deletion waits: still used by VmPool {}; delete those first",
-                        users.join(", ")
-                    ),
-                );
-                Conditions(&mut status.conditions)
-                    .degraded(&err, status.phase == NetworkPhase::Ready);
-                write_status(ctx, &obj, &status)?;
-                return Ok(Action::Requeue(IN_USE_RETRY));
-            }
-            if let Err(e) = self.backend.delete_network(&lname) {
-                let err = backend_error(&format!("deleting network {lname}"), &e);
-                Conditions(&mut status.conditions).degraded(&err, false);
-                write_status(ctx, &obj, &status)?;
-                return Err(err);
-            }
-            ctx.store.finalize_delete(Kind::Network, name)?;
-            return Ok(Action::AwaitChange);
+            let was_ready = status.phase == NetworkPhase::Ready;
+            return super::delete_when_unused(
+                ctx,
+                &obj,
+                &mut status,
+                |s: &mut NetworkStatus| &mut s.conditions,
+                was_ready,
+                users,
+                &format!("network {lname}"),
+                || self.backend.delete_network(&lname),
+            );
         }
 
         let def = NetworkDef {
@@ -227,7 +217,7 @@ mod tests {
         t.store.request_delete(Kind::Network, "lan", None).unwrap();
         assert_eq!(
             t.reconcile(&r, Kind::Network, "lan").unwrap(),
-            Action::Requeue(IN_USE_RETRY)
+            Action::Requeue(crate::reconcilers::IN_USE_RETRY)
         );
         let s = t.status(Kind::Network, "lan");
         assert_eq!(cond(&s, "Degraded"), ("True".into(), "InUse".into()));

@@ -11,7 +11,7 @@ use agentvm_api::{spec_hash, Kind, NetworkFilterPhase, NetworkFilterStatus, Reso
 use agentvm_backend::netxml::{libvirt_name, NwFilterDef};
 use agentvm_backend::{Backend, Owner};
 
-use super::{backend_error, pools_using, status_of, write_status, Conditions, IN_USE_RETRY};
+use super::{backend_error, pools_using, status_of, write_status, Conditions};
 use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
 use crate::store::StoredObject;
 
@@ -53,27 +53,17 @@ impl Reconciler for NetworkFilterReconciler {
                     .attachment()
                     .is_some_and(|a| a.filter_ref == name)
             })?;
-            if !users.is_empty() {
-                let err = ReconcileError::new(
-                    "InUse",
-                    format!(
-                        "deletion waits: still used by VmPool {}; delete those first",
-                        users.join(", ")
-                    ),
-                );
-                Conditions(&mut status.conditions)
-                    .degraded(&err, status.phase == NetworkFilterPhase::Ready);
-                write_status(ctx, &obj, &status)?;
-                return Ok(Action::Requeue(IN_USE_RETRY));
-            }
-            if let Err(e) = self.backend.delete_nwfilter(&lname) {
-                let err = backend_error(&format!("deleting nwfilter {lname}"), &e);
-                Conditions(&mut status.conditions).degraded(&err, false);
-                write_status(ctx, &obj, &status)?;
-                return Err(err);
-            }
-            ctx.store.finalize_delete(Kind::NetworkFilter, name)?;
-            return Ok(Action::AwaitChange);
+            let was_ready = status.phase == NetworkFilterPhase::Ready;
+            return super::delete_when_unused(
+                ctx,
+                &obj,
+                &mut status,
+                |s: &mut NetworkFilterStatus| &mut s.conditions,
+                was_ready,
+                users,
+                &format!("nwfilter {lname}"),
+                || self.backend.delete_nwfilter(&lname),
+            );
         }
 
         let def = NwFilterDef {
