@@ -28,7 +28,7 @@ const SECRET: &str = "anomaly-s3cret-Jx72Qp";
 fn pool_doc(pool: &str, image: &str, policy: &str) -> String {
     format!(
         "apiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata: {{name: {image}}}\nspec: {{}}\n---\n\
-         apiVersion: agentvm.dev/v1alpha1\nkind: VmPool\nmetadata: {{name: {pool}}}\nspec:\n  template:\n    imageRef: {image}\n    resources: {{profile: custom, vcpu: 1, memoryMib: 512, diskGib: 2}}\n  minReady: 1\n  maxSize: 1\n  anomalies:\n    policy: {policy}\n    cpuPercent: 15\n    cpuSustainedSamples: 4\n    diskWriteMibPerSecond: 10\n    rateWindowSamples: 5\n    maxProcesses: 300\n"
+         apiVersion: agentvm.dev/v1alpha1\nkind: VmPool\nmetadata: {{name: {pool}}}\nspec:\n  template:\n    imageRef: {image}\n    resources: {{profile: custom, vcpu: 1, memoryMib: 512, diskGib: 2}}\n  minReady: 1\n  maxSize: 1\n  anomalies:\n    policy: {policy}\n    cpuPercent: 15\n    cpuSustainedSamples: 4\n    diskWriteMibPerSecond: 10\n    rateWindowSamples: 5\n    maxProcesses: 300\n    memoryPercent: 60\n"
     )
 }
 
@@ -216,6 +216,24 @@ fn anomalies_of_real_runs_reach_status_metrics_and_audit_and_policy_kill_stops_a
     assert!(a["observed"].as_u64().unwrap() >= 300, "{a}");
     assert!(usage(&fork, "peakProcesses") >= 300, "{fork:#}");
 
+    // Holding 350 MiB of a 512 MiB guest's memory (bytes touched, not lazily zero): the
+    // guest's own accounting through the balloon driver (stats every 5 s) reports it.
+    let mem = run(
+        &env,
+        &pool,
+        "memory-hog",
+        "python3 -c 'import time; b = bytes([97]) * (350 << 20); time.sleep(15)'\necho held",
+        "",
+    );
+    assert_eq!(mem["phase"], "Succeeded", "{mem:#}");
+    let a = anomaly(&mem, "MemoryNearLimit");
+    assert_eq!(a["metric"], "memory_used_bytes");
+    // The threshold is 60 % of the guest's RAM as the guest reports it (a little under 512 MiB).
+    let limit = a["threshold"].as_u64().unwrap();
+    assert!((250 << 20..=310 << 20).contains(&limit), "{a}");
+    assert!(a["observed"].as_u64().unwrap() >= limit, "{a}");
+    assert!(usage(&mem, "peakMemoryBytes") >= 350 << 20, "{mem:#}");
+
     // Every metric of the issue, with sane values, from the real endpoint (once the last
     // run's VM is reset and ready again).
     env.wait(
@@ -237,7 +255,7 @@ fn anomalies_of_real_runs_reach_status_metrics_and_audit_and_policy_kill_stops_a
     let acquired = m
         .value("agent_vm_pool_acquire_duration_seconds_count", &pool_label)
         .unwrap();
-    assert_eq!(acquired, 4.0);
+    assert_eq!(acquired, 5.0);
     let acquire_sum = m
         .value("agent_vm_pool_acquire_duration_seconds_sum", &pool_label)
         .unwrap();
@@ -257,18 +275,23 @@ fn anomalies_of_real_runs_reach_status_metrics_and_audit_and_policy_kill_stops_a
     );
     assert_eq!(
         m.value("agent_execution_total", &[("status", "succeeded")]),
-        Some(4.0)
+        Some(5.0)
     );
     assert_eq!(
         m.value("agent_execution_duration_seconds_count", &[]),
-        Some(4.0)
+        Some(5.0)
     );
     let run_secs = m
         .value("agent_execution_duration_seconds_sum", &[])
         .unwrap();
     assert!(run_secs > 40.0 && run_secs < 2400.0, "{run_secs}");
     assert_eq!(m.value("agent_execution_timeout_total", &[]), Some(0.0));
-    for rule in ["CpuSaturated", "DiskWriteBurst", "ProcessExplosion"] {
+    for rule in [
+        "CpuSaturated",
+        "DiskWriteBurst",
+        "ProcessExplosion",
+        "MemoryNearLimit",
+    ] {
         assert!(
             m.value("agent_vm_anomalies_total", &[("rule", rule)])
                 .is_some_and(|n| n >= 1.0),
@@ -280,7 +303,7 @@ fn anomalies_of_real_runs_reach_status_metrics_and_audit_and_policy_kill_stops_a
         .iter()
         .map(|s| s.value)
         .sum::<f64>();
-    assert!(resets >= 4.0, "{resets} resets");
+    assert!(resets >= 5.0, "{resets} resets");
     assert!(m
         .value("agentvm_run_queue_length", &pool_label)
         .is_some_and(|n| n >= 0.0));
