@@ -35,12 +35,13 @@ libvirtd_netns_up() {
   bash scripts/host-setup.sh --netns "$NS"
 }
 
-# Removes leftover domains whose files live under $1 (a state directory of this run), then
-# stops the libvirtd and removes the namespace this script started or created.
+# Removes leftover domains whose files live under $1 (a state directory of this run) or under
+# an end-to-end test's directory (/var/lib/agentvm-e2e-*: a test killed before its own cleanup
+# ran), then stops the libvirtd and removes the namespace this script started or created.
 libvirtd_netns_down() {
   local state_dir=$1 d pid
   for d in $(virsh -c qemu:///system list --all --name 2>/dev/null | grep '^agentvm-'); do
-    virsh -c qemu:///system dumpxml "$d" 2>/dev/null | grep -q "$state_dir/" || continue
+    virsh -c qemu:///system dumpxml "$d" 2>/dev/null | grep -qE "($state_dir|/var/lib/agentvm-e2e-[^/]*)/" || continue
     virsh -c qemu:///system destroy "$d" >/dev/null 2>&1
     virsh -c qemu:///system undefine "$d" --snapshots-metadata >/dev/null 2>&1
     echo "removed leftover domain $d"
