@@ -78,10 +78,12 @@ pub struct PoolVmRequest {
     pub owner: Owner,
     /// Commands run once before parking; each must exit 0.
     pub warmup: Vec<ExecRequest>,
+    /// Relative CPU weight (`cputune/shares`); `None` for the host's default.
+    pub cpu_shares: Option<u64>,
 }
 
 /// Timings of a pool VM's creation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PoolVmReport {
     /// Start to the guest agent answering.
     pub boot: Duration,
@@ -89,6 +91,8 @@ pub struct PoolVmReport {
     pub warmup: Duration,
     /// Taking the golden state.
     pub park: Duration,
+    /// Why the requested CPU weight is not applied by this host, if it is not.
+    pub cpu_shares_not_applied: Option<String>,
 }
 
 /// What the reconcilers need from the hypervisor. See the module docs for ownership rules.
@@ -348,6 +352,7 @@ impl Backend for LibvirtBackend {
             nic: req.nic.clone(),
             accelerator: self.accelerator(&lv, &req.image)?,
             boot_timeout: self.boot_timeout,
+            cpu_shares: req.cpu_shares,
         };
         // Booting removes what it created when it fails; past `into_parts` we do.
         let vm = EphemeralVm::boot(
@@ -360,6 +365,9 @@ impl Backend for LibvirtBackend {
         )?;
         let boot = vm.boot_time;
         let (name, files) = vm.into_parts();
+        let cpu_shares_not_applied = req
+            .cpu_shares
+            .and_then(|w| lv.cpu_shares_applied(&name, w).err());
         let finish = || -> Result<PoolVmReport> {
             let t = Instant::now();
             let agent = lv.agent(&name)?;
@@ -374,6 +382,7 @@ impl Backend for LibvirtBackend {
                 boot,
                 warmup,
                 park: golden.park_time,
+                cpu_shares_not_applied: cpu_shares_not_applied.clone(),
             })
         };
         finish().inspect_err(|_| {

@@ -102,6 +102,8 @@ struct State {
     domains: BTreeMap<String, FakeDomain>,
     calls: Vec<Call>,
     failures: HashMap<Op, VecDeque<BackendError>>,
+    /// Why CPU weights are not applied, for a host that cannot enforce them.
+    cpu_shares_unenforced: Option<String>,
 }
 
 /// Answers [`Backend::vm_stats`] for a VM name.
@@ -131,6 +133,14 @@ impl FakeBackend {
     /// An empty hypervisor.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// From now on, VMs created with a CPU weight report it as not applied, for `why`.
+    pub fn cannot_enforce_cpu_shares(&self, why: &str) {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .cpu_shares_unenforced = Some(why.to_string());
     }
 
     /// Makes [`Backend::vm_stats`] answer with `f` (by default it has no statistics).
@@ -466,8 +476,10 @@ impl Backend for FakeBackend {
                 edited: false,
             },
         );
+        let cpu_shares_not_applied = req.cpu_shares.and_then(|_| s.cpu_shares_unenforced.clone());
         Ok(PoolVmReport {
             boot: Duration::from_millis(1),
+            cpu_shares_not_applied,
             ..PoolVmReport::default()
         })
     }

@@ -251,6 +251,24 @@ impl Libvirt {
         Ok(sha256_hex(&xml))
     }
 
+    /// Whether the host applies CPU weight `wanted` (`cputune/shares`) to running domain
+    /// `name`: `Ok` when libvirt reads that weight back, else why not (a host whose cgroup CPU
+    /// controller libvirt cannot use starts the domain but ignores the weight).
+    pub fn cpu_shares_applied(&self, name: &str, wanted: u64) -> std::result::Result<(), String> {
+        let dom = self.lookup(name).map_err(|e| e.to_string())?;
+        match dom.scheduler_parameters() {
+            Ok(info) => match info.cpu_shares {
+                Some(s) if s == wanted => Ok(()),
+                Some(s) => Err(format!("libvirt reports weight {s} instead")),
+                None => Err(format!(
+                    "libvirt reports no CPU weight (scheduler {})",
+                    info.scheduler_type
+                )),
+            },
+            Err(e) => Err(e.message().to_string()),
+        }
+    }
+
     /// Every domain carrying agentvm's ownership metadata. Foreign domains are not listed.
     pub fn list_owned_domains(&self) -> Result<Vec<OwnedDomain>> {
         let doms = self

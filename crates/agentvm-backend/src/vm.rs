@@ -47,6 +47,9 @@ pub struct VmShape {
     pub accelerator: Accelerator,
     /// How long to wait for the guest agent after start.
     pub boot_timeout: Duration,
+    /// Relative CPU weight against other VMs (`cputune/shares`); `None` leaves the host's
+    /// default (1024). Whether the host applies it: [`Libvirt::cpu_shares_applied`].
+    pub cpu_shares: Option<u64>,
 }
 
 /// Files of one VM under `<state>/vms/<name>/`.
@@ -153,7 +156,7 @@ impl<'a> EphemeralVm<'a> {
             name: name.to_string(),
             vcpus: shape.vcpus,
             memory_mib: shape.memory_mib,
-            cpu_shares: None,
+            cpu_shares: shape.cpu_shares,
             memory_hard_limit_mib: None,
             disk: files.disk(),
             kernel: image.kernel.clone(),
@@ -285,6 +288,7 @@ pub fn resolve_accelerator(
         nic: None,
         accelerator: Accelerator::Kvm,
         boot_timeout: Duration::from_secs(30),
+        cpu_shares: None,
     };
     let name = format!("agentvm-accel-probe-{}", std::process::id());
     let owner = Owner {

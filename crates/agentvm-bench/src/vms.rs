@@ -121,6 +121,7 @@ pub fn vm_rows(
                 ..Owner::default()
             },
             warmup: Vec::new(),
+            cpu_shares: None,
         };
         let t = Instant::now();
         let guard = VmGuard {

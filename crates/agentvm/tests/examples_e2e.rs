@@ -115,6 +115,35 @@ fn the_examples_as_a_spec_dir_become_ready_and_their_local_runs_succeed() {
         },
     );
 
+    // net-pool asks for cpuShares 512: its status says whether this host applies it (this
+    // sandbox's libvirt has no cgroup CPU controller; a real host does).
+    let pool = env.status("vmpool", "net-pool");
+    let shares = pool["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "CpuSharesApplied"))
+        .unwrap_or_else(|| panic!("no CpuSharesApplied condition: {pool}"))
+        .clone();
+    eprintln!("net-pool {shares}");
+    match shares["status"].as_str() {
+        Some("True") => assert_eq!(shares["reason"], "Applied", "{shares}"),
+        Some("False") => {
+            assert_eq!(shares["reason"], "HostCannotEnforce", "{shares}");
+            assert!(
+                shares["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("cpuShares 512 is not applied by this host"),
+                "{shares}"
+            );
+        }
+        _ => panic!("{shares}"),
+    }
+    // The weight is in the domains' definitions either way.
+    for vm in vm_names(&pool) {
+        let (_, xml) = virsh(&["dumpxml", &vm]);
+        assert!(xml.contains("<shares>512</shares>"), "{vm}: {xml}");
+    }
+
     let terminal = |phase: &serde_json::Value| {
         ["Succeeded", "Failed", "TimedOut", "Cancelled"]
             .iter()

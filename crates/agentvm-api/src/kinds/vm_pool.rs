@@ -325,7 +325,8 @@ pub struct Resources {
     #[schemars(range(min = 1, max = 2048))]
     pub disk_gib: Option<u32>,
     /// Relative CPU weight against other VMs on the host (cgroup
-    /// `cpu.shares`, 2 to 262144). Any profile. Default 1024.
+    /// `cpu.shares`, 2 to 262144). Any profile. Default 1024. When set, the
+    /// pool's `CpuSharesApplied` condition says whether this host enforces it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 2, max = 262_144))]
     pub cpu_shares: Option<u32>,

@@ -53,6 +53,9 @@ const BUSY_RECHECK: Duration = Duration::from_millis(200);
 
 /// Requeue delay after a step, to take the next one.
 const NEXT_STEP: Duration = Duration::from_millis(50);
+/// Condition type saying whether `resources.cpuShares` is in force (set only when given).
+pub const CPU_SHARES_APPLIED: &str = "CpuSharesApplied";
+
 /// Requeue delay while waiting for the image or the network (watches usually come first).
 const WAITING: Duration = Duration::from_secs(10);
 /// How long a health check waits for the guest agent's answer to `guest-ping`.
@@ -74,6 +77,8 @@ struct Template {
     vcpus: u32,
     memory_mib: u64,
     warmup: Vec<ExecRequest>,
+    /// `resources.cpuShares` when the manifest sets it (the default weight is the host's).
+    cpu_shares: Option<u64>,
 }
 
 /// Counts for the status.
@@ -429,7 +434,28 @@ impl VmPoolReconciler {
                 };
                 Conditions(&mut status.conditions).progressing(reason, message);
                 write_status(ctx, obj, status)?;
-                self.create(name, &vm_name, tpl, obj.generation(), ctx)?;
+                let not_applied = self.create(name, &vm_name, tpl, obj.generation(), ctx)?;
+                if let Some(shares) = tpl.cpu_shares {
+                    // Say plainly whether the weight asked for is in force on this host.
+                    match not_applied {
+                        None => Conditions(&mut status.conditions).set(
+                            CPU_SHARES_APPLIED,
+                            true,
+                            "Applied",
+                            format!("cpuShares {shares} is in force for {vm_name}"),
+                        ),
+                        Some(why) => {
+                            tracing::warn!(pool = name, vm = %vm_name, "cpuShares {shares} not applied: {why}");
+                            Conditions(&mut status.conditions).set(
+                                CPU_SHARES_APPLIED,
+                                false,
+                                "HostCannotEnforce",
+                                format!("cpuShares {shares} is not applied by this host ({why}); vCPUs and guest RAM still bound each VM"),
+                            );
+                        }
+                    }
+                    write_status(ctx, obj, status)?;
+                }
                 return Ok(Action::Requeue(NEXT_STEP));
             }
             if let Some(old) = stale_idle.first() {
@@ -487,7 +513,7 @@ impl VmPoolReconciler {
         tpl: &Template,
         generation: i64,
         ctx: &Ctx,
-    ) -> Result<(), ReconcileError> {
+    ) -> Result<Option<String>, ReconcileError> {
         let req = PoolVmRequest {
             name: vm.to_string(),
             image: tpl.image.clone(),
@@ -501,6 +527,7 @@ impl VmPoolReconciler {
                 generation,
             },
             warmup: tpl.warmup.clone(),
+            cpu_shares: tpl.cpu_shares,
         };
         tracing::info!(pool, vm, "creating VM");
         let report = self
@@ -517,10 +544,11 @@ impl VmPoolReconciler {
                     "warmupSeconds": report.warmup.as_secs_f64(),
                     "parkSeconds": report.park.as_secs_f64(),
                     "templateHash": tpl.hash,
+                    "cpuSharesNotApplied": report.cpu_shares_not_applied,
                 })),
         );
         self.registry.insert(pool, vm, VmPhase::Ready, &tpl.hash);
-        Ok(())
+        Ok(report.cpu_shares_not_applied)
     }
 }
 
@@ -659,6 +687,7 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Waiting>, Reconc
         vcpus: res.vcpu,
         memory_mib: u64::from(res.memory_mib),
         warmup,
+        cpu_shares: t.resources.cpu_shares.map(u64::from),
     }))
 }
 

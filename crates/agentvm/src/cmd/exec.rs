@@ -48,6 +48,7 @@ impl ExecArgs {
             nic: None,
             accelerator: accel,
             boot_timeout: Duration::from_secs(cfg.boot_timeout_seconds),
+            cpu_shares: None,
         };
         let name = format!("agentvm-exec-{}", std::process::id());
         eprintln!("booting isolated VM {name} ({accel})...");

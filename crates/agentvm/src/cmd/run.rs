@@ -117,6 +117,7 @@ impl RunArgs {
             nic: None,
             accelerator: accel,
             boot_timeout: Duration::from_secs(cfg.boot_timeout_seconds),
+            cpu_shares: Some(u64::from(res.cpu_shares)),
         };
         let vm_name = format!("agentvm-run-{name}-{}", std::process::id());
         eprintln!(

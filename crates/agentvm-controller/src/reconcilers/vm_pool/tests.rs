@@ -688,3 +688,51 @@ fn a_definition_edited_by_hand_is_replaced_once_idle_and_audited() {
         );
     }
 }
+
+#[test]
+fn cpu_shares_reach_the_vm_and_the_pool_says_whether_the_host_applies_them() {
+    // Not set: nothing asked of the host, no condition.
+    let p = Pools::settled(1, 1, 512);
+    assert!(p.status()["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c["type"] != CPU_SHARES_APPLIED));
+
+    // Set, on a host that applies it.
+    let with_shares = pool_yaml(1, 1, 512).replace("diskGib: 2}", "diskGib: 2, cpuShares: 512}");
+    let p = Pools::new();
+    p.t.image_ready();
+    p.t.apply(&with_shares);
+    p.settle().unwrap();
+    assert_eq!(
+        cond(&p.status(), CPU_SHARES_APPLIED),
+        ("True".to_string(), "Applied".to_string())
+    );
+
+    // Set, on a host that cannot enforce it: the VM still boots, and the pool says so.
+    let p = Pools::new();
+    p.t.fake
+        .cannot_enforce_cpu_shares("cgroup CPU controller is not mounted");
+    p.t.image_ready();
+    p.t.apply(&with_shares);
+    p.settle().unwrap();
+    let s = p.status();
+    assert_eq!(s["phase"], "Ready", "{s}");
+    assert_eq!(
+        cond(&s, CPU_SHARES_APPLIED),
+        ("False".to_string(), "HostCannotEnforce".to_string())
+    );
+    let c = s["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == CPU_SHARES_APPLIED)
+        .unwrap();
+    assert!(
+        c["message"].as_str().unwrap().contains(
+            "cpuShares 512 is not applied by this host (cgroup CPU controller is not mounted)"
+        ),
+        "{c}"
+    );
+}
