@@ -194,7 +194,9 @@ fn a_guest_reaches_only_what_its_filter_allows_not_the_host_nor_another_guest() 
         format!(
             "apiVersion: agentvm.dev/v1alpha1\nkind: Network\nmetadata: {{name: {net}}}\nspec: {{mode: nat, subnet: 10.214.{third}.0/24}}\n---\n\
              apiVersion: agentvm.dev/v1alpha1\nkind: NetworkFilter\nmetadata: {{name: {filter}}}\nspec:\n  egress:\n    - {{protocol: udp, ports: [53]}}\n    - {{protocol: tcp, ports: [443]}}\n---\n{}",
+            // A low transmit threshold for the flood below (policy record).
             small_pool(&pool, &image, 2, 2, &extra)
+                + "  anomalies: {netTxMibPerSecond: 1, rateWindowSamples: 3}\n"
         ),
     )
     .unwrap();
@@ -301,6 +303,48 @@ fn a_guest_reaches_only_what_its_filter_allows_not_the_host_nor_another_guest() 
         verdict(&targets[6]),
         "timeout",
         "the host's own service on an allowed egress port (443) must be dropped"
+    );
+
+    // A UDP flood at a blocked port of the "internet": the filter drops it on the host, and
+    // the anomaly monitor sees the burst on the guest's interface (NetworkTxBurst).
+    let flood_src = format!(
+        "exec python3 -c \"import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+d = bytes(1400)
+n = 0
+t = time.time()
+while time.time() - t < 15:
+    s.sendto(d, ('{INET_HOST}', 8080))
+    n += 1
+print('sent', n)\""
+    );
+    apply_yaml(
+        &env,
+        "flood.yaml",
+        &sh_run("flood", &pool, &flood_src, "  timeoutSeconds: 300\n"),
+    );
+    env.wait("flood ended", Duration::from_secs(300), || {
+        run_terminal(&run_phase(&env, "flood"))
+    });
+    let s = env.status("run", "flood");
+    eprintln!(
+        "flood: {} {} anomalies {} usage {}",
+        s["phase"], s["stdoutTail"], s["anomalies"], s["resourceUsage"]
+    );
+    assert_eq!(s["phase"], "Succeeded", "{s}");
+    assert!(
+        s["stdoutTail"].as_str().unwrap().starts_with("sent "),
+        "{s}"
+    );
+    let burst = s["anomalies"]
+        .as_array()
+        .and_then(|a| a.iter().find(|a| a["rule"] == "NetworkTxBurst"))
+        .unwrap_or_else(|| panic!("no NetworkTxBurst: {s}"));
+    assert_eq!(burst["metric"], "net_tx_bytes_per_second", "{burst}");
+    assert!(burst["observed"].as_u64().unwrap() >= 1 << 20, "{burst}");
+    assert!(
+        s["resourceUsage"]["netTxBytes"].as_u64().unwrap() >= 15 << 20,
+        "{s}"
     );
 
     let _ = env.cmd(&["delete", "run/victim"]).output();
