@@ -38,6 +38,35 @@ fn kill(pid: i32, signal: &str) {
     assert!(ok, "kill -s {signal} {pid}");
 }
 
+/// Waits (up to `within`) for `run` to end with `outcome` (phase, reason), printing how long
+/// after `since` it ended, then for the pool of 2 to be consistent again without the run's VM
+/// (replaced, not reused). Returns that VM.
+fn run_ends_and_its_vm_is_replaced(
+    env: &Env,
+    pool: &str,
+    (run, within): (&str, Duration),
+    outcome: (&str, &str),
+    since: Instant,
+) -> String {
+    let s = wait_run_ended(env, run, within);
+    let vm = s["vm"].as_str().unwrap().to_string();
+    assert_eq!(s["phase"], outcome.0, "{s}");
+    assert_eq!(s["reason"], outcome.1, "{s}");
+    eprintln!(
+        "{run}: run {}/{} {:.1}s later: {}",
+        outcome.0,
+        outcome.1,
+        since.elapsed().as_secs_f64(),
+        s["conditions"]
+    );
+    wait_consistent(env, pool, 2, Duration::from_secs(300));
+    assert!(
+        !domains_with_prefix(&env.domain_prefix).contains(&vm),
+        "{vm} was not replaced"
+    );
+    vm
+}
+
 fn wait_run_ended(env: &Env, run: &str, timeout: Duration) -> serde_json::Value {
     env.wait(&format!("{run} ended"), timeout, || {
         run_terminal(&run_phase(env, run))
@@ -142,19 +171,14 @@ fn controller_kills_qemu_kills_and_a_stopped_agent_leave_no_orphans_and_lose_no_
         .to_string();
     kill(qemu_pid(&vm), "KILL");
     let t = Instant::now();
-    let s = wait_run_ended(&env, "qemu-killed", Duration::from_secs(120));
-    assert_eq!(s["phase"], "Failed", "{s}");
-    assert_eq!(s["reason"], "VmLost", "{s}");
-    eprintln!(
-        "QEMU killed: run Failed/VmLost {:.1}s later: {}",
-        t.elapsed().as_secs_f64(),
-        s["conditions"]
+    let lost = run_ends_and_its_vm_is_replaced(
+        &env,
+        &pool,
+        ("qemu-killed", Duration::from_secs(120)),
+        ("Failed", "VmLost"),
+        t,
     );
-    wait_consistent(&env, &pool, 2, Duration::from_secs(300));
-    assert!(
-        !domains_with_prefix(&env.domain_prefix).contains(&vm),
-        "{vm} was not replaced"
-    );
+    assert_eq!(lost, vm);
     eprintln!(
         "QEMU killed: VM replaced, pool consistent {:.1}s after the kill",
         t.elapsed().as_secs_f64()
@@ -168,19 +192,12 @@ fn controller_kills_qemu_kills_and_a_stopped_agent_leave_no_orphans_and_lose_no_
         &sh_run("agent-stopped", &pool, stop, "  timeoutSeconds: 30\n"),
     );
     let t = Instant::now();
-    let s = wait_run_ended(&env, "agent-stopped", Duration::from_secs(240));
-    let vm = s["vm"].as_str().unwrap().to_string();
-    assert_eq!(s["phase"], "TimedOut", "{s}");
-    assert_eq!(s["reason"], "GuestUnresponsive", "{s}");
-    eprintln!(
-        "agent stopped: run TimedOut/GuestUnresponsive {:.1}s after apply (timeout 30 s): {}",
-        t.elapsed().as_secs_f64(),
-        s["conditions"]
-    );
-    wait_consistent(&env, &pool, 2, Duration::from_secs(300));
-    assert!(
-        !domains_with_prefix(&env.domain_prefix).contains(&vm),
-        "{vm} was not replaced"
+    run_ends_and_its_vm_is_replaced(
+        &env,
+        &pool,
+        ("agent-stopped", Duration::from_secs(240)),
+        ("TimedOut", "GuestUnresponsive"),
+        t,
     );
 
     // The pool still serves runs.
