@@ -45,7 +45,21 @@ step "guest image (cached by recipe under $AGENTVM_CACHE_DIR)"
 "${CARGO_TARGET_DIR:-target}/debug/agentvm" image build
 
 step "tests: unit, libvirt test driver, real QEMU ($AGENTVM_ACCEL)"
-cargo test --workspace -- --test-threads=2
+# --no-fail-fast: one failing test binary must not hide the others; the failed ones are listed
+# at the end (cargo's own summary lines), and the script fails.
+test_log=$(mktemp)
+set +e
+cargo test --workspace --no-fail-fast -- --test-threads=2 2>&1 | tee "$test_log"
+test_rc=${PIPESTATUS[0]}
+set -e
+if [ "$test_rc" -ne 0 ]; then
+  echo
+  echo "=== failed test binaries" >&2
+  grep -E '^error: [0-9]+ targets? failed|^    `' "$test_log" >&2 || echo "(cargo test exited $test_rc)" >&2
+  rm -f "$test_log"
+  exit "$test_rc"
+fi
+rm -f "$test_log"
 
 # Bounded fuzzing of manifest parsing and API request decoding (fuzz/README.md). The stable
 # toolchain takes cargo fuzz's sanitizer flags with RUSTC_BOOTSTRAP=1; fuzz/target is kept
