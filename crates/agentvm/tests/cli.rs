@@ -235,7 +235,8 @@ fn kubectl_style_commands() {
     env.ok(&["apply", "-f", &new]);
     let line = next_line(&lines, "the new object");
     assert!(line.starts_with("cli-new "), "{line}");
-    env.ok(&["delete", "nwf/cli-new", "--wait"]);
+    // Every --timeout takes the one duration syntax (`90`, `90s`, `5m`, `1h`).
+    env.ok(&["delete", "nwf/cli-new", "--wait", "--timeout=5m"]);
     let mut seen = Vec::new();
     while !seen.iter().any(|l: &String| l.contains("Deleted")) {
         seen.push(next_line(&lines, "the deletion"));

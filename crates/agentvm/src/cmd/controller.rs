@@ -25,9 +25,9 @@ pub struct ControllerArgs {
     /// <stateDir>/agentvm.sock].
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// Reconcile every object at least this often, in seconds.
-    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
-    resync_seconds: u64,
+    /// Reconcile every object at least this often (`90`, `30s`, `5m`).
+    #[arg(long, alias = "resync-seconds", default_value = "30s", value_name = "DURATION", value_parser = super::parse_duration)]
+    resync: Duration,
     /// Only store, watch and serve objects; reconcile nothing into libvirt and build no
     /// images (for trying out manifests and tooling).
     #[arg(long)]
@@ -57,7 +57,7 @@ impl ControllerArgs {
             .spec_dir(self.spec_dir)
             .socket(socket)
             .dispatcher_options(DispatcherOptions {
-                resync: Duration::from_secs(self.resync_seconds.max(1)),
+                resync: self.resync.max(Duration::from_secs(1)),
                 ..DispatcherOptions::default()
             });
         if !self.without_reconcilers {

@@ -34,9 +34,9 @@ pub struct DeleteArgs {
     /// Wait until the objects are gone (their reconcilers finished cleaning up).
     #[arg(long)]
     wait: bool,
-    /// How long `--wait` waits, in seconds.
-    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
-    timeout: u64,
+    /// How long `--wait` waits (`90`, `90s`, `5m`, `1h`).
+    #[arg(long, default_value = "5m", value_name = "DURATION", value_parser = super::parse_duration)]
+    timeout: Duration,
     #[command(flatten)]
     conn: ConnectArgs,
 }
@@ -77,7 +77,7 @@ impl DeleteArgs {
             bail!("name the objects to delete: KIND/NAME..., KIND NAME..., or -f FILE");
         }
         let client = self.conn.client(cfg);
-        let deadline = Instant::now() + Duration::from_secs(self.timeout);
+        let deadline = Instant::now() + self.timeout;
         let mut failed = 0;
         for (kind, name) in targets {
             let r = object_ref(kind, &name);

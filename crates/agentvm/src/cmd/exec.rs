@@ -20,9 +20,9 @@ pub struct ExecArgs {
     /// Guest RAM in MiB.
     #[arg(long, default_value_t = 512)]
     memory_mib: u64,
-    /// Kill the command after this many seconds.
-    #[arg(long, default_value_t = 300)]
-    timeout_seconds: u64,
+    /// Kill the command after this long (`90`, `90s`, `5m`, `1h`).
+    #[arg(long, alias = "timeout-seconds", default_value = "5m", value_name = "DURATION", value_parser = super::parse_duration)]
+    timeout: Duration,
     /// Environment variable for the command, `KEY=VALUE` (repeatable).
     #[arg(short, long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
@@ -64,7 +64,7 @@ impl ExecArgs {
             vm.boot_time.as_secs_f64()
         );
         let mut req = ExecRequest::new(&self.command[0], self.command[1..].iter().cloned());
-        req.timeout = Duration::from_secs(self.timeout_seconds);
+        req.timeout = self.timeout;
         req.cwd = self.workdir.clone();
         for kv in &self.env {
             let (k, v) = kv
@@ -89,7 +89,10 @@ impl ExecArgs {
             );
         }
         if outcome.timed_out {
-            eprintln!("killed after the {}s timeout", self.timeout_seconds);
+            eprintln!(
+                "killed after the {} timeout",
+                humantime::format_duration(self.timeout)
+            );
             return Ok(124);
         }
         Ok(match (outcome.exit_code, outcome.signal) {

@@ -21,10 +21,21 @@ pub mod version;
 pub mod wait;
 
 use std::path::Path;
+use std::time::Duration;
 
 use agentvm_controller::api::client::ClientError;
 
 use agentvm_controller::config::{default_config_path, Config};
+
+/// Parses a duration flag, the one syntax of every `--timeout` and time flag: plain seconds
+/// (`90`) or units (`90s`, `5m`, `1h30m`, `1500ms`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?}: {e}; use e.g. 90, 90s, 5m or 1h30m"))
+}
 
 /// Load the configuration from `path` or the default location, plus the environment.
 pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
@@ -48,4 +59,29 @@ pub fn is_unreachable(error: &anyhow::Error) -> bool {
             Some(ClientError::Unreachable { .. })
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_seconds_or_units() {
+        for (text, secs) in [
+            ("90", 90),
+            ("90s", 90),
+            ("5m", 300),
+            ("1h", 3600),
+            ("1h30m", 5400),
+        ] {
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_secs(secs)),
+                "{text}"
+            );
+        }
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        let err = parse_duration("soon").unwrap_err();
+        assert!(err.contains("use e.g. 90, 90s, 5m or 1h30m"), "{err}");
+    }
 }

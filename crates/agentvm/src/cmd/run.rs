@@ -156,7 +156,7 @@ impl RunArgs {
             }
         }
         let started = Instant::now();
-        let result = execute(&g, &run.spec, &prepared, &mut |s, d| {
+        let result = execute(&g, &run.spec, &prepared, &mut || {}, &mut |s, d| {
             let _ = match s {
                 Stream::Stdout => std::io::stdout().write_all(d),
                 Stream::Stderr => std::io::stderr().write_all(d),

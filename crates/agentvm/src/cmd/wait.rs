@@ -84,15 +84,6 @@ pub fn parse_wait_for(text: &str) -> Result<WaitFor, String> {
     Err(format!("{text:?}: {usage}"))
 }
 
-/// Parses `30s`, `5m`, `1h30m` or plain seconds.
-pub fn parse_timeout(text: &str) -> Result<Duration, String> {
-    if let Ok(secs) = text.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    humantime::parse_duration(text)
-        .map_err(|e| format!("{text:?}: {e}; use e.g. 30s, 5m, 1h30m or seconds"))
-}
-
 /// Options of `wait`.
 #[derive(Debug, Args)]
 pub struct WaitArgs {
@@ -105,7 +96,7 @@ pub struct WaitArgs {
     #[arg(long = "for", value_name = "CONDITION", value_parser = parse_wait_for)]
     wait_for: WaitFor,
     /// Give up after this long (`30s`, `5m`, `1h`, or seconds); exit 1 then.
-    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_timeout)]
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = super::parse_duration)]
     timeout: Duration,
     #[command(flatten)]
     conn: ConnectArgs,
@@ -383,16 +374,5 @@ mod tests {
         assert!(parse_wait_for("condition=Ready=maybe").is_err());
         assert!(parse_wait_for("jsonpath={.x}").is_err());
         assert!(parse_wait_for("phase=").is_err());
-    }
-
-    #[test]
-    fn parses_timeouts() {
-        assert_eq!(parse_timeout("30").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_timeout("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(
-            parse_timeout("1500ms").unwrap(),
-            Duration::from_millis(1500)
-        );
-        assert!(parse_timeout("soon").is_err());
     }
 }
