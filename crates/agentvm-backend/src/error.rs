@@ -40,6 +40,13 @@ pub enum BackendError {
         /// What libvirt said.
         message: String,
     },
+    /// The VM's domain exists but is not running (destroyed or shut off meanwhile): nothing
+    /// in the guest can answer, so no wait on it goes on.
+    #[error("VM {vm} is not running")]
+    VmNotRunning {
+        /// Domain name.
+        vm: String,
+    },
     /// The guest agent answered with an error.
     #[error("guest agent of {vm} failed {command}: {message}")]
     GuestCommand {
@@ -153,6 +160,15 @@ impl BackendError {
             }
             _ => false,
         }
+    }
+
+    /// True when the VM is gone or stopped ([`BackendError::NotFound`] or
+    /// [`BackendError::VmNotRunning`]): waiting on its guest is pointless.
+    pub fn is_vm_gone(&self) -> bool {
+        matches!(
+            self,
+            BackendError::NotFound { .. } | BackendError::VmNotRunning { .. }
+        )
     }
 
     /// True for [`BackendError::NotFound`].

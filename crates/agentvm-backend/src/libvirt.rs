@@ -345,13 +345,28 @@ impl AgentChannel for DomainAgent {
             let _ = tx.send(self.dom.qemu_agent_command(&command.to_string(), secs, 0));
         }
         let bound = timeout + AGENT_CALL_GRACE;
+        // A domain that stopped (destroyed by hand, QEMU died) answers no agent call: every
+        // failure is checked against the domain's state, so callers stop waiting at once.
+        let stopped = || -> Option<BackendError> {
+            (self.dom.is_active().ok() == Some(false)).then(|| BackendError::VmNotRunning {
+                vm: self.name.clone(),
+            })
+        };
         let answer = rx.recv_timeout(bound).map_err(|_| {
+            if let Some(e) = stopped() {
+                return e;
+            }
             tracing::warn!(vm = %self.name, after = ?bound, "libvirt did not return from a guest agent call");
             BackendError::GuestAgentUnavailable {
                 vm: self.name.clone(),
                 message: format!("libvirt gave no answer within {} s", bound.as_secs()),
             }
         })?;
+        if answer.is_err() {
+            if let Some(e) = stopped() {
+                return Err(e);
+            }
+        }
         let reply = answer.map_err(|e| match BackendError::from_virt(e, "domain", &self.name) {
             BackendError::Libvirt { code, message } if code.contains("OperationTimeout") => {
                 BackendError::GuestAgentUnavailable {

@@ -6,7 +6,9 @@
 //! - a VM's QEMU process killed (SIGKILL) under a run: the run ends `Failed`/`VmLost` and
 //!   the VM is replaced;
 //! - the guest agent stopped (SIGSTOP) inside the guest under a run: the run ends
-//!   `TimedOut`/`GuestUnresponsive` at its timeout and the VM is replaced.
+//!   `TimedOut`/`GuestUnresponsive` at its timeout and the VM is replaced;
+//! - a VM destroyed by hand (`virsh destroy`) while it is reset after a run: replaced within
+//!   20 s.
 //!
 //! After each: the pool is Ready, and libvirt's domains, the pool's status and the VM
 //! directories (overlays, saved states) are the same set — nothing orphaned. (`kill -9`
@@ -198,6 +200,42 @@ fn controller_kills_qemu_kills_and_a_stopped_agent_leave_no_orphans_and_lose_no_
         ("agent-stopped", Duration::from_secs(240)),
         ("TimedOut", "GuestUnresponsive"),
         t,
+    );
+
+    // 5. A VM destroyed by hand while it is being reset after a run: the reset gives up at
+    //    once (the domain is not running) and the pool starts a replacement within seconds
+    //    (it used to wait out the guest agent's boot timeout, two minutes).
+    wait_consistent(&env, &pool, 2, Duration::from_secs(300));
+    apply_yaml(
+        &env,
+        "reset.yaml",
+        &sh_run("reset-destroyed", &pool, "echo done", ""),
+    );
+    let s = wait_run_ended(&env, "reset-destroyed", Duration::from_secs(120));
+    assert_eq!(s["phase"], "Succeeded", "{s}");
+    let vm = s["vm"].as_str().unwrap().to_string();
+    let (ok, out) = virsh(&["destroy", &vm]);
+    assert!(ok, "virsh destroy {vm}: {out}");
+    let t = Instant::now();
+    env.wait(
+        "a replacement of the VM destroyed mid-reset",
+        Duration::from_secs(300),
+        || !vm_names(&env.status("pool", &pool)).contains(&vm),
+    );
+    let replaced = t.elapsed();
+    wait_consistent(&env, &pool, 2, Duration::from_secs(300));
+    eprintln!(
+        "VM destroyed mid-reset: replacement started {:.1}s after the destroy, pool consistent after {:.1}s",
+        replaced.as_secs_f64(),
+        t.elapsed().as_secs_f64()
+    );
+    assert!(
+        replaced <= Duration::from_secs(20),
+        "the VM destroyed mid-reset was replaced only after {replaced:?}"
+    );
+    assert!(
+        !domains_with_prefix(&env.domain_prefix).contains(&vm),
+        "{vm} is still defined"
     );
 
     // The pool still serves runs.

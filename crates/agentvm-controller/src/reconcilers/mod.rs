@@ -129,6 +129,7 @@ pub(crate) fn backend_error(doing: &str, e: &BackendError) -> ReconcileError {
         BackendError::AlreadyExists { .. } => "AlreadyExists",
         BackendError::NotOwned { .. } => "NotOwned",
         BackendError::GuestAgentUnavailable { .. } => "GuestAgentUnavailable",
+        BackendError::VmNotRunning { .. } => "VmNotRunning",
         BackendError::GuestCommand { .. } => "GuestCommandFailed",
         BackendError::Timeout { .. } => "Timeout",
         BackendError::Libvirt { .. } => "LibvirtError",
