@@ -109,11 +109,15 @@ struct State {
 /// Answers [`Backend::vm_stats`] for a VM name.
 pub type StatsFn = dyn Fn(&str) -> Result<crate::stats::DomainStats> + Send + Sync;
 
+/// Answers reads of guest files a fake agent does not hold itself: (VM name, path) → content.
+pub type GuestFileFn = dyn Fn(&str, &str) -> Option<Vec<u8>> + Send + Sync;
+
 /// In-memory [`Backend`]. Cheap to share behind an `Arc`; every method takes `&self`.
 #[derive(Default)]
 pub struct FakeBackend {
     state: Mutex<State>,
     stats: Mutex<Option<std::sync::Arc<StatsFn>>>,
+    guest_files: Mutex<Option<std::sync::Arc<GuestFileFn>>>,
 }
 
 impl std::fmt::Debug for FakeBackend {
@@ -149,6 +153,15 @@ impl FakeBackend {
         f: impl Fn(&str) -> Result<crate::stats::DomainStats> + Send + Sync + 'static,
     ) {
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::sync::Arc::new(f));
+    }
+
+    /// Makes the guests' agents answer reads of files they do not hold with `f` (e.g. a
+    /// run cgroup's `cpu.stat` that grows with time).
+    pub fn set_guest_files(
+        &self,
+        f: impl Fn(&str, &str) -> Option<Vec<u8>> + Send + Sync + 'static,
+    ) {
+        *self.guest_files.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::sync::Arc::new(f));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -521,7 +534,14 @@ impl Backend for FakeBackend {
         let s = self.enter(Op::Agent, name)?;
         match s.domains.get(name) {
             Some(d) if d.owner.is_some() && d.state == DomainState::Running => {
-                Ok(Box::new(crate::fake_agent::FakeAgent::new(name)))
+                let files = self
+                    .guest_files
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                Ok(Box::new(
+                    crate::fake_agent::FakeAgent::new(name).with_guest_files(files),
+                ))
             }
             Some(_) => Err(BackendError::GuestAgentUnavailable {
                 vm: name.to_string(),

@@ -34,10 +34,18 @@ struct State {
 }
 
 /// An in-memory guest agent; see the module documentation.
-#[derive(Debug)]
 pub struct FakeAgent {
     name: String,
     state: Mutex<State>,
+    guest_files: Option<std::sync::Arc<crate::fake::GuestFileFn>>,
+}
+
+impl std::fmt::Debug for FakeAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeAgent")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl FakeAgent {
@@ -49,7 +57,17 @@ impl FakeAgent {
                 next: 100,
                 ..State::default()
             }),
+            guest_files: None,
         }
+    }
+
+    /// Answers reads of files it does not hold with `files` (VM name, path → content).
+    pub fn with_guest_files(
+        mut self,
+        files: Option<std::sync::Arc<crate::fake::GuestFileFn>>,
+    ) -> Self {
+        self.guest_files = files;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -112,6 +130,12 @@ impl AgentChannel for FakeAgent {
             "guest-file-open" => {
                 let path = a["path"].as_str().unwrap_or("").to_string();
                 let mode = a["mode"].as_str().unwrap_or("r");
+                if !mode.starts_with('w') && !s.files.contains_key(&path) {
+                    if let Some(data) = self.guest_files.as_ref().and_then(|f| f(&self.name, &path))
+                    {
+                        s.files.insert(path.clone(), data);
+                    }
+                }
                 if mode.starts_with('w') {
                     s.files.insert(path.clone(), Vec::new());
                 } else if !s.files.contains_key(&path) {
@@ -204,10 +228,10 @@ impl AgentChannel for FakeAgent {
                             victim.killed = true;
                         }
                     }
-                } else if a["path"] == "/usr/bin/setsid" && args.len() >= 8 {
-                    // /bin/sh -c WRAPPER agentvm-exec OUT ERR CWD PROGRAM ARGS..
+                } else if a["path"] == "/usr/bin/setsid" && args.len() >= 9 {
+                    // /bin/sh -c WRAPPER agentvm-exec OUT ERR CWD CGROUP PROGRAM ARGS..
                     let (out_path, err_path) = (args[4].clone(), args[5].clone());
-                    let script = args[7..].iter().find_map(|x| s.files.get(x).cloned());
+                    let script = args[8..].iter().find_map(|x| s.files.get(x).cloned());
                     if let Some(script) = script {
                         let script = String::from_utf8_lossy(&script).into_owned();
                         let (out, err, t, code) = interpret(&script, &env);
@@ -216,7 +240,7 @@ impl AgentChannel for FakeAgent {
                         s.files.insert(err_path, err);
                         proc.runs_for = t;
                         proc.code = code;
-                    } else if args[7..].iter().any(|x| x.contains("|| exit 3")) {
+                    } else if args[8..].iter().any(|x| x.contains("|| exit 3")) {
                         // Artifact packing: nothing exists in the fake guest.
                         proc.code = 3;
                     }

@@ -29,6 +29,11 @@ pub const FILE_CHUNK: usize = 1024 * 1024;
 pub const WRITE_CHUNK: usize = 128 * 1024;
 /// Attempts of one file-data call when the agent is briefly unavailable.
 pub const FILE_RETRIES: u32 = 4;
+/// The cgroup (v2, mounted by agentvm's PID 1) a run's program and everything it starts are
+/// put in, so that the guest kernel accounts their CPU time apart from the guest's own work
+/// (the anomaly rules and `resourceUsage` read it).
+pub const RUN_CGROUP: &str = "/sys/fs/cgroup/agentvm-run";
+
 /// The `PATH` given to guest processes unless the caller sets one.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -74,6 +79,9 @@ pub struct ExecRequest {
     pub timeout: Duration,
     /// Keep at most this many bytes of each stream.
     pub output_cap: usize,
+    /// A cgroup directory in the guest to start the process in (created if missing); the
+    /// process stays in the guest's root cgroup when it cannot be (no cgroup2 mounted).
+    pub cgroup: Option<String>,
 }
 
 impl ExecRequest {
@@ -89,6 +97,7 @@ impl ExecRequest {
             cwd: None,
             timeout: Duration::from_secs(300),
             output_cap: DEFAULT_OUTPUT_CAP,
+            cgroup: None,
         }
     }
 }
@@ -237,8 +246,8 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
                 .command(&json!({"execute": "guest-ping"}), Duration::from_secs(2))
             {
                 Ok(_) => return Ok(start.elapsed()),
-                // The domain is gone (destroyed meanwhile): no point waiting.
-                Err(e @ BackendError::NotFound { .. }) => return Err(e),
+                // The domain is gone or stopped (destroyed meanwhile): no point waiting.
+                Err(e) if e.is_vm_gone() => return Err(e),
                 Err(e) => {
                     if start.elapsed() >= timeout {
                         return Err(match e {
@@ -452,11 +461,12 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
         let mut args = vec![
             "/bin/sh".to_string(),
             "-c".to_string(),
-            r#"exec >"$1" 2>"$2"; cd "$3" || exit 126; shift 3; exec "$@""#.to_string(),
+            r#"exec >"$1" 2>"$2"; cd "$3" || exit 126; if [ -n "$4" ]; then mkdir -p "$4" 2>/dev/null && echo $$ >"$4/cgroup.procs" 2>/dev/null; fi; shift 4; exec "$@""#.to_string(),
             "agentvm-exec".to_string(),
             out.to_string(),
             err.to_string(),
             req.cwd.clone().unwrap_or_else(|| "/".to_string()),
+            req.cgroup.clone().unwrap_or_default(),
             req.program.clone(),
         ];
         args.extend(req.args.iter().cloned());

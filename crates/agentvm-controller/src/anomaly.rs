@@ -1,8 +1,16 @@
 //! `AnomalyDetector`: pure logic that turns one run's VM samples (domain statistics plus the
 //! guest's task count) into anomalies and a resource-usage summary.
 //!
+//! CPU is the run's own: the guest kernel's accounting of the run's cgroup
+//! ([`RUN_CGROUP`](agentvm_backend::guest::RUN_CGROUP), `cpu.stat` `usage_usec`), not the
+//! VM's vCPU time, which after a boot or a reset includes seconds of the guest re-translating
+//! its code and catching up on timers (TCG) that are not the program's. Until the program's
+//! cgroup exists (inputs still being copied in) no CPU rule is evaluated; a cgroup that
+//! disappears after it was seen (a root program in the guest can remove it) makes the rules
+//! fall back to the VM's vCPU time.
+//!
 //! Rules, each firing at most once per run (thresholds from the pool's `spec.anomalies`):
-//! - `CpuSaturated`: CPU percent (vCPU time delta / wall delta / vCPUs) at or above
+//! - `CpuSaturated`: CPU percent (CPU time delta / wall delta / vCPUs) at or above
 //!   `cpuPercent` for `cpuSustainedSamples` consecutive samples;
 //! - `DiskWriteBurst` / `NetworkTxBurst`: disk write / network transmit rate, averaged over
 //!   the last `rateWindowSamples` intervals, at or above its MiB/s threshold;
@@ -123,6 +131,9 @@ pub struct Observation {
     pub stats: DomainStats,
     /// Tasks in the guest (4th field of `/proc/loadavg`), when the agent answered.
     pub processes: Option<u64>,
+    /// CPU time of the run's cgroup in the guest (cumulative, ns), when it exists and the
+    /// agent answered.
+    pub run_cpu_ns: Option<u64>,
 }
 
 /// A rule that fired.
@@ -199,6 +210,8 @@ pub struct AnomalyDetector {
     fired: BTreeSet<Rule>,
     usage: ResourceUsage,
     cpu_ns: u64,
+    /// The run cgroup's last reading (time of the sample, cumulative ns).
+    run_cpu: Option<(Instant, u64)>,
 }
 
 impl AnomalyDetector {
@@ -217,13 +230,15 @@ impl AnomalyDetector {
             fired: BTreeSet::new(),
             usage: ResourceUsage::default(),
             cpu_ns: 0,
+            run_cpu: None,
         }
     }
 
     /// The resource-usage summary of the samples seen so far.
     pub fn usage(&self) -> ResourceUsage {
         let mut u = self.usage.clone();
-        u.cpu_milliseconds = self.cpu_ns / 1_000_000;
+        // The run's own CPU time when the guest reported it, else the VM's.
+        u.cpu_milliseconds = self.run_cpu.map_or(self.cpu_ns, |(_, ns)| ns) / 1_000_000;
         u
     }
 
@@ -244,19 +259,35 @@ impl AnomalyDetector {
         if let Some(n) = obs.processes {
             self.usage.peak_processes = self.usage.peak_processes.max(n);
         }
+        if let Some(ns) = obs.run_cpu_ns {
+            self.run_cpu = Some((s.at, ns));
+        }
+    }
+
+    /// CPU percent of the VM's vCPUs since the previous sample: the run cgroup's when both
+    /// readings exist; the VM's when the cgroup was seen before and is gone now; none while
+    /// the program has not started (its cgroup does not exist yet) or on a first reading.
+    fn cpu_percent(&self, obs: &Observation) -> Option<f64> {
+        let s = &obs.stats;
+        let percent = match (obs.run_cpu_ns, self.run_cpu) {
+            (Some(now), Some((t0, before))) => {
+                let dt = s.at.checked_duration_since(t0)?.as_secs_f64();
+                (dt > 0.0).then(|| grew(now, before) as f64 / 1e9 / dt)?
+            }
+            (None, Some(_)) => s.cpu_usage_since(self.prev.as_ref()?)?,
+            _ => return None,
+        };
+        // Capped at 100%: sampling jitter (the two timestamps are not taken exactly when
+        // the counters are read) makes a saturated vCPU read 101–103% now and then.
+        Some((percent * 100.0 / f64::from(self.vcpus)).min(100.0))
     }
 
     /// Adds a sample; returns the rules that fired on it (each at most once per detector).
     pub fn observe(&mut self, obs: Observation) -> Vec<Finding> {
+        let cpu = self.cpu_percent(&obs);
         self.account(&obs);
         let mut out = Vec::new();
         let s = &obs.stats;
-        // Capped at 100%: sampling jitter (the two timestamps are not taken exactly when
-        // the counters are read) makes a saturated vCPU read 101–103% now and then.
-        let cpu = self.prev.as_ref().and_then(|p| {
-            s.cpu_usage_since(p)
-                .map(|f| (f * 100.0 / f64::from(self.vcpus)).min(100.0))
-        });
         self.prev = Some(s.clone());
 
         // CPU over threshold for N consecutive samples.
@@ -469,6 +500,16 @@ pub fn tasks_from_loadavg(text: &str) -> Option<u64> {
         .ok()
 }
 
+/// The CPU time in ns of a cgroup v2 `cpu.stat` (`usage_usec 1234`), if present.
+pub fn cgroup_cpu_ns(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))?
+        .trim()
+        .parse::<u64>()
+        .ok()?
+        .checked_mul(1000)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -515,6 +556,7 @@ mod tests {
             Observation {
                 stats: self.stats.clone(),
                 processes: Some(60),
+                run_cpu_ns: Some(self.stats.cpu_time_ns),
             }
         }
     }
@@ -714,5 +756,61 @@ mod tests {
         f.stats.cpu_time_ns = 0;
         d.observe(f.next(10.0, 0, 0));
         assert_eq!(d.usage().disk_write_bytes, 1000 + 10);
+    }
+
+    #[test]
+    fn a_vm_warming_up_after_a_reset_is_not_the_quiet_runs_cpu() {
+        // The VM's vCPU time: 45 % for the first 12 s (TCG re-translating after a reset),
+        // then 6 %; the run's cgroup: a sleeping program, 0.2 % throughout.
+        let mut d = AnomalyDetector::new(&cfg(), 1, 512 << 20);
+        let mut f = Feed::new();
+        let mut run_ns = 0u64;
+        let mut all = Vec::new();
+        for i in 0..30u64 {
+            let mut obs = f.next(if i < 12 { 45.0 } else { 6.0 }, 0, 0);
+            run_ns += 2_000_000;
+            obs.run_cpu_ns = Some(run_ns);
+            all.extend(d.observe(obs));
+        }
+        assert!(all.is_empty(), "{all:?}");
+        // Usage is the run's own CPU time, not the VM's warm-up.
+        assert_eq!(d.usage().cpu_milliseconds, 60);
+    }
+
+    #[test]
+    fn no_cpu_rule_before_the_program_starts_and_the_vm_after_its_cgroup_vanished() {
+        let mut d = AnomalyDetector::new(&cfg(), 1, 512 << 20);
+        let mut f = Feed::new();
+        // Inputs being copied in: the VM busy, no run cgroup yet.
+        for _ in 0..6 {
+            let mut obs = f.next(95.0, 0, 0);
+            obs.run_cpu_ns = None;
+            assert!(d.observe(obs).is_empty());
+        }
+        // The program runs quietly in its cgroup.
+        let mut run_ns = 0;
+        for _ in 0..3 {
+            let mut obs = f.next(95.0, 0, 0);
+            run_ns += 1_000_000;
+            obs.run_cpu_ns = Some(run_ns);
+            assert!(d.observe(obs).is_empty());
+        }
+        // The guest removed the cgroup: the VM's vCPU time counts again.
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let mut obs = f.next(95.0, 0, 0);
+            obs.run_cpu_ns = None;
+            got.extend(d.observe(obs));
+        }
+        assert_eq!(rules(&got), [Rule::CpuSaturated]);
+    }
+
+    #[test]
+    fn a_cgroup_cpu_stat_gives_its_usage_in_ns() {
+        let text = "usage_usec 1234567\nuser_usec 1000000\nsystem_usec 234567\n";
+        assert_eq!(cgroup_cpu_ns(text), Some(1_234_567_000));
+        assert_eq!(cgroup_cpu_ns("user_usec 5\n"), None);
+        assert_eq!(cgroup_cpu_ns("usage_usec lots\n"), None);
+        assert_eq!(cgroup_cpu_ns(&format!("usage_usec {}\n", u64::MAX)), None);
     }
 }

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use agentvm_api::{AgentRunSpec, Entrypoint};
-use agentvm_backend::guest::{AgentChannel, ExecOutcome, ExecRequest, Guest, Stream};
+use agentvm_backend::guest::{AgentChannel, ExecOutcome, ExecRequest, Guest, Stream, RUN_CGROUP};
 use agentvm_backend::BackendError;
 
 /// The guest commands of a pool template's warm-up steps (`/bin/sh -c STEP` each, with the
@@ -361,11 +361,14 @@ fn shell(
 }
 
 /// Copy inputs into the guest, run the program with live (redacted) output, and return its
-/// outcome. `on_output` receives redacted output as it arrives.
+/// outcome. `on_output` receives redacted output as it arrives; `on_program_start` is called
+/// once, right before the program is started (its timeout counts from then). The program
+/// and everything it starts run in the guest cgroup [`RUN_CGROUP`].
 pub fn execute<C: AgentChannel + ?Sized>(
     g: &Guest<'_, C>,
     spec: &AgentRunSpec,
     prepared: &PreparedRun,
+    on_program_start: &mut dyn FnMut(),
     on_output: &mut dyn FnMut(Stream, &[u8]),
 ) -> Result<RunResult, RunError> {
     for (path, data, mode) in &prepared.files {
@@ -409,6 +412,7 @@ pub fn execute<C: AgentChannel + ?Sized>(
     req.env = prepared.env.clone();
     req.cwd = Some(cwd);
     req.timeout = Duration::from_secs(u64::from(spec.timeout_seconds));
+    req.cgroup = Some(RUN_CGROUP.to_string());
     let mut out_r = Redactor::new(&prepared.secret_values);
     let mut err_r = Redactor::new(&prepared.secret_values);
     let mut forward = |s: Stream, d: &[u8]| {
@@ -420,6 +424,7 @@ pub fn execute<C: AgentChannel + ?Sized>(
             on_output(s, &r);
         }
     };
+    on_program_start();
     let mut outcome = match spec.entrypoint() {
         Some(Entrypoint::Script(s)) => {
             g.run_script(&s.interpreter, &s.source, req, &mut forward)?

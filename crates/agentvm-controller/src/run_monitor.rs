@@ -1,6 +1,6 @@
 //! `RunMonitor`: samples the VM of a running `AgentRun` about once a second on a thread of its
 //! own (libvirt domain statistics through [`Backend::vm_stats`], the guest's task count from
-//! `/proc/loadavg` through the guest agent), feeds the [`AnomalyDetector`], and for each
+//! `/proc/loadavg` and the CPU time of the run's cgroup through the guest agent), feeds the [`AnomalyDetector`], and for each
 //! anomaly: appends it to the run's status (written at once), counts it in
 //! `agent_vm_anomalies_total{rule}` and writes an `anomaly` audit event. With policy `kill`
 //! the first anomaly also sets the run's cancel flag (the executor kills the process group in
@@ -12,9 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentvm_api::{AgentRunStatus, Anomaly, AnomalyDetection, AnomalyPolicy, Kind, ResourceUsage};
+use agentvm_backend::guest::RUN_CGROUP;
 use agentvm_backend::{Backend, Guest};
 
-use crate::anomaly::{tasks_from_loadavg, AnomalyDetector, Observation};
+use crate::anomaly::{cgroup_cpu_ns, tasks_from_loadavg, AnomalyDetector, Observation};
 use crate::audit::{AuditEvent, AuditEventType};
 use crate::reconcile::Ctx;
 use crate::time::Timestamp;
@@ -63,7 +64,7 @@ pub struct RunMonitor {
 /// How long [`RunMonitor::stop`] waits for the sampling thread to finish its sample in
 /// progress. A guest agent call can block in libvirt for good when the agent is stuck; the
 /// run must not wait for that, so the thread is then left to end on its own.
-const STOP_WAIT: Duration = Duration::from_secs(15);
+const STOP_WAIT: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for RunMonitor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -85,10 +86,20 @@ struct Sampler {
 }
 
 impl Sampler {
-    fn tasks(&self) -> Option<u64> {
-        let chan = self.backend.agent(&self.target.vm).ok()?;
-        let text = Guest::new(&*chan).read_file("/proc/loadavg", 4096).ok()?;
-        tasks_from_loadavg(&String::from_utf8_lossy(&text))
+    /// The guest's task count and the run cgroup's CPU time, as far as the agent answers.
+    fn guest_readings(&self) -> (Option<u64>, Option<u64>) {
+        let Ok(chan) = self.backend.agent(&self.target.vm) else {
+            return (None, None);
+        };
+        let g = Guest::new(&*chan);
+        let read = |path: &str| {
+            g.read_file(path, 4096)
+                .ok()
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+        };
+        let tasks = read("/proc/loadavg").and_then(|t| tasks_from_loadavg(&t));
+        let cpu = read(&format!("{RUN_CGROUP}/cpu.stat")).and_then(|t| cgroup_cpu_ns(&t));
+        (tasks, cpu)
     }
 
     fn sample(&mut self) -> Option<Observation> {
@@ -96,6 +107,7 @@ impl Sampler {
             Ok(stats) => Some(Observation {
                 stats,
                 processes: None,
+                run_cpu_ns: None,
             }),
             Err(e) => {
                 if !self.warned {
@@ -111,7 +123,7 @@ impl Sampler {
         let Some(mut obs) = self.sample() else {
             return;
         };
-        obs.processes = self.tasks();
+        (obs.processes, obs.run_cpu_ns) = self.guest_readings();
         let findings = self.detector.observe(obs);
         if findings.is_empty() {
             return;
@@ -219,7 +231,8 @@ impl RunMonitor {
                     while Instant::now() < next {
                         if stopping.load(Ordering::SeqCst) {
                             // A last reading so the usage covers the whole run.
-                            if let Some(obs) = s.sample() {
+                            if let Some(mut obs) = s.sample() {
+                                obs.run_cpu_ns = s.guest_readings().1;
                                 s.detector.account(&obs);
                             }
                             // The receiver may have stopped waiting; nothing to do then.

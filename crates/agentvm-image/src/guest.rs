@@ -201,6 +201,7 @@ mod tests {
             "mount_fs devtmpfs /dev",
             "mount_fs devpts /dev/pts",
             "mount_fs tmpfs /run",
+            "mount_fs cgroup2 /sys/fs/cgroup",
             "mount_fs tmpfs /tmp",
             "virtio_console virtio_net virtio_blk virtio_balloon virtio_rng",
             "ip link set lo up",

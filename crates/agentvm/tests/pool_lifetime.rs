@@ -36,7 +36,7 @@ fn apply(env: &Env, file: &Path, text: &str) {
 }
 
 fn time(v: &Value) -> SystemTime {
-    humantime::parse_rfc3339_weak(v.as_str().unwrap_or_else(|| panic!("not a time: {v}"))).unwrap()
+    status_time(v)
 }
 
 fn events(env: &Env, pool: &str) -> Vec<Value> {

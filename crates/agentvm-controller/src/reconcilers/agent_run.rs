@@ -59,6 +59,11 @@ pub const ARTIFACTS_TRUNCATED: &str = "ArtifactsTruncated";
 /// Condition type: some declared artifact paths did not exist in the guest.
 pub const ARTIFACTS_MISSING: &str = "ArtifactsMissing";
 
+/// How long after its timeout a run's program may take to end once killed in the guest. A
+/// guest that has not ended it by then (its agent starved by a fork bomb, stopped, or
+/// hung) gets its VM destroyed: `timeoutSeconds` is a hard limit whatever the guest does.
+pub const KILL_GRACE: Duration = Duration::from_secs(5);
+
 /// Looks up a host environment variable (the controller's own environment by default).
 pub type HostEnv = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
@@ -342,6 +347,77 @@ impl Tail {
     }
 }
 
+/// Ends a run whose guest does not: armed when the program starts, it destroys the VM once
+/// the program's timeout plus [`KILL_GRACE`] has passed and the run has not ended. Every
+/// call the run's thread is making on that VM then fails at once (the domain is not
+/// running), so the run ends within moments.
+struct Watchdog {
+    /// Set when the program starts (deadline = then + timeout + grace); `done` when the
+    /// program's execution returned.
+    state: Arc<(Mutex<WatchState>, std::sync::Condvar)>,
+    fired: Arc<AtomicBool>,
+}
+
+#[derive(Default)]
+struct WatchState {
+    deadline: Option<Instant>,
+    done: bool,
+}
+
+impl Watchdog {
+    fn start(backend: Arc<dyn Backend>, run: String, vm: String) -> Watchdog {
+        let state: Arc<(Mutex<WatchState>, std::sync::Condvar)> = Arc::default();
+        let fired = Arc::new(AtomicBool::new(false));
+        let (st, f) = (state.clone(), fired.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("deadline-{run}"))
+            .spawn(move || {
+                let (lock, cv) = &*st;
+                let mut w = lock.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    if w.done {
+                        return;
+                    }
+                    match w.deadline {
+                        None => {
+                            w = cv.wait(w).unwrap_or_else(|e| e.into_inner());
+                        }
+                        Some(d) if Instant::now() < d => {
+                            let left = d.saturating_duration_since(Instant::now());
+                            w = cv.wait_timeout(w, left).unwrap_or_else(|e| e.into_inner()).0;
+                        }
+                        Some(_) => break,
+                    }
+                }
+                drop(w);
+                f.store(true, Ordering::SeqCst);
+                tracing::warn!(run = %run, %vm, "the program did not end within its timeout and the kill grace; destroying its VM");
+                if let Err(e) = backend.destroy_vm(&vm) {
+                    tracing::warn!(run = %run, %vm, error = %e, "destroying the VM at the run's hard deadline failed");
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the run's deadline thread; its timeout is enforced in the guest only");
+        }
+        Watchdog { state, fired }
+    }
+
+    fn arm(&self, timeout: Duration) {
+        let (lock, cv) = &*self.state;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).deadline =
+            Some(Instant::now() + timeout + KILL_GRACE);
+        cv.notify_all();
+    }
+
+    /// Disarms it; true when it had already destroyed the VM.
+    fn finish(&self) -> bool {
+        let (lock, cv) = &*self.state;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).done = true;
+        cv.notify_all();
+        self.fired.load(Ordering::SeqCst)
+    }
+}
+
 /// One run being executed on its own thread.
 struct Job {
     name: String,
@@ -411,6 +487,8 @@ impl Job {
         let mut err_tail = Tail::default();
         let mut artifacts = Vec::new();
         let mut report = MonitorReport::default();
+        let watchdog = Watchdog::start(self.backend.clone(), self.name.clone(), self.vm.clone());
+        let mut hard_stopped = false;
         let result = match self.backend.agent(&self.vm) {
             Err(e) => Err(RunError::Backend(e)),
             Ok(chan) => {
@@ -434,21 +512,29 @@ impl Job {
                 let monitor = self.start_monitor();
                 let store = self.ctx.store.clone();
                 let name = self.name.clone();
-                let r = run::execute(&g, &spec, &prepared, &mut |s, d| {
-                    let stream = match s {
-                        Stream::Stdout => {
-                            out_tail.push(d);
-                            OutputStream::Stdout
+                let program_timeout = Duration::from_secs(u64::from(spec.timeout_seconds));
+                let r = run::execute(
+                    &g,
+                    &spec,
+                    &prepared,
+                    &mut || watchdog.arm(program_timeout),
+                    &mut |s, d| {
+                        let stream = match s {
+                            Stream::Stdout => {
+                                out_tail.push(d);
+                                OutputStream::Stdout
+                            }
+                            Stream::Stderr => {
+                                err_tail.push(d);
+                                OutputStream::Stderr
+                            }
+                        };
+                        if let Err(e) = store.append_output(&name, stream, d) {
+                            tracing::warn!(run = %name, error = %e, "storing output failed");
                         }
-                        Stream::Stderr => {
-                            err_tail.push(d);
-                            OutputStream::Stderr
-                        }
-                    };
-                    if let Err(e) = store.append_output(&name, stream, d) {
-                        tracing::warn!(run = %name, error = %e, "storing output failed");
-                    }
-                });
+                    },
+                );
+                hard_stopped = watchdog.finish();
                 if let Some(m) = monitor {
                     report = m.stop();
                 }
@@ -499,7 +585,21 @@ impl Job {
         let secs = started.elapsed().as_secs_f64();
         // A VM whose QEMU or guest agent failed under the run is not trusted with another.
         let mut replace = false;
+        watchdog.finish();
         let (phase, reason, message) = match result {
+            _ if hard_stopped => {
+                replace = true;
+                (
+                    AgentRunPhase::TimedOut,
+                    "GuestUnresponsive",
+                    format!(
+                        "the program did not end within {} s of its {} s timeout (the guest did not carry out the kill); VM {} destroyed (the pool replaces it)",
+                        KILL_GRACE.as_secs(),
+                        spec.timeout_seconds,
+                        self.vm
+                    ),
+                )
+            }
             _ if report.killed => (
                 AgentRunPhase::Failed,
                 "AnomalyPolicy",
@@ -522,7 +622,10 @@ impl Job {
                     (
                         AgentRunPhase::TimedOut,
                         "Timeout",
-                        format!("killed after {} s", spec.timeout_seconds),
+                        format!(
+                            "killed in the guest after its {} s timeout",
+                            spec.timeout_seconds
+                        ),
                     )
                 } else if r.outcome.exit_code == Some(0) {
                     (

@@ -31,6 +31,9 @@ mount_fs devpts /dev/pts devpts gid=5,mode=0620,ptmxmode=0666
 mount_fs tmpfs /dev/shm tmpfs mode=1777,nosuid,nodev
 mount_fs tmpfs /run tmpfs mode=0755,nosuid,nodev
 mount_fs tmpfs /tmp tmpfs mode=1777,nosuid,nodev
+# cgroup v2: a run's program is started in a cgroup of its own, so the guest kernel accounts
+# its CPU time apart from the guest's own work (the host reads cpu.stat through the agent).
+mount_fs cgroup2 /sys/fs/cgroup cgroup2 nosuid,nodev,noexec
 # devtmpfs has no /dev/fd and friends (bash process substitution needs them).
 [ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
 [ -e /dev/stdin ] || ln -s /proc/self/fd/0 /dev/stdin

@@ -502,3 +502,9 @@ pub fn assert_libvirtd_in_test_netns() -> String {
     );
     ns
 }
+
+/// A status timestamp (RFC 3339, as the controller writes them) as a time.
+pub fn status_time(v: &serde_json::Value) -> std::time::SystemTime {
+    humantime::parse_rfc3339_weak(v.as_str().unwrap_or_else(|| panic!("not a time: {v}")))
+        .unwrap_or_else(|e| panic!("not a time: {v}: {e}"))
+}

@@ -406,6 +406,11 @@ fn policy_kill_stops_a_run_on_its_first_anomaly_and_the_summary_is_kept() {
             at,
         })
     });
+    // The run's cgroup in the guest: both vCPUs' worth of CPU time.
+    r.t.fake.set_guest_files(move |_, path| {
+        path.ends_with("agentvm-run/cpu.stat")
+            .then(|| format!("usage_usec {}\n", 2 * t0.elapsed().as_micros()).into_bytes())
+    });
     r.t.apply(&run_yaml("spin", "echo started\nsleep 60", ""));
     let started = Instant::now();
     r.drive(|r| r.phase("spin").as_deref() == Some("Failed"));
