@@ -533,8 +533,9 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
         };
         let result = self.exec_inner(req, &out_path, &err_path, hout, herr, on_output);
         if let Err(e) = &result {
-            if e.is_transient() || matches!(e, BackendError::Timeout { .. }) {
-                // Every cleanup call would wait for a silent agent; the VM is not reused.
+            if e.is_transient() || e.is_vm_gone() || matches!(e, BackendError::Timeout { .. }) {
+                // Every cleanup call would wait for a silent agent or fail on a stopped VM;
+                // the VM is not reused.
                 return result;
             }
         }
@@ -1078,5 +1079,31 @@ mod tests {
             .wait_ready(Duration::from_millis(120))
             .unwrap_err();
         assert!(matches!(err, BackendError::Timeout { .. }), "{err}");
+    }
+
+    #[test]
+    fn waits_end_at_once_when_the_vm_stopped() {
+        let stopped = || Err(BackendError::VmNotRunning { vm: "fake".into() });
+        // A ping wait with a long timeout gives up on the first answer.
+        let agent = FakeAgent::new(vec![stopped(), Ok(json!({}))]);
+        let t = Instant::now();
+        let err = Guest::new(&agent)
+            .wait_ready(Duration::from_secs(120))
+            .unwrap_err();
+        assert!(matches!(err, BackendError::VmNotRunning { .. }), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(1));
+        assert_eq!(agent.calls.borrow().len(), 1);
+        // So does a running process's exec loop: no retry as for an agent outage.
+        let agent = FakeAgent::new(vec![
+            Ok(json!(1)),
+            Ok(json!(2)),
+            Ok(json!({"pid": 42})),
+            stopped(),
+        ]);
+        let mut req = ExecRequest::new("sleep", ["600"]);
+        req.timeout = Duration::from_secs(600);
+        let err = Guest::new(&agent).exec(&req, &mut |_, _| {}).unwrap_err();
+        assert!(err.is_vm_gone(), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(2));
     }
 }
