@@ -348,7 +348,12 @@ impl AgentChannel for DomainAgent {
         // A domain that stopped (destroyed by hand, QEMU died) answers no agent call: every
         // failure is checked against the domain's state, so callers stop waiting at once.
         let stopped = || -> Option<BackendError> {
-            (self.dom.is_active().ok() == Some(false)).then(|| BackendError::VmNotRunning {
+            let gone = match self.dom.is_active() {
+                Ok(active) => !active,
+                // Destroyed and undefined meanwhile.
+                Err(e) => BackendError::from_virt(e, "domain", &self.name).is_not_found(),
+            };
+            gone.then(|| BackendError::VmNotRunning {
                 vm: self.name.clone(),
             })
         };

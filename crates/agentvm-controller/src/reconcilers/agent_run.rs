@@ -392,8 +392,10 @@ impl Watchdog {
                 drop(w);
                 f.store(true, Ordering::SeqCst);
                 tracing::warn!(run = %run, %vm, "the program did not end within its timeout and the kill grace; destroying its VM");
-                if let Err(e) = backend.destroy_vm(&vm) {
-                    tracing::warn!(run = %run, %vm, error = %e, "destroying the VM at the run's hard deadline failed");
+                let t = Instant::now();
+                match backend.destroy_vm(&vm) {
+                    Ok(()) => tracing::info!(run = %run, %vm, took = ?t.elapsed(), "VM destroyed at the run's hard deadline"),
+                    Err(e) => tracing::warn!(run = %run, %vm, error = %e, took = ?t.elapsed(), "destroying the VM at the run's hard deadline failed"),
                 }
             });
         if let Err(e) = spawned {
@@ -535,6 +537,7 @@ impl Job {
                     },
                 );
                 hard_stopped = watchdog.finish();
+                tracing::info!(run = %self.name, took = ?started.elapsed(), hard_stopped, ok = r.is_ok(), "the program's execution returned");
                 if let Some(m) = monitor {
                     report = m.stop();
                 }
