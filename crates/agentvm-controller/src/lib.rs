@@ -4,6 +4,7 @@
 pub mod anomaly;
 pub mod api;
 pub mod audit;
+pub mod caller;
 pub mod config;
 pub mod controller;
 pub mod health;
