@@ -8,6 +8,7 @@ pub mod caller;
 pub mod config;
 pub mod controller;
 pub mod health;
+pub mod host_access;
 pub mod http_serve;
 pub mod images;
 pub mod metrics;
