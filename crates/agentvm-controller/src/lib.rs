@@ -4,9 +4,11 @@
 pub mod anomaly;
 pub mod api;
 pub mod audit;
+pub mod caller;
 pub mod config;
 pub mod controller;
 pub mod health;
+pub mod host_access;
 pub mod http_serve;
 pub mod images;
 pub mod metrics;

@@ -12,6 +12,8 @@ use agentvm_api::{AgentRunSpec, Entrypoint};
 use agentvm_backend::guest::{AgentChannel, ExecOutcome, ExecRequest, Guest, Stream, RUN_CGROUP};
 use agentvm_backend::BackendError;
 
+use crate::host_access::{HostAccess, MAX_INPUT_FILE_BYTES, MAX_WORKSPACE_BYTES};
+
 /// The guest commands of a pool template's warm-up steps (`/bin/sh -c STEP` each, with the
 /// step's timeout), run once per VM before it is parked at its golden state.
 pub fn warmup_requests(template: &agentvm_api::VmTemplate) -> Vec<ExecRequest> {
@@ -100,48 +102,35 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
     }
 }
 
-fn tar_dir(dir: &Path) -> Result<Vec<u8>, String> {
-    let out = Command::new("tar")
-        .arg("-C")
-        .arg(dir)
-        .args(["-cf", "-", "."])
-        .output()
-        .map_err(|e| format!("running tar: {e}"))?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
-    }
-    Ok(out.stdout)
-}
-
-/// Read secrets, input files and the workspace on the host. `base` resolves relative paths
-/// (the manifest's directory); `host_env` looks up host environment variables.
+/// Read secrets, input files and the workspace on the host, through `access` (with the
+/// rights of whoever submitted the run). `base` resolves relative paths (the manifest's
+/// directory); `host_env` looks up host environment variables.
 pub fn prepare(
     spec: &AgentRunSpec,
     base: &Path,
+    access: &HostAccess,
     host_env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<PreparedRun, RunError> {
     let mut env = spec.env.clone();
     let mut secret_values = Vec::new();
     for s in &spec.secret_env {
+        let secret_err = |message: String| RunError::Secret {
+            name: s.name.clone(),
+            message,
+        };
         let value = match (&s.from_env, &s.from_file) {
-            (Some(var), None) => host_env(var).ok_or_else(|| RunError::Secret {
-                name: s.name.clone(),
-                message: format!("host environment variable {var} is not set; export it before submitting the run"),
-            })?,
+            (Some(var), None) => access.env_var(var, host_env).map_err(secret_err)?,
             (None, Some(file)) => {
                 let path = resolve(base, file);
-                let v = std::fs::read_to_string(&path).map_err(|e| RunError::Secret {
-                    name: s.name.clone(),
-                    message: format!("cannot read {}: {e}", path.display()),
+                let bytes = access
+                    .read_file(&path, MAX_INPUT_FILE_BYTES)
+                    .map_err(|m| secret_err(format!("fromFile {}: {m}", path.display())))?;
+                let v = String::from_utf8(bytes).map_err(|_| {
+                    secret_err(format!("fromFile {}: is not UTF-8 text", path.display()))
                 })?;
                 v.strip_suffix('\n').unwrap_or(&v).to_string()
             }
-            _ => {
-                return Err(RunError::Secret {
-                    name: s.name.clone(),
-                    message: "set exactly one of fromEnv and fromFile".into(),
-                })
-            }
+            _ => return Err(secret_err("set exactly one of fromEnv and fromFile".into())),
         };
         if !value.is_empty() {
             secret_values.push(value.clone());
@@ -154,11 +143,13 @@ pub fn prepare(
             (Some(c), None) => c.clone().into_bytes(),
             (None, Some(p)) => {
                 let path = resolve(base, p);
-                std::fs::read(&path).map_err(|e| RunError::Input {
-                    what: "files",
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?
+                access
+                    .read_file(&path, MAX_INPUT_FILE_BYTES)
+                    .map_err(|message| RunError::Input {
+                        what: "files",
+                        path: path.clone(),
+                        message,
+                    })?
             }
             _ => {
                 return Err(RunError::Input {
@@ -173,18 +164,15 @@ pub fn prepare(
     let workspace = match &spec.workspace {
         None => None,
         Some(ws) => {
-            let tmp;
-            let dir = match (&ws.host_path, &ws.git_url) {
-                (Some(p), None) => resolve(base, p),
-                (None, Some(url)) => {
-                    tmp = tempfile::tempdir().map_err(|e| RunError::Input {
-                        what: "workspace",
-                        path: PathBuf::from(url),
-                        message: e.to_string(),
-                    })?;
-                    clone_repo(url, ws.git_ref.as_deref(), tmp.path())?;
-                    tmp.path().to_path_buf()
+            let (tar, source) = match (&ws.host_path, &ws.git_url) {
+                (Some(p), None) => {
+                    let dir = resolve(base, p);
+                    (access.tar_dir(&dir, MAX_WORKSPACE_BYTES), dir)
                 }
+                (None, Some(url)) => (
+                    access.clone_workspace(url, ws.git_ref.as_deref(), MAX_WORKSPACE_BYTES),
+                    PathBuf::from(url),
+                ),
                 _ => {
                     return Err(RunError::Input {
                         what: "workspace",
@@ -193,9 +181,9 @@ pub fn prepare(
                     })
                 }
             };
-            let tar = tar_dir(&dir).map_err(|message| RunError::Input {
+            let tar = tar.map_err(|message| RunError::Input {
                 what: "workspace",
-                path: dir.clone(),
+                path: source,
                 message,
             })?;
             Some((tar, ws.path.clone()))
@@ -207,38 +195,6 @@ pub fn prepare(
         files,
         workspace,
     })
-}
-
-fn clone_repo(url: &str, git_ref: Option<&str>, into: &Path) -> Result<(), RunError> {
-    let fail = |message: String| RunError::Input {
-        what: "workspace",
-        path: PathBuf::from(url),
-        message,
-    };
-    let out = Command::new("git")
-        .args(["clone", "--quiet", url])
-        .arg(into)
-        .output()
-        .map_err(|e| fail(format!("running git: {e}")))?;
-    if !out.status.success() {
-        return Err(fail(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
-    }
-    if let Some(r) = git_ref {
-        let out = Command::new("git")
-            .arg("-C")
-            .arg(into)
-            .args(["checkout", "--quiet", r])
-            .output()
-            .map_err(|e| fail(format!("running git: {e}")))?;
-        if !out.status.success() {
-            return Err(fail(
-                String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Replaces exact secret values in a byte stream with `[REDACTED]`, including values split
@@ -678,14 +634,15 @@ mod tests {
         spec.secret_env =
             serde_yaml::from_str("- {name: A, fromEnv: HOST_A}\n- {name: B, fromFile: key.txt}\n")
                 .unwrap();
-        let p = prepare(&spec, dir.path(), &|k| {
+        let own = HostAccess::own(Duration::from_secs(10));
+        let p = prepare(&spec, dir.path(), &own, &|k| {
             (k == "HOST_A").then(|| "from-env".into())
         })
         .unwrap();
         assert_eq!(p.env["A"], "from-env");
         assert_eq!(p.env["B"], "from-file");
         assert!(!format!("{p:?}").contains("from-env"));
-        let err = prepare(&spec, dir.path(), &|_| None).unwrap_err();
+        let err = prepare(&spec, dir.path(), &own, &|_| None).unwrap_err();
         assert_eq!(
             err.to_string(),
             "secretEnv A: host environment variable HOST_A is not set; export it before submitting the run"

@@ -28,6 +28,9 @@
 //!   go on and writes succeed again once space is freed, without a restart.
 //! - Secrets never enter the store: `AgentRun.spec.secretEnv` only names where a value is
 //!   read (`fromEnv`, `fromFile`) when the run starts; the store never reads them.
+//! - Every object records its submitter ([`Caller`]): whoever applied it last. Applying the
+//!   same object as someone else is a change, so an object never keeps an earlier
+//!   submitter's rights.
 //!
 //! # Assumptions
 //! - One process opens the file at a time (redb locks it; a second open fails with a
@@ -47,6 +50,7 @@ use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefi
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use crate::caller::Caller;
 use crate::time::Timestamp;
 
 /// Name of the store file inside the state directory.
@@ -161,6 +165,11 @@ pub struct StoredObject {
     pub resource: Resource,
     /// Who declares it.
     pub manager: Manager,
+    /// Who submitted its current spec: the API client (from the socket) or the spec
+    /// directory's owner. A run's host inputs are read with these rights. `None` for objects
+    /// stored before submitters were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitter: Option<Caller>,
     /// When it was first applied.
     pub created_at: Timestamp,
     /// When its spec, metadata, manager or status last changed.
@@ -168,6 +177,9 @@ pub struct StoredObject {
     /// When its deletion was requested; it is removed once its reconciler finalizes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_requested_at: Option<Timestamp>,
+    /// Who requested the deletion, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_requested_by: Option<Caller>,
 }
 
 impl StoredObject {
@@ -301,13 +313,15 @@ struct OutputMeta {
     truncated: bool,
 }
 
-/// One object to apply, with its manager (see [`Store::apply_batch`]).
+/// One object to apply, with its manager and submitter (see [`Store::apply_batch`]).
 #[derive(Debug, Clone)]
 pub struct ApplyItem {
     /// The object; its `status` and `metadata.generation` are ignored.
     pub resource: Resource,
     /// Who declares it.
     pub manager: Manager,
+    /// Who submits it (the API client, the spec directory's owner).
+    pub submitter: Caller,
     /// Take it over from another manager.
     pub force: bool,
 }
@@ -625,7 +639,9 @@ impl Store {
         });
     }
 
-    /// Applies one object for `manager`. See [`Store::apply_batch`] for the rules.
+    /// Applies one object for `manager`, submitted by root (tests and tools; the API and
+    /// the spec directory name their submitter in [`Store::apply_batch`]). See
+    /// [`Store::apply_batch`] for the rules.
     pub fn apply(
         &self,
         resource: Resource,
@@ -635,6 +651,7 @@ impl Store {
         let item = ApplyItem {
             resource,
             manager,
+            submitter: Caller::root(),
             force: options.force,
         };
         self.apply_batch(vec![item], options.dry_run)?
@@ -646,7 +663,9 @@ impl Store {
     ///
     /// Per object: it is validated; `status` and `generation` of the input are ignored;
     /// a new object gets generation 1; an existing one keeps its status and creation time,
-    /// and its generation grows by one if the spec hash changed. An object managed by
+    /// and its generation grows by one if the spec hash changed. The submitter is recorded;
+    /// a different submitter counts as a change (`configured`), so an object always runs
+    /// with the rights of whoever applied it last. An object managed by
     /// someone else is refused with [`StoreError::Conflict`] unless `force`. Applying an
     /// object whose deletion was requested cancels the deletion. When nothing changes,
     /// nothing is written. The outer error is a database failure (nothing applied).
@@ -694,6 +713,7 @@ impl Store {
         let ApplyItem {
             mut resource,
             manager,
+            submitter,
             force,
         } = item;
         resource.clear_status();
@@ -713,9 +733,11 @@ impl Store {
                 let record = StoredObject {
                     resource,
                     manager,
+                    submitter: Some(submitter),
                     created_at: now,
                     updated_at: now,
                     deletion_requested_at: None,
+                    deletion_requested_by: None,
                 };
                 (record, ApplyOutcome::Created)
             }
@@ -735,6 +757,7 @@ impl Store {
                 let changed = spec_changed
                     || meta_changed
                     || old.manager != manager
+                    || old.submitter.as_ref() != Some(&submitter)
                     || old.deletion_requested_at.is_some();
                 if !changed {
                     return Ok(Ok((ApplyOutcome::Unchanged, key)));
@@ -743,9 +766,11 @@ impl Store {
                 let record = StoredObject {
                     resource,
                     manager,
+                    submitter: Some(submitter),
                     created_at: old.created_at,
                     updated_at: now,
                     deletion_requested_at: None,
+                    deletion_requested_by: None,
                 };
                 (record, ApplyOutcome::Configured)
             }
@@ -886,6 +911,17 @@ impl Store {
         name: &str,
         manager_check: Option<&Manager>,
     ) -> Result<bool, StoreError> {
+        self.request_delete_as(kind, name, manager_check, None)
+    }
+
+    /// [`Store::request_delete`], recording `by` as who asked.
+    pub fn request_delete_as(
+        &self,
+        kind: Kind,
+        name: &str,
+        manager_check: Option<&Manager>,
+        by: Option<&Caller>,
+    ) -> Result<bool, StoreError> {
         let key = ObjectKey::new(kind, name);
         let db_key = key.db_key();
         self.with_db(|db| {
@@ -909,6 +945,7 @@ impl Store {
                 }
                 let now = Timestamp::now();
                 record.deletion_requested_at = Some(now);
+                record.deletion_requested_by = by.cloned();
                 record.updated_at = now;
                 table.insert(db_key.as_str(), encode(&record).as_slice())?;
             }
@@ -1224,6 +1261,51 @@ mod tests {
     }
 
     #[test]
+    fn the_last_submitter_is_recorded_and_a_new_one_is_a_change() {
+        let (_d, store) = temp_store();
+        let alice = Caller {
+            uid: 1000,
+            gid: 1000,
+            groups: vec![998],
+            user: Some("alice".into()),
+        };
+        let as_ = |who: &Caller| {
+            store
+                .apply_batch(
+                    vec![ApplyItem {
+                        resource: run("r"),
+                        manager: Manager::Api,
+                        submitter: who.clone(),
+                        force: false,
+                    }],
+                    false,
+                )
+                .unwrap()
+                .remove(0)
+                .unwrap()
+        };
+        assert_eq!(as_(&Caller::root()), ApplyOutcome::Created);
+        assert_eq!(as_(&Caller::root()), ApplyOutcome::Unchanged);
+        // The same spec from someone else: it now runs with their rights.
+        assert_eq!(as_(&alice), ApplyOutcome::Configured);
+        let got = store.get(Kind::AgentRun, "r").unwrap().unwrap();
+        assert_eq!(got.submitter.as_ref(), Some(&alice));
+        assert_eq!(got.generation(), 1);
+        assert_eq!(as_(&alice), ApplyOutcome::Unchanged);
+        // Who asked for the deletion is kept too.
+        assert!(store
+            .request_delete_as(Kind::AgentRun, "r", Some(&Manager::Api), Some(&alice))
+            .unwrap());
+        let got = store.get(Kind::AgentRun, "r").unwrap().unwrap();
+        assert_eq!(got.deletion_requested_by, Some(alice));
+        // Records from before submitters were recorded still load.
+        let mut old = serde_json::to_value(&got).unwrap();
+        old.as_object_mut().unwrap().remove("submitter");
+        let old: StoredObject = serde_json::from_value(old).unwrap();
+        assert_eq!(old.submitter, None);
+    }
+
+    #[test]
     fn managers_conflict_unless_forced() {
         let (_d, store) = temp_store();
         store
@@ -1526,11 +1608,13 @@ mod tests {
             ApplyItem {
                 resource: image("fresh", "bookworm"),
                 manager: Manager::Api,
+                submitter: crate::caller::Caller::root(),
                 force: false,
             },
             ApplyItem {
                 resource: image("taken", "bookworm"),
                 manager: Manager::Api,
+                submitter: crate::caller::Caller::root(),
                 force: false,
             },
         ];

@@ -9,7 +9,8 @@
 //!   ([`PoolRegistry::acquire`]).
 //! - **Execution** runs on a thread of its own (never on the dispatcher's workers): host
 //!   inputs are read first ([`run::prepare`]: secrets from the controller's environment or
-//!   files, never stored), then [`run::execute`] streams redacted output into the store
+//!   files, never stored; every host path with the rights of the run's submitter, see
+//!   [`crate::host_access`]), then [`run::execute`] streams redacted output into the store
 //!   ([`Store::append_output`](crate::store::Store::append_output)) so `agentvm logs -f`
 //!   follows it, artifacts are collected to `<stateDir>/artifacts/<run>/` and the final
 //!   status is written. The VM is then reset to golden on the same thread (still busy, so
@@ -38,6 +39,7 @@ use agentvm_backend::{Backend, BackendError, Guest, Stream};
 
 use super::{condition, status_of, write_status, PoolRegistry, VmPhase};
 use crate::audit::{AuditEvent, AuditEventType};
+use crate::host_access::HostAccess;
 use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
 use crate::run::{self, Redactor, RunError};
 use crate::run_monitor::{MonitorReport, MonitorTarget, RunMonitor, SAMPLE_INTERVAL};
@@ -190,7 +192,8 @@ impl AgentRunReconciler {
         // First in line: read the host inputs before taking a VM (a missing secret must not
         // cost one).
         let base = base_dir(obj, ctx);
-        let prepared = match run::prepare(&run.spec, &base, &*self.host_env) {
+        let access = HostAccess::of_submitter(obj.submitter.as_ref(), &ctx.config);
+        let prepared = match run::prepare(&run.spec, &base, &access, &*self.host_env) {
             Ok(p) => p,
             Err(e) => {
                 let reason = match e {
@@ -199,8 +202,24 @@ impl AgentRunReconciler {
                 };
                 self.registry
                     .set_waiting(pool, queue.len().saturating_sub(1) as u32);
-                finish(&mut status, AgentRunPhase::Failed, reason, e.to_string());
+                let message = e.to_string();
+                tracing::warn!(run = name, submitter = %submitter(obj), reason, "{message}");
+                finish(&mut status, AgentRunPhase::Failed, reason, message.clone());
                 write_status(ctx, obj, &status)?;
+                ctx.audit.record(
+                    AuditEvent::new(
+                        AuditEventType::RunFinished,
+                        Kind::AgentRun,
+                        name,
+                        submitter(obj),
+                    )
+                    .details(serde_json::json!({
+                        "pool": pool,
+                        "phase": "Failed",
+                        "reason": reason,
+                        "message": message,
+                    })),
+                );
                 return Ok(Action::AwaitChange);
             }
         };
@@ -245,6 +264,7 @@ impl AgentRunReconciler {
         }
         let job = Job {
             name: name.to_string(),
+            submitter: submitter(obj),
             pool: pool.to_string(),
             vm,
             run: run.clone(),
@@ -264,6 +284,13 @@ impl AgentRunReconciler {
         }
         Ok(Action::AwaitChange)
     }
+}
+
+/// Who submitted `obj`, for messages and the audit log.
+fn submitter(obj: &StoredObject) -> String {
+    obj.submitter
+        .as_ref()
+        .map_or_else(|| "unknown".to_string(), ToString::to_string)
 }
 
 /// The directory relative input paths (`fromFile`, `hostPath`) are resolved against.
@@ -423,6 +450,8 @@ impl Watchdog {
 /// One run being executed on its own thread.
 struct Job {
     name: String,
+    /// Who submitted the run (`uid=1000(alice)`).
+    submitter: String,
     pool: String,
     vm: String,
     run: AgentRun,
@@ -509,7 +538,7 @@ impl Job {
                         "controller",
                     )
                     .vm(&self.vm)
-                    .details(serde_json::json!({"pool": self.pool})),
+                    .details(serde_json::json!({"pool": self.pool, "submitter": self.submitter})),
                 );
                 let monitor = self.start_monitor();
                 let store = self.ctx.store.clone();

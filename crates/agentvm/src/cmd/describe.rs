@@ -55,6 +55,9 @@ pub fn describe(obj: &StoredObject) -> String {
             Manager::SpecDir { file } => format!("spec directory, file {file}"),
         },
     );
+    if let Some(who) = &obj.submitter {
+        line("Submitted by", who.to_string());
+    }
     line("Generation", meta.generation.to_string());
     line("Created", when(&obj.created_at));
     line("Updated", when(&obj.updated_at));

@@ -10,6 +10,7 @@ use agentvm_api::{AgentRun, Image, Resource, VmPool};
 use agentvm_backend::guest::{Guest, Stream};
 use agentvm_backend::vm::{resolve_accelerator, EphemeralVm, VmShape};
 use agentvm_backend::{Libvirt, Owner};
+use agentvm_controller::host_access::HostAccess;
 use agentvm_controller::images::recipe_for;
 use agentvm_controller::run::{collect_artifacts, execute, prepare, warmup_requests};
 use agentvm_controller::Config;
@@ -104,7 +105,9 @@ impl RunArgs {
                     pool.metadata.name, pool.spec.template.image_ref
                 )
             })?;
-        let prepared = prepare(&run.spec, base, &|k| std::env::var(k).ok())
+        // The user's own rights and environment: this process is theirs.
+        let access = HostAccess::own(Duration::from_secs(cfg.git_clone_timeout_seconds.max(1)));
+        let prepared = prepare(&run.spec, base, &access, &|k| std::env::var(k).ok())
             .with_context(|| format!("AgentRun {name}"))?;
         let img = super::image::ensure_image(cfg, &recipe_for(&image.spec))?;
         let boot = super::image::boot_image(&img);
