@@ -259,8 +259,14 @@ impl RunMonitor {
     /// Stops sampling and returns what was seen. Waits for a sample in progress, but at most
     /// [`STOP_WAIT`]; after that the report of the last complete sample is returned.
     pub fn stop(self) -> MonitorReport {
+        self.stop_within(STOP_WAIT)
+    }
+
+    /// [`RunMonitor::stop`], waiting at most `wait` (zero: the last complete sample at once,
+    /// e.g. when the VM is gone and no further sample can be taken).
+    pub fn stop_within(self, wait: Duration) -> MonitorReport {
         self.stop.store(true, Ordering::SeqCst);
-        match self.done.recv_timeout(STOP_WAIT) {
+        match self.done.recv_timeout(wait) {
             Ok(report) => report,
             Err(_) => {
                 tracing::warn!(

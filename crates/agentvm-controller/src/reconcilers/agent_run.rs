@@ -568,7 +568,12 @@ impl Job {
                 hard_stopped = watchdog.finish();
                 tracing::info!(run = %self.name, took = ?started.elapsed(), hard_stopped, ok = r.is_ok(), "the program's execution returned");
                 if let Some(m) = monitor {
-                    report = m.stop();
+                    // A VM destroyed at the hard deadline gives no further sample.
+                    report = if hard_stopped {
+                        m.stop_within(Duration::ZERO)
+                    } else {
+                        m.stop()
+                    };
                 }
                 if r.is_ok() && !self.cancel.load(Ordering::SeqCst) {
                     if let Some(a) = &spec.artifacts {
