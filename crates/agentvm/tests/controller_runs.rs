@@ -181,9 +181,18 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
         pool_manifest(&pool, &image, 1),
     )
     .unwrap();
+    // The spec directory's change must have reached the pool first: a pool that shrank to
+    // 1 VM by itself (no demand, minReady 1) still has maxSize 2 and boots a second VM as
+    // soon as its only one is busy.
     env.wait("pool down to 1 VM", Duration::from_secs(120), || {
-        let s = env.status("pool", &pool);
-        s["phase"] == "Ready" && s["total"] == 1
+        let Some(o) = env.get("pool", &pool) else {
+            return false;
+        };
+        let s = &o["status"];
+        o["spec"]["maxSize"] == 1
+            && s["observedGeneration"] == o["metadata"]["generation"]
+            && s["phase"] == "Ready"
+            && s["total"] == 1
     });
     let dirty = "echo dirty > /tmp/marker; echo dirty > /root/marker; sync\n\
                  setsid sh -c 'exec sleep 4242' </dev/null >/dev/null 2>&1 &\n\
