@@ -3,6 +3,7 @@
 
 pub mod anomaly;
 pub mod api;
+pub mod artifacts;
 pub mod audit;
 pub mod config;
 pub mod controller;
