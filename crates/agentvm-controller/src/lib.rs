@@ -18,6 +18,7 @@ pub mod reconcilers;
 pub mod run;
 pub mod run_monitor;
 pub mod source;
+pub mod state_dir;
 pub mod store;
 pub mod time;
 pub mod vm_stats;

@@ -8,7 +8,8 @@
 //! artifacts (a setuid file, a device node, a FIFO, links to `/etc/shadow` and out of the
 //! directory, a file owned by uid 4242) arrive as plain 0640 files and 0750 directories
 //! owned by the controller, the rest is named in `ArtifactsRejected`, and a second run of
-//! the same name gets a new directory. Fails (never skips) without libvirt or the default
+//! the same name gets a new directory; nothing under the state directory is open to
+//! others beyond the documented modes. Fails (never skips) without libvirt or the default
 //! image.
 
 mod common;
@@ -398,6 +399,50 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
         std::fs::read_to_string(first.join("plain.txt")).unwrap(),
         "plain\n",
         "the first run's artifacts were touched"
+    );
+
+    // Nothing the controller made under its state directory is open to others beyond the
+    // modes `agentvm_controller::state_dir` documents (the test's own files aside: specs/,
+    // manifests, the controller's log).
+    let mut open = Vec::new();
+    let all = walk(&env.dir);
+    for must in ["store.redb", "audit.log", "vms", "artifacts", "sock"] {
+        assert!(
+            all.iter().any(|(rel, _, _)| rel == must),
+            "no {must} under the state directory"
+        );
+    }
+    assert!(
+        all.iter()
+            .any(|(rel, _, _)| rel.starts_with("vms/") && rel.ends_with("/disk.qcow2")),
+        "no VM disk under the state directory"
+    );
+    eprintln!("{} paths under the state directory checked", all.len());
+    for (rel, kind, mode) in all {
+        let top = rel.split('/').next().unwrap_or_default();
+        if top == "specs"
+            || rel == "controller.log"
+            || (!rel.contains('/') && rel.ends_with(".yaml"))
+        {
+            continue;
+        }
+        let ok = match (rel.as_str(), kind) {
+            ("", _) => mode == 0o711,
+            ("sock", 's') => mode == 0o660,
+            (r, 'd') if r == "artifacts" || r.starts_with("artifacts/") => mode == 0o750,
+            (r, 'f') if r.starts_with("artifacts/") => mode == 0o640,
+            (_, 'd') => mode & 0o066 == 0,
+            (_, 'f') => mode & 0o077 == 0,
+            _ => false,
+        };
+        if !ok {
+            open.push(format!("{kind} {mode:04o} {rel}"));
+        }
+    }
+    assert!(
+        open.is_empty(),
+        "too open under the state directory:\n{}",
+        open.join("\n")
     );
 }
 
