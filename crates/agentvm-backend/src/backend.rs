@@ -26,7 +26,10 @@ use crate::libvirt::{DomainState, Libvirt};
 use crate::libvirt_net::OwnedFilter;
 use crate::netxml::{NetworkDef, NwFilterDef};
 use crate::reconnect::Reconnecting;
-use crate::vm::{make_dir, resolve_accelerator, BootImage, EphemeralVm, VmFiles, VmShape};
+use crate::vm::{
+    make_dir_with_mode, resolve_accelerator, write_private, BootImage, EphemeralVm, VmFiles,
+    VmShape, PRIVATE_DIR_MODE,
+};
 use crate::xml::{NicSpec, Owner};
 
 pub use crate::libvirt_net::DefineOutcome as EnsureOutcome;
@@ -208,9 +211,9 @@ impl LibvirtBackend {
     fn mark(&self, kind: &str, name: &str) -> Result<()> {
         let path = self.marker(kind, name)?;
         if let Some(dir) = path.parent() {
-            make_dir(dir)?;
+            make_dir_with_mode(dir, PRIVATE_DIR_MODE)?;
         }
-        std::fs::write(&path, b"").map_err(io_err("write", &path))
+        write_private(&path, b"")
     }
 
     fn unmark(&self, kind: &str, name: &str) -> Result<()> {
@@ -377,7 +380,7 @@ impl Backend for LibvirtBackend {
             // What its definition looks like now, to notice hand edits later.
             let fingerprint = lv.definition_fingerprint(&name)?;
             let path = files.dir.join(DEFINITION_FINGERPRINT);
-            std::fs::write(&path, fingerprint).map_err(crate::error::io_err("writing", &path))?;
+            write_private(&path, fingerprint.as_bytes())?;
             Ok(PoolVmReport {
                 boot,
                 warmup,

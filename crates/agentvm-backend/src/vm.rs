@@ -88,12 +88,61 @@ impl VmFiles {
     }
 }
 
-/// Make `dir` and its parents, readable by the QEMU user.
+/// Mode of the directories on the way to a VM's files (the state directory, `vms/`, each
+/// VM's): QEMU runs as its own user (`libvirt-qemu` on Debian) and opens the disk overlay by
+/// path, so others may traverse them, but not list them. The files in them are 0600 (disks
+/// are handed to QEMU's user by libvirt).
+pub const VM_DIR_MODE: u32 = 0o711;
+/// Mode of the controller's private directories (ownership records).
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+/// Mode of every file agentvm writes in its state directory.
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+
+/// Make `dir` (mode [`VM_DIR_MODE`]) and any missing parents (the same mode): traversable
+/// by the QEMU user, listable by root only.
 pub fn make_dir(dir: &Path) -> Result<()> {
+    make_dir_with_mode(dir, VM_DIR_MODE)
+}
+
+/// Make `dir` with `mode`, and its missing parents with the same mode (whatever the umask);
+/// parents that exist are left as they are.
+pub fn make_dir_with_mode(dir: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                make_dir_with_mode(parent, mode)?;
+            }
+            match std::fs::create_dir(dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                    return Err(io_err("create", dir)(e))
+                }
+                _ => {}
+            }
+        }
+        Err(e) => return Err(io_err("create", dir)(e)),
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
         .map_err(io_err("chmod", dir))
+}
+
+/// Write `data` to `path` (created or truncated), mode [`PRIVATE_FILE_MODE`] even if the file
+/// was there before with another.
+pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(PRIVATE_FILE_MODE)
+        .open(path)
+        .map_err(io_err("write", path))?;
+    f.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))
+        .map_err(io_err("chmod", path))?;
+    f.write_all(data).map_err(io_err("write", path))
 }
 
 /// Create a qcow2 overlay at `overlay` backed by `base` (which stays untouched).
@@ -104,7 +153,13 @@ pub fn create_overlay(base: &Path, overlay: &Path) -> Result<()> {
         .arg(overlay)
         .output()
         .map_err(io_err("run qemu-img for", overlay))?;
-    if !out.status.success() {
+    if out.status.success() {
+        // Whatever the umask: the guest's disk is for QEMU (libvirt hands it to QEMU's
+        // user) and root only.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(overlay, std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))
+            .map_err(io_err("chmod", overlay))?;
+    } else {
         return Err(BackendError::Command {
             command: format!(
                 "qemu-img create -b {} {}",
@@ -306,7 +361,7 @@ pub fn resolve_accelerator(
     };
     make_dir(state_dir)?;
     let verdict = serde_json::json!({"key": key, "kvm": kvm, "detail": detail});
-    std::fs::write(&cache, verdict.to_string()).map_err(io_err("write", &cache))?;
+    write_private(&cache, verdict.to_string().as_bytes())?;
     let acc = if kvm {
         Accelerator::Kvm
     } else {

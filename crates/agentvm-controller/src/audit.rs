@@ -234,12 +234,16 @@ struct Writer {
 }
 
 fn open_append(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
+    use std::os::unix::fs::PermissionsExt;
+    let f = OpenOptions::new()
         .create(true)
         .append(true)
         .read(true)
         .mode(0o600)
-        .open(path)
+        .open(path)?;
+    // Also a log that an older version or a hand left readable to others.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(f)
 }
 
 fn rotated(path: &Path, n: usize) -> PathBuf {

@@ -3,6 +3,7 @@
 
 pub mod anomaly;
 pub mod api;
+pub mod artifacts;
 pub mod audit;
 pub mod caller;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod reconcilers;
 pub mod run;
 pub mod run_monitor;
 pub mod source;
+pub mod state_dir;
 pub mod store;
 pub mod time;
 pub mod vm_stats;

@@ -450,6 +450,20 @@ fn carry_status(to: &mut Resource, from: &Resource) {
 
 /// Opens (creating, or repairing after an unclean stop) the database file and creates the
 /// tables so read transactions never see them missing.
+/// The store holds every object, its status and run output: mode 0600 from its creation
+/// (an empty file is a new store to redb), and a store made by an older version is
+/// tightened.
+fn make_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+}
+
 fn open_database(path: &Path) -> Result<Database, StoreError> {
     let open_err = |message: String| StoreError::Open {
         path: path.to_path_buf(),
@@ -601,6 +615,7 @@ impl Store {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| open_err(e.to_string()))?;
         }
+        make_private(&path).map_err(|e| open_err(e.to_string()))?;
         let db = open_database(&path)?;
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let (output_events, _) = broadcast::channel(EVENT_CAPACITY);
@@ -1147,6 +1162,26 @@ mod tests {
         force: false,
         dry_run: false,
     };
+
+    #[test]
+    fn the_store_file_is_readable_by_its_owner_only_even_one_made_before() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let (d, store) = temp_store();
+        let path = d.path().join(STORE_FILE);
+        store
+            .apply(image("i", "bookworm"), spec_dir("a.yaml"), API)
+            .unwrap();
+        assert_eq!(mode(&path), 0o600);
+        drop(store);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let store = Store::open(&path).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        assert!(
+            store.get(Kind::Image, "i").unwrap().is_some(),
+            "the data is kept"
+        );
+    }
 
     #[test]
     fn generation_follows_spec_changes_only() {

@@ -301,7 +301,10 @@ pub struct Workspace {
 pub struct Artifacts {
     /// Absolute guest paths of files or directories (collected recursively).
     /// Missing paths are reported in status (an `ArtifactsMissing`
-    /// condition), not an error.
+    /// condition), not an error. Only regular files and directories are
+    /// unpacked on the host (modes 0640 and 0750, owned by the host); links,
+    /// device nodes and FIFOs are skipped and named in an `ArtifactsRejected`
+    /// condition.
     pub paths: Vec<String>,
     /// Cap on the total size collected, MiB (1 to 1024). A path that does
     /// not fit in what is left of the cap is not copied (never cut in half),

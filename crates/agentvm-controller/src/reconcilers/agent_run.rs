@@ -12,7 +12,8 @@
 //!   files, never stored; every host path with the rights of the run's submitter, see
 //!   [`crate::host_access`]), then [`run::execute`] streams redacted output into the store
 //!   ([`Store::append_output`](crate::store::Store::append_output)) so `agentvm logs -f`
-//!   follows it, artifacts are collected to `<stateDir>/artifacts/<run>/` and the final
+//!   follows it, artifacts are collected to a fresh `<stateDir>/artifacts/<run>-<time>/`
+//!   (regular files and directories only, see [`crate::artifacts`]) and the final
 //!   status is written. The VM is then reset to golden on the same thread (still busy, so
 //!   the pool leaves it alone) and made ready again; a failed reset hands it to the pool
 //!   reconciler as needing one (which retries or replaces it). A VM whose QEMU died
@@ -38,6 +39,7 @@ use agentvm_api::{AgentRun, AgentRunPhase, AgentRunStatus, CollectedArtifact, Ki
 use agentvm_backend::{Backend, BackendError, Guest, Stream};
 
 use super::{condition, status_of, write_status, PoolRegistry, VmPhase};
+use crate::artifacts::RunDir;
 use crate::audit::{AuditEvent, AuditEventType};
 use crate::host_access::HostAccess;
 use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
@@ -60,6 +62,12 @@ pub const ARTIFACTS_COLLECTED: &str = "ArtifactsCollected";
 pub const ARTIFACTS_TRUNCATED: &str = "ArtifactsTruncated";
 /// Condition type: some declared artifact paths did not exist in the guest.
 pub const ARTIFACTS_MISSING: &str = "ArtifactsMissing";
+/// Condition type: some entries of the guest's artifact archives were not unpacked (links,
+/// device nodes, FIFOs, paths leading out of the run's directory), or a whole archive was
+/// refused (malformed, or over the cap); the message names each and why.
+pub const ARTIFACTS_REJECTED: &str = "ArtifactsRejected";
+/// Where runs' artifact directories are, under the state directory.
+pub const ARTIFACTS_DIR: &str = "artifacts";
 
 /// How long after its timeout a run's program may take to end once killed in the guest. A
 /// guest that has not ended it by then (its agent starved by a fork bomb, stopped, or
@@ -335,8 +343,21 @@ fn artifact_conditions(status: &mut AgentRunStatus, report: &run::ArtifactReport
         ARTIFACTS_COLLECTED,
         true,
         "Collected",
-        format!("{} artifact(s) collected", report.collected.len()),
+        format!(
+            "{} artifact(s) collected into {}",
+            report.collected.len(),
+            report.dir.display()
+        ),
     );
+    if report.rejected_total > 0 {
+        set(
+            status,
+            ARTIFACTS_REJECTED,
+            true,
+            "UnsafeEntries",
+            report.rejected_message(),
+        );
+    }
     if !report.skipped.is_empty() {
         set(
             status,
@@ -465,6 +486,19 @@ struct Job {
 }
 
 impl Job {
+    /// A fresh directory for this run's artifacts: `<stateDir>/artifacts/<run>-<time>/`,
+    /// group-owned by the socket group when one is configured (its members use the API
+    /// that reports the paths).
+    fn artifact_dir(&self) -> Result<RunDir, RunError> {
+        let parent = self.ctx.config.state_dir.join(ARTIFACTS_DIR);
+        let gid = self.ctx.config.socket_gid().ok().flatten();
+        RunDir::create(&parent, &self.name, gid).map_err(|e| RunError::Input {
+            what: "artifacts",
+            path: parent,
+            message: e.to_string(),
+        })
+    }
+
     fn write(&self) {
         match serde_json::to_value(&self.status) {
             Ok(v) => {
@@ -577,9 +611,11 @@ impl Job {
                 }
                 if r.is_ok() && !self.cancel.load(Ordering::SeqCst) {
                     if let Some(a) = &spec.artifacts {
-                        let dest = self.ctx.config.state_dir.join("artifacts").join(&self.name);
                         let cap = u64::from(a.max_size_mib) * 1024 * 1024;
-                        match run::collect_artifacts(&g, &a.paths, &dest, cap) {
+                        let collected = self.artifact_dir().and_then(|mut dir| {
+                            run::collect_artifacts(&g, &a.paths, &mut dir, cap)
+                        });
+                        match collected {
                             Ok(report) => {
                                 artifact_conditions(&mut self.status, &report, cap);
                                 artifacts = report

@@ -10,6 +10,7 @@ use agentvm_api::{AgentRun, Image, Resource, VmPool};
 use agentvm_backend::guest::{Guest, Stream};
 use agentvm_backend::vm::{resolve_accelerator, EphemeralVm, VmShape};
 use agentvm_backend::{Libvirt, Owner};
+use agentvm_controller::artifacts::RunDir;
 use agentvm_controller::host_access::HostAccess;
 use agentvm_controller::images::recipe_for;
 use agentvm_controller::run::{collect_artifacts, execute, prepare, warmup_requests};
@@ -27,7 +28,7 @@ pub struct RunArgs {
     /// Only run the AgentRun with this name.
     #[arg(long)]
     name: Option<String>,
-    /// Where collected artifacts go (a subdirectory per run).
+    /// Where collected artifacts go (a new subdirectory `<run>-<UTC time>` per run).
     #[arg(long, default_value = "agentvm-artifacts", value_name = "DIR")]
     artifacts_dir: PathBuf,
 }
@@ -167,10 +168,17 @@ impl RunArgs {
         });
         let _ = std::io::stdout().flush();
         let artifacts = match (&result, &run.spec.artifacts) {
-            (Ok(_), Some(a)) => {
-                let dest = self.artifacts_dir.join(name);
-                collect_artifacts(&g, &a.paths, &dest, u64::from(a.max_size_mib) << 20)
-            }
+            (Ok(_), Some(a)) => RunDir::create(&self.artifacts_dir, name, None)
+                .with_context(|| {
+                    format!(
+                        "creating a directory for run/{name} in {}",
+                        self.artifacts_dir.display()
+                    )
+                })
+                .and_then(|mut dir| {
+                    collect_artifacts(&g, &a.paths, &mut dir, u64::from(a.max_size_mib) << 20)
+                        .map_err(anyhow::Error::from)
+                }),
             _ => Ok(Default::default()),
         };
         vm.teardown()?;
@@ -191,6 +199,12 @@ impl RunArgs {
         }
         for p in &report.missing {
             eprintln!("run/{name}: artifact {p} not found in the guest");
+        }
+        if report.rejected_total > 0 {
+            eprintln!(
+                "run/{name}: ArtifactsRejected: {}",
+                report.rejected_message()
+            );
         }
         if !report.skipped.is_empty() {
             let cap = run

@@ -433,6 +433,14 @@ pub fn apply_yaml(env: &Env, file: &str, yaml: &str) {
     );
 }
 
+/// The condition of type `type_` in an object's `status`.
+pub fn condition<'a>(status: &'a serde_json::Value, type_: &str) -> Option<&'a serde_json::Value> {
+    status["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
 /// True for the phases a run ends in.
 pub fn run_terminal(p: &str) -> bool {
     matches!(p, "Succeeded" | "Failed" | "TimedOut" | "Cancelled")
