@@ -50,6 +50,8 @@ pub struct VmShape {
     /// Relative CPU weight against other VMs (`cputune/shares`); `None` leaves the host's
     /// default (1024). Whether the host applies it: [`Libvirt::cpu_shares_applied`].
     pub cpu_shares: Option<u64>,
+    /// CPU features hidden from the guest, see [`DomainSpec::disabled_cpu_features`].
+    pub disabled_cpu_features: Vec<String>,
 }
 
 /// Files of one VM under `<state>/vms/<name>/`.
@@ -157,6 +159,7 @@ impl<'a> EphemeralVm<'a> {
             vcpus: shape.vcpus,
             memory_mib: shape.memory_mib,
             cpu_shares: shape.cpu_shares,
+            disabled_cpu_features: shape.disabled_cpu_features.clone(),
             memory_hard_limit_mib: None,
             disk: files.disk(),
             kernel: image.kernel.clone(),
@@ -289,6 +292,7 @@ pub fn resolve_accelerator(
         accelerator: Accelerator::Kvm,
         boot_timeout: Duration::from_secs(30),
         cpu_shares: None,
+        disabled_cpu_features: Vec::new(),
     };
     let name = format!("agentvm-accel-probe-{}", std::process::id());
     let owner = Owner {

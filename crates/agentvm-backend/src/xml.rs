@@ -73,6 +73,11 @@ pub struct DomainSpec {
     pub nic: Option<NicSpec>,
     /// Hardware acceleration (`kvm` or `qemu`/TCG domain type).
     pub accelerator: Accelerator,
+    /// CPU features taken away from the CPU model (`<feature policy='disable'>`), e.g.
+    /// `rdrand` and `rdseed` to run a guest whose CPU has no hardware random number
+    /// generator (how tests show that the reseed after a reset is agentvm's doing).
+    /// Empty for pool VMs: the guest sees everything its CPU mode offers.
+    pub disabled_cpu_features: Vec<String>,
     /// Ownership metadata.
     pub owner: Owner,
 }
@@ -174,9 +179,20 @@ impl DomainSpec {
                     Accelerator::Kvm => "host-model",
                     Accelerator::Tcg => "maximum",
                 };
-                w.create_element("cpu")
-                    .with_attribute(("mode", cpu_mode))
-                    .write_empty()?;
+                let cpu = w.create_element("cpu").with_attribute(("mode", cpu_mode));
+                if self.disabled_cpu_features.is_empty() {
+                    cpu.write_empty()?;
+                } else {
+                    cpu.write_inner_content(|w| {
+                        for feature in &self.disabled_cpu_features {
+                            w.create_element("feature")
+                                .with_attribute(("policy", "disable"))
+                                .with_attribute(("name", feature.as_str()))
+                                .write_empty()?;
+                        }
+                        Ok(())
+                    })?;
+                }
                 w.create_element("clock")
                     .with_attribute(("offset", "utc"))
                     .write_empty()?;
@@ -347,6 +363,7 @@ mod tests {
             serial_log: "/var/lib/agentvm/vms/x/serial.log".into(),
             nic: None,
             accelerator: Accelerator::Tcg,
+            disabled_cpu_features: Vec::new(),
             owner: Owner {
                 kind: "VmPool".into(),
                 name: "p<&\"'>".into(),
@@ -381,6 +398,65 @@ mod tests {
             xml.contains("<filterref filter=\"agentvm-egress\">")
                 && xml.contains("<parameter name=\"AGENTVM_HOST\" value=\"10.1.2.1\"/>"),
             "{xml}"
+        );
+    }
+
+    /// (element, attributes) of every element in `xml`, in document order.
+    fn elements(xml: &str) -> Vec<(String, Vec<(String, String)>)> {
+        let mut reader = Reader::from_str(xml);
+        let mut out = Vec::new();
+        loop {
+            match reader.read_event().unwrap() {
+                Event::Start(e) | Event::Empty(e) => out.push((
+                    String::from_utf8(e.name().as_ref().to_vec()).unwrap(),
+                    e.attributes()
+                        .map(|a| {
+                            let a = a.unwrap();
+                            (
+                                String::from_utf8(a.key.as_ref().to_vec()).unwrap(),
+                                a.unescape_value().unwrap().into_owned(),
+                            )
+                        })
+                        .collect(),
+                )),
+                Event::Eof => return out,
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn disabled_cpu_features_are_listed_under_cpu() {
+        let cpu = |s: &DomainSpec| -> Vec<(String, Vec<(String, String)>)> {
+            elements(&s.to_xml())
+                .into_iter()
+                .skip_while(|(n, _)| n != "cpu")
+                .take_while(|(n, _)| n == "cpu" || n == "feature")
+                .collect()
+        };
+        assert_eq!(cpu(&spec()).len(), 1, "no features by default");
+        let mut s = spec();
+        s.disabled_cpu_features = vec!["rdrand".into(), "rdseed".into()];
+        let got = cpu(&s);
+        let feature = |name: &str| {
+            (
+                "feature".to_string(),
+                vec![
+                    ("policy".to_string(), "disable".to_string()),
+                    ("name".to_string(), name.to_string()),
+                ],
+            )
+        };
+        assert_eq!(
+            got,
+            [
+                (
+                    "cpu".to_string(),
+                    vec![("mode".to_string(), "maximum".to_string())]
+                ),
+                feature("rdrand"),
+                feature("rdseed"),
+            ]
         );
     }
 

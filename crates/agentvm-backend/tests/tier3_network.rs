@@ -143,6 +143,7 @@ fn boot<'a>(lv: &'a Libvirt, name: &str, nic: Option<NicSpec>) -> EphemeralVm<'a
         accelerator: accel(),
         boot_timeout: Duration::from_secs(240),
         cpu_shares: None,
+        disabled_cpu_features: Vec::new(),
     };
     let vm = EphemeralVm::boot(
         lv,
