@@ -193,11 +193,15 @@ impl<'a> EphemeralVm<'a> {
         // A guest on a network is not ready before it has its address: a golden state taken
         // earlier would make every run wait for DHCP again (ISC dhclient backs off for up to
         // two minutes when its first DISCOVER goes unanswered).
-        if shape.nic.as_ref().is_some_and(|n| n.dhcp) {
+        if let Some(nic) = shape.nic.as_ref().filter(|n| n.dhcp) {
             let left = shape.boot_timeout.saturating_sub(start.elapsed());
-            guest
+            let addrs = guest
                 .wait_ipv4(left.max(Duration::from_secs(5)))
                 .map_err(with_log)?;
+            // Anti-spoofing: from now on the filter admits this address only, for good.
+            if nic.filter.is_some() && nic.ip.is_none() {
+                lv.pin_leased_ip(name, nic, &addrs, Duration::from_secs(10))?;
+            }
         }
         vm.boot_time = start.elapsed();
         Ok(vm)

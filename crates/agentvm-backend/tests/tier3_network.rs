@@ -243,6 +243,7 @@ fn nic(network: &str, host: &str) -> Option<NicSpec> {
         mac: None,
         host: Some(host.parse().unwrap()),
         dhcp: true,
+        ip: None,
     })
 }
 
