@@ -356,6 +356,7 @@ impl Backend for LibvirtBackend {
             accelerator: self.accelerator(&lv, &req.image)?,
             boot_timeout: self.boot_timeout,
             cpu_shares: req.cpu_shares,
+            disabled_cpu_features: Vec::new(),
         };
         // Booting removes what it created when it fails; past `into_parts` we do.
         let vm = EphemeralVm::boot(

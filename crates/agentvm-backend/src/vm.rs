@@ -50,6 +50,8 @@ pub struct VmShape {
     /// Relative CPU weight against other VMs (`cputune/shares`); `None` leaves the host's
     /// default (1024). Whether the host applies it: [`Libvirt::cpu_shares_applied`].
     pub cpu_shares: Option<u64>,
+    /// CPU features hidden from the guest, see [`DomainSpec::disabled_cpu_features`].
+    pub disabled_cpu_features: Vec<String>,
 }
 
 /// Files of one VM under `<state>/vms/<name>/`.
@@ -212,6 +214,7 @@ impl<'a> EphemeralVm<'a> {
             vcpus: shape.vcpus,
             memory_mib: shape.memory_mib,
             cpu_shares: shape.cpu_shares,
+            disabled_cpu_features: shape.disabled_cpu_features.clone(),
             memory_hard_limit_mib: None,
             disk: files.disk(),
             kernel: image.kernel.clone(),
@@ -245,11 +248,15 @@ impl<'a> EphemeralVm<'a> {
         // A guest on a network is not ready before it has its address: a golden state taken
         // earlier would make every run wait for DHCP again (ISC dhclient backs off for up to
         // two minutes when its first DISCOVER goes unanswered).
-        if shape.nic.as_ref().is_some_and(|n| n.dhcp) {
+        if let Some(nic) = shape.nic.as_ref().filter(|n| n.dhcp) {
             let left = shape.boot_timeout.saturating_sub(start.elapsed());
-            guest
+            let addrs = guest
                 .wait_ipv4(left.max(Duration::from_secs(5)))
                 .map_err(with_log)?;
+            // Anti-spoofing: from now on the filter admits this address only, for good.
+            if nic.filter.is_some() && nic.ip.is_none() {
+                lv.pin_leased_ip(name, nic, &addrs, Duration::from_secs(10))?;
+            }
         }
         vm.boot_time = start.elapsed();
         Ok(vm)
@@ -344,6 +351,7 @@ pub fn resolve_accelerator(
         accelerator: Accelerator::Kvm,
         boot_timeout: Duration::from_secs(30),
         cpu_shares: None,
+        disabled_cpu_features: Vec::new(),
     };
     let name = format!("agentvm-accel-probe-{}", std::process::id());
     let owner = Owner {

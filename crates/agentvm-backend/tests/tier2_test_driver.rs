@@ -10,6 +10,7 @@ fn spec(name: &str) -> DomainSpec {
         vcpus: 1,
         memory_mib: 256,
         cpu_shares: Some(512),
+        disabled_cpu_features: Vec::new(),
         memory_hard_limit_mib: None,
         disk: "/nonexistent/agentvm/disk.qcow2".into(),
         kernel: "/nonexistent/vmlinuz".into(),

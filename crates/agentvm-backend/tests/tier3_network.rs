@@ -143,6 +143,7 @@ fn boot<'a>(lv: &'a Libvirt, name: &str, nic: Option<NicSpec>) -> EphemeralVm<'a
         accelerator: accel(),
         boot_timeout: Duration::from_secs(240),
         cpu_shares: None,
+        disabled_cpu_features: Vec::new(),
     };
     let vm = EphemeralVm::boot(
         lv,
@@ -242,6 +243,7 @@ fn nic(network: &str, host: &str) -> Option<NicSpec> {
         mac: None,
         host: Some(host.parse().unwrap()),
         dhcp: true,
+        ip: None,
     })
 }
 

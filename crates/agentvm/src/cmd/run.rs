@@ -122,6 +122,7 @@ impl RunArgs {
             accelerator: accel,
             boot_timeout: Duration::from_secs(cfg.boot_timeout_seconds),
             cpu_shares: Some(u64::from(res.cpu_shares)),
+            disabled_cpu_features: Vec::new(),
         };
         let vm_name = format!("agentvm-run-{name}-{}", std::process::id());
         eprintln!(
