@@ -39,6 +39,7 @@ fn shape(memory_mib: u64) -> VmShape {
         accelerator,
         boot_timeout: Duration::from_secs(180),
         cpu_shares: None,
+        disk_gib: None,
     }
 }
 

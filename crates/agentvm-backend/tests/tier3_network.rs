@@ -143,6 +143,7 @@ fn boot<'a>(lv: &'a Libvirt, name: &str, nic: Option<NicSpec>) -> EphemeralVm<'a
         accelerator: accel(),
         boot_timeout: Duration::from_secs(240),
         cpu_shares: None,
+        disk_gib: None,
     };
     let vm = EphemeralVm::boot(
         lv,

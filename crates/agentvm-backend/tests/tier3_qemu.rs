@@ -20,6 +20,7 @@ fn boot<'a>(lv: &'a Libvirt, test: &str) -> EphemeralVm<'a> {
         accelerator: accel(),
         boot_timeout: Duration::from_secs(180),
         cpu_shares: None,
+        disk_gib: None,
     };
     let owner = Owner {
         kind: "Test".into(),

@@ -49,6 +49,7 @@ impl ExecArgs {
             accelerator: accel,
             boot_timeout: Duration::from_secs(cfg.boot_timeout_seconds),
             cpu_shares: None,
+            disk_gib: None,
         };
         let name = format!("agentvm-exec-{}", std::process::id());
         eprintln!("booting isolated VM {name} ({accel})...");

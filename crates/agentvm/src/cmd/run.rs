@@ -104,6 +104,8 @@ impl RunArgs {
                     pool.metadata.name, pool.spec.template.image_ref
                 )
             })?;
+        agentvm_api::validate_pool_disk(&pool.spec, &image.metadata.name, &image.spec)
+            .map_err(|e| anyhow::anyhow!("VmPool {}: {e}", pool.metadata.name))?;
         let prepared = prepare(&run.spec, base, &|k| std::env::var(k).ok())
             .with_context(|| format!("AgentRun {name}"))?;
         let img = super::image::ensure_image(cfg, &recipe_for(&image.spec))?;
@@ -118,6 +120,7 @@ impl RunArgs {
             accelerator: accel,
             boot_timeout: Duration::from_secs(cfg.boot_timeout_seconds),
             cpu_shares: Some(u64::from(res.cpu_shares)),
+            disk_gib: Some(u64::from(res.disk_gib)),
         };
         let vm_name = format!("agentvm-run-{name}-{}", std::process::id());
         eprintln!(
