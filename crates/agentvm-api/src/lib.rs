@@ -53,6 +53,6 @@ pub use parse::{
 };
 pub use resource::{spec_hash, Resource};
 pub use validate::{
-    is_dns_label, suggest_dns_label, validate, FieldPath, PathSegment, ValidationError,
-    ValidationErrors,
+    is_dns_label, pool_disk_too_small, suggest_dns_label, validate, validate_pool_disk, FieldPath,
+    PathSegment, ValidationError, ValidationErrors,
 };

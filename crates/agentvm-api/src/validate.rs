@@ -176,6 +176,56 @@ pub fn validate(resource: &Resource) -> Result<(), ValidationErrors> {
     }
 }
 
+/// Checks a pool's disk against the image it boots, which [`validate`] cannot (it sees one
+/// object): every VM's disk is a copy-on-write overlay on the image, so `diskGib` (the
+/// profile's or the custom one) must be at least the image's `diskSizeMib`. The error points
+/// at `spec.template.resources.diskGib` (or `.profile` for a preset).
+pub fn validate_pool_disk(
+    pool: &VmPoolSpec,
+    image_name: &str,
+    image: &ImageSpec,
+) -> Result<(), ValidationErrors> {
+    let Some(message) = pool_disk_too_small(pool, image_name, image) else {
+        return Ok(());
+    };
+    let rp = FieldPath::root()
+        .key("spec")
+        .key("template")
+        .key("resources");
+    let path = match pool.template.resources.profile {
+        Profile::Custom => rp.key("diskGib"),
+        _ => rp.key("profile"),
+    };
+    Err(crate::errors::ErrorList(vec![ValidationError {
+        path,
+        message,
+    }]))
+}
+
+/// Why a pool's disk does not fit its image (see [`validate_pool_disk`]), or `None` when it
+/// does.
+pub fn pool_disk_too_small(
+    pool: &VmPoolSpec,
+    image_name: &str,
+    image: &ImageSpec,
+) -> Option<String> {
+    let r = &pool.template.resources;
+    let disk_gib = r.resolved().disk_gib;
+    let image_mib = u64::from(image.disk_size_mib);
+    if u64::from(disk_gib) * 1024 >= image_mib {
+        return None;
+    }
+    let need = image_mib.div_ceil(1024);
+    let what = match r.profile {
+        Profile::Custom => format!("{disk_gib} GiB"),
+        p => format!("profile `{}` has {disk_gib} GiB of disk, which", p.as_str()),
+    };
+    Some(format!(
+        "{what} is smaller than Image {}'s disk ({image_mib} MiB): a VM's disk is an overlay on its image; use a disk of at least {need} GiB (`profile: custom` with `diskGib: {need}`) or a smaller `diskSizeMib` in the Image",
+        show(image_name)
+    ))
+}
+
 /// Checks a name against the Kubernetes DNS-label rules: 1 to 63
 /// characters, lowercase ASCII letters, digits and `-`, starting and ending
 /// with a letter or digit. Such names are also safe in XML, file paths and

@@ -89,6 +89,49 @@ fn profiles_resolve_to_the_predecessor_numbers() {
 }
 
 #[test]
+fn a_pool_disk_must_hold_its_image() {
+    let image = |mib: u32| agentvm_api::ImageSpec {
+        disk_size_mib: mib,
+        ..Default::default()
+    };
+    let pool = |resources: &str| {
+        match parse_one(&format!(
+        "apiVersion: agentvm.dev/v1alpha1\nkind: VmPool\nmetadata: {{name: p}}\nspec:\n  template:\n    imageRef: i\n    resources: {resources}\n"
+    )) {
+        Resource::VmPool(p) => p.spec,
+        other => panic!("{other:?}"),
+    }
+    };
+    let errors = |spec, mib| {
+        agentvm_api::validate_pool_disk(&spec, "i", &image(mib))
+            .err()
+            .map(|e| e.to_string())
+    };
+    let custom = |gib: u32| {
+        pool(&format!(
+            "{{profile: custom, vcpu: 1, memoryMib: 512, diskGib: {gib}}}"
+        ))
+    };
+    // Equal is enough: the default image is 2048 MiB.
+    assert_eq!(errors(custom(2), 2048), None);
+    assert_eq!(errors(pool("{profile: light}"), 10 * 1024), None);
+    let e = errors(custom(2), 2049).unwrap();
+    assert!(
+        e.contains(
+            "spec.template.resources.diskGib: 2 GiB is smaller than Image `i`'s disk (2049 MiB)"
+        ) && e.contains("at least 3 GiB"),
+        "{e}"
+    );
+    // A preset is named by its profile, with the way out.
+    let e = errors(pool("{profile: light}"), 20 * 1024).unwrap();
+    assert!(
+        e.contains("spec.template.resources.profile: profile `light` has 10 GiB of disk, which is smaller than Image `i`'s disk (20480 MiB)")
+            && e.contains("`profile: custom` with `diskGib: 20`"),
+        "{e}"
+    );
+}
+
+#[test]
 fn run_defaults() {
     let run = parse_one(
         "apiVersion: agentvm.dev/v1alpha1\nkind: AgentRun\nmetadata:\n  name: r\nspec:\n  poolRef: p\n  script:\n    source: print(1)\n",

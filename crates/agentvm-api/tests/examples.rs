@@ -59,6 +59,20 @@ fn examples_apply_together_and_references_resolve() {
                     images.contains(&pool.spec.template.image_ref),
                     "{at}: unknown image"
                 );
+                let image = all
+                    .iter()
+                    .find_map(|p| match &p.resource {
+                        Resource::Image(i) if i.metadata.name == pool.spec.template.image_ref => {
+                            Some(i)
+                        }
+                        _ => None,
+                    })
+                    .unwrap();
+                if let Err(e) =
+                    agentvm_api::validate_pool_disk(&pool.spec, &image.metadata.name, &image.spec)
+                {
+                    panic!("{at}: {e}");
+                }
                 if let Some(att) = pool.spec.template.network.attachment() {
                     assert!(networks.contains(att.network_ref), "{at}: unknown network");
                     assert!(filters.contains(att.filter_ref), "{at}: unknown filter");

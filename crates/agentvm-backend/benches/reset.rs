@@ -40,6 +40,7 @@ fn shape(memory_mib: u64) -> VmShape {
         boot_timeout: Duration::from_secs(180),
         cpu_shares: None,
         disabled_cpu_features: Vec::new(),
+        disk_gib: None,
     }
 }
 

@@ -83,6 +83,8 @@ pub struct PoolVmRequest {
     pub warmup: Vec<ExecRequest>,
     /// Relative CPU weight (`cputune/shares`); `None` for the host's default.
     pub cpu_shares: Option<u64>,
+    /// Virtual disk size in GiB (at least the image's); `None` keeps the image's size.
+    pub disk_gib: Option<u64>,
 }
 
 /// Timings of a pool VM's creation.
@@ -357,6 +359,7 @@ impl Backend for LibvirtBackend {
             boot_timeout: self.boot_timeout,
             cpu_shares: req.cpu_shares,
             disabled_cpu_features: Vec::new(),
+            disk_gib: req.disk_gib,
         };
         // Booting removes what it created when it fails; past `into_parts` we do.
         let vm = EphemeralVm::boot(

@@ -91,6 +91,17 @@ pub enum BackendError {
         /// Exit status and stderr.
         message: String,
     },
+    /// A VM's disk was asked to be smaller than the image it is an overlay of: the guest's
+    /// root file system (the image's size) would not fit on it.
+    #[error("a disk of {wanted_bytes} bytes is smaller than its image {} ({image_bytes} bytes); make the disk at least as big as the image", .image.display())]
+    DiskTooSmall {
+        /// The base image.
+        image: PathBuf,
+        /// The image's virtual size, bytes.
+        image_bytes: u64,
+        /// The size asked for, bytes.
+        wanted_bytes: u64,
+    },
     /// The guest agent's reply could not be understood.
     #[error("unexpected reply from {what}: {message}")]
     Protocol {

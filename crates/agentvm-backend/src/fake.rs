@@ -104,6 +104,8 @@ struct State {
     failures: HashMap<Op, VecDeque<BackendError>>,
     /// Why CPU weights are not applied, for a host that cannot enforce them.
     cpu_shares_unenforced: Option<String>,
+    /// Every pool VM request received, in order (also the failed ones).
+    pool_vm_requests: Vec<PoolVmRequest>,
 }
 
 /// Answers [`Backend::vm_stats`] for a VM name.
@@ -192,6 +194,11 @@ impl FakeBackend {
             code: "InternalError".into(),
             message: message.into(),
         }
+    }
+
+    /// Every [`Backend::create_pool_vm`] request so far, in order.
+    pub fn pool_vm_requests(&self) -> Vec<PoolVmRequest> {
+        self.lock().pool_vm_requests.clone()
     }
 
     /// Every call so far, in order.
@@ -454,6 +461,7 @@ impl Backend for FakeBackend {
     }
 
     fn create_pool_vm(&self, req: &PoolVmRequest) -> Result<PoolVmReport> {
+        self.lock().pool_vm_requests.push(req.clone());
         let mut s = self.enter(Op::CreatePoolVm, &req.name)?;
         if s.domains.contains_key(&req.name) {
             return Err(BackendError::AlreadyExists {

@@ -247,7 +247,9 @@ impl Libvirt {
                 let golden = golden_disk(files);
                 std::fs::rename(files.disk(), &golden).map_err(io_err("rename", &golden))?;
                 let template = overlay_template(files);
-                create_overlay(&golden, &template)?;
+                // No size: the template (and every fresh overlay copied from it) has the
+                // golden disk's virtual size, i.e. the size the VM was created with.
+                create_overlay(&golden, &template, None)?;
                 fresh_overlay(&template, &files.disk())?;
                 self.raw()
                     .restore_domain(path_str(&save)?)

@@ -52,6 +52,9 @@ pub struct VmShape {
     pub cpu_shares: Option<u64>,
     /// CPU features hidden from the guest, see [`DomainSpec::disabled_cpu_features`].
     pub disabled_cpu_features: Vec<String>,
+    /// Virtual size of the VM's disk in GiB (its overlay; the guest grows its root file
+    /// system to it at boot); `None` keeps the image's size. Must not be below the image's.
+    pub disk_gib: Option<u64>,
 }
 
 /// Files of one VM under `<state>/vms/<name>/`.
@@ -147,21 +150,60 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
     f.write_all(data).map_err(io_err("write", path))
 }
 
-/// Create a qcow2 overlay at `overlay` backed by `base` (which stays untouched).
-pub fn create_overlay(base: &Path, overlay: &Path) -> Result<()> {
+/// Bytes in a GiB.
+pub const GIB: u64 = 1 << 30;
+
+/// The virtual size of the disk image `image` in bytes (`qemu-img info`): the disk a guest
+/// booted from it sees.
+pub fn disk_virtual_size(image: &Path) -> Result<u64> {
     let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(base)
-        .arg(overlay)
+        .args(["info", "--output=json", "-U"])
+        .arg(image)
         .output()
-        .map_err(io_err("run qemu-img for", overlay))?;
-    if out.status.success() {
-        // Whatever the umask: the guest's disk is for QEMU (libvirt hands it to QEMU's
-        // user) and root only.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(overlay, std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))
-            .map_err(io_err("chmod", overlay))?;
-    } else {
+        .map_err(io_err("run qemu-img info for", image))?;
+    let command = || format!("qemu-img info {}", image.display());
+    if !out.status.success() {
+        return Err(BackendError::Command {
+            command: command(),
+            message: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v["virtual-size"].as_u64())
+        .ok_or_else(|| BackendError::Protocol {
+            what: command(),
+            message: "no virtual-size in its output".into(),
+        })
+}
+
+/// Create a qcow2 overlay at `overlay` backed by `base` (which stays untouched). Its virtual
+/// size is `size_bytes`, or the base's when `None`; a size below the base's is refused with
+/// [`BackendError::DiskTooSmall`] (the file system on the base would not fit). Growing the
+/// guest's file system into the extra space is the guest's part (agentvm-init runs
+/// `resize2fs` at boot).
+pub fn create_overlay(base: &Path, overlay: &Path, size_bytes: Option<u64>) -> Result<()> {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(base)
+        .arg(overlay);
+    if let Some(size) = size_bytes {
+        let image_bytes = disk_virtual_size(base)?;
+        if size < image_bytes {
+            return Err(BackendError::DiskTooSmall {
+                image: base.to_path_buf(),
+                image_bytes,
+                wanted_bytes: size,
+            });
+        }
+        cmd.arg(size.to_string());
+    }
+    let out = cmd.output().map_err(io_err("run qemu-img for", overlay))?;
+    if !out.status.success() {
         return Err(BackendError::Command {
             command: format!(
                 "qemu-img create -b {} {}",
@@ -175,6 +217,11 @@ pub fn create_overlay(base: &Path, overlay: &Path) -> Result<()> {
             ),
         });
     }
+    // Whatever the umask: the guest's disk is for QEMU (libvirt hands it to QEMU's user) and
+    // root only.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(overlay, std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))
+        .map_err(io_err("chmod", overlay))?;
     Ok(())
 }
 
@@ -208,7 +255,7 @@ impl<'a> EphemeralVm<'a> {
             boot_time: Duration::ZERO,
         };
         make_dir(&files.dir)?;
-        create_overlay(&image.disk, &files.disk())?;
+        create_overlay(&image.disk, &files.disk(), shape.disk_gib.map(|g| g * GIB))?;
         let spec = DomainSpec {
             name: name.to_string(),
             vcpus: shape.vcpus,
@@ -352,6 +399,7 @@ pub fn resolve_accelerator(
         boot_timeout: Duration::from_secs(30),
         cpu_shares: None,
         disabled_cpu_features: Vec::new(),
+        disk_gib: None,
     };
     let name = format!("agentvm-accel-probe-{}", std::process::id());
     let owner = Owner {
@@ -386,4 +434,47 @@ fn probe_key(image: &BootImage) -> String {
         .map(|t| format!("{t:?}"))
         .collect::<String>();
     format!("{}|{}", image.kernel.display(), qemu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlays_take_the_asked_size_or_the_image_s_and_never_less() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.qcow2");
+        let out = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&base)
+            .arg("2G")
+            .output()
+            .expect("qemu-img is installed (qemu-utils)");
+        assert!(out.status.success(), "{out:?}");
+        let overlay = dir.path().join("o.qcow2");
+
+        create_overlay(&base, &overlay, None).unwrap();
+        assert_eq!(disk_virtual_size(&overlay).unwrap(), 2 * GIB);
+        std::fs::remove_file(&overlay).unwrap();
+
+        create_overlay(&base, &overlay, Some(3 * GIB)).unwrap();
+        assert_eq!(disk_virtual_size(&overlay).unwrap(), 3 * GIB);
+        std::fs::remove_file(&overlay).unwrap();
+
+        create_overlay(&base, &overlay, Some(2 * GIB)).unwrap();
+        std::fs::remove_file(&overlay).unwrap();
+
+        let err = create_overlay(&base, &overlay, Some(GIB)).unwrap_err();
+        assert!(
+            matches!(err, BackendError::DiskTooSmall { image_bytes, wanted_bytes, .. }
+                if image_bytes == 2 * GIB && wanted_bytes == GIB),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("make the disk at least as big as the image"),
+            "{err}"
+        );
+        assert!(!overlay.exists(), "nothing is created for a refused size");
+    }
 }

@@ -25,7 +25,44 @@ fn shape() -> VmShape {
         boot_timeout: Duration::from_secs(180),
         cpu_shares: None,
         disabled_cpu_features: Vec::new(),
+        disk_gib: None,
     }
+}
+
+/// Disk of the reset tests' VMs, GiB: larger than the image's 2 GiB, so every reset shows
+/// whether the VM keeps its own size.
+const RESET_DISK_GIB: u64 = 3;
+
+/// [`shape`] with a [`RESET_DISK_GIB`] disk.
+fn sized_shape() -> VmShape {
+    VmShape {
+        disk_gib: Some(RESET_DISK_GIB),
+        ..shape()
+    }
+}
+
+/// The guest sees a `gib` disk and its root file system fills it (grown at boot), and the
+/// host's overlay has that virtual size.
+fn assert_disk_size<C: agentvm_backend::AgentChannel + ?Sized>(
+    g: &Guest<'_, C>,
+    overlay: &std::path::Path,
+    gib: u64,
+) {
+    let bytes = gib << 30;
+    let sectors: u64 = sh(g, "cat /sys/block/vda/size").parse().unwrap();
+    assert_eq!(sectors * 512, bytes, "the guest's disk");
+    // ext4 keeps a little for itself (journal, group descriptors, inode tables).
+    let fs_kib: u64 = sh(g, "df -k / | awk 'NR==2 {print $2}'").parse().unwrap();
+    assert!(
+        fs_kib * 1024 > bytes / 100 * 95 && fs_kib * 1024 <= bytes,
+        "root file system of {fs_kib} KiB on a {gib} GiB disk"
+    );
+    assert_eq!(
+        agentvm_backend::vm::disk_virtual_size(overlay).unwrap(),
+        bytes,
+        "virtual size of {}",
+        overlay.display()
+    );
 }
 
 fn owner(test: &str) -> Owner {
@@ -258,6 +295,7 @@ fn dirty_then_reset(vm: &GoldenVm<'_>, strategy: ResetStrategy, round: u32) {
     let agent = vm.agent().unwrap();
     let g = Guest::new(&agent);
     g.ping().unwrap();
+    assert_disk_size(&g, &vm.files().disk(), RESET_DISK_GIB);
     assert_eq!(
         sh(
             &g,
@@ -307,7 +345,7 @@ fn snapshot_resets_clear_disk_tmpfs_and_processes_with_loadvm_and_libvirt_revert
         &default_state_dir(),
         &name,
         &image(),
-        &shape(),
+        &sized_shape(),
         owner("reset-snap"),
         ResetStrategy::SnapshotLoadvm,
         &warmup(),
@@ -342,7 +380,7 @@ fn saved_memory_resets_clear_disk_tmpfs_and_processes() {
         &default_state_dir(),
         &name,
         &image(),
-        &shape(),
+        &sized_shape(),
         owner("reset-saved"),
         ResetStrategy::SavedMemory,
         &warmup(),

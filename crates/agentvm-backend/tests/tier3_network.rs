@@ -144,6 +144,7 @@ fn boot<'a>(lv: &'a Libvirt, name: &str, nic: Option<NicSpec>) -> EphemeralVm<'a
         boot_timeout: Duration::from_secs(240),
         cpu_shares: None,
         disabled_cpu_features: Vec::new(),
+        disk_gib: None,
     };
     let vm = EphemeralVm::boot(
         lv,

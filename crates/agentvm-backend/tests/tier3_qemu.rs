@@ -21,6 +21,7 @@ fn boot<'a>(lv: &'a Libvirt, test: &str) -> EphemeralVm<'a> {
         boot_timeout: Duration::from_secs(180),
         cpu_shares: None,
         disabled_cpu_features: Vec::new(),
+        disk_gib: None,
     };
     let owner = Owner {
         kind: "Test".into(),

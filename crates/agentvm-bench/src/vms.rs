@@ -122,6 +122,7 @@ pub fn vm_rows(
             },
             warmup: Vec::new(),
             cpu_shares: None,
+            disk_gib: None,
         };
         let t = Instant::now();
         let guard = VmGuard {

@@ -696,8 +696,16 @@ impl Store {
             {
                 let mut table = txn.open_table(OBJECTS)?;
                 let now = Timestamp::now();
+                // Images of this batch, for checking the pools of the same batch against.
+                let images: std::collections::HashMap<String, agentvm_api::ImageSpec> = items
+                    .iter()
+                    .filter_map(|i| match &i.resource {
+                        Resource::Image(img) => Some((img.metadata.name.clone(), img.spec.clone())),
+                        _ => None,
+                    })
+                    .collect();
                 for item in items.iter().cloned() {
-                    let outcome = Self::apply_one(&mut table, item, now)?;
+                    let outcome = Self::apply_one(&mut table, item, &images, now)?;
                     if let Ok((outcome, key)) = &outcome {
                         if *outcome != ApplyOutcome::Unchanged {
                             changed.push(key.clone());
@@ -723,6 +731,7 @@ impl Store {
     fn apply_one(
         table: &mut redb::Table<&str, &[u8]>,
         item: ApplyItem,
+        batch_images: &std::collections::HashMap<String, agentvm_api::ImageSpec>,
         now: Timestamp,
     ) -> Result<Result<(ApplyOutcome, ObjectKey), StoreError>, StoreError> {
         let ApplyItem {
@@ -736,6 +745,29 @@ impl Store {
         let key = ObjectKey::new(resource.kind(), resource.name());
         if let Err(errors) = validate(&resource) {
             return Ok(Err(StoreError::Invalid { key, errors }));
+        }
+        // A pool's disk must hold its image: checked here when the image is known (in this
+        // batch or stored); otherwise the pool reports it once the image appears.
+        if let Resource::VmPool(pool) = &resource {
+            let name = &pool.spec.template.image_ref;
+            let image = match batch_images.get(name) {
+                Some(spec) => Some(spec.clone()),
+                None => {
+                    let image_key = ObjectKey::new(Kind::Image, name).db_key();
+                    match table.get(image_key.as_str())? {
+                        Some(bytes) => match decode(&image_key, bytes.value())?.resource {
+                            Resource::Image(img) => Some(img.spec),
+                            _ => None,
+                        },
+                        None => None,
+                    }
+                }
+            };
+            if let Some(image) = image {
+                if let Err(errors) = agentvm_api::validate_pool_disk(&pool.spec, name, &image) {
+                    return Ok(Err(StoreError::Invalid { key, errors }));
+                }
+            }
         }
         let db_key = key.db_key();
         let existing = match table.get(db_key.as_str())? {
@@ -1657,6 +1689,62 @@ mod tests {
         assert_eq!(results[0].as_ref().unwrap(), &ApplyOutcome::Created);
         assert!(matches!(results[1], Err(StoreError::Conflict { .. })));
         assert!(store.get(Kind::Image, "fresh").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_pool_whose_disk_is_smaller_than_its_known_image_is_refused() {
+        let (_d, store) = temp_store();
+        let parse = |text: &str| {
+            agentvm_api::parse_str(text, "t.yaml").unwrap()[0]
+                .resource
+                .clone()
+        };
+        let big_image = |name: &str| {
+            parse(&format!("apiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata: {{name: {name}}}\nspec: {{diskSizeMib: 4096}}\n"))
+        };
+        let pool = |name: &str, image: &str, disk: u32| {
+            parse(&format!("apiVersion: agentvm.dev/v1alpha1\nkind: VmPool\nmetadata: {{name: {name}}}\nspec:\n  template:\n    imageRef: {image}\n    resources: {{profile: custom, vcpu: 1, memoryMib: 512, diskGib: {disk}}}\n"))
+        };
+        let item = |resource| ApplyItem {
+            resource,
+            manager: Manager::Api,
+            submitter: Caller::root(),
+            force: false,
+        };
+        // The image in the same batch.
+        let results = store
+            .apply_batch(
+                vec![item(big_image("big")), item(pool("small", "big", 3))],
+                false,
+            )
+            .unwrap();
+        assert_eq!(results[0].as_ref().unwrap(), &ApplyOutcome::Created);
+        let err = results[1].as_ref().unwrap_err().to_string();
+        assert!(
+            err.contains("spec.template.resources.diskGib: 3 GiB is smaller than Image `big`'s disk (4096 MiB)")
+                && err.contains("at least 4 GiB"),
+            "{err}"
+        );
+        // The image already stored.
+        let err = store
+            .apply(pool("small", "big", 2), Manager::Api, API)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("diskGib: 2 GiB is smaller"), "{err}");
+        assert_eq!(
+            store
+                .apply(pool("fits", "big", 4), Manager::Api, API)
+                .unwrap(),
+            ApplyOutcome::Created
+        );
+        // The image unknown: accepted (the pool reports it once the image appears).
+        assert_eq!(
+            store
+                .apply(pool("later", "nope", 1), Manager::Api, API)
+                .unwrap(),
+            ApplyOutcome::Created
+        );
+        assert!(store.get(Kind::VmPool, "small").unwrap().is_none());
     }
 }
 #[cfg(test)]

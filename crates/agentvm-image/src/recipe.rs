@@ -13,11 +13,13 @@ pub(crate) const BUILD_FORMAT: u32 = 1;
 
 /// Packages every image gets (debootstrap `--variant=minbase --include=…`).
 ///
-/// `kmod` matters: without `modprobe` no virtio driver loads after the initrd.
+/// `kmod` matters: without `modprobe` no virtio driver loads after the initrd. `e2fsprogs`
+/// brings `resize2fs`, with which agentvm-init grows the root file system to the VM's disk.
 pub const BASE_PACKAGES: &[&str] = &[
     "python3",
     "qemu-guest-agent",
     "kmod",
+    "e2fsprogs",
     "iproute2",
     "isc-dhcp-client",
     "ca-certificates",

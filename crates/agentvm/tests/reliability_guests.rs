@@ -1,6 +1,8 @@
 //! Hostile guests, end to end with real VMs (`qemu:///system`, TCG): a fork bomb (ended
 //! within its timeout + 15 s, whatever the guest does with the kill), a memory
-//! hog driven into the guest's OOM killer, a run filling the guest's disk, 1 GiB of stdout,
+//! hog driven into the guest's OOM killer, a run filling the guest's disk (the pool's
+//! `diskGib: 3` on the 2 GiB image: the guest's file system is 3 GiB, the fill stops there
+//! with ENOSPC, and the VM's overlay on the host stays within that size), 1 GiB of stdout,
 //! and binary garbage on stdout, one after another on a one-VM pool. Each is contained: the
 //! run ends with a phase and a reason, the controller's API keeps answering and its resident
 //! memory stays bounded (sampled after every case), captured output stays at its cap, and
@@ -14,20 +16,41 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Prints `files=<leftovers> procs=<n> disk=<used KiB> memfree=<MemAvailable KiB>`.
+/// Prints `files=<leftovers> procs=<n> disk=<used KiB> size=<size of / KiB>
+/// mem=<MemAvailable KiB>`.
 const PROBE: &str =
     "f=''; for p in /var/tmp/fill /root/fill /var/tmp/big; do [ -e $p ] && f=\"$f$p,\"; done\n\
     n=0; for p in /proc/[0-9]*; do n=$((n+1)); done\n\
     used=$(df -k / | awk 'NR==2 {print $3}')\n\
+    size=$(df -k / | awk 'NR==2 {print $2}')\n\
     mem=$(awk '/MemAvailable/ {print $2}' /proc/meminfo)\n\
-    echo \"files=$f procs=$n disk=$used mem=$mem\"";
+    echo \"files=$f procs=$n disk=$used size=$size mem=$mem\"";
+
+/// The pool's disk (`diskGib`), larger than the image's 2 GiB.
+const DISK_GIB: u64 = 3;
 
 struct Probe {
     files: String,
     procs: i64,
     disk_kib: i64,
+    size_kib: u64,
     mem_kib: i64,
     vm: String,
+}
+
+/// True when a root file system of `kib` fills a [`DISK_GIB`] disk (ext4 keeps 1–3 % for its
+/// journal and tables).
+fn fills_the_disk(kib: u64) -> bool {
+    let disk_kib = DISK_GIB << 20;
+    kib <= disk_kib && kib >= disk_kib / 100 * 95
+}
+
+/// Bytes the file at `path` occupies on the host (allocated blocks, not its length).
+fn allocated_bytes(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
 }
 
 fn field<'a>(line: &'a str, key: &str) -> &'a str {
@@ -69,6 +92,7 @@ fn probe(env: &Env, pool: &str, n: &mut u32, api: &mut Duration) -> Probe {
         files: field(&line, "files").to_string(),
         procs: field(&line, "procs").parse().unwrap(),
         disk_kib: field(&line, "disk").parse().unwrap(),
+        size_kib: field(&line, "size").parse().unwrap(),
         mem_kib: field(&line, "mem").parse().unwrap(),
         vm: s["vm"].as_str().unwrap().to_string(),
     }
@@ -82,11 +106,10 @@ fn hostile_guests_are_contained_and_the_next_run_starts_clean() {
     let pool = format!("e2ehost{pid}");
     let image = format!("e2e-himg-{pid}");
     env.domain_prefix = format!("agentvm-{pool}-");
-    std::fs::write(
-        env.specs().join("pool.yaml"),
-        small_pool(&pool, &image, 1, 1, ""),
-    )
-    .unwrap();
+    let manifest = small_pool(&pool, &image, 1, 1, "")
+        .replace("diskGib: 2}", &format!("diskGib: {DISK_GIB}}}"));
+    assert!(manifest.contains(&format!("diskGib: {DISK_GIB}")));
+    std::fs::write(env.specs().join("pool.yaml"), manifest).unwrap();
     env.start_controller();
     let t = env.wait("pool Ready", Duration::from_secs(300), || {
         pool_ready(&env, &pool, 1)
@@ -97,8 +120,14 @@ fn hostile_guests_are_contained_and_the_next_run_starts_clean() {
     let base = probe(&env, &pool, &mut n, &mut api);
     let rss_idle = controller_rss_kib(&env);
     eprintln!(
-        "baseline: {} processes, {} KiB used on /, {} KiB available memory; controller RSS {rss_idle} KiB",
-        base.procs, base.disk_kib, base.mem_kib
+        "baseline: {} processes, {} KiB used on / of {} KiB, {} KiB available memory; controller RSS {rss_idle} KiB",
+        base.procs, base.disk_kib, base.size_kib, base.mem_kib
+    );
+    // The guest's root file system was grown to the pool's disk at boot.
+    assert!(
+        fills_the_disk(base.size_kib),
+        "/ is {} KiB on a {DISK_GIB} GiB disk",
+        base.size_kib
     );
     let mut rss = vec![("idle".to_string(), rss_idle)];
 
@@ -116,7 +145,7 @@ fn hostile_guests_are_contained_and_the_next_run_starts_clean() {
         (
             "disk-fill",
             "dd if=/dev/zero of=/var/tmp/fill bs=1M 2>/dev/null; echo dd exit $?; df -k / | tail -1",
-            "  timeoutSeconds: 300\n",
+            "  timeoutSeconds: 900\n",
         ),
         // 1 GiB on stdout.
         (
@@ -134,7 +163,23 @@ fn hostile_guests_are_contained_and_the_next_run_starts_clean() {
     let mut report = Vec::new();
     for (name, src, extra) in cases {
         let t = Instant::now();
+        // The largest the VM's overlay gets on the host while the run goes on.
+        let overlay = env.state().join("vms").join(&base.vm).join("disk.qcow2");
+        let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let sampler = {
+            let (overlay, sampling) = (overlay.clone(), sampling.clone());
+            std::thread::spawn(move || {
+                let mut peak = 0;
+                while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                    peak = peak.max(allocated_bytes(&overlay));
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                peak
+            })
+        };
         let s = run_to_end(&env, name, &pool, src, extra, &mut api);
+        sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+        let overlay_peak = sampler.join().unwrap();
         let took = t.elapsed();
         let phase = s["phase"].as_str().unwrap().to_string();
         let reason = s["reason"].as_str().unwrap_or("").to_string();
@@ -178,6 +223,41 @@ fn hostile_guests_are_contained_and_the_next_run_starts_clean() {
                 assert!(ran <= Duration::from_secs(45), "fork bomb ran {ran:?}: {s}");
             }
             "memory-hog" => assert_eq!(phase, "Failed", "memory hog: {s}"),
+            "disk-fill" => {
+                // dd stopped at ENOSPC on the pool's 3 GiB, not at the image's 2 GiB.
+                assert!(tail.contains("dd exit 1"), "disk fill: {tail:?}");
+                let df: Vec<u64> = tail
+                    .lines()
+                    .find(|l| l.starts_with("/dev/vda"))
+                    .unwrap_or_else(|| panic!("no df line in {tail:?}"))
+                    .split_whitespace()
+                    .skip(1)
+                    .take(3)
+                    .map(|v| v.parse().unwrap())
+                    .collect();
+                let (size, used, avail) = (df[0], df[1], df[2]);
+                eprintln!(
+                    "disk fill: / of {size} KiB, {used} KiB used, {avail} KiB left; overlay peaked at {} MiB on the host",
+                    overlay_peak >> 20
+                );
+                assert!(fills_the_disk(size), "/ is {size} KiB: {tail:?}");
+                assert!(avail < 64 * 1024, "{avail} KiB still free: {tail:?}");
+                assert!(used > 2 << 20, "only {used} KiB used: {tail:?}");
+                // On the host: the overlay holds what the guest wrote (beyond 2 GiB of it,
+                // so it was sampled while it grew) and never more than the disk, plus the
+                // golden state's memory (a 512 MiB guest) stored in the same file and qcow2
+                // metadata.
+                assert!(
+                    overlay_peak > 2 << 30,
+                    "overlay {} peaked at only {overlay_peak} bytes",
+                    overlay.display()
+                );
+                assert!(
+                    overlay_peak <= (DISK_GIB << 30) + (512 << 20) + (64 << 20),
+                    "overlay {} reached {overlay_peak} bytes",
+                    overlay.display()
+                );
+            }
             "gigabyte-stdout" => {
                 assert!(
                     logged >= 10 * 1024 * 1024 - 4096,
@@ -205,6 +285,11 @@ fn hostile_guests_are_contained_and_the_next_run_starts_clean() {
             "{name}: {phase}/{reason}, same VM after: {same_vm}"
         ));
         assert_eq!(after.files, "", "{name} left files behind");
+        assert!(
+            fills_the_disk(after.size_kib),
+            "{name}: / is {} KiB in the next run",
+            after.size_kib
+        );
         assert!(
             (after.procs - base.procs).abs() <= 3,
             "{name}: {} processes in the next run, {} before",

@@ -69,8 +69,10 @@ pub struct ImageSpec {
     /// distribution's own kernel package installed in the image).
     #[serde(default)]
     pub kernel: KernelSource,
-    /// Size of the image's disk in MiB (1024 to 262144). Default 2048.
-    /// VM disks (`VmPool` `diskGib`) are overlays and may be larger.
+    /// Size of the image's disk and root file system in MiB (1024 to
+    /// 262144). Default 2048. It is only the base: each VM's disk is an
+    /// overlay with its pool's `diskGib` (which must be at least this), and
+    /// the guest grows its file system to that size at boot.
     #[serde(default = "default_disk_size_mib")]
     #[schemars(range(min = 1024, max = 262_144))]
     pub disk_size_mib: u32,

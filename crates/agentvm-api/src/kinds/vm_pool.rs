@@ -319,8 +319,11 @@ pub struct Resources {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 128, max = 262_144))]
     pub memory_mib: Option<u32>,
-    /// Disk size in GiB (1 to 2048), the virtual size of the VM's overlay.
-    /// Only with `profile: custom`, where it is required.
+    /// Disk size in GiB (1 to 2048): each VM's disk is a copy-on-write
+    /// overlay of this size on the image, and the guest grows its root file
+    /// system to it at boot. At least the image's `diskSizeMib` (`apply`
+    /// refuses a smaller one). Only with `profile: custom`, where it is
+    /// required.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 2048))]
     pub disk_gib: Option<u32>,
@@ -339,7 +342,7 @@ pub struct ResolvedResources {
     pub vcpu: u32,
     /// Memory, MiB.
     pub memory_mib: u32,
-    /// Disk (overlay virtual size), GiB.
+    /// Disk (overlay virtual size; the guest's root file system grows to it), GiB.
     pub disk_gib: u32,
     /// cgroup `cpu.shares`.
     pub cpu_shares: u32,

@@ -136,6 +136,7 @@ pub(crate) fn backend_error(doing: &str, e: &BackendError) -> ReconcileError {
         BackendError::Io { .. } => "HostIoError",
         BackendError::Command { .. } => "HostCommandFailed",
         BackendError::Protocol { .. } => "ProtocolError",
+        BackendError::DiskTooSmall { .. } => "DiskTooSmall",
     };
     ReconcileError::new(reason, format!("{doing}: {e}"))
 }

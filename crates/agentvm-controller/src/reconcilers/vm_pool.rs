@@ -79,6 +79,8 @@ struct Template {
     warmup: Vec<ExecRequest>,
     /// `resources.cpuShares` when the manifest sets it (the default weight is the host's).
     cpu_shares: Option<u64>,
+    /// Disk size (the profile's or `diskGib`), GiB.
+    disk_gib: u64,
 }
 
 /// Counts for the status.
@@ -528,6 +530,7 @@ impl VmPoolReconciler {
             },
             warmup: tpl.warmup.clone(),
             cpu_shares: tpl.cpu_shares,
+            disk_gib: Some(tpl.disk_gib),
         };
         tracing::info!(pool, vm, "creating VM");
         let report = self
@@ -599,22 +602,52 @@ fn vm_name(pool: &str) -> String {
     format!("agentvm-{pool}-{suffix}")
 }
 
-/// Why a pool cannot create VMs yet: (reason, message).
-type Waiting = (&'static str, String);
+/// Why a pool cannot create VMs (yet).
+#[derive(Debug)]
+struct Blocked {
+    /// Condition reason.
+    reason: &'static str,
+    /// Condition message.
+    message: String,
+    /// True when waiting will not help: the manifests have to change (phase `Failed`).
+    failed: bool,
+}
 
-fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Waiting>, ReconcileError> {
+/// Waiting for a dependency: (reason, message).
+fn waiting(reason: &'static str, message: String) -> Blocked {
+    Blocked {
+        reason,
+        message,
+        failed: false,
+    }
+}
+
+fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Blocked>, ReconcileError> {
     let t = &pool.spec.template;
     let Some(img) = ctx.store.get(Kind::Image, &t.image_ref)? else {
-        return Ok(Err((
+        return Ok(Err(waiting(
             "WaitingForImage",
             format!("Image {} does not exist", t.image_ref),
         )));
     };
+    // Every VM's disk is an overlay on the image: it cannot be smaller. `apply` refuses such
+    // a pool when it knows the image; this catches an image applied (or grown) after it.
+    if let Resource::Image(image) = &img.resource {
+        if let Some(message) =
+            agentvm_api::pool_disk_too_small(&pool.spec, &t.image_ref, &image.spec)
+        {
+            return Ok(Err(Blocked {
+                reason: "DiskTooSmall",
+                message,
+                failed: true,
+            }));
+        }
+    }
     let st: ImageStatus = status_of(&img);
     let (Some(disk), Some(kernel), Some(initrd), ImagePhase::Ready) =
         (&st.disk_path, &st.kernel_path, &st.initrd_path, st.phase)
     else {
-        return Ok(Err((
+        return Ok(Err(waiting(
             "WaitingForImage",
             format!("Image {} is {:?}", t.image_ref, st.phase),
         )));
@@ -644,7 +677,10 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Waiting>, Reconc
                 } else {
                     format!("NetworkFilter {}", a.filter_ref)
                 };
-                return Ok(Err(("WaitingForNetwork", format!("{what} is not Ready"))));
+                return Ok(Err(waiting(
+                    "WaitingForNetwork",
+                    format!("{what} is not Ready"),
+                )));
             }
             let mut host = None;
             let dhcp = filter.as_ref().is_some_and(
@@ -692,6 +728,7 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Waiting>, Reconc
         memory_mib: u64::from(res.memory_mib),
         warmup,
         cpu_shares: t.resources.cpu_shares.map(u64::from),
+        disk_gib: u64::from(res.disk_gib),
     }))
 }
 
@@ -721,12 +758,18 @@ impl Reconciler for VmPoolReconciler {
         }
         let tpl = match resolve(ctx, pool)? {
             Ok(t) => t,
-            Err((reason, message)) => {
+            Err(blocked) => {
                 // Existing VMs stay as they are while a dependency is not ready.
                 let c = self.counts(name, status.template_hash.as_deref().unwrap_or(""));
                 self.fill_status(&mut status, &c, ctx, name);
-                status.phase = VmPoolPhase::Pending;
-                Conditions(&mut status.conditions).progressing(reason, message);
+                if blocked.failed {
+                    status.phase = VmPoolPhase::Failed;
+                    let err = ReconcileError::new(blocked.reason, blocked.message);
+                    Conditions(&mut status.conditions).degraded(&err, false);
+                } else {
+                    status.phase = VmPoolPhase::Pending;
+                    Conditions(&mut status.conditions).progressing(blocked.reason, blocked.message);
+                }
                 write_status(ctx, &obj, &status)?;
                 return Ok(Action::Requeue(WAITING));
             }

@@ -1,8 +1,8 @@
 #!/bin/sh
 # agentvm-init: PID 1 of agentvm guests (installed by agentvm-image).
 #
-# Mounts the kernel filesystems, loads the virtio drivers, brings up lo and
-# DHCP on every e* NIC (in the background; isolated guests have none), keeps
+# Mounts the kernel filesystems, loads the virtio drivers, grows the root
+# file system to the disk, brings up lo and DHCP on every e* NIC (in the background; isolated guests have none), keeps
 # qemu-guest-agent running on the org.qemu.guest_agent.0 virtio port, and
 # then reaps zombies forever. No systemd, no udev: this is all a guest needs
 # to answer the host's guest agent.
@@ -50,6 +50,14 @@ for module in virtio_console virtio_net virtio_blk virtio_balloon virtio_rng; do
 done
 
 ip link set lo up 2>/dev/null || true
+
+# Grow the root file system (ext4 directly on /dev/vda) to the whole disk: a VM's disk is an
+# overlay on the image with its pool's size (diskGib), usually larger than the image's file
+# system. Online, and before the guest agent starts, so a VM is never parked at its golden
+# state with the image's size. A no-op when the file system already fills the disk.
+if ! resize2fs /dev/vda >/dev/console 2>&1; then
+    log "resize2fs /dev/vda failed: the root file system keeps the image's size"
+fi
 
 # DHCP on every e* NIC, without blocking the boot (-nw: background at once).
 for nic in /sys/class/net/e*; do

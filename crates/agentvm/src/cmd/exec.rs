@@ -50,6 +50,7 @@ impl ExecArgs {
             boot_timeout: Duration::from_secs(cfg.boot_timeout_seconds),
             cpu_shares: None,
             disabled_cpu_features: Vec::new(),
+            disk_gib: None,
         };
         let name = format!("agentvm-exec-{}", std::process::id());
         eprintln!("booting isolated VM {name} ({accel})...");

@@ -106,6 +106,8 @@ impl RunArgs {
                     pool.metadata.name, pool.spec.template.image_ref
                 )
             })?;
+        agentvm_api::validate_pool_disk(&pool.spec, &image.metadata.name, &image.spec)
+            .map_err(|e| anyhow::anyhow!("VmPool {}: {e}", pool.metadata.name))?;
         // The user's own rights and environment: this process is theirs.
         let access = HostAccess::own(Duration::from_secs(cfg.git_clone_timeout_seconds.max(1)));
         let prepared = prepare(&run.spec, base, &access, &|k| std::env::var(k).ok())
@@ -123,6 +125,7 @@ impl RunArgs {
             boot_timeout: Duration::from_secs(cfg.boot_timeout_seconds),
             cpu_shares: Some(u64::from(res.cpu_shares)),
             disabled_cpu_features: Vec::new(),
+            disk_gib: Some(u64::from(res.disk_gib)),
         };
         let vm_name = format!("agentvm-run-{name}-{}", std::process::id());
         eprintln!(

@@ -736,3 +736,39 @@ fn cpu_shares_reach_the_vm_and_the_pool_says_whether_the_host_applies_them() {
         "{c}"
     );
 }
+
+#[test]
+fn the_disk_size_reaches_the_vm_and_a_disk_smaller_than_the_image_fails_the_pool() {
+    // The profile's (or custom) disk size is what each VM is created with.
+    let p = Pools::settled(1, 1, 512);
+    let reqs = p.t.fake.pool_vm_requests();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].disk_gib, Some(2));
+    let p = Pools::new();
+    p.t.image_ready();
+    p.t.apply(&pool_yaml(1, 1, 512).replace(
+        "{profile: custom, vcpu: 1, memoryMib: 512, diskGib: 2}",
+        "{profile: light}",
+    ));
+    p.settle().unwrap();
+    assert_eq!(p.t.fake.pool_vm_requests()[0].disk_gib, Some(10));
+
+    // The image grows past the pool's disk after the pool was applied: no VM is created,
+    // and the pool says why and what to change.
+    let p = Pools::new();
+    p.t.apply(&pool_yaml(1, 1, 512));
+    p.t.image_ready();
+    p.t.apply(&IMG.replace("spec: {}", "spec: {diskSizeMib: 4096}"));
+    assert_eq!(p.settle().unwrap(), Action::Requeue(WAITING));
+    let s = p.status();
+    assert_eq!(s["phase"], "Failed", "{s}");
+    assert_eq!(cond(&s, "Ready"), ("False".into(), "DiskTooSmall".into()));
+    assert_eq!(cond(&s, "Degraded"), ("True".into(), "DiskTooSmall".into()));
+    assert!(
+        s["conditions"].to_string().contains(
+            "2 GiB is smaller than Image `img`'s disk (4096 MiB): a VM's disk is an overlay on its image; use a disk of at least 4 GiB"
+        ),
+        "{s}"
+    );
+    assert!(p.t.fake.pool_vm_requests().is_empty());
+}
