@@ -399,12 +399,18 @@ impl Tail {
 /// the program's timeout plus [`KILL_GRACE`] has passed and the run has not ended. Every
 /// call the run's thread is making on that VM then fails at once (the domain is not
 /// running), so the run ends within moments.
+#[derive(Clone)]
 struct Watchdog {
     /// Set when the program starts (deadline = then + timeout + grace); `done` when the
     /// program's execution returned.
     state: Arc<(Mutex<WatchState>, std::sync::Condvar)>,
     fired: Arc<AtomicBool>,
 }
+
+/// How long the run's thread still waits for the program's execution once the deadline
+/// thread destroyed the VM: a call stuck in libvirt is then left behind (on the execution's
+/// own thread) so that the run ends on time.
+const ABANDON_AFTER: Duration = Duration::from_secs(4);
 
 #[derive(Default)]
 struct WatchState {
@@ -457,6 +463,11 @@ impl Watchdog {
         lock.lock().unwrap_or_else(|e| e.into_inner()).deadline =
             Some(Instant::now() + timeout + KILL_GRACE);
         cv.notify_all();
+    }
+
+    /// True once it decided to destroy the VM.
+    fn fired(&self) -> bool {
+        self.fired.load(Ordering::SeqCst)
     }
 
     /// Disarms it; true when it had already destroyed the VM.
@@ -512,6 +523,90 @@ impl Job {
         }
     }
 
+    /// Runs the program on a thread of its own and waits for it, but once the deadline
+    /// thread has destroyed the VM at most [`ABANDON_AFTER`] more: a call stuck in libvirt
+    /// must not hold the run past its hard timeout (the execution's thread then ends on its
+    /// own, its calls failing on the gone VM).
+    fn execute(
+        &self,
+        prepared: run::PreparedRun,
+        spec: &agentvm_api::AgentRunSpec,
+        watchdog: &Watchdog,
+        tails: Arc<Mutex<(Tail, Tail)>>,
+    ) -> Result<run::RunResult, RunError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (backend, vm, cancel) = (self.backend.clone(), self.vm.clone(), self.cancel.clone());
+        let (store, name, spec, arm) = (
+            self.ctx.store.clone(),
+            self.name.clone(),
+            spec.clone(),
+            watchdog.clone(),
+        );
+        let program_timeout = Duration::from_secs(u64::from(spec.timeout_seconds));
+        let spawned = std::thread::Builder::new()
+            .name(format!("exec-{}", self.name))
+            .spawn(move || {
+                let r = backend.agent(&vm).map_err(RunError::Backend).and_then(|chan| {
+                    let g = Guest::with_cancel(&*chan, cancel);
+                    run::execute(
+                        &g,
+                        &spec,
+                        &prepared,
+                        &mut || arm.arm(program_timeout),
+                        &mut |s, d| {
+                            let stream = {
+                                let mut t = tails.lock().unwrap_or_else(|e| e.into_inner());
+                                match s {
+                                    Stream::Stdout => {
+                                        t.0.push(d);
+                                        OutputStream::Stdout
+                                    }
+                                    Stream::Stderr => {
+                                        t.1.push(d);
+                                        OutputStream::Stderr
+                                    }
+                                }
+                            };
+                            if let Err(e) = store.append_output(&name, stream, d) {
+                                tracing::warn!(run = %name, error = %e, "storing output failed");
+                            }
+                        },
+                    )
+                });
+                // The run may have stopped waiting; nothing to do then.
+                let _ = tx.send(r);
+            });
+        if let Err(e) = spawned {
+            return Err(RunError::Backend(agentvm_backend::BackendError::Io {
+                op: "start a thread for",
+                path: PathBuf::from(&self.name),
+                source: e,
+            }));
+        }
+        let mut fired_at: Option<Instant> = None;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(r) => return r,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(RunError::Backend(BackendError::VmNotRunning {
+                        vm: self.vm.clone(),
+                    }))
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if watchdog.fired() {
+                        let at = *fired_at.get_or_insert_with(Instant::now);
+                        if at.elapsed() >= ABANDON_AFTER {
+                            tracing::warn!(run = %self.name, vm = %self.vm, "the program's execution did not return after its VM was destroyed; leaving it behind");
+                            return Err(RunError::Backend(BackendError::VmNotRunning {
+                                vm: self.vm.clone(),
+                            }));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Starts sampling the VM for anomalies (settings and size from the run's pool).
     fn start_monitor(&self) -> Option<RunMonitor> {
         let pool = match self.ctx.store.get(Kind::VmPool, &self.pool) {
@@ -548,8 +643,7 @@ impl Job {
         let started = Instant::now();
         let spec = self.run.spec.clone();
         let secrets = prepared.secret_values().to_vec();
-        let mut out_tail = Tail::default();
-        let mut err_tail = Tail::default();
+        let tails: Arc<Mutex<(Tail, Tail)>> = Arc::default();
         let mut artifacts = Vec::new();
         let mut report = MonitorReport::default();
         let watchdog = Watchdog::start(self.backend.clone(), self.name.clone(), self.vm.clone());
@@ -557,7 +651,7 @@ impl Job {
         let result = match self.backend.agent(&self.vm) {
             Err(e) => Err(RunError::Backend(e)),
             Ok(chan) => {
-                let g = Guest::with_cancel(&*chan, self.cancel.clone());
+                drop(chan);
                 self.status.phase = AgentRunPhase::Running;
                 self.status.reason = Some("Running".into());
                 self.status.started_at = Some(Timestamp::now().to_string());
@@ -575,30 +669,7 @@ impl Job {
                     .details(serde_json::json!({"pool": self.pool, "submitter": self.submitter})),
                 );
                 let monitor = self.start_monitor();
-                let store = self.ctx.store.clone();
-                let name = self.name.clone();
-                let program_timeout = Duration::from_secs(u64::from(spec.timeout_seconds));
-                let r = run::execute(
-                    &g,
-                    &spec,
-                    &prepared,
-                    &mut || watchdog.arm(program_timeout),
-                    &mut |s, d| {
-                        let stream = match s {
-                            Stream::Stdout => {
-                                out_tail.push(d);
-                                OutputStream::Stdout
-                            }
-                            Stream::Stderr => {
-                                err_tail.push(d);
-                                OutputStream::Stderr
-                            }
-                        };
-                        if let Err(e) = store.append_output(&name, stream, d) {
-                            tracing::warn!(run = %name, error = %e, "storing output failed");
-                        }
-                    },
-                );
+                let r = self.execute(prepared, &spec, &watchdog, tails.clone());
                 hard_stopped = watchdog.finish();
                 tracing::info!(run = %self.name, took = ?started.elapsed(), hard_stopped, ok = r.is_ok(), "the program's execution returned");
                 if let Some(m) = monitor {
@@ -612,9 +683,16 @@ impl Job {
                 if r.is_ok() && !self.cancel.load(Ordering::SeqCst) {
                     if let Some(a) = &spec.artifacts {
                         let cap = u64::from(a.max_size_mib) * 1024 * 1024;
-                        let collected = self.artifact_dir().and_then(|mut dir| {
-                            run::collect_artifacts(&g, &a.paths, &mut dir, cap)
-                        });
+                        let collected = self
+                            .backend
+                            .agent(&self.vm)
+                            .map_err(RunError::Backend)
+                            .and_then(|chan| {
+                                let g = Guest::with_cancel(&*chan, self.cancel.clone());
+                                self.artifact_dir().and_then(|mut dir| {
+                                    run::collect_artifacts(&g, &a.paths, &mut dir, cap)
+                                })
+                            });
                         match collected {
                             Ok(report) => {
                                 artifact_conditions(&mut self.status, &report, cap);
@@ -650,8 +728,11 @@ impl Job {
             String::from_utf8_lossy(&Redactor::redact_all(&secrets, s.as_bytes())).into_owned()
         };
         let st = &mut self.status;
-        st.stdout_tail = out_tail.text();
-        st.stderr_tail = err_tail.text();
+        {
+            let t = tails.lock().unwrap_or_else(|e| e.into_inner());
+            st.stdout_tail = t.0.text();
+            st.stderr_tail = t.1.text();
+        }
         st.artifacts = artifacts;
         st.anomalies = report.anomalies;
         st.resource_usage = report.usage;
