@@ -215,6 +215,25 @@ impl Libvirt {
             .map_err(|e| BackendError::from_virt(e, "domain", name))
     }
 
+    /// [`Libvirt::take_golden`], then the guest's RNG reseeded and clock set through its
+    /// agent (waited for at most `agent_timeout`): the VM goes on from the golden state, and
+    /// its first run must not see the kernel RNG state that every later reset brings back.
+    pub fn park_golden(
+        &self,
+        name: &str,
+        files: &VmFiles,
+        strategy: ResetStrategy,
+        agent_timeout: Duration,
+    ) -> Result<GoldenState> {
+        let mut golden = self.take_golden(name, files, strategy)?;
+        let start = Instant::now();
+        let agent = self.agent(name)?;
+        Guest::new(&agent).wait_ready(agent_timeout)?;
+        refresh_guest(&agent, agent_timeout)?;
+        golden.park_time += start.elapsed();
+        Ok(golden)
+    }
+
     /// Park the running, owned domain `name` (whose files are `files`) at its current state.
     /// The guest agent should be answering. Afterwards the VM is running at the golden state.
     ///
@@ -222,12 +241,11 @@ impl Libvirt {
     /// - [`ResetStrategy::SavedMemory`]: the memory is saved to `golden.save` (this stops
     ///   QEMU), `disk.qcow2` becomes the frozen `golden.qcow2`, and the VM is restored over a
     ///   fresh overlay on it.
-    pub fn park_golden(
+    pub fn take_golden(
         &self,
         name: &str,
         files: &VmFiles,
         strategy: ResetStrategy,
-        agent_timeout: Duration,
     ) -> Result<GoldenState> {
         let dom = self.owned_domain(name)?;
         let start = Instant::now();
@@ -256,11 +274,6 @@ impl Libvirt {
                     .map_err(|e| BackendError::from_virt(e, "domain", name))?;
             }
         }
-        // The VM goes on from the golden state: its first run must not see the kernel RNG
-        // state that every later reset brings back either.
-        let agent = self.agent(name)?;
-        Guest::new(&agent).wait_ready(agent_timeout)?;
-        refresh_guest(&agent, agent_timeout)?;
         Ok(GoldenState {
             name: name.to_string(),
             files: files.clone(),

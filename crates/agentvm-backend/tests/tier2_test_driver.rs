@@ -99,7 +99,6 @@ fn missing_domain_is_typed_not_found() {
 fn golden_snapshot_is_taken_reverted_to_and_removed_with_the_domain() {
     use agentvm_backend::golden::{ResetStrategy, GOLDEN_SNAPSHOT};
     use agentvm_backend::vm::VmFiles;
-    use std::time::Duration;
 
     let lv = Libvirt::connect("test:///default").unwrap();
     let name = "agentvm-t2-golden";
@@ -111,13 +110,9 @@ fn golden_snapshot_is_taken_reverted_to_and_removed_with_the_domain() {
 
     lv.define_domain(&spec(name)).unwrap();
     lv.start_domain(name).unwrap();
+    // The test driver has no guest agent: take the golden state without parking's reseed.
     let golden = lv
-        .park_golden(
-            name,
-            &files,
-            ResetStrategy::SnapshotRevert,
-            Duration::from_secs(1),
-        )
+        .take_golden(name, &files, ResetStrategy::SnapshotRevert)
         .expect("internal snapshot through the backend");
     assert_eq!(golden.strategy, ResetStrategy::SnapshotRevert);
 
