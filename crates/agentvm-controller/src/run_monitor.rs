@@ -283,8 +283,10 @@ impl RunMonitor {
         match self.done.recv_timeout(wait) {
             Ok(report) => report,
             Err(_) => {
-                tracing::warn!(
-                    "the anomaly monitor is stuck in a call to the VM (its guest agent does not answer); the run goes on without it"
+                if !wait.is_zero() {
+                    tracing::warn!(
+                    "the anomaly monitor is stuck in a call to the VM (its guest agent does not answer);
+                } the run goes on without it"
                 );
                 self.latest
                     .lock()

@@ -440,11 +440,16 @@ impl Watchdog {
                             let left = d.saturating_duration_since(Instant::now());
                             w = cv.wait_timeout(w, left).unwrap_or_else(|e| e.into_inner()).0;
                         }
-                        Some(_) => break,
+                        Some(_) => {
+                            // Decided under the lock: a `finish` that returns false happened
+                            // before this, so nobody takes the run as ended on time while
+                            // its VM is being destroyed.
+                            f.store(true, Ordering::SeqCst);
+                            break;
+                        }
                     }
                 }
                 drop(w);
-                f.store(true, Ordering::SeqCst);
                 tracing::warn!(run = %run, %vm, "the program did not end within its timeout and the kill grace; destroying its VM");
                 let t = Instant::now();
                 match backend.destroy_vm(&vm) {
