@@ -285,9 +285,9 @@ impl RunMonitor {
             Err(_) => {
                 if !wait.is_zero() {
                     tracing::warn!(
-                    "the anomaly monitor is stuck in a call to the VM (its guest agent does not answer);
-                } the run goes on without it"
-                );
+                        "the anomaly monitor is stuck in a call to the VM (its guest agent does not answer); the run goes on without it"
+                    );
+                }
                 self.latest
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
