@@ -37,7 +37,8 @@ pub use kinds::network::{
     DhcpRange, Network, NetworkMode, NetworkPhase, NetworkSpec, NetworkStatus,
 };
 pub use kinds::network_filter::{
-    EgressRule, NetworkFilter, NetworkFilterPhase, NetworkFilterSpec, NetworkFilterStatus, Protocol,
+    domain_matches, domain_pattern_problem, EgressRule, NetworkFilter, NetworkFilterPhase,
+    NetworkFilterSpec, NetworkFilterStatus, Protocol,
 };
 pub use kinds::vm_pool::{
     AnomalyDetection, AnomalyPolicy, NetworkAttachment, PoolEvent, PoolNetwork, PoolNetworkMode,

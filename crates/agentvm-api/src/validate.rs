@@ -584,8 +584,40 @@ impl Validator {
                 ),
             );
         }
+        let domains: usize = spec.egress.iter().map(|r| r.domains.len()).sum();
+        if domains > network_filter::MAX_DOMAINS {
+            self.error(
+                ep.clone(),
+                format!(
+                    "{domains} domain names; a filter holds at most {} (use `*.` wildcards to combine names)",
+                    network_filter::MAX_DOMAINS
+                ),
+            );
+        }
         for (i, rule) in spec.egress.iter().enumerate() {
             let rp = ep.index(i);
+            if !rule.domains.is_empty() {
+                if rule.protocol != network_filter::Protocol::Tcp {
+                    self.error(
+                        rp.key("protocol"),
+                        format!(
+                            "`{}` with `domains`; domain rules are tcp only (names are read from TLS SNI or the HTTP Host header)",
+                            rule.protocol.as_str()
+                        ),
+                    );
+                }
+                if !rule.destinations.is_empty() {
+                    self.error(
+                        rp.key("destinations"),
+                        "cannot be combined with `domains` (the proxy checks that the address belongs to the name); put addresses in a rule of their own",
+                    );
+                }
+                for (j, d) in rule.domains.iter().enumerate() {
+                    if let Some(problem) = network_filter::domain_pattern_problem(d) {
+                        self.error(rp.key("domains").index(j), problem);
+                    }
+                }
+            }
             if !rule.protocol.has_ports() && !rule.ports.is_empty() {
                 self.error(
                     rp.key("ports"),

@@ -625,6 +625,7 @@ fn filter_validation_edges() {
             "10.1.2.3/8".parse().unwrap(),
             "140.82.112.0/20".parse().unwrap(),
         ],
+        domains: vec![],
         description: None,
     });
     assert_eq!(
@@ -731,4 +732,100 @@ fn spec_hash_is_pinned() {
     assert!(hash
         .chars()
         .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+}
+
+#[test]
+fn domain_rules_are_validated() {
+    let filter = |domains: Vec<&str>, protocol: Protocol, dest: bool| {
+        let mut rule = EgressRule::domains(domains);
+        rule.protocol = protocol;
+        if dest {
+            rule.destinations = vec!["10.0.0.0/8".parse().unwrap()];
+        }
+        let spec = NetworkFilterSpec {
+            egress: vec![rule],
+            allow_dhcp: true,
+            allow_established: true,
+        };
+        errors_of(&NetworkFilter::new("f", spec).into())
+    };
+    let ok = vec![
+        "api.anthropic.com",
+        "github.com",
+        "*.githubusercontent.com",
+        "PyPI.org",
+        "xn--bcher-kva.example",
+    ];
+    assert_eq!(filter(ok, Protocol::Tcp, false), Vec::<String>::new());
+    let bad = vec![
+        "",
+        "10.1.2.3",
+        "::1",
+        "[2001:db8::1]",
+        "api.*.com",
+        "a*.example.com",
+        "*.com",
+        "localhost",
+        "example.com.",
+        "exa mple.com",
+        "-bad.example.com",
+        "a..b.com",
+        "bücher.example",
+        "1.2.3.4.5",
+    ];
+    assert_eq!(
+        filter(bad, Protocol::Tcp, false),
+        vec![
+            "spec.egress[0].domains[0]: is empty; write a name such as `api.example.com`",
+            "spec.egress[0].domains[1]: `10.1.2.3` is an IP address, not a domain name; allow addresses with `destinations` (CIDR) in a rule without `domains`",
+            "spec.egress[0].domains[2]: `::1` is an IP address, not a domain name; allow addresses with `destinations` (CIDR) in a rule without `domains`",
+            "spec.egress[0].domains[3]: `[2001:db8::1]` is an IP address, not a domain name; allow addresses with `destinations` (CIDR) in a rule without `domains`",
+            "spec.egress[0].domains[4]: `api.*.com` has a `*` that is not the whole first label; only a leading `*.` wildcard is supported (e.g. `*.example.com`)",
+            "spec.egress[0].domains[5]: `a*.example.com` has a `*` that is not the whole first label; only a leading `*.` wildcard is supported (e.g. `*.example.com`)",
+            "spec.egress[0].domains[6]: `*.com` matches a whole top-level domain; name at least two labels after `*.`",
+            "spec.egress[0].domains[7]: `localhost` is a single label; write a fully qualified name such as `localhost.example.com`",
+            "spec.egress[0].domains[8]: `example.com.` ends with a dot; write `example.com`",
+            "spec.egress[0].domains[9]: `exa mple.com` has characters other than letters, digits, `-` and `_` (write internationalised names in their `xn--` form)",
+            "spec.egress[0].domains[10]: `-bad.example.com` has a label starting or ending with `-`",
+            "spec.egress[0].domains[11]: `a..b.com` has an empty label (`..`)",
+            "spec.egress[0].domains[12]: `bücher.example` has characters other than letters, digits, `-` and `_` (write internationalised names in their `xn--` form)",
+            "spec.egress[0].domains[13]: `1.2.3.4.5` ends in a numeric label, which no domain name does; for addresses use `destinations`",
+        ]
+    );
+    assert_eq!(
+        filter(vec!["example.com"], Protocol::Udp, true),
+        vec![
+            "spec.egress[0].protocol: `udp` with `domains`; domain rules are tcp only (names are read from TLS SNI or the HTTP Host header)",
+            "spec.egress[0].destinations: cannot be combined with `domains` (the proxy checks that the address belongs to the name); put addresses in a rule of their own",
+        ]
+    );
+    let many: Vec<String> = (0..1001).map(|i| format!("h{i}.example.com")).collect();
+    assert_eq!(
+        filter(many.iter().map(String::as_str).collect(), Protocol::Tcp, false),
+        vec!["spec.egress: 1001 domain names; a filter holds at most 1000 (use `*.` wildcards to combine names)"]
+    );
+}
+
+#[test]
+fn domain_rules_match_names_and_ports() {
+    let mut rule = EgressRule::domains(["api.example.com", "*.cdn.example.net"]);
+    let spec = NetworkFilterSpec {
+        egress: vec![rule.clone()],
+        allow_dhcp: true,
+        allow_established: true,
+    };
+    assert!(spec.has_domain_rules());
+    assert!(spec.allows_domain("api.example.com", 443));
+    assert!(spec.allows_domain("API.Example.COM", 80));
+    assert!(!spec.allows_domain("api.example.com", 8080));
+    assert!(!spec.allows_domain("example.com", 443));
+    assert!(!spec.allows_domain("xapi.example.com", 443));
+    assert!(spec.allows_domain("a.cdn.example.net", 443));
+    assert!(spec.allows_domain("a.b.cdn.example.net", 443));
+    assert!(!spec.allows_domain("cdn.example.net", 443));
+    assert!(!spec.allows_domain("evilcdn.example.net", 443));
+    rule.ports = vec![PortRange::single(8443)];
+    assert!(rule.allows_domain("api.example.com"));
+    assert_eq!(rule.domain_ports(), vec![PortRange::single(8443)]);
+    assert!(!NetworkFilterSpec::predecessor_default().has_domain_rules());
 }

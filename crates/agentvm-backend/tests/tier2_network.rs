@@ -226,6 +226,7 @@ fn generated_xml_validates_against_libvirts_schemas() {
                 protocol: Protocol::Udp,
                 ports: vec![PortRange::range(1000, 2000)],
                 destinations: vec!["203.0.113.0/24".parse().unwrap()],
+                domains: vec![],
                 description: Some("quotes \" ' and <tags> & ampersands".into()),
             },
             EgressRule::new(Protocol::Icmp, []),

@@ -19,6 +19,12 @@ resource_object!(
 /// Most egress rules one filter may hold.
 pub const MAX_EGRESS_RULES: usize = 256;
 
+/// Most domain names (over all rules) one filter may hold.
+pub const MAX_DOMAINS: usize = 1000;
+
+/// Ports a domain rule allows when it lists none: HTTPS and HTTP.
+pub const DEFAULT_DOMAIN_PORTS: [u16; 2] = [443, 80];
+
 /// Desired state of a `NetworkFilter`. Anything not allowed here is
 /// dropped (there is no way to change the default action).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -83,9 +89,18 @@ pub struct EgressRule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortRange>,
     /// Destination IPv4 networks in CIDR notation (`140.82.112.0/20`).
-    /// Empty: any destination.
+    /// Empty: any destination. Not allowed together with `domains`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub destinations: Vec<Ipv4Cidr>,
+    /// Destination domain names (`api.anthropic.com`) or wildcards of one or more labels
+    /// (`*.githubusercontent.com`, which does not match `githubusercontent.com` itself).
+    /// Only with `protocol: tcp`; `ports` defaults to 443 and 80. Connections are steered to
+    /// agentvm's egress proxy on the host, which reads the name from the TLS ClientHello
+    /// (SNI) or the HTTP `Host` header, checks it against this list, resolves it and
+    /// connects only if the guest's destination address is among the answers. At most 1000
+    /// names per filter.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<String>,
     /// Why this rule exists (free text, shown in `describe`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
@@ -98,8 +113,39 @@ impl EgressRule {
             protocol,
             ports: ports.into_iter().collect(),
             destinations: Vec::new(),
+            domains: Vec::new(),
             description: None,
         }
+    }
+
+    /// A rule allowing TCP to `domains` on the default ports (443 and 80).
+    pub fn domains<S: Into<String>>(domains: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            protocol: Protocol::Tcp,
+            ports: Vec::new(),
+            destinations: Vec::new(),
+            domains: domains.into_iter().map(Into::into).collect(),
+            description: None,
+        }
+    }
+
+    /// The ports this rule allows when it is a domain rule: `ports`, or 443 and 80.
+    pub fn domain_ports(&self) -> Vec<PortRange> {
+        if self.ports.is_empty() {
+            DEFAULT_DOMAIN_PORTS
+                .iter()
+                .map(|p| PortRange::single(*p))
+                .collect()
+        } else {
+            self.ports.clone()
+        }
+    }
+
+    /// True if `name` (a DNS name, any case, no trailing dot) is one of `domains` or falls
+    /// under one of its wildcards.
+    pub fn allows_domain(&self, name: &str) -> bool {
+        let name = name.to_ascii_lowercase();
+        self.domains.iter().any(|d| domain_matches(d, &name))
     }
 
     fn described(mut self, text: &str) -> Self {
@@ -108,7 +154,118 @@ impl EgressRule {
     }
 }
 
+/// True if lowercase `name` matches pattern `pattern` (an exact name, or `*.suffix`: any name
+/// of one or more labels followed by `.suffix`). Case-insensitive in the pattern.
+pub fn domain_matches(pattern: &str, name: &str) -> bool {
+    let pattern = pattern.to_ascii_lowercase();
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => name
+            .strip_suffix(suffix)
+            .and_then(|head| head.strip_suffix('.'))
+            .is_some_and(|head| !head.is_empty()),
+        None => pattern == name,
+    }
+}
+
+/// Why a string is not a valid domain pattern for an egress rule (`None`: it is valid).
+pub fn domain_pattern_problem(pattern: &str) -> Option<String> {
+    if pattern.is_empty() {
+        return Some("is empty; write a name such as `api.example.com`".into());
+    }
+    if pattern.len() > 253 {
+        return Some(format!(
+            "is {} bytes; a DNS name has at most 253",
+            pattern.len()
+        ));
+    }
+    if pattern.ends_with('.') {
+        return Some(format!(
+            "`{pattern}` ends with a dot; write `{}`",
+            pattern.trim_end_matches('.')
+        ));
+    }
+    if pattern.parse::<std::net::IpAddr>().is_ok()
+        || pattern
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::Ipv6Addr>()
+            .is_ok()
+    {
+        return Some(format!(
+            "`{pattern}` is an IP address, not a domain name; allow addresses with `destinations` (CIDR) in a rule without `domains`"
+        ));
+    }
+    let (wild, rest) = match pattern.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, pattern),
+    };
+    let labels: Vec<&str> = rest.split('.').collect();
+    for label in &labels {
+        if label.contains('*') {
+            return Some(format!(
+                "`{pattern}` has a `*` that is not the whole first label; only a leading `*.` wildcard is supported (e.g. `*.example.com`)"
+            ));
+        }
+        if label.is_empty() {
+            return Some(format!("`{pattern}` has an empty label (`..`)"));
+        }
+        if label.len() > 63 {
+            return Some(format!(
+                "`{pattern}` has a label of {} characters; a label has at most 63",
+                label.len()
+            ));
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Some(format!(
+                "`{pattern}` has characters other than letters, digits, `-` and `_` (write internationalised names in their `xn--` form)"
+            ));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Some(format!(
+                "`{pattern}` has a label starting or ending with `-`"
+            ));
+        }
+    }
+    if labels
+        .last()
+        .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Some(format!(
+            "`{pattern}` ends in a numeric label, which no domain name does; for addresses use `destinations`"
+        ));
+    }
+    if labels.len() < 2 {
+        return Some(if wild {
+            format!(
+                "`{pattern}` matches a whole top-level domain; name at least two labels after `*.`"
+            )
+        } else {
+            format!("`{pattern}` is a single label; write a fully qualified name such as `{pattern}.example.com`")
+        });
+    }
+    None
+}
+
 impl NetworkFilterSpec {
+    /// True if any egress rule lists domains: the filter's TCP goes through the egress proxy.
+    pub fn has_domain_rules(&self) -> bool {
+        self.egress.iter().any(|r| !r.domains.is_empty())
+    }
+
+    /// True if the filter lets TCP to `name` on `port` through the egress proxy.
+    pub fn allows_domain(&self, name: &str, port: u16) -> bool {
+        self.egress.iter().any(|r| {
+            !r.domains.is_empty()
+                && r.domain_ports()
+                    .iter()
+                    .any(|p| p.start <= port && port <= p.end)
+                && r.allows_domain(name)
+        })
+    }
+
     /// The predecessor's `agent-network-filter`: DNS (udp 53), HTTP/HTTPS
     /// (tcp 80, 443), SSH and git (tcp 22, 9418), replies in, everything else
     /// dropped — plus DHCP to the gateway, which the predecessor forgot.
