@@ -27,8 +27,9 @@
 //!   guest opened (conntrack `ESTABLISHED,RELATED`, both directions), DNS (udp and tcp 53) to
 //!   the host and nothing else to it (its address on the guest's network comes in as the
 //!   interface parameter [`HOST_VARIABLE`]: the host's own services stay out of reach even on
-//!   ports the egress rules allow), one accept rule per egress protocol × port range ×
-//!   destination for `NEW` connections, then drop everything.
+//!   ports the egress rules allow), with domain rules TCP to the egress proxy on the host
+//!   ([`EGRESS_PROXY_PORT`]; domain rules themselves open nothing else), one accept rule per
+//!   egress protocol × port range × destination for `NEW` connections, then drop everything.
 //!
 //! `$IP` is learned by libvirt from the DHCP exchange with the host (interface parameters
 //! `CTRL_IP_LEARNING=dhcp`, `DHCPSERVER=$AGENTVM_HOST`; until then only DHCP passes), and
@@ -90,6 +91,8 @@ pub mod priority {
     pub const ESTABLISHED: i32 = 200;
     /// IPv4: DNS to the host (the network's dnsmasq).
     pub const HOST_DNS: i32 = 300;
+    /// IPv4: the egress proxy on the host, for filters with domain rules.
+    pub const HOST_PROXY: i32 = 305;
     /// IPv4: anything else to the host (its own services) is dropped.
     pub const HOST_DROP: i32 = 310;
     /// IPv4: allowed egress.
@@ -97,6 +100,12 @@ pub mod priority {
     /// Both layers: drop the rest.
     pub const DEFAULT_DROP: i32 = 1000;
 }
+
+/// Port of agentvm's egress proxy on the host's address of each network. Guests whose filter
+/// has domain rules have their TCP to those rules' ports redirected there (an iptables
+/// `REDIRECT` in the network's namespace, kept by the controller); their filter lets them
+/// reach the host on this port and on nothing else but DNS and DHCP.
+pub const EGRESS_PROXY_PORT: u16 = 15080;
 
 /// The nwfilter variable holding the host's address on the guest's network (its gateway).
 /// Every interface referencing an agentvm filter must set it ([`crate::NicSpec::host`]).
@@ -355,6 +364,11 @@ impl RuleOut<'_> {
 }
 
 fn egress_rules<'a>(rule: &'a EgressRule, stateful: bool, out: &mut Vec<RuleOut<'a>>) {
+    if !rule.domains.is_empty() {
+        // Domain rules allow nothing directly: their traffic is redirected to the egress
+        // proxy, which the filter admits once (see `NwFilterDef::rules`).
+        return;
+    }
     let protocol = match rule.protocol {
         Protocol::Tcp => "tcp",
         Protocol::Udp => "udp",
@@ -534,6 +548,25 @@ impl NwFilterDef {
                 priority: priority::HOST_DNS,
                 statematch: spec.allow_established,
                 protocol,
+                attrs,
+                comment: None,
+            });
+        }
+        if spec.has_domain_rules() {
+            let mut attrs = vec![
+                ("dstipaddr", format!("${HOST_VARIABLE}")),
+                ("dstportstart", EGRESS_PROXY_PORT.to_string()),
+                ("dstportend", EGRESS_PROXY_PORT.to_string()),
+            ];
+            if spec.allow_established {
+                attrs.push(("state", "NEW".into()));
+            }
+            rules.push(RuleOut {
+                action: "accept",
+                direction: "out",
+                priority: priority::HOST_PROXY,
+                statematch: spec.allow_established,
+                protocol: "tcp",
                 attrs,
                 comment: None,
             });
@@ -1271,6 +1304,61 @@ mod tests {
             "no DHCP rules when disabled"
         );
         assert_eq!(f.owner(), Some(def.owner));
+    }
+
+    #[test]
+    fn domain_rules_open_only_the_egress_proxy_on_the_host() {
+        let spec = NetworkFilterSpec {
+            egress: vec![
+                EgressRule::domains(["api.example.com", "*.cdn.example.net"]),
+                EgressRule::new(Protocol::Udp, [PortRange::single(123)]),
+            ],
+            allow_dhcp: true,
+            allow_established: true,
+        };
+        let f = parse_nwfilter(&filter_def(spec).to_xml().unwrap()).unwrap();
+        assert!(
+            rules_with(&f, "tcp").is_empty(),
+            "no tcp accept to anywhere but the host: 443 and 80 reach only the proxy"
+        );
+        let tcp: Vec<(String, i32, Option<&str>, Option<&str>)> = f
+            .rules
+            .iter()
+            .filter(|r| r.protocol == "tcp")
+            .map(|r| {
+                (
+                    r.action.clone(),
+                    r.priority,
+                    r.attrs.get("dstipaddr").map(String::as_str),
+                    r.attrs.get("dstportstart").map(String::as_str),
+                )
+            })
+            .collect();
+        let proxy = EGRESS_PROXY_PORT.to_string();
+        assert_eq!(
+            tcp,
+            [
+                (
+                    "accept".into(),
+                    priority::HOST_DNS,
+                    Some("$AGENTVM_HOST"),
+                    Some("53")
+                ),
+                (
+                    "accept".into(),
+                    priority::HOST_PROXY,
+                    Some("$AGENTVM_HOST"),
+                    Some(proxy.as_str())
+                ),
+            ]
+        );
+        assert!(rules_with(&f, "udp").iter().any(|r| r
+            .attrs
+            .get("dstportstart")
+            .map(String::as_str)
+            == Some("123")));
+        const { assert!(priority::HOST_DNS < priority::HOST_PROXY) };
+        const { assert!(priority::HOST_PROXY < priority::HOST_DROP) };
     }
 
     #[test]
