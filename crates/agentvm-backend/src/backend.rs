@@ -138,6 +138,12 @@ pub trait Backend: Send + Sync {
         "golden"
     }
 
+    /// The pinned addresses of running owned VMs' filtered interfaces (for the egress proxy to
+    /// tell which VM a connection comes from). Backends without networking have none.
+    fn guest_addresses(&self) -> Result<Vec<crate::guest_addr::GuestAddress>> {
+        Ok(Vec::new())
+    }
+
     /// A sample of a running VM's statistics counters (CPU time, memory, disk and network
     /// I/O), for anomaly detection and usage summaries. Backends without statistics fail.
     fn vm_stats(&self, name: &str) -> Result<crate::stats::DomainStats> {
@@ -331,6 +337,25 @@ impl Backend for LibvirtBackend {
     fn delete_nwfilter(&self, name: &str) -> Result<()> {
         self.lv()?.undefine_nwfilter(name)?;
         self.unmark("nwfilters", name)
+    }
+
+    fn guest_addresses(&self) -> Result<Vec<crate::guest_addr::GuestAddress>> {
+        let lv = self.lv()?;
+        Ok(lv
+            .list_owned_domains()?
+            .into_iter()
+            .filter(|d| d.state == DomainState::Running)
+            .flat_map(|d| {
+                d.filtered_addresses.into_iter().map(move |(filter, ip)| {
+                    crate::guest_addr::GuestAddress {
+                        vm: d.name.clone(),
+                        owner: d.owner.clone(),
+                        filter,
+                        ip,
+                    }
+                })
+            })
+            .collect())
     }
 
     fn list_vms(&self) -> Result<Vec<OwnedVm>> {

@@ -8,6 +8,7 @@ pub mod fake;
 pub mod fake_agent;
 pub mod golden;
 pub mod guest;
+pub mod guest_addr;
 pub mod libvirt;
 pub mod libvirt_net;
 pub mod netxml;

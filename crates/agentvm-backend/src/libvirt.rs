@@ -45,6 +45,9 @@ pub struct OwnedDomain {
     pub state: DomainState,
     /// SHA-256 of its persistent (inactive) XML, as [`Libvirt::definition_fingerprint`].
     pub definition_sha256: String,
+    /// (nwfilter, pinned guest address) of its filtered interfaces (see
+    /// [`crate::guest_addr::filtered_addresses`]).
+    pub filtered_addresses: Vec<(String, std::net::Ipv4Addr)>,
 }
 
 fn state_of(state: virt::domain::DomainStateEnum) -> DomainState {
@@ -293,6 +296,7 @@ impl Libvirt {
                     owner,
                     state,
                     definition_sha256: sha256_hex(&xml),
+                    filtered_addresses: crate::guest_addr::filtered_addresses(&xml),
                 });
             }
         }
