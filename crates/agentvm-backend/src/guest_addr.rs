@@ -62,13 +62,10 @@ pub fn filtered_addresses(xml: &str) -> Vec<(String, Ipv4Addr)> {
                 filter = attr(b"filter");
                 in_filterref = !empty;
             }
-            b"parameter" if in_filterref => {
-                if attr(b"name").as_deref() == Some(IP_VARIABLE) {
-                    if let (Some(f), Some(ip)) =
-                        (&filter, attr(b"value").and_then(|v| v.parse().ok()))
-                    {
-                        out.push((f.clone(), ip));
-                    }
+            b"parameter" if in_filterref && attr(b"name").as_deref() == Some(IP_VARIABLE) => {
+                if let (Some(f), Some(ip)) = (&filter, attr(b"value").and_then(|v| v.parse().ok()))
+                {
+                    out.push((f.clone(), ip));
                 }
             }
             _ => {}

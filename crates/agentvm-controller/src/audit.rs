@@ -62,6 +62,9 @@ pub enum AuditEventType {
     Anomaly,
     /// Actual state that drifted from the declared state was repaired.
     DriftRepaired,
+    /// A guest connection through the egress proxy ended (allowed or refused; `details`:
+    /// name, address, port, verdict, bytes each way, duration).
+    Egress,
 }
 
 impl AuditEventType {
@@ -77,6 +80,7 @@ impl AuditEventType {
             AuditEventType::RunFinished => "run_finished",
             AuditEventType::Anomaly => "anomaly",
             AuditEventType::DriftRepaired => "drift_repaired",
+            AuditEventType::Egress => "egress",
         }
     }
 }
@@ -553,6 +557,7 @@ mod tests {
             AuditEventType::RunFinished,
             AuditEventType::Anomaly,
             AuditEventType::DriftRepaired,
+            AuditEventType::Egress,
         ] {
             assert_eq!(serde_json::to_value(t).unwrap(), t.as_str());
         }

@@ -49,6 +49,13 @@ pub struct Config {
     /// the run fails (`gitCloneTimeoutSeconds`, `AGENTVM_GIT_CLONE_TIMEOUT_SECONDS`,
     /// default 120).
     pub git_clone_timeout_seconds: u64,
+    /// The network namespace libvirt's networks live in (libvirtd runs there), by its name
+    /// under `/run/netns` (`egressNetns`, `AGENTVM_EGRESS_NETNS`; default: the controller's
+    /// own). The egress proxy listens and steers guest traffic there.
+    pub egress_netns: Option<String>,
+    /// The DNS server the egress proxy asks (`egressResolver`, `AGENTVM_EGRESS_RESOLVER`,
+    /// `ADDRESS:PORT`; default: the guest network's own resolver, port 53 on its gateway).
+    pub egress_resolver: Option<std::net::SocketAddr>,
 }
 
 /// The config file's shape; every field optional.
@@ -67,6 +74,8 @@ struct ConfigFile {
     audit_log_max_bytes: Option<u64>,
     secret_env_allow_list: Option<Vec<String>>,
     git_clone_timeout_seconds: Option<u64>,
+    egress_netns: Option<String>,
+    egress_resolver: Option<String>,
 }
 
 /// A configuration problem.
@@ -113,6 +122,8 @@ impl Default for Config {
             audit_log_max_bytes: crate::audit::DEFAULT_MAX_BYTES,
             secret_env_allow_list: Vec::new(),
             git_clone_timeout_seconds: crate::host_access::DEFAULT_GIT_CLONE_TIMEOUT_SECONDS,
+            egress_netns: None,
+            egress_resolver: None,
         }
     }
 }
@@ -203,6 +214,15 @@ impl Config {
             self.git_clone_timeout_seconds =
                 clone_timeout(v, &format!("{}: gitCloneTimeoutSeconds", path.display()))?;
         }
+        if let Some(v) = f.egress_netns {
+            self.egress_netns = netns_name(v, &format!("{}: egressNetns", path.display()))?;
+        }
+        if let Some(v) = f.egress_resolver {
+            self.egress_resolver = Some(socket_address(
+                &v,
+                &format!("{}: egressResolver", path.display()),
+            )?);
+        }
         Ok(())
     }
 
@@ -270,6 +290,12 @@ impl Config {
             self.git_clone_timeout_seconds =
                 clone_timeout(secs, "AGENTVM_GIT_CLONE_TIMEOUT_SECONDS")?;
         }
+        if let Some(v) = get("AGENTVM_EGRESS_NETNS") {
+            self.egress_netns = netns_name(v, "AGENTVM_EGRESS_NETNS")?;
+        }
+        if let Some(v) = get("AGENTVM_EGRESS_RESOLVER") {
+            self.egress_resolver = Some(socket_address(&v, "AGENTVM_EGRESS_RESOLVER")?);
+        }
         Ok(())
     }
 
@@ -302,6 +328,35 @@ impl Config {
 }
 
 /// `names`, each checked to be an environment variable name.
+/// A network namespace name (a file name under `/run/netns`); empty means none.
+fn netns_name(name: String, source: &str) -> Result<Option<String>, ConfigError> {
+    if name.is_empty() {
+        return Ok(None);
+    }
+    if name.len() > 64
+        || name == "."
+        || name == ".."
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(ConfigError::Value {
+            source_name: source.into(),
+            message: format!(
+                "{name:?} is not a network namespace name (letters, digits, `-`, `_`, `.`; as listed by `ip netns list`)"
+            ),
+        });
+    }
+    Ok(Some(name))
+}
+
+fn socket_address(text: &str, source: &str) -> Result<std::net::SocketAddr, ConfigError> {
+    text.parse().map_err(|_| ConfigError::Value {
+        source_name: source.into(),
+        message: format!("{text:?} is not ADDRESS:PORT, e.g. `192.168.1.1:53`"),
+    })
+}
+
 fn env_names(names: Vec<String>, source: &str) -> Result<Vec<String>, ConfigError> {
     for n in &names {
         let valid = !n.is_empty()

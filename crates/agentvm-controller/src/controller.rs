@@ -70,6 +70,7 @@ pub struct Controller {
     readiness: Readiness,
     vm_stats: VmStatsHistory,
     stats_source: Option<Box<dyn StatsSource>>,
+    egress: Option<Arc<dyn agentvm_backend::Backend>>,
 }
 
 impl Controller {
@@ -90,6 +91,7 @@ impl Controller {
             readiness: Readiness::default(),
             vm_stats: VmStatsHistory::new(DEFAULT_HISTORY),
             stats_source: None,
+            egress: None,
         }
     }
 
@@ -97,6 +99,13 @@ impl Controller {
     /// metrics and [`Ctx::vm_stats`]; `/readyz` then also needs the last sample to succeed.
     pub fn vm_stats(mut self, source: impl StatsSource) -> Self {
         self.stats_source = Some(Box::new(source));
+        self
+    }
+
+    /// Run the egress proxy (domain rules of `NetworkFilter`s; see [`crate::egress`]) with
+    /// `backend` as the source of guest addresses.
+    pub fn egress(mut self, backend: Arc<dyn agentvm_backend::Backend>) -> Self {
+        self.egress = Some(backend);
         self
     }
 
@@ -228,6 +237,11 @@ impl Controller {
             audit: audit.clone(),
             vm_stats: self.vm_stats.clone(),
         };
+        if let Some(backend) = self.egress.take() {
+            if let Err(e) = crate::egress::start(ctx.clone(), backend) {
+                tracing::error!("egress proxy not started: {e}");
+            }
+        }
         let sweeps: Vec<_> = self
             .sweepers
             .into_iter()

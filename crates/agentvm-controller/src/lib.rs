@@ -8,6 +8,7 @@ pub mod audit;
 pub mod caller;
 pub mod config;
 pub mod controller;
+pub mod egress;
 pub mod health;
 pub mod host_access;
 pub mod http_serve;

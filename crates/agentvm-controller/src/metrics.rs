@@ -64,6 +64,7 @@ struct Inner {
     reconcile_duration: HistogramVec,
     audit_events: IntCounterVec,
     audit_write_failures: IntCounter,
+    egress_connections: IntCounterVec,
     libvirt_up: IntGauge,
     /// Label values in use that Prometheus cannot remove by a partial label set.
     labels: Mutex<LabelIndex>,
@@ -77,6 +78,8 @@ struct LabelIndex {
     reset_strategies: HashMap<String, BTreeSet<String>>,
     /// Kind → failure reasons recorded for it.
     failure_reasons: HashMap<String, BTreeSet<String>>,
+    /// Pool → egress verdicts recorded for it.
+    egress_verdicts: HashMap<String, BTreeSet<String>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -290,6 +293,17 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            egress_connections: reg(
+                &r,
+                IntCounterVec::new(
+                    opts(
+                        "agentvm_egress_connections_total",
+                        "Guest connections through the egress proxy, by pool and verdict (allowed, denied, no_name, ...).",
+                    ),
+                    &["pool", "verdict"],
+                )
+                .unwrap(),
+            ),
             audit_write_failures: reg(
                 &r,
                 IntCounter::with_opts(opts(
@@ -449,6 +463,10 @@ impl Metrics {
         for s in strategies.unwrap_or_default() {
             let _ = i.reset_duration.remove_label_values(&[pool, &s]);
         }
+        let verdicts = self.labels().egress_verdicts.remove(pool);
+        for v in verdicts.unwrap_or_default() {
+            let _ = i.egress_connections.remove_label_values(&[pool, &v]);
+        }
     }
 
     // --- Runs ----------------------------------------------------------------------------
@@ -519,6 +537,21 @@ impl Metrics {
     pub(crate) fn audit_failed(&self) {
         self.inner.audit_write_failures.inc();
     }
+
+    // --- Egress ------------------------------------------------------------------------
+
+    /// One guest connection through the egress proxy ended with `verdict`.
+    pub fn egress_connection(&self, pool: &str, verdict: &str) {
+        self.inner
+            .egress_connections
+            .with_label_values(&[pool, verdict])
+            .inc();
+        self.labels()
+            .egress_verdicts
+            .entry(pool.to_string())
+            .or_default()
+            .insert(verdict.to_string());
+    }
 }
 
 /// Records the duration of one reconcile in `agentvm_reconcile_duration_seconds` when
@@ -545,7 +578,7 @@ mod tests {
     use super::*;
 
     /// Every metric name this module promises, as it appears in the exposition.
-    pub(crate) const ALL_NAMES: [&str; 19] = [
+    pub(crate) const ALL_NAMES: [&str; 20] = [
         "agent_vm_boot_duration_seconds",
         "agent_vm_pool_size",
         "agent_vm_pool_acquire_duration_seconds",
@@ -564,6 +597,7 @@ mod tests {
         "agentvm_reconcile_duration_seconds",
         "agentvm_audit_events_total",
         "agentvm_audit_write_failures_total",
+        "agentvm_egress_connections_total",
         "agentvm_libvirt_up",
     ];
 
@@ -573,6 +607,7 @@ mod tests {
         m.vm_memory_bytes("vm-a", 1 << 20);
         m.vm_disk_bytes("vm-a", 100, 200);
         m.pool_size("pool-1", 3);
+        m.egress_connection("pool-1", "allowed");
         m.acquire("pool-1", 0.02);
         m.reset("pool-1", "loadvm", 0.4);
         m.queue_length("pool-1", 2);

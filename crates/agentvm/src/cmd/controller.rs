@@ -73,6 +73,7 @@ impl ControllerArgs {
             let images = Arc::new(ImageCache {
                 dir: cfg.cache_dir.clone(),
             });
+            controller = controller.egress(backend.clone());
             controller =
                 reconcilers::register(controller, backend, Arc::new(PoolRegistry::new()), images)
                     .vm_stats(LibvirtStatsSource::new(cfg.libvirt_uri.clone()));

@@ -1,0 +1,535 @@
+//! The egress proxy's handling of one guest connection: who is asking (the guest's VM and
+//! filter, by source address), where to (the name in the TLS SNI or HTTP `Host`), whether the
+//! filter allows that name on that port, whether the address the guest dialled is one the
+//! name resolves to, then a byte-for-byte splice to that address — or a close.
+//!
+//! # Guarantees
+//! - Nothing is sent upstream before the name is known and checked; the guest's first bytes
+//!   are replayed unchanged after the check (TLS stays end to end: the proxy holds no keys).
+//! - Refused: a source that is no known guest with a domain filter, no name (no SNI / no
+//!   `Host`), an encrypted ClientHello (ECH), a name that is not a DNS name (IP literals
+//!   included), a name or port the filter does not allow, a name whose DNS answers do not
+//!   include the address the guest dialled, anything that is neither TLS nor HTTP/1.
+//! - Bounded: at most [`MAX_SNIFF_BYTES`] and [`SNIFF_TIMEOUT`] to learn the name, a connect
+//!   timeout upstream, an idle timeout on both directions once spliced, at most
+//!   `max_connections` at a time (more are refused at once).
+//! - Every connection ends in exactly one [`EgressRecord`] handed to the sink.
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use agentvm_api::{domain_pattern_problem, NetworkFilterSpec};
+
+use super::dns::Resolve;
+use super::sniff::{sniff, Sniffed, MAX_SNIFF_BYTES};
+
+/// How long a guest has to send its ClientHello or request head.
+pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long connecting upstream may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A spliced connection with no bytes either way for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The guest a connection comes from, as the proxy needs it.
+#[derive(Debug, Clone)]
+pub struct GuestPolicy {
+    /// The VM (domain) name.
+    pub vm: String,
+    /// The pool the VM belongs to.
+    pub pool: String,
+    /// The run executing in the VM, if any.
+    pub run: Option<String>,
+    /// The `NetworkFilter` name.
+    pub filter: String,
+    /// Its current spec (read at connection time: changes apply to the next connection).
+    pub spec: NetworkFilterSpec,
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    /// Allowed and spliced.
+    Allowed,
+    /// The filter does not allow this name on this port.
+    Denied,
+    /// No name: no SNI, no `Host`, or neither TLS nor HTTP/1.
+    NoName,
+    /// The name is an IP literal or not a DNS name.
+    BadName,
+    /// The ClientHello hides the name (ECH).
+    Ech,
+    /// The address the guest dialled is not among the name's DNS answers.
+    AddressMismatch,
+    /// The name did not resolve (NXDOMAIN, no A records, resolver failure).
+    ResolveFailed,
+    /// Connecting upstream failed.
+    ConnectFailed,
+    /// The source is not a VM with a domain filter.
+    UnknownGuest,
+    /// The guest sent nothing usable within [`SNIFF_TIMEOUT`].
+    Timeout,
+    /// Too many connections at once.
+    Overloaded,
+}
+
+impl Verdict {
+    /// Label in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allowed => "allowed",
+            Verdict::Denied => "denied",
+            Verdict::NoName => "no_name",
+            Verdict::BadName => "bad_name",
+            Verdict::Ech => "ech",
+            Verdict::AddressMismatch => "address_mismatch",
+            Verdict::ResolveFailed => "resolve_failed",
+            Verdict::ConnectFailed => "connect_failed",
+            Verdict::UnknownGuest => "unknown_guest",
+            Verdict::Timeout => "timeout",
+            Verdict::Overloaded => "overloaded",
+        }
+    }
+}
+
+/// One connection, as logged.
+#[derive(Debug, Clone)]
+pub struct EgressRecord {
+    /// When the connection was accepted.
+    pub started: SystemTime,
+    /// The guest's address.
+    pub source: Ipv4Addr,
+    /// The guest, if known.
+    pub guest: Option<GuestPolicy>,
+    /// The name asked for (`None` when none was read).
+    pub name: Option<String>,
+    /// The address and port the guest dialled.
+    pub destination: SocketAddrV4,
+    /// The outcome.
+    pub verdict: Verdict,
+    /// Why, in a few words (for refusals).
+    pub reason: String,
+    /// Bytes from the guest to the server.
+    pub bytes_out: u64,
+    /// Bytes from the server to the guest.
+    pub bytes_in: u64,
+    /// From accept to close.
+    pub duration: Duration,
+}
+
+/// Reads the address a redirected connection was dialled to.
+pub type OriginalDestination = dyn Fn(&TcpStream) -> io::Result<SocketAddrV4> + Send + Sync;
+
+/// What the proxy needs from the rest of the controller.
+pub struct ProxyContext {
+    /// The guest behind a source address, with its filter (`None`: not a VM with a domain
+    /// filter).
+    pub guest: Box<dyn Fn(Ipv4Addr) -> Option<GuestPolicy> + Send + Sync>,
+    /// Resolver for a connection that reached the proxy on `local` (the network's gateway).
+    pub resolver: Box<dyn Fn(Ipv4Addr) -> Box<dyn Resolve> + Send + Sync>,
+    /// The address the guest dialled before it was redirected (`SO_ORIGINAL_DST`).
+    pub original_destination: Box<OriginalDestination>,
+    /// Receives one record per connection.
+    pub sink: Box<dyn Fn(EgressRecord) + Send + Sync>,
+    /// Most connections at once.
+    pub max_connections: usize,
+    /// Idle timeout once spliced.
+    pub idle_timeout: Duration,
+    /// Connections being handled.
+    pub active: AtomicUsize,
+}
+
+/// Handles one accepted connection to the end (call on a thread of its own).
+pub fn handle(ctx: &Arc<ProxyContext>, guest_conn: TcpStream) {
+    let started = SystemTime::now();
+    let t0 = Instant::now();
+    let source = match guest_conn.peer_addr() {
+        Ok(SocketAddr::V4(a)) => *a.ip(),
+        _ => return,
+    };
+    let destination = (ctx.original_destination)(&guest_conn)
+        .unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+    let mut record = EgressRecord {
+        started,
+        source,
+        guest: None,
+        name: None,
+        destination,
+        verdict: Verdict::UnknownGuest,
+        reason: String::new(),
+        bytes_out: 0,
+        bytes_in: 0,
+        duration: Duration::ZERO,
+    };
+    let active = ctx.active.fetch_add(1, Ordering::SeqCst) + 1;
+    let outcome = if active > ctx.max_connections {
+        Err((
+            Verdict::Overloaded,
+            format!("more than {} connections", ctx.max_connections),
+        ))
+    } else {
+        decide_and_splice(ctx, &guest_conn, &mut record)
+    };
+    ctx.active.fetch_sub(1, Ordering::SeqCst);
+    match outcome {
+        Ok(()) => record.verdict = Verdict::Allowed,
+        Err((verdict, reason)) => {
+            record.verdict = verdict;
+            record.reason = reason;
+        }
+    }
+    let _ = guest_conn.shutdown(Shutdown::Both);
+    record.duration = t0.elapsed();
+    (ctx.sink)(record);
+}
+
+type Refusal = (Verdict, String);
+
+fn decide_and_splice(
+    ctx: &ProxyContext,
+    guest_conn: &TcpStream,
+    record: &mut EgressRecord,
+) -> Result<(), Refusal> {
+    let guest = (ctx.guest)(record.source).ok_or((
+        Verdict::UnknownGuest,
+        "the source is no VM with a domain filter".to_string(),
+    ))?;
+    record.guest = Some(guest.clone());
+    if record.destination.port() == 0 {
+        return Err((
+            Verdict::NoName,
+            "not redirected (no original destination)".into(),
+        ));
+    }
+    let (first, name) = read_name(guest_conn)?;
+    record.name = Some(name.clone());
+    let port = record.destination.port();
+    if let Some(problem) = domain_pattern_problem(&name).or_else(|| {
+        name.starts_with("*.")
+            .then(|| "a wildcard is not a host name".to_string())
+    }) {
+        return Err((Verdict::BadName, problem));
+    }
+    let name = name.to_ascii_lowercase();
+    record.name = Some(name.clone());
+    if !guest.spec.allows_domain(&name, port) {
+        return Err((
+            Verdict::Denied,
+            format!(
+                "NetworkFilter {} does not allow {name} on port {port}",
+                guest.filter
+            ),
+        ));
+    }
+    let local = match guest_conn.local_addr() {
+        Ok(SocketAddr::V4(a)) => *a.ip(),
+        _ => Ipv4Addr::UNSPECIFIED,
+    };
+    let answers = (ctx.resolver)(local)
+        .resolve(&name)
+        .map_err(|e| (Verdict::ResolveFailed, format!("resolving {name}: {e}")))?;
+    if answers.is_empty() {
+        return Err((
+            Verdict::ResolveFailed,
+            format!("{name} has no IPv4 address"),
+        ));
+    }
+    if !answers.contains(record.destination.ip()) {
+        return Err((
+            Verdict::AddressMismatch,
+            format!(
+                "{} is not an address of {name} ({})",
+                record.destination.ip(),
+                answers
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    let upstream = TcpStream::connect_timeout(&SocketAddr::V4(record.destination), CONNECT_TIMEOUT)
+        .map_err(|e| {
+            (
+                Verdict::ConnectFailed,
+                format!("{}: {e}", record.destination),
+            )
+        })?;
+    let (out, inn) = splice(guest_conn, upstream, &first, ctx.idle_timeout);
+    record.bytes_out = out;
+    record.bytes_in = inn;
+    Ok(())
+}
+
+/// Reads until the name is known; returns the bytes read and the name.
+fn read_name(conn: &TcpStream) -> Result<(Vec<u8>, String), Refusal> {
+    let deadline = Instant::now() + SNIFF_TIMEOUT;
+    let mut buf = Vec::with_capacity(2048);
+    let mut chunk = [0u8; 4096];
+    let mut reader = conn;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err((
+                Verdict::Timeout,
+                "no ClientHello or request within 10 s".into(),
+            ));
+        }
+        let _ = conn.set_read_timeout(Some(left));
+        let room = (MAX_SNIFF_BYTES - buf.len()).min(chunk.len());
+        match reader.read(&mut chunk[..room]) {
+            Ok(0) => return Err((Verdict::NoName, "closed before a name was sent".into())),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err((
+                    Verdict::Timeout,
+                    "no ClientHello or request within 10 s".into(),
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err((Verdict::NoName, format!("reading: {e}"))),
+        }
+        match sniff(&buf) {
+            Sniffed::NeedMore if buf.len() < MAX_SNIFF_BYTES => continue,
+            Sniffed::NeedMore => {
+                return Err((Verdict::NoName, "no name in the first 16 KiB".into()))
+            }
+            Sniffed::Tls { ech: true, .. } => {
+                return Err((Verdict::Ech, "encrypted ClientHello hides the name".into()))
+            }
+            Sniffed::Tls { sni: None, .. } => {
+                return Err((Verdict::NoName, "TLS without a server name (SNI)".into()))
+            }
+            Sniffed::Tls { sni: Some(n), .. } => return Ok((buf, n)),
+            Sniffed::Http { host } => return Ok((buf, host)),
+            Sniffed::Unrecognised(why) => return Err((Verdict::NoName, why.to_string())),
+        }
+    }
+}
+
+/// Copies both ways until both sides are done or idle; returns (guest→server, server→guest)
+/// byte counts (`first` counted in the former).
+fn splice(guest: &TcpStream, upstream: TcpStream, first: &[u8], idle: Duration) -> (u64, u64) {
+    let _ = guest.set_read_timeout(Some(idle));
+    let _ = upstream.set_read_timeout(Some(idle));
+    let mut up_w = &upstream;
+    if up_w.write_all(first).is_err() {
+        return (0, 0);
+    }
+    let (Ok(guest2), Ok(upstream2)) = (guest.try_clone(), upstream.try_clone()) else {
+        return (first.len() as u64, 0);
+    };
+    let outbound = std::thread::spawn(move || {
+        let n = copy(&guest2, &upstream2);
+        let _ = upstream2.shutdown(Shutdown::Write);
+        n
+    });
+    let inbound = copy(&upstream, guest);
+    let _ = guest.shutdown(Shutdown::Write);
+    // The guest may keep its side open after the server finished: the idle timeout ends it.
+    let out = outbound.join().unwrap_or(0);
+    let _ = upstream.shutdown(Shutdown::Both);
+    (first.len() as u64 + out, inbound)
+}
+
+fn copy(from: &TcpStream, to: &TcpStream) -> u64 {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    let (mut r, mut w) = (from, to);
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return total,
+            Ok(n) => {
+                if w.write_all(&buf[..n]).is_err() {
+                    return total;
+                }
+                total += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return total,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::egress::sniff::client_hello;
+    use agentvm_api::EgressRule;
+    use std::net::TcpListener;
+    use std::sync::Mutex;
+
+    struct Fixed(Vec<Ipv4Addr>);
+    impl Resolve for Fixed {
+        fn resolve(&self, name: &str) -> io::Result<Vec<Ipv4Addr>> {
+            Ok(if name.ends_with(".example.com") {
+                self.0.clone()
+            } else {
+                vec![]
+            })
+        }
+    }
+
+    /// An echo server on 127.0.0.1 (the "internet"), a proxy on another port whose
+    /// original destination is that server, and the records it logged.
+    fn setup(
+        mut spec: NetworkFilterSpec,
+        answers: Vec<Ipv4Addr>,
+    ) -> (SocketAddr, Arc<Mutex<Vec<EgressRecord>>>) {
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let server_addr = match server.local_addr().unwrap() {
+            SocketAddr::V4(a) => a,
+            _ => unreachable!(),
+        };
+        // The filter allows the server's (random) port.
+        for rule in &mut spec.egress {
+            rule.ports = vec![agentvm_api::PortRange::single(server_addr.port())];
+        }
+        std::thread::spawn(move || {
+            for c in server.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut w = &c;
+                    let _ = io::copy(&mut &c, &mut w);
+                });
+            }
+        });
+        let records = Arc::new(Mutex::new(Vec::new()));
+        let r2 = records.clone();
+        let ctx = Arc::new(ProxyContext {
+            guest: Box::new(move |ip| {
+                (ip == Ipv4Addr::LOCALHOST).then(|| GuestPolicy {
+                    vm: "vm-1".into(),
+                    pool: "p".into(),
+                    run: Some("r".into()),
+                    filter: "f".into(),
+                    spec: spec.clone(),
+                })
+            }),
+            resolver: Box::new(move |_| Box::new(Fixed(answers.clone()))),
+            original_destination: Box::new(move |_| Ok(server_addr)),
+            sink: Box::new(move |r| r2.lock().unwrap().push(r)),
+            max_connections: 8,
+            idle_timeout: Duration::from_secs(2),
+            active: AtomicUsize::new(0),
+        });
+        let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+        let proxy_addr = proxy.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for c in proxy.incoming().flatten() {
+                let ctx = ctx.clone();
+                std::thread::spawn(move || handle(&ctx, c));
+            }
+        });
+        (proxy_addr, records)
+    }
+
+    fn spec(domains: &[&str]) -> NetworkFilterSpec {
+        NetworkFilterSpec {
+            egress: vec![EgressRule::domains(domains.iter().copied())],
+            allow_dhcp: true,
+            allow_established: true,
+        }
+    }
+
+    /// Sends `first`, then reads until close; returns what came back.
+    fn exchange(proxy: SocketAddr, first: &[u8]) -> Vec<u8> {
+        let mut c = TcpStream::connect(proxy).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(first).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        let _ = c.read_to_end(&mut back);
+        back
+    }
+
+    fn wait_records(r: &Arc<Mutex<Vec<EgressRecord>>>, n: usize) -> Vec<EgressRecord> {
+        let t = Instant::now();
+        while r.lock().unwrap().len() < n && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        r.lock().unwrap().clone()
+    }
+
+    #[test]
+    fn allowed_names_are_spliced_with_their_first_bytes_and_counted() {
+        // The test's "server" is 127.0.0.1: make the name resolve there.
+        let (proxy, records) = setup(spec(&["*.example.com"]), vec![Ipv4Addr::LOCALHOST]);
+        let hello = client_hello(Some("api.example.com"), false);
+        assert_eq!(exchange(proxy, &hello), hello, "echoed unchanged");
+        let http = b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\nbody";
+        assert_eq!(exchange(proxy, http), http.to_vec());
+        let r = wait_records(&records, 2);
+        assert_eq!(r[0].verdict, Verdict::Allowed, "{r:?}");
+        assert_eq!(r[0].name.as_deref(), Some("api.example.com"));
+        assert_eq!(r[0].bytes_out, hello.len() as u64);
+        assert_eq!(r[0].bytes_in, hello.len() as u64);
+        assert_eq!(r[1].verdict, Verdict::Allowed);
+        assert_eq!(r[1].guest.as_ref().unwrap().run.as_deref(), Some("r"));
+    }
+
+    #[test]
+    fn refusals_send_nothing_upstream_and_say_why() {
+        let (proxy, records) = setup(spec(&["api.example.com"]), vec![Ipv4Addr::LOCALHOST]);
+        let cases: Vec<(Vec<u8>, Verdict)> = vec![
+            (
+                client_hello(Some("other.example.com"), false),
+                Verdict::Denied,
+            ),
+            (client_hello(Some("127.0.0.1"), false), Verdict::BadName),
+            (client_hello(None, false), Verdict::NoName),
+            (client_hello(Some("api.example.com"), true), Verdict::Ech),
+            (
+                b"GET / HTTP/1.1\r\nHost: evil.net\r\n\r\n".to_vec(),
+                Verdict::Denied,
+            ),
+            (b"\x00\x00garbage".to_vec(), Verdict::NoName),
+            (b"GET / HTTP/1.1\r\n\r\n".to_vec(), Verdict::NoName),
+        ];
+        for (i, (first, want)) in cases.iter().enumerate() {
+            assert_eq!(exchange(proxy, first), b"", "case {i}: nothing comes back");
+            let r = wait_records(&records, i + 1);
+            assert_eq!(r[i].verdict, *want, "case {i}: {:?}", r[i]);
+            assert_eq!((r[i].bytes_out, r[i].bytes_in), (0, 0));
+        }
+    }
+
+    #[test]
+    fn a_destination_not_among_the_answers_is_refused() {
+        let (proxy, records) = setup(
+            spec(&["api.example.com"]),
+            vec!["192.0.2.7".parse().unwrap()],
+        );
+        let hello = client_hello(Some("api.example.com"), false);
+        assert_eq!(exchange(proxy, &hello), b"");
+        let r = wait_records(&records, 1);
+        assert_eq!(r[0].verdict, Verdict::AddressMismatch, "{r:?}");
+        assert!(r[0].reason.contains("192.0.2.7"), "{}", r[0].reason);
+    }
+
+    #[test]
+    fn a_silent_guest_is_dropped_after_the_sniff_timeout() {
+        let (proxy, records) = setup(spec(&["api.example.com"]), vec![Ipv4Addr::LOCALHOST]);
+        let c = TcpStream::connect(proxy).unwrap();
+        let t = Instant::now();
+        let r = {
+            while records.lock().unwrap().is_empty() && t.elapsed() < Duration::from_secs(15) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            records.lock().unwrap().clone()
+        };
+        assert_eq!(r[0].verdict, Verdict::Timeout);
+        assert!(
+            r[0].duration >= Duration::from_secs(9),
+            "{:?}",
+            r[0].duration
+        );
+        drop(c);
+    }
+}
