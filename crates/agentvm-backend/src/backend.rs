@@ -138,8 +138,9 @@ pub trait Backend: Send + Sync {
         "golden"
     }
 
-    /// The pinned addresses of running owned VMs' filtered interfaces (for the egress proxy to
-    /// tell which VM a connection comes from). Backends without networking have none.
+    /// The pinned addresses of owned VMs' filtered interfaces, whatever their state (a parked
+    /// VM keeps its address), for the egress proxy to tell which VM a connection comes from.
+    /// Backends without networking have none.
     fn guest_addresses(&self) -> Result<Vec<crate::guest_addr::GuestAddress>> {
         Ok(Vec::new())
     }
@@ -344,7 +345,6 @@ impl Backend for LibvirtBackend {
         Ok(lv
             .list_owned_domains()?
             .into_iter()
-            .filter(|d| d.state == DomainState::Running)
             .flat_map(|d| {
                 d.filtered_addresses.into_iter().map(move |(filter, ip)| {
                     crate::guest_addr::GuestAddress {

@@ -10,7 +10,7 @@ use quick_xml::Reader;
 
 use crate::netxml::IP_VARIABLE;
 
-/// A running owned VM's filtered interface with a pinned address.
+/// An owned VM's filtered interface with a pinned address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestAddress {
     /// Domain name.

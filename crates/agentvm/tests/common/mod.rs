@@ -539,3 +539,115 @@ pub fn status_time(v: &serde_json::Value) -> std::time::SystemTime {
     humantime::parse_rfc3339_weak(v.as_str().unwrap_or_else(|| panic!("not a time: {v}")))
         .unwrap_or_else(|e| panic!("not a time: {v}: {e}"))
 }
+
+/// `ip netns exec NS ARGS...`.
+pub fn in_ns(ns: &str, args: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]).args(args);
+    c
+}
+
+/// Runs `cmd`, panics unless it succeeds; its stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// "The internet" for guests: a namespace of its own joined to the test namespace by a veth
+/// pair in 198.18.0.0/30 (it is 198.18.0.2, the test namespace 198.18.0.1), with no route
+/// anywhere else, and the processes started in it. Dropping it kills them (by pid) and
+/// deletes the namespace (and so the veth pair).
+pub struct Internet {
+    pub netns: String,
+    pub children: Vec<Child>,
+}
+
+/// The internet's address.
+pub const INTERNET_HOST: &str = "198.18.0.2";
+
+impl Internet {
+    /// Creates it next to `test_ns`; `tag` keeps its names apart from other tests'.
+    pub fn new(test_ns: &str, tag: &str) -> Self {
+        let pid = std::process::id();
+        let netns = format!("agentvm-{tag}-{pid}");
+        run_ok(Command::new("ip").args(["netns", "add", &netns]));
+        let me = Internet {
+            netns: netns.clone(),
+            children: Vec::new(),
+        };
+        let short: String = tag.chars().take(4).collect();
+        let (outer, inner) = (
+            format!("{short}o{}", pid % 1_000_000),
+            format!("{short}i{}", pid % 1_000_000),
+        );
+        run_ok(&mut in_ns(&netns, &["ip", "link", "set", "lo", "up"]));
+        run_ok(&mut in_ns(
+            test_ns,
+            &[
+                "ip", "link", "add", &outer, "type", "veth", "peer", "name", &inner, "netns",
+                &netns,
+            ],
+        ));
+        run_ok(&mut in_ns(
+            test_ns,
+            &["ip", "addr", "add", "198.18.0.1/30", "dev", &outer],
+        ));
+        run_ok(&mut in_ns(test_ns, &["ip", "link", "set", &outer, "up"]));
+        run_ok(&mut in_ns(
+            &netns,
+            &["ip", "addr", "add", "198.18.0.2/30", "dev", &inner],
+        ));
+        run_ok(&mut in_ns(&netns, &["ip", "link", "set", &inner, "up"]));
+        run_ok(&mut in_ns(
+            test_ns,
+            &["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+        ));
+        assert!(!run_ok(&mut in_ns(&netns, &["ip", "-4", "route"])).contains("default"));
+        me
+    }
+
+    /// Starts `args` in the namespace (output to `log`); killed on drop.
+    pub fn spawn(&mut self, args: &[&str], log: &Path) {
+        let out = std::fs::File::create(log).unwrap();
+        let child = in_ns(&self.netns, args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+    }
+
+    /// Waits until something listens on `proto` (`t` or `u`) `port` in the namespace.
+    pub fn wait_listening(&self, proto: char, port: u16) {
+        let start = Instant::now();
+        let flag = format!("-l{proto}nH");
+        while !run_ok(&mut in_ns(&self.netns, &["ss", &flag]))
+            .contains(&format!("{INTERNET_HOST}:{port} "))
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "nothing listens on {proto} {port} in {}",
+                self.netns
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Internet {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.netns])
+            .status();
+    }
+}

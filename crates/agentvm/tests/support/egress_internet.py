@@ -1,0 +1,97 @@
+# "The internet" of the egress tests, run in its own namespace on 198.18.0.2:
+# - DNS (udp/53): names given as NAME=ADDRESS arguments answer with that A record, every other
+#   name NXDOMAIN; each query is printed ("dns NAME").
+# - HTTPS (tcp/443, certificate and key from $CERT/$KEY) and HTTP (tcp/80, tcp/8080): answer
+#   "hello HOST" (the request's Host header); path /slow waits 2 s first; /big?N sends N bytes.
+import os, socket, ssl, struct, sys, threading, time
+
+ADDR = "198.18.0.2"
+names = dict(a.split("=", 1) for a in sys.argv[1:])
+
+
+def dns():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((ADDR, 53))
+    while True:
+        q, peer = s.recvfrom(512)
+        i, labels = 12, []
+        while q[i]:
+            labels.append(q[i + 1:i + 1 + q[i]].decode())
+            i += 1 + q[i]
+        name = ".".join(labels).lower()
+        print("dns", name, flush=True)
+        head = q[:2] + b"\x81\x80" + q[4:6]
+        question = q[12:i + 5]
+        if name in names:
+            ip = socket.inet_aton(names[name])
+            r = head + b"\x00\x01\x00\x00\x00\x00" + question + b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + ip
+        else:
+            r = q[:2] + b"\x81\x83" + q[4:6] + b"\x00\x00\x00\x00\x00\x00" + question
+        s.sendto(r, peer)
+
+
+def serve(conn):
+    try:
+        conn.settimeout(30)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(4096)
+            if not chunk:
+                return
+            data += chunk
+        head = data.split(b"\r\n\r\n")[0].decode(errors="replace").split("\r\n")
+        path = head[0].split(" ")[1]
+        host = next((l.split(":", 1)[1].strip() for l in head[1:] if l.lower().startswith("host:")), "-")
+        if path == "/slow":
+            time.sleep(2)
+        if path.startswith("/big?"):
+            n = int(path[5:])
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % n)
+            block = b"x" * 65536
+            while n > 0:
+                conn.sendall(block[:min(n, len(block))])
+                n -= len(block)
+            return
+        body = ("hello " + host).encode()
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+    except Exception as e:
+        print("serve error", e, flush=True)
+    finally:
+        try:
+            conn.close()
+        except Exception:
+            pass
+
+
+def listen(port, tls):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((ADDR, port))
+    s.listen(512)
+    ctx = None
+    if tls:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(os.environ["CERT"], os.environ["KEY"])
+    while True:
+        c, _ = s.accept()
+
+        def handle(c=c):
+            if ctx:
+                try:
+                    c.settimeout(30)
+                    c = ctx.wrap_socket(c, server_side=True)
+                except Exception as e:
+                    print("tls error", e, flush=True)
+                    c.close()
+                    return
+            serve(c)
+
+        threading.Thread(target=handle, daemon=True).start()
+
+
+threading.Thread(target=dns, daemon=True).start()
+for port, tls in ((443, True), (80, False), (8080, False)):
+    threading.Thread(target=listen, args=(port, tls), daemon=True).start()
+print("ready", flush=True)
+while True:
+    time.sleep(3600)
