@@ -27,8 +27,9 @@
 //!   guest opened (conntrack `ESTABLISHED,RELATED`, both directions), DNS (udp and tcp 53) to
 //!   the host and nothing else to it (its address on the guest's network comes in as the
 //!   interface parameter [`HOST_VARIABLE`]: the host's own services stay out of reach even on
-//!   ports the egress rules allow), with domain rules TCP to the egress proxy on the host
-//!   ([`EGRESS_PROXY_PORT`]; domain rules themselves open nothing else), one accept rule per
+//!   ports the egress rules allow), with domain rules TCP to the egress proxy and udp/tcp to
+//!   the DNS filter on the host ([`EGRESS_PROXY_PORT`], [`EGRESS_DNS_PORT`]; domain rules
+//!   themselves open nothing else), one accept rule per
 //!   egress protocol × port range × destination for `NEW` connections, then drop everything.
 //!
 //! `$IP` is learned by libvirt from the DHCP exchange with the host (interface parameters
@@ -106,6 +107,11 @@ pub mod priority {
 /// `REDIRECT` in the network's namespace, kept by the controller); their filter lets them
 /// reach the host on this port and on nothing else but DNS and DHCP.
 pub const EGRESS_PROXY_PORT: u16 = 15080;
+
+/// Port of agentvm's DNS filter on the host's address of each network: guests whose filter
+/// has domain rules have their DNS (udp and tcp 53, to any server) redirected there; it
+/// answers only names their filter lists (NXDOMAIN otherwise).
+pub const EGRESS_DNS_PORT: u16 = 15053;
 
 /// The nwfilter variable holding the host's address on the guest's network (its gateway).
 /// Every interface referencing an agentvm filter must set it ([`crate::NicSpec::host`]).
@@ -552,11 +558,20 @@ impl NwFilterDef {
                 comment: None,
             });
         }
-        if spec.has_domain_rules() {
+        let proxies: &[(&'static str, u16)] = if spec.has_domain_rules() {
+            &[
+                ("tcp", EGRESS_PROXY_PORT),
+                ("udp", EGRESS_DNS_PORT),
+                ("tcp", EGRESS_DNS_PORT),
+            ]
+        } else {
+            &[]
+        };
+        for &(protocol, port) in proxies {
             let mut attrs = vec![
                 ("dstipaddr", format!("${HOST_VARIABLE}")),
-                ("dstportstart", EGRESS_PROXY_PORT.to_string()),
-                ("dstportend", EGRESS_PROXY_PORT.to_string()),
+                ("dstportstart", port.to_string()),
+                ("dstportend", port.to_string()),
             ];
             if spec.allow_established {
                 attrs.push(("state", "NEW".into()));
@@ -566,7 +581,7 @@ impl NwFilterDef {
                 direction: "out",
                 priority: priority::HOST_PROXY,
                 statematch: spec.allow_established,
-                protocol: "tcp",
+                protocol,
                 attrs,
                 comment: None,
             });
@@ -1335,6 +1350,7 @@ mod tests {
             })
             .collect();
         let proxy = EGRESS_PROXY_PORT.to_string();
+        let dns = EGRESS_DNS_PORT.to_string();
         assert_eq!(
             tcp,
             [
@@ -1350,8 +1366,25 @@ mod tests {
                     Some("$AGENTVM_HOST"),
                     Some(proxy.as_str())
                 ),
+                (
+                    "accept".into(),
+                    priority::HOST_PROXY,
+                    Some("$AGENTVM_HOST"),
+                    Some(dns.as_str())
+                ),
             ]
         );
+        let udp_host: Vec<Option<&str>> = f
+            .rules
+            .iter()
+            .filter(|r| {
+                r.protocol == "udp"
+                    && r.action == "accept"
+                    && r.attrs.get("dstipaddr").map(String::as_str) == Some("$AGENTVM_HOST")
+            })
+            .map(|r| r.attrs.get("dstportstart").map(String::as_str))
+            .collect();
+        assert_eq!(udp_host, [Some("53"), Some(dns.as_str())]);
         assert!(rules_with(&f, "udp").iter().any(|r| r
             .attrs
             .get("dstportstart")

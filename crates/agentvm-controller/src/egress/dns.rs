@@ -82,6 +82,50 @@ pub fn query(id: u16, name: &str) -> io::Result<Vec<u8>> {
     Ok(q)
 }
 
+/// The name a guest's query asks about (lowercase, no trailing dot): `None` unless it is a
+/// query (QR clear, opcode 0) with exactly one question whose name is plain labels.
+pub fn question_name(msg: &[u8]) -> Option<String> {
+    if msg.len() < 12 || msg[2] & 0x80 != 0 || msg[2] & 0x78 != 0 {
+        return None;
+    }
+    if u16_at(msg, 4).ok()? != 1 {
+        return None;
+    }
+    let mut pos = 12;
+    let mut labels: Vec<String> = Vec::new();
+    loop {
+        let len = *msg.get(pos)? as usize;
+        if len == 0 {
+            break;
+        }
+        if len > 63 {
+            return None;
+        }
+        let label = msg.get(pos + 1..pos + 1 + len)?;
+        labels.push(String::from_utf8(label.to_vec()).ok()?.to_ascii_lowercase());
+        pos += 1 + len;
+    }
+    msg.get(pos + 1..pos + 5)?;
+    let name = labels.join(".");
+    (name.len() <= 253).then_some(name)
+}
+
+/// Sends `query` as it is to `server` and returns the first reply carrying its ID.
+pub fn forward(server: SocketAddr, query: &[u8], timeout: Duration) -> io::Result<Vec<u8>> {
+    let socket = UdpSocket::bind(("0.0.0.0", 0))?;
+    socket.connect(server)?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.send(query)?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = socket.recv(&mut buf)?;
+        if n >= 2 && buf[..2] == query[..2] {
+            buf.truncate(n);
+            return Ok(buf);
+        }
+    }
+}
+
 /// Skips a (possibly compressed) name at `pos`; returns the offset after it.
 fn skip_name(msg: &[u8], mut pos: usize) -> Result<usize, &'static str> {
     loop {
@@ -172,6 +216,23 @@ mod tests {
         assert_eq!(parse_answer(&a, 0x9999), Ok(None));
         assert_eq!(parse_answer(&answer(&q, None), 0x1234), Ok(Some(vec![])));
         assert!(query(1, "a..b").is_err());
+    }
+
+    #[test]
+    fn the_question_of_a_query() {
+        let q = query(1, "API.Example.com").unwrap();
+        assert_eq!(question_name(&q).as_deref(), Some("api.example.com"));
+        let a = answer(&q, None);
+        assert_eq!(question_name(&a), None, "an answer is not a query");
+        for cut in 0..q.len() {
+            assert_eq!(question_name(&q[..cut]), None, "cut at {cut}");
+        }
+        let mut two = q.clone();
+        two[5] = 2;
+        assert_eq!(question_name(&two), None, "two questions");
+        let mut pointer = q.clone();
+        pointer[12] = 0xc0;
+        assert_eq!(question_name(&pointer), None, "compression in a question");
     }
 
     #[test]

@@ -20,18 +20,19 @@
 //! - The proxy runs for the life of the controller process.
 
 pub mod dns;
+pub mod dns_filter;
 pub mod proxy;
 pub mod sniff;
 pub mod steer;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use agentvm_api::{AgentRunPhase, Kind, NetworkFilterSpec, Resource};
-use agentvm_backend::netxml::{EGRESS_PROXY_PORT, NAME_PREFIX};
+use agentvm_backend::netxml::{EGRESS_DNS_PORT, EGRESS_PROXY_PORT, NAME_PREFIX};
 use agentvm_backend::Backend;
 
 use crate::audit::{AuditEvent, AuditEventType};
@@ -92,14 +93,31 @@ fn run(ctx: Ctx, backend: Arc<dyn Backend>) {
             if listening.contains_key(&gateway) {
                 continue;
             }
-            match TcpListener::bind(SocketAddrV4::new(gateway, EGRESS_PROXY_PORT)) {
-                Ok(l) => {
-                    tracing::info!("egress proxy listening on {gateway}:{EGRESS_PROXY_PORT}");
+            let bound = (|| {
+                Ok::<_, std::io::Error>((
+                    TcpListener::bind(SocketAddrV4::new(gateway, EGRESS_PROXY_PORT))?,
+                    UdpSocket::bind(SocketAddrV4::new(gateway, EGRESS_DNS_PORT))?,
+                    TcpListener::bind(SocketAddrV4::new(gateway, EGRESS_DNS_PORT))?,
+                ))
+            })();
+            match bound {
+                Ok((proxy_l, dns_udp, dns_tcp)) => {
+                    tracing::info!(
+                        "egress proxy listening on {gateway}:{EGRESS_PROXY_PORT}, DNS filter on {gateway}:{EGRESS_DNS_PORT}"
+                    );
                     listening.insert(gateway, ());
                     let pc = proxy_ctx.clone();
                     let _ = std::thread::Builder::new()
                         .name(format!("egress-{gateway}"))
-                        .spawn(move || accept_loop(l, pc));
+                        .spawn(move || accept_loop(proxy_l, pc));
+                    let pc = proxy_ctx.clone();
+                    let _ = std::thread::Builder::new()
+                        .name(format!("egress-dns-{gateway}"))
+                        .spawn(move || dns_filter::serve_udp(dns_udp, pc));
+                    let pc = proxy_ctx.clone();
+                    let _ = std::thread::Builder::new()
+                        .name(format!("egress-dnstcp-{gateway}"))
+                        .spawn(move || dns_filter::serve_tcp(dns_tcp, pc));
                 }
                 Err(e) => tracing::debug!("egress proxy: not yet listening on {gateway}: {e}"),
             }
@@ -255,6 +273,7 @@ fn proxy_context(ctx: &Ctx, guests: GuestTable) -> ProxyContext {
                 timeout: Duration::from_secs(3),
             })
         }),
+        dns_upstream: Box::new(move |local| configured.unwrap_or(SocketAddr::from((local, 53)))),
         original_destination: Box::new(|s| {
             rustix::net::sockopt::ip_original_dst(s).map_err(std::io::Error::from)
         }),
@@ -274,6 +293,10 @@ fn record(ctx: &Ctx, r: EgressRecord) {
         Some(g) => ("VmPool", g.pool.clone()),
         None => ("VmPool", String::new()),
     };
+    if r.verdict == Verdict::DnsAllowed {
+        // Counted, not audited: every lookup of an allowed name would be a line.
+        return;
+    }
     if r.verdict != Verdict::Allowed {
         tracing::info!(
             "egress refused: {} from {} to {}:{} ({}): {}",

@@ -73,6 +73,10 @@ pub enum Verdict {
     Timeout,
     /// Too many connections at once.
     Overloaded,
+    /// A DNS query for a name the filter lists, forwarded to the resolver.
+    DnsAllowed,
+    /// A DNS query for a name the filter does not list, answered NXDOMAIN.
+    DnsDenied,
 }
 
 impl Verdict {
@@ -90,6 +94,8 @@ impl Verdict {
             Verdict::UnknownGuest => "unknown_guest",
             Verdict::Timeout => "timeout",
             Verdict::Overloaded => "overloaded",
+            Verdict::DnsAllowed => "dns_allowed",
+            Verdict::DnsDenied => "dns_denied",
         }
     }
 }
@@ -129,6 +135,9 @@ pub struct ProxyContext {
     pub guest: Box<dyn Fn(Ipv4Addr) -> Option<GuestPolicy> + Send + Sync>,
     /// Resolver for a connection that reached the proxy on `local` (the network's gateway).
     pub resolver: Box<dyn Fn(Ipv4Addr) -> Box<dyn Resolve> + Send + Sync>,
+    /// The DNS server that guests' allowed queries are forwarded to, for a query that
+    /// reached the DNS filter on `local` (the network's gateway).
+    pub dns_upstream: Box<dyn Fn(Ipv4Addr) -> SocketAddr + Send + Sync>,
     /// The address the guest dialled before it was redirected (`SO_ORIGINAL_DST`).
     pub original_destination: Box<OriginalDestination>,
     /// Receives one record per connection.
@@ -413,6 +422,7 @@ mod tests {
                 })
             }),
             resolver: Box::new(move |_| Box::new(Fixed(answers.clone()))),
+            dns_upstream: Box::new(|_| SocketAddr::from(([127, 0, 0, 1], 9))),
             original_destination: Box::new(move |_| Ok(server_addr)),
             sink: Box::new(move |r| r2.lock().unwrap().push(r)),
             max_connections: 8,

@@ -8,18 +8,24 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 
-use agentvm_backend::netxml::{BRIDGE_PREFIX, EGRESS_PROXY_PORT};
+use agentvm_backend::netxml::{BRIDGE_PREFIX, EGRESS_DNS_PORT, EGRESS_PROXY_PORT};
 
 /// The nat chain agentvm owns.
 pub const CHAIN: &str = "AGENTVM_EGRESS";
 /// Most ports (a range counts two) one `multiport` match takes.
 const MULTIPORT_MAX: usize = 15;
 
-/// The `iptables-restore` input redirecting each guest's `ports` (inclusive ranges) to the
-/// proxy, for traffic entering from agentvm bridges only.
+/// The `iptables-restore` input redirecting each guest's DNS (udp and tcp 53, to any server)
+/// to the DNS filter and its `ports` (inclusive ranges) to the proxy, for traffic entering
+/// from agentvm bridges only.
 pub fn rules_script(guests: &BTreeMap<Ipv4Addr, Vec<(u16, u16)>>) -> String {
     let mut s = format!("*nat\n:{CHAIN} - [0:0]\n");
     for (ip, ports) in guests {
+        for proto in ["udp", "tcp"] {
+            s.push_str(&format!(
+                "-A {CHAIN} -i {BRIDGE_PREFIX}+ -s {ip}/32 -p {proto} --dport 53 -j REDIRECT --to-ports {EGRESS_DNS_PORT}\n"
+            ));
+        }
         let mut chunk: Vec<String> = Vec::new();
         let mut weight = 0;
         let flush = |chunk: &mut Vec<String>, s: &mut String| {
@@ -113,15 +119,20 @@ mod tests {
         assert_eq!(lines[0], "*nat");
         assert_eq!(lines[1], ":AGENTVM_EGRESS - [0:0]");
         assert_eq!(
-            lines[2],
-            "-A AGENTVM_EGRESS -i avm-+ -s 10.0.0.5/32 -p tcp -m multiport --dports 80,443 -j REDIRECT --to-ports 15080"
+            lines[2..5],
+            [
+                "-A AGENTVM_EGRESS -i avm-+ -s 10.0.0.5/32 -p udp --dport 53 -j REDIRECT --to-ports 15053",
+                "-A AGENTVM_EGRESS -i avm-+ -s 10.0.0.5/32 -p tcp --dport 53 -j REDIRECT --to-ports 15053",
+                "-A AGENTVM_EGRESS -i avm-+ -s 10.0.0.5/32 -p tcp -m multiport --dports 80,443 -j REDIRECT --to-ports 15080",
+            ]
         );
         // Nine ranges weigh 18: two rules of at most 15.
-        assert!(lines[3].contains(
+        assert!(lines[5].contains("-s 10.0.0.6/32 -p udp --dport 53 "));
+        assert!(lines[7].contains(
             "--dports 1000:1005,1010:1015,1020:1025,1030:1035,1040:1045,1050:1055,1060:1065 "
         ));
-        assert!(lines[4].contains("--dports 1070:1075,1080:1085 "));
-        assert_eq!(lines[5], "COMMIT");
+        assert!(lines[8].contains("--dports 1070:1075,1080:1085 "));
+        assert_eq!(lines[9], "COMMIT");
         assert_eq!(
             rules_script(&BTreeMap::new()),
             "*nat\n:AGENTVM_EGRESS - [0:0]\nCOMMIT\n",
