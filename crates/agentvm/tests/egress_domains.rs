@@ -3,10 +3,12 @@
 //! runs that try to get out. "The internet" (its own namespace, 198.18.0.2, see
 //! `Internet`) serves DNS for the test names, HTTPS on 443 and HTTP on 80 and 8080; the
 //! controller's egress proxy asks that DNS server (`AGENTVM_EGRESS_RESOLVER`) and works in
-//! the test namespace (`AGENTVM_EGRESS_NETNS`). Checked: an allowed name works over HTTPS and
+//! the test namespace (`AGENTVM_EGRESS_NETNS`, set by the harness). Checked: an allowed name works over HTTPS and
 //! HTTP; a denied name on an allowed port fails; an IP address without SNI fails; a name
 //! whose DNS answers do not include the dialled address fails; a port no rule lists is
-//! dropped; every proxied connection is an `egress` audit event with the right verdict and
+//! dropped; the guest's DNS (to its resolver or any other) answers listed names and NXDOMAIN
+//! for others, without asking upstream; every proxied connection is an `egress` audit event
+//! with the right verdict and
 //! byte counts; adding a name while a run is live lets that run reach it within seconds;
 //! 200 concurrent connections all get through, and a connection that never sends a
 //! ClientHello is closed after the proxy's 10 s.
@@ -126,6 +128,21 @@ t http-denied --resolve denied.test:80:$I http://denied.test/
 t ip-without-sni -k https://$I/
 t address-not-the-names -k --resolve wrongip.allowed.test:443:$I https://wrongip.allowed.test/
 t port-not-listed --max-time 5 http://$I:8080/
+if a=$(getent hosts api.allowed.test); then echo "dns-allowed ok ${a%% *}"; else echo "dns-allowed fail"; fi
+if getent hosts denied.test >/dev/null; then echo "dns-denied ok"; else echo "dns-denied fail"; fi
+t https-by-dns -k https://api.allowed.test/
+python3 - <<'EOF'
+import socket
+def q(name):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(5)
+    labels = b"".join(bytes([len(l)]) + l.encode() for l in name.split("."))
+    s.sendto(b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + labels + b"\x00\x00\x01\x00\x01", ("198.18.0.2", 53))
+    r = s.recv(512)
+    return r[3] & 15, r[7]
+print("other-resolver-denied rcode=%d answers=%d" % q("denied.test"))
+print("other-resolver-allowed rcode=%d answers=%d" % q("api.allowed.test"))
+EOF
 "#;
 
 #[test]
@@ -166,8 +183,6 @@ fn guests_reach_only_the_names_their_filter_lists() {
     env.domain_prefix = format!("agentvm-{pool}-");
     env.networks.push(format!("agentvm-{net}"));
     env.filters.push(format!("agentvm-{filter}"));
-    env.controller_env
-        .push(("AGENTVM_EGRESS_NETNS".into(), test_ns.clone()));
     env.controller_env
         .push(("AGENTVM_EGRESS_RESOLVER".into(), "198.18.0.2:53".into()));
     let third = 100 + pid % 150;
@@ -212,11 +227,34 @@ fn guests_reach_only_the_names_their_filter_lists() {
         "ip-without-sni",
         "address-not-the-names",
         "port-not-listed",
+        "dns-denied",
     ] {
         assert_eq!(verdict(label), "fail", "{label} must fail");
     }
+    // DNS answers only listed names, whichever server the guest asks; a denied name never
+    // reaches the resolver.
+    assert_eq!(verdict("dns-allowed"), "ok 198.18.0.2");
+    assert_eq!(verdict("https-by-dns"), "ok hello api.allowed.test");
+    assert_eq!(verdict("other-resolver-denied"), "rcode=3 answers=0");
+    assert_eq!(verdict("other-resolver-allowed"), "rcode=0 answers=1");
+    let asked = std::fs::read_to_string(&server_log).unwrap();
+    assert!(!asked.contains("dns denied.test"), "{asked}");
     // The connection log: one event per proxied connection, in order, with its verdict.
-    let events = egress_events(&env, "checks");
+    let all_events = egress_events(&env, "checks");
+    let dns_denied: Vec<&serde_json::Value> = all_events
+        .iter()
+        .filter(|e| e["verdict"] == "dns_denied")
+        .collect();
+    assert!(
+        !dns_denied.is_empty() && dns_denied.iter().all(|e| e["domain"] == "denied.test"),
+        "{dns_denied:#?}"
+    );
+    assert!(
+        all_events.iter().all(|e| e["verdict"] != "dns_allowed"),
+        "allowed lookups are counted, not audited"
+    );
+    let events: Vec<serde_json::Value> =
+        all_events.into_iter().filter(|e| e["port"] != 53).collect();
     let seen: Vec<(String, String, u64)> = events
         .iter()
         .map(|e| {
@@ -240,6 +278,7 @@ fn guests_reach_only_the_names_their_filter_lists() {
                 "wrongip.allowed.test".into(),
                 443
             ),
+            ("allowed".into(), "api.allowed.test".into(), 443),
         ],
         "{events:#?}"
     );
@@ -248,7 +287,7 @@ fn guests_reach_only_the_names_their_filter_lists() {
         assert!(e["bytesIn"].as_u64().unwrap() > 50, "{e}");
         assert_eq!(e["address"], "198.18.0.2");
     }
-    for e in &events[2..] {
+    for e in &events[2..6] {
         assert_eq!(
             (e["bytesOut"].as_u64(), e["bytesIn"].as_u64()),
             (Some(0), Some(0)),
@@ -352,6 +391,54 @@ EOF"#;
         200
     );
     assert!(load_events.iter().any(|e| e["verdict"] == "timeout"));
+
+    // 4. Throughput: 100 MiB over HTTPS through the proxy, then (the filter switched live to
+    // a plain tcp/443 rule: no proxy) straight through NAT, on the same VM.
+    let download = "curl -sk --resolve api.allowed.test:443:198.18.0.2 -o /dev/null \
+        -w '%{size_download} %{time_total}\\n' 'https://api.allowed.test/big?104857600'";
+    let bench = |env: &Env, name: &str| -> (u64, f64) {
+        let s = run_to_end(env, name, &pool, download);
+        assert_eq!(s["phase"], "Succeeded", "{s}");
+        let out = s["stdoutTail"].as_str().unwrap().trim().to_string();
+        let mut f = out.split(' ');
+        (
+            f.next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("{out}")),
+            f.next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("{out}")),
+        )
+    };
+    let (bytes, proxied) = bench(&env, "bench-proxy");
+    assert_eq!(bytes, 104_857_600);
+    let e = egress_events(&env, "bench-proxy");
+    assert_eq!(e.len(), 1, "{e:#?}");
+    assert!(e[0]["bytesIn"].as_u64().unwrap() > 104_857_600, "{e:#?}");
+    std::fs::write(
+        env.specs().join("filter.yaml"),
+        format!(
+            "apiVersion: agentvm.dev/v1alpha1\nkind: NetworkFilter\nmetadata: {{name: {filter}}}\nspec:\n  egress:\n    - {{protocol: tcp, ports: [443]}}\n"
+        ),
+    )
+    .unwrap();
+    env.wait("the redirect rules gone", Duration::from_secs(60), || {
+        !run_ok(&mut in_ns(
+            &test_ns,
+            &["iptables", "-t", "nat", "-S", "AGENTVM_EGRESS"],
+        ))
+        .contains("REDIRECT")
+    });
+    std::thread::sleep(Duration::from_secs(3)); // libvirt re-applies the nwfilter
+    let (bytes, direct) = bench(&env, "bench-nat");
+    assert_eq!(bytes, 104_857_600);
+    assert!(egress_events(&env, "bench-nat").is_empty(), "not proxied");
+    let mib = |secs: f64| 100.0 / secs;
+    eprintln!(
+        "100 MiB over HTTPS: through the egress proxy {proxied:.1} s ({:.1} MiB/s), plain NAT {direct:.1} s ({:.1} MiB/s)",
+        mib(proxied),
+        mib(direct)
+    );
 
     drop(env);
     drop(inet);

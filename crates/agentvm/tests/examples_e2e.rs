@@ -64,6 +64,8 @@ fn the_examples_as_a_spec_dir_become_ready_and_their_local_runs_succeed() {
     );
     env.networks.push("agentvm-agent-nat".into());
     env.filters.push("agentvm-agent-egress".into());
+    env.filters.push("agentvm-claude-code-egress".into());
+    env.filters.push("agentvm-aider-egress".into());
     // `claude --version` needs no key, but the manifest names one: any value will do here.
     let key = "sk-ant-examples-e2e-not-a-real-key";
     env.controller_env
@@ -83,6 +85,8 @@ fn the_examples_as_a_spec_dir_become_ready_and_their_local_runs_succeed() {
     let ready = [
         ("network", "agent-nat"),
         ("networkfilter", "agent-egress"),
+        ("networkfilter", "claude-code-egress"),
+        ("networkfilter", "aider-egress"),
         ("image", "debian-base"),
         ("image", "debian-net"),
         ("image", "claude-code"),

@@ -126,6 +126,11 @@ fn run(ctx: Ctx, backend: Arc<dyn Backend>) {
             Ok((table, ports)) => {
                 let script = steer::rules_script(&ports);
                 *guests.write().unwrap() = table;
+                if applied.is_none() && ports.is_empty() && !steer::chain_exists() {
+                    // Nothing to steer and nothing left by an earlier controller: the
+                    // namespace's tables are not touched at all.
+                    applied = Some(script.clone());
+                }
                 if applied.as_deref() != Some(script.as_str()) {
                     match steer::apply(&script) {
                         Ok(()) => {

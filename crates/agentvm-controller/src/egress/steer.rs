@@ -56,6 +56,16 @@ pub fn rules_script(guests: &BTreeMap<Ipv4Addr, Vec<(u16, u16)>>) -> String {
     s
 }
 
+/// True if [`CHAIN`] exists in the nat table.
+pub fn chain_exists() -> bool {
+    Command::new("iptables")
+        .args(["-w", "-t", "nat", "-S", CHAIN])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// Loads `script` and makes sure `PREROUTING` jumps to [`CHAIN`] first.
 pub fn apply(script: &str) -> Result<(), String> {
     let mut child = Command::new("iptables-restore")

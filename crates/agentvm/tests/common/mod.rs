@@ -127,6 +127,11 @@ impl Env {
             .env("AGENTVM_CONFIG", self.dir.join("no-config.yaml"))
             .env_remove("AGENTVM_SPEC_DIR")
             .stdin(Stdio::null());
+        if self.uri == URI {
+            // The egress proxy works where libvirtd's networks are, never in this
+            // machine's own namespace.
+            c.env("AGENTVM_EGRESS_NETNS", test_netns());
+        }
         match &self.log_level {
             Some(level) => c.env("AGENTVM_LOG", level),
             None => c.env_remove("AGENTVM_LOG"),
