@@ -829,3 +829,21 @@ fn domain_rules_match_names_and_ports() {
     assert_eq!(rule.domain_ports(), vec![PortRange::single(8443)]);
     assert!(!NetworkFilterSpec::predecessor_default().has_domain_rules());
 }
+
+#[test]
+fn egress_summaries_count_every_connection_and_list_at_most_50_destinations() {
+    let mut s = agentvm_api::EgressSummary::default();
+    s.add("a.example.com", 443, "allowed", 10, 100);
+    s.add("b.example.com", 443, "denied", 0, 0);
+    s.add("a.example.com", 443, "allowed", 5, 50);
+    assert_eq!((s.connections, s.allowed, s.refused), (3, 2, 1));
+    assert_eq!((s.bytes_out, s.bytes_in), (15, 150));
+    assert_eq!(s.destinations[0].domain, "a.example.com", "busiest first");
+    assert_eq!(s.destinations[0].connections, 2);
+    for i in 0..100 {
+        s.add(&format!("h{i}.example.com"), 80, "denied", 0, 0);
+    }
+    assert_eq!(s.destinations.len(), 50);
+    assert!(s.truncated);
+    assert_eq!(s.connections, 103, "the totals still count them");
+}

@@ -236,6 +236,7 @@ impl Controller {
             metrics: self.metrics.clone(),
             audit: audit.clone(),
             vm_stats: self.vm_stats.clone(),
+            egress: Default::default(),
         };
         if let Some(backend) = self.egress.take() {
             if let Err(e) = crate::egress::start(ctx.clone(), backend) {

@@ -87,6 +87,8 @@ pub struct Ctx {
     pub audit: AuditLog,
     /// The latest statistics samples of each running VM (anomaly detection).
     pub vm_stats: VmStatsHistory,
+    /// Egress summaries of runs in progress (filled by the egress proxy).
+    pub egress: crate::egress::RunSummaries,
 }
 
 impl Ctx {
@@ -98,6 +100,7 @@ impl Ctx {
             metrics: Metrics::new(),
             audit: AuditLog::disabled(),
             vm_stats: VmStatsHistory::new(DEFAULT_HISTORY),
+            egress: Default::default(),
         }
     }
 }

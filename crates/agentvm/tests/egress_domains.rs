@@ -294,6 +294,25 @@ fn guests_reach_only_the_names_their_filter_lists() {
             "{e}"
         );
     }
+    // The run's summary in its status, shown by `describe`.
+    let summary = &s["egress"];
+    assert_eq!(summary["allowed"], 3, "{summary:#}");
+    assert!(summary["refused"].as_u64().unwrap() >= 4, "{summary:#}");
+    let dest = |domain: &str, port: u64, verdict: &str| {
+        summary["destinations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["domain"] == domain && d["port"] == port && d["verdict"] == verdict)
+    };
+    assert!(dest("api.allowed.test", 443, "allowed"), "{summary:#}");
+    assert!(dest("denied.test", 443, "denied"), "{summary:#}");
+    assert!(dest("denied.test", 53, "dns_denied"), "{summary:#}");
+    let described = env.ok(&["describe", "run/checks"]);
+    assert!(
+        described.contains("egress:") && described.contains("address_mismatch"),
+        "{described}"
+    );
     assert!(
         env.log().contains("egress refused: denied.test"),
         "refusals are logged"

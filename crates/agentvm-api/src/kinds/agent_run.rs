@@ -389,10 +389,95 @@ pub struct AgentRunStatus {
     /// Resources the VM used during the run (once it has ended).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_usage: Option<ResourceUsage>,
+    /// Connections and DNS lookups the egress proxy refused or carried for the run (with a
+    /// domain filter; once it has ended): totals and the busiest destinations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressSummary>,
     /// CamelCase reason for the current phase (`Completed`, `NonZeroExit`,
     /// `Timeout`, `PoolNotFound`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+/// Most destinations an [`EgressSummary`] lists.
+pub const MAX_EGRESS_DESTINATIONS: usize = 50;
+
+/// A run's traffic through the egress proxy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressSummary {
+    /// Connections (and refused DNS lookups) in all.
+    pub connections: u64,
+    /// How many were allowed.
+    pub allowed: u64,
+    /// How many were refused.
+    pub refused: u64,
+    /// Bytes from the guest, over all connections.
+    pub bytes_out: u64,
+    /// Bytes to the guest, over all connections.
+    pub bytes_in: u64,
+    /// Per (domain, port, verdict), busiest first, at most 50.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destinations: Vec<EgressDestination>,
+    /// More destinations were seen than listed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+}
+
+/// Connections of a run to one destination with one verdict.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressDestination {
+    /// The name asked for (`-` when none was sent).
+    pub domain: String,
+    /// Destination port.
+    pub port: u16,
+    /// `allowed`, `denied`, `no_name`, `dns_denied`, ...
+    pub verdict: String,
+    /// How many.
+    pub connections: u64,
+    /// Bytes from the guest.
+    pub bytes_out: u64,
+    /// Bytes to the guest.
+    pub bytes_in: u64,
+}
+
+impl EgressSummary {
+    /// Counts one connection, keeping at most [`MAX_EGRESS_DESTINATIONS`] destinations
+    /// (a new one beyond that only counts in the totals and sets `truncated`).
+    pub fn add(&mut self, domain: &str, port: u16, verdict: &str, bytes_out: u64, bytes_in: u64) {
+        self.connections += 1;
+        if verdict == "allowed" {
+            self.allowed += 1;
+        } else {
+            self.refused += 1;
+        }
+        self.bytes_out += bytes_out;
+        self.bytes_in += bytes_in;
+        let full = self.destinations.len() >= MAX_EGRESS_DESTINATIONS;
+        match self
+            .destinations
+            .iter_mut()
+            .find(|d| d.domain == domain && d.port == port && d.verdict == verdict)
+        {
+            Some(d) => {
+                d.connections += 1;
+                d.bytes_out += bytes_out;
+                d.bytes_in += bytes_in;
+            }
+            None if full => self.truncated = true,
+            None => self.destinations.push(EgressDestination {
+                domain: domain.to_string(),
+                port,
+                verdict: verdict.to_string(),
+                connections: 1,
+                bytes_out,
+                bytes_in,
+            }),
+        }
+        self.destinations
+            .sort_by_key(|d| std::cmp::Reverse(d.connections));
+    }
 }
 
 /// An artifact copied from the guest.

@@ -40,6 +40,39 @@ use crate::reconcile::Ctx;
 use dns::{Resolve, UdpResolver};
 use proxy::{EgressRecord, GuestPolicy, ProxyContext, Verdict};
 
+/// Most runs whose egress summary is kept until their run ends and takes it.
+pub const MAX_SUMMARIES: usize = 1024;
+
+/// Per-run egress summaries, filled by the proxy and taken by the run when it ends.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummaries(Arc<std::sync::Mutex<HashMap<String, agentvm_api::EgressSummary>>>);
+
+impl RunSummaries {
+    /// Counts one record for `run`.
+    fn add(&self, run: &str, r: &EgressRecord) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !m.contains_key(run) && m.len() >= MAX_SUMMARIES {
+            // Runs that ended without taking theirs (deleted, controller restarted): the
+            // oldest is unknown, any will do to keep the map bounded.
+            if let Some(k) = m.keys().next().cloned() {
+                m.remove(&k);
+            }
+        }
+        m.entry(run.to_string()).or_default().add(
+            r.name.as_deref().unwrap_or("-"),
+            r.destination.port(),
+            r.verdict.as_str(),
+            r.bytes_out,
+            r.bytes_in,
+        );
+    }
+
+    /// The summary of `run` so far, removed from the map (`None`: no egress through the proxy).
+    pub fn take(&self, run: &str) -> Option<agentvm_api::EgressSummary> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(run)
+    }
+}
+
 /// How often the proxy refreshes its guest table, listeners and redirect rules.
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(2);
 /// Most guest connections handled at once (more are refused).
@@ -312,6 +345,9 @@ fn record(ctx: &Ctx, r: EgressRecord) {
             r.verdict.as_str(),
             r.reason
         );
+    }
+    if let Some(run) = r.guest.as_ref().and_then(|g| g.run.as_deref()) {
+        ctx.egress.add(run, &r);
     }
     let mut event = AuditEvent::new(AuditEventType::Egress, kind, name, "controller").details(
         serde_json::json!({

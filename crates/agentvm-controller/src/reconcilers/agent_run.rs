@@ -741,6 +741,8 @@ impl Job {
         st.artifacts = artifacts;
         st.anomalies = report.anomalies;
         st.resource_usage = report.usage;
+        // Connections still open now are not in it (they are logged when they end).
+        st.egress = self.ctx.egress.take(&self.name);
         let secs = started.elapsed().as_secs_f64();
         // A VM whose QEMU or guest agent failed under the run is not trusted with another.
         let mut replace = false;
