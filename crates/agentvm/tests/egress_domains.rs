@@ -128,6 +128,10 @@ t http-denied --resolve denied.test:80:$I http://denied.test/
 t ip-without-sni -k https://$I/
 t address-not-the-names -k --resolve wrongip.allowed.test:443:$I https://wrongip.allowed.test/
 t port-not-listed --max-time 5 http://$I:8080/
+G=$(ip route | awk '/default/ {print $3; exit}')
+t proxy-connect-allowed -k -x http://$G:15080 https://api.allowed.test/
+t proxy-connect-denied -k -x http://$G:15080 https://denied.test/
+t proxy-http-allowed -x http://$G:15080 http://api.allowed.test/
 if a=$(getent hosts api.allowed.test); then echo "dns-allowed ok ${a%% *}"; else echo "dns-allowed fail"; fi
 if getent hosts denied.test >/dev/null; then echo "dns-denied ok"; else echo "dns-denied fail"; fi
 t https-by-dns -k https://api.allowed.test/
@@ -228,11 +232,18 @@ fn guests_reach_only_the_names_their_filter_lists() {
         "address-not-the-names",
         "port-not-listed",
         "dns-denied",
+        "proxy-connect-denied",
     ] {
         assert_eq!(verdict(label), "fail", "{label} must fail");
     }
     // DNS answers only listed names, whichever server the guest asks; a denied name never
     // reaches the resolver.
+    // The proxy named explicitly (HTTPS_PROXY / HTTP_PROXY) applies the same list.
+    assert_eq!(
+        verdict("proxy-connect-allowed"),
+        "ok hello api.allowed.test"
+    );
+    assert_eq!(verdict("proxy-http-allowed"), "ok hello api.allowed.test");
     assert_eq!(verdict("dns-allowed"), "ok 198.18.0.2");
     assert_eq!(verdict("https-by-dns"), "ok hello api.allowed.test");
     assert_eq!(verdict("other-resolver-denied"), "rcode=3 answers=0");
@@ -279,6 +290,9 @@ fn guests_reach_only_the_names_their_filter_lists() {
                 443
             ),
             ("allowed".into(), "api.allowed.test".into(), 443),
+            ("denied".into(), "denied.test".into(), 443),
+            ("allowed".into(), "api.allowed.test".into(), 80),
+            ("allowed".into(), "api.allowed.test".into(), 443),
         ],
         "{events:#?}"
     );
@@ -296,7 +310,7 @@ fn guests_reach_only_the_names_their_filter_lists() {
     }
     // The run's summary in its status, shown by `describe`.
     let summary = &s["egress"];
-    assert_eq!(summary["allowed"], 3, "{summary:#}");
+    assert_eq!(summary["allowed"], 5, "{summary:#}");
     assert!(summary["refused"].as_u64().unwrap() >= 4, "{summary:#}");
     let dest = |domain: &str, port: u64, verdict: &str| {
         summary["destinations"]

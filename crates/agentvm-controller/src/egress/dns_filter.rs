@@ -76,6 +76,7 @@ pub fn reply(
         bytes_out: query.len() as u64,
         bytes_in: reply.as_ref().map_or(0, |r| r.len() as u64),
         duration: t0.elapsed(),
+        proxy_replied: false,
     });
     reply
 }

@@ -13,6 +13,9 @@
 //! - Bounded: at most [`MAX_SNIFF_BYTES`] and [`SNIFF_TIMEOUT`] to learn the name, a connect
 //!   timeout upstream, an idle timeout on both directions once spliced, at most
 //!   `max_connections` at a time (more are refused at once).
+//! - A guest naming the proxy itself (`HTTPS_PROXY`, not redirected) gets the same checks
+//!   on its `CONNECT host:port` or absolute-form `http://` request, and a tunnel whose SNI
+//!   or `Host` is not the `CONNECT`'s host is refused; refusals are answered `403`.
 //! - Every connection ends in exactly one [`EgressRecord`] handed to the sink.
 
 use std::io::{self, Read, Write};
@@ -73,6 +76,9 @@ pub enum Verdict {
     Timeout,
     /// Too many connections at once.
     Overloaded,
+    /// Through the proxy named explicitly (`HTTPS_PROXY`): the name in the tunnel's TLS SNI
+    /// or `Host` is not the one the `CONNECT` asked for.
+    NameMismatch,
     /// A DNS query for a name the filter lists, forwarded to the resolver.
     DnsAllowed,
     /// A DNS query for a name the filter does not list, answered NXDOMAIN.
@@ -94,6 +100,7 @@ impl Verdict {
             Verdict::UnknownGuest => "unknown_guest",
             Verdict::Timeout => "timeout",
             Verdict::Overloaded => "overloaded",
+            Verdict::NameMismatch => "name_mismatch",
             Verdict::DnsAllowed => "dns_allowed",
             Verdict::DnsDenied => "dns_denied",
         }
@@ -123,6 +130,8 @@ pub struct EgressRecord {
     pub bytes_in: u64,
     /// From accept to close.
     pub duration: Duration,
+    /// The proxy already answered the guest (explicit proxy: `200 Connection established`).
+    pub proxy_replied: bool,
 }
 
 /// Reads the address a redirected connection was dialled to.
@@ -171,6 +180,7 @@ pub fn handle(ctx: &Arc<ProxyContext>, guest_conn: TcpStream) {
         bytes_out: 0,
         bytes_in: 0,
         duration: Duration::ZERO,
+        proxy_replied: false,
     };
     let active = ctx.active.fetch_add(1, Ordering::SeqCst) + 1;
     let outcome = if active > ctx.max_connections {
@@ -212,30 +222,26 @@ fn decide_and_splice(
             "not redirected (no original destination)".into(),
         ));
     }
+    let local = match guest_conn.local_addr() {
+        Ok(SocketAddr::V4(a)) => a,
+        _ => SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+    };
+    if record.destination == local {
+        // Not redirected: the guest named the proxy itself (`HTTPS_PROXY`/`HTTP_PROXY`).
+        let outcome = explicit(ctx, guest_conn, record, &guest, *local.ip());
+        if outcome.is_err() && !record.proxy_replied {
+            let _ = (&*guest_conn).write_all(
+                b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+        return outcome;
+    }
     let (first, name) = read_name(guest_conn)?;
     record.name = Some(name.clone());
     let port = record.destination.port();
-    if let Some(problem) = domain_pattern_problem(&name).or_else(|| {
-        name.starts_with("*.")
-            .then(|| "a wildcard is not a host name".to_string())
-    }) {
-        return Err((Verdict::BadName, problem));
-    }
-    let name = name.to_ascii_lowercase();
+    let name = check_name(&guest, &name, port)?;
     record.name = Some(name.clone());
-    if !guest.spec.allows_domain(&name, port) {
-        return Err((
-            Verdict::Denied,
-            format!(
-                "NetworkFilter {} does not allow {name} on port {port}",
-                guest.filter
-            ),
-        ));
-    }
-    let local = match guest_conn.local_addr() {
-        Ok(SocketAddr::V4(a)) => *a.ip(),
-        _ => Ipv4Addr::UNSPECIFIED,
-    };
+    let local = *local.ip();
     let answers = (ctx.resolver)(local)
         .resolve(&name)
         .map_err(|e| (Verdict::ResolveFailed, format!("resolving {name}: {e}")))?;
@@ -272,10 +278,156 @@ fn decide_and_splice(
     Ok(())
 }
 
+/// `name` as a lowercase host name the guest's filter allows on `port`.
+fn check_name(guest: &GuestPolicy, name: &str, port: u16) -> Result<String, Refusal> {
+    if let Some(problem) = domain_pattern_problem(name).or_else(|| {
+        name.starts_with("*.")
+            .then(|| "a wildcard is not a host name".to_string())
+    }) {
+        return Err((Verdict::BadName, problem));
+    }
+    let name = name.to_ascii_lowercase();
+    if !guest.spec.allows_domain(&name, port) {
+        return Err((
+            Verdict::Denied,
+            format!(
+                "NetworkFilter {} does not allow {name} on port {port}",
+                guest.filter
+            ),
+        ));
+    }
+    Ok(name)
+}
+
+/// The proxy named explicitly: `CONNECT host:port` (then the tunnel's TLS SNI or `Host` must
+/// be that host) or an absolute-form `GET http://host[:port]/...`. The same checks as a
+/// redirected connection; the upstream address is the name's first DNS answer.
+fn explicit(
+    ctx: &ProxyContext,
+    guest_conn: &TcpStream,
+    record: &mut EgressRecord,
+    guest: &GuestPolicy,
+    local: Ipv4Addr,
+) -> Result<(), Refusal> {
+    let head = read_head(guest_conn)?;
+    let end = head
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(head.len(), |p| p + 4);
+    let line = String::from_utf8_lossy(&head[..head.iter().position(|&b| b == b'\r').unwrap_or(0)])
+        .into_owned();
+    let mut parts = line.split(' ');
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (tunnel, authority) = if method == "CONNECT" {
+        (true, target)
+    } else if let Some(rest) = target.strip_prefix("http://") {
+        (false, rest.split('/').next().unwrap_or(""))
+    } else {
+        return Err((
+            Verdict::NoName,
+            "a request to the proxy that is neither CONNECT nor http://".into(),
+        ));
+    };
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) => match p.parse::<u16>() {
+            Ok(p) if p > 0 => (h, p),
+            _ => return Err((Verdict::BadName, format!("bad port in {authority:?}"))),
+        },
+        None if !tunnel => (authority, 80),
+        None => {
+            return Err((
+                Verdict::BadName,
+                format!("CONNECT {authority:?} has no port"),
+            ))
+        }
+    };
+    record.name = Some(host.to_string());
+    // Not resolved yet: the log shows 0.0.0.0 with the asked-for port if refused here.
+    record.destination = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
+    let name = check_name(guest, host, port)?;
+    record.name = Some(name.clone());
+    let answers = (ctx.resolver)(local)
+        .resolve(&name)
+        .map_err(|e| (Verdict::ResolveFailed, format!("resolving {name}: {e}")))?;
+    let Some(address) = answers.first() else {
+        return Err((
+            Verdict::ResolveFailed,
+            format!("{name} has no IPv4 address"),
+        ));
+    };
+    record.destination = SocketAddrV4::new(*address, port);
+    let upstream = TcpStream::connect_timeout(&SocketAddr::V4(record.destination), CONNECT_TIMEOUT)
+        .map_err(|e| {
+            (
+                Verdict::ConnectFailed,
+                format!("{}: {e}", record.destination),
+            )
+        })?;
+    let first = if tunnel {
+        record.proxy_replied = true;
+        (&*guest_conn)
+            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            .map_err(|e| (Verdict::NoName, format!("writing: {e}")))?;
+        let mut first = head[end..].to_vec();
+        let (more, inner) = read_name_after(guest_conn, std::mem::take(&mut first))?;
+        if !inner.eq_ignore_ascii_case(&name) {
+            return Err((
+                Verdict::NameMismatch,
+                format!("CONNECT {name} but the tunnel asks for {inner}"),
+            ));
+        }
+        more
+    } else {
+        head
+    };
+    let (out, inn) = splice(guest_conn, upstream, &first, ctx.idle_timeout);
+    record.bytes_out = out;
+    record.bytes_in = inn;
+    Ok(())
+}
+
+/// Reads an HTTP request head (through its blank line) within the sniff limits.
+fn read_head(conn: &TcpStream) -> Result<Vec<u8>, Refusal> {
+    let deadline = Instant::now() + SNIFF_TIMEOUT;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    let mut reader = conn;
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || buf.len() >= MAX_SNIFF_BYTES {
+            return Err((Verdict::Timeout, "no complete request head".into()));
+        }
+        let _ = conn.set_read_timeout(Some(left));
+        let room = (MAX_SNIFF_BYTES - buf.len()).min(chunk.len());
+        match reader.read(&mut chunk[..room]) {
+            Ok(0) => return Err((Verdict::NoName, "closed before a request".into())),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return Err((Verdict::Timeout, "no complete request head".into())),
+        }
+    }
+    Ok(buf)
+}
+
 /// Reads until the name is known; returns the bytes read and the name.
 fn read_name(conn: &TcpStream) -> Result<(Vec<u8>, String), Refusal> {
+    read_name_after(conn, Vec::with_capacity(2048))
+}
+
+/// [`read_name`] when `buf` already holds the first bytes.
+fn read_name_after(conn: &TcpStream, mut buf: Vec<u8>) -> Result<(Vec<u8>, String), Refusal> {
+    if !buf.is_empty() {
+        match sniff(&buf) {
+            Sniffed::NeedMore => {}
+            Sniffed::Tls {
+                sni: Some(n),
+                ech: false,
+            } => return Ok((buf, n)),
+            Sniffed::Http { host } => return Ok((buf, host)),
+            _ => return Err((Verdict::NoName, "no name in the tunnel".into())),
+        }
+    }
     let deadline = Instant::now() + SNIFF_TIMEOUT;
-    let mut buf = Vec::with_capacity(2048);
     let mut chunk = [0u8; 4096];
     let mut reader = conn;
     loop {
@@ -375,6 +527,8 @@ mod tests {
     use std::net::TcpListener;
     use std::sync::Mutex;
 
+    type Records = Arc<Mutex<Vec<EgressRecord>>>;
+
     struct Fixed(Vec<Ipv4Addr>);
     impl Resolve for Fixed {
         fn resolve(&self, name: &str) -> io::Result<Vec<Ipv4Addr>> {
@@ -388,10 +542,17 @@ mod tests {
 
     /// An echo server on 127.0.0.1 (the "internet"), a proxy on another port whose
     /// original destination is that server, and the records it logged.
-    fn setup(
+    fn setup(spec: NetworkFilterSpec, answers: Vec<Ipv4Addr>) -> (SocketAddr, Records) {
+        setup_with(spec, answers, false).0
+    }
+
+    /// `setup`, optionally with the guest naming the proxy itself (no redirect); also
+    /// returns the echo server's port.
+    fn setup_with(
         mut spec: NetworkFilterSpec,
         answers: Vec<Ipv4Addr>,
-    ) -> (SocketAddr, Arc<Mutex<Vec<EgressRecord>>>) {
+        explicit: bool,
+    ) -> ((SocketAddr, Records), u16) {
         let server = TcpListener::bind("127.0.0.1:0").unwrap();
         let server_addr = match server.local_addr().unwrap() {
             SocketAddr::V4(a) => a,
@@ -423,7 +584,10 @@ mod tests {
             }),
             resolver: Box::new(move |_| Box::new(Fixed(answers.clone()))),
             dns_upstream: Box::new(|_| SocketAddr::from(([127, 0, 0, 1], 9))),
-            original_destination: Box::new(move |_| Ok(server_addr)),
+            original_destination: Box::new(move |c| match (explicit, c.local_addr()) {
+                (true, Ok(SocketAddr::V4(local))) => Ok(local),
+                _ => Ok(server_addr),
+            }),
             sink: Box::new(move |r| r2.lock().unwrap().push(r)),
             max_connections: 8,
             idle_timeout: Duration::from_secs(2),
@@ -437,7 +601,7 @@ mod tests {
                 std::thread::spawn(move || handle(&ctx, c));
             }
         });
-        (proxy_addr, records)
+        ((proxy_addr, records), server_addr.port())
     }
 
     fn spec(domains: &[&str]) -> NetworkFilterSpec {
@@ -521,6 +685,53 @@ mod tests {
         let r = wait_records(&records, 1);
         assert_eq!(r[0].verdict, Verdict::AddressMismatch, "{r:?}");
         assert!(r[0].reason.contains("192.0.2.7"), "{}", r[0].reason);
+    }
+
+    #[test]
+    fn the_proxy_named_explicitly_applies_the_same_checks() {
+        let ((proxy, records), port) =
+            setup_with(spec(&["*.example.com"]), vec![Ipv4Addr::LOCALHOST], true);
+        let hello = client_hello(Some("api.example.com"), false);
+        // CONNECT, then a ClientHello for the same name: tunnelled.
+        let mut first =
+            format!("CONNECT api.example.com:{port} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes();
+        first.extend(&hello);
+        let back = exchange(proxy, &first);
+        let established = b"HTTP/1.1 200 Connection established\r\n\r\n";
+        assert!(
+            back.starts_with(established),
+            "{}",
+            String::from_utf8_lossy(&back)
+        );
+        assert_eq!(&back[established.len()..], &hello[..]);
+        wait_records(&records, 1);
+        // CONNECT to an allowed name, then a ClientHello for another: refused.
+        let mut sneaky = format!("CONNECT api.example.com:{port} HTTP/1.1\r\n\r\n").into_bytes();
+        sneaky.extend(client_hello(Some("evil.net"), false));
+        assert_eq!(exchange(proxy, &sneaky), established.to_vec());
+        wait_records(&records, 2);
+        // CONNECT to a name the filter does not list: 403, nothing upstream.
+        let denied = format!("CONNECT evil.net:{port} HTTP/1.1\r\n\r\n");
+        assert!(String::from_utf8_lossy(&exchange(proxy, denied.as_bytes()))
+            .starts_with("HTTP/1.1 403"));
+        wait_records(&records, 3);
+        // An absolute-form request goes through as it is.
+        let get = format!(
+            "GET http://www.example.com:{port}/x HTTP/1.1\r\nHost: www.example.com\r\n\r\n"
+        );
+        assert_eq!(exchange(proxy, get.as_bytes()), get.as_bytes());
+        let r = wait_records(&records, 4);
+        let verdicts: Vec<Verdict> = r.iter().map(|r| r.verdict).collect();
+        assert_eq!(
+            verdicts,
+            [
+                Verdict::Allowed,
+                Verdict::NameMismatch,
+                Verdict::Denied,
+                Verdict::Allowed
+            ],
+            "{r:?}"
+        );
     }
 
     #[test]
