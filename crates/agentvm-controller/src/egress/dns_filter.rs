@@ -211,6 +211,7 @@ mod tests {
             resolver: Box::new(|_| unreachable!()),
             dns_upstream: Box::new(move |_| upstream_addr),
             original_destination: Box::new(|_| unreachable!()),
+            forbidden: Box::new(|_| None),
             sink: Box::new(move |r| r2.lock().unwrap().push(r)),
             max_connections: 1,
             idle_timeout: Duration::from_secs(1),

@@ -289,6 +289,7 @@ fn run_in(ctx: &Ctx, vm: &str) -> Option<String> {
 fn proxy_context(ctx: &Ctx, guests: GuestTable) -> ProxyContext {
     let c1 = ctx.clone();
     let c2 = ctx.clone();
+    let c3 = ctx.clone();
     let configured = ctx.config.egress_resolver;
     ProxyContext {
         guest: Box::new(move |ip| {
@@ -314,6 +315,15 @@ fn proxy_context(ctx: &Ctx, guests: GuestTable) -> ProxyContext {
         dns_upstream: Box::new(move |local| configured.unwrap_or(SocketAddr::from((local, 53)))),
         original_destination: Box::new(|s| {
             rustix::net::sockopt::ip_original_dst(s).map_err(std::io::Error::from)
+        }),
+        forbidden: Box::new(move |ip| {
+            proxy::forbidden_address(ip, |ip| {
+                c3.store
+                    .list(Some(Kind::Network))
+                    .unwrap_or_default()
+                    .into_iter()
+                    .any(|o| matches!(o.resource, Resource::Network(n) if n.spec.subnet.contains(ip)))
+            })
         }),
         sink: Box::new(move |r| record(&c2, r)),
         max_connections: MAX_CONNECTIONS,

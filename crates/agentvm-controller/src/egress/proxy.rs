@@ -79,6 +79,9 @@ pub enum Verdict {
     /// Through the proxy named explicitly (`HTTPS_PROXY`): the name in the tunnel's TLS SNI
     /// or `Host` is not the one the `CONNECT` asked for.
     NameMismatch,
+    /// The name resolves to an address the proxy never connects to (the host itself,
+    /// loopback, link-local, multicast, agentvm's own networks).
+    ForbiddenAddress,
     /// A DNS query for a name the filter lists, forwarded to the resolver.
     DnsAllowed,
     /// A DNS query for a name the filter does not list, answered NXDOMAIN.
@@ -101,6 +104,7 @@ impl Verdict {
             Verdict::Timeout => "timeout",
             Verdict::Overloaded => "overloaded",
             Verdict::NameMismatch => "name_mismatch",
+            Verdict::ForbiddenAddress => "forbidden_address",
             Verdict::DnsAllowed => "dns_allowed",
             Verdict::DnsDenied => "dns_denied",
         }
@@ -149,6 +153,9 @@ pub struct ProxyContext {
     pub dns_upstream: Box<dyn Fn(Ipv4Addr) -> SocketAddr + Send + Sync>,
     /// The address the guest dialled before it was redirected (`SO_ORIGINAL_DST`).
     pub original_destination: Box<OriginalDestination>,
+    /// Why the proxy must not connect to an address whatever the filter says (`None`: it
+    /// may); [`forbidden_address`] in the controller.
+    pub forbidden: Box<dyn Fn(Ipv4Addr) -> Option<&'static str> + Send + Sync>,
     /// Receives one record per connection.
     pub sink: Box<dyn Fn(EgressRecord) + Send + Sync>,
     /// Most connections at once.
@@ -265,6 +272,7 @@ fn decide_and_splice(
             ),
         ));
     }
+    check_address(ctx, *record.destination.ip())?;
     let upstream = TcpStream::connect_timeout(&SocketAddr::V4(record.destination), CONNECT_TIMEOUT)
         .map_err(|e| {
             (
@@ -276,6 +284,39 @@ fn decide_and_splice(
     record.bytes_out = out;
     record.bytes_in = inn;
     Ok(())
+}
+
+/// Why the proxy must not connect to `ip` (`None`: it may). A name may resolve anywhere
+/// (its owner decides), and the proxy connects from the host, which guests' filters do not
+/// stop: the host's own addresses, loopback, link-local (cloud metadata), multicast,
+/// broadcast and agentvm's networks (`internal`: other guests, gateways) are refused.
+pub fn forbidden_address(
+    ip: Ipv4Addr,
+    internal: impl Fn(Ipv4Addr) -> bool,
+) -> Option<&'static str> {
+    if ip.is_loopback() || ip.is_unspecified() {
+        Some("loopback or unspecified")
+    } else if ip.is_link_local() {
+        Some("link-local")
+    } else if ip.is_multicast() || ip.is_broadcast() {
+        Some("multicast or broadcast")
+    } else if internal(ip) {
+        Some("inside an agentvm network")
+    } else if std::net::UdpSocket::bind((ip, 0)).is_ok() {
+        Some("one of the host's own addresses")
+    } else {
+        None
+    }
+}
+
+fn check_address(ctx: &ProxyContext, ip: Ipv4Addr) -> Result<(), Refusal> {
+    match (ctx.forbidden)(ip) {
+        Some(why) => Err((
+            Verdict::ForbiddenAddress,
+            format!("{ip} is {why}; the proxy does not connect there"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// `name` as a lowercase host name the guest's filter allows on `port`.
@@ -356,6 +397,7 @@ fn explicit(
         ));
     };
     record.destination = SocketAddrV4::new(*address, port);
+    check_address(ctx, *record.destination.ip())?;
     let upstream = TcpStream::connect_timeout(&SocketAddr::V4(record.destination), CONNECT_TIMEOUT)
         .map_err(|e| {
             (
@@ -588,6 +630,8 @@ mod tests {
                 (true, Ok(SocketAddr::V4(local))) => Ok(local),
                 _ => Ok(server_addr),
             }),
+            // The test's "internet" is on loopback; 127.0.0.9 stands for a forbidden address.
+            forbidden: Box::new(|ip| (ip == Ipv4Addr::new(127, 0, 0, 9)).then_some("test")),
             sink: Box::new(move |r| r2.lock().unwrap().push(r)),
             max_connections: 8,
             idle_timeout: Duration::from_secs(2),
@@ -732,6 +776,58 @@ mod tests {
             ],
             "{r:?}"
         );
+    }
+
+    #[test]
+    fn forbidden_addresses() {
+        let none = |_| false;
+        for ip in [
+            "127.0.0.1",
+            "127.3.2.1",
+            "0.0.0.0",
+            "169.254.169.254",
+            "224.0.0.1",
+            "255.255.255.255",
+        ] {
+            assert!(
+                forbidden_address(ip.parse().unwrap(), none).is_some(),
+                "{ip}"
+            );
+        }
+        assert_eq!(
+            forbidden_address("10.1.2.3".parse().unwrap(), |ip: Ipv4Addr| ip.octets()[0]
+                == 10),
+            Some("inside an agentvm network")
+        );
+        assert_eq!(forbidden_address("192.0.2.1".parse().unwrap(), none), None);
+        // Every address of this machine's interfaces counts as the host.
+        let out = std::process::Command::new("ip")
+            .args(["-4", "-o", "addr"])
+            .output();
+        if let Ok(out) = out {
+            for word in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Some(Ok(ip)) = word.split('/').next().map(str::parse::<Ipv4Addr>) {
+                    if word.contains('/') {
+                        assert!(forbidden_address(ip, none).is_some(), "{ip}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_name_resolving_to_a_forbidden_address_is_not_connected_to() {
+        let ((proxy, records), port) = setup_with(
+            spec(&["api.example.com"]),
+            vec![Ipv4Addr::new(127, 0, 0, 9)],
+            true,
+        );
+        let connect = format!("CONNECT api.example.com:{port} HTTP/1.1\r\n\r\n");
+        let back = exchange(proxy, connect.as_bytes());
+        assert!(String::from_utf8_lossy(&back).starts_with("HTTP/1.1 403"));
+        let r = wait_records(&records, 1);
+        assert_eq!(r[0].verdict, Verdict::ForbiddenAddress, "{r:?}");
+        assert!(r[0].reason.contains("127.0.0.9"), "{}", r[0].reason);
     }
 
     #[test]
