@@ -130,6 +130,7 @@ fn hostile_guests_are_contained_and_the_next_run_starts_clean() {
         base.size_kib
     );
     let mut rss = vec![("idle".to_string(), rss_idle)];
+    let mut vm = base.vm.clone();
 
     let cases: [(&str, &str, &str); 5] = [
         // A fork bomb (dash has no `:` functions; `b` does the same) that keeps the run
@@ -141,10 +142,13 @@ fn hostile_guests_are_contained_and_the_next_run_starts_clean() {
             "exec python3 -c 'a=[]\nwhile True: a.append(bytearray(10**7))'",
             "  timeoutSeconds: 300\n",
         ),
-        // Fill the disk until ENOSPC, then report it.
+        // Fill the disk until ENOSPC, then report it. The run's output goes to files on the
+        // same disk, so the report is made in memory and written once 64 MiB of the fill are
+        // given back (the fill file stays: the reset has to remove it).
         (
             "disk-fill",
-            "dd if=/dev/zero of=/var/tmp/fill bs=1M 2>/dev/null; echo dd exit $?; df -k / | tail -1",
+            "dd if=/dev/zero of=/var/tmp/fill bs=1M 2>/dev/null; r=$?; s=$(df -k / | tail -1)\n\
+             truncate -s -64M /var/tmp/fill; echo dd exit $r; echo \"$s\"",
             "  timeoutSeconds: 900\n",
         ),
         // 1 GiB on stdout.
@@ -163,8 +167,9 @@ fn hostile_guests_are_contained_and_the_next_run_starts_clean() {
     let mut report = Vec::new();
     for (name, src, extra) in cases {
         let t = Instant::now();
-        // The largest the VM's overlay gets on the host while the run goes on.
-        let overlay = env.state().join("vms").join(&base.vm).join("disk.qcow2");
+        // The largest the VM's overlay gets on the host while the run goes on (the pool's one
+        // VM is the one the last probe ran on).
+        let overlay = env.state().join("vms").join(&vm).join("disk.qcow2");
         let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         let sampler = {
             let (overlay, sampling) = (overlay.clone(), sampling.clone());
@@ -271,6 +276,7 @@ fn hostile_guests_are_contained_and_the_next_run_starts_clean() {
             _ => {}
         }
         let after = probe(&env, &pool, &mut n, &mut api);
+        vm.clone_from(&after.vm);
         let same_vm = after.vm == s["vm"].as_str().unwrap_or("");
         eprintln!(
             "{name}: {phase}/{reason} in {:.1}s; {logged} bytes of output kept; controller RSS {kib} KiB; next run on {} VM: files={:?} procs={} disk={} KiB mem={} KiB",
