@@ -30,7 +30,8 @@ pub use json::resources_from_json;
 pub use kind::{Kind, UnknownKind};
 pub use kinds::agent_run::{
     AgentRun, AgentRunPhase, AgentRunSpec, AgentRunStatus, Anomaly, Artifacts, CollectedArtifact,
-    Command, Entrypoint, InputFile, ResourceUsage, Script, SecretEnvVar, Workspace,
+    Command, Entrypoint, InputFile, OutputCount, OutputLimit, ResourceUsage, Script, SecretEnvVar,
+    Workspace,
 };
 pub use kinds::image::{Distro, Image, ImagePhase, ImageSpec, ImageStatus, KernelSource};
 pub use kinds::network::{

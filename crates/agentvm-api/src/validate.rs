@@ -1052,5 +1052,15 @@ impl Validator {
                 ""
             },
         );
+        self.range(
+            path.key("output").key("maxMib"),
+            spec.output.max_mib,
+            (1, agent_run::MAX_OUTPUT_MAX_MIB),
+            if spec.output.max_mib > agent_run::MAX_OUTPUT_MAX_MIB {
+                " per stream; write big results to a file and collect it as an artifact"
+            } else {
+                ""
+            },
+        );
     }
 }

@@ -52,9 +52,10 @@ use crate::time::Timestamp;
 /// Name of the store file inside the state directory.
 pub const STORE_FILE: &str = "store.redb";
 
-/// Most output bytes kept per run (stdout and stderr together): 64 MiB. The first bytes are
-/// kept; later output is dropped and the run's output is marked truncated.
-pub const MAX_OUTPUT_BYTES_PER_RUN: u64 = 64 * 1024 * 1024;
+/// Most output bytes kept per stream of a run, whatever cap the caller asks for: the largest
+/// `output.maxMib` (64 MiB).
+pub const MAX_OUTPUT_BYTES_PER_STREAM: u64 =
+    (agentvm_api::kinds::agent_run::MAX_OUTPUT_MAX_MIB as u64) << 20;
 
 /// Bytes of the store file redb keeps cached in memory. Its default (1 GiB) let the
 /// controller's memory grow with the total output runs ever wrote, up to that size.
@@ -283,8 +284,10 @@ pub struct OutputRead {
     pub next_offset: u64,
     /// Bytes stored so far (both streams).
     pub total: u64,
-    /// True when output beyond [`MAX_OUTPUT_BYTES_PER_RUN`] was dropped.
+    /// True when output beyond the run's cap was dropped.
     pub truncated: bool,
+    /// Bytes dropped at the cap, both streams.
+    pub dropped: u64,
 }
 
 impl OutputRead {
@@ -297,8 +300,18 @@ impl OutputRead {
 /// Size bookkeeping of a run's output.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 struct OutputMeta {
+    /// Bytes kept, both streams.
     len: u64,
     truncated: bool,
+    /// Bytes kept of stdout.
+    #[serde(default)]
+    stdout: u64,
+    /// Bytes kept of stderr.
+    #[serde(default)]
+    stderr: u64,
+    /// Bytes dropped at the cap, both streams.
+    #[serde(default)]
+    dropped: u64,
 }
 
 /// One object to apply, with its manager (see [`Store::apply_batch`]).
@@ -399,7 +412,6 @@ struct Inner {
     path: PathBuf,
     events: broadcast::Sender<StoreEvent>,
     output_events: broadcast::Sender<String>,
-    output_cap: u64,
 }
 
 impl fmt::Debug for Store {
@@ -574,11 +586,6 @@ impl Store {
 
     /// Opens (creating if needed) the store at `path`, and its parent directory.
     pub fn open(path: impl AsRef<Path>) -> Result<Store, StoreError> {
-        Self::open_with_output_cap(path, MAX_OUTPUT_BYTES_PER_RUN)
-    }
-
-    /// [`Store::open`] with another per-run output cap (tests).
-    pub fn open_with_output_cap(path: impl AsRef<Path>, cap: u64) -> Result<Store, StoreError> {
         let path = path.as_ref().to_path_buf();
         let open_err = |message: String| StoreError::Open {
             path: path.clone(),
@@ -596,7 +603,6 @@ impl Store {
                 path,
                 events,
                 output_events,
-                output_cap: cap,
             }),
         })
     }
@@ -981,14 +987,16 @@ impl Store {
         })
     }
 
-    /// Appends output of the AgentRun `run`. Bytes past the per-run cap are dropped and the
-    /// output is marked truncated. Returns how many bytes were kept. Flushed lazily (see the
-    /// module docs).
+    /// Appends output of the AgentRun `run` to `stream`. At most `cap` bytes of each stream
+    /// are kept (the run's `output.maxMib`; never more than [`MAX_OUTPUT_BYTES_PER_STREAM`]):
+    /// bytes past it are dropped and counted, and the output is marked truncated. Returns how
+    /// many bytes were kept. Flushed lazily (see the module docs).
     pub fn append_output(
         &self,
         run: &str,
         stream: OutputStream,
         bytes: &[u8],
+        cap: u64,
     ) -> Result<usize, StoreError> {
         let key = ObjectKey::new(Kind::AgentRun, run);
         let db_key = key.db_key();
@@ -1004,10 +1012,17 @@ impl Store {
                     Some(v) => serde_json::from_slice(v.value()).unwrap_or_default(),
                     None => OutputMeta::default(),
                 };
-                let room = self.inner.output_cap.saturating_sub(meta.len);
+                let cap = cap.min(MAX_OUTPUT_BYTES_PER_STREAM);
+                let stream_len = match stream {
+                    OutputStream::Stdout => &mut meta.stdout,
+                    OutputStream::Stderr => &mut meta.stderr,
+                };
+                let room = cap.saturating_sub(*stream_len);
                 let kept = bytes.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+                *stream_len += kept as u64;
                 if kept < bytes.len() {
                     meta.truncated = true;
+                    meta.dropped += (bytes.len() - kept) as u64;
                 }
                 if kept > 0 {
                     let mut value = Vec::with_capacity(kept + 1);
@@ -1059,6 +1074,7 @@ impl Store {
                 next_offset: offset.min(meta.len),
                 total: meta.len,
                 truncated: meta.truncated,
+                dropped: meta.dropped,
             };
             let mut taken = 0usize;
             let push = |start: u64, value: &[u8], read: &mut OutputRead| -> usize {
@@ -1299,7 +1315,7 @@ mod tests {
         let mut events = store.subscribe();
         store.apply(run("r1"), Manager::Api, API).unwrap();
         store
-            .append_output("r1", OutputStream::Stdout, b"hello")
+            .append_output("r1", OutputStream::Stdout, b"hello", 1 << 20)
             .unwrap();
         assert!(!store.finalize_delete(Kind::AgentRun, "r1").unwrap());
         assert!(store
@@ -1364,7 +1380,7 @@ mod tests {
                 .unwrap();
             store.apply(run("r"), Manager::Api, API).unwrap();
             store
-                .append_output("r", OutputStream::Stderr, b"err")
+                .append_output("r", OutputStream::Stderr, b"err", 1 << 20)
                 .unwrap();
             store.request_delete(Kind::AgentRun, "r", None).unwrap();
             // A second open of the same file fails clearly.
@@ -1415,9 +1431,9 @@ mod tests {
     #[test]
     fn output_appends_reads_and_caps() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_with_output_cap(dir.path().join(STORE_FILE), 10).unwrap();
+        let store = Store::open(dir.path().join(STORE_FILE)).unwrap();
         assert!(matches!(
-            store.append_output("ghost", OutputStream::Stdout, b"x"),
+            store.append_output("ghost", OutputStream::Stdout, b"x", 6),
             Err(StoreError::NotFound(_))
         ));
         store.apply(run("r"), Manager::Api, API).unwrap();
@@ -1427,13 +1443,13 @@ mod tests {
         );
         assert_eq!(
             store
-                .append_output("r", OutputStream::Stdout, b"abcd")
+                .append_output("r", OutputStream::Stdout, b"abcd", 6)
                 .unwrap(),
             4
         );
         assert_eq!(
             store
-                .append_output("r", OutputStream::Stderr, b"EF")
+                .append_output("r", OutputStream::Stderr, b"EF", 6)
                 .unwrap(),
             2
         );
@@ -1449,22 +1465,31 @@ mod tests {
         let end = store.read_output("r", 6, 100).unwrap();
         assert!(end.chunks.is_empty());
         assert_eq!(end.next_offset, 6);
-        // The cap keeps the first bytes and marks truncation.
+        // The cap (per stream) keeps the first bytes and counts and marks the rest.
         assert_eq!(
             store
-                .append_output("r", OutputStream::Stdout, b"123456")
+                .append_output("r", OutputStream::Stdout, b"123456", 6)
                 .unwrap(),
-            4
+            2
         );
         assert_eq!(
             store
-                .append_output("r", OutputStream::Stdout, b"7")
+                .append_output("r", OutputStream::Stdout, b"7", 6)
                 .unwrap(),
             0
         );
         let all = store.read_output("r", 0, 100).unwrap();
-        assert_eq!(all.bytes(), b"abcdEF1234");
+        assert_eq!(all.bytes(), b"abcdEF12");
         assert!(all.truncated);
+        assert_eq!(all.dropped, 5);
+        // stderr has its own room.
+        assert_eq!(
+            store
+                .append_output("r", OutputStream::Stderr, b"GHIJKL", 6)
+                .unwrap(),
+            4
+        );
+        assert_eq!(store.read_output("r", 0, 100).unwrap().dropped, 7);
         // Bounded reads return whole chunks and resume.
         let first = store.read_output("r", 0, 1).unwrap();
         assert_eq!(first.bytes(), b"abcd");
@@ -1654,7 +1679,7 @@ mod memory {
                 .unwrap();
             for _ in 0..10 {
                 store
-                    .append_output(&name, OutputStream::Stdout, &chunk)
+                    .append_output(&name, OutputStream::Stdout, &chunk, u64::MAX)
                     .unwrap();
             }
         }

@@ -296,7 +296,7 @@ fn logs_read_and_follow() {
         )
         .unwrap();
     s.store
-        .append_output("r", OutputStream::Stdout, b"one\n")
+        .append_output("r", OutputStream::Stdout, b"one\n", 1 << 20)
         .unwrap();
     let mut logs = c.logs("r", 0, false).unwrap();
     let mut text = String::new();
@@ -318,11 +318,11 @@ fn logs_read_and_follow() {
     };
     std::thread::sleep(std::time::Duration::from_millis(100));
     s.store
-        .append_output("r", OutputStream::Stderr, b"two\n")
+        .append_output("r", OutputStream::Stderr, b"two\n", 1 << 20)
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(100));
     s.store
-        .append_output("r", OutputStream::Stdout, b"three\n")
+        .append_output("r", OutputStream::Stdout, b"three\n", 1 << 20)
         .unwrap();
     s.store
         .update_status(

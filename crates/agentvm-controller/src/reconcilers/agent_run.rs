@@ -56,6 +56,9 @@ pub const COMPLETED: &str = "Completed";
 pub const ARTIFACTS_COLLECTED: &str = "ArtifactsCollected";
 /// Condition type: some artifacts were left in the guest because of `maxSizeMib`.
 pub const ARTIFACTS_TRUNCATED: &str = "ArtifactsTruncated";
+/// Condition type: output beyond `output.maxMib` was dropped (reason `OutputCapReached`, the
+/// byte counts in its message).
+pub const OUTPUT_TRUNCATED: &str = "OutputTruncated";
 /// Condition type: some declared artifact paths did not exist in the guest.
 pub const ARTIFACTS_MISSING: &str = "ArtifactsMissing";
 
@@ -513,6 +516,7 @@ impl Job {
                 let store = self.ctx.store.clone();
                 let name = self.name.clone();
                 let program_timeout = Duration::from_secs(u64::from(spec.timeout_seconds));
+                let output_cap = spec.output.max_bytes();
                 let r = run::execute(
                     &g,
                     &spec,
@@ -529,7 +533,7 @@ impl Job {
                                 OutputStream::Stderr
                             }
                         };
-                        if let Err(e) = store.append_output(&name, stream, d) {
+                        if let Err(e) = store.append_output(&name, stream, d, output_cap) {
                             tracing::warn!(run = %name, error = %e, "storing output failed");
                         }
                     },
@@ -582,6 +586,12 @@ impl Job {
         st.artifacts = artifacts;
         st.anomalies = report.anomalies;
         st.resource_usage = report.usage;
+        if let Ok(r) = &result {
+            st.output = Some(r.output);
+            if let Some(message) = r.truncated_message(spec.output.max_mib) {
+                set(st, OUTPUT_TRUNCATED, true, "OutputCapReached", message);
+            }
+        }
         let secs = started.elapsed().as_secs_f64();
         // A VM whose QEMU or guest agent failed under the run is not trusted with another.
         let mut replace = false;

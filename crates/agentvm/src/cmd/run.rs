@@ -174,7 +174,11 @@ impl RunArgs {
             _ => Ok(Default::default()),
         };
         vm.teardown()?;
-        let out = result.with_context(|| format!("AgentRun {name}"))?.outcome;
+        let result = result.with_context(|| format!("AgentRun {name}"))?;
+        if let Some(message) = result.truncated_message(run.spec.output.max_mib) {
+            eprintln!("run/{name}: OutputTruncated: {message}");
+        }
+        let out = result.outcome;
         let report = artifacts?;
         for a in &report.collected {
             let sha = a

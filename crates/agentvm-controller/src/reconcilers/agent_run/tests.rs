@@ -441,3 +441,43 @@ fn policy_kill_stops_a_run_on_its_first_anomaly_and_the_summary_is_kept() {
     r.drive(|r| r.registry.phase("p", &vm) == Some(VmPhase::Ready));
     assert_eq!(r.t.fake.domains()[&vm].resets, 1);
 }
+
+#[test]
+fn output_beyond_the_run_s_cap_is_dropped_counted_and_reported() {
+    let r = Runs::new(1, 1);
+    r.drive(Runs::a_vm_ready);
+    // 1 MiB per stream: 3 MiB on stdout and 100 bytes on stderr.
+    r.t.apply(&run_yaml(
+        "loud",
+        "bytes 3145728\nbytes 100 >&2",
+        "  output: {maxMib: 1}\n",
+    ));
+    r.t.apply(&run_yaml("quiet", "echo hi", ""));
+    r.drive(Runs::all_terminal);
+
+    let s = r.status("loud");
+    assert_eq!(s.phase, AgentRunPhase::Succeeded, "{s:?}");
+    assert_eq!(
+        s.output,
+        Some(agentvm_api::OutputCount {
+            stdout_bytes: 3 << 20,
+            stderr_bytes: 100,
+            dropped_bytes: 2 << 20,
+        })
+    );
+    let c = agentvm_api::find_condition(&s.conditions, OUTPUT_TRUNCATED).unwrap();
+    assert_eq!(c.reason, "OutputCapReached");
+    assert_eq!(
+        c.message,
+        "output beyond output.maxMib (1 MiB per stream) was dropped: stdout: 2097152 of 3145728 bytes dropped (the first 1048576 kept)"
+    );
+    // The store keeps exactly the cap of stdout, and all of stderr.
+    let stored = r.t.store.read_output("loud", 0, usize::MAX).unwrap();
+    assert_eq!(stored.total, (1 << 20) + 100);
+    assert!(!stored.truncated, "the store had nothing more to drop");
+
+    // Below the cap: no condition, nothing dropped.
+    let s = r.status("quiet");
+    assert!(agentvm_api::find_condition(&s.conditions, OUTPUT_TRUNCATED).is_none());
+    assert_eq!(s.output.unwrap().dropped_bytes, 0);
+}
