@@ -41,9 +41,9 @@ pub use kinds::network_filter::{
     EgressRule, NetworkFilter, NetworkFilterPhase, NetworkFilterSpec, NetworkFilterStatus, Protocol,
 };
 pub use kinds::vm_pool::{
-    AnomalyDetection, AnomalyPolicy, NetworkAttachment, PoolEvent, PoolNetwork, PoolNetworkMode,
-    Profile, ResolvedResources, Resources, VmPool, VmPoolPhase, VmPoolSpec, VmPoolStatus,
-    VmTemplate, WarmupStep,
+    AnomalyDetection, AnomalyPolicy, IoLimits, NetworkAttachment, PoolEvent, PoolNetwork,
+    PoolNetworkMode, Profile, ResolvedResources, ResourceStatus, Resources, VmPool, VmPoolPhase,
+    VmPoolSpec, VmPoolStatus, VmTemplate, WarmupStep,
 };
 pub use meta::{find_condition, set_condition, Condition, ConditionStatus, ObjectMeta};
 pub use net::{CidrError, Ipv4Cidr, PortRange, PortRangeError};

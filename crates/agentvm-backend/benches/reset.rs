@@ -38,7 +38,7 @@ fn shape(memory_mib: u64) -> VmShape {
         nic: None,
         accelerator,
         boot_timeout: Duration::from_secs(180),
-        cpu_shares: None,
+        limits: Default::default(),
         disk_gib: None,
     }
 }

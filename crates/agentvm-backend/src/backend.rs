@@ -24,6 +24,7 @@ use crate::golden::{GoldenKind, GoldenState, ResetStrategy, GOLDEN_SNAPSHOT};
 use crate::guest::{ExecRequest, Guest};
 use crate::libvirt::{DomainState, Libvirt};
 use crate::libvirt_net::OwnedFilter;
+use crate::limits::{Enforcement, VmLimits};
 use crate::netxml::{NetworkDef, NwFilterDef};
 use crate::reconnect::Reconnecting;
 use crate::vm::{make_dir, resolve_accelerator, BootImage, EphemeralVm, VmFiles, VmShape};
@@ -78,8 +79,8 @@ pub struct PoolVmRequest {
     pub owner: Owner,
     /// Commands run once before parking; each must exit 0.
     pub warmup: Vec<ExecRequest>,
-    /// Relative CPU weight (`cputune/shares`); `None` for the host's default.
-    pub cpu_shares: Option<u64>,
+    /// Limits on what the VM takes from the host.
+    pub limits: VmLimits,
     /// Virtual disk size in GiB (at least the image's); `None` keeps the image's size.
     pub disk_gib: Option<u64>,
 }
@@ -93,8 +94,8 @@ pub struct PoolVmReport {
     pub warmup: Duration,
     /// Taking the golden state.
     pub park: Duration,
-    /// Why the requested CPU weight is not applied by this host, if it is not.
-    pub cpu_shares_not_applied: Option<String>,
+    /// Whether each requested limit is in force on this host (libvirt's reason when not).
+    pub limits: Enforcement,
 }
 
 /// What the reconcilers need from the hypervisor. See the module docs for ownership rules.
@@ -354,7 +355,7 @@ impl Backend for LibvirtBackend {
             nic: req.nic.clone(),
             accelerator: self.accelerator(&lv, &req.image)?,
             boot_timeout: self.boot_timeout,
-            cpu_shares: req.cpu_shares,
+            limits: req.limits,
             disk_gib: req.disk_gib,
         };
         // Booting removes what it created when it fails; past `into_parts` we do.
@@ -367,10 +368,8 @@ impl Backend for LibvirtBackend {
             req.owner.clone(),
         )?;
         let boot = vm.boot_time;
+        let limits = vm.limits.clone();
         let (name, files) = vm.into_parts();
-        let cpu_shares_not_applied = req
-            .cpu_shares
-            .and_then(|w| lv.cpu_shares_applied(&name, w).err());
         let finish = || -> Result<PoolVmReport> {
             let t = Instant::now();
             let agent = lv.agent(&name)?;
@@ -385,7 +384,7 @@ impl Backend for LibvirtBackend {
                 boot,
                 warmup,
                 park: golden.park_time,
-                cpu_shares_not_applied: cpu_shares_not_applied.clone(),
+                limits: limits.clone(),
             })
         };
         finish().inspect_err(|_| {

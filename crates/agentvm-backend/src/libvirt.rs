@@ -21,6 +21,9 @@ pub const URI_ENV: &str = "AGENTVM_LIBVIRT_URI";
 pub struct Libvirt {
     conn: Connect,
     uri: String,
+    /// Limits this host was found unable to enforce, with libvirt's reason (see
+    /// [`Libvirt::start_with_limits`]).
+    unenforceable: std::sync::Mutex<std::collections::BTreeMap<crate::limits::Limit, String>>,
 }
 
 /// Run state of a domain, reduced to what agentvm acts on.
@@ -80,7 +83,23 @@ impl Libvirt {
         Ok(Libvirt {
             conn,
             uri: uri.to_string(),
+            unenforceable: Default::default(),
         })
+    }
+
+    /// Limits found unenforceable on this connection's host, with libvirt's reason.
+    pub fn unenforceable_limits(&self) -> std::collections::BTreeMap<crate::limits::Limit, String> {
+        self.unenforceable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn remember_unenforceable(&self, limit: crate::limits::Limit, why: &str) {
+        self.unenforceable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(limit, why.to_string());
     }
 
     /// The URI from `$AGENTVM_LIBVIRT_URI`, else `qemu:///system`.
@@ -173,6 +192,13 @@ impl Libvirt {
             .define_domain_xml(&spec.to_xml_with_type(self.domain_type(spec)))
             .map_err(|e| BackendError::from_virt(e, "domain", &spec.name))?;
         Ok(())
+    }
+
+    /// Replace the persistent definition of owned, stopped domain `name` (`spec.name`) with
+    /// `spec`.
+    pub fn redefine_domain(&self, spec: &DomainSpec) -> Result<()> {
+        self.undefine_domain(&spec.name)?;
+        self.define_domain(spec)
     }
 
     /// Start a defined, owned domain.

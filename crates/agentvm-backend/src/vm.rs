@@ -9,6 +9,7 @@ use crate::accel::Accelerator;
 use crate::error::{io_err, BackendError, Result};
 use crate::guest::Guest;
 use crate::libvirt::{DomainAgent, Libvirt};
+use crate::limits::{Enforcement, VmLimits};
 use crate::xml::{DomainSpec, NicSpec, Owner};
 
 /// Environment variable overriding the state directory.
@@ -47,9 +48,9 @@ pub struct VmShape {
     pub accelerator: Accelerator,
     /// How long to wait for the guest agent after start.
     pub boot_timeout: Duration,
-    /// Relative CPU weight against other VMs (`cputune/shares`); `None` leaves the host's
-    /// default (1024). Whether the host applies it: [`Libvirt::cpu_shares_applied`].
-    pub cpu_shares: Option<u64>,
+    /// Limits on what it takes from the host (CPU weight and quota, memory, disk and network
+    /// throughput). Whether the host enforces them: [`EphemeralVm::limits`].
+    pub limits: VmLimits,
     /// Virtual size of the VM's disk in GiB (its overlay; the guest grows its root file
     /// system to it at boot); `None` keeps the image's size. Must not be below the image's.
     pub disk_gib: Option<u64>,
@@ -177,6 +178,8 @@ pub struct EphemeralVm<'a> {
     torn_down: bool,
     /// Time from `start` to the guest agent answering.
     pub boot_time: Duration,
+    /// Whether each limit asked for in its shape is in force (see [`crate::limits`]).
+    pub limits: Enforcement,
 }
 
 impl<'a> EphemeralVm<'a> {
@@ -197,6 +200,7 @@ impl<'a> EphemeralVm<'a> {
             files: files.clone(),
             torn_down: false,
             boot_time: Duration::ZERO,
+            limits: Enforcement::new(),
         };
         make_dir(&files.dir)?;
         create_overlay(&image.disk, &files.disk(), shape.disk_gib.map(|g| g * GIB))?;
@@ -204,8 +208,11 @@ impl<'a> EphemeralVm<'a> {
             name: name.to_string(),
             vcpus: shape.vcpus,
             memory_mib: shape.memory_mib,
-            cpu_shares: shape.cpu_shares,
+            cpu_shares: None,
             memory_hard_limit_mib: None,
+            cpu_quota_percent: None,
+            disk_io: Default::default(),
+            net_bandwidth: Default::default(),
             disk: files.disk(),
             kernel: image.kernel.clone(),
             initrd: image.initrd.clone(),
@@ -215,16 +222,18 @@ impl<'a> EphemeralVm<'a> {
             accelerator: shape.accelerator,
             owner,
         };
-        if let Err(e) = lv.define_domain(&spec) {
-            // Not ours to clean up if the name was taken by someone else.
-            vm.torn_down = matches!(e, BackendError::AlreadyExists { .. });
-            if vm.torn_down {
-                let _ = files.remove();
-            }
-            return Err(e);
-        }
         let start = Instant::now();
-        lv.start_domain(name)?;
+        match lv.start_with_limits(&spec, &shape.limits) {
+            Ok(limits) => vm.limits = limits,
+            Err(e) => {
+                // Not ours to clean up if the name was taken by someone else.
+                if matches!(e, BackendError::AlreadyExists { .. }) {
+                    vm.torn_down = true;
+                    let _ = files.remove();
+                }
+                return Err(e);
+            }
+        }
         let agent = lv.agent(name)?;
         let guest = Guest::new(&agent);
         let with_log = |e| match e {
@@ -336,7 +345,7 @@ pub fn resolve_accelerator(
         nic: None,
         accelerator: Accelerator::Kvm,
         boot_timeout: Duration::from_secs(30),
-        cpu_shares: None,
+        limits: VmLimits::default(),
         disk_gib: None,
     };
     let name = format!("agentvm-accel-probe-{}", std::process::id());

@@ -23,7 +23,7 @@ fn shape() -> VmShape {
         nic: None,
         accelerator: accel(),
         boot_timeout: Duration::from_secs(180),
-        cpu_shares: None,
+        limits: Default::default(),
         disk_gib: None,
     }
 }

@@ -142,7 +142,7 @@ fn boot<'a>(lv: &'a Libvirt, name: &str, nic: Option<NicSpec>) -> EphemeralVm<'a
         nic,
         accelerator: accel(),
         boot_timeout: Duration::from_secs(240),
-        cpu_shares: None,
+        limits: Default::default(),
         disk_gib: None,
     };
     let vm = EphemeralVm::boot(

@@ -19,7 +19,7 @@ fn boot<'a>(lv: &'a Libvirt, test: &str) -> EphemeralVm<'a> {
         nic: None,
         accelerator: accel(),
         boot_timeout: Duration::from_secs(180),
-        cpu_shares: None,
+        limits: Default::default(),
         disk_gib: None,
     };
     let owner = Owner {

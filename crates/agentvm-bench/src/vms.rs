@@ -121,7 +121,7 @@ pub fn vm_rows(
                 ..Owner::default()
             },
             warmup: Vec::new(),
-            cpu_shares: None,
+            limits: Default::default(),
             disk_gib: None,
         };
         let t = Instant::now();

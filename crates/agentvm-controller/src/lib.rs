@@ -9,6 +9,7 @@ pub mod controller;
 pub mod health;
 pub mod http_serve;
 pub mod images;
+pub mod limits;
 pub mod metrics;
 pub mod metrics_server;
 pub mod queue;

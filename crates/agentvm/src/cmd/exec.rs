@@ -48,7 +48,7 @@ impl ExecArgs {
             nic: None,
             accelerator: accel,
             boot_timeout: Duration::from_secs(cfg.boot_timeout_seconds),
-            cpu_shares: None,
+            limits: Default::default(),
             disk_gib: None,
         };
         let name = format!("agentvm-exec-{}", std::process::id());

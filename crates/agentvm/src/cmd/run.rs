@@ -119,7 +119,7 @@ impl RunArgs {
             nic: None,
             accelerator: accel,
             boot_timeout: Duration::from_secs(cfg.boot_timeout_seconds),
-            cpu_shares: Some(u64::from(res.cpu_shares)),
+            limits: agentvm_controller::limits::vm_limits(&pool.spec.template.resources),
             disk_gib: Some(u64::from(res.disk_gib)),
         };
         let vm_name = format!("agentvm-run-{name}-{}", std::process::id());
@@ -137,6 +137,11 @@ impl RunArgs {
             "run/{name}: VM ready in {:.1}s; running",
             vm.boot_time.as_secs_f64()
         );
+        for (limit, verdict) in &vm.limits {
+            if let Err(why) = verdict {
+                eprintln!("run/{name}: {limit} is not enforced by this host ({why}); the VM runs without it");
+            }
+        }
         let agent = vm.agent()?;
         let g = Guest::new(&agent);
         for (step, req) in pool
