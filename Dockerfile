@@ -2,7 +2,9 @@
 #   docker run -v /run/libvirt:/run/libvirt -v /var/lib/agentvm:/var/lib/agentvm \
 #              -v /var/cache/agentvm:/var/cache/agentvm -v "$PWD/specs:/specs" agentvm controller --spec-dir /specs
 # Guest files (overlays, images) must be at the same paths inside and outside the container,
-# because libvirtd on the host opens them.
+# because libvirtd on the host opens them. Building a guest image inside the container needs
+# `--privileged` (debootstrap mounts and chroots); without it, build images on the host with
+# `agentvm image build` and share /var/cache/agentvm.
 
 FROM rust:1-bookworm AS build
 # hadolint ignore=DL3008
@@ -15,9 +17,12 @@ RUN cargo build --release --locked -p agentvm \
  && install -m 0755 target/release/agentvm /usr/local/bin/agentvm
 
 FROM debian:bookworm-slim
+# What the controller runs on the host side: qemu-img (overlays), debootstrap, mkfs.ext4,
+# mount/chroot and the guest kernel (image builds), tar and git (workspaces), virsh (doctor).
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libvirt0 qemu-utils ca-certificates \
+ && apt-get install -y --no-install-recommends libvirt0 libvirt-clients qemu-utils \
+      ca-certificates debootstrap e2fsprogs tar git procps linux-image-cloud-amd64 \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /usr/local/bin/agentvm /usr/local/bin/agentvm
 ENTRYPOINT ["/usr/local/bin/agentvm"]

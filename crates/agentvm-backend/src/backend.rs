@@ -27,7 +27,10 @@ use crate::libvirt_net::OwnedFilter;
 use crate::limits::{Enforcement, VmLimits};
 use crate::netxml::{NetworkDef, NwFilterDef};
 use crate::reconnect::Reconnecting;
-use crate::vm::{make_dir, resolve_accelerator, BootImage, EphemeralVm, VmFiles, VmShape};
+use crate::vm::{
+    make_dir_with_mode, resolve_accelerator, write_private, BootImage, EphemeralVm, VmFiles,
+    VmShape, PRIVATE_DIR_MODE,
+};
 use crate::xml::{NicSpec, Owner};
 
 pub use crate::libvirt_net::DefineOutcome as EnsureOutcome;
@@ -211,9 +214,9 @@ impl LibvirtBackend {
     fn mark(&self, kind: &str, name: &str) -> Result<()> {
         let path = self.marker(kind, name)?;
         if let Some(dir) = path.parent() {
-            make_dir(dir)?;
+            make_dir_with_mode(dir, PRIVATE_DIR_MODE)?;
         }
-        std::fs::write(&path, b"").map_err(io_err("write", &path))
+        write_private(&path, b"")
     }
 
     fn unmark(&self, kind: &str, name: &str) -> Result<()> {
@@ -356,6 +359,7 @@ impl Backend for LibvirtBackend {
             accelerator: self.accelerator(&lv, &req.image)?,
             boot_timeout: self.boot_timeout,
             limits: req.limits,
+            disabled_cpu_features: Vec::new(),
             disk_gib: req.disk_gib,
         };
         // Booting removes what it created when it fails; past `into_parts` we do.
@@ -379,7 +383,7 @@ impl Backend for LibvirtBackend {
             // What its definition looks like now, to notice hand edits later.
             let fingerprint = lv.definition_fingerprint(&name)?;
             let path = files.dir.join(DEFINITION_FINGERPRINT);
-            std::fs::write(&path, fingerprint).map_err(crate::error::io_err("writing", &path))?;
+            write_private(&path, fingerprint.as_bytes())?;
             Ok(PoolVmReport {
                 boot,
                 warmup,

@@ -32,6 +32,8 @@ struct State {
     procs: HashMap<i64, Proc>,
     next: i64,
     scripts: Vec<String>,
+    /// Artifact archives by guest path, with the size the "guest" reports for them.
+    artifacts: HashMap<String, (Vec<u8>, u64)>,
 }
 
 /// An in-memory guest agent; see the module documentation.
@@ -73,6 +75,14 @@ impl FakeAgent {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes packing the artifact at `guest_path` succeed: the archive is `tar`, and the
+    /// size printed for it is `reported_size` (a lying guest prints less than it sends).
+    pub fn put_artifact(&self, guest_path: &str, tar: Vec<u8>, reported_size: u64) {
+        self.lock()
+            .artifacts
+            .insert(guest_path.to_string(), (tar, reported_size));
     }
 
     /// Texts of the scripts executed so far.
@@ -238,8 +248,22 @@ impl AgentChannel for FakeAgent {
                 } else if a["path"] == "/usr/bin/setsid" && args.len() >= 9 {
                     // /bin/sh -c WRAPPER agentvm-exec OUT ERR CWD CGROUP PROGRAM ARGS..
                     let (out_path, err_path) = (args[4].clone(), args[5].clone());
-                    let script = args[8..].iter().find_map(|x| s.files.get(x).cloned());
-                    if let Some(script) = script {
+                    if args[8..].iter().any(|x| x.contains("|| exit 3")) {
+                        // Artifact packing (`/bin/sh -c SCRIPT agentvm PATH TMP`): a path
+                        // given to `put_artifact`, or nothing.
+                        let (path, tmp) = (args.get(12).cloned(), args.get(13).cloned());
+                        match path.and_then(|p| s.artifacts.get(&p).cloned()).zip(tmp) {
+                            Some(((tar, reported), tmp)) => {
+                                s.files.insert(tmp, tar);
+                                s.files
+                                    .insert(out_path, format!("{reported}\n").into_bytes());
+                                s.files.insert(err_path, Vec::new());
+                            }
+                            None => proc.code = 3,
+                        }
+                    } else if let Some(script) =
+                        args[8..].iter().find_map(|x| s.files.get(x).cloned())
+                    {
                         let script = String::from_utf8_lossy(&script).into_owned();
                         let (out, err, t, code) = interpret(&script, &env);
                         s.scripts.push(script);
@@ -247,9 +271,6 @@ impl AgentChannel for FakeAgent {
                         s.files.insert(err_path, err);
                         proc.runs_for = t;
                         proc.code = code;
-                    } else if args[8..].iter().any(|x| x.contains("|| exit 3")) {
-                        // Artifact packing: nothing exists in the fake guest.
-                        proc.code = 3;
                     }
                 }
                 s.procs.insert(pid, proc);

@@ -154,9 +154,12 @@ pub struct ResetReport {
     pub restore: Duration,
     /// Waiting for the guest agent to answer after the restore.
     pub agent: Duration,
-    /// Setting the guest clock (`date -s` through the agent), which is stale after a reset.
-    pub clock: Duration,
-    /// False when setting the clock failed (the reset itself still succeeded).
+    /// Reseeding the guest kernel's random number generator with host entropy and setting
+    /// the guest clock (one guest process, see [`refresh_guest`]): both are where they were
+    /// at parking time after a reset.
+    pub refresh: Duration,
+    /// False when setting the clock failed (the reset itself still succeeded; a failed reseed
+    /// fails the reset).
     pub clock_synced: bool,
 }
 
@@ -212,6 +215,25 @@ impl Libvirt {
             .map_err(|e| BackendError::from_virt(e, "domain", name))
     }
 
+    /// [`Libvirt::take_golden`], then the guest's RNG reseeded and clock set through its
+    /// agent (waited for at most `agent_timeout`): the VM goes on from the golden state, and
+    /// its first run must not see the kernel RNG state that every later reset brings back.
+    pub fn park_golden(
+        &self,
+        name: &str,
+        files: &VmFiles,
+        strategy: ResetStrategy,
+        agent_timeout: Duration,
+    ) -> Result<GoldenState> {
+        let mut golden = self.take_golden(name, files, strategy)?;
+        let start = Instant::now();
+        let agent = self.agent(name)?;
+        Guest::new(&agent).wait_ready(agent_timeout)?;
+        refresh_guest(&agent, agent_timeout)?;
+        golden.park_time += start.elapsed();
+        Ok(golden)
+    }
+
     /// Park the running, owned domain `name` (whose files are `files`) at its current state.
     /// The guest agent should be answering. Afterwards the VM is running at the golden state.
     ///
@@ -219,12 +241,11 @@ impl Libvirt {
     /// - [`ResetStrategy::SavedMemory`]: the memory is saved to `golden.save` (this stops
     ///   QEMU), `disk.qcow2` becomes the frozen `golden.qcow2`, and the VM is restored over a
     ///   fresh overlay on it.
-    pub fn park_golden(
+    pub fn take_golden(
         &self,
         name: &str,
         files: &VmFiles,
         strategy: ResetStrategy,
-        agent_timeout: Duration,
     ) -> Result<GoldenState> {
         let dom = self.owned_domain(name)?;
         let start = Instant::now();
@@ -251,8 +272,6 @@ impl Libvirt {
                 self.raw()
                     .restore_domain(path_str(&save)?)
                     .map_err(|e| BackendError::from_virt(e, "domain", name))?;
-                let agent = self.agent(name)?;
-                Guest::new(&agent).wait_ready(agent_timeout)?;
             }
         }
         Ok(GoldenState {
@@ -342,31 +361,14 @@ impl Libvirt {
         let agent = self.agent(name)?;
         let agent_wait = Guest::new(&agent).wait_ready(agent_timeout)?;
         let t = Instant::now();
-        // The agent can drop out right after answering the first ping (libvirt re-opens its
-        // channel when the restored guest's serial port reconnects): wait for it again, so a
-        // reset never hands over a VM whose agent does not answer.
-        let clock = match set_guest_clock(&agent) {
-            Err(e) if e.is_transient() => {
-                tracing::info!(vm = %name, error = %e, "guest agent dropped out after the reset; waiting for it again");
-                Guest::new(&agent).wait_ready(agent_timeout)?;
-                set_guest_clock(&agent)
-            }
-            other => other,
-        };
-        let clock_synced = match clock {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(vm = %name, error = %e, "setting the guest clock after reset failed");
-                false
-            }
-        };
-        let clock = t.elapsed();
+        let clock_synced = refresh_guest(&agent, agent_timeout)?;
+        let refresh = t.elapsed();
         Ok(ResetReport {
             strategy,
             total: start.elapsed(),
             restore,
             agent: agent_wait,
-            clock,
+            refresh,
             clock_synced,
         })
     }
@@ -386,49 +388,106 @@ impl Libvirt {
     }
 }
 
-/// Set the guest's system clock to the host's with `date -s` run by the agent. After a reset
-/// the guest clock is where it was at parking time. (`guest-set-time` also runs
-/// `hwclock -w`, which waits for the RTC's next second boundary: 0.2–1 s measured here; the
-/// RTC does not matter to a running guest.) The time is taken when the command is sent, so the
-/// guest ends up behind by the process start-up latency (tens of ms under TCG).
-fn set_guest_clock(agent: &DomainAgent) -> Result<()> {
+/// Bytes of host randomness written into the guest's kernel RNG after every reset and park.
+pub const RESEED_BYTES: usize = 64;
+
+/// The Perl program [`refresh_guest`] runs in the guest (Perl is in every Debian system:
+/// `perl-base` is essential; it starts in a fraction of Python's time under TCG). Standard
+/// input: [`RESEED_BYTES`] bytes from the host's CSPRNG; arguments: the host's time as
+/// seconds and nanoseconds since the epoch.
+/// 1. `RNDADDENTROPY` mixes the bytes into the input pool (and credits them);
+/// 2. `RNDRESEEDCRNG` reseeds the CRNG from that pool at once, so every `getrandom` and
+///    `/dev/urandom` read from here on depends on the host's bytes. Without it the kernel
+///    would only pick them up at its next periodic reseed (up to a minute later);
+/// 3. `clock_settime(CLOCK_REALTIME)` (x86-64 system call 227) sets the clock.
+///
+/// Exit codes 10-13 mean the reseed failed, 20 that only the clock failed.
+pub const REFRESH_SCRIPT: &str = "read(STDIN, my $seed, 1 + 64) == 64 or exit 10; \
+sysopen(my $rng, '/dev/urandom', 1) or exit 11; \
+ioctl($rng, 0x40085203, pack('ii', 8 * 64, 64) . $seed) or exit 12; \
+ioctl($rng, 0x5207, 0) or exit 13; \
+syscall(227, 0, pack('qq', $ARGV[0], $ARGV[1])) == 0 or exit 20;";
+
+/// After a reset (or parking), make the guest current again: reseed its kernel RNG with
+/// [`RESEED_BYTES`] fresh bytes from the host and set its clock to the host's, with one
+/// guest-agent exec of [`REFRESH_SCRIPT`].
+///
+/// A reset brings back the memory of the golden state, the kernel's CRNG state included:
+/// without a reseed every run on the VM would draw the same "random" bytes (keys, nonces,
+/// TCP sequence numbers, ASLR offsets of new processes) until the kernel's next periodic
+/// reseed — measured here, on CPUs with and without RDRAND. The reseed has to succeed: an
+/// error fails the reset, so such a VM is never handed out. The clock is best effort: returns
+/// whether it was set. (`guest-set-time` would also run `hwclock -w`, which waits for the
+/// RTC's next second: 0.2–1 s here; the RTC does not matter to a running guest.) The time is
+/// taken when the command is sent, so the guest ends up behind by the process start-up
+/// latency (tens of ms under TCG).
+///
+/// The agent can drop out right after answering its first ping (libvirt re-opens its
+/// channel when the restored guest's serial port reconnects): then this waits for it again
+/// (at most `agent_timeout`) and retries once.
+fn refresh_guest(agent: &DomainAgent, agent_timeout: Duration) -> Result<bool> {
     use crate::guest::AgentChannel;
+    match refresh_guest_once(agent) {
+        Err(e) if e.is_transient() => {
+            tracing::info!(vm = %agent.vm_name(), error = %e, "guest agent dropped out after the reset; waiting for it again");
+            Guest::new(agent).wait_ready(agent_timeout)?;
+            refresh_guest_once(agent)
+        }
+        other => other,
+    }
+}
+
+fn refresh_guest_once(agent: &DomainAgent) -> Result<bool> {
+    use crate::guest::AgentChannel;
+    use base64::Engine;
+    use std::io::Read;
+    let vm = agent.vm_name().to_string();
+    let mut seed = [0u8; RESEED_BYTES];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .map_err(io_err("read", Path::new("/dev/urandom")))?;
     let (secs, nsecs) = now_unix();
     let r = agent.command(
         &serde_json::json!({"execute": "guest-exec", "arguments": {
-            "path": "/bin/date",
-            "arg": ["-u", "-s", format!("@{secs}.{nsecs:09}")],
+            "path": "/usr/bin/perl",
+            "arg": ["-e", REFRESH_SCRIPT, secs.to_string(), nsecs.to_string()],
+            "input-data": base64::engine::general_purpose::STANDARD.encode(seed),
             "capture-output": true,
         }}),
         Duration::from_secs(10),
     )?;
     let pid = r["pid"].as_i64().ok_or_else(|| BackendError::Protocol {
-        what: "guest-exec date".into(),
+        what: "guest-exec perl (reseed and clock)".into(),
         message: format!("no pid in {r}"),
     })?;
     let start = Instant::now();
-    loop {
+    let status = loop {
         let st = agent.command(
             &serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}),
             Duration::from_secs(10),
         )?;
         if st["exited"].as_bool() == Some(true) {
-            if st["exitcode"].as_i64() == Some(0) {
-                return Ok(());
-            }
-            return Err(BackendError::GuestCommand {
-                vm: agent.vm_name().to_string(),
-                command: "date -s".into(),
-                message: format!("{st}"),
-            });
+            break st;
         }
         if start.elapsed() > Duration::from_secs(10) {
             return Err(BackendError::Timeout {
-                what: format!("date -s in {}", agent.vm_name()),
+                what: format!("reseeding the RNG and setting the clock in {vm}"),
                 after: start.elapsed(),
             });
         }
         std::thread::sleep(Duration::from_millis(5));
+    };
+    match status["exitcode"].as_i64() {
+        Some(0) => Ok(true),
+        Some(20) => {
+            tracing::warn!(vm = %vm, "setting the guest clock failed (its RNG was reseeded)");
+            Ok(false)
+        }
+        _ => Err(BackendError::GuestCommand {
+            vm,
+            command: "reseeding the kernel RNG (perl: RNDADDENTROPY, RNDRESEEDCRNG)".into(),
+            message: format!("{status}"),
+        }),
     }
 }
 

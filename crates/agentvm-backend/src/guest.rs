@@ -392,7 +392,31 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
         let data = B64
             .decode(r["buf-b64"].as_str().unwrap_or(""))
             .map_err(|e| self.protocol("guest-file-read", e.to_string()))?;
+        // The agent answers for the guest: never take more than was asked for.
+        if data.len() > max.max(1) {
+            return Err(self.protocol(
+                "guest-file-read",
+                format!("asked for {} bytes, got {}", max.max(1), data.len()),
+            ));
+        }
         Ok((data, r["eof"].as_bool().unwrap_or(data_is_empty(&r))))
+    }
+
+    /// Open `path` in the guest for reading as a stream ([`GuestFileReader`]): one agent call
+    /// per [`FILE_CHUNK`], so a large file never sits in host memory whole. The caller
+    /// bounds how much it reads.
+    pub fn open_reader(&self, path: &str) -> Result<GuestFileReader<'_, 'a, C>> {
+        let handle = self.open(path, "r")?;
+        Ok(GuestFileReader {
+            guest: self,
+            path: path.to_string(),
+            handle: Some(handle),
+            pos: 0,
+            buf: Vec::new(),
+            at: 0,
+            eof: false,
+            error: None,
+        })
     }
 
     /// Read the whole file at `path`, failing if it is larger than `max` bytes.
@@ -568,8 +592,9 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
         };
         let result = self.exec_inner(req, &out_path, &err_path, hout, herr, on_output);
         if let Err(e) = &result {
-            if e.is_transient() || matches!(e, BackendError::Timeout { .. }) {
-                // Every cleanup call would wait for a silent agent; the VM is not reused.
+            if e.is_transient() || e.is_vm_gone() || matches!(e, BackendError::Timeout { .. }) {
+                // Every cleanup call would wait for a silent agent or fail on a stopped VM;
+                // the VM is not reused.
                 return result;
             }
         }
@@ -762,6 +787,72 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
         req.program = interpreter.to_string();
         req.args.insert(0, path);
         self.exec(&req, on_output)
+    }
+}
+
+/// A guest file read as a [`std::io::Read`] stream, a [`FILE_CHUNK`] per agent call (see
+/// [`Guest::open_reader`]). The handle is closed by [`GuestFileReader::close`] or on drop.
+/// An agent failure surfaces as an `io::Error` and is kept: [`GuestFileReader::take_error`]
+/// gives it back as the [`BackendError`] it was, so callers can tell a failing guest agent
+/// from bad data.
+pub struct GuestFileReader<'g, 'a, C: AgentChannel + ?Sized> {
+    guest: &'g Guest<'a, C>,
+    path: String,
+    handle: Option<i64>,
+    pos: u64,
+    buf: Vec<u8>,
+    at: usize,
+    eof: bool,
+    error: Option<BackendError>,
+}
+
+impl<C: AgentChannel + ?Sized> GuestFileReader<'_, '_, C> {
+    /// The agent failure that ended reading, if any.
+    pub fn take_error(&mut self) -> Option<BackendError> {
+        self.error.take()
+    }
+
+    /// Close the guest handle (also done on drop, ignoring errors).
+    pub fn close(mut self) -> Result<()> {
+        match self.handle.take() {
+            Some(h) => self.guest.close(h),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<C: AgentChannel + ?Sized> std::io::Read for GuestFileReader<'_, '_, C> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.at == self.buf.len() && !self.eof && !out.is_empty() {
+            let Some(h) = self.handle else {
+                return Err(std::io::Error::other(format!("{} is closed", self.path)));
+            };
+            match self.guest.read_chunk(h, self.pos, FILE_CHUNK) {
+                Ok((data, eof)) => {
+                    self.eof = eof || data.is_empty();
+                    self.pos += data.len() as u64;
+                    self.buf = data;
+                    self.at = 0;
+                }
+                Err(e) => {
+                    let message = format!("reading {} in the guest: {e}", self.path);
+                    self.error = Some(e);
+                    return Err(std::io::Error::other(message));
+                }
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.at);
+        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+impl<C: AgentChannel + ?Sized> Drop for GuestFileReader<'_, '_, C> {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            let _ = self.guest.close(h);
+        }
     }
 }
 
@@ -1116,5 +1207,79 @@ mod tests {
             .wait_ready(Duration::from_millis(120))
             .unwrap_err();
         assert!(matches!(err, BackendError::Timeout { .. }), "{err}");
+    }
+
+    #[test]
+    fn waits_end_at_once_when_the_vm_stopped() {
+        let stopped = || Err(BackendError::VmNotRunning { vm: "fake".into() });
+        // A ping wait with a long timeout gives up on the first answer.
+        let agent = FakeAgent::new(vec![stopped(), Ok(json!({}))]);
+        let t = Instant::now();
+        let err = Guest::new(&agent)
+            .wait_ready(Duration::from_secs(120))
+            .unwrap_err();
+        assert!(matches!(err, BackendError::VmNotRunning { .. }), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(1));
+        assert_eq!(agent.calls.borrow().len(), 1);
+        // So does a running process's exec loop: no retry as for an agent outage.
+        let agent = FakeAgent::new(vec![
+            Ok(json!(1)),
+            Ok(json!(2)),
+            Ok(json!({"pid": 42})),
+            stopped(),
+        ]);
+        let mut req = ExecRequest::new("sleep", ["600"]);
+        req.timeout = Duration::from_secs(600);
+        let err = Guest::new(&agent).exec(&req, &mut |_, _| {}).unwrap_err();
+        assert!(err.is_vm_gone(), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_guest_file_streams_a_chunk_per_call_and_closes_its_handle() {
+        use std::io::Read;
+        let first = vec![1u8; FILE_CHUNK];
+        let agent = FakeAgent::new(vec![
+            Ok(json!(5)),
+            read(&first, false),
+            read(b"tail", true),
+            Ok(json!({})),
+        ]);
+        let g = Guest::new(&agent);
+        let mut r = g.open_reader("/var/tmp/x.tar").unwrap();
+        let mut small = [0u8; 512];
+        r.read_exact(&mut small).unwrap();
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).unwrap();
+        assert_eq!(small.len() + rest.len(), FILE_CHUNK + 4);
+        assert!(rest.ends_with(b"tail"));
+        drop(r);
+        assert_eq!(
+            agent.executed(),
+            [
+                "guest-file-open",
+                "guest-file-read",
+                "guest-file-read",
+                "guest-file-close"
+            ]
+        );
+    }
+
+    #[test]
+    fn an_agent_sending_more_than_asked_for_is_refused() {
+        use std::io::Read;
+        let agent = FakeAgent::new(vec![
+            Ok(json!(5)),
+            read(&vec![0u8; FILE_CHUNK + 1], false),
+            Ok(json!({})),
+        ]);
+        let g = Guest::new(&agent);
+        let mut r = g.open_reader("/var/tmp/x.tar").unwrap();
+        let mut buf = [0u8; 16];
+        let e = r.read(&mut buf).unwrap_err();
+        assert!(e.to_string().contains("got 1048577"), "{e}");
+        let kept = r.take_error().expect("the agent's error is kept");
+        assert!(matches!(kept, BackendError::Protocol { .. }), "{kept}");
+        r.close().unwrap();
     }
 }

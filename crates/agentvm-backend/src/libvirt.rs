@@ -10,7 +10,7 @@ use virt::sys;
 
 use crate::error::{BackendError, Result};
 use crate::guest::AgentChannel;
-use crate::xml::{parse_owner, DomainSpec, Owner};
+use crate::xml::{parse_owner, DomainSpec, NicSpec, Owner};
 
 /// The default libvirt URI for real VMs.
 pub const DEFAULT_URI: &str = "qemu:///system";
@@ -326,6 +326,80 @@ impl Libvirt {
         Ok(out)
     }
 
+    /// Pin the IPv4 address the network's DHCP server leased to `name`'s interface as its
+    /// nwfilter's `IP` parameter, in the running domain and its persistent definition
+    /// (`virDomainUpdateDeviceFlags`; libvirt re-applies the filter at once). From then on
+    /// the filter's anti-spoofing rules use this address without libvirt's DHCP snooping,
+    /// which would withdraw it when the lease runs out (a VM reset to its golden state never
+    /// renews it) and drop the guest's traffic. The address comes from the host's DHCP server
+    /// (the network's lease table, not the guest), and the guest must be using it: `guest_ips`
+    /// are the addresses the guest reports (`interface=address/prefix`). Waits up to `timeout`
+    /// for the lease to show up. `nic` is the interface as defined and `bandwidth` the limits
+    /// in force on it (the update replaces the whole interface); returns the address.
+    pub fn pin_leased_ip(
+        &self,
+        name: &str,
+        nic: &NicSpec,
+        bandwidth: crate::xml::NetBandwidth,
+        guest_ips: &[String],
+        timeout: Duration,
+    ) -> Result<std::net::Ipv4Addr> {
+        let dom = self.owned(name)?;
+        let start = Instant::now();
+        let (mac, ip) = loop {
+            let leases: Vec<(String, std::net::Ipv4Addr)> = dom
+                .interface_addresses(sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0)
+                .map_err(|e| BackendError::from_virt(e, "domain", name))?
+                .into_iter()
+                .flat_map(|i| {
+                    let mac = i.hwaddr.unwrap_or_default();
+                    i.addrs
+                        .into_iter()
+                        .filter(|a| a.typed == sys::VIR_IP_ADDR_TYPE_IPV4 as i64)
+                        .filter_map(move |a| Some((mac.clone(), a.addr.parse().ok()?)))
+                })
+                .collect();
+            match leases.as_slice() {
+                [one] => break one.clone(),
+                [] if start.elapsed() < timeout => std::thread::sleep(Duration::from_millis(100)),
+                other => {
+                    return Err(BackendError::Protocol {
+                        what: format!("the DHCP lease of {name}"),
+                        message: format!(
+                            "expected one IPv4 lease for its interface, found {other:?}"
+                        ),
+                    })
+                }
+            }
+        };
+        let in_use = guest_ips.iter().any(|a| {
+            a.split_once('=')
+                .map_or(a.as_str(), |(_, a)| a)
+                .split('/')
+                .next()
+                == Some(ip.to_string().as_str())
+        });
+        if !in_use {
+            return Err(BackendError::Protocol {
+                what: format!("the DHCP lease of {name}"),
+                message: format!(
+                    "the guest does not use its leased address {ip}: it has {guest_ips:?}"
+                ),
+            });
+        }
+        let pinned = NicSpec {
+            mac: Some(mac),
+            ip: Some(ip),
+            ..nic.clone()
+        };
+        dom.update_device_flags(
+            &pinned.interface_xml(bandwidth),
+            sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG,
+        )
+        .map_err(|e| BackendError::from_virt(e, "domain", name))?;
+        Ok(ip)
+    }
+
     /// A guest-agent channel to domain `name`.
     pub fn agent(&self, name: &str) -> Result<DomainAgent> {
         Ok(DomainAgent {
@@ -374,7 +448,12 @@ impl AgentChannel for DomainAgent {
         // A domain that stopped (destroyed by hand, QEMU died) answers no agent call: every
         // failure is checked against the domain's state, so callers stop waiting at once.
         let stopped = || -> Option<BackendError> {
-            (self.dom.is_active().ok() == Some(false)).then(|| BackendError::VmNotRunning {
+            let gone = match self.dom.is_active() {
+                Ok(active) => !active,
+                // Destroyed and undefined meanwhile.
+                Err(e) => BackendError::from_virt(e, "domain", &self.name).is_not_found(),
+            };
+            gone.then(|| BackendError::VmNotRunning {
                 vm: self.name.clone(),
             })
         };

@@ -18,14 +18,23 @@
 //! # What a filter enforces
 //! The generated nwfilter (chain `root`) works on two layers, lowest priority first:
 //! - layer 2 (ebtables): drop frames whose source MAC is not the interface's (`$MAC`, filled in
-//!   by libvirt), accept ARP (without it guests cannot reach their gateway) and IPv4, drop every
-//!   other frame (IPv6 included) in both directions;
-//! - IPv4 (iptables): DHCP (udp 68→67 out, 67→68 in; stateless), replies of connections the
+//!   by libvirt); with DHCP allowed, anti-spoofing: drop ARP whose sender MAC is not `$MAC` or
+//!   whose sender IP is not the guest's leased address (`$IP`), and IPv4 from any source but
+//!   `$IP` (DHCP from 0.0.0.0 to the broadcast address excepted, so leases can be had); then
+//!   accept ARP (without it guests cannot reach their gateway) and IPv4, drop every other frame
+//!   (IPv6 included) in both directions;
+//! - IPv4 (iptables): DHCP (udp 68→67 out, 67→68 in from the host only; stateless), replies of connections the
 //!   guest opened (conntrack `ESTABLISHED,RELATED`, both directions), DNS (udp and tcp 53) to
 //!   the host and nothing else to it (its address on the guest's network comes in as the
 //!   interface parameter [`HOST_VARIABLE`]: the host's own services stay out of reach even on
 //!   ports the egress rules allow), one accept rule per egress protocol × port range ×
 //!   destination for `NEW` connections, then drop everything.
+//!
+//! `$IP` is learned by libvirt from the DHCP exchange with the host (interface parameters
+//! `CTRL_IP_LEARNING=dhcp`, `DHCPSERVER=$AGENTVM_HOST`; until then only DHCP passes), and
+//! once the guest has its address agentvm pins it as the interface's `IP` parameter
+//! ([`crate::NicSpec::ip`]): libvirt's DHCP snooping would otherwise withdraw the address when
+//! the lease runs out, and a pool VM reset to its golden state never renews it.
 //!
 //! Unsolicited inbound traffic from other guests and from beyond the host is therefore dropped,
 //! which also keeps guests on the same bridge apart: a connection from one guest to another
@@ -62,6 +71,15 @@ pub const MAX_DESCRIPTION_COMMENT_LEN: usize = 200;
 pub mod priority {
     /// Layer 2: drop frames with a spoofed source MAC.
     pub const MAC_SPOOF: i32 = -800;
+    /// Layer 2: drop ARP whose sender hardware address is not the interface's MAC.
+    pub const ARP_MAC_SPOOF: i32 = -760;
+    /// Layer 2: drop ARP whose sender protocol address is not the guest's leased IP.
+    pub const ARP_IP_SPOOF: i32 = -750;
+    /// Layer 2: accept DHCP discovery/requests sent before the guest has an address
+    /// (from 0.0.0.0 to the broadcast address).
+    pub const DHCP_UNCONFIGURED: i32 = -740;
+    /// Layer 2: drop IPv4 whose source is not the guest's leased IP.
+    pub const IP_SPOOF: i32 = -730;
     /// Layer 2: accept ARP.
     pub const ARP: i32 = -700;
     /// Layer 2: hand IPv4 on to the IPv4 rules.
@@ -83,6 +101,16 @@ pub mod priority {
 /// The nwfilter variable holding the host's address on the guest's network (its gateway).
 /// Every interface referencing an agentvm filter must set it ([`crate::NicSpec::host`]).
 pub const HOST_VARIABLE: &str = "AGENTVM_HOST";
+
+/// libvirt's nwfilter variable holding the guest's IPv4 address. Filters that allow DHCP use
+/// it for anti-spoofing: libvirt learns it from the DHCP lease the host's dnsmasq gives
+/// (interface parameters [`IP_LEARNING_VARIABLE`]` = dhcp` and [`DHCP_SERVER_VARIABLE`]` =
+/// ` the host), and agentvm then pins it on the interface ([`crate::NicSpec::ip`]).
+pub const IP_VARIABLE: &str = "IP";
+/// libvirt's reserved nwfilter variable choosing how `$IP` is learned.
+pub const IP_LEARNING_VARIABLE: &str = "CTRL_IP_LEARNING";
+/// libvirt's reserved nwfilter variable naming the DHCP servers whose leases are trusted.
+pub const DHCP_SERVER_VARIABLE: &str = "DHCPSERVER";
 
 /// Why a network or filter definition cannot be turned into libvirt XML.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -417,16 +445,19 @@ impl NwFilterDef {
 
     fn rules<'a>(&'a self, owner: &'a str, descriptions: &'a [Option<String>]) -> Vec<RuleOut<'a>> {
         let spec = &self.spec;
-        let mut rules = vec![
-            RuleOut {
-                action: "drop",
-                direction: "out",
-                priority: priority::MAC_SPOOF,
-                statematch: true,
-                protocol: "mac",
-                attrs: vec![("match", "no".into()), ("srcmacaddr", "$MAC".into())],
-                comment: None,
-            },
+        let mut rules = vec![RuleOut {
+            action: "drop",
+            direction: "out",
+            priority: priority::MAC_SPOOF,
+            statematch: true,
+            protocol: "mac",
+            attrs: vec![("match", "no".into()), ("srcmacaddr", "$MAC".into())],
+            comment: None,
+        }];
+        if spec.allow_dhcp {
+            rules.extend(anti_spoofing_rules());
+        }
+        rules.extend([
             RuleOut {
                 action: "accept",
                 direction: "inout",
@@ -445,11 +476,12 @@ impl NwFilterDef {
                 attrs: vec![("protocolid", "ipv4".into())],
                 comment: None,
             },
-        ];
+        ]);
         if spec.allow_dhcp {
             // Discovery goes to the broadcast address from 0.0.0.0, renewals to the server;
-            // replies come from the server (only the host can send from port 67: every guest's
-            // own filter drops that). Stateless: broadcast replies do not match conntrack.
+            // replies are accepted from the host only (a guest answering DHCP from port 67
+            // could hand its neighbours a wrong address, gateway or DNS server). Stateless:
+            // broadcast replies do not match conntrack.
             rules.push(RuleOut {
                 action: "accept",
                 direction: "out",
@@ -465,7 +497,11 @@ impl NwFilterDef {
                 priority: priority::DHCP,
                 statematch: false,
                 protocol: "udp",
-                attrs: vec![("srcportstart", "67".into()), ("dstportstart", "68".into())],
+                attrs: vec![
+                    ("srcipaddr", format!("${HOST_VARIABLE}")),
+                    ("srcportstart", "67".into()),
+                    ("dstportstart", "68".into()),
+                ],
                 comment: None,
             });
         }
@@ -540,6 +576,59 @@ impl NwFilterDef {
         });
         rules
     }
+}
+
+/// Layer-2 anti-spoofing (ebtables, outgoing only): ARP must carry the interface's MAC and the
+/// guest's leased address as sender, IPv4 must come from that address (`$IP`), except DHCP sent
+/// before the guest has one. Equivalent to libvirt's built-in `no-arp-spoofing` and
+/// `no-ip-spoofing`, inlined so the filter does not depend on built-in filters a host may
+/// have edited.
+fn anti_spoofing_rules<'a>() -> [RuleOut<'a>; 4] {
+    let ip = format!("${IP_VARIABLE}");
+    [
+        RuleOut {
+            action: "drop",
+            direction: "out",
+            priority: priority::ARP_MAC_SPOOF,
+            statematch: true,
+            protocol: "arp",
+            attrs: vec![("match", "no".into()), ("arpsrcmacaddr", "$MAC".into())],
+            comment: None,
+        },
+        RuleOut {
+            action: "drop",
+            direction: "out",
+            priority: priority::ARP_IP_SPOOF,
+            statematch: true,
+            protocol: "arp",
+            attrs: vec![("match", "no".into()), ("arpsrcipaddr", ip.clone())],
+            comment: None,
+        },
+        RuleOut {
+            action: "accept",
+            direction: "out",
+            priority: priority::DHCP_UNCONFIGURED,
+            statematch: true,
+            protocol: "ip",
+            attrs: vec![
+                ("srcipaddr", "0.0.0.0".into()),
+                ("dstipaddr", "255.255.255.255".into()),
+                ("protocol", "udp".into()),
+                ("srcportstart", "68".into()),
+                ("dstportstart", "67".into()),
+            ],
+            comment: None,
+        },
+        RuleOut {
+            action: "drop",
+            direction: "out",
+            priority: priority::IP_SPOOF,
+            statematch: true,
+            protocol: "ip",
+            attrs: vec![("match", "no".into()), ("srcipaddr", ip)],
+            comment: None,
+        },
+    ]
 }
 
 /// A libvirt network read back from XML (ours or anybody's).
@@ -1018,6 +1107,99 @@ mod tests {
             .max()
             .unwrap();
         assert!(max_accept < priority::DEFAULT_DROP);
+    }
+
+    #[test]
+    fn with_dhcp_guests_may_send_only_from_their_mac_and_leased_address() {
+        let f = parse_nwfilter(
+            &filter_def(NetworkFilterSpec::predecessor_default())
+                .to_xml()
+                .unwrap(),
+        )
+        .unwrap();
+        let rule = |priority: i32| -> &ParsedRule {
+            let found: Vec<&ParsedRule> =
+                f.rules.iter().filter(|r| r.priority == priority).collect();
+            assert_eq!(found.len(), 1, "one rule at {priority}: {found:?}");
+            found[0]
+        };
+        let summary = |r: &ParsedRule| {
+            (
+                r.action.clone(),
+                r.direction.clone(),
+                r.protocol.clone(),
+                r.attrs
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            )
+        };
+        let expect = |a: &str, d: &str, p: &str, attrs: &str| {
+            (
+                a.to_string(),
+                d.to_string(),
+                p.to_string(),
+                attrs.to_string(),
+            )
+        };
+        assert_eq!(
+            summary(rule(priority::ARP_MAC_SPOOF)),
+            expect("drop", "out", "arp", "arpsrcmacaddr=$MAC match=no")
+        );
+        assert_eq!(
+            summary(rule(priority::ARP_IP_SPOOF)),
+            expect("drop", "out", "arp", "arpsrcipaddr=$IP match=no")
+        );
+        assert_eq!(
+            summary(rule(priority::DHCP_UNCONFIGURED)),
+            expect(
+                "accept",
+                "out",
+                "ip",
+                "dstipaddr=255.255.255.255 dstportstart=67 protocol=udp srcipaddr=0.0.0.0 srcportstart=68"
+            )
+        );
+        assert_eq!(
+            summary(rule(priority::IP_SPOOF)),
+            expect("drop", "out", "ip", "match=no srcipaddr=$IP")
+        );
+        // libvirt evaluates lower priorities first: the spoofing drops come after the MAC
+        // check and before layer 2 accepts ARP and IPv4; unconfigured DHCP before the IP check.
+        const {
+            assert!(priority::MAC_SPOOF < priority::ARP_MAC_SPOOF);
+            assert!(priority::ARP_MAC_SPOOF < priority::ARP_IP_SPOOF);
+            assert!(priority::ARP_IP_SPOOF < priority::DHCP_UNCONFIGURED);
+            assert!(priority::DHCP_UNCONFIGURED < priority::IP_SPOOF);
+            assert!(priority::IP_SPOOF < priority::ARP);
+            assert!(priority::ARP < priority::IPV4);
+        };
+        assert_eq!(rule(priority::ARP).attrs["protocolid"], "arp");
+        assert_eq!(rule(priority::IPV4).attrs["protocolid"], "ipv4");
+        // DHCP answers only from the host.
+        let dhcp_in = f
+            .rules
+            .iter()
+            .find(|r| r.priority == priority::DHCP && r.direction == "in")
+            .unwrap();
+        assert_eq!(dhcp_in.attrs["srcipaddr"], "$AGENTVM_HOST");
+    }
+
+    #[test]
+    fn without_dhcp_no_rule_needs_the_guest_address() {
+        let mut spec = NetworkFilterSpec::predecessor_default();
+        spec.allow_dhcp = false;
+        let xml = filter_def(spec).to_xml().unwrap();
+        assert!(!xml.contains("$IP"), "{xml}");
+        let f = parse_nwfilter(&xml).unwrap();
+        assert!(f
+            .rules
+            .iter()
+            .any(|r| r.priority == priority::MAC_SPOOF && r.attrs["srcmacaddr"] == "$MAC"));
+        assert!(f
+            .rules
+            .iter()
+            .all(|r| r.protocol != "arp" && r.protocol != "ip"));
     }
 
     #[test]

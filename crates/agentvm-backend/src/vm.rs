@@ -9,8 +9,8 @@ use crate::accel::Accelerator;
 use crate::error::{io_err, BackendError, Result};
 use crate::guest::Guest;
 use crate::libvirt::{DomainAgent, Libvirt};
-use crate::limits::{Enforcement, VmLimits};
-use crate::xml::{DomainSpec, NicSpec, Owner};
+use crate::limits::{Enforcement, Limit, VmLimits};
+use crate::xml::{DomainSpec, NetBandwidth, NicSpec, Owner};
 
 /// Environment variable overriding the state directory.
 pub const STATE_DIR_ENV: &str = "AGENTVM_STATE_DIR";
@@ -51,6 +51,8 @@ pub struct VmShape {
     /// Limits on what it takes from the host (CPU weight and quota, memory, disk and network
     /// throughput). Whether the host enforces them: [`EphemeralVm::limits`].
     pub limits: VmLimits,
+    /// CPU features hidden from the guest, see [`DomainSpec::disabled_cpu_features`].
+    pub disabled_cpu_features: Vec<String>,
     /// Virtual size of the VM's disk in GiB (its overlay; the guest grows its root file
     /// system to it at boot); `None` keeps the image's size. Must not be below the image's.
     pub disk_gib: Option<u64>,
@@ -92,12 +94,61 @@ impl VmFiles {
     }
 }
 
-/// Make `dir` and its parents, readable by the QEMU user.
+/// Mode of the directories on the way to a VM's files (the state directory, `vms/`, each
+/// VM's): QEMU runs as its own user (`libvirt-qemu` on Debian) and opens the disk overlay by
+/// path, so others may traverse them, but not list them. The files in them are 0600 (disks
+/// are handed to QEMU's user by libvirt).
+pub const VM_DIR_MODE: u32 = 0o711;
+/// Mode of the controller's private directories (ownership records).
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+/// Mode of every file agentvm writes in its state directory.
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+
+/// Make `dir` (mode [`VM_DIR_MODE`]) and any missing parents (the same mode): traversable
+/// by the QEMU user, listable by root only.
 pub fn make_dir(dir: &Path) -> Result<()> {
+    make_dir_with_mode(dir, VM_DIR_MODE)
+}
+
+/// Make `dir` with `mode`, and its missing parents with the same mode (whatever the umask);
+/// parents that exist are left as they are.
+pub fn make_dir_with_mode(dir: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                make_dir_with_mode(parent, mode)?;
+            }
+            match std::fs::create_dir(dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                    return Err(io_err("create", dir)(e))
+                }
+                _ => {}
+            }
+        }
+        Err(e) => return Err(io_err("create", dir)(e)),
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
         .map_err(io_err("chmod", dir))
+}
+
+/// Write `data` to `path` (created or truncated), mode [`PRIVATE_FILE_MODE`] even if the file
+/// was there before with another.
+pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(PRIVATE_FILE_MODE)
+        .open(path)
+        .map_err(io_err("write", path))?;
+    f.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))
+        .map_err(io_err("chmod", path))?;
+    f.write_all(data).map_err(io_err("write", path))
 }
 
 /// Bytes in a GiB.
@@ -167,6 +218,11 @@ pub fn create_overlay(base: &Path, overlay: &Path, size_bytes: Option<u64>) -> R
             ),
         });
     }
+    // Whatever the umask: the guest's disk is for QEMU (libvirt hands it to QEMU's user) and
+    // root only.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(overlay, std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))
+        .map_err(io_err("chmod", overlay))?;
     Ok(())
 }
 
@@ -209,6 +265,7 @@ impl<'a> EphemeralVm<'a> {
             vcpus: shape.vcpus,
             memory_mib: shape.memory_mib,
             cpu_shares: None,
+            disabled_cpu_features: shape.disabled_cpu_features.clone(),
             memory_hard_limit_mib: None,
             cpu_quota_percent: None,
             disk_io: Default::default(),
@@ -247,11 +304,24 @@ impl<'a> EphemeralVm<'a> {
         // A guest on a network is not ready before it has its address: a golden state taken
         // earlier would make every run wait for DHCP again (ISC dhclient backs off for up to
         // two minutes when its first DISCOVER goes unanswered).
-        if shape.nic.as_ref().is_some_and(|n| n.dhcp) {
+        if let Some(nic) = shape.nic.as_ref().filter(|n| n.dhcp) {
             let left = shape.boot_timeout.saturating_sub(start.elapsed());
-            guest
+            let addrs = guest
                 .wait_ipv4(left.max(Duration::from_secs(5)))
                 .map_err(with_log)?;
+            // Anti-spoofing: from now on the filter admits this address only, for good.
+            if nic.filter.is_some() && nic.ip.is_none() {
+                let in_force = vm
+                    .limits
+                    .iter()
+                    .any(|(l, r)| *l == Limit::NetBandwidth && r.is_ok());
+                let bandwidth = if in_force {
+                    shape.limits.net_bandwidth
+                } else {
+                    NetBandwidth::default()
+                };
+                lv.pin_leased_ip(name, nic, bandwidth, &addrs, Duration::from_secs(10))?;
+            }
         }
         vm.boot_time = start.elapsed();
         Ok(vm)
@@ -346,6 +416,7 @@ pub fn resolve_accelerator(
         accelerator: Accelerator::Kvm,
         boot_timeout: Duration::from_secs(30),
         limits: VmLimits::default(),
+        disabled_cpu_features: Vec::new(),
         disk_gib: None,
     };
     let name = format!("agentvm-accel-probe-{}", std::process::id());
@@ -364,7 +435,7 @@ pub fn resolve_accelerator(
     };
     make_dir(state_dir)?;
     let verdict = serde_json::json!({"key": key, "kvm": kvm, "detail": detail});
-    std::fs::write(&cache, verdict.to_string()).map_err(io_err("write", &cache))?;
+    write_private(&cache, verdict.to_string().as_bytes())?;
     let acc = if kvm {
         Accelerator::Kvm
     } else {

@@ -41,8 +41,45 @@ pub struct NicSpec {
     pub host: Option<std::net::Ipv4Addr>,
     /// The guest gets its IPv4 address by DHCP (the filter lets DHCP through): booting
     /// waits for that address, so a VM is never handed out (or its golden state taken)
-    /// before it is on the network. Not part of the domain XML.
+    /// before it is on the network. Not part of the domain XML. With a filter, it also turns
+    /// on anti-spoofing: libvirt learns the guest's address from the host's DHCP answer
+    /// (filter parameters `CTRL_IP_LEARNING=dhcp`, `DHCPSERVER=<host>`).
     pub dhcp: bool,
+    /// The guest's address from its DHCP lease, pinned as the filter's `IP` parameter: the
+    /// only source address (and ARP sender address) the filter lets it use. `None` until the
+    /// guest has its lease (booting pins it, see [`crate::Libvirt::pin_leased_ip`]).
+    pub ip: Option<std::net::Ipv4Addr>,
+}
+
+impl NicSpec {
+    /// The `<filterref>` parameters of this interface, in document order.
+    pub fn filter_parameters(&self) -> Vec<(&'static str, String)> {
+        use crate::netxml::{
+            DHCP_SERVER_VARIABLE, HOST_VARIABLE, IP_LEARNING_VARIABLE, IP_VARIABLE,
+        };
+        let mut params = Vec::new();
+        if let Some(host) = self.host {
+            params.push((HOST_VARIABLE, host.to_string()));
+        }
+        if self.dhcp {
+            params.push((IP_LEARNING_VARIABLE, "dhcp".to_string()));
+            if let Some(host) = self.host {
+                params.push((DHCP_SERVER_VARIABLE, host.to_string()));
+            }
+        }
+        if let Some(ip) = self.ip {
+            params.push((IP_VARIABLE, ip.to_string()));
+        }
+        params
+    }
+
+    /// The `<interface>` element alone, as `virDomainUpdateDeviceFlags` takes it, with the
+    /// bandwidth limits in force on it.
+    pub fn interface_xml(&self, bandwidth: NetBandwidth) -> String {
+        let mut w = Writer::new_with_indent(Vec::new(), b' ', 2);
+        write_interface(&mut w, self, bandwidth).expect("writing to a Vec cannot fail");
+        String::from_utf8(w.into_inner()).expect("XML writer emits UTF-8")
+    }
 }
 
 /// Throughput limits of a VM's disk, enforced by QEMU's block throttling (libvirt `<iotune>`:
@@ -130,6 +167,11 @@ pub struct DomainSpec {
     pub nic: Option<NicSpec>,
     /// Hardware acceleration (`kvm` or `qemu`/TCG domain type).
     pub accelerator: Accelerator,
+    /// CPU features taken away from the CPU model (`<feature policy='disable'>`), e.g.
+    /// `rdrand` and `rdseed` to run a guest whose CPU has no hardware random number
+    /// generator (how tests show that the reseed after a reset is agentvm's doing).
+    /// Empty for pool VMs: the guest sees everything its CPU mode offers.
+    pub disabled_cpu_features: Vec<String>,
     /// Ownership metadata.
     pub owner: Owner,
 }
@@ -240,9 +282,20 @@ impl DomainSpec {
                     Accelerator::Kvm => "host-model",
                     Accelerator::Tcg => "maximum",
                 };
-                w.create_element("cpu")
-                    .with_attribute(("mode", cpu_mode))
-                    .write_empty()?;
+                let cpu = w.create_element("cpu").with_attribute(("mode", cpu_mode));
+                if self.disabled_cpu_features.is_empty() {
+                    cpu.write_empty()?;
+                } else {
+                    cpu.write_inner_content(|w| {
+                        for feature in &self.disabled_cpu_features {
+                            w.create_element("feature")
+                                .with_attribute(("policy", "disable"))
+                                .with_attribute(("name", feature.as_str()))
+                                .write_empty()?;
+                        }
+                        Ok(())
+                    })?;
+                }
                 w.create_element("clock")
                     .with_attribute(("offset", "utc"))
                     .write_empty()?;
@@ -293,61 +346,7 @@ impl DomainSpec {
                 Ok(())
             })?;
         if let Some(nic) = &self.nic {
-            w.create_element("interface")
-                .with_attribute(("type", "network"))
-                .write_inner_content(|w| {
-                    w.create_element("source")
-                        .with_attribute(("network", nic.network.as_str()))
-                        .write_empty()?;
-                    if let Some(mac) = &nic.mac {
-                        w.create_element("mac")
-                            .with_attribute(("address", mac.as_str()))
-                            .write_empty()?;
-                    }
-                    w.create_element("model")
-                        .with_attribute(("type", "virtio"))
-                        .write_empty()?;
-                    let bw = self.net_bandwidth;
-                    if !bw.is_unlimited() {
-                        w.create_element("bandwidth").write_inner_content(|w| {
-                            for (name, value) in [
-                                ("inbound", bw.in_bytes_per_second),
-                                ("outbound", bw.out_bytes_per_second),
-                            ] {
-                                if value > 0 {
-                                    w.create_element(name)
-                                        .with_attribute((
-                                            "average",
-                                            kilobytes(value).to_string().as_str(),
-                                        ))
-                                        .write_empty()?;
-                                }
-                            }
-                            Ok(())
-                        })?;
-                    }
-                    if let Some(filter) = &nic.filter {
-                        let el = w
-                            .create_element("filterref")
-                            .with_attribute(("filter", filter.as_str()));
-                        match nic.host {
-                            Some(host) => {
-                                let host = host.to_string();
-                                el.write_inner_content(|w| {
-                                    w.create_element("parameter")
-                                        .with_attribute(("name", crate::netxml::HOST_VARIABLE))
-                                        .with_attribute(("value", host.as_str()))
-                                        .write_empty()?;
-                                    Ok(())
-                                })?;
-                            }
-                            None => {
-                                el.write_empty()?;
-                            }
-                        }
-                    }
-                    Ok(())
-                })?;
+            write_interface(w, nic, self.net_bandwidth)?;
         }
         w.create_element("controller")
             .with_attribute(("type", "usb"))
@@ -391,6 +390,60 @@ impl DomainSpec {
             })?;
         Ok(())
     }
+}
+
+fn write_interface(w: &mut W, nic: &NicSpec, bw: NetBandwidth) -> io::Result<()> {
+    w.create_element("interface")
+        .with_attribute(("type", "network"))
+        .write_inner_content(|w| {
+            w.create_element("source")
+                .with_attribute(("network", nic.network.as_str()))
+                .write_empty()?;
+            if let Some(mac) = &nic.mac {
+                w.create_element("mac")
+                    .with_attribute(("address", mac.as_str()))
+                    .write_empty()?;
+            }
+            w.create_element("model")
+                .with_attribute(("type", "virtio"))
+                .write_empty()?;
+            if !bw.is_unlimited() {
+                w.create_element("bandwidth").write_inner_content(|w| {
+                    for (name, value) in [
+                        ("inbound", bw.in_bytes_per_second),
+                        ("outbound", bw.out_bytes_per_second),
+                    ] {
+                        if value > 0 {
+                            w.create_element(name)
+                                .with_attribute(("average", kilobytes(value).to_string().as_str()))
+                                .write_empty()?;
+                        }
+                    }
+                    Ok(())
+                })?;
+            }
+            if let Some(filter) = &nic.filter {
+                let el = w
+                    .create_element("filterref")
+                    .with_attribute(("filter", filter.as_str()));
+                let params = nic.filter_parameters();
+                if params.is_empty() {
+                    el.write_empty()?;
+                } else {
+                    el.write_inner_content(|w| {
+                        for (name, value) in &params {
+                            w.create_element("parameter")
+                                .with_attribute(("name", *name))
+                                .with_attribute(("value", value.as_str()))
+                                .write_empty()?;
+                        }
+                        Ok(())
+                    })?;
+                }
+            }
+            Ok(())
+        })?;
+    Ok(())
 }
 
 /// Find agentvm's ownership metadata in any libvirt XML document (domain, network, nwfilter).
@@ -440,6 +493,7 @@ mod tests {
             vcpus: 2,
             memory_mib: 1024,
             cpu_shares: Some(1024),
+            disabled_cpu_features: Vec::new(),
             memory_hard_limit_mib: Some(memory_hard_limit_mib(1024)),
             cpu_quota_percent: None,
             disk_io: Default::default(),
@@ -478,6 +532,7 @@ mod tests {
             mac: None,
             host: Some("10.1.2.1".parse().unwrap()),
             dhcp: true,
+            ip: None,
         });
         let xml = s.to_xml();
         assert!(xml.contains("<source network=\"agentvm-net\"/>"), "{xml}");
@@ -485,6 +540,124 @@ mod tests {
             xml.contains("<filterref filter=\"agentvm-egress\">")
                 && xml.contains("<parameter name=\"AGENTVM_HOST\" value=\"10.1.2.1\"/>"),
             "{xml}"
+        );
+    }
+
+    /// (element, attributes) of every element in `xml`, in document order.
+    fn elements(xml: &str) -> Vec<(String, Vec<(String, String)>)> {
+        let mut reader = Reader::from_str(xml);
+        let mut out = Vec::new();
+        loop {
+            match reader.read_event().unwrap() {
+                Event::Start(e) | Event::Empty(e) => out.push((
+                    String::from_utf8(e.name().as_ref().to_vec()).unwrap(),
+                    e.attributes()
+                        .map(|a| {
+                            let a = a.unwrap();
+                            (
+                                String::from_utf8(a.key.as_ref().to_vec()).unwrap(),
+                                a.unescape_value().unwrap().into_owned(),
+                            )
+                        })
+                        .collect(),
+                )),
+                Event::Eof => return out,
+                _ => {}
+            }
+        }
+    }
+
+    fn parameters(xml: &str) -> Vec<(String, String)> {
+        elements(xml)
+            .into_iter()
+            .filter(|(name, _)| name == "parameter")
+            .map(|(_, attrs)| {
+                let get = |k: &str| attrs.iter().find(|(a, _)| a == k).unwrap().1.clone();
+                (get("name"), get("value"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dhcp_nics_learn_their_address_from_the_host_and_pinned_ones_carry_it() {
+        let mut nic = NicSpec {
+            network: "agentvm-net".into(),
+            filter: Some("agentvm-egress".into()),
+            mac: None,
+            host: Some("10.1.2.1".parse().unwrap()),
+            dhcp: true,
+            ip: None,
+        };
+        let p = |k: &str, v: &str| (k.to_string(), v.to_string());
+        let mut s = spec();
+        s.nic = Some(nic.clone());
+        assert_eq!(
+            parameters(&s.to_xml()),
+            [
+                p("AGENTVM_HOST", "10.1.2.1"),
+                p("CTRL_IP_LEARNING", "dhcp"),
+                p("DHCPSERVER", "10.1.2.1"),
+            ]
+        );
+        // Pinned: the interface alone, as `virDomainUpdateDeviceFlags` gets it.
+        nic.mac = Some("52:54:00:0a:0b:0c".into());
+        nic.ip = Some("10.1.2.77".parse().unwrap());
+        let xml = nic.interface_xml(NetBandwidth::default());
+        assert!(xml.starts_with("<interface type=\"network\">"), "{xml}");
+        assert!(elements(&xml).contains(&(
+            "mac".into(),
+            vec![("address".into(), "52:54:00:0a:0b:0c".into())]
+        )));
+        assert_eq!(
+            parameters(&xml),
+            [
+                p("AGENTVM_HOST", "10.1.2.1"),
+                p("CTRL_IP_LEARNING", "dhcp"),
+                p("DHCPSERVER", "10.1.2.1"),
+                p("IP", "10.1.2.77"),
+            ]
+        );
+        // Without DHCP nothing is learned.
+        nic.dhcp = false;
+        nic.ip = None;
+        assert_eq!(
+            parameters(&nic.interface_xml(NetBandwidth::default())),
+            [p("AGENTVM_HOST", "10.1.2.1")]
+        );
+    }
+
+    #[test]
+    fn disabled_cpu_features_are_listed_under_cpu() {
+        let cpu = |s: &DomainSpec| -> Vec<(String, Vec<(String, String)>)> {
+            elements(&s.to_xml())
+                .into_iter()
+                .skip_while(|(n, _)| n != "cpu")
+                .take_while(|(n, _)| n == "cpu" || n == "feature")
+                .collect()
+        };
+        assert_eq!(cpu(&spec()).len(), 1, "no features by default");
+        let mut s = spec();
+        s.disabled_cpu_features = vec!["rdrand".into(), "rdseed".into()];
+        let got = cpu(&s);
+        let feature = |name: &str| {
+            (
+                "feature".to_string(),
+                vec![
+                    ("policy".to_string(), "disable".to_string()),
+                    ("name".to_string(), name.to_string()),
+                ],
+            )
+        };
+        assert_eq!(
+            got,
+            [
+                (
+                    "cpu".to_string(),
+                    vec![("mode".to_string(), "maximum".to_string())]
+                ),
+                feature("rdrand"),
+                feature("rdseed"),
+            ]
         );
     }
 
@@ -509,7 +682,7 @@ mod tests {
 
     /// Every element of `xml` with its path from the root (`domain/devices/disk/iotune/..`),
     /// attributes and text: the document parsed back, not searched as a string.
-    fn elements(xml: &str) -> Vec<(String, BTreeMap<String, String>, String)> {
+    fn element_paths(xml: &str) -> Vec<(String, BTreeMap<String, String>, String)> {
         let mut reader = Reader::from_str(xml);
         let mut path: Vec<String> = Vec::new();
         let mut out: Vec<(String, BTreeMap<String, String>, String)> = Vec::new();
@@ -557,14 +730,14 @@ mod tests {
     }
 
     fn text_of(xml: &str, path: &str) -> Option<String> {
-        elements(xml)
+        element_paths(xml)
             .into_iter()
             .find(|(p, _, _)| p == path)
             .map(|(_, _, t)| t)
     }
 
     fn attr_of(xml: &str, path: &str, attr: &str) -> Option<String> {
-        elements(xml)
+        element_paths(xml)
             .into_iter()
             .find(|(p, _, _)| p == path)
             .and_then(|(_, a, _)| a.get(attr).cloned())
@@ -578,6 +751,7 @@ mod tests {
             mac: None,
             host: Some("10.1.2.1".parse().unwrap()),
             dhcp: true,
+            ip: None,
         });
         s
     }
@@ -645,7 +819,7 @@ mod tests {
         // Isolated: no interface, so nowhere to put it.
         let mut isolated = spec();
         isolated.net_bandwidth = s.net_bandwidth;
-        assert!(!elements(&isolated.to_xml())
+        assert!(!element_paths(&isolated.to_xml())
             .iter()
             .any(|(p, _, _)| p.contains("bandwidth")));
     }

@@ -10,6 +10,7 @@ fn spec(name: &str) -> DomainSpec {
         vcpus: 1,
         memory_mib: 256,
         cpu_shares: Some(512),
+        disabled_cpu_features: Vec::new(),
         memory_hard_limit_mib: None,
         cpu_quota_percent: None,
         disk_io: Default::default(),
@@ -101,7 +102,6 @@ fn missing_domain_is_typed_not_found() {
 fn golden_snapshot_is_taken_reverted_to_and_removed_with_the_domain() {
     use agentvm_backend::golden::{ResetStrategy, GOLDEN_SNAPSHOT};
     use agentvm_backend::vm::VmFiles;
-    use std::time::Duration;
 
     let lv = Libvirt::connect("test:///default").unwrap();
     let name = "agentvm-t2-golden";
@@ -113,13 +113,9 @@ fn golden_snapshot_is_taken_reverted_to_and_removed_with_the_domain() {
 
     lv.define_domain(&spec(name)).unwrap();
     lv.start_domain(name).unwrap();
+    // The test driver has no guest agent: take the golden state without parking's reseed.
     let golden = lv
-        .park_golden(
-            name,
-            &files,
-            ResetStrategy::SnapshotRevert,
-            Duration::from_secs(1),
-        )
+        .take_golden(name, &files, ResetStrategy::SnapshotRevert)
         .expect("internal snapshot through the backend");
     assert_eq!(golden.strategy, ResetStrategy::SnapshotRevert);
 

@@ -24,6 +24,7 @@ fn shape() -> VmShape {
         accelerator: accel(),
         boot_timeout: Duration::from_secs(180),
         limits: Default::default(),
+        disabled_cpu_features: Vec::new(),
         disk_gib: None,
     }
 }
@@ -393,4 +394,170 @@ fn saved_memory_resets_clear_disk_tmpfs_and_processes() {
     let dir = vm.files().dir.clone();
     drop(vm); // the drop guard cleans up just like teardown
     assert_cleaned_up(&lv, &name, &dir);
+}
+
+/// Wall time of one raw `guest-exec` of `path args` (stdin `input`) polled to its exit, which
+/// must be 0: the unit a reset's guest step costs.
+fn timed_exec(
+    agent: &dyn agentvm_backend::AgentChannel,
+    path: &str,
+    args: &[String],
+    input: &[u8],
+) -> Duration {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(input);
+    let t = Instant::now();
+    let r = agent
+        .command(
+            &serde_json::json!({"execute": "guest-exec", "arguments": {
+                "path": path, "arg": args, "input-data": b64, "capture-output": true}}),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    loop {
+        let st = agent
+            .command(
+                &serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": r["pid"]}}),
+                Duration::from_secs(10),
+            )
+            .unwrap();
+        if st["exited"] == true {
+            assert_eq!(st["exitcode"], 0, "{path}: {st}");
+            return t.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// 16 bytes from the guest kernel's CRNG, hex (Python's `os.urandom` is `getrandom(2)`).
+fn guest_random<C: agentvm_backend::AgentChannel + ?Sized>(g: &Guest<'_, C>) -> String {
+    let out = g
+        .exec(
+            &ExecRequest::new("python3", ["-c", "import os; print(os.urandom(16).hex())"]),
+            &mut |_, _| {},
+        )
+        .unwrap();
+    assert_eq!(out.exit_code, Some(0), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn every_reset_reseeds_the_guest_rng_on_a_cpu_without_rdrand() {
+    let lv = libvirt();
+    let name = vm_name("reseed");
+    let mut shape = shape();
+    // No hardware RNG in the guest's CPU: nothing but agentvm's reseed can tell two resets
+    // apart (the kernel mixes RDRAND/RDSEED output in where the CPU has them).
+    shape.disabled_cpu_features = vec!["rdrand".into(), "rdseed".into()];
+    let warmup = vec![
+        ExecRequest::new("sh", ["-c", "! grep -qw -e rdrand -e rdseed /proc/cpuinfo"]),
+        // Park with a fresh CRNG seed and an uptime past 30 s, so the kernel's own periodic
+        // reseed (due when the seed is older than half the uptime, at most 60 s) cannot fall
+        // between a reset and the program below: without agentvm's reseed, every reset would
+        // hand out exactly the same CRNG state.
+        ExecRequest::new(
+            "sh",
+            [
+                "-c",
+                "while [ $(cut -d. -f1 /proc/uptime) -lt 30 ]; do sleep 1; done",
+            ],
+        ),
+        ExecRequest::new(
+            "python3",
+            [
+                "-c",
+                "import fcntl, os; fcntl.ioctl(os.open('/dev/urandom', os.O_WRONLY), 0x5207)",
+            ],
+        ),
+    ];
+    let vm = GoldenVm::boot(
+        &lv,
+        &default_state_dir(),
+        &name,
+        &image(),
+        &shape,
+        owner("reseed"),
+        ResetStrategy::SnapshotLoadvm,
+        &warmup,
+    )
+    .unwrap_or_else(|e| panic!("booting and parking {name}: {e}"));
+    let agent = vm.agent().unwrap();
+    let g = Guest::new(&agent);
+    let after_park = guest_random(&g);
+
+    // Control: the same memory reset without the reseed (what a reset did before: load the
+    // snapshot, wait for the agent) hands every run the same random bytes.
+    let dom = lv.raw().lookup_domain_by_name(&name).unwrap();
+    let mut without_reseed = Vec::new();
+    for _ in 0..2 {
+        let out = dom
+            .qemu_monitor_command(
+                &format!("loadvm {}", agentvm_backend::golden::GOLDEN_SNAPSHOT),
+                virt::sys::VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP,
+            )
+            .unwrap();
+        assert_eq!(out.trim(), "", "loadvm");
+        g.wait_ready(Duration::from_secs(60)).unwrap();
+        without_reseed.push(guest_random(&g));
+    }
+    eprintln!("without the reseed: {without_reseed:?}");
+    assert_eq!(
+        without_reseed[0], without_reseed[1],
+        "control: a bare snapshot load repeats the guest's random bytes"
+    );
+
+    // agentvm's reset: fresh host entropy in the guest's CRNG before anything runs.
+    let mut with_reseed = Vec::new();
+    for round in 0..3 {
+        let report = vm
+            .reset(Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("reset {round}: {e}"));
+        eprintln!("reset {round}: {report:?}");
+        assert!(report.clock_synced, "{report:?}");
+        with_reseed.push(guest_random(&g));
+    }
+    eprintln!("after park {after_park}, after resets {with_reseed:?}");
+    let mut all = with_reseed.clone();
+    all.push(after_park);
+    all.push(without_reseed[0].clone());
+    let distinct: std::collections::BTreeSet<&String> = all.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        all.len(),
+        "every reset (and the park) must give the guest new random bytes: {all:?}"
+    );
+
+    // What the reseed adds to a reset: the guest step before it (`date -s`) against the one
+    // now (the Perl program that reseeds and sets the clock), alternated on the same VM.
+    let (mut date, mut refresh) = (Vec::new(), Vec::new());
+    for _ in 0..7 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        let (secs, nanos) = (now.as_secs().to_string(), now.subsec_nanos().to_string());
+        date.push(timed_exec(
+            &agent,
+            "/bin/date",
+            &["-u".into(), "-s".into(), format!("@{secs}")],
+            b"",
+        ));
+        refresh.push(timed_exec(
+            &agent,
+            "/usr/bin/perl",
+            &[
+                "-e".into(),
+                agentvm_backend::golden::REFRESH_SCRIPT.into(),
+                secs,
+                nanos,
+            ],
+            &[7u8; agentvm_backend::golden::RESEED_BYTES],
+        ));
+    }
+    date.sort();
+    refresh.sort();
+    eprintln!(
+        "guest step of a reset, median of 7: date -s {:?}, reseed + clock {:?}",
+        date[3], refresh[3]
+    );
+    vm.teardown().unwrap();
 }

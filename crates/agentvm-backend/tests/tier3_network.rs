@@ -143,6 +143,7 @@ fn boot<'a>(lv: &'a Libvirt, name: &str, nic: Option<NicSpec>) -> EphemeralVm<'a
         accelerator: accel(),
         boot_timeout: Duration::from_secs(240),
         limits: Default::default(),
+        disabled_cpu_features: Vec::new(),
         disk_gib: None,
     };
     let vm = EphemeralVm::boot(
@@ -243,6 +244,7 @@ fn nic(network: &str, host: &str) -> Option<NicSpec> {
         mac: None,
         host: Some(host.parse().unwrap()),
         dhcp: true,
+        ip: None,
     })
 }
 

@@ -20,6 +20,7 @@ fn boot<'a>(lv: &'a Libvirt, test: &str) -> EphemeralVm<'a> {
         accelerator: accel(),
         boot_timeout: Duration::from_secs(180),
         limits: Default::default(),
+        disabled_cpu_features: Vec::new(),
         disk_gib: None,
     };
     let owner = Owner {

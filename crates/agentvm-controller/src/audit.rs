@@ -101,9 +101,13 @@ pub struct AuditEvent {
     /// The VM concerned, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm_id: Option<String>,
-    /// Who or what caused it: the object's manager (`api (agentvm apply)`, `spec-dir file
-    /// x.yaml`) or `controller`.
+    /// Who caused it: the user who applied or deleted the object (`uid=1000(alice)`, from
+    /// the API socket's peer credentials; the spec directory's owner for its files), or
+    /// `controller` for what the controller does by itself.
     pub actor: String,
+    /// Through what: the object's manager (`api (agentvm apply)`, `spec-dir file x.yaml`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
     /// Event-specific fields (a JSON object).
     #[serde(default)]
     pub details: Value,
@@ -124,6 +128,7 @@ impl AuditEvent {
             name: name.into(),
             vm_id: None,
             actor: actor.into(),
+            tool: None,
             details: Value::Object(Default::default()),
         }
     }
@@ -131,6 +136,12 @@ impl AuditEvent {
     /// Sets the VM.
     pub fn vm(mut self, vm_id: impl Into<String>) -> Self {
         self.vm_id = Some(vm_id.into());
+        self
+    }
+
+    /// Sets the tool (the object's manager).
+    pub fn tool(mut self, tool: impl Into<String>) -> Self {
+        self.tool = Some(tool.into());
         self
     }
 
@@ -223,12 +234,16 @@ struct Writer {
 }
 
 fn open_append(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
+    use std::os::unix::fs::PermissionsExt;
+    let f = OpenOptions::new()
         .create(true)
         .append(true)
         .read(true)
         .mode(0o600)
-        .open(path)
+        .open(path)?;
+    // Also a log that an older version or a hand left readable to others.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(f)
 }
 
 fn rotated(path: &Path, n: usize) -> PathBuf {
@@ -365,6 +380,7 @@ impl AuditLog {
         for s in [&mut event.kind, &mut event.name, &mut event.actor]
             .into_iter()
             .chain(event.vm_id.as_mut())
+            .chain(event.tool.as_mut())
         {
             if let Some(clean) = scrub(s, &secrets) {
                 *s = clean;
@@ -403,8 +419,8 @@ impl AuditLog {
 }
 
 /// Writes an `object_applied` or `object_deleted` event for every object change in `store`
-/// (from `events`, subscribed by the caller before anything could change), with the object's
-/// manager as actor, until `shutdown` resolves. Status changes are not logged (reconcilers
+/// (from `events`, subscribed by the caller before anything could change), with the user who
+/// applied or deleted it as actor and its manager as tool, until `shutdown` resolves. Status changes are not logged (reconcilers
 /// log what they do to the world).
 pub async fn record_store_events(
     store: Store,
@@ -445,10 +461,17 @@ fn store_event(store: &Store, event: &StoreEvent) -> Option<AuditEvent> {
         Change::StatusChanged => return None,
     };
     let obj = store.get(event.kind, &event.name).ok().flatten();
-    let actor = match (&obj, event.change) {
-        (_, Change::Removed) => "controller".to_string(),
-        (Some(o), _) => o.manager.to_string(),
-        (None, _) => "unknown".to_string(),
+    let who = |c: Option<&crate::caller::Caller>| {
+        c.map_or_else(|| "unknown".to_string(), ToString::to_string)
+    };
+    let (actor, tool) = match (&obj, event.change) {
+        (_, Change::Removed) => ("controller".to_string(), None),
+        (Some(o), Change::DeleteRequested) => (
+            who(o.deletion_requested_by.as_ref()),
+            Some(o.manager.to_string()),
+        ),
+        (Some(o), _) => (who(o.submitter.as_ref()), Some(o.manager.to_string())),
+        (None, _) => ("unknown".to_string(), None),
     };
     let mut details = serde_json::Map::new();
     if let Some(o) = &obj {
@@ -457,10 +480,9 @@ fn store_event(store: &Store, event: &StoreEvent) -> Option<AuditEvent> {
     if let Some(stage) = stage {
         details.insert("stage".into(), stage.into());
     }
-    Some(
-        AuditEvent::new(event_type, event.kind, event.name.clone(), actor)
-            .details(Value::Object(details)),
-    )
+    let mut e = AuditEvent::new(event_type, event.kind, event.name.clone(), actor);
+    e.tool = tool;
+    Some(e.details(Value::Object(details)))
 }
 
 /// The events of the audit log at `path`, oldest first, skipping lines that do not parse
@@ -483,8 +505,9 @@ mod tests {
             AuditEventType::ObjectApplied,
             "VmPool",
             name,
-            "api (agentvm apply)",
+            "uid=1000(alice)",
         )
+        .tool("api (agentvm apply)")
         .details(json!({"generation": 1}))
     }
 
@@ -508,9 +531,11 @@ mod tests {
         assert_eq!(first["event_type"], "object_applied");
         assert_eq!(first["kind"], "VmPool");
         assert_eq!(first["name"], "p1");
-        assert_eq!(first["actor"], "api (agentvm apply)");
+        assert_eq!(first["actor"], "uid=1000(alice)");
+        assert_eq!(first["tool"], "api (agentvm apply)");
         assert_eq!(first["details"]["generation"], 1);
         assert!(first.get("vm_id").is_none());
+        assert!(lines[1].contains("\"actor\":\"controller\"") && !lines[1].contains("tool"));
         let ts = first["timestamp"].as_str().unwrap();
         assert!(Timestamp::parse(ts).is_some() && ts.ends_with('Z'), "{ts}");
         let second: Value = serde_json::from_str(lines[1]).unwrap();
@@ -639,7 +664,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn store_changes_are_audited_with_their_manager() {
+    async fn store_changes_are_audited_with_their_submitter_and_manager() {
         use crate::store::{ApplyOptions, Manager, STORE_FILE};
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path().join(STORE_FILE)).unwrap();
@@ -677,8 +702,14 @@ mod tests {
             .update_status(agentvm_api::Kind::Image, "img", json!({"phase": "Ready"}))
             .unwrap();
         lines(1).await;
+        let bob = crate::caller::Caller {
+            uid: 1001,
+            gid: 1001,
+            groups: vec![],
+            user: Some("bob".into()),
+        };
         store
-            .request_delete(agentvm_api::Kind::Image, "img", None)
+            .request_delete_as(agentvm_api::Kind::Image, "img", None, Some(&bob))
             .unwrap();
         lines(2).await;
         store
@@ -687,13 +718,14 @@ mod tests {
         let events = lines(3).await;
         tx.send(()).unwrap();
         task.await.unwrap();
-        let summary: Vec<(AuditEventType, &str, &str, Option<&str>)> = events
+        type Row<'a> = (AuditEventType, &'a str, Option<&'a str>, Option<&'a str>);
+        let summary: Vec<Row> = events
             .iter()
             .map(|e| {
                 (
                     e.event_type,
-                    e.kind.as_str(),
                     e.actor.as_str(),
+                    e.tool.as_deref(),
                     e.details.get("stage").and_then(Value::as_str),
                 )
             })
@@ -702,21 +734,27 @@ mod tests {
         assert_eq!(
             summary,
             [
-                (AuditEventType::ObjectApplied, "Image", api.as_str(), None),
+                (
+                    AuditEventType::ObjectApplied,
+                    "uid=0(root)",
+                    Some(api.as_str()),
+                    None
+                ),
                 (
                     AuditEventType::ObjectDeleted,
-                    "Image",
-                    api.as_str(),
+                    "uid=1001(bob)",
+                    Some(api.as_str()),
                     Some("requested")
                 ),
                 (
                     AuditEventType::ObjectDeleted,
-                    "Image",
                     "controller",
+                    None,
                     Some("removed")
                 ),
             ]
         );
+        assert!(events.iter().all(|e| e.kind == "Image"));
         assert_eq!(events[0].details["generation"], 1);
     }
 

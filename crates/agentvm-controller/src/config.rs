@@ -41,6 +41,14 @@ pub struct Config {
     pub audit_log: Option<PathBuf>,
     /// Size at which the audit log is rotated (`AGENTVM_AUDIT_LOG_MAX_BYTES`, default 64 MiB).
     pub audit_log_max_bytes: u64,
+    /// The controller's environment variables that runs submitted by users other than root
+    /// may name in `secretEnv[].fromEnv` (`secretEnvAllowList`,
+    /// `AGENTVM_SECRET_ENV_ALLOW_LIST` comma-separated; default none). Root may name any.
+    pub secret_env_allow_list: Vec<String>,
+    /// Seconds a `workspace.gitUrl` clone (and checkout) may take before it is killed and
+    /// the run fails (`gitCloneTimeoutSeconds`, `AGENTVM_GIT_CLONE_TIMEOUT_SECONDS`,
+    /// default 120).
+    pub git_clone_timeout_seconds: u64,
 }
 
 /// The config file's shape; every field optional.
@@ -57,6 +65,8 @@ struct ConfigFile {
     vm_stats_interval_seconds: Option<u64>,
     audit_log: Option<PathBuf>,
     audit_log_max_bytes: Option<u64>,
+    secret_env_allow_list: Option<Vec<String>>,
+    git_clone_timeout_seconds: Option<u64>,
 }
 
 /// A configuration problem.
@@ -101,6 +111,8 @@ impl Default for Config {
             vm_stats_interval_seconds: 5,
             audit_log: None,
             audit_log_max_bytes: crate::audit::DEFAULT_MAX_BYTES,
+            secret_env_allow_list: Vec::new(),
+            git_clone_timeout_seconds: crate::host_access::DEFAULT_GIT_CLONE_TIMEOUT_SECONDS,
         }
     }
 }
@@ -183,6 +195,14 @@ impl Config {
         if let Some(v) = f.audit_log_max_bytes {
             self.audit_log_max_bytes = v;
         }
+        if let Some(v) = f.secret_env_allow_list {
+            self.secret_env_allow_list =
+                env_names(v, &format!("{}: secretEnvAllowList", path.display()))?;
+        }
+        if let Some(v) = f.git_clone_timeout_seconds {
+            self.git_clone_timeout_seconds =
+                clone_timeout(v, &format!("{}: gitCloneTimeoutSeconds", path.display()))?;
+        }
         Ok(())
     }
 
@@ -233,6 +253,23 @@ impl Config {
                 message: format!("{v:?} is not a whole number of bytes"),
             })?;
         }
+        if let Some(v) = get("AGENTVM_SECRET_ENV_ALLOW_LIST") {
+            let names = v
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(String::from)
+                .collect();
+            self.secret_env_allow_list = env_names(names, "AGENTVM_SECRET_ENV_ALLOW_LIST")?;
+        }
+        if let Some(v) = get("AGENTVM_GIT_CLONE_TIMEOUT_SECONDS") {
+            let secs = v.parse().map_err(|_| ConfigError::Value {
+                source_name: "AGENTVM_GIT_CLONE_TIMEOUT_SECONDS".into(),
+                message: format!("{v:?} is not a whole number of seconds"),
+            })?;
+            self.git_clone_timeout_seconds =
+                clone_timeout(secs, "AGENTVM_GIT_CLONE_TIMEOUT_SECONDS")?;
+        }
         Ok(())
     }
 
@@ -262,6 +299,35 @@ impl Config {
             .clone()
             .unwrap_or_else(|| self.state_dir.join(crate::audit::AUDIT_FILE))
     }
+}
+
+/// `names`, each checked to be an environment variable name.
+fn env_names(names: Vec<String>, source: &str) -> Result<Vec<String>, ConfigError> {
+    for n in &names {
+        let valid = !n.is_empty()
+            && !n.as_bytes()[0].is_ascii_digit()
+            && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !valid {
+            return Err(ConfigError::Value {
+                source_name: source.to_string(),
+                message: format!(
+                    "{n:?} is not an environment variable name: use letters, digits and '_', not starting with a digit"
+                ),
+            });
+        }
+    }
+    Ok(names)
+}
+
+/// A clone timeout of at least one second.
+fn clone_timeout(secs: u64, source: &str) -> Result<u64, ConfigError> {
+    if secs == 0 {
+        return Err(ConfigError::Value {
+            source_name: source.to_string(),
+            message: "must be at least 1 second".into(),
+        });
+    }
+    Ok(secs)
 }
 
 /// The GID of `name` in the `/etc/group` text `groups`.
@@ -334,6 +400,42 @@ mod tests {
         c.apply_env(|k| (k == "AGENTVM_METRICS_ADDR").then(|| "0.0.0.0:9100".to_string()))
             .unwrap();
         assert_eq!(c.metrics_address, "0.0.0.0:9100");
+    }
+
+    #[test]
+    fn secret_env_allow_list_and_clone_timeout() {
+        let mut c = Config::default();
+        assert!(c.secret_env_allow_list.is_empty());
+        assert_eq!(c.git_clone_timeout_seconds, 120);
+        c.apply_file(
+            Path::new("c.yaml"),
+            "secretEnvAllowList: [ANTHROPIC_API_KEY, GH_TOKEN]\ngitCloneTimeoutSeconds: 30\n",
+        )
+        .unwrap();
+        assert_eq!(c.secret_env_allow_list, ["ANTHROPIC_API_KEY", "GH_TOKEN"]);
+        assert_eq!(c.git_clone_timeout_seconds, 30);
+        c.apply_env(|k| match k {
+            "AGENTVM_SECRET_ENV_ALLOW_LIST" => Some(" A_1, B ,".into()),
+            "AGENTVM_GIT_CLONE_TIMEOUT_SECONDS" => Some("5".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.secret_env_allow_list, ["A_1", "B"]);
+        assert_eq!(c.git_clone_timeout_seconds, 5);
+        let e = c
+            .apply_file(Path::new("c.yaml"), "secretEnvAllowList: [\"A-B\"]\n")
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "c.yaml: secretEnvAllowList: \"A-B\" is not an environment variable name: use letters, digits and '_', not starting with a digit"
+        );
+        let e = c
+            .apply_env(|k| (k == "AGENTVM_GIT_CLONE_TIMEOUT_SECONDS").then(|| "0".into()))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "AGENTVM_GIT_CLONE_TIMEOUT_SECONDS: must be at least 1 second"
+        );
     }
 
     #[test]

@@ -38,6 +38,14 @@ pub enum ControllerError {
     /// A component failed unexpectedly.
     #[error("{0}")]
     Task(String),
+    /// The state directory could not be made or its modes set.
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The audit log could not be opened.
     #[error("audit log {path}: {source}")]
     Audit {
@@ -143,6 +151,10 @@ impl Controller {
     /// Runs until `shutdown` resolves, then stops the API, the watcher and the dispatcher
     /// (waiting up to 30 s for reconciles in progress) and removes the socket.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), ControllerError> {
+        crate::state_dir::prepare(&self.config).map_err(|source| ControllerError::StateDir {
+            path: self.config.state_dir.clone(),
+            source,
+        })?;
         let store_path = self.config.state_dir.join(STORE_FILE);
         let store = tokio::task::spawn_blocking(move || Store::open(store_path))
             .await

@@ -1,15 +1,19 @@
 //! One HTTP/1 accept loop for the controller's servers (the API on its Unix socket, the
 //! metrics endpoint on TCP), defending them against bad clients: a cap on connections served
 //! at once (further clients wait in the listener's backlog), a deadline for each request
-//! head, a cap on the head's size, and a bounded graceful shutdown.
+//! head, a cap on the head's size, and a bounded graceful shutdown. Each connection's
+//! client identity ([`Caller`], from the socket's peer credentials where there are any) is
+//! attached to every request on it as an `axum::Extension`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::serve::Listener;
-use axum::Router;
+use axum::{Extension, Router};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
+
+use crate::caller::Caller;
 
 /// The smallest head buffer hyper accepts.
 const MIN_HEAD_BYTES: usize = 8 * 1024;
@@ -28,13 +32,27 @@ pub struct Limits {
     pub shutdown_grace: Duration,
 }
 
+/// The client of a Unix socket connection, from its peer credentials (`SO_PEERCRED`).
+pub fn unix_peer(stream: &tokio::net::UnixStream) -> Option<Caller> {
+    let cred = stream.peer_cred().ok()?;
+    Some(Caller::from_peer(cred.uid(), cred.gid(), cred.pid()))
+}
+
+/// No client identity (TCP).
+pub fn no_peer<T>(_: &T) -> Option<Caller> {
+    None
+}
+
 /// Serves `app` on `listener` within `limits` until `shutdown` resolves. `name` labels log
-/// lines. Long-lived responses should end on their own when the process shuts down (the API
-/// flips a watch for its streams); whatever is still open after `shutdown_grace` is dropped.
+/// lines; `identify` names each connection's client, which requests on it find as
+/// `Extension<Caller>`. Long-lived responses should end on their own when the process shuts
+/// down (the API flips a watch for its streams); whatever is still open after
+/// `shutdown_grace` is dropped.
 pub async fn serve<L: Listener>(
     name: &'static str,
     mut listener: L,
     app: Router,
+    identify: fn(&L::Io) -> Option<Caller>,
     limits: Limits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
@@ -55,7 +73,11 @@ pub async fn serve<L: Listener>(
             accepted = listener.accept() => accepted,
             _ = &mut shutdown => break,
         };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let app = match identify(&stream) {
+            Some(caller) => app.clone().layer(Extension(caller)),
+            None => app.clone(),
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app);
         let mut closing = closing.subscribe();
         connections.spawn(async move {
             let _slot = slot;
@@ -110,7 +132,7 @@ mod tests {
             shutdown_grace: Duration::from_millis(100),
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve("test", listener, app, limits, async {
+        let server = tokio::spawn(serve("test", listener, app, no_peer, limits, async {
             let _ = rx.await;
         }));
         // Two clients take both slots and send nothing.

@@ -3,10 +3,13 @@
 
 pub mod anomaly;
 pub mod api;
+pub mod artifacts;
 pub mod audit;
+pub mod caller;
 pub mod config;
 pub mod controller;
 pub mod health;
+pub mod host_access;
 pub mod http_serve;
 pub mod images;
 pub mod limits;
@@ -18,6 +21,7 @@ pub mod reconcilers;
 pub mod run;
 pub mod run_monitor;
 pub mod source;
+pub mod state_dir;
 pub mod store;
 pub mod time;
 pub mod vm_stats;

@@ -66,6 +66,7 @@ pub async fn serve(
         "metrics endpoint",
         listener,
         router(metrics, readiness),
+        crate::http_serve::no_peer,
         LIMITS,
         shutdown,
     )

@@ -696,6 +696,7 @@ mod tests {
             .map(|i| crate::store::ApplyItem {
                 resource: image(&format!("img-{i:04}")),
                 manager: Manager::Api,
+                submitter: crate::caller::Caller::root(),
                 force: false,
             })
             .collect();

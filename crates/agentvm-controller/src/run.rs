@@ -3,14 +3,16 @@
 //! Used by `agentvm run` (one-shot, local) and by the controller's run scheduler.
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use agentvm_api::{AgentRunSpec, Entrypoint};
 use agentvm_backend::guest::{AgentChannel, ExecOutcome, ExecRequest, Guest, Stream, RUN_CGROUP};
 use agentvm_backend::BackendError;
+
+use crate::artifacts::{self, ArchiveError, Budget, RejectReason, Rejection, RunDir};
+use crate::host_access::{HostAccess, MAX_INPUT_FILE_BYTES, MAX_WORKSPACE_BYTES};
 
 /// The guest commands of a pool template's warm-up steps (`/bin/sh -c STEP` each, with the
 /// step's timeout), run once per VM before it is parked at its golden state.
@@ -100,48 +102,35 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
     }
 }
 
-fn tar_dir(dir: &Path) -> Result<Vec<u8>, String> {
-    let out = Command::new("tar")
-        .arg("-C")
-        .arg(dir)
-        .args(["-cf", "-", "."])
-        .output()
-        .map_err(|e| format!("running tar: {e}"))?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
-    }
-    Ok(out.stdout)
-}
-
-/// Read secrets, input files and the workspace on the host. `base` resolves relative paths
-/// (the manifest's directory); `host_env` looks up host environment variables.
+/// Read secrets, input files and the workspace on the host, through `access` (with the
+/// rights of whoever submitted the run). `base` resolves relative paths (the manifest's
+/// directory); `host_env` looks up host environment variables.
 pub fn prepare(
     spec: &AgentRunSpec,
     base: &Path,
+    access: &HostAccess,
     host_env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<PreparedRun, RunError> {
     let mut env = spec.env.clone();
     let mut secret_values = Vec::new();
     for s in &spec.secret_env {
+        let secret_err = |message: String| RunError::Secret {
+            name: s.name.clone(),
+            message,
+        };
         let value = match (&s.from_env, &s.from_file) {
-            (Some(var), None) => host_env(var).ok_or_else(|| RunError::Secret {
-                name: s.name.clone(),
-                message: format!("host environment variable {var} is not set; export it before submitting the run"),
-            })?,
+            (Some(var), None) => access.env_var(var, host_env).map_err(secret_err)?,
             (None, Some(file)) => {
                 let path = resolve(base, file);
-                let v = std::fs::read_to_string(&path).map_err(|e| RunError::Secret {
-                    name: s.name.clone(),
-                    message: format!("cannot read {}: {e}", path.display()),
+                let bytes = access
+                    .read_file(&path, MAX_INPUT_FILE_BYTES)
+                    .map_err(|m| secret_err(format!("fromFile {}: {m}", path.display())))?;
+                let v = String::from_utf8(bytes).map_err(|_| {
+                    secret_err(format!("fromFile {}: is not UTF-8 text", path.display()))
                 })?;
                 v.strip_suffix('\n').unwrap_or(&v).to_string()
             }
-            _ => {
-                return Err(RunError::Secret {
-                    name: s.name.clone(),
-                    message: "set exactly one of fromEnv and fromFile".into(),
-                })
-            }
+            _ => return Err(secret_err("set exactly one of fromEnv and fromFile".into())),
         };
         if !value.is_empty() {
             secret_values.push(value.clone());
@@ -154,11 +143,13 @@ pub fn prepare(
             (Some(c), None) => c.clone().into_bytes(),
             (None, Some(p)) => {
                 let path = resolve(base, p);
-                std::fs::read(&path).map_err(|e| RunError::Input {
-                    what: "files",
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?
+                access
+                    .read_file(&path, MAX_INPUT_FILE_BYTES)
+                    .map_err(|message| RunError::Input {
+                        what: "files",
+                        path: path.clone(),
+                        message,
+                    })?
             }
             _ => {
                 return Err(RunError::Input {
@@ -173,18 +164,15 @@ pub fn prepare(
     let workspace = match &spec.workspace {
         None => None,
         Some(ws) => {
-            let tmp;
-            let dir = match (&ws.host_path, &ws.git_url) {
-                (Some(p), None) => resolve(base, p),
-                (None, Some(url)) => {
-                    tmp = tempfile::tempdir().map_err(|e| RunError::Input {
-                        what: "workspace",
-                        path: PathBuf::from(url),
-                        message: e.to_string(),
-                    })?;
-                    clone_repo(url, ws.git_ref.as_deref(), tmp.path())?;
-                    tmp.path().to_path_buf()
+            let (tar, source) = match (&ws.host_path, &ws.git_url) {
+                (Some(p), None) => {
+                    let dir = resolve(base, p);
+                    (access.tar_dir(&dir, MAX_WORKSPACE_BYTES), dir)
                 }
+                (None, Some(url)) => (
+                    access.clone_workspace(url, ws.git_ref.as_deref(), MAX_WORKSPACE_BYTES),
+                    PathBuf::from(url),
+                ),
                 _ => {
                     return Err(RunError::Input {
                         what: "workspace",
@@ -193,9 +181,9 @@ pub fn prepare(
                     })
                 }
             };
-            let tar = tar_dir(&dir).map_err(|message| RunError::Input {
+            let tar = tar.map_err(|message| RunError::Input {
                 what: "workspace",
-                path: dir.clone(),
+                path: source,
                 message,
             })?;
             Some((tar, ws.path.clone()))
@@ -207,38 +195,6 @@ pub fn prepare(
         files,
         workspace,
     })
-}
-
-fn clone_repo(url: &str, git_ref: Option<&str>, into: &Path) -> Result<(), RunError> {
-    let fail = |message: String| RunError::Input {
-        what: "workspace",
-        path: PathBuf::from(url),
-        message,
-    };
-    let out = Command::new("git")
-        .args(["clone", "--quiet", url])
-        .arg(into)
-        .output()
-        .map_err(|e| fail(format!("running git: {e}")))?;
-    if !out.status.success() {
-        return Err(fail(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
-    }
-    if let Some(r) = git_ref {
-        let out = Command::new("git")
-            .arg("-C")
-            .arg(into)
-            .args(["checkout", "--quiet", r])
-            .output()
-            .map_err(|e| fail(format!("running git: {e}")))?;
-        if !out.status.success() {
-            return Err(fail(
-                String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Replaces exact secret values in a byte stream with `[REDACTED]`, including values split
@@ -504,9 +460,14 @@ pub struct Artifact {
     pub sha256: Option<String>,
 }
 
+/// Rejections listed in [`ArtifactReport::rejected_message`]; the rest are counted.
+const REJECTIONS_LISTED: usize = 20;
+
 /// What [`collect_artifacts`] did with each declared path.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ArtifactReport {
+    /// The run's own directory the artifacts were unpacked into.
+    pub dir: PathBuf,
     /// Copied to the host.
     pub collected: Vec<Artifact>,
     /// Declared paths that did not exist in the guest.
@@ -514,6 +475,11 @@ pub struct ArtifactReport {
     /// Paths left in the guest because they did not fit in what was left of the size cap,
     /// with their packed size in bytes.
     pub skipped: Vec<(String, u64)>,
+    /// Entries not unpacked (links, devices, paths leading out, ...), and archives refused
+    /// whole; at most [`artifacts::MAX_REJECTIONS_KEPT`] of them.
+    pub rejected: Vec<Rejection>,
+    /// How many there were in all.
+    pub rejected_total: usize,
 }
 
 impl ArtifactReport {
@@ -529,58 +495,67 @@ impl ArtifactReport {
             list.join(", ")
         )
     }
-}
 
-/// Size and sha256 (files only) of what was extracted at `path`.
-fn measure(path: &Path) -> std::io::Result<(u64, Option<String>)> {
-    use sha2::{Digest, Sha256};
-    let meta = std::fs::symlink_metadata(path)?;
-    if meta.is_file() {
-        let mut hasher = Sha256::new();
-        let mut f = std::fs::File::open(path)?;
-        let n = std::io::copy(&mut f, &mut hasher)?;
-        let hex = hasher
-            .finalize()
+    /// A one-line summary of the rejected entries, for a condition message.
+    pub fn rejected_message(&self) -> String {
+        let list: Vec<String> = self
+            .rejected
             .iter()
-            .map(|b| format!("{b:02x}"))
+            .take(REJECTIONS_LISTED)
+            .map(ToString::to_string)
             .collect();
-        return Ok((n, Some(hex)));
+        let more = self.rejected_total.saturating_sub(list.len());
+        format!(
+            "not unpacked (only regular files and directories are): {}{}",
+            list.join("; "),
+            if more > 0 {
+                format!("; and {more} more")
+            } else {
+                String::new()
+            }
+        )
     }
-    let mut total = 0;
-    if meta.is_dir() {
-        for entry in std::fs::read_dir(path)? {
-            total += measure(&entry?.path())?.0;
+
+    fn reject(&mut self, r: Rejection) {
+        self.rejected_total += 1;
+        if self.rejected.len() < artifacts::MAX_REJECTIONS_KEPT {
+            self.rejected.push(r);
         }
     }
-    Ok((total, None))
 }
 
-/// Copy `paths` out of the guest into `dest` (one tar stream per path). The packed size of
-/// everything collected stays within `max_bytes`: a path whose tar does not fit in what is
-/// left is not copied at all (never cut in half) and is reported in
-/// [`ArtifactReport::skipped`]; the following paths are still tried.
+/// Copy `paths` out of the guest into the run's directory `dir` (one tar stream per path,
+/// read in chunks and unpacked by [`artifacts::unpack`]: regular files and directories
+/// only, nothing outside `dir`, see there). The packed size of everything collected stays
+/// within `max_bytes`: a path whose tar the guest says does not fit in what is left is not
+/// copied at all (never cut in half) and is reported in [`ArtifactReport::skipped`]; a guest
+/// that said less and sends more, or sends a malformed archive, gets that archive refused
+/// whole ([`ArtifactReport::rejected`]). The following paths are still tried.
 pub fn collect_artifacts<C: AgentChannel + ?Sized>(
     g: &Guest<'_, C>,
     paths: &[String],
-    dest: &Path,
+    dir: &mut RunDir,
     max_bytes: u64,
 ) -> Result<ArtifactReport, RunError> {
-    let mut report = ArtifactReport::default();
-    let mut budget = max_bytes;
+    let mut report = ArtifactReport {
+        dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    let mut budget = Budget::new(max_bytes);
     let host_err = |path: &Path, e: &dyn std::fmt::Display| RunError::Input {
         what: "artifacts",
         path: path.to_path_buf(),
         message: e.to_string(),
     };
-    std::fs::create_dir_all(dest).map_err(|e| host_err(dest, &e))?;
     let tmp = "/var/tmp/agentvm-artifact.tar";
     for p in paths {
-        // Pack, then print the tar's size (so an artifact over the cap is never read).
+        // Pack, then print the tar's size (so an artifact over the cap is never read). Hard
+        // links in the guest are stored as the files they are (links are never unpacked).
         let req = ExecRequest::new(
             "/bin/sh",
             [
                 "-c",
-                r#"[ -e "$1" ] || exit 3; tar -C "$(dirname "$1")" -cf "$2" "$(basename "$1")" && wc -c < "$2""#,
+                r#"[ -e "$1" ] || [ -L "$1" ] || exit 3; tar --hard-dereference -C "$(dirname "$1")" -cf "$2" "$(basename "$1")" && wc -c < "$2""#,
                 "agentvm",
                 p,
                 tmp,
@@ -596,46 +571,42 @@ pub fn collect_artifacts<C: AgentChannel + ?Sized>(
             .parse()
             .unwrap_or(u64::MAX);
         check("packing an artifact", out)?;
-        if size > budget {
+        if size > budget.packed_bytes {
             report.skipped.push((p.clone(), size));
             continue;
         }
-        let tar = g.read_file(tmp, budget as usize)?;
-        budget = budget.saturating_sub(tar.len() as u64);
-        let mut child = Command::new("tar")
-            .arg("-C")
-            .arg(dest)
-            .args(["-xf", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .map_err(|e| host_err(dest, &e))?;
-        let written = child.stdin.take().expect("piped").write_all(&tar);
-        let status = child.wait_with_output().map_err(|e| host_err(dest, &e))?;
-        if let Err(e) = written {
-            return Err(host_err(dest, &e));
+        let Some(name) = Path::new(p).file_name() else {
+            report.missing.push(p.clone());
+            continue;
+        };
+        let mut reader = g.open_reader(tmp)?;
+        let unpacked = artifacts::unpack(&mut reader, dir, name.as_bytes(), &mut budget);
+        match unpacked {
+            Ok(u) => {
+                for r in u.rejected {
+                    report.reject(r);
+                }
+                if let Some(host_path) = u.host_path {
+                    report.collected.push(Artifact {
+                        guest_path: p.clone(),
+                        host_path,
+                        size_bytes: u.file_bytes,
+                        sha256: u.sha256,
+                    });
+                }
+            }
+            Err(e) if e.is_archive_fault() => report.reject(Rejection {
+                entry: p.clone(),
+                reason: RejectReason::Archive(e.to_string()),
+            }),
+            Err(ArchiveError::Read(e)) => {
+                return Err(match reader.take_error() {
+                    Some(b) => RunError::Backend(b),
+                    None => host_err(Path::new(p), &e),
+                })
+            }
+            Err(e) => return Err(host_err(dir.path(), &e)),
         }
-        if !status.status.success() {
-            return Err(host_err(
-                dest,
-                &format!(
-                    "unpacking {p}: {}",
-                    String::from_utf8_lossy(&status.stderr).trim()
-                ),
-            ));
-        }
-        let name = Path::new(p)
-            .file_name()
-            .map(PathBuf::from)
-            .unwrap_or_default();
-        let host_path = dest.join(name);
-        let (size_bytes, sha256) = measure(&host_path).map_err(|e| host_err(&host_path, &e))?;
-        report.collected.push(Artifact {
-            guest_path: p.clone(),
-            host_path,
-            size_bytes,
-            sha256,
-        });
     }
     // Best effort: the VM is reset after the run anyway.
     let _ = g.exec(&ExecRequest::new("/bin/rm", ["-f", tmp]), &mut |_, _| {});
@@ -647,21 +618,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn artifacts_are_measured_files_hashed_directories_summed_symlinks_not_followed() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("out");
-        std::fs::create_dir_all(root.join("sub")).unwrap();
-        std::fs::write(root.join("a.txt"), b"hello\n").unwrap();
-        std::fs::write(root.join("sub/b.bin"), vec![7u8; 1000]).unwrap();
-        std::os::unix::fs::symlink("/etc/passwd", root.join("link")).unwrap();
-        let (size, sha) = measure(&root.join("a.txt")).unwrap();
-        assert_eq!(size, 6);
-        assert_eq!(
-            sha.as_deref(),
-            Some("5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03")
-        );
-        assert_eq!(measure(&root).unwrap(), (1006, None));
-        let report = ArtifactReport {
+    fn skipped_and_rejected_artifacts_are_summed_up_in_one_line() {
+        let mut report = ArtifactReport {
             skipped: vec![("/root/big".into(), 2_100_000)],
             ..Default::default()
         };
@@ -669,6 +627,118 @@ mod tests {
             report.skipped_message(1 << 20),
             "not collected, over the size cap of 1048576 bytes: /root/big (2100000 bytes)"
         );
+        for i in 0..25 {
+            report.reject(Rejection {
+                entry: format!("out/dev{i}"),
+                reason: RejectReason::CharDevice,
+            });
+        }
+        let m = report.rejected_message();
+        assert!(
+            m.starts_with("not unpacked (only regular files and directories are): out/dev0: character device; out/dev1: character device;"),
+            "{m}"
+        );
+        assert!(
+            m.ends_with("out/dev19: character device; and 5 more"),
+            "{m}"
+        );
+    }
+
+    /// A tar of `/root/out` as a guest would pack it, with `extra` entries appended.
+    fn guest_tar(
+        files: &[(&str, &[u8])],
+        extra: impl FnOnce(&mut tar::Builder<Vec<u8>>),
+    ) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o4755);
+            h.set_uid(4242);
+            h.set_entry_type(tar::EntryType::Regular);
+            b.append_data(&mut h, name, *data).unwrap();
+        }
+        extra(&mut b);
+        b.into_inner().unwrap()
+    }
+
+    fn collect(
+        agent: &agentvm_backend::fake_agent::FakeAgent,
+        paths: &[&str],
+        cap: u64,
+    ) -> (tempfile::TempDir, ArtifactReport) {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut dir = RunDir::create(&tmp.path().join("artifacts"), "r", None).unwrap();
+        let g = Guest::new(agent);
+        let paths: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
+        let report = collect_artifacts(&g, &paths, &mut dir, cap).unwrap();
+        (tmp, report)
+    }
+
+    #[test]
+    fn collected_artifacts_keep_regular_files_and_name_what_was_skipped() {
+        use std::os::unix::fs::PermissionsExt;
+        let agent = agentvm_backend::fake_agent::FakeAgent::new("vm");
+        let tar = guest_tar(&[("out/a.txt", b"hello\n")], |b| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_size(0);
+            b.append_link(&mut h, "out/shadow", "/etc/shadow").unwrap();
+        });
+        let size = tar.len() as u64;
+        agent.put_artifact("/root/out", tar, size);
+        agent.put_artifact(
+            "/root/one.txt",
+            guest_tar(&[("one.txt", b"1")], |_| {}),
+            10240,
+        );
+        let (_tmp, report) = collect(
+            &agent,
+            &["/root/out", "/root/nope", "/root/one.txt"],
+            1 << 20,
+        );
+        assert_eq!(report.missing, ["/root/nope"]);
+        assert_eq!(report.collected.len(), 2, "{report:?}");
+        let out = &report.collected[0];
+        assert_eq!(out.host_path, report.dir.join("out"));
+        assert_eq!((out.size_bytes, out.sha256.as_deref()), (6, None));
+        let mode = std::fs::metadata(report.dir.join("out/a.txt"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, 0o640);
+        assert_eq!(report.collected[1].host_path, report.dir.join("one.txt"));
+        assert!(report.collected[1].sha256.is_some());
+        assert_eq!(report.rejected_total, 1);
+        assert_eq!(
+            report.rejected[0].to_string(),
+            "out/shadow: symbolic link to /etc/shadow"
+        );
+        assert!(std::fs::symlink_metadata(report.dir.join("out/shadow")).is_err());
+    }
+
+    #[test]
+    fn a_guest_that_says_its_archive_is_small_and_sends_more_gets_it_refused() {
+        let agent = agentvm_backend::fake_agent::FakeAgent::new("vm");
+        let big = vec![7u8; 3000];
+        let tar = guest_tar(&[("out/a", &big), ("out/b", &big)], |_| {});
+        assert_eq!(tar.len(), 8192);
+        agent.put_artifact("/root/out", tar, 100);
+        let next = guest_tar(&[("next.txt", b"n")], |_| {});
+        let next_size = next.len() as u64;
+        agent.put_artifact("/root/next.txt", next, next_size);
+        let (_tmp, report) = collect(&agent, &["/root/out", "/root/next.txt"], 6000);
+        assert_eq!(report.rejected_total, 1, "{report:?}");
+        assert_eq!(report.rejected[0].entry, "/root/out");
+        assert!(
+            matches!(&report.rejected[0].reason, RejectReason::Archive(m) if m.contains("size cap")),
+            "{:?}",
+            report.rejected[0]
+        );
+        assert!(!report.dir.join("out").exists(), "nothing of it kept");
+        // What was read of it counts: the next path does not fit any more.
+        assert!(report.collected.is_empty(), "{report:?}");
+        assert_eq!(report.skipped, [("/root/next.txt".to_string(), next_size)]);
     }
 
     #[test]
@@ -714,14 +784,15 @@ mod tests {
         spec.secret_env =
             serde_yaml::from_str("- {name: A, fromEnv: HOST_A}\n- {name: B, fromFile: key.txt}\n")
                 .unwrap();
-        let p = prepare(&spec, dir.path(), &|k| {
+        let own = HostAccess::own(Duration::from_secs(10));
+        let p = prepare(&spec, dir.path(), &own, &|k| {
             (k == "HOST_A").then(|| "from-env".into())
         })
         .unwrap();
         assert_eq!(p.env["A"], "from-env");
         assert_eq!(p.env["B"], "from-file");
         assert!(!format!("{p:?}").contains("from-env"));
-        let err = prepare(&spec, dir.path(), &|_| None).unwrap_err();
+        let err = prepare(&spec, dir.path(), &own, &|_| None).unwrap_err();
         assert_eq!(
             err.to_string(),
             "secretEnv A: host environment variable HOST_A is not set; export it before submitting the run"

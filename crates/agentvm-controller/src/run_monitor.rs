@@ -54,6 +54,7 @@ pub struct MonitorReport {
 /// A running monitor; [`RunMonitor::stop`] ends it.
 pub struct RunMonitor {
     stop: Arc<AtomicBool>,
+    closed: Arc<std::sync::Mutex<bool>>,
     killed: Arc<AtomicBool>,
     /// The sampling thread's final report.
     done: std::sync::mpsc::Receiver<MonitorReport>,
@@ -83,6 +84,10 @@ struct Sampler {
     cancel: Arc<AtomicBool>,
     killed: Arc<AtomicBool>,
     warned: bool,
+    /// Set (under its lock) when the monitor is stopped: from then on the run's own thread
+    /// owns the status, and a sample that finishes late must not write its stale copy over
+    /// the run's final status.
+    closed: Arc<std::sync::Mutex<bool>>,
 }
 
 impl Sampler {
@@ -164,6 +169,10 @@ impl Sampler {
             tracing::warn!(run = %self.target.run, "policy kill: stopping the run");
             self.cancel.store(true, Ordering::SeqCst);
         }
+        let closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
+        if *closed {
+            return;
+        }
         let mut st = self.status.clone();
         st.anomalies = self.anomalies.clone();
         match serde_json::to_value(&st) {
@@ -197,6 +206,7 @@ impl RunMonitor {
     ) -> std::io::Result<RunMonitor> {
         let stop = Arc::new(AtomicBool::new(false));
         let killed = Arc::new(AtomicBool::new(false));
+        let closed = Arc::new(std::sync::Mutex::new(false));
         let mut s = Sampler {
             detector: AnomalyDetector::new(&target.settings, target.vcpus, target.memory_bytes),
             backend,
@@ -206,6 +216,7 @@ impl RunMonitor {
             cancel,
             killed: killed.clone(),
             warned: false,
+            closed: closed.clone(),
             target,
         };
         let stopping = stop.clone();
@@ -245,6 +256,7 @@ impl RunMonitor {
             })?;
         Ok(RunMonitor {
             stop,
+            closed,
             killed,
             done,
             latest,
@@ -259,13 +271,23 @@ impl RunMonitor {
     /// Stops sampling and returns what was seen. Waits for a sample in progress, but at most
     /// [`STOP_WAIT`]; after that the report of the last complete sample is returned.
     pub fn stop(self) -> MonitorReport {
+        self.stop_within(STOP_WAIT)
+    }
+
+    /// [`RunMonitor::stop`], waiting at most `wait` (zero: the last complete sample at once,
+    /// e.g. when the VM is gone and no further sample can be taken).
+    pub fn stop_within(self, wait: Duration) -> MonitorReport {
         self.stop.store(true, Ordering::SeqCst);
-        match self.done.recv_timeout(STOP_WAIT) {
+        // Waits for a status write in progress; none follows.
+        *self.closed.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        match self.done.recv_timeout(wait) {
             Ok(report) => report,
             Err(_) => {
-                tracing::warn!(
-                    "the anomaly monitor is stuck in a call to the VM (its guest agent does not answer); the run goes on without it"
-                );
+                if !wait.is_zero() {
+                    tracing::warn!(
+                        "the anomaly monitor is stuck in a call to the VM (its guest agent does not answer); the run goes on without it"
+                    );
+                }
                 self.latest
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())

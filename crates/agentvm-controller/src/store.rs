@@ -28,6 +28,9 @@
 //!   go on and writes succeed again once space is freed, without a restart.
 //! - Secrets never enter the store: `AgentRun.spec.secretEnv` only names where a value is
 //!   read (`fromEnv`, `fromFile`) when the run starts; the store never reads them.
+//! - Every object records its submitter ([`Caller`]): whoever applied it last. Applying the
+//!   same object as someone else is a change, so an object never keeps an earlier
+//!   submitter's rights.
 //!
 //! # Assumptions
 //! - One process opens the file at a time (redb locks it; a second open fails with a
@@ -47,6 +50,7 @@ use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefi
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use crate::caller::Caller;
 use crate::time::Timestamp;
 
 /// Name of the store file inside the state directory.
@@ -162,6 +166,11 @@ pub struct StoredObject {
     pub resource: Resource,
     /// Who declares it.
     pub manager: Manager,
+    /// Who submitted its current spec: the API client (from the socket) or the spec
+    /// directory's owner. A run's host inputs are read with these rights. `None` for objects
+    /// stored before submitters were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitter: Option<Caller>,
     /// When it was first applied.
     pub created_at: Timestamp,
     /// When its spec, metadata, manager or status last changed.
@@ -169,6 +178,9 @@ pub struct StoredObject {
     /// When its deletion was requested; it is removed once its reconciler finalizes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_requested_at: Option<Timestamp>,
+    /// Who requested the deletion, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_requested_by: Option<Caller>,
 }
 
 impl StoredObject {
@@ -314,13 +326,15 @@ struct OutputMeta {
     dropped: u64,
 }
 
-/// One object to apply, with its manager (see [`Store::apply_batch`]).
+/// One object to apply, with its manager and submitter (see [`Store::apply_batch`]).
 #[derive(Debug, Clone)]
 pub struct ApplyItem {
     /// The object; its `status` and `metadata.generation` are ignored.
     pub resource: Resource,
     /// Who declares it.
     pub manager: Manager,
+    /// Who submits it (the API client, the spec directory's owner).
+    pub submitter: Caller,
     /// Take it over from another manager.
     pub force: bool,
 }
@@ -448,6 +462,20 @@ fn carry_status(to: &mut Resource, from: &Resource) {
 
 /// Opens (creating, or repairing after an unclean stop) the database file and creates the
 /// tables so read transactions never see them missing.
+/// The store holds every object, its status and run output: mode 0600 from its creation
+/// (an empty file is a new store to redb), and a store made by an older version is
+/// tightened.
+fn make_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+}
+
 fn open_database(path: &Path) -> Result<Database, StoreError> {
     let open_err = |message: String| StoreError::Open {
         path: path.to_path_buf(),
@@ -594,6 +622,7 @@ impl Store {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| open_err(e.to_string()))?;
         }
+        make_private(&path).map_err(|e| open_err(e.to_string()))?;
         let db = open_database(&path)?;
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let (output_events, _) = broadcast::channel(EVENT_CAPACITY);
@@ -631,7 +660,9 @@ impl Store {
         });
     }
 
-    /// Applies one object for `manager`. See [`Store::apply_batch`] for the rules.
+    /// Applies one object for `manager`, submitted by root (tests and tools; the API and
+    /// the spec directory name their submitter in [`Store::apply_batch`]). See
+    /// [`Store::apply_batch`] for the rules.
     pub fn apply(
         &self,
         resource: Resource,
@@ -641,6 +672,7 @@ impl Store {
         let item = ApplyItem {
             resource,
             manager,
+            submitter: Caller::root(),
             force: options.force,
         };
         self.apply_batch(vec![item], options.dry_run)?
@@ -652,7 +684,9 @@ impl Store {
     ///
     /// Per object: it is validated; `status` and `generation` of the input are ignored;
     /// a new object gets generation 1; an existing one keeps its status and creation time,
-    /// and its generation grows by one if the spec hash changed. An object managed by
+    /// and its generation grows by one if the spec hash changed. The submitter is recorded;
+    /// a different submitter counts as a change (`configured`), so an object always runs
+    /// with the rights of whoever applied it last. An object managed by
     /// someone else is refused with [`StoreError::Conflict`] unless `force`. Applying an
     /// object whose deletion was requested cancels the deletion. When nothing changes,
     /// nothing is written. The outer error is a database failure (nothing applied).
@@ -709,6 +743,7 @@ impl Store {
         let ApplyItem {
             mut resource,
             manager,
+            submitter,
             force,
         } = item;
         resource.clear_status();
@@ -751,9 +786,11 @@ impl Store {
                 let record = StoredObject {
                     resource,
                     manager,
+                    submitter: Some(submitter),
                     created_at: now,
                     updated_at: now,
                     deletion_requested_at: None,
+                    deletion_requested_by: None,
                 };
                 (record, ApplyOutcome::Created)
             }
@@ -773,6 +810,7 @@ impl Store {
                 let changed = spec_changed
                     || meta_changed
                     || old.manager != manager
+                    || old.submitter.as_ref() != Some(&submitter)
                     || old.deletion_requested_at.is_some();
                 if !changed {
                     return Ok(Ok((ApplyOutcome::Unchanged, key)));
@@ -781,9 +819,11 @@ impl Store {
                 let record = StoredObject {
                     resource,
                     manager,
+                    submitter: Some(submitter),
                     created_at: old.created_at,
                     updated_at: now,
                     deletion_requested_at: None,
+                    deletion_requested_by: None,
                 };
                 (record, ApplyOutcome::Configured)
             }
@@ -924,6 +964,17 @@ impl Store {
         name: &str,
         manager_check: Option<&Manager>,
     ) -> Result<bool, StoreError> {
+        self.request_delete_as(kind, name, manager_check, None)
+    }
+
+    /// [`Store::request_delete`], recording `by` as who asked.
+    pub fn request_delete_as(
+        &self,
+        kind: Kind,
+        name: &str,
+        manager_check: Option<&Manager>,
+        by: Option<&Caller>,
+    ) -> Result<bool, StoreError> {
         let key = ObjectKey::new(kind, name);
         let db_key = key.db_key();
         self.with_db(|db| {
@@ -947,6 +998,7 @@ impl Store {
                 }
                 let now = Timestamp::now();
                 record.deletion_requested_at = Some(now);
+                record.deletion_requested_by = by.cloned();
                 record.updated_at = now;
                 table.insert(db_key.as_str(), encode(&record).as_slice())?;
             }
@@ -1160,6 +1212,26 @@ mod tests {
     };
 
     #[test]
+    fn the_store_file_is_readable_by_its_owner_only_even_one_made_before() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let (d, store) = temp_store();
+        let path = d.path().join(STORE_FILE);
+        store
+            .apply(image("i", "bookworm"), spec_dir("a.yaml"), API)
+            .unwrap();
+        assert_eq!(mode(&path), 0o600);
+        drop(store);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let store = Store::open(&path).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        assert!(
+            store.get(Kind::Image, "i").unwrap().is_some(),
+            "the data is kept"
+        );
+    }
+
+    #[test]
     fn generation_follows_spec_changes_only() {
         let (_d, store) = temp_store();
         let o = store
@@ -1269,6 +1341,51 @@ mod tests {
         assert!(matches!(err, StoreError::Invalid { .. }), "{err}");
         assert!(err.to_string().contains("metadata.name"), "{err}");
         assert!(store.is_empty().unwrap());
+    }
+
+    #[test]
+    fn the_last_submitter_is_recorded_and_a_new_one_is_a_change() {
+        let (_d, store) = temp_store();
+        let alice = Caller {
+            uid: 1000,
+            gid: 1000,
+            groups: vec![998],
+            user: Some("alice".into()),
+        };
+        let as_ = |who: &Caller| {
+            store
+                .apply_batch(
+                    vec![ApplyItem {
+                        resource: run("r"),
+                        manager: Manager::Api,
+                        submitter: who.clone(),
+                        force: false,
+                    }],
+                    false,
+                )
+                .unwrap()
+                .remove(0)
+                .unwrap()
+        };
+        assert_eq!(as_(&Caller::root()), ApplyOutcome::Created);
+        assert_eq!(as_(&Caller::root()), ApplyOutcome::Unchanged);
+        // The same spec from someone else: it now runs with their rights.
+        assert_eq!(as_(&alice), ApplyOutcome::Configured);
+        let got = store.get(Kind::AgentRun, "r").unwrap().unwrap();
+        assert_eq!(got.submitter.as_ref(), Some(&alice));
+        assert_eq!(got.generation(), 1);
+        assert_eq!(as_(&alice), ApplyOutcome::Unchanged);
+        // Who asked for the deletion is kept too.
+        assert!(store
+            .request_delete_as(Kind::AgentRun, "r", Some(&Manager::Api), Some(&alice))
+            .unwrap());
+        let got = store.get(Kind::AgentRun, "r").unwrap().unwrap();
+        assert_eq!(got.deletion_requested_by, Some(alice));
+        // Records from before submitters were recorded still load.
+        let mut old = serde_json::to_value(&got).unwrap();
+        old.as_object_mut().unwrap().remove("submitter");
+        let old: StoredObject = serde_json::from_value(old).unwrap();
+        assert_eq!(old.submitter, None);
     }
 
     #[test]
@@ -1583,11 +1700,13 @@ mod tests {
             ApplyItem {
                 resource: image("fresh", "bookworm"),
                 manager: Manager::Api,
+                submitter: crate::caller::Caller::root(),
                 force: false,
             },
             ApplyItem {
                 resource: image("taken", "bookworm"),
                 manager: Manager::Api,
+                submitter: crate::caller::Caller::root(),
                 force: false,
             },
         ];
@@ -1614,6 +1733,7 @@ mod tests {
         let item = |resource| ApplyItem {
             resource,
             manager: Manager::Api,
+            submitter: Caller::root(),
             force: false,
         };
         // The image in the same batch.

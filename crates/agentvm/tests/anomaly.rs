@@ -8,10 +8,11 @@
 //! endpoint is scraped after the runs and every metric the issue names appears with sane
 //! values; the audit log holds every event type and never the run's secret.
 //!
-//! Thresholds: under TCG on this loaded 2-core host a vCPU spinning in a busy loop reads only
-//! about 20–60 % of a host core (cpu_time delta / wall delta / vCPUs; an idle guest 5–8 %), so
-//! the test pool sets `cpuPercent: 15` instead of the default 90. Fails (never skips) without
-//! libvirt or the default image.
+//! Thresholds: CPU rules read the run's own cgroup in the guest, where a busy loop reads
+//! 75–85 % of its vCPU even under TCG on a loaded 2-core host (the VM-level vCPU time reads
+//! only 20–60 % there), so the test pool sets `cpuPercent: 50`. The quiet run comes right
+//! after the pool's VM was replaced, when the new guest is still warming up: it must get no
+//! anomaly. Fails (never skips) without libvirt or the default image.
 
 mod common;
 
@@ -28,7 +29,7 @@ const SECRET: &str = "anomaly-s3cret-Jx72Qp";
 fn pool_doc(pool: &str, image: &str, policy: &str) -> String {
     format!(
         "apiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata: {{name: {image}}}\nspec: {{}}\n---\n\
-         apiVersion: agentvm.dev/v1alpha1\nkind: VmPool\nmetadata: {{name: {pool}}}\nspec:\n  template:\n    imageRef: {image}\n    resources: {{profile: custom, vcpu: 1, memoryMib: 512, diskGib: 2}}\n  minReady: 1\n  maxSize: 1\n  anomalies:\n    policy: {policy}\n    cpuPercent: 15\n    cpuSustainedSamples: 4\n    diskWriteMibPerSecond: 10\n    rateWindowSamples: 5\n    maxProcesses: 300\n    memoryPercent: 60\n"
+         apiVersion: agentvm.dev/v1alpha1\nkind: VmPool\nmetadata: {{name: {pool}}}\nspec:\n  template:\n    imageRef: {image}\n    resources: {{profile: custom, vcpu: 1, memoryMib: 512, diskGib: 2}}\n  minReady: 1\n  maxSize: 1\n  anomalies:\n    policy: {policy}\n    cpuPercent: 50\n    cpuSustainedSamples: 4\n    diskWriteMibPerSecond: 10\n    rateWindowSamples: 5\n    maxProcesses: 300\n    memoryPercent: 60\n"
     )
 }
 
@@ -171,7 +172,10 @@ fn anomalies_of_real_runs_reach_status_metrics_and_audit_and_policy_kill_stops_a
     assert_eq!(quiet["phase"], "Succeeded", "{quiet:#}");
     assert!(rules(&quiet).is_empty(), "{quiet:#}");
     assert!(usage(&quiet, "samples") >= 5, "{quiet:#}");
-    assert!(usage(&quiet, "cpuMilliseconds") > 0, "{quiet:#}");
+    // The run's own CPU time (its cgroup in the guest), not the VM's warm-up after the
+    // replacement (4–4.5 s of vCPU time under TCG).
+    let quiet_cpu = usage(&quiet, "cpuMilliseconds");
+    assert!(quiet_cpu > 0 && quiet_cpu < 2_000, "{quiet:#}");
     assert!(usage(&quiet, "peakProcesses") > 10, "{quiet:#}");
 
     // A CPU burn: CpuSaturated.
@@ -179,9 +183,9 @@ fn anomalies_of_real_runs_reach_status_metrics_and_audit_and_policy_kill_stops_a
     assert_eq!(cpu["phase"], "Succeeded", "{cpu:#}");
     let a = anomaly(&cpu, "CpuSaturated");
     assert_eq!(a["metric"], "cpu_percent");
-    assert_eq!(a["threshold"], 15);
+    assert_eq!(a["threshold"], 50);
     let observed = a["observed"].as_u64().unwrap();
-    assert!((15..=100).contains(&observed), "{a}");
+    assert!((50..=100).contains(&observed), "{a}");
     assert!(a["detectedAt"].as_str().unwrap().ends_with('Z'), "{a}");
     // 40 s of spinning: several seconds of vCPU time.
     assert!(usage(&cpu, "cpuMilliseconds") >= 4_000, "{cpu:#}");

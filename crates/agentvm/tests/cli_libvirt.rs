@@ -89,13 +89,6 @@ fn sha256_hex(data: &[u8]) -> String {
         .collect()
 }
 
-fn condition<'a>(status: &'a Value, type_: &str) -> Option<&'a Value> {
-    status["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-}
-
 #[test]
 fn cli_against_a_controller_on_real_libvirt() {
     require_libvirt_and_image();

@@ -4,8 +4,13 @@
 //! are gone for the next run on the same VM; a cancelled and a timed-out run leave their VM
 //! clean and Ready; a run in flight at `kill -9` of the controller ends `Failed` with reason
 //! `ControllerRestarted` and its VM is reset; a secret from the controller's environment never shows up in status,
-//! `agentvm logs`, the controller log, the audit log or the store file. Fails (never skips) without libvirt
-//! or the default image.
+//! `agentvm logs`, the controller log, the audit log or the store file; a run's hostile
+//! artifacts (a setuid file, a device node, a FIFO, links to `/etc/shadow` and out of the
+//! directory, a file owned by uid 4242) arrive as plain 0640 files and 0750 directories
+//! owned by the controller, the rest is named in `ArtifactsRejected`, and a second run of
+//! the same name gets a new directory; nothing under the state directory is open to
+//! others beyond the documented modes. Fails (never skips) without libvirt or the default
+//! image.
 
 mod common;
 
@@ -181,9 +186,18 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
         pool_manifest(&pool, &image, 1),
     )
     .unwrap();
+    // The spec directory's change must have reached the pool first: a pool that shrank to
+    // 1 VM by itself (no demand, minReady 1) still has maxSize 2 and boots a second VM as
+    // soon as its only one is busy.
     env.wait("pool down to 1 VM", Duration::from_secs(120), || {
-        let s = env.status("pool", &pool);
-        s["phase"] == "Ready" && s["total"] == 1
+        let Some(o) = env.get("pool", &pool) else {
+            return false;
+        };
+        let s = &o["status"];
+        o["spec"]["maxSize"] == 1
+            && s["observedGeneration"] == o["metadata"]["generation"]
+            && s["phase"] == "Ready"
+            && s["total"] == 1
     });
     let dirty = "echo dirty > /tmp/marker; echo dirty > /root/marker; sync\n\
                  setsid sh -c 'exec sleep 4242' </dev/null >/dev/null 2>&1 &\n\
@@ -351,4 +365,208 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
         !store.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
         "secret in the store file"
     );
+
+    // (e) A run whose artifact directory holds what root in a guest can make to attack the
+    // host that unpacks it: only the regular files and directories arrive, 0640/0750 and
+    // owned by the controller, and the rest is named in the status. A second run of the
+    // same name gets a directory of its own.
+    let hostile = "set -e\n\
+                   mkdir -p /root/out/sub\n\
+                   echo plain > /root/out/plain.txt\n\
+                   printf '#!/bin/sh\\nid\\n' > /root/out/suid.sh; chmod 4755 /root/out/suid.sh\n\
+                   echo owned > /root/out/owned.txt; chown 4242:4242 /root/out/owned.txt; chmod 666 /root/out/owned.txt\n\
+                   chmod 2777 /root/out/sub; echo deep > /root/out/sub/deep.txt\n\
+                   mknod /root/out/null c 1 3\n\
+                   mkfifo /root/out/pipe\n\
+                   ln -s /etc/shadow /root/out/shadow\n\
+                   ln -s ../../../../../../etc/passwd /root/out/up\n\
+                   ln /root/out/plain.txt /root/out/hard.txt\n\
+                   echo packed";
+    let hostile_run = sh_run(
+        "hostile",
+        &pool,
+        hostile,
+        "  artifacts: {paths: [/root/out]}\n",
+    );
+    let first = hostile_artifacts(&env, &hostile_run);
+    let out = env.cmd(&["delete", "run/hostile"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.wait("hostile gone", Duration::from_secs(60), || {
+        env.get("run", "hostile").is_none()
+    });
+    let second = hostile_artifacts(&env, &hostile_run);
+    assert_ne!(
+        first.parent(),
+        second.parent(),
+        "the same directory for both runs"
+    );
+    assert_eq!(
+        std::fs::read_to_string(first.join("plain.txt")).unwrap(),
+        "plain\n",
+        "the first run's artifacts were touched"
+    );
+
+    // Nothing the controller made under its state directory is open to others beyond the
+    // modes `agentvm_controller::state_dir` documents (the test's own files aside: specs/,
+    // manifests, the controller's log).
+    let mut open = Vec::new();
+    let all = walk(&env.dir);
+    for must in ["store.redb", "audit.log", "vms", "artifacts", "sock"] {
+        assert!(
+            all.iter().any(|(rel, _, _)| rel == must),
+            "no {must} under the state directory"
+        );
+    }
+    assert!(
+        all.iter()
+            .any(|(rel, _, _)| rel.starts_with("vms/") && rel.ends_with("/disk.qcow2")),
+        "no VM disk under the state directory"
+    );
+    eprintln!("{} paths under the state directory checked", all.len());
+    for (rel, kind, mode) in all {
+        let top = rel.split('/').next().unwrap_or_default();
+        if top == "specs"
+            || rel == "controller.log"
+            || (!rel.contains('/') && rel.ends_with(".yaml"))
+        {
+            continue;
+        }
+        let ok = match (rel.as_str(), kind) {
+            ("", _) => mode == 0o711,
+            ("sock", 's') => mode == 0o660,
+            (r, 'd') if r == "artifacts" || r.starts_with("artifacts/") => mode == 0o750,
+            (r, 'f') if r.starts_with("artifacts/") => mode == 0o640,
+            (_, 'd') => mode & 0o066 == 0,
+            (_, 'f') => mode & 0o077 == 0,
+            _ => false,
+        };
+        if !ok {
+            open.push(format!("{kind} {mode:04o} {rel}"));
+        }
+    }
+    assert!(
+        open.is_empty(),
+        "too open under the state directory:\n{}",
+        open.join("\n")
+    );
+}
+
+/// Applies `run` (the hostile artifacts run), waits for it and checks what reached the host;
+/// returns the host path of its `/root/out`.
+fn hostile_artifacts(env: &Env, run: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    apply_yaml(env, "hostile.yaml", run);
+    env.wait("hostile done", Duration::from_secs(120), || {
+        terminal(&phase(env, "hostile"))
+    });
+    let s = env.status("run", "hostile");
+    assert_eq!(s["phase"], "Succeeded", "{s}");
+    assert_eq!(s["stdoutTail"], "packed\n", "{s}");
+    let arts = s["artifacts"].as_array().unwrap_or_else(|| panic!("{s}"));
+    assert_eq!(arts.len(), 1, "{s}");
+    let host = std::path::PathBuf::from(arts[0]["hostPath"].as_str().unwrap());
+    let run_dir = host.parent().unwrap();
+    // (path, kind, mode in octal, owner)
+    let mut found: Vec<(String, char, String, u32)> = walk(run_dir)
+        .into_iter()
+        .filter(|(rel, _, _)| !rel.is_empty())
+        .map(|(rel, kind, mode)| {
+            let uid = std::fs::symlink_metadata(run_dir.join(&rel)).unwrap().uid();
+            (rel, kind, format!("{mode:04o}"), uid)
+        })
+        .collect();
+    found.sort();
+    let me = test_uid();
+    let mut want: Vec<(String, char, String, u32)> = [
+        ("out", 'd'),
+        ("out/hard.txt", 'f'),
+        ("out/owned.txt", 'f'),
+        ("out/plain.txt", 'f'),
+        ("out/sub", 'd'),
+        ("out/sub/deep.txt", 'f'),
+        ("out/suid.sh", 'f'),
+    ]
+    .into_iter()
+    .map(|(p, k)| {
+        (
+            p.to_string(),
+            k,
+            if k == 'd' { "0750" } else { "0640" }.to_string(),
+            me,
+        )
+    })
+    .collect();
+    want.sort();
+    assert_eq!(
+        found,
+        want,
+        "what reached the host under {}",
+        run_dir.display()
+    );
+    assert_eq!(
+        std::fs::read_to_string(host.join("suid.sh")).unwrap(),
+        "#!/bin/sh\nid\n"
+    );
+    let c = condition(&s, "ArtifactsRejected").unwrap_or_else(|| panic!("{s}"));
+    assert_eq!(
+        (c["status"].as_str(), c["reason"].as_str()),
+        (Some("True"), Some("UnsafeEntries")),
+        "{c}"
+    );
+    let m = c["message"].as_str().unwrap();
+    for named in [
+        "out/null: character device",
+        "out/pipe: FIFO",
+        "out/shadow: symbolic link to /etc/shadow",
+        "out/up: symbolic link to ../../../../../../etc/passwd",
+    ] {
+        assert!(m.contains(named), "{named:?} not in {m:?}");
+    }
+    assert_eq!(run_dir.parent().unwrap(), env.dir.join("artifacts"), "{s}");
+    let dir_name = run_dir.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(dir_name.starts_with("hostile-"), "{dir_name}");
+    host
+}
+
+/// Every path under `root` (never following links), relative ("" for `root`), with its
+/// kind (`d`, `f`, `l`, `s` socket, `?`) and permission bits.
+fn walk(root: &std::path::Path) -> Vec<(String, char, u32)> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue; // removed meanwhile (a VM's files during a reset)
+        };
+        let t = m.file_type();
+        let kind = if t.is_dir() {
+            'd'
+        } else if t.is_file() {
+            'f'
+        } else if t.is_symlink() {
+            'l'
+        } else if t.is_socket() {
+            's'
+        } else {
+            '?'
+        };
+        let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+        out.push((rel, kind, m.permissions().mode() & 0o7777));
+        if kind == 'd' {
+            if let Ok(rd) = std::fs::read_dir(&p) {
+                todo.extend(rd.flatten().map(|e| e.path()));
+            }
+        }
+    }
+    out
+}
+
+/// This process's effective user (the controller runs as the same user).
+fn test_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").unwrap().uid()
 }

@@ -86,11 +86,27 @@ fn local_run_executes_in_a_real_vm_with_warmup_env_secrets_and_artifacts() {
         stderr.contains("run/local-check: Failed (exit 3)"),
         "{stderr}"
     );
-    let artifact = dir.path().join("artifacts/local-check/out/result.json");
+    // A new directory per run, `<run>-<UTC time>`, files 0640 (the controller's unpacker).
+    let runs: Vec<_> = std::fs::read_dir(dir.path().join("artifacts"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(runs.len(), 1, "{runs:?}\n{stderr}");
+    let name = runs[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.starts_with("local-check-20"), "{name}");
+    let artifact = runs[0].join("out/result.json");
     assert_eq!(
         std::fs::read_to_string(&artifact)
             .unwrap_or_else(|e| panic!("{}: {e}\n{stderr}", artifact.display())),
         r#"{"ok": true}"#
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&artifact).unwrap().permissions().mode();
+    assert_eq!(mode & 0o7777, 0o640);
+    assert!(
+        stderr.contains(&format!("-> {}", runs[0].join("out").display())),
+        "{stderr}"
     );
     // The VM is gone: no domain and no files left in the state directory.
     let vms = state.path().join("vms");

@@ -271,7 +271,7 @@ fn controller_serves_metrics_health_and_an_audit_log() {
         Some(0.0)
     );
 
-    // The audit log: one object_applied line per object, by `agentvm apply`.
+    // The audit log: one object_applied line per object, by root through `agentvm apply`.
     let audit = std::fs::read_to_string(state.join("audit.log")).unwrap();
     let events: Vec<serde_json::Value> = audit
         .lines()
@@ -286,7 +286,9 @@ fn controller_serves_metrics_health_and_an_audit_log() {
             .collect();
         assert_eq!(applied.len(), 1, "{kind}/{name} in:\n{audit}");
         let e = applied[0];
-        assert_eq!(e["actor"], "api (agentvm apply)");
+        // Who applied it (this test runs as root), through what.
+        assert_eq!(e["actor"], "uid=0(root)");
+        assert_eq!(e["tool"], "api (agentvm apply)");
         assert_eq!(e["details"]["generation"], 1);
         assert!(e["timestamp"].as_str().unwrap().ends_with('Z'), "{e}");
     }

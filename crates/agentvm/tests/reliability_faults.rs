@@ -201,6 +201,16 @@ fn controller_kills_qemu_kills_and_a_stopped_agent_leave_no_orphans_and_lose_no_
         ("TimedOut", "GuestUnresponsive"),
         t,
     );
+    // timeoutSeconds is hard: within 30 s + 15 s of its start the run has ended.
+    let s = env.status("run", "agent-stopped");
+    let ran = status_time(&s["finishedAt"])
+        .duration_since(status_time(&s["startedAt"]))
+        .unwrap();
+    eprintln!(
+        "agent stopped: started to finished {:.1}s",
+        ran.as_secs_f64()
+    );
+    assert!(ran <= Duration::from_secs(45), "ran {ran:?}: {s}");
 
     // 5. A VM destroyed by hand while it is being reset after a run: the reset gives up at
     //    once (the domain is not running) and the pool starts a replacement within seconds

@@ -7,6 +7,10 @@
 //! a server another run keeps open in the other guest. Control probes show the network works
 //! (tcp/443 to the internet; DNS over udp and tcp to the host's dnsmasq, the one host service
 //! besides DHCP a guest may use) and that every stand-in answers outside the guests' filters.
+//! Then the attacker spoofs: UDP with the other guest's (and the gateway's) address as
+//! source, and forged ARP replies telling the host that the other guest's address is at the
+//! attacker's MAC. A sink on "the internet" and the host's neighbour table show that only its
+//! own, honest traffic gets through.
 //!
 //! The pool also carries limits: `diskWriteMibPerSecond: 10` (a 200 MiB `dd … oflag=direct`
 //! in a guest must take 200/10 s, ±20 %), `netInMibPerSecond: 2` (where the host enforces
@@ -78,6 +82,53 @@ for port in sys.argv[1:]:
             c.close()
 time.sleep(3600)
 "#;
+
+/// Spoofing from a guest (root, python3 on stdin; arguments: the other guest's address, the
+/// gateway, "the internet"). A datagram from its own address to udp/53 (allowed egress) as
+/// the control, raw IPv4 datagrams to the same place with the other guest's and the
+/// gateway's address as source, and forged ARP replies to the host: "the other guest's
+/// address is at my MAC". Prints `mac <its MAC>`.
+const SPOOF: &str = r#"exec python3 - "$@" <<'EOF'
+import os, socket, struct, sys, time
+victim, gateway, inet = sys.argv[1:4]
+iface = [n for n in sorted(os.listdir("/sys/class/net")) if n.startswith("e")][0]
+mymac = open("/sys/class/net/%s/address" % iface).read().strip()
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.sendto(b"from-own-address", (inet, 53))
+udp.sendto(b"x", (gateway, 53))  # makes sure the gateway is in the ARP table
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for name, src in (("victim", victim), ("gateway", gateway)):
+    payload = ("spoofed-" + name).encode()
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28 + len(payload), 0, 0, 64, 17, 0,
+                     socket.inet_aton(src), socket.inet_aton(inet))
+    for _ in range(3):
+        raw.sendto(ip + struct.pack("!HHHH", 40000, 53, 8 + len(payload), 0) + payload, (inet, 0))
+time.sleep(1)
+gwmac = None
+for line in open("/proc/net/arp").read().splitlines()[1:]:
+    f = line.split()
+    if f[0] == gateway:
+        gwmac = f[3]
+mac = lambda m: bytes.fromhex(m.replace(":", ""))
+frame = (mac(gwmac) + mac(mymac) + b"\x08\x06" + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 2)
+         + mac(mymac) + socket.inet_aton(victim) + mac(gwmac) + socket.inet_aton(gateway))
+arp = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+arp.bind((iface, 0))
+for _ in range(8):
+    arp.send(frame)
+    time.sleep(0.5)
+print("mac", mymac)
+EOF"#;
+
+/// The MAC the host's neighbour table in `ns` holds for `ip` (`None` if it has no entry).
+fn host_neighbour(ns: &str, ip: &str) -> Option<String> {
+    let out = run(&mut in_ns(ns, &["ip", "-4", "neigh", "show", ip]));
+    let fields: Vec<&str> = out.split_whitespace().collect();
+    fields
+        .iter()
+        .position(|f| *f == "lladdr")
+        .map(|i| fields[i + 1].to_string())
+}
 
 fn in_ns(ns: &str, args: &[&str]) -> Command {
     let mut c = Command::new("ip");
@@ -274,10 +325,11 @@ fn a_guest_reaches_only_what_its_filter_allows_not_the_host_nor_another_guest() 
             false
         }
     });
-    std::thread::sleep(Duration::from_secs(3));
-    assert!(
-        reachable_from(&test_ns, &victim_ip, 8080),
-        "control: the victim's server does not answer from the host"
+    // Its Python server takes seconds to start under TCG on a busy host.
+    env.wait(
+        "control: the victim's server answers from the host",
+        Duration::from_secs(60),
+        || reachable_from(&test_ns, &victim_ip, 8080),
     );
 
     let targets = [
@@ -463,6 +515,85 @@ print('down', n, time.time() - t)\""
             "{bandwidth}"
         );
     }
+
+    // Spoofing. A sink on the internet's udp/53 records what arrives; the host has just
+    // talked to the victim, so its neighbour table holds the victim's real MAC.
+    let sink = env.dir.join("udp-sink.log");
+    let sink_out = std::fs::File::create(&sink).unwrap();
+    servers.children.push(
+        in_ns(
+            &inet,
+            &[
+                "/usr/bin/python3",
+                "-u",
+                "-c",
+                "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind((sys.argv[1],53))\nwhile True:\n    print(s.recvfrom(2048)[0].decode(errors='replace'))",
+                INET_HOST,
+            ],
+        )
+        .stdin(Stdio::null())
+        .stdout(sink_out)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    assert!(
+        reachable_from(&test_ns, &victim_ip, 8080),
+        "control: the host reaches the victim"
+    );
+    let victim_mac = host_neighbour(&test_ns, &victim_ip)
+        .unwrap_or_else(|| panic!("the host has no neighbour entry for {victim_ip}"));
+    std::thread::sleep(Duration::from_secs(2)); // past the neighbour table's lock time
+    apply_yaml(
+        &env,
+        "spoofer.yaml",
+        &sh_run(
+            "spoofer",
+            &pool,
+            &format!("set -- {victim_ip} {gateway} {INET_HOST}\n{SPOOF}"),
+            "  timeoutSeconds: 300\n",
+        ),
+    );
+    env.wait("spoofer ended", Duration::from_secs(300), || {
+        run_terminal(&run_phase(&env, "spoofer"))
+    });
+    let s = env.status("run", "spoofer");
+    assert_eq!(s["phase"], "Succeeded", "{s}");
+    let attacker_mac = s["stdoutTail"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("mac "))
+        .unwrap_or_else(|| panic!("no MAC from the spoofer: {s}"))
+        .to_string();
+    std::thread::sleep(Duration::from_secs(1));
+    let received = std::fs::read_to_string(&sink).unwrap();
+    let neighbour = host_neighbour(&test_ns, &victim_ip);
+    eprintln!(
+        "the internet's udp/53 received {received:?}; the host's neighbour entry for the victim \
+         {victim_ip}: {neighbour:?} (victim {victim_mac}, attacker {attacker_mac})"
+    );
+    assert!(
+        received.contains("from-own-address"),
+        "control: a datagram from the guest's own address arrives: {received:?}"
+    );
+    assert_ne!(attacker_mac, victim_mac, "the two guests are different VMs");
+    // Both verdicts in one assertion, so a failure shows every spoof that got through.
+    let forged: Vec<&str> = ["spoofed-victim", "spoofed-gateway"]
+        .into_iter()
+        .filter(|p| received.contains(p))
+        .collect();
+    let poisoned = neighbour.as_deref() != Some(victim_mac.as_str());
+    assert!(
+        forged.is_empty() && !poisoned,
+        "datagrams with a forged source must be dropped (arrived: {forged:?}), and forged ARP \
+         replies must not move the host's entry for {victim_ip} off {victim_mac} (now \
+         {neighbour:?}, attacker {attacker_mac})"
+    );
+    assert!(
+        reachable_from(&test_ns, &victim_ip, 8080),
+        "the host still reaches the victim"
+    );
 
     // A UDP flood at a blocked port of the "internet": the filter drops it on the host, and
     // the anomaly monitor sees the burst on the guest's interface (NetworkTxBurst).

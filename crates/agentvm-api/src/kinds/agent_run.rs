@@ -273,12 +273,14 @@ pub struct Command {
 pub struct SecretEnvVar {
     /// Variable name in the guest, e.g. `ANTHROPIC_API_KEY`.
     pub name: String,
-    /// Name of the host environment variable (of the process that submits
-    /// the run) holding the value.
+    /// Name of the host environment variable holding the value: the
+    /// controller's for a run applied to it (users other than root may name
+    /// only those in its `secretEnvAllowList`), yours with `agentvm run`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_env: Option<String>,
-    /// Host file holding the value (trailing newline stripped). Relative
-    /// paths are resolved against the directory of the manifest.
+    /// Host file holding the value (trailing newline stripped, at most
+    /// 64 MiB). Relative paths are resolved against the directory of the
+    /// manifest. Read with the rights of whoever submitted the run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_file: Option<PathBuf>,
 }
@@ -293,8 +295,9 @@ pub struct InputFile {
     /// Inline text content (at most 1 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
-    /// Host file to copy. Relative paths are resolved against the directory
-    /// of the manifest.
+    /// Host file to copy (at most 64 MiB). Relative paths are resolved
+    /// against the directory of the manifest. Read with the rights of
+    /// whoever submitted the run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_file: Option<PathBuf>,
     /// Octal permission bits, e.g. `"0755"` for an executable. Default `"0644"`.
@@ -317,12 +320,15 @@ impl InputFile {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Workspace {
-    /// Host directory copied in. Relative paths are resolved against the
-    /// directory of the manifest.
+    /// Host directory copied in (at most 1 GiB as tar). Relative paths are
+    /// resolved against the directory of the manifest. Read with the rights
+    /// of whoever submitted the run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_path: Option<PathBuf>,
-    /// Git repository cloned on the host and copied in (`https://`,
-    /// `http://`, `ssh://`, `git://` or `user@host:path`).
+    /// Git repository cloned on the host, over the host's network, and
+    /// copied in (`https://`, `http://`, `ssh://`, `git://` or
+    /// `user@host:path`). Anonymous: no credentials, SSH keys or agent are
+    /// used; the controller gives up after `gitCloneTimeoutSeconds`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub git_url: Option<String>,
     /// Branch, tag or commit to check out. Only with `gitUrl`. Default: the
@@ -341,7 +347,10 @@ pub struct Workspace {
 pub struct Artifacts {
     /// Absolute guest paths of files or directories (collected recursively).
     /// Missing paths are reported in status (an `ArtifactsMissing`
-    /// condition), not an error.
+    /// condition), not an error. Only regular files and directories are
+    /// unpacked on the host (modes 0640 and 0750, owned by the host); links,
+    /// device nodes and FIFOs are skipped and named in an `ArtifactsRejected`
+    /// condition.
     pub paths: Vec<String>,
     /// Cap on the total size collected, MiB (1 to 1024). A path that does
     /// not fit in what is left of the cap is not copied (never cut in half),

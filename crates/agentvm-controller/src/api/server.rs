@@ -2,7 +2,9 @@
 //! group configurable), defending itself against bad clients: at most
 //! [`MAX_CONNECTIONS`] at once, [`HEADER_TIMEOUT`] to send the request head and
 //! [`BODY_TIMEOUT`] to send a body, bodies up to [`MAX_BODY_BYTES`], and every error as a
-//! JSON [`ErrorBody`].
+//! JSON [`ErrorBody`]. Who calls is the kernel's word (the socket's peer credentials): each
+//! applied object records its submitter ([`Caller`]), whose rights its host inputs are read
+//! with, and each deletion who asked for it.
 
 // Helpers return `Result<_, Response>` so handlers can return an error response early;
 // responses are built once per request, their size does not matter.
@@ -19,7 +21,7 @@ use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use tokio::net::UnixListener;
 use tokio::sync::{broadcast, watch};
@@ -28,6 +30,7 @@ use super::{
     ApplyRequest, ApplyResponse, ApplyResult, DeleteResponse, ErrorBody, Health, LabelSelector,
     SpecDirResponse, WatchChange, WatchEvent, MAX_BODY_BYTES, NEXT_OFFSET_HEADER, TRUNCATED_HEADER,
 };
+use crate::caller::Caller;
 use crate::source::SpecDirState;
 use crate::store::{ApplyItem, Change, Manager, Store, StoreError};
 
@@ -186,6 +189,7 @@ pub async fn serve(
         "API",
         listener,
         router(state),
+        crate::http_serve::unix_peer,
         crate::http_serve::Limits {
             max_connections: MAX_CONNECTIONS,
             header_timeout: HEADER_TIMEOUT,
@@ -204,6 +208,17 @@ fn error(status: StatusCode, message: impl Into<String>, details: Vec<String>) -
         details,
     };
     (status, Json(body)).into_response()
+}
+
+/// The client of this request, from its connection; refused when unknown.
+fn caller_of(ext: Option<Extension<Caller>>) -> Result<Caller, Response> {
+    ext.map(|Extension(c)| c).ok_or_else(|| {
+        error(
+            StatusCode::FORBIDDEN,
+            "the controller cannot tell who is calling (no peer credentials on this connection); nothing was changed",
+            vec![],
+        )
+    })
 }
 
 fn store_error(e: StoreError) -> Response {
@@ -279,7 +294,16 @@ fn is_json_or_unset(headers: &axum::http::HeaderMap) -> bool {
     }
 }
 
-async fn apply(State(st): State<ApiState>, headers: axum::http::HeaderMap, body: Body) -> Response {
+async fn apply(
+    State(st): State<ApiState>,
+    caller: Option<Extension<Caller>>,
+    headers: axum::http::HeaderMap,
+    body: Body,
+) -> Response {
+    let caller = match caller_of(caller) {
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
     if !is_json_or_unset(&headers) {
         return error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -364,6 +388,7 @@ async fn apply(State(st): State<ApiState>, headers: axum::http::HeaderMap, body:
         .map(|(resource, _)| ApplyItem {
             resource,
             manager: Manager::Api,
+            submitter: caller.clone(),
             force,
         })
         .collect();
@@ -443,9 +468,14 @@ struct DeleteQuery {
 
 async fn delete(
     State(st): State<ApiState>,
+    caller: Option<Extension<Caller>>,
     UrlPath((kind, name)): UrlPath<(String, String)>,
     Query(q): Query<DeleteQuery>,
 ) -> Response {
+    let caller = match caller_of(caller) {
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
     let kind = match parse_kind(&kind) {
         Ok(k) => k,
         Err(resp) => return resp,
@@ -454,7 +484,7 @@ async fn delete(
     let n = name.clone();
     let result = blocking(move || {
         let check = (!q.force).then_some(Manager::Api);
-        store.request_delete(kind, &n, check.as_ref())
+        store.request_delete_as(kind, &n, check.as_ref(), Some(&caller))
     })
     .await;
     match result {

@@ -9,9 +9,11 @@
 //!   ([`PoolRegistry::acquire`]).
 //! - **Execution** runs on a thread of its own (never on the dispatcher's workers): host
 //!   inputs are read first ([`run::prepare`]: secrets from the controller's environment or
-//!   files, never stored), then [`run::execute`] streams redacted output into the store
+//!   files, never stored; every host path with the rights of the run's submitter, see
+//!   [`crate::host_access`]), then [`run::execute`] streams redacted output into the store
 //!   ([`Store::append_output`](crate::store::Store::append_output)) so `agentvm logs -f`
-//!   follows it, artifacts are collected to `<stateDir>/artifacts/<run>/` and the final
+//!   follows it, artifacts are collected to a fresh `<stateDir>/artifacts/<run>-<time>/`
+//!   (regular files and directories only, see [`crate::artifacts`]) and the final
 //!   status is written. The VM is then reset to golden on the same thread (still busy, so
 //!   the pool leaves it alone) and made ready again; a failed reset hands it to the pool
 //!   reconciler as needing one (which retries or replaces it). A VM whose QEMU died
@@ -37,7 +39,9 @@ use agentvm_api::{AgentRun, AgentRunPhase, AgentRunStatus, CollectedArtifact, Ki
 use agentvm_backend::{Backend, BackendError, Guest, Stream};
 
 use super::{condition, status_of, write_status, PoolRegistry, VmPhase};
+use crate::artifacts::RunDir;
 use crate::audit::{AuditEvent, AuditEventType};
+use crate::host_access::HostAccess;
 use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
 use crate::run::{self, Redactor, RunError};
 use crate::run_monitor::{MonitorReport, MonitorTarget, RunMonitor, SAMPLE_INTERVAL};
@@ -61,6 +65,12 @@ pub const ARTIFACTS_TRUNCATED: &str = "ArtifactsTruncated";
 pub const OUTPUT_TRUNCATED: &str = "OutputTruncated";
 /// Condition type: some declared artifact paths did not exist in the guest.
 pub const ARTIFACTS_MISSING: &str = "ArtifactsMissing";
+/// Condition type: some entries of the guest's artifact archives were not unpacked (links,
+/// device nodes, FIFOs, paths leading out of the run's directory), or a whole archive was
+/// refused (malformed, or over the cap); the message names each and why.
+pub const ARTIFACTS_REJECTED: &str = "ArtifactsRejected";
+/// Where runs' artifact directories are, under the state directory.
+pub const ARTIFACTS_DIR: &str = "artifacts";
 
 /// How long after its timeout a run's program may take to end once killed in the guest. A
 /// guest that has not ended it by then (its agent starved by a fork bomb, stopped, or
@@ -193,7 +203,8 @@ impl AgentRunReconciler {
         // First in line: read the host inputs before taking a VM (a missing secret must not
         // cost one).
         let base = base_dir(obj, ctx);
-        let prepared = match run::prepare(&run.spec, &base, &*self.host_env) {
+        let access = HostAccess::of_submitter(obj.submitter.as_ref(), &ctx.config);
+        let prepared = match run::prepare(&run.spec, &base, &access, &*self.host_env) {
             Ok(p) => p,
             Err(e) => {
                 let reason = match e {
@@ -202,8 +213,24 @@ impl AgentRunReconciler {
                 };
                 self.registry
                     .set_waiting(pool, queue.len().saturating_sub(1) as u32);
-                finish(&mut status, AgentRunPhase::Failed, reason, e.to_string());
+                let message = e.to_string();
+                tracing::warn!(run = name, submitter = %submitter(obj), reason, "{message}");
+                finish(&mut status, AgentRunPhase::Failed, reason, message.clone());
                 write_status(ctx, obj, &status)?;
+                ctx.audit.record(
+                    AuditEvent::new(
+                        AuditEventType::RunFinished,
+                        Kind::AgentRun,
+                        name,
+                        submitter(obj),
+                    )
+                    .details(serde_json::json!({
+                        "pool": pool,
+                        "phase": "Failed",
+                        "reason": reason,
+                        "message": message,
+                    })),
+                );
                 return Ok(Action::AwaitChange);
             }
         };
@@ -248,6 +275,7 @@ impl AgentRunReconciler {
         }
         let job = Job {
             name: name.to_string(),
+            submitter: submitter(obj),
             pool: pool.to_string(),
             vm,
             run: run.clone(),
@@ -267,6 +295,13 @@ impl AgentRunReconciler {
         }
         Ok(Action::AwaitChange)
     }
+}
+
+/// Who submitted `obj`, for messages and the audit log.
+fn submitter(obj: &StoredObject) -> String {
+    obj.submitter
+        .as_ref()
+        .map_or_else(|| "unknown".to_string(), ToString::to_string)
 }
 
 /// The directory relative input paths (`fromFile`, `hostPath`) are resolved against.
@@ -311,8 +346,21 @@ fn artifact_conditions(status: &mut AgentRunStatus, report: &run::ArtifactReport
         ARTIFACTS_COLLECTED,
         true,
         "Collected",
-        format!("{} artifact(s) collected", report.collected.len()),
+        format!(
+            "{} artifact(s) collected into {}",
+            report.collected.len(),
+            report.dir.display()
+        ),
     );
+    if report.rejected_total > 0 {
+        set(
+            status,
+            ARTIFACTS_REJECTED,
+            true,
+            "UnsafeEntries",
+            report.rejected_message(),
+        );
+    }
     if !report.skipped.is_empty() {
         set(
             status,
@@ -354,12 +402,18 @@ impl Tail {
 /// the program's timeout plus [`KILL_GRACE`] has passed and the run has not ended. Every
 /// call the run's thread is making on that VM then fails at once (the domain is not
 /// running), so the run ends within moments.
+#[derive(Clone)]
 struct Watchdog {
     /// Set when the program starts (deadline = then + timeout + grace); `done` when the
     /// program's execution returned.
     state: Arc<(Mutex<WatchState>, std::sync::Condvar)>,
     fired: Arc<AtomicBool>,
 }
+
+/// How long the run's thread still waits for the program's execution once the deadline
+/// thread destroyed the VM: a call stuck in libvirt is then left behind (on the execution's
+/// own thread) so that the run ends on time.
+const ABANDON_AFTER: Duration = Duration::from_secs(4);
 
 #[derive(Default)]
 struct WatchState {
@@ -389,14 +443,21 @@ impl Watchdog {
                             let left = d.saturating_duration_since(Instant::now());
                             w = cv.wait_timeout(w, left).unwrap_or_else(|e| e.into_inner()).0;
                         }
-                        Some(_) => break,
+                        Some(_) => {
+                            // Decided under the lock: a `finish` that returns false happened
+                            // before this, so nobody takes the run as ended on time while
+                            // its VM is being destroyed.
+                            f.store(true, Ordering::SeqCst);
+                            break;
+                        }
                     }
                 }
                 drop(w);
-                f.store(true, Ordering::SeqCst);
                 tracing::warn!(run = %run, %vm, "the program did not end within its timeout and the kill grace; destroying its VM");
-                if let Err(e) = backend.destroy_vm(&vm) {
-                    tracing::warn!(run = %run, %vm, error = %e, "destroying the VM at the run's hard deadline failed");
+                let t = Instant::now();
+                match backend.destroy_vm(&vm) {
+                    Ok(()) => tracing::info!(run = %run, %vm, took = ?t.elapsed(), "VM destroyed at the run's hard deadline"),
+                    Err(e) => tracing::warn!(run = %run, %vm, error = %e, took = ?t.elapsed(), "destroying the VM at the run's hard deadline failed"),
                 }
             });
         if let Err(e) = spawned {
@@ -412,6 +473,11 @@ impl Watchdog {
         cv.notify_all();
     }
 
+    /// True once it decided to destroy the VM.
+    fn fired(&self) -> bool {
+        self.fired.load(Ordering::SeqCst)
+    }
+
     /// Disarms it; true when it had already destroyed the VM.
     fn finish(&self) -> bool {
         let (lock, cv) = &*self.state;
@@ -424,6 +490,8 @@ impl Watchdog {
 /// One run being executed on its own thread.
 struct Job {
     name: String,
+    /// Who submitted the run (`uid=1000(alice)`).
+    submitter: String,
     pool: String,
     vm: String,
     run: AgentRun,
@@ -437,6 +505,19 @@ struct Job {
 }
 
 impl Job {
+    /// A fresh directory for this run's artifacts: `<stateDir>/artifacts/<run>-<time>/`,
+    /// group-owned by the socket group when one is configured (its members use the API
+    /// that reports the paths).
+    fn artifact_dir(&self) -> Result<RunDir, RunError> {
+        let parent = self.ctx.config.state_dir.join(ARTIFACTS_DIR);
+        let gid = self.ctx.config.socket_gid().ok().flatten();
+        RunDir::create(&parent, &self.name, gid).map_err(|e| RunError::Input {
+            what: "artifacts",
+            path: parent,
+            message: e.to_string(),
+        })
+    }
+
     fn write(&self) {
         match serde_json::to_value(&self.status) {
             Ok(v) => {
@@ -446,6 +527,91 @@ impl Job {
             }
             Err(e) => {
                 tracing::warn!(run = %self.name, error = %e, "encoding the run status failed")
+            }
+        }
+    }
+
+    /// Runs the program on a thread of its own and waits for it, but once the deadline
+    /// thread has destroyed the VM at most [`ABANDON_AFTER`] more: a call stuck in libvirt
+    /// must not hold the run past its hard timeout (the execution's thread then ends on its
+    /// own, its calls failing on the gone VM).
+    fn execute(
+        &self,
+        prepared: run::PreparedRun,
+        spec: &agentvm_api::AgentRunSpec,
+        watchdog: &Watchdog,
+        tails: Arc<Mutex<(Tail, Tail)>>,
+    ) -> Result<run::RunResult, RunError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (backend, vm, cancel) = (self.backend.clone(), self.vm.clone(), self.cancel.clone());
+        let (store, name, spec, arm) = (
+            self.ctx.store.clone(),
+            self.name.clone(),
+            spec.clone(),
+            watchdog.clone(),
+        );
+        let program_timeout = Duration::from_secs(u64::from(spec.timeout_seconds));
+        let output_cap = spec.output.max_bytes();
+        let spawned = std::thread::Builder::new()
+            .name(format!("exec-{}", self.name))
+            .spawn(move || {
+                let r = backend.agent(&vm).map_err(RunError::Backend).and_then(|chan| {
+                    let g = Guest::with_cancel(&*chan, cancel);
+                    run::execute(
+                        &g,
+                        &spec,
+                        &prepared,
+                        &mut || arm.arm(program_timeout),
+                        &mut |s, d| {
+                            let stream = {
+                                let mut t = tails.lock().unwrap_or_else(|e| e.into_inner());
+                                match s {
+                                    Stream::Stdout => {
+                                        t.0.push(d);
+                                        OutputStream::Stdout
+                                    }
+                                    Stream::Stderr => {
+                                        t.1.push(d);
+                                        OutputStream::Stderr
+                                    }
+                                }
+                            };
+                            if let Err(e) = store.append_output(&name, stream, d, output_cap) {
+                                tracing::warn!(run = %name, error = %e, "storing output failed");
+                            }
+                        },
+                    )
+                });
+                // The run may have stopped waiting; nothing to do then.
+                let _ = tx.send(r);
+            });
+        if let Err(e) = spawned {
+            return Err(RunError::Backend(agentvm_backend::BackendError::Io {
+                op: "start a thread for",
+                path: PathBuf::from(&self.name),
+                source: e,
+            }));
+        }
+        let mut fired_at: Option<Instant> = None;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(r) => return r,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(RunError::Backend(BackendError::VmNotRunning {
+                        vm: self.vm.clone(),
+                    }))
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if watchdog.fired() {
+                        let at = *fired_at.get_or_insert_with(Instant::now);
+                        if at.elapsed() >= ABANDON_AFTER {
+                            tracing::warn!(run = %self.name, vm = %self.vm, "the program's execution did not return after its VM was destroyed; leaving it behind");
+                            return Err(RunError::Backend(BackendError::VmNotRunning {
+                                vm: self.vm.clone(),
+                            }));
+                        }
+                    }
+                }
             }
         }
     }
@@ -486,8 +652,7 @@ impl Job {
         let started = Instant::now();
         let spec = self.run.spec.clone();
         let secrets = prepared.secret_values().to_vec();
-        let mut out_tail = Tail::default();
-        let mut err_tail = Tail::default();
+        let tails: Arc<Mutex<(Tail, Tail)>> = Arc::default();
         let mut artifacts = Vec::new();
         let mut report = MonitorReport::default();
         let watchdog = Watchdog::start(self.backend.clone(), self.name.clone(), self.vm.clone());
@@ -495,7 +660,7 @@ impl Job {
         let result = match self.backend.agent(&self.vm) {
             Err(e) => Err(RunError::Backend(e)),
             Ok(chan) => {
-                let g = Guest::with_cancel(&*chan, self.cancel.clone());
+                drop(chan);
                 self.status.phase = AgentRunPhase::Running;
                 self.status.reason = Some("Running".into());
                 self.status.started_at = Some(Timestamp::now().to_string());
@@ -510,43 +675,34 @@ impl Job {
                         "controller",
                     )
                     .vm(&self.vm)
-                    .details(serde_json::json!({"pool": self.pool})),
+                    .details(serde_json::json!({"pool": self.pool, "submitter": self.submitter})),
                 );
                 let monitor = self.start_monitor();
-                let store = self.ctx.store.clone();
-                let name = self.name.clone();
-                let program_timeout = Duration::from_secs(u64::from(spec.timeout_seconds));
-                let output_cap = spec.output.max_bytes();
-                let r = run::execute(
-                    &g,
-                    &spec,
-                    &prepared,
-                    &mut || watchdog.arm(program_timeout),
-                    &mut |s, d| {
-                        let stream = match s {
-                            Stream::Stdout => {
-                                out_tail.push(d);
-                                OutputStream::Stdout
-                            }
-                            Stream::Stderr => {
-                                err_tail.push(d);
-                                OutputStream::Stderr
-                            }
-                        };
-                        if let Err(e) = store.append_output(&name, stream, d, output_cap) {
-                            tracing::warn!(run = %name, error = %e, "storing output failed");
-                        }
-                    },
-                );
+                let r = self.execute(prepared, &spec, &watchdog, tails.clone());
                 hard_stopped = watchdog.finish();
+                tracing::info!(run = %self.name, took = ?started.elapsed(), hard_stopped, ok = r.is_ok(), "the program's execution returned");
                 if let Some(m) = monitor {
-                    report = m.stop();
+                    // A VM destroyed at the hard deadline gives no further sample.
+                    report = if hard_stopped {
+                        m.stop_within(Duration::ZERO)
+                    } else {
+                        m.stop()
+                    };
                 }
                 if r.is_ok() && !self.cancel.load(Ordering::SeqCst) {
                     if let Some(a) = &spec.artifacts {
-                        let dest = self.ctx.config.state_dir.join("artifacts").join(&self.name);
                         let cap = u64::from(a.max_size_mib) * 1024 * 1024;
-                        match run::collect_artifacts(&g, &a.paths, &dest, cap) {
+                        let collected = self
+                            .backend
+                            .agent(&self.vm)
+                            .map_err(RunError::Backend)
+                            .and_then(|chan| {
+                                let g = Guest::with_cancel(&*chan, self.cancel.clone());
+                                self.artifact_dir().and_then(|mut dir| {
+                                    run::collect_artifacts(&g, &a.paths, &mut dir, cap)
+                                })
+                            });
+                        match collected {
                             Ok(report) => {
                                 artifact_conditions(&mut self.status, &report, cap);
                                 artifacts = report
@@ -581,8 +737,11 @@ impl Job {
             String::from_utf8_lossy(&Redactor::redact_all(&secrets, s.as_bytes())).into_owned()
         };
         let st = &mut self.status;
-        st.stdout_tail = out_tail.text();
-        st.stderr_tail = err_tail.text();
+        {
+            let t = tails.lock().unwrap_or_else(|e| e.into_inner());
+            st.stdout_tail = t.0.text();
+            st.stderr_tail = t.1.text();
+        }
         st.artifacts = artifacts;
         st.anomalies = report.anomalies;
         st.resource_usage = report.usage;

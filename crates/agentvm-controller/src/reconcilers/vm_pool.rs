@@ -699,6 +699,7 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Blocked>, Reconc
                 mac: None,
                 host,
                 dhcp,
+                ip: None,
             })
         }
     };
@@ -708,6 +709,9 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Blocked>, Reconc
         "network": network_hash,
         // VMs from before filters took the host's address as a parameter are replaced.
         "nicHost": nic.as_ref().and_then(|n| n.host).map(|h| h.to_string()),
+        // VMs from before anti-spoofing (the filter's `$IP`, learned from DHCP and pinned at
+        // boot) would have libvirt guess their address from any first packet: replaced.
+        "nicIpFromLease": nic.as_ref().is_some_and(|n| n.dhcp),
     });
     let mut canonical = String::new();
     agentvm_api::resource::write_canonical_json(&identity, &mut canonical);

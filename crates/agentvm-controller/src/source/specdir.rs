@@ -19,6 +19,10 @@
 //!   another is taken over by the new file, not deleted and recreated.
 //! - A kind/name declared by two files is applied from the first (path order) and
 //!   reported on the others.
+//! - Every object is submitted by the directory's owner (read at every pass): a run from
+//!   the spec directory reads its host inputs with the owner's rights, so whoever may
+//!   write into the directory acts with its owner's rights — keep it writable by its owner
+//!   only.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -29,6 +33,7 @@ use agentvm_api::{parse_file, ParsedResource};
 use notify::{EventKind, RecursiveMode, Watcher};
 use serde::{Deserialize, Serialize};
 
+use crate::caller::Caller;
 use crate::store::{ApplyItem, ApplyOutcome, Manager, ObjectKey, Store, StoreError};
 use crate::time::Timestamp;
 
@@ -214,6 +219,17 @@ impl SpecDir {
                 });
             }
         };
+        let owner = match Caller::owner_of(&self.dir) {
+            Ok(o) => o,
+            Err(e) => {
+                let message = format!("cannot find the owner of {}: {e}", self.dir.display());
+                self.state.write().unwrap_or_else(|e| e.into_inner()).error = Some(message.clone());
+                return Err(SpecDirError::Dir {
+                    path: self.dir.clone(),
+                    message,
+                });
+            }
+        };
         let mut reports: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut valid: BTreeMap<String, Vec<ParsedResource>> = BTreeMap::new();
         let mut invalid: BTreeSet<String> = BTreeSet::new();
@@ -270,6 +286,7 @@ impl SpecDir {
                 items.push(ApplyItem {
                     resource: parsed.resource.clone(),
                     manager: Manager::SpecDir { file: file.clone() },
+                    submitter: owner.clone(),
                     force,
                 });
                 item_origin.push((key, here));
@@ -300,7 +317,7 @@ impl SpecDir {
             }
             match self
                 .store
-                .request_delete(key.kind, &key.name, Some(manager))
+                .request_delete_as(key.kind, &key.name, Some(manager), Some(&owner))
             {
                 Ok(true) => summary.pruned.push(key.clone()),
                 Ok(false) => {}
@@ -481,6 +498,9 @@ mod tests {
                 file: "nested/deep/c.yml".into()
             }
         );
+        // Submitted by the directory's owner.
+        let owner = Caller::owner_of(f.source.dir()).unwrap();
+        assert_eq!(f.object("c").unwrap().submitter, Some(owner));
         // Unchanged files: nothing written.
         let s = f.source.sync().unwrap();
         assert!(s.applied.iter().all(|(_, o)| *o == ApplyOutcome::Unchanged));

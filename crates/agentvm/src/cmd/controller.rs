@@ -42,6 +42,9 @@ pub struct ControllerArgs {
 impl ControllerArgs {
     /// Run until SIGTERM or SIGINT (a second signal exits at once).
     pub fn run(self, cfg: &Config) -> anyhow::Result<i32> {
+        // Before any thread or file: what the controller creates is private unless given a
+        // mode (see agentvm_controller::state_dir).
+        agentvm_controller::state_dir::restrict_umask();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

@@ -56,6 +56,9 @@ pub fn describe(obj: &StoredObject) -> String {
             Manager::SpecDir { file } => format!("spec directory, file {file}"),
         },
     );
+    if let Some(who) = &obj.submitter {
+        line("Submitted by", who.to_string());
+    }
     line("Generation", meta.generation.to_string());
     line("Created", when(&obj.created_at));
     line("Updated", when(&obj.updated_at));
@@ -236,9 +239,11 @@ mod tests {
         let obj = StoredObject {
             resource: Resource::VmPool(pool),
             manager: Manager::Api,
+            submitter: None,
             created_at: Timestamp::now(),
             updated_at: Timestamp::now(),
             deletion_requested_at: None,
+            deletion_requested_by: None,
         };
         let text = describe(&obj);
         let table: Vec<&str> = text

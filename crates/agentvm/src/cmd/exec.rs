@@ -49,6 +49,7 @@ impl ExecArgs {
             accelerator: accel,
             boot_timeout: Duration::from_secs(cfg.boot_timeout_seconds),
             limits: Default::default(),
+            disabled_cpu_features: Vec::new(),
             disk_gib: None,
         };
         let name = format!("agentvm-exec-{}", std::process::id());

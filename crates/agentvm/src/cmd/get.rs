@@ -479,9 +479,11 @@ status: {phase: Succeeded, exitCode: 0, vm: sandbox-1, reason: Completed}
                 StoredObject {
                     resource,
                     manager,
+                    submitter: None,
                     created_at: created,
                     updated_at: created,
                     deletion_requested_at: None,
+                    deletion_requested_by: None,
                 }
             })
             .collect()

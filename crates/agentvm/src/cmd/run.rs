@@ -10,6 +10,8 @@ use agentvm_api::{AgentRun, Image, Resource, VmPool};
 use agentvm_backend::guest::{Guest, Stream};
 use agentvm_backend::vm::{resolve_accelerator, EphemeralVm, VmShape};
 use agentvm_backend::{Libvirt, Owner};
+use agentvm_controller::artifacts::RunDir;
+use agentvm_controller::host_access::HostAccess;
 use agentvm_controller::images::recipe_for;
 use agentvm_controller::run::{collect_artifacts, execute, prepare, warmup_requests};
 use agentvm_controller::Config;
@@ -26,7 +28,7 @@ pub struct RunArgs {
     /// Only run the AgentRun with this name.
     #[arg(long)]
     name: Option<String>,
-    /// Where collected artifacts go (a subdirectory per run).
+    /// Where collected artifacts go (a new subdirectory `<run>-<UTC time>` per run).
     #[arg(long, default_value = "agentvm-artifacts", value_name = "DIR")]
     artifacts_dir: PathBuf,
 }
@@ -106,7 +108,9 @@ impl RunArgs {
             })?;
         agentvm_api::validate_pool_disk(&pool.spec, &image.metadata.name, &image.spec)
             .map_err(|e| anyhow::anyhow!("VmPool {}: {e}", pool.metadata.name))?;
-        let prepared = prepare(&run.spec, base, &|k| std::env::var(k).ok())
+        // The user's own rights and environment: this process is theirs.
+        let access = HostAccess::own(Duration::from_secs(cfg.git_clone_timeout_seconds.max(1)));
+        let prepared = prepare(&run.spec, base, &access, &|k| std::env::var(k).ok())
             .with_context(|| format!("AgentRun {name}"))?;
         let img = super::image::ensure_image(cfg, &recipe_for(&image.spec))?;
         let boot = super::image::boot_image(&img);
@@ -120,6 +124,7 @@ impl RunArgs {
             accelerator: accel,
             boot_timeout: Duration::from_secs(cfg.boot_timeout_seconds),
             limits: agentvm_controller::limits::vm_limits(&pool.spec.template.resources),
+            disabled_cpu_features: Vec::new(),
             disk_gib: Some(u64::from(res.disk_gib)),
         };
         let vm_name = format!("agentvm-run-{name}-{}", std::process::id());
@@ -172,10 +177,17 @@ impl RunArgs {
         });
         let _ = std::io::stdout().flush();
         let artifacts = match (&result, &run.spec.artifacts) {
-            (Ok(_), Some(a)) => {
-                let dest = self.artifacts_dir.join(name);
-                collect_artifacts(&g, &a.paths, &dest, u64::from(a.max_size_mib) << 20)
-            }
+            (Ok(_), Some(a)) => RunDir::create(&self.artifacts_dir, name, None)
+                .with_context(|| {
+                    format!(
+                        "creating a directory for run/{name} in {}",
+                        self.artifacts_dir.display()
+                    )
+                })
+                .and_then(|mut dir| {
+                    collect_artifacts(&g, &a.paths, &mut dir, u64::from(a.max_size_mib) << 20)
+                        .map_err(anyhow::Error::from)
+                }),
             _ => Ok(Default::default()),
         };
         vm.teardown()?;
@@ -200,6 +212,12 @@ impl RunArgs {
         }
         for p in &report.missing {
             eprintln!("run/{name}: artifact {p} not found in the guest");
+        }
+        if report.rejected_total > 0 {
+            eprintln!(
+                "run/{name}: ArtifactsRejected: {}",
+                report.rejected_message()
+            );
         }
         if !report.skipped.is_empty() {
             let cap = run

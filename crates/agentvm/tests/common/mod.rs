@@ -137,6 +137,29 @@ impl Env {
         c
     }
 
+    /// `agentvm ARGS` run as `user` (uid, primary group and the groups `/etc/group` gives
+    /// them, through `setpriv`), with the same environment as [`Env::cmd`] and no home.
+    pub fn cmd_as(&self, user: &str, args: &[&str]) -> Command {
+        let inner = self.cmd(args);
+        let mut c = Command::new("setpriv");
+        c.arg(format!("--reuid={user}"))
+            .arg(format!("--regid={user}"))
+            .args(["--init-groups", "--"])
+            .arg(BIN)
+            .args(inner.get_args());
+        for (k, v) in inner.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        c.env("HOME", "/nonexistent").stdin(Stdio::null());
+        if let Some(dir) = inner.get_current_dir() {
+            c.current_dir(dir);
+        }
+        c
+    }
+
     /// Runs `agentvm ARGS` to its end.
     pub fn run(&self, args: &[&str]) -> Output {
         self.cmd(args).output().unwrap()
@@ -408,6 +431,14 @@ pub fn apply_yaml(env: &Env, file: &str, yaml: &str) {
         "apply: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The condition of type `type_` in an object's `status`.
+pub fn condition<'a>(status: &'a serde_json::Value, type_: &str) -> Option<&'a serde_json::Value> {
+    status["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
 }
 
 /// True for the phases a run ends in.

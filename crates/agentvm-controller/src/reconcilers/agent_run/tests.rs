@@ -481,3 +481,72 @@ fn output_beyond_the_run_s_cap_is_dropped_counted_and_reported() {
     assert!(agentvm_api::find_condition(&s.conditions, OUTPUT_TRUNCATED).is_none());
     assert_eq!(s.output.unwrap().dropped_bytes, 0);
 }
+
+#[test]
+fn a_run_submitted_by_another_user_reads_nothing_beyond_their_rights() {
+    let r = Runs::new(1, 1);
+    // A host file only its owner (this process) may read, and a variable the controller has.
+    let dir = tempfile::tempdir().unwrap();
+    let private = dir.path().join("private.txt");
+    std::fs::write(&private, "private\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let nobody = crate::caller::Caller {
+        uid: 65534,
+        gid: 65534,
+        groups: vec![],
+        user: Some("nobody".into()),
+    };
+    let submit = |name: &str, extra: &str, who: &crate::caller::Caller| {
+        let yaml = run_yaml(name, "echo hi", extra);
+        let parsed = agentvm_api::parse_str(&yaml, "t.yaml").unwrap();
+        let items = parsed
+            .into_iter()
+            .map(|p| crate::store::ApplyItem {
+                resource: p.resource,
+                // As the spec directory would: its owner is the submitter.
+                manager: crate::store::Manager::SpecDir {
+                    file: "runs.yaml".into(),
+                },
+                submitter: who.clone(),
+                force: false,
+            })
+            .collect();
+        for result in r.t.store.apply_batch(items, false).unwrap() {
+            result.unwrap();
+        }
+    };
+    let file = format!(
+        "  files:\n  - {{path: /tmp/p, fromFile: {}}}\n",
+        private.display()
+    );
+    submit("file", &file, &nobody);
+    submit(
+        "env",
+        "  secretEnv:\n  - {name: T, fromEnv: HOST_TOKEN}\n",
+        &nobody,
+    );
+    // Root submits the same: it runs.
+    submit("root", &file, &crate::caller::Caller::root());
+    r.drive(Runs::all_terminal);
+    for (name, reason, what) in [
+        ("file", "InputUnavailable", private.display().to_string()),
+        ("env", "SecretUnavailable", "HOST_TOKEN".to_string()),
+    ] {
+        let s = r.status(name);
+        assert_eq!(s.phase, AgentRunPhase::Failed, "{name}");
+        assert_eq!(s.reason.as_deref(), Some(reason), "{name}");
+        assert!(s.vm.is_none(), "{name}");
+        let message = &s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == COMPLETED)
+            .unwrap()
+            .message;
+        assert!(
+            message.contains(&what) && message.contains("uid=65534(nobody)"),
+            "{name}: {message}"
+        );
+    }
+    assert_eq!(r.status("root").phase, AgentRunPhase::Succeeded);
+}
