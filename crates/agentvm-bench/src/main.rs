@@ -8,6 +8,7 @@
 
 mod controller;
 mod inproc;
+mod neighbours;
 mod report;
 mod stats;
 mod system;
@@ -63,6 +64,9 @@ enum Part {
     Memory,
     /// Acquire through the API, apply → Running, runs per minute (controller process).
     Runs,
+    /// A VM's fsync latency next to another VM flooding its disk, with and without the
+    /// flood's `diskWriteMibPerSecond`.
+    Neighbours,
 }
 
 /// Polls `cond` every 20 ms until it holds; fails after `timeout`.
@@ -152,6 +156,7 @@ fn main() -> Result<()> {
     let mut runs = Table::new("Throughput");
     let mut memory = Table::new("Memory");
     let mut control = Table::new("Controller: resync and spec-directory watch");
+    let mut isolation = Table::new("Isolation: a noisy neighbour on the disk");
     let objects = 1000;
     let mut accelerator = std::env::var("AGENTVM_ACCEL").unwrap_or_else(|_| "tcg".into());
 
@@ -170,7 +175,7 @@ fn main() -> Result<()> {
             &mut control,
         )?;
     }
-    if wants(Part::Vm) || wants(Part::Runs) {
+    if wants(Part::Vm) || wants(Part::Runs) || wants(Part::Neighbours) {
         // Fail early and clearly when the image is missing.
         default_image(&cache)?;
     }
@@ -186,6 +191,16 @@ fn main() -> Result<()> {
             &mut memory,
         )?;
         accelerator = facts.accelerator;
+    }
+    if wants(Part::Neighbours) {
+        eprintln!("== a noisy neighbour on the disk: fsync latency next to a write flood");
+        neighbours::disk_flood_rows(
+            &uri,
+            &dir.join("neighbours"),
+            &default_image(&cache)?,
+            if quick { 100 } else { 400 },
+            &mut isolation,
+        )?;
     }
     if wants(Part::Memory) {
         eprintln!("== controller process memory, idle and with {objects} objects");
@@ -238,7 +253,7 @@ fn main() -> Result<()> {
     if let Some(note) = &args.note {
         out.push_str(&format!("\n{note}\n"));
     }
-    for t in [&acquire, &vm, &runs, &memory, &control] {
+    for t in [&acquire, &vm, &runs, &memory, &control, &isolation] {
         if !t.rows.is_empty() {
             out.push('\n');
             out.push_str(&t.markdown());
