@@ -131,7 +131,7 @@ fn probe_next_to_flood(
     flood_vm: &str,
     limits: VmLimits,
     n: usize,
-) -> Result<Vec<Duration>> {
+) -> Result<(Vec<Duration>, f64)> {
     let flood = boot(backend, flood_vm, image, limits)?;
     std::thread::scope(|s| {
         let flooding = s.spawn(|| -> Result<()> {
@@ -144,10 +144,16 @@ fn probe_next_to_flood(
         });
         // Let the flood get going.
         std::thread::sleep(Duration::from_secs(5));
+        let before = backend.vm_stats(flood_vm)?;
         let xs = probe(backend, probe_vm, n);
+        let after = backend.vm_stats(flood_vm)?;
         drop(flood);
         let _ = flooding.join();
-        xs
+        // What the flood wrote while the probe ran, MiB/s (the VM's block counters).
+        let rate = after.block_wr_bytes.saturating_sub(before.block_wr_bytes) as f64
+            / (1u64 << 20) as f64
+            / after.at.duration_since(before.at).as_secs_f64();
+        Ok((xs?, rate))
     })
 }
 
@@ -170,14 +176,15 @@ pub fn disk_flood_rows(
     eprintln!("  probe alone ({n} × 4 KiB write + fsync)");
     let alone = summarize(probe(&backend, &probe_vm, n)?);
     eprintln!("  probe next to an unlimited flood");
-    let unlimited = summarize(probe_next_to_flood(
+    let (unlimited, unlimited_rate) = probe_next_to_flood(
         &backend,
         image,
         &probe_vm,
         &format!("agentvm-bench{pid}-flood"),
         VmLimits::default(),
         n,
-    )?);
+    )?;
+    let unlimited = summarize(unlimited);
     eprintln!("  probe next to a flood held to {FLOOD_LIMIT_MIB} MiB/s");
     let limited_limits = VmLimits {
         disk_io: DiskIoLimits {
@@ -186,14 +193,15 @@ pub fn disk_flood_rows(
         },
         ..VmLimits::default()
     };
-    let limited = summarize(probe_next_to_flood(
+    let (limited, limited_rate) = probe_next_to_flood(
         &backend,
         image,
         &probe_vm,
         &format!("agentvm-bench{pid}-flood-limited"),
         limited_limits,
         n,
-    )?);
+    )?;
+    let limited = summarize(limited);
     let ratio = |s: &crate::stats::Summary| s.p99.as_secs_f64() / alone.p99.as_secs_f64();
     timing.push(Row::timing(
         "fsync probe alone: 4 KiB write + `fsync` in one VM",
@@ -204,7 +212,7 @@ pub fn disk_flood_rows(
         "fsync probe next to an unlimited disk flood",
         &unlimited,
         format!(
-            "another VM writes 64 MiB with `dd oflag=direct` over and over; p99 {:.1}× alone",
+            "another VM writes 64 MiB with `dd oflag=direct` over and over ({unlimited_rate:.1} MiB/s while the probe ran); p99 {:.1}× alone",
             ratio(&unlimited)
         ),
     ));
@@ -212,7 +220,7 @@ pub fn disk_flood_rows(
         format!("fsync probe next to a flood held to `diskWriteMibPerSecond: {FLOOD_LIMIT_MIB}`"),
         &limited,
         format!(
-            "the same flood with QEMU block throttling on its disk; p99 {:.1}× alone, {:.2}× unlimited",
+            "the same flood with QEMU block throttling on its disk ({limited_rate:.1} MiB/s while the probe ran); p99 {:.1}× alone, {:.2}× unlimited",
             ratio(&limited),
             limited.p99.as_secs_f64() / unlimited.p99.as_secs_f64()
         ),
