@@ -322,13 +322,6 @@ impl FakeBackend {
         self.lock().networks.remove(name);
     }
 
-    /// `virsh net-destroy` by hand: defined but stopped.
-    pub fn stop_network_by_hand(&self, name: &str) {
-        if let Some(n) = self.lock().networks.get_mut(name) {
-            n.active = false;
-        }
-    }
-
     /// `virsh nwfilter-undefine` by hand.
     pub fn remove_filter_by_hand(&self, name: &str) {
         self.lock().filters.remove(name);

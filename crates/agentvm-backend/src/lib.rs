@@ -4,7 +4,9 @@
 pub mod accel;
 pub mod backend;
 pub mod error;
+#[cfg(any(test, feature = "fake"))]
 pub mod fake;
+#[cfg(any(test, feature = "fake"))]
 pub mod fake_agent;
 pub mod golden;
 pub mod guest;

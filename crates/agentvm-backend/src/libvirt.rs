@@ -232,26 +232,6 @@ impl Libvirt {
         Ok(())
     }
 
-    /// Ask the guest to power off (guest agent, then ACPI); destroy it if still running after
-    /// `deadline`.
-    pub fn shutdown_domain(&self, name: &str, deadline: Duration) -> Result<()> {
-        let dom = self.owned(name)?;
-        if !dom.is_active().unwrap_or(false) {
-            return Ok(());
-        }
-        let _ = dom.shutdown_flags(
-            sys::VIR_DOMAIN_SHUTDOWN_GUEST_AGENT | sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN,
-        );
-        let start = Instant::now();
-        while start.elapsed() < deadline {
-            if !dom.is_active().unwrap_or(false) {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        self.destroy_domain(name)
-    }
-
     /// Undefine an owned, stopped domain together with its snapshot metadata and managed save.
     /// Succeeds when it is already gone. Files (overlays, saved states) are the caller's.
     pub fn undefine_domain(&self, name: &str) -> Result<()> {

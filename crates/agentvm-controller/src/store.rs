@@ -39,7 +39,6 @@
 //!   lag and miss some (`RecvError::Lagged`), and must then re-list. Consumers always
 //!   re-read the object; they never trust an event's content.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -1162,15 +1161,6 @@ impl Store {
             }
             Ok(read)
         })
-    }
-
-    /// Count of objects per kind (for metrics and the health endpoint).
-    pub fn count_by_kind(&self) -> Result<BTreeMap<Kind, usize>, StoreError> {
-        let mut counts = BTreeMap::new();
-        for obj in self.list(None)? {
-            *counts.entry(obj.resource.kind()).or_insert(0) += 1;
-        }
-        Ok(counts)
     }
 }
 
