@@ -227,6 +227,8 @@ impl Controller {
             metrics: self.metrics.clone(),
             audit: audit.clone(),
             vm_stats: self.vm_stats.clone(),
+            // Connected to the work queue by the dispatcher.
+            wake: Default::default(),
         };
         let sweeps: Vec<_> = self
             .sweepers

@@ -87,6 +87,23 @@ pub struct Ctx {
     pub audit: AuditLog,
     /// The latest statistics samples of each running VM (anomaly detection).
     pub vm_stats: VmStatsHistory,
+    /// Queues other objects for reconciliation (the dispatcher's work queue).
+    pub wake: Wake,
+}
+
+/// A handle on the dispatcher's work queue, so that a reconciler (or a callback it installs)
+/// can have another object reconciled now instead of polling for it. Does nothing outside a
+/// dispatcher (unit tests that drive reconcilers by hand).
+#[derive(Debug, Clone, Default)]
+pub struct Wake(Option<Arc<WorkQueue>>);
+
+impl Wake {
+    /// Queues `key` now.
+    pub fn add(&self, key: ObjectKey) {
+        if let Some(q) = &self.0 {
+            q.add(key);
+        }
+    }
 }
 
 impl Ctx {
@@ -98,6 +115,7 @@ impl Ctx {
             metrics: Metrics::new(),
             audit: AuditLog::disabled(),
             vm_stats: VmStatsHistory::new(DEFAULT_HISTORY),
+            wake: Wake::default(),
         }
     }
 }
@@ -178,7 +196,7 @@ pub struct Dispatcher {
 struct Shared {
     ctx: Arc<Ctx>,
     reconcilers: HashMap<Kind, Arc<dyn Reconciler>>,
-    queue: WorkQueue,
+    queue: Arc<WorkQueue>,
     failures: Mutex<HashMap<ObjectKey, u32>>,
     options: DispatcherOptions,
     stats: DispatchStats,
@@ -211,10 +229,12 @@ impl Dispatcher {
     /// A dispatcher over `ctx.store` with `reconcilers` (at most one per kind; a later one
     /// for the same kind replaces the earlier).
     pub fn new(
-        ctx: Ctx,
+        mut ctx: Ctx,
         reconcilers: Vec<Arc<dyn Reconciler>>,
         options: DispatcherOptions,
     ) -> Self {
+        let queue = Arc::new(WorkQueue::new());
+        ctx.wake = Wake(Some(queue.clone()));
         let reconcilers: HashMap<Kind, Arc<dyn Reconciler>> =
             reconcilers.into_iter().map(|r| (r.kind(), r)).collect();
         for kind in reconcilers.keys() {
@@ -224,7 +244,7 @@ impl Dispatcher {
             shared: Arc::new(Shared {
                 ctx: Arc::new(ctx),
                 reconcilers,
-                queue: WorkQueue::new(),
+                queue,
                 failures: Mutex::new(HashMap::new()),
                 options,
                 stats: DispatchStats::default(),

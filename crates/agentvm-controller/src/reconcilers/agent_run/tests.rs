@@ -550,3 +550,76 @@ fn a_run_submitted_by_another_user_reads_nothing_beyond_their_rights() {
     }
     assert_eq!(r.status("root").phase, AgentRunPhase::Succeeded);
 }
+
+/// Under the real dispatcher (no test passes): the second run waits for the pool's only VM
+/// and is scheduled as soon as the first run gives it back ready — woken by the registry,
+/// not by its own next look (which is [`BACKSTOP`] away). Prints the gap.
+#[test]
+fn a_waiting_run_is_woken_when_a_vm_becomes_ready() {
+    use crate::reconcile::{Dispatcher, DispatcherOptions};
+    let t = Setup::new();
+    t.image_ready();
+    t.apply(&pool_yaml(1, 1));
+    let registry = Arc::new(PoolRegistry::new());
+    let pools = Arc::new(VmPoolReconciler::new(t.backend(), registry.clone()));
+    let runs = Arc::new(AgentRunReconciler::new(t.backend(), registry.clone()));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let options = DispatcherOptions {
+        workers: 4,
+        resync: Duration::from_secs(3600),
+        backoff_base: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(80),
+    };
+    let dispatcher = Dispatcher::new(t.ctx.clone(), vec![pools, runs.clone()], options);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = rt.spawn(dispatcher.run(async {
+        let _ = rx.await;
+    }));
+    let phase = |run: &str| {
+        t.store
+            .get(Kind::AgentRun, run)
+            .unwrap()
+            .map(|o| status_of::<AgentRunStatus>(&o).phase)
+    };
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let start = Instant::now();
+        while !cond() {
+            assert!(start.elapsed() < Duration::from_secs(10), "{what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    wait("a VM ready", &|| {
+        registry.vms("p").iter().any(|v| v.phase == VmPhase::Ready)
+    });
+    t.apply(&run_yaml("first", "sleep 0.3", ""));
+    wait("first scheduled", &|| {
+        phase("first").is_some_and(|p| p != AgentRunPhase::Pending)
+    });
+    t.apply(&run_yaml("second", "echo hi", ""));
+    wait("second waits for the VM", &|| {
+        t.status(Kind::AgentRun, "second")["reason"] == "WaitingForVm"
+    });
+    wait("first ends", &|| {
+        phase("first").is_some_and(|p| p.is_terminal())
+    });
+    let ended = Instant::now();
+    wait("second scheduled", &|| {
+        phase("second").is_some_and(|p| p != AgentRunPhase::Pending)
+    });
+    let gap = ended.elapsed();
+    println!("first run ended → second run scheduled: {gap:?}");
+    assert!(
+        gap < BACKSTOP / 2,
+        "the second run was not woken by the VM becoming ready ({gap:?})"
+    );
+    wait("second ends", &|| {
+        phase("second").is_some_and(|p| p.is_terminal())
+    });
+    assert_eq!(phase("second"), Some(AgentRunPhase::Succeeded));
+    tx.send(()).unwrap();
+    rt.block_on(task).unwrap();
+}
