@@ -420,7 +420,7 @@ pub fn run_rows(
                     "VM turnaround on maxSize 1: run finished → next run scheduled",
                     &summarize(gaps),
                     format!(
-                        "reset on the run's thread + the queued run's 100 ms poll; the run itself (startedAt → finishedAt) median {}",
+                        "reset on the run's thread, then the queued run is woken by the VM becoming ready; the run itself (startedAt → finishedAt) median {}",
                         fmt_duration(summarize(exec).median)
                     ),
                 ));
