@@ -52,7 +52,7 @@ pub use parse::{
     parse_str, ManifestError, ManifestErrorKind, ManifestErrors, ParseResult, ParsedResource,
     SourceLocation, MAX_MANIFEST_BYTES,
 };
-pub use resource::{spec_hash, Resource};
+pub use resource::{spec_hash, KindStatus, Resource};
 pub use validate::{
     is_dns_label, pool_disk_too_small, suggest_dns_label, validate, validate_pool_disk, FieldPath,
     PathSegment, ValidationError, ValidationErrors,

@@ -382,11 +382,12 @@ mod tests {
                 ctx.store.finalize_delete(Kind::Image, &name)?;
                 return Ok(Action::AwaitChange);
             }
-            let status = serde_json::json!({
-                "phase": "Ready",
-                "observedGeneration": obj.generation(),
-            });
-            ctx.store.update_status(Kind::Image, &name, status)?;
+            let status = agentvm_api::ImageStatus {
+                phase: agentvm_api::ImagePhase::Ready,
+                observed_generation: Some(obj.generation()),
+                ..Default::default()
+            };
+            ctx.store.update_status(&name, status)?;
             Ok(Action::AwaitChange)
         }
     }

@@ -552,7 +552,7 @@ mod tests {
         eventually("reconcile of a new object", || rec.count("b") == 1).await;
         // A status write does not retrigger the object itself.
         store
-            .update_status(Kind::Image, "a", serde_json::json!({"phase": "Ready"}))
+            .update_status_json(Kind::Image, "a", serde_json::json!({"phase": "Ready"}))
             .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(rec.count("a"), 1);
@@ -698,7 +698,7 @@ mod tests {
         }));
         eventually("initial", || rec.0.load(Ordering::SeqCst) == 1).await;
         store
-            .update_status(Kind::Image, "img", serde_json::json!({"phase": "Ready"}))
+            .update_status_json(Kind::Image, "img", serde_json::json!({"phase": "Ready"}))
             .unwrap();
         eventually("requeue on image status", || {
             rec.0.load(Ordering::SeqCst) == 2

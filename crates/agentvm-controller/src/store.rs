@@ -44,7 +44,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use agentvm_api::{spec_hash, validate, Kind, Resource, ValidationErrors};
+use agentvm_api::{spec_hash, validate, Kind, KindStatus, Resource, ValidationErrors};
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -889,17 +889,12 @@ impl Store {
         Ok(self.len()? == 0)
     }
 
-    /// Replaces the status of `kind`/`name` with `status` (the kind's status type as JSON;
-    /// `null` clears it). Spec, metadata and generation are untouched. Returns whether
-    /// anything changed (an identical status writes nothing and sends no event, so a
-    /// reconciler may write its status on every pass).
-    pub fn update_status(
-        &self,
-        kind: Kind,
-        name: &str,
-        status: serde_json::Value,
-    ) -> Result<bool, StoreError> {
-        let key = ObjectKey::new(kind, name);
+    /// Replaces the status of the `S::KIND` object `name` with `status`. Spec, metadata and
+    /// generation are untouched. Returns whether anything changed (an identical status
+    /// writes nothing and sends no event, so a reconciler may write its status on every
+    /// pass).
+    pub fn update_status<S: KindStatus>(&self, name: &str, status: S) -> Result<bool, StoreError> {
+        let key = ObjectKey::new(S::KIND, name);
         let db_key = key.db_key();
         self.with_db(|db| {
             let txn = db.begin_write()?;
@@ -909,26 +904,19 @@ impl Store {
                     Some(v) => decode(&db_key, v.value())?,
                     None => return Err(StoreError::NotFound(key.clone())),
                 };
-                let mut value =
-                    serde_json::to_value(&record.resource).map_err(|e| StoreError::Corrupt {
-                        key: db_key.clone(),
-                        message: e.to_string(),
-                    })?;
-                value["status"] = status.clone();
-                if value["status"].is_null() {
-                    if let Some(map) = value.as_object_mut() {
-                        map.remove("status");
-                    }
-                }
-                let updated: Resource =
-                    serde_json::from_value(value).map_err(|e| StoreError::BadStatus {
-                        key: key.clone(),
-                        message: e.to_string(),
-                    })?;
-                if updated == record.resource {
+                if S::of(&record.resource) == Some(&status) {
                     false
                 } else {
-                    record.resource = updated;
+                    if !status.clone().put(&mut record.resource) {
+                        return Err(StoreError::BadStatus {
+                            key: key.clone(),
+                            message: format!(
+                                "a {} status for a {}",
+                                S::KIND,
+                                record.resource.kind()
+                            ),
+                        });
+                    }
                     record.updated_at = Timestamp::now();
                     table.insert(db_key.as_str(), encode(&record).as_slice())?;
                     true
@@ -944,13 +932,32 @@ impl Store {
         })
     }
 
-    /// Writes the status carried by `resource` (typed form of [`Store::update_status`]).
-    pub fn update_status_of(&self, resource: &Resource) -> Result<bool, StoreError> {
-        let status = serde_json::to_value(resource)
-            .ok()
-            .and_then(|mut v| v.get_mut("status").map(serde_json::Value::take))
-            .unwrap_or(serde_json::Value::Null);
-        self.update_status(resource.kind(), resource.name(), status)
+    /// [`Store::update_status`] from JSON in the shape of `kind`'s status (tests).
+    #[cfg(test)]
+    pub(crate) fn update_status_json(
+        &self,
+        kind: Kind,
+        name: &str,
+        status: serde_json::Value,
+    ) -> Result<bool, StoreError> {
+        fn typed<S: KindStatus>(
+            store: &Store,
+            name: &str,
+            v: serde_json::Value,
+        ) -> Result<bool, StoreError> {
+            let status: S = serde_json::from_value(v).map_err(|e| StoreError::BadStatus {
+                key: ObjectKey::new(S::KIND, name),
+                message: e.to_string(),
+            })?;
+            store.update_status(name, status)
+        }
+        match kind {
+            Kind::Network => typed::<agentvm_api::NetworkStatus>(self, name, status),
+            Kind::NetworkFilter => typed::<agentvm_api::NetworkFilterStatus>(self, name, status),
+            Kind::Image => typed::<agentvm_api::ImageStatus>(self, name, status),
+            Kind::VmPool => typed::<agentvm_api::VmPoolStatus>(self, name, status),
+            Kind::AgentRun => typed::<agentvm_api::AgentRunStatus>(self, name, status),
+        }
     }
 
     /// Marks `kind`/`name` for deletion. With `manager_check`, refuses with a conflict
@@ -1167,7 +1174,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agentvm_api::{AgentRun, AgentRunSpec, Image, ImageStatus, SecretEnvVar};
+    use agentvm_api::{AgentRun, AgentRunSpec, ImageStatus, SecretEnvVar};
 
     fn image(name: &str, suite: &str) -> Resource {
         let text = format!(
@@ -1288,11 +1295,13 @@ mod tests {
         store
             .apply(image("base", "bookworm"), Manager::Api, API)
             .unwrap();
-        let status = serde_json::json!({"phase": "Ready", "observedGeneration": 1});
-        assert!(store
-            .update_status(Kind::Image, "base", status.clone())
-            .unwrap());
-        assert!(!store.update_status(Kind::Image, "base", status).unwrap());
+        let status = ImageStatus {
+            phase: agentvm_api::ImagePhase::Ready,
+            observed_generation: Some(1),
+            ..ImageStatus::default()
+        };
+        assert!(store.update_status("base", status.clone()).unwrap());
+        assert!(!store.update_status("base", status).unwrap());
         // A status in the applied object is ignored; the stored one stays.
         let mut with_status = image("base", "trixie");
         if let Resource::Image(i) = &mut with_status {
@@ -1303,21 +1312,19 @@ mod tests {
         assert_eq!(got.generation(), 2);
         assert_eq!(got.status_json()["phase"], "Ready");
         assert_eq!(got.status_json()["observedGeneration"], 1);
-        // A status of the wrong shape is refused.
+        // A status of another kind's name is not found.
         let err = store
-            .update_status(Kind::Image, "base", serde_json::json!({"phase": "Flying"}))
+            .update_status("base", agentvm_api::VmPoolStatus::default())
             .unwrap_err();
-        assert!(matches!(err, StoreError::BadStatus { .. }), "{err}");
+        assert!(matches!(err, StoreError::NotFound(_)), "{err}");
         let err = store
-            .update_status(Kind::Image, "nope", serde_json::Value::Null)
+            .update_status("nope", ImageStatus::default())
             .unwrap_err();
         assert!(matches!(err, StoreError::NotFound(_)));
-        // Typed helper.
-        let mut obj = got.resource.clone();
-        if let Resource::Image(Image { status, .. }) = &mut obj {
-            status.as_mut().unwrap().digest = Some("abc".into());
-        }
-        assert!(store.update_status_of(&obj).unwrap());
+        // A changed field is written.
+        let mut st = ImageStatus::of(&got.resource).cloned().unwrap();
+        st.digest = Some("abc".into());
+        assert!(store.update_status("base", st).unwrap());
         let got = store.get(Kind::Image, "base").unwrap().unwrap();
         assert_eq!(got.status_json()["digest"], "abc");
     }
@@ -1483,7 +1490,13 @@ mod tests {
                 .apply(image("base", "bookworm"), spec_dir("x.yaml"), API)
                 .unwrap();
             store
-                .update_status(Kind::Image, "base", serde_json::json!({"phase": "Ready"}))
+                .update_status(
+                    "base",
+                    ImageStatus {
+                        phase: agentvm_api::ImagePhase::Ready,
+                        ..ImageStatus::default()
+                    },
+                )
                 .unwrap();
             store.apply(run("r"), Manager::Api, API).unwrap();
             store

@@ -251,14 +251,14 @@ fn watch_streams_events() {
     assert_eq!(first.name.as_deref(), Some("sandbox"));
     // An Image change is filtered out; the pool's status change comes through.
     s.store
-        .update_status(
+        .update_status_json(
             Kind::Image,
             "debian-base",
             serde_json::json!({"phase": "Ready"}),
         )
         .unwrap();
     s.store
-        .update_status(
+        .update_status_json(
             Kind::VmPool,
             "sandbox",
             serde_json::json!({"phase": "Ready", "ready": 1}),
@@ -325,7 +325,7 @@ fn logs_read_and_follow() {
         .append_output("r", OutputStream::Stdout, b"three\n", 1 << 20)
         .unwrap();
     s.store
-        .update_status(
+        .update_status_json(
             Kind::AgentRun,
             "r",
             serde_json::json!({"phase": "Succeeded", "exitCode": 0}),

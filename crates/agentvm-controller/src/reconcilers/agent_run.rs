@@ -675,15 +675,12 @@ impl Job {
     }
 
     fn write(&self) {
-        match serde_json::to_value(&self.status) {
-            Ok(v) => {
-                if let Err(e) = self.ctx.store.update_status(Kind::AgentRun, &self.name, v) {
-                    tracing::warn!(run = %self.name, error = %e, "writing the run status failed");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(run = %self.name, error = %e, "encoding the run status failed")
-            }
+        if let Err(e) = self
+            .ctx
+            .store
+            .update_status(&self.name, self.status.clone())
+        {
+            tracing::warn!(run = %self.name, error = %e, "writing the run status failed");
         }
     }
 

@@ -571,6 +571,22 @@ pub(crate) fn vm_reset(ctx: &Ctx, backend: &dyn Backend, pool: &str, vm: &str, t
     );
 }
 
+/// What a pool VM is made from: its hash names the template, and VMs of another hash are
+/// replaced (rolling). Field names and order are part of every existing VM's hash.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TemplateIdentity<'a> {
+    template: &'a agentvm_api::VmTemplate,
+    image: [&'a str; 4],
+    /// The attached network's spec hash.
+    network: Option<String>,
+    /// VMs from before filters took the host's address as a parameter are replaced.
+    nic_host: Option<String>,
+    /// VMs from before anti-spoofing (the filter's `$IP`, learned from DHCP and pinned at
+    /// boot) would have libvirt guess their address from any first packet: replaced.
+    nic_ip_from_lease: bool,
+}
+
 /// Records a `drift_repaired` audit event for VM `vm` of `pool`.
 fn drift_repaired(ctx: &Ctx, pool: &str, vm: &str, what: &str) {
     ctx.audit.record(
@@ -659,7 +675,7 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Blocked>, Reconc
         initrd: initrd.into(),
         cmdline: agentvm_image::KERNEL_CMDLINE.to_string(),
     };
-    let mut network_hash = serde_json::Value::Null;
+    let mut network_hash = None;
     let nic = match t.network.attachment() {
         None => None,
         Some(a) => {
@@ -688,7 +704,7 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Blocked>, Reconc
                 |f| matches!(&f.resource, Resource::NetworkFilter(f) if f.spec.allow_dhcp),
             );
             if let Some(n) = &net {
-                network_hash = spec_hash(&n.resource).into();
+                network_hash = Some(spec_hash(&n.resource));
                 if let Resource::Network(n) = &n.resource {
                     host = Some(n.spec.gateway());
                 }
@@ -703,16 +719,15 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Blocked>, Reconc
             })
         }
     };
-    let identity = serde_json::json!({
-        "template": t,
-        "image": [disk, kernel, initrd, agentvm_image::KERNEL_CMDLINE],
-        "network": network_hash,
-        // VMs from before filters took the host's address as a parameter are replaced.
-        "nicHost": nic.as_ref().and_then(|n| n.host).map(|h| h.to_string()),
-        // VMs from before anti-spoofing (the filter's `$IP`, learned from DHCP and pinned at
-        // boot) would have libvirt guess their address from any first packet: replaced.
-        "nicIpFromLease": nic.as_ref().is_some_and(|n| n.dhcp),
-    });
+    let identity = TemplateIdentity {
+        template: t,
+        image: [disk, kernel, initrd, agentvm_image::KERNEL_CMDLINE],
+        network: network_hash,
+        nic_host: nic.as_ref().and_then(|n| n.host).map(|h| h.to_string()),
+        nic_ip_from_lease: nic.as_ref().is_some_and(|n| n.dhcp),
+    };
+    let identity = serde_json::to_value(&identity)
+        .map_err(|e| ReconcileError::new("TemplateEncoding", e.to_string()))?;
     let mut canonical = String::new();
     agentvm_api::resource::write_canonical_json(&identity, &mut canonical);
     let hash: String = Sha256::digest(canonical.as_bytes())

@@ -287,7 +287,7 @@ fn runs_left_in_flight_by_an_earlier_controller_fail_with_controller_restarted()
     for (n, phase) in [("was-running", "Running"), ("was-scheduled", "Scheduled")] {
         r.t.apply(&run_yaml(n, "echo hi", ""));
         r.t.store
-            .update_status(
+            .update_status_json(
                 Kind::AgentRun,
                 n,
                 serde_json::json!({"phase": phase, "vm": "agentvm-p-old00"}),

@@ -493,7 +493,9 @@ fn ttl_counts_from_creation_across_a_controller_restart() {
         std::time::SystemTime::now() - Duration::from_secs(7200)
     )
     .to_string());
-    p.t.store.update_status(Kind::VmPool, "p", status).unwrap();
+    p.t.store
+        .update_status_json(Kind::VmPool, "p", status)
+        .unwrap();
     // A new controller (empty registry) adopts the VM and knows its real age.
     let restarted = VmPoolReconciler::new(p.t.backend(), Arc::new(PoolRegistry::new()));
     p.t.fake.clear_calls();
