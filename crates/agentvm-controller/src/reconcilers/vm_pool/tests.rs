@@ -867,3 +867,39 @@ fn cpu_quota_and_memory_limit_are_reported_applied_or_not_and_never_block_the_po
         "not enforced by this host: cannot limit locked memory"
     );
 }
+
+/// The typed template identity hashes exactly as the JSON object it replaced, so that an
+/// upgrade does not roll every pool's VMs.
+#[test]
+fn the_template_identity_keeps_the_hash_of_its_json_form() {
+    let parsed = agentvm_api::parse_str(&pool_yaml(1, 2, 512), "p.yaml").unwrap();
+    let Resource::VmPool(pool) = &parsed[0].resource else {
+        panic!("not a pool")
+    };
+    let t = &pool.spec.template;
+    for (network, host, dhcp) in [
+        (None, None, false),
+        (Some("abc".to_string()), Some("10.0.0.1".to_string()), true),
+    ] {
+        let image = ["/d", "/k", "/i", agentvm_image::KERNEL_CMDLINE];
+        let old = serde_json::json!({
+            "template": t,
+            "image": image,
+            "network": network.clone().map(serde_json::Value::from).unwrap_or(serde_json::Value::Null),
+            "nicHost": host,
+            "nicIpFromLease": dhcp,
+        });
+        let new = serde_json::to_value(TemplateIdentity {
+            template: t,
+            image,
+            network,
+            nic_host: host.clone(),
+            nic_ip_from_lease: dhcp,
+        })
+        .unwrap();
+        let (mut a, mut b) = (String::new(), String::new());
+        agentvm_api::resource::write_canonical_json(&old, &mut a);
+        agentvm_api::resource::write_canonical_json(&new, &mut b);
+        assert_eq!(a, b);
+    }
+}
