@@ -895,6 +895,12 @@ impl Store {
     /// pass).
     pub fn update_status<S: KindStatus>(&self, name: &str, status: S) -> Result<bool, StoreError> {
         let key = ObjectKey::new(S::KIND, name);
+        // Most writes change nothing (a resync): find that out without a write transaction.
+        match self.get(S::KIND, name)? {
+            None => return Err(StoreError::NotFound(key)),
+            Some(o) if S::of(&o.resource) == Some(&status) => return Ok(false),
+            Some(_) => {}
+        }
         let db_key = key.db_key();
         self.with_db(|db| {
             let txn = db.begin_write()?;
