@@ -49,7 +49,15 @@ struct Args {
     /// Keep the scratch state directory (controller logs, store) for inspection.
     #[arg(long)]
     keep: bool,
+    /// Write `--output` even when the host is busy (1-minute load average above
+    /// [`MAX_LOAD_FOR_RESULTS`] at the start), which makes every VM row an upper bound.
+    #[arg(long)]
+    force: bool,
 }
+
+/// Above this 1-minute load average at the start, `--output` (results meant for
+/// BENCHMARKS.md) is refused without `--force`.
+const MAX_LOAD_FOR_RESULTS: f64 = 2.0;
 
 /// Parts of the benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -149,6 +157,19 @@ fn main() -> Result<()> {
     let libvirt_version = lv.version().unwrap_or_else(|_| "unknown".into());
     drop(lv);
     let load_before = system::load_average();
+    let load1: Option<f64> = load_before
+        .split_whitespace()
+        .next()
+        .and_then(|l| l.parse().ok());
+    if let (Some(path), Some(load)) = (&args.output, load1) {
+        if load > MAX_LOAD_FOR_RESULTS && !args.force {
+            anyhow::bail!(
+                "the host is busy (1-minute load average {load}): results written to {} would \
+                 measure the other work as much as agentvm's; wait for an idle host or pass --force",
+                path.display()
+            );
+        }
+    }
     let started = Instant::now();
 
     let mut acquire = Table::new("Pool acquire and `apply` → Running");
