@@ -159,6 +159,7 @@ pub struct LibvirtBackend {
     accel: Mutex<Option<Accelerator>>,
     boot_timeout: Duration,
     strategy: ResetStrategy,
+    tcg_tb_cache_mib: Option<u64>,
 }
 
 impl std::fmt::Debug for LibvirtBackend {
@@ -186,7 +187,15 @@ impl LibvirtBackend {
             accel: Mutex::new(None),
             boot_timeout,
             strategy: ResetStrategy::default(),
+            tcg_tb_cache_mib: Some(crate::vm::DEFAULT_TCG_TB_CACHE_MIB),
         }
+    }
+
+    /// Sizes QEMU's TCG translation cache of the VMs it creates (`None`: QEMU's default of
+    /// 1 GiB); see [`crate::vm::DEFAULT_TCG_TB_CACHE_MIB`].
+    pub fn with_tcg_translation_cache(mut self, mib: Option<u64>) -> Self {
+        self.tcg_tb_cache_mib = mib;
+        self
     }
 
     /// The state directory.
@@ -360,6 +369,7 @@ impl Backend for LibvirtBackend {
             boot_timeout: self.boot_timeout,
             limits: req.limits,
             disabled_cpu_features: Vec::new(),
+            tcg_tb_cache_mib: self.tcg_tb_cache_mib,
             disk_gib: req.disk_gib,
         };
         // Booting removes what it created when it fails; past `into_parts` we do.

@@ -53,10 +53,19 @@ pub struct VmShape {
     pub limits: VmLimits,
     /// CPU features hidden from the guest, see [`DomainSpec::disabled_cpu_features`].
     pub disabled_cpu_features: Vec<String>,
+    /// QEMU's TCG translation cache, MiB ([`DEFAULT_TCG_TB_CACHE_MIB`] unless configured);
+    /// `None` leaves QEMU's default of 1 GiB. Ignored under KVM.
+    pub tcg_tb_cache_mib: Option<u64>,
     /// Virtual size of the VM's disk in GiB (its overlay; the guest grows its root file
     /// system to it at boot); `None` keeps the image's size. Must not be below the image's.
     pub disk_gib: Option<u64>,
 }
+
+/// agentvm's size of QEMU's TCG translation cache, MiB. QEMU's own default (1 GiB) fills
+/// with translated guest code that an idle guest never runs again: measured on a parked
+/// 512 MiB guest, host RSS 452 MiB with QEMU's default, 328 MiB with 64 MiB and 291 MiB
+/// with 32 MiB, boot and reset times unchanged; 16 MiB doubled the boot.
+pub const DEFAULT_TCG_TB_CACHE_MIB: u64 = 64;
 
 /// Files of one VM under `<state>/vms/<name>/`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -277,6 +286,7 @@ impl<'a> EphemeralVm<'a> {
             serial_log: files.serial_log(),
             nic: shape.nic.clone(),
             accelerator: shape.accelerator,
+            tcg_tb_cache_mib: shape.tcg_tb_cache_mib,
             owner,
         };
         let start = Instant::now();
@@ -417,6 +427,7 @@ pub fn resolve_accelerator(
         boot_timeout: Duration::from_secs(30),
         limits: VmLimits::default(),
         disabled_cpu_features: Vec::new(),
+        tcg_tb_cache_mib: Some(DEFAULT_TCG_TB_CACHE_MIB),
         disk_gib: None,
     };
     let name = format!("agentvm-accel-probe-{}", std::process::id());

@@ -172,6 +172,9 @@ pub struct DomainSpec {
     /// generator (how tests show that the reseed after a reset is agentvm's doing).
     /// Empty for pool VMs: the guest sees everything its CPU mode offers.
     pub disabled_cpu_features: Vec<String>,
+    /// Size of QEMU's TCG translation cache, MiB (`<features><tcg><tb-cache>`); `None`
+    /// leaves QEMU's default (1 GiB, filled as guest code is translated). Only for TCG.
+    pub tcg_tb_cache_mib: Option<u64>,
     /// Ownership metadata.
     pub owner: Owner,
 }
@@ -273,6 +276,15 @@ impl DomainSpec {
                 })?;
                 w.create_element("features").write_inner_content(|w| {
                     w.create_element("acpi").write_empty()?;
+                    if let (Accelerator::Tcg, Some(mib)) = (self.accelerator, self.tcg_tb_cache_mib)
+                    {
+                        w.create_element("tcg").write_inner_content(|w| {
+                            w.create_element("tb-cache")
+                                .with_attribute(("unit", "MiB"))
+                                .write_text_content(BytesText::new(&mib.to_string()))?;
+                            Ok(())
+                        })?;
+                    }
                     Ok(())
                 })?;
                 // KVM: the host's CPU model. TCG: every feature QEMU emulates (`-cpu max`:
@@ -505,6 +517,7 @@ mod tests {
             serial_log: "/var/lib/agentvm/vms/x/serial.log".into(),
             nic: None,
             accelerator: Accelerator::Tcg,
+            tcg_tb_cache_mib: None,
             owner: Owner {
                 kind: "VmPool".into(),
                 name: "p<&\"'>".into(),
@@ -624,6 +637,32 @@ mod tests {
             parameters(&nic.interface_xml(NetBandwidth::default())),
             [p("AGENTVM_HOST", "10.1.2.1")]
         );
+    }
+
+    #[test]
+    fn the_tcg_translation_cache_is_sized_under_tcg_only() {
+        let tb = |s: &DomainSpec| -> Vec<(String, Vec<(String, String)>)> {
+            elements(&s.to_xml())
+                .into_iter()
+                .filter(|(n, _)| n == "tcg" || n == "tb-cache")
+                .collect()
+        };
+        let mut s = spec();
+        assert!(tb(&s).is_empty(), "QEMU's default unless sized");
+        s.tcg_tb_cache_mib = Some(64);
+        assert_eq!(
+            tb(&s),
+            vec![
+                ("tcg".to_string(), vec![]),
+                (
+                    "tb-cache".to_string(),
+                    vec![("unit".to_string(), "MiB".to_string())]
+                ),
+            ]
+        );
+        assert!(s.to_xml().contains("<tb-cache unit=\"MiB\">64</tb-cache>"));
+        s.accelerator = Accelerator::Kvm;
+        assert!(tb(&s).is_empty(), "no TCG element for KVM");
     }
 
     #[test]

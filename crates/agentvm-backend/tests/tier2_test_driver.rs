@@ -22,6 +22,7 @@ fn spec(name: &str) -> DomainSpec {
         serial_log: "/nonexistent/serial.log".into(),
         nic: None,
         accelerator: Accelerator::Tcg,
+        tcg_tb_cache_mib: None,
         owner: Owner {
             kind: "VmPool".into(),
             name: "pool-<&>".into(),

@@ -25,6 +25,7 @@ fn shape() -> VmShape {
         boot_timeout: Duration::from_secs(180),
         limits: Default::default(),
         disabled_cpu_features: Vec::new(),
+        tcg_tb_cache_mib: Some(agentvm_backend::vm::DEFAULT_TCG_TB_CACHE_MIB),
         disk_gib: None,
     }
 }

@@ -50,6 +50,7 @@ impl ExecArgs {
             boot_timeout: Duration::from_secs(cfg.boot_timeout_seconds),
             limits: Default::default(),
             disabled_cpu_features: Vec::new(),
+            tcg_tb_cache_mib: cfg.tcg_tb_cache(),
             disk_gib: None,
         };
         let name = format!("agentvm-exec-{}", std::process::id());

@@ -125,6 +125,7 @@ impl RunArgs {
             boot_timeout: Duration::from_secs(cfg.boot_timeout_seconds),
             limits: agentvm_controller::limits::vm_limits(&pool.spec.template.resources),
             disabled_cpu_features: Vec::new(),
+            tcg_tb_cache_mib: cfg.tcg_tb_cache(),
             disk_gib: Some(u64::from(res.disk_gib)),
         };
         let vm_name = format!("agentvm-run-{name}-{}", std::process::id());
