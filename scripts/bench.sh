@@ -3,7 +3,8 @@
 # (see BENCHMARKS.md). Like scripts/test.sh it installs what is missing, runs libvirtd inside
 # a network namespace (isolated pools only: the benchmark creates no libvirt network), builds
 # the guest image if needed, then builds release binaries and runs `agentvm-bench`.
-# Arguments go to agentvm-bench: --quick, --only vm,runs,..., --output FILE, --note TEXT.
+# Arguments go to agentvm-bench: --quick, --only vm,runs,..., --output FILE (refused when the
+# 1-minute load average is above 2 unless --force), --note TEXT.
 # Needs root. Not part of CI: it measures, it does not assert.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -29,7 +29,8 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 PKGS=(libvirt-daemon-system libvirt-dev libvirt-clients libvirt-daemon-driver-qemu
       qemu-system-x86 dnsmasq-base iptables ebtables debootstrap
-      linux-image-cloud-amd64 pkg-config e2fsprogs iproute2 procps libxml2-utils)
+      linux-image-cloud-amd64 pkg-config e2fsprogs iproute2 procps libxml2-utils
+      systemd)  # systemd: systemd-analyze checks the controller's unit (tests)
 
 missing=()
 for p in "${PKGS[@]}"; do

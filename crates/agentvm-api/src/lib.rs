@@ -30,8 +30,8 @@ pub use json::resources_from_json;
 pub use kind::{Kind, UnknownKind};
 pub use kinds::agent_run::{
     AgentRun, AgentRunPhase, AgentRunSpec, AgentRunStatus, Anomaly, Artifacts, CollectedArtifact,
-    Command, EgressDestination, EgressSummary, Entrypoint, InputFile, ResourceUsage, Script,
-    SecretEnvVar, Workspace,
+    Command, EgressDestination, EgressSummary, Entrypoint, InputFile, OutputCount, OutputLimit,
+    ResourceUsage, Script, SecretEnvVar, Workspace,
 };
 pub use kinds::image::{Distro, Image, ImagePhase, ImageSpec, ImageStatus, KernelSource};
 pub use kinds::network::{
@@ -42,9 +42,9 @@ pub use kinds::network_filter::{
     NetworkFilterSpec, NetworkFilterStatus, Protocol,
 };
 pub use kinds::vm_pool::{
-    AnomalyDetection, AnomalyPolicy, NetworkAttachment, PoolEvent, PoolNetwork, PoolNetworkMode,
-    Profile, ResolvedResources, Resources, VmPool, VmPoolPhase, VmPoolSpec, VmPoolStatus,
-    VmTemplate, WarmupStep,
+    AnomalyDetection, AnomalyPolicy, IoLimits, NetworkAttachment, PoolEvent, PoolNetwork,
+    PoolNetworkMode, Profile, ResolvedResources, ResourceStatus, Resources, VmPool, VmPoolPhase,
+    VmPoolSpec, VmPoolStatus, VmTemplate, WarmupStep,
 };
 pub use meta::{find_condition, set_condition, Condition, ConditionStatus, ObjectMeta};
 pub use net::{CidrError, Ipv4Cidr, PortRange, PortRangeError};
@@ -53,7 +53,7 @@ pub use parse::{
     parse_str, ManifestError, ManifestErrorKind, ManifestErrors, ParseResult, ParsedResource,
     SourceLocation, MAX_MANIFEST_BYTES,
 };
-pub use resource::{spec_hash, Resource};
+pub use resource::{spec_hash, KindStatus, Resource};
 pub use validate::{
     is_dns_label, pool_disk_too_small, suggest_dns_label, validate, validate_pool_disk, FieldPath,
     PathSegment, ValidationError, ValidationErrors,

@@ -14,6 +14,30 @@ use crate::kinds::network_filter::NetworkFilter;
 use crate::kinds::vm_pool::VmPool;
 use crate::{Kind, ObjectMeta, API_VERSION};
 
+/// The status type of one kind: read from and written into a [`Resource`] without going
+/// through JSON. Implemented by every kind's status (`ImageStatus`, `VmPoolStatus`, ...).
+pub trait KindStatus:
+    Clone
+    + Default
+    + PartialEq
+    + std::fmt::Debug
+    + Serialize
+    + serde::de::DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+    /// The kind whose status this is.
+    const KIND: Kind;
+
+    /// The status of `resource`; `None` when it has none yet or is of another kind.
+    fn of(resource: &Resource) -> Option<&Self>;
+
+    /// Makes `self` the status of `resource`; false (and no change) when it is of another
+    /// kind.
+    fn put(self, resource: &mut Resource) -> bool;
+}
+
 /// An object of any kind. Serializes as the object itself (its `kind`
 /// field tells them apart) and deserializes by dispatching on `kind`.
 // Variants are unboxed so other crates can match and build them directly;

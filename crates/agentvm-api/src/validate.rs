@@ -770,6 +770,60 @@ impl Validator {
         if let Some(shares) = r.cpu_shares {
             self.range(rp.key("cpuShares"), shares, vm_pool::CPU_SHARES_RANGE, "");
         }
+        if let Some(quota) = r.cpu_quota_percent {
+            self.range(
+                rp.key("cpuQuotaPercent"),
+                quota,
+                vm_pool::CPU_QUOTA_PERCENT_RANGE,
+                " (percent of one host CPU per vCPU)",
+            );
+        }
+        if let Some(limit) = r.memory_hard_limit_mib {
+            let least = r
+                .resolved()
+                .memory_mib
+                .saturating_add(vm_pool::MEMORY_HARD_LIMIT_HEADROOM_MIB);
+            if limit < least {
+                self.error(
+                    rp.key("memoryHardLimitMib"),
+                    format!("{limit} leaves QEMU no room above the guest's memory: it limits the whole QEMU process, so use at least memoryMib + {} = {least} (the guest's memory plus QEMU's own; under TCG also its translation cache), or remove it", vm_pool::MEMORY_HARD_LIMIT_HEADROOM_MIB),
+                );
+            } else {
+                self.range(
+                    rp.key("memoryHardLimitMib"),
+                    limit,
+                    (least, vm_pool::MAX_MEMORY_HARD_LIMIT_MIB),
+                    "",
+                );
+            }
+        }
+        for (field, value, range) in [
+            (
+                "diskReadMibPerSecond",
+                r.disk_read_mib_per_second,
+                vm_pool::IO_MIB_PER_SECOND_RANGE,
+            ),
+            (
+                "diskWriteMibPerSecond",
+                r.disk_write_mib_per_second,
+                vm_pool::IO_MIB_PER_SECOND_RANGE,
+            ),
+            ("diskIops", r.disk_iops, vm_pool::DISK_IOPS_RANGE),
+            (
+                "netInMibPerSecond",
+                r.net_in_mib_per_second,
+                vm_pool::IO_MIB_PER_SECOND_RANGE,
+            ),
+            (
+                "netOutMibPerSecond",
+                r.net_out_mib_per_second,
+                vm_pool::IO_MIB_PER_SECOND_RANGE,
+            ),
+        ] {
+            if let Some(v) = value {
+                self.range(rp.key(field), v, range, " (0 means no limit)");
+            }
+        }
 
         let np = tp.key("network");
         let n = &t.network;
@@ -1080,6 +1134,16 @@ impl Validator {
             (1, agent_run::MAX_TIMEOUT_SECONDS),
             if spec.timeout_seconds > agent_run::MAX_TIMEOUT_SECONDS {
                 " (one hour); split the work into several runs"
+            } else {
+                ""
+            },
+        );
+        self.range(
+            path.key("output").key("maxMib"),
+            spec.output.max_mib,
+            (1, agent_run::MAX_OUTPUT_MAX_MIB),
+            if spec.output.max_mib > agent_run::MAX_OUTPUT_MAX_MIB {
+                " per stream; write big results to a file and collect it as an artifact"
             } else {
                 ""
             },

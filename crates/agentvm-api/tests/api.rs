@@ -36,7 +36,10 @@ fn pool_defaults() {
             vcpu: 2,
             memory_mib: 2048,
             disk_gib: 20,
-            cpu_shares: 1024
+            cpu_shares: 1024,
+            cpu_quota_percent: None,
+            memory_hard_limit_mib: None,
+            io: Profile::Standard.io_limits(),
         }
     );
     // No network given: isolated, explicitly.
@@ -48,44 +51,74 @@ fn pool_defaults() {
 #[test]
 fn profiles_resolve_to_the_predecessor_numbers() {
     let r = |p| Resources::profile(p).resolved();
-    assert_eq!(
-        r(Profile::Light),
-        ResolvedResources {
-            vcpu: 1,
-            memory_mib: 1024,
-            disk_gib: 10,
-            cpu_shares: 1024
-        }
-    );
-    assert_eq!(
-        r(Profile::Standard),
-        ResolvedResources {
-            vcpu: 2,
-            memory_mib: 2048,
-            disk_gib: 20,
-            cpu_shares: 1024
-        }
-    );
-    assert_eq!(
-        r(Profile::Intensive),
-        ResolvedResources {
-            vcpu: 4,
-            memory_mib: 4096,
-            disk_gib: 40,
-            cpu_shares: 1024
-        }
-    );
+    let sizes = |r: ResolvedResources| (r.vcpu, r.memory_mib, r.disk_gib, r.cpu_shares);
+    assert_eq!(sizes(r(Profile::Light)), (1, 1024, 10, 1024));
+    assert_eq!(sizes(r(Profile::Standard)), (2, 2048, 20, 1024));
+    assert_eq!(sizes(r(Profile::Intensive)), (4, 4096, 40, 1024));
     let mut custom = Resources::custom(8, 8192, 100);
     custom.cpu_shares = Some(2048);
+    assert_eq!(sizes(custom.resolved()), (8, 8192, 100, 2048));
+    // No CPU or memory cap unless asked for.
+    for p in [Profile::Light, Profile::Standard, Profile::Intensive] {
+        assert_eq!(r(p).cpu_quota_percent, None);
+        assert_eq!(r(p).memory_hard_limit_mib, None);
+    }
+}
+
+#[test]
+fn profiles_set_throughput_limits_that_fields_override_and_zero_lifts() {
+    let io = |p| Resources::profile(p).resolved().io;
+    let all = |l: IoLimits| {
+        (
+            l.disk_read_mib_per_second,
+            l.disk_write_mib_per_second,
+            l.disk_iops,
+            l.net_in_mib_per_second,
+            l.net_out_mib_per_second,
+        )
+    };
+    assert_eq!(all(io(Profile::Light)), (100, 50, 1000, 10, 10));
+    assert_eq!(all(io(Profile::Standard)), (200, 100, 2000, 25, 25));
+    assert_eq!(all(io(Profile::Intensive)), (400, 200, 4000, 50, 50));
+    assert_eq!(all(io(Profile::Custom)), (0, 0, 0, 0, 0));
+    let mut r = Resources::profile(Profile::Light);
+    r.disk_write_mib_per_second = Some(5);
+    r.net_in_mib_per_second = Some(0);
+    assert_eq!(all(r.resolved().io), (100, 5, 1000, 0, 10));
+    let mut c = Resources::custom(1, 512, 2);
+    c.disk_iops = Some(300);
+    c.cpu_quota_percent = Some(50);
+    c.memory_hard_limit_mib = Some(1024);
+    let got = c.resolved();
+    assert_eq!(all(got.io), (0, 0, 300, 0, 0));
+    assert_eq!(got.cpu_quota_percent, Some(50));
+    assert_eq!(got.memory_hard_limit_mib, Some(1024));
+}
+
+#[test]
+fn caps_and_limits_are_validated_with_their_units() {
+    let pool = |resources: &str| {
+        format!(
+            "apiVersion: agentvm.dev/v1alpha1\nkind: VmPool\nmetadata: {{name: p}}\nspec:\n  template:\n    imageRef: i\n    resources: {resources}\n"
+        )
+    };
     assert_eq!(
-        custom.resolved(),
-        ResolvedResources {
-            vcpu: 8,
-            memory_mib: 8192,
-            disk_gib: 100,
-            cpu_shares: 2048
-        }
+        errors_of(&parse_one(&pool("{profile: light, diskWriteMibPerSecond: 0, cpuQuotaPercent: 100, memoryHardLimitMib: 1280}"))),
+        Vec::<String>::new()
     );
+    let errors = parse_str(
+        &pool("{profile: light, memoryHardLimitMib: 1200, cpuQuotaPercent: 0, diskIops: 2000000}"),
+        "t.yaml",
+    )
+    .unwrap_err()
+    .to_string();
+    for e in [
+        "t.yaml:7:33: spec.template.resources.memoryHardLimitMib: 1200 leaves QEMU no room above the guest's memory: it limits the whole QEMU process, so use at least memoryMib + 256 = 1280 (the guest's memory plus QEMU's own; under TCG also its translation cache), or remove it",
+        "t.yaml:7:59: spec.template.resources.cpuQuotaPercent: 0 is below the minimum 1 (percent of one host CPU per vCPU)",
+        "t.yaml:7:79: spec.template.resources.diskIops: 2000000 is above the maximum 1000000 (0 means no limit)",
+    ] {
+        assert!(errors.contains(e), "{e}\nnot in\n{errors}");
+    }
 }
 
 #[test]

@@ -38,8 +38,9 @@ fn shape(memory_mib: u64) -> VmShape {
         nic: None,
         accelerator,
         boot_timeout: Duration::from_secs(180),
-        cpu_shares: None,
+        limits: Default::default(),
         disabled_cpu_features: Vec::new(),
+        tcg_tb_cache_mib: Some(agentvm_backend::vm::DEFAULT_TCG_TB_CACHE_MIB),
         disk_gib: None,
     }
 }

@@ -24,6 +24,7 @@ use crate::golden::{GoldenKind, GoldenState, ResetStrategy, GOLDEN_SNAPSHOT};
 use crate::guest::{ExecRequest, Guest};
 use crate::libvirt::{DomainState, Libvirt};
 use crate::libvirt_net::OwnedFilter;
+use crate::limits::{Enforcement, VmLimits};
 use crate::netxml::{NetworkDef, NwFilterDef};
 use crate::reconnect::Reconnecting;
 use crate::vm::{
@@ -81,8 +82,8 @@ pub struct PoolVmRequest {
     pub owner: Owner,
     /// Commands run once before parking; each must exit 0.
     pub warmup: Vec<ExecRequest>,
-    /// Relative CPU weight (`cputune/shares`); `None` for the host's default.
-    pub cpu_shares: Option<u64>,
+    /// Limits on what the VM takes from the host.
+    pub limits: VmLimits,
     /// Virtual disk size in GiB (at least the image's); `None` keeps the image's size.
     pub disk_gib: Option<u64>,
 }
@@ -96,8 +97,8 @@ pub struct PoolVmReport {
     pub warmup: Duration,
     /// Taking the golden state.
     pub park: Duration,
-    /// Why the requested CPU weight is not applied by this host, if it is not.
-    pub cpu_shares_not_applied: Option<String>,
+    /// Whether each requested limit is in force on this host (libvirt's reason when not).
+    pub limits: Enforcement,
 }
 
 /// What the reconcilers need from the hypervisor. See the module docs for ownership rules.
@@ -165,6 +166,7 @@ pub struct LibvirtBackend {
     accel: Mutex<Option<Accelerator>>,
     boot_timeout: Duration,
     strategy: ResetStrategy,
+    tcg_tb_cache_mib: Option<u64>,
 }
 
 impl std::fmt::Debug for LibvirtBackend {
@@ -192,7 +194,15 @@ impl LibvirtBackend {
             accel: Mutex::new(None),
             boot_timeout,
             strategy: ResetStrategy::default(),
+            tcg_tb_cache_mib: Some(crate::vm::DEFAULT_TCG_TB_CACHE_MIB),
         }
+    }
+
+    /// Sizes QEMU's TCG translation cache of the VMs it creates (`None`: QEMU's default of
+    /// 1 GiB); see [`crate::vm::DEFAULT_TCG_TB_CACHE_MIB`].
+    pub fn with_tcg_translation_cache(mut self, mib: Option<u64>) -> Self {
+        self.tcg_tb_cache_mib = mib;
+        self
     }
 
     /// The state directory.
@@ -382,8 +392,9 @@ impl Backend for LibvirtBackend {
             nic: req.nic.clone(),
             accelerator: self.accelerator(&lv, &req.image)?,
             boot_timeout: self.boot_timeout,
-            cpu_shares: req.cpu_shares,
+            limits: req.limits,
             disabled_cpu_features: Vec::new(),
+            tcg_tb_cache_mib: self.tcg_tb_cache_mib,
             disk_gib: req.disk_gib,
         };
         // Booting removes what it created when it fails; past `into_parts` we do.
@@ -396,10 +407,8 @@ impl Backend for LibvirtBackend {
             req.owner.clone(),
         )?;
         let boot = vm.boot_time;
+        let limits = vm.limits.clone();
         let (name, files) = vm.into_parts();
-        let cpu_shares_not_applied = req
-            .cpu_shares
-            .and_then(|w| lv.cpu_shares_applied(&name, w).err());
         let finish = || -> Result<PoolVmReport> {
             let t = Instant::now();
             let agent = lv.agent(&name)?;
@@ -414,7 +423,7 @@ impl Backend for LibvirtBackend {
                 boot,
                 warmup,
                 park: golden.park_time,
-                cpu_shares_not_applied: cpu_shares_not_applied.clone(),
+                limits: limits.clone(),
             })
         };
         finish().inspect_err(|_| {

@@ -102,8 +102,8 @@ struct State {
     domains: BTreeMap<String, FakeDomain>,
     calls: Vec<Call>,
     failures: HashMap<Op, VecDeque<BackendError>>,
-    /// Why CPU weights are not applied, for a host that cannot enforce them.
-    cpu_shares_unenforced: Option<String>,
+    /// Limits this fake host cannot enforce, with the reason it gives.
+    unenforceable: BTreeMap<crate::limits::Limit, String>,
     /// Every pool VM request received, in order (also the failed ones).
     pool_vm_requests: Vec<PoolVmRequest>,
 }
@@ -141,12 +141,10 @@ impl FakeBackend {
         Self::default()
     }
 
-    /// From now on, VMs created with a CPU weight report it as not applied, for `why`.
-    pub fn cannot_enforce_cpu_shares(&self, why: &str) {
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .cpu_shares_unenforced = Some(why.to_string());
+    /// From now on, VMs created with `limit` report it as not in force, for `why` (they
+    /// still boot, as on a real host that cannot enforce it).
+    pub fn cannot_enforce(&self, limit: crate::limits::Limit, why: &str) {
+        self.lock().unenforceable.insert(limit, why.to_string());
     }
 
     /// Makes [`Backend::vm_stats`] answer with `f` (by default it has no statistics).
@@ -324,13 +322,6 @@ impl FakeBackend {
         self.lock().networks.remove(name);
     }
 
-    /// `virsh net-destroy` by hand: defined but stopped.
-    pub fn stop_network_by_hand(&self, name: &str) {
-        if let Some(n) = self.lock().networks.get_mut(name) {
-            n.active = false;
-        }
-    }
-
     /// `virsh nwfilter-undefine` by hand.
     pub fn remove_filter_by_hand(&self, name: &str) {
         self.lock().filters.remove(name);
@@ -497,10 +488,18 @@ impl Backend for FakeBackend {
                 edited: false,
             },
         );
-        let cpu_shares_not_applied = req.cpu_shares.and_then(|_| s.cpu_shares_unenforced.clone());
+        let limits = req
+            .limits
+            .requested(req.nic.is_some())
+            .into_iter()
+            .map(|l| match s.unenforceable.get(&l) {
+                Some(why) => (l, Err(why.clone())),
+                None => (l, Ok(())),
+            })
+            .collect();
         Ok(PoolVmReport {
             boot: Duration::from_millis(1),
-            cpu_shares_not_applied,
+            limits,
             ..PoolVmReport::default()
         })
     }

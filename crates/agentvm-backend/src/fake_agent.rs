@@ -2,7 +2,8 @@
 //! (the controller's run executor) without a VM. It keeps files, hands out handles, and
 //! "executes" scripts written into it with a tiny interpreter that understands one command
 //! per line: `echo TEXT` (`$NAME` expands from the process env; `>&2` at the end writes to
-//! stderr), `sleep SECONDS` and `exit CODE`. Any other process (mkdir, chmod, rm, ...)
+//! stderr), `bytes N` (N bytes of `a` on stdout, `>&2`: on stderr), `sleep SECONDS` and
+//! `exit CODE`. Any other process (mkdir, chmod, rm, ...)
 //! exits 0 at once; a `kill -s KILL -- -PGID` kills that process.
 
 use std::collections::{BTreeMap, HashMap};
@@ -116,6 +117,12 @@ fn interpret(script: &str, env: &BTreeMap<String, String>) -> (Vec<u8>, Vec<u8>,
             } else {
                 out.extend_from_slice(s.as_bytes());
             }
+        } else if let Some(n) = line.strip_prefix("bytes ") {
+            let (n, to) = match n.strip_suffix(">&2") {
+                Some(n) => (n, &mut err),
+                None => (n, &mut out),
+            };
+            to.resize(to.len() + n.trim().parse::<usize>().unwrap_or(0), b'a');
         } else if let Some(n) = line.strip_prefix("sleep ") {
             t += n.trim().parse::<f64>().unwrap_or(0.0);
         } else if let Some(n) = line.strip_prefix("exit ") {

@@ -82,6 +82,10 @@ pub struct ExecRequest {
     /// A cgroup directory in the guest to start the process in (created if missing); the
     /// process stays in the guest's root cgroup when it cannot be (no cgroup2 mounted).
     pub cgroup: Option<String>,
+    /// Keep the captured output in [`ExecOutcome::stdout`] / `stderr`. A caller that takes
+    /// the output as it streams (and stores it) turns this off: then only the counts are kept,
+    /// and the host holds no copy of up to `output_cap` bytes per stream.
+    pub keep_output: bool,
 }
 
 impl ExecRequest {
@@ -98,6 +102,7 @@ impl ExecRequest {
             timeout: Duration::from_secs(300),
             output_cap: DEFAULT_OUTPUT_CAP,
             cgroup: None,
+            keep_output: true,
         }
     }
 }
@@ -111,10 +116,14 @@ pub struct ExecOutcome {
     pub signal: Option<i32>,
     /// True when agentvm killed it at its timeout.
     pub timed_out: bool,
-    /// Captured standard output (at most the cap).
+    /// Captured standard output (at most the cap; empty without `keep_output`).
     pub stdout: Vec<u8>,
-    /// Captured standard error (at most the cap).
+    /// Captured standard error (at most the cap; empty without `keep_output`).
     pub stderr: Vec<u8>,
+    /// Bytes of stdout captured (streamed to the caller), at most the cap.
+    pub stdout_kept: u64,
+    /// Bytes of stderr captured, at most the cap.
+    pub stderr_kept: u64,
     /// Total bytes the process wrote to stdout (may exceed what was captured).
     pub stdout_total: u64,
     /// Total bytes the process wrote to stderr.
@@ -126,15 +135,41 @@ pub struct ExecOutcome {
 impl ExecOutcome {
     /// True when stdout was cut at the cap.
     pub fn stdout_truncated(&self) -> bool {
-        self.stdout_total > self.stdout.len() as u64
+        self.stdout_total > self.stdout_kept
     }
     /// True when stderr was cut at the cap.
     pub fn stderr_truncated(&self) -> bool {
-        self.stderr_total > self.stderr.len() as u64
+        self.stderr_total > self.stderr_kept
     }
     /// True when the process exited with code 0.
     pub fn success(&self) -> bool {
         self.exit_code == Some(0)
+    }
+}
+
+/// What has been read of one output stream: the count, and the bytes when they are kept.
+struct Capture {
+    len: usize,
+    keep: bool,
+    data: Vec<u8>,
+}
+
+impl Capture {
+    fn new(keep: bool) -> Self {
+        Capture {
+            len: 0,
+            keep,
+            data: Vec::new(),
+        }
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn push(&mut self, d: &[u8]) {
+        self.len += d.len();
+        if self.keep {
+            self.data.extend_from_slice(d);
+        }
     }
 }
 
@@ -584,14 +619,14 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
     ) -> Result<ExecOutcome> {
         let start = Instant::now();
         let pid = self.spawn(req, out_path, err_path)?;
-        let mut stdout = Vec::new();
-        let mut stderr = Vec::new();
+        let mut stdout = Capture::new(req.keep_output);
+        let mut stderr = Capture::new(req.keep_output);
         let mut interval = POLL_FIRST;
         let mut timed_out = false;
         let mut killed = false;
         // Reads what is there, up to the cap. Returns true when it stopped at the cap (so the
         // total has to be asked for), false when it reached the current end of the file.
-        let mut drain = |g: &Self, h: i64, buf: &mut Vec<u8>, s: Stream| -> Result<bool> {
+        let mut drain = |g: &Self, h: i64, buf: &mut Capture, s: Stream| -> Result<bool> {
             loop {
                 let room = req.output_cap.saturating_sub(buf.len());
                 if room == 0 {
@@ -600,7 +635,7 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
                 let (data, eof) = g.read_chunk(h, buf.len() as u64, room.min(FILE_CHUNK))?;
                 if !data.is_empty() {
                     on_output(s, &data);
-                    buf.extend_from_slice(&data);
+                    buf.push(&data);
                 }
                 if eof || data.is_empty() {
                     return Ok(false);
@@ -699,12 +734,15 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
         };
         let stdout_total = total(out_capped, hout, stdout.len())?;
         let stderr_total = total(err_capped, herr, stderr.len())?;
+        let (stdout_kept, stderr_kept) = (stdout.len() as u64, stderr.len() as u64);
         Ok(ExecOutcome {
             exit_code: status.0,
             signal: status.1,
             timed_out,
-            stdout,
-            stderr,
+            stdout: stdout.data,
+            stderr: stderr.data,
+            stdout_kept,
+            stderr_kept,
             stdout_total,
             stderr_total,
             duration,

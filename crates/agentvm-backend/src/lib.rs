@@ -4,13 +4,16 @@
 pub mod accel;
 pub mod backend;
 pub mod error;
+#[cfg(any(test, feature = "fake"))]
 pub mod fake;
+#[cfg(any(test, feature = "fake"))]
 pub mod fake_agent;
 pub mod golden;
 pub mod guest;
 pub mod guest_addr;
 pub mod libvirt;
 pub mod libvirt_net;
+pub mod limits;
 pub mod netxml;
 pub mod reconnect;
 pub mod stats;
@@ -23,5 +26,6 @@ pub use error::{BackendError, Result};
 pub use golden::{GoldenState, GoldenVm, ResetReport, ResetStrategy};
 pub use guest::{AgentChannel, ExecOutcome, ExecRequest, Guest, Stream};
 pub use libvirt::Libvirt;
+pub use limits::{Enforcement, Limit, VmLimits};
 pub use stats::DomainStats;
-pub use xml::{DomainSpec, NicSpec, Owner};
+pub use xml::{DiskIoLimits, DomainSpec, NetBandwidth, NicSpec, Owner};

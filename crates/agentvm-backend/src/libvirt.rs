@@ -21,6 +21,9 @@ pub const URI_ENV: &str = "AGENTVM_LIBVIRT_URI";
 pub struct Libvirt {
     conn: Connect,
     uri: String,
+    /// Limits this host was found unable to enforce, with libvirt's reason (see
+    /// [`Libvirt::start_with_limits`]).
+    unenforceable: std::sync::Mutex<std::collections::BTreeMap<crate::limits::Limit, String>>,
 }
 
 /// Run state of a domain, reduced to what agentvm acts on.
@@ -83,7 +86,23 @@ impl Libvirt {
         Ok(Libvirt {
             conn,
             uri: uri.to_string(),
+            unenforceable: Default::default(),
         })
+    }
+
+    /// Limits found unenforceable on this connection's host, with libvirt's reason.
+    pub fn unenforceable_limits(&self) -> std::collections::BTreeMap<crate::limits::Limit, String> {
+        self.unenforceable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn remember_unenforceable(&self, limit: crate::limits::Limit, why: &str) {
+        self.unenforceable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(limit, why.to_string());
     }
 
     /// The URI from `$AGENTVM_LIBVIRT_URI`, else `qemu:///system`.
@@ -178,6 +197,13 @@ impl Libvirt {
         Ok(())
     }
 
+    /// Replace the persistent definition of owned, stopped domain `name` (`spec.name`) with
+    /// `spec`.
+    pub fn redefine_domain(&self, spec: &DomainSpec) -> Result<()> {
+        self.undefine_domain(&spec.name)?;
+        self.define_domain(spec)
+    }
+
     /// Start a defined, owned domain.
     pub fn start_domain(&self, name: &str) -> Result<()> {
         self.owned(name)?
@@ -207,26 +233,6 @@ impl Libvirt {
             }
         }
         Ok(())
-    }
-
-    /// Ask the guest to power off (guest agent, then ACPI); destroy it if still running after
-    /// `deadline`.
-    pub fn shutdown_domain(&self, name: &str, deadline: Duration) -> Result<()> {
-        let dom = self.owned(name)?;
-        if !dom.is_active().unwrap_or(false) {
-            return Ok(());
-        }
-        let _ = dom.shutdown_flags(
-            sys::VIR_DOMAIN_SHUTDOWN_GUEST_AGENT | sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN,
-        );
-        let start = Instant::now();
-        while start.elapsed() < deadline {
-            if !dom.is_active().unwrap_or(false) {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        self.destroy_domain(name)
     }
 
     /// Undefine an owned, stopped domain together with its snapshot metadata and managed save.
@@ -312,11 +318,13 @@ impl Libvirt {
     /// renews it) and drop the guest's traffic. The address comes from the host's DHCP server
     /// (the network's lease table, not the guest), and the guest must be using it: `guest_ips`
     /// are the addresses the guest reports (`interface=address/prefix`). Waits up to `timeout`
-    /// for the lease to show up. `nic` is the interface as defined; returns the address.
+    /// for the lease to show up. `nic` is the interface as defined and `bandwidth` the limits
+    /// in force on it (the update replaces the whole interface); returns the address.
     pub fn pin_leased_ip(
         &self,
         name: &str,
         nic: &NicSpec,
+        bandwidth: crate::xml::NetBandwidth,
         guest_ips: &[String],
         timeout: Duration,
     ) -> Result<std::net::Ipv4Addr> {
@@ -369,7 +377,7 @@ impl Libvirt {
             ..nic.clone()
         };
         dom.update_device_flags(
-            &pinned.interface_xml(),
+            &pinned.interface_xml(bandwidth),
             sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG,
         )
         .map_err(|e| BackendError::from_virt(e, "domain", name))?;

@@ -73,12 +73,64 @@ impl NicSpec {
         params
     }
 
-    /// The `<interface>` element alone, as `virDomainUpdateDeviceFlags` takes it.
-    pub fn interface_xml(&self) -> String {
+    /// The `<interface>` element alone, as `virDomainUpdateDeviceFlags` takes it, with the
+    /// bandwidth limits in force on it.
+    pub fn interface_xml(&self, bandwidth: NetBandwidth) -> String {
         let mut w = Writer::new_with_indent(Vec::new(), b' ', 2);
-        write_interface(&mut w, self).expect("writing to a Vec cannot fail");
+        write_interface(&mut w, self, bandwidth).expect("writing to a Vec cannot fail");
         String::from_utf8(w.into_inner()).expect("XML writer emits UTF-8")
     }
+}
+
+/// Throughput limits of a VM's disk, enforced by QEMU's block throttling (libvirt `<iotune>`:
+/// no cgroups needed); 0 means no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct DiskIoLimits {
+    /// Bytes read per second.
+    pub read_bytes_per_second: u64,
+    /// Bytes written per second.
+    pub write_bytes_per_second: u64,
+    /// Operations (reads and writes) per second.
+    pub iops: u64,
+}
+
+impl DiskIoLimits {
+    /// True when nothing is limited.
+    pub fn is_unlimited(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Bandwidth limits of a VM's network interface, enforced with tc on the host's end of the
+/// interface (libvirt `<bandwidth>`: traffic into the guest is shaped, traffic out of it
+/// policed); 0 means no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct NetBandwidth {
+    /// Bytes per second into the guest.
+    pub in_bytes_per_second: u64,
+    /// Bytes per second out of the guest.
+    pub out_bytes_per_second: u64,
+}
+
+impl NetBandwidth {
+    /// True when nothing is limited.
+    pub fn is_unlimited(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// libvirt's `<bandwidth>` rates are in kilobytes (1000 bytes, tc's `kbps`) per second;
+/// rounded up so that a limit is never 0 (which would mean none).
+fn kilobytes(bytes_per_second: u64) -> u64 {
+    bytes_per_second.div_ceil(1000)
+}
+
+/// `cputune/period` used with a CPU quota, microseconds (libvirt's and the kernel's default).
+pub const CPU_PERIOD_US: u64 = 100_000;
+
+/// `cputune/quota` (per vCPU, microseconds of each [`CPU_PERIOD_US`]) for `percent` of a CPU.
+pub fn cpu_quota_us(percent: u32) -> u64 {
+    CPU_PERIOD_US * u64::from(percent.clamp(1, 100)) / 100
 }
 
 /// Everything needed to define one agentvm guest domain.
@@ -95,6 +147,12 @@ pub struct DomainSpec {
     /// Hard memory limit for the whole QEMU process in MiB (`memtune/hard_limit`), if set.
     /// It must leave headroom above guest RAM, see [`memory_hard_limit_mib`].
     pub memory_hard_limit_mib: Option<u64>,
+    /// CPU time each vCPU may use, percent of one host CPU (`cputune/period` + `quota`).
+    pub cpu_quota_percent: Option<u32>,
+    /// Disk throughput limits (`<iotune>` on the disk).
+    pub disk_io: DiskIoLimits,
+    /// Network bandwidth limits (`<bandwidth>` on the interface; nothing without one).
+    pub net_bandwidth: NetBandwidth,
     /// Per-VM qcow2 overlay (writable root disk).
     pub disk: PathBuf,
     /// Kernel for direct boot.
@@ -114,6 +172,9 @@ pub struct DomainSpec {
     /// generator (how tests show that the reseed after a reset is agentvm's doing).
     /// Empty for pool VMs: the guest sees everything its CPU mode offers.
     pub disabled_cpu_features: Vec<String>,
+    /// Size of QEMU's TCG translation cache, MiB (`<features><tcg><tb-cache>`); `None`
+    /// leaves QEMU's default (1 GiB, filled as guest code is translated). Only for TCG.
+    pub tcg_tb_cache_mib: Option<u64>,
     /// Ownership metadata.
     pub owner: Owner,
 }
@@ -183,9 +244,18 @@ impl DomainSpec {
                     .with_attribute(("unit", "MiB"))
                     .write_text_content(BytesText::new(&mem))?;
                 text(w, "vcpu", &vcpus)?;
-                if let Some(shares) = self.cpu_shares {
-                    w.create_element("cputune")
-                        .write_inner_content(|w| text(w, "shares", &shares.to_string()))?;
+                if self.cpu_shares.is_some() || self.cpu_quota_percent.is_some() {
+                    w.create_element("cputune").write_inner_content(|w| {
+                        if let Some(shares) = self.cpu_shares {
+                            text(w, "shares", &shares.to_string())?;
+                        }
+                        if let Some(pct) = self.cpu_quota_percent {
+                            // `quota` applies to each vCPU thread.
+                            text(w, "period", &CPU_PERIOD_US.to_string())?;
+                            text(w, "quota", &cpu_quota_us(pct).to_string())?;
+                        }
+                        Ok(())
+                    })?;
                 }
                 if let Some(limit) = self.memory_hard_limit_mib {
                     w.create_element("memtune").write_inner_content(|w| {
@@ -206,6 +276,15 @@ impl DomainSpec {
                 })?;
                 w.create_element("features").write_inner_content(|w| {
                     w.create_element("acpi").write_empty()?;
+                    if let (Accelerator::Tcg, Some(mib)) = (self.accelerator, self.tcg_tb_cache_mib)
+                    {
+                        w.create_element("tcg").write_inner_content(|w| {
+                            w.create_element("tb-cache")
+                                .with_attribute(("unit", "MiB"))
+                                .write_text_content(BytesText::new(&mib.to_string()))?;
+                            Ok(())
+                        })?;
+                    }
                     Ok(())
                 })?;
                 // KVM: the host's CPU model. TCG: every feature QEMU emulates (`-cpu max`:
@@ -261,10 +340,25 @@ impl DomainSpec {
                     .with_attribute(("dev", "vda"))
                     .with_attribute(("bus", "virtio"))
                     .write_empty()?;
+                let io = self.disk_io;
+                if !io.is_unlimited() {
+                    w.create_element("iotune").write_inner_content(|w| {
+                        for (name, value) in [
+                            ("read_bytes_sec", io.read_bytes_per_second),
+                            ("write_bytes_sec", io.write_bytes_per_second),
+                            ("total_iops_sec", io.iops),
+                        ] {
+                            if value > 0 {
+                                text(w, name, &value.to_string())?;
+                            }
+                        }
+                        Ok(())
+                    })?;
+                }
                 Ok(())
             })?;
         if let Some(nic) = &self.nic {
-            write_interface(w, nic)?;
+            write_interface(w, nic, self.net_bandwidth)?;
         }
         w.create_element("controller")
             .with_attribute(("type", "usb"))
@@ -310,7 +404,7 @@ impl DomainSpec {
     }
 }
 
-fn write_interface(w: &mut W, nic: &NicSpec) -> io::Result<()> {
+fn write_interface(w: &mut W, nic: &NicSpec, bw: NetBandwidth) -> io::Result<()> {
     w.create_element("interface")
         .with_attribute(("type", "network"))
         .write_inner_content(|w| {
@@ -325,6 +419,21 @@ fn write_interface(w: &mut W, nic: &NicSpec) -> io::Result<()> {
             w.create_element("model")
                 .with_attribute(("type", "virtio"))
                 .write_empty()?;
+            if !bw.is_unlimited() {
+                w.create_element("bandwidth").write_inner_content(|w| {
+                    for (name, value) in [
+                        ("inbound", bw.in_bytes_per_second),
+                        ("outbound", bw.out_bytes_per_second),
+                    ] {
+                        if value > 0 {
+                            w.create_element(name)
+                                .with_attribute(("average", kilobytes(value).to_string().as_str()))
+                                .write_empty()?;
+                        }
+                    }
+                    Ok(())
+                })?;
+            }
             if let Some(filter) = &nic.filter {
                 let el = w
                     .create_element("filterref")
@@ -388,6 +497,7 @@ pub fn parse_owner(xml: &str) -> Option<Owner> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn spec() -> DomainSpec {
         DomainSpec {
@@ -397,6 +507,9 @@ mod tests {
             cpu_shares: Some(1024),
             disabled_cpu_features: Vec::new(),
             memory_hard_limit_mib: Some(memory_hard_limit_mib(1024)),
+            cpu_quota_percent: None,
+            disk_io: Default::default(),
+            net_bandwidth: Default::default(),
             disk: "/var/lib/agentvm/vms/a&b/disk.qcow2".into(),
             kernel: "/k".into(),
             initrd: "/i".into(),
@@ -404,6 +517,7 @@ mod tests {
             serial_log: "/var/lib/agentvm/vms/x/serial.log".into(),
             nic: None,
             accelerator: Accelerator::Tcg,
+            tcg_tb_cache_mib: None,
             owner: Owner {
                 kind: "VmPool".into(),
                 name: "p<&\"'>".into(),
@@ -501,7 +615,7 @@ mod tests {
         // Pinned: the interface alone, as `virDomainUpdateDeviceFlags` gets it.
         nic.mac = Some("52:54:00:0a:0b:0c".into());
         nic.ip = Some("10.1.2.77".parse().unwrap());
-        let xml = nic.interface_xml();
+        let xml = nic.interface_xml(NetBandwidth::default());
         assert!(xml.starts_with("<interface type=\"network\">"), "{xml}");
         assert!(elements(&xml).contains(&(
             "mac".into(),
@@ -520,9 +634,35 @@ mod tests {
         nic.dhcp = false;
         nic.ip = None;
         assert_eq!(
-            parameters(&nic.interface_xml()),
+            parameters(&nic.interface_xml(NetBandwidth::default())),
             [p("AGENTVM_HOST", "10.1.2.1")]
         );
+    }
+
+    #[test]
+    fn the_tcg_translation_cache_is_sized_under_tcg_only() {
+        let tb = |s: &DomainSpec| -> Vec<(String, Vec<(String, String)>)> {
+            elements(&s.to_xml())
+                .into_iter()
+                .filter(|(n, _)| n == "tcg" || n == "tb-cache")
+                .collect()
+        };
+        let mut s = spec();
+        assert!(tb(&s).is_empty(), "QEMU's default unless sized");
+        s.tcg_tb_cache_mib = Some(64);
+        assert_eq!(
+            tb(&s),
+            vec![
+                ("tcg".to_string(), vec![]),
+                (
+                    "tb-cache".to_string(),
+                    vec![("unit".to_string(), "MiB".to_string())]
+                ),
+            ]
+        );
+        assert!(s.to_xml().contains("<tb-cache unit=\"MiB\">64</tb-cache>"));
+        s.accelerator = Accelerator::Kvm;
+        assert!(tb(&s).is_empty(), "no TCG element for KVM");
     }
 
     #[test]
@@ -577,6 +717,174 @@ mod tests {
         assert!(spec()
             .to_xml()
             .contains("<hard_limit unit=\"MiB\">1792</hard_limit>"));
+    }
+
+    /// Every element of `xml` with its path from the root (`domain/devices/disk/iotune/..`),
+    /// attributes and text: the document parsed back, not searched as a string.
+    fn element_paths(xml: &str) -> Vec<(String, BTreeMap<String, String>, String)> {
+        let mut reader = Reader::from_str(xml);
+        let mut path: Vec<String> = Vec::new();
+        let mut out: Vec<(String, BTreeMap<String, String>, String)> = Vec::new();
+        let mut open: Vec<usize> = Vec::new();
+        loop {
+            match reader.read_event().expect("well-formed XML") {
+                Event::Start(e) => {
+                    path.push(String::from_utf8(e.name().as_ref().to_vec()).unwrap());
+                    out.push((path.join("/"), attrs(&e), String::new()));
+                    open.push(out.len() - 1);
+                }
+                Event::Empty(e) => {
+                    let name = String::from_utf8(e.name().as_ref().to_vec()).unwrap();
+                    out.push((
+                        format!("{}/{name}", path.join("/")),
+                        attrs(&e),
+                        String::new(),
+                    ));
+                }
+                Event::Text(t) => {
+                    if let Some(&i) = open.last() {
+                        out[i].2.push_str(&t.decode().unwrap());
+                    }
+                }
+                Event::End(_) => {
+                    path.pop();
+                    open.pop();
+                }
+                Event::Eof => return out,
+                _ => {}
+            }
+        }
+    }
+
+    fn attrs(e: &quick_xml::events::BytesStart<'_>) -> BTreeMap<String, String> {
+        e.attributes()
+            .flatten()
+            .map(|a| {
+                (
+                    String::from_utf8(a.key.as_ref().to_vec()).unwrap(),
+                    a.unescape_value().unwrap().into_owned(),
+                )
+            })
+            .collect()
+    }
+
+    fn text_of(xml: &str, path: &str) -> Option<String> {
+        element_paths(xml)
+            .into_iter()
+            .find(|(p, _, _)| p == path)
+            .map(|(_, _, t)| t)
+    }
+
+    fn attr_of(xml: &str, path: &str, attr: &str) -> Option<String> {
+        element_paths(xml)
+            .into_iter()
+            .find(|(p, _, _)| p == path)
+            .and_then(|(_, a, _)| a.get(attr).cloned())
+    }
+
+    fn with_nic() -> DomainSpec {
+        let mut s = spec();
+        s.nic = Some(NicSpec {
+            network: "agentvm-net".into(),
+            filter: Some("agentvm-egress".into()),
+            mac: None,
+            host: Some("10.1.2.1".parse().unwrap()),
+            dhcp: true,
+            ip: None,
+        });
+        s
+    }
+
+    #[test]
+    fn disk_throttling_goes_into_iotune_and_only_what_is_limited() {
+        assert_eq!(
+            text_of(&spec().to_xml(), "domain/devices/disk/iotune"),
+            None,
+            "no limits, no iotune"
+        );
+        let mut s = spec();
+        s.disk_io = DiskIoLimits {
+            read_bytes_per_second: 200 << 20,
+            write_bytes_per_second: 5 << 20,
+            iops: 0,
+        };
+        let xml = s.to_xml();
+        let at = |e: &str| text_of(&xml, &format!("domain/devices/disk/iotune/{e}"));
+        assert_eq!(at("read_bytes_sec").as_deref(), Some("209715200"));
+        assert_eq!(at("write_bytes_sec").as_deref(), Some("5242880"));
+        assert_eq!(at("total_iops_sec"), None, "0 means no limit");
+        s.disk_io.iops = 300;
+        assert_eq!(
+            text_of(&s.to_xml(), "domain/devices/disk/iotune/total_iops_sec").as_deref(),
+            Some("300")
+        );
+    }
+
+    #[test]
+    fn bandwidth_goes_on_the_interface_in_libvirt_kilobytes() {
+        let mut s = with_nic();
+        assert_eq!(
+            attr_of(
+                &s.to_xml(),
+                "domain/devices/interface/bandwidth/inbound",
+                "average"
+            ),
+            None
+        );
+        s.net_bandwidth = NetBandwidth {
+            in_bytes_per_second: 25 << 20,
+            out_bytes_per_second: 1,
+        };
+        let xml = s.to_xml();
+        // tc's kbps: 1000 bytes/s, rounded up (a limit never becomes 0, i.e. none).
+        assert_eq!(
+            attr_of(
+                &xml,
+                "domain/devices/interface/bandwidth/inbound",
+                "average"
+            )
+            .as_deref(),
+            Some("26215")
+        );
+        assert_eq!(
+            attr_of(
+                &xml,
+                "domain/devices/interface/bandwidth/outbound",
+                "average"
+            )
+            .as_deref(),
+            Some("1")
+        );
+        // Isolated: no interface, so nowhere to put it.
+        let mut isolated = spec();
+        isolated.net_bandwidth = s.net_bandwidth;
+        assert!(!element_paths(&isolated.to_xml())
+            .iter()
+            .any(|(p, _, _)| p.contains("bandwidth")));
+    }
+
+    #[test]
+    fn cpu_quota_and_shares_share_cputune() {
+        let mut s = spec();
+        s.cpu_quota_percent = Some(50);
+        let xml = s.to_xml();
+        assert_eq!(
+            text_of(&xml, "domain/cputune/shares").as_deref(),
+            Some("1024")
+        );
+        assert_eq!(
+            text_of(&xml, "domain/cputune/period").as_deref(),
+            Some("100000")
+        );
+        assert_eq!(
+            text_of(&xml, "domain/cputune/quota").as_deref(),
+            Some("50000")
+        );
+        s.cpu_shares = None;
+        s.cpu_quota_percent = None;
+        assert_eq!(text_of(&s.to_xml(), "domain/cputune"), None);
+        assert_eq!(cpu_quota_us(1), 1000);
+        assert_eq!(cpu_quota_us(100), 100_000);
     }
 
     #[test]

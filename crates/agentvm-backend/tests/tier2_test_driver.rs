@@ -12,6 +12,9 @@ fn spec(name: &str) -> DomainSpec {
         cpu_shares: Some(512),
         disabled_cpu_features: Vec::new(),
         memory_hard_limit_mib: None,
+        cpu_quota_percent: None,
+        disk_io: Default::default(),
+        net_bandwidth: Default::default(),
         disk: "/nonexistent/agentvm/disk.qcow2".into(),
         kernel: "/nonexistent/vmlinuz".into(),
         initrd: "/nonexistent/initrd".into(),
@@ -19,6 +22,7 @@ fn spec(name: &str) -> DomainSpec {
         serial_log: "/nonexistent/serial.log".into(),
         nic: None,
         accelerator: Accelerator::Tcg,
+        tcg_tb_cache_mib: None,
         owner: Owner {
             kind: "VmPool".into(),
             name: "pool-<&>".into(),

@@ -142,8 +142,9 @@ fn boot<'a>(lv: &'a Libvirt, name: &str, nic: Option<NicSpec>) -> EphemeralVm<'a
         nic,
         accelerator: accel(),
         boot_timeout: Duration::from_secs(240),
-        cpu_shares: None,
+        limits: Default::default(),
         disabled_cpu_features: Vec::new(),
+        tcg_tb_cache_mib: Some(agentvm_backend::vm::DEFAULT_TCG_TB_CACHE_MIB),
         disk_gib: None,
     };
     let vm = EphemeralVm::boot(

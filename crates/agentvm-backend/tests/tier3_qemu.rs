@@ -19,8 +19,9 @@ fn boot<'a>(lv: &'a Libvirt, test: &str) -> EphemeralVm<'a> {
         nic: None,
         accelerator: accel(),
         boot_timeout: Duration::from_secs(180),
-        cpu_shares: None,
+        limits: Default::default(),
         disabled_cpu_features: Vec::new(),
+        tcg_tb_cache_mib: Some(agentvm_backend::vm::DEFAULT_TCG_TB_CACHE_MIB),
         disk_gib: None,
     };
     let owner = Owner {

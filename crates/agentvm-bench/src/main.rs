@@ -8,6 +8,7 @@
 
 mod controller;
 mod inproc;
+mod neighbours;
 mod report;
 mod stats;
 mod system;
@@ -48,7 +49,15 @@ struct Args {
     /// Keep the scratch state directory (controller logs, store) for inspection.
     #[arg(long)]
     keep: bool,
+    /// Write `--output` even when the host is busy (1-minute load average above
+    /// [`MAX_LOAD_FOR_RESULTS`] at the start), which makes every VM row an upper bound.
+    #[arg(long)]
+    force: bool,
 }
+
+/// Above this 1-minute load average at the start, `--output` (results meant for
+/// BENCHMARKS.md) is refused without `--force`.
+const MAX_LOAD_FOR_RESULTS: f64 = 2.0;
 
 /// Parts of the benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -63,6 +72,9 @@ enum Part {
     Memory,
     /// Acquire through the API, apply → Running, runs per minute (controller process).
     Runs,
+    /// A VM's fsync latency next to another VM flooding its disk, with and without the
+    /// flood's `diskWriteMibPerSecond`.
+    Neighbours,
 }
 
 /// Polls `cond` every 20 ms until it holds; fails after `timeout`.
@@ -145,6 +157,19 @@ fn main() -> Result<()> {
     let libvirt_version = lv.version().unwrap_or_else(|_| "unknown".into());
     drop(lv);
     let load_before = system::load_average();
+    let load1: Option<f64> = load_before
+        .split_whitespace()
+        .next()
+        .and_then(|l| l.parse().ok());
+    if let (Some(path), Some(load)) = (&args.output, load1) {
+        if load > MAX_LOAD_FOR_RESULTS && !args.force {
+            anyhow::bail!(
+                "the host is busy (1-minute load average {load}): results written to {} would \
+                 measure the other work as much as agentvm's; wait for an idle host or pass --force",
+                path.display()
+            );
+        }
+    }
     let started = Instant::now();
 
     let mut acquire = Table::new("Pool acquire and `apply` → Running");
@@ -152,6 +177,7 @@ fn main() -> Result<()> {
     let mut runs = Table::new("Throughput");
     let mut memory = Table::new("Memory");
     let mut control = Table::new("Controller: resync and spec-directory watch");
+    let mut isolation = Table::new("Isolation: a noisy neighbour on the disk");
     let objects = 1000;
     let mut accelerator = std::env::var("AGENTVM_ACCEL").unwrap_or_else(|_| "tcg".into());
 
@@ -170,7 +196,7 @@ fn main() -> Result<()> {
             &mut control,
         )?;
     }
-    if wants(Part::Vm) || wants(Part::Runs) {
+    if wants(Part::Vm) || wants(Part::Runs) || wants(Part::Neighbours) {
         // Fail early and clearly when the image is missing.
         default_image(&cache)?;
     }
@@ -186,6 +212,16 @@ fn main() -> Result<()> {
             &mut memory,
         )?;
         accelerator = facts.accelerator;
+    }
+    if wants(Part::Neighbours) {
+        eprintln!("== a noisy neighbour on the disk: fsync latency next to a write flood");
+        neighbours::disk_flood_rows(
+            &uri,
+            &dir.join("neighbours"),
+            &default_image(&cache)?,
+            if quick { 100 } else { 400 },
+            &mut isolation,
+        )?;
     }
     if wants(Part::Memory) {
         eprintln!("== controller process memory, idle and with {objects} objects");
@@ -238,7 +274,7 @@ fn main() -> Result<()> {
     if let Some(note) = &args.note {
         out.push_str(&format!("\n{note}\n"));
     }
-    for t in [&acquire, &vm, &runs, &memory, &control] {
+    for t in [&acquire, &vm, &runs, &memory, &control, &isolation] {
         if !t.rows.is_empty() {
             out.push('\n');
             out.push_str(&t.markdown());

@@ -704,7 +704,7 @@ mod tests {
             .apply(image, Manager::Api, ApplyOptions::default())
             .unwrap();
         store
-            .update_status(agentvm_api::Kind::Image, "img", json!({"phase": "Ready"}))
+            .update_status_json(agentvm_api::Kind::Image, "img", json!({"phase": "Ready"}))
             .unwrap();
         lines(1).await;
         let bob = crate::caller::Caller {

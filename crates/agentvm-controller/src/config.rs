@@ -56,6 +56,10 @@ pub struct Config {
     /// The DNS server the egress proxy asks (`egressResolver`, `AGENTVM_EGRESS_RESOLVER`,
     /// `ADDRESS:PORT`; default: the guest network's own resolver, port 53 on its gateway).
     pub egress_resolver: Option<std::net::SocketAddr>,
+    /// QEMU's TCG translation cache per VM, MiB (`tcgTranslationCacheMib`,
+    /// `AGENTVM_TCG_TRANSLATION_CACHE_MIB`, default 64; `0` keeps QEMU's 1 GiB). Only under
+    /// TCG; see [`agentvm_backend::vm::DEFAULT_TCG_TB_CACHE_MIB`].
+    pub tcg_translation_cache_mib: u64,
 }
 
 /// The config file's shape; every field optional.
@@ -76,6 +80,7 @@ struct ConfigFile {
     git_clone_timeout_seconds: Option<u64>,
     egress_netns: Option<String>,
     egress_resolver: Option<String>,
+    tcg_translation_cache_mib: Option<u64>,
 }
 
 /// A configuration problem.
@@ -124,6 +129,7 @@ impl Default for Config {
             git_clone_timeout_seconds: crate::host_access::DEFAULT_GIT_CLONE_TIMEOUT_SECONDS,
             egress_netns: None,
             egress_resolver: None,
+            tcg_translation_cache_mib: agentvm_backend::vm::DEFAULT_TCG_TB_CACHE_MIB,
         }
     }
 }
@@ -223,6 +229,10 @@ impl Config {
                 &format!("{}: egressResolver", path.display()),
             )?);
         }
+        if let Some(v) = f.tcg_translation_cache_mib {
+            self.tcg_translation_cache_mib =
+                tb_cache(v, &format!("{}: tcgTranslationCacheMib", path.display()))?;
+        }
         Ok(())
     }
 
@@ -296,7 +306,20 @@ impl Config {
         if let Some(v) = get("AGENTVM_EGRESS_RESOLVER") {
             self.egress_resolver = Some(socket_address(&v, "AGENTVM_EGRESS_RESOLVER")?);
         }
+        if let Some(v) = get("AGENTVM_TCG_TRANSLATION_CACHE_MIB") {
+            let mib = v.parse().map_err(|_| ConfigError::Value {
+                source_name: "AGENTVM_TCG_TRANSLATION_CACHE_MIB".into(),
+                message: format!("{v:?} is not a whole number of MiB"),
+            })?;
+            self.tcg_translation_cache_mib = tb_cache(mib, "AGENTVM_TCG_TRANSLATION_CACHE_MIB")?;
+        }
         Ok(())
+    }
+
+    /// The translation cache for [`agentvm_backend::LibvirtBackend::with_tcg_translation_cache`]:
+    /// `None` for QEMU's default.
+    pub fn tcg_tb_cache(&self) -> Option<u64> {
+        (self.tcg_translation_cache_mib > 0).then_some(self.tcg_translation_cache_mib)
     }
 
     /// The GID of [`Config::socket_group`], if set: a number as it is, a name looked up in
@@ -375,6 +398,24 @@ fn env_names(names: Vec<String>, source: &str) -> Result<Vec<String>, ConfigErro
 }
 
 /// A clone timeout of at least one second.
+/// Below this a TCG guest spends its time translating its code again (16 MiB doubled the
+/// boot); above QEMU's own default there is nothing to gain.
+const TB_CACHE_RANGE: std::ops::RangeInclusive<u64> = 32..=1024;
+
+fn tb_cache(mib: u64, source: &str) -> Result<u64, ConfigError> {
+    if mib != 0 && !TB_CACHE_RANGE.contains(&mib) {
+        return Err(ConfigError::Value {
+            source_name: source.to_string(),
+            message: format!(
+                "{mib} MiB: must be 0 (QEMU's default) or {} to {} MiB",
+                TB_CACHE_RANGE.start(),
+                TB_CACHE_RANGE.end()
+            ),
+        });
+    }
+    Ok(mib)
+}
+
 fn clone_timeout(secs: u64, source: &str) -> Result<u64, ConfigError> {
     if secs == 0 {
         return Err(ConfigError::Value {
@@ -477,6 +518,24 @@ mod tests {
         .unwrap();
         assert_eq!(c.secret_env_allow_list, ["A_1", "B"]);
         assert_eq!(c.git_clone_timeout_seconds, 5);
+        // The translation cache: default, environment, 0 for QEMU's, out of range refused.
+        assert_eq!(Config::default().tcg_tb_cache(), Some(64));
+        for (v, want) in [("128", Some(128)), ("0", None)] {
+            let mut c = Config::default();
+            c.apply_env(|k| (k == "AGENTVM_TCG_TRANSLATION_CACHE_MIB").then(|| v.into()))
+                .unwrap();
+            assert_eq!(c.tcg_tb_cache(), want, "{v}");
+        }
+        for bad in ["8", "4096", "lots"] {
+            let err = Config::default()
+                .apply_env(|k| (k == "AGENTVM_TCG_TRANSLATION_CACHE_MIB").then(|| bad.into()))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("AGENTVM_TCG_TRANSLATION_CACHE_MIB"),
+                "{bad}: {err}"
+            );
+        }
         let e = c
             .apply_file(Path::new("c.yaml"), "secretEnvAllowList: [\"A-B\"]\n")
             .unwrap_err();

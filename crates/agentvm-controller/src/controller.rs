@@ -237,6 +237,8 @@ impl Controller {
             audit: audit.clone(),
             vm_stats: self.vm_stats.clone(),
             egress: Default::default(),
+            // Connected to the work queue by the dispatcher.
+            wake: Default::default(),
         };
         if let Some(backend) = self.egress.take() {
             if let Err(e) = crate::egress::start(ctx.clone(), backend) {
@@ -395,11 +397,12 @@ mod tests {
                 ctx.store.finalize_delete(Kind::Image, &name)?;
                 return Ok(Action::AwaitChange);
             }
-            let status = serde_json::json!({
-                "phase": "Ready",
-                "observedGeneration": obj.generation(),
-            });
-            ctx.store.update_status(Kind::Image, &name, status)?;
+            let status = agentvm_api::ImageStatus {
+                phase: agentvm_api::ImagePhase::Ready,
+                observed_generation: Some(obj.generation()),
+                ..Default::default()
+            };
+            ctx.store.update_status(&name, status)?;
             Ok(Action::AwaitChange)
         }
     }

@@ -13,6 +13,7 @@ pub mod health;
 pub mod host_access;
 pub mod http_serve;
 pub mod images;
+pub mod limits;
 pub mod metrics;
 pub mod metrics_server;
 pub mod queue;

@@ -89,6 +89,23 @@ pub struct Ctx {
     pub vm_stats: VmStatsHistory,
     /// Egress summaries of runs in progress (filled by the egress proxy).
     pub egress: crate::egress::RunSummaries,
+    /// Queues other objects for reconciliation (the dispatcher's work queue).
+    pub wake: Wake,
+}
+
+/// A handle on the dispatcher's work queue, so that a reconciler (or a callback it installs)
+/// can have another object reconciled now instead of polling for it. Does nothing outside a
+/// dispatcher (unit tests that drive reconcilers by hand).
+#[derive(Debug, Clone, Default)]
+pub struct Wake(Option<Arc<WorkQueue>>);
+
+impl Wake {
+    /// Queues `key` now.
+    pub fn add(&self, key: ObjectKey) {
+        if let Some(q) = &self.0 {
+            q.add(key);
+        }
+    }
 }
 
 impl Ctx {
@@ -101,6 +118,7 @@ impl Ctx {
             audit: AuditLog::disabled(),
             vm_stats: VmStatsHistory::new(DEFAULT_HISTORY),
             egress: Default::default(),
+            wake: Wake::default(),
         }
     }
 }
@@ -181,7 +199,7 @@ pub struct Dispatcher {
 struct Shared {
     ctx: Arc<Ctx>,
     reconcilers: HashMap<Kind, Arc<dyn Reconciler>>,
-    queue: WorkQueue,
+    queue: Arc<WorkQueue>,
     failures: Mutex<HashMap<ObjectKey, u32>>,
     options: DispatcherOptions,
     stats: DispatchStats,
@@ -214,10 +232,12 @@ impl Dispatcher {
     /// A dispatcher over `ctx.store` with `reconcilers` (at most one per kind; a later one
     /// for the same kind replaces the earlier).
     pub fn new(
-        ctx: Ctx,
+        mut ctx: Ctx,
         reconcilers: Vec<Arc<dyn Reconciler>>,
         options: DispatcherOptions,
     ) -> Self {
+        let queue = Arc::new(WorkQueue::new());
+        ctx.wake = Wake(Some(queue.clone()));
         let reconcilers: HashMap<Kind, Arc<dyn Reconciler>> =
             reconcilers.into_iter().map(|r| (r.kind(), r)).collect();
         for kind in reconcilers.keys() {
@@ -227,7 +247,7 @@ impl Dispatcher {
             shared: Arc::new(Shared {
                 ctx: Arc::new(ctx),
                 reconcilers,
-                queue: WorkQueue::new(),
+                queue,
                 failures: Mutex::new(HashMap::new()),
                 options,
                 stats: DispatchStats::default(),
@@ -535,7 +555,7 @@ mod tests {
         eventually("reconcile of a new object", || rec.count("b") == 1).await;
         // A status write does not retrigger the object itself.
         store
-            .update_status(Kind::Image, "a", serde_json::json!({"phase": "Ready"}))
+            .update_status_json(Kind::Image, "a", serde_json::json!({"phase": "Ready"}))
             .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(rec.count("a"), 1);
@@ -681,7 +701,7 @@ mod tests {
         }));
         eventually("initial", || rec.0.load(Ordering::SeqCst) == 1).await;
         store
-            .update_status(Kind::Image, "img", serde_json::json!({"phase": "Ready"}))
+            .update_status_json(Kind::Image, "img", serde_json::json!({"phase": "Ready"}))
             .unwrap();
         eventually("requeue on image status", || {
             rec.0.load(Ordering::SeqCst) == 2

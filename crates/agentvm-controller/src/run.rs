@@ -287,8 +287,36 @@ impl Redactor {
 /// The result of executing a run's program.
 #[derive(Debug)]
 pub struct RunResult {
-    /// The program's outcome, with captured output already redacted.
+    /// The program's outcome. Its output went (redacted) to `on_output` as it came and is
+    /// not kept here: `stdout`/`stderr` are empty, the counts are set.
     pub outcome: ExecOutcome,
+    /// Bytes the program wrote per stream and how many were dropped at the cap.
+    pub output: agentvm_api::OutputCount,
+}
+
+impl RunResult {
+    /// The `OutputTruncated` message when output was dropped at the cap of `max_mib` MiB per
+    /// stream, else `None`.
+    pub fn truncated_message(&self, max_mib: u32) -> Option<String> {
+        let o = &self.outcome;
+        let cap = u64::from(max_mib) << 20;
+        let parts: Vec<String> = [("stdout", o.stdout_total), ("stderr", o.stderr_total)]
+            .into_iter()
+            .filter(|(_, total)| *total > cap)
+            .map(|(name, total)| {
+                format!(
+                    "{name}: {} of {total} bytes dropped (the first {cap} kept)",
+                    total - cap
+                )
+            })
+            .collect();
+        (!parts.is_empty()).then(|| {
+            format!(
+                "output beyond output.maxMib ({max_mib} MiB per stream) was dropped: {}",
+                parts.join("; ")
+            )
+        })
+    }
 }
 
 fn check(step: &str, out: ExecOutcome) -> Result<(), RunError> {
@@ -369,6 +397,10 @@ pub fn execute<C: AgentChannel + ?Sized>(
     req.cwd = Some(cwd);
     req.timeout = Duration::from_secs(u64::from(spec.timeout_seconds));
     req.cgroup = Some(RUN_CGROUP.to_string());
+    // The run's one output cap, per stream: the guest reads no further (the rest is only
+    // counted), and the store keeps the same amount.
+    req.output_cap = usize::try_from(spec.output.max_bytes()).unwrap_or(usize::MAX);
+    req.keep_output = false;
     let mut out_r = Redactor::new(&prepared.secret_values);
     let mut err_r = Redactor::new(&prepared.secret_values);
     let mut forward = |s: Stream, d: &[u8]| {
@@ -381,7 +413,7 @@ pub fn execute<C: AgentChannel + ?Sized>(
         }
     };
     on_program_start();
-    let mut outcome = match spec.entrypoint() {
+    let outcome = match spec.entrypoint() {
         Some(Entrypoint::Script(s)) => {
             g.run_script(&s.interpreter, &s.source, req, &mut forward)?
         }
@@ -406,9 +438,13 @@ pub fn execute<C: AgentChannel + ?Sized>(
     if !tail.is_empty() {
         on_output(Stream::Stderr, &tail);
     }
-    outcome.stdout = Redactor::redact_all(&prepared.secret_values, &outcome.stdout);
-    outcome.stderr = Redactor::redact_all(&prepared.secret_values, &outcome.stderr);
-    Ok(RunResult { outcome })
+    let output = agentvm_api::OutputCount {
+        stdout_bytes: outcome.stdout_total,
+        stderr_bytes: outcome.stderr_total,
+        dropped_bytes: outcome.stdout_total.saturating_sub(outcome.stdout_kept)
+            + outcome.stderr_total.saturating_sub(outcome.stderr_kept),
+    };
+    Ok(RunResult { outcome, output })
 }
 
 /// One artifact copied to the host.

@@ -175,19 +175,8 @@ impl Sampler {
         }
         let mut st = self.status.clone();
         st.anomalies = self.anomalies.clone();
-        match serde_json::to_value(&st) {
-            Ok(v) => {
-                if let Err(e) = self
-                    .ctx
-                    .store
-                    .update_status(Kind::AgentRun, &self.target.run, v)
-                {
-                    tracing::warn!(run = %self.target.run, error = %e, "writing anomalies failed");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(run = %self.target.run, error = %e, "encoding anomalies failed")
-            }
+        if let Err(e) = self.ctx.store.update_status(&self.target.run, st) {
+            tracing::warn!(run = %self.target.run, error = %e, "writing anomalies failed");
         }
     }
 }

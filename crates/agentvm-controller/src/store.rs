@@ -39,13 +39,12 @@
 //!   lag and miss some (`RecvError::Lagged`), and must then re-list. Consumers always
 //!   re-read the object; they never trust an event's content.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use agentvm_api::{spec_hash, validate, Kind, Resource, ValidationErrors};
+use agentvm_api::{spec_hash, validate, Kind, KindStatus, Resource, ValidationErrors};
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -56,9 +55,10 @@ use crate::time::Timestamp;
 /// Name of the store file inside the state directory.
 pub const STORE_FILE: &str = "store.redb";
 
-/// Most output bytes kept per run (stdout and stderr together): 64 MiB. The first bytes are
-/// kept; later output is dropped and the run's output is marked truncated.
-pub const MAX_OUTPUT_BYTES_PER_RUN: u64 = 64 * 1024 * 1024;
+/// Most output bytes kept per stream of a run, whatever cap the caller asks for: the largest
+/// `output.maxMib` (64 MiB).
+pub const MAX_OUTPUT_BYTES_PER_STREAM: u64 =
+    (agentvm_api::kinds::agent_run::MAX_OUTPUT_MAX_MIB as u64) << 20;
 
 /// Bytes of the store file redb keeps cached in memory. Its default (1 GiB) let the
 /// controller's memory grow with the total output runs ever wrote, up to that size.
@@ -295,8 +295,10 @@ pub struct OutputRead {
     pub next_offset: u64,
     /// Bytes stored so far (both streams).
     pub total: u64,
-    /// True when output beyond [`MAX_OUTPUT_BYTES_PER_RUN`] was dropped.
+    /// True when output beyond the run's cap was dropped.
     pub truncated: bool,
+    /// Bytes dropped at the cap, both streams.
+    pub dropped: u64,
 }
 
 impl OutputRead {
@@ -309,8 +311,18 @@ impl OutputRead {
 /// Size bookkeeping of a run's output.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 struct OutputMeta {
+    /// Bytes kept, both streams.
     len: u64,
     truncated: bool,
+    /// Bytes kept of stdout.
+    #[serde(default)]
+    stdout: u64,
+    /// Bytes kept of stderr.
+    #[serde(default)]
+    stderr: u64,
+    /// Bytes dropped at the cap, both streams.
+    #[serde(default)]
+    dropped: u64,
 }
 
 /// One object to apply, with its manager and submitter (see [`Store::apply_batch`]).
@@ -413,7 +425,6 @@ struct Inner {
     path: PathBuf,
     events: broadcast::Sender<StoreEvent>,
     output_events: broadcast::Sender<String>,
-    output_cap: u64,
 }
 
 impl fmt::Debug for Store {
@@ -602,11 +613,6 @@ impl Store {
 
     /// Opens (creating if needed) the store at `path`, and its parent directory.
     pub fn open(path: impl AsRef<Path>) -> Result<Store, StoreError> {
-        Self::open_with_output_cap(path, MAX_OUTPUT_BYTES_PER_RUN)
-    }
-
-    /// [`Store::open`] with another per-run output cap (tests).
-    pub fn open_with_output_cap(path: impl AsRef<Path>, cap: u64) -> Result<Store, StoreError> {
         let path = path.as_ref().to_path_buf();
         let open_err = |message: String| StoreError::Open {
             path: path.clone(),
@@ -625,7 +631,6 @@ impl Store {
                 path,
                 events,
                 output_events,
-                output_cap: cap,
             }),
         })
     }
@@ -884,17 +889,18 @@ impl Store {
         Ok(self.len()? == 0)
     }
 
-    /// Replaces the status of `kind`/`name` with `status` (the kind's status type as JSON;
-    /// `null` clears it). Spec, metadata and generation are untouched. Returns whether
-    /// anything changed (an identical status writes nothing and sends no event, so a
-    /// reconciler may write its status on every pass).
-    pub fn update_status(
-        &self,
-        kind: Kind,
-        name: &str,
-        status: serde_json::Value,
-    ) -> Result<bool, StoreError> {
-        let key = ObjectKey::new(kind, name);
+    /// Replaces the status of the `S::KIND` object `name` with `status`. Spec, metadata and
+    /// generation are untouched. Returns whether anything changed (an identical status
+    /// writes nothing and sends no event, so a reconciler may write its status on every
+    /// pass).
+    pub fn update_status<S: KindStatus>(&self, name: &str, status: S) -> Result<bool, StoreError> {
+        let key = ObjectKey::new(S::KIND, name);
+        // Most writes change nothing (a resync): find that out without a write transaction.
+        match self.get(S::KIND, name)? {
+            None => return Err(StoreError::NotFound(key)),
+            Some(o) if S::of(&o.resource) == Some(&status) => return Ok(false),
+            Some(_) => {}
+        }
         let db_key = key.db_key();
         self.with_db(|db| {
             let txn = db.begin_write()?;
@@ -904,26 +910,19 @@ impl Store {
                     Some(v) => decode(&db_key, v.value())?,
                     None => return Err(StoreError::NotFound(key.clone())),
                 };
-                let mut value =
-                    serde_json::to_value(&record.resource).map_err(|e| StoreError::Corrupt {
-                        key: db_key.clone(),
-                        message: e.to_string(),
-                    })?;
-                value["status"] = status.clone();
-                if value["status"].is_null() {
-                    if let Some(map) = value.as_object_mut() {
-                        map.remove("status");
-                    }
-                }
-                let updated: Resource =
-                    serde_json::from_value(value).map_err(|e| StoreError::BadStatus {
-                        key: key.clone(),
-                        message: e.to_string(),
-                    })?;
-                if updated == record.resource {
+                if S::of(&record.resource) == Some(&status) {
                     false
                 } else {
-                    record.resource = updated;
+                    if !status.clone().put(&mut record.resource) {
+                        return Err(StoreError::BadStatus {
+                            key: key.clone(),
+                            message: format!(
+                                "a {} status for a {}",
+                                S::KIND,
+                                record.resource.kind()
+                            ),
+                        });
+                    }
                     record.updated_at = Timestamp::now();
                     table.insert(db_key.as_str(), encode(&record).as_slice())?;
                     true
@@ -939,13 +938,32 @@ impl Store {
         })
     }
 
-    /// Writes the status carried by `resource` (typed form of [`Store::update_status`]).
-    pub fn update_status_of(&self, resource: &Resource) -> Result<bool, StoreError> {
-        let status = serde_json::to_value(resource)
-            .ok()
-            .and_then(|mut v| v.get_mut("status").map(serde_json::Value::take))
-            .unwrap_or(serde_json::Value::Null);
-        self.update_status(resource.kind(), resource.name(), status)
+    /// [`Store::update_status`] from JSON in the shape of `kind`'s status (tests).
+    #[cfg(test)]
+    pub(crate) fn update_status_json(
+        &self,
+        kind: Kind,
+        name: &str,
+        status: serde_json::Value,
+    ) -> Result<bool, StoreError> {
+        fn typed<S: KindStatus>(
+            store: &Store,
+            name: &str,
+            v: serde_json::Value,
+        ) -> Result<bool, StoreError> {
+            let status: S = serde_json::from_value(v).map_err(|e| StoreError::BadStatus {
+                key: ObjectKey::new(S::KIND, name),
+                message: e.to_string(),
+            })?;
+            store.update_status(name, status)
+        }
+        match kind {
+            Kind::Network => typed::<agentvm_api::NetworkStatus>(self, name, status),
+            Kind::NetworkFilter => typed::<agentvm_api::NetworkFilterStatus>(self, name, status),
+            Kind::Image => typed::<agentvm_api::ImageStatus>(self, name, status),
+            Kind::VmPool => typed::<agentvm_api::VmPoolStatus>(self, name, status),
+            Kind::AgentRun => typed::<agentvm_api::AgentRunStatus>(self, name, status),
+        }
     }
 
     /// Marks `kind`/`name` for deletion. With `manager_check`, refuses with a conflict
@@ -1033,14 +1051,16 @@ impl Store {
         })
     }
 
-    /// Appends output of the AgentRun `run`. Bytes past the per-run cap are dropped and the
-    /// output is marked truncated. Returns how many bytes were kept. Flushed lazily (see the
-    /// module docs).
+    /// Appends output of the AgentRun `run` to `stream`. At most `cap` bytes of each stream
+    /// are kept (the run's `output.maxMib`; never more than [`MAX_OUTPUT_BYTES_PER_STREAM`]):
+    /// bytes past it are dropped and counted, and the output is marked truncated. Returns how
+    /// many bytes were kept. Flushed lazily (see the module docs).
     pub fn append_output(
         &self,
         run: &str,
         stream: OutputStream,
         bytes: &[u8],
+        cap: u64,
     ) -> Result<usize, StoreError> {
         let key = ObjectKey::new(Kind::AgentRun, run);
         let db_key = key.db_key();
@@ -1056,10 +1076,17 @@ impl Store {
                     Some(v) => serde_json::from_slice(v.value()).unwrap_or_default(),
                     None => OutputMeta::default(),
                 };
-                let room = self.inner.output_cap.saturating_sub(meta.len);
+                let cap = cap.min(MAX_OUTPUT_BYTES_PER_STREAM);
+                let stream_len = match stream {
+                    OutputStream::Stdout => &mut meta.stdout,
+                    OutputStream::Stderr => &mut meta.stderr,
+                };
+                let room = cap.saturating_sub(*stream_len);
                 let kept = bytes.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+                *stream_len += kept as u64;
                 if kept < bytes.len() {
                     meta.truncated = true;
+                    meta.dropped += (bytes.len() - kept) as u64;
                 }
                 if kept > 0 {
                     let mut value = Vec::with_capacity(kept + 1);
@@ -1111,6 +1138,7 @@ impl Store {
                 next_offset: offset.min(meta.len),
                 total: meta.len,
                 truncated: meta.truncated,
+                dropped: meta.dropped,
             };
             let mut taken = 0usize;
             let push = |start: u64, value: &[u8], read: &mut OutputRead| -> usize {
@@ -1147,21 +1175,12 @@ impl Store {
             Ok(read)
         })
     }
-
-    /// Count of objects per kind (for metrics and the health endpoint).
-    pub fn count_by_kind(&self) -> Result<BTreeMap<Kind, usize>, StoreError> {
-        let mut counts = BTreeMap::new();
-        for obj in self.list(None)? {
-            *counts.entry(obj.resource.kind()).or_insert(0) += 1;
-        }
-        Ok(counts)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agentvm_api::{AgentRun, AgentRunSpec, Image, ImageStatus, SecretEnvVar};
+    use agentvm_api::{AgentRun, AgentRunSpec, ImageStatus, SecretEnvVar};
 
     fn image(name: &str, suite: &str) -> Resource {
         let text = format!(
@@ -1282,11 +1301,13 @@ mod tests {
         store
             .apply(image("base", "bookworm"), Manager::Api, API)
             .unwrap();
-        let status = serde_json::json!({"phase": "Ready", "observedGeneration": 1});
-        assert!(store
-            .update_status(Kind::Image, "base", status.clone())
-            .unwrap());
-        assert!(!store.update_status(Kind::Image, "base", status).unwrap());
+        let status = ImageStatus {
+            phase: agentvm_api::ImagePhase::Ready,
+            observed_generation: Some(1),
+            ..ImageStatus::default()
+        };
+        assert!(store.update_status("base", status.clone()).unwrap());
+        assert!(!store.update_status("base", status).unwrap());
         // A status in the applied object is ignored; the stored one stays.
         let mut with_status = image("base", "trixie");
         if let Resource::Image(i) = &mut with_status {
@@ -1297,21 +1318,19 @@ mod tests {
         assert_eq!(got.generation(), 2);
         assert_eq!(got.status_json()["phase"], "Ready");
         assert_eq!(got.status_json()["observedGeneration"], 1);
-        // A status of the wrong shape is refused.
+        // A status of another kind's name is not found.
         let err = store
-            .update_status(Kind::Image, "base", serde_json::json!({"phase": "Flying"}))
+            .update_status("base", agentvm_api::VmPoolStatus::default())
             .unwrap_err();
-        assert!(matches!(err, StoreError::BadStatus { .. }), "{err}");
+        assert!(matches!(err, StoreError::NotFound(_)), "{err}");
         let err = store
-            .update_status(Kind::Image, "nope", serde_json::Value::Null)
+            .update_status("nope", ImageStatus::default())
             .unwrap_err();
         assert!(matches!(err, StoreError::NotFound(_)));
-        // Typed helper.
-        let mut obj = got.resource.clone();
-        if let Resource::Image(Image { status, .. }) = &mut obj {
-            status.as_mut().unwrap().digest = Some("abc".into());
-        }
-        assert!(store.update_status_of(&obj).unwrap());
+        // A changed field is written.
+        let mut st = ImageStatus::of(&got.resource).cloned().unwrap();
+        st.digest = Some("abc".into());
+        assert!(store.update_status("base", st).unwrap());
         let got = store.get(Kind::Image, "base").unwrap().unwrap();
         assert_eq!(got.status_json()["digest"], "abc");
     }
@@ -1416,7 +1435,7 @@ mod tests {
         let mut events = store.subscribe();
         store.apply(run("r1"), Manager::Api, API).unwrap();
         store
-            .append_output("r1", OutputStream::Stdout, b"hello")
+            .append_output("r1", OutputStream::Stdout, b"hello", 1 << 20)
             .unwrap();
         assert!(!store.finalize_delete(Kind::AgentRun, "r1").unwrap());
         assert!(store
@@ -1477,11 +1496,17 @@ mod tests {
                 .apply(image("base", "bookworm"), spec_dir("x.yaml"), API)
                 .unwrap();
             store
-                .update_status(Kind::Image, "base", serde_json::json!({"phase": "Ready"}))
+                .update_status(
+                    "base",
+                    ImageStatus {
+                        phase: agentvm_api::ImagePhase::Ready,
+                        ..ImageStatus::default()
+                    },
+                )
                 .unwrap();
             store.apply(run("r"), Manager::Api, API).unwrap();
             store
-                .append_output("r", OutputStream::Stderr, b"err")
+                .append_output("r", OutputStream::Stderr, b"err", 1 << 20)
                 .unwrap();
             store.request_delete(Kind::AgentRun, "r", None).unwrap();
             // A second open of the same file fails clearly.
@@ -1532,9 +1557,9 @@ mod tests {
     #[test]
     fn output_appends_reads_and_caps() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_with_output_cap(dir.path().join(STORE_FILE), 10).unwrap();
+        let store = Store::open(dir.path().join(STORE_FILE)).unwrap();
         assert!(matches!(
-            store.append_output("ghost", OutputStream::Stdout, b"x"),
+            store.append_output("ghost", OutputStream::Stdout, b"x", 6),
             Err(StoreError::NotFound(_))
         ));
         store.apply(run("r"), Manager::Api, API).unwrap();
@@ -1544,13 +1569,13 @@ mod tests {
         );
         assert_eq!(
             store
-                .append_output("r", OutputStream::Stdout, b"abcd")
+                .append_output("r", OutputStream::Stdout, b"abcd", 6)
                 .unwrap(),
             4
         );
         assert_eq!(
             store
-                .append_output("r", OutputStream::Stderr, b"EF")
+                .append_output("r", OutputStream::Stderr, b"EF", 6)
                 .unwrap(),
             2
         );
@@ -1566,22 +1591,31 @@ mod tests {
         let end = store.read_output("r", 6, 100).unwrap();
         assert!(end.chunks.is_empty());
         assert_eq!(end.next_offset, 6);
-        // The cap keeps the first bytes and marks truncation.
+        // The cap (per stream) keeps the first bytes and counts and marks the rest.
         assert_eq!(
             store
-                .append_output("r", OutputStream::Stdout, b"123456")
+                .append_output("r", OutputStream::Stdout, b"123456", 6)
                 .unwrap(),
-            4
+            2
         );
         assert_eq!(
             store
-                .append_output("r", OutputStream::Stdout, b"7")
+                .append_output("r", OutputStream::Stdout, b"7", 6)
                 .unwrap(),
             0
         );
         let all = store.read_output("r", 0, 100).unwrap();
-        assert_eq!(all.bytes(), b"abcdEF1234");
+        assert_eq!(all.bytes(), b"abcdEF12");
         assert!(all.truncated);
+        assert_eq!(all.dropped, 5);
+        // stderr has its own room.
+        assert_eq!(
+            store
+                .append_output("r", OutputStream::Stderr, b"GHIJKL", 6)
+                .unwrap(),
+            4
+        );
+        assert_eq!(store.read_output("r", 0, 100).unwrap().dropped, 7);
         // Bounded reads return whole chunks and resume.
         let first = store.read_output("r", 0, 1).unwrap();
         assert_eq!(first.bytes(), b"abcd");
@@ -1774,7 +1808,7 @@ mod memory {
                 .unwrap();
             for _ in 0..10 {
                 store
-                    .append_output(&name, OutputStream::Stdout, &chunk)
+                    .append_output(&name, OutputStream::Stdout, &chunk, u64::MAX)
                     .unwrap();
             }
         }

@@ -2,8 +2,10 @@
 //! within its timeout + 15 s, whatever the guest does with the kill), a memory
 //! hog driven into the guest's OOM killer, a run filling the guest's disk (the pool's
 //! `diskGib: 3` on the 2 GiB image: the guest's file system is 3 GiB, the fill stops there
-//! with ENOSPC, and the VM's overlay on the host stays within that size), 1 GiB of stdout,
-//! and binary garbage on stdout, one after another on a one-VM pool. Each is contained: the
+//! with ENOSPC, and the VM's overlay on the host stays within that size), 200 MiB on stdout
+//! and 12 MiB on stderr (each stream kept up to the run's 10 MiB cap, the rest dropped and
+//! counted exactly in `OutputTruncated`, which `agentvm logs` reports on stderr), and binary
+//! garbage on stdout, one after another on a one-VM pool. Each is contained: the
 //! run ends with a phase and a reason, the controller's API keeps answering and its resident
 //! memory stays bounded (sampled after every case), captured output stays at its cap, and
 //! the next run on the VM (the same VM unless the run's VM had to be replaced) finds no
@@ -25,6 +27,9 @@ const PROBE: &str =
     size=$(df -k / | awk 'NR==2 {print $2}')\n\
     mem=$(awk '/MemAvailable/ {print $2}' /proc/meminfo)\n\
     echo \"files=$f procs=$n disk=$used size=$size mem=$mem\"";
+
+/// The default output cap per stream (`output.maxMib: 10`), bytes.
+const CAP: usize = 10 << 20;
 
 /// The pool's disk (`diskGib`), larger than the image's 2 GiB.
 const DISK_GIB: u64 = 3;
@@ -151,10 +156,10 @@ fn hostile_guests_are_contained_and_the_next_run_starts_clean() {
              truncate -s -64M /var/tmp/fill; echo dd exit $r; echo \"$s\"",
             "  timeoutSeconds: 900\n",
         ),
-        // 1 GiB on stdout.
+        // 200 MiB on stdout, 12 MiB on stderr: both past the default cap of 10 MiB each.
         (
-            "gigabyte-stdout",
-            "yes aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa | head -c 1073741824",
+            "flood-output",
+            "yes aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa | head -c 209715200; head -c 12582912 /dev/zero >&2",
             "  timeoutSeconds: 900\n",
         ),
         // Binary garbage (every byte value, NULs and invalid UTF-8) on stdout and stderr.
@@ -203,10 +208,7 @@ fn hostile_guests_are_contained_and_the_next_run_starts_clean() {
             String::from_utf8_lossy(&out.stderr)
         );
         let logged = out.stdout.len();
-        assert!(
-            logged <= 2 * 10 * 1024 * 1024 + 4096,
-            "{name}: {logged} bytes of output kept"
-        );
+        assert!(logged <= 2 * CAP, "{name}: {logged} bytes of output kept");
         let kib = controller_rss_kib(&env);
         rss.push((name.to_string(), kib));
         match name {
@@ -263,11 +265,48 @@ fn hostile_guests_are_contained_and_the_next_run_starts_clean() {
                     overlay.display()
                 );
             }
-            "gigabyte-stdout" => {
-                assert!(
-                    logged >= 10 * 1024 * 1024 - 4096,
-                    "only {logged} bytes of the 1 GiB kept (expected the 10 MiB cap)"
+            "flood-output" => {
+                assert_eq!(phase, "Succeeded", "{s}");
+                // Exactly the cap of each stream is kept; the rest is counted, to the byte.
+                assert_eq!(logged, 2 * CAP, "bytes through `agentvm logs`");
+                let dropped = (200 << 20) - CAP + (12 << 20) - CAP;
+                assert_eq!(
+                    s["output"],
+                    serde_json::json!({
+                        "stdoutBytes": 200 << 20,
+                        "stderrBytes": 12 << 20,
+                        "droppedBytes": dropped,
+                    }),
+                    "{s}"
                 );
+                let c = s["conditions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|c| c["type"] == "OutputTruncated")
+                    .unwrap_or_else(|| panic!("no OutputTruncated: {s}"));
+                let message = c["message"].as_str().unwrap();
+                assert_eq!(c["reason"], "OutputCapReached");
+                assert!(
+                    message.contains(&format!(
+                        "stdout: {} of {} bytes dropped",
+                        (200 << 20) - CAP,
+                        200 << 20
+                    )) && message.contains(&format!(
+                        "stderr: {} of {} bytes dropped",
+                        (12 << 20) - CAP,
+                        12 << 20
+                    )),
+                    "{message}"
+                );
+                // `logs` says so on stderr, after the output; stdout stays the program's.
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert_eq!(
+                    err.lines().last(),
+                    Some(format!("agentvm: output truncated: {message}").as_str()),
+                    "{err}"
+                );
+                assert!(!String::from_utf8_lossy(&out.stdout).contains("agentvm:"));
             }
             "binary-garbage" => {
                 assert_eq!(phase, "Succeeded", "{s}");

@@ -30,6 +30,11 @@ pub const DEFAULT_WORKSPACE_PATH: &str = "/workspace";
 pub const DEFAULT_ARTIFACTS_MAX_SIZE_MIB: u32 = 64;
 /// Largest artifact size cap, MiB.
 pub const MAX_ARTIFACTS_MAX_SIZE_MIB: u32 = 1024;
+/// Default `output.maxMib`: output kept per stream, MiB.
+pub const DEFAULT_OUTPUT_MAX_MIB: u32 = 10;
+/// Largest `output.maxMib`. The controller stores the kept output (up to twice this per run:
+/// stdout and stderr) and holds up to that much in memory while the run goes on.
+pub const MAX_OUTPUT_MAX_MIB: u32 = 64;
 /// Largest inline content (script source, file content), bytes.
 pub const MAX_INLINE_BYTES: usize = 1024 * 1024;
 /// Default mode of files copied in.
@@ -46,6 +51,9 @@ fn default_workspace_path() -> String {
 }
 fn default_artifacts_max_size_mib() -> u32 {
     DEFAULT_ARTIFACTS_MAX_SIZE_MIB
+}
+fn default_output_max_mib() -> u32 {
+    DEFAULT_OUTPUT_MAX_MIB
 }
 fn default_file_mode() -> String {
     DEFAULT_FILE_MODE.to_string()
@@ -90,6 +98,43 @@ pub struct AgentRunSpec {
     #[serde(default = "default_timeout_seconds")]
     #[schemars(range(min = 1, max = 3600))]
     pub timeout_seconds: u32,
+    /// How much of the program's output is kept. Default: 10 MiB per stream.
+    #[serde(default, skip_serializing_if = "OutputLimit::is_default")]
+    pub output: OutputLimit,
+}
+
+/// The cap on a run's kept output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutputLimit {
+    /// MiB kept of each stream (stdout and stderr each), 1 to 64. The first
+    /// bytes are kept (shown by `agentvm logs`, stored by the controller);
+    /// what the program writes beyond them is counted and dropped, and the
+    /// run gets the condition `OutputTruncated` with the byte counts.
+    /// Default 10.
+    #[serde(default = "default_output_max_mib")]
+    #[schemars(range(min = 1, max = 64))]
+    pub max_mib: u32,
+}
+
+impl Default for OutputLimit {
+    fn default() -> Self {
+        Self {
+            max_mib: DEFAULT_OUTPUT_MAX_MIB,
+        }
+    }
+}
+
+impl OutputLimit {
+    /// True when it is the default (then it is not written out).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The cap per stream in bytes.
+    pub fn max_bytes(&self) -> u64 {
+        u64::from(self.max_mib) << 20
+    }
 }
 
 /// What an `AgentRun` executes: its `script` or its `command`.
@@ -142,6 +187,7 @@ impl AgentRunSpec {
             working_dir: None,
             artifacts: None,
             timeout_seconds: DEFAULT_TIMEOUT_SECONDS,
+            output: OutputLimit::default(),
         }
     }
 
@@ -393,6 +439,10 @@ pub struct AgentRunStatus {
     /// domain filter; once it has ended): totals and the busiest destinations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<EgressSummary>,
+    /// Output the program wrote and how much of it was dropped at the cap
+    /// (`output.maxMib`), once it has ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<OutputCount>,
     /// CamelCase reason for the current phase (`Completed`, `NonZeroExit`,
     /// `Timeout`, `PoolNotFound`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -478,6 +528,21 @@ impl EgressSummary {
         self.destinations
             .sort_by_key(|d| std::cmp::Reverse(d.connections));
     }
+}
+
+/// Bytes a run's program wrote, and what of it was not kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutputCount {
+    /// Bytes written to standard output.
+    #[serde(default)]
+    pub stdout_bytes: u64,
+    /// Bytes written to standard error.
+    #[serde(default)]
+    pub stderr_bytes: u64,
+    /// Bytes dropped beyond the cap, both streams together (0 when all was kept).
+    #[serde(default)]
+    pub dropped_bytes: u64,
 }
 
 /// An artifact copied from the guest.

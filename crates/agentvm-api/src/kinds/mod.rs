@@ -58,6 +58,27 @@ macro_rules! resource_object {
                 $crate::Resource::$name(value)
             }
         }
+
+        impl $crate::KindStatus for $status {
+            const KIND: $crate::Kind = $crate::Kind::$name;
+
+            fn of(resource: &$crate::Resource) -> Option<&Self> {
+                match resource {
+                    $crate::Resource::$name(o) => o.status.as_ref(),
+                    _ => None,
+                }
+            }
+
+            fn put(self, resource: &mut $crate::Resource) -> bool {
+                match resource {
+                    $crate::Resource::$name(o) => {
+                        o.status = Some(self);
+                        true
+                    }
+                    _ => false,
+                }
+            }
+        }
     };
 }
 pub(crate) use resource_object;

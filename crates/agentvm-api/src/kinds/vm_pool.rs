@@ -27,6 +27,17 @@ pub const DISK_GIB_RANGE: (u32, u32) = (1, 2048);
 pub const CPU_SHARES_RANGE: (u32, u32) = (2, 262_144);
 /// Default `cpuShares`.
 pub const DEFAULT_CPU_SHARES: u32 = 1024;
+/// Bounds of the disk and network MiB/s limits (0 = no limit).
+pub const IO_MIB_PER_SECOND_RANGE: (u32, u32) = (0, 100_000);
+/// Bounds of `diskIops` (0 = no limit).
+pub const DISK_IOPS_RANGE: (u32, u32) = (0, 1_000_000);
+/// Bounds of `cpuQuotaPercent`.
+pub const CPU_QUOTA_PERCENT_RANGE: (u32, u32) = (1, 100);
+/// Largest `memoryHardLimitMib`.
+pub const MAX_MEMORY_HARD_LIMIT_MIB: u32 = 1_048_576;
+/// QEMU's own memory beyond guest RAM that `memoryHardLimitMib` must leave at least (device
+/// emulation, I/O buffers; under TCG its translation cache), MiB.
+pub const MEMORY_HARD_LIMIT_HEADROOM_MIB: u32 = 256;
 /// Largest `maxSize`.
 pub const MAX_POOL_SIZE: u32 = 256;
 /// `ttlSeconds` bounds (1 minute to 7 days).
@@ -263,18 +274,23 @@ pub struct VmTemplate {
     pub warmup: Vec<WarmupStep>,
 }
 
-/// A named resource profile (the predecessor's `ResourceProfile` presets).
+/// A named resource profile (the predecessor's `ResourceProfile` presets), with default
+/// disk and network throughput limits.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Profile {
-    /// 1 vCPU, 1024 MiB, 10 GiB: simple scripts, quick tests.
+    /// 1 vCPU, 1024 MiB, 10 GiB; disk 100 MiB/s read, 50 MiB/s write, 1000
+    /// IOPS; network 10 MiB/s each way: simple scripts, quick tests.
     Light,
-    /// 2 vCPU, 2048 MiB, 20 GiB: normal CLI agent work (default).
+    /// 2 vCPU, 2048 MiB, 20 GiB; disk 200 MiB/s read, 100 MiB/s write, 2000
+    /// IOPS; network 25 MiB/s each way: normal CLI agent work (default).
     #[default]
     Standard,
-    /// 4 vCPU, 4096 MiB, 40 GiB: large codebases, builds.
+    /// 4 vCPU, 4096 MiB, 40 GiB; disk 400 MiB/s read, 200 MiB/s write, 4000
+    /// IOPS; network 50 MiB/s each way: large codebases, builds.
     Intensive,
-    /// `vcpu`, `memoryMib` and `diskGib` given explicitly.
+    /// `vcpu`, `memoryMib` and `diskGib` given explicitly; no throughput
+    /// limit unless given.
     Custom,
 }
 
@@ -286,6 +302,23 @@ impl Profile {
             Profile::Standard => Some((2, 2048, 20)),
             Profile::Intensive => Some((4, 4096, 40)),
             Profile::Custom => None,
+        }
+    }
+
+    /// The profile's default throughput limits (none for `custom`).
+    pub fn io_limits(&self) -> IoLimits {
+        let (read, write, iops, net) = match self {
+            Profile::Light => (100, 50, 1000, 10),
+            Profile::Standard => (200, 100, 2000, 25),
+            Profile::Intensive => (400, 200, 4000, 50),
+            Profile::Custom => return IoLimits::default(),
+        };
+        IoLimits {
+            disk_read_mib_per_second: read,
+            disk_write_mib_per_second: write,
+            disk_iops: iops,
+            net_in_mib_per_second: net,
+            net_out_mib_per_second: net,
         }
     }
 
@@ -301,13 +334,14 @@ impl Profile {
 }
 
 /// Compute resources of each VM: a profile, or `profile: custom` with
-/// explicit sizes.
+/// explicit sizes; throughput limits and caps on top of either.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Resources {
     /// `light` (1 vCPU/1024 MiB/10 GiB), `standard` (2/2048/20, default),
     /// `intensive` (4/4096/40) or `custom` (set `vcpu`, `memoryMib` and
-    /// `diskGib`).
+    /// `diskGib`). The presets also set default disk and network limits
+    /// (see the `*MibPerSecond` and `diskIops` fields).
     #[serde(default)]
     pub profile: Profile,
     /// Virtual CPUs (1 to 64). Only with `profile: custom`, where it is required.
@@ -333,6 +367,69 @@ pub struct Resources {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 2, max = 262_144))]
     pub cpu_shares: Option<u32>,
+    /// Most CPU time each vCPU may use, in percent of one host CPU (1 to
+    /// 100; cgroup CPU bandwidth, `cputune/quota`). Any profile. Default: no
+    /// cap. Needs the host's cgroup CPU controller: where libvirt has none
+    /// the VMs run without the cap and the pool's `CpuQuotaApplied`
+    /// condition is `False`/`HostCannotEnforce` with libvirt's reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub cpu_quota_percent: Option<u32>,
+    /// Hard limit on the memory of each VM's whole QEMU process, MiB
+    /// (`memtune/hard_limit`): at least `memoryMib` + 256 (QEMU's own
+    /// memory; under TCG also its translation cache), at most 1048576. Any
+    /// profile. Default: none (guest RAM still bounds the guest). Where the
+    /// host cannot enforce it (no cgroup memory controller, or libvirt may
+    /// not raise the locked-memory limit) the VMs run without it and the
+    /// pool's `MemoryLimitApplied` condition is `False`/`HostCannotEnforce`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 384, max = 1_048_576))]
+    pub memory_hard_limit_mib: Option<u32>,
+    /// Disk read limit, MiB/s (QEMU block throttling, `<iotune>`; any
+    /// host). 0 = none. Default: the profile's (100/200/400; none for
+    /// `custom`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100_000))]
+    pub disk_read_mib_per_second: Option<u32>,
+    /// Disk write limit, MiB/s (QEMU block throttling; any host). 0 = none.
+    /// Default: the profile's (50/100/200; none for `custom`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100_000))]
+    pub disk_write_mib_per_second: Option<u32>,
+    /// Disk operations per second, reads and writes together (QEMU block
+    /// throttling; any host). 0 = none. Default: the profile's
+    /// (1000/2000/4000; none for `custom`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1_000_000))]
+    pub disk_iops: Option<u32>,
+    /// Network limit on traffic into the VM, MiB/s (libvirt `<bandwidth>`,
+    /// shaped with tc on the host; attached pools). 0 = none. Default: the
+    /// profile's (10/25/50; none for `custom`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100_000))]
+    pub net_in_mib_per_second: Option<u32>,
+    /// Network limit on traffic out of the VM, MiB/s (libvirt
+    /// `<bandwidth>`, policed with tc on the host: excess packets are
+    /// dropped; attached pools). 0 = none. Default: the profile's
+    /// (10/25/50; none for `custom`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100_000))]
+    pub net_out_mib_per_second: Option<u32>,
+}
+
+/// Disk and network throughput limits; 0 means no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct IoLimits {
+    /// Disk reads, MiB/s.
+    pub disk_read_mib_per_second: u32,
+    /// Disk writes, MiB/s.
+    pub disk_write_mib_per_second: u32,
+    /// Disk operations per second.
+    pub disk_iops: u32,
+    /// Network into the VM, MiB/s.
+    pub net_in_mib_per_second: u32,
+    /// Network out of the VM, MiB/s.
+    pub net_out_mib_per_second: u32,
 }
 
 /// `Resources` with the profile applied: what a VM actually gets.
@@ -346,6 +443,12 @@ pub struct ResolvedResources {
     pub disk_gib: u32,
     /// cgroup `cpu.shares`.
     pub cpu_shares: u32,
+    /// CPU cap per vCPU in percent of a host CPU, if any.
+    pub cpu_quota_percent: Option<u32>,
+    /// Hard limit on the QEMU process's memory, MiB, if any.
+    pub memory_hard_limit_mib: Option<u32>,
+    /// Disk and network throughput limits (0 = none).
+    pub io: IoLimits,
 }
 
 impl Resources {
@@ -364,12 +467,12 @@ impl Resources {
             vcpu: Some(vcpu),
             memory_mib: Some(memory_mib),
             disk_gib: Some(disk_gib),
-            cpu_shares: None,
+            ..Self::default()
         }
     }
 
-    /// The sizes in effect. For a validated object this is exact; for an
-    /// invalid `custom` one, missing sizes fall back to the `standard` preset.
+    /// The sizes and limits in effect. For a validated object this is exact; for an invalid
+    /// `custom` one, missing sizes fall back to the `standard` preset.
     pub fn resolved(&self) -> ResolvedResources {
         let (std_vcpu, std_mem, std_disk) = Profile::Standard.preset().unwrap_or((2, 2048, 20));
         let (vcpu, memory_mib, disk_gib) = match self.profile.preset() {
@@ -380,11 +483,29 @@ impl Resources {
                 self.disk_gib.unwrap_or(std_disk),
             ),
         };
+        let d = self.profile.io_limits();
         ResolvedResources {
             vcpu,
             memory_mib,
             disk_gib,
             cpu_shares: self.cpu_shares.unwrap_or(DEFAULT_CPU_SHARES),
+            cpu_quota_percent: self.cpu_quota_percent,
+            memory_hard_limit_mib: self.memory_hard_limit_mib,
+            io: IoLimits {
+                disk_read_mib_per_second: self
+                    .disk_read_mib_per_second
+                    .unwrap_or(d.disk_read_mib_per_second),
+                disk_write_mib_per_second: self
+                    .disk_write_mib_per_second
+                    .unwrap_or(d.disk_write_mib_per_second),
+                disk_iops: self.disk_iops.unwrap_or(d.disk_iops),
+                net_in_mib_per_second: self
+                    .net_in_mib_per_second
+                    .unwrap_or(d.net_in_mib_per_second),
+                net_out_mib_per_second: self
+                    .net_out_mib_per_second
+                    .unwrap_or(d.net_out_mib_per_second),
+            },
         }
     }
 }
@@ -525,6 +646,28 @@ pub struct VmPoolStatus {
     /// The most recent VM replacements and why (newest last, at most 10).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<PoolEvent>,
+    /// Each resource of the template: the value in effect and whether this
+    /// host enforces it (as found when the newest VM was created).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<ResourceStatus>,
+}
+
+/// One resource of a pool's VMs: what is asked and whether it is enforced.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceStatus {
+    /// The field of `resources`: `vcpu`, `memoryMib`, `diskGib`,
+    /// `cpuShares`, `cpuQuotaPercent`, `memoryHardLimitMib`,
+    /// `diskReadMibPerSecond`, `diskWriteMibPerSecond`, `diskIops`,
+    /// `netInMibPerSecond`, `netOutMibPerSecond`.
+    pub name: String,
+    /// The value in effect (from the manifest or the profile), with its unit.
+    pub requested: String,
+    /// True when this host enforces it.
+    pub enforced: bool,
+    /// What enforces it, or why it is not enforced.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
 }
 
 /// Something that happened to one VM of a pool, e.g. its replacement.

@@ -251,14 +251,14 @@ fn watch_streams_events() {
     assert_eq!(first.name.as_deref(), Some("sandbox"));
     // An Image change is filtered out; the pool's status change comes through.
     s.store
-        .update_status(
+        .update_status_json(
             Kind::Image,
             "debian-base",
             serde_json::json!({"phase": "Ready"}),
         )
         .unwrap();
     s.store
-        .update_status(
+        .update_status_json(
             Kind::VmPool,
             "sandbox",
             serde_json::json!({"phase": "Ready", "ready": 1}),
@@ -296,7 +296,7 @@ fn logs_read_and_follow() {
         )
         .unwrap();
     s.store
-        .append_output("r", OutputStream::Stdout, b"one\n")
+        .append_output("r", OutputStream::Stdout, b"one\n", 1 << 20)
         .unwrap();
     let mut logs = c.logs("r", 0, false).unwrap();
     let mut text = String::new();
@@ -318,14 +318,14 @@ fn logs_read_and_follow() {
     };
     std::thread::sleep(std::time::Duration::from_millis(100));
     s.store
-        .append_output("r", OutputStream::Stderr, b"two\n")
+        .append_output("r", OutputStream::Stderr, b"two\n", 1 << 20)
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(100));
     s.store
-        .append_output("r", OutputStream::Stdout, b"three\n")
+        .append_output("r", OutputStream::Stdout, b"three\n", 1 << 20)
         .unwrap();
     s.store
-        .update_status(
+        .update_status_json(
             Kind::AgentRun,
             "r",
             serde_json::json!({"phase": "Succeeded", "exitCode": 0}),

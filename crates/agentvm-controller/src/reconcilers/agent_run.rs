@@ -29,10 +29,10 @@
 //!   executing was left by an earlier controller: it ends `Failed` with reason
 //!   `ControllerRestarted` (the pool adopts its VM as needing a reset).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use agentvm_api::{AgentRun, AgentRunPhase, AgentRunStatus, CollectedArtifact, Kind, Resource};
@@ -42,10 +42,10 @@ use super::{condition, status_of, write_status, PoolRegistry, VmPhase};
 use crate::artifacts::RunDir;
 use crate::audit::{AuditEvent, AuditEventType};
 use crate::host_access::HostAccess;
-use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
+use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler, Wake};
 use crate::run::{self, Redactor, RunError};
 use crate::run_monitor::{MonitorReport, MonitorTarget, RunMonitor, SAMPLE_INTERVAL};
-use crate::store::{OutputStream, StoredObject};
+use crate::store::{ObjectKey, OutputStream, StoredObject};
 use crate::time::Timestamp;
 
 /// Bytes of each output stream kept in `status.stdoutTail` / `stderrTail`.
@@ -60,6 +60,9 @@ pub const COMPLETED: &str = "Completed";
 pub const ARTIFACTS_COLLECTED: &str = "ArtifactsCollected";
 /// Condition type: some artifacts were left in the guest because of `maxSizeMib`.
 pub const ARTIFACTS_TRUNCATED: &str = "ArtifactsTruncated";
+/// Condition type: output beyond `output.maxMib` was dropped (reason `OutputCapReached`, the
+/// byte counts in its message).
+pub const OUTPUT_TRUNCATED: &str = "OutputTruncated";
 /// Condition type: some declared artifact paths did not exist in the guest.
 pub const ARTIFACTS_MISSING: &str = "ArtifactsMissing";
 /// Condition type: some entries of the guest's artifact archives were not unpacked (links,
@@ -87,7 +90,38 @@ pub struct AgentRunReconciler {
     registry: Arc<PoolRegistry>,
     host_env: HostEnv,
     active: Arc<Mutex<HashMap<String, Active>>>,
-    poll: Duration,
+    waiting: Arc<Mutex<Waiting>>,
+    wake: Arc<OnceLock<Wake>>,
+}
+
+/// How long a queued or waiting run goes without a look of its own. A backstop only: a VM
+/// becoming ready wakes the first run in line, a run leaving the queue wakes the next, and
+/// read inputs wake their run.
+const BACKSTOP: Duration = Duration::from_secs(5);
+
+/// The runs that wait, per pool, and the host inputs of the first in line.
+#[derive(Default)]
+struct Waiting {
+    pools: HashMap<String, PoolQueue>,
+    /// By run name, with the (creation time, generation) they were read for.
+    inputs: HashMap<String, ((Timestamp, i64), Inputs)>,
+}
+
+/// Pending runs of one pool in FIFO order (creation time, then name).
+#[derive(Default)]
+struct PoolQueue {
+    /// Filled from the store when the pool is first seen, so that after a restart the order
+    /// is creation order whatever order the runs are reconciled in.
+    seeded: bool,
+    runs: BTreeSet<(Timestamp, String)>,
+}
+
+/// A run's host inputs (files, secrets, workspace).
+enum Inputs {
+    /// Being read on a thread of their own.
+    Reading,
+    /// Read: the run takes them with its VM.
+    Read(Result<run::PreparedRun, RunError>),
 }
 
 impl std::fmt::Debug for AgentRunReconciler {
@@ -100,24 +134,33 @@ impl AgentRunReconciler {
     /// Runs on VMs of `registry`'s pools, executed through `backend`; secrets come from the
     /// controller's environment.
     pub fn new(backend: Arc<dyn Backend>, registry: Arc<PoolRegistry>) -> Self {
-        AgentRunReconciler {
+        let r = AgentRunReconciler {
             backend,
-            registry,
+            registry: registry.clone(),
             host_env: Arc::new(|k| std::env::var(k).ok()),
             active: Arc::default(),
-            poll: Duration::from_millis(100),
-        }
+            waiting: Arc::default(),
+            wake: Arc::default(),
+        };
+        // A VM becoming ready wakes the first run waiting for one.
+        let (waiting, wake) = (r.waiting.clone(), r.wake.clone());
+        registry.on_vm_ready(Arc::new(move |pool| {
+            let head = waiting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pools
+                .get(pool)
+                .and_then(|q| q.runs.first().map(|(_, n)| n.clone()));
+            if let (Some(head), Some(wake)) = (head, wake.get()) {
+                wake.add(ObjectKey::new(Kind::AgentRun, &head));
+            }
+        }));
+        r
     }
 
     /// Reads secrets' host environment variables through `env` instead (tests).
     pub fn host_env(mut self, env: HostEnv) -> Self {
         self.host_env = env;
-        self
-    }
-
-    /// How often a waiting run looks for a ready VM (default 100 ms).
-    pub fn poll(mut self, every: Duration) -> Self {
-        self.poll = every;
         self
     }
 
@@ -132,27 +175,105 @@ impl AgentRunReconciler {
         self.active.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Pending runs of `pool` in FIFO order (creation time, then name), not yet executing.
-    fn queue(&self, ctx: &Ctx, pool: &str) -> Result<Vec<String>, ReconcileError> {
-        let active = self.lock();
-        let mut q: Vec<(Timestamp, String)> = ctx
-            .store
-            .list(Some(Kind::AgentRun))?
-            .into_iter()
-            .filter(|o| !o.is_deleting())
-            .filter_map(|o| match &o.resource {
-                Resource::AgentRun(r)
-                    if r.spec.pool_ref == pool
-                        && status_of::<AgentRunStatus>(&o).phase == AgentRunPhase::Pending
-                        && !active.contains_key(&r.metadata.name) =>
-                {
-                    Some((o.created_at, r.metadata.name.clone()))
+    /// Reads `run`'s host inputs on a thread of its own, then wakes the run.
+    fn read_inputs(&self, obj: &StoredObject, run: &AgentRun, ctx: &Ctx, key: (Timestamp, i64)) {
+        let base = base_dir(obj, ctx);
+        let access = HostAccess::of_submitter(obj.submitter.as_ref(), &ctx.config);
+        let (spec, name) = (run.spec.clone(), run.metadata.name.clone());
+        let (host_env, waiting, wake) = (
+            self.host_env.clone(),
+            self.waiting.clone(),
+            self.wake.clone(),
+        );
+        let thread_name = format!("inputs-{name}");
+        let read = move || {
+            let r = run::prepare(&spec, &base, &access, &*host_env);
+            let mut w = waiting.lock().unwrap_or_else(|e| e.into_inner());
+            // Only if the run still wants these (not deleted or changed meanwhile).
+            if matches!(w.inputs.get(&name), Some((k, Inputs::Reading)) if *k == key) {
+                w.inputs.insert(name.clone(), (key, Inputs::Read(r)));
+                drop(w);
+                if let Some(wake) = wake.get() {
+                    wake.add(ObjectKey::new(Kind::AgentRun, &name));
                 }
-                _ => None,
-            })
-            .collect();
-        q.sort();
-        Ok(q.into_iter().map(|(_, n)| n).collect())
+            }
+        };
+        if let Err(e) = std::thread::Builder::new().name(thread_name).spawn(read) {
+            tracing::warn!(run = %run.metadata.name, error = %e, "no thread to read the run's inputs; retrying");
+            self.waiting().inputs.remove(&run.metadata.name);
+        }
+    }
+
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Puts `me` in `pool`'s FIFO (filled from the store the first time the pool is seen)
+    /// and drops from its head runs that no longer wait (deleted, started, or replaced by a
+    /// new object of the same name). Returns `me`'s position and the queue's length.
+    fn enqueue(
+        &self,
+        ctx: &Ctx,
+        pool: &str,
+        me: &(Timestamp, String),
+    ) -> Result<(usize, usize), ReconcileError> {
+        let mut w = self.waiting();
+        let q = w.pools.entry(pool.to_string()).or_default();
+        if !q.seeded {
+            for o in ctx.store.list(Some(Kind::AgentRun))? {
+                if let Resource::AgentRun(r) = &o.resource {
+                    if r.spec.pool_ref == pool
+                        && !o.is_deleting()
+                        && status_of::<AgentRunStatus>(&o).phase == AgentRunPhase::Pending
+                    {
+                        q.runs.insert((o.created_at, r.metadata.name.clone()));
+                    }
+                }
+            }
+            q.seeded = true;
+        }
+        q.runs.insert(me.clone());
+        while let Some(first) = q.runs.first().cloned() {
+            if &first == me || self.still_waits(ctx, &first)? {
+                break;
+            }
+            q.runs.remove(&first);
+        }
+        let position = q.runs.iter().position(|e| e == me).unwrap_or(0);
+        Ok((position, q.runs.len()))
+    }
+
+    /// Whether the stored run `entry` is still the pending run that was queued.
+    fn still_waits(
+        &self,
+        ctx: &Ctx,
+        (created, name): &(Timestamp, String),
+    ) -> Result<bool, ReconcileError> {
+        if self.lock().contains_key(name) {
+            return Ok(false);
+        }
+        Ok(ctx.store.get(Kind::AgentRun, name)?.is_some_and(|o| {
+            o.created_at == *created
+                && !o.is_deleting()
+                && status_of::<AgentRunStatus>(&o).phase == AgentRunPhase::Pending
+        }))
+    }
+
+    /// Takes `entry` out of its pool's queue (and its inputs), and wakes the run now first
+    /// in line.
+    fn dequeue(&self, pool: &str, entry: &(Timestamp, String)) {
+        let head = {
+            let mut w = self.waiting();
+            w.inputs.remove(&entry.1);
+            let Some(q) = w.pools.get_mut(pool) else {
+                return;
+            };
+            q.runs.remove(entry);
+            q.runs.first().map(|(_, n)| n.clone())
+        };
+        if let (Some(head), Some(wake)) = (head, self.wake.get()) {
+            wake.add(ObjectKey::new(Kind::AgentRun, &head));
+        }
     }
 
     fn pending(
@@ -181,10 +302,10 @@ impl AgentRunReconciler {
             write_if_changed(ctx, obj, &before, &status)?;
             return Ok(Action::Requeue(Duration::from_secs(2)));
         }
-        let queue = self.queue(ctx, pool)?;
-        self.registry.set_waiting(pool, queue.len() as u32);
-        ctx.metrics.queue_length(pool, queue.len());
-        let position = queue.iter().position(|n| n == name).unwrap_or(0);
+        let me = (obj.created_at, name.to_string());
+        let (position, waiting) = self.enqueue(ctx, pool, &me)?;
+        self.registry.set_waiting(pool, waiting as u32);
+        ctx.metrics.queue_length(pool, waiting);
         if position > 0 {
             status.reason = Some("Queued".into());
             set(
@@ -195,21 +316,42 @@ impl AgentRunReconciler {
                 format!("{position} run(s) ahead in the queue of pool {pool}"),
             );
             write_if_changed(ctx, obj, &before, &status)?;
-            return Ok(Action::Requeue(self.poll));
+            // Woken when the run ahead of it leaves the queue.
+            return Ok(Action::Requeue(BACKSTOP));
         }
         // First in line: read the host inputs before taking a VM (a missing secret must not
-        // cost one).
-        let base = base_dir(obj, ctx);
-        let access = HostAccess::of_submitter(obj.submitter.as_ref(), &ctx.config);
-        let prepared = match run::prepare(&run.spec, &base, &access, &*self.host_env) {
+        // cost one) — once, on a thread of their own (a git clone may take a while), which
+        // wakes the run when it is done.
+        let read = {
+            let mut w = self.waiting();
+            let key = (obj.created_at, obj.generation());
+            match w.inputs.remove(name) {
+                Some((k, Inputs::Read(r))) if k == key => Some(r),
+                Some((k, Inputs::Reading)) if k == key => {
+                    w.inputs.insert(name.to_string(), (k, Inputs::Reading));
+                    None
+                }
+                _ => {
+                    w.inputs.insert(name.to_string(), (key, Inputs::Reading));
+                    drop(w);
+                    self.read_inputs(obj, run, ctx, key);
+                    None
+                }
+            }
+        };
+        let Some(read) = read else {
+            return Ok(Action::Requeue(BACKSTOP));
+        };
+        let prepared = match read {
             Ok(p) => p,
             Err(e) => {
                 let reason = match e {
                     RunError::Secret { .. } => "SecretUnavailable",
                     _ => "InputUnavailable",
                 };
+                self.dequeue(pool, &me);
                 self.registry
-                    .set_waiting(pool, queue.len().saturating_sub(1) as u32);
+                    .set_waiting(pool, waiting.saturating_sub(1) as u32);
                 let message = e.to_string();
                 tracing::warn!(run = name, submitter = %submitter(obj), reason, "{message}");
                 finish(&mut status, AgentRunPhase::Failed, reason, message.clone());
@@ -233,6 +375,14 @@ impl AgentRunReconciler {
         };
         let acquired = Instant::now();
         let Some(vm) = self.registry.acquire(pool) else {
+            // Kept for the next try.
+            self.waiting().inputs.insert(
+                name.to_string(),
+                (
+                    (obj.created_at, obj.generation()),
+                    Inputs::Read(Ok(prepared)),
+                ),
+            );
             status.reason = Some("WaitingForVm".into());
             set(
                 &mut status,
@@ -242,12 +392,13 @@ impl AgentRunReconciler {
                 format!("no VM of pool {pool} is ready"),
             );
             write_if_changed(ctx, obj, &before, &status)?;
-            return Ok(Action::Requeue(self.poll));
+            // Woken when a VM of the pool becomes ready.
+            return Ok(Action::Requeue(BACKSTOP));
         };
         ctx.metrics.acquire(pool, acquired.elapsed().as_secs_f64());
         tracing::info!(run = name, pool, vm, took = ?acquired.elapsed(), "run scheduled");
         self.registry
-            .set_waiting(pool, queue.len().saturating_sub(1) as u32);
+            .set_waiting(pool, waiting.saturating_sub(1) as u32);
         status.phase = AgentRunPhase::Scheduled;
         status.vm = Some(vm.clone());
         status.reason = Some("Scheduled".into());
@@ -268,8 +419,16 @@ impl AgentRunReconciler {
         if let Err(e) = write_status(ctx, obj, &status) {
             self.lock().remove(name);
             self.registry.release(pool, &vm);
+            self.waiting().inputs.insert(
+                name.to_string(),
+                (
+                    (obj.created_at, obj.generation()),
+                    Inputs::Read(Ok(prepared)),
+                ),
+            );
             return Err(e);
         }
+        self.dequeue(pool, &me);
         let job = Job {
             name: name.to_string(),
             submitter: submitter(obj),
@@ -516,15 +675,12 @@ impl Job {
     }
 
     fn write(&self) {
-        match serde_json::to_value(&self.status) {
-            Ok(v) => {
-                if let Err(e) = self.ctx.store.update_status(Kind::AgentRun, &self.name, v) {
-                    tracing::warn!(run = %self.name, error = %e, "writing the run status failed");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(run = %self.name, error = %e, "encoding the run status failed")
-            }
+        if let Err(e) = self
+            .ctx
+            .store
+            .update_status(&self.name, self.status.clone())
+        {
+            tracing::warn!(run = %self.name, error = %e, "writing the run status failed");
         }
     }
 
@@ -548,6 +704,7 @@ impl Job {
             watchdog.clone(),
         );
         let program_timeout = Duration::from_secs(u64::from(spec.timeout_seconds));
+        let output_cap = spec.output.max_bytes();
         let spawned = std::thread::Builder::new()
             .name(format!("exec-{}", self.name))
             .spawn(move || {
@@ -572,7 +729,7 @@ impl Job {
                                     }
                                 }
                             };
-                            if let Err(e) = store.append_output(&name, stream, d) {
+                            if let Err(e) = store.append_output(&name, stream, d, output_cap) {
                                 tracing::warn!(run = %name, error = %e, "storing output failed");
                             }
                         },
@@ -743,6 +900,12 @@ impl Job {
         st.resource_usage = report.usage;
         // Connections still open now are not in it (they are logged when they end).
         st.egress = self.ctx.egress.take(&self.name);
+        if let Ok(r) = &result {
+            st.output = Some(r.output);
+            if let Some(message) = r.truncated_message(spec.output.max_mib) {
+                set(st, OUTPUT_TRUNCATED, true, "OutputCapReached", message);
+            }
+        }
         let secs = started.elapsed().as_secs_f64();
         // A VM whose QEMU or guest agent failed under the run is not trusted with another.
         let mut replace = false;
@@ -929,6 +1092,7 @@ impl Reconciler for AgentRunReconciler {
             return Err(super::wrong_kind(&obj, Kind::AgentRun));
         };
         let name = run.metadata.name.as_str();
+        self.wake.get_or_init(|| ctx.wake.clone());
         let mut status: AgentRunStatus = status_of(&obj);
         if let Some(a) = self.lock().get(name) {
             // Executing here: the thread owns the status. A deletion cancels it.
@@ -960,6 +1124,7 @@ impl Reconciler for AgentRunReconciler {
             _ => {
                 status.observed_generation = Some(obj.generation());
                 if obj.is_deleting() {
+                    self.dequeue(&run.spec.pool_ref, &(obj.created_at, name.to_string()));
                     finish(
                         &mut status,
                         AgentRunPhase::Cancelled,

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentvm_api::{set_condition, Condition, ConditionStatus, Kind, Resource};
+use agentvm_api::{set_condition, Condition, ConditionStatus, Kind, KindStatus, Resource};
 use agentvm_backend::{Backend, BackendError};
 
 use crate::reconcile::{Ctx, ReconcileError};
@@ -142,20 +142,18 @@ pub(crate) fn backend_error(doing: &str, e: &BackendError) -> ReconcileError {
 }
 
 /// The kind's status of `obj` (default when there is none yet).
-pub(crate) fn status_of<S: serde::de::DeserializeOwned + Default>(obj: &StoredObject) -> S {
-    serde_json::from_value(obj.status_json()).unwrap_or_default()
+pub(crate) fn status_of<S: KindStatus>(obj: &StoredObject) -> S {
+    S::of(&obj.resource).cloned().unwrap_or_default()
 }
 
 /// Writes `status` as the status of `obj`.
-pub(crate) fn write_status<S: serde::Serialize>(
+pub(crate) fn write_status<S: KindStatus>(
     ctx: &Ctx,
     obj: &StoredObject,
     status: &S,
 ) -> Result<(), ReconcileError> {
-    let value = serde_json::to_value(status)
-        .map_err(|e| ReconcileError::new("StatusEncoding", e.to_string()))?;
     ctx.store
-        .update_status(obj.resource.kind(), obj.resource.name(), value)?;
+        .update_status(obj.resource.name(), status.clone())?;
     Ok(())
 }
 
@@ -184,7 +182,7 @@ pub(crate) const IN_USE_RETRY: Duration = Duration::from_secs(5);
 /// finalized. `conditions` picks the status's conditions; `was_ready` keeps `Ready` true
 /// while the object is still in service.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn delete_when_unused<S: serde::Serialize>(
+pub(crate) fn delete_when_unused<S: KindStatus>(
     ctx: &Ctx,
     obj: &StoredObject,
     status: &mut S,
@@ -229,15 +227,14 @@ pub(crate) mod testutil;
 
 /// Writes a `drift_repaired` audit event when ensuring an object that was `Ready` at this
 /// generation had to create or redefine it in libvirt (it was deleted or changed by hand).
+/// `was_ready`: the stored status says `Ready` at the object's generation.
 pub(crate) fn drift_check(
     ctx: &Ctx,
     obj: &StoredObject,
+    was_ready: bool,
     outcome: agentvm_backend::backend::EnsureOutcome,
 ) {
     use agentvm_backend::backend::EnsureOutcome;
-    let before = obj.status_json();
-    let was_ready = before["phase"] == "Ready"
-        && before["observedGeneration"].as_i64() == Some(obj.generation());
     if outcome == EnsureOutcome::Unchanged || !was_ready {
         return;
     }

@@ -45,6 +45,9 @@ impl Reconciler for NetworkReconciler {
         let name = net.name();
         let lname = libvirt_name(name);
         let mut status: NetworkStatus = status_of(&obj);
+        // Ready at this generation before this pass: a change found now is drift.
+        let was_ready_here = status.phase == NetworkPhase::Ready
+            && status.observed_generation == Some(obj.generation());
         status.libvirt_name = Some(lname.clone());
         status.observed_generation = Some(obj.generation());
 
@@ -80,7 +83,7 @@ impl Reconciler for NetworkReconciler {
         };
         match self.backend.ensure_network(&def) {
             Ok(outcome) => {
-                super::drift_check(ctx, &obj, outcome);
+                super::drift_check(ctx, &obj, was_ready_here, outcome);
                 if outcome != EnsureOutcome::Unchanged {
                     tracing::info!(network = %lname, ?outcome, "network ensured");
                 }

@@ -43,6 +43,9 @@ impl Reconciler for NetworkFilterReconciler {
         let name = filter.name();
         let lname = libvirt_name(name);
         let mut status: NetworkFilterStatus = status_of(&obj);
+        // Ready at this generation before this pass: a change found now is drift.
+        let was_ready_here = status.phase == NetworkFilterPhase::Ready
+            && status.observed_generation == Some(obj.generation());
         status.libvirt_name = Some(lname.clone());
         status.observed_generation = Some(obj.generation());
 
@@ -78,7 +81,7 @@ impl Reconciler for NetworkFilterReconciler {
         };
         match self.backend.ensure_nwfilter(&def) {
             Ok(outcome) => {
-                super::drift_check(ctx, &obj, outcome);
+                super::drift_check(ctx, &obj, was_ready_here, outcome);
                 tracing::debug!(nwfilter = %lname, ?outcome, "nwfilter ensured");
                 status.phase = NetworkFilterPhase::Ready;
                 Conditions(&mut status.conditions)

@@ -11,7 +11,7 @@
 //! out, and a run that had it gives it back for replacement instead of a reset.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 /// Where a pool VM is in its use cycle.
@@ -70,10 +70,23 @@ impl Pool {
     }
 }
 
+/// Called with a pool's name when one of its VMs becomes ready (see
+/// [`PoolRegistry::on_vm_ready`]).
+pub type ReadyListener = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// Pool VMs by pool name. Cheap to share behind an `Arc`.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct PoolRegistry {
     pools: Mutex<HashMap<String, Pool>>,
+    listeners: Mutex<Vec<ReadyListener>>,
+}
+
+impl std::fmt::Debug for PoolRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolRegistry")
+            .field("pools", &self.pools)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PoolRegistry {
@@ -84,6 +97,27 @@ impl PoolRegistry {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pool>> {
         self.pools.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Calls `listener` (outside the registry's lock) every time a VM becomes ready: created
+    /// or adopted as ready, reset, health-checked, or given back ready. The run scheduler
+    /// wakes the first waiting run of that pool with it instead of polling.
+    pub fn on_vm_ready(&self, listener: ReadyListener) {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(listener);
+    }
+
+    fn vm_ready(&self, pool: &str) {
+        let listeners = self
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for l in listeners {
+            l(pool);
+        }
     }
 
     /// Takes a ready VM of `pool` (one of the current template when there is one) and marks
@@ -184,32 +218,45 @@ impl PoolRegistry {
     /// Adds a VM (created or adopted) unless it is known already. Public for benchmarks of
     /// the hand-out; in the controller only the `VmPool` reconciler adds VMs.
     pub fn insert(&self, pool: &str, name: &str, phase: VmPhase, template_hash: &str) {
+        let mut added = false;
         self.lock()
             .entry(pool.to_string())
             .or_default()
             .vms
             .entry(name.to_string())
-            .or_insert_with(|| PoolVm {
-                name: name.to_string(),
-                phase,
-                template_hash: template_hash.to_string(),
-                since: Instant::now(),
-                created: SystemTime::now(),
-                last_checked: Instant::now(),
+            .or_insert_with(|| {
+                added = true;
+                PoolVm {
+                    name: name.to_string(),
+                    phase,
+                    template_hash: template_hash.to_string(),
+                    since: Instant::now(),
+                    created: SystemTime::now(),
+                    last_checked: Instant::now(),
+                }
             });
+        if added && phase == VmPhase::Ready {
+            self.vm_ready(pool);
+        }
     }
 
     /// Moves a VM from `from` to `to`; false (and no change) when it is not in `from`.
     /// Public for benchmarks of the hand-out (a run gives its reset VM back this way).
     pub fn transition(&self, pool: &str, vm: &str, from: VmPhase, to: VmPhase) -> bool {
-        let mut pools = self.lock();
-        match pools.get_mut(pool).and_then(|p| p.vms.get_mut(vm)) {
-            Some(v) if v.phase == from => {
-                v.phase = to;
-                true
+        let moved = {
+            let mut pools = self.lock();
+            match pools.get_mut(pool).and_then(|p| p.vms.get_mut(vm)) {
+                Some(v) if v.phase == from => {
+                    v.phase = to;
+                    true
+                }
+                _ => false,
             }
-            _ => false,
+        };
+        if moved && to == VmPhase::Ready {
+            self.vm_ready(pool);
         }
+        moved
     }
 
     /// Claims an idle VM for destruction: true when it was not busy (it is `Retiring` now).

@@ -69,8 +69,7 @@ impl Setup {
             "apiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata: {name: img}\nspec: {}\n",
         );
         self.store
-            .update_status(
-                Kind::Image,
+            .update_status_json(Kind::Image,
                 "img",
                 serde_json::json!({"phase": "Ready", "diskPath": "/c/disk.qcow2", "kernelPath": "/c/vmlinuz", "initrdPath": "/c/initrd.img"}),
             )

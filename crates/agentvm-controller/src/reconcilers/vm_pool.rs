@@ -39,11 +39,14 @@ use agentvm_backend::guest::ExecRequest;
 use agentvm_backend::libvirt::DomainState;
 use agentvm_backend::netxml::libvirt_name;
 use agentvm_backend::vm::BootImage;
-use agentvm_backend::{Backend, NicSpec, Owner};
+use agentvm_backend::{Backend, Enforcement, NicSpec, Owner, VmLimits};
 use sha2::{Digest, Sha256};
 
 use super::{backend_error, status_of, write_status, Conditions, PoolRegistry, VmPhase};
 use crate::audit::{AuditEvent, AuditEventType};
+use crate::limits;
+#[cfg(test)]
+use crate::limits::CPU_SHARES_APPLIED;
 use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
 use crate::store::StoredObject;
 use crate::time::{human_age, Timestamp};
@@ -53,8 +56,6 @@ const BUSY_RECHECK: Duration = Duration::from_millis(200);
 
 /// Requeue delay after a step, to take the next one.
 const NEXT_STEP: Duration = Duration::from_millis(50);
-/// Condition type saying whether `resources.cpuShares` is in force (set only when given).
-pub const CPU_SHARES_APPLIED: &str = "CpuSharesApplied";
 
 /// Requeue delay while waiting for the image or the network (watches usually come first).
 const WAITING: Duration = Duration::from_secs(10);
@@ -77,8 +78,10 @@ struct Template {
     vcpus: u32,
     memory_mib: u64,
     warmup: Vec<ExecRequest>,
-    /// `resources.cpuShares` when the manifest sets it (the default weight is the host's).
-    cpu_shares: Option<u64>,
+    /// The template's resources (for the conditions and `status.resources`).
+    resources: agentvm_api::Resources,
+    /// Limits asked of the host for each VM.
+    limits: VmLimits,
     /// Disk size (the profile's or `diskGib`), GiB.
     disk_gib: u64,
 }
@@ -436,28 +439,22 @@ impl VmPoolReconciler {
                 };
                 Conditions(&mut status.conditions).progressing(reason, message);
                 write_status(ctx, obj, status)?;
-                let not_applied = self.create(name, &vm_name, tpl, obj.generation(), ctx)?;
-                if let Some(shares) = tpl.cpu_shares {
-                    // Say plainly whether the weight asked for is in force on this host.
-                    match not_applied {
-                        None => Conditions(&mut status.conditions).set(
-                            CPU_SHARES_APPLIED,
-                            true,
-                            "Applied",
-                            format!("cpuShares {shares} is in force for {vm_name}"),
-                        ),
-                        Some(why) => {
-                            tracing::warn!(pool = name, vm = %vm_name, "cpuShares {shares} not applied: {why}");
-                            Conditions(&mut status.conditions).set(
-                                CPU_SHARES_APPLIED,
-                                false,
-                                "HostCannotEnforce",
-                                format!("cpuShares {shares} is not applied by this host ({why}); vCPUs and guest RAM still bound each VM"),
-                            );
-                        }
+                let enforcement = self.create(name, &vm_name, tpl, obj.generation(), ctx)?;
+                // Say plainly which limits asked for are in force on this host.
+                for (limit, verdict) in &enforcement {
+                    if let Err(why) = verdict {
+                        tracing::warn!(pool = name, vm = %vm_name, %limit, "limit not applied by this host: {why}");
                     }
-                    write_status(ctx, obj, status)?;
                 }
+                limits::set_conditions(
+                    &mut status.conditions,
+                    &tpl.resources,
+                    &vm_name,
+                    &enforcement,
+                );
+                status.resources =
+                    limits::resource_summary(&tpl.resources, tpl.nic.is_some(), &enforcement);
+                write_status(ctx, obj, status)?;
                 return Ok(Action::Requeue(NEXT_STEP));
             }
             if let Some(old) = stale_idle.first() {
@@ -515,7 +512,7 @@ impl VmPoolReconciler {
         tpl: &Template,
         generation: i64,
         ctx: &Ctx,
-    ) -> Result<Option<String>, ReconcileError> {
+    ) -> Result<Enforcement, ReconcileError> {
         let req = PoolVmRequest {
             name: vm.to_string(),
             image: tpl.image.clone(),
@@ -529,7 +526,7 @@ impl VmPoolReconciler {
                 generation,
             },
             warmup: tpl.warmup.clone(),
-            cpu_shares: tpl.cpu_shares,
+            limits: tpl.limits,
             disk_gib: Some(tpl.disk_gib),
         };
         tracing::info!(pool, vm, "creating VM");
@@ -547,11 +544,15 @@ impl VmPoolReconciler {
                     "warmupSeconds": report.warmup.as_secs_f64(),
                     "parkSeconds": report.park.as_secs_f64(),
                     "templateHash": tpl.hash,
-                    "cpuSharesNotApplied": report.cpu_shares_not_applied,
+                    "limitsNotApplied": report
+                        .limits
+                        .iter()
+                        .filter_map(|(l, v)| v.as_ref().err().map(|why| (l.as_str(), why)))
+                        .collect::<std::collections::BTreeMap<_, _>>(),
                 })),
         );
         self.registry.insert(pool, vm, VmPhase::Ready, &tpl.hash);
-        Ok(report.cpu_shares_not_applied)
+        Ok(report.limits)
     }
 }
 
@@ -568,6 +569,22 @@ pub(crate) fn vm_reset(ctx: &Ctx, backend: &dyn Backend, pool: &str, vm: &str, t
                 "seconds": took.as_secs_f64(),
             })),
     );
+}
+
+/// What a pool VM is made from: its hash names the template, and VMs of another hash are
+/// replaced (rolling). Field names and order are part of every existing VM's hash.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TemplateIdentity<'a> {
+    template: &'a agentvm_api::VmTemplate,
+    image: [&'a str; 4],
+    /// The attached network's spec hash.
+    network: Option<String>,
+    /// VMs from before filters took the host's address as a parameter are replaced.
+    nic_host: Option<String>,
+    /// VMs from before anti-spoofing (the filter's `$IP`, learned from DHCP and pinned at
+    /// boot) would have libvirt guess their address from any first packet: replaced.
+    nic_ip_from_lease: bool,
 }
 
 /// Records a `drift_repaired` audit event for VM `vm` of `pool`.
@@ -658,7 +675,7 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Blocked>, Reconc
         initrd: initrd.into(),
         cmdline: agentvm_image::KERNEL_CMDLINE.to_string(),
     };
-    let mut network_hash = serde_json::Value::Null;
+    let mut network_hash = None;
     let nic = match t.network.attachment() {
         None => None,
         Some(a) => {
@@ -687,7 +704,7 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Blocked>, Reconc
                 |f| matches!(&f.resource, Resource::NetworkFilter(f) if f.spec.allow_dhcp),
             );
             if let Some(n) = &net {
-                network_hash = spec_hash(&n.resource).into();
+                network_hash = Some(spec_hash(&n.resource));
                 if let Resource::Network(n) = &n.resource {
                     host = Some(n.spec.gateway());
                 }
@@ -702,16 +719,15 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Blocked>, Reconc
             })
         }
     };
-    let identity = serde_json::json!({
-        "template": t,
-        "image": [disk, kernel, initrd, agentvm_image::KERNEL_CMDLINE],
-        "network": network_hash,
-        // VMs from before filters took the host's address as a parameter are replaced.
-        "nicHost": nic.as_ref().and_then(|n| n.host).map(|h| h.to_string()),
-        // VMs from before anti-spoofing (the filter's `$IP`, learned from DHCP and pinned at
-        // boot) would have libvirt guess their address from any first packet: replaced.
-        "nicIpFromLease": nic.as_ref().is_some_and(|n| n.dhcp),
-    });
+    let identity = TemplateIdentity {
+        template: t,
+        image: [disk, kernel, initrd, agentvm_image::KERNEL_CMDLINE],
+        network: network_hash,
+        nic_host: nic.as_ref().and_then(|n| n.host).map(|h| h.to_string()),
+        nic_ip_from_lease: nic.as_ref().is_some_and(|n| n.dhcp),
+    };
+    let identity = serde_json::to_value(&identity)
+        .map_err(|e| ReconcileError::new("TemplateEncoding", e.to_string()))?;
     let mut canonical = String::new();
     agentvm_api::resource::write_canonical_json(&identity, &mut canonical);
     let hash: String = Sha256::digest(canonical.as_bytes())
@@ -727,7 +743,8 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Blocked>, Reconc
         vcpus: res.vcpu,
         memory_mib: u64::from(res.memory_mib),
         warmup,
-        cpu_shares: t.resources.cpu_shares.map(u64::from),
+        resources: t.resources.clone(),
+        limits: limits::vm_limits(&t.resources),
         disk_gib: u64::from(res.disk_gib),
     }))
 }

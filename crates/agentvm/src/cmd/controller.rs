@@ -64,12 +64,15 @@ impl ControllerArgs {
                 ..DispatcherOptions::default()
             });
         if !self.without_reconcilers {
-            let backend = Arc::new(LibvirtBackend::new(
-                cfg.libvirt_uri.clone(),
-                cfg.state_dir.clone(),
-                cfg.accelerator,
-                Duration::from_secs(cfg.boot_timeout_seconds),
-            ));
+            let backend = Arc::new(
+                LibvirtBackend::new(
+                    cfg.libvirt_uri.clone(),
+                    cfg.state_dir.clone(),
+                    cfg.accelerator,
+                    Duration::from_secs(cfg.boot_timeout_seconds),
+                )
+                .with_tcg_translation_cache(cfg.tcg_tb_cache()),
+            );
             let images = Arc::new(ImageCache {
                 dir: cfg.cache_dir.clone(),
             });

@@ -1,5 +1,6 @@
 //! `agentvm describe KIND/NAME`: one object in full: identity, manager, spec, status,
-//! conditions and (for pools) recent VM events, newest first.
+//! conditions and, for pools, each resource asked for against what the host enforces, and
+//! recent VM events, newest first.
 
 use agentvm_controller::store::{Manager, StoredObject};
 use agentvm_controller::time::{human_age, Timestamp};
@@ -78,6 +79,12 @@ pub fn describe(obj: &StoredObject) -> String {
         .and_then(|m| m.remove("events"))
         .and_then(|c| c.as_array().cloned())
         .unwrap_or_default();
+    // A pool's resources: what is asked, and whether this host enforces it.
+    let resources = status
+        .as_object_mut()
+        .and_then(|m| m.remove("resources"))
+        .and_then(|c| c.as_array().cloned())
+        .unwrap_or_default();
     if status.is_null() {
         out.push_str("Status:       <none> (not reconciled yet)\n");
     } else {
@@ -105,6 +112,26 @@ pub fn describe(obj: &StoredObject) -> String {
             ]);
         }
         rows[0][0] = format!("  {}", rows[0][0]);
+        out.push_str(&table_text(&rows));
+    }
+    if !resources.is_empty() {
+        out.push_str("Resources:\n");
+        let s = |c: &Value, k: &str| c.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        let mut rows = vec![["  RESOURCE", "REQUESTED", "ENFORCED", "HOW"]
+            .map(String::from)
+            .to_vec()];
+        for r in &resources {
+            let enforced = match r.get("enforced").and_then(Value::as_bool) {
+                Some(true) => "yes",
+                _ => "NO",
+            };
+            rows.push(vec![
+                format!("  {}", s(r, "name")),
+                s(r, "requested"),
+                enforced.to_string(),
+                s(r, "detail"),
+            ]);
+        }
         out.push_str(&table_text(&rows));
     }
     if !events.is_empty() {
@@ -169,5 +196,78 @@ impl DescribeArgs {
             }
         }
         Ok(i32::from(missing > 0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentvm_api::{Resource, ResourceStatus, VmPoolStatus};
+    use agentvm_controller::time::Timestamp;
+
+    #[test]
+    fn a_pool_shows_each_resource_requested_and_enforced() {
+        let mut pool = match agentvm_api::parse_str(
+            "apiVersion: agentvm.dev/v1alpha1\nkind: VmPool\nmetadata: {name: p}\nspec:\n  template:\n    imageRef: img\n    resources: {profile: light, cpuQuotaPercent: 50}\n",
+            "p.yaml",
+        )
+        .unwrap()
+        .remove(0)
+        .resource
+        {
+            Resource::VmPool(p) => p,
+            other => panic!("{other:?}"),
+        };
+        let row = |name: &str, requested: &str, enforced: bool, detail: &str| ResourceStatus {
+            name: name.into(),
+            requested: requested.into(),
+            enforced,
+            detail: detail.into(),
+        };
+        pool.status = Some(VmPoolStatus {
+            resources: vec![
+                row("diskGib", "10 GiB", true, "the disk's size"),
+                row(
+                    "cpuQuotaPercent",
+                    "50 % per vCPU",
+                    false,
+                    "not enforced by this host: cgroup cpu is required",
+                ),
+            ],
+            ..VmPoolStatus::default()
+        });
+        let obj = StoredObject {
+            resource: Resource::VmPool(pool),
+            manager: Manager::Api,
+            submitter: None,
+            created_at: Timestamp::now(),
+            updated_at: Timestamp::now(),
+            deletion_requested_at: None,
+            deletion_requested_by: None,
+        };
+        let text = describe(&obj);
+        let table: Vec<&str> = text
+            .lines()
+            .skip_while(|l| *l != "Resources:")
+            .skip(1)
+            .take(3)
+            .collect();
+        assert_eq!(
+            table[0].split_whitespace().collect::<Vec<_>>(),
+            ["RESOURCE", "REQUESTED", "ENFORCED", "HOW"],
+            "{text}"
+        );
+        assert!(
+            table[1].trim_start().starts_with("diskGib") && table[1].contains("   yes   "),
+            "{text}"
+        );
+        assert!(
+            table[2].contains("50 % per vCPU")
+                && table[2].contains("   NO   ")
+                && table[2].ends_with("not enforced by this host: cgroup cpu is required"),
+            "{text}"
+        );
+        // Not repeated in the generic status dump.
+        assert!(!text.contains("detail:"), "{text}");
     }
 }

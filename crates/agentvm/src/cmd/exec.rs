@@ -48,8 +48,9 @@ impl ExecArgs {
             nic: None,
             accelerator: accel,
             boot_timeout: Duration::from_secs(cfg.boot_timeout_seconds),
-            cpu_shares: None,
+            limits: Default::default(),
             disabled_cpu_features: Vec::new(),
+            tcg_tb_cache_mib: cfg.tcg_tb_cache(),
             disk_gib: None,
         };
         let name = format!("agentvm-exec-{}", std::process::id());

@@ -78,18 +78,52 @@ impl LogsArgs {
             }
             body.consume(n);
         }
-        if truncated {
-            eprintln!(
-                "note: output past the controller's per-run limit was dropped; the beginning is shown"
-            );
+        // Said on stderr, so that stdout stays the program's own output.
+        let dropped = client
+            .get(Kind::AgentRun, name)
+            .ok()
+            .and_then(|o| truncation_note(&o.status_json()));
+        match dropped {
+            Some(note) => eprintln!("{note}"),
+            None if truncated => eprintln!(
+                "agentvm: output beyond the run's cap (output.maxMib) was dropped; the beginning is shown"
+            ),
+            None => {}
         }
         Ok(0)
     }
 }
 
+/// The line `logs` ends with when the run's output was cut at its cap: its `OutputTruncated`
+/// condition's message (which has the byte counts), or `None`.
+fn truncation_note(status: &serde_json::Value) -> Option<String> {
+    let c = status["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "OutputTruncated" && c["status"] == "True")?;
+    Some(format!(
+        "agentvm: output truncated: {}",
+        c["message"].as_str().unwrap_or("")
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_truncation_note_comes_from_the_condition() {
+        let status = serde_json::json!({"conditions": [
+            {"type": "Completed", "status": "True"},
+            {"type": "OutputTruncated", "status": "True", "reason": "OutputCapReached",
+             "message": "stdout: 5 of 15 bytes dropped"},
+        ]});
+        assert_eq!(
+            truncation_note(&status).as_deref(),
+            Some("agentvm: output truncated: stdout: 5 of 15 bytes dropped")
+        );
+        assert_eq!(truncation_note(&serde_json::json!({})), None);
+    }
 
     #[test]
     fn names_runs() {

@@ -123,8 +123,9 @@ impl RunArgs {
             nic: None,
             accelerator: accel,
             boot_timeout: Duration::from_secs(cfg.boot_timeout_seconds),
-            cpu_shares: Some(u64::from(res.cpu_shares)),
+            limits: agentvm_controller::limits::vm_limits(&pool.spec.template.resources),
             disabled_cpu_features: Vec::new(),
+            tcg_tb_cache_mib: cfg.tcg_tb_cache(),
             disk_gib: Some(u64::from(res.disk_gib)),
         };
         let vm_name = format!("agentvm-run-{name}-{}", std::process::id());
@@ -142,6 +143,11 @@ impl RunArgs {
             "run/{name}: VM ready in {:.1}s; running",
             vm.boot_time.as_secs_f64()
         );
+        for (limit, verdict) in &vm.limits {
+            if let Err(why) = verdict {
+                eprintln!("run/{name}: {limit} is not enforced by this host ({why}); the VM runs without it");
+            }
+        }
         let agent = vm.agent()?;
         let g = Guest::new(&agent);
         for (step, req) in pool
@@ -186,7 +192,11 @@ impl RunArgs {
             _ => Ok(Default::default()),
         };
         vm.teardown()?;
-        let out = result.with_context(|| format!("AgentRun {name}"))?.outcome;
+        let result = result.with_context(|| format!("AgentRun {name}"))?;
+        if let Some(message) = result.truncated_message(run.spec.output.max_mib) {
+            eprintln!("run/{name}: OutputTruncated: {message}");
+        }
+        let out = result.outcome;
         let report = artifacts?;
         for a in &report.collected {
             let sha = a

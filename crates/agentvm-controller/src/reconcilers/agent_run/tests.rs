@@ -287,7 +287,7 @@ fn runs_left_in_flight_by_an_earlier_controller_fail_with_controller_restarted()
     for (n, phase) in [("was-running", "Running"), ("was-scheduled", "Scheduled")] {
         r.t.apply(&run_yaml(n, "echo hi", ""));
         r.t.store
-            .update_status(
+            .update_status_json(
                 Kind::AgentRun,
                 n,
                 serde_json::json!({"phase": phase, "vm": "agentvm-p-old00"}),
@@ -443,6 +443,46 @@ fn policy_kill_stops_a_run_on_its_first_anomaly_and_the_summary_is_kept() {
 }
 
 #[test]
+fn output_beyond_the_run_s_cap_is_dropped_counted_and_reported() {
+    let r = Runs::new(1, 1);
+    r.drive(Runs::a_vm_ready);
+    // 1 MiB per stream: 3 MiB on stdout and 100 bytes on stderr.
+    r.t.apply(&run_yaml(
+        "loud",
+        "bytes 3145728\nbytes 100 >&2",
+        "  output: {maxMib: 1}\n",
+    ));
+    r.t.apply(&run_yaml("quiet", "echo hi", ""));
+    r.drive(Runs::all_terminal);
+
+    let s = r.status("loud");
+    assert_eq!(s.phase, AgentRunPhase::Succeeded, "{s:?}");
+    assert_eq!(
+        s.output,
+        Some(agentvm_api::OutputCount {
+            stdout_bytes: 3 << 20,
+            stderr_bytes: 100,
+            dropped_bytes: 2 << 20,
+        })
+    );
+    let c = agentvm_api::find_condition(&s.conditions, OUTPUT_TRUNCATED).unwrap();
+    assert_eq!(c.reason, "OutputCapReached");
+    assert_eq!(
+        c.message,
+        "output beyond output.maxMib (1 MiB per stream) was dropped: stdout: 2097152 of 3145728 bytes dropped (the first 1048576 kept)"
+    );
+    // The store keeps exactly the cap of stdout, and all of stderr.
+    let stored = r.t.store.read_output("loud", 0, usize::MAX).unwrap();
+    assert_eq!(stored.total, (1 << 20) + 100);
+    assert!(!stored.truncated, "the store had nothing more to drop");
+
+    // Below the cap: no condition, nothing dropped.
+    let s = r.status("quiet");
+    assert!(agentvm_api::find_condition(&s.conditions, OUTPUT_TRUNCATED).is_none());
+    assert_eq!(s.output.unwrap().dropped_bytes, 0);
+}
+
+#[test]
 fn a_run_submitted_by_another_user_reads_nothing_beyond_their_rights() {
     let r = Runs::new(1, 1);
     // A host file only its owner (this process) may read, and a variable the controller has.
@@ -509,4 +549,77 @@ fn a_run_submitted_by_another_user_reads_nothing_beyond_their_rights() {
         );
     }
     assert_eq!(r.status("root").phase, AgentRunPhase::Succeeded);
+}
+
+/// Under the real dispatcher (no test passes): the second run waits for the pool's only VM
+/// and is scheduled as soon as the first run gives it back ready — woken by the registry,
+/// not by its own next look (which is [`BACKSTOP`] away). Prints the gap.
+#[test]
+fn a_waiting_run_is_woken_when_a_vm_becomes_ready() {
+    use crate::reconcile::{Dispatcher, DispatcherOptions};
+    let t = Setup::new();
+    t.image_ready();
+    t.apply(&pool_yaml(1, 1));
+    let registry = Arc::new(PoolRegistry::new());
+    let pools = Arc::new(VmPoolReconciler::new(t.backend(), registry.clone()));
+    let runs = Arc::new(AgentRunReconciler::new(t.backend(), registry.clone()));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let options = DispatcherOptions {
+        workers: 4,
+        resync: Duration::from_secs(3600),
+        backoff_base: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(80),
+    };
+    let dispatcher = Dispatcher::new(t.ctx.clone(), vec![pools, runs.clone()], options);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = rt.spawn(dispatcher.run(async {
+        let _ = rx.await;
+    }));
+    let phase = |run: &str| {
+        t.store
+            .get(Kind::AgentRun, run)
+            .unwrap()
+            .map(|o| status_of::<AgentRunStatus>(&o).phase)
+    };
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let start = Instant::now();
+        while !cond() {
+            assert!(start.elapsed() < Duration::from_secs(10), "{what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    wait("a VM ready", &|| {
+        registry.vms("p").iter().any(|v| v.phase == VmPhase::Ready)
+    });
+    t.apply(&run_yaml("first", "sleep 0.3", ""));
+    wait("first scheduled", &|| {
+        phase("first").is_some_and(|p| p != AgentRunPhase::Pending)
+    });
+    t.apply(&run_yaml("second", "echo hi", ""));
+    wait("second waits for the VM", &|| {
+        t.status(Kind::AgentRun, "second")["reason"] == "WaitingForVm"
+    });
+    wait("first ends", &|| {
+        phase("first").is_some_and(|p| p.is_terminal())
+    });
+    let ended = Instant::now();
+    wait("second scheduled", &|| {
+        phase("second").is_some_and(|p| p != AgentRunPhase::Pending)
+    });
+    let gap = ended.elapsed();
+    println!("first run ended → second run scheduled: {gap:?}");
+    assert!(
+        gap < BACKSTOP / 2,
+        "the second run was not woken by the VM becoming ready ({gap:?})"
+    );
+    wait("second ends", &|| {
+        phase("second").is_some_and(|p| p.is_terminal())
+    });
+    assert_eq!(phase("second"), Some(AgentRunPhase::Succeeded));
+    tx.send(()).unwrap();
+    rt.block_on(task).unwrap();
 }

@@ -493,7 +493,9 @@ fn ttl_counts_from_creation_across_a_controller_restart() {
         std::time::SystemTime::now() - Duration::from_secs(7200)
     )
     .to_string());
-    p.t.store.update_status(Kind::VmPool, "p", status).unwrap();
+    p.t.store
+        .update_status_json(Kind::VmPool, "p", status)
+        .unwrap();
     // A new controller (empty registry) adopts the VM and knows its real age.
     let restarted = VmPoolReconciler::new(p.t.backend(), Arc::new(PoolRegistry::new()));
     p.t.fake.clear_calls();
@@ -712,8 +714,10 @@ fn cpu_shares_reach_the_vm_and_the_pool_says_whether_the_host_applies_them() {
 
     // Set, on a host that cannot enforce it: the VM still boots, and the pool says so.
     let p = Pools::new();
-    p.t.fake
-        .cannot_enforce_cpu_shares("cgroup CPU controller is not mounted");
+    p.t.fake.cannot_enforce(
+        agentvm_backend::Limit::CpuShares,
+        "cgroup CPU controller is not mounted",
+    );
     p.t.image_ready();
     p.t.apply(&with_shares);
     p.settle().unwrap();
@@ -771,4 +775,131 @@ fn the_disk_size_reaches_the_vm_and_a_disk_smaller_than_the_image_fails_the_pool
         "{s}"
     );
     assert!(p.t.fake.pool_vm_requests().is_empty());
+}
+
+#[test]
+fn cpu_quota_and_memory_limit_are_reported_applied_or_not_and_never_block_the_pool() {
+    use crate::limits::{
+        CPU_QUOTA_APPLIED, DISK_IO_LIMIT_APPLIED, MEMORY_LIMIT_APPLIED, NETWORK_BANDWIDTH_APPLIED,
+    };
+    use agentvm_backend::Limit;
+    let capped = pool_yaml(1, 1, 512).replace(
+        "diskGib: 2}",
+        "diskGib: 2, cpuQuotaPercent: 50, memoryHardLimitMib: 1024, diskWriteMibPerSecond: 5}",
+    );
+    let resource = |s: &serde_json::Value, name: &str| -> (String, bool, String) {
+        let r = s["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {s}"));
+        (
+            r["requested"].as_str().unwrap().to_string(),
+            r["enforced"].as_bool().unwrap(),
+            r["detail"].as_str().unwrap_or("").to_string(),
+        )
+    };
+
+    // A host that enforces them: the VM gets them, the conditions say Applied.
+    let p = Pools::new();
+    p.t.image_ready();
+    p.t.apply(&capped);
+    p.settle().unwrap();
+    let limits = p.t.fake.pool_vm_requests()[0].limits;
+    assert_eq!(limits.cpu_quota_percent, Some(50));
+    assert_eq!(limits.memory_hard_limit_mib, Some(1024));
+    assert_eq!(limits.disk_io.write_bytes_per_second, 5 << 20);
+    assert_eq!(limits.cpu_shares, None);
+    let s = p.status();
+    assert_eq!(s["phase"], "Ready", "{s}");
+    for c in [
+        CPU_QUOTA_APPLIED,
+        MEMORY_LIMIT_APPLIED,
+        DISK_IO_LIMIT_APPLIED,
+    ] {
+        assert_eq!(cond(&s, c), ("True".into(), "Applied".into()), "{c}");
+    }
+    // Isolated: no interface, no bandwidth asked, no condition.
+    assert!(!s["conditions"]
+        .to_string()
+        .contains(NETWORK_BANDWIDTH_APPLIED));
+    assert_eq!(
+        resource(&s, "cpuQuotaPercent"),
+        (
+            "50 % per vCPU".into(),
+            true,
+            "cgroup CPU bandwidth (cputune/quota)".into()
+        )
+    );
+    assert_eq!(resource(&s, "diskGib").0, "2 GiB");
+
+    // A host without the cgroup controllers: the pool still gets Ready, and says what is
+    // not enforced and libvirt's reason.
+    let p = Pools::new();
+    p.t.fake.cannot_enforce(
+        Limit::CpuQuota,
+        "cgroup cpu is required for scheduler tuning",
+    );
+    p.t.fake
+        .cannot_enforce(Limit::MemoryHardLimit, "cannot limit locked memory");
+    p.t.image_ready();
+    p.t.apply(&capped);
+    p.settle().unwrap();
+    let s = p.status();
+    assert_eq!(s["phase"], "Ready", "{s}");
+    assert_eq!(
+        cond(&s, CPU_QUOTA_APPLIED),
+        ("False".into(), "HostCannotEnforce".into())
+    );
+    assert_eq!(
+        cond(&s, MEMORY_LIMIT_APPLIED),
+        ("False".into(), "HostCannotEnforce".into())
+    );
+    assert_eq!(
+        cond(&s, DISK_IO_LIMIT_APPLIED),
+        ("True".into(), "Applied".into())
+    );
+    let (_, enforced, detail) = resource(&s, "memoryHardLimitMib");
+    assert!(!enforced);
+    assert_eq!(
+        detail,
+        "not enforced by this host: cannot limit locked memory"
+    );
+}
+
+/// The typed template identity hashes exactly as the JSON object it replaced, so that an
+/// upgrade does not roll every pool's VMs.
+#[test]
+fn the_template_identity_keeps_the_hash_of_its_json_form() {
+    let parsed = agentvm_api::parse_str(&pool_yaml(1, 2, 512), "p.yaml").unwrap();
+    let Resource::VmPool(pool) = &parsed[0].resource else {
+        panic!("not a pool")
+    };
+    let t = &pool.spec.template;
+    for (network, host, dhcp) in [
+        (None, None, false),
+        (Some("abc".to_string()), Some("10.0.0.1".to_string()), true),
+    ] {
+        let image = ["/d", "/k", "/i", agentvm_image::KERNEL_CMDLINE];
+        let old = serde_json::json!({
+            "template": t,
+            "image": image,
+            "network": network.clone().map(serde_json::Value::from).unwrap_or(serde_json::Value::Null),
+            "nicHost": host,
+            "nicIpFromLease": dhcp,
+        });
+        let new = serde_json::to_value(TemplateIdentity {
+            template: t,
+            image,
+            network,
+            nic_host: host.clone(),
+            nic_ip_from_lease: dhcp,
+        })
+        .unwrap();
+        let (mut a, mut b) = (String::new(), String::new());
+        agentvm_api::resource::write_canonical_json(&old, &mut a);
+        agentvm_api::resource::write_canonical_json(&new, &mut b);
+        assert_eq!(a, b);
+    }
 }
