@@ -13,8 +13,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p agentvm \
- && install -m 0755 target/release/agentvm /usr/local/bin/agentvm
+RUN cargo build --release --locked -p agentvm -p agentvm-guest \
+ && install -m 0755 target/release/agentvm target/release/agentvm-guest /usr/local/bin/
 
 FROM debian:bookworm-slim
 # What the controller runs on the host side: qemu-img (overlays), debootstrap, mkfs.ext4,
@@ -24,6 +24,8 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends libvirt0 libvirt-clients qemu-utils \
       ca-certificates debootstrap e2fsprogs tar git procps linux-image-cloud-amd64 \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=build /usr/local/bin/agentvm /usr/local/bin/agentvm
+# agentvm-guest goes into every guest image the controller builds; it is looked for next to
+# agentvm.
+COPY --from=build /usr/local/bin/agentvm /usr/local/bin/agentvm-guest /usr/local/bin/
 ENTRYPOINT ["/usr/local/bin/agentvm"]
 CMD ["--help"]

@@ -10,8 +10,8 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 bash scripts/host-setup.sh
-echo "quickstart: building agentvm (cargo build --release)"
-cargo build --release -q -p agentvm
+echo "quickstart: building agentvm and its guest agent (cargo build --release)"
+cargo build --release -q -p agentvm -p agentvm-guest
 bin=./target/release/agentvm
 $bin image build >/dev/null
 echo "quickstart: running examples/hello-isolated.yaml in a fresh VM"

@@ -497,4 +497,13 @@ impl crate::guest::AgentChannel for BackendAgent<'_> {
         }
         cur.1.command(command, timeout)
     }
+
+    fn agent_socket(&self) -> Option<std::path::PathBuf> {
+        let lv = self.backend.lv().ok()?;
+        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if !Arc::ptr_eq(&cur.0, &lv) {
+            *cur = (lv.clone(), lv.agent(&self.name).ok()?);
+        }
+        cur.1.agent_socket()
+    }
 }

@@ -249,6 +249,7 @@ impl Libvirt {
     ) -> Result<GoldenState> {
         let dom = self.owned_domain(name)?;
         let start = Instant::now();
+        crate::agent_conn::forget(name);
         match strategy.kind() {
             GoldenKind::InternalSnapshot => {
                 // Fixed content, no user data: nothing to escape.
@@ -314,6 +315,8 @@ impl Libvirt {
         }
         let dom = self.owned_domain(name)?;
         let start = Instant::now();
+        // The guest's agentvm-guest goes back to the golden moment with it: sync anew.
+        crate::agent_conn::forget(name);
         match strategy {
             ResetStrategy::SnapshotLoadvm => {
                 // HMP `loadvm` stops the vCPUs, loads memory, device state and every disk's
@@ -377,6 +380,7 @@ impl Libvirt {
     /// remove its directory: overlays, golden disk, saved memory, logs. Succeeds when already
     /// gone. Internal snapshots live inside the overlay, which is deleted with it.
     pub fn remove_golden(&self, name: &str, files: &VmFiles) -> Result<()> {
+        crate::agent_conn::forget(name);
         let gone = |e: BackendError| if e.is_not_found() { Ok(()) } else { Err(e) };
         self.destroy_domain(name)
             .or_else(gone)
@@ -409,8 +413,9 @@ ioctl($rng, 0x5207, 0) or exit 13; \
 syscall(227, 0, pack('qq', $ARGV[0], $ARGV[1])) == 0 or exit 20;";
 
 /// After a reset (or parking), make the guest current again: reseed its kernel RNG with
-/// [`RESEED_BYTES`] fresh bytes from the host and set its clock to the host's, with one
-/// guest-agent exec of [`REFRESH_SCRIPT`].
+/// [`RESEED_BYTES`] fresh bytes from the host and set its clock to the host's — through
+/// agentvm-guest (`Reseed` and `SetClock`, no process), or where it does not answer, with
+/// one qemu-guest-agent exec of [`REFRESH_SCRIPT`].
 ///
 /// A reset brings back the memory of the golden state, the kernel's CRNG state included:
 /// without a reseed every run on the VM would draw the same "random" bytes (keys, nonces,
@@ -446,6 +451,17 @@ fn refresh_guest_once(agent: &DomainAgent) -> Result<bool> {
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut seed))
         .map_err(io_err("read", Path::new("/dev/urandom")))?;
+    // agentvm-guest does both itself (two frames, no process started).
+    if let Some(a) = Guest::new(agent).agent() {
+        a.reseed(&seed)?;
+        return Ok(match a.set_clock() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(vm = %vm, error = %e, "setting the guest clock failed (its RNG was reseeded)");
+                false
+            }
+        });
+    }
     let (secs, nsecs) = now_unix();
     let r = agent.command(
         &serde_json::json!({"execute": "guest-exec", "arguments": {

@@ -45,11 +45,38 @@ pub trait AgentChannel {
     /// Send `command` (a full `{"execute":..}` object); return the reply's `return` value.
     /// `timeout` bounds how long a connected but silent agent is waited for.
     fn command(&self, command: &Value, timeout: Duration) -> Result<Value>;
+    /// The host end (a Unix socket) of the VM's `agentvm-guest` channel, when it has one:
+    /// then [`Guest`] runs programs and moves files through agentvm's own agent, and uses
+    /// this channel only where that agent does not answer.
+    fn agent_socket(&self) -> Option<std::path::PathBuf> {
+        None
+    }
+}
+
+/// Which guest agent carried out a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServedBy {
+    /// agentvm's own agent, `agentvm-guest`.
+    AgentvmGuest,
+    /// qemu-guest-agent (the fallback).
+    QemuGuestAgent,
+}
+
+impl ServedBy {
+    /// `agentvm-guest` or `qemu-guest-agent`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServedBy::AgentvmGuest => "agentvm-guest",
+            ServedBy::QemuGuestAgent => "qemu-guest-agent",
+        }
+    }
 }
 
 /// Retries of a repeatable agent command that failed at once because libvirt reported the
 /// agent as not connected (200, 400, .. ms apart).
 const QUICK_RETRIES: u32 = 5;
+/// How long [`Guest::wait_ready`] waits for `agentvm-guest` once qemu-ga answers.
+const AGENT_BOOT_WAIT: Duration = Duration::from_secs(5);
 /// Timeout for ordinary agent calls.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Timeout for calls moving a [`FILE_CHUNK`] (the agent's JSON parser is slow under TCG).
@@ -130,6 +157,8 @@ pub struct ExecOutcome {
     pub stderr_total: u64,
     /// Wall time from start to exit as seen by the host.
     pub duration: Duration,
+    /// Which agent ran it.
+    pub served_by: ServedBy,
 }
 
 impl ExecOutcome {
@@ -267,6 +296,13 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
         }
     }
 
+    /// The VM's `agentvm-guest` connection, when its channel exists and the agent answers
+    /// (made on first use, kept per VM; see [`crate::agent_conn`]).
+    pub fn agent(&self) -> Option<std::sync::Arc<crate::agent_conn::AgentConn>> {
+        let path = self.chan.agent_socket()?;
+        crate::agent_conn::connection(self.chan.vm_name(), &path)
+    }
+
     /// `guest-ping`.
     pub fn ping(&self) -> Result<()> {
         self.call("guest-ping", None).map(|_| ())
@@ -280,7 +316,20 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
                 .chan
                 .command(&json!({"execute": "guest-ping"}), Duration::from_secs(2))
             {
-                Ok(_) => return Ok(start.elapsed()),
+                Ok(_) => {
+                    // agentvm's PID 1 starts agentvm-guest next to qemu-ga: connect to it
+                    // now, so the first program already runs through it. A guest without
+                    // it (an image from before it) is served by qemu-ga.
+                    if let Some(path) = self.chan.agent_socket() {
+                        let budget = timeout.saturating_sub(start.elapsed()).min(AGENT_BOOT_WAIT);
+                        if let Err(e) =
+                            crate::agent_conn::connect_within(self.chan.vm_name(), &path, budget)
+                        {
+                            tracing::warn!(vm = self.chan.vm_name(), error = %e, "agentvm-guest did not answer; qemu-guest-agent serves this VM");
+                        }
+                    }
+                    return Ok(start.elapsed());
+                }
                 // The domain is gone or stopped (destroyed meanwhile): no point waiting.
                 Err(e) if e.is_vm_gone() => return Err(e),
                 Err(e) => {
@@ -315,6 +364,9 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
 
     /// Write `data` to `path` in the guest (created or truncated), in chunks of any total size.
     pub fn write_file(&self, path: &str, data: &[u8]) -> Result<()> {
+        if let Some(a) = self.agent() {
+            return a.write_file(path, data);
+        }
         let h = self.open(path, "w")?;
         let res = (|| {
             let mut pos = 0u64;
@@ -406,8 +458,11 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
     /// per [`FILE_CHUNK`], so a large file never sits in host memory whole. The caller
     /// bounds how much it reads.
     pub fn open_reader(&self, path: &str) -> Result<GuestFileReader<'_, 'a, C>> {
+        if let Some(a) = self.agent() {
+            return Ok(GuestFileReader::Agent(a.open_reader(path, u64::MAX)?));
+        }
         let handle = self.open(path, "r")?;
-        Ok(GuestFileReader {
+        Ok(GuestFileReader::Ga(GaFileReader {
             guest: self,
             path: path.to_string(),
             handle: Some(handle),
@@ -416,11 +471,14 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
             at: 0,
             eof: false,
             error: None,
-        })
+        }))
     }
 
     /// Read the whole file at `path`, failing if it is larger than `max` bytes.
     pub fn read_file(&self, path: &str, max: usize) -> Result<Vec<u8>> {
+        if let Some(a) = self.agent() {
+            return a.read_file(path, max);
+        }
         let h = self.open(path, "r")?;
         let res = (|| {
             let mut out = Vec::new();
@@ -573,6 +631,9 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
         req: &ExecRequest,
         on_output: &mut dyn FnMut(Stream, &[u8]),
     ) -> Result<ExecOutcome> {
+        if let Some(a) = self.agent() {
+            return a.exec(req, None, self.cancel.as_deref(), on_output);
+        }
         let id = format!(
             "{}-{}",
             std::process::id(),
@@ -746,6 +807,7 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
             stdout_total,
             stderr_total,
             duration,
+            served_by: ServedBy::QemuGuestAgent,
         })
     }
 
@@ -790,12 +852,50 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
     }
 }
 
-/// A guest file read as a [`std::io::Read`] stream, a [`FILE_CHUNK`] per agent call (see
-/// [`Guest::open_reader`]). The handle is closed by [`GuestFileReader::close`] or on drop.
+/// A guest file read as a [`std::io::Read`] stream (see [`Guest::open_reader`]): through
+/// agentvm-guest, or a [`FILE_CHUNK`] per qemu-guest-agent call. The handle is closed by [`GuestFileReader::close`] or on drop.
 /// An agent failure surfaces as an `io::Error` and is kept: [`GuestFileReader::take_error`]
 /// gives it back as the [`BackendError`] it was, so callers can tell a failing guest agent
 /// from bad data.
-pub struct GuestFileReader<'g, 'a, C: AgentChannel + ?Sized> {
+pub enum GuestFileReader<'g, 'a, C: AgentChannel + ?Sized> {
+    /// Through agentvm-guest: one stream, under flow control.
+    Agent(crate::agent_conn::AgentFileReader),
+    /// Through qemu-guest-agent: a [`FILE_CHUNK`] per call.
+    Ga(GaFileReader<'g, 'a, C>),
+}
+
+impl<C: AgentChannel + ?Sized> GuestFileReader<'_, '_, C> {
+    /// The agent failure that ended reading, if any.
+    pub fn take_error(&mut self) -> Option<BackendError> {
+        match self {
+            GuestFileReader::Agent(r) => r.take_error(),
+            GuestFileReader::Ga(r) => r.error.take(),
+        }
+    }
+
+    /// Close the guest handle (also done on drop, ignoring errors).
+    pub fn close(self) -> Result<()> {
+        match self {
+            GuestFileReader::Agent(_) => Ok(()),
+            GuestFileReader::Ga(mut r) => match r.handle.take() {
+                Some(h) => r.guest.close(h),
+                None => Ok(()),
+            },
+        }
+    }
+}
+
+impl<C: AgentChannel + ?Sized> std::io::Read for GuestFileReader<'_, '_, C> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            GuestFileReader::Agent(r) => r.read(out),
+            GuestFileReader::Ga(r) => r.read(out),
+        }
+    }
+}
+
+/// The qemu-guest-agent side of [`GuestFileReader`].
+pub struct GaFileReader<'g, 'a, C: AgentChannel + ?Sized> {
     guest: &'g Guest<'a, C>,
     path: String,
     handle: Option<i64>,
@@ -806,22 +906,7 @@ pub struct GuestFileReader<'g, 'a, C: AgentChannel + ?Sized> {
     error: Option<BackendError>,
 }
 
-impl<C: AgentChannel + ?Sized> GuestFileReader<'_, '_, C> {
-    /// The agent failure that ended reading, if any.
-    pub fn take_error(&mut self) -> Option<BackendError> {
-        self.error.take()
-    }
-
-    /// Close the guest handle (also done on drop, ignoring errors).
-    pub fn close(mut self) -> Result<()> {
-        match self.handle.take() {
-            Some(h) => self.guest.close(h),
-            None => Ok(()),
-        }
-    }
-}
-
-impl<C: AgentChannel + ?Sized> std::io::Read for GuestFileReader<'_, '_, C> {
+impl<C: AgentChannel + ?Sized> std::io::Read for GaFileReader<'_, '_, C> {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         if self.at == self.buf.len() && !self.eof && !out.is_empty() {
             let Some(h) = self.handle else {
@@ -848,7 +933,7 @@ impl<C: AgentChannel + ?Sized> std::io::Read for GuestFileReader<'_, '_, C> {
     }
 }
 
-impl<C: AgentChannel + ?Sized> Drop for GuestFileReader<'_, '_, C> {
+impl<C: AgentChannel + ?Sized> Drop for GaFileReader<'_, '_, C> {
     fn drop(&mut self) {
         if let Some(h) = self.handle.take() {
             let _ = self.guest.close(h);

@@ -74,6 +74,41 @@ pub fn filtered_addresses(xml: &str) -> Vec<(String, Ipv4Addr)> {
     out
 }
 
+/// The host path of the Unix socket behind the virtio channel named `target` in domain XML
+/// `xml` (`<channel type='unix'><source path=.../><target type='virtio' name=target/>`).
+pub fn channel_socket(xml: &str, target: &str) -> Option<std::path::PathBuf> {
+    let mut reader = Reader::from_str(xml);
+    let mut in_channel = false;
+    let (mut path, mut name) = (None::<String>, None::<String>);
+    loop {
+        let e = match reader.read_event() {
+            Ok(Event::Start(e)) | Ok(Event::Empty(e)) => e,
+            Ok(Event::End(e)) if e.name().as_ref() == b"channel" => {
+                if in_channel && name.as_deref() == Some(target) {
+                    return path.map(Into::into);
+                }
+                in_channel = false;
+                (path, name) = (None, None);
+                continue;
+            }
+            Ok(Event::Eof) | Err(_) => return None,
+            Ok(_) => continue,
+        };
+        let attr = |key: &[u8]| {
+            e.attributes()
+                .flatten()
+                .find(|a| a.key.as_ref() == key)
+                .and_then(|a| a.unescape_value().ok().map(|v| v.into_owned()))
+        };
+        match e.name().as_ref() {
+            b"channel" => in_channel = attr(b"type").as_deref() == Some("unix"),
+            b"source" if in_channel => path = attr(b"path"),
+            b"target" if in_channel => name = attr(b"name"),
+            _ => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,5 +134,25 @@ mod tests {
             filtered_addresses(xml),
             vec![("agentvm-web".to_string(), "10.0.0.23".parse().unwrap())]
         );
+    }
+
+    #[test]
+    fn channel_socket_is_read_from_live_xml() {
+        let xml = r#"<domain><devices>
+          <channel type='unix'><source mode='bind' path='/var/lib/libvirt/qemu/channel/target/domain-3-vm/org.qemu.guest_agent.0'/><target type='virtio' name='org.qemu.guest_agent.0' state='connected'/></channel>
+          <channel type='unix'><source mode='bind' path='/var/lib/libvirt/qemu/channel/target/domain-3-vm/org.agentvm.agent.0'/><target type='virtio' name='org.agentvm.agent.0'/></channel>
+          <channel type='pty'><target type='virtio' name='other'/></channel>
+        </devices></domain>"#;
+        assert_eq!(
+            channel_socket(xml, "org.agentvm.agent.0").unwrap(),
+            std::path::PathBuf::from(
+                "/var/lib/libvirt/qemu/channel/target/domain-3-vm/org.agentvm.agent.0"
+            )
+        );
+        assert!(channel_socket(xml, "other").is_none());
+        assert!(channel_socket(xml, "missing").is_none());
+        // An inactive definition has no path yet.
+        let inactive = "<domain><devices><channel type='unix'><target type='virtio' name='org.agentvm.agent.0'/></channel></devices></domain>";
+        assert!(channel_socket(inactive, "org.agentvm.agent.0").is_none());
     }
 }

@@ -2,6 +2,7 @@
 //! qemu-guest-agent, and the per-VM files (overlays, logs) that go with each domain.
 
 pub mod accel;
+pub mod agent_conn;
 pub mod backend;
 pub mod error;
 #[cfg(any(test, feature = "fake"))]
@@ -24,7 +25,7 @@ pub use accel::{Accelerator, AcceleratorChoice};
 pub use backend::{Backend, LibvirtBackend};
 pub use error::{BackendError, Result};
 pub use golden::{GoldenState, GoldenVm, ResetReport, ResetStrategy};
-pub use guest::{AgentChannel, ExecOutcome, ExecRequest, Guest, Stream};
+pub use guest::{AgentChannel, ExecOutcome, ExecRequest, Guest, ServedBy, Stream};
 pub use libvirt::Libvirt;
 pub use limits::{Enforcement, Limit, VmLimits};
 pub use stats::DomainStats;

@@ -409,6 +409,13 @@ impl AgentChannel for DomainAgent {
         &self.name
     }
 
+    fn agent_socket(&self) -> Option<std::path::PathBuf> {
+        // libvirt picks the path (under its own state directory) when the domain starts;
+        // the live XML says where.
+        let xml = self.dom.xml_desc(0).ok()?;
+        crate::guest_addr::channel_socket(&xml, agentvm_guest::PORT_NAME)
+    }
+
     fn command(&self, command: &Value, timeout: Duration) -> Result<Value> {
         let secs = timeout.as_secs().clamp(1, i32::MAX as u64) as i32;
         // libvirt bounds the agent's silence by `secs`, but not the wait for the domain's

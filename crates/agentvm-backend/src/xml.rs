@@ -384,6 +384,16 @@ impl DomainSpec {
                     .write_empty()?;
                 Ok(())
             })?;
+        // agentvm-guest's port; libvirt picks the socket path when the domain starts.
+        w.create_element("channel")
+            .with_attribute(("type", "unix"))
+            .write_inner_content(|w| {
+                w.create_element("target")
+                    .with_attribute(("type", "virtio"))
+                    .with_attribute(("name", agentvm_guest::PORT_NAME))
+                    .write_empty()?;
+                Ok(())
+            })?;
         w.create_element("rng")
             .with_attribute(("model", "virtio"))
             .write_inner_content(|w| {

@@ -214,21 +214,29 @@ fn large_files_timeouts_output_cap_stats_and_a_stopped_agent() {
     assert_eq!(out.stderr, b"done\n");
     assert!(!out.stderr_truncated());
 
-    // A guest agent that stops answering is a typed error within a bounded time.
-    let qga = sh(
-        &g,
-        "for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = qemu-ga ] && echo ${p#/proc/}; done; true",
+    // Programs run through agentvm-guest; qemu-ga stays for liveness and as a fallback.
+    assert_eq!(
+        g.exec(
+            &ExecRequest::new("true", Vec::<String>::new()),
+            &mut |_, _| {}
+        )
+        .unwrap()
+        .served_by,
+        agentvm_backend::ServedBy::AgentvmGuest
     );
-    let qga: u32 = qga
-        .lines()
-        .next()
-        .and_then(|l| l.parse().ok())
-        .unwrap_or_else(|| panic!("no qemu-ga pid in {qga:?}"));
-    sh(
-        &g,
-        &format!("setsid sh -c 'sleep 1; kill -STOP {qga}' >/dev/null 2>&1 </dev/null &"),
-    );
-    std::thread::sleep(Duration::from_secs(3));
+    let pid_of = |comm: &str| -> u32 {
+        let out = sh(
+            &g,
+            &format!("for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = {comm} ] && echo ${{p#/proc/}}; done; true"),
+        );
+        out.lines()
+            .next()
+            .and_then(|l| l.parse().ok())
+            .unwrap_or_else(|| panic!("no {comm} pid in {out:?}"))
+    };
+    // qemu-ga stopped: liveness fails typed, programs still run through agentvm-guest.
+    let qga = pid_of("qemu-ga");
+    sh(&g, &format!("kill -STOP {qga}"));
     let t = Instant::now();
     let err = g.ping().unwrap_err();
     assert!(
@@ -238,6 +246,16 @@ fn large_files_timeouts_output_cap_stats_and_a_stopped_agent() {
         ),
         "{err}"
     );
+    eprintln!("stopped qemu-ga detected in {:?}", t.elapsed());
+    assert_eq!(sh(&g, "echo still"), "still");
+    // agentvm-guest stopped as well: a typed error within a bounded time, no hang.
+    let own = pid_of("agentvm-guest");
+    sh(
+        &g,
+        &format!("setsid sh -c 'sleep 1; kill -STOP {own}' >/dev/null 2>&1 </dev/null &"),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let t = Instant::now();
     let err = g
         .exec(
             &ExecRequest::new("true", Vec::<String>::new()),
@@ -256,7 +274,7 @@ fn large_files_timeouts_output_cap_stats_and_a_stopped_agent() {
         "typed errors took {:?}",
         t.elapsed()
     );
-    eprintln!("stopped agent detected in {:?}", t.elapsed());
+    eprintln!("stopped agents detected in {:?}", t.elapsed());
 
     let dir = vm.files().dir.clone();
     vm.teardown().unwrap();
@@ -498,6 +516,9 @@ fn every_reset_reseeds_the_guest_rng_on_a_cpu_without_rdrand() {
             )
             .unwrap();
         assert_eq!(out.trim(), "", "loadvm");
+        // The guest's agentvm-guest went back to the golden moment too: sync anew, as
+        // agentvm's reset does (everything of a reset but the reseed).
+        agentvm_backend::agent_conn::forget(&name);
         g.wait_ready(Duration::from_secs(60)).unwrap();
         without_reseed.push(guest_random(&g));
     }

@@ -54,6 +54,8 @@ pub fn build(
 ) -> Result<BuiltImage, ImageError> {
     recipe.validate()?;
     let kernel = recipe.kernel.resolve()?;
+    let agent = guest::agent_binary()?;
+    guest::agent_identity()?;
     let hash = recipe.hash_with(Ok(&kernel));
     let images = cache::images_dir(cache_dir);
     let final_dir = images.join(&hash);
@@ -92,7 +94,7 @@ pub fn build(
 
     let started = Instant::now();
     let temp = TempBuildDir::create(images.join(cache::temp_dir_name(&hash)))?;
-    let metadata = run_steps(recipe, &kernel, &hash, temp.path(), progress)?;
+    let metadata = run_steps(recipe, &kernel, &agent, &hash, temp.path(), progress)?;
 
     // Publish: an incomplete leftover under the final name (lookup rejected it) goes first.
     if fs::symlink_metadata(&final_dir).is_ok() {
@@ -147,6 +149,7 @@ fn is_root() -> bool {
 fn run_steps(
     recipe: &Recipe,
     kernel: &ResolvedKernel,
+    agent: &Path,
     hash: &str,
     dir: &Path,
     progress: &mut dyn FnMut(BuildEvent),
@@ -207,7 +210,7 @@ fn run_steps(
         progress,
         &mut step_seconds,
     );
-    guest::install(&rootfs)?;
+    guest::install(&rootfs, agent)?;
 
     // 5. setup commands
     step(

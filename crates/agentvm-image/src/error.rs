@@ -27,6 +27,13 @@ pub enum ImageError {
         reason: String,
     },
 
+    /// The `agentvm-guest` binary to install into images was not found.
+    #[error("agentvm-guest (agentvm's guest agent, installed into every image) not found; looked at {}. Build it with `cargo build -p agentvm-guest` (it belongs next to the agentvm binary) or set AGENTVM_GUEST_BIN to its path", looked.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    GuestAgentMissing {
+        /// Where it was looked for.
+        looked: Vec<PathBuf>,
+    },
+
     /// The recipe itself is unusable.
     #[error("invalid image recipe: {field}: {reason}")]
     InvalidRecipe {

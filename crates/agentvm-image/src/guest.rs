@@ -14,6 +14,60 @@ pub const INIT_SCRIPT: &str = include_str!("guest/agentvm-init.sh");
 /// `/proc/sysrq-trigger` (no systemd in the guest; qemu-ga's guest-shutdown calls these).
 pub const POWER_SCRIPT: &str = include_str!("guest/power.sh");
 
+/// Where agentvm's own guest agent is installed in the guest (PID 1 starts it).
+pub const AGENT_PATH: &str = "/usr/local/sbin/agentvm-guest";
+
+/// The environment variable naming the `agentvm-guest` binary to install.
+pub const AGENT_BIN_ENV: &str = "AGENTVM_GUEST_BIN";
+
+/// The `agentvm-guest` binary to put into images: `$AGENTVM_GUEST_BIN`, else the one next
+/// to the running executable (installed beside `agentvm`), else one directory up (cargo's
+/// test and bench binaries run from `target/<profile>/deps`).
+pub fn agent_binary() -> Result<PathBuf, ImageError> {
+    let mut looked = Vec::new();
+    if let Some(p) = std::env::var_os(AGENT_BIN_ENV) {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Ok(p);
+        }
+        looked.push(p);
+    } else if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(2) {
+            let p = dir.join("agentvm-guest");
+            if p.is_file() {
+                return Ok(p);
+            }
+            looked.push(p);
+        }
+    }
+    Err(ImageError::GuestAgentMissing { looked })
+}
+
+/// sha256 (hex) of the `agentvm-guest` binary [`agent_binary`] finds: part of the recipe
+/// hash, so a changed agent builds a new image. Cached per path, size and mtime.
+pub fn agent_identity() -> Result<String, ImageError> {
+    use sha2::{Digest, Sha256};
+    use std::sync::Mutex;
+    type Key = (PathBuf, u64, Option<std::time::SystemTime>);
+    static CACHE: Mutex<Option<(Key, String)>> = Mutex::new(None);
+    let path = agent_binary()?;
+    let meta = fs::metadata(&path).map_err(|e| ImageError::io("reading", &path, e))?;
+    let key = (path.clone(), meta.len(), meta.modified().ok());
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((k, hash)) = &*cache {
+        if *k == key {
+            return Ok(hash.clone());
+        }
+    }
+    let bytes = fs::read(&path).map_err(|e| ImageError::io("reading", &path, e))?;
+    let hash: String = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    *cache = Some((key, hash.clone()));
+    Ok(hash)
+}
+
 /// Host name of every guest.
 pub const GUEST_HOSTNAME: &str = "agentvm";
 
@@ -97,7 +151,14 @@ pub(crate) fn finalize(root: &Path) -> Result<(), ImageError> {
 
 /// Writes every [`FILES`] entry into `root`, resolving symlinks inside `root`
 /// (bookworm's `/sbin` is a symlink to `usr/sbin`).
-pub(crate) fn install(root: &Path) -> Result<(), ImageError> {
+pub(crate) fn install(root: &Path, agent: &Path) -> Result<(), ImageError> {
+    let target = resolve_in_root(root, Path::new(AGENT_PATH))?;
+    if let Some(dir) = target.parent() {
+        fs::create_dir_all(dir).map_err(|e| ImageError::io("creating", dir, e))?;
+    }
+    fs::copy(agent, &target).map_err(|e| ImageError::io("copying agentvm-guest to", &target, e))?;
+    fs::set_permissions(&target, fs::Permissions::from_mode(0o755))
+        .map_err(|e| ImageError::io("setting permissions of", &target, e))?;
     for file in FILES {
         let target = resolve_in_root(root, Path::new(file.path))?;
         if let Ok(meta) = fs::symlink_metadata(&target) {
@@ -210,6 +271,8 @@ mod tests {
             "/sys/class/virtio-ports/*",
             "org.qemu.guest_agent.0",
             "qemu-ga -m virtio-serial -p \"$port\"",
+            "port_named org.agentvm.agent.0",
+            "/usr/local/sbin/agentvm-guest --port \"$port\"",
         ] {
             assert!(INIT_SCRIPT.contains(needle), "init script lacks {needle:?}");
         }
@@ -293,7 +356,16 @@ mod tests {
         symlink("usr/sbin", r.join("sbin")).unwrap();
         // debootstrap copies the host's resolv.conf; it may also be a symlink.
         symlink("/run/resolvconf/resolv.conf", r.join("etc/resolv.conf")).unwrap();
-        install(r).unwrap();
+        let agent = root.path().join("agent-bin");
+        fs::write(&agent, b"\x7fELF agent").unwrap();
+        install(r, &agent).unwrap();
+        // /usr/local/sbin did not exist: made, and the agent is executable there.
+        let installed = r.join("usr/local/sbin/agentvm-guest");
+        assert_eq!(fs::read(&installed).unwrap(), b"\x7fELF agent");
+        assert_eq!(
+            fs::metadata(&installed).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
         let init = r.join("usr/sbin/agentvm-init");
         assert_eq!(fs::read_to_string(&init).unwrap(), INIT_SCRIPT);
         assert_eq!(

@@ -78,11 +78,13 @@ struct CanonicalRecipe<'a> {
     kernel: Result<&'a ResolvedKernel, String>,
     cmdline: &'a str,
     guest_files: Vec<(&'a str, &'a str)>,
+    guest_agent: Result<String, String>,
 }
 
 impl Recipe {
     /// The cache key: sha256 (hex) of a canonical form of the recipe that also
-    /// covers the init script and the other files agentvm installs, the base
+    /// covers the init script and the other files agentvm installs (the
+    /// `agentvm-guest` binary by its sha256), the base
     /// package list, the kernel command line and the resolved kernel (version,
     /// banner, size and mtime of the kernel and initrd). Changing any of these
     /// gives another key. Package order and duplicates do not matter.
@@ -97,6 +99,7 @@ impl Recipe {
     /// Like [`Recipe::hash`], but fails when the kernel cannot be resolved.
     pub fn try_hash(&self) -> Result<String, ImageError> {
         let kernel = self.kernel.resolve()?;
+        guest::agent_identity()?;
         Ok(self.hash_with(Ok(&kernel)))
     }
 
@@ -121,6 +124,7 @@ impl Recipe {
             kernel,
             cmdline: KERNEL_CMDLINE,
             guest_files: guest::FILES.iter().map(|f| (f.path, f.content)).collect(),
+            guest_agent: guest::agent_identity().map_err(|e| e.to_string()),
         };
         serde_json::to_string(&canonical).expect("canonical recipe serialises")
     }

@@ -443,6 +443,10 @@ pub struct AgentRunStatus {
     /// (`output.maxMib`), once it has ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<OutputCount>,
+    /// Which guest agent ran the program: `agentvm-guest` (agentvm's own) or
+    /// `qemu-guest-agent` (the fallback, for a guest whose own agent did not answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_agent: Option<String>,
     /// CamelCase reason for the current phase (`Completed`, `NonZeroExit`,
     /// `Timeout`, `PoolNotFound`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -902,6 +902,7 @@ impl Job {
         st.egress = self.ctx.egress.take(&self.name);
         if let Ok(r) = &result {
             st.output = Some(r.output);
+            st.guest_agent = Some(r.outcome.served_by.as_str().to_string());
             if let Some(message) = r.truncated_message(spec.output.max_mib) {
                 set(st, OUTPUT_TRUNCATED, true, "OutputCapReached", message);
             }

@@ -3,8 +3,8 @@
 #
 # Mounts the kernel filesystems, loads the virtio drivers, grows the root
 # file system to the disk, brings up lo and DHCP on every e* NIC (in the background; isolated guests have none), keeps
-# qemu-guest-agent running on the org.qemu.guest_agent.0 virtio port, and
-# then reaps zombies forever. No systemd, no udev: this is all a guest needs
+# qemu-guest-agent running on the org.qemu.guest_agent.0 virtio port and
+# agentvm-guest on org.agentvm.agent.0, and then reaps zombies forever. No systemd, no udev: this is all a guest needs
 # to answer the host's guest agent.
 
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -67,11 +67,11 @@ for nic in /sys/class/net/e*; do
     dhclient -nw -q "$name" >/dev/null 2>&1 </dev/null || log "dhclient on $name failed"
 done
 
-# Prints /dev/vportNpM of the virtio port named org.qemu.guest_agent.0.
-agent_port() {
+# Prints /dev/vportNpM of the virtio port named $1.
+port_named() {
     for port in /sys/class/virtio-ports/*; do
         [ -r "$port/name" ] || continue
-        if [ "$(cat "$port/name")" = org.qemu.guest_agent.0 ]; then
+        if [ "$(cat "$port/name")" = "$1" ]; then
             echo "/dev/${port##*/}"
             return 0
         fi
@@ -84,7 +84,7 @@ agent_port() {
 (
     waited=0
     while :; do
-        if port=$(agent_port) && [ -c "$port" ]; then
+        if port=$(port_named org.qemu.guest_agent.0) && [ -c "$port" ]; then
             qemu-ga -m virtio-serial -p "$port" </dev/null
             log "qemu-ga exited with status $?; restarting"
             sleep 1
@@ -94,6 +94,26 @@ agent_port() {
             fi
             waited=$((waited + 1))
             sleep 0.1
+        fi
+    done
+) &
+
+# agentvm-guest, agentvm's own agent (exec, streams, terminal, files), on its
+# own port; restarted whenever it exits. A VM defined without the port (older
+# agentvm) is served by qemu-ga alone.
+(
+    waited=0
+    while :; do
+        if port=$(port_named org.agentvm.agent.0) && [ -c "$port" ]; then
+            /usr/local/sbin/agentvm-guest --port "$port" </dev/null >/dev/console 2>&1
+            log "agentvm-guest exited with status $?; restarting"
+            sleep 1
+        else
+            if [ "$waited" -eq 100 ]; then
+                log "no virtio port named org.agentvm.agent.0; qemu-ga serves alone"
+            fi
+            waited=$((waited + 1))
+            if [ "$waited" -lt 100 ]; then sleep 0.1; else sleep 10; fi
         fi
     done
 ) &
