@@ -61,14 +61,14 @@ if [ "$test_rc" -ne 0 ]; then
 fi
 rm -f "$test_log"
 
-# Bounded fuzzing of manifest parsing and API request decoding (fuzz/README.md). The stable
+# Bounded fuzzing of manifest parsing, API request decoding and guest-agent frames (fuzz/README.md). The stable
 # toolchain takes cargo fuzz's sanitizer flags with RUSTC_BOOTSTRAP=1; fuzz/target is kept
 # between runs, and what libFuzzer finds goes to a scratch directory, not into git.
 fuzz_seconds=${AGENTVM_FUZZ_SECONDS:-60}
 step "fuzz: ${fuzz_seconds} s per target"
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 fuzz_scratch=$(mktemp -d)
-for target in manifest apply_request; do
+for target in manifest apply_request guest_frames; do
   mkdir -p "$fuzz_scratch/$target"
   if ! (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" "$fuzz_scratch/$target" "corpus/$target" -- \
           -max_total_time="$fuzz_seconds" -timeout=30 -rss_limit_mb=2048 -max_len=65536 \

@@ -811,6 +811,25 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
         })
     }
 
+    /// Run a program with its stdin fed from the host and, with a size in
+    /// `interactive.pty`, on a terminal. Needs agentvm-guest (qemu-guest-agent has neither).
+    pub fn exec_interactive(
+        &self,
+        req: &ExecRequest,
+        interactive: crate::agent_conn::Interactive,
+        on_output: &mut dyn FnMut(Stream, &[u8]),
+    ) -> Result<ExecOutcome> {
+        let a = self
+            .agent()
+            .ok_or_else(|| BackendError::GuestAgentUnavailable {
+                vm: self.chan.vm_name().to_string(),
+                message:
+                    "agentvm-guest does not answer, and qemu-guest-agent has no stdin or terminal"
+                        .into(),
+            })?;
+        a.exec(req, Some(interactive), self.cancel.as_deref(), on_output)
+    }
+
     /// Run warm-up `steps` in order, output discarded; the first that does not exit 0 ends
     /// it with [`BackendError::GuestCommand`] (its exit and stderr).
     pub fn warm_up(&self, steps: &[ExecRequest]) -> Result<()> {

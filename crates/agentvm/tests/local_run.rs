@@ -120,3 +120,101 @@ fn local_run_executes_in_a_real_vm_with_warmup_env_secrets_and_artifacts() {
         .unwrap();
     assert!(!String::from_utf8_lossy(&list.stdout).contains("agentvm-run-local-check-"));
 }
+
+/// A state directory of the test's own under /var/lib (QEMU's user must pass through it).
+fn state_dir() -> tempfile::TempDir {
+    let state = tempfile::Builder::new()
+        .prefix("agentvm-localexec-")
+        .tempdir_in("/var/lib")
+        .unwrap();
+    std::fs::set_permissions(
+        state.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    state
+}
+
+fn agentvm_cmd(state: &std::path::Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_agentvm"));
+    c.env("AGENTVM_STATE_DIR", state).env(
+        "AGENTVM_ACCEL",
+        std::env::var("AGENTVM_ACCEL").unwrap_or("tcg".into()),
+    );
+    c
+}
+
+#[test]
+fn exec_i_feeds_stdin_and_exec_t_runs_on_a_terminal_of_this_size() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let state = state_dir();
+    // -i: 1 MiB through stdin, counted and checksummed in the guest.
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    let want = {
+        use sha2::Digest;
+        format!("{:x}", sha2::Sha256::digest(&data))
+    };
+    let mut child = agentvm_cmd(state.path())
+        .args([
+            "exec",
+            "-i",
+            "--",
+            "sh",
+            "-c",
+            "tee /tmp/in | wc -c; sha256sum /tmp/in",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    std::thread::spawn(move || {
+        let _ = stdin.write_all(&data);
+    });
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.starts_with("1048576\n"), "{stdout}");
+    assert!(stdout.contains(&want), "{stdout}");
+
+    // -t (under `script`, which gives agentvm a terminal of 30x90): the program sees a
+    // terminal of that size; with -i, what is typed reaches it.
+    let out = Command::new("script")
+        .args(["-qec"])
+        .arg(format!(
+            "stty rows 30 cols 90; {} exec -it -- sh -c 'tty; stty size; read x; echo got:$x'",
+            env!("CARGO_BIN_EXE_agentvm")
+        ))
+        .arg("/dev/null")
+        .env("AGENTVM_STATE_DIR", state.path())
+        .env(
+            "AGENTVM_ACCEL",
+            std::env::var("AGENTVM_ACCEL").unwrap_or("tcg".into()),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            let mut i = c.stdin.take().unwrap();
+            std::thread::spawn(move || {
+                // Typed once the program waits for it (the VM boots first).
+                for _ in 0..120 {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                    if i.write_all(b"typed\n").is_err() {
+                        break;
+                    }
+                }
+            });
+            c.wait_with_output()
+        })
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("/dev/pts/"), "{stdout}");
+    assert!(stdout.contains("30 90"), "{stdout}");
+    assert!(stdout.contains("got:typed"), "{stdout}");
+}

@@ -1,12 +1,15 @@
-//! `agentvm exec -- CMD ARGS..`: one command in a fresh, isolated, throw-away VM.
+//! `agentvm exec [-i] [-t] -- CMD ARGS..`: one command in a fresh, isolated, throw-away VM,
+//! optionally with this terminal's input (`-i`) and on a terminal of its own (`-t`).
 
 use std::io::Write;
 use std::time::Duration;
 
+use agentvm_backend::agent_conn::Interactive;
 use agentvm_backend::guest::{ExecRequest, Guest, Stream};
 use agentvm_backend::vm::{resolve_accelerator, EphemeralVm, VmShape};
 use agentvm_backend::{Libvirt, Owner};
 use agentvm_controller::Config;
+use agentvm_guest::WinSize;
 use agentvm_image::Recipe;
 use anyhow::Context;
 use clap::Args;
@@ -20,9 +23,17 @@ pub struct ExecArgs {
     /// Guest RAM in MiB.
     #[arg(long, default_value_t = 512)]
     memory_mib: u64,
-    /// Kill the command after this long (`90`, `90s`, `5m`, `1h`).
-    #[arg(long, alias = "timeout-seconds", default_value = "5m", value_name = "DURATION", value_parser = super::parse_duration)]
-    timeout: Duration,
+    /// Kill the command after this long (`90`, `90s`, `5m`, `1h`) [default: 5m, or 24h with
+    /// -i/-t].
+    #[arg(long, alias = "timeout-seconds", value_name = "DURATION", value_parser = super::parse_duration)]
+    timeout: Option<Duration>,
+    /// Pass standard input to the command (until it ends).
+    #[arg(short, long)]
+    interactive: bool,
+    /// Run the command on a terminal of its own, the size of this one (which is put into raw
+    /// mode meanwhile); use with -i for a shell: `agentvm exec -it -- bash`.
+    #[arg(short, long)]
+    tty: bool,
     /// Environment variable for the command, `KEY=VALUE` (repeatable).
     #[arg(short, long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
@@ -66,8 +77,20 @@ impl ExecArgs {
             "guest agent answered after {:.1}s",
             vm.boot_time.as_secs_f64()
         );
+        let tty = if self.tty {
+            Some(Terminal::open().context("-t needs a terminal on standard input")?)
+        } else {
+            None
+        };
+        let timeout = self.timeout.unwrap_or(if self.interactive || self.tty {
+            Duration::from_secs(24 * 3600)
+        } else {
+            Duration::from_secs(300)
+        });
         let mut req = ExecRequest::new(&self.command[0], self.command[1..].iter().cloned());
-        req.timeout = self.timeout;
+        req.timeout = timeout;
+        // Printed as it comes; nothing needs keeping.
+        req.keep_output = false;
         req.cwd = self.workdir.clone();
         for kv in &self.env {
             let (k, v) = kv
@@ -76,12 +99,39 @@ impl ExecArgs {
             req.env.insert(k.to_string(), v.to_string());
         }
         let agent = vm.agent()?;
-        let outcome = Guest::new(&agent).exec(&req, &mut |s, data| {
+        let guest = Guest::new(&agent);
+        let mut print = |s: Stream, data: &[u8]| {
             let _ = match s {
-                Stream::Stdout => std::io::stdout().write_all(data),
+                Stream::Stdout => std::io::stdout()
+                    .write_all(data)
+                    .and_then(|_| std::io::stdout().flush()),
                 Stream::Stderr => std::io::stderr().write_all(data),
             };
-        });
+        };
+        let outcome = if self.interactive || self.tty {
+            if tty.is_some() {
+                req.output_cap = usize::MAX;
+            }
+            let interactive = Interactive {
+                stdin: self
+                    .interactive
+                    .then(|| Box::new(std::io::stdin()) as Box<dyn std::io::Read + Send>),
+                pty: tty.as_ref().map(|_| Terminal::size()),
+                winsize: tty
+                    .as_ref()
+                    .map(|_| Box::new(|| Some(Terminal::size())) as Box<_>),
+            };
+            // Raw mode only while the program runs: boot messages above stay readable.
+            let raw = match &tty {
+                Some(t) => Some(t.raw().context("putting the terminal into raw mode")?),
+                None => None,
+            };
+            let outcome = guest.exec_interactive(&req, interactive, &mut print);
+            drop(raw);
+            outcome
+        } else {
+            guest.exec(&req, &mut print)
+        };
         let _ = std::io::stdout().flush();
         vm.teardown().context("tearing the VM down")?;
         let outcome = outcome?;
@@ -94,7 +144,7 @@ impl ExecArgs {
         if outcome.timed_out {
             eprintln!(
                 "killed after the {} timeout",
-                humantime::format_duration(self.timeout)
+                humantime::format_duration(timeout)
             );
             return Ok(124);
         }
@@ -103,5 +153,51 @@ impl ExecArgs {
             (None, Some(sig)) => 128 + sig,
             _ => 1,
         })
+    }
+}
+
+/// The terminal on standard input: its size, and raw mode while a program runs on a guest
+/// terminal (restored on drop, also when the program fails).
+struct Terminal;
+
+/// The terminal's settings before raw mode.
+struct RawGuard(rustix::termios::Termios);
+
+impl Terminal {
+    fn open() -> anyhow::Result<Terminal> {
+        if !rustix::termios::isatty(std::io::stdin()) {
+            anyhow::bail!("standard input is not a terminal");
+        }
+        Ok(Terminal)
+    }
+
+    /// The size of the terminal (80x24 when it cannot be read).
+    fn size() -> WinSize {
+        match rustix::termios::tcgetwinsize(std::io::stdin()) {
+            Ok(w) if w.ws_row > 0 && w.ws_col > 0 => WinSize {
+                rows: w.ws_row,
+                cols: w.ws_col,
+            },
+            _ => WinSize { rows: 24, cols: 80 },
+        }
+    }
+
+    fn raw(&self) -> anyhow::Result<RawGuard> {
+        use rustix::termios::{tcgetattr, tcsetattr, OptionalActions};
+        let saved = tcgetattr(std::io::stdin())?;
+        let mut raw = saved.clone();
+        raw.make_raw();
+        tcsetattr(std::io::stdin(), OptionalActions::Now, &raw)?;
+        Ok(RawGuard(saved))
+    }
+}
+
+impl Drop for RawGuard {
+    fn drop(&mut self) {
+        let _ = rustix::termios::tcsetattr(
+            std::io::stdin(),
+            rustix::termios::OptionalActions::Now,
+            &self.0,
+        );
     }
 }
