@@ -14,21 +14,7 @@ use agentvm_backend::{BackendError, Libvirt, Owner};
 use sha2::{Digest, Sha256};
 
 mod common;
-use common::{accel, image, libvirt};
-
-fn shape() -> VmShape {
-    VmShape {
-        vcpus: 1,
-        memory_mib: 512,
-        nic: None,
-        accelerator: accel(),
-        boot_timeout: Duration::from_secs(180),
-        limits: Default::default(),
-        disabled_cpu_features: Vec::new(),
-        tcg_tb_cache_mib: Some(agentvm_backend::vm::DEFAULT_TCG_TB_CACHE_MIB),
-        disk_gib: None,
-    }
-}
+use common::{image, libvirt, shape};
 
 /// Disk of the reset tests' VMs, GiB: larger than the image's 2 GiB, so every reset shows
 /// whether the VM keeps its own size.
