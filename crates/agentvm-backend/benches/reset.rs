@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use agentvm_backend::golden::{GoldenVm, ResetStrategy, GOLDEN_SNAPSHOT};
 use agentvm_backend::guest::{AgentChannel, ExecRequest, Guest};
 use agentvm_backend::vm::{default_state_dir, VmShape};
-use agentvm_backend::{Accelerator, AcceleratorChoice, Libvirt, Owner};
+use agentvm_backend::{Libvirt, Owner};
 use serde_json::json;
 
 #[path = "../tests/common/mod.rs"]
@@ -28,20 +28,9 @@ fn env_usize(key: &str, default: usize) -> usize {
 }
 
 fn shape(memory_mib: u64) -> VmShape {
-    let accelerator = match AcceleratorChoice::from_env_or(AcceleratorChoice::Tcg).unwrap() {
-        AcceleratorChoice::Kvm => Accelerator::Kvm,
-        _ => Accelerator::Tcg,
-    };
     VmShape {
-        vcpus: 1,
         memory_mib,
-        nic: None,
-        accelerator,
-        boot_timeout: Duration::from_secs(180),
-        limits: Default::default(),
-        disabled_cpu_features: Vec::new(),
-        tcg_tb_cache_mib: Some(agentvm_backend::vm::DEFAULT_TCG_TB_CACHE_MIB),
-        disk_gib: None,
+        ..common::shape()
     }
 }
 

@@ -40,6 +40,23 @@ pub struct DomainStats {
 }
 
 impl DomainStats {
+    /// A sample taken at `at` with `cpu_time_ns` and nothing else counted yet.
+    fn new(cpu_time_ns: u64, at: Instant) -> Self {
+        DomainStats {
+            cpu_time_ns,
+            memory_rss_bytes: None,
+            memory_actual_bytes: None,
+            memory_available_bytes: None,
+            memory_unused_bytes: None,
+            memory_usable_bytes: None,
+            block_rd_bytes: 0,
+            block_wr_bytes: 0,
+            net_rx_bytes: 0,
+            net_tx_bytes: 0,
+            at,
+        }
+    }
+
     /// CPU usage between `earlier` and `self` as a fraction of one host CPU (1.0 = one core
     /// busy). `None` when the samples are not in order or the counter went backwards (QEMU
     /// restarted in between).
@@ -106,19 +123,7 @@ impl Libvirt {
         let at = Instant::now();
         let xml = dom.xml_desc(0).map_err(err)?;
         let targets = device_targets(&xml);
-        let mut stats = DomainStats {
-            cpu_time_ns: info.cpu_time,
-            memory_rss_bytes: None,
-            memory_actual_bytes: None,
-            memory_available_bytes: None,
-            memory_unused_bytes: None,
-            memory_usable_bytes: None,
-            block_rd_bytes: 0,
-            block_wr_bytes: 0,
-            net_rx_bytes: 0,
-            net_tx_bytes: 0,
-            at,
-        };
+        let mut stats = DomainStats::new(info.cpu_time, at);
         // Balloon statistics are in KiB.
         for m in dom.memory_stats(0).map_err(err)? {
             let bytes = Some(m.val.saturating_mul(1024));
@@ -179,19 +184,7 @@ mod tests {
     }
 
     fn sample(cpu: u64, at: Instant) -> DomainStats {
-        DomainStats {
-            cpu_time_ns: cpu,
-            memory_rss_bytes: None,
-            memory_actual_bytes: None,
-            memory_available_bytes: None,
-            memory_unused_bytes: None,
-            memory_usable_bytes: None,
-            block_rd_bytes: 0,
-            block_wr_bytes: 0,
-            net_rx_bytes: 0,
-            net_tx_bytes: 0,
-            at,
-        }
+        DomainStats::new(cpu, at)
     }
 
     #[test]

@@ -507,7 +507,6 @@ pub fn parse_owner(xml: &str) -> Option<Owner> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
 
     fn spec() -> DomainSpec {
         DomainSpec {
@@ -568,26 +567,13 @@ mod tests {
 
     /// (element, attributes) of every element in `xml`, in document order.
     fn elements(xml: &str) -> Vec<(String, Vec<(String, String)>)> {
-        let mut reader = Reader::from_str(xml);
-        let mut out = Vec::new();
-        loop {
-            match reader.read_event().unwrap() {
-                Event::Start(e) | Event::Empty(e) => out.push((
-                    String::from_utf8(e.name().as_ref().to_vec()).unwrap(),
-                    e.attributes()
-                        .map(|a| {
-                            let a = a.unwrap();
-                            (
-                                String::from_utf8(a.key.as_ref().to_vec()).unwrap(),
-                                a.unescape_value().unwrap().into_owned(),
-                            )
-                        })
-                        .collect(),
-                )),
-                Event::Eof => return out,
-                _ => {}
-            }
-        }
+        element_paths(xml)
+            .into_iter()
+            .map(|(path, attrs, _)| {
+                let name = path.rsplit('/').next().unwrap_or_default().to_string();
+                (name, attrs)
+            })
+            .collect()
     }
 
     fn parameters(xml: &str) -> Vec<(String, String)> {
@@ -729,12 +715,15 @@ mod tests {
             .contains("<hard_limit unit=\"MiB\">1792</hard_limit>"));
     }
 
+    /// An element's path, attributes (in document order) and text.
+    type Element = (String, Vec<(String, String)>, String);
+
     /// Every element of `xml` with its path from the root (`domain/devices/disk/iotune/..`),
     /// attributes and text: the document parsed back, not searched as a string.
-    fn element_paths(xml: &str) -> Vec<(String, BTreeMap<String, String>, String)> {
+    fn element_paths(xml: &str) -> Vec<Element> {
         let mut reader = Reader::from_str(xml);
         let mut path: Vec<String> = Vec::new();
-        let mut out: Vec<(String, BTreeMap<String, String>, String)> = Vec::new();
+        let mut out: Vec<Element> = Vec::new();
         let mut open: Vec<usize> = Vec::new();
         loop {
             match reader.read_event().expect("well-formed XML") {
@@ -766,10 +755,10 @@ mod tests {
         }
     }
 
-    fn attrs(e: &quick_xml::events::BytesStart<'_>) -> BTreeMap<String, String> {
+    fn attrs(e: &quick_xml::events::BytesStart<'_>) -> Vec<(String, String)> {
         e.attributes()
-            .flatten()
             .map(|a| {
+                let a = a.unwrap();
                 (
                     String::from_utf8(a.key.as_ref().to_vec()).unwrap(),
                     a.unescape_value().unwrap().into_owned(),
@@ -789,7 +778,7 @@ mod tests {
         element_paths(xml)
             .into_iter()
             .find(|(p, _, _)| p == path)
-            .and_then(|(_, a, _)| a.get(attr).cloned())
+            .and_then(|(_, a, _)| a.into_iter().find(|(k, _)| k == attr).map(|(_, v)| v))
     }
 
     fn with_nic() -> DomainSpec {

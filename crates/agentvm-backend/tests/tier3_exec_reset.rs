@@ -14,21 +14,7 @@ use agentvm_backend::{BackendError, Libvirt, Owner};
 use sha2::{Digest, Sha256};
 
 mod common;
-use common::{accel, image, libvirt};
-
-fn shape() -> VmShape {
-    VmShape {
-        vcpus: 1,
-        memory_mib: 512,
-        nic: None,
-        accelerator: accel(),
-        boot_timeout: Duration::from_secs(180),
-        limits: Default::default(),
-        disabled_cpu_features: Vec::new(),
-        tcg_tb_cache_mib: Some(agentvm_backend::vm::DEFAULT_TCG_TB_CACHE_MIB),
-        disk_gib: None,
-    }
-}
+use common::{image, libvirt, shape};
 
 /// Disk of the reset tests' VMs, GiB: larger than the image's 2 GiB, so every reset shows
 /// whether the VM keeps its own size.
@@ -348,6 +334,23 @@ fn warmup() -> Vec<ExecRequest> {
     ]
 }
 
+/// Boots test `test`'s VM ([`sized_shape`]), warms it up and parks it with `strategy`.
+fn park<'a>(lv: &'a Libvirt, test: &str, strategy: ResetStrategy) -> (String, GoldenVm<'a>) {
+    let name = vm_name(test);
+    let vm = GoldenVm::boot(
+        lv,
+        &default_state_dir(),
+        &name,
+        &image(),
+        &sized_shape(),
+        owner(test),
+        strategy,
+        &warmup(),
+    )
+    .unwrap_or_else(|e| panic!("booting and parking {name}: {e}"));
+    (name, vm)
+}
+
 fn assert_cleaned_up(lv: &Libvirt, name: &str, dir: &std::path::Path) {
     assert!(!dir.exists(), "{} left behind", dir.display());
     assert!(lv.domain_state(name).unwrap_err().is_not_found());
@@ -358,18 +361,7 @@ fn assert_cleaned_up(lv: &Libvirt, name: &str, dir: &std::path::Path) {
 #[test]
 fn snapshot_resets_clear_disk_tmpfs_and_processes_with_loadvm_and_libvirt_revert() {
     let lv = libvirt();
-    let name = vm_name("reset-snap");
-    let vm = GoldenVm::boot(
-        &lv,
-        &default_state_dir(),
-        &name,
-        &image(),
-        &sized_shape(),
-        owner("reset-snap"),
-        ResetStrategy::SnapshotLoadvm,
-        &warmup(),
-    )
-    .unwrap_or_else(|e| panic!("booting and parking {name}: {e}"));
+    let (name, vm) = park(&lv, "reset-snap", ResetStrategy::SnapshotLoadvm);
     eprintln!(
         "boot {:?}, warm-up {:?}, park {:?}",
         vm.boot_time,
@@ -393,18 +385,7 @@ fn snapshot_resets_clear_disk_tmpfs_and_processes_with_loadvm_and_libvirt_revert
 #[test]
 fn saved_memory_resets_clear_disk_tmpfs_and_processes() {
     let lv = libvirt();
-    let name = vm_name("reset-saved");
-    let vm = GoldenVm::boot(
-        &lv,
-        &default_state_dir(),
-        &name,
-        &image(),
-        &sized_shape(),
-        owner("reset-saved"),
-        ResetStrategy::SavedMemory,
-        &warmup(),
-    )
-    .unwrap_or_else(|e| panic!("booting and parking {name}: {e}"));
+    let (name, vm) = park(&lv, "reset-saved", ResetStrategy::SavedMemory);
     let golden = vm.golden().clone();
     assert!(golden.save_file().exists() && golden.golden_disk().exists());
     dirty_then_reset(&vm, ResetStrategy::SavedMemory, 1);

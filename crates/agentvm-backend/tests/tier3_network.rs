@@ -24,7 +24,7 @@ use agentvm_backend::vm::{default_state_dir, EphemeralVm, VmShape};
 use agentvm_backend::{BackendError, Libvirt, NicSpec, Owner};
 
 mod common;
-use common::{accel, image, libvirt};
+use common::{image, libvirt, shape};
 
 /// The "internet" host's address, inside the inet namespace.
 const INET_HOST: &str = "198.18.0.2";
@@ -137,15 +137,9 @@ fn owner(kind: &str, test: &str) -> Owner {
 
 fn boot<'a>(lv: &'a Libvirt, name: &str, nic: Option<NicSpec>) -> EphemeralVm<'a> {
     let shape = VmShape {
-        vcpus: 1,
-        memory_mib: 512,
         nic,
-        accelerator: accel(),
         boot_timeout: Duration::from_secs(240),
-        limits: Default::default(),
-        disabled_cpu_features: Vec::new(),
-        tcg_tb_cache_mib: Some(agentvm_backend::vm::DEFAULT_TCG_TB_CACHE_MIB),
-        disk_gib: None,
+        ..shape()
     };
     let vm = EphemeralVm::boot(
         lv,

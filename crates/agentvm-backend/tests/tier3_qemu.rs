@@ -2,28 +2,16 @@
 //! the real qemu-guest-agent. These tests fail (never skip) when libvirt or the image is missing:
 //! `scripts/test.sh` builds the image and starts libvirtd inside a test network namespace.
 
-use std::time::Duration;
-
 use agentvm_backend::guest::{ExecRequest, Guest, Stream};
-use agentvm_backend::vm::{default_state_dir, EphemeralVm, VmShape};
+use agentvm_backend::vm::{default_state_dir, EphemeralVm};
 use agentvm_backend::{Libvirt, Owner};
 
 mod common;
-use common::{accel, image, libvirt};
+use common::{image, libvirt, shape};
 
 fn boot<'a>(lv: &'a Libvirt, test: &str) -> EphemeralVm<'a> {
     let name = format!("agentvm-t3-{test}-{}", std::process::id());
-    let shape = VmShape {
-        vcpus: 1,
-        memory_mib: 512,
-        nic: None,
-        accelerator: accel(),
-        boot_timeout: Duration::from_secs(180),
-        limits: Default::default(),
-        disabled_cpu_features: Vec::new(),
-        tcg_tb_cache_mib: Some(agentvm_backend::vm::DEFAULT_TCG_TB_CACHE_MIB),
-        disk_gib: None,
-    };
+    let shape = shape();
     let owner = Owner {
         kind: "Test".into(),
         name: test.into(),

@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::report::{Row, Table};
 use crate::stats::summarize;
-use crate::vms::MEMORY_MIB;
+use crate::vms::{VmGuard, MEMORY_MIB};
 
 /// The flood's write limit in the limited case, MiB/s.
 pub const FLOOD_LIMIT_MIB: u64 = 10;
@@ -39,20 +39,6 @@ for i in range(n):
 /// Direct writes of 64 MiB, over and over, until killed.
 const FLOOD: &str =
     "while :; do dd if=/dev/zero of=/root/flood bs=1M count=64 oflag=direct 2>/dev/null; done";
-
-/// Destroys a VM of the backend when dropped (also when a measurement failed).
-struct VmGuard<'a> {
-    backend: &'a LibvirtBackend,
-    name: String,
-}
-
-impl Drop for VmGuard<'_> {
-    fn drop(&mut self) {
-        if let Err(e) = self.backend.destroy_vm(&self.name) {
-            eprintln!("warning: destroying {}: {e}", self.name);
-        }
-    }
-}
 
 fn request(name: &str, image: &BootImage, limits: VmLimits) -> PoolVmRequest {
     PoolVmRequest {

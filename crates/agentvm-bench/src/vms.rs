@@ -20,9 +20,9 @@ use crate::system::rss_kib;
 pub const MEMORY_MIB: u64 = 512;
 
 /// Destroys a VM of the backend when dropped (also when a measurement failed).
-struct VmGuard<'a> {
-    backend: &'a LibvirtBackend,
-    name: String,
+pub(crate) struct VmGuard<'a> {
+    pub(crate) backend: &'a LibvirtBackend,
+    pub(crate) name: String,
 }
 
 impl Drop for VmGuard<'_> {

@@ -29,15 +29,6 @@ struct Throwaway {
     root_file: PathBuf,
 }
 
-fn run_ok(cmd: &mut Command) {
-    let out = cmd.stdin(Stdio::null()).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 impl Throwaway {
     fn new(pid: u32) -> Self {
         let t = Throwaway {

@@ -29,17 +29,6 @@ fn pool_manifest(pool: &str, image: &str, max_size: u32) -> String {
     )
 }
 
-fn phase(env: &Env, run: &str) -> String {
-    env.status("run", run)["phase"]
-        .as_str()
-        .unwrap_or("Pending")
-        .to_string()
-}
-
-fn terminal(p: &str) -> bool {
-    matches!(p, "Succeeded" | "Failed" | "TimedOut" | "Cancelled")
-}
-
 fn logs(env: &Env, run: &str) -> String {
     let out = env.cmd(&["logs", &format!("run/{run}")]).output().unwrap();
     assert!(
@@ -75,7 +64,7 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
     let t0 = Instant::now();
     apply_yaml(&env, "first.yaml", &sh_run("first", &pool, "sleep 2", ""));
     let latency = loop {
-        let p = phase(&env, "first");
+        let p = run_phase(&env, "first");
         if p != "Pending" && p != "Scheduled" {
             break t0.elapsed();
         }
@@ -86,9 +75,9 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
         latency.as_secs_f64() * 1000.0
     );
     env.wait("first done", Duration::from_secs(60), || {
-        terminal(&phase(&env, "first"))
+        run_terminal(&run_phase(&env, "first"))
     });
-    assert_eq!(phase(&env, "first"), "Succeeded");
+    assert_eq!(run_phase(&env, "first"), "Succeeded");
 
     // Output is followed live: `logs -f` prints the first line long before the run ends,
     // and exits when it ends.
@@ -140,7 +129,7 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(phase(&env, "live"), "Succeeded");
+    assert_eq!(run_phase(&env, "live"), "Succeeded");
 
     // (a) A batch submitted at once (one apply: names give the order within it).
     let names: Vec<String> = (0..BATCH).map(|i| format!("batch-{i:02}")).collect();
@@ -151,7 +140,7 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
     let t0 = Instant::now();
     apply_yaml(&env, "batch.yaml", &docs.join("---\n"));
     env.wait("the batch done", Duration::from_secs(600), || {
-        names.iter().all(|n| terminal(&phase(&env, n)))
+        names.iter().all(|n| run_terminal(&run_phase(&env, n)))
     });
     let took = t0.elapsed();
     eprintln!(
@@ -204,7 +193,7 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
                  sleep 1; grep -qa '424[2]' /proc/[0-9]*/cmdline && echo started";
     apply_yaml(&env, "dirty.yaml", &sh_run("dirty", &pool, dirty, ""));
     env.wait("dirty done", Duration::from_secs(120), || {
-        terminal(&phase(&env, "dirty"))
+        run_terminal(&run_phase(&env, "dirty"))
     });
     let s = env.status("run", "dirty");
     assert_eq!(s["phase"], "Succeeded", "{s}");
@@ -223,7 +212,7 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
         ),
     );
     env.wait("slow done", Duration::from_secs(120), || {
-        terminal(&phase(&env, "slow"))
+        run_terminal(&run_phase(&env, "slow"))
     });
     let s = env.status("run", "slow");
     assert_eq!(s["phase"], "TimedOut", "{s}");
@@ -245,7 +234,7 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
         &sh_run("cancel", &pool, "touch /tmp/cancel-marker; sleep 622", ""),
     );
     env.wait("cancel Running", Duration::from_secs(60), || {
-        phase(&env, "cancel") == "Running"
+        run_phase(&env, "cancel") == "Running"
     });
     let t0 = Instant::now();
     let out = env.cmd(&["delete", "run/cancel"]).output().unwrap();
@@ -271,7 +260,7 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
                  echo checked";
     apply_yaml(&env, "check.yaml", &sh_run("check", &pool, check, ""));
     env.wait("check done", Duration::from_secs(120), || {
-        terminal(&phase(&env, "check"))
+        run_terminal(&run_phase(&env, "check"))
     });
     let s = env.status("run", "check");
     assert_eq!(s["phase"], "Succeeded", "{s}");
@@ -294,12 +283,12 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
         ),
     );
     env.wait("inflight Running", Duration::from_secs(60), || {
-        phase(&env, "inflight") == "Running"
+        run_phase(&env, "inflight") == "Running"
     });
     env.kill_controller();
     env.start_controller();
     let t = env.wait("inflight settled", Duration::from_secs(60), || {
-        terminal(&phase(&env, "inflight"))
+        run_terminal(&run_phase(&env, "inflight"))
     });
     let s = env.status("run", "inflight");
     assert_eq!(s["phase"], "Failed", "{s}");
@@ -310,7 +299,7 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
     );
     apply_yaml(&env, "check2.yaml", &sh_run("check2", &pool, check, ""));
     env.wait("check2 done", Duration::from_secs(120), || {
-        terminal(&phase(&env, "check2"))
+        run_terminal(&run_phase(&env, "check2"))
     });
     let s = env.status("run", "check2");
     assert_eq!(s["phase"], "Succeeded", "{s}");
@@ -332,7 +321,7 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
         ),
     );
     env.wait("secret done", Duration::from_secs(120), || {
-        terminal(&phase(&env, "secret"))
+        run_terminal(&run_phase(&env, "secret"))
     });
     let obj = env.get("run", "secret").unwrap();
     let s = &obj["status"];
@@ -461,7 +450,7 @@ fn hostile_artifacts(env: &Env, run: &str) -> std::path::PathBuf {
     use std::os::unix::fs::MetadataExt;
     apply_yaml(env, "hostile.yaml", run);
     env.wait("hostile done", Duration::from_secs(120), || {
-        terminal(&phase(env, "hostile"))
+        run_terminal(&run_phase(env, "hostile"))
     });
     let s = env.status("run", "hostile");
     assert_eq!(s["phase"], "Succeeded", "{s}");

@@ -30,17 +30,20 @@ fn the_controller_service_installs_and_systemd_accepts_its_unit() {
         dir.path().join("bin"),
         dir.path().join("specs"),
     );
-    let out = agentvm(&[
-        "host",
-        "install-service",
-        "--unit-dir",
-        units.to_str().unwrap(),
-        "--bin-dir",
-        bin.to_str().unwrap(),
-        "--spec-dir",
-        specs.to_str().unwrap(),
-        "--no-start",
-    ]);
+    let install = || {
+        agentvm(&[
+            "host",
+            "install-service",
+            "--unit-dir",
+            units.to_str().unwrap(),
+            "--bin-dir",
+            bin.to_str().unwrap(),
+            "--spec-dir",
+            specs.to_str().unwrap(),
+            "--no-start",
+        ])
+    };
+    let out = install();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(specs.is_dir());
@@ -97,17 +100,7 @@ fn the_controller_service_installs_and_systemd_accepts_its_unit() {
     assert!(score < 7.0, "{overall}");
 
     // Installing again over the same files works (idempotent).
-    let again = agentvm(&[
-        "host",
-        "install-service",
-        "--unit-dir",
-        units.to_str().unwrap(),
-        "--bin-dir",
-        bin.to_str().unwrap(),
-        "--spec-dir",
-        specs.to_str().unwrap(),
-        "--no-start",
-    ]);
+    let again = install();
     assert!(
         again.status.success(),
         "{}",

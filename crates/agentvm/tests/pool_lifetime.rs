@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use common::*;
@@ -20,19 +19,6 @@ fn manifest(pool: &str, image: &str, ttl: u64) -> String {
         "apiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata: {{name: {image}}}\nspec: {{}}\n---\n\
          apiVersion: agentvm.dev/v1alpha1\nkind: VmPool\nmetadata: {{name: {pool}}}\nspec:\n  template:\n    imageRef: {image}\n    resources: {{profile: custom, vcpu: 1, memoryMib: 512, diskGib: 2}}\n  minReady: 2\n  maxSize: 3\n  ttlSeconds: {ttl}\n  healthCheckSeconds: 5\n"
     )
-}
-
-fn apply(env: &Env, file: &Path, text: &str) {
-    std::fs::write(file, text).unwrap();
-    let out = env
-        .cmd(&["apply", "-f", file.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn time(v: &Value) -> SystemTime {
@@ -58,10 +44,9 @@ fn unhealthy_and_expired_vms_are_replaced_but_never_taken_from_a_run() {
     let pool = format!("e2el{pid}");
     let image = format!("e2e-limg-{pid}");
     env.domain_prefix = format!("agentvm-{pool}-");
-    let file = env.dir.join("pool.yaml");
     env.start_controller();
     // First a long TTL: the health check is what replaces the VM, whatever the load.
-    apply(&env, &file, &manifest(&pool, &image, 3600));
+    apply_yaml(&env, "pool.yaml", &manifest(&pool, &image, 3600));
     env.wait("pool Ready", Duration::from_secs(300), || {
         pool_ready(&env, &pool, 2)
     });
@@ -95,11 +80,10 @@ fn unhealthy_and_expired_vms_are_replaced_but_never_taken_from_a_run() {
 
     // Now ttlSeconds 60 (not part of the template: no rolling update). A run long enough
     // for its VM to expire under it.
-    apply(&env, &file, &manifest(&pool, &image, TTL));
-    let run = env.dir.join("run.yaml");
-    apply(
+    apply_yaml(&env, "pool.yaml", &manifest(&pool, &image, TTL));
+    apply_yaml(
         &env,
-        &run,
+        "run.yaml",
         &format!(
             "apiVersion: agentvm.dev/v1alpha1\nkind: AgentRun\nmetadata: {{name: long}}\nspec:\n  poolRef: {pool}\n  script: {{interpreter: sh, source: \"sleep {}; echo survived\"}}\n  timeoutSeconds: 600\n",
             TTL + 10

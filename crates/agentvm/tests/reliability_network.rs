@@ -28,12 +28,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-const INET_HOST: &str = "198.18.0.2";
 
 /// The pool's limits: throughput limits to measure, and a CPU quota (100 %: no slower where
 /// it is enforced) and memory hard limit that hosts without cgroup controllers for libvirt
@@ -122,7 +120,7 @@ EOF"#;
 
 /// The MAC the host's neighbour table in `ns` holds for `ip` (`None` if it has no entry).
 fn host_neighbour(ns: &str, ip: &str) -> Option<String> {
-    let out = run(&mut in_ns(ns, &["ip", "-4", "neigh", "show", ip]));
+    let out = run_ok(&mut in_ns(ns, &["ip", "-4", "neigh", "show", ip]));
     let fields: Vec<&str> = out.split_whitespace().collect();
     fields
         .iter()
@@ -130,47 +128,13 @@ fn host_neighbour(ns: &str, ip: &str) -> Option<String> {
         .map(|i| fields[i + 1].to_string())
 }
 
-fn in_ns(ns: &str, args: &[&str]) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns]).args(args);
-    c
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Processes and a namespace the test started; removed on drop.
-struct Servers {
-    children: Vec<Child>,
-    netns: Option<String>,
-}
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if let Some(ns) = &self.netns {
-            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
-        }
-    }
-}
-
 /// Bytes the "internet" server on 443 sends on every connection (then it closes it).
 const DOWNLOAD_BYTES: u64 = 16 << 20;
 
 /// A listener in namespace `ns` on `addr:port` that accepts and closes connections.
-fn listen(servers: &mut Servers, ns: &str, addr: &str, port: u16) {
+fn listen(inet: &mut Internet, ns: &str, addr: &str, port: u16) {
     serve(
-        servers,
+        inet,
         ns,
         addr,
         port,
@@ -180,15 +144,15 @@ fn listen(servers: &mut Servers, ns: &str, addr: &str, port: u16) {
 
 /// A listener in namespace `ns` on `addr:port` that sends [`DOWNLOAD_BYTES`] on every
 /// connection (a client that only connects just closes early), then closes it.
-fn listen_sending(servers: &mut Servers, ns: &str, addr: &str, port: u16) {
+fn listen_sending(inet: &mut Internet, ns: &str, addr: &str, port: u16) {
     let script = format!(
         "import os,signal,socket,sys\nsignal.signal(signal.SIGCHLD,signal.SIG_IGN)\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind((sys.argv[1],int(sys.argv[2])))\ns.listen(16)\nwhile True:\n    c,_=s.accept()\n    if os.fork()==0:\n        try:\n            b=bytes(65536)\n            for _ in range({}):\n                c.sendall(b)\n        except OSError:\n            pass\n        os._exit(0)\n    c.close()",
         DOWNLOAD_BYTES / 65536
     );
-    serve(servers, ns, addr, port, &script);
+    serve(inet, ns, addr, port, &script);
 }
 
-fn serve(servers: &mut Servers, ns: &str, addr: &str, port: u16, script: &str) {
+fn serve(inet: &mut Internet, ns: &str, addr: &str, port: u16, script: &str) {
     let child = in_ns(
         ns,
         &["/usr/bin/python3", "-c", script, addr, &port.to_string()],
@@ -198,9 +162,9 @@ fn serve(servers: &mut Servers, ns: &str, addr: &str, port: u16, script: &str) {
     .stderr(Stdio::null())
     .spawn()
     .unwrap();
-    servers.children.push(child);
+    inet.children.push(child);
     let start = Instant::now();
-    while !run(&mut in_ns(ns, &["ss", "-ltnH"])).contains(&format!("{addr}:{port}")) {
+    while !run_ok(&mut in_ns(ns, &["ss", "-ltnH"])).contains(&format!("{addr}:{port}")) {
         assert!(
             start.elapsed() < Duration::from_secs(20),
             "listener {addr}:{port} did not start"
@@ -211,7 +175,7 @@ fn serve(servers: &mut Servers, ns: &str, addr: &str, port: u16, script: &str) {
 
 /// Connects from namespace `ns` (outside any guest filter): true when it connects.
 fn reachable_from(ns: &str, addr: &str, port: u16) -> bool {
-    let out = run(&mut in_ns(
+    let out = run_ok(&mut in_ns(
         ns,
         &["/usr/bin/python3", "-c", PROBE, &format!("{addr}:{port}")],
     ));
@@ -223,43 +187,14 @@ fn a_guest_reaches_only_what_its_filter_allows_not_the_host_nor_another_guest() 
     let test_ns = assert_libvirtd_in_test_netns();
     require_libvirt_and_image();
     let pid = std::process::id();
-    let mut servers = Servers {
-        children: Vec::new(),
-        netns: None,
-    };
 
-    // The internet: servers on 443 (allowed) and 8080 (not).
-    let inet = format!("agentvm-relinet-{pid}");
-    run(Command::new("ip").args(["netns", "add", &inet]));
-    servers.netns = Some(inet.clone());
-    let (outer, inner) = (
-        format!("avri{}", pid % 1_000_000),
-        format!("avro{}", pid % 1_000_000),
-    );
-    run(&mut in_ns(&inet, &["ip", "link", "set", "lo", "up"]));
-    run(&mut in_ns(
-        &test_ns,
-        &[
-            "ip", "link", "add", &outer, "type", "veth", "peer", "name", &inner, "netns", &inet,
-        ],
-    ));
-    run(&mut in_ns(
-        &test_ns,
-        &["ip", "addr", "add", "198.18.0.1/30", "dev", &outer],
-    ));
-    run(&mut in_ns(&test_ns, &["ip", "link", "set", &outer, "up"]));
-    run(&mut in_ns(
-        &inet,
-        &["ip", "addr", "add", "198.18.0.2/30", "dev", &inner],
-    ));
-    run(&mut in_ns(&inet, &["ip", "link", "set", &inner, "up"]));
-    run(&mut in_ns(
-        &test_ns,
-        &["sysctl", "-qw", "net.ipv4.ip_forward=1"],
-    ));
-    assert!(!run(&mut in_ns(&inet, &["ip", "-4", "route"])).contains("default"));
-    listen_sending(&mut servers, &inet, INET_HOST, 443);
-    listen(&mut servers, &inet, INET_HOST, 8080);
+    // The internet: servers on 443 (allowed) and 8080 (not). Every server this test starts
+    // (also those in the test namespace) is a child of `inet`: killed when it is dropped,
+    // before its namespace is deleted.
+    let mut inet = Internet::new(&test_ns, "relinet");
+    let inet_ns = inet.netns.clone();
+    listen_sending(&mut inet, &inet_ns, INTERNET_HOST, 443);
+    listen(&mut inet, &inet_ns, INTERNET_HOST, 8080);
 
     // The controller, a NAT network, an egress filter (DNS + tcp/443) and a pool of two.
     let mut env = Env::new("netguest");
@@ -293,14 +228,14 @@ fn a_guest_reaches_only_what_its_filter_allows_not_the_host_nor_another_guest() 
     // controller serves its API on a unix socket and metrics on 127.0.0.1, and libvirtd on
     // a unix socket): all answer from the host side.
     for port in [9090, 16509, 443] {
-        listen(&mut servers, &test_ns, &gateway, port);
+        listen(&mut inet, &test_ns, &gateway, port);
         assert!(
             reachable_from(&test_ns, &gateway, port),
             "control {gateway}:{port}"
         );
     }
     assert!(
-        reachable_from(&test_ns, INET_HOST, 8080),
+        reachable_from(&test_ns, INTERNET_HOST, 8080),
         "control internet:8080"
     );
 
@@ -333,8 +268,8 @@ fn a_guest_reaches_only_what_its_filter_allows_not_the_host_nor_another_guest() 
     );
 
     let targets = [
-        format!("{INET_HOST}:443"),
-        format!("{INET_HOST}:8080"),
+        format!("{INTERNET_HOST}:443"),
+        format!("{INTERNET_HOST}:8080"),
         format!("{gateway}:53/udp"),
         format!("{gateway}:53"),
         format!("{gateway}:9090"),
@@ -445,7 +380,7 @@ fn a_guest_reaches_only_what_its_filter_allows_not_the_host_nor_another_guest() 
     let io_src = format!(
         "dd if=/dev/zero of=/root/x bs=1M count=200 oflag=direct 2>&1 | tail -1\n\
          exec python3 -c \"import socket, time
-s = socket.create_connection(('{INET_HOST}', 443), timeout=60)
+s = socket.create_connection(('{INTERNET_HOST}', 443), timeout=60)
 t = time.time()
 n = 0
 while True:
@@ -520,15 +455,15 @@ print('down', n, time.time() - t)\""
     // talked to the victim, so its neighbour table holds the victim's real MAC.
     let sink = env.dir.join("udp-sink.log");
     let sink_out = std::fs::File::create(&sink).unwrap();
-    servers.children.push(
+    inet.children.push(
         in_ns(
-            &inet,
+            &inet_ns,
             &[
                 "/usr/bin/python3",
                 "-u",
                 "-c",
                 "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind((sys.argv[1],53))\nwhile True:\n    print(s.recvfrom(2048)[0].decode(errors='replace'))",
-                INET_HOST,
+                INTERNET_HOST,
             ],
         )
         .stdin(Stdio::null())
@@ -550,7 +485,7 @@ print('down', n, time.time() - t)\""
         &sh_run(
             "spoofer",
             &pool,
-            &format!("set -- {victim_ip} {gateway} {INET_HOST}\n{SPOOF}"),
+            &format!("set -- {victim_ip} {gateway} {INTERNET_HOST}\n{SPOOF}"),
             "  timeoutSeconds: 300\n",
         ),
     );
@@ -604,7 +539,7 @@ d = bytes(1400)
 n = 0
 t = time.time()
 while time.time() - t < 15:
-    s.sendto(d, ('{INET_HOST}', 8080))
+    s.sendto(d, ('{INTERNET_HOST}', 8080))
     n += 1
 print('sent', n)\""
     );
@@ -639,5 +574,5 @@ print('sent', n)\""
 
     let _ = env.cmd(&["delete", "run/victim"]).output();
     drop(env);
-    drop(servers);
+    drop(inet);
 }

@@ -1,8 +1,10 @@
-//! Shared set-up of the tier-3 tests and the benchmarks: the guest image, the accelerator and
-//! the libvirt connection. Each fails loudly (never skips) when its part is missing.
+//! Shared set-up of the tier-3 tests and the benchmarks: the guest image, the accelerator, the
+//! VM shape and the libvirt connection. Each fails loudly (never skips) when its part is missing.
 #![allow(dead_code)] // each test binary uses its own subset
 
-use agentvm_backend::vm::BootImage;
+use std::time::Duration;
+
+use agentvm_backend::vm::{BootImage, VmShape};
 use agentvm_backend::{Accelerator, AcceleratorChoice, Libvirt};
 
 /// The default recipe's guest image (`agentvm image build`; scripts/test.sh builds it).
@@ -29,6 +31,22 @@ pub fn accel() -> Accelerator {
     match AcceleratorChoice::from_env_or(AcceleratorChoice::Tcg).unwrap() {
         AcceleratorChoice::Kvm => Accelerator::Kvm,
         _ => Accelerator::Tcg,
+    }
+}
+
+/// The tier-3 guests' shape: 1 vCPU, 512 MiB, no NIC, 180 s to boot, [`accel`], and the
+/// translation cache pools use.
+pub fn shape() -> VmShape {
+    VmShape {
+        vcpus: 1,
+        memory_mib: 512,
+        nic: None,
+        accelerator: accel(),
+        boot_timeout: Duration::from_secs(180),
+        limits: Default::default(),
+        disabled_cpu_features: Vec::new(),
+        tcg_tb_cache_mib: Some(agentvm_backend::vm::DEFAULT_TCG_TB_CACHE_MIB),
+        disk_gib: None,
     }
 }
 

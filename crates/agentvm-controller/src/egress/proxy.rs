@@ -248,16 +248,7 @@ fn decide_and_splice(
     let port = record.destination.port();
     let name = check_name(&guest, &name, port)?;
     record.name = Some(name.clone());
-    let local = *local.ip();
-    let answers = (ctx.resolver)(local)
-        .resolve(&name)
-        .map_err(|e| (Verdict::ResolveFailed, format!("resolving {name}: {e}")))?;
-    if answers.is_empty() {
-        return Err((
-            Verdict::ResolveFailed,
-            format!("{name} has no IPv4 address"),
-        ));
-    }
+    let answers = resolve(ctx, *local.ip(), &name)?;
     if !answers.contains(record.destination.ip()) {
         return Err((
             Verdict::AddressMismatch,
@@ -272,14 +263,7 @@ fn decide_and_splice(
             ),
         ));
     }
-    check_address(ctx, *record.destination.ip())?;
-    let upstream = TcpStream::connect_timeout(&SocketAddr::V4(record.destination), CONNECT_TIMEOUT)
-        .map_err(|e| {
-            (
-                Verdict::ConnectFailed,
-                format!("{}: {e}", record.destination),
-            )
-        })?;
+    let upstream = connect_upstream(ctx, record.destination)?;
     let (out, inn) = splice(guest_conn, upstream, &first, ctx.idle_timeout);
     record.bytes_out = out;
     record.bytes_in = inn;
@@ -309,14 +293,32 @@ pub fn forbidden_address(
     }
 }
 
-fn check_address(ctx: &ProxyContext, ip: Ipv4Addr) -> Result<(), Refusal> {
-    match (ctx.forbidden)(ip) {
-        Some(why) => Err((
+/// The IPv4 addresses of `name` from the resolver for a connection that reached the proxy
+/// on `local`; never empty.
+fn resolve(ctx: &ProxyContext, local: Ipv4Addr, name: &str) -> Result<Vec<Ipv4Addr>, Refusal> {
+    let answers = (ctx.resolver)(local)
+        .resolve(name)
+        .map_err(|e| (Verdict::ResolveFailed, format!("resolving {name}: {e}")))?;
+    if answers.is_empty() {
+        return Err((
+            Verdict::ResolveFailed,
+            format!("{name} has no IPv4 address"),
+        ));
+    }
+    Ok(answers)
+}
+
+/// Connects to `destination` unless the proxy must not connect there.
+fn connect_upstream(ctx: &ProxyContext, destination: SocketAddrV4) -> Result<TcpStream, Refusal> {
+    let ip = *destination.ip();
+    if let Some(why) = (ctx.forbidden)(ip) {
+        return Err((
             Verdict::ForbiddenAddress,
             format!("{ip} is {why}; the proxy does not connect there"),
-        )),
-        None => Ok(()),
+        ));
     }
+    TcpStream::connect_timeout(&SocketAddr::V4(destination), CONNECT_TIMEOUT)
+        .map_err(|e| (Verdict::ConnectFailed, format!("{destination}: {e}")))
 }
 
 /// `name` as a lowercase host name the guest's filter allows on `port`.
@@ -387,24 +389,9 @@ fn explicit(
     record.destination = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
     let name = check_name(guest, host, port)?;
     record.name = Some(name.clone());
-    let answers = (ctx.resolver)(local)
-        .resolve(&name)
-        .map_err(|e| (Verdict::ResolveFailed, format!("resolving {name}: {e}")))?;
-    let Some(address) = answers.first() else {
-        return Err((
-            Verdict::ResolveFailed,
-            format!("{name} has no IPv4 address"),
-        ));
-    };
-    record.destination = SocketAddrV4::new(*address, port);
-    check_address(ctx, *record.destination.ip())?;
-    let upstream = TcpStream::connect_timeout(&SocketAddr::V4(record.destination), CONNECT_TIMEOUT)
-        .map_err(|e| {
-            (
-                Verdict::ConnectFailed,
-                format!("{}: {e}", record.destination),
-            )
-        })?;
+    let answers = resolve(ctx, local, &name)?;
+    record.destination = SocketAddrV4::new(answers[0], port);
+    let upstream = connect_upstream(ctx, record.destination)?;
     let first = if tunnel {
         record.proxy_replied = true;
         (&*guest_conn)

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentvm_api::{set_condition, Condition, ConditionStatus, Kind, KindStatus, Resource};
-use agentvm_backend::{Backend, BackendError};
+use agentvm_backend::{Backend, BackendError, Owner};
 
 use crate::reconcile::{Ctx, ReconcileError};
 use crate::store::StoredObject;
@@ -213,6 +213,17 @@ pub(crate) fn delete_when_unused<S: KindStatus>(
     ctx.store
         .finalize_delete(obj.resource.kind(), obj.resource.name())?;
     Ok(crate::reconcile::Action::AwaitChange)
+}
+
+/// The ownership record stamped on the libvirt object made for `obj`: its kind, name, spec
+/// hash and generation.
+pub(crate) fn owner_of(obj: &StoredObject) -> Owner {
+    Owner {
+        kind: obj.resource.kind().to_string(),
+        name: obj.resource.name().to_string(),
+        spec_hash: agentvm_api::spec_hash(&obj.resource),
+        generation: obj.generation(),
+    }
 }
 
 fn wrong_kind(obj: &StoredObject, expected: Kind) -> ReconcileError {

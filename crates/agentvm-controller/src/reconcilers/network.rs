@@ -7,12 +7,12 @@
 
 use std::sync::Arc;
 
-use agentvm_api::{spec_hash, Kind, NetworkPhase, NetworkStatus, Resource};
+use agentvm_api::{Kind, NetworkPhase, NetworkStatus, Resource};
 use agentvm_backend::backend::EnsureOutcome;
 use agentvm_backend::netxml::{libvirt_name, NetworkDef};
-use agentvm_backend::{Backend, Owner};
+use agentvm_backend::Backend;
 
-use super::{backend_error, pools_using, status_of, write_status, Conditions};
+use super::{backend_error, owner_of, pools_using, status_of, write_status, Conditions};
 use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
 use crate::store::StoredObject;
 
@@ -74,12 +74,7 @@ impl Reconciler for NetworkReconciler {
         let def = NetworkDef {
             name: lname.clone(),
             spec: net.spec.clone(),
-            owner: Owner {
-                kind: Kind::Network.to_string(),
-                name: name.to_string(),
-                spec_hash: spec_hash(&obj.resource),
-                generation: obj.generation(),
-            },
+            owner: owner_of(&obj),
         };
         match self.backend.ensure_network(&def) {
             Ok(outcome) => {

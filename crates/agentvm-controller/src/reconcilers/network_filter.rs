@@ -7,11 +7,11 @@
 
 use std::sync::Arc;
 
-use agentvm_api::{spec_hash, Kind, NetworkFilterPhase, NetworkFilterStatus, Resource};
+use agentvm_api::{Kind, NetworkFilterPhase, NetworkFilterStatus, Resource};
 use agentvm_backend::netxml::{libvirt_name, NwFilterDef};
-use agentvm_backend::{Backend, Owner};
+use agentvm_backend::Backend;
 
-use super::{backend_error, pools_using, status_of, write_status, Conditions};
+use super::{backend_error, owner_of, pools_using, status_of, write_status, Conditions};
 use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
 use crate::store::StoredObject;
 
@@ -72,12 +72,7 @@ impl Reconciler for NetworkFilterReconciler {
         let def = NwFilterDef {
             name: lname.clone(),
             spec: filter.spec.clone(),
-            owner: Owner {
-                kind: Kind::NetworkFilter.to_string(),
-                name: name.to_string(),
-                spec_hash: spec_hash(&obj.resource),
-                generation: obj.generation(),
-            },
+            owner: owner_of(&obj),
         };
         match self.backend.ensure_nwfilter(&def) {
             Ok(outcome) => {
