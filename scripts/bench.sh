@@ -32,7 +32,7 @@ step "libvirtd inside network namespace $NS"
 libvirtd_netns_up >&2
 
 step "release build"
-cargo build --release -p agentvm -p agentvm-bench >&2
+cargo build --release -p agentvm -p agentvm-guest -p agentvm-bench >&2
 
 step "guest image (cached by recipe under $AGENTVM_CACHE_DIR)"
 ./target/release/agentvm image build >&2

@@ -1,11 +1,13 @@
 //! Benchmark (not a test): reset time of every golden-state strategy against plain
-//! `virsh snapshot-revert`, and the round trip of `Guest::exec("/bin/true")` against a raw
-//! `guest-exec` + `guest-exec-status` loop. Real QEMU through `qemu:///system`.
+//! `virsh snapshot-revert`, the round trip of `Guest::exec("/bin/true")` through
+//! agentvm-guest against the qemu-guest-agent path and a raw `guest-exec` +
+//! `guest-exec-status` loop, and 20 MiB files through each agent. Real QEMU through
+//! `qemu:///system`.
 //!
 //! `AGENTVM_ACCEL=tcg cargo bench -p agentvm-backend --bench reset`
 //! Knobs: `AGENTVM_BENCH_CYCLES` (reset cycles, default 5), `AGENTVM_BENCH_EXECS` (default 20),
 //! `AGENTVM_BENCH_SMALL_MIB` (guest RAM of the extra small-RAM rows, default 256; 0 skips them),
-//! `AGENTVM_BENCH_ONLY=exec` (only the exec round trip).
+//! `AGENTVM_BENCH_ONLY=exec` (only the exec round trip and the files).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -209,24 +211,74 @@ fn raw_exec<C: AgentChannel + ?Sized>(
     }
 }
 
+/// The same guest agent channel without agentvm-guest's socket: `Guest` then serves
+/// everything through qemu-guest-agent (the fallback path), for a same-run baseline.
+struct QemuGaOnly<'a, C: AgentChannel + ?Sized>(&'a C);
+
+impl<C: AgentChannel + ?Sized> AgentChannel for QemuGaOnly<'_, C> {
+    fn vm_name(&self) -> &str {
+        self.0.vm_name()
+    }
+    fn command(
+        &self,
+        command: &serde_json::Value,
+        timeout: Duration,
+    ) -> agentvm_backend::Result<serde_json::Value> {
+        self.0.command(command, timeout)
+    }
+}
+
 fn bench_exec(vm: &GoldenVm<'_>, n: usize) -> Vec<Row> {
     let ch = vm.agent().unwrap();
     let g = Guest::new(&ch);
-    let (mut ours, mut raw, mut chain, mut ping) = (vec![], vec![], vec![], vec![]);
+    let ga_only = QemuGaOnly(&ch);
+    let ga = Guest::new(&ga_only);
+    let (mut ours, mut fallback, mut raw, mut chain, mut ping, mut own_ping) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     let req = ExecRequest::new("/bin/true", Vec::<String>::new());
-    // Warm the guest's page cache for both paths first.
-    g.exec(&req, &mut |_, _| {}).unwrap();
+    // Warm the guest's page cache for every path first.
+    let first = g.exec(&req, &mut |_, _| {}).unwrap();
+    assert_eq!(first.served_by, agentvm_backend::ServedBy::AgentvmGuest);
+    ga.exec(&req, &mut |_, _| {}).unwrap();
     raw_exec_true(&ch, Duration::from_millis(5));
+    let own = g.agent().expect("agentvm-guest answers");
     for _ in 0..n {
         let t = Instant::now();
         let out = g.exec(&req, &mut |_, _| {}).unwrap();
         assert!(out.success());
         ours.push(t.elapsed());
+        let t = Instant::now();
+        let out = ga.exec(&req, &mut |_, _| {}).unwrap();
+        assert!(out.success());
+        assert_eq!(out.served_by, agentvm_backend::ServedBy::QemuGuestAgent);
+        fallback.push(t.elapsed());
         raw.push(raw_exec_true(&ch, Duration::from_millis(5)));
         chain.push(raw_exec_chain(&ch, Duration::from_millis(5)));
         let t = Instant::now();
         g.ping().unwrap();
         ping.push(t.elapsed());
+        let t = Instant::now();
+        own.ping().unwrap();
+        own_ping.push(t.elapsed());
+    }
+    // 20 MiB into the guest and back, through each agent, alternated.
+    let data: Vec<u8> = (0..20u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let (mut w_own, mut r_own, mut w_ga, mut r_ga) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..3 {
+        let t = Instant::now();
+        g.write_file("/root/bench.bin", &data).unwrap();
+        w_own.push(t.elapsed());
+        let t = Instant::now();
+        assert!(g.read_file("/root/bench.bin", 21 << 20).unwrap() == data);
+        r_own.push(t.elapsed());
+        let t = Instant::now();
+        ga.write_file("/root/bench.bin", &data).unwrap();
+        w_ga.push(t.elapsed());
+        let t = Instant::now();
+        assert!(ga.read_file("/root/bench.bin", 21 << 20).unwrap() == data);
+        r_ga.push(t.elapsed());
     }
     let row = |what: &str, xs: Vec<Duration>| Row {
         what: what.into(),
@@ -236,10 +288,19 @@ fn bench_exec(vm: &GoldenVm<'_>, n: usize) -> Vec<Row> {
         clock: None,
     };
     vec![
-        row("Guest::exec(/bin/true)", ours),
+        row("Guest::exec(/bin/true) through agentvm-guest", ours),
+        row(
+            "Guest::exec(/bin/true) through qemu-guest-agent (fallback)",
+            fallback,
+        ),
         row("baseline: raw guest-exec + status (5 ms poll)", raw),
         row("raw setsid+sh+true chain (5 ms poll)", chain),
+        row("agentvm-guest ping", own_ping),
         row("guest-ping through libvirt", ping),
+        row("write 20 MiB through agentvm-guest", w_own),
+        row("write 20 MiB through qemu-guest-agent", w_ga),
+        row("read 20 MiB through agentvm-guest", r_own),
+        row("read 20 MiB through qemu-guest-agent", r_ga),
     ]
 }
 

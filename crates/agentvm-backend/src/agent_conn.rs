@@ -151,8 +151,10 @@ impl AgentConn {
         stream
             .set_write_timeout(Some(timeout))
             .map_err(|e| unavailable(e.to_string()))?;
-        let mut reader =
-            BufReader::new(stream.try_clone().map_err(|e| unavailable(e.to_string()))?);
+        let mut reader = BufReader::with_capacity(
+            MAX_CHUNK + 64,
+            stream.try_clone().map_err(|e| unavailable(e.to_string()))?,
+        );
         let mut w = stream;
         let mut synced = false;
         for attempt in 0..2 {

@@ -93,12 +93,13 @@ pub enum ToGuest {
     /// answered with [`ToHost::Done`].
     Reseed {
         /// Host randomness, at most 256 bytes.
+        #[serde(with = "serde_bytes")]
         entropy: Vec<u8>,
     },
     /// Start a program on this stream: [`ToHost::Started`], output, then [`ToHost::Exited`].
     Exec(ExecSpec),
     /// Bytes for the program's stdin (or terminal).
-    Stdin(Vec<u8>),
+    Stdin(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Close the program's stdin (on a terminal: send end-of-file).
     StdinClose,
     /// Send a signal to the program's whole process group.
@@ -116,7 +117,7 @@ pub enum ToGuest {
         mode: u32,
     },
     /// Data of the file being written.
-    FileData(Vec<u8>),
+    FileData(#[serde(with = "serde_bytes")] Vec<u8>),
     /// End of the file being written.
     FileEnd,
     /// Send the file at `path`, at most `max` bytes: [`ToHost::FileData`] then
@@ -154,9 +155,9 @@ pub enum ToHost {
         pid: u32,
     },
     /// Output on stdout (or the terminal).
-    Stdout(Vec<u8>),
+    Stdout(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Output on stderr.
-    Stderr(Vec<u8>),
+    Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The program ended; all its output has been sent before this.
     Exited {
         /// Exit code, when it exited.
@@ -167,7 +168,7 @@ pub enum ToHost {
     /// The agent consumed this many cost units of the stream's stdin or file data.
     Credit(u64),
     /// Data of the file being read.
-    FileData(Vec<u8>),
+    FileData(#[serde(with = "serde_bytes")] Vec<u8>),
     /// End of the file being read.
     FileEnd {
         /// Bytes sent.

@@ -82,7 +82,7 @@ fn serve_socket(agent: &Arc<Agent>, path: &str) -> io::Result<()> {
     for conn in listener.incoming() {
         let conn = conn?;
         agent.set_writer(Box::new(conn.try_clone()?));
-        serve(agent, BufReader::new(conn));
+        serve(agent, BufReader::with_capacity(MAX_CHUNK + 64, conn));
     }
     Ok(())
 }
@@ -105,7 +105,10 @@ fn serve_port(agent: &Arc<Agent>, path: &str) -> io::Result<()> {
     agent.set_writer(Box::new(port.try_clone()?));
     loop {
         wait_for_host(fd);
-        serve(agent, BufReader::new(PortReader { fd }));
+        serve(
+            agent,
+            BufReader::with_capacity(MAX_CHUNK + 64, PortReader { fd }),
+        );
     }
 }
 
@@ -156,23 +159,8 @@ struct PortReader {
 impl Read for PortReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            let mut p = libc::pollfd {
-                fd: self.fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd.
-            let n = unsafe { libc::poll(&mut p, 1, -1) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if p.revents & libc::POLLHUP != 0 && p.revents & libc::POLLIN == 0 {
-                return Ok(0);
-            }
+            // Blocks while the host is connected and has sent nothing; returns 0 once the
+            // host side disconnects (the virtio console's read never blocks then).
             // SAFETY: reads into a buffer of the given length.
             let n = unsafe { libc::read(self.fd, buf.as_mut_ptr().cast(), buf.len()) };
             if n < 0 {
