@@ -324,11 +324,23 @@ impl AgentConn {
 
     /// Round trip; returns the guest's clock (nanoseconds since the epoch).
     pub fn ping(self: &Arc<Self>) -> Result<u64> {
+        self.ping_within(CALL_TIMEOUT)
+    }
+
+    /// [`AgentConn::ping`] with its own timeout (a silent agent loses the connection).
+    pub fn ping_within(self: &Arc<Self>, timeout: Duration) -> Result<u64> {
         let mut rx = self.open()?;
         self.send(rx.id, &ToGuest::Ping)?;
-        match self.answer(&mut rx, "ping")? {
-            ToHost::Pong { unix_nanos, .. } => Ok(unix_nanos),
-            other => Err(self.protocol("ping", &other)),
+        match rx.recv(timeout)? {
+            Some(ToHost::Pong { unix_nanos, .. }) => Ok(unix_nanos),
+            Some(other) => Err(self.protocol("ping", &other)),
+            None => {
+                self.kill(&format!("ping: no answer within {timeout:?}"));
+                Err(BackendError::Timeout {
+                    what: format!("agentvm-guest of {} to answer a ping", self.vm),
+                    after: timeout,
+                })
+            }
         }
     }
 
@@ -835,6 +847,11 @@ fn read_loop(
     let why = loop {
         let f = match read_frame::<ToHost>(&mut r, &mut buf) {
             Ok(f) => f,
+            Err(agentvm_guest::FrameError::Io(e))
+                if e.kind() == std::io::ErrorKind::UnexpectedEof =>
+            {
+                break "the channel closed (the VM stopped, or the connection was dropped)".into()
+            }
             Err(e) => break e.to_string(),
         };
         let map = streams.lock().unwrap_or_else(|e| e.into_inner());

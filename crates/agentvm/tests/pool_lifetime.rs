@@ -1,6 +1,6 @@
 //! End to end with real VMs (`qemu:///system`, TCG): the lifetime of pool VMs under the
-//! `agentvm controller` binary. A VM whose guest agent stops answering (its `qemu-ga` is
-//! frozen with SIGSTOP inside the guest) is replaced with reason `Unhealthy`; a VM past
+//! `agentvm controller` binary. A VM whose guest agent stops answering (its `agentvm-guest`
+//! is frozen with SIGSTOP inside the guest) is replaced with reason `Unhealthy`; a VM past
 //! `ttlSeconds` (counted from its creation) is replaced with reason `TtlExpired`, except that
 //! a VM running an AgentRun keeps it until the run ends and is replaced after. Fails (never
 //! skips) without libvirt or the default image.
@@ -52,8 +52,9 @@ fn unhealthy_and_expired_vms_are_replaced_but_never_taken_from_a_run() {
     });
     let idle = vm_names(&env.status("pool", &pool))[0].clone();
 
-    // Freeze the idle VM's guest agent from inside the guest.
-    let cmd = r#"{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c","sleep 1; for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = qemu-ga ] && kill -STOP ${p#/proc/}; done"]}}"#;
+    // Freeze the idle VM's agentvm-guest (which runs programs) from inside the guest;
+    // qemu-ga goes on answering its pings, so only the check of agentvm-guest can see it.
+    let cmd = r#"{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c","sleep 1; for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = agentvm-guest ] && kill -STOP ${p#/proc/}; done"]}}"#;
     let (ok, out) = virsh(&["qemu-agent-command", &idle, cmd]);
     assert!(ok, "guest-exec in {idle}: {out}");
     let t = env.wait(

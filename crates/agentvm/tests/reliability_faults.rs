@@ -5,7 +5,7 @@
 //!   once (the one in flight `ControllerRestarted`, the queued ones run by the new process);
 //! - a VM's QEMU process killed (SIGKILL) under a run: the run ends `Failed`/`VmLost` and
 //!   the VM is replaced;
-//! - the guest agent stopped (SIGSTOP) inside the guest under a run: the run ends
+//! - the guest agents stopped (SIGSTOP) inside the guest under a run: the run ends
 //!   `TimedOut`/`GuestUnresponsive` at its timeout and the VM is replaced;
 //! - a VM destroyed by hand (`virsh destroy`) while it is reset after a run: replaced within
 //!   20 s.
@@ -186,8 +186,9 @@ fn controller_kills_qemu_kills_and_a_stopped_agent_leave_no_orphans_and_lose_no_
         t.elapsed().as_secs_f64()
     );
 
-    // 4. The guest agent stopped (SIGSTOP: it neither answers nor gets restarted by init).
-    let stop = "for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = qemu-ga ] && kill -STOP ${p#/proc/}; done; sleep 600";
+    // 4. The guest agents stopped (SIGSTOP: they neither answer nor get restarted by init):
+    //    agentvm-guest, which runs the program, and qemu-ga, the fallback.
+    let stop = "for p in /proc/[0-9]*; do case \"$(cat $p/comm 2>/dev/null)\" in qemu-ga|agentvm-guest) kill -STOP ${p#/proc/};; esac; done; sleep 600";
     apply_yaml(
         &env,
         "agent.yaml",

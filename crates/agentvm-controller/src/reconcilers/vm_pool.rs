@@ -200,13 +200,18 @@ impl VmPoolReconciler {
         Ok(true)
     }
 
-    /// `guest-ping` through the VM's guest agent, bounded by [`HEALTH_TIMEOUT`].
+    /// `guest-ping` through qemu-guest-agent and a ping through agentvm-guest (which runs
+    /// the programs, on a VM that has its channel), each bounded by [`HEALTH_TIMEOUT`].
     fn health_check(&self, vm: &str) -> Result<(), agentvm_backend::BackendError> {
         let chan = self.backend.agent(vm)?;
         chan.command(
             &serde_json::json!({"execute": "guest-ping"}),
             HEALTH_TIMEOUT,
         )?;
+        if let Some(path) = chan.agent_socket() {
+            agentvm_backend::agent_conn::connect_within(vm, &path, HEALTH_TIMEOUT)?
+                .ping_within(HEALTH_TIMEOUT)?;
+        }
         Ok(())
     }
 
