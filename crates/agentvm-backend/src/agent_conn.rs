@@ -1,7 +1,8 @@
 //! The host side of `agentvm-guest`, agentvm's own agent in every guest: one connection per
 //! VM over the Unix socket of its virtio-serial channel ([`agentvm_guest::PORT_NAME`]),
 //! multiplexed streams under credit-based flow control, exec with live output, stdin and a
-//! terminal, files in and out, and the clock/entropy refresh after a reset.
+//! terminal, files in and out, TCP connections to guest ports, and the clock/entropy
+//! refresh after a reset.
 //!
 //! The guest is hostile: the reader thread bounds every frame ([`agentvm_guest::MAX_FRAME`],
 //! checked before anything is allocated), charges every message to its stream's window and
@@ -491,6 +492,74 @@ impl AgentConn {
         })
     }
 
+    /// Forward `local` (a host TCP connection) to `127.0.0.1:port` in the guest, both ways,
+    /// until both sides are done; returns the bytes carried (to the guest, from it).
+    pub fn forward(self: &Arc<Self>, port: u16, local: std::net::TcpStream) -> Result<(u64, u64)> {
+        let mut rx = self.open()?;
+        let id = rx.id;
+        let what = format!("connect to port {port}");
+        self.send(id, &ToGuest::Connect { port })?;
+        match self.answer(&mut rx, &what)? {
+            ToHost::Done => {}
+            ToHost::Error { message } => {
+                return Err(BackendError::GuestCommand {
+                    vm: self.vm.clone(),
+                    command: what,
+                    message: bounded(&message),
+                })
+            }
+            other => return Err(self.protocol(&what, &other)),
+        }
+        let io = |e: std::io::Error| BackendError::Io {
+            op: "forwarding",
+            path: PathBuf::from(format!("127.0.0.1:{port} in {}", self.vm)),
+            source: e,
+        };
+        let sent = Arc::new(AtomicU64::new(0));
+        let counted = CountingReader {
+            inner: local.try_clone().map_err(io)?,
+            count: sent.clone(),
+        };
+        let pump = StdinPump::start(self.clone(), id, Box::new(counted));
+        let mut out = local;
+        let mut received = 0u64;
+        let result = loop {
+            match rx.recv(Duration::from_millis(100)) {
+                Ok(Some(ToHost::Stdout(d))) => {
+                    received += d.len() as u64;
+                    if let Err(e) = out.write_all(&d) {
+                        break Err(io(e));
+                    }
+                }
+                Ok(Some(ToHost::Credit(n))) => pump.credit(n),
+                Ok(Some(ToHost::Eof)) => {
+                    let _ = out.shutdown(std::net::Shutdown::Write);
+                }
+                Ok(Some(ToHost::Exited { .. })) => break Ok(()),
+                Ok(Some(ToHost::Error { message })) => {
+                    break Err(BackendError::GuestCommand {
+                        vm: self.vm.clone(),
+                        command: what.clone(),
+                        message: bounded(&message),
+                    })
+                }
+                Ok(Some(other)) => break Err(self.protocol(&what, &other)),
+                Ok(None) => {
+                    if let Err(e) = rx.flush_credit() {
+                        break Err(e);
+                    }
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        pump.stop();
+        let _ = out.shutdown(std::net::Shutdown::Both);
+        if result.is_err() {
+            let _ = self.send(id, &ToGuest::Close);
+        }
+        result.map(|()| (sent.load(Ordering::Relaxed), received))
+    }
+
     /// Run a program to completion (or its timeout), streaming output to `on_output`.
     /// Output beyond `req.output_cap` per stream is counted and dropped (the program is never
     /// held up by it). `cancel` kills its process group as soon as it turns true.
@@ -716,6 +785,20 @@ impl StdinPump {
         let (m, cv) = &*self.state;
         m.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
         cv.notify_all();
+    }
+}
+
+/// Counts the bytes read through it.
+struct CountingReader<R> {
+    inner: R,
+    count: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
     }
 }
 

@@ -392,3 +392,58 @@ fn an_agent_that_never_syncs_is_reported_unavailable() {
     );
     assert!(start.elapsed() < Duration::from_secs(5));
 }
+
+#[test]
+fn a_host_connection_is_forwarded_to_a_guest_port_both_ways() {
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let a = agent();
+    let c = connect(&a);
+    // The "guest" service: upper-cases what it gets, then closes.
+    let service = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = service.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in service.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut all = Vec::new();
+                s.read_to_end(&mut all).unwrap();
+                s.write_all(&all.to_ascii_uppercase()).unwrap();
+            });
+        }
+    });
+    // A host client whose accepted side is forwarded; 3 MiB to go past every window.
+    let front = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = TcpStream::connect(front.local_addr().unwrap()).unwrap();
+    let (accepted, _) = front.accept().unwrap();
+    let c2 = c.clone();
+    let fwd = std::thread::spawn(move || c2.forward(port, accepted));
+    let data: Vec<u8> = (0..3 << 20).map(|i| b'a' + (i % 26) as u8).collect();
+    let mut w = client.try_clone().unwrap();
+    let d2 = data.clone();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&d2).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut back = Vec::new();
+    client.read_to_end(&mut back).unwrap();
+    writer.join().unwrap();
+    assert!(
+        back == data.to_ascii_uppercase(),
+        "{} bytes back",
+        back.len()
+    );
+    let (sent, received) = fwd.join().unwrap().unwrap();
+    assert_eq!((sent, received), (3 << 20, 3 << 20));
+    // A port nothing listens on: the guest's error, and the connection lives on.
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = closed.local_addr().unwrap().port();
+    drop(closed);
+    let (x, _) = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        l.accept().unwrap()
+    };
+    let e = c.forward(dead, x).unwrap_err();
+    assert!(matches!(e, BackendError::GuestCommand { .. }), "{e}");
+    assert!(c.ping().is_ok());
+}

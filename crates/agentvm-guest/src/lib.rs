@@ -130,6 +130,15 @@ pub enum ToGuest {
     },
     /// Abandon the stream: kill its program's process group, stop its transfer.
     Close,
+    /// Open a TCP connection to `127.0.0.1:port` in the guest on this stream
+    /// ([`ToHost::Done`] or [`ToHost::Error`]); then [`ToGuest::Stdin`] carries bytes to it,
+    /// [`ToGuest::StdinClose`] shuts its write half, and its bytes come back as
+    /// [`ToHost::Stdout`] until [`ToHost::Eof`]; [`ToHost::Exited`] (no code) ends the
+    /// stream once both directions are done.
+    Connect {
+        /// Guest port.
+        port: u16,
+    },
 }
 
 /// Agent → host.
@@ -174,6 +183,8 @@ pub enum ToHost {
         /// Bytes sent.
         size: u64,
     },
+    /// The guest side of a forwarded connection will send nothing more.
+    Eof,
 }
 
 impl ToHost {

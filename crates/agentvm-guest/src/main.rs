@@ -359,6 +359,9 @@ fn dispatch(agent: &Arc<Agent>, epoch: u64, stream: u32, msg: ToGuest) {
         ToGuest::ReadFile { path, max } => start_task(agent, epoch, stream, move |a, s| {
             run_download(a, epoch, stream, &path, max, s)
         }),
+        ToGuest::Connect { port } => start_task(agent, epoch, stream, move |a, s| {
+            run_forward(a, epoch, stream, port, s)
+        }),
         ToGuest::WriteFile { path, mode } => {
             use std::os::unix::fs::OpenOptionsExt;
             let (file, error) = match std::fs::OpenOptions::new()
@@ -1001,4 +1004,110 @@ fn run_download(agent: &Agent, epoch: u64, stream: u32, path: &str, max: u64, s:
         }
     }
     send(ToHost::FileEnd { size: sent });
+}
+
+/// A forwarded connection: bytes between the host's stream and `127.0.0.1:port`.
+fn run_forward(agent: &Agent, epoch: u64, stream: u32, port: u16, s: &Session) {
+    use std::net::{Shutdown, SocketAddr, TcpStream};
+    let send = |m: ToHost| agent.send(epoch, stream, &m);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let tcp = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(t) => t,
+        Err(e) => {
+            send(ToHost::Error {
+                message: format!("connect {addr}: {e}"),
+            });
+            return;
+        }
+    };
+    let _ = tcp.set_nonblocking(true);
+    send(ToHost::Done);
+    let fd = tcp.as_raw_fd();
+    let mut pending: VecDeque<Vec<u8>> = VecDeque::new();
+    let mut offset = 0usize;
+    let (mut reading, mut writing) = (true, true);
+    let mut buf = vec![0u8; MAX_CHUNK];
+    while reading || writing {
+        let credit = {
+            let mut c = s.ctl.lock().unwrap_or_else(|e| e.into_inner());
+            if c.closed {
+                return;
+            }
+            pending.extend(c.stdin.drain(..));
+            if c.stdin_close && pending.is_empty() && writing {
+                writing = false;
+                let _ = tcp.shutdown(Shutdown::Write);
+            }
+            c.credit
+        };
+        let mut events = 0;
+        if reading && credit > FRAME_COST {
+            events |= libc::POLLIN;
+        }
+        if writing && !pending.is_empty() {
+            events |= libc::POLLOUT;
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: s.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd,
+                events,
+                revents: 0,
+            },
+        ];
+        // SAFETY: a valid array of pollfds.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            continue;
+        }
+        if fds[0].revents != 0 {
+            s.clear_wake();
+        }
+        let ready = fds[1].revents;
+        if ready & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 && events & libc::POLLIN != 0
+        {
+            let room = ((credit - FRAME_COST) as usize).min(MAX_CHUNK);
+            match read_fd(fd, &mut buf[..room]) {
+                Ok(k) if k > 0 => {
+                    s.ctl.lock().unwrap_or_else(|e| e.into_inner()).credit -= cost(k);
+                    if !send(ToHost::Stdout(buf[..k].to_vec())) {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // End of file, or the connection failed: nothing more comes from it.
+                _ => {
+                    reading = false;
+                    send(ToHost::Eof);
+                }
+            }
+        }
+        if ready & libc::POLLOUT != 0 {
+            if let Some(chunk) = pending.front() {
+                match write_fd(fd, &chunk[offset..]) {
+                    Ok(k) => {
+                        offset += k;
+                        if offset == chunk.len() {
+                            let done = cost(chunk.len());
+                            pending.pop_front();
+                            offset = 0;
+                            send(ToHost::Credit(done));
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        pending.clear();
+                        writing = false;
+                    }
+                }
+            }
+        }
+    }
+    send(ToHost::Exited {
+        code: None,
+        signal: None,
+    });
 }

@@ -145,7 +145,7 @@ fn agentvm_cmd(state: &std::path::Path) -> Command {
 }
 
 #[test]
-fn exec_i_feeds_stdin_and_exec_t_runs_on_a_terminal_of_this_size() {
+fn exec_i_feeds_stdin_p_forwards_a_port_and_exec_t_runs_on_a_terminal_of_this_size() {
     use std::io::Write;
     use std::process::Stdio;
     let state = state_dir();
@@ -155,15 +155,28 @@ fn exec_i_feeds_stdin_and_exec_t_runs_on_a_terminal_of_this_size() {
         use sha2::Digest;
         format!("{:x}", sha2::Sha256::digest(&data))
     };
+    // -p: a host port forwarded to a web server in the guest while the command runs; the
+    // command ends once the server has logged the host's request.
+    let host_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
     let mut child = agentvm_cmd(state.path())
         .args([
             "exec",
             "-i",
+            "-p",
+            &format!("{host_port}:8000"),
             "--",
             "sh",
             "-c",
-            "tee /tmp/in | wc -c; sha256sum /tmp/in",
         ])
+        .arg(
+            "mkdir -p /srv && cd /srv && echo served-from-guest > index.html; \
+             python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>/tmp/log & \
+             tee /tmp/in | wc -c; sha256sum /tmp/in; \
+             while ! grep -q 'GET /index.html' /tmp/log 2>/dev/null; do sleep 0.2; done",
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -173,11 +186,27 @@ fn exec_i_feeds_stdin_and_exec_t_runs_on_a_terminal_of_this_size() {
     std::thread::spawn(move || {
         let _ = stdin.write_all(&data);
     });
+    // Fetch the page through the forwarded port (once the VM is up).
+    let page = (0..240)
+        .find_map(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", host_port)).ok()?;
+            s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").ok()?;
+            let mut body = String::new();
+            std::io::Read::read_to_string(&mut s, &mut body).ok()?;
+            body.contains("served-from-guest").then_some(body)
+        })
+        .expect("the guest's web server answers through the forwarded port");
+    assert!(page.starts_with("HTTP/1.0 200"), "{page}");
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stdout.starts_with("1048576\n"), "{stdout}");
+    assert!(
+        stderr.contains(&format!("forwarding 127.0.0.1:{host_port} -> port 8000")),
+        "{stderr}"
+    );
     assert!(stdout.contains(&want), "{stdout}");
 
     // -t (under `script`, which gives agentvm a terminal of 30x90): the program sees a

@@ -40,6 +40,10 @@ pub struct ExecArgs {
     /// Working directory in the guest.
     #[arg(long, value_name = "DIR")]
     workdir: Option<String>,
+    /// Forward HOST_PORT on this machine's loopback (127.0.0.1) to GUEST_PORT in the VM while
+    /// the command runs, e.g. `-p 8080:8000` (repeatable).
+    #[arg(short = 'p', long = "publish", value_name = "HOST_PORT:GUEST_PORT")]
+    publish: Vec<String>,
     /// Program and arguments to run in the guest.
     #[arg(trailing_var_arg = true, required = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -48,6 +52,12 @@ pub struct ExecArgs {
 impl ExecArgs {
     /// Boot, run, print, tear down. Exits with the guest command's exit code.
     pub fn run(self, cfg: &Config) -> anyhow::Result<i32> {
+        // Bad ports and ports in use fail here, before anything is booted.
+        let listeners = self
+            .publish
+            .iter()
+            .map(|p| publish_listener(p))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let img = super::image::ensure_image(cfg, &Recipe::default())?;
         let image = super::image::boot_image(&img);
         let lv = Libvirt::connect(&cfg.libvirt_uri)?;
@@ -100,6 +110,28 @@ impl ExecArgs {
         }
         let agent = vm.agent()?;
         let guest = Guest::new(&agent);
+        if !listeners.is_empty() {
+            let conn = guest.agent().context(
+                "forwarding ports needs agentvm-guest in the VM, and it does not answer",
+            )?;
+            for (listener, guest_port) in listeners {
+                let conn = conn.clone();
+                eprintln!(
+                    "forwarding {} -> port {guest_port} in the VM",
+                    listener.local_addr()?
+                );
+                std::thread::spawn(move || {
+                    for local in listener.incoming().flatten() {
+                        let conn = conn.clone();
+                        std::thread::spawn(move || {
+                            if let Err(e) = conn.forward(guest_port, local) {
+                                tracing::warn!(port = guest_port, error = %e, "forwarded connection failed");
+                            }
+                        });
+                    }
+                });
+            }
+        }
         let mut print = |s: Stream, data: &[u8]| {
             let _ = match s {
                 Stream::Stdout => std::io::stdout()
@@ -154,6 +186,23 @@ impl ExecArgs {
             _ => 1,
         })
     }
+}
+
+/// `HOST_PORT:GUEST_PORT`: a listener on 127.0.0.1:HOST_PORT and the guest port.
+fn publish_listener(spec: &str) -> anyhow::Result<(std::net::TcpListener, u16)> {
+    let parse = |s: &str| -> anyhow::Result<u16> {
+        match s.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(p),
+            _ => anyhow::bail!("--publish {spec:?}: {s:?} is not a port (1-65535); expected HOST_PORT:GUEST_PORT, e.g. 8080:8000"),
+        }
+    };
+    let (host, guest) = spec.split_once(':').with_context(|| {
+        format!("--publish {spec:?}: expected HOST_PORT:GUEST_PORT, e.g. 8080:8000")
+    })?;
+    let (host, guest) = (parse(host)?, parse(guest)?);
+    let listener = std::net::TcpListener::bind(("127.0.0.1", host))
+        .with_context(|| format!("--publish {spec}: listening on 127.0.0.1:{host}"))?;
+    Ok((listener, guest))
 }
 
 /// The terminal on standard input: its size, and raw mode while a program runs on a guest
