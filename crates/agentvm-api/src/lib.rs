@@ -19,6 +19,7 @@ pub mod kinds;
 pub mod meta;
 pub mod net;
 pub mod parse;
+pub mod reason;
 pub mod resource;
 pub mod schema;
 pub mod validate;
@@ -53,6 +54,7 @@ pub use parse::{
     parse_str, ManifestError, ManifestErrorKind, ManifestErrors, ParseResult, ParsedResource,
     SourceLocation, MAX_MANIFEST_BYTES,
 };
+pub use reason::{Reason, UnknownReason};
 pub use resource::{spec_hash, KindStatus, Resource};
 pub use validate::{
     is_dns_label, pool_disk_too_small, suggest_dns_label, validate, validate_pool_disk, FieldPath,

@@ -383,6 +383,19 @@ pub enum AgentRunPhase {
 }
 
 impl AgentRunPhase {
+    /// The phase as written on the wire (`Pending`, `TimedOut`, ...).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            AgentRunPhase::Pending => "Pending",
+            AgentRunPhase::Scheduled => "Scheduled",
+            AgentRunPhase::Running => "Running",
+            AgentRunPhase::Succeeded => "Succeeded",
+            AgentRunPhase::Failed => "Failed",
+            AgentRunPhase::TimedOut => "TimedOut",
+            AgentRunPhase::Cancelled => "Cancelled",
+        }
+    }
+
     /// True once the run has ended and will not change any more.
     pub fn is_terminal(&self) -> bool {
         matches!(
