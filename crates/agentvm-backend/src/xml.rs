@@ -27,6 +27,15 @@ pub struct Owner {
     pub generation: i64,
 }
 
+impl Owner {
+    /// Whether the owning object is of `kind` (`kind` is stored as [`Kind::as_str`]).
+    ///
+    /// [`Kind::as_str`]: agentvm_api::Kind::as_str
+    pub fn is_kind(&self, kind: agentvm_api::Kind) -> bool {
+        self.kind == kind.as_str()
+    }
+}
+
 /// The guest network interface of a domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NicSpec {

@@ -56,9 +56,7 @@ impl GarbageCollector {
             .list_vms()
             .map_err(|e| backend_error("listing domains", &e))?;
         for vm in vms {
-            if vm.owner.kind == Kind::VmPool.as_str()
-                && !Self::exists(ctx, Kind::VmPool, &vm.owner.name)?
-            {
+            if vm.owner.is_kind(Kind::VmPool) && !Self::exists(ctx, Kind::VmPool, &vm.owner.name)? {
                 tracing::info!(vm = %vm.name, pool = %vm.owner.name, "removing VM of a pool that no longer exists");
                 let r = self.backend.destroy_vm(&vm.name);
                 if r.is_ok() {
@@ -72,7 +70,7 @@ impl GarbageCollector {
             .list_nwfilters()
             .map_err(|e| backend_error("listing nwfilters", &e))?;
         for f in filters {
-            if f.owner.kind == Kind::NetworkFilter.as_str()
+            if f.owner.is_kind(Kind::NetworkFilter)
                 && !Self::exists(ctx, Kind::NetworkFilter, &f.owner.name)?
             {
                 tracing::info!(nwfilter = %f.name, "removing nwfilter no object declares");
@@ -88,9 +86,7 @@ impl GarbageCollector {
             .list_networks()
             .map_err(|e| backend_error("listing networks", &e))?;
         for n in networks {
-            if n.owner.kind == Kind::Network.as_str()
-                && !Self::exists(ctx, Kind::Network, &n.owner.name)?
-            {
+            if n.owner.is_kind(Kind::Network) && !Self::exists(ctx, Kind::Network, &n.owner.name)? {
                 tracing::info!(network = %n.name, "removing network no object declares");
                 let r = self.backend.delete_network(&n.name);
                 if r.is_ok() {
