@@ -4,7 +4,7 @@
 //! `NetworkBandwidthApplied`), and the per-resource summary in `status.resources` that
 //! `agentvm describe pool/NAME` shows.
 
-use agentvm_api::{Condition, ResourceStatus, Resources};
+use agentvm_api::{Condition, Reason, ResourceStatus, Resources};
 use agentvm_backend::{DiskIoLimits, Enforcement, Limit, NetBandwidth, VmLimits};
 
 use crate::reconcilers::condition;
@@ -103,7 +103,7 @@ pub fn set_conditions(
                     condition(
                         type_,
                         true,
-                        "Applied",
+                        Reason::Applied,
                         format!("{} is in force for {vm}", asked(limit, r)),
                     ),
                 );
@@ -114,7 +114,7 @@ pub fn set_conditions(
                     condition(
                         type_,
                         false,
-                        "HostCannotEnforce",
+                        Reason::HostCannotEnforce,
                         format!(
                             "{} is not applied by this host ({why}); the VMs run without it{}",
                             asked(limit, r),

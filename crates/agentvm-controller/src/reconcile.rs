@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agentvm_api::Kind;
+use agentvm_api::{Kind, Reason};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::audit::AuditLog;
@@ -52,17 +52,17 @@ pub enum Action {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{reason}: {message}")]
 pub struct ReconcileError {
-    /// Short CamelCase label (`LibvirtUnavailable`), for conditions and metrics.
-    pub reason: String,
+    /// Short CamelCase label (`LibvirtError`), for conditions and metrics.
+    pub reason: Reason,
     /// Human-readable details.
     pub message: String,
 }
 
 impl ReconcileError {
     /// An error with a reason label and a message.
-    pub fn new(reason: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn new(reason: Reason, message: impl Into<String>) -> Self {
         Self {
-            reason: reason.into(),
+            reason,
             message: message.into(),
         }
     }
@@ -70,7 +70,7 @@ impl ReconcileError {
 
 impl From<StoreError> for ReconcileError {
     fn from(e: StoreError) -> Self {
-        ReconcileError::new("StoreError", e.to_string())
+        ReconcileError::new(Reason::StoreError, e.to_string())
     }
 }
 
@@ -377,8 +377,11 @@ impl Shared {
         let obj = Arc::new(obj);
         let result = tokio::task::spawn_blocking(move || reconciler.reconcile(obj, &ctx)).await;
         match &result {
-            Ok(Err(e)) => self.ctx.metrics.reconcile_failed(kind, &e.reason),
-            Err(_) => self.ctx.metrics.reconcile_failed(kind, "Panic"),
+            Ok(Err(e)) => self.ctx.metrics.reconcile_failed(kind, e.reason.as_str()),
+            Err(_) => self
+                .ctx
+                .metrics
+                .reconcile_failed(kind, Reason::Panic.as_str()),
             Ok(Ok(_)) => {}
         }
         match result {
@@ -486,7 +489,10 @@ mod tests {
             };
             self.in_flight.lock().unwrap().insert(name.clone(), false);
             if n <= self.fail_first {
-                return Err(ReconcileError::new("Injected", format!("failure {n}")));
+                return Err(ReconcileError::new(
+                    Reason::LibvirtError,
+                    format!("failure {n}"),
+                ));
             }
             if obj.is_deleting() && self.finalize {
                 ctx.store.finalize_delete(obj.resource.kind(), &name)?;
@@ -594,7 +600,7 @@ mod tests {
         let text = metrics.render();
         for line in [
             "agentvm_reconcile_runs_total{kind=\"Image\"} 5",
-            "agentvm_reconcile_failures_total{kind=\"Image\",reason=\"Injected\"} 4",
+            "agentvm_reconcile_failures_total{kind=\"Image\",reason=\"LibvirtError\"} 4",
             "agentvm_reconcile_duration_seconds_count{kind=\"Image\"} 5",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line} in:\n{text}");

@@ -35,7 +35,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use agentvm_api::{AgentRun, AgentRunPhase, AgentRunStatus, CollectedArtifact, Kind, Resource};
+use agentvm_api::{
+    AgentRun, AgentRunPhase, AgentRunStatus, CollectedArtifact, Kind, Reason, Resource,
+};
 use agentvm_backend::{Backend, BackendError, Guest, Stream};
 
 use super::{condition, status_of, write_status, PoolRegistry, VmPhase};
@@ -291,12 +293,12 @@ impl AgentRunReconciler {
             .get(Kind::VmPool, pool)?
             .is_some_and(|p| !p.is_deleting());
         if !pool_ok {
-            status.reason = Some("PoolNotFound".into());
+            status.reason = Some(Reason::PoolNotFound.into());
             set(
                 &mut status,
                 SCHEDULED,
                 false,
-                "PoolNotFound",
+                Reason::PoolNotFound,
                 format!("VmPool {pool} does not exist"),
             );
             write_if_changed(ctx, obj, &before, &status)?;
@@ -307,12 +309,12 @@ impl AgentRunReconciler {
         self.registry.set_waiting(pool, waiting as u32);
         ctx.metrics.queue_length(pool, waiting);
         if position > 0 {
-            status.reason = Some("Queued".into());
+            status.reason = Some(Reason::Queued.into());
             set(
                 &mut status,
                 SCHEDULED,
                 false,
-                "Queued",
+                Reason::Queued,
                 format!("{position} run(s) ahead in the queue of pool {pool}"),
             );
             write_if_changed(ctx, obj, &before, &status)?;
@@ -346,14 +348,14 @@ impl AgentRunReconciler {
             Ok(p) => p,
             Err(e) => {
                 let reason = match e {
-                    RunError::Secret { .. } => "SecretUnavailable",
-                    _ => "InputUnavailable",
+                    RunError::Secret { .. } => Reason::SecretUnavailable,
+                    _ => Reason::InputUnavailable,
                 };
                 self.dequeue(pool, &me);
                 self.registry
                     .set_waiting(pool, waiting.saturating_sub(1) as u32);
                 let message = e.to_string();
-                tracing::warn!(run = name, submitter = %submitter(obj), reason, "{message}");
+                tracing::warn!(run = name, submitter = %submitter(obj), reason = reason.as_str(), "{message}");
                 finish(&mut status, AgentRunPhase::Failed, reason, message.clone());
                 write_status(ctx, obj, &status)?;
                 ctx.audit.record(
@@ -383,12 +385,12 @@ impl AgentRunReconciler {
                     Inputs::Read(Ok(prepared)),
                 ),
             );
-            status.reason = Some("WaitingForVm".into());
+            status.reason = Some(Reason::WaitingForVm.into());
             set(
                 &mut status,
                 SCHEDULED,
                 false,
-                "WaitingForVm",
+                Reason::WaitingForVm,
                 format!("no VM of pool {pool} is ready"),
             );
             write_if_changed(ctx, obj, &before, &status)?;
@@ -401,12 +403,12 @@ impl AgentRunReconciler {
             .set_waiting(pool, waiting.saturating_sub(1) as u32);
         status.phase = AgentRunPhase::Scheduled;
         status.vm = Some(vm.clone());
-        status.reason = Some("Scheduled".into());
+        status.reason = Some(Reason::Scheduled.into());
         set(
             &mut status,
             SCHEDULED,
             true,
-            "Scheduled",
+            Reason::Scheduled,
             format!("VM {vm} of pool {pool}"),
         );
         let cancel = Arc::new(AtomicBool::new(false));
@@ -447,7 +449,7 @@ impl AgentRunReconciler {
             .name(format!("run-{name}"))
             .spawn(move || job.run(prepared));
         if let Err(e) = spawned {
-            return Err(ReconcileError::new("ThreadSpawn", e.to_string()));
+            return Err(ReconcileError::new(Reason::ThreadSpawn, e.to_string()));
         }
         Ok(Action::AwaitChange)
     }
@@ -468,7 +470,7 @@ fn base_dir(_obj: &StoredObject, ctx: &Ctx) -> PathBuf {
     ctx.config.state_dir.clone()
 }
 
-fn set(status: &mut AgentRunStatus, type_: &str, ok: bool, reason: &str, message: String) {
+fn set(status: &mut AgentRunStatus, type_: &str, ok: bool, reason: Reason, message: String) {
     agentvm_api::set_condition(
         &mut status.conditions,
         condition(type_, ok, reason, message),
@@ -488,9 +490,9 @@ fn write_if_changed(
 }
 
 /// Ends `status` in `phase` with `reason` (finishedAt now, `Completed` condition).
-fn finish(status: &mut AgentRunStatus, phase: AgentRunPhase, reason: &str, message: String) {
+fn finish(status: &mut AgentRunStatus, phase: AgentRunPhase, reason: Reason, message: String) {
     status.phase = phase;
-    status.reason = Some(reason.to_string());
+    status.reason = Some(reason.into());
     status.finished_at = Some(Timestamp::now().to_string());
     set(status, COMPLETED, true, reason, message);
 }
@@ -501,7 +503,7 @@ fn artifact_conditions(status: &mut AgentRunStatus, report: &run::ArtifactReport
         status,
         ARTIFACTS_COLLECTED,
         true,
-        "Collected",
+        Reason::Collected,
         format!(
             "{} artifact(s) collected into {}",
             report.collected.len(),
@@ -513,7 +515,7 @@ fn artifact_conditions(status: &mut AgentRunStatus, report: &run::ArtifactReport
             status,
             ARTIFACTS_REJECTED,
             true,
-            "UnsafeEntries",
+            Reason::UnsafeEntries,
             report.rejected_message(),
         );
     }
@@ -522,7 +524,7 @@ fn artifact_conditions(status: &mut AgentRunStatus, report: &run::ArtifactReport
             status,
             ARTIFACTS_TRUNCATED,
             true,
-            "SizeCapReached",
+            Reason::SizeCapReached,
             report.skipped_message(cap),
         );
     }
@@ -531,7 +533,7 @@ fn artifact_conditions(status: &mut AgentRunStatus, report: &run::ArtifactReport
             status,
             ARTIFACTS_MISSING,
             true,
-            "PathNotFound",
+            Reason::PathNotFound,
             format!("not in the guest: {}", report.missing.join(", ")),
         );
     }
@@ -815,7 +817,7 @@ impl Job {
             Ok(chan) => {
                 drop(chan);
                 self.status.phase = AgentRunPhase::Running;
-                self.status.reason = Some("Running".into());
+                self.status.reason = Some(Reason::Running.into());
                 self.status.started_at = Some(Timestamp::now().to_string());
                 self.status.observed_generation = Some(self.generation);
                 self.write();
@@ -875,7 +877,7 @@ impl Job {
                                     &mut self.status,
                                     ARTIFACTS_COLLECTED,
                                     false,
-                                    "CollectionFailed",
+                                    Reason::CollectionFailed,
                                     e.to_string(),
                                 );
                             }
@@ -904,7 +906,13 @@ impl Job {
             st.output = Some(r.output);
             st.guest_agent = Some(r.outcome.served_by.as_str().to_string());
             if let Some(message) = r.truncated_message(spec.output.max_mib) {
-                set(st, OUTPUT_TRUNCATED, true, "OutputCapReached", message);
+                set(
+                    st,
+                    OUTPUT_TRUNCATED,
+                    true,
+                    Reason::OutputCapReached,
+                    message,
+                );
             }
         }
         let secs = started.elapsed().as_secs_f64();
@@ -916,7 +924,7 @@ impl Job {
                 replace = true;
                 (
                     AgentRunPhase::TimedOut,
-                    "GuestUnresponsive",
+                    Reason::GuestUnresponsive,
                     format!(
                         "the program did not end within {} s of its {} s timeout (the guest did not carry out the kill); VM {} destroyed (the pool replaces it)",
                         KILL_GRACE.as_secs(),
@@ -927,7 +935,7 @@ impl Job {
             }
             _ if report.killed => (
                 AgentRunPhase::Failed,
-                "AnomalyPolicy",
+                Reason::AnomalyPolicy,
                 match st.anomalies.first() {
                     Some(a) => format!(
                         "stopped by the pool's anomaly policy: {}: {}",
@@ -938,7 +946,7 @@ impl Job {
             ),
             _ if cancelled => (
                 AgentRunPhase::Cancelled,
-                "Cancelled",
+                Reason::Cancelled,
                 "deleted while running; killed in the guest".to_string(),
             ),
             Ok(r) => {
@@ -946,7 +954,7 @@ impl Job {
                 if r.outcome.timed_out {
                     (
                         AgentRunPhase::TimedOut,
-                        "Timeout",
+                        Reason::Timeout,
                         format!(
                             "killed in the guest after its {} s timeout",
                             spec.timeout_seconds
@@ -955,19 +963,19 @@ impl Job {
                 } else if r.outcome.exit_code == Some(0) {
                     (
                         AgentRunPhase::Succeeded,
-                        "Completed",
+                        Reason::Completed,
                         format!("exited 0 in {secs:.1} s"),
                     )
                 } else if let Some(code) = r.outcome.exit_code {
                     (
                         AgentRunPhase::Failed,
-                        "NonZeroExit",
+                        Reason::NonZeroExit,
                         format!("exited {code}"),
                     )
                 } else {
                     (
                         AgentRunPhase::Failed,
-                        "Signaled",
+                        Reason::Signaled,
                         format!("killed by signal {:?}", r.outcome.signal),
                     )
                 }
@@ -976,7 +984,7 @@ impl Job {
                 replace = true;
                 (
                     AgentRunPhase::TimedOut,
-                    "GuestUnresponsive",
+                    Reason::GuestUnresponsive,
                     redact(format!("VM {} (replaced): {e}", self.vm)),
                 )
             }
@@ -984,15 +992,19 @@ impl Job {
                 replace = true;
                 (
                     AgentRunPhase::Failed,
-                    "VmLost",
+                    Reason::VmLost,
                     redact(format!("VM {} (replaced): {e}", self.vm)),
                 )
             }
-            Err(e) => (AgentRunPhase::Failed, "SetupFailed", redact(e.to_string())),
+            Err(e) => (
+                AgentRunPhase::Failed,
+                Reason::SetupFailed,
+                redact(e.to_string()),
+            ),
         };
-        tracing::info!(run = %self.name, vm = %self.vm, ?phase, reason, took = ?started.elapsed(), "run finished");
+        tracing::info!(run = %self.name, vm = %self.vm, ?phase, reason = reason.as_str(), took = ?started.elapsed(), "run finished");
         finish(st, phase, reason, message);
-        let label = format!("{phase:?}").to_lowercase();
+        let label = phase.as_str().to_lowercase();
         self.ctx.metrics.execution_finished(&label, secs);
         self.write();
         self.ctx.audit.record(
@@ -1004,7 +1016,7 @@ impl Job {
             )
             .vm(&self.vm)
             .details(serde_json::json!({
-                "phase": format!("{phase:?}"),
+                "phase": phase.as_str(),
                 "reason": reason,
                 "exitCode": self.status.exit_code,
                 "durationSeconds": secs,
@@ -1116,7 +1128,7 @@ impl Reconciler for AgentRunReconciler {
                 finish(
                     &mut status,
                     AgentRunPhase::Failed,
-                    "ControllerRestarted",
+                    Reason::ControllerRestarted,
                     "the controller restarted while the run was in flight".into(),
                 );
                 write_status(ctx, &obj, &status)?;
@@ -1129,7 +1141,7 @@ impl Reconciler for AgentRunReconciler {
                     finish(
                         &mut status,
                         AgentRunPhase::Cancelled,
-                        "Cancelled",
+                        Reason::Cancelled,
                         "deleted before it started".into(),
                     );
                     write_status(ctx, &obj, &status)?;

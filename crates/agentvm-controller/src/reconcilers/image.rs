@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agentvm_api::{ImagePhase, ImageStatus, Kind, Resource};
+use agentvm_api::{ImagePhase, ImageStatus, Kind, Reason, Resource};
 use agentvm_image::{BuildEvent, BuiltImage, Recipe};
 
 use super::{status_of, write_status, Conditions};
@@ -162,7 +162,7 @@ impl Reconciler for ImageReconciler {
         let hash = match recipe.try_hash() {
             Ok(h) => h,
             Err(e) => {
-                let err = ReconcileError::new("RecipeInvalid", e.to_string());
+                let err = ReconcileError::new(Reason::RecipeInvalid, e.to_string());
                 status.phase = ImagePhase::Failed;
                 Conditions(&mut status.conditions).degraded(&err, false);
                 write_status(ctx, &obj, &status)?;
@@ -172,7 +172,7 @@ impl Reconciler for ImageReconciler {
         let found = self
             .builder
             .lookup(&recipe)
-            .map_err(|e| ReconcileError::new("CacheError", e))?;
+            .map_err(|e| ReconcileError::new(Reason::CacheError, e))?;
         if let Some(img) = found {
             self.builds
                 .lock()
@@ -184,7 +184,7 @@ impl Reconciler for ImageReconciler {
             status.initrd_path = Some(img.initrd.display().to_string());
             status.built_spec_hash = Some(img.recipe_hash.clone());
             Conditions(&mut status.conditions)
-                .ready("Built", format!("image {}", img.disk.display()));
+                .ready(Reason::Built, format!("image {}", img.disk.display()));
             write_status(ctx, &obj, &status)?;
             return Ok(Action::AwaitChange);
         }
@@ -202,8 +202,10 @@ impl Reconciler for ImageReconciler {
         match current {
             Some(Build::Running { progress }) => {
                 status.phase = ImagePhase::Building;
-                Conditions(&mut status.conditions)
-                    .progressing("Building", format!("recipe {}: {progress}", &hash[..12]));
+                Conditions(&mut status.conditions).progressing(
+                    Reason::Building,
+                    format!("recipe {}: {progress}", &hash[..12]),
+                );
                 write_status(ctx, &obj, &status)?;
                 Ok(Action::Requeue(BUILD_POLL))
             }
@@ -212,7 +214,7 @@ impl Reconciler for ImageReconciler {
                 at,
                 failures,
             }) if at.elapsed() < retry_delay(failures) => {
-                let err = ReconcileError::new("BuildFailed", error);
+                let err = ReconcileError::new(Reason::BuildFailed, error);
                 status.phase = ImagePhase::Failed;
                 Conditions(&mut status.conditions).degraded(&err, false);
                 write_status(ctx, &obj, &status)?;
@@ -227,8 +229,10 @@ impl Reconciler for ImageReconciler {
                 };
                 self.start_build(&hash, recipe, failures);
                 status.phase = ImagePhase::Building;
-                Conditions(&mut status.conditions)
-                    .progressing("Building", format!("recipe {}: starting", &hash[..12]));
+                Conditions(&mut status.conditions).progressing(
+                    Reason::Building,
+                    format!("recipe {}: starting", &hash[..12]),
+                );
                 write_status(ctx, &obj, &status)?;
                 Ok(Action::Requeue(BUILD_POLL))
             }

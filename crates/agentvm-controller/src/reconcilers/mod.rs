@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentvm_api::{set_condition, Condition, ConditionStatus, Kind, KindStatus, Resource};
+use agentvm_api::{set_condition, Condition, ConditionStatus, Kind, KindStatus, Reason, Resource};
 use agentvm_backend::{Backend, BackendError, Owner};
 
 use crate::reconcile::{Ctx, ReconcileError};
@@ -66,7 +66,7 @@ pub fn register(
 pub(crate) fn condition(
     type_: &str,
     status: bool,
-    reason: &str,
+    reason: Reason,
     message: impl Into<String>,
 ) -> Condition {
     Condition::new(
@@ -90,53 +90,53 @@ impl Conditions<'_> {
         &mut self,
         type_: &str,
         status: bool,
-        reason: &str,
+        reason: Reason,
         message: impl Into<String>,
     ) {
         set_condition(self.0, condition(type_, status, reason, message));
     }
 
     /// Ready and stable.
-    pub(crate) fn ready(&mut self, reason: &str, message: impl Into<String>) {
+    pub(crate) fn ready(&mut self, reason: Reason, message: impl Into<String>) {
         self.set(READY, true, reason, message);
-        self.set(PROGRESSING, false, "Reconciled", "");
-        self.set(DEGRADED, false, "Reconciled", "");
+        self.set(PROGRESSING, false, Reason::Reconciled, "");
+        self.set(DEGRADED, false, Reason::Reconciled, "");
     }
 
     /// Not ready yet, working on it (or waiting for something).
-    pub(crate) fn progressing(&mut self, reason: &str, message: impl Into<String>) {
+    pub(crate) fn progressing(&mut self, reason: Reason, message: impl Into<String>) {
         let message = message.into();
         self.set(READY, false, reason, message.clone());
         self.set(PROGRESSING, true, reason, message);
-        self.set(DEGRADED, false, "Reconciled", "");
+        self.set(DEGRADED, false, Reason::Reconciled, "");
     }
 
     /// Failed: `Degraded` with the error; `Ready` keeps `ready_still` (a degraded network
     /// may still be up).
     pub(crate) fn degraded(&mut self, err: &ReconcileError, ready_still: bool) {
         if !ready_still {
-            self.set(READY, false, &err.reason, err.message.clone());
+            self.set(READY, false, err.reason, err.message.clone());
         }
-        self.set(PROGRESSING, false, &err.reason, "");
-        self.set(DEGRADED, true, &err.reason, err.message.clone());
+        self.set(PROGRESSING, false, err.reason, "");
+        self.set(DEGRADED, true, err.reason, err.message.clone());
     }
 }
 
 /// A backend failure as a reconcile error with a short reason label.
 pub(crate) fn backend_error(doing: &str, e: &BackendError) -> ReconcileError {
     let reason = match e {
-        BackendError::NotFound { .. } => "NotFound",
-        BackendError::AlreadyExists { .. } => "AlreadyExists",
-        BackendError::NotOwned { .. } => "NotOwned",
-        BackendError::GuestAgentUnavailable { .. } => "GuestAgentUnavailable",
-        BackendError::VmNotRunning { .. } => "VmNotRunning",
-        BackendError::GuestCommand { .. } => "GuestCommandFailed",
-        BackendError::Timeout { .. } => "Timeout",
-        BackendError::Libvirt { .. } => "LibvirtError",
-        BackendError::Io { .. } => "HostIoError",
-        BackendError::Command { .. } => "HostCommandFailed",
-        BackendError::Protocol { .. } => "ProtocolError",
-        BackendError::DiskTooSmall { .. } => "DiskTooSmall",
+        BackendError::NotFound { .. } => Reason::NotFound,
+        BackendError::AlreadyExists { .. } => Reason::AlreadyExists,
+        BackendError::NotOwned { .. } => Reason::NotOwned,
+        BackendError::GuestAgentUnavailable { .. } => Reason::GuestAgentUnavailable,
+        BackendError::VmNotRunning { .. } => Reason::VmNotRunning,
+        BackendError::GuestCommand { .. } => Reason::GuestCommandFailed,
+        BackendError::Timeout { .. } => Reason::Timeout,
+        BackendError::Libvirt { .. } => Reason::LibvirtError,
+        BackendError::Io { .. } => Reason::HostIoError,
+        BackendError::Command { .. } => Reason::HostCommandFailed,
+        BackendError::Protocol { .. } => Reason::ProtocolError,
+        BackendError::DiskTooSmall { .. } => Reason::DiskTooSmall,
     };
     ReconcileError::new(reason, format!("{doing}: {e}"))
 }
@@ -194,7 +194,7 @@ pub(crate) fn delete_when_unused<S: KindStatus>(
 ) -> Result<crate::reconcile::Action, ReconcileError> {
     if !users.is_empty() {
         let err = ReconcileError::new(
-            "InUse",
+            Reason::InUse,
             format!(
                 "deletion waits: still used by VmPool {}; delete those first",
                 users.join(", ")
@@ -228,7 +228,7 @@ pub(crate) fn owner_of(obj: &StoredObject) -> Owner {
 
 fn wrong_kind(obj: &StoredObject, expected: Kind) -> ReconcileError {
     ReconcileError::new(
-        "WrongKind",
+        Reason::WrongKind,
         format!("{} given to the {expected} reconciler", obj.key()),
     )
 }

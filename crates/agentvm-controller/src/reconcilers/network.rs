@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use agentvm_api::{Kind, NetworkPhase, NetworkStatus, Resource};
+use agentvm_api::{Kind, NetworkPhase, NetworkStatus, Reason, Resource};
 use agentvm_backend::backend::EnsureOutcome;
 use agentvm_backend::netxml::{libvirt_name, NetworkDef};
 use agentvm_backend::Backend;
@@ -85,7 +85,7 @@ impl Reconciler for NetworkReconciler {
                 status.phase = NetworkPhase::Ready;
                 status.bridge = Some(def.bridge());
                 Conditions(&mut status.conditions).ready(
-                    "Active",
+                    Reason::Active,
                     format!("libvirt network {lname} is defined and running"),
                 );
                 write_status(ctx, &obj, &status)?;

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use agentvm_api::{Kind, NetworkFilterPhase, NetworkFilterStatus, Resource};
+use agentvm_api::{Kind, NetworkFilterPhase, NetworkFilterStatus, Reason, Resource};
 use agentvm_backend::netxml::{libvirt_name, NwFilterDef};
 use agentvm_backend::Backend;
 
@@ -79,8 +79,10 @@ impl Reconciler for NetworkFilterReconciler {
                 super::drift_check(ctx, &obj, was_ready_here, outcome);
                 tracing::debug!(nwfilter = %lname, ?outcome, "nwfilter ensured");
                 status.phase = NetworkFilterPhase::Ready;
-                Conditions(&mut status.conditions)
-                    .ready("Defined", format!("libvirt nwfilter {lname} is defined"));
+                Conditions(&mut status.conditions).ready(
+                    Reason::Defined,
+                    format!("libvirt nwfilter {lname} is defined"),
+                );
                 write_status(ctx, &obj, &status)?;
                 Ok(Action::AwaitChange)
             }

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use agentvm_api::{
     spec_hash, ImagePhase, ImageStatus, Kind, NetworkFilterPhase, NetworkFilterStatus,
-    NetworkPhase, NetworkStatus, PoolEvent, Resource, VmPool, VmPoolPhase, VmPoolStatus,
+    NetworkPhase, NetworkStatus, PoolEvent, Reason, Resource, VmPool, VmPoolPhase, VmPoolStatus,
 };
 use agentvm_backend::backend::{OwnedVm, PoolVmRequest};
 use agentvm_backend::guest::ExecRequest;
@@ -126,7 +126,7 @@ impl VmPoolReconciler {
             .list_vms()
             .map_err(|e| backend_error("listing domains", &e))?
             .into_iter()
-            .filter(|v| v.owner.kind == Kind::VmPool.as_str() && v.owner.name == pool)
+            .filter(|v| v.owner.is_kind(Kind::VmPool) && v.owner.name == pool)
             .collect();
         for vm in &vms {
             // Unknown to this controller: adopted; reset before it is handed out.
@@ -183,7 +183,7 @@ impl VmPoolReconciler {
         ctx: &Ctx,
         pool: &str,
         vm: &str,
-        reason: &str,
+        reason: Reason,
         message: String,
         status: &mut VmPoolStatus,
     ) -> Result<bool, ReconcileError> {
@@ -193,7 +193,7 @@ impl VmPoolReconciler {
         }
         status.push_event(PoolEvent {
             time: Timestamp::now().to_string(),
-            reason: reason.to_string(),
+            reason: reason.into(),
             vm: vm.to_string(),
             message,
         });
@@ -274,7 +274,7 @@ impl VmPoolReconciler {
                 let c = self.counts(pool, "");
                 self.fill_status(status, &c, ctx, pool);
                 Conditions(&mut status.conditions).progressing(
-                    "WaitingForRuns",
+                    Reason::WaitingForRuns,
                     format!("deletion waits for busy VMs: {}", busy.join(", ")),
                 );
                 write_status(ctx, obj, status)?;
@@ -319,7 +319,7 @@ impl VmPoolReconciler {
             }
         }
         // The last replacement of this pass, for the condition of the creation that follows.
-        let mut replaced: Option<(&str, String)> = None;
+        let mut replaced: Option<(Reason, String)> = None;
         // Definitions edited by hand (`virsh edit`): replaced by a VM of the template once
         // idle (a busy one finishes its run first; `replace` leaves it alone until then).
         for vm in vms
@@ -327,9 +327,16 @@ impl VmPoolReconciler {
             .filter(|v| v.edited && v.state == DomainState::Running)
         {
             let message = "its libvirt definition was changed outside agentvm".to_string();
-            if self.replace(ctx, name, &vm.name, "EditedByHand", message.clone(), status)? {
+            if self.replace(
+                ctx,
+                name,
+                &vm.name,
+                Reason::EditedByHand,
+                message.clone(),
+                status,
+            )? {
                 drift_repaired(ctx, name, &vm.name, "definition edited by hand; replaced");
-                replaced = Some(("EditedByHand", format!("{}: {message}", vm.name)));
+                replaced = Some((Reason::EditedByHand, format!("{}: {message}", vm.name)));
             }
         }
         // Idle VMs past their TTL (from creation): replaced, not reset or reused. A busy one
@@ -343,8 +350,15 @@ impl VmPoolReconciler {
                     human_age(vm.age()),
                     pool.spec.ttl_seconds
                 );
-                if self.replace(ctx, name, &vm.name, "TtlExpired", message.clone(), status)? {
-                    replaced = Some(("TtlExpired", format!("{}: {message}", vm.name)));
+                if self.replace(
+                    ctx,
+                    name,
+                    &vm.name,
+                    Reason::TtlExpired,
+                    message.clone(),
+                    status,
+                )? {
+                    replaced = Some((Reason::TtlExpired, format!("{}: {message}", vm.name)));
                 }
             }
         }
@@ -369,11 +383,12 @@ impl VmPoolReconciler {
                             ctx,
                             name,
                             &vm.name,
-                            "ResetFailed",
+                            Reason::ResetFailed,
                             message.clone(),
                             status,
                         )? {
-                            replaced = Some(("ResetFailed", format!("{}: {message}", vm.name)));
+                            replaced =
+                                Some((Reason::ResetFailed, format!("{}: {message}", vm.name)));
                         }
                     }
                 }
@@ -400,8 +415,15 @@ impl VmPoolReconciler {
                 Err(e) => {
                     tracing::warn!(pool = name, vm = %vm.name, error = %e, "health check failed; replacing the VM");
                     let message = format!("guest agent did not answer a ping: {e}");
-                    if self.replace(ctx, name, &vm.name, "Unhealthy", message.clone(), status)? {
-                        replaced = Some(("Unhealthy", format!("{}: {message}", vm.name)));
+                    if self.replace(
+                        ctx,
+                        name,
+                        &vm.name,
+                        Reason::Unhealthy,
+                        message.clone(),
+                        status,
+                    )? {
+                        replaced = Some((Reason::Unhealthy, format!("{}: {message}", vm.name)));
                     }
                 }
             }
@@ -439,8 +461,8 @@ impl VmPoolReconciler {
                 let progress = format!("creating {vm_name} ({} of {min} ready)", c.ready_current);
                 let (reason, message) = match &replaced {
                     Some((reason, why)) => (*reason, format!("replacing {why}; {progress}")),
-                    None if rolling => ("RollingUpdate", progress),
-                    None => ("ScalingUp", progress),
+                    None if rolling => (Reason::RollingUpdate, progress),
+                    None => (Reason::ScalingUp, progress),
                 };
                 Conditions(&mut status.conditions).progressing(reason, message);
                 write_status(ctx, obj, status)?;
@@ -489,13 +511,13 @@ impl VmPoolReconciler {
         if c.ready_current >= min {
             status.phase = VmPoolPhase::Ready;
             Conditions(&mut status.conditions).ready(
-                "MinReadyReached",
+                Reason::MinReadyReached,
                 format!("{} VMs ready (minReady {min}), {} busy", c.ready, c.busy),
             );
         } else {
             status.phase = VmPoolPhase::Warming;
             Conditions(&mut status.conditions).progressing(
-                "AtMaxSize",
+                Reason::AtMaxSize,
                 format!(
                     "{} of {min} VMs ready; maxSize {} reached with {} busy",
                     c.ready_current, spec.max_size, c.busy
@@ -628,7 +650,7 @@ fn vm_name(pool: &str) -> String {
 #[derive(Debug)]
 struct Blocked {
     /// Condition reason.
-    reason: &'static str,
+    reason: Reason,
     /// Condition message.
     message: String,
     /// True when waiting will not help: the manifests have to change (phase `Failed`).
@@ -636,7 +658,7 @@ struct Blocked {
 }
 
 /// Waiting for a dependency: (reason, message).
-fn waiting(reason: &'static str, message: String) -> Blocked {
+fn waiting(reason: Reason, message: String) -> Blocked {
     Blocked {
         reason,
         message,
@@ -648,7 +670,7 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Blocked>, Reconc
     let t = &pool.spec.template;
     let Some(img) = ctx.store.get(Kind::Image, &t.image_ref)? else {
         return Ok(Err(waiting(
-            "WaitingForImage",
+            Reason::WaitingForImage,
             format!("Image {} does not exist", t.image_ref),
         )));
     };
@@ -659,7 +681,7 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Blocked>, Reconc
             agentvm_api::pool_disk_too_small(&pool.spec, &t.image_ref, &image.spec)
         {
             return Ok(Err(Blocked {
-                reason: "DiskTooSmall",
+                reason: Reason::DiskTooSmall,
                 message,
                 failed: true,
             }));
@@ -670,7 +692,7 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Blocked>, Reconc
         (&st.disk_path, &st.kernel_path, &st.initrd_path, st.phase)
     else {
         return Ok(Err(waiting(
-            "WaitingForImage",
+            Reason::WaitingForImage,
             format!("Image {} is {:?}", t.image_ref, st.phase),
         )));
     };
@@ -700,7 +722,7 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Blocked>, Reconc
                     format!("NetworkFilter {}", a.filter_ref)
                 };
                 return Ok(Err(waiting(
-                    "WaitingForNetwork",
+                    Reason::WaitingForNetwork,
                     format!("{what} is not Ready"),
                 )));
             }
@@ -732,7 +754,7 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Blocked>, Reconc
         nic_ip_from_lease: nic.as_ref().is_some_and(|n| n.dhcp),
     };
     let identity = serde_json::to_value(&identity)
-        .map_err(|e| ReconcileError::new("TemplateEncoding", e.to_string()))?;
+        .map_err(|e| ReconcileError::new(Reason::TemplateEncoding, e.to_string()))?;
     let mut canonical = String::new();
     agentvm_api::resource::write_canonical_json(&identity, &mut canonical);
     let hash: String = Sha256::digest(canonical.as_bytes())
