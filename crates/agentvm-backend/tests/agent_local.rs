@@ -99,6 +99,14 @@ fn exec_streams_output_exit_codes_env_and_cwd() {
     let mut req = sh("true");
     req.cwd = Some("/no/such/dir".into());
     assert_eq!(run(&c, &req).exit_code, Some(126));
+    // As another user: uid and gid as asked, no supplementary groups of root's.
+    let mut req = sh("id -u; id -g; id -G");
+    req.user = Some((65534, 65533));
+    let out = run(&c, &req);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "65534\n65533\n65533\n"
+    );
     // Killed by a signal.
     let out = run(&c, &sh("kill -TERM $$"));
     assert_eq!((out.exit_code, out.signal), (None, Some(15)));
