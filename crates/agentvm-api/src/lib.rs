@@ -39,8 +39,8 @@ pub use kinds::network::{
     DhcpRange, Network, NetworkMode, NetworkPhase, NetworkSpec, NetworkStatus,
 };
 pub use kinds::network_filter::{
-    domain_matches, domain_pattern_problem, EgressRule, NetworkFilter, NetworkFilterPhase,
-    NetworkFilterSpec, NetworkFilterStatus, Protocol,
+    domain_matches, domain_overlong_under, domain_pattern_problem, EgressRule, NetworkFilter,
+    NetworkFilterPhase, NetworkFilterSpec, NetworkFilterStatus, Protocol, MAX_WILDCARD_HEAD,
 };
 pub use kinds::vm_pool::{
     AnomalyDetection, AnomalyPolicy, IoLimits, NetworkAttachment, PoolEvent, PoolNetwork,

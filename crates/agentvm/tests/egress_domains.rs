@@ -7,7 +7,8 @@
 //! HTTP; a denied name on an allowed port fails; an IP address without SNI fails; a name
 //! whose DNS answers do not include the dialled address fails; a port no rule lists is
 //! dropped; the guest's DNS (to its resolver or any other) answers listed names and NXDOMAIN
-//! for others, without asking upstream; every proxied connection is an `egress` audit event
+//! for others, without asking upstream, and NXDOMAIN for a long (tunnel) name under an
+//! allowed wildcard; every proxied connection is an `egress` audit event
 //! with the right verdict and
 //! byte counts; adding a name while a run is live lets that run reach it within seconds;
 //! 200 concurrent connections all get through, and a connection that never sends a
@@ -146,6 +147,8 @@ def q(name):
     return r[3] & 15, r[7]
 print("other-resolver-denied rcode=%d answers=%d" % q("denied.test"))
 print("other-resolver-allowed rcode=%d answers=%d" % q("api.allowed.test"))
+# Data in the labels of a name under the allowed wildcard: a DNS tunnel, refused here.
+print("dns-tunnel rcode=%d answers=%d" % q("a" * 40 + "." + "tunnelbbb" * 4 + ".allowed.test"))
 EOF
 "#;
 
@@ -248,8 +251,13 @@ fn guests_reach_only_the_names_their_filter_lists() {
     assert_eq!(verdict("https-by-dns"), "ok hello api.allowed.test");
     assert_eq!(verdict("other-resolver-denied"), "rcode=3 answers=0");
     assert_eq!(verdict("other-resolver-allowed"), "rcode=0 answers=1");
+    assert_eq!(verdict("dns-tunnel"), "rcode=3 answers=0");
     let asked = std::fs::read_to_string(&server_log).unwrap();
     assert!(!asked.contains("dns denied.test"), "{asked}");
+    assert!(
+        !asked.contains("tunnelbbb"),
+        "the tunnel query reached the resolver: {asked}"
+    );
     // The connection log: one event per proxied connection, in order, with its verdict.
     let all_events = egress_events(&env, "checks");
     let dns_denied: Vec<&serde_json::Value> = all_events
@@ -257,7 +265,14 @@ fn guests_reach_only_the_names_their_filter_lists() {
         .filter(|e| e["verdict"] == "dns_denied")
         .collect();
     assert!(
-        !dns_denied.is_empty() && dns_denied.iter().all(|e| e["domain"] == "denied.test"),
+        dns_denied.iter().any(|e| e["domain"] == "denied.test")
+            && dns_denied.iter().any(|e| e["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("likely DNS tunnel")))
+            && dns_denied.iter().all(|e| e["domain"] == "denied.test"
+                || e["domain"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("tunnelbbb"))),
         "{dns_denied:#?}"
     );
     assert!(

@@ -154,17 +154,38 @@ impl EgressRule {
     }
 }
 
+/// The most a wildcard's `*` stands for: one or more labels, at most this many bytes in all.
+/// Longer names under an allowed wildcard are what DNS tunnels look like (data encoded in
+/// the labels of queries that the allowed domain's servers get to see), and host names
+/// people use are far shorter.
+pub const MAX_WILDCARD_HEAD: usize = 63;
+
 /// True if lowercase `name` matches pattern `pattern` (an exact name, or `*.suffix`: any name
-/// of one or more labels followed by `.suffix`). Case-insensitive in the pattern.
+/// of one or more labels, [`MAX_WILDCARD_HEAD`] bytes at most, followed by `.suffix`).
+/// Case-insensitive in the pattern.
 pub fn domain_matches(pattern: &str, name: &str) -> bool {
-    let pattern = pattern.to_ascii_lowercase();
-    match pattern.strip_prefix("*.") {
-        Some(suffix) => name
-            .strip_suffix(suffix)
-            .and_then(|head| head.strip_suffix('.'))
-            .is_some_and(|head| !head.is_empty()),
-        None => pattern == name,
+    wildcard_head(pattern, name).map_or_else(
+        || pattern.eq_ignore_ascii_case(name),
+        |head| head.len() <= MAX_WILDCARD_HEAD,
+    )
+}
+
+/// True if lowercase `name` falls under wildcard `pattern` but is longer than
+/// [`MAX_WILDCARD_HEAD`] allows (refused as a likely tunnel).
+pub fn domain_overlong_under(pattern: &str, name: &str) -> bool {
+    wildcard_head(pattern, name).is_some_and(|head| head.len() > MAX_WILDCARD_HEAD)
+}
+
+/// The part of `name` a wildcard `pattern` (`*.suffix`) would stand for; `None` when
+/// `pattern` is no wildcard or `name` is not under it.
+fn wildcard_head<'n>(pattern: &str, name: &'n str) -> Option<&'n str> {
+    let suffix = pattern.strip_prefix("*.")?;
+    if name.len() <= suffix.len() + 1 {
+        return None;
     }
+    let (head, tail) = name.split_at(name.len() - suffix.len() - 1);
+    (tail.as_bytes()[0] == b'.' && tail[1..].eq_ignore_ascii_case(suffix) && !head.is_empty())
+        .then_some(head)
 }
 
 /// Why a string is not a valid domain pattern for an egress rule (`None`: it is valid).
@@ -318,4 +339,28 @@ pub struct NetworkFilterStatus {
     /// Name of the libvirt nwfilter backing this object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub libvirt_name: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards_stand_for_a_bounded_head_and_longer_names_are_tunnels() {
+        assert!(domain_matches("*.example.com", "a.example.com"));
+        assert!(domain_matches("*.Example.com", "a.b.example.com"));
+        assert!(!domain_matches("*.example.com", "example.com"));
+        assert!(!domain_matches("*.example.com", "aexample.com"));
+        assert!(domain_matches("api.example.com", "api.example.com"));
+        let head = "x".repeat(MAX_WILDCARD_HEAD);
+        assert!(domain_matches(
+            "*.example.com",
+            &format!("{head}.example.com")
+        ));
+        let tunnel = format!("{}.{}.example.com", "a".repeat(40), "b".repeat(40));
+        assert!(!domain_matches("*.example.com", &tunnel));
+        assert!(domain_overlong_under("*.example.com", &tunnel));
+        assert!(!domain_overlong_under("*.example.com", "a.example.com"));
+        assert!(!domain_overlong_under("api.example.com", &tunnel));
+    }
 }

@@ -56,14 +56,25 @@ pub fn reply(
             ),
         }
     } else {
-        (
-            Verdict::DnsDenied,
+        let tunnel = guest.spec.egress.iter().any(|r| {
+            r.domains
+                .iter()
+                .any(|d| agentvm_api::domain_overlong_under(d, &name.to_ascii_lowercase()))
+        });
+        let why = if tunnel {
+            format!(
+                "{name} is under a wildcard of NetworkFilter {} but longer than a wildcard \
+                 covers ({} bytes before its suffix): refused as a likely DNS tunnel, answered NXDOMAIN",
+                guest.filter,
+                agentvm_api::MAX_WILDCARD_HEAD
+            )
+        } else {
             format!(
                 "NetworkFilter {} does not list {name}: answered NXDOMAIN",
                 guest.filter
-            ),
-            Some(answer(query, None)),
-        )
+            )
+        };
+        (Verdict::DnsDenied, why, Some(answer(query, None)))
     };
     (ctx.sink)(EgressRecord {
         started,
