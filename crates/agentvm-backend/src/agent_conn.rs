@@ -288,6 +288,43 @@ impl AgentConn {
         })
     }
 
+    /// The guest's refusal of request `what`, its text cut to a status-fit length.
+    fn refused(&self, what: impl Into<String>, message: &str) -> BackendError {
+        BackendError::GuestCommand {
+            vm: self.vm.clone(),
+            command: what.into(),
+            message: bounded(message),
+        }
+    }
+
+    /// Wait for the answer of stream `rx` until `timeout`, taking credits as they come: the
+    /// guest's `Done`, or its refusal, a protocol error, or (silence) a dropped connection.
+    fn until_done(
+        &self,
+        rx: &mut StreamRx,
+        what: &str,
+        timeout: Duration,
+        mut on_credit: impl FnMut(u64) -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match rx.recv(deadline.saturating_duration_since(Instant::now()))? {
+                Some(ToHost::Credit(n)) => {
+                    if on_credit(n) {
+                        return Ok(());
+                    }
+                }
+                Some(ToHost::Done) => return Ok(()),
+                Some(ToHost::Error { message }) => return Err(self.refused(what, &message)),
+                Some(other) => return Err(self.protocol(what, &other)),
+                None => {
+                    self.kill(&format!("{what}: no answer within {timeout:?}"));
+                    return Err(self.gone());
+                }
+            }
+        }
+    }
+
     fn protocol(&self, what: &str, got: &ToHost) -> BackendError {
         let e = BackendError::Protocol {
             what: format!("agentvm-guest {what} on {}", self.vm),
@@ -314,11 +351,7 @@ impl AgentConn {
     fn done(&self, rx: &mut StreamRx, what: &str) -> Result<()> {
         match self.answer(rx, what)? {
             ToHost::Done => Ok(()),
-            ToHost::Error { message } => Err(BackendError::GuestCommand {
-                vm: self.vm.clone(),
-                command: what.to_string(),
-                message: bounded(&message),
-            }),
+            ToHost::Error { message } => Err(self.refused(what.to_string(), &message)),
             other => Err(self.protocol(what, &other)),
         }
     }
@@ -393,21 +426,14 @@ impl AgentConn {
         let mut buf = vec![0u8; MAX_CHUNK];
         let what = format!("write {path}");
         loop {
-            while credit < cost(MAX_CHUNK) {
-                match rx.recv(TRANSFER_TIMEOUT)? {
-                    Some(ToHost::Credit(n)) => credit = credit.saturating_add(n).min(WINDOW),
-                    Some(ToHost::Error { message }) => {
-                        return Err(BackendError::GuestCommand {
-                            vm: self.vm.clone(),
-                            command: what,
-                            message: bounded(&message),
-                        })
-                    }
-                    Some(other) => return Err(self.protocol(&what, &other)),
-                    None => {
-                        self.kill(&format!("{what}: no credit within {TRANSFER_TIMEOUT:?}"));
-                        return Err(self.gone());
-                    }
+            if credit < cost(MAX_CHUNK) {
+                // Wait for credit; a `Done` here would be out of turn.
+                self.until_done(&mut rx, &what, TRANSFER_TIMEOUT, |n| {
+                    credit = credit.saturating_add(n).min(WINDOW);
+                    credit >= cost(MAX_CHUNK)
+                })?;
+                if credit < cost(MAX_CHUNK) {
+                    return Err(self.protocol(&what, &ToHost::Done));
                 }
             }
             let n = match src.read(&mut buf) {
@@ -428,25 +454,7 @@ impl AgentConn {
         }
         self.send(rx.id, &ToGuest::FileEnd)?;
         // Credits of the last chunks may come before the answer.
-        let deadline = Instant::now() + TRANSFER_TIMEOUT;
-        loop {
-            match rx.recv(deadline.saturating_duration_since(Instant::now()))? {
-                Some(ToHost::Credit(_)) => {}
-                Some(ToHost::Done) => return Ok(()),
-                Some(ToHost::Error { message }) => {
-                    return Err(BackendError::GuestCommand {
-                        vm: self.vm.clone(),
-                        command: what,
-                        message: bounded(&message),
-                    })
-                }
-                Some(other) => return Err(self.protocol(&what, &other)),
-                None => {
-                    self.kill(&format!("{what}: no answer within {TRANSFER_TIMEOUT:?}"));
-                    return Err(self.gone());
-                }
-            }
-        }
+        self.until_done(&mut rx, &what, TRANSFER_TIMEOUT, |_| false)
     }
 
     /// Read `path` from the guest, at most `max` bytes: more is an error.
@@ -501,13 +509,7 @@ impl AgentConn {
         self.send(id, &ToGuest::Connect { port })?;
         match self.answer(&mut rx, &what)? {
             ToHost::Done => {}
-            ToHost::Error { message } => {
-                return Err(BackendError::GuestCommand {
-                    vm: self.vm.clone(),
-                    command: what,
-                    message: bounded(&message),
-                })
-            }
+            ToHost::Error { message } => return Err(self.refused(what, &message)),
             other => return Err(self.protocol(&what, &other)),
         }
         let io = |e: std::io::Error| BackendError::Io {
@@ -537,11 +539,7 @@ impl AgentConn {
                 }
                 Ok(Some(ToHost::Exited { .. })) => break Ok(()),
                 Ok(Some(ToHost::Error { message })) => {
-                    break Err(BackendError::GuestCommand {
-                        vm: self.vm.clone(),
-                        command: what.clone(),
-                        message: bounded(&message),
-                    })
+                    break Err(self.refused(what.clone(), &message))
                 }
                 Ok(Some(other)) => break Err(self.protocol(&what, &other)),
                 Ok(None) => {
@@ -681,13 +679,7 @@ impl AgentConn {
                         served_by: ServedBy::AgentvmGuest,
                     });
                 }
-                Some(ToHost::Error { message }) => {
-                    return Err(BackendError::GuestCommand {
-                        vm: self.vm.clone(),
-                        command: what,
-                        message: bounded(&message),
-                    })
-                }
+                Some(ToHost::Error { message }) => return Err(self.refused(what, &message)),
                 Some(other) => return Err(self.protocol(&what, &other)),
                 None => {
                     if !started && start.elapsed() > CALL_TIMEOUT {
@@ -861,11 +853,7 @@ impl Read for AgentFileReader {
                 }
                 ToHost::FileEnd { .. } => self.ended = true,
                 ToHost::Error { message } => {
-                    let e = BackendError::GuestCommand {
-                        vm: conn.vm.clone(),
-                        command: format!("read {}", self.path),
-                        message: bounded(&message),
-                    };
+                    let e = conn.refused(format!("read {}", self.path), &message);
                     return Err(self.fail(e));
                 }
                 other => {

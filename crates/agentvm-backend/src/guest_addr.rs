@@ -50,12 +50,7 @@ pub fn filtered_addresses(xml: &str) -> Vec<(String, Ipv4Addr)> {
             Ok(Event::Eof) | Err(_) => break,
             Ok(_) => continue,
         };
-        let attr = |key: &[u8]| {
-            e.attributes()
-                .flatten()
-                .find(|a| a.key.as_ref() == key)
-                .and_then(|a| a.unescape_value().ok().map(|v| v.into_owned()))
-        };
+        let attr = |key: &[u8]| attr_of(&e, key);
         match e.name().as_ref() {
             b"interface" if !empty => depth_in_interface += 1,
             b"filterref" if depth_in_interface > 0 => {
@@ -72,6 +67,14 @@ pub fn filtered_addresses(xml: &str) -> Vec<(String, Ipv4Addr)> {
         }
     }
     out
+}
+
+/// The unescaped value of attribute `key` of element `e`.
+fn attr_of(e: &quick_xml::events::BytesStart<'_>, key: &[u8]) -> Option<String> {
+    e.attributes()
+        .flatten()
+        .find(|a| a.key.as_ref() == key)
+        .and_then(|a| a.unescape_value().ok().map(|v| v.into_owned()))
 }
 
 /// The host path of the Unix socket behind the virtio channel named `target` in domain XML
@@ -94,12 +97,7 @@ pub fn channel_socket(xml: &str, target: &str) -> Option<std::path::PathBuf> {
             Ok(Event::Eof) | Err(_) => return None,
             Ok(_) => continue,
         };
-        let attr = |key: &[u8]| {
-            e.attributes()
-                .flatten()
-                .find(|a| a.key.as_ref() == key)
-                .and_then(|a| a.unescape_value().ok().map(|v| v.into_owned()))
-        };
+        let attr = |key: &[u8]| attr_of(&e, key);
         match e.name().as_ref() {
             b"channel" => in_channel = attr(b"type").as_deref() == Some("unix"),
             b"source" if in_channel => path = attr(b"path"),

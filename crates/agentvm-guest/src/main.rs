@@ -716,6 +716,37 @@ fn write_fd(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     }
 }
 
+/// Write what can be written now of the first pending chunk (from `offset`) to `fd`; a chunk
+/// written whole is acknowledged to the host with its credit. An error other than
+/// `WouldBlock` drops everything pending (the reader is gone) and is returned.
+fn write_pending(
+    fd: RawFd,
+    pending: &mut VecDeque<Vec<u8>>,
+    offset: &mut usize,
+    send: &dyn Fn(ToHost) -> bool,
+) -> io::Result<()> {
+    let Some(chunk) = pending.front() else {
+        return Ok(());
+    };
+    match write_fd(fd, &chunk[*offset..]) {
+        Ok(k) => {
+            *offset += k;
+            if *offset == chunk.len() {
+                let done = cost(chunk.len());
+                pending.pop_front();
+                *offset = 0;
+                send(ToHost::Credit(done));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        Err(e) => {
+            pending.clear();
+            Err(e)
+        }
+    }
+}
+
 fn run_exec(agent: &Agent, epoch: u64, stream: u32, spec: &ExecSpec, s: &Session) {
     let send = |m: ToHost| agent.send(epoch, stream, &m);
     // A program that cannot start ends as a shell's would: 126 (no working directory, not
@@ -903,22 +934,9 @@ fn run_exec(agent: &Agent, epoch: u64, stream: u32, spec: &ExecSpec, s: &Session
                 pending.clear();
                 stdin = None;
             } else if fds[i].revents & libc::POLLOUT != 0 {
-                if let (Some(fd), Some(chunk)) = (stdin.as_ref(), pending.front()) {
-                    match write_fd(fd.as_raw_fd(), &chunk[offset..]) {
-                        Ok(k) => {
-                            offset += k;
-                            if offset == chunk.len() {
-                                let done = cost(chunk.len());
-                                pending.pop_front();
-                                offset = 0;
-                                send(ToHost::Credit(done));
-                            }
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(_) => {
-                            pending.clear();
-                            stdin = None;
-                        }
+                if let Some(fd) = stdin.as_ref() {
+                    if write_pending(fd.as_raw_fd(), &mut pending, &mut offset, &send).is_err() {
+                        stdin = None;
                     }
                 }
             }
@@ -1085,25 +1103,10 @@ fn run_forward(agent: &Agent, epoch: u64, stream: u32, port: u16, s: &Session) {
                 }
             }
         }
-        if ready & libc::POLLOUT != 0 {
-            if let Some(chunk) = pending.front() {
-                match write_fd(fd, &chunk[offset..]) {
-                    Ok(k) => {
-                        offset += k;
-                        if offset == chunk.len() {
-                            let done = cost(chunk.len());
-                            pending.pop_front();
-                            offset = 0;
-                            send(ToHost::Credit(done));
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => {
-                        pending.clear();
-                        writing = false;
-                    }
-                }
-            }
+        if ready & libc::POLLOUT != 0
+            && write_pending(fd, &mut pending, &mut offset, &send).is_err()
+        {
+            writing = false;
         }
     }
     send(ToHost::Exited {

@@ -44,28 +44,15 @@ spec:
 #[test]
 fn local_run_executes_in_a_real_vm_with_warmup_env_secrets_and_artifacts() {
     let dir = tempfile::tempdir().unwrap();
-    let state = tempfile::Builder::new()
-        .prefix("agentvm-localrun-")
-        .tempdir_in("/var/lib")
-        .unwrap();
-    std::fs::set_permissions(
-        state.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let state = state_dir();
     let manifest = dir.path().join("run.yaml");
     std::fs::write(&manifest, MANIFEST).unwrap();
     let secret = "s3cr3t-4f9a-value";
-    let out = Command::new(env!("CARGO_BIN_EXE_agentvm"))
+    let out = agentvm_cmd(state.path())
         .args(["run", "-f"])
         .arg(&manifest)
         .arg("--artifacts-dir")
         .arg(dir.path().join("artifacts"))
-        .env("AGENTVM_STATE_DIR", state.path())
-        .env(
-            "AGENTVM_ACCEL",
-            std::env::var("AGENTVM_ACCEL").unwrap_or("tcg".into()),
-        )
         .env("AGENTVM_TEST_SECRET", secret)
         .output()
         .unwrap();
@@ -124,7 +111,7 @@ fn local_run_executes_in_a_real_vm_with_warmup_env_secrets_and_artifacts() {
 /// A state directory of the test's own under /var/lib (QEMU's user must pass through it).
 fn state_dir() -> tempfile::TempDir {
     let state = tempfile::Builder::new()
-        .prefix("agentvm-localexec-")
+        .prefix("agentvm-local-")
         .tempdir_in("/var/lib")
         .unwrap();
     std::fs::set_permissions(
