@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// One of the five resource kinds of `agentvm.dev/v1alpha1`.
+/// One of the six resource kinds of `agentvm.dev/v1alpha1`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Kind {
     /// A libvirt network (NAT or isolated).
@@ -16,17 +16,20 @@ pub enum Kind {
     Image,
     /// A pool of warm VMs from one template.
     VmPool,
+    /// A long-lived VM claimed from a pool, kept until deleted.
+    Sandbox,
     /// One execution in a VM taken from a pool.
     AgentRun,
 }
 
 impl Kind {
     /// Every kind, in dependency order (things referenced come first).
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Network,
         Kind::NetworkFilter,
         Kind::Image,
         Kind::VmPool,
+        Kind::Sandbox,
         Kind::AgentRun,
     ];
 
@@ -37,6 +40,7 @@ impl Kind {
             Kind::NetworkFilter => "NetworkFilter",
             Kind::Image => "Image",
             Kind::VmPool => "VmPool",
+            Kind::Sandbox => "Sandbox",
             Kind::AgentRun => "AgentRun",
         }
     }
@@ -48,6 +52,7 @@ impl Kind {
             Kind::NetworkFilter => "nwf",
             Kind::Image => "img",
             Kind::VmPool => "pool",
+            Kind::Sandbox => "sbx",
             Kind::AgentRun => "run",
         }
     }
@@ -59,6 +64,7 @@ impl Kind {
             Kind::NetworkFilter => "networkfilters",
             Kind::Image => "images",
             Kind::VmPool => "vmpools",
+            Kind::Sandbox => "sandboxes",
             Kind::AgentRun => "agentruns",
         }
     }
@@ -79,6 +85,7 @@ impl Kind {
             ],
             Kind::Image => &["image", "images", "img", "imgs"],
             Kind::VmPool => &["vmpool", "vmpools", "pool", "pools"],
+            Kind::Sandbox => &["sandbox", "sandboxes", "sbx", "sbxs"],
             Kind::AgentRun => &["agentrun", "agentruns", "run", "runs"],
         }
     }
@@ -109,7 +116,7 @@ pub struct UnknownKind {
     pub suggestion: Option<Kind>,
 }
 
-/// `Network, NetworkFilter, Image, VmPool, AgentRun`
+/// `Network, NetworkFilter, Image, VmPool, Sandbox, AgentRun`
 pub(crate) fn valid_kinds() -> String {
     Kind::ALL.map(|k| k.as_str()).join(", ")
 }
@@ -240,11 +247,12 @@ mod tests {
         assert_eq!(Kind::suggest("agentrn"), Some(Kind::AgentRun));
         assert_eq!(Kind::suggest("Netwrok"), Some(Kind::Network));
         assert_eq!(Kind::suggest("imgae"), Some(Kind::Image));
+        assert_eq!(Kind::suggest("sandbx"), Some(Kind::Sandbox));
         assert_eq!(Kind::suggest("Deployment"), None);
         let err = "VMPol".parse::<Kind>().unwrap_err();
         assert_eq!(
             err.to_string(),
-            "unknown kind `VMPol` (did you mean `VmPool`?); valid kinds: Network, NetworkFilter, Image, VmPool, AgentRun"
+            "unknown kind `VMPol` (did you mean `VmPool`?); valid kinds: Network, NetworkFilter, Image, VmPool, Sandbox, AgentRun"
         );
         let err = "Pod".parse::<Kind>().unwrap_err();
         assert_eq!(err.suggestion, None);

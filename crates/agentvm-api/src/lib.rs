@@ -42,6 +42,9 @@ pub use kinds::network_filter::{
     domain_matches, domain_overlong_under, domain_pattern_problem, EgressRule, NetworkFilter,
     NetworkFilterPhase, NetworkFilterSpec, NetworkFilterStatus, Protocol, MAX_WILDCARD_HEAD,
 };
+pub use kinds::sandbox::{
+    Sandbox, SandboxPhase, SandboxSpec, SandboxState, SandboxStatus, ShutdownPolicy,
+};
 pub use kinds::vm_pool::{
     AnomalyDetection, AnomalyPolicy, IoLimits, NetworkAttachment, PoolEvent, PoolNetwork,
     PoolNetworkMode, Profile, ResolvedResources, ResourceStatus, Resources, VmPool, VmPoolPhase,

@@ -162,6 +162,19 @@ reasons! {
     SetupFailed,
     /// The run was executing when an earlier controller stopped.
     ControllerRestarted,
+    // Sandbox.
+    /// The sandbox's VM runs.
+    SandboxRunning,
+    /// The sandbox's VM is paused (memory kept).
+    SandboxPaused,
+    /// The sandbox's VM is saved to disk.
+    SandboxStopped,
+    /// Changing the sandbox's power state failed.
+    PowerChangeFailed,
+    /// The sandbox was idle for `idleTimeoutSeconds`.
+    IdleTimeout,
+    /// The sandbox reached its `shutdownTime`.
+    ShutdownTime,
 }
 
 impl std::fmt::Display for Reason {

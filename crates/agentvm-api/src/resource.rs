@@ -11,6 +11,7 @@ use crate::kinds::agent_run::AgentRun;
 use crate::kinds::image::Image;
 use crate::kinds::network::Network;
 use crate::kinds::network_filter::NetworkFilter;
+use crate::kinds::sandbox::Sandbox;
 use crate::kinds::vm_pool::VmPool;
 use crate::{Kind, ObjectMeta, API_VERSION};
 
@@ -53,6 +54,8 @@ pub enum Resource {
     Image(Image),
     /// A [`VmPool`].
     VmPool(VmPool),
+    /// A [`Sandbox`].
+    Sandbox(Sandbox),
     /// An [`AgentRun`].
     AgentRun(AgentRun),
 }
@@ -64,6 +67,7 @@ macro_rules! each_kind {
             Resource::NetworkFilter($obj) => $body,
             Resource::Image($obj) => $body,
             Resource::VmPool($obj) => $body,
+            Resource::Sandbox($obj) => $body,
             Resource::AgentRun($obj) => $body,
         }
     };
@@ -77,6 +81,7 @@ impl Resource {
             Resource::NetworkFilter(_) => Kind::NetworkFilter,
             Resource::Image(_) => Kind::Image,
             Resource::VmPool(_) => Kind::VmPool,
+            Resource::Sandbox(_) => Kind::Sandbox,
             Resource::AgentRun(_) => Kind::AgentRun,
         }
     }
@@ -160,6 +165,7 @@ impl<'de> Deserialize<'de> for Resource {
             Kind::NetworkFilter => serde_json::from_value(value).map(Resource::NetworkFilter),
             Kind::Image => serde_json::from_value(value).map(Resource::Image),
             Kind::VmPool => serde_json::from_value(value).map(Resource::VmPool),
+            Kind::Sandbox => serde_json::from_value(value).map(Resource::Sandbox),
             Kind::AgentRun => serde_json::from_value(value).map(Resource::AgentRun),
         };
         result.map_err(D::Error::custom)
@@ -177,6 +183,7 @@ impl JsonSchema for Resource {
             ("NetworkFilter", generator.subschema_for::<NetworkFilter>()),
             ("Image", generator.subschema_for::<Image>()),
             ("VmPool", generator.subschema_for::<VmPool>()),
+            ("Sandbox", generator.subschema_for::<Sandbox>()),
             ("AgentRun", generator.subschema_for::<AgentRun>()),
         ];
         let branches: Vec<serde_json::Value> = refs
@@ -194,7 +201,7 @@ impl JsonSchema for Resource {
             "required": ["apiVersion", "kind", "metadata", "spec"],
             "properties": {
                 "apiVersion": { "const": API_VERSION },
-                "kind": { "enum": ["Network", "NetworkFilter", "Image", "VmPool", "AgentRun"] }
+                "kind": { "enum": ["Network", "NetworkFilter", "Image", "VmPool", "Sandbox", "AgentRun"] }
             },
             "allOf": branches
         })

@@ -3,7 +3,7 @@
 use schemars::generate::SchemaSettings;
 use schemars::JsonSchema;
 
-use crate::{AgentRun, Image, Kind, Network, NetworkFilter, Resource, VmPool};
+use crate::{AgentRun, Image, Kind, Network, NetworkFilter, Resource, Sandbox, VmPool};
 
 /// File name of the schema accepting any kind (for multi-kind files).
 pub const ALL_KINDS_SCHEMA_FILE: &str = "agentvm.schema.json";
@@ -22,6 +22,7 @@ pub fn schema_for_kind(kind: Kind) -> serde_json::Value {
         Kind::NetworkFilter => generate::<NetworkFilter>(),
         Kind::Image => generate::<Image>(),
         Kind::VmPool => generate::<VmPool>(),
+        Kind::Sandbox => generate::<Sandbox>(),
         Kind::AgentRun => generate::<AgentRun>(),
     }
 }

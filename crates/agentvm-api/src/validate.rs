@@ -9,6 +9,7 @@ use crate::kinds::agent_run::{self, AgentRunSpec};
 use crate::kinds::image::{self, ImageSpec};
 use crate::kinds::network::{self, NetworkSpec};
 use crate::kinds::network_filter::{self, NetworkFilterSpec};
+use crate::kinds::sandbox::{self, SandboxSpec};
 use crate::kinds::vm_pool::{self, PoolNetworkMode, Profile, VmPoolSpec};
 use crate::{Resource, API_VERSION};
 
@@ -167,6 +168,7 @@ pub fn validate(resource: &Resource) -> Result<(), ValidationErrors> {
         Resource::NetworkFilter(o) => v.network_filter(&spec, &o.spec),
         Resource::Image(o) => v.image(&spec, &o.spec),
         Resource::VmPool(o) => v.vm_pool(&spec, &o.spec),
+        Resource::Sandbox(o) => v.sandbox(&spec, &o.spec),
         Resource::AgentRun(o) => v.agent_run(&spec, &o.spec),
     }
     if v.errors.is_empty() {
@@ -282,6 +284,11 @@ pub(crate) fn show(value: &str) -> String {
     } else {
         quoted
     }
+}
+
+/// An RFC 3339 time such as `2026-12-31T18:00:00Z`.
+pub fn is_rfc3339(text: &str) -> bool {
+    humantime::parse_rfc3339_weak(text).is_ok()
 }
 
 fn is_env_name(name: &str) -> bool {
@@ -942,6 +949,38 @@ impl Validator {
             ),
         ] {
             self.range(ap.key(field), value, range, "");
+        }
+    }
+
+    fn sandbox(&mut self, path: &FieldPath, spec: &SandboxSpec) {
+        self.dns_label(&path.key("poolRef"), &spec.pool_ref, "VmPool name");
+        let range = (sandbox::MIN_LIFETIME_SECONDS, sandbox::MAX_LIFETIME_SECONDS);
+        if spec.idle_timeout_seconds != 0 {
+            self.range(
+                path.key("idleTimeoutSeconds"),
+                spec.idle_timeout_seconds,
+                range,
+                "; 0 means never",
+            );
+        }
+        if let Some(ttl) = spec.ttl_seconds {
+            self.range(
+                path.key("ttlSeconds"),
+                ttl,
+                range,
+                "; leave it out for no limit",
+            );
+        }
+        if let Some(t) = &spec.shutdown_time {
+            if !is_rfc3339(t) {
+                self.error(
+                    path.key("shutdownTime"),
+                    format!(
+                        "{} is not an RFC 3339 time; write e.g. `2026-12-31T18:00:00Z`",
+                        show(t)
+                    ),
+                );
+            }
         }
     }
 

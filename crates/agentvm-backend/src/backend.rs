@@ -22,7 +22,7 @@ use crate::accel::{Accelerator, AcceleratorChoice};
 use crate::error::{io_err, BackendError, Result};
 use crate::golden::{GoldenKind, GoldenState, ResetStrategy, GOLDEN_SNAPSHOT};
 use crate::guest::{ExecRequest, Guest};
-use crate::libvirt::{DomainState, Libvirt};
+use crate::libvirt::{DomainState, Libvirt, PowerState};
 use crate::libvirt_net::OwnedFilter;
 use crate::limits::{Enforcement, VmLimits};
 use crate::netxml::{NetworkDef, NwFilterDef};
@@ -134,6 +134,15 @@ pub trait Backend: Send + Sync {
     fn reset_vm(&self, name: &str) -> Result<Duration>;
     /// The guest agent of a VM, to run code in it (wrap it in a [`crate::Guest`]).
     fn agent(&self, name: &str) -> Result<Box<dyn crate::guest::AgentChannel + '_>>;
+    /// Hands owned VM `name` to `owner` (rewrites its ownership metadata in one step): a
+    /// sandbox claiming a pool VM. From then on it is listed with the new owner.
+    fn set_vm_owner(&self, name: &str, owner: &Owner) -> Result<()>;
+    /// Power state of an owned VM.
+    fn vm_power(&self, name: &str) -> Result<PowerState>;
+    /// Drives an owned VM to `to`: [`PowerState::Running`] (resume a paused VM, restore a
+    /// saved one; then its clock is set), [`PowerState::Paused`] (stop its vCPUs, memory kept)
+    /// or [`PowerState::Saved`] (memory and devices saved to disk, QEMU ended). Idempotent.
+    fn set_vm_power(&self, name: &str, to: PowerState) -> Result<()>;
     /// The name of the reset strategy [`Backend::reset_vm`] uses (a metric label).
     fn reset_strategy(&self) -> &'static str {
         "golden"
@@ -471,8 +480,65 @@ impl Backend for LibvirtBackend {
         self.lv()?.domain_stats(name)
     }
 
+    fn set_vm_owner(&self, name: &str, owner: &Owner) -> Result<()> {
+        let lv = self.lv()?;
+        lv.set_domain_owner(name, owner)?;
+        // The metadata is part of the definition: record the new one, so the change is not
+        // taken for a hand edit.
+        let fingerprint = lv.definition_fingerprint(name)?;
+        write_private(
+            &self.files(name).dir.join(DEFINITION_FINGERPRINT),
+            fingerprint.as_bytes(),
+        )
+    }
+
+    fn vm_power(&self, name: &str) -> Result<PowerState> {
+        self.lv()?.power_state(name)
+    }
+
+    fn set_vm_power(&self, name: &str, to: PowerState) -> Result<()> {
+        let lv = self.lv()?;
+        let now = lv.power_state(name)?;
+        match (now, to) {
+            (a, b) if a == b => Ok(()),
+            (PowerState::Running | PowerState::Paused, PowerState::Saved) => {
+                // The new QEMU process after the restore has a new agent socket.
+                crate::agent_conn::forget(name);
+                lv.save_domain(name)
+            }
+            (PowerState::Running, PowerState::Paused) => lv.suspend_domain(name),
+            (PowerState::Paused, PowerState::Running) => {
+                lv.resume_domain(name)?;
+                self.refresh_after_wake(&lv, name)
+            }
+            (PowerState::Saved | PowerState::Off, PowerState::Running | PowerState::Paused) => {
+                crate::agent_conn::forget(name);
+                lv.start_domain(name)?;
+                self.refresh_after_wake(&lv, name)?;
+                if to == PowerState::Paused {
+                    lv.suspend_domain(name)?;
+                }
+                Ok(())
+            }
+            (now, to) => Err(BackendError::Protocol {
+                what: format!("power state of {name}"),
+                message: format!("cannot go from {now:?} to {to:?}"),
+            }),
+        }
+    }
+
     fn reset_strategy(&self) -> &'static str {
         self.strategy.as_str()
+    }
+}
+
+impl LibvirtBackend {
+    /// After a resume or restore: waits for the guest agent, then sets the guest clock (it
+    /// stood still meanwhile) and stirs its RNG.
+    fn refresh_after_wake(&self, lv: &Libvirt, name: &str) -> Result<()> {
+        let agent = lv.agent(name)?;
+        Guest::new(&agent).wait_ready(self.boot_timeout)?;
+        crate::golden::refresh_guest(&agent, self.boot_timeout).map(|_| ())
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::backend::{Backend, EnsureOutcome, OwnedNetwork, OwnedVm, PoolVmReport, PoolVmRequest};
 use crate::error::{BackendError, Result};
-use crate::libvirt::DomainState;
+use crate::libvirt::{DomainState, PowerState};
 use crate::libvirt_net::OwnedFilter;
 use crate::netxml::{NetworkDef, NwFilterDef};
 use crate::xml::Owner;
@@ -40,6 +40,12 @@ pub enum Op {
     ResetVm,
     /// [`Backend::agent`].
     Agent,
+    /// [`Backend::set_vm_owner`].
+    SetVmOwner,
+    /// [`Backend::vm_power`].
+    VmPower,
+    /// [`Backend::set_vm_power`].
+    SetVmPower,
 }
 
 /// One recorded call: the operation and the object name it acted on (empty for lists).
@@ -56,7 +62,7 @@ impl Call {
     pub fn is_mutation(&self) -> bool {
         !matches!(
             self.op,
-            Op::Ping | Op::ListNetworks | Op::ListNwFilters | Op::ListVms | Op::Agent
+            Op::Ping | Op::ListNetworks | Op::ListNwFilters | Op::ListVms | Op::Agent | Op::VmPower
         )
     }
 }
@@ -106,6 +112,8 @@ struct State {
     unenforceable: BTreeMap<crate::limits::Limit, String>,
     /// Every pool VM request received, in order (also the failed ones).
     pool_vm_requests: Vec<PoolVmRequest>,
+    /// Paused or saved domains (absent: as their `state` says).
+    power: BTreeMap<String, PowerState>,
 }
 
 /// Answers [`Backend::vm_stats`] for a VM name.
@@ -120,6 +128,25 @@ pub struct FakeBackend {
     state: Mutex<State>,
     stats: Mutex<Option<std::sync::Arc<StatsFn>>>,
     guest_files: Mutex<Option<std::sync::Arc<GuestFileFn>>>,
+}
+
+impl FakeBackend {
+    fn power_of(s: &State, name: &str) -> Result<PowerState> {
+        match s.domains.get(name) {
+            None => Err(BackendError::NotFound {
+                kind: "domain",
+                name: name.to_string(),
+            }),
+            Some(FakeDomain { owner: None, .. }) => Err(not_owned("domain", name)),
+            Some(d) => Ok(match (d.state, s.power.get(name)) {
+                (DomainState::Running, Some(PowerState::Paused)) => PowerState::Paused,
+                (DomainState::Running, _) => PowerState::Running,
+                (DomainState::ShutOff, Some(PowerState::Saved)) => PowerState::Saved,
+                (DomainState::ShutOff, _) => PowerState::Off,
+                (DomainState::Other, _) => PowerState::Other,
+            }),
+        }
+    }
 }
 
 impl std::fmt::Debug for FakeBackend {
@@ -514,6 +541,38 @@ impl Backend for FakeBackend {
                 Ok(())
             }
         }
+    }
+
+    fn set_vm_owner(&self, name: &str, owner: &Owner) -> Result<()> {
+        let mut s = self.enter(Op::SetVmOwner, name)?;
+        match s.domains.get_mut(name) {
+            None => Err(BackendError::NotFound {
+                kind: "domain",
+                name: name.to_string(),
+            }),
+            Some(FakeDomain { owner: None, .. }) => Err(not_owned("domain", name)),
+            Some(d) => {
+                d.owner = Some(owner.clone());
+                Ok(())
+            }
+        }
+    }
+
+    fn vm_power(&self, name: &str) -> Result<PowerState> {
+        let s = self.enter(Op::VmPower, name)?;
+        Self::power_of(&s, name)
+    }
+
+    fn set_vm_power(&self, name: &str, to: PowerState) -> Result<()> {
+        let mut s = self.enter(Op::SetVmPower, name)?;
+        Self::power_of(&s, name)?;
+        let d = s.domains.get_mut(name).expect("checked by power_of");
+        d.state = match to {
+            PowerState::Running | PowerState::Paused => DomainState::Running,
+            _ => DomainState::ShutOff,
+        };
+        s.power.insert(name.to_string(), to);
+        Ok(())
     }
 
     fn reset_vm(&self, name: &str) -> Result<Duration> {

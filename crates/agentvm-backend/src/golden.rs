@@ -430,7 +430,7 @@ syscall(227, 0, pack('qq', $ARGV[0], $ARGV[1])) == 0 or exit 20;";
 /// The agent can drop out right after answering its first ping (libvirt re-opens its
 /// channel when the restored guest's serial port reconnects): then this waits for it again
 /// (at most `agent_timeout`) and retries once.
-fn refresh_guest(agent: &DomainAgent, agent_timeout: Duration) -> Result<bool> {
+pub(crate) fn refresh_guest(agent: &DomainAgent, agent_timeout: Duration) -> Result<bool> {
     use crate::guest::AgentChannel;
     match refresh_guest_once(agent) {
         Err(e) if e.is_transient() => {

@@ -26,7 +26,7 @@ pub use backend::{Backend, LibvirtBackend};
 pub use error::{BackendError, Result};
 pub use golden::{GoldenState, GoldenVm, ResetReport, ResetStrategy};
 pub use guest::{AgentChannel, ExecOutcome, ExecRequest, Guest, ServedBy, Stream};
-pub use libvirt::Libvirt;
+pub use libvirt::{Libvirt, PowerState};
 pub use limits::{Enforcement, Limit, VmLimits};
 pub use stats::DomainStats;
 pub use xml::{DiskIoLimits, DomainSpec, NetBandwidth, NicSpec, Owner};

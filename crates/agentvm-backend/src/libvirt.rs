@@ -37,6 +37,21 @@ pub enum DomainState {
     Other,
 }
 
+/// Power state of a domain, finer than [`DomainState`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PowerState {
+    /// vCPUs running.
+    Running,
+    /// QEMU alive, vCPUs stopped.
+    Paused,
+    /// No QEMU process; memory and devices saved by libvirt (managed save).
+    Saved,
+    /// No QEMU process and nothing saved.
+    Off,
+    /// Crashed or anything else.
+    Other,
+}
+
 /// An agentvm-owned domain as found in libvirt.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OwnedDomain {
@@ -247,6 +262,70 @@ impl Libvirt {
             sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE,
         )
         .map_err(|e| BackendError::from_virt(e, "domain", name))
+    }
+
+    /// Replaces the ownership metadata of owned domain `name` (its live and persistent
+    /// definitions): a pool VM claimed by a sandbox changes hands this way, in one libvirt
+    /// call, so it is never without an owner.
+    pub fn set_domain_owner(&self, name: &str, owner: &Owner) -> Result<()> {
+        let dom = self.owned(name)?;
+        let mut flags = sys::VIR_DOMAIN_AFFECT_CONFIG;
+        if dom.is_active().unwrap_or(false) {
+            flags |= sys::VIR_DOMAIN_AFFECT_LIVE;
+        }
+        dom.set_metadata(
+            sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+            Some(&crate::xml::owner_set_metadata_element(owner)),
+            Some(crate::xml::OWNER_PREFIX),
+            Some(crate::xml::OWNER_NS),
+            flags,
+        )
+        .map_err(|e| BackendError::from_virt(e, "domain", name))
+    }
+
+    /// Power state of domain `name`, telling paused from running and a domain saved with
+    /// [`Libvirt::save_domain`] from one that is merely off.
+    pub fn power_state(&self, name: &str) -> Result<PowerState> {
+        use virt::domain::DomainState as V;
+        use virt::enumutil::Enum;
+        let dom = self.lookup(name)?;
+        let (state, _) = dom
+            .state()
+            .map_err(|e| BackendError::from_virt(e, "domain", name))?;
+        Ok(match state {
+            Enum::Known(V::Running | V::Blocked) => PowerState::Running,
+            Enum::Known(V::Paused | V::PMSuspended) => PowerState::Paused,
+            Enum::Known(V::Shutoff) => {
+                if dom.has_managed_save(0).unwrap_or(false) {
+                    PowerState::Saved
+                } else {
+                    PowerState::Off
+                }
+            }
+            _ => PowerState::Other,
+        })
+    }
+
+    /// Stops the vCPUs of owned, running domain `name`; its memory stays in host RAM.
+    pub fn suspend_domain(&self, name: &str) -> Result<()> {
+        self.owned(name)?
+            .suspend()
+            .map_err(|e| BackendError::from_virt(e, "domain", name))
+    }
+
+    /// Lets the vCPUs of owned, paused domain `name` run again.
+    pub fn resume_domain(&self, name: &str) -> Result<()> {
+        self.owned(name)?
+            .resume()
+            .map_err(|e| BackendError::from_virt(e, "domain", name))
+    }
+
+    /// Saves owned, running or paused domain `name` (memory and device state) to libvirt's
+    /// managed-save file and ends its QEMU process; [`Libvirt::start_domain`] restores it.
+    pub fn save_domain(&self, name: &str) -> Result<()> {
+        self.owned(name)?
+            .managed_save(0)
+            .map_err(|e| BackendError::from_virt(e, "domain", name))
     }
 
     /// SHA-256 (hex) of domain `name`'s persistent definition (`virsh dumpxml --inactive`),

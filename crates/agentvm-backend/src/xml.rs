@@ -218,10 +218,27 @@ fn owner_xml(w: &mut W, owner: &Owner) -> io::Result<()> {
     Ok(())
 }
 
-/// The inner XML of the ownership metadata element, as passed to `virDomainSetMetadata`.
+/// The ownership metadata element with its namespace declaration, as written inside
+/// `<metadata>`.
 pub fn owner_element(owner: &Owner) -> String {
     let mut w = Writer::new(Vec::new());
     owner_xml(&mut w, owner).expect("writing to a Vec cannot fail");
+    String::from_utf8(w.into_inner()).expect("XML writer emits UTF-8")
+}
+
+/// The ownership metadata element as passed to `virDomainSetMetadata`: without prefix and
+/// namespace declaration, which libvirt adds from its `key` and `uri` arguments (it refuses
+/// an element that declares them itself).
+pub fn owner_set_metadata_element(owner: &Owner) -> String {
+    let generation = owner.generation.to_string();
+    let mut w = Writer::new(Vec::new());
+    w.create_element("owner")
+        .with_attribute(("kind", owner.kind.as_str()))
+        .with_attribute(("name", owner.name.as_str()))
+        .with_attribute(("specHash", owner.spec_hash.as_str()))
+        .with_attribute(("generation", generation.as_str()))
+        .write_empty()
+        .expect("writing to a Vec cannot fail");
     String::from_utf8(w.into_inner()).expect("XML writer emits UTF-8")
 }
 

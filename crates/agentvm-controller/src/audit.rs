@@ -65,6 +65,12 @@ pub enum AuditEventType {
     /// A guest connection through the egress proxy ended (allowed or refused; `details`:
     /// name, address, port, verdict, bytes each way, duration).
     Egress,
+    /// A pool VM was claimed by a sandbox (`details.pool`).
+    VmClaimed,
+    /// A sandbox's VM changed power state (`details.from`, `to`, `reason`).
+    SandboxPower,
+    /// A command was run in a sandbox (`details.command`, `exitCode`).
+    SandboxExec,
 }
 
 impl AuditEventType {
@@ -81,6 +87,9 @@ impl AuditEventType {
             AuditEventType::Anomaly => "anomaly",
             AuditEventType::DriftRepaired => "drift_repaired",
             AuditEventType::Egress => "egress",
+            AuditEventType::VmClaimed => "vm_claimed",
+            AuditEventType::SandboxPower => "sandbox_power",
+            AuditEventType::SandboxExec => "sandbox_exec",
         }
     }
 }

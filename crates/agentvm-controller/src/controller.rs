@@ -71,6 +71,7 @@ pub struct Controller {
     vm_stats: VmStatsHistory,
     stats_source: Option<Box<dyn StatsSource>>,
     egress: Option<Arc<dyn agentvm_backend::Backend>>,
+    sandboxes: Option<crate::api::server::SandboxAccess>,
 }
 
 impl Controller {
@@ -92,6 +93,7 @@ impl Controller {
             vm_stats: VmStatsHistory::new(DEFAULT_HISTORY),
             stats_source: None,
             egress: None,
+            sandboxes: None,
         }
     }
 
@@ -106,6 +108,17 @@ impl Controller {
     /// `backend` as the source of guest addresses.
     pub fn egress(mut self, backend: Arc<dyn agentvm_backend::Backend>) -> Self {
         self.egress = Some(backend);
+        self
+    }
+
+    /// Serve exec into sandboxes through `backend`, recording each use in `sandboxes` (the
+    /// `Sandbox` reconciler's activity record).
+    pub fn sandboxes(
+        mut self,
+        backend: Arc<dyn agentvm_backend::Backend>,
+        sandboxes: Arc<crate::reconcilers::Sandboxes>,
+    ) -> Self {
+        self.sandboxes = Some(crate::api::server::SandboxAccess { backend, sandboxes });
         self
     }
 
@@ -218,6 +231,8 @@ impl Controller {
             store: store.clone(),
             spec_dir: spec_dir.as_ref().map(SpecDir::state_handle),
             shutdown: stop_rx.clone(),
+            sandboxes: self.sandboxes.clone(),
+            audit: Some(audit.clone()),
         };
         let mut api = tokio::spawn(server::serve(listener, api_state, stopped(stop_rx.clone())));
         let mut source = match spec_dir.clone() {

@@ -962,6 +962,7 @@ impl Store {
             Kind::NetworkFilter => typed::<agentvm_api::NetworkFilterStatus>(self, name, status),
             Kind::Image => typed::<agentvm_api::ImageStatus>(self, name, status),
             Kind::VmPool => typed::<agentvm_api::VmPoolStatus>(self, name, status),
+            Kind::Sandbox => typed::<agentvm_api::SandboxStatus>(self, name, status),
             Kind::AgentRun => typed::<agentvm_api::AgentRunStatus>(self, name, status),
         }
     }

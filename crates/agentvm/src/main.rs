@@ -3,15 +3,17 @@
 
 mod cmd;
 
+use agentvm_api::SandboxState;
 use clap::{CommandFactory, Parser, Subcommand};
 
 const LONG_ABOUT: &str =
     "Run CLI coding agents and untrusted code inside KVM/libvirt virtual machines.
 
-Objects (Network, NetworkFilter, Image, VmPool, AgentRun) are declared in YAML manifests and \
+Objects (Network, NetworkFilter, Image, VmPool, Sandbox, AgentRun) are declared in YAML manifests and \
 managed by `agentvm controller`, the Kubernetes way: `apply` them, `get`, `describe`, `wait` \
 for them, `diff` a changed manifest, read a run's `logs`, `delete` them. Kinds have short \
-names: net, nwf, img, pool, run.";
+names: net, nwf, img, pool, sbx, run. A Sandbox is a VM that is kept: `exec` into it, `pause`, \
+`resume`, `stop` and `start` it.";
 
 const AFTER_LONG_HELP: &str = "Exit status:
   0  success (`diff`: no differences)
@@ -52,7 +54,7 @@ enum Command {
     /// Build and inspect guest images.
     #[command(subcommand)]
     Image(cmd::image::ImageCommand),
-    /// Run one command in a fresh, isolated VM and print its output.
+    /// Run one command in a fresh, isolated VM (or in a sandbox) and print its output.
     Exec(cmd::exec::ExecArgs),
     /// Execute the AgentRuns of manifest files here, each in a fresh VM (no controller).
     Run(cmd::run::RunArgs),
@@ -68,6 +70,14 @@ enum Command {
     Delete(cmd::delete::DeleteArgs),
     /// Show what `apply` would change (exit 1 when something would).
     Diff(cmd::diff::DiffArgs),
+    /// Pause a sandbox: its vCPUs stop, its memory stays (sets spec.state: Paused).
+    Pause(cmd::sandbox::PowerArgs),
+    /// Resume a paused sandbox (sets spec.state: Running).
+    Resume(cmd::sandbox::PowerArgs),
+    /// Stop a sandbox: memory and disk saved to disk, no host memory used (spec.state: Stopped).
+    Stop(cmd::sandbox::PowerArgs),
+    /// Start a stopped sandbox where it was, running programs included (spec.state: Running).
+    Start(cmd::sandbox::PowerArgs),
     /// Print an AgentRun's output; `-f` follows it until the run ends.
     Logs(cmd::logs::LogsArgs),
     /// Wait until objects meet a condition, reach a phase or are deleted.
@@ -120,6 +130,10 @@ fn main() {
             Command::Delete(a) => a.run(&cfg),
             Command::Diff(a) => a.run(&cfg),
             Command::Logs(a) => a.run(&cfg),
+            Command::Pause(a) => a.run(&cfg, SandboxState::Paused, "paused"),
+            Command::Resume(a) => a.run(&cfg, SandboxState::Running, "resumed"),
+            Command::Stop(a) => a.run(&cfg, SandboxState::Stopped, "stopped"),
+            Command::Start(a) => a.run(&cfg, SandboxState::Running, "started"),
             Command::Wait(a) => a.run(&cfg),
             Command::Version(a) => a.run(&cfg),
             Command::Schema(a) => a.run(),

@@ -206,6 +206,15 @@ fn the_examples_as_a_spec_dir_become_ready_and_their_local_runs_succeed() {
     );
     eprintln!("claude --version in the guest: {}", out.trim());
 
+    // The Sandbox example: a Claude Code VM of that pool, kept, to exec into.
+    env.wait(
+        "sandbox/claude-session Running",
+        Duration::from_secs(300),
+        || env.status("sandbox", "claude-session")["phase"] == "Running",
+    );
+    let out = env.ok(&["exec", "sandbox/claude-session", "--", "claude", "--version"]);
+    assert!(out.contains("(Claude Code)"), "in the sandbox: {out}");
+
     // No route out of the test namespace: the internet runs fail, and say why.
     let egress = env.status("agentrun", "egress-check");
     assert_eq!(egress["phase"], "Failed", "{egress:#}");

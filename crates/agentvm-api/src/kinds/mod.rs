@@ -1,9 +1,10 @@
-//! The five resource kinds: their objects, specs and statuses.
+//! The six resource kinds: their objects, specs and statuses.
 
 pub mod agent_run;
 pub mod image;
 pub mod network;
 pub mod network_filter;
+pub mod sandbox;
 pub mod vm_pool;
 
 pub(crate) fn default_true() -> bool {

@@ -215,6 +215,39 @@ impl Iterator for WatchStream {
     }
 }
 
+/// Newline-delimited [`super::ExecEvent`]s from `POST /v1/sandboxes/{name}/exec`.
+pub struct ExecStream {
+    body: Box<dyn BufRead + Send>,
+    socket: PathBuf,
+}
+
+impl std::fmt::Debug for ExecStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecStream").finish_non_exhaustive()
+    }
+}
+
+impl Iterator for ExecStream {
+    type Item = Result<super::ExecEvent, ClientError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut line = String::new();
+        match self.body.read_line(&mut line) {
+            Ok(0) => None,
+            Ok(_) => Some(
+                serde_json::from_str(&line).map_err(|e| ClientError::Protocol {
+                    socket: self.socket.clone(),
+                    message: format!("bad exec event: {e}"),
+                }),
+            ),
+            Err(e) => Some(Err(ClientError::Protocol {
+                socket: self.socket.clone(),
+                message: e.to_string(),
+            })),
+        }
+    }
+}
+
 /// Output of `GET /v1/runs/{name}/logs`.
 pub struct Logs {
     /// The bytes (stdout and stderr interleaved); streams until the run ends with `follow`.
@@ -497,6 +530,38 @@ impl Client {
             truncated: resp.header(TRUNCATED_HEADER) == Some("true"),
             body: resp.body,
         })
+    }
+
+    /// `POST /v1/sandboxes/{name}/exec`: the command's output and exit, as they come.
+    pub fn sandbox_exec(
+        &self,
+        sandbox: &str,
+        request: &super::SandboxExecRequest,
+    ) -> Result<ExecStream, ClientError> {
+        let body = serde_json::to_vec(request).map_err(|e| self.protocol(e.to_string()))?;
+        let path = format!("/v1/sandboxes/{}/exec", encode(sandbox));
+        let mut resp = self.request("POST", &path, Some(&body), None)?;
+        if resp.status != 200 {
+            let mut bytes = Vec::new();
+            let _ = resp.body.read_to_end(&mut bytes);
+            self.check(resp.status, &bytes)?;
+        }
+        Ok(ExecStream {
+            body: resp.body,
+            socket: self.socket.clone(),
+        })
+    }
+
+    /// `POST /v1/sandboxes/{name}/state`: sets the sandbox's desired power state.
+    pub fn sandbox_state(
+        &self,
+        sandbox: &str,
+        state: agentvm_api::SandboxState,
+    ) -> Result<StoredObject, ClientError> {
+        let body = serde_json::to_vec(&super::SandboxStateRequest { state })
+            .map_err(|e| self.protocol(e.to_string()))?;
+        let path = format!("/v1/sandboxes/{}/state", encode(sandbox));
+        self.call("POST", &path, Some(&body))
     }
 
     /// `GET /v1/specdir/errors`: `None` when the controller watches no directory.

@@ -12,6 +12,8 @@
 //! | `GET /v1/watch?kind=K&initial=true` | newline-delimited [`WatchEvent`]s, until the client hangs up |
 //! | `GET /v1/runs/{name}/logs?offset=N&follow=true` | the run's output (stdout and stderr interleaved), chunked; `follow` streams until the run ends |
 //! | `GET /v1/specdir/errors` | [`SpecDirResponse`] |
+//! | `POST /v1/sandboxes/{name}/exec` | [`SandboxExecRequest`] → newline-delimited [`ExecEvent`]s (output as it comes, then the exit); 409 when the sandbox is not wanted running |
+//! | `POST /v1/sandboxes/{name}/state` | [`SandboxStateRequest`] → the `StoredObject` with `spec.state` changed (and an idle-stopped sandbox woken for `Running`) |
 //!
 //! `{kind}` accepts every spelling of a kind (`VmPool`, `vmpools`, `pool`). Errors are
 //! [`ErrorBody`] with a status code: 400 bad request, 404 not found, 405 wrong method (with
@@ -21,6 +23,7 @@
 //! request head within 10 s is disconnected; at most 256 connections are served at once.
 
 pub mod client;
+mod sandbox;
 pub mod server;
 
 use std::collections::BTreeMap;
@@ -268,3 +271,52 @@ mod tests {
 
 #[cfg(test)]
 mod tests_server;
+
+/// `POST /v1/sandboxes/{name}/exec`: one command in a running sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SandboxExecRequest {
+    /// Program and arguments (the program is looked up in the guest's `PATH`).
+    pub command: Vec<String>,
+    /// Extra environment variables.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Working directory in the guest (default `/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// Kill the command after this many seconds (default 300, at most 86400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u64>,
+}
+
+/// Longest `timeoutSeconds` of a sandbox exec (one day).
+pub const MAX_SANDBOX_EXEC_SECONDS: u64 = 86_400;
+
+/// One line of an exec response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ExecEvent {
+    /// Bytes the command wrote to standard output (base64).
+    Stdout(String),
+    /// Bytes the command wrote to standard error (base64).
+    Stderr(String),
+    /// The command ended: its exit code (`None` when killed by a signal or at its timeout).
+    Exit {
+        /// Exit code.
+        code: Option<i32>,
+        /// Signal that killed it.
+        signal: Option<i32>,
+        /// Killed at `timeoutSeconds`.
+        timed_out: bool,
+    },
+    /// The command could not be run or followed to its end.
+    Error(String),
+}
+
+/// `POST /v1/sandboxes/{name}/state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SandboxStateRequest {
+    /// The desired power state.
+    pub state: agentvm_api::SandboxState,
+}

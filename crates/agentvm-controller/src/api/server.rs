@@ -57,6 +57,19 @@ pub struct ApiState {
     pub spec_dir: Option<Arc<RwLock<SpecDirState>>>,
     /// Flips to true on shutdown; long-lived streams end then.
     pub shutdown: watch::Receiver<bool>,
+    /// Exec into sandboxes; `None` without a backend (then those routes answer 503).
+    pub sandboxes: Option<SandboxAccess>,
+    /// The audit log (each sandbox exec is recorded).
+    pub audit: Option<crate::audit::AuditLog>,
+}
+
+/// What the sandbox routes need: the backend to reach the VMs, and the activity record.
+#[derive(Clone)]
+pub struct SandboxAccess {
+    /// The hypervisor backend.
+    pub backend: Arc<dyn agentvm_backend::Backend>,
+    /// Activity of each sandbox (idle timeouts).
+    pub sandboxes: Arc<crate::reconcilers::Sandboxes>,
 }
 
 /// A problem starting the API server.
@@ -137,6 +150,14 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/watch", get(watch_events))
         .route("/v1/runs/{name}/logs", get(logs))
         .route("/v1/specdir/errors", get(specdir_errors))
+        .route(
+            "/v1/sandboxes/{name}/exec",
+            axum::routing::post(super::sandbox::exec),
+        )
+        .route(
+            "/v1/sandboxes/{name}/state",
+            axum::routing::post(super::sandbox::set_state),
+        )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint", vec![]) })
         .with_state(state);
     // Outside the routes, so that it also sees what method routing adds (`Allow`).
@@ -202,7 +223,11 @@ pub async fn serve(
     Ok(())
 }
 
-fn error(status: StatusCode, message: impl Into<String>, details: Vec<String>) -> Response {
+pub(super) fn error(
+    status: StatusCode,
+    message: impl Into<String>,
+    details: Vec<String>,
+) -> Response {
     let body = ErrorBody {
         error: message.into(),
         details,
@@ -211,7 +236,7 @@ fn error(status: StatusCode, message: impl Into<String>, details: Vec<String>) -
 }
 
 /// The client of this request, from its connection; refused when unknown.
-fn caller_of(ext: Option<Extension<Caller>>) -> Result<Caller, Response> {
+pub(super) fn caller_of(ext: Option<Extension<Caller>>) -> Result<Caller, Response> {
     ext.map(|Extension(c)| c).ok_or_else(|| {
         error(
             StatusCode::FORBIDDEN,
@@ -251,7 +276,7 @@ fn parse_kind(text: &str) -> Result<Kind, Response> {
         .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), vec![]))
 }
 
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, Response> {
     match tokio::task::spawn_blocking(f).await {

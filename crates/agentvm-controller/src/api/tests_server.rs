@@ -44,6 +44,8 @@ fn start() -> TestServer {
         store: store.clone(),
         spec_dir: None,
         shutdown: rx.clone(),
+        sandboxes: None,
+        audit: None,
     };
     let mut until = rx;
     rt.spawn(serve(listener, state, async move {

@@ -2,7 +2,7 @@
 //! store (e.g. the store was replaced, or an object vanished while the controller was down).
 //!
 //! Only objects the backend lists as owned are considered, and only those created for the
-//! kinds the controller reconciles (`VmPool` domains, `Network` networks, `NetworkFilter`
+//! kinds the controller reconciles (`VmPool` and `Sandbox` domains, `Network` networks, `NetworkFilter`
 //! filters); objects without agentvm's metadata are never listed, so never touched. Order:
 //! domains first, then filters, then networks (a network is not removed from under a VM).
 //! Objects whose owner still exists are their reconciler's business (drift repair).
@@ -56,8 +56,12 @@ impl GarbageCollector {
             .list_vms()
             .map_err(|e| backend_error("listing domains", &e))?;
         for vm in vms {
-            if vm.owner.is_kind(Kind::VmPool) && !Self::exists(ctx, Kind::VmPool, &vm.owner.name)? {
-                tracing::info!(vm = %vm.name, pool = %vm.owner.name, "removing VM of a pool that no longer exists");
+            let owner_kind = [Kind::VmPool, Kind::Sandbox]
+                .into_iter()
+                .find(|k| vm.owner.is_kind(*k));
+            let Some(kind) = owner_kind else { continue };
+            if !Self::exists(ctx, kind, &vm.owner.name)? {
+                tracing::info!(vm = %vm.name, owner = %vm.owner.name, %kind, "removing VM whose owner no longer exists");
                 let r = self.backend.destroy_vm(&vm.name);
                 if r.is_ok() {
                     report.domains.push(vm.name.clone());

@@ -25,6 +25,7 @@ pub mod image;
 pub mod network;
 pub mod network_filter;
 pub mod registry;
+pub mod sandbox;
 pub mod vm_pool;
 
 pub use agent_run::AgentRunReconciler;
@@ -33,6 +34,7 @@ pub use image::{ImageBuilder, ImageCache, ImageReconciler};
 pub use network::NetworkReconciler;
 pub use network_filter::NetworkFilterReconciler;
 pub use registry::{PoolRegistry, PoolVm, VmPhase};
+pub use sandbox::{SandboxReconciler, Sandboxes};
 pub use vm_pool::VmPoolReconciler;
 
 /// Condition type: the object is usable.
@@ -42,15 +44,23 @@ pub const PROGRESSING: &str = "Progressing";
 /// Condition type: something failed; the reason and message say what.
 pub const DEGRADED: &str = "Degraded";
 
-/// Registers the five reconcilers (`AgentRun` included) and the garbage collector on `controller`, all on
-/// `backend`; `registry` is shared with whoever hands out pool VMs.
+/// Registers the six reconcilers (`AgentRun` and `Sandbox` included) and the garbage
+/// collector on `controller`, all on `backend`; `registry` is shared with whoever hands out
+/// pool VMs. The API serves exec into sandboxes through the same backend.
 pub fn register(
     controller: Controller,
     backend: Arc<dyn Backend>,
     registry: Arc<PoolRegistry>,
     images: Arc<dyn ImageBuilder>,
 ) -> Controller {
+    let sandboxes = Arc::new(Sandboxes::new());
     controller
+        .sandboxes(backend.clone(), sandboxes.clone())
+        .reconciler(Arc::new(SandboxReconciler::new(
+            backend.clone(),
+            registry.clone(),
+            sandboxes,
+        )))
         .reconciler(Arc::new(NetworkReconciler::new(backend.clone())))
         .reconciler(Arc::new(NetworkFilterReconciler::new(backend.clone())))
         .reconciler(Arc::new(ImageReconciler::new(images)))

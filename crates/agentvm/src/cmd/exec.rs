@@ -1,5 +1,6 @@
 //! `agentvm exec [-i] [-t] -- CMD ARGS..`: one command in a fresh, isolated, throw-away VM,
-//! optionally with this terminal's input (`-i`) and on a terminal of its own (`-t`).
+//! optionally with this terminal's input (`-i`) and on a terminal of its own (`-t`); or
+//! `agentvm exec sandbox/NAME -- CMD ARGS..`: in a sandbox, through the controller.
 
 use std::io::Write;
 use std::time::Duration;
@@ -44,14 +45,55 @@ pub struct ExecArgs {
     /// the command runs, e.g. `-p 8080:8000` (repeatable).
     #[arg(short = 'p', long = "publish", value_name = "HOST_PORT:GUEST_PORT")]
     publish: Vec<String>,
-    /// Program and arguments to run in the guest.
+    /// Program and arguments to run in the guest; to run in a sandbox instead of a fresh
+    /// VM, put `sandbox/NAME --` first.
     #[arg(trailing_var_arg = true, required = true, value_name = "COMMAND")]
     command: Vec<String>,
+    #[command(flatten)]
+    connect: super::objects::ConnectArgs,
 }
 
 impl ExecArgs {
+    /// `exec sandbox/NAME [--] CMD..`: through the controller, in the sandbox.
+    fn run_in_sandbox(self, cfg: &Config) -> anyhow::Result<i32> {
+        let name = super::sandbox::sandbox_name(&self.command[0])?;
+        let mut command = &self.command[1..];
+        if command.first().is_some_and(|a| a == "--") {
+            command = &command[1..];
+        }
+        if command.is_empty() {
+            anyhow::bail!("name the command to run: agentvm exec sandbox/{name} -- CMD ARGS..");
+        }
+        if self.interactive || self.tty || !self.publish.is_empty() {
+            anyhow::bail!(
+                "-i, -t and -p are not available for sandboxes yet; run the command without them"
+            );
+        }
+        let mut env = std::collections::BTreeMap::new();
+        for kv in &self.env {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("--env {kv:?}: expected KEY=VALUE"))?;
+            env.insert(k.to_string(), v.to_string());
+        }
+        let request = agentvm_controller::api::SandboxExecRequest {
+            command: command.to_vec(),
+            env,
+            workdir: self.workdir.clone(),
+            timeout_seconds: self.timeout.map(|t| t.as_secs().max(1)),
+        };
+        super::sandbox::exec(cfg, &self.connect, &name, request)
+    }
+
     /// Boot, run, print, tear down. Exits with the guest command's exit code.
     pub fn run(self, cfg: &Config) -> anyhow::Result<i32> {
+        if self
+            .command
+            .first()
+            .is_some_and(|a| super::sandbox::is_sandbox_ref(a))
+        {
+            return self.run_in_sandbox(cfg);
+        }
         // Bad ports and ports in use fail here, before anything is booted.
         let listeners = self
             .publish

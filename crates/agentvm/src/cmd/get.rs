@@ -93,6 +93,10 @@ fn header(kind: Kind, wide: bool) -> Vec<String> {
         (Kind::VmPool, true) => &[
             "NAME", "IMAGE", "READY", "MAX", "PHASE", "AGE", "BUSY", "PROFILE", "NETWORK",
         ],
+        (Kind::Sandbox, false) => &["NAME", "POOL", "STATE", "PHASE", "IDLE", "AGE"],
+        (Kind::Sandbox, true) => &[
+            "NAME", "POOL", "STATE", "PHASE", "IDLE", "AGE", "VM", "EXECS", "REASON",
+        ],
         (Kind::AgentRun, false) => &["NAME", "POOL", "PHASE", "EXIT", "AGE"],
         (Kind::AgentRun, true) => &["NAME", "POOL", "PHASE", "EXIT", "AGE", "VM", "REASON"],
     };
@@ -160,6 +164,37 @@ fn row(obj: &StoredObject, wide: bool, name: String) -> Vec<String> {
                     None => text(&v, "/spec/template/network/mode"),
                 };
                 r.push(net);
+            }
+            r
+        }
+        Kind::Sandbox => {
+            let idle = at(&v, "/status/idleSeconds")
+                .and_then(Value::as_u64)
+                .map_or_else(
+                    || "-".into(),
+                    |s| human_age(std::time::Duration::from_secs(s)),
+                );
+            let state = at(&v, "/spec/state")
+                .and_then(Value::as_str)
+                .unwrap_or("Running")
+                .to_string();
+            let mut r = vec![
+                name,
+                text(&v, "/spec/poolRef"),
+                state,
+                phase(obj, &v),
+                idle,
+                age,
+            ];
+            if wide {
+                r.push(text(&v, "/status/vm"));
+                r.push(
+                    at(&v, "/status/activeExecs")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0)
+                        .to_string(),
+                );
+                r.push(text(&v, "/status/stoppedReason"));
             }
             r
         }

@@ -16,6 +16,7 @@ pub mod man;
 pub mod manifests;
 pub mod objects;
 pub mod run;
+pub mod sandbox;
 pub mod schema;
 pub mod version;
 pub mod wait;

@@ -312,7 +312,7 @@ impl Drop for Env {
                     .contains(self.dir.to_str().unwrap())
                 {
                     let _ = virsh(&["destroy", &d]);
-                    let _ = virsh(&["undefine", &d, "--snapshots-metadata"]);
+                    let _ = virsh(&["undefine", &d, "--snapshots-metadata", "--managed-save"]);
                 }
             }
         }

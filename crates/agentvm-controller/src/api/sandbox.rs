@@ -1,0 +1,352 @@
+//! The sandbox routes: exec into a running sandbox (output streamed as newline-delimited
+//! [`ExecEvent`]s) and change its desired power state.
+//!
+//! Only root and the user who last applied the sandbox may use it: a sandbox holds its
+//! owner's work. Every exec is recorded in the audit log and counts as activity for the
+//! sandbox's idle timeout while it runs; an exec into a sandbox stopped for being idle
+//! brings it back first.
+
+// As in `server`: helpers return `Result<_, Response>` to answer early.
+#![allow(clippy::result_large_err)]
+
+use std::time::{Duration, Instant};
+
+use agentvm_api::{Kind, Resource, SandboxPhase, SandboxState};
+use agentvm_backend::guest::{ExecRequest, Guest, Stream};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use base64::Engine;
+
+use super::server::{blocking, caller_of, error, ApiState, SandboxAccess};
+use super::{ExecEvent, SandboxExecRequest, SandboxStateRequest, MAX_SANDBOX_EXEC_SECONDS};
+use crate::audit::{AuditEvent, AuditEventType};
+use crate::caller::Caller;
+use crate::store::{ApplyItem, StoredObject};
+
+/// How long an exec waits for its sandbox to be running (claimed, resumed or restored).
+const READY_WAIT: Duration = Duration::from_secs(120);
+/// Default exec timeout.
+const DEFAULT_EXEC_SECONDS: u64 = 300;
+/// Output kept per stream of one exec (it is streamed, not stored).
+const EXEC_OUTPUT_CAP: usize = 1 << 30;
+
+fn access(st: &ApiState) -> Result<&SandboxAccess, Response> {
+    st.sandboxes.as_ref().ok_or_else(|| {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this controller runs without a hypervisor backend: it cannot reach sandboxes",
+            vec![],
+        )
+    })
+}
+
+/// The sandbox `name`, if `caller` may use it.
+async fn sandbox_for(st: &ApiState, name: &str, caller: &Caller) -> Result<StoredObject, Response> {
+    let store = st.store.clone();
+    let n = name.to_string();
+    let obj = blocking(move || store.get(Kind::Sandbox, &n))
+        .await?
+        .ok_or_else(|| {
+            error(
+                StatusCode::NOT_FOUND,
+                format!("Sandbox/{name} not found"),
+                vec![],
+            )
+        })?;
+    let owner_uid = obj.submitter.as_ref().map_or(0, |s| s.uid);
+    if !caller.is_root() && caller.uid != owner_uid {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "Sandbox/{name} belongs to {}; only they and root may use it",
+                obj.submitter
+                    .as_ref()
+                    .map_or_else(|| "root".to_string(), |s| s.to_string())
+            ),
+            vec![],
+        ));
+    }
+    if obj.is_deleting() {
+        return Err(error(
+            StatusCode::CONFLICT,
+            format!("Sandbox/{name} is being deleted"),
+            vec![],
+        ));
+    }
+    Ok(obj)
+}
+
+fn spec_state(obj: &StoredObject) -> SandboxState {
+    match &obj.resource {
+        Resource::Sandbox(s) => s.spec.state,
+        _ => SandboxState::Running,
+    }
+}
+
+/// Waits until the sandbox runs (claimed, resumed, restored); its VM name.
+async fn running_vm(st: &ApiState, name: &str) -> Result<String, Response> {
+    let start = Instant::now();
+    loop {
+        let store = st.store.clone();
+        let n = name.to_string();
+        let obj = blocking(move || store.get(Kind::Sandbox, &n)).await?;
+        let Some(obj) = obj else {
+            return Err(error(
+                StatusCode::NOT_FOUND,
+                format!("Sandbox/{name} not found"),
+                vec![],
+            ));
+        };
+        if let Resource::Sandbox(sb) = &obj.resource {
+            if sb.spec.state != SandboxState::Running || obj.is_deleting() {
+                return Err(error(
+                    StatusCode::CONFLICT,
+                    format!("Sandbox/{name} is no longer wanted running"),
+                    vec![],
+                ));
+            }
+            if let Some(status) = &sb.status {
+                match (status.phase, &status.vm) {
+                    (SandboxPhase::Running, Some(vm)) if status.stopped_reason.is_none() => {
+                        return Ok(vm.clone())
+                    }
+                    (SandboxPhase::Failed, _) => {
+                        let why = status
+                            .conditions
+                            .iter()
+                            .find(|c| c.type_ == "Degraded")
+                            .map(|c| c.message.clone())
+                            .unwrap_or_default();
+                        return Err(error(
+                            StatusCode::CONFLICT,
+                            format!("Sandbox/{name} failed: {why}"),
+                            vec![],
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if start.elapsed() > READY_WAIT {
+            return Err(error(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "Sandbox/{name} did not become Running within {}s; see `agentvm describe sandbox/{name}`",
+                    READY_WAIT.as_secs()
+                ),
+                vec![],
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn line(event: &ExecEvent) -> Bytes {
+    let mut l = serde_json::to_vec(event).unwrap_or_default();
+    l.push(b'\n');
+    Bytes::from(l)
+}
+
+fn check_request(req: &SandboxExecRequest) -> Result<(), String> {
+    let Some(program) = req.command.first() else {
+        return Err("`command` is empty: give the program and its arguments".into());
+    };
+    if program.is_empty() {
+        return Err("the program name is empty".into());
+    }
+    if req.command.iter().any(|a| a.contains('\0')) {
+        return Err("an argument contains a NUL character".into());
+    }
+    for (k, v) in &req.env {
+        let name_ok = !k.is_empty()
+            && !k.starts_with(|c: char| c.is_ascii_digit())
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !name_ok || v.contains('\0') {
+            return Err(format!(
+                "environment variable {k:?} is not NAME=VALUE with a plain name"
+            ));
+        }
+    }
+    if let Some(w) = &req.workdir {
+        if !w.starts_with('/') || w.contains('\0') {
+            return Err(format!("workdir {w:?} is not an absolute path"));
+        }
+    }
+    if let Some(t) = req.timeout_seconds {
+        if t == 0 || t > MAX_SANDBOX_EXEC_SECONDS {
+            return Err(format!(
+                "timeoutSeconds {t} is not between 1 and {MAX_SANDBOX_EXEC_SECONDS}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `POST /v1/sandboxes/{name}/exec`.
+pub(super) async fn exec(
+    State(st): State<ApiState>,
+    caller: Option<Extension<Caller>>,
+    UrlPath(name): UrlPath<String>,
+    Json(req): Json<SandboxExecRequest>,
+) -> Response {
+    let caller = match caller_of(caller) {
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
+    let access = match access(&st) {
+        Ok(a) => a.clone(),
+        Err(resp) => return resp,
+    };
+    if let Err(message) = check_request(&req) {
+        return error(StatusCode::BAD_REQUEST, message, vec![]);
+    }
+    let obj = match sandbox_for(&st, &name, &caller).await {
+        Ok(o) => o,
+        Err(resp) => return resp,
+    };
+    let state = spec_state(&obj);
+    if state != SandboxState::Running {
+        let verb = if state == SandboxState::Paused {
+            "resume"
+        } else {
+            "start"
+        };
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "Sandbox/{name} is {} (spec.state); `agentvm {verb} sandbox/{name}` first",
+                state.as_str()
+            ),
+            vec![],
+        );
+    }
+    // From here on the sandbox is in use (and woken if it was stopped for being idle).
+    let in_use = access.sandboxes.begin(&name);
+    let vm = match running_vm(&st, &name).await {
+        Ok(vm) => vm,
+        Err(resp) => return resp,
+    };
+    let mut request = ExecRequest::new(req.command[0].clone(), req.command[1..].to_vec());
+    request.env = req.env.clone();
+    request.cwd = req.workdir.clone();
+    request.timeout = Duration::from_secs(req.timeout_seconds.unwrap_or(DEFAULT_EXEC_SECONDS));
+    request.output_cap = EXEC_OUTPUT_CAP;
+    request.keep_output = false;
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let audit = st.audit.clone();
+    let actor = caller.to_string();
+    tokio::task::spawn_blocking(move || {
+        let _in_use = in_use;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let result = access.backend.agent(&vm).and_then(|agent| {
+            Guest::new(&*agent).exec(&request, &mut |stream, data| {
+                let event = match stream {
+                    Stream::Stdout => ExecEvent::Stdout(b64.encode(data)),
+                    Stream::Stderr => ExecEvent::Stderr(b64.encode(data)),
+                };
+                // A client that hung up does not stop the command; its output is dropped.
+                let _ = tx.blocking_send(line(&event));
+            })
+        });
+        let (event, code) = match result {
+            Ok(o) => (
+                ExecEvent::Exit {
+                    code: o.exit_code,
+                    signal: o.signal,
+                    timed_out: o.timed_out,
+                },
+                serde_json::json!(o.exit_code),
+            ),
+            Err(e) => (
+                ExecEvent::Error(format!("running in {vm}: {e}")),
+                serde_json::Value::Null,
+            ),
+        };
+        if let Some(audit) = audit {
+            audit.record(
+                AuditEvent::new(AuditEventType::SandboxExec, Kind::Sandbox, &name, actor)
+                    .vm(vm.clone())
+                    .details(serde_json::json!({
+                        "command": request_line(&request),
+                        "exitCode": code,
+                    })),
+            );
+        }
+        let _ = tx.blocking_send(line(&event));
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<Bytes, std::io::Error>(b), rx))
+    });
+    let mut resp = Response::new(Body::from_stream(stream));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    resp
+}
+
+fn request_line(r: &ExecRequest) -> Vec<String> {
+    std::iter::once(r.program.clone())
+        .chain(r.args.iter().cloned())
+        .collect()
+}
+
+/// `POST /v1/sandboxes/{name}/state`.
+pub(super) async fn set_state(
+    State(st): State<ApiState>,
+    caller: Option<Extension<Caller>>,
+    UrlPath(name): UrlPath<String>,
+    Json(req): Json<SandboxStateRequest>,
+) -> Response {
+    let caller = match caller_of(caller) {
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
+    let obj = match sandbox_for(&st, &name, &caller).await {
+        Ok(o) => o,
+        Err(resp) => return resp,
+    };
+    let Resource::Sandbox(mut sb) = obj.resource.clone() else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "not a sandbox", vec![]);
+    };
+    sb.spec.state = req.state;
+    sb.status = None;
+    let store = st.store.clone();
+    let item = ApplyItem {
+        resource: Resource::Sandbox(sb),
+        manager: obj.manager.clone(),
+        submitter: caller,
+        force: false,
+    };
+    let n = name.clone();
+    let applied = blocking(move || {
+        let r = store.apply_batch(vec![item], false)?;
+        r.into_iter()
+            .next()
+            .unwrap_or_else(|| unreachable!("one result per item"))?;
+        store.get(Kind::Sandbox, &n)
+    })
+    .await;
+    match applied {
+        Ok(Some(obj)) => {
+            if req.state == SandboxState::Running {
+                if let Some(a) = &st.sandboxes {
+                    a.sandboxes.wake(&name);
+                }
+            }
+            Json(obj).into_response()
+        }
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("Sandbox/{name} not found"),
+            vec![],
+        ),
+        Err(resp) => resp,
+    }
+}

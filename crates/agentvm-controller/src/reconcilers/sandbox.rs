@@ -1,0 +1,548 @@
+//! `Sandbox` → one libvirt domain, claimed from the sandbox's pool and kept.
+//!
+//! Each pass:
+//! 1. finds the domain owned by the sandbox (ownership metadata kind `Sandbox`, its name):
+//!    after a controller restart, that is adoption;
+//! 2. without one, claims a ready VM of `poolRef` from the [`PoolRegistry`] and hands it over
+//!    by rewriting its ownership metadata (one libvirt call; the VM is never without an
+//!    owner), then drops it from the registry, so the pool boots a replacement. A sandbox
+//!    whose recorded VM vanished is `Failed` (`VmLost`): its files and memory are gone;
+//! 3. applies the lifetime rules: `ttlSeconds` (from the claim) and `shutdownTime` end the
+//!    sandbox as `shutdownPolicy` says; so does `idleTimeoutSeconds` of running time without
+//!    activity (see [`Sandboxes`]). `Stop` saves the VM to disk and records why in
+//!    `status.stoppedReason`; an idle-stopped sandbox comes back on the next exec (or
+//!    `agentvm start`), an expired one only when its lifetime is raised;
+//! 4. drives the VM's power state to `spec.state`: running, paused (vCPUs stopped, memory
+//!    kept) or saved to disk (libvirt managed save: no QEMU process, no host memory). A VM
+//!    found off (the host rebooted, or it was destroyed by hand) is started again from its
+//!    disk.
+//!
+//! Deletion destroys the domain with its disk and saved state, then finalizes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use agentvm_api::{
+    Kind, Reason, Resource, Sandbox, SandboxPhase, SandboxState, SandboxStatus, ShutdownPolicy,
+};
+use agentvm_backend::{Backend, Owner, PowerState};
+
+use super::{backend_error, status_of, write_status, Conditions, PoolRegistry};
+use crate::audit::{AuditEvent, AuditEventType};
+use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler, Wake};
+use crate::store::{ObjectKey, StoredObject};
+use crate::time::Timestamp;
+
+/// Longest wait between passes of a running sandbox (idle accounting, drift).
+const RECHECK: Duration = Duration::from_secs(30);
+/// Recheck delay while waiting for a ready VM of the pool.
+const WAITING_FOR_VM: Duration = Duration::from_secs(1);
+
+/// What the controller knows about one sandbox's use, in memory.
+#[derive(Debug, Clone)]
+struct Activity {
+    /// Last use (or the moment the VM last started running again).
+    last: Instant,
+    /// Commands, copies and forwarded connections in progress.
+    active: u32,
+    /// Someone used the sandbox while it was idle-stopped: bring it back.
+    wake: bool,
+}
+
+/// The sandboxes' activity, shared by the API (which records each exec, copy and forwarded
+/// connection) and the reconciler (which ends idle sandboxes). Idle time counts only while
+/// the VM runs: starting or resuming a VM counts as activity.
+#[derive(Debug, Default)]
+pub struct Sandboxes {
+    activity: Mutex<HashMap<String, Activity>>,
+    wake: Mutex<Wake>,
+}
+
+/// Marks one use of a sandbox as in progress until dropped.
+#[derive(Debug)]
+pub struct InUse {
+    sandboxes: Arc<Sandboxes>,
+    name: String,
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        let mut map = self.sandboxes.lock();
+        if let Some(a) = map.get_mut(&self.name) {
+            a.active = a.active.saturating_sub(1);
+            a.last = Instant::now();
+        }
+    }
+}
+
+impl Sandboxes {
+    /// No sandbox known yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Activity>> {
+        self.activity.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn entry<'a>(map: &'a mut HashMap<String, Activity>, name: &str) -> &'a mut Activity {
+        map.entry(name.to_string()).or_insert_with(|| Activity {
+            last: Instant::now(),
+            active: 0,
+            wake: false,
+        })
+    }
+
+    /// Records the start of a use of `name` (an exec, a copy, a forwarded connection); it
+    /// lasts until the returned guard is dropped. A sandbox stopped for being idle is brought
+    /// back.
+    pub fn begin(self: &Arc<Self>, name: &str) -> InUse {
+        {
+            let mut map = self.lock();
+            let a = Self::entry(&mut map, name);
+            a.active += 1;
+            a.last = Instant::now();
+            a.wake = true;
+        }
+        self.requeue(name);
+        InUse {
+            sandboxes: self.clone(),
+            name: name.to_string(),
+        }
+    }
+
+    /// Asks for `name` to be brought back if it was stopped for being idle.
+    pub fn wake(&self, name: &str) {
+        {
+            let mut map = self.lock();
+            let a = Self::entry(&mut map, name);
+            a.last = Instant::now();
+            a.wake = true;
+        }
+        self.requeue(name);
+    }
+
+    fn requeue(&self, name: &str) {
+        self.wake
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add(ObjectKey::new(Kind::Sandbox, name));
+    }
+
+    fn set_wake(&self, wake: &Wake) {
+        *self.wake.lock().unwrap_or_else(|e| e.into_inner()) = wake.clone();
+    }
+
+    /// Resets the idle clock (the VM starts running again now).
+    fn touch(&self, name: &str) {
+        Self::entry(&mut self.lock(), name).last = Instant::now();
+    }
+
+    /// After a restart: the idle clock starts from the recorded last activity.
+    fn seed(&self, name: &str, last: Option<SystemTime>) {
+        let mut map = self.lock();
+        if map.contains_key(name) {
+            return;
+        }
+        let ago = last
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .unwrap_or_default();
+        let last = Instant::now().checked_sub(ago).unwrap_or_else(Instant::now);
+        Self::entry(&mut map, name).last = last;
+    }
+
+    /// (idle time, uses in progress).
+    fn idle(&self, name: &str) -> (Duration, u32) {
+        let mut map = self.lock();
+        let a = Self::entry(&mut map, name);
+        (a.last.elapsed(), a.active)
+    }
+
+    fn take_wake(&self, name: &str) -> bool {
+        std::mem::take(&mut Self::entry(&mut self.lock(), name).wake)
+    }
+
+    fn forget(&self, name: &str) {
+        self.lock().remove(name);
+    }
+
+    /// Uses of `name` in progress.
+    pub fn in_progress(&self, name: &str) -> u32 {
+        self.lock().get(name).map_or(0, |a| a.active)
+    }
+}
+
+/// Reconciles `Sandbox` objects; see the module docs.
+pub struct SandboxReconciler {
+    backend: Arc<dyn Backend>,
+    registry: Arc<PoolRegistry>,
+    sandboxes: Arc<Sandboxes>,
+}
+
+impl SandboxReconciler {
+    /// A reconciler acting through `backend`, claiming VMs from `registry`'s pools and
+    /// reading activity from `sandboxes`.
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        registry: Arc<PoolRegistry>,
+        sandboxes: Arc<Sandboxes>,
+    ) -> Self {
+        Self {
+            backend,
+            registry,
+            sandboxes,
+        }
+    }
+
+    fn owner(obj: &StoredObject) -> Owner {
+        Owner {
+            kind: Kind::Sandbox.as_str().to_string(),
+            name: obj.resource.name().to_string(),
+            // The VM is not rebuilt when the spec changes: no drift hash.
+            spec_hash: String::new(),
+            generation: obj.generation(),
+        }
+    }
+
+    /// The domain this sandbox owns, if any.
+    fn find_vm(&self, name: &str) -> Result<Option<String>, ReconcileError> {
+        Ok(self
+            .backend
+            .list_vms()
+            .map_err(|e| backend_error("listing domains", &e))?
+            .into_iter()
+            .find(|v| v.owner.is_kind(Kind::Sandbox) && v.owner.name == name)
+            .map(|v| v.name))
+    }
+
+    /// Takes a ready VM of the pool and makes it this sandbox's. `None` while none is ready.
+    fn claim(
+        &self,
+        obj: &StoredObject,
+        sb: &Sandbox,
+        status: &mut SandboxStatus,
+        ctx: &Ctx,
+    ) -> Result<Option<String>, ReconcileError> {
+        let pool = &sb.spec.pool_ref;
+        let pending = |status: &mut SandboxStatus, reason: Reason, message: String| {
+            status.phase = SandboxPhase::Pending;
+            Conditions(&mut status.conditions).progressing(reason, message);
+        };
+        if ctx.store.get(Kind::VmPool, pool)?.is_none() {
+            pending(
+                status,
+                Reason::PoolNotFound,
+                format!("VmPool {pool} does not exist; apply it or fix poolRef"),
+            );
+            return Ok(None);
+        }
+        let Some(vm) = self.registry.acquire(pool) else {
+            pending(
+                status,
+                Reason::WaitingForVm,
+                format!("waiting for a ready VM of pool {pool}"),
+            );
+            return Ok(None);
+        };
+        if let Err(e) = self.backend.set_vm_owner(&vm, &Self::owner(obj)) {
+            // Still the pool's: it is reset before anyone else gets it.
+            self.registry.release(pool, &vm);
+            return Err(backend_error(&format!("claiming VM {vm}"), &e));
+        }
+        // No longer the pool's: it boots a replacement.
+        self.registry.remove(pool, &vm);
+        ctx.wake.add(ObjectKey::new(Kind::VmPool, pool.clone()));
+        let now = Timestamp::now().to_string();
+        status.vm = Some(vm.clone());
+        status.pool = Some(pool.clone());
+        status.created_at = Some(now.clone());
+        status.last_activity_at = Some(now);
+        self.sandboxes.touch(sb.name());
+        ctx.audit.record(
+            AuditEvent::new(
+                AuditEventType::VmClaimed,
+                Kind::Sandbox,
+                sb.name(),
+                "controller",
+            )
+            .vm(vm.clone())
+            .details(serde_json::json!({ "pool": pool })),
+        );
+        tracing::info!(sandbox = sb.name(), %vm, %pool, "claimed a pool VM");
+        Ok(Some(vm))
+    }
+
+    fn delete(&self, obj: &StoredObject, ctx: &Ctx) -> Result<Action, ReconcileError> {
+        let name = obj.resource.name();
+        let mut status: SandboxStatus = status_of(obj);
+        if let Some(vm) = self.find_vm(name)? {
+            if status.phase != SandboxPhase::Deleting {
+                status.phase = SandboxPhase::Deleting;
+                write_status(ctx, obj, &status)?;
+            }
+            if let Err(e) = self.backend.destroy_vm(&vm) {
+                let err = backend_error(&format!("destroying VM {vm}"), &e);
+                Conditions(&mut status.conditions).degraded(&err, false);
+                write_status(ctx, obj, &status)?;
+                return Err(err);
+            }
+            ctx.audit.record(
+                AuditEvent::new(
+                    AuditEventType::VmDestroyed,
+                    Kind::Sandbox,
+                    name,
+                    "controller",
+                )
+                .vm(vm)
+                .details(serde_json::json!({ "reason": "SandboxDeleted" })),
+            );
+        }
+        self.sandboxes.forget(name);
+        ctx.store.finalize_delete(Kind::Sandbox, name)?;
+        Ok(Action::AwaitChange)
+    }
+
+    /// Why the sandbox's lifetime is over, if it is (`ttlSeconds`, `shutdownTime`).
+    fn expired(sb: &Sandbox, status: &SandboxStatus) -> Option<Reason> {
+        let now = SystemTime::now();
+        if let (Some(ttl), Some(created)) = (
+            sb.spec.ttl_seconds,
+            status.created_at.as_deref().and_then(Timestamp::parse),
+        ) {
+            if created.0 + Duration::from_secs(ttl.into()) <= now {
+                return Some(Reason::TtlExpired);
+            }
+        }
+        if let Some(at) = sb.spec.shutdown_time.as_deref().and_then(Timestamp::parse) {
+            if at.0 <= now {
+                return Some(Reason::ShutdownTime);
+            }
+        }
+        None
+    }
+
+    fn record_power(ctx: &Ctx, name: &str, vm: &str, from: PowerState, to: PowerState, why: &str) {
+        ctx.audit.record(
+            AuditEvent::new(
+                AuditEventType::SandboxPower,
+                Kind::Sandbox,
+                name,
+                "controller",
+            )
+            .vm(vm)
+            .details(serde_json::json!({
+                "from": format!("{from:?}"),
+                "to": format!("{to:?}"),
+                "reason": why,
+            })),
+        );
+    }
+}
+
+impl Reconciler for SandboxReconciler {
+    fn kind(&self) -> Kind {
+        Kind::Sandbox
+    }
+
+    fn watches(&self) -> &[Kind] {
+        &[Kind::VmPool]
+    }
+
+    fn reconcile(&self, obj: Arc<StoredObject>, ctx: &Ctx) -> Result<Action, ReconcileError> {
+        let Resource::Sandbox(sb) = &obj.resource else {
+            return Err(super::wrong_kind(&obj, Kind::Sandbox));
+        };
+        self.sandboxes.set_wake(&ctx.wake);
+        if obj.is_deleting() {
+            return self.delete(&obj, ctx);
+        }
+        let name = sb.name();
+        let mut status: SandboxStatus = status_of(&obj);
+        let before = status.clone();
+        status.observed_generation = Some(obj.generation());
+
+        let vm = match self.find_vm(name)? {
+            Some(vm) => {
+                if status.vm.as_deref() != Some(&vm) {
+                    // Claimed by an earlier controller that stopped before recording it.
+                    status.vm = Some(vm.clone());
+                    status.pool.get_or_insert_with(|| sb.spec.pool_ref.clone());
+                    status
+                        .created_at
+                        .get_or_insert_with(|| Timestamp::now().to_string());
+                }
+                vm
+            }
+            None if status.vm.is_some() => {
+                let vm = status.vm.clone().unwrap_or_default();
+                status.phase = SandboxPhase::Failed;
+                let err = ReconcileError::new(
+                    Reason::VmLost,
+                    format!("its VM {vm} is gone from libvirt (with its disk and memory); delete the sandbox and make a new one"),
+                );
+                Conditions(&mut status.conditions).degraded(&err, false);
+                if status != before {
+                    write_status(ctx, &obj, &status)?;
+                }
+                return Ok(Action::AwaitChange);
+            }
+            None => match self.claim(&obj, sb, &mut status, ctx) {
+                Ok(Some(vm)) => vm,
+                Ok(None) => {
+                    if status != before {
+                        write_status(ctx, &obj, &status)?;
+                    }
+                    return Ok(Action::Requeue(WAITING_FOR_VM));
+                }
+                Err(err) => {
+                    Conditions(&mut status.conditions).degraded(&err, false);
+                    write_status(ctx, &obj, &status)?;
+                    return Err(err);
+                }
+            },
+        };
+        self.sandboxes.seed(
+            name,
+            status
+                .last_activity_at
+                .as_deref()
+                .and_then(Timestamp::parse)
+                .map(|t| t.0),
+        );
+
+        let power = self
+            .backend
+            .vm_power(&vm)
+            .map_err(|e| backend_error(&format!("reading the power state of {vm}"), &e))?;
+        let (idle, active) = self.sandboxes.idle(name);
+        let woken = self.sandboxes.take_wake(name);
+
+        // Lifetime rules.
+        let expired = Self::expired(sb, &status);
+        let idle_out = sb.spec.state == SandboxState::Running
+            && power == PowerState::Running
+            && sb.spec.idle_timeout_seconds != 0
+            && active == 0
+            && idle >= Duration::from_secs(sb.spec.idle_timeout_seconds.into());
+        let ended = expired.or(idle_out.then_some(Reason::IdleTimeout));
+        if let Some(reason) = ended {
+            if sb.spec.shutdown_policy == ShutdownPolicy::Delete {
+                tracing::info!(
+                    sandbox = name,
+                    reason = reason.as_str(),
+                    "lifetime over; deleting the sandbox"
+                );
+                ctx.store.request_delete(Kind::Sandbox, name, None)?;
+                return Ok(Action::Requeue(Duration::ZERO));
+            }
+        }
+        match (ended, status.stopped_reason.as_deref()) {
+            (Some(reason), _) => status.stopped_reason = Some(reason.as_str().to_string()),
+            // Idle-stopped: back on the next use.
+            (None, Some("IdleTimeout")) if woken => status.stopped_reason = None,
+            (None, Some("IdleTimeout")) => {}
+            // The lifetime was raised.
+            (None, Some(_)) => status.stopped_reason = None,
+            (None, None) => {}
+        }
+        if sb.spec.state != SandboxState::Running {
+            status.stopped_reason = None;
+        }
+        let want = match (sb.spec.state, &status.stopped_reason) {
+            (_, Some(_)) => PowerState::Saved,
+            (SandboxState::Running, None) => PowerState::Running,
+            (SandboxState::Paused, None) => PowerState::Paused,
+            (SandboxState::Stopped, None) => PowerState::Saved,
+        };
+        let power = if power == PowerState::Off && want == PowerState::Saved {
+            // Off without saved memory (the host rebooted, or a hand `virsh destroy`): its
+            // disk is all there is; it stays off until wanted running.
+            PowerState::Saved
+        } else {
+            power
+        };
+        if power != want {
+            let why = status
+                .stopped_reason
+                .clone()
+                .unwrap_or_else(|| format!("spec.state {}", sb.spec.state.as_str()));
+            tracing::info!(sandbox = name, %vm, from = ?power, to = ?want, %why, "changing power state");
+            if let Err(e) = self.backend.set_vm_power(&vm, want) {
+                let err = backend_error(&format!("{vm}: {power:?} to {want:?}"), &e);
+                let err = ReconcileError::new(Reason::PowerChangeFailed, err.message);
+                Conditions(&mut status.conditions).degraded(&err, false);
+                write_status(ctx, &obj, &status)?;
+                return Err(err);
+            }
+            if want == PowerState::Running {
+                self.sandboxes.touch(name);
+            }
+            Self::record_power(ctx, name, &vm, power, want, &why);
+        }
+        let (idle, active) = self.sandboxes.idle(name);
+        let (phase, reason, message) = match want {
+            PowerState::Running => (SandboxPhase::Running, Reason::SandboxRunning, format!("{vm} runs")),
+            PowerState::Paused => (
+                SandboxPhase::Paused,
+                Reason::SandboxPaused,
+                format!("{vm} is paused (memory kept)"),
+            ),
+            _ => (
+                SandboxPhase::Stopped,
+                Reason::SandboxStopped,
+                match status.stopped_reason.as_deref() {
+                    Some("IdleTimeout") => format!("{vm} is saved to disk after {}s idle; the next exec or `agentvm start` brings it back", sb.spec.idle_timeout_seconds),
+                    Some(r) => format!("{vm} is saved to disk: its lifetime ended ({r})"),
+                    None => format!("{vm} is saved to disk"),
+                },
+            ),
+        };
+        status.phase = phase;
+        Conditions(&mut status.conditions).ready(reason, message);
+        status.active_execs = active;
+        status.idle_seconds = if want == PowerState::Running {
+            idle.as_secs()
+        } else {
+            0
+        };
+        let last = SystemTime::now() - idle;
+        status.last_activity_at = Some(Timestamp(last).to_string());
+        // Only a real change is written (the idle seconds alone move every pass).
+        let mut a = status.clone();
+        let mut b = before.clone();
+        for s in [&mut a, &mut b] {
+            s.idle_seconds = 0;
+            s.last_activity_at = None;
+        }
+        let idle_moved = status.idle_seconds.abs_diff(before.idle_seconds) >= 10
+            || (status.idle_seconds == 0) != (before.idle_seconds == 0);
+        if a != b || idle_moved {
+            write_status(ctx, &obj, &status)?;
+        }
+
+        let mut next = RECHECK;
+        if want == PowerState::Running && sb.spec.idle_timeout_seconds != 0 && active == 0 {
+            let timeout = Duration::from_secs(sb.spec.idle_timeout_seconds.into());
+            next = next.min(timeout.saturating_sub(idle) + Duration::from_millis(200));
+        }
+        if let (Some(ttl), Some(created)) = (
+            sb.spec.ttl_seconds,
+            status.created_at.as_deref().and_then(Timestamp::parse),
+        ) {
+            let end = created.0 + Duration::from_secs(ttl.into());
+            if let Ok(left) = end.duration_since(SystemTime::now()) {
+                next = next.min(left + Duration::from_millis(200));
+            }
+        }
+        if let Some(at) = sb.spec.shutdown_time.as_deref().and_then(Timestamp::parse) {
+            if let Ok(left) = at.0.duration_since(SystemTime::now()) {
+                next = next.min(left + Duration::from_millis(200));
+            }
+        }
+        Ok(Action::Requeue(next))
+    }
+}
+
+#[cfg(test)]
+mod tests;

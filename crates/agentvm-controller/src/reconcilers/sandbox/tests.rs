@@ -1,0 +1,265 @@
+use super::*;
+use crate::reconcilers::testutil::*;
+use crate::reconcilers::VmPoolReconciler;
+use agentvm_backend::fake::Op;
+
+const POOL: &str = "apiVersion: agentvm.dev/v1alpha1\nkind: VmPool\nmetadata: {name: p}\nspec:\n  template:\n    imageRef: img\n    resources: {profile: custom, vcpu: 1, memoryMib: 256, diskGib: 2}\n  minReady: 1\n  maxSize: 3\n";
+
+fn sandbox(extra: &str) -> String {
+    format!("apiVersion: agentvm.dev/v1alpha1\nkind: Sandbox\nmetadata: {{name: s}}\nspec:\n  poolRef: p\n{extra}")
+}
+
+struct Boxes {
+    t: Setup,
+    pools: VmPoolReconciler,
+    r: SandboxReconciler,
+    activity: Arc<Sandboxes>,
+}
+
+impl Boxes {
+    fn new() -> Self {
+        let t = Setup::new();
+        let registry = Arc::new(PoolRegistry::new());
+        let activity = Arc::new(Sandboxes::new());
+        let pools = VmPoolReconciler::new(t.backend(), registry.clone());
+        let r = SandboxReconciler::new(t.backend(), registry, activity.clone());
+        t.image_ready();
+        t.apply(POOL);
+        let b = Boxes {
+            t,
+            pools,
+            r,
+            activity,
+        };
+        b.settle_pool();
+        b
+    }
+
+    fn settle_pool(&self) {
+        for _ in 0..20 {
+            match self.t.reconcile(&self.pools, Kind::VmPool, "p") {
+                Ok(Action::Requeue(d)) if d < Duration::from_millis(100) => continue,
+                _ => return,
+            }
+        }
+    }
+
+    fn pass(&self) -> Result<Action, ReconcileError> {
+        self.t.reconcile(&self.r, Kind::Sandbox, "s")
+    }
+
+    fn status(&self) -> serde_json::Value {
+        self.t.status(Kind::Sandbox, "s")
+    }
+
+    fn owned_by_sandbox(&self) -> Vec<String> {
+        self.t
+            .fake
+            .domains()
+            .into_iter()
+            .filter(|(_, d)| {
+                d.owner
+                    .as_ref()
+                    .is_some_and(|o| o.is_kind(Kind::Sandbox) && o.name == "s")
+            })
+            .map(|(n, _)| n)
+            .collect()
+    }
+}
+
+#[test]
+fn a_sandbox_claims_a_ready_pool_vm_and_the_pool_replaces_it() {
+    let b = Boxes::new();
+    let pool_vms = b.t.status(Kind::VmPool, "p")["vms"].clone();
+    let first = pool_vms[0].as_str().unwrap().to_string();
+    b.t.apply(&sandbox(""));
+    b.pass().unwrap();
+    let s = b.status();
+    assert_eq!(s["phase"], "Running", "{s}");
+    assert_eq!(s["vm"], first.as_str());
+    assert_eq!(s["pool"], "p");
+    assert!(s["createdAt"].is_string());
+    assert_eq!(b.owned_by_sandbox(), vec![first.clone()]);
+    // The pool no longer counts it, and boots a replacement.
+    b.settle_pool();
+    let p = b.t.status(Kind::VmPool, "p");
+    assert_eq!(p["ready"], 1, "{p}");
+    assert!(!vm_names(&p).contains(&first), "{p}");
+    // A second pass (or a restarted controller) keeps the same VM.
+    b.pass().unwrap();
+    assert_eq!(b.owned_by_sandbox(), vec![first]);
+}
+
+fn vm_names(p: &serde_json::Value) -> Vec<String> {
+    p["vms"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn without_a_ready_vm_or_a_pool_it_waits_and_says_why() {
+    let b = Boxes::new();
+    b.t.apply(&sandbox("").replace("poolRef: p", "poolRef: nope"));
+    assert_eq!(b.pass().unwrap(), Action::Requeue(WAITING_FOR_VM));
+    let s = b.status();
+    assert_eq!(s["phase"], "Pending");
+    assert_eq!(cond(&s, "Progressing").1, "PoolNotFound");
+    assert!(b.owned_by_sandbox().is_empty());
+}
+
+#[test]
+fn spec_state_drives_pause_save_and_resume() {
+    let b = Boxes::new();
+    b.t.apply(&sandbox(""));
+    b.pass().unwrap();
+    let vm = b.status()["vm"].as_str().unwrap().to_string();
+    for (state, phase, power) in [
+        ("Paused", "Paused", PowerState::Paused),
+        ("Stopped", "Stopped", PowerState::Saved),
+        ("Running", "Running", PowerState::Running),
+        ("Stopped", "Stopped", PowerState::Saved),
+        ("Paused", "Paused", PowerState::Paused),
+    ] {
+        b.t.apply(&sandbox(&format!("  state: {state}\n")));
+        b.pass().unwrap();
+        assert_eq!(b.status()["phase"], phase, "{state}");
+        assert_eq!(b.t.fake.vm_power(&vm).unwrap(), power, "{state}");
+    }
+}
+
+#[test]
+fn idle_time_stops_a_running_sandbox_and_use_brings_it_back() {
+    let b = Boxes::new();
+    b.t.apply(&sandbox("  idleTimeoutSeconds: 10\n"));
+    b.pass().unwrap();
+    let vm = b.status()["vm"].as_str().unwrap().to_string();
+    // Something in progress keeps it alive however long it lasts.
+    let guard = b.activity.begin("s");
+    b.activity.lock().get_mut("s").unwrap().last -= Duration::from_secs(60);
+    b.activity.take_wake("s");
+    b.pass().unwrap();
+    assert_eq!(b.status()["phase"], "Running");
+    assert_eq!(b.status()["activeExecs"], 1);
+    drop(guard);
+    // Idle for longer than the timeout: saved to disk, with the reason.
+    b.activity.lock().get_mut("s").unwrap().last -= Duration::from_secs(11);
+    b.pass().unwrap();
+    let s = b.status();
+    assert_eq!(s["phase"], "Stopped", "{s}");
+    assert_eq!(s["stoppedReason"], "IdleTimeout");
+    assert_eq!(b.t.fake.vm_power(&vm).unwrap(), PowerState::Saved);
+    // Another pass leaves it stopped.
+    b.pass().unwrap();
+    assert_eq!(b.status()["phase"], "Stopped");
+    // The next use wakes it.
+    b.activity.wake("s");
+    b.pass().unwrap();
+    let s = b.status();
+    assert_eq!(s["phase"], "Running", "{s}");
+    assert!(s.get("stoppedReason").is_none(), "{s}");
+    assert_eq!(b.t.fake.vm_power(&vm).unwrap(), PowerState::Running);
+}
+
+#[test]
+fn paused_time_is_not_idle_time() {
+    let b = Boxes::new();
+    b.t.apply(&sandbox("  idleTimeoutSeconds: 10\n  state: Paused\n"));
+    b.pass().unwrap();
+    b.activity.lock().get_mut("s").unwrap().last -= Duration::from_secs(60);
+    b.pass().unwrap();
+    assert_eq!(b.status()["phase"], "Paused");
+    // Resumed after a long pause: the idle clock starts again.
+    b.t.apply(&sandbox("  idleTimeoutSeconds: 10\n"));
+    b.pass().unwrap();
+    let s = b.status();
+    assert_eq!(s["phase"], "Running", "{s}");
+    assert!(s["idleSeconds"].as_u64().unwrap() < 10, "{s}");
+}
+
+#[test]
+fn ttl_with_policy_delete_deletes_the_sandbox_and_its_vm() {
+    let b = Boxes::new();
+    b.t.apply(&sandbox("  ttlSeconds: 10\n  shutdownPolicy: Delete\n"));
+    b.pass().unwrap();
+    let vm = b.status()["vm"].as_str().unwrap().to_string();
+    // Claimed 11 s ago.
+    let mut st: SandboxStatus = serde_json::from_value(b.status()).unwrap();
+    st.created_at = Some(Timestamp(SystemTime::now() - Duration::from_secs(11)).to_string());
+    b.t.store.update_status("s", st).unwrap();
+    b.pass().unwrap();
+    assert!(b
+        .t
+        .store
+        .get(Kind::Sandbox, "s")
+        .unwrap()
+        .unwrap()
+        .is_deleting());
+    b.pass().unwrap();
+    assert!(b.t.store.get(Kind::Sandbox, "s").unwrap().is_none());
+    assert!(!b.t.fake.domains().contains_key(&vm));
+}
+
+#[test]
+fn a_shutdown_time_in_the_past_stops_it_until_the_time_is_moved() {
+    let b = Boxes::new();
+    b.t.apply(&sandbox("  shutdownTime: \"2020-01-01T00:00:00Z\"\n"));
+    b.pass().unwrap();
+    let s = b.status();
+    assert_eq!(s["phase"], "Stopped", "{s}");
+    assert_eq!(s["stoppedReason"], "ShutdownTime");
+    // A use does not bring it back while the time is past...
+    b.activity.wake("s");
+    b.pass().unwrap();
+    assert_eq!(b.status()["phase"], "Stopped");
+    // ...moving the time does.
+    b.t.apply(&sandbox("  shutdownTime: \"2999-01-01T00:00:00Z\"\n"));
+    b.pass().unwrap();
+    assert_eq!(b.status()["phase"], "Running");
+}
+
+#[test]
+fn a_vanished_vm_fails_the_sandbox_which_can_still_be_deleted() {
+    let b = Boxes::new();
+    b.t.apply(&sandbox(""));
+    b.pass().unwrap();
+    let vm = b.status()["vm"].as_str().unwrap().to_string();
+    b.t.fake.destroy_vm(&vm).unwrap();
+    b.pass().unwrap();
+    let s = b.status();
+    assert_eq!(s["phase"], "Failed");
+    assert_eq!(cond(&s, "Degraded").1, "VmLost");
+
+    // A failed sandbox is deleted like any other.
+    b.t.store.request_delete(Kind::Sandbox, "s", None).unwrap();
+    b.pass().unwrap();
+    assert!(b.t.store.get(Kind::Sandbox, "s").unwrap().is_none());
+}
+
+#[test]
+fn deletion_destroys_the_claimed_vm_and_a_failed_claim_gives_the_vm_back() {
+    let b = Boxes::new();
+    b.t.fake.fail_next(
+        Op::SetVmOwner,
+        agentvm_backend::BackendError::Protocol {
+            what: "metadata".into(),
+            message: "boom".into(),
+        },
+    );
+    b.t.apply(&sandbox(""));
+    assert!(b.pass().is_err());
+    assert!(b.owned_by_sandbox().is_empty());
+    assert_eq!(cond(&b.status(), "Degraded").0, "True");
+    // The VM is still the pool's (reset before it is handed out again).
+    b.settle_pool();
+    b.pass().unwrap();
+    let vm = b.status()["vm"].as_str().unwrap().to_string();
+    b.t.store.request_delete(Kind::Sandbox, "s", None).unwrap();
+    b.pass().unwrap();
+    assert!(!b.t.fake.domains().contains_key(&vm));
+    assert!(b.t.store.get(Kind::Sandbox, "s").unwrap().is_none());
+}

@@ -1,0 +1,140 @@
+//! The sandbox verbs: `pause`, `resume`, `stop`, `start` (each edits `spec.state` through the
+//! controller and waits for the sandbox to get there) and `exec sandbox/NAME -- CMD`.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use agentvm_api::{Kind, Resource, SandboxPhase, SandboxState};
+use agentvm_controller::api::{ExecEvent, SandboxExecRequest};
+use agentvm_controller::Config;
+use anyhow::{bail, Context};
+use base64::Engine;
+use clap::Args;
+
+use super::objects::{object_ref, ConnectArgs};
+
+/// Options of `pause`, `resume`, `stop` and `start`.
+#[derive(Debug, Args)]
+pub struct PowerArgs {
+    /// The sandbox: `sandbox/NAME` (or `sbx/NAME`).
+    #[arg(value_name = "sandbox/NAME")]
+    target: String,
+    /// Return once the change is recorded, without waiting for the sandbox to get there.
+    #[arg(long)]
+    no_wait: bool,
+    /// How long to wait for the sandbox to get there (`90`, `90s`, `5m`).
+    #[arg(long, default_value = "5m", value_name = "DURATION", value_parser = super::parse_duration)]
+    timeout: Duration,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+/// The name in `sandbox/NAME` (any spelling of the kind).
+pub fn sandbox_name(target: &str) -> anyhow::Result<String> {
+    let (kind, name) = target
+        .split_once('/')
+        .with_context(|| format!("{target:?}: name the sandbox as sandbox/NAME"))?;
+    let kind: Kind = kind.parse()?;
+    if kind != Kind::Sandbox {
+        bail!("{target:?}: only sandboxes can be used this way (sandbox/NAME), not {kind}");
+    }
+    if name.is_empty() {
+        bail!("{target:?}: the name is missing (sandbox/NAME)");
+    }
+    Ok(name.to_string())
+}
+
+/// True when `arg` names a sandbox (`sandbox/x`, `sbx/x`).
+pub fn is_sandbox_ref(arg: &str) -> bool {
+    arg.split_once('/')
+        .and_then(|(k, _)| k.parse::<Kind>().ok())
+        .is_some_and(|k| k == Kind::Sandbox)
+}
+
+impl PowerArgs {
+    /// Sets `spec.state` to `state` and waits for the phase that goes with it.
+    pub fn run(self, cfg: &Config, state: SandboxState, done: &str) -> anyhow::Result<i32> {
+        let name = sandbox_name(&self.target)?;
+        let client = self.connect.client(cfg);
+        let obj = client.sandbox_state(&name, state)?;
+        let what = object_ref(Kind::Sandbox, &name);
+        if self.no_wait {
+            println!("{what} edited (spec.state: {})", state.as_str());
+            return Ok(0);
+        }
+        let want = match state {
+            SandboxState::Running => SandboxPhase::Running,
+            SandboxState::Paused => SandboxPhase::Paused,
+            SandboxState::Stopped => SandboxPhase::Stopped,
+        };
+        let generation = obj.generation();
+        let start = Instant::now();
+        loop {
+            let obj = client.get(Kind::Sandbox, &name)?;
+            if let Resource::Sandbox(sb) = &obj.resource {
+                if let Some(st) = &sb.status {
+                    let current = st.observed_generation.unwrap_or(0) >= generation;
+                    if current && st.phase == want && st.stopped_reason.is_none() {
+                        println!("{what} {done}");
+                        return Ok(0);
+                    }
+                    if current && st.phase == SandboxPhase::Failed {
+                        bail!("{what} failed; see `agentvm describe {what}`");
+                    }
+                }
+            }
+            if start.elapsed() > self.timeout {
+                bail!(
+                    "{what} is not {} after {}s; see `agentvm describe {what}`",
+                    want.as_str(),
+                    self.timeout.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// `agentvm exec sandbox/NAME -- CMD ARGS..`: runs the command in the sandbox through the
+/// controller, prints its output as it comes, and returns its exit code (128 + signal when
+/// killed, 124 at its timeout).
+pub fn exec(
+    cfg: &Config,
+    connect: &ConnectArgs,
+    name: &str,
+    request: SandboxExecRequest,
+) -> anyhow::Result<i32> {
+    let client = connect.client(cfg);
+    let events = client.sandbox_exec(name, &request)?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for event in events {
+        match event? {
+            ExecEvent::Stdout(data) => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&b64.decode(data).context("bad output from the controller")?)?;
+                out.flush()?;
+            }
+            ExecEvent::Stderr(data) => {
+                std::io::stderr()
+                    .write_all(&b64.decode(data).context("bad output from the controller")?)?;
+            }
+            ExecEvent::Exit {
+                code,
+                signal,
+                timed_out,
+            } => {
+                if timed_out {
+                    eprintln!("error: the command was killed at its timeout");
+                    return Ok(124);
+                }
+                return Ok(match (code, signal) {
+                    (Some(c), _) => c,
+                    (None, Some(s)) => 128 + s,
+                    (None, None) => 1,
+                });
+            }
+            ExecEvent::Error(e) => bail!("{e}"),
+        }
+    }
+    bail!("the controller ended the exec without saying how the command ended")
+}

@@ -1,0 +1,199 @@
+//! End to end with real VMs (`qemu:///system`, TCG): a `Sandbox` claims a warm VM from its
+//! pool (which boots a replacement) and keeps it: `agentvm exec sandbox/NAME` passes output
+//! and exit codes through; `pause` stops the vCPUs (an exec is refused until `resume`);
+//! `stop` saves memory and disk to the host's disk (no QEMU process) and `start` brings
+//! back the same files and the same running processes; a `kill -9` of the controller loses
+//! nothing; an idle sandbox is saved to disk after `idleTimeoutSeconds` of running time
+//! without activity, never while a command runs, and the next exec brings it back;
+//! deleting the sandbox destroys its VM. Fails (never skips) without libvirt or the
+//! default image.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn sandbox_yaml(name: &str, pool: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: agentvm.dev/v1alpha1\nkind: Sandbox\nmetadata: {{name: {name}}}\nspec:\n  poolRef: {pool}\n{extra}"
+    )
+}
+
+fn phase(env: &Env, name: &str) -> String {
+    env.status("sandbox", name)["phase"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn domstate(vm: &str) -> String {
+    virsh(&["domstate", vm]).1.trim().to_string()
+}
+
+/// `agentvm VERB sandbox/NAME`, timed.
+fn verb(env: &Env, verb: &str, name: &str) -> Duration {
+    let t = Instant::now();
+    let out = env.ok(&[verb, &format!("sandbox/{name}")]);
+    let took = t.elapsed();
+    assert!(out.contains(&format!("sandbox/{name}")), "{verb}: {out}");
+    eprintln!("{verb}: {:.0} ms", took.as_secs_f64() * 1000.0);
+    took
+}
+
+fn exec(env: &Env, name: &str, script: &str) -> (i32, String, String) {
+    env.code(&["exec", &format!("sandbox/{name}"), "--", "sh", "-c", script])
+}
+
+fn exec_ok(env: &Env, name: &str, script: &str) -> String {
+    let (code, out, err) = exec(env, name, script);
+    assert_eq!(code, 0, "exec {script:?}: stdout {out} stderr {err}");
+    out
+}
+
+#[test]
+fn a_sandbox_keeps_its_vm_files_and_processes_through_pause_stop_and_restarts() {
+    require_libvirt_and_image();
+    let mut env = Env::new("sbx");
+    let pid = std::process::id();
+    let pool = format!("sbx{pid}");
+    let image = format!("sbx-img-{pid}");
+    env.domain_prefix = format!("agentvm-{pool}-");
+    std::fs::write(
+        env.specs().join("pool.yaml"),
+        pool_manifest(&pool, &image, 1),
+    )
+    .unwrap();
+    env.start_controller();
+    let t = env.wait("pool Ready", Duration::from_secs(300), || {
+        env.status("pool", &pool)["phase"] == "Ready"
+    });
+    eprintln!("pool Ready after {:.1}s", t.as_secs_f64());
+    let pool_vm = vm_names(&env.status("pool", &pool))[0].clone();
+
+    // Claimed at once from the warm pool.
+    let t0 = Instant::now();
+    apply_yaml(
+        &env,
+        "dev.yaml",
+        &sandbox_yaml("dev", &pool, "  idleTimeoutSeconds: 0\n"),
+    );
+    env.wait("sandbox Running", Duration::from_secs(60), || {
+        phase(&env, "dev") == "Running"
+    });
+    eprintln!(
+        "apply -> sandbox Running from a warm pool: {:.0} ms",
+        t0.elapsed().as_secs_f64() * 1000.0
+    );
+    let st = env.status("sandbox", "dev");
+    let vm = st["vm"].as_str().unwrap().to_string();
+    assert_eq!(vm, pool_vm, "the pool's ready VM is the one claimed");
+    // It left the pool, which boots a replacement.
+    env.wait("the pool's replacement", Duration::from_secs(300), || {
+        let p = env.status("pool", &pool);
+        p["ready"] == 1 && !vm_names(&p).contains(&vm)
+    });
+
+    // Output and exit codes pass through.
+    let (code, out, err) = exec(&env, "dev", "echo hello; echo oops >&2; exit 3");
+    assert_eq!((code, out.as_str()), (3, "hello\n"), "stderr: {err}");
+    assert!(err.contains("oops"), "{err}");
+    // A file on disk and a process that outlives the exec.
+    let sleeper = exec_ok(
+        &env,
+        "dev",
+        "echo kept > /root/keep && setsid sleep 100000 </dev/null >/dev/null 2>&1 & echo $!",
+    );
+    let sleeper = sleeper.trim().to_string();
+    assert!(sleeper.parse::<u32>().is_ok(), "{sleeper}");
+    let alive = format!("cat /root/keep && tr '\\0' ' ' < /proc/{sleeper}/cmdline");
+
+    // Pause: vCPUs stopped, exec refused with the way out.
+    verb(&env, "pause", "dev");
+    assert_eq!(domstate(&vm), "paused");
+    let (code, _, err) = exec(&env, "dev", "true");
+    assert_ne!(code, 0);
+    assert!(err.contains("agentvm resume sandbox/dev"), "{err}");
+    verb(&env, "resume", "dev");
+    assert_eq!(domstate(&vm), "running");
+    assert_eq!(exec_ok(&env, "dev", &alive), "kept\nsleep 100000 ");
+
+    // Stop: saved to disk, no QEMU process; start: the same files and processes.
+    verb(&env, "stop", "dev");
+    assert_eq!(domstate(&vm), "shut off");
+    let (_, saved) = virsh(&["list", "--all", "--with-managed-save", "--name"]);
+    assert!(saved.lines().any(|l| l.trim() == vm), "{saved}");
+    verb(&env, "start", "dev");
+    assert_eq!(domstate(&vm), "running");
+    assert_eq!(exec_ok(&env, "dev", &alive), "kept\nsleep 100000 ");
+
+    // A stopped sandbox across a controller kill -9: started again where it was.
+    verb(&env, "stop", "dev");
+    env.kill_controller();
+    env.start_controller();
+    verb(&env, "start", "dev");
+    assert_eq!(env.status("sandbox", "dev")["vm"], vm.as_str());
+    assert_eq!(exec_ok(&env, "dev", &alive), "kept\nsleep 100000 ");
+
+    // get shows it.
+    let table = env.ok(&["get", "sandboxes"]);
+    assert!(
+        table.contains("dev") && table.contains("Running"),
+        "{table}"
+    );
+
+    // Deleting it destroys its VM.
+    env.ok(&["delete", "sandbox/dev"]);
+    env.wait("sandbox gone", Duration::from_secs(60), || {
+        env.get("sandbox", "dev").is_none()
+    });
+    assert!(!virsh(&["domstate", &vm]).0, "{vm} still defined");
+
+    // Idle rules on the pool's replacement VM: a running command keeps the sandbox alive
+    // past its idle timeout; once idle it is saved to disk; the next exec brings it back.
+    apply_yaml(
+        &env,
+        "idle.yaml",
+        &sandbox_yaml("idle", &pool, "  idleTimeoutSeconds: 10\n"),
+    );
+    env.wait("idle Running", Duration::from_secs(120), || {
+        phase(&env, "idle") == "Running"
+    });
+    let idle_vm = env.status("sandbox", "idle")["vm"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    exec_ok(&env, "idle", "echo on-disk > /root/note; sleep 15");
+    assert_eq!(
+        phase(&env, "idle"),
+        "Running",
+        "a running command is activity"
+    );
+    let t = env.wait("idle stop", Duration::from_secs(60), || {
+        phase(&env, "idle") == "Stopped"
+    });
+    eprintln!(
+        "idle sandbox stopped {:.1}s after its last exec",
+        t.as_secs_f64()
+    );
+    let st = env.status("sandbox", "idle");
+    assert_eq!(st["stoppedReason"], "IdleTimeout", "{st}");
+    assert_eq!(domstate(&idle_vm), "shut off");
+    let t = Instant::now();
+    assert_eq!(exec_ok(&env, "idle", "cat /root/note"), "on-disk\n");
+    eprintln!(
+        "exec into an idle-stopped sandbox (restore included): {:.0} ms",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+    assert_eq!(phase(&env, "idle"), "Running");
+    let audit = std::fs::read_to_string(env.state().join(agentvm_controller::audit::AUDIT_FILE))
+        .unwrap_or_default();
+    for event in ["vm_claimed", "sandbox_power", "sandbox_exec"] {
+        assert!(audit.contains(event), "no {event} in the audit log");
+    }
+    env.ok(&["delete", "sandbox/idle"]);
+    env.wait("idle gone", Duration::from_secs(60), || {
+        env.get("sandbox", "idle").is_none()
+    });
+    assert!(!virsh(&["domstate", &idle_vm]).0);
+}
