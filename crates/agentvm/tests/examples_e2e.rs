@@ -212,7 +212,13 @@ fn the_examples_as_a_spec_dir_become_ready_and_their_local_runs_succeed() {
         Duration::from_secs(300),
         || env.status("sandbox", "claude-session")["phase"] == "Running",
     );
-    let out = env.ok(&["exec", "sandbox/claude-session", "--", "claude", "--version"]);
+    let out = env.ok(&[
+        "exec",
+        "sandbox/claude-session",
+        "--",
+        "claude",
+        "--version",
+    ]);
     assert!(out.contains("(Claude Code)"), "in the sandbox: {out}");
 
     // No route out of the test namespace: the internet runs fail, and say why.

@@ -312,6 +312,16 @@ pub(super) async fn set_state(
         Ok(o) => o,
         Err(resp) => return resp,
     };
+    if let crate::store::Manager::SpecDir { file } = &obj.manager {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "Sandbox/{name} is declared in the spec directory (file {file}), which is its truth: set `spec.state: {}` there",
+                req.state.as_str()
+            ),
+            vec![],
+        );
+    }
     let Resource::Sandbox(mut sb) = obj.resource.clone() else {
         return error(StatusCode::INTERNAL_SERVER_ERROR, "not a sandbox", vec![]);
     };

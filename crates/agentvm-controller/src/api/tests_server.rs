@@ -44,7 +44,10 @@ fn start() -> TestServer {
         store: store.clone(),
         spec_dir: None,
         shutdown: rx.clone(),
-        sandboxes: None,
+        sandboxes: Some(super::server::SandboxAccess {
+            backend: std::sync::Arc::new(agentvm_backend::fake::FakeBackend::new()),
+            sandboxes: std::sync::Arc::new(crate::reconcilers::Sandboxes::new()),
+        }),
         audit: None,
     };
     let mut until = rx;
@@ -347,4 +350,93 @@ fn a_live_socket_is_not_stolen() {
     let stale = s.socket.with_file_name("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     assert!(bind(&stale).is_ok());
+}
+
+fn sandbox(name: &str, state: &str) -> agentvm_api::Resource {
+    agentvm_api::parse_str(
+        &format!("apiVersion: agentvm.dev/v1alpha1\nkind: Sandbox\nmetadata: {{name: {name}}}\nspec: {{poolRef: p, state: {state}}}\n"),
+        "t.yaml",
+    )
+    .unwrap()
+    .remove(0)
+    .resource
+}
+
+#[test]
+fn sandbox_verbs_check_the_request_the_state_and_who_declares_it() {
+    use agentvm_api::SandboxState;
+    let s = start();
+    let c = Client::new(&s.socket);
+    let exec = |name: &str, command: &[&str]| {
+        c.sandbox_exec(
+            name,
+            &super::SandboxExecRequest {
+                command: command.iter().map(|a| a.to_string()).collect(),
+                env: Default::default(),
+                workdir: None,
+                timeout_seconds: None,
+            },
+        )
+        .map(|_| ())
+        .unwrap_err()
+    };
+    // Unknown sandbox; an empty command.
+    let err = exec("nope", &["true"]);
+    assert_eq!(err.status(), Some(404), "{err}");
+    let err = exec("nope", &[]);
+    assert_eq!(err.status(), Some(400), "{err}");
+    assert!(err.to_string().contains("`command` is empty"), "{err}");
+    let err = c.sandbox_state("nope", SandboxState::Paused).unwrap_err();
+    assert_eq!(err.status(), Some(404), "{err}");
+
+    // Paused: exec refused with the way out; the state verb edits the spec.
+    s.store
+        .apply(
+            sandbox("a", "Paused"),
+            Manager::Api,
+            ApplyOptions::default(),
+        )
+        .unwrap();
+    let err = exec("a", &["true"]);
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(
+        err.to_string().contains("agentvm resume sandbox/a"),
+        "{err}"
+    );
+    let obj = c.sandbox_state("a", SandboxState::Stopped).unwrap();
+    assert_eq!(obj.generation(), 2);
+    match obj.resource {
+        agentvm_api::Resource::Sandbox(sb) => assert_eq!(sb.spec.state, SandboxState::Stopped),
+        other => panic!("{other:?}"),
+    }
+    let err = exec("a", &["true"]);
+    assert!(err.to_string().contains("agentvm start sandbox/a"), "{err}");
+
+    // Declared in the spec directory: the directory stays the truth.
+    s.store
+        .apply(
+            sandbox("b", "Running"),
+            Manager::SpecDir {
+                file: "b.yaml".into(),
+            },
+            ApplyOptions::default(),
+        )
+        .unwrap();
+    let err = c.sandbox_state("b", SandboxState::Paused).unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(err.to_string().contains("file b.yaml"), "{err}");
+    // Bad environment names never reach a guest.
+    let err = c
+        .sandbox_exec(
+            "b",
+            &super::SandboxExecRequest {
+                command: vec!["env".into()],
+                env: [("A=B".to_string(), "x".to_string())].into(),
+                workdir: Some("relative".into()),
+                timeout_seconds: Some(0),
+            },
+        )
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(err.status(), Some(400), "{err}");
 }
