@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// One of the six resource kinds of `agentvm.dev/v1alpha1`.
+/// One of the seven resource kinds of `agentvm.dev/v1alpha1`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Kind {
     /// A libvirt network (NAT or isolated).
@@ -18,18 +18,21 @@ pub enum Kind {
     VmPool,
     /// A long-lived VM claimed from a pool, kept until deleted.
     Sandbox,
+    /// A point-in-time copy of a sandbox's memory and disk.
+    Snapshot,
     /// One execution in a VM taken from a pool.
     AgentRun,
 }
 
 impl Kind {
     /// Every kind, in dependency order (things referenced come first).
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Network,
         Kind::NetworkFilter,
         Kind::Image,
         Kind::VmPool,
         Kind::Sandbox,
+        Kind::Snapshot,
         Kind::AgentRun,
     ];
 
@@ -41,6 +44,7 @@ impl Kind {
             Kind::Image => "Image",
             Kind::VmPool => "VmPool",
             Kind::Sandbox => "Sandbox",
+            Kind::Snapshot => "Snapshot",
             Kind::AgentRun => "AgentRun",
         }
     }
@@ -53,6 +57,7 @@ impl Kind {
             Kind::Image => "img",
             Kind::VmPool => "pool",
             Kind::Sandbox => "sbx",
+            Kind::Snapshot => "snap",
             Kind::AgentRun => "run",
         }
     }
@@ -65,6 +70,7 @@ impl Kind {
             Kind::Image => "images",
             Kind::VmPool => "vmpools",
             Kind::Sandbox => "sandboxes",
+            Kind::Snapshot => "snapshots",
             Kind::AgentRun => "agentruns",
         }
     }
@@ -86,6 +92,7 @@ impl Kind {
             Kind::Image => &["image", "images", "img", "imgs"],
             Kind::VmPool => &["vmpool", "vmpools", "pool", "pools"],
             Kind::Sandbox => &["sandbox", "sandboxes", "sbx", "sbxs"],
+            Kind::Snapshot => &["snapshot", "snapshots", "snap", "snaps"],
             Kind::AgentRun => &["agentrun", "agentruns", "run", "runs"],
         }
     }
@@ -116,7 +123,7 @@ pub struct UnknownKind {
     pub suggestion: Option<Kind>,
 }
 
-/// `Network, NetworkFilter, Image, VmPool, Sandbox, AgentRun`
+/// `Network, NetworkFilter, Image, VmPool, Sandbox, Snapshot, AgentRun`
 pub(crate) fn valid_kinds() -> String {
     Kind::ALL.map(|k| k.as_str()).join(", ")
 }
@@ -252,7 +259,7 @@ mod tests {
         let err = "VMPol".parse::<Kind>().unwrap_err();
         assert_eq!(
             err.to_string(),
-            "unknown kind `VMPol` (did you mean `VmPool`?); valid kinds: Network, NetworkFilter, Image, VmPool, Sandbox, AgentRun"
+            "unknown kind `VMPol` (did you mean `VmPool`?); valid kinds: Network, NetworkFilter, Image, VmPool, Sandbox, Snapshot, AgentRun"
         );
         let err = "Pod".parse::<Kind>().unwrap_err();
         assert_eq!(err.suggestion, None);

@@ -43,8 +43,10 @@ pub use kinds::network_filter::{
     NetworkFilterPhase, NetworkFilterSpec, NetworkFilterStatus, Protocol, MAX_WILDCARD_HEAD,
 };
 pub use kinds::sandbox::{
-    Sandbox, SandboxPhase, SandboxSpec, SandboxState, SandboxStatus, ShutdownPolicy,
+    Rollback, RollbackStatus, Sandbox, SandboxPhase, SandboxSpec, SandboxState, SandboxStatus,
+    ShutdownPolicy,
 };
+pub use kinds::snapshot::{Snapshot, SnapshotPhase, SnapshotSpec, SnapshotStatus};
 pub use kinds::vm_pool::{
     AnomalyDetection, AnomalyPolicy, IoLimits, NetworkAttachment, PoolEvent, PoolNetwork,
     PoolNetworkMode, Profile, ResolvedResources, ResourceStatus, Resources, VmPool, VmPoolPhase,

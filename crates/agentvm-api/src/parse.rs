@@ -692,6 +692,7 @@ fn parse_document(
         Kind::Image => serde_yaml::from_str(text).map(Resource::Image),
         Kind::VmPool => serde_yaml::from_str(text).map(Resource::VmPool),
         Kind::Sandbox => serde_yaml::from_str(text).map(Resource::Sandbox),
+        Kind::Snapshot => serde_yaml::from_str(text).map(Resource::Snapshot),
         Kind::AgentRun => serde_yaml::from_str(text).map(Resource::AgentRun),
     };
     let mut resource = decoded.map_err(|e| {

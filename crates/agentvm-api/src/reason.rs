@@ -175,6 +175,19 @@ reasons! {
     IdleTimeout,
     /// The sandbox reached its `shutdownTime`.
     ShutdownTime,
+    // Snapshot.
+    /// The snapshot is taken.
+    Taken,
+    /// The snapshot's sandbox does not exist.
+    SandboxNotFound,
+    /// The snapshot waits for its sandbox to run.
+    WaitingForSandbox,
+    /// The sandbox has `maxSnapshots` snapshots already.
+    SnapshotLimit,
+    /// The snapshot is gone from its VM.
+    SnapshotLost,
+    /// A rollback was refused.
+    RollbackRefused,
 }
 
 impl std::fmt::Display for Reason {

@@ -12,6 +12,7 @@ use crate::kinds::image::Image;
 use crate::kinds::network::Network;
 use crate::kinds::network_filter::NetworkFilter;
 use crate::kinds::sandbox::Sandbox;
+use crate::kinds::snapshot::Snapshot;
 use crate::kinds::vm_pool::VmPool;
 use crate::{Kind, ObjectMeta, API_VERSION};
 
@@ -56,6 +57,8 @@ pub enum Resource {
     VmPool(VmPool),
     /// A [`Sandbox`].
     Sandbox(Sandbox),
+    /// A [`Snapshot`].
+    Snapshot(Snapshot),
     /// An [`AgentRun`].
     AgentRun(AgentRun),
 }
@@ -68,6 +71,7 @@ macro_rules! each_kind {
             Resource::Image($obj) => $body,
             Resource::VmPool($obj) => $body,
             Resource::Sandbox($obj) => $body,
+            Resource::Snapshot($obj) => $body,
             Resource::AgentRun($obj) => $body,
         }
     };
@@ -82,6 +86,7 @@ impl Resource {
             Resource::Image(_) => Kind::Image,
             Resource::VmPool(_) => Kind::VmPool,
             Resource::Sandbox(_) => Kind::Sandbox,
+            Resource::Snapshot(_) => Kind::Snapshot,
             Resource::AgentRun(_) => Kind::AgentRun,
         }
     }
@@ -166,6 +171,7 @@ impl<'de> Deserialize<'de> for Resource {
             Kind::Image => serde_json::from_value(value).map(Resource::Image),
             Kind::VmPool => serde_json::from_value(value).map(Resource::VmPool),
             Kind::Sandbox => serde_json::from_value(value).map(Resource::Sandbox),
+            Kind::Snapshot => serde_json::from_value(value).map(Resource::Snapshot),
             Kind::AgentRun => serde_json::from_value(value).map(Resource::AgentRun),
         };
         result.map_err(D::Error::custom)
@@ -184,6 +190,7 @@ impl JsonSchema for Resource {
             ("Image", generator.subschema_for::<Image>()),
             ("VmPool", generator.subschema_for::<VmPool>()),
             ("Sandbox", generator.subschema_for::<Sandbox>()),
+            ("Snapshot", generator.subschema_for::<Snapshot>()),
             ("AgentRun", generator.subschema_for::<AgentRun>()),
         ];
         let branches: Vec<serde_json::Value> = refs
@@ -201,7 +208,7 @@ impl JsonSchema for Resource {
             "required": ["apiVersion", "kind", "metadata", "spec"],
             "properties": {
                 "apiVersion": { "const": API_VERSION },
-                "kind": { "enum": ["Network", "NetworkFilter", "Image", "VmPool", "Sandbox", "AgentRun"] }
+                "kind": { "enum": ["Network", "NetworkFilter", "Image", "VmPool", "Sandbox", "Snapshot", "AgentRun"] }
             },
             "allOf": branches
         })

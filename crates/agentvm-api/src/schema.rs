@@ -3,7 +3,7 @@
 use schemars::generate::SchemaSettings;
 use schemars::JsonSchema;
 
-use crate::{AgentRun, Image, Kind, Network, NetworkFilter, Resource, Sandbox, VmPool};
+use crate::{AgentRun, Image, Kind, Network, NetworkFilter, Resource, Sandbox, Snapshot, VmPool};
 
 /// File name of the schema accepting any kind (for multi-kind files).
 pub const ALL_KINDS_SCHEMA_FILE: &str = "agentvm.schema.json";
@@ -23,6 +23,7 @@ pub fn schema_for_kind(kind: Kind) -> serde_json::Value {
         Kind::Image => generate::<Image>(),
         Kind::VmPool => generate::<VmPool>(),
         Kind::Sandbox => generate::<Sandbox>(),
+        Kind::Snapshot => generate::<Snapshot>(),
         Kind::AgentRun => generate::<AgentRun>(),
     }
 }

@@ -169,6 +169,9 @@ pub fn validate(resource: &Resource) -> Result<(), ValidationErrors> {
         Resource::Image(o) => v.image(&spec, &o.spec),
         Resource::VmPool(o) => v.vm_pool(&spec, &o.spec),
         Resource::Sandbox(o) => v.sandbox(&spec, &o.spec),
+        Resource::Snapshot(o) => {
+            v.dns_label(&spec.key("sandboxRef"), &o.spec.sandbox_ref, "Sandbox name")
+        }
         Resource::AgentRun(o) => v.agent_run(&spec, &o.spec),
     }
     if v.errors.is_empty() {
@@ -970,6 +973,22 @@ impl Validator {
                 range,
                 "; leave it out for no limit",
             );
+        }
+        self.range(
+            path.key("maxSnapshots"),
+            spec.max_snapshots,
+            sandbox::MAX_SNAPSHOTS_RANGE,
+            "",
+        );
+        if let Some(r) = &spec.rollback {
+            let rp = path.key("rollback");
+            self.dns_label(&rp.key("snapshot"), &r.snapshot, "Snapshot name");
+            if !is_rfc3339(&r.requested_at) {
+                self.error(
+                    rp.key("requestedAt"),
+                    format!("{} is not an RFC 3339 time", show(&r.requested_at)),
+                );
+            }
         }
         if let Some(t) = &spec.shutdown_time {
             if !is_rfc3339(t) {

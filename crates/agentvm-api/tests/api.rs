@@ -492,7 +492,7 @@ fn errors_from_several_documents_are_all_reported() {
     assert_eq!(errors.0[0].field_path().as_deref(), Some("metadata.name"));
     assert_eq!(
         errors.0[1].to_string(),
-        "x.yaml:8:1: kind: unknown kind `Imag` (did you mean `Image`?); valid kinds: Network, NetworkFilter, Image, VmPool, Sandbox, AgentRun"
+        "x.yaml:8:1: kind: unknown kind `Imag` (did you mean `Image`?); valid kinds: Network, NetworkFilter, Image, VmPool, Sandbox, Snapshot, AgentRun"
     );
 }
 

@@ -88,6 +88,15 @@ pub struct PoolVmRequest {
     pub disk_gib: Option<u64>,
 }
 
+/// What taking a snapshot cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SnapshotTaken {
+    /// How long the guest was stopped for it.
+    pub pause: Duration,
+    /// Bytes of memory and device state it holds, when known.
+    pub memory_bytes: Option<u64>,
+}
+
 /// Timings of a pool VM's creation.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PoolVmReport {
@@ -143,6 +152,17 @@ pub trait Backend: Send + Sync {
     /// saved one; then its clock is set), [`PowerState::Paused`] (stop its vCPUs, memory kept)
     /// or [`PowerState::Saved`] (memory and devices saved to disk, QEMU ended). Idempotent.
     fn set_vm_power(&self, name: &str, to: PowerState) -> Result<()>;
+    /// Takes snapshot `snapshot` (a DNS label) of running or paused owned VM `name`: memory,
+    /// device state and disk, in one step while the guest is stopped.
+    fn snapshot_vm(&self, name: &str, snapshot: &str) -> Result<SnapshotTaken>;
+    /// Brings running or paused owned VM `name` back to its snapshot `snapshot` (its clock is
+    /// set afterwards when it runs).
+    fn rollback_vm(&self, name: &str, snapshot: &str) -> Result<()>;
+    /// Deletes snapshot `snapshot` of owned VM `name`, freeing its space; succeeds when it
+    /// does not exist.
+    fn delete_vm_snapshot(&self, name: &str, snapshot: &str) -> Result<()>;
+    /// The snapshots of owned VM `name`, sorted.
+    fn vm_snapshots(&self, name: &str) -> Result<Vec<String>>;
     /// The name of the reset strategy [`Backend::reset_vm`] uses (a metric label).
     fn reset_strategy(&self) -> &'static str {
         "golden"
@@ -494,6 +514,42 @@ impl Backend for LibvirtBackend {
 
     fn vm_power(&self, name: &str) -> Result<PowerState> {
         self.lv()?.power_state(name)
+    }
+
+    fn snapshot_vm(&self, name: &str, snapshot: &str) -> Result<SnapshotTaken> {
+        let pause = self.lv()?.create_named_snapshot(name, snapshot)?;
+        let tag = crate::snapshots::snapshot_tag(snapshot);
+        // Best effort: the size is for the status, the snapshot is taken either way.
+        let memory_bytes = crate::vm::qemu_img_info(&self.files(name).disk())
+            .ok()
+            .and_then(|info| {
+                info["snapshots"]
+                    .as_array()?
+                    .iter()
+                    .find(|s| s["name"] == tag.as_str())?["vm-state-size"]
+                    .as_u64()
+            });
+        Ok(SnapshotTaken {
+            pause,
+            memory_bytes,
+        })
+    }
+
+    fn rollback_vm(&self, name: &str, snapshot: &str) -> Result<()> {
+        let lv = self.lv()?;
+        lv.revert_named_snapshot(name, snapshot)?;
+        if lv.power_state(name)? == PowerState::Running {
+            self.refresh_after_wake(&lv, name)?;
+        }
+        Ok(())
+    }
+
+    fn delete_vm_snapshot(&self, name: &str, snapshot: &str) -> Result<()> {
+        self.lv()?.delete_named_snapshot(name, snapshot)
+    }
+
+    fn vm_snapshots(&self, name: &str) -> Result<Vec<String>> {
+        self.lv()?.named_snapshots(name)
     }
 
     fn set_vm_power(&self, name: &str, to: PowerState) -> Result<()> {

@@ -46,6 +46,12 @@ pub enum Op {
     VmPower,
     /// [`Backend::set_vm_power`].
     SetVmPower,
+    /// [`Backend::snapshot_vm`].
+    SnapshotVm,
+    /// [`Backend::rollback_vm`].
+    RollbackVm,
+    /// [`Backend::delete_vm_snapshot`].
+    DeleteVmSnapshot,
 }
 
 /// One recorded call: the operation and the object name it acted on (empty for lists).
@@ -114,6 +120,10 @@ struct State {
     pool_vm_requests: Vec<PoolVmRequest>,
     /// Paused or saved domains (absent: as their `state` says).
     power: BTreeMap<String, PowerState>,
+    /// Named snapshots by domain.
+    snapshots: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// Rollbacks by domain, in order.
+    rollbacks: Vec<(String, String)>,
 }
 
 /// Answers [`Backend::vm_stats`] for a VM name.
@@ -131,6 +141,15 @@ pub struct FakeBackend {
 }
 
 impl FakeBackend {
+    /// Rollbacks done, as (domain, snapshot), in order.
+    pub fn rollbacks(&self) -> Vec<(String, String)> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .rollbacks
+            .clone()
+    }
+
     fn power_of(s: &State, name: &str) -> Result<PowerState> {
         match s.domains.get(name) {
             None => Err(BackendError::NotFound {
@@ -561,6 +580,57 @@ impl Backend for FakeBackend {
     fn vm_power(&self, name: &str) -> Result<PowerState> {
         let s = self.enter(Op::VmPower, name)?;
         Self::power_of(&s, name)
+    }
+
+    fn snapshot_vm(&self, name: &str, snapshot: &str) -> Result<crate::backend::SnapshotTaken> {
+        let mut s = self.enter(Op::SnapshotVm, name)?;
+        match Self::power_of(&s, name)? {
+            PowerState::Running | PowerState::Paused => {}
+            _ => {
+                return Err(BackendError::VmNotRunning {
+                    vm: name.to_string(),
+                })
+            }
+        }
+        s.snapshots
+            .entry(name.to_string())
+            .or_default()
+            .insert(snapshot.to_string());
+        Ok(crate::backend::SnapshotTaken {
+            pause: Duration::from_millis(1),
+            memory_bytes: Some(1 << 20),
+        })
+    }
+
+    fn rollback_vm(&self, name: &str, snapshot: &str) -> Result<()> {
+        let mut s = self.enter(Op::RollbackVm, name)?;
+        Self::power_of(&s, name)?;
+        if !s.snapshots.get(name).is_some_and(|v| v.contains(snapshot)) {
+            return Err(BackendError::NotFound {
+                kind: "snapshot",
+                name: snapshot.to_string(),
+            });
+        }
+        s.rollbacks.push((name.to_string(), snapshot.to_string()));
+        Ok(())
+    }
+
+    fn delete_vm_snapshot(&self, name: &str, snapshot: &str) -> Result<()> {
+        let mut s = self.enter(Op::DeleteVmSnapshot, name)?;
+        Self::power_of(&s, name)?;
+        if let Some(v) = s.snapshots.get_mut(name) {
+            v.remove(snapshot);
+        }
+        Ok(())
+    }
+
+    fn vm_snapshots(&self, name: &str) -> Result<Vec<String>> {
+        let s = self.enter(Op::VmPower, name)?;
+        Self::power_of(&s, name)?;
+        Ok(s.snapshots
+            .get(name)
+            .map(|v| v.iter().cloned().collect())
+            .unwrap_or_default())
     }
 
     fn set_vm_power(&self, name: &str, to: PowerState) -> Result<()> {

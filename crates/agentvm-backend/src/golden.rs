@@ -318,28 +318,7 @@ impl Libvirt {
         // The guest's agentvm-guest goes back to the golden moment with it: sync anew.
         crate::agent_conn::forget(name);
         match strategy {
-            ResetStrategy::SnapshotLoadvm => {
-                // HMP `loadvm` stops the vCPUs, loads memory, device state and every disk's
-                // internal snapshot, and resumes: all inside the running QEMU process.
-                let out = dom
-                    .qemu_monitor_command(
-                        &format!("loadvm {GOLDEN_SNAPSHOT}"),
-                        sys::VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP,
-                    )
-                    .map_err(|e| BackendError::from_virt(e, "domain", name))?;
-                if !out.trim().is_empty() {
-                    return Err(BackendError::Command {
-                        command: format!("loadvm {GOLDEN_SNAPSHOT} (QEMU monitor of {name})"),
-                        message: out.trim().to_string(),
-                    });
-                }
-                if !dom.is_active().unwrap_or(false) {
-                    return Err(BackendError::Command {
-                        command: format!("loadvm {GOLDEN_SNAPSHOT} (QEMU monitor of {name})"),
-                        message: "the domain is no longer running".into(),
-                    });
-                }
-            }
+            ResetStrategy::SnapshotLoadvm => loadvm(&dom, name, GOLDEN_SNAPSHOT)?,
             ResetStrategy::SnapshotRevert => {
                 let snap = Domain::lookup_snapshot_by_name(&dom, GOLDEN_SNAPSHOT, 0)
                     .map_err(|e| BackendError::from_virt(e, "snapshot", GOLDEN_SNAPSHOT))?;
@@ -390,6 +369,32 @@ impl Libvirt {
         // `Backend::list_vms`, so a later pass finds it and removes both.
         files.remove()
     }
+}
+
+/// Loads internal snapshot `snapshot` into the running QEMU of domain `name` with HMP
+/// `loadvm`, which stops the vCPUs, loads memory, device state and every disk's internal
+/// snapshot, and lets the vCPUs run again if they ran before: all inside the QEMU process.
+pub(crate) fn loadvm(dom: &Domain, name: &str, snapshot: &str) -> Result<()> {
+    let out = dom
+        .qemu_monitor_command(
+            &format!("loadvm {snapshot}"),
+            sys::VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP,
+        )
+        .map_err(|e| BackendError::from_virt(e, "domain", name))?;
+    let command = || format!("loadvm {snapshot} (QEMU monitor of {name})");
+    if !out.trim().is_empty() {
+        return Err(BackendError::Command {
+            command: command(),
+            message: out.trim().to_string(),
+        });
+    }
+    if !dom.is_active().unwrap_or(false) {
+        return Err(BackendError::Command {
+            command: command(),
+            message: "the domain is no longer running".into(),
+        });
+    }
+    Ok(())
 }
 
 /// Bytes of host randomness written into the guest's kernel RNG after every reset and park.

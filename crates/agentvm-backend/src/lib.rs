@@ -17,6 +17,7 @@ pub mod libvirt_net;
 pub mod limits;
 pub mod netxml;
 pub mod reconnect;
+pub mod snapshots;
 pub mod stats;
 pub mod vm;
 pub mod xml;

@@ -163,9 +163,8 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
 /// Bytes in a GiB.
 pub const GIB: u64 = 1 << 30;
 
-/// The virtual size of the disk image `image` in bytes (`qemu-img info`): the disk a guest
-/// booted from it sees.
-pub fn disk_virtual_size(image: &Path) -> Result<u64> {
+/// `qemu-img info --output=json -U` of `image` (readable while a VM uses it).
+pub fn qemu_img_info(image: &Path) -> Result<serde_json::Value> {
     let out = Command::new("qemu-img")
         .args(["info", "--output=json", "-U"])
         .arg(image)
@@ -182,11 +181,19 @@ pub fn disk_virtual_size(image: &Path) -> Result<u64> {
             ),
         });
     }
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .ok()
-        .and_then(|v| v["virtual-size"].as_u64())
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).map_err(|e| BackendError::Protocol {
+        what: command(),
+        message: format!("its output is not JSON: {e}"),
+    })
+}
+
+/// The virtual size of the disk image `image` in bytes (`qemu-img info`): the disk a guest
+/// booted from it sees.
+pub fn disk_virtual_size(image: &Path) -> Result<u64> {
+    qemu_img_info(image)?["virtual-size"]
+        .as_u64()
         .ok_or_else(|| BackendError::Protocol {
-            what: command(),
+            what: format!("qemu-img info {}", image.display()),
             message: "no virtual-size in its output".into(),
         })
 }

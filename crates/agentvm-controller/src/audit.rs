@@ -71,6 +71,10 @@ pub enum AuditEventType {
     SandboxPower,
     /// A command was run in a sandbox (`details.command`, `exitCode`).
     SandboxExec,
+    /// A snapshot of a sandbox was taken (`details.sandbox`, `memoryBytes`, `pauseMs`).
+    SnapshotTaken,
+    /// A sandbox was rolled back to a snapshot, or the rollback refused (`details`).
+    SandboxRollback,
 }
 
 impl AuditEventType {
@@ -90,6 +94,8 @@ impl AuditEventType {
             AuditEventType::VmClaimed => "vm_claimed",
             AuditEventType::SandboxPower => "sandbox_power",
             AuditEventType::SandboxExec => "sandbox_exec",
+            AuditEventType::SnapshotTaken => "snapshot_taken",
+            AuditEventType::SandboxRollback => "sandbox_rollback",
         }
     }
 }

@@ -963,6 +963,7 @@ impl Store {
             Kind::Image => typed::<agentvm_api::ImageStatus>(self, name, status),
             Kind::VmPool => typed::<agentvm_api::VmPoolStatus>(self, name, status),
             Kind::Sandbox => typed::<agentvm_api::SandboxStatus>(self, name, status),
+            Kind::Snapshot => typed::<agentvm_api::SnapshotStatus>(self, name, status),
             Kind::AgentRun => typed::<agentvm_api::AgentRunStatus>(self, name, status),
         }
     }

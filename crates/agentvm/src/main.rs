@@ -9,11 +9,11 @@ use clap::{CommandFactory, Parser, Subcommand};
 const LONG_ABOUT: &str =
     "Run CLI coding agents and untrusted code inside KVM/libvirt virtual machines.
 
-Objects (Network, NetworkFilter, Image, VmPool, Sandbox, AgentRun) are declared in YAML manifests and \
+Objects (Network, NetworkFilter, Image, VmPool, Sandbox, Snapshot, AgentRun) are declared in YAML manifests and \
 managed by `agentvm controller`, the Kubernetes way: `apply` them, `get`, `describe`, `wait` \
 for them, `diff` a changed manifest, read a run's `logs`, `delete` them. Kinds have short \
-names: net, nwf, img, pool, sbx, run. A Sandbox is a VM that is kept: `exec` into it, `pause`, \
-`resume`, `stop` and `start` it.";
+names: net, nwf, img, pool, sbx, snap, run. A Sandbox is a VM that is kept: `exec` into it, \
+`pause`, `resume`, `stop` and `start` it, `snapshot` it and `rollback` to a snapshot.";
 
 const AFTER_LONG_HELP: &str = "Exit status:
   0  success (`diff`: no differences)
@@ -78,6 +78,10 @@ enum Command {
     Stop(cmd::sandbox::PowerArgs),
     /// Start a stopped sandbox where it was, running programs included (spec.state: Running).
     Start(cmd::sandbox::PowerArgs),
+    /// Take a snapshot (memory and disk) of a sandbox: creates a Snapshot object.
+    Snapshot(cmd::sandbox::SnapshotArgs),
+    /// Roll a sandbox back to one of its snapshots (sets spec.rollback).
+    Rollback(cmd::sandbox::RollbackArgs),
     /// Print an AgentRun's output; `-f` follows it until the run ends.
     Logs(cmd::logs::LogsArgs),
     /// Wait until objects meet a condition, reach a phase or are deleted.
@@ -134,6 +138,8 @@ fn main() {
             Command::Resume(a) => a.run(&cfg, SandboxState::Running, "resumed"),
             Command::Stop(a) => a.run(&cfg, SandboxState::Stopped, "stopped"),
             Command::Start(a) => a.run(&cfg, SandboxState::Running, "started"),
+            Command::Snapshot(a) => a.run(&cfg),
+            Command::Rollback(a) => a.run(&cfg),
             Command::Wait(a) => a.run(&cfg),
             Command::Version(a) => a.run(&cfg),
             Command::Schema(a) => a.run(),

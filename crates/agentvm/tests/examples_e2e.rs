@@ -220,6 +220,11 @@ fn the_examples_as_a_spec_dir_become_ready_and_their_local_runs_succeed() {
         "--version",
     ]);
     assert!(out.contains("(Claude Code)"), "in the sandbox: {out}");
+    env.wait(
+        "snapshot/claude-session-fresh Ready",
+        Duration::from_secs(120),
+        || env.status("snapshot", "claude-session-fresh")["phase"] == "Ready",
+    );
 
     // No route out of the test namespace: the internet runs fail, and say why.
     let egress = env.status("agentrun", "egress-check");

@@ -23,6 +23,8 @@ const SUBCOMMANDS: &[&str] = &[
     "resume",
     "stop",
     "start",
+    "snapshot",
+    "rollback",
     "logs",
     "wait",
     "schema",

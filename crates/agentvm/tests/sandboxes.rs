@@ -5,7 +5,9 @@
 //! back the same files and the same running processes; a `kill -9` of the controller loses
 //! nothing; an idle sandbox is saved to disk after `idleTimeoutSeconds` of running time
 //! without activity, never while a command runs, and the next exec brings it back;
-//! deleting the sandbox destroys its VM. Fails (never skips) without libvirt or the
+//! a snapshot (memory and disk) taken before a risky step brings files and processes back
+//! on `rollback`, with the guest clock set to the host's; a snapshot of a stopped sandbox
+//! waits until it runs; deleting the sandbox destroys its VM and its snapshots. Fails (never skips) without libvirt or the
 //! default image.
 
 mod common;
@@ -135,6 +137,43 @@ fn a_sandbox_keeps_its_vm_files_and_processes_through_pause_stop_and_restarts() 
     assert_eq!(env.status("sandbox", "dev")["vm"], vm.as_str());
     assert_eq!(exec_ok(&env, "dev", &alive), "kept\nsleep 100000 ");
 
+    // Snapshot before a risky step; the step; roll back: files and processes are back.
+    let t = Instant::now();
+    let out = env.ok(&["snapshot", "sandbox/dev", "--name", "before"]);
+    eprintln!(
+        "snapshot: {:.0} ms ({})",
+        t.elapsed().as_secs_f64() * 1000.0,
+        out.trim()
+    );
+    let snap = env.status("snapshot", "before");
+    assert_eq!(snap["phase"], "Ready", "{snap}");
+    assert!(snap["memoryBytes"].as_u64().unwrap() > 1 << 20, "{snap}");
+    exec_ok(
+        &env,
+        "dev",
+        &format!("rm /root/keep; kill {sleeper}; echo risky > /root/risky"),
+    );
+    assert_ne!(exec(&env, "dev", &alive).0, 0);
+    let t = Instant::now();
+    env.ok(&["rollback", "sandbox/dev", "--to", "snapshot/before"]);
+    eprintln!("rollback: {:.0} ms", t.elapsed().as_secs_f64() * 1000.0);
+    assert_eq!(exec_ok(&env, "dev", &alive), "kept\nsleep 100000 ");
+    assert_eq!(exec(&env, "dev", "test -e /root/risky").0, 1);
+    // The guest clock is the host's again, not the snapshot's.
+    let guest_now: u64 = exec_ok(&env, "dev", "date +%s").trim().parse().unwrap();
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        host_now.abs_diff(guest_now) <= 2,
+        "guest {guest_now}, host {host_now}"
+    );
+    assert_eq!(
+        env.status("sandbox", "dev")["snapshots"],
+        serde_json::json!(["before"])
+    );
+
     // get shows it.
     let table = env.ok(&["get", "sandboxes"]);
     assert!(
@@ -142,8 +181,11 @@ fn a_sandbox_keeps_its_vm_files_and_processes_through_pause_stop_and_restarts() 
         "{table}"
     );
 
-    // Deleting it destroys its VM.
+    // Deleting it destroys its VM, and its snapshots go with it.
     env.ok(&["delete", "sandbox/dev"]);
+    env.wait("snapshot gone", Duration::from_secs(60), || {
+        env.get("snapshot", "before").is_none()
+    });
     env.wait("sandbox gone", Duration::from_secs(60), || {
         env.get("sandbox", "dev").is_none()
     });
@@ -178,6 +220,15 @@ fn a_sandbox_keeps_its_vm_files_and_processes_through_pause_stop_and_restarts() 
     );
     let st = env.status("sandbox", "idle");
     assert_eq!(st["stoppedReason"], "IdleTimeout", "{st}");
+    // A snapshot of a stopped sandbox waits for it to run; a rollback to a snapshot that
+    // does not exist is refused.
+    apply_yaml(
+        &env,
+        "idle-snap.yaml",
+        "apiVersion: agentvm.dev/v1alpha1\nkind: Snapshot\nmetadata: {name: idle-snap}\nspec: {sandboxRef: idle}\n",
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(env.status("snapshot", "idle-snap")["phase"], "Pending");
     assert_eq!(domstate(&idle_vm), "shut off");
     let t = Instant::now();
     assert_eq!(exec_ok(&env, "idle", "cat /root/note"), "on-disk\n");
@@ -186,9 +237,20 @@ fn a_sandbox_keeps_its_vm_files_and_processes_through_pause_stop_and_restarts() 
         t.elapsed().as_secs_f64() * 1000.0
     );
     assert_eq!(phase(&env, "idle"), "Running");
+    env.wait("the waiting snapshot", Duration::from_secs(60), || {
+        env.status("snapshot", "idle-snap")["phase"] == "Ready"
+    });
+    let err = env.fails(&["rollback", "sandbox/idle", "--to", "snapshot/nope"]);
+    assert!(err.contains("Snapshot/nope not found"), "{err}");
     let audit = std::fs::read_to_string(env.state().join(agentvm_controller::audit::AUDIT_FILE))
         .unwrap_or_default();
-    for event in ["vm_claimed", "sandbox_power", "sandbox_exec"] {
+    for event in [
+        "vm_claimed",
+        "sandbox_power",
+        "sandbox_exec",
+        "snapshot_taken",
+        "sandbox_rollback",
+    ] {
         assert!(audit.contains(event), "no {event} in the audit log");
     }
     env.ok(&["delete", "sandbox/idle"]);

@@ -1,10 +1,11 @@
-//! The six resource kinds: their objects, specs and statuses.
+//! The seven resource kinds: their objects, specs and statuses.
 
 pub mod agent_run;
 pub mod image;
 pub mod network;
 pub mod network_filter;
 pub mod sandbox;
+pub mod snapshot;
 pub mod vm_pool;
 
 pub(crate) fn default_true() -> bool {

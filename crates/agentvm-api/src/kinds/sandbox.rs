@@ -68,6 +68,50 @@ pub struct SandboxSpec {
     /// its VM are deleted).
     #[serde(default)]
     pub shutdown_policy: ShutdownPolicy,
+    /// Roll the sandbox back to one of its `Snapshot`s (memory and disk):
+    /// set by `agentvm rollback`. Each value is acted on once; a new
+    /// `requestedAt` asks again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<Rollback>,
+    /// Most `Snapshot`s the sandbox may have at once (1 to 100); a snapshot
+    /// beyond it fails with reason `SnapshotLimit`. Default 10.
+    #[serde(default = "default_max_snapshots")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_snapshots: u32,
+}
+
+/// Default `maxSnapshots`.
+pub const DEFAULT_MAX_SNAPSHOTS: u32 = 10;
+/// Bounds of `maxSnapshots`.
+pub const MAX_SNAPSHOTS_RANGE: (u32, u32) = (1, 100);
+
+fn default_max_snapshots() -> u32 {
+    DEFAULT_MAX_SNAPSHOTS
+}
+
+/// A request to roll a sandbox back to a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rollback {
+    /// Name of a `Snapshot` of this sandbox.
+    pub snapshot: String,
+    /// When it was asked for (RFC 3339); tells two rollbacks to the same
+    /// snapshot apart.
+    pub requested_at: String,
+}
+
+/// What became of the last rollback request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RollbackStatus {
+    /// The request.
+    #[serde(flatten)]
+    pub request: Rollback,
+    /// True when the sandbox was rolled back; false when it was refused.
+    pub done: bool,
+    /// Why it was refused, or how long it took.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }
 
 /// Desired power state of a sandbox.
@@ -174,4 +218,10 @@ pub struct SandboxStatus {
     /// (`IdleTimeout`), or ended (`TtlExpired`, `ShutdownTime`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopped_reason: Option<String>,
+    /// The snapshots its VM holds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<String>,
+    /// The last rollback request and what became of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rollback: Option<RollbackStatus>,
 }

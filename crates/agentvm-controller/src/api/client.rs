@@ -564,6 +564,21 @@ impl Client {
         self.call("POST", &path, Some(&body))
     }
 
+    /// `POST /v1/sandboxes/{name}/rollback`: asks for the sandbox to be rolled back to
+    /// `snapshot`.
+    pub fn sandbox_rollback(
+        &self,
+        sandbox: &str,
+        snapshot: &str,
+    ) -> Result<StoredObject, ClientError> {
+        let body = serde_json::to_vec(&super::SandboxRollbackRequest {
+            snapshot: snapshot.to_string(),
+        })
+        .map_err(|e| self.protocol(e.to_string()))?;
+        let path = format!("/v1/sandboxes/{}/rollback", encode(sandbox));
+        self.call("POST", &path, Some(&body))
+    }
+
     /// `GET /v1/specdir/errors`: `None` when the controller watches no directory.
     pub fn spec_dir(&self) -> Result<Option<SpecDirState>, ClientError> {
         Ok(self

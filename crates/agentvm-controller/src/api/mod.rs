@@ -13,6 +13,7 @@
 //! | `GET /v1/runs/{name}/logs?offset=N&follow=true` | the run's output (stdout and stderr interleaved), chunked; `follow` streams until the run ends |
 //! | `GET /v1/specdir/errors` | [`SpecDirResponse`] |
 //! | `POST /v1/sandboxes/{name}/exec` | [`SandboxExecRequest`] → newline-delimited [`ExecEvent`]s (output as it comes, then the exit); 409 when the sandbox is not wanted running |
+//! | `POST /v1/sandboxes/{name}/rollback` | [`SandboxRollbackRequest`] → the `StoredObject` with `spec.rollback` set; 404 without the snapshot, 409 when it is not a ready snapshot of this sandbox |
 //! | `POST /v1/sandboxes/{name}/state` | [`SandboxStateRequest`] → the `StoredObject` with `spec.state` changed (and an idle-stopped sandbox woken for `Running`) |
 //!
 //! `{kind}` accepts every spelling of a kind (`VmPool`, `vmpools`, `pool`). Errors are
@@ -319,4 +320,12 @@ pub enum ExecEvent {
 pub struct SandboxStateRequest {
     /// The desired power state.
     pub state: agentvm_api::SandboxState,
+}
+
+/// `POST /v1/sandboxes/{name}/rollback`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SandboxRollbackRequest {
+    /// Name of a ready `Snapshot` of the sandbox.
+    pub snapshot: String,
 }

@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use agentvm_api::{Kind, Resource, SandboxPhase, SandboxState};
+use agentvm_api::{Kind, Resource, Rollback, SandboxPhase, SandboxState, SnapshotPhase};
 use agentvm_backend::guest::{ExecRequest, Guest, Stream};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path as UrlPath, State};
@@ -21,7 +21,10 @@ use axum::{Extension, Json};
 use base64::Engine;
 
 use super::server::{blocking, caller_of, error, ApiState, SandboxAccess};
-use super::{ExecEvent, SandboxExecRequest, SandboxStateRequest, MAX_SANDBOX_EXEC_SECONDS};
+use super::{
+    ExecEvent, SandboxExecRequest, SandboxRollbackRequest, SandboxStateRequest,
+    MAX_SANDBOX_EXEC_SECONDS,
+};
 use crate::audit::{AuditEvent, AuditEventType};
 use crate::caller::Caller;
 use crate::store::{ApplyItem, StoredObject};
@@ -297,6 +300,59 @@ fn request_line(r: &ExecRequest) -> Vec<String> {
         .collect()
 }
 
+/// Applies `edit` to the spec of sandbox `name` for `caller`, keeping its manager; refused
+/// for a sandbox declared in the spec directory (which would put its own spec back).
+async fn edit_spec(
+    st: &ApiState,
+    name: &str,
+    caller: Caller,
+    what: &str,
+    edit: impl FnOnce(&mut agentvm_api::SandboxSpec),
+) -> Result<StoredObject, Response> {
+    let obj = sandbox_for(st, name, &caller).await?;
+    if let crate::store::Manager::SpecDir { file } = &obj.manager {
+        return Err(error(
+            StatusCode::CONFLICT,
+            format!(
+                "Sandbox/{name} is declared in the spec directory (file {file}), which is its truth: set {what} there"
+            ),
+            vec![],
+        ));
+    }
+    let Resource::Sandbox(mut sb) = obj.resource.clone() else {
+        return Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "not a sandbox",
+            vec![],
+        ));
+    };
+    edit(&mut sb.spec);
+    sb.status = None;
+    let store = st.store.clone();
+    let item = ApplyItem {
+        resource: Resource::Sandbox(sb),
+        manager: obj.manager.clone(),
+        submitter: caller,
+        force: false,
+    };
+    let n = name.to_string();
+    blocking(move || {
+        let r = store.apply_batch(vec![item], false)?;
+        r.into_iter()
+            .next()
+            .unwrap_or_else(|| unreachable!("one result per item"))?;
+        store.get(Kind::Sandbox, &n)
+    })
+    .await?
+    .ok_or_else(|| {
+        error(
+            StatusCode::NOT_FOUND,
+            format!("Sandbox/{name} not found"),
+            vec![],
+        )
+    })
+}
+
 /// `POST /v1/sandboxes/{name}/state`.
 pub(super) async fn set_state(
     State(st): State<ApiState>,
@@ -308,43 +364,9 @@ pub(super) async fn set_state(
         Ok(c) => c,
         Err(resp) => return resp,
     };
-    let obj = match sandbox_for(&st, &name, &caller).await {
-        Ok(o) => o,
-        Err(resp) => return resp,
-    };
-    if let crate::store::Manager::SpecDir { file } = &obj.manager {
-        return error(
-            StatusCode::CONFLICT,
-            format!(
-                "Sandbox/{name} is declared in the spec directory (file {file}), which is its truth: set `spec.state: {}` there",
-                req.state.as_str()
-            ),
-            vec![],
-        );
-    }
-    let Resource::Sandbox(mut sb) = obj.resource.clone() else {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, "not a sandbox", vec![]);
-    };
-    sb.spec.state = req.state;
-    sb.status = None;
-    let store = st.store.clone();
-    let item = ApplyItem {
-        resource: Resource::Sandbox(sb),
-        manager: obj.manager.clone(),
-        submitter: caller,
-        force: false,
-    };
-    let n = name.clone();
-    let applied = blocking(move || {
-        let r = store.apply_batch(vec![item], false)?;
-        r.into_iter()
-            .next()
-            .unwrap_or_else(|| unreachable!("one result per item"))?;
-        store.get(Kind::Sandbox, &n)
-    })
-    .await;
-    match applied {
-        Ok(Some(obj)) => {
+    let what = format!("`spec.state: {}`", req.state.as_str());
+    match edit_spec(&st, &name, caller, &what, |spec| spec.state = req.state).await {
+        Ok(obj) => {
             if req.state == SandboxState::Running {
                 if let Some(a) = &st.sandboxes {
                     a.sandboxes.wake(&name);
@@ -352,11 +374,61 @@ pub(super) async fn set_state(
             }
             Json(obj).into_response()
         }
-        Ok(None) => error(
-            StatusCode::NOT_FOUND,
-            format!("Sandbox/{name} not found"),
-            vec![],
-        ),
+        Err(resp) => resp,
+    }
+}
+
+/// `POST /v1/sandboxes/{name}/rollback`.
+pub(super) async fn rollback(
+    State(st): State<ApiState>,
+    caller: Option<Extension<Caller>>,
+    UrlPath(name): UrlPath<String>,
+    Json(req): Json<SandboxRollbackRequest>,
+) -> Response {
+    let caller = match caller_of(caller) {
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
+    // Refused here already when it cannot work; the reconciler checks again.
+    let store = st.store.clone();
+    let snap_name = req.snapshot.clone();
+    let snapshot = match blocking(move || store.get(Kind::Snapshot, &snap_name)).await {
+        Ok(s) => s,
+        Err(resp) => return resp,
+    };
+    let problem = match snapshot.as_ref().map(|o| &o.resource) {
+        None => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("Snapshot/{} not found", req.snapshot),
+                vec![],
+            )
+        }
+        Some(Resource::Snapshot(s)) if s.spec.sandbox_ref != name => Some(format!(
+            "Snapshot/{} is of Sandbox/{}, not of Sandbox/{name}",
+            req.snapshot, s.spec.sandbox_ref
+        )),
+        Some(Resource::Snapshot(s))
+            if s.status.as_ref().map(|st| st.phase) != Some(SnapshotPhase::Ready) =>
+        {
+            Some(format!("Snapshot/{} is not Ready", req.snapshot))
+        }
+        _ => None,
+    };
+    if let Some(problem) = problem {
+        return error(StatusCode::CONFLICT, problem, vec![]);
+    }
+    let request = Rollback {
+        snapshot: req.snapshot.clone(),
+        requested_at: crate::time::Timestamp::now().to_string(),
+    };
+    let what = format!("`spec.rollback` (snapshot {})", req.snapshot);
+    match edit_spec(&st, &name, caller, &what, |spec| {
+        spec.rollback = Some(request)
+    })
+    .await
+    {
+        Ok(obj) => Json(obj).into_response(),
         Err(resp) => resp,
     }
 }

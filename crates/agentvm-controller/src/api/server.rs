@@ -158,6 +158,10 @@ pub fn router(state: ApiState) -> Router {
             "/v1/sandboxes/{name}/state",
             axum::routing::post(super::sandbox::set_state),
         )
+        .route(
+            "/v1/sandboxes/{name}/rollback",
+            axum::routing::post(super::sandbox::rollback),
+        )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint", vec![]) })
         .with_state(state);
     // Outside the routes, so that it also sees what method routing adds (`Allow`).

@@ -26,6 +26,7 @@ pub mod network;
 pub mod network_filter;
 pub mod registry;
 pub mod sandbox;
+pub mod snapshot;
 pub mod vm_pool;
 
 pub use agent_run::AgentRunReconciler;
@@ -35,6 +36,7 @@ pub use network::NetworkReconciler;
 pub use network_filter::NetworkFilterReconciler;
 pub use registry::{PoolRegistry, PoolVm, VmPhase};
 pub use sandbox::{SandboxReconciler, Sandboxes};
+pub use snapshot::SnapshotReconciler;
 pub use vm_pool::VmPoolReconciler;
 
 /// Condition type: the object is usable.
@@ -44,7 +46,7 @@ pub const PROGRESSING: &str = "Progressing";
 /// Condition type: something failed; the reason and message say what.
 pub const DEGRADED: &str = "Degraded";
 
-/// Registers the six reconcilers (`AgentRun` and `Sandbox` included) and the garbage
+/// Registers the seven reconcilers (`AgentRun`, `Sandbox` and `Snapshot` included) and the garbage
 /// collector on `controller`, all on `backend`; `registry` is shared with whoever hands out
 /// pool VMs. The API serves exec into sandboxes through the same backend.
 pub fn register(
@@ -61,6 +63,7 @@ pub fn register(
             registry.clone(),
             sandboxes,
         )))
+        .reconciler(Arc::new(SnapshotReconciler::new(backend.clone())))
         .reconciler(Arc::new(NetworkReconciler::new(backend.clone())))
         .reconciler(Arc::new(NetworkFilterReconciler::new(backend.clone())))
         .reconciler(Arc::new(ImageReconciler::new(images)))

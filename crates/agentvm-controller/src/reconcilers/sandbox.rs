@@ -276,6 +276,14 @@ impl SandboxReconciler {
     fn delete(&self, obj: &StoredObject, ctx: &Ctx) -> Result<Action, ReconcileError> {
         let name = obj.resource.name();
         let mut status: SandboxStatus = status_of(obj);
+        // Its snapshots live in its VM: they go with it.
+        for o in ctx.store.list(Some(Kind::Snapshot))? {
+            if let Resource::Snapshot(s) = &o.resource {
+                if s.spec.sandbox_ref == name && !o.is_deleting() {
+                    ctx.store.request_delete(Kind::Snapshot, s.name(), None)?;
+                }
+            }
+        }
         if let Some(vm) = self.find_vm(name)? {
             if status.phase != SandboxPhase::Deleting {
                 status.phase = SandboxPhase::Deleting;
@@ -320,6 +328,91 @@ impl SandboxReconciler {
             }
         }
         None
+    }
+
+    /// Acts on `spec.rollback` once per request: refused (and said why) unless the snapshot
+    /// is a ready snapshot of this sandbox's VM.
+    fn rollback(
+        &self,
+        obj: &StoredObject,
+        sb: &Sandbox,
+        vm: &str,
+        status: &mut SandboxStatus,
+        ctx: &Ctx,
+    ) -> Result<(), ReconcileError> {
+        let Some(req) = &sb.spec.rollback else {
+            return Ok(());
+        };
+        if status
+            .last_rollback
+            .as_ref()
+            .is_some_and(|l| &l.request == req)
+        {
+            return Ok(());
+        }
+        let name = sb.name();
+        let snapshot = ctx.store.get(Kind::Snapshot, &req.snapshot)?;
+        let refused = match snapshot.as_ref().map(|o| &o.resource) {
+            None => Some(format!("Snapshot {} does not exist", req.snapshot)),
+            Some(Resource::Snapshot(s)) if s.spec.sandbox_ref != name => Some(format!(
+                "Snapshot {} is of Sandbox {}, not of this one",
+                req.snapshot, s.spec.sandbox_ref
+            )),
+            Some(Resource::Snapshot(s)) => match &s.status {
+                Some(st) if st.phase == agentvm_api::SnapshotPhase::Ready => {
+                    (st.vm.as_deref() != Some(vm)).then(|| {
+                        format!(
+                            "Snapshot {} was taken of VM {}, not of this sandbox's VM {vm}",
+                            req.snapshot,
+                            st.vm.as_deref().unwrap_or("-")
+                        )
+                    })
+                }
+                _ => Some(format!("Snapshot {} is not Ready", req.snapshot)),
+            },
+            Some(_) => Some(format!("{} is not a Snapshot", req.snapshot)),
+        };
+        let started = Instant::now();
+        let outcome = match refused {
+            Some(why) => {
+                tracing::warn!(sandbox = name, snapshot = %req.snapshot, "rollback refused: {why}");
+                agentvm_api::RollbackStatus {
+                    request: req.clone(),
+                    done: false,
+                    message: why,
+                }
+            }
+            None => {
+                if let Err(e) = self.backend.rollback_vm(vm, &req.snapshot) {
+                    let err = backend_error(&format!("rolling {vm} back to {}", req.snapshot), &e);
+                    Conditions(&mut status.conditions).degraded(&err, true);
+                    write_status(ctx, obj, status)?;
+                    return Err(err);
+                }
+                self.sandboxes.touch(name);
+                agentvm_api::RollbackStatus {
+                    request: req.clone(),
+                    done: true,
+                    message: format!("rolled back in {} ms", started.elapsed().as_millis()),
+                }
+            }
+        };
+        ctx.audit.record(
+            AuditEvent::new(
+                AuditEventType::SandboxRollback,
+                Kind::Sandbox,
+                name,
+                "controller",
+            )
+            .vm(vm)
+            .details(serde_json::json!({
+                "snapshot": req.snapshot,
+                "done": outcome.done,
+                "message": outcome.message,
+            })),
+        );
+        status.last_rollback = Some(outcome);
+        Ok(())
     }
 
     fn record_power(ctx: &Ctx, name: &str, vm: &str, from: PowerState, to: PowerState, why: &str) {
@@ -480,6 +573,13 @@ impl Reconciler for SandboxReconciler {
             }
             Self::record_power(ctx, name, &vm, power, want, &why);
         }
+        if want != PowerState::Saved {
+            self.rollback(&obj, sb, &vm, &mut status, ctx)?;
+        }
+        status.snapshots = self
+            .backend
+            .vm_snapshots(&vm)
+            .map_err(|e| backend_error(&format!("listing snapshots of {vm}"), &e))?;
         let (idle, active) = self.sandboxes.idle(name);
         let (phase, reason, message) = match want {
             PowerState::Running => (SandboxPhase::Running, Reason::SandboxRunning, format!("{vm} runs")),

@@ -97,6 +97,8 @@ fn header(kind: Kind, wide: bool) -> Vec<String> {
         (Kind::Sandbox, true) => &[
             "NAME", "POOL", "STATE", "PHASE", "IDLE", "AGE", "VM", "EXECS", "REASON",
         ],
+        (Kind::Snapshot, false) => &["NAME", "SANDBOX", "PHASE", "MEMORY", "AGE"],
+        (Kind::Snapshot, true) => &["NAME", "SANDBOX", "PHASE", "MEMORY", "AGE", "VM", "TAKEN"],
         (Kind::AgentRun, false) => &["NAME", "POOL", "PHASE", "EXIT", "AGE"],
         (Kind::AgentRun, true) => &["NAME", "POOL", "PHASE", "EXIT", "AGE", "VM", "REASON"],
     };
@@ -195,6 +197,23 @@ fn row(obj: &StoredObject, wide: bool, name: String) -> Vec<String> {
                         .to_string(),
                 );
                 r.push(text(&v, "/status/stoppedReason"));
+            }
+            r
+        }
+        Kind::Snapshot => {
+            let memory = at(&v, "/status/memoryBytes")
+                .and_then(Value::as_u64)
+                .map_or_else(|| "-".into(), |b| format!("{}Mi", b.div_ceil(1 << 20)));
+            let mut r = vec![
+                name,
+                text(&v, "/spec/sandboxRef"),
+                phase(obj, &v),
+                memory,
+                age,
+            ];
+            if wide {
+                r.push(text(&v, "/status/vm"));
+                r.push(text(&v, "/status/takenAt"));
             }
             r
         }

@@ -138,3 +138,143 @@ pub fn exec(
     }
     bail!("the controller ended the exec without saying how the command ended")
 }
+
+/// Options of `snapshot`.
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// The sandbox: `sandbox/NAME`.
+    #[arg(value_name = "sandbox/NAME")]
+    target: String,
+    /// Name of the new `Snapshot` object.
+    #[arg(long, value_name = "NAME")]
+    name: String,
+    /// How long to wait for it to be taken (`90`, `90s`, `5m`).
+    #[arg(long, default_value = "5m", value_name = "DURATION", value_parser = super::parse_duration)]
+    timeout: Duration,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+impl SnapshotArgs {
+    /// Creates the `Snapshot` object and waits until it is taken (or fails).
+    pub fn run(self, cfg: &Config) -> anyhow::Result<i32> {
+        let sandbox = sandbox_name(&self.target)?;
+        let client = self.connect.client(cfg);
+        let snapshot = agentvm_api::Snapshot::new(
+            self.name.clone(),
+            agentvm_api::SnapshotSpec {
+                sandbox_ref: sandbox.clone(),
+            },
+        );
+        let request = agentvm_controller::api::ApplyRequest {
+            objects: vec![serde_json::to_value(&snapshot)?],
+            sources: vec![],
+            dry_run: false,
+            force: false,
+        };
+        let response = client.apply(&request)?;
+        if let Some(e) = response.results.first().and_then(|r| r.error.clone()) {
+            bail!("{e}");
+        }
+        let what = object_ref(Kind::Snapshot, &self.name);
+        let start = Instant::now();
+        loop {
+            let obj = client.get(Kind::Snapshot, &self.name)?;
+            if let Resource::Snapshot(s) = &obj.resource {
+                if let Some(st) = &s.status {
+                    match st.phase {
+                        agentvm_api::SnapshotPhase::Ready => {
+                            let mib = st.memory_bytes.map(|b| b.div_ceil(1 << 20));
+                            println!(
+                                "{what} taken of sandbox/{sandbox}{}",
+                                mib.map(|m| format!(" ({m} MiB of memory)"))
+                                    .unwrap_or_default()
+                            );
+                            return Ok(0);
+                        }
+                        agentvm_api::SnapshotPhase::Failed => {
+                            let why = st
+                                .conditions
+                                .iter()
+                                .find(|c| c.type_ == "Degraded")
+                                .map(|c| c.message.clone())
+                                .unwrap_or_default();
+                            bail!("{what} failed: {why}");
+                        }
+                        agentvm_api::SnapshotPhase::Pending => {}
+                    }
+                }
+            }
+            if start.elapsed() > self.timeout {
+                bail!(
+                    "{what} is not taken after {}s; see `agentvm describe {what}`",
+                    self.timeout.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Options of `rollback`.
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// The sandbox: `sandbox/NAME`.
+    #[arg(value_name = "sandbox/NAME")]
+    target: String,
+    /// The snapshot to go back to: `snapshot/NAME` (or just `NAME`).
+    #[arg(long, value_name = "snapshot/NAME")]
+    to: String,
+    /// How long to wait for the rollback (`90`, `90s`, `5m`).
+    #[arg(long, default_value = "5m", value_name = "DURATION", value_parser = super::parse_duration)]
+    timeout: Duration,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+impl RollbackArgs {
+    /// Asks for the rollback and waits until the sandbox did it (or refused).
+    pub fn run(self, cfg: &Config) -> anyhow::Result<i32> {
+        let sandbox = sandbox_name(&self.target)?;
+        let snapshot = match self.to.split_once('/') {
+            Some((kind, name)) => {
+                if kind.parse::<Kind>()? != Kind::Snapshot {
+                    bail!("--to {:?}: name a snapshot (snapshot/NAME)", self.to);
+                }
+                name.to_string()
+            }
+            None => self.to.clone(),
+        };
+        let client = self.connect.client(cfg);
+        let obj = client.sandbox_rollback(&sandbox, &snapshot)?;
+        let Resource::Sandbox(sb) = &obj.resource else {
+            bail!("the controller answered with {}", obj.key());
+        };
+        let Some(request) = sb.spec.rollback.clone() else {
+            bail!("the controller did not record the rollback");
+        };
+        let what = object_ref(Kind::Sandbox, &sandbox);
+        let start = Instant::now();
+        loop {
+            let obj = client.get(Kind::Sandbox, &sandbox)?;
+            if let Resource::Sandbox(sb) = &obj.resource {
+                if let Some(last) = sb.status.as_ref().and_then(|s| s.last_rollback.as_ref()) {
+                    if last.request == request {
+                        if last.done {
+                            println!("{what} rolled back to snapshot/{snapshot}");
+                            return Ok(0);
+                        }
+                        bail!("{what}: rollback refused: {}", last.message);
+                    }
+                }
+            }
+            if start.elapsed() > self.timeout {
+                bail!(
+                    "{what} did not roll back within {}s (a stopped sandbox rolls back once started); see `agentvm describe {what}`",
+                    self.timeout.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}

@@ -263,3 +263,100 @@ fn deletion_destroys_the_claimed_vm_and_a_failed_claim_gives_the_vm_back() {
     assert!(!b.t.fake.domains().contains_key(&vm));
     assert!(b.t.store.get(Kind::Sandbox, "s").unwrap().is_none());
 }
+
+fn snapshot_yaml(name: &str, sandbox: &str) -> String {
+    format!("apiVersion: agentvm.dev/v1alpha1\nkind: Snapshot\nmetadata: {{name: {name}}}\nspec: {{sandboxRef: {sandbox}}}\n")
+}
+
+fn rollback_to(snapshot: &str, at: &str) -> String {
+    format!("  rollback: {{snapshot: {snapshot}, requestedAt: \"{at}\"}}\n")
+}
+
+#[test]
+fn snapshots_are_taken_once_the_sandbox_runs_and_rollbacks_happen_once_per_request() {
+    let b = Boxes::new();
+    let snaps = crate::reconcilers::SnapshotReconciler::new(b.t.backend());
+    b.t.apply(&sandbox("  state: Stopped\n"));
+    b.pass().unwrap();
+    b.t.apply(&snapshot_yaml("one", "s"));
+    // Waits while the sandbox is stopped.
+    b.t.reconcile(&snaps, Kind::Snapshot, "one").unwrap();
+    let st = b.t.status(Kind::Snapshot, "one");
+    assert_eq!(st["phase"], "Pending");
+    assert_eq!(cond(&st, "Progressing").1, "WaitingForSandbox");
+    b.t.apply(&sandbox(""));
+    b.pass().unwrap();
+    b.t.reconcile(&snaps, Kind::Snapshot, "one").unwrap();
+    let st = b.t.status(Kind::Snapshot, "one");
+    assert_eq!(st["phase"], "Ready", "{st}");
+    let vm = b.status()["vm"].as_str().unwrap().to_string();
+    assert_eq!(st["vm"], vm.as_str());
+    b.pass().unwrap();
+    assert_eq!(b.status()["snapshots"], serde_json::json!(["one"]));
+
+    // Rolled back once per request.
+    b.t.apply(&sandbox(&rollback_to("one", "2026-01-01T00:00:00Z")));
+    b.pass().unwrap();
+    b.pass().unwrap();
+    assert_eq!(b.t.fake.rollbacks(), vec![(vm.clone(), "one".to_string())]);
+    assert_eq!(b.status()["lastRollback"]["done"], true);
+    b.t.apply(&sandbox(&rollback_to("one", "2026-01-01T00:00:01Z")));
+    b.pass().unwrap();
+    assert_eq!(b.t.fake.rollbacks().len(), 2);
+
+    // Refused: a snapshot that does not exist, or of another sandbox.
+    b.t.apply(&sandbox(&rollback_to("nope", "2026-01-01T00:00:02Z")));
+    b.pass().unwrap();
+    let last = &b.status()["lastRollback"];
+    assert_eq!(last["done"], false, "{last}");
+    assert!(
+        last["message"].as_str().unwrap().contains("does not exist"),
+        "{last}"
+    );
+    b.t.apply(&snapshot_yaml("other", "elsewhere"));
+    b.t.apply(&sandbox(&rollback_to("other", "2026-01-01T00:00:03Z")));
+    b.pass().unwrap();
+    let last = &b.status()["lastRollback"];
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap()
+            .contains("not of this one"),
+        "{last}"
+    );
+    assert_eq!(b.t.fake.rollbacks().len(), 2);
+
+    // Gone by hand: the snapshot fails; deleting the sandbox deletes its snapshots.
+    b.t.fake.delete_vm_snapshot(&vm, "one").unwrap();
+    b.t.reconcile(&snaps, Kind::Snapshot, "one").unwrap();
+    let st = b.t.status(Kind::Snapshot, "one");
+    assert_eq!(st["phase"], "Failed");
+    assert_eq!(cond(&st, "Degraded").1, "SnapshotLost");
+    b.t.store.request_delete(Kind::Sandbox, "s", None).unwrap();
+    b.pass().unwrap();
+    assert!(b
+        .t
+        .store
+        .get(Kind::Snapshot, "one")
+        .unwrap()
+        .unwrap()
+        .is_deleting());
+    b.t.reconcile(&snaps, Kind::Snapshot, "one").unwrap();
+    assert!(b.t.store.get(Kind::Snapshot, "one").unwrap().is_none());
+}
+
+#[test]
+fn a_sandbox_at_max_snapshots_fails_the_next_one() {
+    let b = Boxes::new();
+    let snaps = crate::reconcilers::SnapshotReconciler::new(b.t.backend());
+    b.t.apply(&sandbox("  maxSnapshots: 1\n"));
+    b.pass().unwrap();
+    b.t.apply(&snapshot_yaml("a", "s"));
+    b.t.apply(&snapshot_yaml("b", "s"));
+    b.t.reconcile(&snaps, Kind::Snapshot, "a").unwrap();
+    b.t.reconcile(&snaps, Kind::Snapshot, "b").unwrap();
+    assert_eq!(b.t.status(Kind::Snapshot, "a")["phase"], "Ready");
+    let st = b.t.status(Kind::Snapshot, "b");
+    assert_eq!(st["phase"], "Failed");
+    assert_eq!(cond(&st, "Degraded").1, "SnapshotLimit");
+}

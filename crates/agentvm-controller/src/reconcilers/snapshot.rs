@@ -1,0 +1,219 @@
+//! `Snapshot` → an internal snapshot (memory and disk) of its sandbox's VM.
+//!
+//! A pending snapshot waits until its sandbox runs (or is paused), then is taken once; a
+//! sandbox at `maxSnapshots` fails it (`SnapshotLimit`). A taken snapshot is checked on
+//! every pass: one gone from its VM (the VM was deleted, or the snapshot by hand) is
+//! `Failed` (`SnapshotLost`). Deletion removes it from the VM, freeing its space, then
+//! finalizes; deleting the sandbox deletes its snapshots.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentvm_api::{
+    Kind, Reason, Resource, SandboxPhase, SandboxStatus, Snapshot, SnapshotPhase, SnapshotStatus,
+};
+use agentvm_backend::Backend;
+
+use super::{backend_error, status_of, write_status, Conditions};
+use crate::audit::{AuditEvent, AuditEventType};
+use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
+use crate::store::StoredObject;
+use crate::time::Timestamp;
+
+/// Recheck delay while waiting for the sandbox.
+const WAITING: Duration = Duration::from_secs(2);
+/// How often a taken snapshot is checked.
+const CHECK: Duration = Duration::from_secs(30);
+
+/// Reconciles `Snapshot` objects; see the module docs.
+pub struct SnapshotReconciler {
+    backend: Arc<dyn Backend>,
+}
+
+impl SnapshotReconciler {
+    /// A reconciler acting through `backend`.
+    pub fn new(backend: Arc<dyn Backend>) -> Self {
+        Self { backend }
+    }
+
+    fn delete(
+        &self,
+        obj: &StoredObject,
+        snap: &Snapshot,
+        ctx: &Ctx,
+    ) -> Result<Action, ReconcileError> {
+        let status: SnapshotStatus = status_of(obj);
+        if let Some(vm) = &status.vm {
+            match self.backend.delete_vm_snapshot(vm, snap.name()) {
+                Ok(()) => {}
+                // The VM went first (its snapshots with it).
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(backend_error(&format!("deleting snapshot of {vm}"), &e)),
+            }
+        }
+        ctx.store.finalize_delete(Kind::Snapshot, snap.name())?;
+        ctx.wake.add(crate::store::ObjectKey::new(
+            Kind::Sandbox,
+            snap.spec.sandbox_ref.clone(),
+        ));
+        Ok(Action::AwaitChange)
+    }
+
+    /// The snapshots (objects, any phase but `Failed`) of sandbox `sandbox`, other than `name`.
+    fn siblings(ctx: &Ctx, sandbox: &str, name: &str) -> Result<usize, ReconcileError> {
+        Ok(ctx
+            .store
+            .list(Some(Kind::Snapshot))?
+            .into_iter()
+            .filter(|o| match &o.resource {
+                Resource::Snapshot(s) => {
+                    s.spec.sandbox_ref == sandbox
+                        && s.name() != name
+                        && s.status
+                            .as_ref()
+                            .is_some_and(|st| st.phase == SnapshotPhase::Ready)
+                }
+                _ => false,
+            })
+            .count())
+    }
+}
+
+impl Reconciler for SnapshotReconciler {
+    fn kind(&self) -> Kind {
+        Kind::Snapshot
+    }
+
+    fn watches(&self) -> &[Kind] {
+        &[Kind::Sandbox]
+    }
+
+    fn reconcile(&self, obj: Arc<StoredObject>, ctx: &Ctx) -> Result<Action, ReconcileError> {
+        let Resource::Snapshot(snap) = &obj.resource else {
+            return Err(super::wrong_kind(&obj, Kind::Snapshot));
+        };
+        if obj.is_deleting() {
+            return self.delete(&obj, snap, ctx);
+        }
+        let name = snap.name();
+        let mut status: SnapshotStatus = status_of(&obj);
+        let before = status.clone();
+        status.observed_generation = Some(obj.generation());
+        let write = |status: &SnapshotStatus| -> Result<(), ReconcileError> {
+            if *status != before {
+                write_status(ctx, &obj, status)?;
+            }
+            Ok(())
+        };
+        match status.phase {
+            SnapshotPhase::Failed => {
+                write(&status)?;
+                return Ok(Action::AwaitChange);
+            }
+            SnapshotPhase::Ready => {
+                let vm = status.vm.clone().unwrap_or_default();
+                let lost = match self.backend.vm_snapshots(&vm) {
+                    Ok(names) => (!names.iter().any(|n| n == name))
+                        .then(|| format!("it is gone from VM {vm} (deleted by hand?)")),
+                    Err(e) if e.is_not_found() => Some(format!(
+                        "its sandbox's VM {vm} is gone, and the snapshot with it"
+                    )),
+                    Err(e) => return Err(backend_error(&format!("listing snapshots of {vm}"), &e)),
+                };
+                if let Some(why) = lost {
+                    status.phase = SnapshotPhase::Failed;
+                    let err = ReconcileError::new(Reason::SnapshotLost, why);
+                    Conditions(&mut status.conditions).degraded(&err, false);
+                }
+                write(&status)?;
+                return Ok(Action::Requeue(CHECK));
+            }
+            SnapshotPhase::Pending => {}
+        }
+
+        let sandbox_ref = &snap.spec.sandbox_ref;
+        let Some(sb_obj) = ctx.store.get(Kind::Sandbox, sandbox_ref)? else {
+            Conditions(&mut status.conditions).progressing(
+                Reason::SandboxNotFound,
+                format!("Sandbox {sandbox_ref} does not exist"),
+            );
+            write(&status)?;
+            return Ok(Action::Requeue(WAITING));
+        };
+        let Resource::Sandbox(sb) = &sb_obj.resource else {
+            return Err(super::wrong_kind(&sb_obj, Kind::Sandbox));
+        };
+        let sb_status: SandboxStatus = sb.status.clone().unwrap_or_default();
+        let vm = match (&sb_status.vm, sb_status.phase) {
+            (Some(vm), SandboxPhase::Running | SandboxPhase::Paused) if !sb_obj.is_deleting() => {
+                vm.clone()
+            }
+            _ => {
+                Conditions(&mut status.conditions).progressing(
+                    Reason::WaitingForSandbox,
+                    format!(
+                        "waiting for Sandbox {sandbox_ref} to be Running or Paused (it is {})",
+                        sb_status.phase.as_str()
+                    ),
+                );
+                write(&status)?;
+                return Ok(Action::Requeue(WAITING));
+            }
+        };
+        let others = Self::siblings(ctx, sandbox_ref, name)?;
+        if others >= sb.spec.max_snapshots as usize {
+            status.phase = SnapshotPhase::Failed;
+            let err = ReconcileError::new(
+                Reason::SnapshotLimit,
+                format!(
+                    "Sandbox {sandbox_ref} has {others} snapshots, its maxSnapshots; delete one (or raise maxSnapshots) and apply this snapshot again"
+                ),
+            );
+            Conditions(&mut status.conditions).degraded(&err, false);
+            write(&status)?;
+            return Ok(Action::AwaitChange);
+        }
+        let taken = match self.backend.snapshot_vm(&vm, name) {
+            Ok(t) => t,
+            Err(e) => {
+                let err = backend_error(&format!("snapshot of {vm}"), &e);
+                Conditions(&mut status.conditions).degraded(&err, false);
+                write_status(ctx, &obj, &status)?;
+                return Err(err);
+            }
+        };
+        status.phase = SnapshotPhase::Ready;
+        status.vm = Some(vm.clone());
+        status.taken_at = Some(Timestamp::now().to_string());
+        status.memory_bytes = taken.memory_bytes;
+        status.pause_ms = Some(taken.pause.as_millis() as u64);
+        Conditions(&mut status.conditions).ready(
+            Reason::Taken,
+            format!(
+                "memory and disk of {vm}; the guest was stopped {} ms for it",
+                taken.pause.as_millis()
+            ),
+        );
+        write_status(ctx, &obj, &status)?;
+        ctx.audit.record(
+            AuditEvent::new(
+                AuditEventType::SnapshotTaken,
+                Kind::Snapshot,
+                name,
+                "controller",
+            )
+            .vm(vm)
+            .details(serde_json::json!({
+                "sandbox": sandbox_ref,
+                "memoryBytes": taken.memory_bytes,
+                "pauseMs": taken.pause.as_millis() as u64,
+            })),
+        );
+        // The sandbox lists its snapshots.
+        ctx.wake.add(crate::store::ObjectKey::new(
+            Kind::Sandbox,
+            sandbox_ref.clone(),
+        ));
+        Ok(Action::Requeue(CHECK))
+    }
+}
