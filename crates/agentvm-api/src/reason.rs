@@ -188,6 +188,8 @@ reasons! {
     SnapshotLost,
     /// A rollback was refused.
     RollbackRefused,
+    /// The submitter may not use the object named (a run in someone else's sandbox).
+    NotPermitted,
 }
 
 impl std::fmt::Display for Reason {

@@ -1004,7 +1004,18 @@ impl Validator {
     }
 
     fn agent_run(&mut self, path: &FieldPath, spec: &AgentRunSpec) {
-        self.dns_label(&path.key("poolRef"), &spec.pool_ref, "VmPool name");
+        match (spec.pool_ref.is_empty(), &spec.sandbox_ref) {
+            (true, None) => self.error(
+                path.key("poolRef"),
+                "where should it run? set `poolRef` (a VmPool: a fresh VM, reset after) or `sandboxRef` (a Sandbox: kept)",
+            ),
+            (false, Some(_)) => self.error(
+                path.key("sandboxRef"),
+                "`poolRef` and `sandboxRef` are both set; keep exactly one of them",
+            ),
+            (false, None) => self.dns_label(&path.key("poolRef"), &spec.pool_ref, "VmPool name"),
+            (true, Some(s)) => self.dns_label(&path.key("sandboxRef"), s, "Sandbox name"),
+        }
         match (&spec.script, &spec.command) {
             (None, None) => self.error(
                 path.clone(),

@@ -339,6 +339,43 @@ fn validation_reports_every_problem_with_its_path() {
 }
 
 #[test]
+fn a_run_names_exactly_one_of_pool_and_sandbox_and_a_sandbox_its_limits() {
+    let mut both = AgentRunSpec::python("p", "print(1)");
+    both.sandbox_ref = Some("s".into());
+    assert_eq!(
+        errors_of(&AgentRun::new("r", both.clone()).into()),
+        vec!["spec.sandboxRef: `poolRef` and `sandboxRef` are both set; keep exactly one of them"]
+    );
+    let mut neither = both.clone();
+    neither.pool_ref.clear();
+    neither.sandbox_ref = None;
+    assert_eq!(
+        errors_of(&AgentRun::new("r", neither).into()),
+        vec!["spec.poolRef: where should it run? set `poolRef` (a VmPool: a fresh VM, reset after) or `sandboxRef` (a Sandbox: kept)"]
+    );
+    let mut sandbox_only = both;
+    sandbox_only.pool_ref.clear();
+    assert_eq!(validate(&AgentRun::new("r", sandbox_only).into()), Ok(()));
+
+    let sandbox = agentvm_api::parse_str(
+        "apiVersion: agentvm.dev/v1alpha1\nkind: Sandbox\nmetadata: {name: s}\nspec: {poolRef: p, idleTimeoutSeconds: 5, ttlSeconds: 99999999, shutdownTime: tomorrow, maxSnapshots: 0, rollback: {snapshot: Bad, requestedAt: now}}\n",
+        "s.yaml",
+    )
+    .unwrap_err()
+    .to_string();
+    for expected in [
+        "spec.idleTimeoutSeconds: 5 is below the minimum 10; 0 means never",
+        "spec.ttlSeconds: 99999999 is above the maximum 2592000; leave it out for no limit",
+        "spec.shutdownTime: `tomorrow` is not an RFC 3339 time",
+        "spec.maxSnapshots: 0 is below the minimum 1",
+        "spec.rollback.snapshot: `Bad` is not a valid Snapshot name",
+        "spec.rollback.requestedAt: `now` is not an RFC 3339 time",
+    ] {
+        assert!(sandbox.contains(expected), "{expected} not in:\n{sandbox}");
+    }
+}
+
+#[test]
 fn wrong_header_fields_are_validation_errors_too() {
     let mut image = Image::new("i", ImageSpec::default());
     image.api_version = "v1".into();

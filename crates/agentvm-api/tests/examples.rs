@@ -78,9 +78,13 @@ fn examples_apply_together_and_references_resolve() {
                     assert!(filters.contains(att.filter_ref), "{at}: unknown filter");
                 }
             }
-            Resource::AgentRun(run) => {
-                assert!(pools.contains(&run.spec.pool_ref), "{at}: unknown pool");
-            }
+            Resource::AgentRun(run) => match &run.spec.sandbox_ref {
+                Some(sandbox) => assert!(
+                    names(Kind::Sandbox).contains(sandbox),
+                    "{at}: unknown sandbox"
+                ),
+                None => assert!(pools.contains(&run.spec.pool_ref), "{at}: unknown pool"),
+            },
             _ => {}
         }
     }

@@ -2,7 +2,9 @@
 //! pool hand-out (in-process and through the API), the reset cycle against `virsh
 //! snapshot-revert`, boot to ready, `apply` → Running with a warm pool, runs per minute on
 //! pools of 1, 2 and 4 VMs, controller and idle-guest memory, a no-op resync over 1,000
-//! objects and spec-file write → reconcile latency; prints one Markdown report.
+//! objects and spec-file write → reconcile latency, and sandboxes (claim, pause/resume,
+//! stop/start, snapshot, rollback against `virsh snapshot-revert`, memory of N running,
+//! paused and stopped); prints one Markdown report.
 //!
 //! Run it through `scripts/bench.sh` (libvirtd in its network namespace, release build).
 
@@ -10,6 +12,7 @@ mod controller;
 mod inproc;
 mod neighbours;
 mod report;
+mod sandboxes;
 mod stats;
 mod system;
 mod vms;
@@ -75,6 +78,9 @@ enum Part {
     /// A VM's fsync latency next to another VM flooding its disk, with and without the
     /// flood's `diskWriteMibPerSecond`.
     Neighbours,
+    /// Sandboxes: claim, pause/resume, stop/start, snapshot, rollback vs `virsh
+    /// snapshot-revert`, memory of N running/paused/stopped.
+    Sandboxes,
 }
 
 /// Polls `cond` every 20 ms until it holds; fails after `timeout`.
@@ -178,6 +184,7 @@ fn main() -> Result<()> {
     let mut memory = Table::new("Memory");
     let mut control = Table::new("Controller: resync and spec-directory watch");
     let mut isolation = Table::new("Isolation: a noisy neighbour on the disk");
+    let mut sandbox = Table::new("Sandboxes");
     let objects = 1000;
     let mut accelerator = std::env::var("AGENTVM_ACCEL").unwrap_or_else(|_| "tcg".into());
 
@@ -196,7 +203,7 @@ fn main() -> Result<()> {
             &mut control,
         )?;
     }
-    if wants(Part::Vm) || wants(Part::Runs) || wants(Part::Neighbours) {
+    if wants(Part::Vm) || wants(Part::Runs) || wants(Part::Neighbours) || wants(Part::Sandboxes) {
         // Fail early and clearly when the image is missing.
         default_image(&cache)?;
     }
@@ -254,6 +261,20 @@ fn main() -> Result<()> {
             &mut runs,
         )?;
     }
+    if wants(Part::Sandboxes) {
+        let count = if quick { 3 } else { 20 };
+        eprintln!("== sandboxes through the controller process ({count} of them)");
+        sandboxes::sandbox_rows(
+            &bin,
+            &dir.join("sandboxes"),
+            &uri,
+            &cache,
+            if quick { 3 } else { 10 },
+            count,
+            &mut sandbox,
+            &mut memory,
+        )?;
+    }
     match scratch {
         Some(s) => drop(s),
         None => eprintln!("scratch state kept in {}", dir.display()),
@@ -274,7 +295,9 @@ fn main() -> Result<()> {
     if let Some(note) = &args.note {
         out.push_str(&format!("\n{note}\n"));
     }
-    for t in [&acquire, &vm, &runs, &memory, &control, &isolation] {
+    for t in [
+        &acquire, &vm, &sandbox, &runs, &memory, &control, &isolation,
+    ] {
         if !t.rows.is_empty() {
             out.push('\n');
             out.push_str(&t.markdown());

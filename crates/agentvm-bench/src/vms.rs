@@ -33,7 +33,8 @@ impl Drop for VmGuard<'_> {
     }
 }
 
-fn virsh(uri: &str, args: &[&str]) -> Result<String> {
+/// `virsh -c URI ARGS`; its stdout.
+pub(crate) fn virsh(uri: &str, args: &[&str]) -> Result<String> {
     let out = Command::new("virsh")
         .arg("-c")
         .arg(uri)

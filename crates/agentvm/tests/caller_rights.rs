@@ -6,7 +6,8 @@
 //! `SecretUnavailable`) with a message naming the path or variable and the user, and nothing
 //! of it reaches a guest. A clone that hangs is killed at `gitCloneTimeoutSeconds`. The same
 //! user's own file, own directory and an allow-listed variable do reach the guest, and root
-//! still reads `/root`. The audit log names the user as actor. Fails (never skips) without
+//! still reads `/root`. The audit log names the user as actor. In root's sandbox the user
+//! can neither exec, pause nor roll back. Fails (never skips) without
 //! root, libvirt or the default image.
 
 mod common;
@@ -345,5 +346,33 @@ fn a_socket_group_member_reads_only_what_they_may_read() {
                         && e["actor"] == caller.as_str()
                 })
         },
+    );
+
+    // root's sandbox: the user may neither run anything in it nor change its state.
+    apply_yaml(
+        &env,
+        "rootbox.yaml",
+        &format!("apiVersion: agentvm.dev/v1alpha1\nkind: Sandbox\nmetadata: {{name: rootbox}}\nspec: {{poolRef: {pool}}}\n"),
+    );
+    env.wait("rootbox Running", Duration::from_secs(300), || {
+        env.status("sandbox", "rootbox")["phase"] == "Running"
+    });
+    for args in [
+        &["exec", "sandbox/rootbox", "--", "cat", "/etc/shadow"][..],
+        &["pause", "sandbox/rootbox"][..],
+        &["rollback", "sandbox/rootbox", "--to", "snapshot/x"][..],
+    ] {
+        let out = env.cmd_as(&who.user, args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} as {}: {err}", who.user);
+        assert!(
+            err.contains("Sandbox/rootbox belongs to uid=0(root)"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(env.status("sandbox", "rootbox")["phase"], "Running");
+    assert_eq!(
+        env.ok(&["exec", "sandbox/rootbox", "--", "echo", "root-may"]),
+        "root-may\n"
     );
 }

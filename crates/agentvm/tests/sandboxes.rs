@@ -7,7 +7,8 @@
 //! without activity, never while a command runs, and the next exec brings it back;
 //! a snapshot (memory and disk) taken before a risky step brings files and processes back
 //! on `rollback`, with the guest clock set to the host's; a snapshot of a stopped sandbox
-//! waits until it runs; deleting the sandbox destroys its VM and its snapshots. Fails (never skips) without libvirt or the
+//! waits until it runs; an `AgentRun` with `sandboxRef` runs in the sandbox's VM and leaves
+//! its files there; deleting the sandbox destroys its VM and its snapshots. Fails (never skips) without libvirt or the
 //! default image.
 
 mod common;
@@ -173,6 +174,23 @@ fn a_sandbox_keeps_its_vm_files_and_processes_through_pause_stop_and_restarts() 
         env.status("sandbox", "dev")["snapshots"],
         serde_json::json!(["before"])
     );
+
+    // An AgentRun in the sandbox: it runs in the sandbox's VM, which keeps what it left.
+    apply_yaml(
+        &env,
+        "in-dev.yaml",
+        "apiVersion: agentvm.dev/v1alpha1\nkind: AgentRun\nmetadata: {name: in-dev}\nspec:\n  sandboxRef: dev\n  command: {program: sh, args: [-c, 'cat /root/keep; echo from-run > /root/from-run']}\n",
+    );
+    env.wait("the run in the sandbox", Duration::from_secs(60), || {
+        run_terminal(&run_phase(&env, "in-dev"))
+    });
+    let run = env.status("agentrun", "in-dev");
+    assert_eq!(run["phase"], "Succeeded", "{run}");
+    assert_eq!(run["vm"], vm.as_str());
+    assert_eq!(env.ok(&["logs", "run/in-dev"]), "kept\n");
+    assert_eq!(exec_ok(&env, "dev", "cat /root/from-run"), "from-run\n");
+    let runs = env.ok(&["get", "runs"]);
+    assert!(runs.contains("sbx/dev"), "{runs}");
 
     // get shows it.
     let table = env.ok(&["get", "sandboxes"]);

@@ -63,8 +63,16 @@ fn default_file_mode() -> String {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AgentRunSpec {
-    /// Name of the `VmPool` to take a VM from.
+    /// Name of the `VmPool` to take a VM from; the VM is reset after the
+    /// run. Exclusive with `sandboxRef`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub pool_ref: String,
+    /// Name of a `Sandbox` to run in instead: its VM is not reset after the
+    /// run, so what the run leaves is there for the next command or run
+    /// (and the run counts as the sandbox's activity). Exclusive with
+    /// `poolRef`. Only root and the sandbox's owner may run in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_ref: Option<String>,
     /// Inline program run by an interpreter. Exclusive with `command`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub script: Option<Script>,
@@ -178,6 +186,7 @@ impl AgentRunSpec {
     ) -> Self {
         Self {
             pool_ref: pool.into(),
+            sandbox_ref: None,
             script,
             command,
             env: BTreeMap::new(),

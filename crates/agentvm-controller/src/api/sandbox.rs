@@ -389,7 +389,11 @@ pub(super) async fn rollback(
         Ok(c) => c,
         Err(resp) => return resp,
     };
-    // Refused here already when it cannot work; the reconciler checks again.
+    // Who may touch the sandbox comes first; then the rollback is refused here already when
+    // it cannot work (the reconciler checks again).
+    if let Err(resp) = sandbox_for(&st, &name, &caller).await {
+        return resp;
+    }
     let store = st.store.clone();
     let snap_name = req.snapshot.clone();
     let snapshot = match blocking(move || store.get(Kind::Snapshot, &snap_name)).await {

@@ -94,6 +94,7 @@ pub struct AgentRunReconciler {
     active: Arc<Mutex<HashMap<String, Active>>>,
     waiting: Arc<Mutex<Waiting>>,
     wake: Arc<OnceLock<Wake>>,
+    sandboxes: Arc<super::Sandboxes>,
 }
 
 /// How long a queued or waiting run goes without a look of its own. A backstop only: a VM
@@ -143,6 +144,7 @@ impl AgentRunReconciler {
             active: Arc::default(),
             waiting: Arc::default(),
             wake: Arc::default(),
+            sandboxes: Arc::default(),
         };
         // A VM becoming ready wakes the first run waiting for one.
         let (waiting, wake) = (r.waiting.clone(), r.wake.clone());
@@ -158,6 +160,13 @@ impl AgentRunReconciler {
             }
         }));
         r
+    }
+
+    /// Records runs in sandboxes as their activity in `sandboxes` (the `Sandbox`
+    /// reconciler's record).
+    pub fn sandboxes(mut self, sandboxes: Arc<super::Sandboxes>) -> Self {
+        self.sandboxes = sandboxes;
+        self
     }
 
     /// Reads secrets' host environment variables through `env` instead (tests).
@@ -285,6 +294,9 @@ impl AgentRunReconciler {
         ctx: &Ctx,
         mut status: AgentRunStatus,
     ) -> Result<Action, ReconcileError> {
+        if let Some(sandbox) = &run.spec.sandbox_ref {
+            return self.pending_in_sandbox(obj, run, ctx, status, sandbox);
+        }
         let name = run.metadata.name.as_str();
         let pool = run.spec.pool_ref.as_str();
         let before = status.clone();
@@ -322,57 +334,17 @@ impl AgentRunReconciler {
             return Ok(Action::Requeue(BACKSTOP));
         }
         // First in line: read the host inputs before taking a VM (a missing secret must not
-        // cost one) — once, on a thread of their own (a git clone may take a while), which
-        // wakes the run when it is done.
-        let read = {
-            let mut w = self.waiting();
-            let key = (obj.created_at, obj.generation());
-            match w.inputs.remove(name) {
-                Some((k, Inputs::Read(r))) if k == key => Some(r),
-                Some((k, Inputs::Reading)) if k == key => {
-                    w.inputs.insert(name.to_string(), (k, Inputs::Reading));
-                    None
-                }
-                _ => {
-                    w.inputs.insert(name.to_string(), (key, Inputs::Reading));
-                    drop(w);
-                    self.read_inputs(obj, run, ctx, key);
-                    None
-                }
-            }
-        };
-        let Some(read) = read else {
+        // cost one).
+        let Some(read) = self.take_inputs(obj, run, ctx) else {
             return Ok(Action::Requeue(BACKSTOP));
         };
         let prepared = match read {
             Ok(p) => p,
             Err(e) => {
-                let reason = match e {
-                    RunError::Secret { .. } => Reason::SecretUnavailable,
-                    _ => Reason::InputUnavailable,
-                };
                 self.dequeue(pool, &me);
                 self.registry
                     .set_waiting(pool, waiting.saturating_sub(1) as u32);
-                let message = e.to_string();
-                tracing::warn!(run = name, submitter = %submitter(obj), reason = reason.as_str(), "{message}");
-                finish(&mut status, AgentRunPhase::Failed, reason, message.clone());
-                write_status(ctx, obj, &status)?;
-                ctx.audit.record(
-                    AuditEvent::new(
-                        AuditEventType::RunFinished,
-                        Kind::AgentRun,
-                        name,
-                        submitter(obj),
-                    )
-                    .details(serde_json::json!({
-                        "pool": pool,
-                        "phase": "Failed",
-                        "reason": reason,
-                        "message": message,
-                    })),
-                );
-                return Ok(Action::AwaitChange);
+                return inputs_failed(obj, ctx, status, e, "pool", pool);
             }
         };
         let acquired = Instant::now();
@@ -431,6 +403,51 @@ impl AgentRunReconciler {
             return Err(e);
         }
         self.dequeue(pool, &me);
+        self.spawn_job(obj, run, ctx, status, pool, vm, cancel, prepared, None)
+    }
+
+    /// The run's host inputs (files, secrets, workspace): read once, on a thread of their
+    /// own (a git clone may take a while), which wakes the run when it is done. `None` while
+    /// they are being read.
+    fn take_inputs(
+        &self,
+        obj: &StoredObject,
+        run: &AgentRun,
+        ctx: &Ctx,
+    ) -> Option<Result<run::PreparedRun, RunError>> {
+        let name = run.metadata.name.as_str();
+        let mut w = self.waiting();
+        let key = (obj.created_at, obj.generation());
+        match w.inputs.remove(name) {
+            Some((k, Inputs::Read(r))) if k == key => Some(r),
+            Some((k, Inputs::Reading)) if k == key => {
+                w.inputs.insert(name.to_string(), (k, Inputs::Reading));
+                None
+            }
+            _ => {
+                w.inputs.insert(name.to_string(), (key, Inputs::Reading));
+                drop(w);
+                self.read_inputs(obj, run, ctx, key);
+                None
+            }
+        }
+    }
+
+    /// Starts the run's [`Job`] on VM `vm` (of `pool`; kept for `sandbox` when given).
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_job(
+        &self,
+        obj: &StoredObject,
+        run: &AgentRun,
+        ctx: &Ctx,
+        status: AgentRunStatus,
+        pool: &str,
+        vm: String,
+        cancel: Arc<AtomicBool>,
+        prepared: run::PreparedRun,
+        sandbox: Option<super::sandbox::InUse>,
+    ) -> Result<Action, ReconcileError> {
+        let name = run.metadata.name.as_str();
         let job = Job {
             name: name.to_string(),
             submitter: submitter(obj),
@@ -444,15 +461,188 @@ impl AgentRunReconciler {
             active: self.active.clone(),
             cancel,
             status,
+            sandbox,
         };
         let spawned = std::thread::Builder::new()
             .name(format!("run-{name}"))
             .spawn(move || job.run(prepared));
         if let Err(e) = spawned {
+            self.lock().remove(name);
             return Err(ReconcileError::new(Reason::ThreadSpawn, e.to_string()));
         }
         Ok(Action::AwaitChange)
     }
+
+    /// A run with `sandboxRef`: runs at once (no queue) in the sandbox's VM while the
+    /// sandbox runs, and leaves the VM as it is.
+    fn pending_in_sandbox(
+        &self,
+        obj: &StoredObject,
+        run: &AgentRun,
+        ctx: &Ctx,
+        mut status: AgentRunStatus,
+        sandbox: &str,
+    ) -> Result<Action, ReconcileError> {
+        let name = run.metadata.name.as_str();
+        let before = status.clone();
+        let wait = |status: &mut AgentRunStatus, reason: Reason, message: String| {
+            status.reason = Some(reason.into());
+            set(status, SCHEDULED, false, reason, message);
+        };
+        let sb_obj = match ctx.store.get(Kind::Sandbox, sandbox)? {
+            Some(o) if !o.is_deleting() => o,
+            _ => {
+                wait(
+                    &mut status,
+                    Reason::SandboxNotFound,
+                    format!("Sandbox {sandbox} does not exist"),
+                );
+                write_if_changed(ctx, obj, &before, &status)?;
+                return Ok(Action::Requeue(Duration::from_secs(2)));
+            }
+        };
+        let Resource::Sandbox(sb) = &sb_obj.resource else {
+            return Err(super::wrong_kind(&sb_obj, Kind::Sandbox));
+        };
+        // A sandbox holds its owner's work: only they (and root) may run in it.
+        let owner = sb_obj.submitter.as_ref().map_or(0, |c| c.uid);
+        let by = obj.submitter.as_ref().map_or(0, |c| c.uid);
+        if by != 0 && by != owner {
+            let message = format!(
+                "Sandbox {sandbox} belongs to {}; only they and root may run in it",
+                sb_obj
+                    .submitter
+                    .as_ref()
+                    .map_or_else(|| "root".to_string(), |c| c.to_string())
+            );
+            finish(
+                &mut status,
+                AgentRunPhase::Failed,
+                Reason::NotPermitted,
+                message.clone(),
+            );
+            write_status(ctx, obj, &status)?;
+            ctx.audit.record(
+                AuditEvent::new(
+                    AuditEventType::RunFinished,
+                    Kind::AgentRun,
+                    name,
+                    submitter(obj),
+                )
+                .details(serde_json::json!({
+                    "sandbox": sandbox,
+                    "phase": "Failed",
+                    "reason": Reason::NotPermitted,
+                    "message": message,
+                })),
+            );
+            return Ok(Action::AwaitChange);
+        }
+        let st = sb.status.clone().unwrap_or_default();
+        let vm = match (&st.vm, st.phase) {
+            (Some(vm), agentvm_api::SandboxPhase::Running)
+                if st.stopped_reason.is_none()
+                    && sb.spec.state == agentvm_api::SandboxState::Running =>
+            {
+                vm.clone()
+            }
+            _ => {
+                if sb.spec.state == agentvm_api::SandboxState::Running {
+                    // Stopped for being idle: this run is a use.
+                    self.sandboxes.wake(sandbox);
+                }
+                wait(
+                    &mut status,
+                    Reason::WaitingForSandbox,
+                    format!(
+                        "Sandbox {sandbox} is {} (spec.state {}); the run starts when it runs",
+                        st.phase.as_str(),
+                        sb.spec.state.as_str()
+                    ),
+                );
+                write_if_changed(ctx, obj, &before, &status)?;
+                return Ok(Action::Requeue(Duration::from_secs(1)));
+            }
+        };
+        let Some(read) = self.take_inputs(obj, run, ctx) else {
+            return Ok(Action::Requeue(BACKSTOP));
+        };
+        let prepared = match read {
+            Ok(p) => p,
+            Err(e) => return inputs_failed(obj, ctx, status, e, "sandbox", sandbox),
+        };
+        let in_use = self.sandboxes.begin(sandbox);
+        tracing::info!(run = name, sandbox, vm, "run scheduled in a sandbox");
+        status.phase = AgentRunPhase::Scheduled;
+        status.vm = Some(vm.clone());
+        status.reason = Some(Reason::Scheduled.into());
+        set(
+            &mut status,
+            SCHEDULED,
+            true,
+            Reason::Scheduled,
+            format!("VM {vm} of sandbox {sandbox}"),
+        );
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.lock().insert(
+            name.to_string(),
+            Active {
+                cancel: cancel.clone(),
+            },
+        );
+        if let Err(e) = write_status(ctx, obj, &status) {
+            self.lock().remove(name);
+            return Err(e);
+        }
+        let pool = st.pool.clone().unwrap_or_default();
+        self.spawn_job(
+            obj,
+            run,
+            ctx,
+            status,
+            &pool,
+            vm,
+            cancel,
+            prepared,
+            Some(in_use),
+        )
+    }
+}
+
+/// Ends a run whose host inputs could not be read: `Failed` with the reason, in the audit
+/// log. `place` and `at` name where it would have run (`pool`/`sandbox`, its name).
+fn inputs_failed(
+    obj: &StoredObject,
+    ctx: &Ctx,
+    mut status: AgentRunStatus,
+    e: RunError,
+    place: &str,
+    at: &str,
+) -> Result<Action, ReconcileError> {
+    let name = obj.resource.name();
+    let reason = match e {
+        RunError::Secret { .. } => Reason::SecretUnavailable,
+        _ => Reason::InputUnavailable,
+    };
+    let message = e.to_string();
+    tracing::warn!(run = name, submitter = %submitter(obj), reason = reason.as_str(), "{message}");
+    finish(&mut status, AgentRunPhase::Failed, reason, message.clone());
+    write_status(ctx, obj, &status)?;
+    ctx.audit.record(
+        AuditEvent::new(
+            AuditEventType::RunFinished,
+            Kind::AgentRun,
+            name,
+            submitter(obj),
+        )
+        .details(serde_json::json!({
+            place: at,
+            "phase": "Failed",
+            "reason": reason,
+            "message": message,
+        })),
+    );
+    Ok(Action::AwaitChange)
 }
 
 /// Who submitted `obj`, for messages and the audit log.
@@ -580,7 +770,9 @@ struct WatchState {
 }
 
 impl Watchdog {
-    fn start(backend: Arc<dyn Backend>, run: String, vm: String) -> Watchdog {
+    /// `destroy`: destroy the VM at the deadline (a pool VM); a sandbox's VM is kept, and
+    /// the run is only abandoned.
+    fn start(backend: Arc<dyn Backend>, run: String, vm: String, destroy: bool) -> Watchdog {
         let state: Arc<(Mutex<WatchState>, std::sync::Condvar)> = Arc::default();
         let fired = Arc::new(AtomicBool::new(false));
         let (st, f) = (state.clone(), fired.clone());
@@ -611,6 +803,10 @@ impl Watchdog {
                     }
                 }
                 drop(w);
+                if !destroy {
+                    tracing::warn!(run = %run, %vm, "the program did not end within its timeout and the kill grace; abandoning it (the sandbox's VM is kept)");
+                    return;
+                }
                 tracing::warn!(run = %run, %vm, "the program did not end within its timeout and the kill grace; destroying its VM");
                 let t = Instant::now();
                 match backend.destroy_vm(&vm) {
@@ -660,6 +856,9 @@ struct Job {
     active: Arc<Mutex<HashMap<String, Active>>>,
     cancel: Arc<AtomicBool>,
     status: AgentRunStatus,
+    /// Set for a run in a sandbox: its VM is kept as the run leaves it (never reset, never
+    /// destroyed), and the run counts as the sandbox's activity until this is dropped.
+    sandbox: Option<super::sandbox::InUse>,
 }
 
 impl Job {
@@ -810,7 +1009,12 @@ impl Job {
         let tails: Arc<Mutex<(Tail, Tail)>> = Arc::default();
         let mut artifacts = Vec::new();
         let mut report = MonitorReport::default();
-        let watchdog = Watchdog::start(self.backend.clone(), self.name.clone(), self.vm.clone());
+        let watchdog = Watchdog::start(
+            self.backend.clone(),
+            self.name.clone(),
+            self.vm.clone(),
+            self.sandbox.is_none(),
+        );
         let mut hard_stopped = false;
         let result = match self.backend.agent(&self.vm) {
             Err(e) => Err(RunError::Backend(e)),
@@ -891,6 +1095,7 @@ impl Job {
         let redact = |s: String| {
             String::from_utf8_lossy(&Redactor::redact_all(&secrets, s.as_bytes())).into_owned()
         };
+        let fate = self.fate();
         let st = &mut self.status;
         {
             let t = tails.lock().unwrap_or_else(|e| e.into_inner());
@@ -926,10 +1131,11 @@ impl Job {
                     AgentRunPhase::TimedOut,
                     Reason::GuestUnresponsive,
                     format!(
-                        "the program did not end within {} s of its {} s timeout (the guest did not carry out the kill); VM {} destroyed (the pool replaces it)",
+                        "the program did not end within {} s of its {} s timeout (the guest did not carry out the kill); VM {} {}",
                         KILL_GRACE.as_secs(),
                         spec.timeout_seconds,
-                        self.vm
+                        self.vm,
+                        fate,
                     ),
                 )
             }
@@ -985,7 +1191,7 @@ impl Job {
                 (
                     AgentRunPhase::TimedOut,
                     Reason::GuestUnresponsive,
-                    redact(format!("VM {} (replaced): {e}", self.vm)),
+                    redact(format!("VM {} ({fate}): {e}", self.vm)),
                 )
             }
             Err(RunError::Backend(e)) => {
@@ -993,7 +1199,7 @@ impl Job {
                 (
                     AgentRunPhase::Failed,
                     Reason::VmLost,
-                    redact(format!("VM {} (replaced): {e}", self.vm)),
+                    redact(format!("VM {} ({fate}): {e}", self.vm)),
                 )
             }
             Err(e) => (
@@ -1029,7 +1235,10 @@ impl Job {
         // it. If the reset fails, the pool gets it as needing a reset (and replaces it). A VM
         // that passed the pool's TTL during the run is handed back unreset: the pool replaces
         // it. A VM the run lost (QEMU gone, agent silent) is destroyed right here.
-        if replace {
+        if self.sandbox.is_some() {
+            // The sandbox's VM stays as the run left it; the sandbox reconciler watches it.
+            self.sandbox = None;
+        } else if replace {
             self.destroy_lost_vm();
         } else if self.registry.expired(&self.pool, &self.vm) {
             tracing::info!(pool = %self.pool, vm = %self.vm, "VM past its TTL; the pool replaces it");
@@ -1046,6 +1255,15 @@ impl Job {
             if o.is_deleting() {
                 let _ = self.ctx.store.finalize_delete(Kind::AgentRun, &self.name);
             }
+        }
+    }
+
+    /// What becomes of a VM the run lost, for messages.
+    fn fate(&self) -> &'static str {
+        if self.sandbox.is_some() {
+            "kept: it is the sandbox's"
+        } else {
+            "destroyed; the pool replaces it"
         }
     }
 

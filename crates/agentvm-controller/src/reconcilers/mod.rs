@@ -61,7 +61,7 @@ pub fn register(
         .reconciler(Arc::new(SandboxReconciler::new(
             backend.clone(),
             registry.clone(),
-            sandboxes,
+            sandboxes.clone(),
         )))
         .reconciler(Arc::new(SnapshotReconciler::new(backend.clone())))
         .reconciler(Arc::new(NetworkReconciler::new(backend.clone())))
@@ -71,7 +71,9 @@ pub fn register(
             backend.clone(),
             registry.clone(),
         )))
-        .reconciler(Arc::new(AgentRunReconciler::new(backend.clone(), registry)))
+        .reconciler(Arc::new(
+            AgentRunReconciler::new(backend.clone(), registry).sandboxes(sandboxes),
+        ))
         .sweeper(Arc::new(GarbageCollector::new(backend)))
 }
 

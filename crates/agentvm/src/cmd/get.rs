@@ -219,7 +219,12 @@ fn row(obj: &StoredObject, wide: bool, name: String) -> Vec<String> {
         }
         Kind::AgentRun => {
             let exit = at(&v, "/status/exitCode").map_or_else(|| "-".into(), Value::to_string);
-            let mut r = vec![name, text(&v, "/spec/poolRef"), phase(obj, &v), exit, age];
+            // A run in a sandbox shows where it ran instead of a pool.
+            let place = match at(&v, "/spec/sandboxRef").and_then(Value::as_str) {
+                Some(sandbox) => format!("sbx/{sandbox}"),
+                None => text(&v, "/spec/poolRef"),
+            };
+            let mut r = vec![name, place, phase(obj, &v), exit, age];
             if wide {
                 r.push(text(&v, "/status/vm"));
                 r.push(text(&v, "/status/reason"));

@@ -86,6 +86,9 @@ impl RunArgs {
         pools: &[&VmPool],
     ) -> anyhow::Result<i32> {
         let name = &run.metadata.name;
+        if let Some(sandbox) = &run.spec.sandbox_ref {
+            bail!("AgentRun {name} runs in Sandbox {sandbox}, which lives in the controller: apply it there (`agentvm apply -f`)");
+        }
         let pool = pools
             .iter()
             .find(|p| p.metadata.name == run.spec.pool_ref)

@@ -623,3 +623,81 @@ fn a_waiting_run_is_woken_when_a_vm_becomes_ready() {
     tx.send(()).unwrap();
     rt.block_on(task).unwrap();
 }
+
+#[test]
+fn a_run_in_a_sandbox_runs_in_its_vm_keeps_it_unreset_and_counts_as_activity() {
+    use crate::reconcilers::{SandboxReconciler, Sandboxes};
+    let r = Runs::new(1, 2);
+    let activity = Arc::new(Sandboxes::new());
+    let runs =
+        AgentRunReconciler::new(r.t.backend(), r.registry.clone()).sandboxes(activity.clone());
+    let boxes = SandboxReconciler::new(r.t.backend(), r.registry.clone(), activity.clone());
+    r.drive(|r| r.a_vm_ready());
+    r.t.apply("apiVersion: agentvm.dev/v1alpha1\nkind: Sandbox\nmetadata: {name: s}\nspec: {poolRef: p}\n");
+    r.t.reconcile(&boxes, Kind::Sandbox, "s").unwrap();
+    let vm = r.t.status(Kind::Sandbox, "s")["vm"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let in_sandbox = |name: &str, source: &str| {
+        run_yaml(name, source, "").replace("  poolRef: p\n", "  sandboxRef: s\n")
+    };
+    let drive = |name: &str| {
+        let start = Instant::now();
+        loop {
+            let o = r.t.store.get(Kind::AgentRun, name).unwrap().unwrap();
+            if status_of::<AgentRunStatus>(&o).phase.is_terminal() && runs.executing().is_empty() {
+                return;
+            }
+            let _ = runs.reconcile(Arc::new(o), &r.t.ctx);
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{name} never ended"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    r.t.apply(&in_sandbox("one", "echo one"));
+    drive("one");
+    let st = r.status("one");
+    assert_eq!(st.phase, AgentRunPhase::Succeeded, "{st:?}");
+    assert_eq!(st.vm.as_deref(), Some(vm.as_str()));
+    // Never reset: the sandbox keeps what the run left.
+    assert_eq!(r.t.fake.domains()[&vm].resets, 0);
+    assert_eq!(activity.in_progress("s"), 0);
+
+    // While the sandbox is paused the run waits, and says why.
+    r.t.apply("apiVersion: agentvm.dev/v1alpha1\nkind: Sandbox\nmetadata: {name: s}\nspec: {poolRef: p, state: Paused}\n");
+    r.t.reconcile(&boxes, Kind::Sandbox, "s").unwrap();
+    r.t.apply(&in_sandbox("two", "echo two"));
+    let o = r.t.store.get(Kind::AgentRun, "two").unwrap().unwrap();
+    runs.reconcile(Arc::new(o), &r.t.ctx).unwrap();
+    let st = r.status("two");
+    assert_eq!(st.phase, AgentRunPhase::Pending);
+    assert_eq!(st.reason.as_deref(), Some("WaitingForSandbox"));
+
+    // Someone else's sandbox: refused, nothing run.
+    let mut other = r.t.store.get(Kind::AgentRun, "two").unwrap().unwrap();
+    other.submitter = Some(crate::caller::Caller {
+        uid: 4242,
+        gid: 4242,
+        groups: vec![],
+        user: None,
+    });
+    r.t.store
+        .apply_batch(
+            vec![crate::store::ApplyItem {
+                resource: other.resource.clone(),
+                manager: crate::store::Manager::Api,
+                submitter: other.submitter.clone().unwrap(),
+                force: false,
+            }],
+            false,
+        )
+        .unwrap();
+    let o = r.t.store.get(Kind::AgentRun, "two").unwrap().unwrap();
+    runs.reconcile(Arc::new(o), &r.t.ctx).unwrap();
+    let st = r.status("two");
+    assert_eq!(st.phase, AgentRunPhase::Failed);
+    assert_eq!(st.reason.as_deref(), Some("NotPermitted"));
+}
