@@ -373,16 +373,47 @@ impl AgentRunReconciler {
         tracing::info!(run = name, pool, vm, took = ?acquired.elapsed(), "run scheduled");
         self.registry
             .set_waiting(pool, waiting.saturating_sub(1) as u32);
-        status.phase = AgentRunPhase::Scheduled;
-        status.vm = Some(vm.clone());
-        status.reason = Some(Reason::Scheduled.into());
-        set(
+        let scheduled = self.schedule(
+            obj,
+            ctx,
             &mut status,
-            SCHEDULED,
-            true,
-            Reason::Scheduled,
+            &vm,
             format!("VM {vm} of pool {pool}"),
         );
+        let cancel = match scheduled {
+            Ok(cancel) => cancel,
+            Err(e) => {
+                self.registry.release(pool, &vm);
+                self.waiting().inputs.insert(
+                    name.to_string(),
+                    (
+                        (obj.created_at, obj.generation()),
+                        Inputs::Read(Ok(prepared)),
+                    ),
+                );
+                return Err(e);
+            }
+        };
+        self.dequeue(pool, &me);
+        self.spawn_job(obj, run, ctx, status, pool, vm, cancel, prepared, None)
+    }
+
+    /// Marks the run `Scheduled` on `vm` (`message` says where) and executing in this
+    /// process, and writes its status; on a failed write it is not executing. Returns its
+    /// cancel flag.
+    fn schedule(
+        &self,
+        obj: &StoredObject,
+        ctx: &Ctx,
+        status: &mut AgentRunStatus,
+        vm: &str,
+        message: String,
+    ) -> Result<Arc<AtomicBool>, ReconcileError> {
+        let name = obj.resource.name();
+        status.phase = AgentRunPhase::Scheduled;
+        status.vm = Some(vm.to_string());
+        status.reason = Some(Reason::Scheduled.into());
+        set(status, SCHEDULED, true, Reason::Scheduled, message);
         let cancel = Arc::new(AtomicBool::new(false));
         self.lock().insert(
             name.to_string(),
@@ -390,20 +421,11 @@ impl AgentRunReconciler {
                 cancel: cancel.clone(),
             },
         );
-        if let Err(e) = write_status(ctx, obj, &status) {
+        if let Err(e) = write_status(ctx, obj, status) {
             self.lock().remove(name);
-            self.registry.release(pool, &vm);
-            self.waiting().inputs.insert(
-                name.to_string(),
-                (
-                    (obj.created_at, obj.generation()),
-                    Inputs::Read(Ok(prepared)),
-                ),
-            );
             return Err(e);
         }
-        self.dequeue(pool, &me);
-        self.spawn_job(obj, run, ctx, status, pool, vm, cancel, prepared, None)
+        Ok(cancel)
     }
 
     /// The run's host inputs (files, secrets, workspace): read once, on a thread of their
@@ -573,27 +595,13 @@ impl AgentRunReconciler {
         };
         let in_use = self.sandboxes.begin(sandbox);
         tracing::info!(run = name, sandbox, vm, "run scheduled in a sandbox");
-        status.phase = AgentRunPhase::Scheduled;
-        status.vm = Some(vm.clone());
-        status.reason = Some(Reason::Scheduled.into());
-        set(
+        let cancel = self.schedule(
+            obj,
+            ctx,
             &mut status,
-            SCHEDULED,
-            true,
-            Reason::Scheduled,
+            &vm,
             format!("VM {vm} of sandbox {sandbox}"),
-        );
-        let cancel = Arc::new(AtomicBool::new(false));
-        self.lock().insert(
-            name.to_string(),
-            Active {
-                cancel: cancel.clone(),
-            },
-        );
-        if let Err(e) = write_status(ctx, obj, &status) {
-            self.lock().remove(name);
-            return Err(e);
-        }
+        )?;
         let pool = st.pool.clone().unwrap_or_default();
         self.spawn_job(
             obj,
@@ -1263,7 +1271,7 @@ impl Job {
         if self.sandbox.is_some() {
             "kept: it is the sandbox's"
         } else {
-            "destroyed; the pool replaces it"
+            "replaced: destroyed, the pool boots another"
         }
     }
 

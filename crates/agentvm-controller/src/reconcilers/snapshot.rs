@@ -3,7 +3,9 @@
 //! A pending snapshot waits until its sandbox runs (or is paused), then is taken once; a
 //! sandbox at `maxSnapshots` fails it (`SnapshotLimit`). A taken snapshot is checked on
 //! every pass: one gone from its VM (the VM was deleted, or the snapshot by hand) is
-//! `Failed` (`SnapshotLost`). Deletion removes it from the VM, freeing its space, then
+//! `Failed` (`SnapshotLost`). One found in the VM but not recorded (the controller stopped
+//! between taking and recording it) is adopted, never taken twice. Deletion removes it from
+//! the VM, freeing its space, then
 //! finalizes; deleting the sandbox deletes its snapshots.
 
 use std::sync::Arc;
@@ -160,6 +162,23 @@ impl Reconciler for SnapshotReconciler {
                 return Ok(Action::Requeue(WAITING));
             }
         };
+        // Taken by an earlier controller that stopped before recording it: adopted, not
+        // taken twice.
+        let existing = self
+            .backend
+            .vm_snapshots(&vm)
+            .map_err(|e| backend_error(&format!("listing snapshots of {vm}"), &e))?;
+        if existing.iter().any(|n| n == name) {
+            status.phase = SnapshotPhase::Ready;
+            status.vm = Some(vm.clone());
+            status.taken_at = Some(Timestamp::now().to_string());
+            Conditions(&mut status.conditions).ready(
+                Reason::Taken,
+                format!("found in {vm}: taken before the controller restarted"),
+            );
+            write_status(ctx, &obj, &status)?;
+            return Ok(Action::Requeue(CHECK));
+        }
         let others = Self::siblings(ctx, sandbox_ref, name)?;
         if others >= sb.spec.max_snapshots as usize {
             status.phase = SnapshotPhase::Failed;

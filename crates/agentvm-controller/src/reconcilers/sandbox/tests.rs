@@ -360,3 +360,26 @@ fn a_sandbox_at_max_snapshots_fails_the_next_one() {
     assert_eq!(st["phase"], "Failed");
     assert_eq!(cond(&st, "Degraded").1, "SnapshotLimit");
 }
+
+#[test]
+fn a_snapshot_taken_but_not_recorded_before_a_restart_is_adopted_not_retaken() {
+    let b = Boxes::new();
+    let snaps = crate::reconcilers::SnapshotReconciler::new(b.t.backend());
+    b.t.apply(&sandbox(""));
+    b.pass().unwrap();
+    let vm = b.status()["vm"].as_str().unwrap().to_string();
+    // The earlier controller took it, then died.
+    b.t.fake.snapshot_vm(&vm, "one").unwrap();
+    b.t.apply(&snapshot_yaml("one", "s"));
+    b.t.reconcile(&snaps, Kind::Snapshot, "one").unwrap();
+    let st = b.t.status(Kind::Snapshot, "one");
+    assert_eq!(st["phase"], "Ready", "{st}");
+    assert!(cond(&st, "Ready").1 == "Taken");
+    let taken =
+        b.t.fake
+            .calls()
+            .iter()
+            .filter(|c| c.op == Op::SnapshotVm)
+            .count();
+    assert_eq!(taken, 1, "taken once, by the earlier controller");
+}
