@@ -87,7 +87,9 @@ pub async fn serve<L: Listener>(
                 // A client may shut down its write side and wait for the answer.
                 .half_close(true)
                 .max_buf_size(limits.max_head_bytes.max(MIN_HEAD_BYTES))
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                // `POST /v1/sandboxes/{name}/attach` switches protocols.
+                .with_upgrades();
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => return,

@@ -1,6 +1,6 @@
 //! End to end with real VMs (`qemu:///system`, TCG): a `Sandbox` claims a warm VM from its
 //! pool (which boots a replacement) and keeps it: `agentvm exec sandbox/NAME` passes output
-//! and exit codes through; `pause` stops the vCPUs (an exec is refused until `resume`);
+//! and exit codes through, `-i` this process's stdin and `-t` a terminal of its size; `pause` stops the vCPUs (an exec is refused until `resume`);
 //! `stop` saves memory and disk to the host's disk (no QEMU process) and `start` brings
 //! back the same files and the same running processes; a `kill -9` of the controller loses
 //! nothing; an idle sandbox is saved to disk after `idleTimeoutSeconds` of running time
@@ -13,6 +13,8 @@
 
 mod common;
 
+use std::io::Write;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -101,6 +103,73 @@ fn a_sandbox_keeps_its_vm_files_and_processes_through_pause_stop_and_restarts() 
     let (code, out, err) = exec(&env, "dev", "echo hello; echo oops >&2; exit 3");
     assert_eq!((code, out.as_str()), (3, "hello\n"), "stderr: {err}");
     assert!(err.contains("oops"), "{err}");
+    // -i: this process's stdin reaches the program, to its end.
+    let mut child = env
+        .cmd(&[
+            "exec",
+            "-i",
+            "sandbox/dev",
+            "--",
+            "sh",
+            "-c",
+            "read a; read b; echo \"got $a+$b\"; cat > /root/from-stdin",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"one\ntwo\nthe rest\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exec -i: {stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "got one+two\n");
+    assert_eq!(exec_ok(&env, "dev", "cat /root/from-stdin"), "the rest\n");
+    // -t: a terminal of its own, the size of this one (`script` gives the CLI a terminal).
+    let inner = env.cmd(&[
+        "exec",
+        "-t",
+        "sandbox/dev",
+        "--",
+        "sh",
+        "-c",
+        "tty; stty size",
+    ]);
+    let line = std::iter::once(inner.get_program().to_string_lossy().into_owned())
+        .chain(
+            inner
+                .get_args()
+                .map(|a| format!("'{}'", a.to_string_lossy())),
+        )
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut script = std::process::Command::new("script");
+    script.args([
+        "-qec",
+        &format!("stty rows 33 cols 111; {line}"),
+        "/dev/null",
+    ]);
+    for (k, v) in inner.get_envs() {
+        match v {
+            Some(v) => script.env(k, v),
+            None => script.env_remove(k),
+        };
+    }
+    let out = script.stdin(Stdio::null()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "exec -t: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("/dev/pts/"), "{text}");
+    assert!(text.contains("33 111"), "{text}");
+
     // A file on disk and a process that outlives the exec.
     let sleeper = exec_ok(
         &env,

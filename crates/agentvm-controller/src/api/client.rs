@@ -311,6 +311,19 @@ impl Client {
         body: Option<&[u8]>,
         timeout: Option<Duration>,
     ) -> Result<Response, ClientError> {
+        self.send(method, path, body, timeout, None).map(|(r, _)| r)
+    }
+
+    /// [`Client::request`], asking to switch to protocol `upgrade` when given; also returns
+    /// a handle to write on the connection (after a `101`).
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        timeout: Option<Duration>,
+        upgrade: Option<&str>,
+    ) -> Result<(Response, UnixStream), ClientError> {
         let mut stream =
             UnixStream::connect(&self.socket).map_err(|source| ClientError::Unreachable {
                 socket: self.socket.clone(),
@@ -320,8 +333,15 @@ impl Client {
             .set_read_timeout(timeout)
             .and_then(|_| stream.set_write_timeout(Some(REQUEST_TIMEOUT)))
             .map_err(|e| self.protocol(e.to_string()))?;
+        let connection = match upgrade {
+            Some(p) => format!("Upgrade\r\nUpgrade: {p}\r\nContent-Length: 0"),
+            None => "close".to_string(),
+        };
+        let writer = stream
+            .try_clone()
+            .map_err(|e| self.protocol(e.to_string()))?;
         let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: agentvm\r\nConnection: close\r\nAccept: application/json\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: agentvm\r\nConnection: {connection}\r\nAccept: application/json\r\n"
         );
         if let Some(body) = body {
             head.push_str(&format!(
@@ -394,11 +414,14 @@ impl Client {
         } else {
             Box::new(reader)
         };
-        Ok(Response {
-            status,
-            headers,
-            body,
-        })
+        Ok((
+            Response {
+                status,
+                headers,
+                body,
+            },
+            writer,
+        ))
     }
 
     /// Sends a request and decodes a JSON answer; non-2xx statuses become
@@ -562,6 +585,30 @@ impl Client {
             .map_err(|e| self.protocol(e.to_string()))?;
         let path = format!("/v1/sandboxes/{}/state", encode(sandbox));
         self.call("POST", &path, Some(&body))
+    }
+
+    /// `POST /v1/sandboxes/{name}/attach`: an interactive exec. Sends `request` as the
+    /// first frame; returns the connection to read [`super::attach`] frames from and one to
+    /// write them to. The write side carries no timeout of its own beyond each write's.
+    pub fn sandbox_attach(
+        &self,
+        sandbox: &str,
+        request: &super::AttachRequest,
+    ) -> Result<(Box<dyn BufRead + Send>, UnixStream), ClientError> {
+        let path = format!("/v1/sandboxes/{}/attach", encode(sandbox));
+        let (mut resp, mut writer) =
+            self.send("POST", &path, None, None, Some(super::attach::PROTOCOL))?;
+        if resp.status != 101 {
+            let mut bytes = Vec::new();
+            let _ = resp.body.read_to_end(&mut bytes);
+            self.check(resp.status, &bytes)?;
+            return Err(self.protocol(format!("expected 101, got {}", resp.status)));
+        }
+        let json = serde_json::to_vec(request).map_err(|e| self.protocol(e.to_string()))?;
+        writer
+            .write_all(&super::attach::encode(super::attach::REQUEST, &json))
+            .map_err(|e| self.protocol(e.to_string()))?;
+        Ok((resp.body, writer))
     }
 
     /// `POST /v1/sandboxes/{name}/rollback`: asks for the sandbox to be rolled back to

@@ -13,6 +13,7 @@
 //! | `GET /v1/runs/{name}/logs?offset=N&follow=true` | the run's output (stdout and stderr interleaved), chunked; `follow` streams until the run ends |
 //! | `GET /v1/specdir/errors` | [`SpecDirResponse`] |
 //! | `POST /v1/sandboxes/{name}/exec` | [`SandboxExecRequest`] → newline-delimited [`ExecEvent`]s (output as it comes, then the exit); 409 when the sandbox is not wanted running |
+//! | `POST /v1/sandboxes/{name}/attach` | upgraded to `agentvm-exec`: an interactive exec (stdin, terminal, resize) in [`attach`] frames, the first one an [`AttachRequest`] |
 //! | `POST /v1/sandboxes/{name}/rollback` | [`SandboxRollbackRequest`] → the `StoredObject` with `spec.rollback` set; 404 without the snapshot, 409 when it is not a ready snapshot of this sandbox |
 //! | `POST /v1/sandboxes/{name}/state` | [`SandboxStateRequest`] → the `StoredObject` with `spec.state` changed (and an idle-stopped sandbox woken for `Running`) |
 //!
@@ -328,4 +329,93 @@ pub struct SandboxStateRequest {
 pub struct SandboxRollbackRequest {
     /// Name of a ready `Snapshot` of the sandbox.
     pub snapshot: String,
+}
+
+/// `POST /v1/sandboxes/{name}/attach`: an interactive exec. The request carries
+/// `Connection: Upgrade` and `Upgrade: agentvm-exec`; after `101 Switching Protocols` both
+/// sides exchange [`attach`] frames, the client's first being this request as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AttachRequest {
+    /// What to run.
+    pub exec: SandboxExecRequest,
+    /// Run it on a terminal of (rows, columns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<(u16, u16)>,
+}
+
+/// The frames of an interactive exec after the upgrade: a kind byte, a 4-byte big-endian
+/// length, then that many bytes (at most [`attach::MAX_FRAME`]; a longer one ends the
+/// connection).
+pub mod attach {
+    use std::io::{self, Read};
+
+    /// The `Upgrade` protocol name.
+    pub const PROTOCOL: &str = "agentvm-exec";
+    /// Largest payload of one frame.
+    pub const MAX_FRAME: usize = 1 << 20;
+    /// Client → server: the [`super::AttachRequest`] as JSON (first frame only).
+    pub const REQUEST: u8 = 0;
+    /// Client → server: bytes for the program's stdin. Server → client: its stdout.
+    pub const DATA: u8 = 1;
+    /// Client → server: stdin ended. Server → client: bytes of the program's stderr.
+    pub const STDERR_OR_EOF: u8 = 2;
+    /// Client → server: the terminal's new size (rows, columns as 2-byte big-endian each).
+    /// Server → client: the program ended: an [`super::ExecEvent::Exit`] as JSON.
+    pub const RESIZE_OR_EXIT: u8 = 3;
+    /// Server → client: the program could not be run or followed (text).
+    pub const ERROR: u8 = 4;
+
+    /// One frame, encoded.
+    pub fn encode(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::with_capacity(5 + payload.len());
+        f.push(kind);
+        f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// Parses a frame header: (kind, payload length), refusing oversized payloads.
+    pub fn header(h: [u8; 5]) -> io::Result<(u8, usize)> {
+        let len = u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize;
+        if len > MAX_FRAME {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("frame of {len} bytes (at most {MAX_FRAME})"),
+            ));
+        }
+        Ok((h[0], len))
+    }
+
+    /// Reads one frame; `None` at a clean end of the stream.
+    pub fn read_frame(r: &mut impl Read) -> io::Result<Option<(u8, Vec<u8>)>> {
+        let mut h = [0u8; 5];
+        match r.read_exact(&mut h) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let (kind, len) = header(h)?;
+        let mut payload = vec![0u8; len];
+        r.read_exact(&mut payload)?;
+        Ok(Some((kind, payload)))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn frames_round_trip_and_oversized_ones_are_refused() {
+            let mut bytes = encode(DATA, b"hello");
+            bytes.extend(encode(ERROR, b""));
+            let mut r = &bytes[..];
+            assert_eq!(read_frame(&mut r).unwrap(), Some((DATA, b"hello".to_vec())));
+            assert_eq!(read_frame(&mut r).unwrap(), Some((ERROR, vec![])));
+            assert_eq!(read_frame(&mut r).unwrap(), None);
+            let mut big = vec![DATA];
+            big.extend_from_slice(&((MAX_FRAME as u32) + 1).to_be_bytes());
+            assert!(read_frame(&mut &big[..]).is_err());
+        }
+    }
 }

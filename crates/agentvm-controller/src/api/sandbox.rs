@@ -436,3 +436,257 @@ pub(super) async fn rollback(
         Err(resp) => resp,
     }
 }
+
+/// Stdin of an interactive exec: the bytes the client sends, until it says stdin ended or
+/// goes away.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos >= self.buf.len() {
+            match self.rx.recv() {
+                Ok(b) => {
+                    self.buf = b;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// `POST /v1/sandboxes/{name}/attach`: see [`super::AttachRequest`].
+pub(super) async fn attach(
+    State(st): State<ApiState>,
+    caller: Option<Extension<Caller>>,
+    UrlPath(name): UrlPath<String>,
+    mut req: axum::extract::Request,
+) -> Response {
+    use super::attach::{self as frames, PROTOCOL};
+    let caller = match caller_of(caller) {
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
+    let access = match access(&st) {
+        Ok(a) => a.clone(),
+        Err(resp) => return resp,
+    };
+    let upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(PROTOCOL));
+    if !upgrade {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("send `Connection: Upgrade` and `Upgrade: {PROTOCOL}`"),
+            vec![],
+        );
+    }
+    let obj = match sandbox_for(&st, &name, &caller).await {
+        Ok(o) => o,
+        Err(resp) => return resp,
+    };
+    let state = spec_state(&obj);
+    if state != SandboxState::Running {
+        let verb = if state == SandboxState::Paused {
+            "resume"
+        } else {
+            "start"
+        };
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "Sandbox/{name} is {} (spec.state); `agentvm {verb} sandbox/{name}` first",
+                state.as_str()
+            ),
+            vec![],
+        );
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let audit = st.audit.clone();
+    let actor = caller.to_string();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let (mut rd, mut wr) = tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));
+        async fn read_frame(
+            rd: &mut (impl tokio::io::AsyncRead + Unpin),
+        ) -> std::io::Result<Option<(u8, Vec<u8>)>> {
+            let mut h = [0u8; 5];
+            match rd.read_exact(&mut h).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+                Err(e) => return Err(e),
+            }
+            let (kind, len) = super::attach::header(h)?;
+            let mut payload = vec![0u8; len];
+            rd.read_exact(&mut payload).await?;
+            Ok(Some((kind, payload)))
+        }
+        let fail = |message: String| frames::encode(frames::ERROR, message.as_bytes());
+        let request = match read_frame(&mut rd).await {
+            Ok(Some((frames::REQUEST, p))) => serde_json::from_slice::<super::AttachRequest>(&p)
+                .map_err(|e| format!("bad attach request: {e}")),
+            Ok(_) => Err("the first frame must be the request".to_string()),
+            Err(e) => Err(format!("reading the request: {e}")),
+        };
+        let request = match request.and_then(|r| check_request(&r.exec).map(|()| r)) {
+            Ok(r) => r,
+            Err(message) => {
+                let _ = wr.write_all(&fail(message)).await;
+                return;
+            }
+        };
+        let in_use = access.sandboxes.begin(&name);
+        let vm = match running_vm(&st, &name).await {
+            Ok(vm) => vm,
+            Err(_) => {
+                let _ = wr
+                    .write_all(&fail(format!("Sandbox/{name} is not running")))
+                    .await;
+                return;
+            }
+        };
+        let exec = request.exec;
+        let mut program = ExecRequest::new(exec.command[0].clone(), exec.command[1..].to_vec());
+        program.env = exec.env.clone();
+        program.cwd = exec.workdir.clone();
+        program.timeout =
+            Duration::from_secs(exec.timeout_seconds.unwrap_or(MAX_SANDBOX_EXEC_SECONDS));
+        program.output_cap = EXEC_OUTPUT_CAP;
+        program.keep_output = false;
+        let pty = request
+            .tty
+            .map(|(rows, cols)| agentvm_guest::WinSize { rows, cols });
+        let size = std::sync::Arc::new(std::sync::Mutex::new(pty));
+        let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (stdin_tx, stdin_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+
+        // The client's frames: stdin, its end, resizes. A client that goes away ends the
+        // program.
+        let (size_in, cancel_in) = (size.clone(), cancel.clone());
+        let reader = tokio::spawn(async move {
+            let mut stdin_tx = Some(stdin_tx);
+            loop {
+                match read_frame(&mut rd).await {
+                    Ok(Some((frames::DATA, data))) => {
+                        if let Some(tx) = &stdin_tx {
+                            let _ = tx.send(data);
+                        }
+                    }
+                    Ok(Some((frames::STDERR_OR_EOF, _))) => stdin_tx = None,
+                    Ok(Some((frames::RESIZE_OR_EXIT, p))) if p.len() == 4 => {
+                        let rows = u16::from_be_bytes([p[0], p[1]]);
+                        let cols = u16::from_be_bytes([p[2], p[3]]);
+                        if rows > 0 && cols > 0 {
+                            *size_in.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Some(agentvm_guest::WinSize { rows, cols });
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => {
+                        cancel_in.store(true, std::sync::atomic::Ordering::SeqCst);
+                        return;
+                    }
+                }
+            }
+        });
+        let writer = tokio::spawn(async move {
+            while let Some(frame) = out_rx.recv().await {
+                if wr.write_all(&frame).await.is_err() {
+                    break;
+                }
+            }
+            let _ = wr.shutdown().await;
+        });
+        let command = request_line(&program);
+        let vm_name = vm.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let _in_use = in_use;
+            let interactive = agentvm_backend::agent_conn::Interactive {
+                stdin: Some(Box::new(ChannelReader {
+                    rx: stdin_rx,
+                    buf: Vec::new(),
+                    pos: 0,
+                })),
+                pty,
+                winsize: pty.map(|_| {
+                    Box::new(move || *size.lock().unwrap_or_else(|e| e.into_inner()))
+                        as Box<dyn Fn() -> Option<agentvm_guest::WinSize> + Send>
+                }),
+            };
+            let result = access.backend.agent(&vm_name).and_then(|agent| {
+                Guest::with_cancel(&*agent, cancel).exec_interactive(
+                    &program,
+                    interactive,
+                    &mut |stream, data| {
+                        let kind = match stream {
+                            Stream::Stdout => frames::DATA,
+                            Stream::Stderr => frames::STDERR_OR_EOF,
+                        };
+                        let _ = out_tx.blocking_send(frames::encode(kind, data));
+                    },
+                )
+            });
+            let (frame, code) = match result {
+                Ok(o) => {
+                    let exit = ExecEvent::Exit {
+                        code: o.exit_code,
+                        signal: o.signal,
+                        timed_out: o.timed_out,
+                    };
+                    (
+                        frames::encode(
+                            frames::RESIZE_OR_EXIT,
+                            &serde_json::to_vec(&exit).unwrap_or_default(),
+                        ),
+                        serde_json::json!(o.exit_code),
+                    )
+                }
+                Err(e) => (
+                    frames::encode(
+                        frames::ERROR,
+                        format!("running in {vm_name}: {e}").as_bytes(),
+                    ),
+                    serde_json::Value::Null,
+                ),
+            };
+            let _ = out_tx.blocking_send(frame);
+            if let Some(audit) = audit {
+                audit.record(
+                    AuditEvent::new(AuditEventType::SandboxExec, Kind::Sandbox, &name, actor)
+                        .vm(vm_name.clone())
+                        .details(serde_json::json!({
+                            "command": command,
+                            "exitCode": code,
+                            "interactive": true,
+                        })),
+                );
+            }
+        })
+        .await;
+        let _ = writer.await;
+        reader.abort();
+    });
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    resp.headers_mut().insert(
+        header::UPGRADE,
+        HeaderValue::from_static(super::attach::PROTOCOL),
+    );
+    resp
+}

@@ -159,6 +159,10 @@ pub fn router(state: ApiState) -> Router {
             axum::routing::post(super::sandbox::set_state),
         )
         .route(
+            "/v1/sandboxes/{name}/attach",
+            axum::routing::post(super::sandbox::attach),
+        )
+        .route(
             "/v1/sandboxes/{name}/rollback",
             axum::routing::post(super::sandbox::rollback),
         )

@@ -64,10 +64,8 @@ impl ExecArgs {
         if command.is_empty() {
             anyhow::bail!("name the command to run: agentvm exec sandbox/{name} -- CMD ARGS..");
         }
-        if self.interactive || self.tty || !self.publish.is_empty() {
-            anyhow::bail!(
-                "-i, -t and -p are not available for sandboxes yet; run the command without them"
-            );
+        if !self.publish.is_empty() {
+            anyhow::bail!("-p is not available for sandboxes yet; run the command without it");
         }
         let mut env = std::collections::BTreeMap::new();
         for kv in &self.env {
@@ -82,7 +80,31 @@ impl ExecArgs {
             workdir: self.workdir.clone(),
             timeout_seconds: self.timeout.map(|t| t.as_secs().max(1)),
         };
-        super::sandbox::exec(cfg, &self.connect, &name, request)
+        if !(self.interactive || self.tty) {
+            return super::sandbox::exec(cfg, &self.connect, &name, request);
+        }
+        let tty = if self.tty {
+            Some(Terminal::open().context("-t needs a terminal on standard input")?)
+        } else {
+            None
+        };
+        let attach = agentvm_controller::api::AttachRequest {
+            exec: request,
+            tty: tty.as_ref().map(|_| {
+                let s = Terminal::size();
+                (s.rows, s.cols)
+            }),
+        };
+        let (reader, writer) = self.connect.client(cfg).sandbox_attach(&name, &attach)?;
+        // Raw mode only while the program runs.
+        let _raw = match &tty {
+            Some(t) => Some(t.raw().context("putting the terminal into raw mode")?),
+            None => None,
+        };
+        super::sandbox::attached(reader, writer, self.interactive, tty.is_some(), || {
+            let s = Terminal::size();
+            (s.rows, s.cols)
+        })
     }
 
     /// Boot, run, print, tear down. Exits with the guest command's exit code.

@@ -278,3 +278,102 @@ impl RollbackArgs {
         }
     }
 }
+
+/// Follows an interactive exec: this process's stdin to the program (with `stdin`), the
+/// terminal's size whenever it changes (with `tty`; `size` reads it), the program's output
+/// to stdout and stderr; returns its exit code (128 + signal, 124 at its timeout).
+pub fn attached(
+    mut reader: Box<dyn std::io::BufRead + Send>,
+    writer: std::os::unix::net::UnixStream,
+    stdin: bool,
+    tty: bool,
+    size: impl Fn() -> (u16, u16) + Send + 'static,
+) -> anyhow::Result<i32> {
+    use agentvm_controller::api::attach::{self as frames, read_frame};
+    use std::io::Read;
+    let writer = std::sync::Arc::new(std::sync::Mutex::new(writer));
+    let send = {
+        let writer = writer.clone();
+        move |kind: u8, payload: &[u8]| -> bool {
+            writer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write_all(&frames::encode(kind, payload))
+                .is_ok()
+        }
+    };
+    if stdin {
+        let send = send.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 32 * 1024];
+            let mut input = std::io::stdin();
+            loop {
+                match input.read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        send(frames::STDERR_OR_EOF, &[]);
+                        return;
+                    }
+                    Ok(n) => {
+                        if !send(frames::DATA, &buf[..n]) {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    } else {
+        send(frames::STDERR_OR_EOF, &[]);
+    }
+    if tty {
+        let send = send.clone();
+        std::thread::spawn(move || {
+            let mut last = size();
+            loop {
+                std::thread::sleep(Duration::from_millis(250));
+                let now = size();
+                if now != last {
+                    last = now;
+                    let mut p = now.0.to_be_bytes().to_vec();
+                    p.extend_from_slice(&now.1.to_be_bytes());
+                    if !send(frames::RESIZE_OR_EXIT, &p) {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    loop {
+        match read_frame(&mut reader)? {
+            Some((frames::DATA, data)) => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&data)?;
+                out.flush()?;
+            }
+            Some((frames::STDERR_OR_EOF, data)) => std::io::stderr().write_all(&data)?,
+            Some((frames::RESIZE_OR_EXIT, json)) => {
+                let exit: ExecEvent =
+                    serde_json::from_slice(&json).context("bad exit frame from the controller")?;
+                let ExecEvent::Exit {
+                    code,
+                    signal,
+                    timed_out,
+                } = exit
+                else {
+                    bail!("bad exit frame from the controller");
+                };
+                if timed_out {
+                    eprintln!("\r\nerror: the command was killed at its timeout");
+                    return Ok(124);
+                }
+                return Ok(match (code, signal) {
+                    (Some(c), _) => c,
+                    (None, Some(s)) => 128 + s,
+                    (None, None) => 1,
+                });
+            }
+            Some((frames::ERROR, text)) => bail!("{}", String::from_utf8_lossy(&text)),
+            Some(_) => {}
+            None => bail!("the controller closed the connection before the command ended"),
+        }
+    }
+}
