@@ -78,6 +78,8 @@ enum Command {
     Stop(cmd::sandbox::PowerArgs),
     /// Start a stopped sandbox where it was, running programs included (spec.state: Running).
     Start(cmd::sandbox::PowerArgs),
+    /// Copy a file into or out of a sandbox (`sandbox/NAME:/path` on one side).
+    Cp(cmd::sandbox::CpArgs),
     /// Take a snapshot (memory and disk) of a sandbox: creates a Snapshot object.
     Snapshot(cmd::sandbox::SnapshotArgs),
     /// Roll a sandbox back to one of its snapshots (sets spec.rollback).
@@ -139,6 +141,7 @@ fn main() {
             Command::Stop(a) => a.run(&cfg, SandboxState::Stopped, "stopped"),
             Command::Start(a) => a.run(&cfg, SandboxState::Running, "started"),
             Command::Snapshot(a) => a.run(&cfg),
+            Command::Cp(a) => a.run(&cfg),
             Command::Rollback(a) => a.run(&cfg),
             Command::Wait(a) => a.run(&cfg),
             Command::Version(a) => a.run(&cfg),

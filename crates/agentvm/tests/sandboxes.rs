@@ -1,6 +1,7 @@
 //! End to end with real VMs (`qemu:///system`, TCG): a `Sandbox` claims a warm VM from its
 //! pool (which boots a replacement) and keeps it: `agentvm exec sandbox/NAME` passes output
-//! and exit codes through, `-i` this process's stdin and `-t` a terminal of its size; `pause` stops the vCPUs (an exec is refused until `resume`);
+//! and exit codes through, `-i` this process's stdin and `-t` a terminal of its size;
+//! `agentvm cp` copies files in and out intact, with their mode; `pause` stops the vCPUs (an exec is refused until `resume`);
 //! `stop` saves memory and disk to the host's disk (no QEMU process) and `start` brings
 //! back the same files and the same running processes; a `kill -9` of the controller loses
 //! nothing; an idle sandbox is saved to disk after `idleTimeoutSeconds` of running time
@@ -169,6 +170,32 @@ fn a_sandbox_keeps_its_vm_files_and_processes_through_pause_stop_and_restarts() 
     );
     assert!(text.contains("/dev/pts/"), "{text}");
     assert!(text.contains("33 111"), "{text}");
+
+    // cp both ways: 3 MiB of random bytes with their mode, round trip intact; a missing
+    // guest file leaves nothing behind; a relative guest path is refused.
+    let local = env.state().join("up.bin");
+    let data: Vec<u8> = (0..3 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&local, &data).unwrap();
+    std::fs::set_permissions(&local, std::os::unix::fs::PermissionsExt::from_mode(0o750)).unwrap();
+    env.ok(&["cp", local.to_str().unwrap(), "sandbox/dev:/root/up.bin"]);
+    assert_eq!(
+        exec_ok(&env, "dev", "wc -c < /root/up.bin; stat -c %a /root/up.bin"),
+        format!("{}\n750\n", data.len())
+    );
+    let back = env.state().join("down.bin");
+    env.ok(&["cp", "sandbox/dev:/root/up.bin", back.to_str().unwrap()]);
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "the round trip changed the bytes"
+    );
+    let missing = env.state().join("missing.bin");
+    let err = env.fails(&["cp", "sandbox/dev:/root/nope", missing.to_str().unwrap()]);
+    assert!(err.contains("/root/nope"), "{err}");
+    assert!(!missing.exists());
+    let err = env.fails(&["cp", local.to_str().unwrap(), "sandbox/dev:relative"]);
+    assert!(err.contains("must be absolute"), "{err}");
 
     // A file on disk and a process that outlives the exec.
     let sleeper = exec_ok(

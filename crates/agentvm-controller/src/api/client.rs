@@ -215,6 +215,15 @@ impl Iterator for WatchStream {
     }
 }
 
+/// The body of a request.
+enum RequestBody<'a> {
+    None,
+    /// JSON bytes.
+    Json(&'a [u8]),
+    /// This many bytes read from a source.
+    Stream(&'a mut dyn Read, u64),
+}
+
 /// Newline-delimited [`super::ExecEvent`]s from `POST /v1/sandboxes/{name}/exec`.
 pub struct ExecStream {
     body: Box<dyn BufRead + Send>,
@@ -311,6 +320,10 @@ impl Client {
         body: Option<&[u8]>,
         timeout: Option<Duration>,
     ) -> Result<Response, ClientError> {
+        let body = match body {
+            Some(b) => RequestBody::Json(b),
+            None => RequestBody::None,
+        };
         self.send(method, path, body, timeout, None).map(|(r, _)| r)
     }
 
@@ -320,7 +333,7 @@ impl Client {
         &self,
         method: &str,
         path: &str,
-        body: Option<&[u8]>,
+        mut body: RequestBody<'_>,
         timeout: Option<Duration>,
         upgrade: Option<&str>,
     ) -> Result<(Response, UnixStream), ClientError> {
@@ -343,17 +356,33 @@ impl Client {
         let mut head = format!(
             "{method} {path} HTTP/1.1\r\nHost: agentvm\r\nConnection: {connection}\r\nAccept: application/json\r\n"
         );
-        if let Some(body) = body {
-            head.push_str(&format!(
+        match &body {
+            RequestBody::None => {}
+            RequestBody::Json(b) => head.push_str(&format!(
                 "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                body.len()
-            ));
+                b.len()
+            )),
+            RequestBody::Stream(_, len) => head.push_str(&format!(
+                "Content-Type: application/octet-stream\r\nContent-Length: {len}\r\n"
+            )),
         }
         head.push_str("\r\n");
-        let sent = stream
-            .write_all(head.as_bytes())
-            .and_then(|_| stream.write_all(body.unwrap_or_default()))
-            .and_then(|_| stream.flush());
+        let sent = stream.write_all(head.as_bytes()).and_then(|_| {
+            match &mut body {
+                RequestBody::None => {}
+                RequestBody::Json(b) => stream.write_all(b)?,
+                RequestBody::Stream(src, len) => {
+                    let copied = std::io::copy(&mut src.take(*len), &mut stream)?;
+                    if copied != *len {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            format!("the source ended after {copied} of {len} bytes"),
+                        ));
+                    }
+                }
+            }
+            stream.flush()
+        });
         // A server that refuses early (413) may close before reading everything: still
         // try to read its answer.
         let mut reader = BufReader::new(stream);
@@ -596,8 +625,13 @@ impl Client {
         request: &super::AttachRequest,
     ) -> Result<(Box<dyn BufRead + Send>, UnixStream), ClientError> {
         let path = format!("/v1/sandboxes/{}/attach", encode(sandbox));
-        let (mut resp, mut writer) =
-            self.send("POST", &path, None, None, Some(super::attach::PROTOCOL))?;
+        let (mut resp, mut writer) = self.send(
+            "POST",
+            &path,
+            RequestBody::None,
+            None,
+            Some(super::attach::PROTOCOL),
+        )?;
         if resp.status != 101 {
             let mut bytes = Vec::new();
             let _ = resp.body.read_to_end(&mut bytes);
@@ -609,6 +643,86 @@ impl Client {
             .write_all(&super::attach::encode(super::attach::REQUEST, &json))
             .map_err(|e| self.protocol(e.to_string()))?;
         Ok((resp.body, writer))
+    }
+
+    /// `PUT /v1/sandboxes/{name}/files`: `len` bytes of `src` become guest file `path` (mode
+    /// `mode`, octal); the bytes written.
+    pub fn sandbox_upload(
+        &self,
+        sandbox: &str,
+        path: &str,
+        mode: u32,
+        src: &mut dyn Read,
+        len: u64,
+    ) -> Result<u64, ClientError> {
+        let url = format!(
+            "/v1/sandboxes/{}/files?path={}&mode={mode:o}",
+            encode(sandbox),
+            encode(path)
+        );
+        let (mut resp, _) = self.send(
+            "PUT",
+            &url,
+            RequestBody::Stream(src, len),
+            Some(REQUEST_TIMEOUT),
+            None,
+        )?;
+        let mut bytes = Vec::new();
+        resp.body
+            .read_to_end(&mut bytes)
+            .map_err(|e| self.protocol(format!("reading the response: {e}")))?;
+        self.check(resp.status, &bytes)?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| self.protocol(e.to_string()))?;
+        Ok(v["bytes"].as_u64().unwrap_or(0))
+    }
+
+    /// `GET /v1/sandboxes/{name}/files`: guest file `path` copied into `dst`; its size. An
+    /// error when the guest could not send all of it.
+    pub fn sandbox_download(
+        &self,
+        sandbox: &str,
+        path: &str,
+        dst: &mut dyn Write,
+    ) -> Result<u64, ClientError> {
+        use super::attach as frames;
+        let url = format!(
+            "/v1/sandboxes/{}/files?path={}",
+            encode(sandbox),
+            encode(path)
+        );
+        let mut resp = self.request("GET", &url, None, Some(REQUEST_TIMEOUT))?;
+        if resp.status != 200 {
+            let mut bytes = Vec::new();
+            let _ = resp.body.read_to_end(&mut bytes);
+            self.check(resp.status, &bytes)?;
+        }
+        let mut written = 0u64;
+        loop {
+            match frames::read_frame(&mut resp.body).map_err(|e| self.protocol(e.to_string()))? {
+                Some((frames::DATA, data)) => {
+                    dst.write_all(&data)
+                        .map_err(|e| self.protocol(format!("writing the copy: {e}")))?;
+                    written += data.len() as u64;
+                }
+                Some((frames::RESIZE_OR_EXIT, total)) if total.len() == 8 => {
+                    let total = u64::from_be_bytes(total.try_into().unwrap_or_default());
+                    if total != written {
+                        return Err(self.protocol(format!("got {written} of {total} bytes")));
+                    }
+                    return Ok(written);
+                }
+                Some((frames::ERROR, text)) => {
+                    return Err(ClientError::Api {
+                        status: 502,
+                        message: String::from_utf8_lossy(&text).into_owned(),
+                        details: vec![],
+                    })
+                }
+                Some(_) => return Err(self.protocol("unexpected frame in a download")),
+                None => return Err(self.protocol("the download ended before the file did")),
+            }
+        }
     }
 
     /// `POST /v1/sandboxes/{name}/rollback`: asks for the sandbox to be rolled back to

@@ -13,6 +13,8 @@
 //! | `GET /v1/runs/{name}/logs?offset=N&follow=true` | the run's output (stdout and stderr interleaved), chunked; `follow` streams until the run ends |
 //! | `GET /v1/specdir/errors` | [`SpecDirResponse`] |
 //! | `POST /v1/sandboxes/{name}/exec` | [`SandboxExecRequest`] → newline-delimited [`ExecEvent`]s (output as it comes, then the exit); 409 when the sandbox is not wanted running |
+//! | `PUT /v1/sandboxes/{name}/files?path=P&mode=644` | the body (streamed) becomes guest file `P`; `{"bytes": N}` |
+//! | `GET /v1/sandboxes/{name}/files?path=P` | guest file `P` as [`attach`] frames: data, then its size or an error |
 //! | `POST /v1/sandboxes/{name}/attach` | upgraded to `agentvm-exec`: an interactive exec (stdin, terminal, resize) in [`attach`] frames, the first one an [`AttachRequest`] |
 //! | `POST /v1/sandboxes/{name}/rollback` | [`SandboxRollbackRequest`] → the `StoredObject` with `spec.rollback` set; 404 without the snapshot, 409 when it is not a ready snapshot of this sandbox |
 //! | `POST /v1/sandboxes/{name}/state` | [`SandboxStateRequest`] → the `StoredObject` with `spec.state` changed (and an idle-stopped sandbox woken for `Running`) |

@@ -690,3 +690,196 @@ pub(super) async fn attach(
     );
     resp
 }
+
+/// Query of `/v1/sandboxes/{name}/files`.
+#[derive(Debug, serde::Deserialize)]
+pub(super) struct FileQuery {
+    path: String,
+    /// Octal mode of an uploaded file (default 644).
+    #[serde(default)]
+    mode: Option<String>,
+}
+
+/// An absolute guest path without NUL and a mode of at most 0o7777.
+fn check_file_query(q: &FileQuery) -> Result<u32, String> {
+    if !q.path.starts_with('/') || q.path.contains('\0') || q.path.len() > 4096 {
+        return Err(format!("path {:?} is not an absolute guest path", q.path));
+    }
+    match &q.mode {
+        None => Ok(0o644),
+        Some(m) => u32::from_str_radix(m, 8)
+            .ok()
+            .filter(|m| *m <= 0o7777)
+            .ok_or_else(|| format!("mode {m:?} is not an octal file mode such as 644")),
+    }
+}
+
+/// The sandbox's running VM for a file transfer by `caller`, marked in use until the
+/// returned guard is dropped.
+async fn transfer_target(
+    st: &ApiState,
+    name: &str,
+    caller: &Caller,
+) -> Result<(SandboxAccess, crate::reconcilers::sandbox::InUse, String), Response> {
+    let access = access(st)?.clone();
+    let obj = sandbox_for(st, name, caller).await?;
+    let state = spec_state(&obj);
+    if state != SandboxState::Running {
+        return Err(error(
+            StatusCode::CONFLICT,
+            format!(
+                "Sandbox/{name} is {} (spec.state); resume or start it first",
+                state.as_str()
+            ),
+            vec![],
+        ));
+    }
+    let in_use = access.sandboxes.begin(name);
+    let vm = running_vm(st, name).await?;
+    Ok((access, in_use, vm))
+}
+
+/// `PUT /v1/sandboxes/{name}/files?path=/abs&mode=644`: the request body becomes that file
+/// in the guest (streamed; replaced if it exists). Answers `{"bytes": N}`.
+pub(super) async fn upload(
+    State(st): State<ApiState>,
+    caller: Option<Extension<Caller>>,
+    UrlPath(name): UrlPath<String>,
+    axum::extract::Query(q): axum::extract::Query<FileQuery>,
+    body: Body,
+) -> Response {
+    use futures::StreamExt;
+    let caller = match caller_of(caller) {
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
+    let mode = match check_file_query(&q) {
+        Ok(m) => m,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message, vec![]),
+    };
+    let (access, in_use, vm) = match transfer_target(&st, &name, &caller).await {
+        Ok(t) => t,
+        Err(resp) => return resp,
+    };
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let counted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = counted.clone();
+    let path = q.path.clone();
+    let write = tokio::task::spawn_blocking(move || {
+        let _in_use = in_use;
+        let mut src = ChannelReader {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+        };
+        let agent = access.backend.agent(&vm).map_err(|e| e.to_string())?;
+        let conn = Guest::new(&*agent).agent().ok_or_else(|| {
+            format!("agentvm-guest does not answer in {vm}; copying files needs it")
+        })?;
+        conn.write_file_from(&path, mode, &mut src)
+            .map_err(|e| format!("writing {path} in {vm}: {e}"))
+    });
+    let mut stream = body.into_data_stream();
+    let mut broken = None;
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(b) => {
+                count.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                if tx.send(b.to_vec()).is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                broken = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let written = write.await;
+    if let Some(e) = broken {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("the upload broke off: {e}; {} may hold part of it", q.path),
+            vec![],
+        );
+    }
+    match written {
+        Ok(Ok(())) => Json(serde_json::json!({
+            "bytes": counted.load(std::sync::atomic::Ordering::Relaxed)
+        }))
+        .into_response(),
+        Ok(Err(message)) => error(StatusCode::BAD_GATEWAY, message, vec![]),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), vec![]),
+    }
+}
+
+/// `GET /v1/sandboxes/{name}/files?path=/abs`: the guest file, as [`super::attach`] frames
+/// in a chunked body: `DATA` chunks, then `RESIZE_OR_EXIT` with the byte count (8 bytes,
+/// big-endian) when it was read to its end, or `ERROR` with why not — so a client can tell a
+/// complete file from one cut short.
+pub(super) async fn download(
+    State(st): State<ApiState>,
+    caller: Option<Extension<Caller>>,
+    UrlPath(name): UrlPath<String>,
+    axum::extract::Query(q): axum::extract::Query<FileQuery>,
+) -> Response {
+    use super::attach as frames;
+    let caller = match caller_of(caller) {
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
+    if let Err(message) = check_file_query(&q) {
+        return error(StatusCode::BAD_REQUEST, message, vec![]);
+    }
+    let (access, in_use, vm) = match transfer_target(&st, &name, &caller).await {
+        Ok(t) => t,
+        Err(resp) => return resp,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let path = q.path.clone();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let _in_use = in_use;
+        let result = (|| -> Result<u64, String> {
+            let agent = access.backend.agent(&vm).map_err(|e| e.to_string())?;
+            let guest = Guest::new(&*agent);
+            let mut reader = guest
+                .open_reader(&path)
+                .map_err(|e| format!("reading {path} in {vm}: {e}"))?;
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut total = 0u64;
+            loop {
+                let n = reader
+                    .read(&mut buf)
+                    .map_err(|e| format!("reading {path} in {vm}: {e}"))?;
+                if n == 0 {
+                    return Ok(total);
+                }
+                total += n as u64;
+                if tx
+                    .blocking_send(Bytes::from(frames::encode(frames::DATA, &buf[..n])))
+                    .is_err()
+                {
+                    return Err("the client went away".into());
+                }
+            }
+        })();
+        let last = match result {
+            Ok(total) => frames::encode(frames::RESIZE_OR_EXIT, &total.to_be_bytes()),
+            Err(message) => frames::encode(frames::ERROR, message.as_bytes()),
+        };
+        let _ = tx.blocking_send(Bytes::from(last));
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<Bytes, std::io::Error>(b), rx))
+    });
+    let mut resp = Response::new(Body::from_stream(stream));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    resp
+}

@@ -159,6 +159,10 @@ pub fn router(state: ApiState) -> Router {
             axum::routing::post(super::sandbox::set_state),
         )
         .route(
+            "/v1/sandboxes/{name}/files",
+            get(super::sandbox::download).put(super::sandbox::upload),
+        )
+        .route(
             "/v1/sandboxes/{name}/attach",
             axum::routing::post(super::sandbox::attach),
         )

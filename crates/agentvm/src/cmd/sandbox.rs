@@ -377,3 +377,117 @@ pub fn attached(
         }
     }
 }
+
+/// Options of `cp`.
+#[derive(Debug, Args)]
+pub struct CpArgs {
+    /// What to copy: a local file (`-` for stdin) or `sandbox/NAME:/guest/path`.
+    #[arg(value_name = "SRC")]
+    src: String,
+    /// Where to: `sandbox/NAME:/guest/path`, or a local file or directory (`-` for stdout).
+    #[arg(value_name = "DST")]
+    dst: String,
+    /// Mode of the file written in the guest (octal) [default: the local file's, else 644].
+    #[arg(long, value_name = "MODE")]
+    mode: Option<String>,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+/// `sandbox/NAME:/path` → (NAME, /path).
+fn remote(arg: &str) -> Option<anyhow::Result<(String, String)>> {
+    let (target, path) = arg.split_once(':')?;
+    if !is_sandbox_ref(target) {
+        return None;
+    }
+    Some(sandbox_name(target).and_then(|name| {
+        if !path.starts_with('/') {
+            bail!("{arg:?}: the guest path must be absolute (sandbox/NAME:/path)");
+        }
+        Ok((name, path.to_string()))
+    }))
+}
+
+impl CpArgs {
+    /// Copies one file into or out of a sandbox.
+    pub fn run(self, cfg: &Config) -> anyhow::Result<i32> {
+        use std::io::Read;
+        let client = self.connect.client(cfg);
+        match (
+            remote(&self.src).transpose()?,
+            remote(&self.dst).transpose()?,
+        ) {
+            (None, Some((name, path))) => {
+                let (mut src, len, local_mode): (Box<dyn Read>, u64, Option<u32>) =
+                    if self.src == "-" {
+                        let mut all = Vec::new();
+                        std::io::stdin().read_to_end(&mut all)?;
+                        let len = all.len() as u64;
+                        (Box::new(std::io::Cursor::new(all)), len, None)
+                    } else {
+                        let f = std::fs::File::open(&self.src)
+                            .with_context(|| format!("opening {}", self.src))?;
+                        let meta = f.metadata()?;
+                        if !meta.is_file() {
+                            bail!("{}: only regular files can be copied", self.src);
+                        }
+                        use std::os::unix::fs::PermissionsExt;
+                        (
+                            Box::new(f),
+                            meta.len(),
+                            Some(meta.permissions().mode() & 0o7777),
+                        )
+                    };
+                let mode = match &self.mode {
+                    Some(m) => u32::from_str_radix(m, 8)
+                        .ok()
+                        .filter(|m| *m <= 0o7777)
+                        .with_context(|| format!("--mode {m:?}: an octal mode such as 644"))?,
+                    None => local_mode.unwrap_or(0o644),
+                };
+                let n = client.sandbox_upload(&name, &path, mode, &mut *src, len)?;
+                eprintln!("{n} bytes copied to sandbox/{name}:{path}");
+                Ok(0)
+            }
+            (Some((name, path)), None) => {
+                if self.dst == "-" {
+                    let mut out = std::io::stdout().lock();
+                    client.sandbox_download(&name, &path, &mut out)?;
+                    out.flush()?;
+                    return Ok(0);
+                }
+                let mut dst = std::path::PathBuf::from(&self.dst);
+                if dst.is_dir() {
+                    let file = path.rsplit('/').next().filter(|f| !f.is_empty());
+                    dst.push(file.with_context(|| format!("{path:?} names no file"))?);
+                }
+                // Written next to the destination, then renamed: a failed copy leaves
+                // nothing half-written behind.
+                let tmp = dst.with_file_name(format!(
+                    ".{}.agentvm-cp-{}",
+                    dst.file_name().and_then(|f| f.to_str()).unwrap_or("copy"),
+                    std::process::id()
+                ));
+                let mut file = std::fs::File::create(&tmp)
+                    .with_context(|| format!("creating {}", tmp.display()))?;
+                match client.sandbox_download(&name, &path, &mut file) {
+                    Ok(n) => {
+                        drop(file);
+                        std::fs::rename(&tmp, &dst)
+                            .with_context(|| format!("writing {}", dst.display()))?;
+                        eprintln!("{n} bytes copied to {}", dst.display());
+                        Ok(0)
+                    }
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&tmp);
+                        Err(e.into())
+                    }
+                }
+            }
+            (Some(_), Some(_)) => {
+                bail!("copying between two sandboxes is not supported: copy to a local file first")
+            }
+            (None, None) => bail!("one side must be a sandbox: sandbox/NAME:/guest/path"),
+        }
+    }
+}
