@@ -128,6 +128,33 @@ fn random_u64() -> u64 {
     u64::from_le_bytes(b) ^ now_nanos()
 }
 
+/// A host connection [`AgentConn::forward`] carries to a guest port: a TCP connection, or
+/// one end of a Unix socket pair (the controller bridging an API client).
+pub trait ForwardStream: Read + Write + Send + 'static {
+    /// A second handle to read from while this one writes.
+    fn reader(&self) -> std::io::Result<Box<dyn Read + Send>>;
+    /// Shuts down one or both directions.
+    fn shutdown(&self, how: std::net::Shutdown) -> std::io::Result<()>;
+}
+
+impl ForwardStream for std::net::TcpStream {
+    fn reader(&self) -> std::io::Result<Box<dyn Read + Send>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn shutdown(&self, how: std::net::Shutdown) -> std::io::Result<()> {
+        std::net::TcpStream::shutdown(self, how)
+    }
+}
+
+impl ForwardStream for std::os::unix::net::UnixStream {
+    fn reader(&self) -> std::io::Result<Box<dyn Read + Send>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn shutdown(&self, how: std::net::Shutdown) -> std::io::Result<()> {
+        std::os::unix::net::UnixStream::shutdown(self, how)
+    }
+}
+
 /// Terminal and stdin of an interactive exec.
 pub struct Interactive {
     /// Fed to the program's stdin (or terminal) until it ends; then stdin is closed.
@@ -502,7 +529,7 @@ impl AgentConn {
 
     /// Forward `local` (a host TCP connection) to `127.0.0.1:port` in the guest, both ways,
     /// until both sides are done; returns the bytes carried (to the guest, from it).
-    pub fn forward(self: &Arc<Self>, port: u16, local: std::net::TcpStream) -> Result<(u64, u64)> {
+    pub fn forward(self: &Arc<Self>, port: u16, local: impl ForwardStream) -> Result<(u64, u64)> {
         let mut rx = self.open()?;
         let id = rx.id;
         let what = format!("connect to port {port}");
@@ -519,7 +546,7 @@ impl AgentConn {
         };
         let sent = Arc::new(AtomicU64::new(0));
         let counted = CountingReader {
-            inner: local.try_clone().map_err(io)?,
+            inner: local.reader().map_err(io)?,
             count: sent.clone(),
         };
         let pump = StdinPump::start(self.clone(), id, Box::new(counted));

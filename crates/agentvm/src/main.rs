@@ -78,6 +78,8 @@ enum Command {
     Stop(cmd::sandbox::PowerArgs),
     /// Start a stopped sandbox where it was, running programs included (spec.state: Running).
     Start(cmd::sandbox::PowerArgs),
+    /// Forward local ports to ports in a sandbox until interrupted.
+    PortForward(cmd::sandbox::PortForwardArgs),
     /// Copy a file into or out of a sandbox (`sandbox/NAME:/path` on one side).
     Cp(cmd::sandbox::CpArgs),
     /// Take a snapshot (memory and disk) of a sandbox: creates a Snapshot object.
@@ -142,6 +144,7 @@ fn main() {
             Command::Start(a) => a.run(&cfg, SandboxState::Running, "started"),
             Command::Snapshot(a) => a.run(&cfg),
             Command::Cp(a) => a.run(&cfg),
+            Command::PortForward(a) => a.run(&cfg),
             Command::Rollback(a) => a.run(&cfg),
             Command::Wait(a) => a.run(&cfg),
             Command::Version(a) => a.run(&cfg),

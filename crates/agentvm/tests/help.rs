@@ -26,6 +26,7 @@ const SUBCOMMANDS: &[&str] = &[
     "snapshot",
     "rollback",
     "cp",
+    "port-forward",
     "logs",
     "wait",
     "schema",
@@ -113,7 +114,7 @@ fn man_pages_document_every_command_and_flag() {
         let page = std::fs::read_to_string(dir.join(format!("agentvm-{sub}.1")))
             .unwrap_or_else(|e| panic!("agentvm-{sub}.1: {e}"));
         assert!(
-            top.contains(&format!("agentvm\\-{sub}(1)")),
+            top.contains(&format!("agentvm\\-{}(1)", sub.replace('-', "\\-"))),
             "{sub} not listed"
         );
         // Every long flag of `--help` is in the page.

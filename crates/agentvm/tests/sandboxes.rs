@@ -1,7 +1,8 @@
 //! End to end with real VMs (`qemu:///system`, TCG): a `Sandbox` claims a warm VM from its
 //! pool (which boots a replacement) and keeps it: `agentvm exec sandbox/NAME` passes output
 //! and exit codes through, `-i` this process's stdin and `-t` a terminal of its size;
-//! `agentvm cp` copies files in and out intact, with their mode; `pause` stops the vCPUs (an exec is refused until `resume`);
+//! `agentvm cp` copies files in and out intact, with their mode; `agentvm port-forward`
+//! reaches a web server in the sandbox; `pause` stops the vCPUs (an exec is refused until `resume`);
 //! `stop` saves memory and disk to the host's disk (no QEMU process) and `start` brings
 //! back the same files and the same running processes; a `kill -9` of the controller loses
 //! nothing; an idle sandbox is saved to disk after `idleTimeoutSeconds` of running time
@@ -196,6 +197,35 @@ fn a_sandbox_keeps_its_vm_files_and_processes_through_pause_stop_and_restarts() 
     assert!(!missing.exists());
     let err = env.fails(&["cp", local.to_str().unwrap(), "sandbox/dev:relative"]);
     assert!(err.contains("must be absolute"), "{err}");
+
+    // port-forward: a web server in the sandbox, reached on this machine's loopback.
+    exec_ok(
+        &env,
+        "dev",
+        "cd /root && setsid python3 -m http.server 8000 --bind 127.0.0.1 </dev/null >/dev/null 2>&1 & \
+         for i in $(seq 100); do python3 -c 'import urllib.request as u; u.urlopen(\"http://127.0.0.1:8000/\")' 2>/dev/null && exit 0; sleep 0.2; done; exit 1",
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut forwarder = env
+        .cmd(&["port-forward", "sandbox/dev", &format!("{port}:8000")])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    env.wait("the forwarded port", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.write_all(b"GET /from-stdin HTTP/1.0\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    std::io::Read::read_to_string(&mut conn, &mut reply).unwrap();
+    let _ = forwarder.kill();
+    let _ = forwarder.wait();
+    assert!(reply.starts_with("HTTP/1.0 200"), "{reply}");
+    assert!(reply.ends_with("the rest\n"), "{reply}");
 
     // A file on disk and a process that outlives the exec.
     let sleeper = exec_ok(

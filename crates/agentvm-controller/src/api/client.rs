@@ -645,6 +645,30 @@ impl Client {
         Ok((resp.body, writer))
     }
 
+    /// `POST /v1/sandboxes/{name}/forward`: a connection to `127.0.0.1:port` in the
+    /// sandbox; returns the sides to read from and write to.
+    pub fn sandbox_forward(
+        &self,
+        sandbox: &str,
+        port: u16,
+    ) -> Result<(Box<dyn BufRead + Send>, UnixStream), ClientError> {
+        let path = format!("/v1/sandboxes/{}/forward?port={port}", encode(sandbox));
+        let (mut resp, writer) = self.send(
+            "POST",
+            &path,
+            RequestBody::None,
+            None,
+            Some(super::FORWARD_PROTOCOL),
+        )?;
+        if resp.status != 101 {
+            let mut bytes = Vec::new();
+            let _ = resp.body.read_to_end(&mut bytes);
+            self.check(resp.status, &bytes)?;
+            return Err(self.protocol(format!("expected 101, got {}", resp.status)));
+        }
+        Ok((resp.body, writer))
+    }
+
     /// `PUT /v1/sandboxes/{name}/files`: `len` bytes of `src` become guest file `path` (mode
     /// `mode`, octal); the bytes written.
     pub fn sandbox_upload(

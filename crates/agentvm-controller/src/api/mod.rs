@@ -15,6 +15,7 @@
 //! | `POST /v1/sandboxes/{name}/exec` | [`SandboxExecRequest`] → newline-delimited [`ExecEvent`]s (output as it comes, then the exit); 409 when the sandbox is not wanted running |
 //! | `PUT /v1/sandboxes/{name}/files?path=P&mode=644` | the body (streamed) becomes guest file `P`; `{"bytes": N}` |
 //! | `GET /v1/sandboxes/{name}/files?path=P` | guest file `P` as [`attach`] frames: data, then its size or an error |
+//! | `POST /v1/sandboxes/{name}/forward?port=N` | upgraded to `agentvm-forward`: the connection's bytes to and from `127.0.0.1:N` in the guest |
 //! | `POST /v1/sandboxes/{name}/attach` | upgraded to `agentvm-exec`: an interactive exec (stdin, terminal, resize) in [`attach`] frames, the first one an [`AttachRequest`] |
 //! | `POST /v1/sandboxes/{name}/rollback` | [`SandboxRollbackRequest`] → the `StoredObject` with `spec.rollback` set; 404 without the snapshot, 409 when it is not a ready snapshot of this sandbox |
 //! | `POST /v1/sandboxes/{name}/state` | [`SandboxStateRequest`] → the `StoredObject` with `spec.state` changed (and an idle-stopped sandbox woken for `Running`) |
@@ -332,6 +333,9 @@ pub struct SandboxRollbackRequest {
     /// Name of a ready `Snapshot` of the sandbox.
     pub snapshot: String,
 }
+
+/// The `Upgrade` protocol of `POST /v1/sandboxes/{name}/forward`: raw bytes both ways.
+pub const FORWARD_PROTOCOL: &str = "agentvm-forward";
 
 /// `POST /v1/sandboxes/{name}/attach`: an interactive exec. The request carries
 /// `Connection: Upgrade` and `Upgrade: agentvm-exec`; after `101 Switching Protocols` both

@@ -883,3 +883,85 @@ pub(super) async fn download(
     );
     resp
 }
+
+/// Query of `/v1/sandboxes/{name}/forward`.
+#[derive(Debug, serde::Deserialize)]
+pub(super) struct ForwardQuery {
+    port: u16,
+}
+
+/// `POST /v1/sandboxes/{name}/forward?port=N`, upgraded to [`super::FORWARD_PROTOCOL`]: the
+/// connection's bytes go to `127.0.0.1:N` in the guest and back, until both sides are done.
+pub(super) async fn forward(
+    State(st): State<ApiState>,
+    caller: Option<Extension<Caller>>,
+    UrlPath(name): UrlPath<String>,
+    axum::extract::Query(q): axum::extract::Query<ForwardQuery>,
+    mut req: axum::extract::Request,
+) -> Response {
+    let caller = match caller_of(caller) {
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
+    let upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(super::FORWARD_PROTOCOL));
+    if !upgrade {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "send `Connection: Upgrade` and `Upgrade: {}`",
+                super::FORWARD_PROTOCOL
+            ),
+            vec![],
+        );
+    }
+    if q.port == 0 {
+        return error(StatusCode::BAD_REQUEST, "port 0 is not a port", vec![]);
+    }
+    let (access, in_use, vm) = match transfer_target(&st, &name, &caller).await {
+        Ok(t) => t,
+        Err(resp) => return resp,
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let Ok((ours, theirs)) = std::os::unix::net::UnixStream::pair() else {
+            return;
+        };
+        let port = q.port;
+        let carried = tokio::task::spawn_blocking(move || {
+            let _in_use = in_use;
+            let agent = access.backend.agent(&vm).map_err(|e| e.to_string())?;
+            let conn = Guest::new(&*agent).agent().ok_or_else(|| {
+                format!("agentvm-guest does not answer in {vm}; forwarding needs it")
+            })?;
+            conn.forward(port, theirs).map_err(|e| e.to_string())
+        });
+        let bridged = async {
+            ours.set_nonblocking(true)?;
+            let mut ours = tokio::net::UnixStream::from_std(ours)?;
+            let mut client = hyper_util::rt::TokioIo::new(upgraded);
+            tokio::io::copy_bidirectional(&mut client, &mut ours).await
+        };
+        if let Err(e) = bridged.await {
+            tracing::debug!(sandbox = %name, port, error = %e, "forwarded connection ended");
+        }
+        if let Ok(Err(e)) = carried.await {
+            tracing::info!(sandbox = %name, port, "forwarding failed: {e}");
+        }
+    });
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    resp.headers_mut().insert(
+        header::UPGRADE,
+        HeaderValue::from_static(super::FORWARD_PROTOCOL),
+    );
+    resp
+}

@@ -163,6 +163,10 @@ pub fn router(state: ApiState) -> Router {
             get(super::sandbox::download).put(super::sandbox::upload),
         )
         .route(
+            "/v1/sandboxes/{name}/forward",
+            axum::routing::post(super::sandbox::forward),
+        )
+        .route(
             "/v1/sandboxes/{name}/attach",
             axum::routing::post(super::sandbox::attach),
         )

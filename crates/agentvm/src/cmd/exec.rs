@@ -64,8 +64,19 @@ impl ExecArgs {
         if command.is_empty() {
             anyhow::bail!("name the command to run: agentvm exec sandbox/{name} -- CMD ARGS..");
         }
-        if !self.publish.is_empty() {
-            anyhow::bail!("-p is not available for sandboxes yet; run the command without it");
+        // Bad ports and ports in use fail here, before anything runs.
+        let listeners = self
+            .publish
+            .iter()
+            .map(|p| publish_listener(p))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for (listener, guest_port) in listeners {
+            super::sandbox::serve_forward(
+                self.connect.client(cfg),
+                name.clone(),
+                listener,
+                guest_port,
+            )?;
         }
         let mut env = std::collections::BTreeMap::new();
         for kv in &self.env {
@@ -253,7 +264,7 @@ impl ExecArgs {
 }
 
 /// `HOST_PORT:GUEST_PORT`: a listener on 127.0.0.1:HOST_PORT and the guest port.
-fn publish_listener(spec: &str) -> anyhow::Result<(std::net::TcpListener, u16)> {
+pub(super) fn publish_listener(spec: &str) -> anyhow::Result<(std::net::TcpListener, u16)> {
     let parse = |s: &str| -> anyhow::Result<u16> {
         match s.parse::<u16>() {
             Ok(p) if p > 0 => Ok(p),

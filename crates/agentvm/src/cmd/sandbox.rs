@@ -491,3 +491,80 @@ impl CpArgs {
         }
     }
 }
+
+/// Forwards every connection to `listener` to `guest_port` in sandbox `name`, each through
+/// its own upgraded API connection, on threads of their own (for as long as this process
+/// runs).
+pub fn serve_forward(
+    client: agentvm_controller::api::client::Client,
+    name: String,
+    listener: std::net::TcpListener,
+    guest_port: u16,
+) -> anyhow::Result<()> {
+    eprintln!(
+        "forwarding {} -> port {guest_port} in sandbox/{name}",
+        listener.local_addr()?
+    );
+    std::thread::spawn(move || {
+        for local in listener.incoming().flatten() {
+            let (client, name) = (client.clone(), name.clone());
+            std::thread::spawn(move || {
+                let (mut from_guest, mut to_guest) = match client.sandbox_forward(&name, guest_port)
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("forwarding to port {guest_port} in sandbox/{name}: {e}");
+                        return;
+                    }
+                };
+                let Ok(mut local_in) = local.try_clone() else {
+                    return;
+                };
+                let up = std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut local_in, &mut to_guest);
+                    let _ = to_guest.shutdown(std::net::Shutdown::Write);
+                });
+                let mut local_out = local;
+                let _ = std::io::copy(&mut from_guest, &mut local_out);
+                let _ = local_out.shutdown(std::net::Shutdown::Write);
+                let _ = up.join();
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Options of `port-forward`.
+#[derive(Debug, Args)]
+pub struct PortForwardArgs {
+    /// The sandbox: `sandbox/NAME`.
+    #[arg(value_name = "sandbox/NAME")]
+    target: String,
+    /// `HOST_PORT:GUEST_PORT` pairs: HOST_PORT on this machine's loopback (127.0.0.1) to
+    /// GUEST_PORT in the sandbox.
+    #[arg(required = true, value_name = "HOST_PORT:GUEST_PORT")]
+    ports: Vec<String>,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+impl PortForwardArgs {
+    /// Forwards until interrupted.
+    pub fn run(self, cfg: &Config) -> anyhow::Result<i32> {
+        let name = sandbox_name(&self.target)?;
+        let listeners = self
+            .ports
+            .iter()
+            .map(|p| super::exec::publish_listener(p))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        // The sandbox must exist and be ours before anything is promised.
+        let client = self.connect.client(cfg);
+        client.get(Kind::Sandbox, &name)?;
+        for (listener, guest_port) in listeners {
+            serve_forward(client.clone(), name.clone(), listener, guest_port)?;
+        }
+        loop {
+            std::thread::park();
+        }
+    }
+}
