@@ -43,7 +43,7 @@ libvirtd_netns_down() {
   for d in $(virsh -c qemu:///system list --all --name 2>/dev/null | grep '^agentvm-'); do
     virsh -c qemu:///system dumpxml "$d" 2>/dev/null | grep -qE "($state_dir|/var/lib/agentvm-e2e-[^/]*)/" || continue
     virsh -c qemu:///system destroy "$d" >/dev/null 2>&1
-    virsh -c qemu:///system undefine "$d" --snapshots-metadata >/dev/null 2>&1
+    virsh -c qemu:///system undefine "$d" --snapshots-metadata --managed-save >/dev/null 2>&1
     echo "removed leftover domain $d"
   done
   if [ -n "$started_libvirtd" ]; then
