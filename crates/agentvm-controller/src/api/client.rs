@@ -616,6 +616,23 @@ impl Client {
         self.call("POST", &path, Some(&body))
     }
 
+    /// `POST path` switched to `protocol`: the connection to read from and to write to.
+    fn upgrade(
+        &self,
+        path: &str,
+        protocol: &str,
+    ) -> Result<(Box<dyn BufRead + Send>, UnixStream), ClientError> {
+        let (mut resp, writer) =
+            self.send("POST", path, RequestBody::None, None, Some(protocol))?;
+        if resp.status != 101 {
+            let mut bytes = Vec::new();
+            let _ = resp.body.read_to_end(&mut bytes);
+            self.check(resp.status, &bytes)?;
+            return Err(self.protocol(format!("expected 101, got {}", resp.status)));
+        }
+        Ok((resp.body, writer))
+    }
+
     /// `POST /v1/sandboxes/{name}/attach`: an interactive exec. Sends `request` as the
     /// first frame; returns the connection to read [`super::attach`] frames from and one to
     /// write them to. The write side carries no timeout of its own beyond each write's.
@@ -625,24 +642,12 @@ impl Client {
         request: &super::AttachRequest,
     ) -> Result<(Box<dyn BufRead + Send>, UnixStream), ClientError> {
         let path = format!("/v1/sandboxes/{}/attach", encode(sandbox));
-        let (mut resp, mut writer) = self.send(
-            "POST",
-            &path,
-            RequestBody::None,
-            None,
-            Some(super::attach::PROTOCOL),
-        )?;
-        if resp.status != 101 {
-            let mut bytes = Vec::new();
-            let _ = resp.body.read_to_end(&mut bytes);
-            self.check(resp.status, &bytes)?;
-            return Err(self.protocol(format!("expected 101, got {}", resp.status)));
-        }
+        let (reader, mut writer) = self.upgrade(&path, super::attach::PROTOCOL)?;
         let json = serde_json::to_vec(request).map_err(|e| self.protocol(e.to_string()))?;
         writer
             .write_all(&super::attach::encode(super::attach::REQUEST, &json))
             .map_err(|e| self.protocol(e.to_string()))?;
-        Ok((resp.body, writer))
+        Ok((reader, writer))
     }
 
     /// `POST /v1/sandboxes/{name}/forward`: a connection to `127.0.0.1:port` in the
@@ -653,20 +658,7 @@ impl Client {
         port: u16,
     ) -> Result<(Box<dyn BufRead + Send>, UnixStream), ClientError> {
         let path = format!("/v1/sandboxes/{}/forward?port={port}", encode(sandbox));
-        let (mut resp, writer) = self.send(
-            "POST",
-            &path,
-            RequestBody::None,
-            None,
-            Some(super::FORWARD_PROTOCOL),
-        )?;
-        if resp.status != 101 {
-            let mut bytes = Vec::new();
-            let _ = resp.body.read_to_end(&mut bytes);
-            self.check(resp.status, &bytes)?;
-            return Err(self.protocol(format!("expected 101, got {}", resp.status)));
-        }
-        Ok((resp.body, writer))
+        self.upgrade(&path, super::FORWARD_PROTOCOL)
     }
 
     /// `PUT /v1/sandboxes/{name}/files`: `len` bytes of `src` become guest file `path` (mode

@@ -437,6 +437,35 @@ pub(super) async fn rollback(
     }
 }
 
+/// Refuses (400) a request that does not ask to switch to `protocol`.
+fn wants_upgrade(req: &axum::extract::Request, protocol: &str) -> Result<(), Response> {
+    let asked = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(protocol));
+    if asked {
+        Ok(())
+    } else {
+        Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("send `Connection: Upgrade` and `Upgrade: {protocol}`"),
+            vec![],
+        ))
+    }
+}
+
+/// `101 Switching Protocols` to `protocol`.
+fn switching_to(protocol: &'static str) -> Response {
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    resp.headers_mut()
+        .insert(header::UPGRADE, HeaderValue::from_static(protocol));
+    resp
+}
+
 /// Stdin of an interactive exec: the bytes the client sends, until it says stdin ended or
 /// goes away.
 struct ChannelReader {
@@ -479,17 +508,8 @@ pub(super) async fn attach(
         Ok(a) => a.clone(),
         Err(resp) => return resp,
     };
-    let upgrade = req
-        .headers()
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case(PROTOCOL));
-    if !upgrade {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("send `Connection: Upgrade` and `Upgrade: {PROTOCOL}`"),
-            vec![],
-        );
+    if let Err(resp) = wants_upgrade(&req, PROTOCOL) {
+        return resp;
     }
     let obj = match sandbox_for(&st, &name, &caller).await {
         Ok(o) => o,
@@ -680,15 +700,7 @@ pub(super) async fn attach(
         let _ = writer.await;
         reader.abort();
     });
-    let mut resp = Response::new(Body::empty());
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    resp.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    resp.headers_mut().insert(
-        header::UPGRADE,
-        HeaderValue::from_static(super::attach::PROTOCOL),
-    );
-    resp
+    switching_to(super::attach::PROTOCOL)
 }
 
 /// Query of `/v1/sandboxes/{name}/files`.
@@ -903,20 +915,8 @@ pub(super) async fn forward(
         Ok(c) => c,
         Err(resp) => return resp,
     };
-    let upgrade = req
-        .headers()
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case(super::FORWARD_PROTOCOL));
-    if !upgrade {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "send `Connection: Upgrade` and `Upgrade: {}`",
-                super::FORWARD_PROTOCOL
-            ),
-            vec![],
-        );
+    if let Err(resp) = wants_upgrade(&req, super::FORWARD_PROTOCOL) {
+        return resp;
     }
     if q.port == 0 {
         return error(StatusCode::BAD_REQUEST, "port 0 is not a port", vec![]);
@@ -955,13 +955,5 @@ pub(super) async fn forward(
             tracing::info!(sandbox = %name, port, "forwarding failed: {e}");
         }
     });
-    let mut resp = Response::new(Body::empty());
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    resp.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    resp.headers_mut().insert(
-        header::UPGRADE,
-        HeaderValue::from_static(super::FORWARD_PROTOCOL),
-    );
-    resp
+    switching_to(super::FORWARD_PROTOCOL)
 }

@@ -537,28 +537,15 @@ impl AgentRunReconciler {
                     .as_ref()
                     .map_or_else(|| "root".to_string(), |c| c.to_string())
             );
-            finish(
-                &mut status,
-                AgentRunPhase::Failed,
+            return refused(
+                obj,
+                ctx,
+                status,
                 Reason::NotPermitted,
-                message.clone(),
+                message,
+                "sandbox",
+                sandbox,
             );
-            write_status(ctx, obj, &status)?;
-            ctx.audit.record(
-                AuditEvent::new(
-                    AuditEventType::RunFinished,
-                    Kind::AgentRun,
-                    name,
-                    submitter(obj),
-                )
-                .details(serde_json::json!({
-                    "sandbox": sandbox,
-                    "phase": "Failed",
-                    "reason": Reason::NotPermitted,
-                    "message": message,
-                })),
-            );
-            return Ok(Action::AwaitChange);
         }
         let st = sb.status.clone().unwrap_or_default();
         let vm = match (&st.vm, st.phase) {
@@ -617,22 +604,34 @@ impl AgentRunReconciler {
     }
 }
 
-/// Ends a run whose host inputs could not be read: `Failed` with the reason, in the audit
-/// log. `place` and `at` name where it would have run (`pool`/`sandbox`, its name).
+/// Ends a run whose host inputs could not be read (see [`refused`]). `place` and `at` name
+/// where it would have run (`pool`/`sandbox`, its name).
 fn inputs_failed(
     obj: &StoredObject,
     ctx: &Ctx,
-    mut status: AgentRunStatus,
+    status: AgentRunStatus,
     e: RunError,
     place: &str,
     at: &str,
 ) -> Result<Action, ReconcileError> {
-    let name = obj.resource.name();
     let reason = match e {
         RunError::Secret { .. } => Reason::SecretUnavailable,
         _ => Reason::InputUnavailable,
     };
-    let message = e.to_string();
+    refused(obj, ctx, status, reason, e.to_string(), place, at)
+}
+
+/// Ends a run before it started: `Failed` with `reason` and `message`, in the audit log.
+fn refused(
+    obj: &StoredObject,
+    ctx: &Ctx,
+    mut status: AgentRunStatus,
+    reason: Reason,
+    message: String,
+    place: &str,
+    at: &str,
+) -> Result<Action, ReconcileError> {
+    let name = obj.resource.name();
     tracing::warn!(run = name, submitter = %submitter(obj), reason = reason.as_str(), "{message}");
     finish(&mut status, AgentRunPhase::Failed, reason, message.clone());
     write_status(ctx, obj, &status)?;
