@@ -147,6 +147,39 @@ async fn running_vm(st: &ApiState, name: &str) -> Result<String, Response> {
     }
 }
 
+/// Refuses (409, with the verb that helps) a sandbox not wanted running.
+fn wanted_running(obj: &StoredObject, name: &str) -> Result<(), Response> {
+    let state = spec_state(obj);
+    if state == SandboxState::Running {
+        return Ok(());
+    }
+    let verb = if state == SandboxState::Paused {
+        "resume"
+    } else {
+        "start"
+    };
+    Err(error(
+        StatusCode::CONFLICT,
+        format!(
+            "Sandbox/{name} is {} (spec.state); `agentvm {verb} sandbox/{name}` first",
+            state.as_str()
+        ),
+        vec![],
+    ))
+}
+
+/// The guest request for `exec`, its output streamed (not kept); `default_timeout` seconds
+/// unless it names its own.
+fn program(exec: &SandboxExecRequest, default_timeout: u64) -> ExecRequest {
+    let mut request = ExecRequest::new(exec.command[0].clone(), exec.command[1..].to_vec());
+    request.env = exec.env.clone();
+    request.cwd = exec.workdir.clone();
+    request.timeout = Duration::from_secs(exec.timeout_seconds.unwrap_or(default_timeout));
+    request.output_cap = EXEC_OUTPUT_CAP;
+    request.keep_output = false;
+    request
+}
+
 fn line(event: &ExecEvent) -> Bytes {
     let mut l = serde_json::to_vec(event).unwrap_or_default();
     l.push(b'\n');
@@ -210,21 +243,8 @@ pub(super) async fn exec(
         Ok(o) => o,
         Err(resp) => return resp,
     };
-    let state = spec_state(&obj);
-    if state != SandboxState::Running {
-        let verb = if state == SandboxState::Paused {
-            "resume"
-        } else {
-            "start"
-        };
-        return error(
-            StatusCode::CONFLICT,
-            format!(
-                "Sandbox/{name} is {} (spec.state); `agentvm {verb} sandbox/{name}` first",
-                state.as_str()
-            ),
-            vec![],
-        );
+    if let Err(resp) = wanted_running(&obj, &name) {
+        return resp;
     }
     // From here on the sandbox is in use (and woken if it was stopped for being idle).
     let in_use = access.sandboxes.begin(&name);
@@ -232,12 +252,7 @@ pub(super) async fn exec(
         Ok(vm) => vm,
         Err(resp) => return resp,
     };
-    let mut request = ExecRequest::new(req.command[0].clone(), req.command[1..].to_vec());
-    request.env = req.env.clone();
-    request.cwd = req.workdir.clone();
-    request.timeout = Duration::from_secs(req.timeout_seconds.unwrap_or(DEFAULT_EXEC_SECONDS));
-    request.output_cap = EXEC_OUTPUT_CAP;
-    request.keep_output = false;
+    let request = program(&req, DEFAULT_EXEC_SECONDS);
 
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
     let audit = st.audit.clone();
@@ -515,21 +530,8 @@ pub(super) async fn attach(
         Ok(o) => o,
         Err(resp) => return resp,
     };
-    let state = spec_state(&obj);
-    if state != SandboxState::Running {
-        let verb = if state == SandboxState::Paused {
-            "resume"
-        } else {
-            "start"
-        };
-        return error(
-            StatusCode::CONFLICT,
-            format!(
-                "Sandbox/{name} is {} (spec.state); `agentvm {verb} sandbox/{name}` first",
-                state.as_str()
-            ),
-            vec![],
-        );
+    if let Err(resp) = wanted_running(&obj, &name) {
+        return resp;
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
     let audit = st.audit.clone();
@@ -579,13 +581,7 @@ pub(super) async fn attach(
             }
         };
         let exec = request.exec;
-        let mut program = ExecRequest::new(exec.command[0].clone(), exec.command[1..].to_vec());
-        program.env = exec.env.clone();
-        program.cwd = exec.workdir.clone();
-        program.timeout =
-            Duration::from_secs(exec.timeout_seconds.unwrap_or(MAX_SANDBOX_EXEC_SECONDS));
-        program.output_cap = EXEC_OUTPUT_CAP;
-        program.keep_output = false;
+        let program = program(&exec, MAX_SANDBOX_EXEC_SECONDS);
         let pty = request
             .tty
             .map(|(rows, cols)| agentvm_guest::WinSize { rows, cols });
