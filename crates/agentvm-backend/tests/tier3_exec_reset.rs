@@ -486,10 +486,13 @@ fn every_reset_reseeds_the_guest_rng_on_a_cpu_without_rdrand() {
     let after_park = guest_random(&g);
 
     // Control: the same memory reset without the reseed (what a reset did before: load the
-    // snapshot, wait for the agent) hands every run the same random bytes.
+    // snapshot, wait for the agent) hands runs the same random bytes. Three loads, and two
+    // of them must agree: one load can still differ on its own when the host is so loaded
+    // that the guest's clock passes the kernel's own reseed deadline (uptime twice the
+    // park's) before the read, or when something in the guest drew random bytes first.
     let dom = lv.raw().lookup_domain_by_name(&name).unwrap();
     let mut without_reseed = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..3 {
         let out = dom
             .qemu_monitor_command(
                 &format!("loadvm {}", agentvm_backend::golden::GOLDEN_SNAPSHOT),
@@ -502,11 +505,24 @@ fn every_reset_reseeds_the_guest_rng_on_a_cpu_without_rdrand() {
         agentvm_backend::agent_conn::forget(&name);
         g.wait_ready(Duration::from_secs(60)).unwrap();
         without_reseed.push(guest_random(&g));
+        let uptime = g
+            .exec(&ExecRequest::new("cat", ["/proc/uptime"]), &mut |_, _| {})
+            .unwrap();
+        eprintln!(
+            "bare load: {} at guest uptime {}",
+            without_reseed.last().unwrap(),
+            String::from_utf8_lossy(&uptime.stdout).trim()
+        );
     }
-    eprintln!("without the reseed: {without_reseed:?}");
-    assert_eq!(
-        without_reseed[0], without_reseed[1],
-        "control: a bare snapshot load repeats the guest's random bytes"
+    let repeated: Vec<&String> = without_reseed
+        .iter()
+        .enumerate()
+        .filter(|(i, r)| without_reseed[i + 1..].contains(r))
+        .map(|(_, r)| r)
+        .collect();
+    assert!(
+        !repeated.is_empty(),
+        "control: bare snapshot loads repeat the guest's random bytes: {without_reseed:?}"
     );
 
     // agentvm's reset: fresh host entropy in the guest's CRNG before anything runs.
@@ -522,7 +538,7 @@ fn every_reset_reseeds_the_guest_rng_on_a_cpu_without_rdrand() {
     eprintln!("after park {after_park}, after resets {with_reseed:?}");
     let mut all = with_reseed.clone();
     all.push(after_park);
-    all.push(without_reseed[0].clone());
+    all.push(repeated[0].clone());
     let distinct: std::collections::BTreeSet<&String> = all.iter().collect();
     assert_eq!(
         distinct.len(),
