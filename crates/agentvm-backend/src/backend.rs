@@ -163,6 +163,15 @@ pub trait Backend: Send + Sync {
     fn delete_vm_snapshot(&self, name: &str, snapshot: &str) -> Result<()>;
     /// The snapshots of owned VM `name`, sorted.
     fn vm_snapshots(&self, name: &str) -> Result<Vec<String>>;
+    /// Makes `name`, owned by `owner`, a fork of kept VM `source` at its snapshot `snapshot`
+    /// (see [`crate::fork`]): running, its agent answering. `source` keeps its power state.
+    fn fork_vm(
+        &self,
+        source: &str,
+        snapshot: &str,
+        name: &str,
+        owner: &Owner,
+    ) -> Result<crate::fork::ForkReport>;
     /// The name of the reset strategy [`Backend::reset_vm`] uses (a metric label).
     fn reset_strategy(&self) -> &'static str {
         "golden"
@@ -196,6 +205,31 @@ pub struct LibvirtBackend {
     boot_timeout: Duration,
     strategy: ResetStrategy,
     tcg_tb_cache_mib: Option<u64>,
+    vm_ops: VmOps,
+}
+
+/// Names of the kept VMs an operation runs on, and a wake-up for those waiting their turn.
+#[derive(Default)]
+struct VmOps {
+    busy: Mutex<std::collections::HashSet<String>>,
+    done: std::sync::Condvar,
+}
+
+/// Held while an operation on a kept VM runs; see `LibvirtBackend::vm_op`.
+struct VmOpGuard<'a> {
+    ops: &'a VmOps,
+    name: String,
+}
+
+impl Drop for VmOpGuard<'_> {
+    fn drop(&mut self) {
+        self.ops
+            .busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.name);
+        self.ops.done.notify_all();
+    }
 }
 
 impl std::fmt::Debug for LibvirtBackend {
@@ -224,6 +258,7 @@ impl LibvirtBackend {
             boot_timeout,
             strategy: ResetStrategy::default(),
             tcg_tb_cache_mib: Some(crate::vm::DEFAULT_TCG_TB_CACHE_MIB),
+            vm_ops: VmOps::default(),
         }
     }
 
@@ -307,6 +342,33 @@ impl LibvirtBackend {
     fn edited(&self, name: &str, now: &str) -> bool {
         std::fs::read_to_string(self.files(name).dir.join(DEFINITION_FINGERPRINT))
             .is_ok_and(|recorded| now != recorded.trim())
+    }
+
+    /// Records what `name`'s definition looks like now, to notice hand edits later.
+    fn record_definition(&self, lv: &Libvirt, name: &str) -> Result<()> {
+        let fingerprint = lv.definition_fingerprint(name)?;
+        write_private(
+            &self.files(name).dir.join(DEFINITION_FINGERPRINT),
+            fingerprint.as_bytes(),
+        )
+    }
+
+    /// Serialises the operations that change a kept VM's power state or snapshots (power
+    /// changes, snapshots, rollbacks, forks from it): held while one runs.
+    fn vm_op(&self, name: &str) -> VmOpGuard<'_> {
+        let mut busy = self.vm_ops.busy.lock().unwrap_or_else(|e| e.into_inner());
+        while busy.contains(name) {
+            busy = self
+                .vm_ops
+                .done
+                .wait(busy)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        busy.insert(name.to_string());
+        VmOpGuard {
+            ops: &self.vm_ops,
+            name: name.to_string(),
+        }
     }
 
     fn has_golden(&self, lv: &Libvirt, name: &str) -> bool {
@@ -444,10 +506,7 @@ impl Backend for LibvirtBackend {
             Guest::new(&agent).warm_up(&req.warmup)?;
             let warmup = t.elapsed();
             let golden = lv.park_golden(&name, &files, self.strategy, self.boot_timeout)?;
-            // What its definition looks like now, to notice hand edits later.
-            let fingerprint = lv.definition_fingerprint(&name)?;
-            let path = files.dir.join(DEFINITION_FINGERPRINT);
-            write_private(&path, fingerprint.as_bytes())?;
+            self.record_definition(&lv, &name)?;
             Ok(PoolVmReport {
                 boot,
                 warmup,
@@ -505,11 +564,7 @@ impl Backend for LibvirtBackend {
         lv.set_domain_owner(name, owner)?;
         // The metadata is part of the definition: record the new one, so the change is not
         // taken for a hand edit.
-        let fingerprint = lv.definition_fingerprint(name)?;
-        write_private(
-            &self.files(name).dir.join(DEFINITION_FINGERPRINT),
-            fingerprint.as_bytes(),
-        )
+        self.record_definition(&lv, name)
     }
 
     fn vm_power(&self, name: &str) -> Result<PowerState> {
@@ -517,6 +572,7 @@ impl Backend for LibvirtBackend {
     }
 
     fn snapshot_vm(&self, name: &str, snapshot: &str) -> Result<SnapshotTaken> {
+        let _op = self.vm_op(name);
         let pause = self.lv()?.create_named_snapshot(name, snapshot)?;
         let tag = crate::snapshots::snapshot_tag(snapshot);
         // Best effort: the size is for the status, the snapshot is taken either way.
@@ -536,6 +592,7 @@ impl Backend for LibvirtBackend {
     }
 
     fn rollback_vm(&self, name: &str, snapshot: &str) -> Result<()> {
+        let _op = self.vm_op(name);
         let lv = self.lv()?;
         lv.revert_named_snapshot(name, snapshot)?;
         if lv.power_state(name)? == PowerState::Running {
@@ -545,6 +602,7 @@ impl Backend for LibvirtBackend {
     }
 
     fn delete_vm_snapshot(&self, name: &str, snapshot: &str) -> Result<()> {
+        let _op = self.vm_op(name);
         self.lv()?.delete_named_snapshot(name, snapshot)
     }
 
@@ -552,7 +610,29 @@ impl Backend for LibvirtBackend {
         self.lv()?.named_snapshots(name)
     }
 
+    fn fork_vm(
+        &self,
+        source: &str,
+        snapshot: &str,
+        name: &str,
+        owner: &Owner,
+    ) -> Result<crate::fork::ForkReport> {
+        let lv = self.lv()?;
+        let _op = self.vm_op(source);
+        let report = lv.fork_domain(
+            &self.state_dir,
+            source,
+            snapshot,
+            name,
+            owner,
+            self.boot_timeout,
+        )?;
+        self.record_definition(&lv, name)?;
+        Ok(report)
+    }
+
     fn set_vm_power(&self, name: &str, to: PowerState) -> Result<()> {
+        let _op = self.vm_op(name);
         let lv = self.lv()?;
         let now = lv.power_state(name)?;
         match (now, to) {

@@ -102,6 +102,14 @@ pub enum BackendError {
         /// The size asked for, bytes.
         wanted_bytes: u64,
     },
+    /// agentvm cannot do this (yet) for this object; nothing was changed.
+    #[error("{what}: not supported: {why}")]
+    Unsupported {
+        /// What was asked.
+        what: String,
+        /// Why it cannot be done.
+        why: String,
+    },
     /// The guest agent's reply could not be understood.
     #[error("unexpected reply from {what}: {message}")]
     Protocol {

@@ -52,6 +52,8 @@ pub enum Op {
     RollbackVm,
     /// [`Backend::delete_vm_snapshot`].
     DeleteVmSnapshot,
+    /// [`Backend::fork_vm`] (the call names the fork).
+    ForkVm,
 }
 
 /// One recorded call: the operation and the object name it acted on (empty for lists).
@@ -631,6 +633,56 @@ impl Backend for FakeBackend {
             .get(name)
             .map(|v| v.iter().cloned().collect())
             .unwrap_or_default())
+    }
+
+    fn fork_vm(
+        &self,
+        source: &str,
+        snapshot: &str,
+        name: &str,
+        owner: &Owner,
+    ) -> Result<crate::fork::ForkReport> {
+        let mut s = self.enter(Op::ForkVm, name)?;
+        Self::power_of(&s, source)?;
+        if !s
+            .snapshots
+            .get(source)
+            .is_some_and(|v| v.contains(snapshot))
+        {
+            return Err(BackendError::NotFound {
+                kind: "snapshot",
+                name: snapshot.to_string(),
+            });
+        }
+        if s.domains.contains_key(name) {
+            return Err(BackendError::AlreadyExists {
+                kind: "domain",
+                name: name.to_string(),
+            });
+        }
+        let from = s.domains[source].clone();
+        if from.network.is_some() {
+            return Err(BackendError::Unsupported {
+                what: format!("forking {source}"),
+                why: "it has a network interface; only isolated VMs can be forked yet".into(),
+            });
+        }
+        s.domains.insert(
+            name.to_string(),
+            FakeDomain {
+                owner: Some(owner.clone()),
+                state: DomainState::Running,
+                golden: false,
+                resets: 0,
+                ..from
+            },
+        );
+        s.power.remove(name);
+        Ok(crate::fork::ForkReport {
+            source_pause: Duration::from_millis(1),
+            copied_bytes: 1 << 20,
+            total: Duration::from_millis(2),
+        })
     }
 
     fn set_vm_power(&self, name: &str, to: PowerState) -> Result<()> {

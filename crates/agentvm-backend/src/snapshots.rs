@@ -29,7 +29,7 @@ fn is_plain(name: &str) -> bool {
 }
 
 impl Libvirt {
-    fn owned_for_snapshot(&self, domain: &str, name: &str) -> Result<Domain> {
+    pub(crate) fn owned_for_snapshot(&self, domain: &str, name: &str) -> Result<Domain> {
         if !is_plain(name) {
             return Err(BackendError::Protocol {
                 what: format!("snapshot of {domain}"),

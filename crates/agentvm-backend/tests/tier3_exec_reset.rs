@@ -580,3 +580,88 @@ fn every_reset_reseeds_the_guest_rng_on_a_cpu_without_rdrand() {
     );
     vm.teardown().unwrap();
 }
+
+/// Removes a fork's domain and files when the test ends, however it ends.
+struct ForkGuard<'a>(&'a Libvirt, String);
+
+impl Drop for ForkGuard<'_> {
+    fn drop(&mut self) {
+        let files = agentvm_backend::vm::VmFiles::new(&default_state_dir(), &self.1);
+        if let Err(e) = self.0.remove_golden(&self.1, &files) {
+            eprintln!("removing fork {}: {e}", self.1);
+        }
+    }
+}
+
+#[test]
+fn a_fork_goes_on_from_the_snapshot_with_its_own_files_and_entropy() {
+    let lv = libvirt();
+    let name = vm_name("forksrc");
+    let vm = GoldenVm::boot(
+        &lv,
+        &default_state_dir(),
+        &name,
+        &image(),
+        &shape(),
+        owner("fork"),
+        ResetStrategy::SnapshotLoadvm,
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("booting {name}: {e}"));
+    let src_agent = vm.agent().unwrap();
+    let src = Guest::new(&src_agent);
+    // State the fork must carry over: a file on disk, one in tmpfs, a running process.
+    sh(
+        &src,
+        "echo disk > /root/f && echo mem > /dev/shm/f && \
+         (setsid sh -c 'n=0; while :; do n=$((n+1)); echo $n > /dev/shm/count; sleep 0.2; done' \
+         </dev/null >/dev/null 2>&1 &)",
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    lv.create_named_snapshot(&name, "base").unwrap();
+    // Changed after the snapshot: the fork must not see it.
+    sh(&src, "echo later > /root/f");
+
+    let fork = vm_name("fork");
+    let _guard = ForkGuard(&lv, fork.clone());
+    let report = lv
+        .fork_domain(
+            &default_state_dir(),
+            &name,
+            "base",
+            &fork,
+            &owner("fork"),
+            Duration::from_secs(120),
+        )
+        .unwrap_or_else(|e| panic!("forking {name}: {e}"));
+    eprintln!("fork: {report:?}");
+    assert!(report.copied_bytes > 0, "{report:?}");
+    let fork_agent = lv.agent(&fork).unwrap();
+    let f = Guest::new(&fork_agent);
+    assert_eq!(sh(&f, "cat /root/f /dev/shm/f"), "disk\nmem");
+    let a = sh(&f, "cat /dev/shm/count");
+    std::thread::sleep(Duration::from_millis(1000));
+    let b = sh(&f, "cat /dev/shm/count");
+    assert!(
+        b.parse::<u64>().unwrap() > a.parse::<u64>().unwrap(),
+        "the process started before the snapshot runs on in the fork: {a} then {b}"
+    );
+    // Independent from here on, both ways; different random bytes.
+    sh(&f, "echo fork > /root/g");
+    assert_eq!(
+        sh(&src, "cat /root/f; ls /root/g 2>/dev/null || true"),
+        "later"
+    );
+    let rand = |g: &Guest<'_, _>| sh(g, "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'");
+    assert_ne!(rand(&f), rand(&src));
+    // No internal snapshot of the source's comes along (golden state, other snapshots).
+    let fork_files = agentvm_backend::vm::VmFiles::new(&default_state_dir(), &fork);
+    let info = agentvm_backend::vm::qemu_img_info(&fork_files.disk()).unwrap();
+    assert!(
+        info["snapshots"].as_array().is_none_or(|a| a.is_empty()),
+        "{info}"
+    );
+    // The source is gone; the fork goes on.
+    vm.teardown().unwrap();
+    assert_eq!(sh(&f, "cat /root/g"), "fork");
+}

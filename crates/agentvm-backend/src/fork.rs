@@ -1,0 +1,287 @@
+//! Forks: a new VM that goes on from a named snapshot of a kept VM (a sandbox) — same files,
+//! same memory, same running processes — with its own name, UUID, files and entropy.
+//!
+//! How (libvirt 9, QEMU 7.2): the snapshot is an internal qcow2 snapshot inside the source's
+//! overlay, so the fork's disk is a copy of that overlay, taken while the source's vCPUs are
+//! stopped (QEMU flushes its qcow2 caches when it stops the VM, so the file is consistent).
+//! Every other internal snapshot is deleted from the copy; the fork is defined from the
+//! source's definition with its own name, UUID, owner and file paths, started with its vCPUs
+//! stopped, `loadvm`s the snapshot from its copy, drops it, and runs. The guest's RNG is
+//! reseeded and its clock set before anything else runs in it, as after every reset: a fork
+//! never draws the random bytes its source or a sibling fork draws.
+//!
+//! The copy makes the fork independent of its source: deleting the source, the snapshot or
+//! another fork never touches it. Its cost is a full copy of the source's overlay (memory
+//! state of all its snapshots included) while the source is paused; see BENCHMARKS.md.
+//!
+//! Not yet: sources with a network interface. The restored virtio-net device would keep the
+//! source's MAC address and the guest its DHCP lease; until the guest is moved to the
+//! fork's own address, such forks are refused with [`BackendError::Unsupported`].
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use virt::domain::Domain;
+use virt::sys;
+
+use crate::error::{io_err, BackendError, Result};
+use crate::guest::Guest;
+use crate::libvirt::{Libvirt, PowerState};
+use crate::snapshots::snapshot_tag;
+use crate::vm::{make_dir, VmFiles};
+use crate::xml::Owner;
+
+/// What making a fork cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ForkReport {
+    /// How long the source's vCPUs were stopped for the copy of its disk.
+    pub source_pause: Duration,
+    /// Bytes copied (the source's overlay).
+    pub copied_bytes: u64,
+    /// From the start to the fork's guest answering, reseeded and with its clock set.
+    pub total: Duration,
+}
+
+/// The fork's definition: `source_xml` (the source's persistent definition) with the name,
+/// UUID and paths of the fork. Refuses definitions it does not know how to fork: anything
+/// with a network interface, and any file of the source's outside its VM directory but the
+/// image it is an overlay of (kernel, initrd).
+pub(crate) fn fork_definition(
+    source_xml: &str,
+    source: &str,
+    source_dir: &Path,
+    name: &str,
+    dir: &Path,
+) -> Result<String> {
+    let refuse = |why: String| BackendError::Unsupported {
+        what: format!("forking {source}"),
+        why,
+    };
+    if source_xml.contains("<interface") {
+        return Err(refuse(
+            "it has a network interface; only isolated VMs can be forked yet".into(),
+        ));
+    }
+    let old_name = format!("<name>{source}</name>");
+    if source_xml.matches(&old_name).count() != 1 {
+        return Err(refuse(
+            "its definition does not name it exactly once".into(),
+        ));
+    }
+    let mut xml = source_xml.replacen(&old_name, &format!("<name>{name}</name>"), 1);
+    // A fresh UUID from libvirt.
+    while let Some(start) = xml.find("<uuid>") {
+        let Some(len) = xml[start..].find("</uuid>") else {
+            return Err(refuse("its definition has an unterminated <uuid>".into()));
+        };
+        xml.replace_range(start..start + len + "</uuid>".len(), "");
+    }
+    let (from, to) = (
+        format!("{}/", source_dir.display()),
+        format!("{}/", dir.display()),
+    );
+    if xml.contains(&format!("'{}", dir.display())) || xml.contains(&format!("\"{}", dir.display()))
+    {
+        return Err(refuse(
+            "its definition already refers to the fork's files".into(),
+        ));
+    }
+    let xml = xml.replace(&from, &to);
+    if !xml.contains(&format!("{to}disk.qcow2")) {
+        return Err(refuse(format!(
+            "its disk is not {from}disk.qcow2, the overlay agentvm made for it"
+        )));
+    }
+    Ok(xml)
+}
+
+/// The internal snapshots in qcow2 file `disk`.
+fn internal_snapshots(disk: &Path) -> Result<Vec<String>> {
+    let info = crate::vm::qemu_img_info(disk)?;
+    Ok(info["snapshots"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s["name"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+fn delete_internal_snapshot(disk: &Path, tag: &str) -> Result<()> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["snapshot", "-d", tag])
+        .arg(disk)
+        .output()
+        .map_err(io_err("run qemu-img snapshot -d on", disk))?;
+    if !out.status.success() {
+        return Err(BackendError::Command {
+            command: format!("qemu-img snapshot -d {tag} {}", disk.display()),
+            message: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(())
+}
+
+impl Libvirt {
+    /// Makes `name` (owned by `owner`, files under `state_dir`) a fork of owned domain
+    /// `source` at its named snapshot `snapshot`, running, its guest agent answering. The
+    /// source stays in the power state it was in. On failure nothing of the fork is left.
+    pub fn fork_domain(
+        &self,
+        state_dir: &Path,
+        source: &str,
+        snapshot: &str,
+        name: &str,
+        owner: &Owner,
+        agent_timeout: Duration,
+    ) -> Result<ForkReport> {
+        let start = Instant::now();
+        let src = self.owned_for_snapshot(source, snapshot)?;
+        let tag = snapshot_tag(snapshot);
+        Domain::lookup_snapshot_by_name(&src, &tag, 0)
+            .map_err(|e| BackendError::from_virt(e, "snapshot", &tag))?;
+        if self.raw().lookup_domain_by_name(name).is_ok() {
+            return Err(BackendError::AlreadyExists {
+                kind: "domain",
+                name: name.to_string(),
+            });
+        }
+        let source_xml = src
+            .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
+            .map_err(|e| BackendError::from_virt(e, "domain", source))?;
+        let (source_files, files) = (
+            VmFiles::new(state_dir, source),
+            VmFiles::new(state_dir, name),
+        );
+        let xml = fork_definition(&source_xml, source, &source_files.dir, name, &files.dir)?;
+        make_dir(&files.dir)?;
+        let made = (|| {
+            let (source_pause, copied_bytes) =
+                self.copy_disk_quiesced(source, &source_files, &files)?;
+            for other in internal_snapshots(&files.disk())? {
+                if other != tag {
+                    delete_internal_snapshot(&files.disk(), &other)?;
+                }
+            }
+            let dom = self
+                .raw()
+                .define_domain_xml(&xml)
+                .map_err(|e| BackendError::from_virt(e, "domain", name))?;
+            self.set_domain_owner(name, owner)?;
+            dom.create_with_flags(sys::VIR_DOMAIN_START_PAUSED)
+                .map_err(|e| BackendError::from_virt(e, "domain", name))?;
+            // The vCPUs stay stopped through the load (they were stopped before it).
+            crate::golden::loadvm(&dom, name, &tag)?;
+            // Its memory state is in the guest now; its clusters in the copy are not needed.
+            let out = dom
+                .qemu_monitor_command(
+                    &format!("delvm {tag}"),
+                    sys::VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP,
+                )
+                .map_err(|e| BackendError::from_virt(e, "domain", name))?;
+            if !out.trim().is_empty() {
+                tracing::warn!(vm = %name, output = %out.trim(), "dropping the fork's copy of the snapshot failed");
+            }
+            crate::agent_conn::forget(name);
+            dom.resume()
+                .map_err(|e| BackendError::from_virt(e, "domain", name))?;
+            let agent = self.agent(name)?;
+            Guest::new(&agent).wait_ready(agent_timeout)?;
+            crate::golden::refresh_guest(&agent, agent_timeout)?;
+            Ok(ForkReport {
+                source_pause,
+                copied_bytes,
+                total: start.elapsed(),
+            })
+        })();
+        made.inspect_err(|_| {
+            if let Err(e) = self.remove_golden(name, &files) {
+                tracing::warn!(vm = %name, error = %e, "cleanup after a failed fork failed");
+            }
+        })
+    }
+
+    /// Copies `source`'s overlay to `files`' disk with the source's vCPUs stopped (a running
+    /// source runs again afterwards, whatever happened); the pause and the bytes copied.
+    fn copy_disk_quiesced(
+        &self,
+        source: &str,
+        source_files: &VmFiles,
+        files: &VmFiles,
+    ) -> Result<(Duration, u64)> {
+        let running = self.power_state(source)? == PowerState::Running;
+        if running {
+            self.suspend_domain(source)?;
+        }
+        let t = Instant::now();
+        let copied = std::fs::copy(source_files.disk(), files.disk())
+            .map_err(io_err("copy the source's overlay to", &files.disk()));
+        let pause = t.elapsed();
+        if running {
+            self.resume_domain(source)?;
+        }
+        Ok((pause, copied?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SOURCE: &str = "<domain type='qemu'>\n  <name>sbx-a</name>\n  <uuid>0b1f-x</uuid>\n  \
+        <devices>\n    <disk type='file' device='disk'>\n      \
+        <source file='/var/lib/agentvm/vms/sbx-a/disk.qcow2'/>\n    </disk>\n    \
+        <serial type='file'><source path='/var/lib/agentvm/vms/sbx-a/serial.log'/></serial>\n  \
+        </devices>\n</domain>\n";
+
+    fn fork(xml: &str) -> Result<String> {
+        fork_definition(
+            xml,
+            "sbx-a",
+            Path::new("/var/lib/agentvm/vms/sbx-a"),
+            "sbx-b",
+            Path::new("/var/lib/agentvm/vms/sbx-b"),
+        )
+    }
+
+    #[test]
+    fn a_fork_gets_its_own_name_uuid_and_files() {
+        let xml = fork(SOURCE).unwrap();
+        assert!(xml.contains("<name>sbx-b</name>"), "{xml}");
+        assert!(!xml.contains("uuid"), "{xml}");
+        assert!(!xml.contains("/vms/sbx-a/"), "{xml}");
+        assert!(
+            xml.contains("'/var/lib/agentvm/vms/sbx-b/disk.qcow2'"),
+            "{xml}"
+        );
+        assert!(
+            xml.contains("'/var/lib/agentvm/vms/sbx-b/serial.log'"),
+            "{xml}"
+        );
+    }
+
+    #[test]
+    fn definitions_it_cannot_fork_safely_are_refused() {
+        let nic = SOURCE.replace(
+            "</devices>",
+            "<interface type='network'><source network='n'/></interface></devices>",
+        );
+        let elsewhere = SOURCE.replace("/vms/sbx-a/disk.qcow2", "/images/base.qcow2");
+        let twice = SOURCE.replace(
+            "<devices>",
+            "<description><name>sbx-a</name></description><devices>",
+        );
+        let already = SOURCE.replace("/vms/sbx-a/serial.log", "/vms/sbx-b/serial.log");
+        for bad in [nic, elsewhere, twice, already] {
+            assert!(
+                matches!(fork(&bad), Err(BackendError::Unsupported { .. })),
+                "{bad}"
+            );
+        }
+    }
+}
