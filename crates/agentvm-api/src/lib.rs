@@ -43,8 +43,8 @@ pub use kinds::network_filter::{
     NetworkFilterPhase, NetworkFilterSpec, NetworkFilterStatus, Protocol, MAX_WILDCARD_HEAD,
 };
 pub use kinds::sandbox::{
-    Rollback, RollbackStatus, Sandbox, SandboxPhase, SandboxSpec, SandboxState, SandboxStatus,
-    ShutdownPolicy,
+    ForkedFrom, Rollback, RollbackStatus, Sandbox, SandboxPhase, SandboxSpec, SandboxState,
+    SandboxStatus, ShutdownPolicy,
 };
 pub use kinds::snapshot::{Snapshot, SnapshotPhase, SnapshotSpec, SnapshotStatus};
 pub use kinds::vm_pool::{

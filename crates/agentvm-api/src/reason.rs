@@ -190,6 +190,15 @@ reasons! {
     RollbackRefused,
     /// The submitter may not use the object named (a run in someone else's sandbox).
     NotPermitted,
+    /// agentvm cannot do this for this object yet (e.g. fork a sandbox with a network
+    /// interface).
+    Unsupported,
+    /// The fork's `Snapshot` does not exist.
+    SnapshotNotFound,
+    /// The fork waits for its `Snapshot` to be taken.
+    WaitingForSnapshot,
+    /// The sandbox was forked from a snapshot.
+    Forked,
 }
 
 impl std::fmt::Display for Reason {

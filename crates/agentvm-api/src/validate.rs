@@ -956,7 +956,18 @@ impl Validator {
     }
 
     fn sandbox(&mut self, path: &FieldPath, spec: &SandboxSpec) {
-        self.dns_label(&path.key("poolRef"), &spec.pool_ref, "VmPool name");
+        match (spec.pool_ref.is_empty(), &spec.from_snapshot) {
+            (true, None) => self.error(
+                path.key("poolRef"),
+                "where does its VM come from? set `poolRef` (a VmPool: a warm VM is taken) or `fromSnapshot` (a Snapshot: a fork of it)",
+            ),
+            (false, Some(_)) => self.error(
+                path.key("fromSnapshot"),
+                "`poolRef` and `fromSnapshot` are both set; keep exactly one of them",
+            ),
+            (false, None) => self.dns_label(&path.key("poolRef"), &spec.pool_ref, "VmPool name"),
+            (true, Some(snap)) => self.dns_label(&path.key("fromSnapshot"), snap, "Snapshot name"),
+        }
         let range = (sandbox::MIN_LIFETIME_SECONDS, sandbox::MAX_LIFETIME_SECONDS);
         if spec.idle_timeout_seconds != 0 {
             self.range(

@@ -373,6 +373,24 @@ fn a_run_names_exactly_one_of_pool_and_sandbox_and_a_sandbox_its_limits() {
     ] {
         assert!(sandbox.contains(expected), "{expected} not in:\n{sandbox}");
     }
+    // Its VM comes from exactly one place: a pool or a snapshot to fork.
+    let sandbox_errors = |spec: &str| {
+        agentvm_api::parse_str(
+            &format!("apiVersion: agentvm.dev/v1alpha1\nkind: Sandbox\nmetadata: {{name: s}}\nspec: {spec}\n"),
+            "s.yaml",
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default()
+    };
+    assert!(sandbox_errors("{}").contains(
+        "spec.poolRef: where does its VM come from? set `poolRef` (a VmPool: a warm VM is taken) or `fromSnapshot` (a Snapshot: a fork of it)"
+    ));
+    assert!(sandbox_errors("{poolRef: p, fromSnapshot: x}")
+        .contains("spec.fromSnapshot: `poolRef` and `fromSnapshot` are both set"));
+    assert!(sandbox_errors("{fromSnapshot: Bad}")
+        .contains("spec.fromSnapshot: `Bad` is not a valid Snapshot name"));
+    assert_eq!(sandbox_errors("{fromSnapshot: base}"), "");
 }
 
 #[test]

@@ -67,6 +67,9 @@ pub enum AuditEventType {
     Egress,
     /// A pool VM was claimed by a sandbox (`details.pool`).
     VmClaimed,
+    /// A sandbox was made as a fork of a snapshot (`details.snapshot`, `sandbox`,
+    /// `sourcePauseMs`, `tookMs`).
+    SandboxForked,
     /// A sandbox's VM changed power state (`details.from`, `to`, `reason`).
     SandboxPower,
     /// A command was run in a sandbox (`details.command`, `exitCode`).
@@ -92,6 +95,7 @@ impl AuditEventType {
             AuditEventType::DriftRepaired => "drift_repaired",
             AuditEventType::Egress => "egress",
             AuditEventType::VmClaimed => "vm_claimed",
+            AuditEventType::SandboxForked => "sandbox_forked",
             AuditEventType::SandboxPower => "sandbox_power",
             AuditEventType::SandboxExec => "sandbox_exec",
             AuditEventType::SnapshotTaken => "snapshot_taken",

@@ -13,7 +13,7 @@ Objects (Network, NetworkFilter, Image, VmPool, Sandbox, Snapshot, AgentRun) are
 managed by `agentvm controller`, the Kubernetes way: `apply` them, `get`, `describe`, `wait` \
 for them, `diff` a changed manifest, read a run's `logs`, `delete` them. Kinds have short \
 names: net, nwf, img, pool, sbx, snap, run. A Sandbox is a VM that is kept: `exec` into it, \
-`pause`, `resume`, `stop` and `start` it, `snapshot` it and `rollback` to a snapshot.";
+`pause`, `resume`, `stop` and `start` it, `snapshot` it, `rollback` to a snapshot and `fork` a snapshot into a new sandbox.";
 
 const AFTER_LONG_HELP: &str = "Exit status:
   0  success (`diff`: no differences)
@@ -86,6 +86,8 @@ enum Command {
     Snapshot(cmd::sandbox::SnapshotArgs),
     /// Roll a sandbox back to one of its snapshots (sets spec.rollback).
     Rollback(cmd::sandbox::RollbackArgs),
+    /// Fork a snapshot into a new sandbox (same files, memory and programs; its own identity).
+    Fork(cmd::sandbox::ForkArgs),
     /// Print an AgentRun's output; `-f` follows it until the run ends.
     Logs(cmd::logs::LogsArgs),
     /// Wait until objects meet a condition, reach a phase or are deleted.
@@ -143,6 +145,7 @@ fn main() {
             Command::Stop(a) => a.run(&cfg, SandboxState::Stopped, "stopped"),
             Command::Start(a) => a.run(&cfg, SandboxState::Running, "started"),
             Command::Snapshot(a) => a.run(&cfg),
+            Command::Fork(a) => a.run(&cfg),
             Command::Cp(a) => a.run(&cfg),
             Command::PortForward(a) => a.run(&cfg),
             Command::Rollback(a) => a.run(&cfg),

@@ -25,6 +25,7 @@ const SUBCOMMANDS: &[&str] = &[
     "start",
     "snapshot",
     "rollback",
+    "fork",
     "cp",
     "port-forward",
     "logs",

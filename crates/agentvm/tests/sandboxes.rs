@@ -8,7 +8,8 @@
 //! nothing; an idle sandbox is saved to disk after `idleTimeoutSeconds` of running time
 //! without activity, never while a command runs, and the next exec brings it back;
 //! a snapshot (memory and disk) taken before a risky step brings files and processes back
-//! on `rollback`, with the guest clock set to the host's; a snapshot of a stopped sandbox
+//! on `rollback`, with the guest clock set to the host's; `fork` makes a new sandbox from a
+//! snapshot with its files and running processes, independent of its source; a snapshot of a stopped sandbox
 //! waits until it runs; an `AgentRun` with `sandboxRef` runs in the sandbox's VM and leaves
 //! its files there; deleting the sandbox destroys its VM and its snapshots. Fails (never skips) without libvirt or the
 //! default image.
@@ -301,6 +302,31 @@ fn a_sandbox_keeps_its_vm_files_and_processes_through_pause_stop_and_restarts() 
         serde_json::json!(["before"])
     );
 
+    // Fork the snapshot: a new sandbox with the snapshot's files and running processes, a
+    // VM of its own and its own entropy; independent of its source from then on.
+    let t = Instant::now();
+    let out = env.ok(&["fork", "snapshot/before", "--name", "dev-fork"]);
+    eprintln!(
+        "fork: {:.0} ms ({})",
+        t.elapsed().as_secs_f64() * 1000.0,
+        out.trim()
+    );
+    let fork = env.status("sandbox", "dev-fork");
+    assert_eq!(fork["phase"], "Running", "{fork}");
+    assert_eq!(fork["forkedFrom"]["sandbox"], "dev", "{fork}");
+    let fork_vm = fork["vm"].as_str().unwrap().to_string();
+    assert_ne!(fork_vm, vm);
+    assert_eq!(exec_ok(&env, "dev-fork", &alive), "kept\nsleep 100000 ");
+    exec_ok(&env, "dev-fork", "echo forked > /root/forked");
+    assert_eq!(exec(&env, "dev", "test -e /root/forked").0, 1);
+    exec_ok(&env, "dev", "echo source > /root/source-only");
+    assert_eq!(exec(&env, "dev-fork", "test -e /root/source-only").0, 1);
+    let random = "head -c 16 /dev/urandom | od -An -tx1";
+    assert_ne!(
+        exec_ok(&env, "dev-fork", random),
+        exec_ok(&env, "dev", random)
+    );
+
     // An AgentRun in the sandbox: it runs in the sandbox's VM, which keeps what it left.
     apply_yaml(
         &env,
@@ -334,6 +360,13 @@ fn a_sandbox_keeps_its_vm_files_and_processes_through_pause_stop_and_restarts() 
         env.get("sandbox", "dev").is_none()
     });
     assert!(!virsh(&["domstate", &vm]).0, "{vm} still defined");
+    // The fork does not depend on its source, nor on the source's snapshot.
+    assert_eq!(exec_ok(&env, "dev-fork", &alive), "kept\nsleep 100000 ");
+    env.ok(&["delete", "sandbox/dev-fork"]);
+    env.wait("fork gone", Duration::from_secs(60), || {
+        env.get("sandbox", "dev-fork").is_none()
+    });
+    assert!(!virsh(&["domstate", &fork_vm]).0, "{fork_vm} still defined");
 
     // Idle rules on the pool's replacement VM: a running command keeps the sandbox alive
     // past its idle timeout; once idle it is saved to disk; the next exec brings it back.

@@ -35,8 +35,18 @@ fn default_idle_timeout_seconds() -> u32 {
 pub struct SandboxSpec {
     /// Name of the `VmPool` whose warm VM the sandbox takes. The VM leaves
     /// the pool for good (it is never reset or handed to a run); the pool
-    /// boots a replacement.
+    /// boots a replacement. Exactly one of `poolRef` and `fromSnapshot`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub pool_ref: String,
+    /// Name of a `Snapshot` to fork: the sandbox gets a new VM that goes on
+    /// from that snapshot of its sandbox — same files, same memory, same
+    /// running programs — with its own name, files and fresh entropy. The
+    /// source sandbox is paused only while its disk is copied. The fork
+    /// does not depend on the snapshot or its sandbox afterwards. Only root
+    /// and the source sandbox's owner may fork it; sandboxes with a network
+    /// interface cannot be forked yet (reason `Unsupported`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_snapshot: Option<String>,
     /// Desired power state: `Running` (default), `Paused` (vCPUs stopped,
     /// memory kept in host RAM: resumes in milliseconds) or `Stopped`
     /// (memory and disk saved to the host's disk and the VM's process ended,
@@ -224,4 +234,21 @@ pub struct SandboxStatus {
     /// The last rollback request and what became of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rollback: Option<RollbackStatus>,
+    /// Where a fork came from and what making it cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forked_from: Option<ForkedFrom>,
+}
+
+/// A fork's origin (`status.forkedFrom`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ForkedFrom {
+    /// The `Snapshot` it was made from.
+    pub snapshot: String,
+    /// That snapshot's sandbox.
+    pub sandbox: String,
+    /// Milliseconds the source sandbox was paused for the copy of its disk.
+    pub source_pause_ms: u64,
+    /// Milliseconds from the start of the fork to its guest answering.
+    pub took_ms: u64,
 }

@@ -24,7 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use agentvm_api::{
-    Kind, Reason, Resource, Sandbox, SandboxPhase, SandboxState, SandboxStatus, ShutdownPolicy,
+    ForkedFrom, Kind, Reason, Resource, Sandbox, SandboxPhase, SandboxState, SandboxStatus,
+    ShutdownPolicy, SnapshotPhase, SnapshotStatus,
 };
 use agentvm_backend::{Backend, Owner, PowerState};
 
@@ -273,6 +274,133 @@ impl SandboxReconciler {
         Ok(Some(vm))
     }
 
+    /// Makes this sandbox's VM a fork of Snapshot `from`. `None` while the snapshot is not
+    /// ready, or when the fork cannot be made at all (phase `Failed`, reason in conditions).
+    fn fork(
+        &self,
+        obj: &StoredObject,
+        sb: &Sandbox,
+        from: &str,
+        status: &mut SandboxStatus,
+        ctx: &Ctx,
+    ) -> Result<Option<String>, ReconcileError> {
+        let pending = |status: &mut SandboxStatus, reason: Reason, message: String| {
+            status.phase = SandboxPhase::Pending;
+            Conditions(&mut status.conditions).progressing(reason, message);
+        };
+        let failed = |status: &mut SandboxStatus, reason: Reason, message: String| {
+            status.phase = SandboxPhase::Failed;
+            Conditions(&mut status.conditions)
+                .degraded(&ReconcileError::new(reason, message), false);
+        };
+        let snap_obj = match ctx.store.get(Kind::Snapshot, from)? {
+            Some(o) if !o.is_deleting() => o,
+            _ => {
+                pending(
+                    status,
+                    Reason::SnapshotNotFound,
+                    format!("Snapshot {from} does not exist; take it or fix fromSnapshot"),
+                );
+                return Ok(None);
+            }
+        };
+        let Resource::Snapshot(snap) = &snap_obj.resource else {
+            return Err(super::wrong_kind(&snap_obj, Kind::Snapshot));
+        };
+        let source = snap.spec.sandbox_ref.as_str();
+        let snap_status: SnapshotStatus = status_of(&snap_obj);
+        match snap_status.phase {
+            SnapshotPhase::Ready => {}
+            SnapshotPhase::Failed => {
+                failed(
+                    status,
+                    Reason::SnapshotLost,
+                    format!("Snapshot {from} failed; there is nothing to fork"),
+                );
+                return Ok(None);
+            }
+            _ => {
+                pending(
+                    status,
+                    Reason::WaitingForSnapshot,
+                    format!("waiting for Snapshot {from} of sandbox {source} to be taken"),
+                );
+                return Ok(None);
+            }
+        }
+        let src_obj = match ctx.store.get(Kind::Sandbox, source)? {
+            Some(o) if !o.is_deleting() => o,
+            _ => {
+                failed(
+                    status,
+                    Reason::SandboxNotFound,
+                    format!(
+                        "Snapshot {from}'s sandbox {source} is gone, and its snapshots with it"
+                    ),
+                );
+                return Ok(None);
+            }
+        };
+        // A sandbox holds its owner's work: only they (and root) may copy it.
+        let owner = src_obj.submitter.as_ref().map_or(0, |c| c.uid);
+        let by = obj.submitter.as_ref().map_or(0, |c| c.uid);
+        if by != 0 && by != owner {
+            let whose = src_obj
+                .submitter
+                .as_ref()
+                .map_or_else(|| "root".to_string(), |c| c.to_string());
+            failed(
+                status,
+                Reason::NotPermitted,
+                format!("sandbox {source} belongs to {whose}; only they and root may fork it"),
+            );
+            return Ok(None);
+        }
+        let src_status: SandboxStatus = status_of(&src_obj);
+        let Some(src_vm) = src_status.vm.clone() else {
+            pending(
+                status,
+                Reason::WaitingForSandbox,
+                format!("sandbox {source} has no VM yet"),
+            );
+            return Ok(None);
+        };
+        let vm = format!("agentvm-sbx-{}", sb.name());
+        let report = match self.backend.fork_vm(&src_vm, from, &vm, &Self::owner(obj)) {
+            Ok(r) => r,
+            Err(e @ agentvm_backend::BackendError::Unsupported { .. }) => {
+                failed(status, Reason::Unsupported, e.to_string());
+                return Ok(None);
+            }
+            Err(e) => return Err(backend_error(&format!("forking {src_vm} at {from}"), &e)),
+        };
+        let forked = ForkedFrom {
+            snapshot: from.to_string(),
+            sandbox: source.to_string(),
+            source_pause_ms: report.source_pause.as_millis() as u64,
+            took_ms: report.total.as_millis() as u64,
+        };
+        let now = Timestamp::now().to_string();
+        status.vm = Some(vm.clone());
+        status.pool = src_status.pool.clone();
+        status.created_at = Some(now.clone());
+        status.last_activity_at = Some(now);
+        status.forked_from = Some(forked.clone());
+        self.sandboxes.touch(sb.name());
+        ctx.audit.record(
+            AuditEvent::new(
+                AuditEventType::SandboxForked,
+                Kind::Sandbox,
+                sb.name(),
+                "controller",
+            )
+            .vm(vm.clone())
+            .details(serde_json::to_value(&forked).unwrap_or_default()),
+        );
+        tracing::info!(sandbox = sb.name(), %vm, snapshot = from, ?report, "forked");
+        Ok(Some(vm))
+    }
+
     fn delete(&self, obj: &StoredObject, ctx: &Ctx) -> Result<Action, ReconcileError> {
         let name = obj.resource.name();
         let mut status: SandboxStatus = status_of(obj);
@@ -460,7 +588,9 @@ impl Reconciler for SandboxReconciler {
                 if status.vm.as_deref() != Some(&vm) {
                     // Claimed by an earlier controller that stopped before recording it.
                     status.vm = Some(vm.clone());
-                    status.pool.get_or_insert_with(|| sb.spec.pool_ref.clone());
+                    if !sb.spec.pool_ref.is_empty() {
+                        status.pool.get_or_insert_with(|| sb.spec.pool_ref.clone());
+                    }
                     status
                         .created_at
                         .get_or_insert_with(|| Timestamp::now().to_string());
@@ -480,11 +610,17 @@ impl Reconciler for SandboxReconciler {
                 }
                 return Ok(Action::AwaitChange);
             }
-            None => match self.claim(&obj, sb, &mut status, ctx) {
+            None => match match &sb.spec.from_snapshot {
+                Some(from) => self.fork(&obj, sb, from, &mut status, ctx),
+                None => self.claim(&obj, sb, &mut status, ctx),
+            } {
                 Ok(Some(vm)) => vm,
                 Ok(None) => {
                     if status != before {
                         write_status(ctx, &obj, &status)?;
+                    }
+                    if status.phase == SandboxPhase::Failed {
+                        return Ok(Action::AwaitChange);
                     }
                     return Ok(Action::Requeue(WAITING_FOR_VM));
                 }

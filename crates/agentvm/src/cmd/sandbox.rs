@@ -166,16 +166,7 @@ impl SnapshotArgs {
                 sandbox_ref: sandbox.clone(),
             },
         );
-        let request = agentvm_controller::api::ApplyRequest {
-            objects: vec![serde_json::to_value(&snapshot)?],
-            sources: vec![],
-            dry_run: false,
-            force: false,
-        };
-        let response = client.apply(&request)?;
-        if let Some(e) = response.results.first().and_then(|r| r.error.clone()) {
-            bail!("{e}");
-        }
+        create(&client, serde_json::to_value(&snapshot)?)?;
         let what = object_ref(Kind::Snapshot, &self.name);
         let start = Instant::now();
         loop {
@@ -208,6 +199,92 @@ impl SnapshotArgs {
             if start.elapsed() > self.timeout {
                 bail!(
                     "{what} is not taken after {}s; see `agentvm describe {what}`",
+                    self.timeout.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Creates one object through the controller; its refusal is the error.
+fn create(
+    client: &agentvm_controller::api::client::Client,
+    object: serde_json::Value,
+) -> anyhow::Result<()> {
+    let request = agentvm_controller::api::ApplyRequest {
+        objects: vec![object],
+        sources: vec![],
+        dry_run: false,
+        force: false,
+    };
+    let response = client.apply(&request)?;
+    if let Some(e) = response.results.first().and_then(|r| r.error.clone()) {
+        bail!("{e}");
+    }
+    Ok(())
+}
+
+/// Options of `fork`.
+#[derive(Debug, Args)]
+pub struct ForkArgs {
+    /// The snapshot to fork: `snapshot/NAME`.
+    #[arg(value_name = "snapshot/NAME")]
+    target: String,
+    /// Name of the new `Sandbox`.
+    #[arg(long, value_name = "NAME")]
+    name: String,
+    /// How long to wait for the fork to run (`90`, `90s`, `5m`).
+    #[arg(long, default_value = "5m", value_name = "DURATION", value_parser = super::parse_duration)]
+    timeout: Duration,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+impl ForkArgs {
+    /// Creates a `Sandbox` with `fromSnapshot` and waits until it runs (or fails).
+    pub fn run(self, cfg: &Config) -> anyhow::Result<i32> {
+        let snapshot = match self.target.split_once('/') {
+            Some((kind, name)) if kind.parse::<Kind>().ok() == Some(Kind::Snapshot) => name,
+            _ => bail!("{:?}: name a snapshot (snapshot/NAME)", self.target),
+        };
+        let client = self.connect.client(cfg);
+        let sandbox = agentvm_api::Sandbox::new(
+            self.name.clone(),
+            // Every other field at its default.
+            serde_json::from_value(serde_json::json!({ "fromSnapshot": snapshot }))?,
+        );
+        create(&client, serde_json::to_value(&sandbox)?)?;
+        let what = object_ref(Kind::Sandbox, &self.name);
+        let start = Instant::now();
+        loop {
+            let obj = client.get(Kind::Sandbox, &self.name)?;
+            if let Resource::Sandbox(sb) = &obj.resource {
+                if let Some(st) = &sb.status {
+                    match (st.phase, &st.forked_from) {
+                        (agentvm_api::SandboxPhase::Failed, _) => {
+                            let why = st
+                                .conditions
+                                .iter()
+                                .find(|c| c.type_ == "Degraded")
+                                .map(|c| c.message.clone())
+                                .unwrap_or_default();
+                            bail!("{what} failed: {why}");
+                        }
+                        (agentvm_api::SandboxPhase::Running, Some(f)) => {
+                            println!(
+                                "{what} forked from snapshot/{snapshot} of sandbox/{} in {} ms (the source paused {} ms)",
+                                f.sandbox, f.took_ms, f.source_pause_ms
+                            );
+                            return Ok(0);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            if start.elapsed() > self.timeout {
+                bail!(
+                    "{what} does not run after {}s; see `agentvm describe {what}`",
                     self.timeout.as_secs()
                 );
             }

@@ -305,7 +305,10 @@ impl Drop for Env {
     fn drop(&mut self) {
         self.kill_controller();
         if !self.domain_prefix.is_empty() {
-            for d in domains_with_prefix(&self.domain_prefix) {
+            // The pool's VMs, and sandbox forks.
+            let mut domains = domains_with_prefix(&self.domain_prefix);
+            domains.extend(domains_with_prefix("agentvm-sbx-"));
+            for d in domains {
                 // Only ours: their files live in this test's state dir.
                 if virsh(&["dumpxml", &d])
                     .1

@@ -383,3 +383,95 @@ fn a_snapshot_taken_but_not_recorded_before_a_restart_is_adopted_not_retaken() {
             .count();
     assert_eq!(taken, 1, "taken once, by the earlier controller");
 }
+
+fn fork_yaml(name: &str, snapshot: &str) -> String {
+    format!("apiVersion: agentvm.dev/v1alpha1\nkind: Sandbox\nmetadata: {{name: {name}}}\nspec: {{fromSnapshot: {snapshot}}}\n")
+}
+
+#[test]
+fn a_fork_waits_for_its_snapshot_then_gets_its_own_vm_and_only_owners_may_fork() {
+    let b = Boxes::new();
+    let snaps = crate::reconcilers::SnapshotReconciler::new(b.t.backend());
+    let fork = |name: &str| b.t.reconcile(&b.r, Kind::Sandbox, name);
+    let forks = || -> Vec<String> {
+        b.t.fake
+            .calls()
+            .into_iter()
+            .filter(|c| c.op == Op::ForkVm)
+            .map(|c| c.name)
+            .collect()
+    };
+    // No such snapshot yet: it waits and says why.
+    b.t.apply(&fork_yaml("f", "one"));
+    assert_eq!(fork("f").unwrap(), Action::Requeue(WAITING_FOR_VM));
+    let st = b.t.status(Kind::Sandbox, "f");
+    assert_eq!(st["phase"], "Pending", "{st}");
+    assert_eq!(cond(&st, "Progressing").1, "SnapshotNotFound");
+    // Taken: the fork gets a VM of its own, made from the source's VM at that snapshot.
+    b.t.apply(&sandbox(""));
+    b.pass().unwrap();
+    let source_vm = b.status()["vm"].as_str().unwrap().to_string();
+    b.t.apply(&snapshot_yaml("one", "s"));
+    fork("f").unwrap();
+    assert_eq!(
+        cond(&b.t.status(Kind::Sandbox, "f"), "Progressing").1,
+        "WaitingForSnapshot"
+    );
+    b.t.reconcile(&snaps, Kind::Snapshot, "one").unwrap();
+    fork("f").unwrap();
+    let st = b.t.status(Kind::Sandbox, "f");
+    assert_eq!(st["phase"], "Running", "{st}");
+    assert_eq!(st["vm"], "agentvm-sbx-f");
+    assert_eq!(st["pool"], "p");
+    assert_eq!(st["forkedFrom"]["snapshot"], "one");
+    assert_eq!(st["forkedFrom"]["sandbox"], "s");
+    assert_eq!(forks(), vec!["agentvm-sbx-f".to_string()]);
+    // Its VM is its own: a second pass forks nothing more, the source keeps its VM.
+    fork("f").unwrap();
+    assert_eq!(forks().len(), 1);
+    assert_eq!(b.owned_by_sandbox(), vec![source_vm]);
+
+    // Someone else's sandbox: refused for good, nothing made.
+    b.t.apply(&fork_yaml("g", "one"));
+    let mut other = b.t.store.get(Kind::Sandbox, "g").unwrap().unwrap();
+    other.submitter = Some(crate::caller::Caller {
+        uid: 4242,
+        gid: 4242,
+        groups: vec![],
+        user: None,
+    });
+    b.t.store
+        .apply_batch(
+            vec![crate::store::ApplyItem {
+                resource: other.resource.clone(),
+                manager: crate::store::Manager::Api,
+                submitter: other.submitter.clone().unwrap(),
+                force: false,
+            }],
+            false,
+        )
+        .unwrap();
+    assert_eq!(fork("g").unwrap(), Action::AwaitChange);
+    let st = b.t.status(Kind::Sandbox, "g");
+    assert_eq!(st["phase"], "Failed", "{st}");
+    assert_eq!(cond(&st, "Degraded").1, "NotPermitted");
+    assert_eq!(forks().len(), 1);
+
+    // The backend cannot fork it (a VM with a network interface): failed, with its reason.
+    b.t.apply(&fork_yaml("h", "one"));
+    b.t.fake.fail_next(
+        Op::ForkVm,
+        agentvm_backend::BackendError::Unsupported {
+            what: "forking x".into(),
+            why: "it has a network interface".into(),
+        },
+    );
+    assert_eq!(fork("h").unwrap(), Action::AwaitChange);
+    let st = b.t.status(Kind::Sandbox, "h");
+    assert_eq!(st["phase"], "Failed", "{st}");
+    assert_eq!(cond(&st, "Degraded").1, "Unsupported");
+    assert!(
+        st["conditions"].to_string().contains("network interface"),
+        "{st}"
+    );
+}
