@@ -190,8 +190,8 @@ reasons! {
     RollbackRefused,
     /// The submitter may not use the object named (a run in someone else's sandbox).
     NotPermitted,
-    /// agentvm cannot do this for this object yet (e.g. fork a sandbox with a network
-    /// interface).
+    /// agentvm cannot do this for this object (e.g. fork a VM with two network
+    /// interfaces, which agentvm never makes).
     Unsupported,
     /// The fork's `Snapshot` does not exist.
     SnapshotNotFound,

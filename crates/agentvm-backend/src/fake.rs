@@ -661,12 +661,6 @@ impl Backend for FakeBackend {
             });
         }
         let from = s.domains[source].clone();
-        if from.network.is_some() {
-            return Err(BackendError::Unsupported {
-                what: format!("forking {source}"),
-                why: "it has a network interface; only isolated VMs can be forked yet".into(),
-            });
-        }
         s.domains.insert(
             name.to_string(),
             FakeDomain {

@@ -581,18 +581,6 @@ fn every_reset_reseeds_the_guest_rng_on_a_cpu_without_rdrand() {
     vm.teardown().unwrap();
 }
 
-/// Removes a fork's domain and files when the test ends, however it ends.
-struct ForkGuard<'a>(&'a Libvirt, String);
-
-impl Drop for ForkGuard<'_> {
-    fn drop(&mut self) {
-        let files = agentvm_backend::vm::VmFiles::new(&default_state_dir(), &self.1);
-        if let Err(e) = self.0.remove_golden(&self.1, &files) {
-            eprintln!("removing fork {}: {e}", self.1);
-        }
-    }
-}
-
 #[test]
 fn a_fork_goes_on_from_the_snapshot_with_its_own_files_and_entropy() {
     let lv = libvirt();
@@ -623,7 +611,7 @@ fn a_fork_goes_on_from_the_snapshot_with_its_own_files_and_entropy() {
     sh(&src, "echo later > /root/f");
 
     let fork = vm_name("fork");
-    let _guard = ForkGuard(&lv, fork.clone());
+    let _guard = common::ForkGuard(&lv, fork.clone());
     let report = lv
         .fork_domain(
             &default_state_dir(),

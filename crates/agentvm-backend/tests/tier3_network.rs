@@ -1,6 +1,7 @@
 //! Tier 3: libvirt networks and nwfilters for real, with QEMU guests (TCG) booted from
 //! agentvm's guest image: the default egress filter lets a guest reach tcp/443 and not tcp/8080
-//! on a host in a fake "internet", an isolated guest has no route anywhere, and guests on one
+//! on a host in a fake "internet" (and so does a fork of that guest, with a MAC and an
+//! address of its own), an isolated guest has no route anywhere, and guests on one
 //! network cannot reach each other.
 //!
 //! Safety: nothing here may touch the network of the machine the tests run on. libvirtd must
@@ -456,6 +457,40 @@ fn default_filter_lets_a_nat_guest_reach_443_but_not_8080() {
         v8080, "timeout",
         "tcp/8080 must be dropped silently by the filter"
     );
+
+    // A fork of this VM gets a MAC and an address of its own (its filter drops the source's)
+    // and the same egress rules; the source keeps its address and its way out.
+    let link = |g: &Guest<'_, _>| sh(g, "cat /sys/class/net/e*/address").trim().to_string();
+    let (src_addr, src_mac) = (wait_for_address(&g), link(&g));
+    lv.create_named_snapshot(vm.name(), "net").unwrap();
+    let fork = format!("{}-fork", vm.name());
+    let _fork_guard = common::ForkGuard(&lv, fork.clone());
+    let report = lv
+        .fork_domain(
+            &default_state_dir(),
+            vm.name(),
+            "net",
+            &fork,
+            &owner("Test", &fork),
+            Duration::from_secs(120),
+        )
+        .unwrap_or_else(|e| panic!("forking {}: {e}", vm.name()));
+    eprintln!("fork with a NIC: {report:?}");
+    let fork_agent = lv.agent(&fork).unwrap();
+    let f = Guest::new(&fork_agent);
+    let (fork_addr, fork_mac) = (wait_for_address(&f), link(&f));
+    assert_ne!(fork_mac, src_mac);
+    assert_ne!(fork_addr, src_addr);
+    assert!(
+        probe(&f, INET_HOST, 443, Duration::from_secs(10)).starts_with("ok HTTP/1.0 200"),
+        "the fork reaches tcp/443"
+    );
+    assert_eq!(
+        probe(&f, INET_HOST, 8080, Duration::from_secs(5)),
+        "timeout"
+    );
+    assert_eq!(wait_for_address(&g), src_addr);
+    assert!(probe(&g, INET_HOST, 443, Duration::from_secs(10)).starts_with("ok HTTP/1.0 200"));
 
     vm.teardown().unwrap();
     drop(inet);

@@ -311,6 +311,58 @@ pub fn sandbox_rows(
         "libvirt restarts QEMU; the guest agent is not waited for",
     ));
 
+    // Forks of the idle snapshot (the source holds two snapshots' memory state by now),
+    // against the boot of a new pool VM of the same shape: what a fork saves.
+    let mut forks = Vec::new();
+    let mut pauses = Vec::new();
+    for i in 0..cycles.min(5) {
+        let name = format!("fork-{i}");
+        let t = Instant::now();
+        client.apply(&apply_request(&format!(
+            "apiVersion: agentvm.dev/v1alpha1\nkind: Sandbox\nmetadata: {{name: {name}}}\nspec: {{fromSnapshot: idle}}\n"
+        ))?)?;
+        wait_until(&format!("fork {name}"), Duration::from_secs(300), || {
+            Ok(phase(client, &name)?.0 == SandboxPhase::Running)
+        })?;
+        forks.push(t.elapsed());
+        let o = client.get(Kind::Sandbox, &name)?;
+        if let Resource::Sandbox(sb) = o.resource {
+            if let Some(f) = sb.status.and_then(|s| s.forked_from) {
+                pauses.push(Duration::from_millis(f.source_pause_ms));
+            }
+        }
+        exec(client, &name, "grep -qx kept /root/bench-kept")?;
+        client.delete(Kind::Sandbox, &name, false)?;
+        wait_until("fork deleted", Duration::from_secs(120), || {
+            Ok(client.get(Kind::Sandbox, &name).is_err())
+        })?;
+    }
+    table.push(Row::timing(
+        format!("fork of a snapshot (`fromSnapshot` → Running, {SANDBOX_MEMORY_MIB} MiB guest)"),
+        &summarize(forks),
+        format!(
+            "copy of the source's overlay, new domain, `loadvm`, agent answering, reseed and clock; source paused median {}",
+            if pauses.is_empty() {
+                "unknown".to_string()
+            } else {
+                fmt_duration(summarize(pauses).median)
+            }
+        ),
+    ));
+    let t = Instant::now();
+    client.apply(&apply_request(&pool_yaml(pool, image, 1, count + 1))?)?;
+    wait_until("a new warm VM", Duration::from_secs(600), || {
+        let s = client.get(Kind::VmPool, pool)?.status_json();
+        Ok(s["ready"].as_u64() == Some(1))
+    })?;
+    table.push(Row::value(
+        "baseline: a new pool VM of the same shape (boot, warm-up, golden snapshot)",
+        1,
+        fmt_duration(t.elapsed()),
+        "pool minReady 0 → 1 until the pool says ready: what a sandbox without a warm VM waits",
+    ));
+    client.apply(&apply_request(&pool_yaml(pool, image, 0, count + 1))?)?;
+
     // Host memory of every sandbox running, paused, stopped.
     std::thread::sleep(Duration::from_secs(3));
     let (running, n_running) = qemu_rss(&vms);

@@ -225,6 +225,32 @@ fn the_examples_as_a_spec_dir_become_ready_and_their_local_runs_succeed() {
         Duration::from_secs(120),
         || env.status("snapshot", "claude-session-fresh")["phase"] == "Ready",
     );
+    // A fork of that snapshot, as the example's comments show: on the pool's network, with
+    // a MAC address and a lease of its own.
+    exec_in(&env, "claude-session", "echo mine > /root/mine");
+    let out = env.ok(&[
+        "fork",
+        "snapshot/claude-session-fresh",
+        "--name",
+        "claude-session-b",
+    ]);
+    eprintln!("{}", out.trim());
+    let addr = |name: &str| {
+        exec_in(
+            &env,
+            name,
+            "ip -4 -o addr show scope global; cat /sys/class/net/e*/address",
+        )
+    };
+    let (a, b) = (addr("claude-session"), addr("claude-session-b"));
+    assert!(b.contains("inet "), "the fork has an address: {b}");
+    assert_ne!(a, b, "the fork's address and MAC are its own");
+    assert_eq!(
+        exec_code(&env, "claude-session-b", "test -e /root/mine"),
+        1,
+        "the fork is the snapshot's state, not the source's later one"
+    );
+    env.ok(&["delete", "sandbox/claude-session-b"]);
 
     // No route out of the test namespace: the internet runs fail, and say why.
     let egress = env.status("agentrun", "egress-check");
@@ -246,6 +272,17 @@ fn the_examples_as_a_spec_dir_become_ready_and_their_local_runs_succeed() {
         }
     }
     eprintln!("examples e2e done in {:.0}s", start.elapsed().as_secs_f64());
+}
+
+/// `sh -c script` in sandbox `name`; its stdout (it must exit 0).
+fn exec_in(env: &Env, name: &str, script: &str) -> String {
+    env.ok(&["exec", &format!("sandbox/{name}"), "--", "sh", "-c", script])
+}
+
+/// `sh -c script` in sandbox `name`; its exit code.
+fn exec_code(env: &Env, name: &str, script: &str) -> i32 {
+    env.code(&["exec", &format!("sandbox/{name}"), "--", "sh", "-c", script])
+        .0
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -42,9 +42,9 @@ pub struct SandboxSpec {
     /// from that snapshot of its sandbox — same files, same memory, same
     /// running programs — with its own name, files and fresh entropy. The
     /// source sandbox is paused only while its disk is copied. The fork
-    /// does not depend on the snapshot or its sandbox afterwards. Only root
-    /// and the source sandbox's owner may fork it; sandboxes with a network
-    /// interface cannot be forked yet (reason `Unsupported`).
+    /// does not depend on the snapshot or its sandbox afterwards; on a
+    /// network it gets a MAC address and a DHCP lease of its own. Only root
+    /// and the source sandbox's owner may fork it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_snapshot: Option<String>,
     /// Desired power state: `Running` (default), `Paused` (vCPUs stopped,

@@ -55,3 +55,16 @@ pub fn libvirt() -> Libvirt {
     Libvirt::connect("qemu:///system")
         .unwrap_or_else(|e| panic!("libvirt must be running for tier-3 tests: {e}"))
 }
+
+/// Removes a fork's domain and files when the test ends, however it ends.
+pub struct ForkGuard<'a>(pub &'a Libvirt, pub String);
+
+impl Drop for ForkGuard<'_> {
+    fn drop(&mut self) {
+        let files =
+            agentvm_backend::vm::VmFiles::new(&agentvm_backend::vm::default_state_dir(), &self.1);
+        if let Err(e) = self.0.remove_golden(&self.1, &files) {
+            eprintln!("removing fork {}: {e}", self.1);
+        }
+    }
+}

@@ -457,13 +457,14 @@ fn a_fork_waits_for_its_snapshot_then_gets_its_own_vm_and_only_owners_may_fork()
     assert_eq!(cond(&st, "Degraded").1, "NotPermitted");
     assert_eq!(forks().len(), 1);
 
-    // The backend cannot fork it (a VM with a network interface): failed, with its reason.
+    // The backend cannot fork it (a VM with two network interfaces, which agentvm never
+    // makes): failed, with its reason.
     b.t.apply(&fork_yaml("h", "one"));
     b.t.fake.fail_next(
         Op::ForkVm,
         agentvm_backend::BackendError::Unsupported {
             what: "forking x".into(),
-            why: "it has a network interface".into(),
+            why: "it has more than one network interface".into(),
         },
     );
     assert_eq!(fork("h").unwrap(), Action::AwaitChange);
@@ -471,7 +472,9 @@ fn a_fork_waits_for_its_snapshot_then_gets_its_own_vm_and_only_owners_may_fork()
     assert_eq!(st["phase"], "Failed", "{st}");
     assert_eq!(cond(&st, "Degraded").1, "Unsupported");
     assert!(
-        st["conditions"].to_string().contains("network interface"),
+        st["conditions"]
+            .to_string()
+            .contains("more than one network interface"),
         "{st}"
     );
 }
