@@ -34,6 +34,11 @@ use crate::snapshots::snapshot_tag;
 use crate::vm::{make_dir, VmFiles};
 use crate::xml::Owner;
 
+/// `spec_hash` of a fork's owner metadata until the fork is complete: a domain found with it
+/// (the controller stopped half-way) is not a usable fork, and its owner destroys it and
+/// forks again.
+pub const UNFINISHED: &str = "agentvm-fork-unfinished";
+
 /// What making a fork cost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ForkReport {
@@ -216,7 +221,9 @@ dhclient -cf /run/dhclient-fork.conf -nw "$dev"
 impl Libvirt {
     /// Makes `name` (owned by `owner`, files under `state_dir`) a fork of owned domain
     /// `source` at its named snapshot `snapshot`, running, its guest agent answering. The
-    /// source stays in the power state it was in. On failure nothing of the fork is left.
+    /// source stays in the power state it was in. On failure nothing of the fork is left; if
+    /// this process ends half-way, the domain left behind is owned by `owner` with
+    /// `spec_hash` [`UNFINISHED`].
     pub fn fork_domain(
         &self,
         state_dir: &Path,
@@ -258,7 +265,13 @@ impl Libvirt {
                 .raw()
                 .define_domain_xml(&xml)
                 .map_err(|e| BackendError::from_virt(e, "domain", name))?;
-            self.set_domain_owner(name, owner)?;
+            self.set_domain_owner(
+                name,
+                &Owner {
+                    spec_hash: UNFINISHED.to_string(),
+                    ..owner.clone()
+                },
+            )?;
             dom.create_with_flags(sys::VIR_DOMAIN_START_PAUSED)
                 .map_err(|e| BackendError::from_virt(e, "domain", name))?;
             // The vCPUs stay stopped through the load (they were stopped before it).
@@ -282,6 +295,7 @@ impl Libvirt {
             if xml.contains("<interface") {
                 readdress_guest(&dom, name, &agent, agent_timeout)?;
             }
+            self.set_domain_owner(name, owner)?;
             Ok(ForkReport {
                 source_pause,
                 copied_bytes,

@@ -624,6 +624,8 @@ fn a_fork_goes_on_from_the_snapshot_with_its_own_files_and_entropy() {
         .unwrap_or_else(|e| panic!("forking {name}: {e}"));
     eprintln!("fork: {report:?}");
     assert!(report.copied_bytes > 0, "{report:?}");
+    // Marked complete only now (a half-made fork is recognised and remade).
+    assert_eq!(lv.domain_owner(&fork).unwrap(), Some(owner("fork")));
     let fork_agent = lv.agent(&fork).unwrap();
     let f = Guest::new(&fork_agent);
     assert_eq!(sh(&f, "cat /root/f /dev/shm/f"), "disk\nmem");

@@ -206,15 +206,26 @@ impl SandboxReconciler {
         }
     }
 
-    /// The domain this sandbox owns, if any.
+    /// The domain this sandbox owns, if any. A fork left unfinished (the controller stopped
+    /// while making it) is destroyed here, so the sandbox forks again.
     fn find_vm(&self, name: &str) -> Result<Option<String>, ReconcileError> {
-        Ok(self
+        let Some(vm) = self
             .backend
             .list_vms()
             .map_err(|e| backend_error("listing domains", &e))?
             .into_iter()
             .find(|v| v.owner.is_kind(Kind::Sandbox) && v.owner.name == name)
-            .map(|v| v.name))
+        else {
+            return Ok(None);
+        };
+        if vm.owner.spec_hash == agentvm_backend::fork::UNFINISHED {
+            tracing::warn!(sandbox = name, vm = %vm.name, "destroying a fork left unfinished");
+            self.backend.destroy_vm(&vm.name).map_err(|e| {
+                backend_error(&format!("destroying unfinished fork {}", vm.name), &e)
+            })?;
+            return Ok(None);
+        }
+        Ok(Some(vm.name))
     }
 
     /// Takes a ready VM of the pool and makes it this sandbox's. `None` while none is ready.

@@ -478,3 +478,42 @@ fn a_fork_waits_for_its_snapshot_then_gets_its_own_vm_and_only_owners_may_fork()
         "{st}"
     );
 }
+
+#[test]
+fn a_fork_left_unfinished_by_a_stopped_controller_is_destroyed_and_made_again() {
+    let b = Boxes::new();
+    let snaps = crate::reconcilers::SnapshotReconciler::new(b.t.backend());
+    b.t.apply(&sandbox(""));
+    b.pass().unwrap();
+    b.t.apply(&snapshot_yaml("one", "s"));
+    b.t.reconcile(&snaps, Kind::Snapshot, "one").unwrap();
+    b.t.apply(&fork_yaml("f", "one"));
+    // What a controller killed in the middle of `fork_vm` leaves: a domain owned by the
+    // fork, marked unfinished (possibly paused, its snapshot not loaded).
+    b.t.fake.add_owned_domain(
+        "agentvm-sbx-f",
+        Owner {
+            kind: "Sandbox".into(),
+            name: "f".into(),
+            spec_hash: agentvm_backend::fork::UNFINISHED.into(),
+            generation: 1,
+        },
+        false,
+    );
+    b.t.reconcile(&b.r, Kind::Sandbox, "f").unwrap();
+    let st = b.t.status(Kind::Sandbox, "f");
+    assert_eq!(st["phase"], "Running", "{st}");
+    let calls: Vec<String> =
+        b.t.fake
+            .calls()
+            .into_iter()
+            .filter(|c| matches!(c.op, Op::DestroyVm | Op::ForkVm))
+            .map(|c| format!("{:?}({})", c.op, c.name))
+            .collect();
+    assert_eq!(
+        calls,
+        vec!["DestroyVm(agentvm-sbx-f)", "ForkVm(agentvm-sbx-f)"]
+    );
+    let owner = b.t.fake.domains()["agentvm-sbx-f"].owner.clone().unwrap();
+    assert_ne!(owner.spec_hash, agentvm_backend::fork::UNFINISHED);
+}
