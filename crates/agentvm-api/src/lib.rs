@@ -49,8 +49,8 @@ pub use kinds::sandbox::{
 pub use kinds::snapshot::{Snapshot, SnapshotPhase, SnapshotSpec, SnapshotStatus};
 pub use kinds::vm_pool::{
     AnomalyDetection, AnomalyPolicy, IoLimits, NetworkAttachment, PoolEvent, PoolNetwork,
-    PoolNetworkMode, Profile, ResolvedResources, ResourceStatus, Resources, VmPool, VmPoolPhase,
-    VmPoolSpec, VmPoolStatus, VmTemplate, WarmupStep,
+    PoolNetworkMode, Profile, ResolvedResources, ResourceStatus, Resources, VmCreation, VmPool,
+    VmPoolPhase, VmPoolSpec, VmPoolStatus, VmTemplate, WarmupStep,
 };
 pub use meta::{find_condition, set_condition, Condition, ConditionStatus, ObjectMeta};
 pub use net::{CidrError, Ipv4Cidr, PortRange, PortRangeError};

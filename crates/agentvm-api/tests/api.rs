@@ -288,6 +288,7 @@ fn constructors_build_valid_objects() {
                 ttl_seconds: 60,
                 health_check_seconds: 5,
                 anomalies: Default::default(),
+                creation: Default::default(),
             },
         )
         .into(),

@@ -27,6 +27,7 @@ use crate::libvirt_net::OwnedFilter;
 use crate::limits::{Enforcement, VmLimits};
 use crate::netxml::{NetworkDef, NwFilterDef};
 use crate::reconnect::Reconnecting;
+use crate::template::PoolTemplate;
 use crate::vm::{
     make_dir_with_mode, resolve_accelerator, write_private, BootImage, EphemeralVm, VmFiles,
     VmShape, PRIVATE_DIR_MODE,
@@ -86,6 +87,9 @@ pub struct PoolVmRequest {
     pub limits: VmLimits,
     /// Virtual disk size in GiB (at least the image's); `None` keeps the image's size.
     pub disk_gib: Option<u64>,
+    /// Make it from the pool's template when there is one for `owner.spec_hash` (see
+    /// [`crate::template`]), and keep a VM that had to boot as the pool's template.
+    pub from_template: bool,
 }
 
 /// What taking a snapshot cost.
@@ -106,6 +110,9 @@ pub struct PoolVmReport {
     pub warmup: Duration,
     /// Taking the golden state.
     pub park: Duration,
+    /// True when it was made from the pool's template (`boot` is then the time to restore
+    /// it and give it its own identity), false when it booted.
+    pub from_template: bool,
     /// Whether each requested limit is in force on this host (libvirt's reason when not).
     pub limits: Enforcement,
 }
@@ -163,6 +170,8 @@ pub trait Backend: Send + Sync {
     fn delete_vm_snapshot(&self, name: &str, snapshot: &str) -> Result<()>;
     /// The snapshots of owned VM `name`, sorted.
     fn vm_snapshots(&self, name: &str) -> Result<Vec<String>>;
+    /// Removes pool `pool`'s template (see [`crate::template`]); succeeds when there is none.
+    fn remove_pool_template(&self, pool: &str) -> Result<()>;
     /// Makes `name`, owned by `owner`, a fork of kept VM `source` at its snapshot `snapshot`
     /// (see [`crate::fork`]): running, its agent answering. `source` keeps its power state.
     fn fork_vm(
@@ -477,6 +486,19 @@ impl Backend for LibvirtBackend {
 
     fn create_pool_vm(&self, req: &PoolVmRequest) -> Result<PoolVmReport> {
         let lv = self.lv()?;
+        if req.from_template && self.strategy.kind() == GoldenKind::InternalSnapshot {
+            if let Some(t) =
+                PoolTemplate::find(&self.state_dir, &req.owner.name, &req.owner.spec_hash)
+            {
+                match self.pool_vm_from_template(&lv, req, &t) {
+                    Ok(report) => return Ok(report),
+                    Err(e) => {
+                        tracing::warn!(vm = %req.name, pool = %req.owner.name, error = %e, "making a VM from the pool's template failed; booting it, and the template is dropped");
+                        PoolTemplate::remove(&self.state_dir, &req.owner.name)?;
+                    }
+                }
+            }
+        }
         let shape = VmShape {
             vcpus: req.vcpus,
             memory_mib: req.memory_mib,
@@ -507,11 +529,29 @@ impl Backend for LibvirtBackend {
             let warmup = t.elapsed();
             let golden = lv.park_golden(&name, &files, self.strategy, self.boot_timeout)?;
             self.record_definition(&lv, &name)?;
+            if req.from_template && self.strategy.kind() == GoldenKind::InternalSnapshot {
+                // Best effort: without a template the next VM boots too.
+                match lv.save_pool_template(
+                    &self.state_dir,
+                    &req.owner.name,
+                    &req.owner.spec_hash,
+                    &name,
+                    &files,
+                ) {
+                    Ok(pause) => {
+                        tracing::info!(vm = %name, pool = %req.owner.name, ?pause, "kept as the pool's template")
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm = %name, error = %e, "keeping the pool's template failed")
+                    }
+                }
+            }
             Ok(PoolVmReport {
                 boot,
                 warmup,
                 park: golden.park_time,
                 limits: limits.clone(),
+                from_template: false,
             })
         };
         finish().inspect_err(|_| {
@@ -610,6 +650,10 @@ impl Backend for LibvirtBackend {
         self.lv()?.named_snapshots(name)
     }
 
+    fn remove_pool_template(&self, pool: &str) -> Result<()> {
+        PoolTemplate::remove(&self.state_dir, pool)
+    }
+
     fn fork_vm(
         &self,
         source: &str,
@@ -669,6 +713,69 @@ impl Backend for LibvirtBackend {
 }
 
 impl LibvirtBackend {
+    /// [`Backend::create_pool_vm`] from pool template `t`; removes what it made on failure.
+    fn pool_vm_from_template(
+        &self,
+        lv: &Libvirt,
+        req: &PoolVmRequest,
+        t: &PoolTemplate,
+    ) -> Result<PoolVmReport> {
+        let start = Instant::now();
+        if lv.raw().lookup_domain_by_name(&req.name).is_ok() {
+            return Err(BackendError::AlreadyExists {
+                kind: "domain",
+                name: req.name.clone(),
+            });
+        }
+        let files = self.files(&req.name);
+        let xml = t.definition_for(&self.state_dir, &req.name, &files)?;
+        crate::vm::make_dir(&files.dir)?;
+        let made = || -> Result<PoolVmReport> {
+            std::fs::copy(t.disk(), files.disk())
+                .map_err(io_err("copy the pool template to", &files.disk()))?;
+            let addrs = lv.start_from_copy(
+                &xml,
+                &req.name,
+                &files,
+                GOLDEN_SNAPSHOT,
+                &req.owner,
+                self.boot_timeout,
+            )?;
+            let limits = lv.enforcement_of(&req.name, &req.limits, req.nic.is_some());
+            if let Some(nic) = req
+                .nic
+                .as_ref()
+                .filter(|n| n.dhcp && n.filter.is_some() && n.ip.is_none())
+            {
+                let bandwidth =
+                    if crate::limits::not_applied(&limits, crate::limits::Limit::NetBandwidth)
+                        .is_none()
+                    {
+                        req.limits.net_bandwidth
+                    } else {
+                        crate::xml::NetBandwidth::default()
+                    };
+                lv.pin_leased_ip(&req.name, nic, bandwidth, &addrs, Duration::from_secs(10))?;
+            }
+            let boot = start.elapsed();
+            // Its own golden state, with its own identity in it.
+            let golden = lv.park_golden(&req.name, &files, self.strategy, self.boot_timeout)?;
+            self.record_definition(lv, &req.name)?;
+            Ok(PoolVmReport {
+                boot,
+                warmup: Duration::ZERO,
+                park: golden.park_time,
+                limits,
+                from_template: true,
+            })
+        };
+        made().inspect_err(|_| {
+            if let Err(e) = lv.remove_golden(&req.name, &files) {
+                tracing::warn!(vm = %req.name, error = %e, "cleanup after a failed VM from template failed");
+            }
+        })
+    }
+
     /// After a resume or restore: waits for the guest agent, then sets the guest clock (it
     /// stood still meanwhile) and stirs its RNG.
     fn refresh_after_wake(&self, lv: &Libvirt, name: &str) -> Result<()> {

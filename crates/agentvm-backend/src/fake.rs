@@ -54,6 +54,8 @@ pub enum Op {
     DeleteVmSnapshot,
     /// [`Backend::fork_vm`] (the call names the fork).
     ForkVm,
+    /// [`Backend::remove_pool_template`] (the call names the pool).
+    RemovePoolTemplate,
 }
 
 /// One recorded call: the operation and the object name it acted on (empty for lists).
@@ -633,6 +635,11 @@ impl Backend for FakeBackend {
             .get(name)
             .map(|v| v.iter().cloned().collect())
             .unwrap_or_default())
+    }
+
+    fn remove_pool_template(&self, pool: &str) -> Result<()> {
+        let _s = self.enter(Op::RemovePoolTemplate, pool)?;
+        Ok(())
     }
 
     fn fork_vm(

@@ -119,7 +119,7 @@ pub(crate) fn fork_definition(
 }
 
 /// The internal snapshots in qcow2 file `disk`.
-fn internal_snapshots(disk: &Path) -> Result<Vec<String>> {
+pub(crate) fn internal_snapshots(disk: &Path) -> Result<Vec<String>> {
     let info = crate::vm::qemu_img_info(disk)?;
     Ok(info["snapshots"]
         .as_array()
@@ -151,13 +151,13 @@ fn delete_internal_snapshot(disk: &Path, tag: &str) -> Result<()> {
 }
 
 /// Moves the restored guest to the fork's own MAC address (from libvirt's live definition)
-/// and a DHCP lease of its own; waits until it has its address.
+/// and a DHCP lease of its own; waits until it has its address, and returns its addresses.
 fn readdress_guest(
     dom: &Domain,
     name: &str,
     agent: &crate::libvirt::DomainAgent,
     timeout: Duration,
-) -> Result<()> {
+) -> Result<Vec<String>> {
     let live = dom
         .xml_desc(0)
         .map_err(|e| BackendError::from_virt(e, "domain", name))?;
@@ -181,8 +181,7 @@ fn readdress_guest(
             message: format!("{out:?}: {}", String::from_utf8_lossy(&out.stderr).trim()),
         });
     }
-    guest.wait_ipv4(timeout)?;
-    Ok(())
+    guest.wait_ipv4(timeout)
 }
 
 /// `aa:bb:cc:dd:ee:ff`, lowercase or uppercase hex.
@@ -256,45 +255,17 @@ impl Libvirt {
         let made = (|| {
             let (source_pause, copied_bytes) =
                 self.copy_disk_quiesced(source, &source_files, &files)?;
-            for other in internal_snapshots(&files.disk())? {
-                if other != tag {
-                    delete_internal_snapshot(&files.disk(), &other)?;
-                }
-            }
-            let dom = self
-                .raw()
-                .define_domain_xml(&xml)
-                .map_err(|e| BackendError::from_virt(e, "domain", name))?;
-            self.set_domain_owner(
+            self.start_from_copy(
+                &xml,
                 name,
+                &files,
+                &tag,
                 &Owner {
                     spec_hash: UNFINISHED.to_string(),
                     ..owner.clone()
                 },
+                agent_timeout,
             )?;
-            dom.create_with_flags(sys::VIR_DOMAIN_START_PAUSED)
-                .map_err(|e| BackendError::from_virt(e, "domain", name))?;
-            // The vCPUs stay stopped through the load (they were stopped before it).
-            crate::golden::loadvm(&dom, name, &tag)?;
-            // Its memory state is in the guest now; its clusters in the copy are not needed.
-            let out = dom
-                .qemu_monitor_command(
-                    &format!("delvm {tag}"),
-                    sys::VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP,
-                )
-                .map_err(|e| BackendError::from_virt(e, "domain", name))?;
-            if !out.trim().is_empty() {
-                tracing::warn!(vm = %name, output = %out.trim(), "dropping the fork's copy of the snapshot failed");
-            }
-            crate::agent_conn::forget(name);
-            dom.resume()
-                .map_err(|e| BackendError::from_virt(e, "domain", name))?;
-            let agent = self.agent(name)?;
-            Guest::new(&agent).wait_ready(agent_timeout)?;
-            crate::golden::refresh_guest(&agent, agent_timeout)?;
-            if xml.contains("<interface") {
-                readdress_guest(&dom, name, &agent, agent_timeout)?;
-            }
             self.set_domain_owner(name, owner)?;
             Ok(ForkReport {
                 source_pause,
@@ -309,9 +280,59 @@ impl Libvirt {
         })
     }
 
+    /// Defines domain `name` from `xml` over the copied disk in `files` (which holds internal
+    /// snapshot `tag`; every other internal snapshot is dropped from it), owned by `owner`,
+    /// and makes it go on from `tag`: started paused, `loadvm`, the snapshot dropped, run,
+    /// the agent answering, the guest reseeded and its clock set; on a network, moved to its
+    /// own MAC address and lease. Returns the guest's addresses (empty when isolated).
+    pub(crate) fn start_from_copy(
+        &self,
+        xml: &str,
+        name: &str,
+        files: &VmFiles,
+        tag: &str,
+        owner: &Owner,
+        agent_timeout: Duration,
+    ) -> Result<Vec<String>> {
+        for other in internal_snapshots(&files.disk())? {
+            if other != tag {
+                delete_internal_snapshot(&files.disk(), &other)?;
+            }
+        }
+        let dom = self
+            .raw()
+            .define_domain_xml(xml)
+            .map_err(|e| BackendError::from_virt(e, "domain", name))?;
+        self.set_domain_owner(name, owner)?;
+        dom.create_with_flags(sys::VIR_DOMAIN_START_PAUSED)
+            .map_err(|e| BackendError::from_virt(e, "domain", name))?;
+        // The vCPUs stay stopped through the load (they were stopped before it).
+        crate::golden::loadvm(&dom, name, tag)?;
+        // Its memory state is in the guest now; its clusters in the copy are not needed.
+        let out = dom
+            .qemu_monitor_command(
+                &format!("delvm {tag}"),
+                sys::VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP,
+            )
+            .map_err(|e| BackendError::from_virt(e, "domain", name))?;
+        if !out.trim().is_empty() {
+            tracing::warn!(vm = %name, output = %out.trim(), "dropping the copy's snapshot failed");
+        }
+        crate::agent_conn::forget(name);
+        dom.resume()
+            .map_err(|e| BackendError::from_virt(e, "domain", name))?;
+        let agent = self.agent(name)?;
+        Guest::new(&agent).wait_ready(agent_timeout)?;
+        crate::golden::refresh_guest(&agent, agent_timeout)?;
+        if xml.contains("<interface") {
+            return readdress_guest(&dom, name, &agent, agent_timeout);
+        }
+        Ok(Vec::new())
+    }
+
     /// Copies `source`'s overlay to `files`' disk with the source's vCPUs stopped (a running
     /// source runs again afterwards, whatever happened); the pause and the bytes copied.
-    fn copy_disk_quiesced(
+    pub(crate) fn copy_disk_quiesced(
         &self,
         source: &str,
         source_files: &VmFiles,

@@ -20,6 +20,7 @@ pub mod netxml;
 pub mod reconnect;
 pub mod snapshots;
 pub mod stats;
+pub mod template;
 pub mod vm;
 pub mod xml;
 

@@ -195,6 +195,29 @@ impl Libvirt {
             .collect())
     }
 
+    /// What of `limits` is in force on running domain `name` (defined elsewhere, e.g. from a
+    /// template's definition): limits this host is known not to enforce with its reason,
+    /// the others as the running domain shows them.
+    pub(crate) fn enforcement_of(
+        &self,
+        name: &str,
+        limits: &VmLimits,
+        has_nic: bool,
+    ) -> Enforcement {
+        let known = self.unenforceable_limits();
+        limits
+            .requested(has_nic)
+            .into_iter()
+            .map(|limit| {
+                let verdict = match known.get(&limit) {
+                    Some(why) => Err(why.clone()),
+                    None => self.limit_in_force(name, limit, limits),
+                };
+                (limit, verdict)
+            })
+            .collect()
+    }
+
     /// Whether running domain `name` has `limit` (as asked in `limits`) in force.
     fn limit_in_force(
         &self,

@@ -655,3 +655,101 @@ fn a_fork_goes_on_from_the_snapshot_with_its_own_files_and_entropy() {
     vm.teardown().unwrap();
     assert_eq!(sh(&f, "cat /root/g"), "fork");
 }
+
+/// Destroys a pool VM made through the backend, and the pool's template, however the test ends.
+struct PoolGuard<'a>(&'a agentvm_backend::LibvirtBackend, Vec<String>, String);
+
+impl Drop for PoolGuard<'_> {
+    fn drop(&mut self) {
+        use agentvm_backend::Backend;
+        for vm in &self.1 {
+            if let Err(e) = self.0.destroy_vm(vm) {
+                eprintln!("destroying {vm}: {e}");
+            }
+        }
+        if let Err(e) = self.0.remove_pool_template(&self.2) {
+            eprintln!("removing the template of {}: {e}", self.2);
+        }
+    }
+}
+
+#[test]
+fn a_pool_vm_made_from_the_template_has_the_warm_up_its_own_entropy_and_resets() {
+    use agentvm_backend::backend::PoolVmRequest;
+    use agentvm_backend::Backend;
+    let pool = format!("t3tpl{}", std::process::id());
+    let backend = agentvm_backend::LibvirtBackend::new(
+        Libvirt::default_uri(),
+        default_state_dir(),
+        agentvm_backend::AcceleratorChoice::from_env_or(agentvm_backend::AcceleratorChoice::Tcg)
+            .unwrap(),
+        Duration::from_secs(180),
+    );
+    let request = |name: &str| PoolVmRequest {
+        name: name.to_string(),
+        image: image(),
+        vcpus: 1,
+        memory_mib: 512,
+        nic: None,
+        owner: Owner {
+            kind: "VmPool".into(),
+            name: pool.clone(),
+            spec_hash: "h1".into(),
+            generation: 1,
+        },
+        warmup: vec![ExecRequest::new(
+            "sh",
+            [
+                "-c",
+                "echo warm > /root/warm; setsid sleep 100000 </dev/null >/dev/null 2>&1 &",
+            ],
+        )],
+        limits: Default::default(),
+        disk_gib: None,
+        from_template: true,
+    };
+    let (first, second) = (vm_name("tpl-a"), vm_name("tpl-b"));
+    let mut guard = PoolGuard(&backend, vec![first.clone()], pool.clone());
+    let booted = backend.create_pool_vm(&request(&first)).unwrap();
+    assert!(!booted.from_template, "{booted:?}");
+    guard.1.push(second.clone());
+    let made = backend.create_pool_vm(&request(&second)).unwrap();
+    eprintln!("booted: {booted:?}\nfrom the template: {made:?}");
+    assert!(made.from_template, "{made:?}");
+    let listed = backend.list_vms().unwrap();
+    let vm = listed.iter().find(|v| v.name == second).unwrap();
+    assert!(vm.golden && !vm.edited, "{vm:?}");
+
+    let agent = backend.agent(&second).unwrap();
+    let g = Guest::new(&*agent);
+    let first_agent = backend.agent(&first).unwrap();
+    let f = Guest::new(&*first_agent);
+    // The warm-up's file and process came along; the random bytes did not.
+    assert_eq!(
+        sh(
+            &g,
+            "cat /root/warm; grep -lx sleep /proc/[0-9]*/comm >/dev/null && echo alive"
+        ),
+        "warm\nalive"
+    );
+    let rand = "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
+    assert_ne!(sh(&g, rand), sh(&f, rand));
+    // Its own golden state: a reset takes away what a run left, and hands out new bytes.
+    sh(&g, "echo run > /root/run");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..2 {
+        backend.reset_vm(&second).unwrap();
+        assert_eq!(
+            sh(&g, "cat /root/warm; ls /root/run 2>/dev/null || true"),
+            "warm"
+        );
+        assert!(
+            seen.insert(sh(&g, rand)),
+            "a reset repeated the random bytes"
+        );
+    }
+    drop(guard);
+    assert!(
+        agentvm_backend::template::PoolTemplate::find(&default_state_dir(), &pool, "h1").is_none()
+    );
+}

@@ -55,6 +55,7 @@ fn request(name: &str, image: &BootImage, limits: VmLimits) -> PoolVmRequest {
         warmup: Vec::new(),
         limits,
         disk_gib: None,
+        from_template: false,
     }
 }
 

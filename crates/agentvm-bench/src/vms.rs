@@ -100,6 +100,7 @@ fn request(name: &str, image: &BootImage, pid: u32) -> PoolVmRequest {
         warmup: Vec::new(),
         limits: Default::default(),
         disk_gib: None,
+        from_template: false,
     }
 }
 

@@ -251,6 +251,27 @@ fn the_examples_as_a_spec_dir_become_ready_and_their_local_runs_succeed() {
         "the fork is the snapshot's state, not the source's later one"
     );
     env.ok(&["delete", "sandbox/claude-session-b"]);
+    // The claude-code pool (`creation: template`) replaced the VM the sandbox took with one
+    // restored from its template, on the pool's network.
+    env.wait(
+        "a claude-code VM from the template",
+        Duration::from_secs(300),
+        || {
+            std::fs::read_to_string(env.state().join(agentvm_controller::audit::AUDIT_FILE))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| {
+                    l.contains("vm_created")
+                        && l.contains("\"claude-code\"")
+                        && l.contains("\"fromTemplate\":true")
+                })
+        },
+    );
+    env.wait(
+        "pool claude-code Ready again",
+        Duration::from_secs(300),
+        || env.status("pool", "claude-code")["ready"].as_u64() >= Some(1),
+    );
 
     // No route out of the test namespace: the internet runs fail, and say why.
     let egress = env.status("agentrun", "egress-check");

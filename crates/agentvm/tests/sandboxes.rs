@@ -11,8 +11,9 @@
 //! on `rollback`, with the guest clock set to the host's; `fork` makes a new sandbox from a
 //! snapshot with its files and running processes, independent of its source; a snapshot of a stopped sandbox
 //! waits until it runs; an `AgentRun` with `sandboxRef` runs in the sandbox's VM and leaves
-//! its files there; deleting the sandbox destroys its VM and its snapshots. Fails (never skips) without libvirt or the
-//! default image.
+//! its files there; the pool (`creation: template`) makes its replacement VM from its
+//! template, and that VM serves the second sandbox; deleting the sandbox destroys its VM
+//! and its snapshots. Fails (never skips) without libvirt or the default image.
 
 mod common;
 
@@ -69,7 +70,9 @@ fn a_sandbox_keeps_its_vm_files_and_processes_through_pause_stop_and_restarts() 
     env.domain_prefix = format!("agentvm-{pool}-");
     std::fs::write(
         env.specs().join("pool.yaml"),
-        pool_manifest(&pool, &image, 1),
+        // The pool's replacement VMs are restored from its template: the `idle` sandbox
+        // below gets one.
+        format!("{}  creation: template\n", pool_manifest(&pool, &image, 1)),
     )
     .unwrap();
     env.start_controller();
@@ -421,6 +424,13 @@ fn a_sandbox_keeps_its_vm_files_and_processes_through_pause_stop_and_restarts() 
     assert!(err.contains("Snapshot/nope not found"), "{err}");
     let audit = std::fs::read_to_string(env.state().join(agentvm_controller::audit::AUDIT_FILE))
         .unwrap_or_default();
+    // The replacement VM came from the pool's template, not from a boot.
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("vm_created") && l.contains("\"fromTemplate\":true")),
+        "no VM made from the template in the audit log"
+    );
     for event in [
         "vm_claimed",
         "sandbox_power",

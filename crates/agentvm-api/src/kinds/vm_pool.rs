@@ -109,6 +109,35 @@ pub struct VmPoolSpec {
     /// on with its default threshold, policy `record`.
     #[serde(default, skip_serializing_if = "AnomalyDetection::is_default")]
     pub anomalies: AnomalyDetection,
+    /// How the pool makes VMs: `boot` (default: every VM boots, runs the
+    /// warm-up and parks at its golden state) or `template` (the first VM
+    /// that boots is also kept on the host's disk as the pool's template,
+    /// and every further VM is restored from it — memory and disk, the
+    /// warm-up already done — with its own name, files, entropy and, on a
+    /// network, MAC address and lease, then parks at a golden state of its
+    /// own; a few seconds instead of a boot). A template is made anew when
+    /// the pool's template changes and removed with the pool. A VM that
+    /// cannot be made from the template boots, and the template is dropped.
+    #[serde(default, skip_serializing_if = "VmCreation::is_default")]
+    pub creation: VmCreation,
+}
+
+/// How a pool makes its VMs (`spec.creation`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VmCreation {
+    /// Every VM boots.
+    #[default]
+    Boot,
+    /// The first VM boots and is kept as the pool's template; the others are restored from it.
+    Template,
+}
+
+impl VmCreation {
+    /// True for the default, [`VmCreation::Boot`].
+    pub fn is_default(&self) -> bool {
+        *self == VmCreation::Boot
+    }
 }
 
 /// What the controller does when a run's VM behaves anomalously.

@@ -84,6 +84,8 @@ struct Template {
     limits: VmLimits,
     /// Disk size (the profile's or `diskGib`), GiB.
     disk_gib: u64,
+    /// `spec.creation: template`.
+    from_template: bool,
 }
 
 /// Counts for the status.
@@ -265,6 +267,9 @@ impl VmPoolReconciler {
         })();
         match result {
             Ok(busy) if busy.is_empty() => {
+                self.backend.remove_pool_template(pool).map_err(|e| {
+                    backend_error(&format!("removing the template of pool {pool}"), &e)
+                })?;
                 self.registry.forget(pool);
                 ctx.metrics.pool_removed(pool);
                 ctx.store.finalize_delete(Kind::VmPool, pool)?;
@@ -555,6 +560,7 @@ impl VmPoolReconciler {
             warmup: tpl.warmup.clone(),
             limits: tpl.limits,
             disk_gib: Some(tpl.disk_gib),
+            from_template: tpl.from_template,
         };
         tracing::info!(pool, vm, "creating VM");
         let report = self
@@ -570,6 +576,7 @@ impl VmPoolReconciler {
                     "bootSeconds": report.boot.as_secs_f64(),
                     "warmupSeconds": report.warmup.as_secs_f64(),
                     "parkSeconds": report.park.as_secs_f64(),
+                "fromTemplate": report.from_template,
                     "templateHash": tpl.hash,
                     "limitsNotApplied": report
                         .limits
@@ -773,6 +780,7 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Blocked>, Reconc
         resources: t.resources.clone(),
         limits: limits::vm_limits(&t.resources),
         disk_gib: u64::from(res.disk_gib),
+        from_template: pool.spec.creation == agentvm_api::VmCreation::Template,
     }))
 }
 

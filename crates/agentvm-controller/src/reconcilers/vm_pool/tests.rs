@@ -903,3 +903,26 @@ fn the_template_identity_keeps_the_hash_of_its_json_form() {
         assert_eq!(a, b);
     }
 }
+
+#[test]
+fn creation_template_asks_for_vms_from_the_template_and_deletion_removes_it() {
+    let p = Pools::new();
+    p.t.image_ready();
+    p.t.apply(&format!("{}  creation: template\n", pool_yaml(2, 2, 512)));
+    p.settle().unwrap();
+    let requests = p.t.fake.pool_vm_requests();
+    assert_eq!(requests.len(), 2);
+    assert!(requests.iter().all(|r| r.from_template), "{requests:?}");
+    // The default boots every VM (a new template: its VMs are replaced).
+    p.t.apply(&pool_yaml(2, 2, 768));
+    p.settle().unwrap();
+    assert!(!p.t.fake.pool_vm_requests().last().unwrap().from_template);
+    p.t.store.request_delete(Kind::VmPool, "p", None).unwrap();
+    p.settle().unwrap();
+    assert!(p.t.store.get(Kind::VmPool, "p").unwrap().is_none());
+    assert!(p
+        .t
+        .fake
+        .mutations()
+        .contains(&"RemovePoolTemplate(p)".to_string()));
+}
