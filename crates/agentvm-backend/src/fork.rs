@@ -1,5 +1,6 @@
 //! Forks: a new VM that goes on from a named snapshot of a kept VM (a sandbox) — same files,
-//! same memory, same running processes — with its own name, UUID, files and entropy.
+//! same memory, same running processes — with its own name, UUID, files, entropy and host
+//! name (its owner's name).
 //!
 //! How (libvirt 9, QEMU 7.2): the snapshot is an internal qcow2 snapshot inside the source's
 //! overlay, so the fork's disk is a copy of that overlay, taken while the source's vCPUs are
@@ -217,6 +218,13 @@ ip link set dev "$dev" address "$mac" 2>/dev/null || {
 dhclient -cf /run/dhclient-fork.conf -nw "$dev"
 "#;
 
+/// Run in a fork's guest with its host name as `$1` (a DNS label, checked here again).
+const HOSTNAME_SCRIPT: &str = r#"set -e
+case "$1" in ''|-*|*[!a-z0-9-]*) echo "bad host name" >&2; exit 1;; esac
+printf '%s\n' "$1" > /etc/hostname
+hostname "$1"
+"#;
+
 impl Libvirt {
     /// Makes `name` (owned by `owner`, files under `state_dir`) a fork of owned domain
     /// `source` at its named snapshot `snapshot`, running, its guest agent answering. The
@@ -266,6 +274,21 @@ impl Libvirt {
                 },
                 agent_timeout,
             )?;
+            // Its own host name: its owner's name (a sandbox's, a DNS label).
+            let agent = self.agent(name)?;
+            let mut req = crate::guest::ExecRequest::new(
+                "sh",
+                ["-c", HOSTNAME_SCRIPT, "sh", owner.name.as_str()],
+            );
+            req.timeout = agent_timeout;
+            let out = Guest::new(&agent).exec(&req, &mut |_, _| {})?;
+            if !out.success() {
+                return Err(BackendError::GuestCommand {
+                    vm: name.to_string(),
+                    command: "setting the host name".into(),
+                    message: format!("{out:?}: {}", String::from_utf8_lossy(&out.stderr).trim()),
+                });
+            }
             self.set_domain_owner(name, owner)?;
             Ok(ForkReport {
                 source_pause,

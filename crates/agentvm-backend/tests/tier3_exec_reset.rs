@@ -629,6 +629,9 @@ fn a_fork_goes_on_from_the_snapshot_with_its_own_files_and_entropy() {
     let fork_agent = lv.agent(&fork).unwrap();
     let f = Guest::new(&fork_agent);
     assert_eq!(sh(&f, "cat /root/f /dev/shm/f"), "disk\nmem");
+    // Its host name is its owner's; the source's stays.
+    assert_eq!(sh(&f, "hostname; cat /etc/hostname"), "fork\nfork");
+    assert_eq!(sh(&src, "hostname"), "agentvm");
     let a = sh(&f, "cat /dev/shm/count");
     std::thread::sleep(Duration::from_millis(1000));
     let b = sh(&f, "cat /dev/shm/count");

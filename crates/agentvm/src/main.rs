@@ -88,6 +88,8 @@ enum Command {
     Rollback(cmd::sandbox::RollbackArgs),
     /// Fork a snapshot into a new sandbox (same files, memory and programs; its own identity).
     Fork(cmd::sandbox::ForkArgs),
+    /// A login shell in a sandbox, on a terminal of its own (`exec -it sandbox/NAME -- bash -l`).
+    Shell(cmd::exec::ShellArgs),
     /// Print an AgentRun's output; `-f` follows it until the run ends.
     Logs(cmd::logs::LogsArgs),
     /// Wait until objects meet a condition, reach a phase or are deleted.
@@ -146,6 +148,7 @@ fn main() {
             Command::Start(a) => a.run(&cfg, SandboxState::Running, "started"),
             Command::Snapshot(a) => a.run(&cfg),
             Command::Fork(a) => a.run(&cfg),
+            Command::Shell(a) => a.run(&cfg),
             Command::Cp(a) => a.run(&cfg),
             Command::PortForward(a) => a.run(&cfg),
             Command::Rollback(a) => a.run(&cfg),

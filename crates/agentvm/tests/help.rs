@@ -26,6 +26,7 @@ const SUBCOMMANDS: &[&str] = &[
     "snapshot",
     "rollback",
     "fork",
+    "shell",
     "cp",
     "port-forward",
     "logs",

@@ -1,6 +1,7 @@
 //! End to end with real VMs (`qemu:///system`, TCG): a `Sandbox` claims a warm VM from its
 //! pool (which boots a replacement) and keeps it: `agentvm exec sandbox/NAME` passes output
-//! and exit codes through, `-i` this process's stdin and `-t` a terminal of its size;
+//! and exit codes through, `-i` this process's stdin and `-t` a terminal of its size (and
+//! `agentvm shell` a login shell on one);
 //! `agentvm cp` copies files in and out intact, with their mode; `agentvm port-forward`
 //! reaches a web server in the sandbox; `pause` stops the vCPUs (an exec is refused until `resume`);
 //! `stop` saves memory and disk to the host's disk (no QEMU process) and `start` brings
@@ -48,6 +49,33 @@ fn verb(env: &Env, verb: &str, name: &str) -> Duration {
     assert!(out.contains(&format!("sandbox/{name}")), "{verb}: {out}");
     eprintln!("{verb}: {:.0} ms", took.as_secs_f64() * 1000.0);
     took
+}
+
+/// `agentvm ARGS` on a terminal of 33 rows and 111 columns (`script` gives it one), with
+/// nothing on its standard input.
+fn in_terminal(env: &Env, args: &[&str]) -> std::process::Output {
+    let inner = env.cmd(args);
+    let line = std::iter::once(inner.get_program().to_string_lossy().into_owned())
+        .chain(
+            inner
+                .get_args()
+                .map(|a| format!("'{}'", a.to_string_lossy())),
+        )
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut script = std::process::Command::new("script");
+    script.args([
+        "-qec",
+        &format!("stty rows 33 cols 111; {line}"),
+        "/dev/null",
+    ]);
+    for (k, v) in inner.get_envs() {
+        match v {
+            Some(v) => script.env(k, v),
+            None => script.env_remove(k),
+        };
+    }
+    script.stdin(Stdio::null()).output().unwrap()
 }
 
 fn exec(env: &Env, name: &str, script: &str) -> (i32, String, String) {
@@ -137,36 +165,18 @@ fn a_sandbox_keeps_its_vm_files_and_processes_through_pause_stop_and_restarts() 
     assert_eq!(String::from_utf8_lossy(&out.stdout), "got one+two\n");
     assert_eq!(exec_ok(&env, "dev", "cat /root/from-stdin"), "the rest\n");
     // -t: a terminal of its own, the size of this one (`script` gives the CLI a terminal).
-    let inner = env.cmd(&[
-        "exec",
-        "-t",
-        "sandbox/dev",
-        "--",
-        "sh",
-        "-c",
-        "tty; stty size",
-    ]);
-    let line = std::iter::once(inner.get_program().to_string_lossy().into_owned())
-        .chain(
-            inner
-                .get_args()
-                .map(|a| format!("'{}'", a.to_string_lossy())),
-        )
-        .collect::<Vec<_>>()
-        .join(" ");
-    let mut script = std::process::Command::new("script");
-    script.args([
-        "-qec",
-        &format!("stty rows 33 cols 111; {line}"),
-        "/dev/null",
-    ]);
-    for (k, v) in inner.get_envs() {
-        match v {
-            Some(v) => script.env(k, v),
-            None => script.env_remove(k),
-        };
-    }
-    let out = script.stdin(Stdio::null()).output().unwrap();
+    let out = in_terminal(
+        &env,
+        &[
+            "exec",
+            "-t",
+            "sandbox/dev",
+            "--",
+            "sh",
+            "-c",
+            "tty; stty size",
+        ],
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -175,6 +185,14 @@ fn a_sandbox_keeps_its_vm_files_and_processes_through_pause_stop_and_restarts() 
     );
     assert!(text.contains("/dev/pts/"), "{text}");
     assert!(text.contains("33 111"), "{text}");
+    // shell: a login shell on a terminal of its own, its exit code passed through.
+    let out = in_terminal(&env, &["shell", "sandbox/dev", "--shell", "/bin/false"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "shell: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // cp both ways: 3 MiB of random bytes with their mode, round trip intact; a missing
     // guest file leaves nothing behind; a relative guest path is refused.
@@ -305,30 +323,47 @@ fn a_sandbox_keeps_its_vm_files_and_processes_through_pause_stop_and_restarts() 
         serde_json::json!(["before"])
     );
 
-    // Fork the snapshot: a new sandbox with the snapshot's files and running processes, a
-    // VM of its own and its own entropy; independent of its source from then on.
+    // Fork the snapshot twice: new sandboxes with the snapshot's files and running
+    // processes, each with a VM, host name and entropy of its own; independent of their
+    // source from then on.
     let t = Instant::now();
-    let out = env.ok(&["fork", "snapshot/before", "--name", "dev-fork"]);
+    let out = env.ok(&[
+        "fork",
+        "snapshot/before",
+        "--name",
+        "dev-fork",
+        "--count",
+        "2",
+    ]);
     eprintln!(
-        "fork: {:.0} ms ({})",
+        "fork x2: {:.0} ms ({})",
         t.elapsed().as_secs_f64() * 1000.0,
         out.trim()
     );
-    let fork = env.status("sandbox", "dev-fork");
+    let fork = env.status("sandbox", "dev-fork-1");
     assert_eq!(fork["phase"], "Running", "{fork}");
     assert_eq!(fork["forkedFrom"]["sandbox"], "dev", "{fork}");
     let fork_vm = fork["vm"].as_str().unwrap().to_string();
-    assert_ne!(fork_vm, vm);
-    assert_eq!(exec_ok(&env, "dev-fork", &alive), "kept\nsleep 100000 ");
-    exec_ok(&env, "dev-fork", "echo forked > /root/forked");
+    let fork2_vm = env.status("sandbox", "dev-fork-2")["vm"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(fork_vm != vm && fork2_vm != vm && fork_vm != fork2_vm);
+    assert_eq!(exec_ok(&env, "dev-fork-1", &alive), "kept\nsleep 100000 ");
+    exec_ok(&env, "dev-fork-1", "echo forked > /root/forked");
     assert_eq!(exec(&env, "dev", "test -e /root/forked").0, 1);
+    assert_eq!(exec(&env, "dev-fork-2", "test -e /root/forked").0, 1);
     exec_ok(&env, "dev", "echo source > /root/source-only");
-    assert_eq!(exec(&env, "dev-fork", "test -e /root/source-only").0, 1);
+    assert_eq!(exec(&env, "dev-fork-1", "test -e /root/source-only").0, 1);
+    assert_eq!(exec_ok(&env, "dev-fork-1", "hostname"), "dev-fork-1\n");
+    assert_eq!(exec_ok(&env, "dev-fork-2", "hostname"), "dev-fork-2\n");
     let random = "head -c 16 /dev/urandom | od -An -tx1";
-    assert_ne!(
-        exec_ok(&env, "dev-fork", random),
-        exec_ok(&env, "dev", random)
-    );
+    let draws: std::collections::BTreeSet<String> = ["dev", "dev-fork-1", "dev-fork-2"]
+        .iter()
+        .map(|n| exec_ok(&env, n, random))
+        .collect();
+    assert_eq!(draws.len(), 3, "{draws:?}");
+    env.ok(&["delete", "sandbox/dev-fork-2"]);
 
     // An AgentRun in the sandbox: it runs in the sandbox's VM, which keeps what it left.
     apply_yaml(
@@ -364,12 +399,14 @@ fn a_sandbox_keeps_its_vm_files_and_processes_through_pause_stop_and_restarts() 
     });
     assert!(!virsh(&["domstate", &vm]).0, "{vm} still defined");
     // The fork does not depend on its source, nor on the source's snapshot.
-    assert_eq!(exec_ok(&env, "dev-fork", &alive), "kept\nsleep 100000 ");
-    env.ok(&["delete", "sandbox/dev-fork"]);
-    env.wait("fork gone", Duration::from_secs(60), || {
-        env.get("sandbox", "dev-fork").is_none()
+    assert_eq!(exec_ok(&env, "dev-fork-1", &alive), "kept\nsleep 100000 ");
+    env.ok(&["delete", "sandbox/dev-fork-1"]);
+    env.wait("forks gone", Duration::from_secs(60), || {
+        env.get("sandbox", "dev-fork-1").is_none() && env.get("sandbox", "dev-fork-2").is_none()
     });
-    assert!(!virsh(&["domstate", &fork_vm]).0, "{fork_vm} still defined");
+    for vm in [&fork_vm, &fork2_vm] {
+        assert!(!virsh(&["domstate", vm]).0, "{vm} still defined");
+    }
 
     // Idle rules on the pool's replacement VM: a running command keeps the sandbox alive
     // past its idle timeout; once idle it is saved to disk; the next exec brings it back.

@@ -40,11 +40,12 @@ pub struct SandboxSpec {
     pub pool_ref: String,
     /// Name of a `Snapshot` to fork: the sandbox gets a new VM that goes on
     /// from that snapshot of its sandbox — same files, same memory, same
-    /// running programs — with its own name, files and fresh entropy. The
-    /// source sandbox is paused only while its disk is copied. The fork
-    /// does not depend on the snapshot or its sandbox afterwards; on a
-    /// network it gets a MAC address and a DHCP lease of its own. Only root
-    /// and the source sandbox's owner may fork it.
+    /// running programs — with its own name, files, host name (the
+    /// sandbox's name) and fresh entropy. The source sandbox is paused only
+    /// while its disk is copied. The fork does not depend on the snapshot or
+    /// its sandbox afterwards; on a network it gets a MAC address and a DHCP
+    /// lease of its own. Only root and the source sandbox's owner may fork
+    /// it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_snapshot: Option<String>,
     /// Desired power state: `Running` (default), `Paused` (vCPUs stopped,

@@ -53,6 +53,45 @@ pub struct ExecArgs {
     connect: super::objects::ConnectArgs,
 }
 
+/// Options of `shell`.
+#[derive(Debug, Args)]
+pub struct ShellArgs {
+    /// The sandbox: `sandbox/NAME`.
+    #[arg(value_name = "sandbox/NAME")]
+    target: String,
+    /// The shell to run (as a login shell).
+    #[arg(long, default_value = "/bin/bash", value_name = "PATH")]
+    shell: String,
+    /// Environment variable for the shell, `KEY=VALUE` (repeatable).
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory in the guest.
+    #[arg(long, value_name = "DIR")]
+    workdir: Option<String>,
+    #[command(flatten)]
+    connect: super::objects::ConnectArgs,
+}
+
+impl ShellArgs {
+    /// `exec -it sandbox/NAME -- SHELL -l`.
+    pub fn run(self, cfg: &Config) -> anyhow::Result<i32> {
+        super::sandbox::sandbox_name(&self.target)?;
+        ExecArgs {
+            vcpus: 1,
+            memory_mib: 512,
+            timeout: None,
+            interactive: true,
+            tty: true,
+            env: self.env,
+            workdir: self.workdir,
+            publish: Vec::new(),
+            command: vec![self.target, "--".into(), self.shell, "-l".into()],
+            connect: self.connect,
+        }
+        .run_in_sandbox(cfg)
+    }
+}
+
 impl ExecArgs {
     /// `exec sandbox/NAME [--] CMD..`: through the controller, in the sandbox.
     fn run_in_sandbox(self, cfg: &Config) -> anyhow::Result<i32> {

@@ -231,10 +231,13 @@ pub struct ForkArgs {
     /// The snapshot to fork: `snapshot/NAME`.
     #[arg(value_name = "snapshot/NAME")]
     target: String,
-    /// Name of the new `Sandbox`.
+    /// Name of the new `Sandbox` (with `--count`, the forks are NAME-1 … NAME-K).
     #[arg(long, value_name = "NAME")]
     name: String,
-    /// How long to wait for the fork to run (`90`, `90s`, `5m`).
+    /// How many forks to make (1 to 50).
+    #[arg(long, default_value_t = 1, value_name = "K", value_parser = clap::value_parser!(u32).range(1..=50))]
+    count: u32,
+    /// How long to wait for the forks to run (`90`, `90s`, `5m`).
     #[arg(long, default_value = "5m", value_name = "DURATION", value_parser = super::parse_duration)]
     timeout: Duration,
     #[command(flatten)]
@@ -242,54 +245,72 @@ pub struct ForkArgs {
 }
 
 impl ForkArgs {
-    /// Creates a `Sandbox` with `fromSnapshot` and waits until it runs (or fails).
+    /// Creates the `Sandbox`es with `fromSnapshot` and waits until they run (or one fails).
     pub fn run(self, cfg: &Config) -> anyhow::Result<i32> {
         let snapshot = match self.target.split_once('/') {
             Some((kind, name)) if kind.parse::<Kind>().ok() == Some(Kind::Snapshot) => name,
             _ => bail!("{:?}: name a snapshot (snapshot/NAME)", self.target),
         };
+        let names: Vec<String> = if self.count == 1 {
+            vec![self.name.clone()]
+        } else {
+            (1..=self.count)
+                .map(|i| format!("{}-{i}", self.name))
+                .collect()
+        };
         let client = self.connect.client(cfg);
-        let sandbox = agentvm_api::Sandbox::new(
-            self.name.clone(),
-            // Every other field at its default.
-            serde_json::from_value(serde_json::json!({ "fromSnapshot": snapshot }))?,
-        );
-        create(&client, serde_json::to_value(&sandbox)?)?;
-        let what = object_ref(Kind::Sandbox, &self.name);
+        for name in &names {
+            let sandbox = agentvm_api::Sandbox::new(
+                name.clone(),
+                // Every other field at its default.
+                serde_json::from_value(serde_json::json!({ "fromSnapshot": snapshot }))?,
+            );
+            create(&client, serde_json::to_value(&sandbox)?)?;
+        }
         let start = Instant::now();
-        loop {
-            let obj = client.get(Kind::Sandbox, &self.name)?;
-            if let Resource::Sandbox(sb) = &obj.resource {
-                if let Some(st) = &sb.status {
-                    match (st.phase, &st.forked_from) {
-                        (agentvm_api::SandboxPhase::Failed, _) => {
-                            let why = st
-                                .conditions
-                                .iter()
-                                .find(|c| c.type_ == "Degraded")
-                                .map(|c| c.message.clone())
-                                .unwrap_or_default();
-                            bail!("{what} failed: {why}");
-                        }
-                        (agentvm_api::SandboxPhase::Running, Some(f)) => {
-                            println!(
-                                "{what} forked from snapshot/{snapshot} of sandbox/{} in {} ms (the source paused {} ms)",
-                                f.sandbox, f.took_ms, f.source_pause_ms
-                            );
-                            return Ok(0);
-                        }
-                        _ => {}
+        let mut pending = names;
+        while !pending.is_empty() {
+            let mut still = Vec::new();
+            for name in pending {
+                let what = object_ref(Kind::Sandbox, &name);
+                let obj = client.get(Kind::Sandbox, &name)?;
+                let Resource::Sandbox(sb) = &obj.resource else {
+                    bail!("the controller answered with {}", obj.key());
+                };
+                match sb.status.as_ref().map(|st| (st.phase, st)) {
+                    Some((agentvm_api::SandboxPhase::Failed, st)) => {
+                        let why = st
+                            .conditions
+                            .iter()
+                            .find(|c| c.type_ == "Degraded")
+                            .map(|c| c.message.clone())
+                            .unwrap_or_default();
+                        bail!("{what} failed: {why}");
                     }
+                    Some((agentvm_api::SandboxPhase::Running, st)) if st.forked_from.is_some() => {
+                        let f = st.forked_from.as_ref().expect("checked");
+                        println!(
+                            "{what} forked from snapshot/{snapshot} of sandbox/{} in {} ms (the source paused {} ms)",
+                            f.sandbox, f.took_ms, f.source_pause_ms
+                        );
+                    }
+                    _ => still.push(name),
                 }
+            }
+            pending = still;
+            if pending.is_empty() {
+                break;
             }
             if start.elapsed() > self.timeout {
                 bail!(
-                    "{what} does not run after {}s; see `agentvm describe {what}`",
+                    "{} not running after {}s; see `agentvm describe sandbox/NAME`",
+                    pending.join(", "),
                     self.timeout.as_secs()
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        Ok(0)
     }
 }
 

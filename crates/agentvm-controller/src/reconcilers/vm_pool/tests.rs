@@ -421,6 +421,7 @@ fn network_before_vms_and_vms_before_the_network_on_deletion() {
     assert_eq!(
         m[1..],
         [
+            "RemovePoolTemplate(p)",
             "DeleteNetwork(agentvm-lan)",
             "DeleteNwFilter(agentvm-egress)"
         ]
