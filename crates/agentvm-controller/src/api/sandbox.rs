@@ -117,12 +117,8 @@ async fn running_vm(st: &ApiState, name: &str) -> Result<String, Response> {
                         return Ok(vm.clone())
                     }
                     (SandboxPhase::Failed, _) => {
-                        let why = status
-                            .conditions
-                            .iter()
-                            .find(|c| c.type_ == "Degraded")
-                            .map(|c| c.message.clone())
-                            .unwrap_or_default();
+                        let why = agentvm_api::find_condition(&status.conditions, "Degraded")
+                            .map_or("", |c| c.message.as_str());
                         return Err(error(
                             StatusCode::CONFLICT,
                             format!("Sandbox/{name} failed: {why}"),

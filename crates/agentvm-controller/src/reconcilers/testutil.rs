@@ -49,6 +49,28 @@ impl Setup {
         }
     }
 
+    /// Applies object `kind/name` again through the API as submitted by user `uid` (not
+    /// root, not its owner).
+    pub fn resubmit_as(&self, kind: Kind, name: &str, uid: u32) {
+        let obj = self.store.get(kind, name).unwrap().expect("object exists");
+        self.store
+            .apply_batch(
+                vec![crate::store::ApplyItem {
+                    resource: obj.resource,
+                    manager: Manager::Api,
+                    submitter: crate::caller::Caller {
+                        uid,
+                        gid: uid,
+                        groups: vec![],
+                        user: None,
+                    },
+                    force: false,
+                }],
+                false,
+            )
+            .unwrap();
+    }
+
     pub fn reconcile(
         &self,
         r: &dyn Reconciler,

@@ -184,13 +184,7 @@ impl SnapshotArgs {
                             return Ok(0);
                         }
                         agentvm_api::SnapshotPhase::Failed => {
-                            let why = st
-                                .conditions
-                                .iter()
-                                .find(|c| c.type_ == "Degraded")
-                                .map(|c| c.message.clone())
-                                .unwrap_or_default();
-                            bail!("{what} failed: {why}");
+                            bail!("{what} failed: {}", degraded(&st.conditions));
                         }
                         agentvm_api::SnapshotPhase::Pending => {}
                     }
@@ -205,6 +199,12 @@ impl SnapshotArgs {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// The message of the `Degraded` condition among `conditions` (empty when there is none):
+/// why an object failed.
+fn degraded(conditions: &[agentvm_api::Condition]) -> &str {
+    agentvm_api::find_condition(conditions, "Degraded").map_or("", |c| c.message.as_str())
 }
 
 /// Creates one object through the controller; its refusal is the error.
@@ -279,13 +279,7 @@ impl ForkArgs {
                 };
                 match sb.status.as_ref().map(|st| (st.phase, st)) {
                     Some((agentvm_api::SandboxPhase::Failed, st)) => {
-                        let why = st
-                            .conditions
-                            .iter()
-                            .find(|c| c.type_ == "Degraded")
-                            .map(|c| c.message.clone())
-                            .unwrap_or_default();
-                        bail!("{what} failed: {why}");
+                        bail!("{what} failed: {}", degraded(&st.conditions));
                     }
                     Some((agentvm_api::SandboxPhase::Running, st)) if st.forked_from.is_some() => {
                         let f = st.forked_from.as_ref().expect("checked");

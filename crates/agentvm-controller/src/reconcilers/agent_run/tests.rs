@@ -677,24 +677,7 @@ fn a_run_in_a_sandbox_runs_in_its_vm_keeps_it_unreset_and_counts_as_activity() {
     assert_eq!(st.reason.as_deref(), Some("WaitingForSandbox"));
 
     // Someone else's sandbox: refused, nothing run.
-    let mut other = r.t.store.get(Kind::AgentRun, "two").unwrap().unwrap();
-    other.submitter = Some(crate::caller::Caller {
-        uid: 4242,
-        gid: 4242,
-        groups: vec![],
-        user: None,
-    });
-    r.t.store
-        .apply_batch(
-            vec![crate::store::ApplyItem {
-                resource: other.resource.clone(),
-                manager: crate::store::Manager::Api,
-                submitter: other.submitter.clone().unwrap(),
-                force: false,
-            }],
-            false,
-        )
-        .unwrap();
+    r.t.resubmit_as(Kind::AgentRun, "two", 4242);
     let o = r.t.store.get(Kind::AgentRun, "two").unwrap().unwrap();
     runs.reconcile(Arc::new(o), &r.t.ctx).unwrap();
     let st = r.status("two");

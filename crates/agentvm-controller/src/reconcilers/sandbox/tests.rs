@@ -433,24 +433,7 @@ fn a_fork_waits_for_its_snapshot_then_gets_its_own_vm_and_only_owners_may_fork()
 
     // Someone else's sandbox: refused for good, nothing made.
     b.t.apply(&fork_yaml("g", "one"));
-    let mut other = b.t.store.get(Kind::Sandbox, "g").unwrap().unwrap();
-    other.submitter = Some(crate::caller::Caller {
-        uid: 4242,
-        gid: 4242,
-        groups: vec![],
-        user: None,
-    });
-    b.t.store
-        .apply_batch(
-            vec![crate::store::ApplyItem {
-                resource: other.resource.clone(),
-                manager: crate::store::Manager::Api,
-                submitter: other.submitter.clone().unwrap(),
-                force: false,
-            }],
-            false,
-        )
-        .unwrap();
+    b.t.resubmit_as(Kind::Sandbox, "g", 4242);
     assert_eq!(fork("g").unwrap(), Action::AwaitChange);
     let st = b.t.status(Kind::Sandbox, "g");
     assert_eq!(st["phase"], "Failed", "{st}");
