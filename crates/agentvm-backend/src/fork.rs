@@ -172,17 +172,18 @@ fn readdress_guest(
             message: "its interface has no MAC address".into(),
         })?;
     let guest = Guest::new(agent);
-    let mut req = crate::guest::ExecRequest::new("sh", ["-c", READDRESS_SCRIPT, "sh", &mac]);
-    req.timeout = timeout;
-    let out = guest.exec(&req, &mut |_, _| {})?;
-    if !out.success() {
-        return Err(BackendError::GuestCommand {
-            vm: name.to_string(),
-            command: "moving the guest to its own MAC address and lease".into(),
-            message: format!("{out:?}: {}", String::from_utf8_lossy(&out.stderr).trim()),
-        });
-    }
+    guest.exec_ok(
+        &script(READDRESS_SCRIPT, &mac, timeout),
+        "moving the guest to its own MAC address and lease",
+    )?;
     guest.wait_ipv4(timeout)
+}
+
+/// `sh -c script sh arg`, killed after `timeout`.
+fn script(script: &str, arg: &str, timeout: Duration) -> crate::guest::ExecRequest {
+    let mut req = crate::guest::ExecRequest::new("sh", ["-c", script, "sh", arg]);
+    req.timeout = timeout;
+    req
 }
 
 /// `aa:bb:cc:dd:ee:ff`, lowercase or uppercase hex.
@@ -275,20 +276,10 @@ impl Libvirt {
                 agent_timeout,
             )?;
             // Its own host name: its owner's name (a sandbox's, a DNS label).
-            let agent = self.agent(name)?;
-            let mut req = crate::guest::ExecRequest::new(
-                "sh",
-                ["-c", HOSTNAME_SCRIPT, "sh", owner.name.as_str()],
-            );
-            req.timeout = agent_timeout;
-            let out = Guest::new(&agent).exec(&req, &mut |_, _| {})?;
-            if !out.success() {
-                return Err(BackendError::GuestCommand {
-                    vm: name.to_string(),
-                    command: "setting the host name".into(),
-                    message: format!("{out:?}: {}", String::from_utf8_lossy(&out.stderr).trim()),
-                });
-            }
+            Guest::new(&self.agent(name)?).exec_ok(
+                &script(HOSTNAME_SCRIPT, &owner.name, agent_timeout),
+                "setting the host name",
+            )?;
             self.set_domain_owner(name, owner)?;
             Ok(ForkReport {
                 source_pause,

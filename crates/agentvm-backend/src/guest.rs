@@ -845,21 +845,31 @@ impl<'a, C: AgentChannel + ?Sized> Guest<'a, C> {
     /// it with [`BackendError::GuestCommand`] (its exit and stderr).
     pub fn warm_up(&self, steps: &[ExecRequest]) -> Result<()> {
         for step in steps {
-            let out = self.exec(step, &mut |_, _| {})?;
-            if !out.success() {
-                return Err(BackendError::GuestCommand {
-                    vm: self.chan.vm_name().to_string(),
-                    command: format!("warm-up {} {}", step.program, step.args.join(" ")),
-                    message: format!(
-                        "exit {:?} signal {:?}: {}",
-                        out.exit_code,
-                        out.signal,
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    ),
-                });
-            }
+            self.exec_ok(
+                step,
+                &format!("warm-up {} {}", step.program, step.args.join(" ")),
+            )?;
         }
         Ok(())
+    }
+
+    /// Runs `req`, which must exit 0; otherwise a [`BackendError::GuestCommand`] naming
+    /// `what`, with the exit and the program's stderr.
+    pub fn exec_ok(&self, req: &ExecRequest, what: &str) -> Result<ExecOutcome> {
+        let out = self.exec(req, &mut |_, _| {})?;
+        if !out.success() {
+            return Err(BackendError::GuestCommand {
+                vm: self.chan.vm_name().to_string(),
+                command: what.to_string(),
+                message: format!(
+                    "exit {:?} signal {:?}: {}",
+                    out.exit_code,
+                    out.signal,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            });
+        }
+        Ok(out)
     }
 
     /// Write `source` to a temporary file in the guest and run it with `interpreter`.
