@@ -186,6 +186,12 @@ pub trait Backend: Send + Sync {
         "golden"
     }
 
+    /// Puts agentvm's guard around libvirt's nwfilter chains back in place if anything is
+    /// missing (see [`crate::filter_guard`]). Backends that filter no traffic do nothing.
+    fn ensure_filter_guard(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// The pinned addresses of owned VMs' filtered interfaces, whatever their state (a parked
     /// VM keeps its address), for the egress proxy to tell which VM a connection comes from.
     /// Backends without networking have none.
@@ -215,6 +221,9 @@ pub struct LibvirtBackend {
     strategy: ResetStrategy,
     tcg_tb_cache_mib: Option<u64>,
     vm_ops: VmOps,
+    /// Where [`crate::filter_guard`] runs: `None` off (a libvirt this host's iptables do not
+    /// filter for), `Some(None)` this process's network namespace, `Some(Some(ns))` `ns`.
+    filter_guard: Option<Option<String>>,
 }
 
 /// Names of the kept VMs an operation runs on, and a wake-up for those waiting their turn.
@@ -268,7 +277,16 @@ impl LibvirtBackend {
             strategy: ResetStrategy::default(),
             tcg_tb_cache_mib: Some(crate::vm::DEFAULT_TCG_TB_CACHE_MIB),
             vm_ops: VmOps::default(),
+            filter_guard: None,
         }
+    }
+
+    /// Keeps [`crate::filter_guard`] in place in network namespace `netns` (`None`: this
+    /// process's), where libvirtd's networks live: after every network start and on each
+    /// [`Backend::ensure_filter_guard`]. For a libvirtd on this host only.
+    pub fn with_filter_guard(mut self, netns: Option<String>) -> Self {
+        self.filter_guard = Some(netns);
+        self
     }
 
     /// Sizes QEMU's TCG translation cache of the VMs it creates (`None`: QEMU's default of
@@ -422,7 +440,26 @@ impl Backend for LibvirtBackend {
             lv.destroy_network(&def.name)?;
         }
         lv.start_network(&def.name)?;
+        // The network driver's first network in a namespace puts its jumps on top of
+        // FORWARD: the guard goes back above them before any guest can use the network.
+        self.ensure_filter_guard()?;
         Ok(outcome)
+    }
+
+    fn ensure_filter_guard(&self) -> Result<()> {
+        let Some(netns) = &self.filter_guard else {
+            return Ok(());
+        };
+        let plan = crate::filter_guard::ensure(netns.as_deref()).map_err(|message| {
+            BackendError::Command {
+                command: "iptables (agentvm's nwfilter guard)".into(),
+                message,
+            }
+        })?;
+        if !plan.is_empty() {
+            tracing::info!("nwfilter guard put in place: {plan:?}");
+        }
+        Ok(())
     }
 
     fn delete_network(&self, name: &str) -> Result<()> {

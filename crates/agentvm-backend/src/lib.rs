@@ -9,6 +9,7 @@ pub mod error;
 pub mod fake;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake_agent;
+pub mod filter_guard;
 pub mod fork;
 pub mod golden;
 pub mod guest;

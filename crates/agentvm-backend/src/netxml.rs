@@ -32,6 +32,9 @@
 //!   themselves open nothing else), one accept rule per
 //!   egress protocol × port range × destination for `NEW` connections, then drop everything.
 //!
+//! libvirt's own jumps into these chains go missing for milliseconds whenever it instantiates
+//! any filter; [`crate::filter_guard`] keeps guests filtered meanwhile.
+//!
 //! `$IP` is learned by libvirt from the DHCP exchange with the host (interface parameters
 //! `CTRL_IP_LEARNING=dhcp`, `DHCPSERVER=$AGENTVM_HOST`; until then only DHCP passes), and
 //! once the guest has its address agentvm pins it as the interface's `IP` parameter

@@ -52,6 +52,38 @@ except OSError as e:
     print("error", errno.errorcode.get(e.errno, e.errno))
 "#;
 
+/// The attacker: for `secs` seconds opens a new TCP connection to `host port` every few
+/// milliseconds (non-blocking, each given 2 s) and prints how many were established.
+const SYN_FLOOD: &str = r#"
+import select, socket, sys, time
+host, port, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+end, pending, ok = time.time() + secs, {}, 0
+while time.time() < end or pending:
+    now = time.time()
+    if now < end:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect((host, port))
+        except BlockingIOError:
+            pass
+        except OSError:
+            s.close()
+            continue
+        pending[s] = now
+    _, w, _ = select.select([], list(pending), [], 0.004)
+    for x in w:
+        if x.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+            ok += 1
+        x.close()
+        del pending[x]
+    for x, t in list(pending.items()):
+        if now - t > 2:
+            x.close()
+            del pending[x]
+print(ok)
+"#;
+
 /// A tiny HTTP responder for guests: forks one listener per port given, then exits.
 /// (No single quotes: it is passed through `sh -c '...'`.)
 const GUEST_SERVER: &str = r#"
@@ -230,6 +262,8 @@ fn network_with_default_filter<'a>(
         "SAFETY: bridge {bridge} appeared in this machine's own network namespace"
     );
     run(&mut in_ns(&ns, &["ip", "link", "show", &bridge]));
+    // What the controller does after starting a network (see agentvm_backend::filter_guard).
+    agentvm_backend::filter_guard::ensure(Some(&ns)).expect("installing the filter guard");
     (net_guard, filter_guard)
 }
 
@@ -458,6 +492,15 @@ fn default_filter_lets_a_nat_guest_reach_443_but_not_8080() {
         "tcp/8080 must be dropped silently by the filter"
     );
 
+    // The attacker keeps opening connections to the forbidden port while libvirt re-links
+    // its nwfilter chains (each redefinition of the guest's filter rebuilds it, deleting and
+    // re-inserting libvirt's FORWARD jumps). Without agentvm's guard some get through.
+    syn_flood_while_libvirt_relinks(&lv, &g, &net.name, &test_ns);
+    assert!(
+        probe(&g, INET_HOST, 443, Duration::from_secs(10)).starts_with("ok HTTP/1.0 200"),
+        "the guard keeps allowed traffic flowing"
+    );
+
     // A fork of this VM gets a MAC and an address of its own (its filter drops the source's)
     // and the same egress rules; the source keeps its address and its way out.
     let link = |g: &Guest<'_, _>| sh(g, "cat /sys/class/net/e*/address").trim().to_string();
@@ -494,6 +537,73 @@ fn default_filter_lets_a_nat_guest_reach_443_but_not_8080() {
 
     vm.teardown().unwrap();
     drop(inet);
+}
+
+/// Floods `INET_HOST:8080` from the guest while redefining its filter `filter` again and
+/// again; asserts libvirt's jumps really went missing meanwhile (the control: the window
+/// exists in this run) and that no connection was established (the guard held).
+fn syn_flood_while_libvirt_relinks(
+    lv: &Libvirt,
+    g: &Guest<'_, agentvm_backend::libvirt::DomainAgent>,
+    filter: &str,
+    ns: &str,
+) {
+    const REDEFINITIONS: i64 = 8;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let flood = std::thread::scope(|s| {
+        let flood = s.spawn(|| {
+            let mut req = ExecRequest::new("python3", ["-c", SYN_FLOOD, INET_HOST, "8080", "10"]);
+            req.timeout = Duration::from_secs(120);
+            g.exec(&req, &mut |_, _| {}).unwrap()
+        });
+        // The flood's python starts in about a second under TCG.
+        std::thread::sleep(Duration::from_secs(2));
+        let watcher = s.spawn(|| {
+            // Polls FORWARD: how often libvirt's first jump was missing.
+            let (mut polls, mut missing) = (0u32, 0u32);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let rules = run(&mut in_ns(ns, &["iptables", "-w", "-S", "FORWARD"]));
+                polls += 1;
+                if !rules.lines().any(|l| l == "-A FORWARD -j libvirt-in") {
+                    missing += 1;
+                }
+            }
+            (polls, missing)
+        });
+        let t = Instant::now();
+        for generation in 1..=REDEFINITIONS {
+            let def = NwFilterDef {
+                name: filter.to_string(),
+                spec: NetworkFilterSpec::predecessor_default(),
+                owner: Owner {
+                    generation: 1000 + generation,
+                    ..owner("NetworkFilter", "egress")
+                },
+            };
+            assert_eq!(lv.define_nwfilter(&def).unwrap(), DefineOutcome::Updated);
+        }
+        let took = t.elapsed();
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (polls, missing) = watcher.join().unwrap();
+        eprintln!(
+            "{REDEFINITIONS} filter redefinitions in {:.2}s; libvirt's FORWARD jump was missing in {missing} of {polls} polls",
+            took.as_secs_f64()
+        );
+        assert!(
+            missing > 0,
+            "control: libvirt never deleted its FORWARD jumps while rebuilding the filter \
+             ({polls} polls), so this run proves nothing about the guard"
+        );
+        flood.join().unwrap()
+    });
+    assert!(flood.success(), "flood: {flood:?}");
+    let established = String::from_utf8_lossy(&flood.stdout).trim().to_string();
+    eprintln!("connections to the forbidden port established during the rebuilds: {established}");
+    assert_eq!(
+        established, "0",
+        "a forbidden connection got through while libvirt re-linked its chains"
+    );
 }
 
 #[test]

@@ -213,6 +213,47 @@ fn guests_reach_only_the_names_their_filter_lists() {
         pool_ready(&env, &pool, 1)
     });
 
+    // 0. The controller keeps the guard around libvirt's nwfilter chains in place
+    // (agentvm_backend::filter_guard): its FORWARD jump, deleted here, comes back.
+    let iptables = |args: &[&str]| {
+        Command::new("ip")
+            .args(["netns", "exec", &test_ns, "iptables", "-w"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let guard_plan = || {
+        let save = Command::new("ip")
+            .args(["netns", "exec", &test_ns, "iptables-save", "-t", "filter"])
+            .output()
+            .unwrap();
+        agentvm_backend::filter_guard::plan(&String::from_utf8_lossy(&save.stdout))
+    };
+    assert!(
+        guard_plan().is_empty(),
+        "guard after the network started: {:?}",
+        guard_plan()
+    );
+    for tag in ["agentvm-guard-1", "agentvm-guard-2"] {
+        let spec = [
+            "-D",
+            "FORWARD",
+            "-m",
+            "comment",
+            "--comment",
+            tag,
+            "-j",
+            "AGENTVM_GUARD",
+        ];
+        while iptables(&spec).status.success() {}
+    }
+    assert!(!guard_plan().jumps.is_empty());
+    env.wait(
+        "the guard's FORWARD jump back",
+        Duration::from_secs(30),
+        || guard_plan().is_empty(),
+    );
+
     // 1. What gets through and what does not.
     let s = run_to_end(&env, "checks", &pool, CHECKS);
     let out = s["stdoutTail"].as_str().unwrap_or_default().to_string();

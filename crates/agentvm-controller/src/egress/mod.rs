@@ -122,7 +122,14 @@ fn run(ctx: Ctx, backend: Arc<dyn Backend>) {
     let mut listening: BTreeMap<Ipv4Addr, ()> = BTreeMap::new();
     let mut applied: Option<String> = None;
     loop {
-        for gateway in gateways(&ctx) {
+        let gateways = gateways(&ctx);
+        if !gateways.is_empty() {
+            // Kept in place while there are networks (anyone may flush a table).
+            if let Err(e) = backend.ensure_filter_guard() {
+                tracing::error!("{e}");
+            }
+        }
+        for gateway in gateways {
             if listening.contains_key(&gateway) {
                 continue;
             }

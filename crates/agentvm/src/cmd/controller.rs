@@ -64,15 +64,24 @@ impl ControllerArgs {
                 ..DispatcherOptions::default()
             });
         if !self.without_reconcilers {
-            let backend = Arc::new(
-                LibvirtBackend::new(
-                    cfg.libvirt_uri.clone(),
-                    cfg.state_dir.clone(),
-                    cfg.accelerator,
-                    Duration::from_secs(cfg.boot_timeout_seconds),
-                )
-                .with_tcg_translation_cache(cfg.tcg_tb_cache()),
-            );
+            let mut backend = LibvirtBackend::new(
+                cfg.libvirt_uri.clone(),
+                cfg.state_dir.clone(),
+                cfg.accelerator,
+                Duration::from_secs(cfg.boot_timeout_seconds),
+            )
+            .with_tcg_translation_cache(cfg.tcg_tb_cache());
+            if libvirt_is_local(&cfg.libvirt_uri) {
+                // Put in place with the first network (a Network is not Ready without it),
+                // so a host running only isolated pools keeps its firewall untouched.
+                backend = backend.with_filter_guard(cfg.egress_netns.clone());
+            } else {
+                tracing::warn!(
+                    "libvirt at {} is not on this host: agentvm's nwfilter guard (see agentvm_backend::filter_guard) is not installed there",
+                    cfg.libvirt_uri
+                );
+            }
+            let backend = Arc::new(backend);
             let images = Arc::new(ImageCache {
                 dir: cfg.cache_dir.clone(),
             });
@@ -102,4 +111,11 @@ impl ControllerArgs {
         })?;
         Ok(0)
     }
+}
+
+/// True for libvirt URIs without a host part (`qemu:///system`, `qemu+unix:///system`): the
+/// daemon runs on this host, so this host's iptables filter its guests.
+fn libvirt_is_local(uri: &str) -> bool {
+    uri.split_once("://")
+        .is_some_and(|(_, rest)| rest.starts_with('/'))
 }
