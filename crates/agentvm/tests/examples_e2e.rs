@@ -7,6 +7,11 @@
 //! declare a NAT network. That namespace has no route out, so the runs that want the
 //! internet (`egress-check`, `aider-docstrings`) fail there, which the test checks too:
 //! nothing leaves this machine.
+//!
+//! Then the real aider of `examples/aider.yaml`'s image edits a file through the egress
+//! proxy: in a pool whose filter allows only `llm.test` (the test world's OpenAI-compatible
+//! stub, in a namespace of its own next to the test namespace), the edit it is answered with
+//! comes back as an artifact.
 
 mod common;
 
@@ -14,6 +19,57 @@ use common::*;
 use std::time::{Duration, Instant};
 
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
+const TEST_WORLD: &str = include_str!("support/egress_internet.py");
+
+/// aider from the example's image, in a pool whose filter lets it reach the test world's
+/// model only, asked to edit `hello.txt`.
+const AIDER_STUB: &str = r#"
+apiVersion: agentvm.dev/v1alpha1
+kind: NetworkFilter
+metadata: {name: aider-stub-egress}
+spec:
+  egress:
+    - protocol: tcp
+      ports: [80]
+      domains: [llm.test]
+      description: the test world's OpenAI-compatible model, and nothing else
+---
+apiVersion: agentvm.dev/v1alpha1
+kind: VmPool
+metadata: {name: aider-stub}
+spec:
+  template:
+    imageRef: aider
+    resources: {profile: custom, vcpu: 2, memoryMib: 2048, diskGib: 8}
+    network: {mode: attached, networkRef: agent-nat, filterRef: aider-stub-egress}
+  minReady: 0
+  maxSize: 1
+---
+apiVersion: agentvm.dev/v1alpha1
+kind: AgentRun
+metadata: {name: aider-stub}
+spec:
+  poolRef: aider-stub
+  files:
+    - path: /workspace/hello.txt
+      content: "hello\n"
+  workingDir: /workspace
+  env:
+    OPENAI_API_KEY: stub-key-not-a-secret
+    LITELLM_LOCAL_MODEL_COST_MAP: "True"
+  command:
+    program: /bin/sh
+    args:
+      - -c
+      - >-
+        aider --yes-always --no-git --no-check-update --no-show-release-notes
+        --analytics-disable --no-show-model-warnings --no-stream --edit-format whole
+        --map-tokens 0 --model openai/stub --openai-api-base http://llm.test/v1
+        --message "Greet the reader in hello.txt" hello.txt && cat hello.txt
+  artifacts:
+    paths: [/workspace/hello.txt]
+  timeoutSeconds: 1800
+"#;
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -52,6 +108,7 @@ fn logs(env: &Env, run: &str) -> String {
 #[test]
 fn the_examples_as_a_spec_dir_become_ready_and_their_local_runs_succeed() {
     assert_libvirtd_in_routeless_netns();
+    let test_ns = assert_libvirtd_in_test_netns();
     require_libvirt_and_image();
 
     let mut env = Env::new("examples");
@@ -66,6 +123,26 @@ fn the_examples_as_a_spec_dir_become_ready_and_their_local_runs_succeed() {
     env.filters.push("agentvm-agent-egress".into());
     env.filters.push("agentvm-claude-code-egress".into());
     env.filters.push("agentvm-aider-egress".into());
+    env.filters.push("agentvm-aider-stub-egress".into());
+    // The test world: DNS that knows llm.test, and the model behind it.
+    let mut world = Internet::new(&test_ns, "exw");
+    let world_log = env.dir.join("world.log");
+    let script = env.write("world.py", TEST_WORLD);
+    world.spawn(
+        &[
+            "/usr/bin/python3",
+            "-u",
+            &script,
+            &format!("llm.test={INTERNET_HOST}"),
+        ],
+        &world_log,
+    );
+    world.wait_listening('t', 80);
+    world.wait_listening('u', 53);
+    env.controller_env.push((
+        "AGENTVM_EGRESS_RESOLVER".into(),
+        format!("{INTERNET_HOST}:53"),
+    ));
     // `claude --version` needs no key, but the manifest names one: any value will do here.
     let key = "sk-ant-examples-e2e-not-a-real-key";
     env.controller_env
@@ -272,6 +349,55 @@ fn the_examples_as_a_spec_dir_become_ready_and_their_local_runs_succeed() {
         Duration::from_secs(300),
         || env.status("pool", "claude-code")["ready"].as_u64() >= Some(1),
     );
+
+    // The real aider through the egress proxy, to the test world's model only.
+    std::fs::write(env.specs().join("aider-stub.yaml"), AIDER_STUB).unwrap();
+    env.wait(
+        "run/aider-stub finished",
+        Duration::from_secs(35 * 60),
+        || terminal(&env.status("agentrun", "aider-stub")["phase"]),
+    );
+    let run = env.status("agentrun", "aider-stub");
+    let out = logs(&env, "aider-stub");
+    eprintln!(
+        "{:>6.1}s run/aider-stub: {} exit {}\n{out}\ntest world:\n{}",
+        start.elapsed().as_secs_f64(),
+        run["phase"],
+        run["exitCode"],
+        std::fs::read_to_string(&world_log).unwrap_or_default()
+    );
+    assert_eq!(run["phase"], "Succeeded", "{run:#}");
+    let edited = run["artifacts"]
+        .as_array()
+        .and_then(|a| a.iter().find(|a| a["path"] == "/workspace/hello.txt"))
+        .unwrap_or_else(|| panic!("hello.txt not collected: {run:#}"));
+    let on_host = std::fs::read_to_string(edited["hostPath"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        on_host, "Hello from the stub model, through agentvm's egress proxy.\n",
+        "aider's edit, as an artifact"
+    );
+    let world_said = std::fs::read_to_string(&world_log).unwrap_or_default();
+    assert!(
+        world_said.contains("llm llm.test /v1/chat/completions"),
+        "aider asked the model by name: {world_said}"
+    );
+    let allowed = run["egress"]["destinations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|d| d["domain"] == "llm.test" && d["verdict"] == "allowed" && d["port"] == 80);
+    assert!(allowed, "the run's egress summary lists llm.test: {run:#}");
+    // aider also looks up its model list on GitHub at start: refused at DNS, and listed so.
+    let refused = run["egress"]["destinations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|d| d["domain"] == "raw.githubusercontent.com" && d["verdict"] != "allowed");
+    assert!(
+        refused,
+        "the run's egress summary lists the refused lookup: {run:#}"
+    );
+    drop(world);
 
     // No route out of the test namespace: the internet runs fail, and say why.
     let egress = env.status("agentrun", "egress-check");

@@ -3,10 +3,40 @@
 #   name NXDOMAIN; each query is printed ("dns NAME").
 # - HTTPS (tcp/443, certificate and key from $CERT/$KEY) and HTTP (tcp/80, tcp/8080): answer
 #   "hello HOST" (the request's Host header); path /slow waits 2 s first; /big?N sends N bytes.
-import os, socket, ssl, struct, sys, threading, time
+# - An OpenAI-compatible model (POST .../chat/completions, streamed or not) that answers every
+#   chat with LLM_REPLY: a whole-file edit of hello.txt in aider's "whole" format. Each request
+#   is printed ("llm HOST PATH MODEL").
+import json, os, socket, ssl, struct, sys, threading, time
 
 ADDR = "198.18.0.2"
 names = dict(a.split("=", 1) for a in sys.argv[1:])
+LLM_REPLY = "hello.txt\n```\nHello from the stub model, through agentvm's egress proxy.\n```\n"
+
+
+def chat(conn, host, path, head, data):
+    length = int(next((l.split(":", 1)[1] for l in head[1:] if l.lower().startswith("content-length:")), "0"))
+    body = data.split(b"\r\n\r\n", 1)[1]
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    req = json.loads(body or b"{}")
+    print("llm", host, path, req.get("model"), flush=True)
+    base = {"id": "chatcmpl-stub", "created": int(time.time()), "model": req.get("model", "stub")}
+    if req.get("stream"):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+        for delta, finish in (({"role": "assistant", "content": LLM_REPLY}, None), ({}, "stop")):
+            event = dict(base, object="chat.completion.chunk",
+                         choices=[{"index": 0, "delta": delta, "finish_reason": finish}])
+            conn.sendall(b"data: " + json.dumps(event).encode() + b"\n\n")
+        conn.sendall(b"data: [DONE]\n\n")
+        return
+    reply = json.dumps(dict(
+        base, object="chat.completion",
+        choices=[{"index": 0, "message": {"role": "assistant", "content": LLM_REPLY}, "finish_reason": "stop"}],
+        usage={"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20})).encode()
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(reply), reply))
 
 
 def dns():
@@ -42,6 +72,9 @@ def serve(conn):
         head = data.split(b"\r\n\r\n")[0].decode(errors="replace").split("\r\n")
         path = head[0].split(" ")[1]
         host = next((l.split(":", 1)[1].strip() for l in head[1:] if l.lower().startswith("host:")), "-")
+        if head[0].startswith("POST ") and path.endswith("/chat/completions"):
+            chat(conn, host, path, head, data)
+            return
         if path == "/slow":
             time.sleep(2)
         if path.startswith("/big?"):
