@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run agentvm's benchmark harness on real libvirt and QEMU and print a Markdown report
 # (see BENCHMARKS.md). Like scripts/test.sh it installs what is missing, runs libvirtd inside
-# a network namespace (isolated pools only: the benchmark creates no libvirt network), builds
+# a network namespace (where the `egress` part creates its NAT network and test world), builds
 # the guest image if needed, then builds release binaries and runs `agentvm-bench`.
 # Arguments go to agentvm-bench: --quick, --only vm,runs,..., --output FILE (refused when the
 # 1-minute load average is above 2 unless --force), --note TEXT.

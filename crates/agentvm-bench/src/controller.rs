@@ -32,6 +32,17 @@ impl ControllerProcess {
     /// Starts `bin controller` on state directory `dir` (libvirt at `uri`, images from
     /// `cache_dir`) and waits for its socket.
     pub fn start(bin: &Path, dir: &Path, uri: &str, cache_dir: &Path) -> Result<Self> {
+        Self::start_with_env(bin, dir, uri, cache_dir, &[])
+    }
+
+    /// [`ControllerProcess::start`] with more environment variables for the controller.
+    pub fn start_with_env(
+        bin: &Path,
+        dir: &Path,
+        uri: &str,
+        cache_dir: &Path,
+        env: &[(&str, String)],
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let socket = dir.join("agentvm.sock");
         let log = std::fs::File::create(dir.join("controller.log"))?;
@@ -49,6 +60,7 @@ impl ControllerProcess {
             .env("AGENTVM_LOG", "info")
             .env_remove("AGENTVM_SPEC_DIR")
             .env_remove("AGENTVM_SOCKET")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -9,6 +9,7 @@
 //! Run it through `scripts/bench.sh` (libvirtd in its network namespace, release build).
 
 mod controller;
+mod egress;
 mod inproc;
 mod neighbours;
 mod report;
@@ -49,6 +50,10 @@ struct Args {
     /// A sentence printed under the machine description (e.g. how loaded the host was).
     #[arg(long, value_name = "TEXT")]
     note: Option<String>,
+    /// Network namespace libvirtd runs in (the `egress` part creates a NAT network there and
+    /// nowhere else).
+    #[arg(long, value_name = "NAME", default_value = "agentvm-test")]
+    netns: String,
     /// Keep the scratch state directory (controller logs, store) for inspection.
     #[arg(long)]
     keep: bool,
@@ -81,6 +86,9 @@ enum Part {
     /// Sandboxes: claim, pause/resume, stop/start, snapshot, rollback vs `virsh
     /// snapshot-revert`, memory of N running/paused/stopped.
     Sandboxes,
+    /// HTTPS throughput and latency through the egress proxy against plain NAT (a NAT
+    /// network in `--netns`).
+    Egress,
 }
 
 /// Polls `cond` every 20 ms until it holds; fails after `timeout`.
@@ -185,6 +193,7 @@ fn main() -> Result<()> {
     let mut control = Table::new("Controller: resync and spec-directory watch");
     let mut isolation = Table::new("Isolation: a noisy neighbour on the disk");
     let mut sandbox = Table::new("Sandboxes");
+    let mut egress_table = Table::new("Egress: the domain proxy against plain NAT");
     let objects = 1000;
     let mut accelerator = std::env::var("AGENTVM_ACCEL").unwrap_or_else(|_| "tcg".into());
 
@@ -275,6 +284,20 @@ fn main() -> Result<()> {
             &mut memory,
         )?;
     }
+    if wants(Part::Egress) {
+        eprintln!(
+            "== egress proxy against plain NAT (network namespace {})",
+            args.netns
+        );
+        egress::egress_rows(
+            &bin,
+            &dir.join("egress"),
+            &uri,
+            &cache,
+            &args.netns,
+            &mut egress_table,
+        )?;
+    }
     match scratch {
         Some(s) => drop(s),
         None => eprintln!("scratch state kept in {}", dir.display()),
@@ -296,7 +319,14 @@ fn main() -> Result<()> {
         out.push_str(&format!("\n{note}\n"));
     }
     for t in [
-        &acquire, &vm, &sandbox, &runs, &memory, &control, &isolation,
+        &acquire,
+        &vm,
+        &sandbox,
+        &runs,
+        &memory,
+        &control,
+        &isolation,
+        &egress_table,
     ] {
         if !t.rows.is_empty() {
             out.push('\n');
