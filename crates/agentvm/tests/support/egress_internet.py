@@ -1,7 +1,7 @@
 # "The internet" of the egress tests, run in its own namespace on 198.18.0.2:
 # - DNS (udp/53): names given as NAME=ADDRESS arguments answer with that A record, every other
 #   name NXDOMAIN; each query is printed ("dns NAME").
-# - HTTPS (tcp/443, certificate and key from $CERT/$KEY) and HTTP (tcp/80, tcp/8080): answer
+# - HTTPS (tcp/443, certificate and key from $CERT/$KEY; none without $CERT) and HTTP (tcp/80, tcp/8080): answer
 #   "hello HOST" (the request's Host header); path /slow waits 2 s first; /big?N sends N bytes.
 # - An OpenAI-compatible model (POST .../chat/completions, streamed or not) that answers every
 #   chat with LLM_REPLY: a whole-file edit of hello.txt in aider's "whole" format. Each request
@@ -124,6 +124,8 @@ def listen(port, tls):
 
 threading.Thread(target=dns, daemon=True).start()
 for port, tls in ((443, True), (80, False), (8080, False)):
+    if tls and "CERT" not in os.environ:
+        continue  # no certificate given: no HTTPS
     threading.Thread(target=listen, args=(port, tls), daemon=True).start()
 print("ready", flush=True)
 while True:
