@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use crate::controller::ControllerProcess;
 use crate::inproc::apply_request;
 use crate::report::{Row, Table};
-use crate::stats::{fmt_duration, summarize};
+use crate::stats::summarize;
 use crate::vms::virsh;
 use crate::wait_until;
 
@@ -164,45 +164,62 @@ fn manifests() -> String {
     format!(
         "apiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata: {{name: bench-egress-img}}\nspec: {{}}\n---\n\
          apiVersion: agentvm.dev/v1alpha1\nkind: Network\nmetadata: {{name: bench-egress-net}}\nspec: {{mode: nat, subnet: 10.216.7.0/24}}\n---\n{}{}{}{}",
-        filter("bench-nat", "{protocol: tcp, ports: [443]}"),
-        filter("bench-proxy", "{protocol: tcp, ports: [443], domains: [big.test]}"),
+        filter("bench-nat", "{protocol: tcp, ports: [443, 80]}"),
+        filter("bench-proxy", "{protocol: tcp, ports: [443, 80], domains: [big.test]}"),
         pool("bench-nat", "bench-nat"),
         pool("bench-proxy", "bench-proxy"),
     )
+    .trim_end_matches("---\n")
+    .to_string()
 }
 
-/// The guest's measurement: `dl SPEED_BYTES_PER_S SECONDS` per download, `lat SECONDS` (to
-/// the first byte, connect and TLS included) per small request.
+/// The guest's measurement: `dl SPEED_BYTES_PER_S SECONDS` per download, `tls SECONDS` and
+/// `http SECONDS` (to the first byte, connect included) per small request.
 fn script() -> String {
     format!(
-        "set -e\nR='--resolve big.test:443:{WORLD_HOST}'\n\
+        "set -e\nR='--resolve big.test:443:{WORLD_HOST} --resolve big.test:80:{WORLD_HOST}'\n\
          for i in $(seq {DOWNLOADS}); do echo dl $(curl -sSk $R -o /dev/null -w '%{{speed_download}} %{{time_total}}' 'https://big.test/big?{DOWNLOAD_BYTES}'); done\n\
-         for i in $(seq {LATENCY_SAMPLES}); do echo lat $(curl -sSk $R -o /dev/null -w '%{{time_starttransfer}}' https://big.test/); done\n"
+         for i in $(seq {LATENCY_SAMPLES}); do echo tls $(curl -sSk $R -o /dev/null -w '%{{time_starttransfer}}' https://big.test/); \
+         echo http $(curl -sS $R -o /dev/null -w '%{{time_starttransfer}}' http://big.test/); done\n"
     )
 }
 
-/// (download rates in bytes/s, latencies) printed by a run of [`script`].
-fn parse(out: &str) -> Result<(Vec<f64>, Vec<Duration>)> {
-    let (mut rates, mut lat) = (Vec::new(), Vec::new());
+/// What a run of [`script`] printed.
+#[derive(Debug, Default)]
+struct Sample {
+    /// Download rates, bytes/s.
+    rates: Vec<f64>,
+    /// HTTPS requests to their first byte.
+    tls: Vec<Duration>,
+    /// HTTP requests to their first byte.
+    http: Vec<Duration>,
+}
+
+fn parse(out: &str) -> Result<Sample> {
+    let mut s = Sample::default();
     for l in out.lines() {
         let f: Vec<&str> = l.split_whitespace().collect();
         match f.as_slice() {
-            ["dl", speed, _] => rates.push(speed.parse::<f64>()?),
-            ["lat", s] => lat.push(Duration::from_secs_f64(s.parse::<f64>()?)),
+            ["dl", speed, _] => s.rates.push(speed.parse::<f64>()?),
+            ["tls", t] => s.tls.push(Duration::from_secs_f64(t.parse::<f64>()?)),
+            ["http", t] => s.http.push(Duration::from_secs_f64(t.parse::<f64>()?)),
             _ => {}
         }
     }
-    if rates.len() != DOWNLOADS || lat.len() != LATENCY_SAMPLES {
+    if s.rates.len() != DOWNLOADS
+        || s.tls.len() != LATENCY_SAMPLES
+        || s.http.len() != LATENCY_SAMPLES
+    {
         bail!("unexpected output from the guest:\n{out}");
     }
-    Ok((rates, lat))
+    Ok(s)
 }
 
 fn measure(
     client: &agentvm_controller::api::client::Client,
     run: &str,
     pool: &str,
-) -> Result<(Vec<f64>, Vec<Duration>)> {
+) -> Result<Sample> {
     let source = script()
         .lines()
         .map(|l| format!("      {l}\n"))
@@ -265,8 +282,10 @@ pub fn egress_rows(
         let proxy1 = measure(client, "bench-proxy-1", "bench-proxy")?;
         let nat2 = measure(client, "bench-nat-2", "bench-nat")?;
         let proxy2 = measure(client, "bench-proxy-2", "bench-proxy")?;
-        let join = |a: (Vec<f64>, Vec<Duration>), b: (Vec<f64>, Vec<Duration>)| {
-            ([a.0, b.0].concat(), [a.1, b.1].concat())
+        let join = |a: Sample, b: Sample| Sample {
+            rates: [a.rates, b.rates].concat(),
+            tls: [a.tls, b.tls].concat(),
+            http: [a.http, b.http].concat(),
         };
         Ok::<_, anyhow::Error>((join(nat1, nat2), join(proxy1, proxy2)))
     })();
@@ -295,46 +314,66 @@ pub fn egress_rows(
     c.stop();
     drop(world);
     gone?;
-    let ((nat_rates, nat_lat), (proxy_rates, proxy_lat)) = result?;
+    let (nat, proxy) = result?;
 
     let mib = |r: f64| r / f64::from(1 << 20);
-    let (nat_rate, proxy_rate) = (median(nat_rates.clone()), median(proxy_rates.clone()));
+    let (nat_rate, proxy_rate) = (median(nat.rates.clone()), median(proxy.rates.clone()));
     table.push(Row::value(
         "HTTPS download of 100 MiB, plain NAT (baseline)",
-        nat_rates.len(),
+        nat.rates.len(),
         format!("{:.1} MiB/s", mib(nat_rate)),
         "filter allows tcp/443; curl in the guest, server in the world namespace",
     ));
     table.push(Row::value(
         "HTTPS download of 100 MiB, through the egress proxy",
-        proxy_rates.len(),
+        proxy.rates.len(),
         format!("{:.1} MiB/s", mib(proxy_rate)),
         format!(
             "filter allows big.test:443 only; {:.2}× the NAT rate (goal ≥ 0.8×)",
             proxy_rate / nat_rate
         ),
     ));
-    let (nat_s, proxy_s) = (summarize(nat_lat), summarize(proxy_lat));
-    table.push(Row::timing(
-        "small HTTPS request to its first byte, plain NAT (baseline)",
-        &nat_s,
-        "TCP connect + TLS handshake + request",
-    ));
-    let added = proxy_s.median.saturating_sub(nat_s.median);
-    table.push(Row::timing(
-        "small HTTPS request to its first byte, through the egress proxy",
-        &proxy_s,
-        format!(
-            "{} added at the median (goal < 5 ms): SNI read, DNS check, upstream connect",
-            fmt_duration(added)
+    for (what, nat, proxy, notes) in [
+        (
+            "HTTPS",
+            nat.tls,
+            proxy.tls,
+            "TCP connect, TLS handshake, request",
         ),
-    ));
+        ("HTTP", nat.http, proxy.http, "TCP connect, request"),
+    ] {
+        let (n, p) = (summarize(nat), summarize(proxy));
+        table.push(Row::timing(
+            format!("small {what} request to its first byte, plain NAT (baseline)"),
+            &n,
+            notes,
+        ));
+        let added = p.median.as_secs_f64() - n.median.as_secs_f64();
+        table.push(Row::timing(
+            format!("small {what} request to its first byte, through the egress proxy"),
+            &p,
+            format!(
+                "{:+.1} ms at the median against NAT (goal < 5 ms added): name read, DNS check, upstream connect",
+                added * 1000.0
+            ),
+        ));
+    }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_manifests_parse() {
+        let docs = apply_request(&manifests()).unwrap();
+        assert_eq!(
+            docs.objects.len(),
+            6,
+            "image, network, two filters, two pools"
+        );
+    }
 
     #[test]
     fn the_guest_script_prints_what_parse_reads() {
@@ -345,11 +384,12 @@ mod tests {
             out.push_str("dl 12345678.000 8.5\n");
         }
         for _ in 0..LATENCY_SAMPLES {
-            out.push_str("lat 0.012\n");
+            out.push_str("tls 0.012\nhttp 0.004\n");
         }
-        let (rates, lat) = parse(&out).unwrap();
-        assert_eq!(rates.len(), DOWNLOADS);
-        assert_eq!(lat[0], Duration::from_millis(12));
+        let s = parse(&out).unwrap();
+        assert_eq!(s.rates.len(), DOWNLOADS);
+        assert_eq!(s.tls[0], Duration::from_millis(12));
+        assert_eq!(s.http[0], Duration::from_millis(4));
         assert!(parse("dl x 1\n").is_err());
     }
 }

@@ -507,6 +507,11 @@ fn read_name_after(conn: &TcpStream, mut buf: Vec<u8>) -> Result<(Vec<u8>, Strin
 /// Copies both ways until both sides are done or idle; returns (guest→server, server→guest)
 /// byte counts (`first` counted in the former).
 fn splice(guest: &TcpStream, upstream: TcpStream, first: &[u8], idle: Duration) -> (u64, u64) {
+    // A relay passes each write on as its sender made it: with Nagle's algorithm on, a small
+    // write waits for the peer's (delayed) ACK of the previous one, 40 ms per round of a
+    // TLS handshake.
+    let _ = guest.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
     let _ = guest.set_read_timeout(Some(idle));
     let _ = upstream.set_read_timeout(Some(idle));
     let mut up_w = &upstream;
