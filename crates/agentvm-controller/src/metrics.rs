@@ -65,6 +65,7 @@ struct Inner {
     audit_events: IntCounterVec,
     audit_write_failures: IntCounter,
     egress_connections: IntCounterVec,
+    egress_bytes: IntCounterVec,
     libvirt_up: IntGauge,
     /// Label values in use that Prometheus cannot remove by a partial label set.
     labels: Mutex<LabelIndex>,
@@ -304,6 +305,17 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            egress_bytes: reg(
+                &r,
+                IntCounterVec::new(
+                    opts(
+                        "agentvm_egress_bytes_total",
+                        "Bytes through the egress proxy, by pool and direction (out: from the guest, in: to it), counted when each connection ends.",
+                    ),
+                    &["pool", "direction"],
+                )
+                .unwrap(),
+            ),
             audit_write_failures: reg(
                 &r,
                 IntCounter::with_opts(opts(
@@ -467,6 +479,9 @@ impl Metrics {
         for v in verdicts.unwrap_or_default() {
             let _ = i.egress_connections.remove_label_values(&[pool, &v]);
         }
+        for direction in ["out", "in"] {
+            let _ = i.egress_bytes.remove_label_values(&[pool, direction]);
+        }
     }
 
     // --- Runs ----------------------------------------------------------------------------
@@ -540,12 +555,20 @@ impl Metrics {
 
     // --- Egress ------------------------------------------------------------------------
 
-    /// One guest connection through the egress proxy ended with `verdict`.
-    pub fn egress_connection(&self, pool: &str, verdict: &str) {
+    /// One guest connection through the egress proxy ended with `verdict`, having carried
+    /// `bytes_out` from the guest and `bytes_in` to it.
+    pub fn egress_connection(&self, pool: &str, verdict: &str, bytes_out: u64, bytes_in: u64) {
         self.inner
             .egress_connections
             .with_label_values(&[pool, verdict])
             .inc();
+        for (direction, n) in [("out", bytes_out), ("in", bytes_in)] {
+            // Both series exist from a pool's first connection on, zero or not.
+            self.inner
+                .egress_bytes
+                .with_label_values(&[pool, direction])
+                .inc_by(n);
+        }
         self.labels()
             .egress_verdicts
             .entry(pool.to_string())
@@ -578,7 +601,7 @@ mod tests {
     use super::*;
 
     /// Every metric name this module promises, as it appears in the exposition.
-    pub(crate) const ALL_NAMES: [&str; 20] = [
+    pub(crate) const ALL_NAMES: [&str; 21] = [
         "agent_vm_boot_duration_seconds",
         "agent_vm_pool_size",
         "agent_vm_pool_acquire_duration_seconds",
@@ -598,6 +621,7 @@ mod tests {
         "agentvm_audit_events_total",
         "agentvm_audit_write_failures_total",
         "agentvm_egress_connections_total",
+        "agentvm_egress_bytes_total",
         "agentvm_libvirt_up",
     ];
 
@@ -607,7 +631,7 @@ mod tests {
         m.vm_memory_bytes("vm-a", 1 << 20);
         m.vm_disk_bytes("vm-a", 100, 200);
         m.pool_size("pool-1", 3);
-        m.egress_connection("pool-1", "allowed");
+        m.egress_connection("pool-1", "allowed", 100, 2000);
         m.acquire("pool-1", 0.02);
         m.reset("pool-1", "loadvm", 0.4);
         m.queue_length("pool-1", 2);
@@ -651,6 +675,9 @@ mod tests {
             "agentvm_reconcile_runs_total{kind=\"VmPool\"} 1",
             "agentvm_reconcile_failures_total{kind=\"VmPool\",reason=\"LibvirtUnavailable\"} 1",
             "agentvm_reconcile_duration_seconds_count{kind=\"VmPool\"} 1",
+            "agentvm_egress_connections_total{pool=\"pool-1\",verdict=\"allowed\"} 1",
+            "agentvm_egress_bytes_total{direction=\"out\",pool=\"pool-1\"} 100",
+            "agentvm_egress_bytes_total{direction=\"in\",pool=\"pool-1\"} 2000",
             "agentvm_libvirt_up 1",
         ] {
             assert!(

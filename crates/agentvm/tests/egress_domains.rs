@@ -18,12 +18,15 @@
 //! machine. Namespace, servers and VMs are removed by drop guards.
 
 mod common;
+#[path = "support/exposition.rs"]
+mod exposition;
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
+use exposition::{http_get, Exposition};
 
 const SERVER: &str = include_str!("support/egress_internet.py");
 
@@ -192,6 +195,8 @@ fn guests_reach_only_the_names_their_filter_lists() {
     env.filters.push(format!("agentvm-{filter}"));
     env.controller_env
         .push(("AGENTVM_EGRESS_RESOLVER".into(), "198.18.0.2:53".into()));
+    env.controller_env
+        .push(("AGENTVM_METRICS_ADDR".into(), "127.0.0.1:0".into()));
     let third = 100 + pid % 150;
     let extra =
         format!("    network: {{mode: attached, networkRef: {net}, filterRef: {filter}}}\n");
@@ -256,6 +261,34 @@ fn guests_reach_only_the_names_their_filter_lists() {
 
     // 1. What gets through and what does not.
     let s = run_to_end(&env, "checks", &pool, CHECKS);
+    // The proxy's connections and bytes reach /metrics.
+    let metrics_addr = env
+        .log()
+        .split("metrics endpoint on http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the metrics address in the controller's log")
+        .to_string();
+    let (code, _, body) = http_get(&metrics_addr, "/metrics");
+    assert_eq!(code, 200, "{body}");
+    let m = Exposition::parse(&body);
+    let metric = |name: &str, labels: &[(&str, &str)]| m.value(name, labels).unwrap_or(0.0);
+    assert!(
+        metric(
+            "agentvm_egress_connections_total",
+            &[("pool", &pool), ("verdict", "allowed")]
+        ) >= 2.0,
+        "{body}"
+    );
+    for direction in ["out", "in"] {
+        assert!(
+            metric(
+                "agentvm_egress_bytes_total",
+                &[("pool", &pool), ("direction", direction)]
+            ) > 0.0,
+            "{direction}: {body}"
+        );
+    }
     let out = s["stdoutTail"].as_str().unwrap_or_default().to_string();
     eprintln!(
         "checks from the guest:\n{out}\ninternet log:\n{}",
@@ -528,6 +561,66 @@ EOF"#;
         mib(proxied),
         mib(direct)
     );
+
+    // 5. A sandbox's connections are audited under the sandbox: the domain filter back, a
+    // sandbox of the pool, a request that passes and one that does not.
+    std::fs::write(
+        env.specs().join("filter.yaml"),
+        filter_yaml(&filter, &["api.allowed.test"]),
+    )
+    .unwrap();
+    env.wait("the redirect rules back", Duration::from_secs(60), || {
+        run_ok(&mut in_ns(
+            &test_ns,
+            &["iptables", "-t", "nat", "-S", "AGENTVM_EGRESS"],
+        ))
+        .contains("REDIRECT")
+    });
+    std::thread::sleep(Duration::from_secs(3)); // libvirt re-applies the nwfilter
+    let sandbox = format!("egsbx{pid}");
+    std::fs::write(
+        env.specs().join("sandbox.yaml"),
+        format!("apiVersion: agentvm.dev/v1alpha1\nkind: Sandbox\nmetadata: {{name: {sandbox}}}\nspec: {{poolRef: {pool}, idleTimeoutSeconds: 0}}\n"),
+    )
+    .unwrap();
+    env.wait("the sandbox Running", Duration::from_secs(300), || {
+        env.status("sandbox", &sandbox)["phase"] == "Running"
+    });
+    let curl = |name: &str| {
+        env.code(&[
+            "exec",
+            &format!("sandbox/{sandbox}"),
+            "--",
+            "curl",
+            "-sS",
+            "-k",
+            "--max-time",
+            "20",
+            "--resolve",
+            &format!("{name}:443:198.18.0.2"),
+            &format!("https://{name}/"),
+        ])
+    };
+    let (code, out, _) = curl("api.allowed.test");
+    assert_eq!((code, out.trim()), (0, "hello api.allowed.test"));
+    assert_ne!(curl("denied.test").0, 0);
+    let events: Vec<serde_json::Value> = std::fs::read_to_string(env.dir.join("audit.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["event_type"] == "egress" && e["kind"] == "Sandbox" && e["name"] == sandbox)
+        .collect();
+    let verdicts: Vec<&str> = events
+        .iter()
+        .map(|e| e["details"]["verdict"].as_str().unwrap_or_default())
+        .collect();
+    assert!(
+        verdicts.contains(&"allowed") && verdicts.contains(&"denied"),
+        "the sandbox's egress events: {events:#?}"
+    );
+    assert!(events
+        .iter()
+        .all(|e| e["details"]["sandbox"] == sandbox.as_str()));
 
     drop(env);
     drop(inet);

@@ -211,6 +211,7 @@ mod tests {
                     vm: "vm".into(),
                     pool: "p".into(),
                     run: None,
+                    sandbox: None,
                     filter: "f".into(),
                     spec: NetworkFilterSpec {
                         egress: vec![EgressRule::domains(["*.example.com"])],

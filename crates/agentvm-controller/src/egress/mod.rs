@@ -3,7 +3,8 @@
 //! networks live in) to this proxy on the network's gateway, which reads the name from the
 //! TLS SNI or HTTP `Host`, checks it against the guest's filter, checks the dialled address
 //! against the name's DNS answers and splices or closes (see [`proxy`]). Every connection is
-//! an `egress` audit event and counts in `agentvm_egress_connections_total{pool,verdict}`.
+//! an `egress` audit event and counts in `agentvm_egress_connections_total{pool,verdict}` and
+//! `agentvm_egress_bytes_total{pool,direction}`.
 //!
 //! # Guarantees
 //! - Fail closed: a guest with domain rules can reach nothing directly on TCP (its nwfilter
@@ -293,6 +294,35 @@ fn run_in(ctx: &Ctx, vm: &str) -> Option<String> {
         })
 }
 
+/// The sandbox whose VM is `vm`, if any.
+fn sandbox_of(ctx: &Ctx, vm: &str) -> Option<String> {
+    ctx.store
+        .list(Some(Kind::Sandbox))
+        .ok()?
+        .into_iter()
+        .find_map(|o| match o.resource {
+            Resource::Sandbox(s) => s
+                .status
+                .as_ref()
+                .filter(|st| st.vm.as_deref() == Some(vm))
+                .map(|_| s.metadata.name.clone()),
+            _ => None,
+        })
+}
+
+/// The object a connection is audited under: its run, else its sandbox, else its pool.
+fn audited_as(g: Option<&GuestPolicy>) -> (&'static str, String) {
+    match g {
+        Some(GuestPolicy { run: Some(run), .. }) => ("AgentRun", run.clone()),
+        Some(GuestPolicy {
+            sandbox: Some(sandbox),
+            ..
+        }) => ("Sandbox", sandbox.clone()),
+        Some(g) => ("VmPool", g.pool.clone()),
+        None => ("VmPool", String::new()),
+    }
+}
+
 fn proxy_context(ctx: &Ctx, guests: GuestTable) -> ProxyContext {
     let c1 = ctx.clone();
     let c2 = ctx.clone();
@@ -307,6 +337,7 @@ fn proxy_context(ctx: &Ctx, guests: GuestTable) -> ProxyContext {
             }
             Some(GuestPolicy {
                 run: run_in(&c1, &entry.vm),
+                sandbox: sandbox_of(&c1, &entry.vm),
                 vm: entry.vm,
                 pool: entry.pool,
                 filter: entry.filter,
@@ -342,12 +373,9 @@ fn proxy_context(ctx: &Ctx, guests: GuestTable) -> ProxyContext {
 /// Logs one connection: audit event, metric, and a log line for refusals.
 fn record(ctx: &Ctx, r: EgressRecord) {
     let pool = r.guest.as_ref().map_or("", |g| g.pool.as_str()).to_string();
-    ctx.metrics.egress_connection(&pool, r.verdict.as_str());
-    let (kind, name) = match &r.guest {
-        Some(GuestPolicy { run: Some(run), .. }) => ("AgentRun", run.clone()),
-        Some(g) => ("VmPool", g.pool.clone()),
-        None => ("VmPool", String::new()),
-    };
+    ctx.metrics
+        .egress_connection(&pool, r.verdict.as_str(), r.bytes_out, r.bytes_in);
+    let (kind, name) = audited_as(r.guest.as_ref());
     if r.verdict == Verdict::DnsAllowed {
         // Counted, not audited: every lookup of an allowed name would be a line.
         return;
@@ -370,6 +398,7 @@ fn record(ctx: &Ctx, r: EgressRecord) {
         serde_json::json!({
             "started": crate::time::Timestamp(r.started).to_string(),
             "run": r.guest.as_ref().and_then(|g| g.run.clone()),
+            "sandbox": r.guest.as_ref().and_then(|g| g.sandbox.clone()),
             "pool": pool,
             "filter": r.guest.as_ref().map(|g| g.filter.clone()),
             "source": r.source.to_string(),
@@ -387,4 +416,30 @@ fn record(ctx: &Ctx, r: EgressRecord) {
         event = event.vm(g.vm.clone());
     }
     ctx.audit.record(event);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_is_audited_under_its_run_then_its_sandbox_then_its_pool() {
+        let g = |run: Option<&str>, sandbox: Option<&str>| GuestPolicy {
+            vm: "vm".into(),
+            pool: "pool".into(),
+            run: run.map(String::from),
+            sandbox: sandbox.map(String::from),
+            filter: "f".into(),
+            spec: NetworkFilterSpec::predecessor_default(),
+        };
+        let both = g(Some("r"), Some("s"));
+        assert_eq!(audited_as(Some(&both)), ("AgentRun", "r".to_string()));
+        let sandbox = g(None, Some("s"));
+        assert_eq!(audited_as(Some(&sandbox)), ("Sandbox", "s".to_string()));
+        assert_eq!(
+            audited_as(Some(&g(None, None))),
+            ("VmPool", "pool".to_string())
+        );
+        assert_eq!(audited_as(None), ("VmPool", String::new()));
+    }
 }

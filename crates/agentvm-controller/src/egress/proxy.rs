@@ -45,6 +45,8 @@ pub struct GuestPolicy {
     pub pool: String,
     /// The run executing in the VM, if any.
     pub run: Option<String>,
+    /// The sandbox holding the VM, if any.
+    pub sandbox: Option<String>,
     /// The `NetworkFilter` name.
     pub filter: String,
     /// Its current spec (read at connection time: changes apply to the next connection).
@@ -612,6 +614,7 @@ mod tests {
                     vm: "vm-1".into(),
                     pool: "p".into(),
                     run: Some("r".into()),
+                    sandbox: None,
                     filter: "f".into(),
                     spec: spec.clone(),
                 })
