@@ -161,8 +161,9 @@ fn jump_rule(parent: &str, guard: &str, tag: &str) -> String {
     format!("-A {parent} -m comment --comment {tag} -j {guard}")
 }
 
-/// Runs `iptables`-family `program` with `args` in `netns` (or the caller's namespace).
-fn run(
+/// Runs `iptables`-family `program` with `args` (and `stdin`) in `netns`, or in the calling
+/// thread's namespace.
+pub fn run(
     netns: Option<&str>,
     program: &str,
     args: &[&str],
@@ -198,7 +199,8 @@ fn run(
         .map_err(|e| format!("{program}: {e}"))
 }
 
-fn must(
+/// [`run`], failing with the command and its stderr unless it exits 0; its stdout.
+pub fn must(
     netns: Option<&str>,
     program: &str,
     args: &[&str],

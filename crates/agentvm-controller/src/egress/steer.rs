@@ -4,10 +4,10 @@
 //! commands in the calling thread's network namespace.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 
+use agentvm_backend::filter_guard::{must, run};
 use agentvm_backend::netxml::{BRIDGE_PREFIX, EGRESS_DNS_PORT, EGRESS_PROXY_PORT};
 
 /// The nat chain agentvm owns.
@@ -68,48 +68,22 @@ pub fn chain_exists() -> bool {
 
 /// Loads `script` and makes sure `PREROUTING` jumps to [`CHAIN`] first.
 pub fn apply(script: &str) -> Result<(), String> {
-    let mut child = Command::new("iptables-restore")
-        .args(["-w", "--noflush"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("running iptables-restore: {e}"))?;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(script.as_bytes())
-        .map_err(|e| format!("writing to iptables-restore: {e}"))?;
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("iptables-restore: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "iptables-restore failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let jump = ["-t", "nat", "-C", "PREROUTING", "-j", CHAIN];
-    let present = Command::new("iptables")
-        .arg("-w")
-        .args(jump)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map_err(|e| format!("running iptables: {e}"))?
-        .success();
+    must(None, "iptables-restore", &["-w", "--noflush"], Some(script))?;
+    let present = run(
+        None,
+        "iptables",
+        &["-w", "-t", "nat", "-C", "PREROUTING", "-j", CHAIN],
+        None,
+    )?
+    .status
+    .success();
     if !present {
-        let out = Command::new("iptables")
-            .args(["-w", "-t", "nat", "-I", "PREROUTING", "1", "-j", CHAIN])
-            .output()
-            .map_err(|e| format!("running iptables: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "iptables -I PREROUTING: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
+        must(
+            None,
+            "iptables",
+            &["-w", "-t", "nat", "-I", "PREROUTING", "1", "-j", CHAIN],
+            None,
+        )?;
     }
     Ok(())
 }
