@@ -66,10 +66,10 @@ pub enum BackendError {
         after: Duration,
     },
     /// Any other libvirt error.
-    #[error("libvirt error {code}: {message}")]
+    #[error("libvirt error {}: {message}", code_label(*.code))]
     Libvirt {
-        /// libvirt's error number (virErrorNumber).
-        code: String,
+        /// libvirt's error number (virErrorNumber), as libvirt gave it.
+        code: ErrorNumberEnum,
         /// libvirt's message.
         message: String,
     },
@@ -159,7 +159,7 @@ impl BackendError {
                 }
             }
             _ => BackendError::Libvirt {
-                code: code_name(&err),
+                code: err.code(),
                 message: err.message().to_string(),
             },
         }
@@ -171,12 +171,15 @@ impl BackendError {
     pub fn is_transient(&self) -> bool {
         match self {
             BackendError::GuestAgentUnavailable { .. } => true,
-            BackendError::Libvirt { code, .. } => {
-                matches!(
-                    code.as_str(),
-                    "SystemError" | "Rpc" | "NoConnect" | "InternalError"
+            BackendError::Libvirt { code, .. } => matches!(
+                code,
+                ErrorNumberEnum::Known(
+                    ErrorNumber::SystemError
+                        | ErrorNumber::Rpc
+                        | ErrorNumber::NoConnect
+                        | ErrorNumber::InternalError
                 )
-            }
+            ),
             _ => false,
         }
     }
@@ -197,8 +200,8 @@ impl BackendError {
 }
 
 /// libvirt's error number as a name (`OperationInvalid`), or the raw number if unknown.
-pub fn code_name(err: &virt::error::Error) -> String {
-    match err.code() {
+pub fn code_label(code: ErrorNumberEnum) -> String {
+    match code {
         ErrorNumberEnum::Known(n) => format!("{n:?}"),
         ErrorNumberEnum::Unknown(n) => n.to_string(),
     }

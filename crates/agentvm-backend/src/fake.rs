@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
+use virt::error::{ErrorNumber, ErrorNumberEnum};
 
 use crate::backend::{Backend, EnsureOutcome, OwnedNetwork, OwnedVm, PoolVmReport, PoolVmRequest};
 use crate::error::{BackendError, Result};
@@ -239,7 +240,7 @@ impl FakeBackend {
     /// A libvirt-style error for injection.
     pub fn libvirt_error(message: &str) -> BackendError {
         BackendError::Libvirt {
-            code: "InternalError".into(),
+            code: ErrorNumberEnum::Known(ErrorNumber::InternalError),
             message: message.into(),
         }
     }
@@ -431,7 +432,7 @@ impl Backend for FakeBackend {
             .find(|(_, d)| d.network.as_deref() == Some(name) && d.state == DomainState::Running)
         {
             return Err(BackendError::Libvirt {
-                code: "OperationInvalid".into(),
+                code: ErrorNumberEnum::Known(ErrorNumber::OperationInvalid),
                 message: format!("network {name} is in use by domain {vm}"),
             });
         }
@@ -477,7 +478,7 @@ impl Backend for FakeBackend {
             .find(|(_, d)| d.filter.as_deref() == Some(name) && d.state == DomainState::Running)
         {
             return Err(BackendError::Libvirt {
-                code: "OperationInvalid".into(),
+                code: ErrorNumberEnum::Known(ErrorNumber::OperationInvalid),
                 message: format!("nwfilter {name} is in use by domain {vm}"),
             });
         }
@@ -513,7 +514,7 @@ impl Backend for FakeBackend {
         if let Some(nic) = &req.nic {
             if !s.networks.get(&nic.network).is_some_and(|n| n.active) {
                 return Err(BackendError::Libvirt {
-                    code: "OperationInvalid".into(),
+                    code: ErrorNumberEnum::Known(ErrorNumber::OperationInvalid),
                     message: format!("network '{}' is not active", nic.network),
                 });
             }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use virt::connect::Connect;
 use virt::domain::Domain;
+use virt::error::{ErrorNumber, ErrorNumberEnum};
 use virt::sys;
 
 use crate::error::{BackendError, Result};
@@ -92,7 +93,7 @@ impl Libvirt {
         // libvirt prints every error to stderr by default; ours are returned as values.
         virt::error::clear_error_callback();
         let conn = Connect::open(Some(uri)).map_err(|e| BackendError::Libvirt {
-            code: crate::error::code_name(&e),
+            code: e.code(),
             message: format!(
                 "cannot connect to {uri}: {} (is libvirtd running? `scripts/host-setup.sh` starts it)",
                 e.message()
@@ -543,17 +544,23 @@ impl AgentChannel for DomainAgent {
             }
         }
         let reply = answer.map_err(|e| match BackendError::from_virt(e, "domain", &self.name) {
-            BackendError::Libvirt { code, message } if code.contains("OperationTimeout") => {
-                BackendError::GuestAgentUnavailable {
-                    vm: self.name.clone(),
-                    message,
-                }
-            }
-            BackendError::Libvirt { code, message }
-                if code.contains("OperationInvalid") || code.contains("AgentCommand") =>
-            {
+            BackendError::Libvirt {
+                code: ErrorNumberEnum::Known(ErrorNumber::OperationTimeout),
+                message,
+            } => BackendError::GuestAgentUnavailable {
+                vm: self.name.clone(),
+                message,
+            },
+            BackendError::Libvirt {
+                code:
+                    ErrorNumberEnum::Known(
+                        ErrorNumber::OperationInvalid
+                        | ErrorNumber::AgentCommandFailed
+                        | ErrorNumber::AgentCommandTimeout,
+                    ),
+                message,
+            } => {
                 // The agent answered with an error (e.g. file not found): a protocol error.
-                let _ = code;
                 BackendError::Protocol {
                     what: command["execute"].as_str().unwrap_or("?").to_string(),
                     message,

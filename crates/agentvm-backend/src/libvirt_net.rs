@@ -2,6 +2,7 @@
 //! list the ones agentvm owns. Objects without agentvm's ownership mark are reported
 //! `NotOwned` and never modified (see [`crate::netxml`] for how ownership is marked).
 
+use virt::error::{ErrorNumber, ErrorNumberEnum};
 use virt::network::Network;
 use virt::nwfilter::NWFilter;
 
@@ -48,7 +49,7 @@ pub struct OwnedFilter {
 
 fn invalid(e: NetXmlError) -> BackendError {
     BackendError::Libvirt {
-        code: "InvalidArg".into(),
+        code: ErrorNumberEnum::Known(ErrorNumber::InvalidArg),
         message: e.to_string(),
     }
 }
