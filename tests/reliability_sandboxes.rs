@@ -10,6 +10,9 @@
 //!   and the sandboxes name are the same set; libvirt's snapshots of the sandbox's VM are
 //!   exactly its `Ready` snapshots; a half-made fork is removed or finished.
 //!
+//! Then a snapshot that would take the sandbox's snapshots past `maxSnapshotMib` fails and is
+//! deleted again in libvirt.
+//!
 //! Where the kill lands is observed, not assumed (the guest stopped for the snapshot or the
 //! rollback, the fork's domain defined) and printed; a kill that came too late still has to
 //! leave everything consistent. Fails (never skips) without libvirt or the default image.
@@ -280,6 +283,36 @@ fn kill_9_during_pause_snapshot_rollback_and_fork_loses_nothing_and_orphans_noth
     assert_eq!(domstate(&vm), "running");
     nothing_lost(&env, "a", "/root/precious", "precious\n");
     wait_no_orphans(&env, &pool, &["a", "fk"]);
+
+    // maxSnapshotMib: a snapshot that takes the total past it is deleted again.
+    let held: u64 = ["s1", "s2"]
+        .iter()
+        .filter_map(|s| env.status("snapshot", s)["memoryBytes"].as_u64())
+        .sum();
+    let cap = (held >> 20) + 1;
+    apply_yaml(
+        &env,
+        "a.yaml",
+        &format!(
+            "apiVersion: agentvm.dev/v1alpha1\nkind: Sandbox\nmetadata: {{name: a}}\nspec:\n  poolRef: {pool}\n  idleTimeoutSeconds: 0\n  maxSnapshotMib: {cap}\n"
+        ),
+    );
+    let before = libvirt_snapshots(&vm);
+    let (code, _, err) = env.code(&["snapshot", "sandbox/a", "--name", "s3"]);
+    assert_ne!(code, 0, "a snapshot past maxSnapshotMib {cap} was kept");
+    let s3 = env.status("snapshot", "s3");
+    eprintln!("past maxSnapshotMib {cap}: {}", err.trim());
+    assert_eq!(s3["phase"], "Failed", "{s3}");
+    assert!(
+        s3["conditions"].to_string().contains("SnapshotLimit"),
+        "{s3}"
+    );
+    assert_eq!(
+        libvirt_snapshots(&vm),
+        before,
+        "the snapshot was not deleted again"
+    );
+    nothing_lost(&env, "a", "/root/precious", "precious\n");
 
     // Deleting everything leaves only the pool's VMs.
     env.ok(&["delete", "sandbox/fk", "sandbox/a"]);

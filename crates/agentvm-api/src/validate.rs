@@ -991,6 +991,14 @@ impl Validator {
             sandbox::MAX_SNAPSHOTS_RANGE,
             "",
         );
+        if let Some(mib) = spec.max_snapshot_mib {
+            self.range(
+                path.key("maxSnapshotMib"),
+                mib,
+                sandbox::MAX_SNAPSHOT_MIB_RANGE,
+                "; leave it out for no limit",
+            );
+        }
         if let Some(r) = &spec.rollback {
             let rp = path.key("rollback");
             self.dns_label(&rp.key("snapshot"), &r.snapshot, "Snapshot name");

@@ -170,6 +170,9 @@ pub trait Backend: Send + Sync {
     fn delete_vm_snapshot(&self, name: &str, snapshot: &str) -> Result<()>;
     /// The snapshots of owned VM `name`, sorted.
     fn vm_snapshots(&self, name: &str) -> Result<Vec<String>>;
+    /// Bytes of memory and device state snapshot `snapshot` of VM `name` holds, when they
+    /// can be read (`None`: not found or not readable).
+    fn vm_snapshot_bytes(&self, name: &str, snapshot: &str) -> Option<u64>;
     /// Removes pool `pool`'s template (see [`crate::template`]); succeeds when there is none.
     fn remove_pool_template(&self, pool: &str) -> Result<()>;
     /// Makes `name`, owned by `owner`, a fork of kept VM `source` at its snapshot `snapshot`
@@ -651,21 +654,20 @@ impl Backend for LibvirtBackend {
     fn snapshot_vm(&self, name: &str, snapshot: &str) -> Result<SnapshotTaken> {
         let _op = self.vm_op(name);
         let pause = self.lv()?.create_named_snapshot(name, snapshot)?;
-        let tag = crate::snapshots::snapshot_tag(snapshot);
-        // Best effort: the size is for the status, the snapshot is taken either way.
-        let memory_bytes = crate::vm::qemu_img_info(&self.files(name).disk())
-            .ok()
-            .and_then(|info| {
-                info["snapshots"]
-                    .as_array()?
-                    .iter()
-                    .find(|s| s["name"] == tag.as_str())?["vm-state-size"]
-                    .as_u64()
-            });
         Ok(SnapshotTaken {
             pause,
-            memory_bytes,
+            memory_bytes: self.vm_snapshot_bytes(name, snapshot),
         })
+    }
+
+    fn vm_snapshot_bytes(&self, name: &str, snapshot: &str) -> Option<u64> {
+        let tag = crate::snapshots::snapshot_tag(snapshot);
+        let info = crate::vm::qemu_img_info(&self.files(name).disk()).ok()?;
+        info["snapshots"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == tag.as_str())?["vm-state-size"]
+            .as_u64()
     }
 
     fn rollback_vm(&self, name: &str, snapshot: &str) -> Result<()> {

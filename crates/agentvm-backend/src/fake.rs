@@ -14,6 +14,9 @@ use crate::libvirt_net::OwnedFilter;
 use crate::netxml::{NetworkDef, NwFilterDef};
 use crate::xml::Owner;
 
+/// Memory and device state of every snapshot the fake takes.
+pub const FAKE_SNAPSHOT_BYTES: u64 = 1 << 20;
+
 /// An operation of the [`Backend`] trait, for injecting failures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
@@ -603,7 +606,7 @@ impl Backend for FakeBackend {
             .insert(snapshot.to_string());
         Ok(crate::backend::SnapshotTaken {
             pause: Duration::from_millis(1),
-            memory_bytes: Some(1 << 20),
+            memory_bytes: Some(FAKE_SNAPSHOT_BYTES),
         })
     }
 
@@ -636,6 +639,14 @@ impl Backend for FakeBackend {
             .get(name)
             .map(|v| v.iter().cloned().collect())
             .unwrap_or_default())
+    }
+
+    fn vm_snapshot_bytes(&self, name: &str, snapshot: &str) -> Option<u64> {
+        self.lock()
+            .snapshots
+            .get(name)
+            .is_some_and(|v| v.contains(snapshot))
+            .then_some(FAKE_SNAPSHOT_BYTES)
     }
 
     fn remove_pool_template(&self, pool: &str) -> Result<()> {

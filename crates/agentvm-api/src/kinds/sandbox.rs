@@ -89,12 +89,22 @@ pub struct SandboxSpec {
     #[serde(default = "default_max_snapshots")]
     #[schemars(range(min = 1, max = 100))]
     pub max_snapshots: u32,
+    /// Most memory and device state, in MiB, that the sandbox's `Snapshot`s
+    /// may hold together (64 to 1048576; unset = no limit but
+    /// `maxSnapshots`). A snapshot's size is known once it is taken: one
+    /// that takes the total past the limit is deleted again and fails with
+    /// reason `SnapshotLimit`; the others are kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 64, max = 1_048_576))]
+    pub max_snapshot_mib: Option<u32>,
 }
 
 /// Default `maxSnapshots`.
 pub const DEFAULT_MAX_SNAPSHOTS: u32 = 10;
 /// Bounds of `maxSnapshots`.
 pub const MAX_SNAPSHOTS_RANGE: (u32, u32) = (1, 100);
+/// Bounds of `maxSnapshotMib`.
+pub const MAX_SNAPSHOT_MIB_RANGE: (u32, u32) = (64, 1_048_576);
 
 fn default_max_snapshots() -> u32 {
     DEFAULT_MAX_SNAPSHOTS

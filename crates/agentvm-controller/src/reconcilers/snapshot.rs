@@ -62,22 +62,58 @@ impl SnapshotReconciler {
     }
 
     /// The snapshots (objects, any phase but `Failed`) of sandbox `sandbox`, other than `name`.
-    fn siblings(ctx: &Ctx, sandbox: &str, name: &str) -> Result<usize, ReconcileError> {
-        Ok(ctx
-            .store
-            .list(Some(Kind::Snapshot))?
-            .into_iter()
-            .filter(|o| match &o.resource {
-                Resource::Snapshot(s) => {
-                    s.spec.sandbox_ref == sandbox
-                        && s.name() != name
-                        && s.status
-                            .as_ref()
-                            .is_some_and(|st| st.phase == SnapshotPhase::Ready)
-                }
-                _ => false,
-            })
-            .count())
+    /// The `Ready` snapshots of `sandbox` other than `name`: how many, and the bytes of
+    /// memory and device state they hold together.
+    fn siblings(ctx: &Ctx, sandbox: &str, name: &str) -> Result<(usize, u64), ReconcileError> {
+        let mut count = 0;
+        let mut bytes = 0;
+        for o in ctx.store.list(Some(Kind::Snapshot))? {
+            let Resource::Snapshot(s) = &o.resource else {
+                continue;
+            };
+            let Some(st) = s.status.as_ref() else {
+                continue;
+            };
+            if s.spec.sandbox_ref == sandbox && s.name() != name && st.phase == SnapshotPhase::Ready
+            {
+                count += 1;
+                bytes += st.memory_bytes.unwrap_or(0);
+            }
+        }
+        Ok((count, bytes))
+    }
+
+    /// With snapshot `name` of `vm` holding `bytes`, are `sb`'s snapshots past its
+    /// `maxSnapshotMib`? Then the snapshot is deleted again (so the limit holds on disk) and
+    /// the error to fail it with is returned.
+    fn past_byte_limit(
+        &self,
+        sb: &agentvm_api::Sandbox,
+        others_bytes: u64,
+        bytes: Option<u64>,
+        vm: &str,
+        name: &str,
+    ) -> Result<Option<ReconcileError>, ReconcileError> {
+        let Some(mib) = sb.spec.max_snapshot_mib else {
+            return Ok(None);
+        };
+        let bytes = bytes.unwrap_or(0);
+        let total = others_bytes + bytes;
+        if total <= u64::from(mib) << 20 {
+            return Ok(None);
+        }
+        self.backend
+            .delete_vm_snapshot(vm, name)
+            .map_err(|e| backend_error(&format!("deleting snapshot {name} of {vm}"), &e))?;
+        Ok(Some(ReconcileError::new(
+            Reason::SnapshotLimit,
+            format!(
+                "Sandbox {}'s snapshots would hold {} MiB with this one ({} MiB), past its maxSnapshotMib of {mib}; it was deleted again. Delete a snapshot (or raise maxSnapshotMib) and apply this snapshot again",
+                sb.name(),
+                total >> 20,
+                bytes >> 20,
+            ),
+        )))
     }
 }
 
@@ -168,10 +204,20 @@ impl Reconciler for SnapshotReconciler {
             .backend
             .vm_snapshots(&vm)
             .map_err(|e| backend_error(&format!("listing snapshots of {vm}"), &e))?;
+        let (others, others_bytes) = Self::siblings(ctx, sandbox_ref, name)?;
         if existing.iter().any(|n| n == name) {
+            // Its size counts against maxSnapshotMib like any other.
+            let bytes = self.backend.vm_snapshot_bytes(&vm, name);
+            if let Some(err) = self.past_byte_limit(sb, others_bytes, bytes, &vm, name)? {
+                status.phase = SnapshotPhase::Failed;
+                Conditions(&mut status.conditions).degraded(&err, false);
+                write(&status)?;
+                return Ok(Action::AwaitChange);
+            }
             status.phase = SnapshotPhase::Ready;
             status.vm = Some(vm.clone());
             status.taken_at = Some(Timestamp::now().to_string());
+            status.memory_bytes = bytes;
             Conditions(&mut status.conditions).ready(
                 Reason::Taken,
                 format!("found in {vm}: taken before the controller restarted"),
@@ -179,7 +225,6 @@ impl Reconciler for SnapshotReconciler {
             write_status(ctx, &obj, &status)?;
             return Ok(Action::Requeue(CHECK));
         }
-        let others = Self::siblings(ctx, sandbox_ref, name)?;
         if others >= sb.spec.max_snapshots as usize {
             status.phase = SnapshotPhase::Failed;
             let err = ReconcileError::new(
@@ -201,6 +246,12 @@ impl Reconciler for SnapshotReconciler {
                 return Err(err);
             }
         };
+        if let Some(err) = self.past_byte_limit(sb, others_bytes, taken.memory_bytes, &vm, name)? {
+            status.phase = SnapshotPhase::Failed;
+            Conditions(&mut status.conditions).degraded(&err, false);
+            write(&status)?;
+            return Ok(Action::AwaitChange);
+        }
         status.phase = SnapshotPhase::Ready;
         status.vm = Some(vm.clone());
         status.taken_at = Some(Timestamp::now().to_string());

@@ -362,6 +362,38 @@ fn a_sandbox_at_max_snapshots_fails_the_next_one() {
 }
 
 #[test]
+fn a_snapshot_past_max_snapshot_mib_is_deleted_again_and_fails() {
+    let b = Boxes::new();
+    let snaps = crate::reconcilers::SnapshotReconciler::new(b.t.backend());
+    b.t.apply(&sandbox("  maxSnapshotMib: 64\n"));
+    b.pass().unwrap();
+    let vm = b.status()["vm"].as_str().unwrap().to_string();
+    b.t.apply(&snapshot_yaml("a", "s"));
+    b.t.reconcile(&snaps, Kind::Snapshot, "a").unwrap();
+    assert_eq!(b.t.status(Kind::Snapshot, "a")["phase"], "Ready");
+    // `a` holds 63.5 MiB; the fake takes 1 MiB per snapshot, so `b` crosses 64 MiB.
+    let obj = b.t.store.get(Kind::Snapshot, "a").unwrap().unwrap();
+    let Resource::Snapshot(a) = &obj.resource else {
+        unreachable!()
+    };
+    let mut st = a.status.clone().unwrap();
+    st.memory_bytes = Some(127 << 19);
+    b.t.store.update_status("a", st).unwrap();
+    b.t.apply(&snapshot_yaml("b", "s"));
+    b.t.reconcile(&snaps, Kind::Snapshot, "b").unwrap();
+    let st = b.t.status(Kind::Snapshot, "b");
+    assert_eq!(st["phase"], "Failed", "{st}");
+    assert_eq!(cond(&st, "Degraded").1, "SnapshotLimit");
+    let message = st["conditions"].to_string();
+    assert!(
+        message.contains("would hold 64 MiB") && message.contains("maxSnapshotMib of 64"),
+        "{message}"
+    );
+    // Deleted again in the VM: only `a` is left.
+    assert_eq!(b.t.fake.vm_snapshots(&vm).unwrap(), vec!["a".to_string()]);
+}
+
+#[test]
 fn a_snapshot_taken_but_not_recorded_before_a_restart_is_adopted_not_retaken() {
     let b = Boxes::new();
     let snaps = crate::reconcilers::SnapshotReconciler::new(b.t.backend());
