@@ -18,21 +18,7 @@ const RUNS: usize = 200;
 #[test]
 fn two_hundred_queued_runs_on_max_size_2_all_end_once_with_flat_controller_memory() {
     require_libvirt_and_image();
-    let mut env = Env::new("load");
-    let pid = std::process::id();
-    let pool = format!("e2eload{pid}");
-    let image = format!("e2e-limg-{pid}");
-    env.domain_prefix = format!("agentvm-{pool}-");
-    std::fs::write(
-        env.specs().join("pool.yaml"),
-        small_pool(&pool, &image, 1, 2, ""),
-    )
-    .unwrap();
-    env.start_controller();
-    let t = env.wait("pool Ready", Duration::from_secs(300), || {
-        env.status("pool", &pool)["phase"] == "Ready"
-    });
-    eprintln!("pool Ready after {:.1}s", t.as_secs_f64());
+    let (env, pool) = env_with_small_pool("e2eload", 2);
     let rss_idle = controller_rss_kib(&env);
 
     let names: Vec<String> = (0..RUNS).map(|i| format!("load-{i:03}")).collect();

@@ -167,21 +167,7 @@ fn kill_and_restart(env: &mut Env, cli: Option<Child>, what: &str, landed: bool)
 #[test]
 fn kill_9_during_pause_snapshot_rollback_and_fork_loses_nothing_and_orphans_nothing() {
     require_libvirt_and_image();
-    let mut env = Env::new("sbxfault");
-    let pid = std::process::id();
-    let pool = format!("sbxf{pid}");
-    let image = format!("sbxf-img-{pid}");
-    env.domain_prefix = format!("agentvm-{pool}-");
-    std::fs::write(
-        env.specs().join("pool.yaml"),
-        small_pool(&pool, &image, 1, 2, ""),
-    )
-    .unwrap();
-    env.start_controller();
-    let t = env.wait("pool Ready", Duration::from_secs(300), || {
-        pool_ready(&env, &pool, 1)
-    });
-    eprintln!("pool Ready after {:.1}s", t.as_secs_f64());
+    let (mut env, pool) = env_with_small_pool("sbxf", 2);
     apply_yaml(
         &env,
         "a.yaml",

@@ -470,6 +470,28 @@ pub fn small_pool(pool: &str, image: &str, min_ready: u32, max_size: u32, extra:
     )
 }
 
+/// A controller (tag `tag`) on a spec directory holding one [`small_pool`] of `max_size` VMs
+/// (`minReady: 1`), started and waited for until the pool is Ready. Returns the environment
+/// and the pool's name.
+pub fn env_with_small_pool(tag: &str, max_size: u32) -> (Env, String) {
+    let mut env = Env::new(tag);
+    let pid = std::process::id();
+    let pool = format!("{tag}{pid}");
+    let image = format!("{tag}-img-{pid}");
+    env.domain_prefix = format!("agentvm-{pool}-");
+    std::fs::write(
+        env.specs().join("pool.yaml"),
+        small_pool(&pool, &image, 1, max_size, ""),
+    )
+    .unwrap();
+    env.start_controller();
+    let t = env.wait("pool Ready", Duration::from_secs(300), || {
+        pool_ready(&env, &pool, 1)
+    });
+    eprintln!("pool Ready after {:.1}s", t.as_secs_f64());
+    (env, pool)
+}
+
 /// What is inconsistent between libvirt's domains with the test's prefix, the pool's status
 /// list and the VM directories (overlays, saved states) under the state directory; `None`
 /// when they are the same set of running domains.
