@@ -14,9 +14,8 @@ use agentvm_controller::api::ApplyRequest;
 use agentvm_controller::reconcile::DispatcherOptions;
 use agentvm_controller::reconcilers::{ImageCache, ImageReconciler, PoolRegistry, VmPhase};
 use agentvm_controller::source::WatchOptions;
-use agentvm_controller::{
-    Action, Config, Controller, Ctx, ReconcileError, Reconciler, StoredObject,
-};
+use agentvm_controller::{Action, Config, Controller, Ctx, ReconcileError, Reconciler};
+use agentvm_store::StoredObject;
 use anyhow::{bail, Context, Result};
 
 use crate::report::{Row, Table};

@@ -16,9 +16,9 @@ use crate::metrics_server;
 use crate::reconcile::{Ctx, Dispatcher, DispatcherHandle, DispatcherOptions, Reconciler, Sweeper};
 use crate::source::specdir::SpecDirError;
 use crate::source::{SpecDir, WatchOptions};
-use crate::store::{Store, StoreError, STORE_FILE};
 use crate::vm_stats::{StatsSource, VmStatsHistory, VmStatsSampler, DEFAULT_HISTORY};
 use crate::Config;
+use agentvm_store::{Store, StoreError, STORE_FILE};
 
 /// How long shutdown waits for reconciles in progress before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -389,8 +389,8 @@ impl Controller {
 mod tests {
     use super::*;
     use crate::reconcile::{Action, ReconcileError};
-    use crate::store::StoredObject;
     use agentvm_api::Kind;
+    use agentvm_store::StoredObject;
     use std::sync::Mutex;
     use std::time::Instant;
 

@@ -42,8 +42,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::caller::Caller;
 use crate::Config;
+use agentvm_store::caller::Caller;
 
 /// Largest input file or secret read from the host: 64 MiB.
 pub const MAX_INPUT_FILE_BYTES: u64 = 64 * 1024 * 1024;

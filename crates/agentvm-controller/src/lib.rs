@@ -5,7 +5,6 @@ pub mod anomaly;
 pub mod api;
 pub mod artifacts;
 pub mod audit;
-pub mod caller;
 pub mod config;
 pub mod controller;
 pub mod egress;
@@ -23,8 +22,6 @@ pub mod run;
 pub mod run_monitor;
 pub mod source;
 pub mod state_dir;
-pub mod store;
-pub mod time;
 pub mod vm_stats;
 
 pub use audit::{AuditEvent, AuditEventType, AuditLog};
@@ -32,7 +29,3 @@ pub use config::Config;
 pub use controller::Controller;
 pub use metrics::Metrics;
 pub use reconcile::{Action, Ctx, ReconcileError, Reconciler, Sweeper};
-pub use store::{
-    ApplyOptions, ApplyOutcome, Change, Manager, ObjectKey, Store, StoreError, StoreEvent,
-    StoredObject,
-};

@@ -18,7 +18,7 @@ use agentvm_backend::{Backend, Guest};
 use crate::anomaly::{cgroup_cpu_ns, tasks_from_loadavg, AnomalyDetector, Observation};
 use crate::audit::{AuditEvent, AuditEventType};
 use crate::reconcile::Ctx;
-use crate::time::Timestamp;
+use agentvm_store::time::Timestamp;
 
 /// Default time between two samples.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);

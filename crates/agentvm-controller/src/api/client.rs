@@ -14,7 +14,7 @@ use super::{
     NEXT_OFFSET_HEADER, TRUNCATED_HEADER,
 };
 use crate::source::SpecDirState;
-use crate::store::StoredObject;
+use agentvm_store::StoredObject;
 
 /// Time allowed for a non-streaming request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);

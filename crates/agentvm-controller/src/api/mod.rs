@@ -37,8 +37,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::source::SpecDirState;
-use crate::store::{ApplyOutcome, StoredObject};
 use crate::Config;
+use agentvm_store::{ApplyOutcome, StoredObject};
 
 /// Environment variable overriding the socket path.
 pub const SOCKET_ENV: &str = "AGENTVM_SOCKET";

@@ -26,8 +26,8 @@ use super::{
     MAX_SANDBOX_EXEC_SECONDS,
 };
 use crate::audit::{AuditEvent, AuditEventType};
-use crate::caller::Caller;
-use crate::store::{ApplyItem, StoredObject};
+use agentvm_store::caller::Caller;
+use agentvm_store::{ApplyItem, StoredObject};
 
 /// How long an exec waits for its sandbox to be running (claimed, resumed or restored).
 const READY_WAIT: Duration = Duration::from_secs(120);
@@ -321,7 +321,7 @@ async fn edit_spec(
     edit: impl FnOnce(&mut agentvm_api::SandboxSpec),
 ) -> Result<StoredObject, Response> {
     let obj = sandbox_for(st, name, &caller).await?;
-    if let crate::store::Manager::SpecDir { file } = &obj.manager {
+    if let agentvm_store::Manager::SpecDir { file } = &obj.manager {
         return Err(error(
             StatusCode::CONFLICT,
             format!(
@@ -435,7 +435,7 @@ pub(super) async fn rollback(
     }
     let request = Rollback {
         snapshot: req.snapshot.clone(),
-        requested_at: crate::time::Timestamp::now().to_string(),
+        requested_at: agentvm_store::time::Timestamp::now().to_string(),
     };
     let what = format!("`spec.rollback` (snapshot {})", req.snapshot);
     match edit_spec(&st, &name, caller, &what, |spec| {

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use super::client::Client;
 use super::server::{bind, serve, ApiState};
 use super::{ApplyRequest, WatchChange};
-use crate::store::{ApplyOptions, ApplyOutcome, Manager, OutputStream, Store, STORE_FILE};
+use agentvm_store::{ApplyOptions, ApplyOutcome, Manager, OutputStream, Store, STORE_FILE};
 
 struct TestServer {
     _dir: tempfile::TempDir,

@@ -11,7 +11,7 @@
 //!   inputs are read first ([`run::prepare`]: secrets from the controller's environment or
 //!   files, never stored; every host path with the rights of the run's submitter, see
 //!   [`crate::host_access`]), then [`run::execute`] streams redacted output into the store
-//!   ([`Store::append_output`](crate::store::Store::append_output)) so `agentvm logs -f`
+//!   ([`Store::append_output`](agentvm_store::Store::append_output)) so `agentvm logs -f`
 //!   follows it, artifacts are collected to a fresh `<stateDir>/artifacts/<run>-<time>/`
 //!   (regular files and directories only, see [`crate::artifacts`]) and the final
 //!   status is written. The VM is then reset to golden on the same thread (still busy, so
@@ -47,8 +47,8 @@ use crate::host_access::HostAccess;
 use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler, Wake};
 use crate::run::{self, Redactor, RunError};
 use crate::run_monitor::{MonitorReport, MonitorTarget, RunMonitor, SAMPLE_INTERVAL};
-use crate::store::{ObjectKey, OutputStream, StoredObject};
-use crate::time::Timestamp;
+use agentvm_store::time::Timestamp;
+use agentvm_store::{ObjectKey, OutputStream, StoredObject};
 
 /// Bytes of each output stream kept in `status.stdoutTail` / `stderrTail`.
 pub const TAIL_BYTES: usize = 4096;

@@ -48,8 +48,8 @@ use crate::limits;
 #[cfg(test)]
 use crate::limits::CPU_SHARES_APPLIED;
 use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
-use crate::store::StoredObject;
-use crate::time::{human_age, Timestamp};
+use agentvm_store::time::{human_age, Timestamp};
+use agentvm_store::StoredObject;
 
 /// Recheck delay while VMs are busy or runs wait (released VMs are reset promptly).
 const BUSY_RECHECK: Duration = Duration::from_millis(200);

@@ -33,9 +33,9 @@ use agentvm_api::{parse_file, ParsedResource};
 use notify::{EventKind, RecursiveMode, Watcher};
 use serde::{Deserialize, Serialize};
 
-use crate::caller::Caller;
-use crate::store::{ApplyItem, ApplyOutcome, Manager, ObjectKey, Store, StoreError};
-use crate::time::Timestamp;
+use agentvm_store::caller::Caller;
+use agentvm_store::time::Timestamp;
+use agentvm_store::{ApplyItem, ApplyOutcome, Manager, ObjectKey, Store, StoreError};
 
 /// Problems of one manifest file in the spec directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -436,8 +436,8 @@ impl SpecDir {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{ApplyOptions, STORE_FILE};
     use agentvm_api::Kind;
+    use agentvm_store::{ApplyOptions, STORE_FILE};
 
     fn image_doc(name: &str, suite: &str) -> String {
         format!("apiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata:\n  name: {name}\nspec:\n  suite: {suite}\n")
@@ -471,7 +471,7 @@ mod tests {
             std::fs::write(path, text).unwrap();
         }
 
-        fn object(&self, name: &str) -> Option<crate::store::StoredObject> {
+        fn object(&self, name: &str) -> Option<agentvm_store::StoredObject> {
             self.store.get(Kind::Image, name).unwrap()
         }
     }

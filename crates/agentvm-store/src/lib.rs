@@ -39,6 +39,12 @@
 //!   lag and miss some (`RecvError::Lagged`), and must then re-list. Consumers always
 //!   re-read the object; they never trust an event's content.
 
+pub mod caller;
+pub mod time;
+
+pub use caller::Caller;
+pub use time::Timestamp;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -48,9 +54,6 @@ use agentvm_api::{spec_hash, validate, Kind, KindStatus, Resource, ValidationErr
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
-
-use crate::caller::Caller;
-use crate::time::Timestamp;
 
 /// Name of the store file inside the state directory.
 pub const STORE_FILE: &str = "store.redb";
@@ -938,9 +941,10 @@ impl Store {
         })
     }
 
-    /// [`Store::update_status`] from JSON in the shape of `kind`'s status (tests).
-    #[cfg(test)]
-    pub(crate) fn update_status_json(
+    /// [`Store::update_status`] from JSON in the shape of `kind`'s status: for tests (here
+    /// and, with the `test-support` feature, in the crates that use the store).
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn update_status_json(
         &self,
         kind: Kind,
         name: &str,
