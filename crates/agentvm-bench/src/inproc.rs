@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentvm_api::Kind;
-use agentvm_controller::api::client::Client;
-use agentvm_controller::api::ApplyRequest;
+use agentvm_client::ApplyRequest;
+use agentvm_client::Client;
 use agentvm_controller::reconcile::DispatcherOptions;
 use agentvm_controller::reconcilers::{ImageCache, ImageReconciler, PoolRegistry, VmPhase};
 use agentvm_controller::source::WatchOptions;

@@ -75,10 +75,10 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// A controller for `config`, serving on [`crate::api::default_socket`], without a spec
+    /// A controller for `config`, serving on [`agentvm_client::default_socket`], without a spec
     /// directory and without reconcilers.
     pub fn new(config: Config) -> Self {
-        let socket = crate::api::default_socket(&config);
+        let socket = agentvm_client::default_socket(&config.state_dir);
         Self {
             config,
             spec_dir: None,
@@ -447,7 +447,7 @@ mod tests {
             let _ = rx.await;
         }));
         let _handle = ready_rx.await.unwrap();
-        let client = crate::api::client::Client::new(tmp.path().join("api.sock"));
+        let client = agentvm_client::Client::new(tmp.path().join("api.sock"));
         let mut latencies = Vec::new();
         for i in 0..5 {
             let name = format!("img-{i}");

@@ -26,11 +26,11 @@ use serde::Deserialize;
 use tokio::net::UnixListener;
 use tokio::sync::{broadcast, watch};
 
-use super::{
+use agentvm_client::SpecDirState;
+use agentvm_client::{
     ApplyRequest, ApplyResponse, ApplyResult, DeleteResponse, ErrorBody, Health, LabelSelector,
     SpecDirResponse, WatchChange, WatchEvent, MAX_BODY_BYTES, NEXT_OFFSET_HEADER, TRUNCATED_HEADER,
 };
-use crate::source::SpecDirState;
 use agentvm_store::caller::Caller;
 use agentvm_store::{ApplyItem, Change, Manager, Store, StoreError};
 

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use agentvm_api::{Kind, Resource};
-use agentvm_controller::api::ApplyRequest;
+use agentvm_client::ApplyRequest;
 use agentvm_controller::Config;
 use agentvm_store::{ApplyOutcome, StoredObject};
 use anyhow::bail;

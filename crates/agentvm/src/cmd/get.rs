@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use agentvm_api::Kind;
-use agentvm_controller::api::{LabelSelector, WatchChange};
+use agentvm_client::{LabelSelector, WatchChange};
 use agentvm_controller::Config;
 use agentvm_store::time::human_age;
 use agentvm_store::{Manager, StoredObject};
