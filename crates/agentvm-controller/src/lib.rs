@@ -1,15 +1,14 @@
-//! agentvm controller: configuration, the object store, the spec-directory source, the API
-//! served on a Unix socket, and the reconcile dispatcher the per-kind reconcilers plug into.
+//! agentvm controller: configuration, the spec-directory source, the API served on a Unix
+//! socket, and the reconcile dispatcher the per-kind reconcilers plug into; metrics, audit
+//! log and egress. The object store is agentvm-store, the API's wire types and client
+//! agentvm-client, the execution of one run agentvm-run.
 
-pub mod anomaly;
 pub mod api;
-pub mod artifacts;
 pub mod audit;
 pub mod config;
 pub mod controller;
 pub mod egress;
 pub mod health;
-pub mod host_access;
 pub mod http_serve;
 pub mod images;
 pub mod limits;
@@ -18,8 +17,6 @@ pub mod metrics_server;
 pub mod queue;
 pub mod reconcile;
 pub mod reconcilers;
-pub mod run;
-pub mod run_monitor;
 pub mod source;
 pub mod state_dir;
 pub mod vm_stats;

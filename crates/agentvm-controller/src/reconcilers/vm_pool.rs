@@ -769,7 +769,7 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Blocked>, Reconc
         .map(|b| format!("{b:02x}"))
         .collect();
     let res = t.resources.resolved();
-    let warmup = crate::run::warmup_requests(t);
+    let warmup = agentvm_run::warmup_requests(t);
     Ok(Ok(Template {
         image,
         nic,
