@@ -349,7 +349,7 @@ fn agent_runs_execute_in_pool_vms_in_order_clean_and_without_leaking_secrets() {
         "no run_finished in the audit log"
     );
     assert!(!audit.contains(SECRET), "secret in the audit log");
-    let store = std::fs::read(env.dir.join(agentvm_controller::store::STORE_FILE)).unwrap();
+    let store = std::fs::read(env.dir.join(agentvm_store::STORE_FILE)).unwrap();
     assert!(
         !store.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
         "secret in the store file"

@@ -7,7 +7,7 @@
 use libfuzzer_sys::fuzz_target;
 use serde::Deserialize;
 
-/// The wire shape of the controller's `ApplyRequest` (crates/agentvm-controller/src/api).
+/// The wire shape of the controller's `ApplyRequest` (crates/agentvm-client/src/lib.rs).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 #[allow(dead_code)]

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use agentvm_api::{find_condition, AgentRunStatus, Kind};
-use agentvm_controller::api::client::Client;
-use agentvm_controller::StoredObject;
+use agentvm_client::Client;
+use agentvm_store::StoredObject;
 use anyhow::{Context, Result};
 
 use crate::inproc::apply_request;

@@ -215,11 +215,7 @@ fn parse(out: &str) -> Result<Sample> {
     Ok(s)
 }
 
-fn measure(
-    client: &agentvm_controller::api::client::Client,
-    run: &str,
-    pool: &str,
-) -> Result<Sample> {
+fn measure(client: &agentvm_client::Client, run: &str, pool: &str) -> Result<Sample> {
     let source = script()
         .lines()
         .map(|l| format!("      {l}\n"))

@@ -9,14 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentvm_api::Kind;
-use agentvm_controller::api::client::Client;
-use agentvm_controller::api::ApplyRequest;
+use agentvm_client::ApplyRequest;
+use agentvm_client::Client;
 use agentvm_controller::reconcile::DispatcherOptions;
 use agentvm_controller::reconcilers::{ImageCache, ImageReconciler, PoolRegistry, VmPhase};
 use agentvm_controller::source::WatchOptions;
-use agentvm_controller::{
-    Action, Config, Controller, Ctx, ReconcileError, Reconciler, StoredObject,
-};
+use agentvm_controller::{Action, Config, Controller, Ctx, ReconcileError, Reconciler};
+use agentvm_store::StoredObject;
 use anyhow::{bail, Context, Result};
 
 use crate::report::{Row, Table};

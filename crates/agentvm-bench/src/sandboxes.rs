@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use agentvm_api::{Kind, Resource, SandboxPhase, SandboxState, SnapshotPhase};
-use agentvm_controller::api::client::Client;
-use agentvm_controller::api::SandboxExecRequest;
+use agentvm_client::Client;
+use agentvm_client::SandboxExecRequest;
 use anyhow::{bail, Context, Result};
 
 use crate::controller::ControllerProcess;
@@ -78,11 +78,11 @@ fn exec(client: &Client, name: &str, script: &str) -> Result<()> {
     )?;
     for e in events {
         match e? {
-            agentvm_controller::api::ExecEvent::Exit { code: Some(0), .. } => return Ok(()),
-            agentvm_controller::api::ExecEvent::Exit { code, signal, .. } => {
+            agentvm_client::ExecEvent::Exit { code: Some(0), .. } => return Ok(()),
+            agentvm_client::ExecEvent::Exit { code, signal, .. } => {
                 bail!("{script:?} in {name}: exit {code:?} signal {signal:?}")
             }
-            agentvm_controller::api::ExecEvent::Error(e) => bail!("{script:?} in {name}: {e}"),
+            agentvm_client::ExecEvent::Error(e) => bail!("{script:?} in {name}: {e}"),
             _ => {}
         }
     }

@@ -28,8 +28,8 @@ use serde_json::Value;
 use tokio::sync::broadcast;
 
 use crate::metrics::Metrics;
-use crate::store::{Change, Store, StoreEvent};
-use crate::time::Timestamp;
+use agentvm_store::time::Timestamp;
+use agentvm_store::{Change, Store, StoreEvent};
 
 /// The audit log's file name in the state directory.
 pub const AUDIT_FILE: &str = "audit.log";
@@ -484,7 +484,7 @@ fn store_event(store: &Store, event: &StoreEvent) -> Option<AuditEvent> {
         Change::StatusChanged => return None,
     };
     let obj = store.get(event.kind, &event.name).ok().flatten();
-    let who = |c: Option<&crate::caller::Caller>| {
+    let who = |c: Option<&agentvm_store::caller::Caller>| {
         c.map_or_else(|| "unknown".to_string(), ToString::to_string)
     };
     let (actor, tool) = match (&obj, event.change) {
@@ -689,7 +689,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn store_changes_are_audited_with_their_submitter_and_manager() {
-        use crate::store::{ApplyOptions, Manager, STORE_FILE};
+        use agentvm_store::{ApplyOptions, Manager, STORE_FILE};
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path().join(STORE_FILE)).unwrap();
         let path = dir.path().join(AUDIT_FILE);
@@ -726,7 +726,7 @@ mod tests {
             .update_status_json(agentvm_api::Kind::Image, "img", json!({"phase": "Ready"}))
             .unwrap();
         lines(1).await;
-        let bob = crate::caller::Caller {
+        let bob = agentvm_store::caller::Caller {
             uid: 1001,
             gid: 1001,
             groups: vec![],

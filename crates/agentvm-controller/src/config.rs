@@ -2,6 +2,7 @@
 //! environment variables.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use agentvm_backend::AcceleratorChoice;
 use serde::Deserialize;
@@ -126,7 +127,7 @@ impl Default for Config {
             audit_log: None,
             audit_log_max_bytes: crate::audit::DEFAULT_MAX_BYTES,
             secret_env_allow_list: Vec::new(),
-            git_clone_timeout_seconds: crate::host_access::DEFAULT_GIT_CLONE_TIMEOUT_SECONDS,
+            git_clone_timeout_seconds: agentvm_run::host_access::DEFAULT_GIT_CLONE_TIMEOUT_SECONDS,
             egress_netns: None,
             egress_resolver: None,
             tcg_translation_cache_mib: agentvm_backend::vm::DEFAULT_TCG_TB_CACHE_MIB,
@@ -147,6 +148,12 @@ pub fn default_config_path() -> Option<PathBuf> {
 }
 
 impl Config {
+    /// How long a `workspace.gitUrl` clone may take: `git_clone_timeout_seconds`, at least
+    /// one second.
+    pub fn git_clone_timeout(&self) -> Duration {
+        Duration::from_secs(self.git_clone_timeout_seconds.max(1))
+    }
+
     /// Defaults, then the file at `path` if it exists, then the environment.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let mut cfg = Config::default();
@@ -439,6 +446,14 @@ fn lookup_group(groups: &str, name: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn git_clone_timeout_is_at_least_a_second() {
+        let mut c = Config::default();
+        assert_eq!(c.git_clone_timeout(), Duration::from_secs(120));
+        c.git_clone_timeout_seconds = 0;
+        assert_eq!(c.git_clone_timeout(), Duration::from_secs(1));
+    }
 
     #[test]
     fn socket_group_by_name_or_number() {

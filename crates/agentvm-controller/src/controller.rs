@@ -16,9 +16,9 @@ use crate::metrics_server;
 use crate::reconcile::{Ctx, Dispatcher, DispatcherHandle, DispatcherOptions, Reconciler, Sweeper};
 use crate::source::specdir::SpecDirError;
 use crate::source::{SpecDir, WatchOptions};
-use crate::store::{Store, StoreError, STORE_FILE};
 use crate::vm_stats::{StatsSource, VmStatsHistory, VmStatsSampler, DEFAULT_HISTORY};
 use crate::Config;
+use agentvm_store::{Store, StoreError, STORE_FILE};
 
 /// How long shutdown waits for reconciles in progress before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -75,10 +75,10 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// A controller for `config`, serving on [`crate::api::default_socket`], without a spec
+    /// A controller for `config`, serving on [`agentvm_client::default_socket`], without a spec
     /// directory and without reconcilers.
     pub fn new(config: Config) -> Self {
-        let socket = crate::api::default_socket(&config);
+        let socket = agentvm_client::default_socket(&config.state_dir);
         Self {
             config,
             spec_dir: None,
@@ -389,8 +389,8 @@ impl Controller {
 mod tests {
     use super::*;
     use crate::reconcile::{Action, ReconcileError};
-    use crate::store::StoredObject;
     use agentvm_api::Kind;
+    use agentvm_store::StoredObject;
     use std::sync::Mutex;
     use std::time::Instant;
 
@@ -447,7 +447,7 @@ mod tests {
             let _ = rx.await;
         }));
         let _handle = ready_rx.await.unwrap();
-        let client = crate::api::client::Client::new(tmp.path().join("api.sock"));
+        let client = agentvm_client::Client::new(tmp.path().join("api.sock"));
         let mut latencies = Vec::new();
         for i in 0..5 {
             let name = format!("img-{i}");

@@ -13,7 +13,7 @@ use axum::{Extension, Router};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::caller::Caller;
+use agentvm_store::caller::Caller;
 
 /// The smallest head buffer hyper accepts.
 const MIN_HEAD_BYTES: usize = 8 * 1024;

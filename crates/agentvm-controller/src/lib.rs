@@ -1,16 +1,14 @@
-//! agentvm controller: configuration, the object store, the spec-directory source, the API
-//! served on a Unix socket, and the reconcile dispatcher the per-kind reconcilers plug into.
+//! agentvm controller: configuration, the spec-directory source, the API served on a Unix
+//! socket, and the reconcile dispatcher the per-kind reconcilers plug into; metrics, audit
+//! log and egress. The object store is agentvm-store, the API's wire types and client
+//! agentvm-client, the execution of one run agentvm-run.
 
-pub mod anomaly;
 pub mod api;
-pub mod artifacts;
 pub mod audit;
-pub mod caller;
 pub mod config;
 pub mod controller;
 pub mod egress;
 pub mod health;
-pub mod host_access;
 pub mod http_serve;
 pub mod images;
 pub mod limits;
@@ -19,12 +17,8 @@ pub mod metrics_server;
 pub mod queue;
 pub mod reconcile;
 pub mod reconcilers;
-pub mod run;
-pub mod run_monitor;
 pub mod source;
 pub mod state_dir;
-pub mod store;
-pub mod time;
 pub mod vm_stats;
 
 pub use audit::{AuditEvent, AuditEventType, AuditLog};
@@ -32,7 +26,3 @@ pub use config::Config;
 pub use controller::Controller;
 pub use metrics::Metrics;
 pub use reconcile::{Action, Ctx, ReconcileError, Reconciler, Sweeper};
-pub use store::{
-    ApplyOptions, ApplyOutcome, Change, Manager, ObjectKey, Store, StoreError, StoreEvent,
-    StoredObject,
-};

@@ -338,7 +338,7 @@ impl Metrics {
         for status in EXECUTION_STATUSES {
             inner.executions.with_label_values(&[status]);
         }
-        for rule in crate::anomaly::Rule::ALL {
+        for rule in agentvm_run::anomaly::Rule::ALL {
             inner.anomalies.with_label_values(&[rule.as_str()]);
         }
         Metrics {
@@ -498,8 +498,8 @@ impl Metrics {
         }
     }
 
-    /// An anomaly of `rule` was detected (the label set is [`crate::anomaly::Rule::ALL`]).
-    pub fn anomaly(&self, rule: crate::anomaly::Rule) {
+    /// An anomaly of `rule` was detected (the label set is [`agentvm_run::anomaly::Rule::ALL`]).
+    pub fn anomaly(&self, rule: agentvm_run::anomaly::Rule) {
         self.inner
             .anomalies
             .with_label_values(&[rule.as_str()])

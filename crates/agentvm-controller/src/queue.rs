@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::store::ObjectKey;
+use agentvm_store::ObjectKey;
 
 /// The reconcile work queue; share it behind an `Arc`.
 #[derive(Debug, Default)]

@@ -34,9 +34,9 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::audit::AuditLog;
 use crate::metrics::Metrics;
 use crate::queue::WorkQueue;
-use crate::store::{Change, ObjectKey, Store, StoreError, StoredObject};
 use crate::vm_stats::{VmStatsHistory, DEFAULT_HISTORY};
 use crate::Config;
+use agentvm_store::{Change, ObjectKey, Store, StoreError, StoredObject};
 
 /// What to do after a successful reconcile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -431,8 +431,8 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{ApplyOptions, Manager, STORE_FILE};
     use agentvm_api::{Image, ImageSpec, Resource};
+    use agentvm_store::{ApplyOptions, Manager, STORE_FILE};
     use std::sync::atomic::AtomicUsize;
     use std::time::Instant;
 
@@ -722,10 +722,10 @@ mod tests {
     async fn noop_resync_of_1000_objects() {
         let (_d, store) = setup();
         let items: Vec<_> = (0..1000)
-            .map(|i| crate::store::ApplyItem {
+            .map(|i| agentvm_store::ApplyItem {
                 resource: image(&format!("img-{i:04}")),
                 manager: Manager::Api,
-                submitter: crate::caller::Caller::root(),
+                submitter: agentvm_store::caller::Caller::root(),
                 force: false,
             })
             .collect();

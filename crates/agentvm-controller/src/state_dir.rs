@@ -16,7 +16,7 @@
 //!   (`owned/`, 0700) are 0600.
 //! - `artifacts/` and each run's directory in it are 0750, unpacked files 0640, group
 //!   `socketGroup` when one is configured (the users of the API, which reports these
-//!   paths), else the controller's own group ([`crate::artifacts`]).
+//!   paths), else the controller's own group ([`agentvm_run::artifacts`]).
 //!
 //! Assumptions: the state directory belongs to agentvm (its mode is set, not negotiated),
 //! and the controller runs as the user owning it (root, to use `qemu:///system`).
@@ -25,9 +25,9 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 
-use crate::artifacts;
 use crate::reconcilers::agent_run::ARTIFACTS_DIR;
 use crate::Config;
+use agentvm_run::artifacts;
 
 /// Mode of the state directory (see the module documentation for why others may traverse).
 pub const STATE_DIR_MODE: u32 = agentvm_backend::vm::VM_DIR_MODE;

@@ -153,7 +153,7 @@ pub struct VmStatsSampler {
 /// Memory the guest uses: balloon `available - usable` (or `- unused`) when the guest reports
 /// them, else QEMU's resident set, else the balloon size.
 pub fn memory_used_bytes(s: &DomainStats) -> Option<u64> {
-    crate::anomaly::guest_memory_used(s).or(s.memory_rss_bytes.or(s.memory_actual_bytes))
+    agentvm_run::anomaly::guest_memory_used(s).or(s.memory_rss_bytes.or(s.memory_actual_bytes))
 }
 
 /// Growth of a cumulative counter between two readings; a counter that went backwards

@@ -21,13 +21,13 @@ use axum::{Extension, Json};
 use base64::Engine;
 
 use super::server::{blocking, caller_of, error, ApiState, SandboxAccess};
-use super::{
+use crate::audit::{AuditEvent, AuditEventType};
+use agentvm_client::{
     ExecEvent, SandboxExecRequest, SandboxRollbackRequest, SandboxStateRequest,
     MAX_SANDBOX_EXEC_SECONDS,
 };
-use crate::audit::{AuditEvent, AuditEventType};
-use crate::caller::Caller;
-use crate::store::{ApplyItem, StoredObject};
+use agentvm_store::caller::Caller;
+use agentvm_store::{ApplyItem, StoredObject};
 
 /// How long an exec waits for its sandbox to be running (claimed, resumed or restored).
 const READY_WAIT: Duration = Duration::from_secs(120);
@@ -321,7 +321,7 @@ async fn edit_spec(
     edit: impl FnOnce(&mut agentvm_api::SandboxSpec),
 ) -> Result<StoredObject, Response> {
     let obj = sandbox_for(st, name, &caller).await?;
-    if let crate::store::Manager::SpecDir { file } = &obj.manager {
+    if let agentvm_store::Manager::SpecDir { file } = &obj.manager {
         return Err(error(
             StatusCode::CONFLICT,
             format!(
@@ -435,7 +435,7 @@ pub(super) async fn rollback(
     }
     let request = Rollback {
         snapshot: req.snapshot.clone(),
-        requested_at: crate::time::Timestamp::now().to_string(),
+        requested_at: agentvm_store::time::Timestamp::now().to_string(),
     };
     let what = format!("`spec.rollback` (snapshot {})", req.snapshot);
     match edit_spec(&st, &name, caller, &what, |spec| {
@@ -503,14 +503,14 @@ impl std::io::Read for ChannelReader {
     }
 }
 
-/// `POST /v1/sandboxes/{name}/attach`: see [`super::AttachRequest`].
+/// `POST /v1/sandboxes/{name}/attach`: see [`agentvm_client::AttachRequest`].
 pub(super) async fn attach(
     State(st): State<ApiState>,
     caller: Option<Extension<Caller>>,
     UrlPath(name): UrlPath<String>,
     mut req: axum::extract::Request,
 ) -> Response {
-    use super::attach::{self as frames, PROTOCOL};
+    use agentvm_client::attach::{self as frames, PROTOCOL};
     let caller = match caller_of(caller) {
         Ok(c) => c,
         Err(resp) => return resp,
@@ -547,15 +547,17 @@ pub(super) async fn attach(
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
                 Err(e) => return Err(e),
             }
-            let (kind, len) = super::attach::header(h)?;
+            let (kind, len) = agentvm_client::attach::header(h)?;
             let mut payload = vec![0u8; len];
             rd.read_exact(&mut payload).await?;
             Ok(Some((kind, payload)))
         }
         let fail = |message: String| frames::encode(frames::ERROR, message.as_bytes());
         let request = match read_frame(&mut rd).await {
-            Ok(Some((frames::REQUEST, p))) => serde_json::from_slice::<super::AttachRequest>(&p)
-                .map_err(|e| format!("bad attach request: {e}")),
+            Ok(Some((frames::REQUEST, p))) => {
+                serde_json::from_slice::<agentvm_client::AttachRequest>(&p)
+                    .map_err(|e| format!("bad attach request: {e}"))
+            }
             Ok(_) => Err("the first frame must be the request".to_string()),
             Err(e) => Err(format!("reading the request: {e}")),
         };
@@ -692,7 +694,7 @@ pub(super) async fn attach(
         let _ = writer.await;
         reader.abort();
     });
-    switching_to(super::attach::PROTOCOL)
+    switching_to(agentvm_client::attach::PROTOCOL)
 }
 
 /// Query of `/v1/sandboxes/{name}/files`.
@@ -818,7 +820,7 @@ pub(super) async fn upload(
     }
 }
 
-/// `GET /v1/sandboxes/{name}/files?path=/abs`: the guest file, as [`super::attach`] frames
+/// `GET /v1/sandboxes/{name}/files?path=/abs`: the guest file, as [`agentvm_client::attach`] frames
 /// in a chunked body: `DATA` chunks, then `RESIZE_OR_EXIT` with the byte count (8 bytes,
 /// big-endian) when it was read to its end, or `ERROR` with why not — so a client can tell a
 /// complete file from one cut short.
@@ -828,7 +830,7 @@ pub(super) async fn download(
     UrlPath(name): UrlPath<String>,
     axum::extract::Query(q): axum::extract::Query<FileQuery>,
 ) -> Response {
-    use super::attach as frames;
+    use agentvm_client::attach as frames;
     let caller = match caller_of(caller) {
         Ok(c) => c,
         Err(resp) => return resp,
@@ -894,7 +896,7 @@ pub(super) struct ForwardQuery {
     port: u16,
 }
 
-/// `POST /v1/sandboxes/{name}/forward?port=N`, upgraded to [`super::FORWARD_PROTOCOL`]: the
+/// `POST /v1/sandboxes/{name}/forward?port=N`, upgraded to [`agentvm_client::FORWARD_PROTOCOL`]: the
 /// connection's bytes go to `127.0.0.1:N` in the guest and back, until both sides are done.
 pub(super) async fn forward(
     State(st): State<ApiState>,
@@ -907,7 +909,7 @@ pub(super) async fn forward(
         Ok(c) => c,
         Err(resp) => return resp,
     };
-    if let Err(resp) = wants_upgrade(&req, super::FORWARD_PROTOCOL) {
+    if let Err(resp) = wants_upgrade(&req, agentvm_client::FORWARD_PROTOCOL) {
         return resp;
     }
     if q.port == 0 {
@@ -947,5 +949,5 @@ pub(super) async fn forward(
             tracing::info!(sandbox = %name, port, "forwarding failed: {e}");
         }
     });
-    switching_to(super::FORWARD_PROTOCOL)
+    switching_to(agentvm_client::FORWARD_PROTOCOL)
 }

@@ -26,13 +26,13 @@ use serde::Deserialize;
 use tokio::net::UnixListener;
 use tokio::sync::{broadcast, watch};
 
-use super::{
+use agentvm_client::SpecDirState;
+use agentvm_client::{
     ApplyRequest, ApplyResponse, ApplyResult, DeleteResponse, ErrorBody, Health, LabelSelector,
     SpecDirResponse, WatchChange, WatchEvent, MAX_BODY_BYTES, NEXT_OFFSET_HEADER, TRUNCATED_HEADER,
 };
-use crate::caller::Caller;
-use crate::source::SpecDirState;
-use crate::store::{ApplyItem, Change, Manager, Store, StoreError};
+use agentvm_store::caller::Caller;
+use agentvm_store::{ApplyItem, Change, Manager, Store, StoreError};
 
 /// Bytes per read of run output in a logs response.
 const LOG_CHUNK_BYTES: usize = 64 * 1024;
@@ -714,7 +714,7 @@ async fn logs(
                             return None;
                         }
                         let bytes = Bytes::from(rest.bytes());
-                        let done = crate::store::OutputRead {
+                        let done = agentvm_store::OutputRead {
                             next_offset: rest.next_offset,
                             ..Default::default()
                         };
@@ -733,7 +733,7 @@ async fn logs(
                     if !read.chunks.is_empty() {
                         let next = read.next_offset;
                         let bytes = Bytes::from(read.bytes());
-                        let idle = crate::store::OutputRead {
+                        let idle = agentvm_store::OutputRead {
                             next_offset: next,
                             ..Default::default()
                         };

@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use agentvm_api::{AgentRun, AgentRunSpec, Kind};
 use tokio::sync::watch;
 
-use super::client::Client;
 use super::server::{bind, serve, ApiState};
-use super::{ApplyRequest, WatchChange};
-use crate::store::{ApplyOptions, ApplyOutcome, Manager, OutputStream, Store, STORE_FILE};
+use agentvm_client::Client;
+use agentvm_client::{ApplyRequest, WatchChange};
+use agentvm_store::{ApplyOptions, ApplyOutcome, Manager, OutputStream, Store, STORE_FILE};
 
 struct TestServer {
     _dir: tempfile::TempDir,
@@ -78,7 +78,7 @@ fn example(name: &str) -> ApplyRequest {
     }
 }
 
-fn outcomes(resp: &super::ApplyResponse) -> Vec<String> {
+fn outcomes(resp: &agentvm_client::ApplyResponse) -> Vec<String> {
     resp.results
         .iter()
         .map(|r| {
@@ -202,7 +202,7 @@ fn invalid_requests_are_refused_with_details() {
     assert!(body.contains("invalid request body"), "{body}");
 
     // Too large.
-    let big = vec![b' '; super::MAX_BODY_BYTES + 1];
+    let big = vec![b' '; agentvm_client::MAX_BODY_BYTES + 1];
     let mut resp = c.request("POST", "/v1/apply", Some(&big), None).unwrap();
     assert_eq!(resp.status, 413);
     let mut body = String::new();
@@ -370,7 +370,7 @@ fn sandbox_verbs_check_the_request_the_state_and_who_declares_it() {
     let exec = |name: &str, command: &[&str]| {
         c.sandbox_exec(
             name,
-            &super::SandboxExecRequest {
+            &agentvm_client::SandboxExecRequest {
                 command: command.iter().map(|a| a.to_string()).collect(),
                 env: Default::default(),
                 workdir: None,
@@ -429,7 +429,7 @@ fn sandbox_verbs_check_the_request_the_state_and_who_declares_it() {
     let err = c
         .sandbox_exec(
             "b",
-            &super::SandboxExecRequest {
+            &agentvm_client::SandboxExecRequest {
                 command: vec!["env".into()],
                 env: [("A=B".to_string(), "x".to_string())].into(),
                 workdir: Some("relative".into()),

@@ -10,10 +10,10 @@
 //! - **Execution** runs on a thread of its own (never on the dispatcher's workers): host
 //!   inputs are read first ([`run::prepare`]: secrets from the controller's environment or
 //!   files, never stored; every host path with the rights of the run's submitter, see
-//!   [`crate::host_access`]), then [`run::execute`] streams redacted output into the store
-//!   ([`Store::append_output`](crate::store::Store::append_output)) so `agentvm logs -f`
+//!   [`agentvm_run::host_access`]), then [`run::execute`] streams redacted output into the store
+//!   ([`Store::append_output`](agentvm_store::Store::append_output)) so `agentvm logs -f`
 //!   follows it, artifacts are collected to a fresh `<stateDir>/artifacts/<run>-<time>/`
-//!   (regular files and directories only, see [`crate::artifacts`]) and the final
+//!   (regular files and directories only, see [`agentvm_run::artifacts`]) and the final
 //!   status is written. The VM is then reset to golden on the same thread (still busy, so
 //!   the pool leaves it alone) and made ready again; a failed reset hands it to the pool
 //!   reconciler as needing one (which retries or replaces it). A VM whose QEMU died
@@ -41,14 +41,14 @@ use agentvm_api::{
 use agentvm_backend::{Backend, BackendError, Guest, Stream};
 
 use super::{condition, status_of, write_status, PoolRegistry, VmPhase};
-use crate::artifacts::RunDir;
 use crate::audit::{AuditEvent, AuditEventType};
-use crate::host_access::HostAccess;
 use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler, Wake};
-use crate::run::{self, Redactor, RunError};
-use crate::run_monitor::{MonitorReport, MonitorTarget, RunMonitor, SAMPLE_INTERVAL};
-use crate::store::{ObjectKey, OutputStream, StoredObject};
-use crate::time::Timestamp;
+use agentvm_run::artifacts::RunDir;
+use agentvm_run::host_access::HostAccess;
+use agentvm_run::monitor::{MonitorReport, MonitorTarget, RunMonitor, SAMPLE_INTERVAL};
+use agentvm_run::{self as run, Redactor, RunError};
+use agentvm_store::time::Timestamp;
+use agentvm_store::{ObjectKey, OutputStream, StoredObject};
 
 /// Bytes of each output stream kept in `status.stdoutTail` / `stderrTail`.
 pub const TAIL_BYTES: usize = 4096;
@@ -189,7 +189,11 @@ impl AgentRunReconciler {
     /// Reads `run`'s host inputs on a thread of its own, then wakes the run.
     fn read_inputs(&self, obj: &StoredObject, run: &AgentRun, ctx: &Ctx, key: (Timestamp, i64)) {
         let base = base_dir(obj, ctx);
-        let access = HostAccess::of_submitter(obj.submitter.as_ref(), &ctx.config);
+        let access = HostAccess::of_submitter(
+            obj.submitter.as_ref(),
+            &ctx.config.secret_env_allow_list,
+            ctx.config.git_clone_timeout(),
+        );
         let (spec, name) = (run.spec.clone(), run.metadata.name.clone());
         let (host_env, waiting, wake) = (
             self.host_env.clone(),
@@ -997,7 +1001,7 @@ impl Job {
         };
         RunMonitor::start(
             self.backend.clone(),
-            self.ctx.clone(),
+            Arc::new(anomalies::ControllerSink(self.ctx.clone())),
             target,
             self.status.clone(),
             self.cancel.clone(),
@@ -1378,5 +1382,6 @@ impl Reconciler for AgentRunReconciler {
     }
 }
 
+mod anomalies;
 #[cfg(test)]
 mod tests;

@@ -19,7 +19,7 @@ use agentvm_image::{BuildEvent, BuiltImage, Recipe};
 use super::{status_of, write_status, Conditions};
 use crate::images::recipe_for;
 use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
-use crate::store::StoredObject;
+use agentvm_store::StoredObject;
 
 /// How often a running build is polled.
 const BUILD_POLL: Duration = Duration::from_secs(2);

@@ -15,9 +15,9 @@ use agentvm_api::{set_condition, Condition, ConditionStatus, Kind, KindStatus, R
 use agentvm_backend::{Backend, BackendError, Owner};
 
 use crate::reconcile::{Ctx, ReconcileError};
-use crate::store::StoredObject;
-use crate::time::Timestamp;
 use crate::Controller;
+use agentvm_store::time::Timestamp;
+use agentvm_store::StoredObject;
 
 pub mod agent_run;
 pub mod gc;

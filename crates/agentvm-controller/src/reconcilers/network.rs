@@ -14,7 +14,7 @@ use agentvm_backend::Backend;
 
 use super::{backend_error, owner_of, pools_using, status_of, write_status, Conditions};
 use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
-use crate::store::StoredObject;
+use agentvm_store::StoredObject;
 
 /// Reconciles `Network` objects into libvirt networks.
 pub struct NetworkReconciler {

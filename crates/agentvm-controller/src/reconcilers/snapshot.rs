@@ -19,8 +19,8 @@ use agentvm_backend::Backend;
 use super::{backend_error, status_of, write_status, Conditions};
 use crate::audit::{AuditEvent, AuditEventType};
 use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
-use crate::store::StoredObject;
-use crate::time::Timestamp;
+use agentvm_store::time::Timestamp;
+use agentvm_store::StoredObject;
 
 /// Recheck delay while waiting for the sandbox.
 const WAITING: Duration = Duration::from_secs(2);
@@ -54,7 +54,7 @@ impl SnapshotReconciler {
             }
         }
         ctx.store.finalize_delete(Kind::Snapshot, snap.name())?;
-        ctx.wake.add(crate::store::ObjectKey::new(
+        ctx.wake.add(agentvm_store::ObjectKey::new(
             Kind::Sandbox,
             snap.spec.sandbox_ref.clone(),
         ));
@@ -280,7 +280,7 @@ impl Reconciler for SnapshotReconciler {
             })),
         );
         // The sandbox lists its snapshots.
-        ctx.wake.add(crate::store::ObjectKey::new(
+        ctx.wake.add(agentvm_store::ObjectKey::new(
             Kind::Sandbox,
             sandbox_ref.clone(),
         ));

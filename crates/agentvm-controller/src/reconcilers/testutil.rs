@@ -7,8 +7,8 @@ use agentvm_backend::fake::FakeBackend;
 use agentvm_backend::Backend;
 
 use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
-use crate::store::{ApplyOptions, Manager, Store, STORE_FILE};
 use crate::Config;
+use agentvm_store::{ApplyOptions, Manager, Store, STORE_FILE};
 
 pub(crate) struct Setup {
     _dir: tempfile::TempDir,
@@ -55,10 +55,10 @@ impl Setup {
         let obj = self.store.get(kind, name).unwrap().expect("object exists");
         self.store
             .apply_batch(
-                vec![crate::store::ApplyItem {
+                vec![agentvm_store::ApplyItem {
                     resource: obj.resource,
                     manager: Manager::Api,
-                    submitter: crate::caller::Caller {
+                    submitter: agentvm_store::caller::Caller {
                         uid,
                         gid: uid,
                         groups: vec![],

@@ -48,8 +48,8 @@ use crate::limits;
 #[cfg(test)]
 use crate::limits::CPU_SHARES_APPLIED;
 use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
-use crate::store::StoredObject;
-use crate::time::{human_age, Timestamp};
+use agentvm_store::time::{human_age, Timestamp};
+use agentvm_store::StoredObject;
 
 /// Recheck delay while VMs are busy or runs wait (released VMs are reset promptly).
 const BUSY_RECHECK: Duration = Duration::from_millis(200);
@@ -769,7 +769,7 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Blocked>, Reconc
         .map(|b| format!("{b:02x}"))
         .collect();
     let res = t.resources.resolved();
-    let warmup = crate::run::warmup_requests(t);
+    let warmup = agentvm_run::warmup_requests(t);
     Ok(Ok(Template {
         image,
         nic,

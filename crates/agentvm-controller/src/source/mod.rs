@@ -2,4 +2,4 @@
 
 pub mod specdir;
 
-pub use specdir::{SpecDir, SpecDirReport, SpecDirState, WatchOptions};
+pub use specdir::{SpecDir, WatchOptions};

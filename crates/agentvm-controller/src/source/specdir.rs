@@ -31,41 +31,11 @@ use std::time::Duration;
 
 use agentvm_api::{parse_file, ParsedResource};
 use notify::{EventKind, RecursiveMode, Watcher};
-use serde::{Deserialize, Serialize};
 
-use crate::caller::Caller;
-use crate::store::{ApplyItem, ApplyOutcome, Manager, ObjectKey, Store, StoreError};
-use crate::time::Timestamp;
-
-/// Problems of one manifest file in the spec directory.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SpecDirReport {
-    /// The file, relative to the spec directory.
-    pub file: String,
-    /// Each problem as `file:line:column: field: message`.
-    pub errors: Vec<String>,
-}
-
-/// What the spec-dir source last saw; served by `GET /v1/specdir/errors`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SpecDirState {
-    /// The watched directory.
-    pub dir: PathBuf,
-    /// When the last pass finished.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_sync: Option<Timestamp>,
-    /// Manifest files seen by the last pass.
-    pub files: usize,
-    /// Objects declared by the valid files.
-    pub objects: usize,
-    /// Files with problems, by path.
-    pub reports: Vec<SpecDirReport>,
-    /// A problem with the directory itself (cannot be listed).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
+use agentvm_client::{SpecDirReport, SpecDirState};
+use agentvm_store::caller::Caller;
+use agentvm_store::time::Timestamp;
+use agentvm_store::{ApplyItem, ApplyOutcome, Manager, ObjectKey, Store, StoreError};
 
 /// What one pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -436,8 +406,8 @@ impl SpecDir {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{ApplyOptions, STORE_FILE};
     use agentvm_api::Kind;
+    use agentvm_store::{ApplyOptions, STORE_FILE};
 
     fn image_doc(name: &str, suite: &str) -> String {
         format!("apiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata:\n  name: {name}\nspec:\n  suite: {suite}\n")
@@ -471,7 +441,7 @@ mod tests {
             std::fs::write(path, text).unwrap();
         }
 
-        fn object(&self, name: &str) -> Option<crate::store::StoredObject> {
+        fn object(&self, name: &str) -> Option<agentvm_store::StoredObject> {
             self.store.get(Kind::Image, name).unwrap()
         }
     }

@@ -8,10 +8,10 @@ use std::path::PathBuf;
 use agentvm_api::parse::STDIN_NAME;
 use agentvm_api::Kind;
 use agentvm_api::ParsedResource;
-use agentvm_controller::api::client::Client;
-use agentvm_controller::api::ApplyRequest;
-use agentvm_controller::store::Manager;
+use agentvm_client::ApplyRequest;
+use agentvm_client::Client;
 use agentvm_controller::Config;
+use agentvm_store::Manager;
 use anyhow::bail;
 use clap::Args;
 
@@ -65,7 +65,7 @@ pub fn prune_candidates(
     client: &Client,
     id: &str,
     keep: &BTreeSet<(Kind, String)>,
-) -> anyhow::Result<Vec<agentvm_controller::store::StoredObject>> {
+) -> anyhow::Result<Vec<agentvm_store::StoredObject>> {
     let selector = format!("{APPLY_SET_LABEL}={id}");
     Ok(client
         .list(None, Some(&selector))?

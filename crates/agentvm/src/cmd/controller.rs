@@ -51,7 +51,7 @@ impl ControllerArgs {
             .context("starting the async runtime")?;
         let socket = self
             .socket
-            .unwrap_or_else(|| agentvm_controller::api::default_socket(cfg));
+            .unwrap_or_else(|| agentvm_client::default_socket(&cfg.state_dir));
         let mut cfg = cfg.clone();
         if let Some(addr) = self.metrics_address {
             cfg.metrics_address = addr;

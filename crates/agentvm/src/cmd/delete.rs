@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use agentvm_api::Kind;
-use agentvm_controller::api::client::Client;
+use agentvm_client::Client;
 use agentvm_controller::Config;
 use anyhow::bail;
 use clap::Args;

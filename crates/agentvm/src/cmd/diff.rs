@@ -6,9 +6,9 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use agentvm_api::{Kind, Resource};
-use agentvm_controller::api::ApplyRequest;
-use agentvm_controller::store::{ApplyOutcome, StoredObject};
+use agentvm_client::ApplyRequest;
 use agentvm_controller::Config;
+use agentvm_store::{ApplyOutcome, StoredObject};
 use anyhow::bail;
 use clap::Args;
 
@@ -227,7 +227,7 @@ impl DiffArgs {
                 if o.is_deleting() {
                     println!("# {r}: apply would cancel its pending deletion");
                 }
-                if o.manager != agentvm_controller::store::Manager::Api {
+                if o.manager != agentvm_store::Manager::Api {
                     println!("# {r}: apply would take it over from {}", o.manager);
                 }
             }

@@ -124,7 +124,7 @@ impl ExecArgs {
                 .with_context(|| format!("--env {kv:?}: expected KEY=VALUE"))?;
             env.insert(k.to_string(), v.to_string());
         }
-        let request = agentvm_controller::api::SandboxExecRequest {
+        let request = agentvm_client::SandboxExecRequest {
             command: command.to_vec(),
             env,
             workdir: self.workdir.clone(),
@@ -138,7 +138,7 @@ impl ExecArgs {
         } else {
             None
         };
-        let attach = agentvm_controller::api::AttachRequest {
+        let attach = agentvm_client::AttachRequest {
             exec: request,
             tty: tty.as_ref().map(|_| {
                 let s = Terminal::size();

@@ -4,10 +4,10 @@
 use std::collections::BTreeMap;
 
 use agentvm_api::Kind;
-use agentvm_controller::api::{LabelSelector, WatchChange};
-use agentvm_controller::store::{Manager, StoredObject};
-use agentvm_controller::time::human_age;
+use agentvm_client::{LabelSelector, WatchChange};
 use agentvm_controller::Config;
+use agentvm_store::time::human_age;
+use agentvm_store::{Manager, StoredObject};
 use anyhow::bail;
 use clap::{Args, ValueEnum};
 use serde_json::Value;
@@ -480,7 +480,7 @@ impl GetArgs {
 mod tests {
     use std::time::{Duration, SystemTime};
 
-    use agentvm_controller::time::Timestamp;
+    use agentvm_store::time::Timestamp;
     use serde::Deserialize;
 
     use super::*;

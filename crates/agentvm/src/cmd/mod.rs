@@ -24,7 +24,7 @@ pub mod wait;
 use std::path::Path;
 use std::time::Duration;
 
-use agentvm_controller::api::client::ClientError;
+use agentvm_client::ClientError;
 
 use agentvm_controller::config::{default_config_path, Config};
 

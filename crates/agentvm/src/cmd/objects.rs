@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use agentvm_api::Kind;
-use agentvm_controller::api::client::Client;
+use agentvm_client::Client;
 use agentvm_controller::Config;
 use anyhow::{bail, Context};
 use clap::Args;
@@ -23,7 +23,7 @@ impl ConnectArgs {
         Client::new(
             self.socket
                 .clone()
-                .unwrap_or_else(|| agentvm_controller::api::default_socket(cfg)),
+                .unwrap_or_else(|| agentvm_client::default_socket(&cfg.state_dir)),
         )
     }
 }

@@ -10,11 +10,11 @@ use agentvm_api::{AgentRun, Image, Resource, VmPool};
 use agentvm_backend::guest::{Guest, Stream};
 use agentvm_backend::vm::{resolve_accelerator, EphemeralVm, VmShape};
 use agentvm_backend::{Libvirt, Owner};
-use agentvm_controller::artifacts::RunDir;
-use agentvm_controller::host_access::HostAccess;
 use agentvm_controller::images::recipe_for;
-use agentvm_controller::run::{collect_artifacts, execute, prepare, warmup_requests};
 use agentvm_controller::Config;
+use agentvm_run::artifacts::RunDir;
+use agentvm_run::host_access::HostAccess;
+use agentvm_run::{collect_artifacts, execute, prepare, warmup_requests};
 use anyhow::{bail, Context};
 use clap::Args;
 
@@ -112,7 +112,7 @@ impl RunArgs {
         agentvm_api::validate_pool_disk(&pool.spec, &image.metadata.name, &image.spec)
             .map_err(|e| anyhow::anyhow!("VmPool {}: {e}", pool.metadata.name))?;
         // The user's own rights and environment: this process is theirs.
-        let access = HostAccess::own(Duration::from_secs(cfg.git_clone_timeout_seconds.max(1)));
+        let access = HostAccess::own(cfg.git_clone_timeout());
         let prepared = prepare(&run.spec, base, &access, &|k| std::env::var(k).ok())
             .with_context(|| format!("AgentRun {name}"))?;
         let img = super::image::ensure_image(cfg, &recipe_for(&image.spec))?;

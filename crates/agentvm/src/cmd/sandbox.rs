@@ -5,7 +5,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use agentvm_api::{Kind, Resource, SandboxPhase, SandboxState};
-use agentvm_controller::api::{ExecEvent, SandboxExecRequest};
+use agentvm_client::{ExecEvent, SandboxExecRequest};
 use agentvm_controller::Config;
 use anyhow::{bail, Context};
 use base64::Engine;
@@ -208,11 +208,8 @@ fn degraded(conditions: &[agentvm_api::Condition]) -> &str {
 }
 
 /// Creates one object through the controller; its refusal is the error.
-fn create(
-    client: &agentvm_controller::api::client::Client,
-    object: serde_json::Value,
-) -> anyhow::Result<()> {
-    let request = agentvm_controller::api::ApplyRequest {
+fn create(client: &agentvm_client::Client, object: serde_json::Value) -> anyhow::Result<()> {
+    let request = agentvm_client::ApplyRequest {
         objects: vec![object],
         sources: vec![],
         dry_run: false,
@@ -381,7 +378,7 @@ pub fn attached(
     tty: bool,
     size: impl Fn() -> (u16, u16) + Send + 'static,
 ) -> anyhow::Result<i32> {
-    use agentvm_controller::api::attach::{self as frames, read_frame};
+    use agentvm_client::attach::{self as frames, read_frame};
     use std::io::Read;
     let writer = std::sync::Arc::new(std::sync::Mutex::new(writer));
     let send = {
@@ -588,7 +585,7 @@ impl CpArgs {
 /// its own upgraded API connection, on threads of their own (for as long as this process
 /// runs).
 pub fn serve_forward(
-    client: agentvm_controller::api::client::Client,
+    client: agentvm_client::Client,
     name: String,
     listener: std::net::TcpListener,
     guest_port: u16,

@@ -10,10 +10,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use agentvm_api::Kind;
-use agentvm_controller::api::client::Client;
-use agentvm_controller::api::{WatchChange, WatchEvent};
-use agentvm_controller::store::StoredObject;
+use agentvm_client::Client;
+use agentvm_client::{WatchChange, WatchEvent};
 use agentvm_controller::Config;
+use agentvm_store::StoredObject;
 use anyhow::bail;
 use clap::Args;
 use serde_json::Value;

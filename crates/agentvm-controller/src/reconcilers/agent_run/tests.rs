@@ -491,21 +491,21 @@ fn a_run_submitted_by_another_user_reads_nothing_beyond_their_rights() {
     std::fs::write(&private, "private\n").unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let nobody = crate::caller::Caller {
+    let nobody = agentvm_store::caller::Caller {
         uid: 65534,
         gid: 65534,
         groups: vec![],
         user: Some("nobody".into()),
     };
-    let submit = |name: &str, extra: &str, who: &crate::caller::Caller| {
+    let submit = |name: &str, extra: &str, who: &agentvm_store::caller::Caller| {
         let yaml = run_yaml(name, "echo hi", extra);
         let parsed = agentvm_api::parse_str(&yaml, "t.yaml").unwrap();
         let items = parsed
             .into_iter()
-            .map(|p| crate::store::ApplyItem {
+            .map(|p| agentvm_store::ApplyItem {
                 resource: p.resource,
                 // As the spec directory would: its owner is the submitter.
-                manager: crate::store::Manager::SpecDir {
+                manager: agentvm_store::Manager::SpecDir {
                     file: "runs.yaml".into(),
                 },
                 submitter: who.clone(),
@@ -527,7 +527,7 @@ fn a_run_submitted_by_another_user_reads_nothing_beyond_their_rights() {
         &nobody,
     );
     // Root submits the same: it runs.
-    submit("root", &file, &crate::caller::Caller::root());
+    submit("root", &file, &agentvm_store::caller::Caller::root());
     r.drive(Runs::all_terminal);
     for (name, reason, what) in [
         ("file", "InputUnavailable", private.display().to_string()),

@@ -1,6 +1,17 @@
 //! Executing one `AgentRun` inside a VM that is already up: host-side inputs (secrets, files,
 //! workspace), the program itself with live output, secret redaction, and artifact collection.
 //! Used by `agentvm run` (one-shot, local) and by the controller's run scheduler.
+//!
+//! This module: [`prepare`] (inputs), [`execute`] (the program, output through
+//! [`Redactor`]), [`collect_artifacts`]. Beside it: [`host_access`] (reading host files and
+//! cloning with the submitter's rights), [`artifacts`] (unpacking the guest's tar stream
+//! into the run directory), [`monitor`] (sampling the VM while the run goes on) and
+//! [`anomaly`] (the rules it applies).
+
+pub mod anomaly;
+pub mod artifacts;
+pub mod host_access;
+pub mod monitor;
 
 use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStrExt;
@@ -11,7 +22,7 @@ use agentvm_api::{AgentRunSpec, Entrypoint};
 use agentvm_backend::guest::{AgentChannel, ExecOutcome, ExecRequest, Guest, Stream, RUN_CGROUP};
 use agentvm_backend::BackendError;
 
-use crate::artifacts::{self, ArchiveError, Budget, RejectReason, Rejection, RunDir};
+use crate::artifacts::{ArchiveError, Budget, RejectReason, Rejection, RunDir};
 use crate::host_access::{HostAccess, MAX_INPUT_FILE_BYTES, MAX_WORKSPACE_BYTES};
 
 /// The guest commands of a pool template's warm-up steps (`/bin/sh -c STEP` each, with the

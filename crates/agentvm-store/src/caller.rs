@@ -1,7 +1,7 @@
 //! `Caller`: the Unix identity an object was submitted with — an API client as the kernel
 //! reports it on the socket (`SO_PEERCRED`), or the owner of the spec directory — recorded on
 //! every stored object, shown as the audit log's actor, and the rights a run's host inputs are
-//! read with ([`crate::host_access`]).
+//! read with (`agentvm_run::host_access`).
 //!
 //! # Guarantees
 //! - The uid and primary gid of an API client come from the kernel (the socket's peer

@@ -1,8 +1,9 @@
 //! `RunMonitor`: samples the VM of a running `AgentRun` about once a second on a thread of its
 //! own (libvirt domain statistics through [`Backend::vm_stats`], the guest's task count from
 //! `/proc/loadavg` and the CPU time of the run's cgroup through the guest agent), feeds the [`AnomalyDetector`], and for each
-//! anomaly: appends it to the run's status (written at once), counts it in
-//! `agent_vm_anomalies_total{rule}` and writes an `anomaly` audit event. With policy `kill`
+//! anomaly: appends it to the run's status (written at once) and hands it to the
+//! [`AnomalySink`] (the controller counts it in `agent_vm_anomalies_total{rule}` and writes
+//! an `anomaly` audit event). With policy `kill`
 //! the first anomaly also sets the run's cancel flag (the executor kills the process group in
 //! the guest) and [`MonitorReport::killed`]. Stopping it returns the anomalies and the
 //! resource-usage summary for the final status.
@@ -11,14 +12,24 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentvm_api::{AgentRunStatus, Anomaly, AnomalyDetection, AnomalyPolicy, Kind, ResourceUsage};
+use agentvm_api::{AgentRunStatus, Anomaly, AnomalyDetection, AnomalyPolicy, ResourceUsage};
 use agentvm_backend::guest::RUN_CGROUP;
 use agentvm_backend::{Backend, Guest};
+use agentvm_store::time::Timestamp;
 
-use crate::anomaly::{cgroup_cpu_ns, tasks_from_loadavg, AnomalyDetector, Observation};
-use crate::audit::{AuditEvent, AuditEventType};
-use crate::reconcile::Ctx;
-use crate::time::Timestamp;
+use crate::anomaly::{cgroup_cpu_ns, tasks_from_loadavg, AnomalyDetector, Observation, Rule};
+
+/// Where a [`RunMonitor`] reports: the controller implements it with its metrics, audit log
+/// and store. Called from the monitor's own thread.
+pub trait AnomalySink: Send + Sync {
+    /// `anomaly` (found by `rule`) was detected on `target`, whose pool's policy is `policy`;
+    /// already logged.
+    fn anomaly(&self, target: &MonitorTarget, rule: Rule, anomaly: &Anomaly, policy: AnomalyPolicy);
+
+    /// Writes the run's status with the anomalies found so far (`status.anomalies`);
+    /// failures are the sink's to log.
+    fn write_status(&self, run: &str, status: AgentRunStatus);
+}
 
 /// Default time between two samples.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -76,7 +87,7 @@ impl std::fmt::Debug for RunMonitor {
 struct Sampler {
     backend: Arc<dyn Backend>,
     target: MonitorTarget,
-    ctx: Ctx,
+    sink: Arc<dyn AnomalySink>,
     detector: AnomalyDetector,
     /// The status as the run's thread last wrote it (`Running`); anomalies are added to it.
     status: AgentRunStatus,
@@ -144,25 +155,7 @@ impl Sampler {
                 detected_at: Timestamp::now().to_string(),
             };
             tracing::warn!(run = %self.target.run, vm = %self.target.vm, rule = %a.rule, "anomaly: {}", a.message);
-            self.ctx.metrics.anomaly(f.rule);
-            self.ctx.audit.record(
-                AuditEvent::new(
-                    AuditEventType::Anomaly,
-                    Kind::AgentRun,
-                    &self.target.run,
-                    "controller",
-                )
-                .vm(&self.target.vm)
-                .details(serde_json::json!({
-                    "pool": self.target.pool,
-                    "rule": a.rule,
-                    "metric": a.metric,
-                    "observed": a.observed,
-                    "threshold": a.threshold,
-                    "message": a.message,
-                    "policy": format!("{policy:?}").to_lowercase(),
-                })),
-            );
+            self.sink.anomaly(&self.target, f.rule, &a, policy);
             self.anomalies.push(a);
         }
         if policy == AnomalyPolicy::Kill && !self.killed.swap(true, Ordering::SeqCst) {
@@ -175,9 +168,7 @@ impl Sampler {
         }
         let mut st = self.status.clone();
         st.anomalies = self.anomalies.clone();
-        if let Err(e) = self.ctx.store.update_status(&self.target.run, st) {
-            tracing::warn!(run = %self.target.run, error = %e, "writing anomalies failed");
-        }
+        self.sink.write_status(&self.target.run, st);
     }
 }
 
@@ -187,7 +178,7 @@ impl RunMonitor {
     /// cancel flag (set by policy `kill`).
     pub fn start(
         backend: Arc<dyn Backend>,
-        ctx: Ctx,
+        sink: Arc<dyn AnomalySink>,
         target: MonitorTarget,
         status: AgentRunStatus,
         cancel: Arc<AtomicBool>,
@@ -199,7 +190,7 @@ impl RunMonitor {
         let mut s = Sampler {
             detector: AnomalyDetector::new(&target.settings, target.vcpus, target.memory_bytes),
             backend,
-            ctx,
+            sink,
             status,
             anomalies: Vec::new(),
             cancel,

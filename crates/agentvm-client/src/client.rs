@@ -9,12 +9,11 @@ use std::time::Duration;
 
 use agentvm_api::Kind;
 
-use super::{
-    ApplyRequest, ApplyResponse, DeleteResponse, ErrorBody, Health, SpecDirResponse, WatchEvent,
-    NEXT_OFFSET_HEADER, TRUNCATED_HEADER,
+use crate::{
+    ApplyRequest, ApplyResponse, DeleteResponse, ErrorBody, Health, SpecDirResponse, SpecDirState,
+    WatchEvent, NEXT_OFFSET_HEADER, TRUNCATED_HEADER,
 };
-use crate::source::SpecDirState;
-use crate::store::StoredObject;
+use agentvm_store::StoredObject;
 
 /// Time allowed for a non-streaming request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -224,7 +223,7 @@ enum RequestBody<'a> {
     Stream(&'a mut dyn Read, u64),
 }
 
-/// Newline-delimited [`super::ExecEvent`]s from `POST /v1/sandboxes/{name}/exec`.
+/// Newline-delimited [`crate::ExecEvent`]s from `POST /v1/sandboxes/{name}/exec`.
 pub struct ExecStream {
     body: Box<dyn BufRead + Send>,
     socket: PathBuf,
@@ -237,7 +236,7 @@ impl std::fmt::Debug for ExecStream {
 }
 
 impl Iterator for ExecStream {
-    type Item = Result<super::ExecEvent, ClientError>;
+    type Item = Result<crate::ExecEvent, ClientError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         let mut line = String::new();
@@ -588,7 +587,7 @@ impl Client {
     pub fn sandbox_exec(
         &self,
         sandbox: &str,
-        request: &super::SandboxExecRequest,
+        request: &crate::SandboxExecRequest,
     ) -> Result<ExecStream, ClientError> {
         let body = serde_json::to_vec(request).map_err(|e| self.protocol(e.to_string()))?;
         let path = format!("/v1/sandboxes/{}/exec", encode(sandbox));
@@ -610,7 +609,7 @@ impl Client {
         sandbox: &str,
         state: agentvm_api::SandboxState,
     ) -> Result<StoredObject, ClientError> {
-        let body = serde_json::to_vec(&super::SandboxStateRequest { state })
+        let body = serde_json::to_vec(&crate::SandboxStateRequest { state })
             .map_err(|e| self.protocol(e.to_string()))?;
         let path = format!("/v1/sandboxes/{}/state", encode(sandbox));
         self.call("POST", &path, Some(&body))
@@ -634,18 +633,18 @@ impl Client {
     }
 
     /// `POST /v1/sandboxes/{name}/attach`: an interactive exec. Sends `request` as the
-    /// first frame; returns the connection to read [`super::attach`] frames from and one to
+    /// first frame; returns the connection to read [`crate::attach`] frames from and one to
     /// write them to. The write side carries no timeout of its own beyond each write's.
     pub fn sandbox_attach(
         &self,
         sandbox: &str,
-        request: &super::AttachRequest,
+        request: &crate::AttachRequest,
     ) -> Result<(Box<dyn BufRead + Send>, UnixStream), ClientError> {
         let path = format!("/v1/sandboxes/{}/attach", encode(sandbox));
-        let (reader, mut writer) = self.upgrade(&path, super::attach::PROTOCOL)?;
+        let (reader, mut writer) = self.upgrade(&path, crate::attach::PROTOCOL)?;
         let json = serde_json::to_vec(request).map_err(|e| self.protocol(e.to_string()))?;
         writer
-            .write_all(&super::attach::encode(super::attach::REQUEST, &json))
+            .write_all(&crate::attach::encode(crate::attach::REQUEST, &json))
             .map_err(|e| self.protocol(e.to_string()))?;
         Ok((reader, writer))
     }
@@ -658,7 +657,7 @@ impl Client {
         port: u16,
     ) -> Result<(Box<dyn BufRead + Send>, UnixStream), ClientError> {
         let path = format!("/v1/sandboxes/{}/forward?port={port}", encode(sandbox));
-        self.upgrade(&path, super::FORWARD_PROTOCOL)
+        self.upgrade(&path, crate::FORWARD_PROTOCOL)
     }
 
     /// `PUT /v1/sandboxes/{name}/files`: `len` bytes of `src` become guest file `path` (mode
@@ -701,7 +700,7 @@ impl Client {
         path: &str,
         dst: &mut dyn Write,
     ) -> Result<u64, ClientError> {
-        use super::attach as frames;
+        use crate::attach as frames;
         let url = format!(
             "/v1/sandboxes/{}/files?path={}",
             encode(sandbox),
@@ -748,7 +747,7 @@ impl Client {
         sandbox: &str,
         snapshot: &str,
     ) -> Result<StoredObject, ClientError> {
-        let body = serde_json::to_vec(&super::SandboxRollbackRequest {
+        let body = serde_json::to_vec(&crate::SandboxRollbackRequest {
             snapshot: snapshot.to_string(),
         })
         .map_err(|e| self.protocol(e.to_string()))?;

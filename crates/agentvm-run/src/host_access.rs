@@ -42,8 +42,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::caller::Caller;
-use crate::Config;
+use agentvm_store::Caller;
 
 /// Largest input file or secret read from the host: 64 MiB.
 pub const MAX_INPUT_FILE_BYTES: u64 = 64 * 1024 * 1024;
@@ -116,12 +115,17 @@ impl HostAccess {
         }
     }
 
-    /// The rights of `submitter` under the controller's `config`: root and the controller's
-    /// own user read as the controller does; anyone else through a helper process running
-    /// as them, with `secretEnvAllowList`; an unknown submitter reads nothing.
-    pub fn of_submitter(submitter: Option<&Caller>, config: &Config) -> Self {
-        let clone_timeout = Duration::from_secs(config.git_clone_timeout_seconds.max(1));
-        let allow_list = || Some(config.secret_env_allow_list.iter().cloned().collect());
+    /// The rights of `submitter` under the controller's configuration: root and the
+    /// controller's own user read as the controller does; anyone else through a helper
+    /// process running as them, with `secret_env_allow_list` (the controller's
+    /// `secretEnvAllowList`); an unknown submitter reads nothing. Clones may take
+    /// `clone_timeout`.
+    pub fn of_submitter(
+        submitter: Option<&Caller>,
+        secret_env_allow_list: &[String],
+        clone_timeout: Duration,
+    ) -> Self {
+        let allow_list = || Some(secret_env_allow_list.iter().cloned().collect());
         match submitter {
             None => HostAccess {
                 rights: Rights::Unknown,
@@ -454,6 +458,8 @@ fn run_bounded(mut cmd: Command, max: u64, timeout: Duration) -> Result<Vec<u8>,
 mod tests {
     use super::*;
 
+    const DEFAULT_CLONE_TIMEOUT: Duration = Duration::from_secs(DEFAULT_GIT_CLONE_TIMEOUT_SECONDS);
+
     fn sh(script: &str) -> Command {
         let mut c = Command::new("sh");
         c.args(["-c", script]);
@@ -509,21 +515,18 @@ mod tests {
 
     #[test]
     fn who_reads_what() {
-        let mut config = Config {
-            secret_env_allow_list: vec!["SHARED_TOKEN".into()],
-            ..Config::default()
-        };
-        config.git_clone_timeout_seconds = 7;
+        let allow_list = ["SHARED_TOKEN".to_string()];
+        let timeout = Duration::from_secs(7);
         let env = |k: &str| (k != "UNSET").then(|| format!("value-of-{k}"));
         // root: every variable, read in-process.
-        let root = HostAccess::of_submitter(Some(&Caller::root()), &config);
+        let root = HostAccess::of_submitter(Some(&Caller::root()), &allow_list, timeout);
         assert_eq!(root.rights, Rights::Own);
         assert_eq!(
             root.env_var("ROOT_ONLY", &env).unwrap(),
             "value-of-ROOT_ONLY"
         );
         // Another user: only the allow-list, refused before the lookup.
-        let a = HostAccess::of_submitter(Some(&alice()), &config);
+        let a = HostAccess::of_submitter(Some(&alice()), &allow_list, timeout);
         assert_eq!(a.rights, Rights::Of(alice()));
         assert_eq!(a.clone_timeout, Duration::from_secs(7));
         assert_eq!(
@@ -541,7 +544,7 @@ mod tests {
                 .replace("ROOT_ONLY", "UNSET")
         );
         // Unknown submitter: nothing at all.
-        let u = HostAccess::of_submitter(None, &config);
+        let u = HostAccess::of_submitter(None, &allow_list, timeout);
         assert_eq!(
             u.env_var("SHARED_TOKEN", &env).unwrap_err(),
             UNKNOWN_SUBMITTER
@@ -563,7 +566,7 @@ mod tests {
 
     #[test]
     fn another_users_helper_gets_only_path_and_their_ids() {
-        let a = HostAccess::of_submitter(Some(&alice()), &Config::default());
+        let a = HostAccess::of_submitter(Some(&alice()), &[], DEFAULT_CLONE_TIMEOUT);
         let cmd = a.command("cat", false);
         assert_eq!(cmd.get_program(), "setpriv");
         let args: Vec<_> = cmd
@@ -592,7 +595,7 @@ mod tests {
             groups: vec![10, 998],
             ..alice()
         };
-        let a = HostAccess::of_submitter(Some(&with_groups), &Config::default());
+        let a = HostAccess::of_submitter(Some(&with_groups), &[], DEFAULT_CLONE_TIMEOUT);
         let cmd = a.command("tar", false);
         assert!(cmd.get_args().any(|a| a == "--groups=10,998"));
     }
