@@ -5,6 +5,7 @@ pub mod anomaly;
 pub mod api;
 pub mod artifacts;
 pub mod audit;
+pub mod cache;
 pub mod caller;
 pub mod config;
 pub mod controller;

@@ -42,7 +42,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use agentvm_api::{spec_hash, validate, Kind, KindStatus, Resource, ValidationErrors};
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -425,7 +425,13 @@ struct Inner {
     path: PathBuf,
     events: broadcast::Sender<StoreEvent>,
     output_events: broadcast::Sender<String>,
+    observers: Mutex<Vec<ChangeObserver>>,
 }
+
+/// Called on the writing thread with every change, after its transaction committed and
+/// before the write returns (see [`Store::observe`]); returns false to stop observing. It
+/// must not call the store.
+pub type ChangeObserver = Box<dyn Fn(&StoreEvent) -> bool + Send + Sync>;
 
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -631,6 +637,7 @@ impl Store {
                 path,
                 events,
                 output_events,
+                observers: Mutex::default(),
             }),
         })
     }
@@ -650,13 +657,35 @@ impl Store {
         self.inner.output_events.subscribe()
     }
 
+    /// Calls `observer` with every change from now on, synchronously (unlike
+    /// [`Store::subscribe`], it cannot lag): the object cache (`crate::cache`) uses it so that
+    /// a write is visible in the cache once it returns.
+    pub fn observe(&self, observer: ChangeObserver) {
+        self.observers().push(observer);
+    }
+
+    fn observers(&self) -> std::sync::MutexGuard<'_, Vec<ChangeObserver>> {
+        self.inner
+            .observers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Number of observers (tests).
+    #[cfg(test)]
+    pub(crate) fn observer_count(&self) -> usize {
+        self.observers().len()
+    }
+
     fn emit(&self, key: &ObjectKey, change: Change) {
-        // No receivers is fine.
-        let _ = self.inner.events.send(StoreEvent {
+        let event = StoreEvent {
             kind: key.kind,
             name: key.name.clone(),
             change,
-        });
+        };
+        self.observers().retain(|observe| observe(&event));
+        // No receivers is fine.
+        let _ = self.inner.events.send(event);
     }
 
     /// Applies one object for `manager`, submitted by root (tests and tools; the API and

@@ -231,7 +231,7 @@ impl AgentRunReconciler {
         let mut w = self.waiting();
         let q = w.pools.entry(pool.to_string()).or_default();
         if !q.seeded {
-            for o in ctx.store.list(Some(Kind::AgentRun))? {
+            for o in ctx.cache.list(Some(Kind::AgentRun))? {
                 if let Resource::AgentRun(r) = &o.resource {
                     if r.spec.pool_ref == pool
                         && !o.is_deleting()
@@ -263,7 +263,7 @@ impl AgentRunReconciler {
         if self.lock().contains_key(name) {
             return Ok(false);
         }
-        Ok(ctx.store.get(Kind::AgentRun, name)?.is_some_and(|o| {
+        Ok(ctx.cache.get(Kind::AgentRun, name)?.is_some_and(|o| {
             o.created_at == *created
                 && !o.is_deleting()
                 && status_of::<AgentRunStatus>(&o).phase == AgentRunPhase::Pending
@@ -301,7 +301,7 @@ impl AgentRunReconciler {
         let pool = run.spec.pool_ref.as_str();
         let before = status.clone();
         let pool_ok = ctx
-            .store
+            .cache
             .get(Kind::VmPool, pool)?
             .is_some_and(|p| !p.is_deleting());
         if !pool_ok {
