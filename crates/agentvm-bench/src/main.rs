@@ -2,7 +2,7 @@
 //! pool hand-out (in-process and through the API), the reset cycle against `virsh
 //! snapshot-revert`, boot to ready, `apply` → Running with a warm pool, runs per minute on
 //! pools of 1, 2 and 4 VMs, controller and idle-guest memory, a no-op resync over 1,000
-//! objects and spec-file write → reconcile latency, and sandboxes (claim, pause/resume,
+//! objects, spec-file write → reconcile latency, a waiting run's VM ready → scheduled, and sandboxes (claim, pause/resume,
 //! stop/start, snapshot, rollback against `virsh snapshot-revert`, memory of N running,
 //! paused and stopped); prints one Markdown report.
 //!
@@ -72,7 +72,8 @@ const MAX_LOAD_FOR_RESULTS: f64 = 2.0;
 enum Part {
     /// In-process pool hand-out.
     Acquire,
-    /// Resync over 1,000 objects and spec-file write latency (in-process controller).
+    /// Resync over 1,000 objects, spec-file write latency and a waiting run's wake-up
+    /// (in-process controller).
     Controller,
     /// Boot to ready, reset cycle and idle guest memory (pool VMs through the backend).
     Vm,
@@ -208,6 +209,13 @@ fn main() -> Result<()> {
             &cache,
             objects,
             if quick { 3 } else { 10 },
+            if quick { 5 } else { 20 },
+            &mut control,
+        )?;
+        eprintln!("== in-process run scheduler: VM ready → waiting run");
+        inproc::wake_rows(
+            &dir.join("wake"),
+            200,
             if quick { 5 } else { 20 },
             &mut control,
         )?;

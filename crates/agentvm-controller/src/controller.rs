@@ -247,6 +247,7 @@ impl Controller {
         };
         let ctx = Ctx {
             store: store.clone(),
+            cache: crate::cache::ObjectCache::new(&store),
             config: Arc::new(self.config.clone()),
             metrics: self.metrics.clone(),
             audit: audit.clone(),

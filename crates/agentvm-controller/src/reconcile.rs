@@ -16,6 +16,10 @@
 //! - A kind without a reconciler has nothing outside the store to clean up: its objects
 //!   are removed as soon as their deletion is requested. Its status is left untouched.
 //!
+//! - The object a reconciler gets, and the keys a resync queues, come from the object cache
+//!   ([`crate::cache`], kept current from store events): what a store read at that moment
+//!   would return, without decoding it again.
+//!
 //! # Assumptions (on reconcilers)
 //! - A reconciler re-reads what it needs and tolerates running again at any time.
 //! - For an object with [`StoredObject::is_deleting`], it tears down what it owns and then
@@ -32,6 +36,7 @@ use agentvm_api::{Kind, Reason};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::audit::AuditLog;
+use crate::cache::ObjectCache;
 use crate::metrics::Metrics;
 use crate::queue::WorkQueue;
 use crate::vm_stats::{VmStatsHistory, DEFAULT_HISTORY};
@@ -77,8 +82,11 @@ impl From<StoreError> for ReconcileError {
 /// What every reconciler gets besides the object.
 #[derive(Debug, Clone)]
 pub struct Ctx {
-    /// The object store (read other objects, write status, finalize deletions).
+    /// The object store (write status, finalize deletions; reads that must see the latest
+    /// committed state).
     pub store: Store,
+    /// The store's objects in memory (reads of other objects; see [`crate::cache`]).
+    pub cache: ObjectCache,
     /// Host configuration.
     pub config: Arc<Config>,
     /// Metrics to record pool, VM and run events in.
@@ -112,6 +120,7 @@ impl Ctx {
     /// A context with fresh metrics, no audit log and an empty statistics history.
     pub fn new(store: Store, config: Arc<Config>) -> Self {
         Ctx {
+            cache: ObjectCache::new(&store),
             store,
             config,
             metrics: Metrics::new(),
@@ -265,7 +274,8 @@ impl Dispatcher {
     /// Runs until `shutdown` resolves, then lets the reconciles in progress finish.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         let shared = self.shared;
-        // Subscribe before listing, so nothing applied in between is missed.
+        // Subscribe before listing, so nothing applied in between is missed. The objects
+        // themselves come from the cache, which observes the store on its own.
         let mut events = shared.ctx.store.subscribe();
         if let Err(e) = shared.enqueue_all() {
             tracing::error!("initial listing of the store failed: {e}");
@@ -297,6 +307,7 @@ impl Dispatcher {
                     Ok(event) => shared.on_event(event.key(), event.change),
                     Err(RecvError::Lagged(n)) => {
                         tracing::warn!("missed {n} store events; resyncing everything");
+                        shared.ctx.cache.missed_events();
                         if let Err(e) = shared.enqueue_all() {
                             tracing::error!("resync listing failed: {e}");
                         }
@@ -314,7 +325,7 @@ impl Dispatcher {
 
 impl Shared {
     fn enqueue_all(&self) -> Result<usize, StoreError> {
-        let objects = self.ctx.store.list(None)?;
+        let objects = self.ctx.cache.list(None)?;
         let n = objects.len();
         for obj in objects {
             self.queue.add(obj.key());
@@ -323,7 +334,7 @@ impl Shared {
     }
 
     fn enqueue_kind(&self, kind: Kind) {
-        match self.ctx.store.list(Some(kind)) {
+        match self.ctx.cache.list(Some(kind)) {
             Ok(objects) => objects.iter().for_each(|o| self.queue.add(o.key())),
             Err(e) => tracing::error!("listing {kind} failed: {e}"),
         }
@@ -347,7 +358,7 @@ impl Shared {
 
     async fn process(self: &Arc<Self>, key: &ObjectKey) {
         self.stats.processed.fetch_add(1, Ordering::Relaxed);
-        let obj = match self.ctx.store.get(key.kind, &key.name) {
+        let obj = match self.ctx.cache.get(key.kind, &key.name) {
             Ok(Some(obj)) => obj,
             Ok(None) => {
                 self.forget(key);
@@ -374,7 +385,6 @@ impl Shared {
         let kind = key.kind.as_str();
         let _timer = self.ctx.metrics.reconcile_started(kind);
         let ctx = self.ctx.clone();
-        let obj = Arc::new(obj);
         let result = tokio::task::spawn_blocking(move || reconciler.reconcile(obj, &ctx)).await;
         match &result {
             Ok(Err(e)) => self.ctx.metrics.reconcile_failed(kind, e.reason.as_str()),

@@ -60,6 +60,12 @@ pub enum RunError {
         /// What went wrong.
         message: String,
     },
+    /// Reading the host inputs did not finish in time (a hung file system, a FIFO, ...).
+    #[error("reading the run's host inputs (files, secrets, workspace) did not finish within {}s; the run is failed instead of waiting for them", .after.as_secs())]
+    InputsTimedOut {
+        /// How long they were waited for.
+        after: std::time::Duration,
+    },
     /// The VM or its agent failed.
     #[error(transparent)]
     Backend(#[from] BackendError),

@@ -186,6 +186,7 @@ impl Store {
                 path,
                 events,
                 output_events,
+                observers: std::sync::Mutex::default(),
             }),
         })
     }

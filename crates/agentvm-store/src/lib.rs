@@ -165,7 +165,13 @@ struct Inner {
     path: PathBuf,
     events: broadcast::Sender<StoreEvent>,
     output_events: broadcast::Sender<String>,
+    observers: std::sync::Mutex<Vec<ChangeObserver>>,
 }
+
+/// Called on the writing thread with every change, after its transaction committed and
+/// before the write returns (see [`Store::observe`]); returns false to stop observing. It
+/// must not call the store.
+pub type ChangeObserver = Box<dyn Fn(&StoreEvent) -> bool + Send + Sync>;
 
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -217,13 +217,34 @@ impl Store {
         self.inner.events.subscribe()
     }
 
+    /// Calls `observer` with every change from now on, synchronously (unlike
+    /// [`Store::subscribe`], it cannot lag): the controller's object cache uses it so that
+    /// a write is visible in the cache once it returns.
+    pub fn observe(&self, observer: crate::ChangeObserver) {
+        self.observers().push(observer);
+    }
+
+    fn observers(&self) -> std::sync::MutexGuard<'_, Vec<crate::ChangeObserver>> {
+        self.inner
+            .observers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Number of observers (the cache's tests check that a dropped cache stops observing).
+    pub fn observer_count(&self) -> usize {
+        self.observers().len()
+    }
+
     pub(crate) fn emit(&self, key: &ObjectKey, change: Change) {
-        // No receivers is fine.
-        let _ = self.inner.events.send(StoreEvent {
+        let event = StoreEvent {
             kind: key.kind,
             name: key.name.clone(),
             change,
-        });
+        };
+        self.observers().retain(|observe| observe(&event));
+        // No receivers is fine.
+        let _ = self.inner.events.send(event);
     }
 
     /// Applies one object for `manager`, submitted by root (tests and tools; the API and

@@ -95,7 +95,13 @@ pub struct AgentRunReconciler {
     waiting: Arc<Mutex<Waiting>>,
     wake: Arc<OnceLock<Wake>>,
     sandboxes: Arc<super::Sandboxes>,
+    /// Overrides the inputs timeout (tests); otherwise the clone timeout + [`INPUTS_GRACE`].
+    inputs_timeout: Option<Duration>,
 }
+
+/// How long reading a run's inputs may take beyond the `gitUrl` clone timeout before the run
+/// fails (`InputUnavailable`): files and secrets are small, but a host path may hang.
+pub const INPUTS_GRACE: Duration = Duration::from_secs(60);
 
 /// How long a queued or waiting run goes without a look of its own. A backstop only: a VM
 /// becoming ready wakes the first run in line, a run leaving the queue wakes the next, and
@@ -121,8 +127,8 @@ struct PoolQueue {
 
 /// A run's host inputs (files, secrets, workspace).
 enum Inputs {
-    /// Being read on a thread of their own.
-    Reading,
+    /// Being read on a thread of their own since then.
+    Reading(Instant),
     /// Read: the run takes them with its VM.
     Read(Result<run::PreparedRun, RunError>),
 }
@@ -145,6 +151,7 @@ impl AgentRunReconciler {
             waiting: Arc::default(),
             wake: Arc::default(),
             sandboxes: Arc::default(),
+            inputs_timeout: None,
         };
         // A VM becoming ready wakes the first run waiting for one.
         let (waiting, wake) = (r.waiting.clone(), r.wake.clone());
@@ -169,6 +176,19 @@ impl AgentRunReconciler {
         self
     }
 
+    /// Fails a run whose inputs take longer than `timeout` to read (tests; the default is
+    /// the `gitUrl` clone timeout plus [`INPUTS_GRACE`]).
+    pub fn inputs_timeout(mut self, timeout: Duration) -> Self {
+        self.inputs_timeout = Some(timeout);
+        self
+    }
+
+    fn inputs_timeout_in(&self, ctx: &Ctx) -> Duration {
+        self.inputs_timeout.unwrap_or_else(|| {
+            Duration::from_secs(ctx.config.git_clone_timeout_seconds.max(1)) + INPUTS_GRACE
+        })
+    }
+
     /// Reads secrets' host environment variables through `env` instead (tests).
     pub fn host_env(mut self, env: HostEnv) -> Self {
         self.host_env = env;
@@ -186,7 +206,9 @@ impl AgentRunReconciler {
         self.active.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Reads `run`'s host inputs on a thread of its own, then wakes the run.
+    /// Reads `run`'s host inputs on a thread of its own, then wakes the run. Waited for at
+    /// most the inputs timeout ([`INPUTS_GRACE`]); a thread still reading then is left to
+    /// finish, its result dropped.
     fn read_inputs(&self, obj: &StoredObject, run: &AgentRun, ctx: &Ctx, key: (Timestamp, i64)) {
         let base = base_dir(obj, ctx);
         let access = HostAccess::of_submitter(
@@ -205,7 +227,7 @@ impl AgentRunReconciler {
             let r = run::prepare(&spec, &base, &access, &*host_env);
             let mut w = waiting.lock().unwrap_or_else(|e| e.into_inner());
             // Only if the run still wants these (not deleted or changed meanwhile).
-            if matches!(w.inputs.get(&name), Some((k, Inputs::Reading)) if *k == key) {
+            if matches!(w.inputs.get(&name), Some((k, Inputs::Reading(_))) if *k == key) {
                 w.inputs.insert(name.clone(), (key, Inputs::Read(r)));
                 drop(w);
                 if let Some(wake) = wake.get() {
@@ -235,7 +257,7 @@ impl AgentRunReconciler {
         let mut w = self.waiting();
         let q = w.pools.entry(pool.to_string()).or_default();
         if !q.seeded {
-            for o in ctx.store.list(Some(Kind::AgentRun))? {
+            for o in ctx.cache.list(Some(Kind::AgentRun))? {
                 if let Resource::AgentRun(r) = &o.resource {
                     if r.spec.pool_ref == pool
                         && !o.is_deleting()
@@ -267,7 +289,7 @@ impl AgentRunReconciler {
         if self.lock().contains_key(name) {
             return Ok(false);
         }
-        Ok(ctx.store.get(Kind::AgentRun, name)?.is_some_and(|o| {
+        Ok(ctx.cache.get(Kind::AgentRun, name)?.is_some_and(|o| {
             o.created_at == *created
                 && !o.is_deleting()
                 && status_of::<AgentRunStatus>(&o).phase == AgentRunPhase::Pending
@@ -305,7 +327,7 @@ impl AgentRunReconciler {
         let pool = run.spec.pool_ref.as_str();
         let before = status.clone();
         let pool_ok = ctx
-            .store
+            .cache
             .get(Kind::VmPool, pool)?
             .is_some_and(|p| !p.is_deleting());
         if !pool_ok {
@@ -339,8 +361,10 @@ impl AgentRunReconciler {
         }
         // First in line: read the host inputs before taking a VM (a missing secret must not
         // cost one).
-        let Some(read) = self.take_inputs(obj, run, ctx) else {
-            return Ok(Action::Requeue(BACKSTOP));
+        let read = match self.take_inputs(obj, run, ctx) {
+            Ok(read) => read,
+            // Woken when they are read, or at their deadline.
+            Err(left) => return Ok(Action::Requeue(left.min(BACKSTOP))),
         };
         let prepared = match read {
             Ok(p) => p,
@@ -433,28 +457,37 @@ impl AgentRunReconciler {
     }
 
     /// The run's host inputs (files, secrets, workspace): read once, on a thread of their
-    /// own (a git clone may take a while), which wakes the run when it is done. `None` while
-    /// they are being read.
+    /// own (a git clone may take a while), which wakes the run when it is done. While they
+    /// are being read, how long they may still take; past that, an
+    /// [`RunError::InputsTimedOut`] error.
     fn take_inputs(
         &self,
         obj: &StoredObject,
         run: &AgentRun,
         ctx: &Ctx,
-    ) -> Option<Result<run::PreparedRun, RunError>> {
+    ) -> Result<Result<run::PreparedRun, RunError>, Duration> {
         let name = run.metadata.name.as_str();
+        let timeout = self.inputs_timeout_in(ctx);
         let mut w = self.waiting();
         let key = (obj.created_at, obj.generation());
         match w.inputs.remove(name) {
-            Some((k, Inputs::Read(r))) if k == key => Some(r),
-            Some((k, Inputs::Reading)) if k == key => {
-                w.inputs.insert(name.to_string(), (k, Inputs::Reading));
-                None
+            Some((k, Inputs::Read(r))) if k == key => Ok(r),
+            Some((k, Inputs::Reading(since))) if k == key => {
+                if since.elapsed() >= timeout {
+                    // Left out of the map: the reading thread's late result is dropped.
+                    tracing::warn!(run = name, ?timeout, "reading the run's inputs timed out");
+                    return Ok(Err(RunError::InputsTimedOut { after: timeout }));
+                }
+                w.inputs
+                    .insert(name.to_string(), (k, Inputs::Reading(since)));
+                Err(timeout - since.elapsed())
             }
             _ => {
-                w.inputs.insert(name.to_string(), (key, Inputs::Reading));
+                w.inputs
+                    .insert(name.to_string(), (key, Inputs::Reading(Instant::now())));
                 drop(w);
                 self.read_inputs(obj, run, ctx, key);
-                None
+                Err(timeout)
             }
         }
     }
@@ -577,8 +610,9 @@ impl AgentRunReconciler {
                 return Ok(Action::Requeue(Duration::from_secs(1)));
             }
         };
-        let Some(read) = self.take_inputs(obj, run, ctx) else {
-            return Ok(Action::Requeue(BACKSTOP));
+        let read = match self.take_inputs(obj, run, ctx) {
+            Ok(read) => read,
+            Err(left) => return Ok(Action::Requeue(left.min(BACKSTOP))),
         };
         let prepared = match read {
             Ok(p) => p,

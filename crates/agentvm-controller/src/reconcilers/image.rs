@@ -7,13 +7,21 @@
 //! build is `Failed`/`Degraded` with the error and retried after a growing delay (30 s,
 //! doubling, at most 1 h) or at once when the recipe changes. Deleting an `Image` leaves the
 //! cache alone (other objects may share the recipe).
+//!
+//! The recipe hash covers the host's kernel and guest agent (a directory listing, a few
+//! `stat`s and a read of the kernel's header, then 10 KB of JSON hashed: about 70 µs), and
+//! the lookup reads the image's metadata: together most of a no-op resync when 1,000 objects
+//! share a recipe. So an image found in the cache is remembered per recipe for
+//! [`FOUND_FRESH`]: the objects of one resync pass with the same spec cost one hash and one
+//! lookup. A kernel or agent upgrade, or an image removed from the cache, is seen by the
+//! first pass after that (nothing triggers a reconcile on those anyway but the resync).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agentvm_api::{ImagePhase, ImageStatus, Kind, Reason, Resource};
+use agentvm_api::{ImagePhase, ImageSpec, ImageStatus, Kind, Reason, Resource};
 use agentvm_image::{BuildEvent, BuiltImage, Recipe};
 
 use super::{status_of, write_status, Conditions};
@@ -27,6 +35,9 @@ const BUILD_POLL: Duration = Duration::from_secs(2);
 const RETRY_BASE: Duration = Duration::from_secs(30);
 /// Longest retry delay after failed builds.
 const RETRY_MAX: Duration = Duration::from_secs(3600);
+/// How long an image found in the cache is trusted for the same spec without hashing the
+/// recipe and looking it up again.
+pub const FOUND_FRESH: Duration = Duration::from_secs(1);
 
 /// Where built images come from: the real cache and builder, or a fake in tests.
 pub trait ImageBuilder: Send + Sync {
@@ -82,10 +93,20 @@ enum Build {
     },
 }
 
+/// An image found in the cache for a spec, and when it was looked up.
+#[derive(Debug, Clone)]
+struct Found {
+    spec: ImageSpec,
+    image: BuiltImage,
+    at: Instant,
+}
+
 /// Reconciles `Image` objects into built images.
 pub struct ImageReconciler {
     builder: Arc<dyn ImageBuilder>,
     builds: Arc<Mutex<HashMap<String, Build>>>,
+    /// Recently found images, one per distinct spec (few: most objects share a recipe).
+    found: Mutex<Vec<Found>>,
 }
 
 impl ImageReconciler {
@@ -94,7 +115,50 @@ impl ImageReconciler {
         Self {
             builder,
             builds: Arc::default(),
+            found: Mutex::default(),
         }
+    }
+
+    /// The image found for `spec` less than [`FOUND_FRESH`] ago.
+    fn recently_found(&self, spec: &ImageSpec) -> Option<BuiltImage> {
+        self.found
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|f| f.spec == *spec && f.at.elapsed() < FOUND_FRESH)
+            .map(|f| f.image.clone())
+    }
+
+    /// Remembers what the lookup for `spec` found (or forgets it when nothing was).
+    fn remember(&self, spec: &ImageSpec, image: Option<&BuiltImage>) {
+        let mut found = self.found.lock().unwrap_or_else(|e| e.into_inner());
+        found.retain(|f| f.spec != *spec && f.at.elapsed() < FOUND_FRESH);
+        if let Some(image) = image {
+            found.push(Found {
+                spec: spec.clone(),
+                image: image.clone(),
+                at: Instant::now(),
+            });
+        }
+    }
+
+    /// `Ready` with the image's paths.
+    fn ready(
+        &self,
+        obj: &StoredObject,
+        ctx: &Ctx,
+        mut status: ImageStatus,
+        img: &BuiltImage,
+    ) -> Result<Action, ReconcileError> {
+        status.phase = ImagePhase::Ready;
+        status.disk_path = Some(img.disk.display().to_string());
+        status.kernel_path = Some(img.kernel.display().to_string());
+        status.initrd_path = Some(img.initrd.display().to_string());
+        status.built_spec_hash = Some(img.recipe_hash.clone());
+        Conditions(&mut status.conditions)
+            .ready(Reason::Built, format!("image {}", img.disk.display()));
+        write_status(ctx, obj, &status)?;
+        Ok(Action::AwaitChange)
     }
 
     fn start_build(&self, hash: &str, recipe: Recipe, failures: u32) {
@@ -158,6 +222,9 @@ impl Reconciler for ImageReconciler {
         }
         let mut status: ImageStatus = status_of(&obj);
         status.observed_generation = Some(obj.generation());
+        if let Some(img) = self.recently_found(&image.spec) {
+            return self.ready(&obj, ctx, status, &img);
+        }
         let recipe = recipe_for(&image.spec);
         let hash = match recipe.try_hash() {
             Ok(h) => h,
@@ -173,20 +240,13 @@ impl Reconciler for ImageReconciler {
             .builder
             .lookup(&recipe)
             .map_err(|e| ReconcileError::new(Reason::CacheError, e))?;
+        self.remember(&image.spec, found.as_ref());
         if let Some(img) = found {
             self.builds
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&hash);
-            status.phase = ImagePhase::Ready;
-            status.disk_path = Some(img.disk.display().to_string());
-            status.kernel_path = Some(img.kernel.display().to_string());
-            status.initrd_path = Some(img.initrd.display().to_string());
-            status.built_spec_hash = Some(img.recipe_hash.clone());
-            Conditions(&mut status.conditions)
-                .ready(Reason::Built, format!("image {}", img.disk.display()));
-            write_status(ctx, &obj, &status)?;
-            return Ok(Action::AwaitChange);
+            return self.ready(&obj, ctx, status, &img);
         }
         // Not in the cache: never report the paths of an older recipe.
         status.disk_path = None;
@@ -251,10 +311,12 @@ mod tests {
         built: Mutex<HashMap<String, BuiltImage>>,
         gate: Mutex<mpsc::Receiver<Result<(), String>>>,
         builds: Mutex<u32>,
+        lookups: Mutex<u32>,
     }
 
     impl ImageBuilder for FakeBuilder {
         fn lookup(&self, recipe: &Recipe) -> Result<Option<BuiltImage>, String> {
+            *self.lookups.lock().unwrap() += 1;
             Ok(self.built.lock().unwrap().get(&recipe.hash()).cloned())
         }
         fn build(
@@ -300,6 +362,7 @@ mod tests {
             built: Mutex::default(),
             gate: Mutex::new(rx),
             builds: Mutex::new(0),
+            lookups: Mutex::new(0),
         });
         let r = ImageReconciler::new(b.clone());
         assert_eq!(
@@ -351,6 +414,7 @@ mod tests {
             built: Mutex::default(),
             gate: Mutex::new(rx),
             builds: Mutex::new(0),
+            lookups: Mutex::new(0),
         });
         let r = ImageReconciler::new(b.clone());
         t.reconcile(&r, Kind::Image, "img").unwrap();
@@ -373,5 +437,54 @@ mod tests {
         t.store.request_delete(Kind::Image, "img", None).unwrap();
         t.reconcile(&r, Kind::Image, "img").unwrap();
         assert!(t.store.get(Kind::Image, "img").unwrap().is_none());
+    }
+
+    #[test]
+    fn objects_sharing_a_found_recipe_cost_one_lookup_until_it_is_stale() {
+        let t = Setup::new();
+        let (_tx, rx) = mpsc::channel();
+        let b = Arc::new(FakeBuilder {
+            built: Mutex::default(),
+            gate: Mutex::new(rx),
+            builds: Mutex::new(0),
+            lookups: Mutex::new(0),
+        });
+        let hash = recipe_for(&agentvm_api::ImageSpec::default()).hash();
+        let dir = PathBuf::from("/cache/images").join(&hash);
+        b.built.lock().unwrap().insert(
+            hash.clone(),
+            BuiltImage {
+                disk: dir.join("disk.qcow2"),
+                kernel: dir.join("vmlinuz"),
+                initrd: dir.join("initrd.img"),
+                cmdline: "x".into(),
+                recipe_hash: hash.clone(),
+                dir,
+            },
+        );
+        let r = ImageReconciler::new(b.clone());
+        for i in 0..5 {
+            t.apply(&IMG.replace("name: img", &format!("name: img{i}")));
+            assert_eq!(
+                t.reconcile(&r, Kind::Image, &format!("img{i}")).unwrap(),
+                Action::AwaitChange
+            );
+            let s = t.status(Kind::Image, &format!("img{i}"));
+            assert_eq!(s["phase"], "Ready");
+            assert_eq!(s["builtSpecHash"], hash.as_str());
+        }
+        assert_eq!(*b.lookups.lock().unwrap(), 1);
+        // Another spec is looked up on its own (and is missing: a build starts).
+        t.apply(&IMG.replace("spec: {}", "spec: {packages: [git]}"));
+        t.reconcile(&r, Kind::Image, "img").unwrap();
+        assert_eq!(*b.lookups.lock().unwrap(), 2);
+        assert_eq!(t.status(Kind::Image, "img")["phase"], "Building");
+        // Past the freshness window the image is looked up again: removed from the cache,
+        // it is no longer reported Ready.
+        b.built.lock().unwrap().clear();
+        std::thread::sleep(FOUND_FRESH);
+        t.reconcile(&r, Kind::Image, "img0").unwrap();
+        assert_eq!(*b.lookups.lock().unwrap(), 3);
+        assert_eq!(t.status(Kind::Image, "img0")["phase"], "Building");
     }
 }

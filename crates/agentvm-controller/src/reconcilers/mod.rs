@@ -179,11 +179,11 @@ pub(crate) fn pools_using(
     uses: impl Fn(&agentvm_api::VmPoolSpec) -> bool,
 ) -> Result<Vec<String>, ReconcileError> {
     Ok(ctx
-        .store
+        .cache
         .list(Some(Kind::VmPool))?
-        .into_iter()
-        .filter_map(|o| match o.resource {
-            Resource::VmPool(p) if uses(&p.spec) => Some(p.metadata.name),
+        .iter()
+        .filter_map(|o| match &o.resource {
+            Resource::VmPool(p) if uses(&p.spec) => Some(p.metadata.name.clone()),
             _ => None,
         })
         .collect())

@@ -241,7 +241,7 @@ impl SandboxReconciler {
             status.phase = SandboxPhase::Pending;
             Conditions(&mut status.conditions).progressing(reason, message);
         };
-        if ctx.store.get(Kind::VmPool, pool)?.is_none() {
+        if ctx.cache.get(Kind::VmPool, pool)?.is_none() {
             pending(
                 status,
                 Reason::PoolNotFound,

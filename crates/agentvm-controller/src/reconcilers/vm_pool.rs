@@ -675,7 +675,7 @@ fn waiting(reason: Reason, message: String) -> Blocked {
 
 fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Blocked>, ReconcileError> {
     let t = &pool.spec.template;
-    let Some(img) = ctx.store.get(Kind::Image, &t.image_ref)? else {
+    let Some(img) = ctx.cache.get(Kind::Image, &t.image_ref)? else {
         return Ok(Err(waiting(
             Reason::WaitingForImage,
             format!("Image {} does not exist", t.image_ref),
@@ -713,8 +713,8 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Blocked>, Reconc
     let nic = match t.network.attachment() {
         None => None,
         Some(a) => {
-            let net = ctx.store.get(Kind::Network, a.network_ref)?;
-            let filter = ctx.store.get(Kind::NetworkFilter, a.filter_ref)?;
+            let net = ctx.cache.get(Kind::Network, a.network_ref)?;
+            let filter = ctx.cache.get(Kind::NetworkFilter, a.filter_ref)?;
             let net_ready = net.as_ref().is_some_and(|n| {
                 status_of::<NetworkStatus>(n).phase == NetworkPhase::Ready && !n.is_deleting()
             });

@@ -684,3 +684,34 @@ fn a_run_in_a_sandbox_runs_in_its_vm_keeps_it_unreset_and_counts_as_activity() {
     assert_eq!(st.phase, AgentRunPhase::Failed);
     assert_eq!(st.reason.as_deref(), Some("NotPermitted"));
 }
+
+#[test]
+fn inputs_that_take_too_long_to_read_fail_the_run_without_a_vm() {
+    let mut r = Runs::new(1, 1);
+    let (release, hold) = std::sync::mpsc::channel::<()>();
+    let hold = Mutex::new(hold);
+    r.runs = AgentRunReconciler::new(r.t.backend(), r.registry.clone())
+        .host_env(Arc::new(move |_| {
+            // A host input that hangs until the test ends.
+            let _ = hold.lock().unwrap().recv();
+            None
+        }))
+        .inputs_timeout(Duration::from_millis(200));
+    let extra = "  secretEnv:\n  - {name: TOKEN, fromEnv: HOST_TOKEN}\n";
+    r.t.apply(&run_yaml("slow", "echo hi", extra));
+    r.drive(Runs::all_terminal);
+    let s = r.status("slow");
+    assert_eq!(s.phase, AgentRunPhase::Failed, "{s:?}");
+    assert_eq!(s.reason.as_deref(), Some("InputUnavailable"));
+    let message = &s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == COMPLETED)
+        .unwrap()
+        .message;
+    assert!(message.contains("did not finish within"), "{message}");
+    assert!(s.vm.is_none());
+    // No VM was taken.
+    assert!(r.registry.vms("p").iter().all(|v| v.phase != VmPhase::Busy));
+    drop(release);
+}
