@@ -35,7 +35,7 @@ use crate::audit::AuditLog;
 use crate::metrics::Metrics;
 use crate::queue::WorkQueue;
 use crate::store::{Change, ObjectKey, Store, StoreError, StoredObject};
-use crate::vm_stats::{VmStatsHistory, DEFAULT_HISTORY};
+use crate::vm_stats::{VmStatsHistory, VmStatsSampler, DEFAULT_HISTORY};
 use crate::Config;
 
 /// What to do after a successful reconcile.
@@ -85,8 +85,9 @@ pub struct Ctx {
     pub metrics: Metrics,
     /// The audit log, for VM and run lifecycle events.
     pub audit: AuditLog,
-    /// The latest statistics samples of each running VM (anomaly detection).
-    pub vm_stats: VmStatsHistory,
+    /// The one sampler of VM statistics: metrics, the latest samples of each running VM,
+    /// and the feeds of the runs' anomaly monitors.
+    pub vm_stats: VmStatsSampler,
     /// Egress summaries of runs in progress (filled by the egress proxy).
     pub egress: crate::egress::RunSummaries,
     /// Queues other objects for reconciliation (the dispatcher's work queue).
@@ -109,14 +110,20 @@ impl Wake {
 }
 
 impl Ctx {
-    /// A context with fresh metrics, no audit log and an empty statistics history.
+    /// A context with fresh metrics, no audit log and a statistics sampler that samples
+    /// only the VMs runs watch.
     pub fn new(store: Store, config: Arc<Config>) -> Self {
+        let metrics = Metrics::new();
         Ctx {
             store,
             config,
-            metrics: Metrics::new(),
+            vm_stats: VmStatsSampler::new(
+                metrics.clone(),
+                VmStatsHistory::new(DEFAULT_HISTORY),
+                crate::health::Readiness::default(),
+            ),
+            metrics,
             audit: AuditLog::disabled(),
-            vm_stats: VmStatsHistory::new(DEFAULT_HISTORY),
             egress: Default::default(),
             wake: Wake::default(),
         }

@@ -1,6 +1,7 @@
-//! `RunMonitor`: samples the VM of a running `AgentRun` about once a second on a thread of its
-//! own (libvirt domain statistics through [`Backend::vm_stats`], the guest's task count from
-//! `/proc/loadavg` and the CPU time of the run's cgroup through the guest agent), feeds the [`AnomalyDetector`], and for each
+//! `RunMonitor`: watches the VM of a running `AgentRun` about once a second on a thread of its
+//! own (domain statistics from the controller's one sampler, [`crate::vm_stats`], which
+//! samples them through the backend; the guest's task count from `/proc/loadavg` and the CPU
+//! time of the run's cgroup through the guest agent), feeds the [`AnomalyDetector`], and for each
 //! anomaly: appends it to the run's status (written at once), counts it in
 //! `agent_vm_anomalies_total{rule}` and writes an `anomaly` audit event. With policy `kill`
 //! the first anomaly also sets the run's cancel flag (the executor kills the process group in
@@ -9,7 +10,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use agentvm_api::{AgentRunStatus, Anomaly, AnomalyDetection, AnomalyPolicy, Kind, ResourceUsage};
 use agentvm_backend::guest::RUN_CGROUP;
@@ -19,6 +20,7 @@ use crate::anomaly::{cgroup_cpu_ns, tasks_from_loadavg, AnomalyDetector, Observa
 use crate::audit::{AuditEvent, AuditEventType};
 use crate::reconcile::Ctx;
 use crate::time::Timestamp;
+use crate::vm_stats::{BackendStatsSource, VmStatsWatch};
 
 /// Default time between two samples.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -75,6 +77,8 @@ impl std::fmt::Debug for RunMonitor {
 
 struct Sampler {
     backend: Arc<dyn Backend>,
+    /// The VM's domain statistics, from the controller's sampler.
+    stats: VmStatsWatch,
     target: MonitorTarget,
     ctx: Ctx,
     detector: AnomalyDetector,
@@ -107,8 +111,12 @@ impl Sampler {
         (tasks, cpu)
     }
 
-    fn sample(&mut self) -> Option<Observation> {
-        match self.backend.vm_stats(&self.target.vm) {
+    /// An observation from a sample of the VM's statistics (`None`: it could not be taken).
+    fn observation(
+        &mut self,
+        sample: Result<agentvm_backend::DomainStats, String>,
+    ) -> Option<Observation> {
+        match sample {
             Ok(stats) => Some(Observation {
                 stats,
                 processes: None,
@@ -124,8 +132,8 @@ impl Sampler {
         }
     }
 
-    fn tick(&mut self) {
-        let Some(mut obs) = self.sample() else {
+    fn tick(&mut self, sample: Result<agentvm_backend::DomainStats, String>) {
+        let Some(mut obs) = self.observation(sample) else {
             return;
         };
         (obs.processes, obs.run_cpu_ns) = self.guest_readings();
@@ -196,7 +204,11 @@ impl RunMonitor {
         let stop = Arc::new(AtomicBool::new(false));
         let killed = Arc::new(AtomicBool::new(false));
         let closed = Arc::new(std::sync::Mutex::new(false));
+        let stats = ctx.vm_stats.watch(&target.vm, every, || {
+            Box::new(BackendStatsSource::new(backend.clone()))
+        })?;
         let mut s = Sampler {
+            stats,
             detector: AnomalyDetector::new(&target.settings, target.vcpus, target.memory_bytes),
             backend,
             ctx,
@@ -225,21 +237,21 @@ impl RunMonitor {
                     }
                 };
                 loop {
-                    let next = Instant::now() + every;
-                    s.tick();
-                    *shared.lock().unwrap_or_else(|e| e.into_inner()) = report(&s);
-                    while Instant::now() < next {
-                        if stopping.load(Ordering::SeqCst) {
-                            // A last reading so the usage covers the whole run.
-                            if let Some(mut obs) = s.sample() {
+                    if let Some(sample) = s.stats.next(Duration::from_millis(25).min(every)) {
+                        s.tick(sample);
+                        *shared.lock().unwrap_or_else(|e| e.into_inner()) = report(&s);
+                    }
+                    if stopping.load(Ordering::SeqCst) {
+                        // A last reading so the usage covers the whole run.
+                        if let Some(sample) = s.stats.now(STOP_WAIT) {
+                            if let Some(mut obs) = s.observation(sample) {
                                 obs.run_cpu_ns = s.guest_readings().1;
                                 s.detector.account(&obs);
                             }
-                            // The receiver may have stopped waiting; nothing to do then.
-                            let _ = tx.send(report(&s));
-                            return;
                         }
-                        std::thread::sleep(Duration::from_millis(25).min(every));
+                        // The receiver may have stopped waiting; nothing to do then.
+                        let _ = tx.send(report(&s));
+                        return;
                     }
                 }
             })?;
