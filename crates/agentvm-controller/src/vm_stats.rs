@@ -192,6 +192,21 @@ struct WatchEntry {
 }
 
 impl Plan {
+    /// What is due at `now`: whether every VM is (a full sample), and the watched VMs that
+    /// are, sorted; `None` when nothing is.
+    fn due(&self, now: Instant) -> Option<(bool, Vec<String>)> {
+        let full = self.every.is_some() && self.next_full.is_some_and(|t| t <= now);
+        let mut vms: Vec<String> = self
+            .watches
+            .iter()
+            .filter(|w| w.due <= now)
+            .map(|w| w.vm.clone())
+            .collect();
+        vms.sort();
+        vms.dedup();
+        (full || !vms.is_empty()).then_some((full, vms))
+    }
+
     /// Next time anything is due.
     fn next_due(&self) -> Option<Instant> {
         let watches = self.watches.iter().map(|w| w.due).min();
@@ -454,27 +469,20 @@ impl VmStatsSampler {
                     plan.running = false;
                     return;
                 }
-                let full = plan.every.is_some() && plan.next_full.is_some_and(|t| t <= now);
-                let mut due: Vec<String> = plan
-                    .watches
-                    .iter()
-                    .filter(|w| w.due <= now)
-                    .map(|w| w.vm.clone())
-                    .collect();
-                due.sort();
-                due.dedup();
-                if !full && due.is_empty() {
-                    let wait = plan
-                        .next_due()
-                        .map_or(MAX_SLEEP, |t| t.saturating_duration_since(now))
-                        .min(MAX_SLEEP);
-                    let _ = shared
-                        .changed
-                        .wait_timeout(plan, wait)
-                        .unwrap_or_else(|e| e.into_inner());
-                    continue;
+                match plan.due(now) {
+                    Some(due) => due,
+                    None => {
+                        let wait = plan
+                            .next_due()
+                            .map_or(MAX_SLEEP, |t| t.saturating_duration_since(now))
+                            .min(MAX_SLEEP);
+                        let _ = shared
+                            .changed
+                            .wait_timeout(plan, wait)
+                            .unwrap_or_else(|e| e.into_inner());
+                        continue;
+                    }
                 }
-                (full, due)
             };
             let mut source = lock(&shared.source);
             let Some(src) = source.as_mut() else {
