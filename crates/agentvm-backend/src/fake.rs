@@ -531,7 +531,7 @@ impl Backend for FakeBackend {
             FakeDomain {
                 owner: Some(req.owner.clone()),
                 state: DomainState::Running,
-                golden: true,
+                golden: req.park,
                 network: req.nic.as_ref().map(|n| n.network.clone()),
                 filter: req.nic.as_ref().and_then(|n| n.filter.clone()),
                 resets: 0,
