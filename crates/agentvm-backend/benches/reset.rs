@@ -12,28 +12,20 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use agentvm_backend::golden::{GoldenVm, ResetStrategy, GOLDEN_SNAPSHOT};
+use agentvm_backend::golden::{ResetStrategy, GOLDEN_SNAPSHOT};
 use agentvm_backend::guest::{AgentChannel, ExecRequest, Guest};
-use agentvm_backend::vm::{default_state_dir, VmShape};
-use agentvm_backend::{Libvirt, Owner};
+use agentvm_backend::{EphemeralVm, Libvirt, LibvirtBackend, Owner, VmRequest};
 use serde_json::json;
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-use common::image;
+use common::{backend, request};
 
 fn env_usize(key: &str, default: usize) -> usize {
     std::env::var(key)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn shape(memory_mib: u64) -> VmShape {
-    VmShape {
-        memory_mib,
-        ..common::shape()
-    }
 }
 
 /// Order statistics of a sample.
@@ -103,19 +95,24 @@ fn median(xs: &[Duration]) -> Duration {
 }
 
 /// Dirty the guest a little so a reset has something to undo.
-fn dirty(vm: &GoldenVm<'_>) {
+fn dirty(vm: &EphemeralVm<'_>) {
     let agent = vm.agent().unwrap();
-    Guest::new(&agent)
+    Guest::new(&*agent)
         .write_file("/root/bench-dirty", b"dirty")
         .unwrap();
 }
 
-fn bench_strategy(vm: &GoldenVm<'_>, strategy: ResetStrategy, cycles: usize, label: &str) -> Row {
+fn bench_strategy(
+    vm: &EphemeralVm<'_>,
+    strategy: ResetStrategy,
+    cycles: usize,
+    label: &str,
+) -> Row {
     let (mut total, mut restore, mut agent, mut clock) = (vec![], vec![], vec![], vec![]);
     for _ in 0..cycles {
         dirty(vm);
         let r = vm
-            .reset_with(strategy, Duration::from_secs(120))
+            .reset_with(strategy)
             .unwrap_or_else(|e| panic!("{strategy}: {e}"));
         total.push(r.total);
         restore.push(r.restore);
@@ -132,7 +129,7 @@ fn bench_strategy(vm: &GoldenVm<'_>, strategy: ResetStrategy, cycles: usize, lab
 }
 
 /// Baseline: `virsh snapshot-revert` of the same snapshot, then wait for the agent.
-fn bench_virsh_revert(vm: &GoldenVm<'_>, cycles: usize) -> Row {
+fn bench_virsh_revert(vm: &EphemeralVm<'_>, cycles: usize) -> Row {
     let uri = Libvirt::default_uri();
     let (mut total, mut restore, mut agent) = (vec![], vec![], vec![]);
     for _ in 0..cycles {
@@ -150,7 +147,7 @@ fn bench_virsh_revert(vm: &GoldenVm<'_>, cycles: usize) -> Row {
         );
         let r = t.elapsed();
         let ch = vm.agent().unwrap();
-        let a = Guest::new(&ch)
+        let a = Guest::new(&*ch)
             .wait_ready(Duration::from_secs(120))
             .unwrap();
         total.push(t.elapsed());
@@ -228,10 +225,10 @@ impl<C: AgentChannel + ?Sized> AgentChannel for QemuGaOnly<'_, C> {
     }
 }
 
-fn bench_exec(vm: &GoldenVm<'_>, n: usize) -> Vec<Row> {
+fn bench_exec(vm: &EphemeralVm<'_>, n: usize) -> Vec<Row> {
     let ch = vm.agent().unwrap();
-    let g = Guest::new(&ch);
-    let ga_only = QemuGaOnly(&ch);
+    let g = Guest::new(&*ch);
+    let ga_only = QemuGaOnly(&*ch);
     let ga = Guest::new(&ga_only);
     let (mut ours, mut fallback, mut raw, mut chain, mut ping, mut own_ping) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
@@ -240,7 +237,7 @@ fn bench_exec(vm: &GoldenVm<'_>, n: usize) -> Vec<Row> {
     let first = g.exec(&req, &mut |_, _| {}).unwrap();
     assert_eq!(first.served_by, agentvm_backend::ServedBy::AgentvmGuest);
     ga.exec(&req, &mut |_, _| {}).unwrap();
-    raw_exec_true(&ch, Duration::from_millis(5));
+    raw_exec_true(&*ch, Duration::from_millis(5));
     let own = g.agent().expect("agentvm-guest answers");
     for _ in 0..n {
         let t = Instant::now();
@@ -252,8 +249,8 @@ fn bench_exec(vm: &GoldenVm<'_>, n: usize) -> Vec<Row> {
         assert!(out.success());
         assert_eq!(out.served_by, agentvm_backend::ServedBy::QemuGuestAgent);
         fallback.push(t.elapsed());
-        raw.push(raw_exec_true(&ch, Duration::from_millis(5)));
-        chain.push(raw_exec_chain(&ch, Duration::from_millis(5)));
+        raw.push(raw_exec_true(&*ch, Duration::from_millis(5)));
+        chain.push(raw_exec_chain(&*ch, Duration::from_millis(5)));
         let t = Instant::now();
         g.ping().unwrap();
         ping.push(t.elapsed());
@@ -304,29 +301,25 @@ fn bench_exec(vm: &GoldenVm<'_>, n: usize) -> Vec<Row> {
     ]
 }
 
-fn boot<'a>(lv: &'a Libvirt, tag: &str, memory_mib: u64, strategy: ResetStrategy) -> GoldenVm<'a> {
+/// Boots, and parks with its strategy, a VM through `backend` (a pool VM's path).
+fn boot<'a>(backend: &'a LibvirtBackend, tag: &str, memory_mib: u64) -> EphemeralVm<'a> {
     let name = format!("agentvm-bench-{tag}-{}", std::process::id());
     let owner = Owner {
         kind: "Benchmark".into(),
         name: tag.into(),
         ..Owner::default()
     };
-    let vm = GoldenVm::boot(
-        lv,
-        &default_state_dir(),
-        &name,
-        &image(),
-        &shape(memory_mib),
-        owner,
-        strategy,
-        &[],
-    )
-    .unwrap_or_else(|e| panic!("booting {name}: {e}"));
+    let req = VmRequest {
+        memory_mib,
+        ..request(&name, owner)
+    };
+    let vm = EphemeralVm::create(backend, &req).unwrap_or_else(|e| panic!("booting {name}: {e}"));
+    let golden = vm.golden();
     eprintln!(
         "{name}: {memory_mib} MiB, boot {:.1}s, park ({}) {:.2}s",
-        vm.boot_time.as_secs_f64(),
-        strategy.kind_name(),
-        vm.golden().park_time.as_secs_f64()
+        vm.report.boot.as_secs_f64(),
+        golden.strategy.kind_name(),
+        golden.park_time.as_secs_f64()
     );
     vm
 }
@@ -349,18 +342,24 @@ fn main() {
     let small = env_usize("AGENTVM_BENCH_SMALL_MIB", 256) as u64;
     let lv = Libvirt::connect(&Libvirt::default_uri())
         .unwrap_or_else(|e| panic!("libvirt must be running: {e}"));
+    let snapshots = backend(ResetStrategy::SnapshotLoadvm);
+    let saved = backend(ResetStrategy::SavedMemory);
+    let by_strategy = |s: ResetStrategy| match s.kind() {
+        agentvm_backend::golden::GoldenKind::InternalSnapshot => &snapshots,
+        agentvm_backend::golden::GoldenKind::SavedMemory => &saved,
+    };
     let only_exec = std::env::var("AGENTVM_BENCH_ONLY").as_deref() == Ok("exec");
     let mut rows = Vec::new();
     let exec_rows;
     if only_exec {
-        let vm = boot(&lv, "exec", 512, ResetStrategy::SnapshotLoadvm);
+        let vm = boot(&snapshots, "exec", 512);
         exec_rows = bench_exec(&vm, execs);
         vm.teardown().unwrap();
         print_rows("Guest exec round trip", &exec_rows);
         return;
     }
     {
-        let vm = boot(&lv, "snap", 512, ResetStrategy::SnapshotLoadvm);
+        let vm = boot(&snapshots, "snap", 512);
         rows.push(bench_strategy(
             &vm,
             ResetStrategy::SnapshotLoadvm,
@@ -378,7 +377,7 @@ fn main() {
         vm.teardown().unwrap();
     }
     {
-        let vm = boot(&lv, "saved", 512, ResetStrategy::SavedMemory);
+        let vm = boot(&saved, "saved", 512);
         rows.push(bench_strategy(
             &vm,
             ResetStrategy::SavedMemory,
@@ -389,7 +388,7 @@ fn main() {
     }
     if small > 0 {
         for strategy in [ResetStrategy::SnapshotLoadvm, ResetStrategy::SavedMemory] {
-            let vm = boot(&lv, "small", small, strategy);
+            let vm = boot(by_strategy(strategy), "small", small);
             rows.push(bench_strategy(
                 &vm,
                 strategy,
@@ -402,7 +401,7 @@ fn main() {
     println!(
         "\nagentvm reset benchmark: libvirt {}, accelerator {}, times in ms",
         lv.version().unwrap_or_default(),
-        shape(512).accelerator.as_str()
+        common::accel().as_str()
     );
     print_rows(
         "Reset to golden state (total = until the guest agent answers , the RNG is reseeded and the clock set)",

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use crate::accel::{Accelerator, AcceleratorChoice};
 use crate::error::{io_err, BackendError, Result};
-use crate::golden::{GoldenKind, GoldenState, ResetStrategy, GOLDEN_SNAPSHOT};
+use crate::golden::{GoldenKind, GoldenState, ResetReport, ResetStrategy, GOLDEN_SNAPSHOT};
 use crate::guest::{ExecRequest, Guest};
 use crate::libvirt::{DomainState, Libvirt, PowerState};
 use crate::libvirt_net::OwnedFilter;
@@ -29,7 +29,7 @@ use crate::netxml::{NetworkDef, NwFilterDef};
 use crate::reconnect::Reconnecting;
 use crate::template::PoolTemplate;
 use crate::vm::{
-    make_dir_with_mode, resolve_accelerator, write_private, BootImage, EphemeralVm, VmFiles,
+    boot_domain, make_dir_with_mode, resolve_accelerator, write_private, BootImage, VmFiles,
     VmShape, PRIVATE_DIR_MODE,
 };
 use crate::xml::{NicSpec, Owner};
@@ -66,9 +66,11 @@ pub struct OwnedVm {
     pub edited: bool,
 }
 
-/// A pool VM to create: booted from `image`, warmed up, parked at its golden state.
+/// A VM to create: booted from `image`, warmed up, and (for a pool) parked at its golden
+/// state. Pools, `agentvm run`, `agentvm exec`, the benchmarks and the tier-3 tests all make
+/// their VMs from one of these, so the same shape gets the same limits everywhere.
 #[derive(Debug, Clone, PartialEq)]
-pub struct PoolVmRequest {
+pub struct VmRequest {
     /// Domain name (unique on the host).
     pub name: String,
     /// What it boots.
@@ -79,16 +81,22 @@ pub struct PoolVmRequest {
     pub memory_mib: u64,
     /// Network interface; `None` for an isolated VM.
     pub nic: Option<NicSpec>,
-    /// Ownership metadata (kind `VmPool`, the pool's name, the template hash).
+    /// Ownership metadata (for a pool VM: kind `VmPool`, the pool's name, the template hash).
     pub owner: Owner,
-    /// Commands run once before parking; each must exit 0.
+    /// Commands run once after boot (before parking); each must exit 0.
     pub warmup: Vec<ExecRequest>,
     /// Limits on what the VM takes from the host.
     pub limits: VmLimits,
     /// Virtual disk size in GiB (at least the image's); `None` keeps the image's size.
     pub disk_gib: Option<u64>,
+    /// CPU features hidden from the guest (see [`crate::xml::DomainSpec::disabled_cpu_features`]).
+    pub disabled_cpu_features: Vec<String>,
+    /// Park it at its golden state after the warm-up, to be reset after each use (pool VMs).
+    /// `false` for a VM used once and destroyed (`agentvm run`, `agentvm exec`).
+    pub park: bool,
     /// Make it from the pool's template when there is one for `owner.spec_hash` (see
-    /// [`crate::template`]), and keep a VM that had to boot as the pool's template.
+    /// [`crate::template`]), and keep a VM that had to boot as the pool's template. Only
+    /// with `park`.
     pub from_template: bool,
 }
 
@@ -101,14 +109,14 @@ pub struct SnapshotTaken {
     pub memory_bytes: Option<u64>,
 }
 
-/// Timings of a pool VM's creation.
+/// Timings of a VM's creation.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct PoolVmReport {
+pub struct VmReport {
     /// Start to the guest agent answering.
     pub boot: Duration,
     /// Warm-up commands.
     pub warmup: Duration,
-    /// Taking the golden state.
+    /// Taking the golden state (zero when not parked).
     pub park: Duration,
     /// True when it was made from the pool's template (`boot` is then the time to restore
     /// it and give it its own identity), false when it booted.
@@ -139,10 +147,11 @@ pub trait Backend: Send + Sync {
 
     /// Owned domains (of this backend's scope), sorted by name.
     fn list_vms(&self) -> Result<Vec<OwnedVm>>;
-    /// Creates a pool VM: overlay on the image, define with the owner metadata, boot, wait
-    /// for the agent, run the warm-up commands, park at the golden state. On failure nothing
-    /// of it is left behind.
-    fn create_pool_vm(&self, req: &PoolVmRequest) -> Result<PoolVmReport>;
+    /// Creates a VM: overlay on the image, define with the owner metadata, boot, wait for the
+    /// agent, run the warm-up commands, and with [`VmRequest::park`] park it at its golden
+    /// state. On failure nothing of it is left behind. Every VM agentvm makes (pools,
+    /// `agentvm run`, `agentvm exec`) comes from here; [`Backend::destroy_vm`] removes it.
+    fn create_vm(&self, req: &VmRequest) -> Result<VmReport>;
     /// Destroys and undefines an owned VM and removes its snapshots, saved state and
     /// overlays. Succeeds when it is already gone.
     fn destroy_vm(&self, name: &str) -> Result<()>;
@@ -210,6 +219,15 @@ pub trait Backend: Send + Sync {
             message: format!("this backend has no statistics for {name}"),
         })
     }
+
+    /// The number of virtual CPUs of a running VM (CPU use is reported per vCPU). Backends
+    /// that cannot tell fail.
+    fn vm_vcpus(&self, name: &str) -> Result<u32> {
+        Err(BackendError::Protocol {
+            what: "domain vCPUs".into(),
+            message: format!("this backend cannot tell the vCPUs of {name}"),
+        })
+    }
 }
 
 /// [`Backend`] on a libvirt daemon: one connection (reopened after it fails), per-VM files
@@ -219,7 +237,8 @@ pub struct LibvirtBackend {
     conn: Reconnecting<Libvirt>,
     state_dir: PathBuf,
     accel_choice: AcceleratorChoice,
-    accel: Mutex<Option<Accelerator>>,
+    /// The accelerator once resolved, and why it was chosen.
+    accel: Mutex<Option<(Accelerator, String)>>,
     boot_timeout: Duration,
     strategy: ResetStrategy,
     tcg_tb_cache_mib: Option<u64>,
@@ -299,9 +318,53 @@ impl LibvirtBackend {
         self
     }
 
+    /// Resets VMs to their golden state with `strategy` (default
+    /// [`ResetStrategy::SnapshotLoadvm`]); VMs are parked the way it needs.
+    pub fn with_reset_strategy(mut self, strategy: ResetStrategy) -> Self {
+        self.strategy = strategy;
+        self
+    }
+
     /// The state directory.
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
+    }
+
+    /// The files of VM `name` (its directory under the state directory).
+    pub fn vm_files(&self, name: &str) -> VmFiles {
+        self.files(name)
+    }
+
+    /// The accelerator VMs of `image` get, and why (resolved on first use when `auto`, see
+    /// [`crate::vm::resolve_accelerator`]).
+    pub fn accelerator_for(&self, image: &BootImage) -> Result<(Accelerator, String)> {
+        let lv = self.lv()?;
+        self.accelerator(&lv, image)?;
+        let accel = self.accel.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(accel.clone().expect("resolved just now"))
+    }
+
+    /// The libvirt daemon's version (e.g. `9.0.0`).
+    pub fn libvirt_version(&self) -> Result<String> {
+        self.lv()?.version()
+    }
+
+    /// Parked VM `name`'s golden state, as this backend keeps it.
+    pub fn golden_state(&self, name: &str) -> GoldenState {
+        GoldenState {
+            name: name.to_string(),
+            files: self.files(name),
+            kind: self.strategy.kind(),
+            strategy: self.strategy,
+            park_time: Duration::ZERO,
+        }
+    }
+
+    /// [`Backend::reset_vm`] with `strategy`, which must fit how the golden state is stored
+    /// (the two snapshot strategies share one), and the reset's timings.
+    pub fn reset_vm_with(&self, name: &str, strategy: ResetStrategy) -> Result<ResetReport> {
+        self.lv()?
+            .reset_to_golden_with(&self.golden_state(name), strategy, self.boot_timeout)
     }
 
     /// The connection, reopened first when the daemon stopped answering on it (libvirtd
@@ -347,23 +410,13 @@ impl LibvirtBackend {
 
     fn accelerator(&self, lv: &Libvirt, image: &BootImage) -> Result<Accelerator> {
         let mut accel = self.accel.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(a) = *accel {
-            return Ok(a);
+        if let Some((a, _)) = &*accel {
+            return Ok(*a);
         }
         let (a, why) = resolve_accelerator(lv, &self.state_dir, image, self.accel_choice)?;
-        tracing::info!(accelerator = %a, %why, "accelerator for pool VMs");
-        *accel = Some(a);
+        tracing::info!(accelerator = %a, %why, "accelerator for VMs");
+        *accel = Some((a, why));
         Ok(a)
-    }
-
-    fn golden_state(&self, name: &str) -> GoldenState {
-        GoldenState {
-            name: name.to_string(),
-            files: self.files(name),
-            kind: self.strategy.kind(),
-            strategy: self.strategy,
-            park_time: Duration::ZERO,
-        }
     }
 
     /// True when the domain's persistent definition differs from the one recorded when the
@@ -524,9 +577,11 @@ impl Backend for LibvirtBackend {
             .collect())
     }
 
-    fn create_pool_vm(&self, req: &PoolVmRequest) -> Result<PoolVmReport> {
+    fn create_vm(&self, req: &VmRequest) -> Result<VmReport> {
         let lv = self.lv()?;
-        if req.from_template && self.strategy.kind() == GoldenKind::InternalSnapshot {
+        let templates =
+            req.park && req.from_template && self.strategy.kind() == GoldenKind::InternalSnapshot;
+        if templates {
             if let Some(t) =
                 PoolTemplate::find(&self.state_dir, &req.owner.name, &req.owner.spec_hash)
             {
@@ -546,12 +601,12 @@ impl Backend for LibvirtBackend {
             accelerator: self.accelerator(&lv, &req.image)?,
             boot_timeout: self.boot_timeout,
             limits: req.limits,
-            disabled_cpu_features: Vec::new(),
+            disabled_cpu_features: req.disabled_cpu_features.clone(),
             tcg_tb_cache_mib: self.tcg_tb_cache_mib,
             disk_gib: req.disk_gib,
         };
-        // Booting removes what it created when it fails; past `into_parts` we do.
-        let vm = EphemeralVm::boot(
+        // Booting removes what it created when it fails; past it we do.
+        let booted = boot_domain(
             &lv,
             &self.state_dir,
             &req.name,
@@ -559,23 +614,27 @@ impl Backend for LibvirtBackend {
             &shape,
             req.owner.clone(),
         )?;
-        let boot = vm.boot_time;
-        let limits = vm.limits.clone();
-        let (name, files) = vm.into_parts();
-        let finish = || -> Result<PoolVmReport> {
+        let name = req.name.as_str();
+        let files = self.files(name);
+        let finish = || -> Result<VmReport> {
             let t = Instant::now();
-            let agent = lv.agent(&name)?;
+            let agent = lv.agent(name)?;
             Guest::new(&agent).warm_up(&req.warmup)?;
             let warmup = t.elapsed();
-            let golden = lv.park_golden(&name, &files, self.strategy, self.boot_timeout)?;
-            self.record_definition(&lv, &name)?;
-            if req.from_template && self.strategy.kind() == GoldenKind::InternalSnapshot {
+            let park = if req.park {
+                lv.park_golden(name, &files, self.strategy, self.boot_timeout)?
+                    .park_time
+            } else {
+                Duration::ZERO
+            };
+            self.record_definition(&lv, name)?;
+            if templates {
                 // Best effort: without a template the next VM boots too.
                 match lv.save_pool_template(
                     &self.state_dir,
                     &req.owner.name,
                     &req.owner.spec_hash,
-                    &name,
+                    name,
                     &files,
                 ) {
                     Ok(pause) => {
@@ -586,17 +645,17 @@ impl Backend for LibvirtBackend {
                     }
                 }
             }
-            Ok(PoolVmReport {
-                boot,
+            Ok(VmReport {
+                boot: booted.boot_time,
                 warmup,
-                park: golden.park_time,
-                limits: limits.clone(),
+                park,
+                limits: booted.limits.clone(),
                 from_template: false,
             })
         };
         finish().inspect_err(|_| {
-            if let Err(e) = lv.remove_golden(&name, &files) {
-                tracing::warn!(vm = %name, error = %e, "cleanup after a failed pool VM creation failed");
+            if let Err(e) = lv.remove_golden(name, &files) {
+                tracing::warn!(vm = %name, error = %e, "cleanup after a failed VM creation failed");
             }
         })
     }
@@ -619,10 +678,7 @@ impl Backend for LibvirtBackend {
     }
 
     fn reset_vm(&self, name: &str) -> Result<Duration> {
-        let report = self
-            .lv()?
-            .reset_to_golden(&self.golden_state(name), self.boot_timeout)?;
-        Ok(report.total)
+        Ok(self.reset_vm_with(name, self.strategy)?.total)
     }
 
     fn agent(&self, name: &str) -> Result<Box<dyn crate::guest::AgentChannel + '_>> {
@@ -637,6 +693,17 @@ impl Backend for LibvirtBackend {
 
     fn vm_stats(&self, name: &str) -> Result<crate::stats::DomainStats> {
         self.lv()?.domain_stats(name)
+    }
+
+    fn vm_vcpus(&self, name: &str) -> Result<u32> {
+        let lv = self.lv()?;
+        let err = |e| BackendError::from_virt(e, "domain", name);
+        let info = lv
+            .raw()
+            .lookup_domain_by_name(name)
+            .and_then(|d| d.info())
+            .map_err(err)?;
+        Ok(info.nr_virt_cpu)
     }
 
     fn set_vm_owner(&self, name: &str, owner: &Owner) -> Result<()> {
@@ -752,13 +819,14 @@ impl Backend for LibvirtBackend {
 }
 
 impl LibvirtBackend {
-    /// [`Backend::create_pool_vm`] from pool template `t`; removes what it made on failure.
+    /// [`Backend::create_vm`] of a pool VM from pool template `t`; removes what it made on
+    /// failure.
     fn pool_vm_from_template(
         &self,
         lv: &Libvirt,
-        req: &PoolVmRequest,
+        req: &VmRequest,
         t: &PoolTemplate,
-    ) -> Result<PoolVmReport> {
+    ) -> Result<VmReport> {
         let start = Instant::now();
         if lv.raw().lookup_domain_by_name(&req.name).is_ok() {
             return Err(BackendError::AlreadyExists {
@@ -769,7 +837,7 @@ impl LibvirtBackend {
         let files = self.files(&req.name);
         let xml = t.definition_for(&self.state_dir, &req.name, &files)?;
         crate::vm::make_dir(&files.dir)?;
-        let made = || -> Result<PoolVmReport> {
+        let made = || -> Result<VmReport> {
             std::fs::copy(t.disk(), files.disk())
                 .map_err(io_err("copy the pool template to", &files.disk()))?;
             let addrs = lv.start_from_copy(
@@ -800,7 +868,7 @@ impl LibvirtBackend {
             // Its own golden state, with its own identity in it.
             let golden = lv.park_golden(&req.name, &files, self.strategy, self.boot_timeout)?;
             self.record_definition(lv, &req.name)?;
-            Ok(PoolVmReport {
+            Ok(VmReport {
                 boot,
                 warmup: Duration::ZERO,
                 park: golden.park_time,
@@ -853,5 +921,87 @@ impl crate::guest::AgentChannel for BackendAgent<'_> {
             *cur = (lv.clone(), lv.agent(&self.name).ok()?);
         }
         cur.1.agent_socket()
+    }
+}
+
+/// A VM made with [`Backend::create_vm`] for one use (`agentvm run`, `agentvm exec`, a
+/// benchmark, a test) and destroyed with [`Backend::destroy_vm`] when dropped.
+pub struct EphemeralVm<'a> {
+    backend: &'a LibvirtBackend,
+    name: String,
+    torn_down: bool,
+    /// What its creation cost, and which limits are in force.
+    pub report: VmReport,
+}
+
+impl std::fmt::Debug for EphemeralVm<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EphemeralVm")
+            .field("name", &self.name)
+            .field("report", &self.report)
+            .finish()
+    }
+}
+
+impl<'a> EphemeralVm<'a> {
+    /// Creates the VM `req` asks for (see [`Backend::create_vm`]).
+    pub fn create(backend: &'a LibvirtBackend, req: &VmRequest) -> Result<Self> {
+        let report = backend.create_vm(req)?;
+        Ok(EphemeralVm {
+            backend,
+            name: req.name.clone(),
+            torn_down: false,
+            report,
+        })
+    }
+
+    /// The domain name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The VM's files.
+    pub fn files(&self) -> VmFiles {
+        self.backend.files(&self.name)
+    }
+
+    /// Its guest agent (through the backend's connection; wrap it in a [`Guest`]).
+    pub fn agent(&self) -> Result<Box<dyn crate::guest::AgentChannel + 'a>> {
+        self.backend.agent(&self.name)
+    }
+
+    /// Its golden state (when it was parked).
+    pub fn golden(&self) -> GoldenState {
+        GoldenState {
+            park_time: self.report.park,
+            ..self.backend.golden_state(&self.name)
+        }
+    }
+
+    /// Resets it to its golden state with the backend's strategy.
+    pub fn reset(&self) -> Result<ResetReport> {
+        self.backend
+            .reset_vm_with(&self.name, self.backend.strategy)
+    }
+
+    /// Resets it with `strategy` (see [`LibvirtBackend::reset_vm_with`]).
+    pub fn reset_with(&self, strategy: ResetStrategy) -> Result<ResetReport> {
+        self.backend.reset_vm_with(&self.name, strategy)
+    }
+
+    /// Destroys and undefines the domain and deletes its files.
+    pub fn teardown(mut self) -> Result<()> {
+        self.torn_down = true;
+        self.backend.destroy_vm(&self.name)
+    }
+}
+
+impl Drop for EphemeralVm<'_> {
+    fn drop(&mut self) {
+        if !self.torn_down {
+            if let Err(e) = self.backend.destroy_vm(&self.name) {
+                tracing::warn!(vm = %self.name, error = %e, "teardown of VM failed");
+            }
+        }
     }
 }

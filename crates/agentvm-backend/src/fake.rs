@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 use virt::error::{ErrorNumber, ErrorNumberEnum};
 
-use crate::backend::{Backend, EnsureOutcome, OwnedNetwork, OwnedVm, PoolVmReport, PoolVmRequest};
+use crate::backend::{Backend, EnsureOutcome, OwnedNetwork, OwnedVm, VmReport, VmRequest};
 use crate::error::{BackendError, Result};
 use crate::libvirt::{DomainState, PowerState};
 use crate::libvirt_net::OwnedFilter;
@@ -36,7 +36,7 @@ pub enum Op {
     DeleteNwFilter,
     /// [`Backend::list_vms`].
     ListVms,
-    /// [`Backend::create_pool_vm`].
+    /// [`Backend::create_vm`].
     CreatePoolVm,
     /// [`Backend::destroy_vm`].
     DestroyVm,
@@ -125,7 +125,7 @@ struct State {
     /// Limits this fake host cannot enforce, with the reason it gives.
     unenforceable: BTreeMap<crate::limits::Limit, String>,
     /// Every pool VM request received, in order (also the failed ones).
-    pool_vm_requests: Vec<PoolVmRequest>,
+    pool_vm_requests: Vec<VmRequest>,
     /// Paused or saved domains (absent: as their `state` says).
     power: BTreeMap<String, PowerState>,
     /// Named snapshots by domain.
@@ -248,8 +248,8 @@ impl FakeBackend {
         }
     }
 
-    /// Every [`Backend::create_pool_vm`] request so far, in order.
-    pub fn pool_vm_requests(&self) -> Vec<PoolVmRequest> {
+    /// Every [`Backend::create_vm`] request so far, in order.
+    pub fn pool_vm_requests(&self) -> Vec<VmRequest> {
         self.lock().pool_vm_requests.clone()
     }
 
@@ -505,7 +505,7 @@ impl Backend for FakeBackend {
             .collect())
     }
 
-    fn create_pool_vm(&self, req: &PoolVmRequest) -> Result<PoolVmReport> {
+    fn create_vm(&self, req: &VmRequest) -> Result<VmReport> {
         self.lock().pool_vm_requests.push(req.clone());
         let mut s = self.enter(Op::CreatePoolVm, &req.name)?;
         if s.domains.contains_key(&req.name) {
@@ -535,7 +535,7 @@ impl Backend for FakeBackend {
             FakeDomain {
                 owner: Some(req.owner.clone()),
                 state: DomainState::Running,
-                golden: true,
+                golden: req.park,
                 network: req.nic.as_ref().map(|n| n.network.clone()),
                 filter: req.nic.as_ref().and_then(|n| n.filter.clone()),
                 resets: 0,
@@ -551,10 +551,10 @@ impl Backend for FakeBackend {
                 None => (l, Ok(())),
             })
             .collect();
-        Ok(PoolVmReport {
+        Ok(VmReport {
             boot: Duration::from_millis(1),
             limits,
-            ..PoolVmReport::default()
+            ..VmReport::default()
         })
     }
 

@@ -25,10 +25,9 @@ use virt::domain::Domain;
 use virt::sys;
 
 use crate::error::{io_err, BackendError, Result};
-use crate::guest::{ExecRequest, Guest};
+use crate::guest::Guest;
 use crate::libvirt::{DomainAgent, Libvirt};
-use crate::vm::{create_overlay, BootImage, EphemeralVm, VmFiles, VmShape};
-use crate::xml::Owner;
+use crate::vm::{create_overlay, VmFiles};
 
 /// Name of the internal snapshot holding the golden state (also its qcow2 tag).
 pub const GOLDEN_SNAPSHOT: &str = "agentvm-golden";
@@ -521,112 +520,6 @@ fn fresh_overlay(template: &Path, disk: &Path) -> Result<()> {
     }
     std::fs::copy(template, disk).map_err(io_err("copy overlay template to", disk))?;
     Ok(())
-}
-
-/// A VM booted, warmed up and parked at its golden state, owned by this value: dropping it
-/// destroys the domain and removes every file (snapshots, saved state, overlays, logs).
-pub struct GoldenVm<'a> {
-    lv: &'a Libvirt,
-    golden: GoldenState,
-    torn_down: bool,
-    /// Time from start to the guest agent answering at first boot.
-    pub boot_time: Duration,
-    /// How long the warm-up commands took.
-    pub warmup_time: Duration,
-}
-
-impl<'a> GoldenVm<'a> {
-    /// Boot `name` from `image`, run the `warmup` commands (each must exit 0), and park it
-    /// with `strategy`. On failure everything created so far is removed.
-    #[allow(clippy::too_many_arguments)]
-    pub fn boot(
-        lv: &'a Libvirt,
-        state_dir: &Path,
-        name: &str,
-        image: &BootImage,
-        shape: &VmShape,
-        owner: Owner,
-        strategy: ResetStrategy,
-        warmup: &[ExecRequest],
-    ) -> Result<Self> {
-        let vm = EphemeralVm::boot(lv, state_dir, name, image, shape, owner)?;
-        let boot_time = vm.boot_time;
-        let (name, files) = vm.into_parts();
-        let mut this = GoldenVm {
-            lv,
-            golden: GoldenState {
-                name,
-                files,
-                kind: strategy.kind(),
-                strategy,
-                park_time: Duration::ZERO,
-            },
-            torn_down: false,
-            boot_time,
-            warmup_time: Duration::ZERO,
-        };
-        let t = Instant::now();
-        Guest::new(&this.agent()?).warm_up(warmup)?;
-        this.warmup_time = t.elapsed();
-        this.golden = lv.park_golden(
-            &this.golden.name,
-            &this.golden.files,
-            strategy,
-            shape.boot_timeout,
-        )?;
-        Ok(this)
-    }
-
-    /// The domain name.
-    pub fn name(&self) -> &str {
-        &self.golden.name
-    }
-
-    /// The golden state.
-    pub fn golden(&self) -> &GoldenState {
-        &self.golden
-    }
-
-    /// The VM's files.
-    pub fn files(&self) -> &VmFiles {
-        &self.golden.files
-    }
-
-    /// A guest-agent channel to this VM.
-    pub fn agent(&self) -> Result<DomainAgent> {
-        self.lv.agent(&self.golden.name)
-    }
-
-    /// Reset to the golden state with its strategy; see [`Libvirt::reset_to_golden_with`].
-    pub fn reset(&self, agent_timeout: Duration) -> Result<ResetReport> {
-        self.lv.reset_to_golden(&self.golden, agent_timeout)
-    }
-
-    /// Reset with another strategy that fits the stored state.
-    pub fn reset_with(
-        &self,
-        strategy: ResetStrategy,
-        agent_timeout: Duration,
-    ) -> Result<ResetReport> {
-        self.lv
-            .reset_to_golden_with(&self.golden, strategy, agent_timeout)
-    }
-
-    /// Destroy and undefine the domain and delete all its files.
-    pub fn teardown(mut self) -> Result<()> {
-        self.torn_down = true;
-        self.lv.remove_golden(&self.golden.name, &self.golden.files)
-    }
-}
-
-impl Drop for GoldenVm<'_> {
-    fn drop(&mut self) {
-        if !self.torn_down {
-            if let Err(e) = self.lv.remove_golden(&self.golden.name, &self.golden.files) {
-                tracing::warn!(vm = %self.golden.name, error = %e, "teardown of golden VM failed");
-            }
-        }
-    }
 }
 
 #[cfg(test)]

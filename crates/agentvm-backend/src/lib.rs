@@ -26,9 +26,9 @@ pub mod vm;
 pub mod xml;
 
 pub use accel::{Accelerator, AcceleratorChoice};
-pub use backend::{Backend, LibvirtBackend};
+pub use backend::{Backend, EphemeralVm, LibvirtBackend, VmReport, VmRequest};
 pub use error::{BackendError, Result};
-pub use golden::{GoldenState, GoldenVm, ResetReport, ResetStrategy};
+pub use golden::{GoldenState, ResetReport, ResetStrategy};
 pub use guest::{AgentChannel, ExecOutcome, ExecRequest, Guest, ServedBy, Stream};
 pub use libvirt::{Libvirt, PowerState};
 pub use limits::{Enforcement, Limit, VmLimits};

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::accel::Accelerator;
 use crate::error::{io_err, BackendError, Result};
 use crate::guest::Guest;
-use crate::libvirt::{DomainAgent, Libvirt};
+use crate::libvirt::Libvirt;
 use crate::limits::{Enforcement, Limit, VmLimits};
 use crate::xml::{DomainSpec, NetBandwidth, NicSpec, Owner};
 
@@ -49,7 +49,7 @@ pub struct VmShape {
     /// How long to wait for the guest agent after start.
     pub boot_timeout: Duration,
     /// Limits on what it takes from the host (CPU weight and quota, memory, disk and network
-    /// throughput). Whether the host enforces them: [`EphemeralVm::limits`].
+    /// throughput). Whether the host enforces them: [`crate::backend::VmReport::limits`].
     pub limits: VmLimits,
     /// CPU features hidden from the guest, see [`DomainSpec::disabled_cpu_features`].
     pub disabled_cpu_features: Vec<String>,
@@ -242,149 +242,110 @@ pub fn create_overlay(base: &Path, overlay: &Path, size_bytes: Option<u64>) -> R
     Ok(())
 }
 
-/// A VM created for one purpose and removed afterwards. Dropping it tears it down.
-pub struct EphemeralVm<'a> {
-    lv: &'a Libvirt,
-    name: String,
-    files: VmFiles,
-    torn_down: bool,
-    /// Time from `start` to the guest agent answering.
+/// A domain [`boot_domain`] defined and started, its agent answering.
+pub(crate) struct Booted {
+    /// Time from `start` to the guest agent answering (and, on a network, the address).
     pub boot_time: Duration,
     /// Whether each limit asked for in its shape is in force (see [`crate::limits`]).
     pub limits: Enforcement,
 }
 
-impl<'a> EphemeralVm<'a> {
-    /// Define `name` from `image` with a fresh overlay, start it and wait for its agent.
-    /// On failure everything created so far is removed again.
-    pub fn boot(
-        lv: &'a Libvirt,
-        state_dir: &Path,
-        name: &str,
-        image: &BootImage,
-        shape: &VmShape,
-        owner: Owner,
-    ) -> Result<Self> {
-        let files = VmFiles::new(state_dir, name);
-        let mut vm = EphemeralVm {
-            lv,
-            name: name.to_string(),
-            files: files.clone(),
-            torn_down: false,
-            boot_time: Duration::ZERO,
-            limits: Enforcement::new(),
-        };
-        make_dir(&files.dir)?;
-        create_overlay(&image.disk, &files.disk(), shape.disk_gib.map(|g| g * GIB))?;
-        let spec = DomainSpec {
-            name: name.to_string(),
-            vcpus: shape.vcpus,
-            memory_mib: shape.memory_mib,
-            cpu_shares: None,
-            disabled_cpu_features: shape.disabled_cpu_features.clone(),
-            memory_hard_limit_mib: None,
-            cpu_quota_percent: None,
-            disk_io: Default::default(),
-            net_bandwidth: Default::default(),
-            disk: files.disk(),
-            kernel: image.kernel.clone(),
-            initrd: image.initrd.clone(),
-            cmdline: image.cmdline.clone(),
-            serial_log: files.serial_log(),
-            nic: shape.nic.clone(),
-            accelerator: shape.accelerator,
-            tcg_tb_cache_mib: shape.tcg_tb_cache_mib,
-            owner,
-        };
-        let start = Instant::now();
-        match lv.start_with_limits(&spec, &shape.limits) {
-            Ok(limits) => vm.limits = limits,
-            Err(e) => {
-                // Not ours to clean up if the name was taken by someone else.
-                if matches!(e, BackendError::AlreadyExists { .. }) {
-                    vm.torn_down = true;
-                    let _ = files.remove();
-                }
-                return Err(e);
+/// Define `name` from `image` with a fresh overlay, start it and wait for its agent (and on
+/// a DHCP network for its address, pinned in its filter). On failure everything created
+/// so far is removed again; past it the caller owns the domain and its files. The one boot
+/// every VM goes through: [`crate::Backend::create_vm`] and the accelerator probe.
+pub(crate) fn boot_domain(
+    lv: &Libvirt,
+    state_dir: &Path,
+    name: &str,
+    image: &BootImage,
+    shape: &VmShape,
+    owner: Owner,
+) -> Result<Booted> {
+    let files = VmFiles::new(state_dir, name);
+    make_dir(&files.dir)?;
+    let booted = boot_in(lv, &files, name, image, shape, owner);
+    match &booted {
+        // Not ours to clean up if the name was taken by someone else.
+        Err(BackendError::AlreadyExists { .. }) => {
+            let _ = files.remove();
+        }
+        Err(_) => {
+            if let Err(e) = lv.remove_golden(name, &files) {
+                tracing::warn!(vm = %name, error = %e, "cleanup after a failed boot failed");
             }
         }
-        let agent = lv.agent(name)?;
-        let guest = Guest::new(&agent);
-        let with_log = |e| match e {
-            BackendError::Timeout { what, after } => BackendError::Timeout {
-                what: format!("{what}; serial log: {}", files.serial_log().display()),
-                after,
-            },
-            other => other,
-        };
-        guest.wait_ready(shape.boot_timeout).map_err(with_log)?;
-        // A guest on a network is not ready before it has its address: a golden state taken
-        // earlier would make every run wait for DHCP again (ISC dhclient backs off for up to
-        // two minutes when its first DISCOVER goes unanswered).
-        if let Some(nic) = shape.nic.as_ref().filter(|n| n.dhcp) {
-            let left = shape.boot_timeout.saturating_sub(start.elapsed());
-            let addrs = guest
-                .wait_ipv4(left.max(Duration::from_secs(5)))
-                .map_err(with_log)?;
-            // Anti-spoofing: from now on the filter admits this address only, for good.
-            if nic.filter.is_some() && nic.ip.is_none() {
-                let in_force = vm
-                    .limits
-                    .iter()
-                    .any(|(l, r)| *l == Limit::NetBandwidth && r.is_ok());
-                let bandwidth = if in_force {
-                    shape.limits.net_bandwidth
-                } else {
-                    NetBandwidth::default()
-                };
-                lv.pin_leased_ip(name, nic, bandwidth, &addrs, Duration::from_secs(10))?;
-            }
-        }
-        vm.boot_time = start.elapsed();
-        Ok(vm)
+        Ok(_) => {}
     }
-
-    /// The domain name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The VM's files.
-    pub fn files(&self) -> &VmFiles {
-        &self.files
-    }
-
-    /// A guest-agent channel to this VM.
-    pub fn agent(&self) -> Result<DomainAgent> {
-        self.lv.agent(&self.name)
-    }
-
-    /// Keep the VM running: hand its name and files to the caller, who now owns its teardown
-    /// (e.g. a VM parked at a golden state for a pool).
-    pub fn into_parts(mut self) -> (String, VmFiles) {
-        self.torn_down = true;
-        (std::mem::take(&mut self.name), self.files.clone())
-    }
-
-    /// Destroy and undefine the domain and delete its files.
-    pub fn teardown(mut self) -> Result<()> {
-        self.torn_down = true;
-        teardown(self.lv, &self.name, &self.files)
-    }
+    booted
 }
 
-fn teardown(lv: &Libvirt, name: &str, files: &VmFiles) -> Result<()> {
-    lv.remove_golden(name, files)
-}
-
-impl Drop for EphemeralVm<'_> {
-    fn drop(&mut self) {
-        if !self.torn_down {
-            if let Err(e) = teardown(self.lv, &self.name, &self.files) {
-                tracing::warn!(vm = %self.name, error = %e, "teardown of ephemeral VM failed");
-            }
+fn boot_in(
+    lv: &Libvirt,
+    files: &VmFiles,
+    name: &str,
+    image: &BootImage,
+    shape: &VmShape,
+    owner: Owner,
+) -> Result<Booted> {
+    create_overlay(&image.disk, &files.disk(), shape.disk_gib.map(|g| g * GIB))?;
+    let spec = DomainSpec {
+        name: name.to_string(),
+        vcpus: shape.vcpus,
+        memory_mib: shape.memory_mib,
+        cpu_shares: None,
+        disabled_cpu_features: shape.disabled_cpu_features.clone(),
+        memory_hard_limit_mib: None,
+        cpu_quota_percent: None,
+        disk_io: Default::default(),
+        net_bandwidth: Default::default(),
+        disk: files.disk(),
+        kernel: image.kernel.clone(),
+        initrd: image.initrd.clone(),
+        cmdline: image.cmdline.clone(),
+        serial_log: files.serial_log(),
+        nic: shape.nic.clone(),
+        accelerator: shape.accelerator,
+        tcg_tb_cache_mib: shape.tcg_tb_cache_mib,
+        owner,
+    };
+    let start = Instant::now();
+    let limits = lv.start_with_limits(&spec, &shape.limits)?;
+    let agent = lv.agent(name)?;
+    let guest = Guest::new(&agent);
+    let with_log = |e| match e {
+        BackendError::Timeout { what, after } => BackendError::Timeout {
+            what: format!("{what}; serial log: {}", files.serial_log().display()),
+            after,
+        },
+        other => other,
+    };
+    guest.wait_ready(shape.boot_timeout).map_err(with_log)?;
+    // A guest on a network is not ready before it has its address: a golden state taken
+    // earlier would make every run wait for DHCP again (ISC dhclient backs off for up to
+    // two minutes when its first DISCOVER goes unanswered).
+    if let Some(nic) = shape.nic.as_ref().filter(|n| n.dhcp) {
+        let left = shape.boot_timeout.saturating_sub(start.elapsed());
+        let addrs = guest
+            .wait_ipv4(left.max(Duration::from_secs(5)))
+            .map_err(with_log)?;
+        // Anti-spoofing: from now on the filter admits this address only, for good.
+        if nic.filter.is_some() && nic.ip.is_none() {
+            let in_force = limits
+                .iter()
+                .any(|(l, r)| *l == Limit::NetBandwidth && r.is_ok());
+            let bandwidth = if in_force {
+                shape.limits.net_bandwidth
+            } else {
+                NetBandwidth::default()
+            };
+            lv.pin_leased_ip(name, nic, bandwidth, &addrs, Duration::from_secs(10))?;
         }
     }
+    Ok(Booted {
+        boot_time: start.elapsed(),
+        limits,
+    })
 }
 
 /// Resolve the accelerator to use. `Auto` picks KVM only when `/dev/kvm` is usable and a probe
@@ -443,11 +404,13 @@ pub fn resolve_accelerator(
         name: name.clone(),
         ..Owner::default()
     };
-    let (kvm, detail) = match EphemeralVm::boot(lv, state_dir, &name, image, &shape, owner) {
+    let (kvm, detail) = match boot_domain(lv, state_dir, &name, image, &shape, owner) {
         Ok(vm) => {
-            let t = vm.boot_time;
-            vm.teardown()?;
-            (true, format!("KVM guest booted in {:.1}s", t.as_secs_f64()))
+            lv.remove_golden(&name, &VmFiles::new(state_dir, &name))?;
+            (
+                true,
+                format!("KVM guest booted in {:.1}s", vm.boot_time.as_secs_f64()),
+            )
         }
         Err(e) => (false, format!("KVM guest did not boot: {e}")),
     };

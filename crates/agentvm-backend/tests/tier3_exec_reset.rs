@@ -7,26 +7,19 @@
 
 use std::time::{Duration, Instant};
 
-use agentvm_backend::golden::{GoldenVm, ResetStrategy};
+use agentvm_backend::golden::ResetStrategy;
 use agentvm_backend::guest::{ExecRequest, Guest, DEFAULT_OUTPUT_CAP};
-use agentvm_backend::vm::{default_state_dir, EphemeralVm, VmShape};
-use agentvm_backend::{BackendError, Libvirt, Owner};
+use agentvm_backend::vm::default_state_dir;
+use agentvm_backend::VmRequest;
+use agentvm_backend::{Backend, BackendError, EphemeralVm, Libvirt, LibvirtBackend, Owner};
 use sha2::{Digest, Sha256};
 
 mod common;
-use common::{image, libvirt, shape};
+use common::{backend, libvirt, request};
 
 /// Disk of the reset tests' VMs, GiB: larger than the image's 2 GiB, so every reset shows
 /// whether the VM keeps its own size.
 const RESET_DISK_GIB: u64 = 3;
-
-/// [`shape`] with a [`RESET_DISK_GIB`] disk.
-fn sized_shape() -> VmShape {
-    VmShape {
-        disk_gib: Some(RESET_DISK_GIB),
-        ..shape()
-    }
-}
 
 /// The guest sees a `gib` disk and its root file system fills it (grown at boot), and the
 /// host's overlay has that virtual size.
@@ -92,19 +85,15 @@ fn processes_with_arg<C: agentvm_backend::AgentChannel + ?Sized>(
 
 #[test]
 fn large_files_timeouts_output_cap_stats_and_a_stopped_agent() {
-    let lv = libvirt();
+    let backend = backend(ResetStrategy::default());
     let name = vm_name("limits");
-    let vm = EphemeralVm::boot(
-        &lv,
-        &default_state_dir(),
-        &name,
-        &image(),
-        &shape(),
-        owner("limits"),
-    )
-    .unwrap_or_else(|e| panic!("booting {name}: {e}"));
+    let req = VmRequest {
+        park: false,
+        ..request(&name, owner("limits"))
+    };
+    let vm = EphemeralVm::create(&backend, &req).unwrap_or_else(|e| panic!("booting {name}: {e}"));
     let agent = vm.agent().unwrap();
-    let g = Guest::new(&agent);
+    let g = Guest::new(&*agent);
 
     // A large file in and out: 20 MiB of pseudo-random bytes, checked in the guest and back.
     let mut data = Vec::with_capacity(20 << 20);
@@ -136,12 +125,12 @@ fn large_files_timeouts_output_cap_stats_and_a_stopped_agent() {
     );
 
     // Statistics: a disk write raises block_wr_bytes, burning CPU raises cpu_time.
-    let s0 = lv.domain_stats(&name).unwrap();
+    let s0 = backend.vm_stats(&name).unwrap();
     sh(
         &g,
         "dd if=/dev/zero of=/root/blob bs=1M count=16 conv=fsync 2>/dev/null",
     );
-    let s1 = lv.domain_stats(&name).unwrap();
+    let s1 = backend.vm_stats(&name).unwrap();
     assert!(
         s1.block_wr_bytes >= s0.block_wr_bytes + (16 << 20),
         "{s0:?} -> {s1:?}"
@@ -156,7 +145,7 @@ fn large_files_timeouts_output_cap_stats_and_a_stopped_agent() {
         )
         .unwrap();
     assert!(out.success(), "{out:?}");
-    let s2 = lv.domain_stats(&name).unwrap();
+    let s2 = backend.vm_stats(&name).unwrap();
     assert!(
         s2.cpu_time_ns >= s1.cpu_time_ns + 1_500_000_000,
         "2 s of guest CPU: {} -> {} ns",
@@ -269,9 +258,9 @@ fn large_files_timeouts_output_cap_stats_and_a_stopped_agent() {
 
 /// Dirty the guest (file on disk, file in tmpfs, background process), reset with `strategy`,
 /// and check all three are gone and the agent answers with a current clock.
-fn dirty_then_reset(vm: &GoldenVm<'_>, strategy: ResetStrategy, round: u32) {
+fn dirty_then_reset(vm: &EphemeralVm<'_>, strategy: ResetStrategy, round: u32) {
     let agent = vm.agent().unwrap();
-    let g = Guest::new(&agent);
+    let g = Guest::new(&*agent);
     let marker = format!("bg-{}-{round}", strategy.as_str());
     sh(
         &g,
@@ -293,12 +282,12 @@ fn dirty_then_reset(vm: &GoldenVm<'_>, strategy: ResetStrategy, round: u32) {
     );
 
     let report = vm
-        .reset_with(strategy, Duration::from_secs(120))
+        .reset_with(strategy)
         .unwrap_or_else(|e| panic!("reset with {strategy}: {e}"));
     eprintln!("{strategy} round {round}: {report:?}");
 
     let agent = vm.agent().unwrap();
-    let g = Guest::new(&agent);
+    let g = Guest::new(&*agent);
     g.ping().unwrap();
     assert_disk_size(&g, &vm.files().disk(), RESET_DISK_GIB);
     assert_eq!(
@@ -334,20 +323,17 @@ fn warmup() -> Vec<ExecRequest> {
     ]
 }
 
-/// Boots test `test`'s VM ([`sized_shape`]), warms it up and parks it with `strategy`.
-fn park<'a>(lv: &'a Libvirt, test: &str, strategy: ResetStrategy) -> (String, GoldenVm<'a>) {
+/// Boots test `test`'s VM (a [`RESET_DISK_GIB`] disk) through `backend`, warms it up and
+/// parks it with the backend's strategy: a pool VM's path.
+fn park<'a>(backend: &'a LibvirtBackend, test: &str) -> (String, EphemeralVm<'a>) {
     let name = vm_name(test);
-    let vm = GoldenVm::boot(
-        lv,
-        &default_state_dir(),
-        &name,
-        &image(),
-        &sized_shape(),
-        owner(test),
-        strategy,
-        &warmup(),
-    )
-    .unwrap_or_else(|e| panic!("booting and parking {name}: {e}"));
+    let req = VmRequest {
+        disk_gib: Some(RESET_DISK_GIB),
+        warmup: warmup(),
+        ..request(&name, owner(test))
+    };
+    let vm = EphemeralVm::create(backend, &req)
+        .unwrap_or_else(|e| panic!("booting and parking {name}: {e}"));
     (name, vm)
 }
 
@@ -361,20 +347,19 @@ fn assert_cleaned_up(lv: &Libvirt, name: &str, dir: &std::path::Path) {
 #[test]
 fn snapshot_resets_clear_disk_tmpfs_and_processes_with_loadvm_and_libvirt_revert() {
     let lv = libvirt();
-    let (name, vm) = park(&lv, "reset-snap", ResetStrategy::SnapshotLoadvm);
+    let backend = backend(ResetStrategy::SnapshotLoadvm);
+    let (name, vm) = park(&backend, "reset-snap");
     eprintln!(
         "boot {:?}, warm-up {:?}, park {:?}",
-        vm.boot_time,
-        vm.warmup_time,
+        vm.report.boot,
+        vm.report.warmup,
         vm.golden().park_time
     );
     dirty_then_reset(&vm, ResetStrategy::SnapshotLoadvm, 1);
     dirty_then_reset(&vm, ResetStrategy::SnapshotLoadvm, 2);
     dirty_then_reset(&vm, ResetStrategy::SnapshotRevert, 3);
     dirty_then_reset(&vm, ResetStrategy::SnapshotLoadvm, 4);
-    let wrong = vm
-        .reset_with(ResetStrategy::SavedMemory, Duration::from_secs(5))
-        .unwrap_err();
+    let wrong = vm.reset_with(ResetStrategy::SavedMemory).unwrap_err();
     assert!(matches!(wrong, BackendError::Protocol { .. }), "{wrong}");
 
     let dir = vm.files().dir.clone();
@@ -385,7 +370,8 @@ fn snapshot_resets_clear_disk_tmpfs_and_processes_with_loadvm_and_libvirt_revert
 #[test]
 fn saved_memory_resets_clear_disk_tmpfs_and_processes() {
     let lv = libvirt();
-    let (name, vm) = park(&lv, "reset-saved", ResetStrategy::SavedMemory);
+    let backend = backend(ResetStrategy::SavedMemory);
+    let (name, vm) = park(&backend, "reset-saved");
     let golden = vm.golden().clone();
     assert!(golden.save_file().exists() && golden.golden_disk().exists());
     dirty_then_reset(&vm, ResetStrategy::SavedMemory, 1);
@@ -444,11 +430,8 @@ fn guest_random<C: agentvm_backend::AgentChannel + ?Sized>(g: &Guest<'_, C>) -> 
 #[test]
 fn every_reset_reseeds_the_guest_rng_on_a_cpu_without_rdrand() {
     let lv = libvirt();
+    let backend = backend(ResetStrategy::SnapshotLoadvm);
     let name = vm_name("reseed");
-    let mut shape = shape();
-    // No hardware RNG in the guest's CPU: nothing but agentvm's reseed can tell two resets
-    // apart (the kernel mixes RDRAND/RDSEED output in where the CPU has them).
-    shape.disabled_cpu_features = vec!["rdrand".into(), "rdseed".into()];
     let warmup = vec![
         ExecRequest::new("sh", ["-c", "! grep -qw -e rdrand -e rdseed /proc/cpuinfo"]),
         // Park with a fresh CRNG seed and an uptime past 30 s, so the kernel's own periodic
@@ -470,19 +453,17 @@ fn every_reset_reseeds_the_guest_rng_on_a_cpu_without_rdrand() {
             ],
         ),
     ];
-    let vm = GoldenVm::boot(
-        &lv,
-        &default_state_dir(),
-        &name,
-        &image(),
-        &shape,
-        owner("reseed"),
-        ResetStrategy::SnapshotLoadvm,
-        &warmup,
-    )
-    .unwrap_or_else(|e| panic!("booting and parking {name}: {e}"));
+    let req = VmRequest {
+        // No hardware RNG in the guest's CPU: nothing but agentvm's reseed can tell two
+        // resets apart (the kernel mixes RDRAND/RDSEED output in where the CPU has them).
+        disabled_cpu_features: vec!["rdrand".into(), "rdseed".into()],
+        warmup,
+        ..request(&name, owner("reseed"))
+    };
+    let vm = EphemeralVm::create(&backend, &req)
+        .unwrap_or_else(|e| panic!("booting and parking {name}: {e}"));
     let agent = vm.agent().unwrap();
-    let g = Guest::new(&agent);
+    let g = Guest::new(&*agent);
     let after_park = guest_random(&g);
 
     // Control: the same memory reset without the reseed (what a reset did before: load the
@@ -528,9 +509,7 @@ fn every_reset_reseeds_the_guest_rng_on_a_cpu_without_rdrand() {
     // agentvm's reset: fresh host entropy in the guest's CRNG before anything runs.
     let mut with_reseed = Vec::new();
     for round in 0..3 {
-        let report = vm
-            .reset(Duration::from_secs(120))
-            .unwrap_or_else(|e| panic!("reset {round}: {e}"));
+        let report = vm.reset().unwrap_or_else(|e| panic!("reset {round}: {e}"));
         eprintln!("reset {round}: {report:?}");
         assert!(report.clock_synced, "{report:?}");
         with_reseed.push(guest_random(&g));
@@ -555,13 +534,13 @@ fn every_reset_reseeds_the_guest_rng_on_a_cpu_without_rdrand() {
             .unwrap();
         let (secs, nanos) = (now.as_secs().to_string(), now.subsec_nanos().to_string());
         date.push(timed_exec(
-            &agent,
+            &*agent,
             "/bin/date",
             &["-u".into(), "-s".into(), format!("@{secs}")],
             b"",
         ));
         refresh.push(timed_exec(
-            &agent,
+            &*agent,
             "/usr/bin/perl",
             &[
                 "-e".into(),
@@ -584,20 +563,12 @@ fn every_reset_reseeds_the_guest_rng_on_a_cpu_without_rdrand() {
 #[test]
 fn a_fork_goes_on_from_the_snapshot_with_its_own_files_and_entropy() {
     let lv = libvirt();
+    let backend = backend(ResetStrategy::SnapshotLoadvm);
     let name = vm_name("forksrc");
-    let vm = GoldenVm::boot(
-        &lv,
-        &default_state_dir(),
-        &name,
-        &image(),
-        &shape(),
-        owner("fork"),
-        ResetStrategy::SnapshotLoadvm,
-        &[],
-    )
-    .unwrap_or_else(|e| panic!("booting {name}: {e}"));
+    let vm = EphemeralVm::create(&backend, &request(&name, owner("fork")))
+        .unwrap_or_else(|e| panic!("booting {name}: {e}"));
     let src_agent = vm.agent().unwrap();
-    let src = Guest::new(&src_agent);
+    let src = Guest::new(&*src_agent);
     // State the fork must carry over: a file on disk, one in tmpfs, a running process.
     sh(
         &src,
@@ -645,8 +616,8 @@ fn a_fork_goes_on_from_the_snapshot_with_its_own_files_and_entropy() {
         sh(&src, "cat /root/f; ls /root/g 2>/dev/null || true"),
         "later"
     );
-    let rand = |g: &Guest<'_, _>| sh(g, "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'");
-    assert_ne!(rand(&f), rand(&src));
+    let rand = "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
+    assert_ne!(sh(&f, rand), sh(&src, rand));
     // No internal snapshot of the source's comes along (golden state, other snapshots).
     let fork_files = agentvm_backend::vm::VmFiles::new(&default_state_dir(), &fork);
     let info = agentvm_backend::vm::qemu_img_info(&fork_files.disk()).unwrap();
@@ -678,28 +649,9 @@ impl Drop for PoolGuard<'_> {
 
 #[test]
 fn a_pool_vm_made_from_the_template_has_the_warm_up_its_own_entropy_and_resets() {
-    use agentvm_backend::backend::PoolVmRequest;
-    use agentvm_backend::Backend;
     let pool = format!("t3tpl{}", std::process::id());
-    let backend = agentvm_backend::LibvirtBackend::new(
-        Libvirt::default_uri(),
-        default_state_dir(),
-        agentvm_backend::AcceleratorChoice::from_env_or(agentvm_backend::AcceleratorChoice::Tcg)
-            .unwrap(),
-        Duration::from_secs(180),
-    );
-    let request = |name: &str| PoolVmRequest {
-        name: name.to_string(),
-        image: image(),
-        vcpus: 1,
-        memory_mib: 512,
-        nic: None,
-        owner: Owner {
-            kind: "VmPool".into(),
-            name: pool.clone(),
-            spec_hash: "h1".into(),
-            generation: 1,
-        },
+    let backend = backend(ResetStrategy::SnapshotLoadvm);
+    let request = |name: &str| VmRequest {
         warmup: vec![ExecRequest::new(
             "sh",
             [
@@ -707,16 +659,23 @@ fn a_pool_vm_made_from_the_template_has_the_warm_up_its_own_entropy_and_resets()
                 "echo warm > /root/warm; setsid sleep 100000 </dev/null >/dev/null 2>&1 &",
             ],
         )],
-        limits: Default::default(),
-        disk_gib: None,
         from_template: true,
+        ..request(
+            name,
+            Owner {
+                kind: "VmPool".into(),
+                name: pool.clone(),
+                spec_hash: "h1".into(),
+                generation: 1,
+            },
+        )
     };
     let (first, second) = (vm_name("tpl-a"), vm_name("tpl-b"));
     let mut guard = PoolGuard(&backend, vec![first.clone()], pool.clone());
-    let booted = backend.create_pool_vm(&request(&first)).unwrap();
+    let booted = backend.create_vm(&request(&first)).unwrap();
     assert!(!booted.from_template, "{booted:?}");
     guard.1.push(second.clone());
-    let made = backend.create_pool_vm(&request(&second)).unwrap();
+    let made = backend.create_vm(&request(&second)).unwrap();
     eprintln!("booted: {booted:?}\nfrom the template: {made:?}");
     assert!(made.from_template, "{made:?}");
     let listed = backend.list_vms().unwrap();

@@ -21,11 +21,12 @@ use agentvm_api::{NetworkMode, NetworkSpec};
 use agentvm_backend::guest::{ExecRequest, Guest};
 use agentvm_backend::libvirt_net::DefineOutcome;
 use agentvm_backend::netxml::{libvirt_name, parse_nwfilter, NetworkDef, NwFilterDef};
-use agentvm_backend::vm::{default_state_dir, EphemeralVm, VmShape};
+use agentvm_backend::vm::default_state_dir;
+use agentvm_backend::{AcceleratorChoice, EphemeralVm, LibvirtBackend, VmRequest};
 use agentvm_backend::{BackendError, Libvirt, NicSpec, Owner};
 
 mod common;
-use common::{image, libvirt, shape};
+use common::{libvirt, request};
 
 /// The "internet" host's address, inside the inet namespace.
 const INET_HOST: &str = "198.18.0.2";
@@ -168,24 +169,31 @@ fn owner(kind: &str, test: &str) -> Owner {
     }
 }
 
-fn boot<'a>(lv: &'a Libvirt, name: &str, nic: Option<NicSpec>) -> EphemeralVm<'a> {
-    let shape = VmShape {
-        nic,
-        boot_timeout: Duration::from_secs(240),
-        ..shape()
+/// The backend these tests boot their guests through (the pools' path), with 240 s to boot:
+/// guests on a network wait for their DHCP lease too.
+fn backend() -> LibvirtBackend {
+    let choice = match common::accel() {
+        agentvm_backend::Accelerator::Kvm => AcceleratorChoice::Kvm,
+        agentvm_backend::Accelerator::Tcg => AcceleratorChoice::Tcg,
     };
-    let vm = EphemeralVm::boot(
-        lv,
-        &default_state_dir(),
-        name,
-        &image(),
-        &shape,
-        owner("Test", name),
+    LibvirtBackend::new(
+        Libvirt::default_uri(),
+        default_state_dir(),
+        choice,
+        Duration::from_secs(240),
     )
-    .unwrap_or_else(|e| panic!("booting {name}: {e}"));
+}
+
+fn boot<'a>(backend: &'a LibvirtBackend, name: &str, nic: Option<NicSpec>) -> EphemeralVm<'a> {
+    let req = VmRequest {
+        nic,
+        park: false,
+        ..request(name, owner("Test", name))
+    };
+    let vm = EphemeralVm::create(backend, &req).unwrap_or_else(|e| panic!("booting {name}: {e}"));
     eprintln!(
         "{name}: guest agent up {:.1}s after start",
-        vm.boot_time.as_secs_f64()
+        vm.report.boot.as_secs_f64()
     );
     vm
 }
@@ -467,11 +475,12 @@ fn probe_from_test_ns(ns: &str, host: &str, port: u16) -> String {
 #[test]
 fn default_filter_lets_a_nat_guest_reach_443_but_not_8080() {
     let lv = libvirt();
+    let backend = backend();
     let test_ns = assert_libvirtd_in_test_netns();
     let inet = Internet::create(&test_ns);
     let (net, _filter) = network_with_default_filter(&lv, "egress", "192.168.231.0/24");
-    let vm = boot(&lv, &net.name, nic(&net.name, "192.168.231.1"));
-    let agent = vm.agent().unwrap();
+    let vm = boot(&backend, &net.name, nic(&net.name, "192.168.231.1"));
+    let agent = lv.agent(vm.name()).unwrap();
     let g = Guest::new(&agent);
 
     wait_for_address(&g);
@@ -609,9 +618,10 @@ fn syn_flood_while_libvirt_relinks(
 #[test]
 fn isolated_guest_has_no_route_anywhere() {
     let lv = libvirt();
+    let backend = backend();
     let name = format!("agentvm-t3-isolated-{}", std::process::id());
-    let vm = boot(&lv, &name, None);
-    let agent = vm.agent().unwrap();
+    let vm = boot(&backend, &name, None);
+    let agent = lv.agent(vm.name()).unwrap();
     let g = Guest::new(&agent);
 
     let links = sh(&g, "ip -o link show | cut -d: -f2 | tr -d ' '");
@@ -632,25 +642,26 @@ fn isolated_guest_has_no_route_anywhere() {
 #[test]
 fn guests_on_one_network_cannot_reach_each_other() {
     let lv = libvirt();
+    let backend = backend();
     let (net, _filter) = network_with_default_filter(&lv, "g2g", "192.168.232.0/24");
     let (a, b) = std::thread::scope(|s| {
         let a = s.spawn(|| {
             boot(
-                &lv,
+                &backend,
                 &format!("{}-a", net.name),
                 nic(&net.name, "192.168.232.1"),
             )
         });
         let b = s.spawn(|| {
             boot(
-                &lv,
+                &backend,
                 &format!("{}-b", net.name),
                 nic(&net.name, "192.168.232.1"),
             )
         });
         (a.join().unwrap(), b.join().unwrap())
     });
-    let (agent_a, agent_b) = (a.agent().unwrap(), b.agent().unwrap());
+    let (agent_a, agent_b) = (lv.agent(a.name()).unwrap(), lv.agent(b.name()).unwrap());
     let (ga, gb) = (Guest::new(&agent_a), Guest::new(&agent_b));
     let addr_a = wait_for_address(&ga);
     let addr_b = wait_for_address(&gb);

@@ -3,30 +3,33 @@
 //! `scripts/test.sh` builds the image and starts libvirtd inside a test network namespace.
 
 use agentvm_backend::guest::{ExecRequest, Guest, Stream};
-use agentvm_backend::vm::{default_state_dir, EphemeralVm};
-use agentvm_backend::{Libvirt, Owner};
+use agentvm_backend::{EphemeralVm, LibvirtBackend, Owner, ResetStrategy, VmRequest};
 
 mod common;
-use common::{image, libvirt, shape};
+use common::{backend, libvirt, request};
 
-fn boot<'a>(lv: &'a Libvirt, test: &str) -> EphemeralVm<'a> {
+/// Boots test `test`'s VM through the backend, used once (as `agentvm exec` does).
+fn boot<'a>(backend: &'a LibvirtBackend, test: &str) -> EphemeralVm<'a> {
     let name = format!("agentvm-t3-{test}-{}", std::process::id());
-    let shape = shape();
     let owner = Owner {
         kind: "Test".into(),
         name: test.into(),
         ..Owner::default()
     };
-    EphemeralVm::boot(lv, &default_state_dir(), &name, &image(), &shape, owner)
-        .unwrap_or_else(|e| panic!("booting {name}: {e}"))
+    let req = VmRequest {
+        park: false,
+        ..request(&name, owner)
+    };
+    EphemeralVm::create(backend, &req).unwrap_or_else(|e| panic!("booting {name}: {e}"))
 }
 
 #[test]
 fn python_runs_in_a_real_guest_and_exit_codes_come_back() {
     let lv = libvirt();
-    let vm = boot(&lv, "python");
+    let backend = backend(ResetStrategy::default());
+    let vm = boot(&backend, "python");
     let agent = vm.agent().unwrap();
-    let g = Guest::new(&agent);
+    let g = Guest::new(&*agent);
 
     let mut live = Vec::new();
     let req = ExecRequest::new(

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use agentvm_backend::backend::PoolVmRequest;
+use agentvm_backend::backend::VmRequest;
 use agentvm_backend::limits::VmLimits;
 use agentvm_backend::vm::BootImage;
 use agentvm_backend::xml::DiskIoLimits;
@@ -40,8 +40,8 @@ for i in range(n):
 const FLOOD: &str =
     "while :; do dd if=/dev/zero of=/root/flood bs=1M count=64 oflag=direct 2>/dev/null; done";
 
-fn request(name: &str, image: &BootImage, limits: VmLimits) -> PoolVmRequest {
-    PoolVmRequest {
+fn request(name: &str, image: &BootImage, limits: VmLimits) -> VmRequest {
+    VmRequest {
         name: name.to_string(),
         image: image.clone(),
         vcpus: 1,
@@ -55,6 +55,8 @@ fn request(name: &str, image: &BootImage, limits: VmLimits) -> PoolVmRequest {
         warmup: Vec::new(),
         limits,
         disk_gib: None,
+        disabled_cpu_features: Vec::new(),
+        park: true,
         from_template: false,
     }
 }
@@ -70,7 +72,7 @@ fn boot<'a>(
         name: name.to_string(),
     };
     let report = backend
-        .create_pool_vm(&request(name, image, limits))
+        .create_vm(&request(name, image, limits))
         .with_context(|| format!("creating {name}"))?;
     for (limit, verdict) in &report.limits {
         if let Err(why) = verdict {

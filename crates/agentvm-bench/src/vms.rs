@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use agentvm_backend::backend::PoolVmRequest;
+use agentvm_backend::backend::VmRequest;
 use agentvm_backend::golden::GOLDEN_SNAPSHOT;
 use agentvm_backend::vm::BootImage;
 use agentvm_backend::{AcceleratorChoice, Backend, Guest, LibvirtBackend, Owner};
@@ -85,8 +85,8 @@ fn dirty(backend: &LibvirtBackend, name: &str) -> Result<bool> {
 }
 
 /// A benchmark VM of [`MEMORY_MIB`], 1 vCPU, isolated, no warm-up.
-fn request(name: &str, image: &BootImage, pid: u32) -> PoolVmRequest {
-    PoolVmRequest {
+fn request(name: &str, image: &BootImage, pid: u32) -> VmRequest {
+    VmRequest {
         name: name.to_string(),
         image: image.clone(),
         vcpus: 1,
@@ -100,6 +100,8 @@ fn request(name: &str, image: &BootImage, pid: u32) -> PoolVmRequest {
         warmup: Vec::new(),
         limits: Default::default(),
         disk_gib: None,
+        disabled_cpu_features: Vec::new(),
+        park: true,
         from_template: false,
     }
 }
@@ -137,7 +139,7 @@ pub fn vm_rows(
             name: name.clone(),
         };
         let report = backend
-            .create_pool_vm(&req)
+            .create_vm(&req)
             .with_context(|| format!("creating {name}"))?;
         total.push(t.elapsed());
         boot.push(report.boot);
@@ -164,7 +166,7 @@ pub fn vm_rows(
         "boot to ready: define → agent answers → parked at golden",
         &summarize(total),
         format!(
-            "`Backend::create_pool_vm`, 1 vCPU, {MEMORY_MIB} MiB, no warm-up; boot part median {}, park median {}",
+            "`Backend::create_vm`, 1 vCPU, {MEMORY_MIB} MiB, no warm-up; boot part median {}, park median {}",
             fmt_duration(summarize(boot).median),
             fmt_duration(summarize(park).median)
         ),
@@ -237,7 +239,7 @@ pub fn vm_rows(
             name: name.clone(),
         };
         backend
-            .create_pool_vm(&req)
+            .create_vm(&req)
             .with_context(|| format!("creating {name}"))?;
         std::thread::sleep(Duration::from_secs(3));
         let rss = rss_kib(qemu_pid(&name)?).context("reading the QEMU process's memory")?;

@@ -245,13 +245,18 @@ impl Controller {
                 })
             }
         };
+        let vm_stats = VmStatsSampler::new(
+            self.metrics.clone(),
+            self.vm_stats.clone(),
+            self.readiness.clone(),
+        );
         let ctx = Ctx {
             store: store.clone(),
             cache: crate::cache::ObjectCache::new(&store),
             config: Arc::new(self.config.clone()),
             metrics: self.metrics.clone(),
             audit: audit.clone(),
-            vm_stats: self.vm_stats.clone(),
+            vm_stats: vm_stats.clone(),
             egress: Default::default(),
             // Connected to the work queue by the dispatcher.
             wake: Default::default(),
@@ -311,11 +316,7 @@ impl Controller {
         }
         if let Some(source) = self.stats_source.take() {
             self.readiness.require_libvirt();
-            let sampler = VmStatsSampler::new(
-                self.metrics.clone(),
-                self.vm_stats.clone(),
-                self.readiness.clone(),
-            );
+            let sampler = vm_stats;
             let every = Duration::from_secs(self.config.vm_stats_interval_seconds.max(1));
             observers.push(tokio::spawn(sampler.run(
                 source,

@@ -39,7 +39,7 @@ use crate::audit::AuditLog;
 use crate::cache::ObjectCache;
 use crate::metrics::Metrics;
 use crate::queue::WorkQueue;
-use crate::vm_stats::{VmStatsHistory, DEFAULT_HISTORY};
+use crate::vm_stats::{VmStatsHistory, VmStatsSampler, DEFAULT_HISTORY};
 use crate::Config;
 use agentvm_store::{Change, ObjectKey, Store, StoreError, StoredObject};
 
@@ -93,8 +93,9 @@ pub struct Ctx {
     pub metrics: Metrics,
     /// The audit log, for VM and run lifecycle events.
     pub audit: AuditLog,
-    /// The latest statistics samples of each running VM (anomaly detection).
-    pub vm_stats: VmStatsHistory,
+    /// The one sampler of VM statistics: metrics, the latest samples of each running VM,
+    /// and the feeds of the runs' anomaly monitors.
+    pub vm_stats: VmStatsSampler,
     /// Egress summaries of runs in progress (filled by the egress proxy).
     pub egress: crate::egress::RunSummaries,
     /// Queues other objects for reconciliation (the dispatcher's work queue).
@@ -117,15 +118,21 @@ impl Wake {
 }
 
 impl Ctx {
-    /// A context with fresh metrics, no audit log and an empty statistics history.
+    /// A context with fresh metrics, no audit log and a statistics sampler that samples
+    /// only the VMs runs watch.
     pub fn new(store: Store, config: Arc<Config>) -> Self {
+        let metrics = Metrics::new();
         Ctx {
             cache: ObjectCache::new(&store),
             store,
             config,
-            metrics: Metrics::new(),
+            vm_stats: VmStatsSampler::new(
+                metrics.clone(),
+                VmStatsHistory::new(DEFAULT_HISTORY),
+                crate::health::Readiness::default(),
+            ),
+            metrics,
             audit: AuditLog::disabled(),
-            vm_stats: VmStatsHistory::new(DEFAULT_HISTORY),
             egress: Default::default(),
             wake: Wake::default(),
         }

@@ -1,18 +1,26 @@
-//! `VmStatsSampler`: samples every running agentvm-owned domain's statistics periodically,
-//! publishes them as the per-VM metrics, and keeps the latest samples of each VM (a ring
-//! buffer) for anomaly detection.
+//! `VmStatsSampler`: the one sampler of VM statistics. One thread (`vm-stats`) samples every
+//! running VM of the backend periodically, publishes the per-VM metrics and keeps the latest
+//! samples of each VM (a ring buffer); in between, it samples the VMs that running runs
+//! watch ([`VmStatsSampler::watch`]) as often as each watch asks, and hands each of them its
+//! VM's samples — the run monitor's anomaly rules get their domain statistics from here.
 //!
-//! Where samples come from is a [`StatsSource`]: [`LibvirtStatsSource`] in the controller,
-//! a closure in tests. The sampler calls it on a blocking thread every
-//! `vmStatsIntervalSeconds` (default 5 s) and tolerates it failing (libvirt down): the
-//! failure is shown by `agentvm_libvirt_up 0` and `/readyz`, and the next tick tries again.
+//! Where samples come from is a [`StatsSource`]: [`BackendStatsSource`] (the backend's one
+//! reconnecting connection) in the controller, a closure in tests. The sampler tolerates it
+//! failing (libvirt down): the failure is shown by `agentvm_libvirt_up 0` and `/readyz`, the
+//! watches get the error, and the next tick tries again.
+//!
+//! Guarantees: at most one sampling thread per sampler (and its clones); a watch gets its
+//! first sample at once and then one about every interval it asked for, and is removed when
+//! dropped. The thread ends when the sampler is stopped or every handle on it is gone.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
 
-use agentvm_backend::libvirt::{DomainState, Libvirt};
+use agentvm_backend::libvirt::DomainState;
 use agentvm_backend::stats::DomainStats;
+use agentvm_backend::Backend;
 
 use crate::health::Readiness;
 use crate::metrics::Metrics;
@@ -31,11 +39,20 @@ pub struct VmSample {
     pub stats: DomainStats,
 }
 
-/// Yields a sample of every running VM. Called on a blocking thread; an error means no VM
+/// Yields samples of running VMs. Called on the sampler's thread; an error means no VM
 /// could be sampled (e.g. libvirt is unreachable).
 pub trait StatsSource: Send + 'static {
     /// Samples every running VM now.
     fn sample(&mut self) -> Result<Vec<VmSample>, String>;
+
+    /// Samples VM `vm` now. By default: [`StatsSource::sample`], and its sample of `vm`.
+    fn sample_vm(&mut self, vm: &str) -> Result<DomainStats, String> {
+        self.sample()?
+            .into_iter()
+            .find(|s| s.vm_id == vm)
+            .map(|s| s.stats)
+            .ok_or_else(|| format!("VM {vm} is not running"))
+    }
 }
 
 impl<F> StatsSource for F
@@ -47,57 +64,40 @@ where
     }
 }
 
-/// Samples the running agentvm-owned domains of a libvirt connection, (re)connecting as
-/// needed.
-pub struct LibvirtStatsSource {
-    uri: String,
-    conn: Option<Libvirt>,
+/// Samples the running VMs of a backend (for [`agentvm_backend::LibvirtBackend`]: the owned
+/// domains of its state directory, through its one connection, reopened after libvirtd
+/// restarts).
+pub struct BackendStatsSource {
+    backend: Arc<dyn Backend>,
 }
 
-impl LibvirtStatsSource {
-    /// A source connecting to `uri` on first use.
-    pub fn new(uri: impl Into<String>) -> Self {
-        Self {
-            uri: uri.into(),
-            conn: None,
-        }
+impl BackendStatsSource {
+    /// A source sampling `backend`'s VMs.
+    pub fn new(backend: Arc<dyn Backend>) -> Self {
+        Self { backend }
     }
 }
 
-impl StatsSource for LibvirtStatsSource {
+impl StatsSource for BackendStatsSource {
     fn sample(&mut self) -> Result<Vec<VmSample>, String> {
-        let conn = match self.conn.take() {
-            Some(c) => c,
-            None => Libvirt::connect(&self.uri).map_err(|e| e.to_string())?,
-        };
-        let domains = match conn.list_owned_domains() {
-            Ok(d) => d,
-            // Drop the connection: the next tick reconnects.
-            Err(e) => return Err(e.to_string()),
-        };
-        let mut out = Vec::new();
-        for d in domains
+        let vms = self.backend.list_vms().map_err(|e| e.to_string())?;
+        Ok(vms
             .into_iter()
-            .filter(|d| d.state == DomainState::Running)
-        {
-            // A domain may stop between listing and sampling: skip it.
-            let Ok(stats) = conn.domain_stats(&d.name) else {
-                continue;
-            };
-            let vcpus = conn
-                .raw()
-                .lookup_domain_by_name(&d.name)
-                .and_then(|dom| dom.info())
-                .ok()
-                .map(|i| i.nr_virt_cpu);
-            out.push(VmSample {
-                vm_id: d.name,
-                vcpus,
-                stats,
-            });
-        }
-        self.conn = Some(conn);
-        Ok(out)
+            .filter(|vm| vm.state == DomainState::Running)
+            // A VM may stop between listing and sampling: skip it.
+            .filter_map(|vm| {
+                let stats = self.backend.vm_stats(&vm.name).ok()?;
+                Some(VmSample {
+                    vcpus: self.backend.vm_vcpus(&vm.name).ok(),
+                    vm_id: vm.name,
+                    stats,
+                })
+            })
+            .collect())
+    }
+
+    fn sample_vm(&mut self, vm: &str) -> Result<DomainStats, String> {
+        self.backend.vm_stats(vm).map_err(|e| e.to_string())
     }
 }
 
@@ -142,12 +142,139 @@ impl VmStatsHistory {
     }
 }
 
-/// Turns samples into metrics and history. See the module docs.
-#[derive(Debug, Clone)]
+/// Turns samples into metrics, history and the watches' feeds. See the module docs.
+/// Clones share one sampler.
+#[derive(Clone)]
 pub struct VmStatsSampler {
     metrics: Metrics,
     history: VmStatsHistory,
     health: Readiness,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for VmStatsSampler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmStatsSampler")
+            .field("history", &self.history)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the sampling thread works from, shared by the sampler's handles.
+#[derive(Default)]
+struct Shared {
+    plan: Mutex<Plan>,
+    /// Wakes the thread when the plan changes (a new watch, a sample asked for, stop).
+    changed: Condvar,
+    source: Mutex<Option<Box<dyn StatsSource>>>,
+}
+
+/// When to sample what.
+#[derive(Default)]
+struct Plan {
+    /// A thread is sampling.
+    running: bool,
+    /// The thread is to end.
+    stop: bool,
+    /// Every VM at this interval (metrics, history); `None`: only watched VMs.
+    every: Option<Duration>,
+    next_full: Option<Instant>,
+    watches: Vec<WatchEntry>,
+    next_id: u64,
+}
+
+struct WatchEntry {
+    id: u64,
+    vm: String,
+    every: Duration,
+    due: Instant,
+    feed: mpsc::Sender<Result<DomainStats, String>>,
+}
+
+impl Plan {
+    /// What is due at `now`: whether every VM is (a full sample), and the watched VMs that
+    /// are, sorted; `None` when nothing is.
+    fn due(&self, now: Instant) -> Option<(bool, Vec<String>)> {
+        let full = self.every.is_some() && self.next_full.is_some_and(|t| t <= now);
+        let mut vms: Vec<String> = self
+            .watches
+            .iter()
+            .filter(|w| w.due <= now)
+            .map(|w| w.vm.clone())
+            .collect();
+        vms.sort();
+        vms.dedup();
+        (full || !vms.is_empty()).then_some((full, vms))
+    }
+
+    /// Next time anything is due.
+    fn next_due(&self) -> Option<Instant> {
+        let watches = self.watches.iter().map(|w| w.due).min();
+        match (self.every.and(self.next_full), watches) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// A run's feed of its VM's samples from the [`VmStatsSampler`]; removed when dropped.
+pub struct VmStatsWatch {
+    shared: Weak<Shared>,
+    id: u64,
+    feed: mpsc::Receiver<Result<DomainStats, String>>,
+}
+
+impl std::fmt::Debug for VmStatsWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmStatsWatch")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VmStatsWatch {
+    /// The next sample (or why none could be taken), waiting at most `wait`.
+    pub fn next(&self, wait: Duration) -> Option<Result<DomainStats, String>> {
+        self.feed.recv_timeout(wait).ok()
+    }
+
+    /// A fresh sample: asks the sampling thread for one at once (one in progress when asked
+    /// counts) and waits for it at most `wait`.
+    pub fn now(&self, wait: Duration) -> Option<Result<DomainStats, String>> {
+        let shared = self.shared.upgrade()?;
+        while self.feed.try_recv().is_ok() {}
+        {
+            let mut plan = lock(&shared.plan);
+            if let Some(w) = plan.watches.iter_mut().find(|w| w.id == self.id) {
+                w.due = Instant::now();
+            }
+        }
+        shared.changed.notify_all();
+        drop(shared);
+        self.next(wait)
+    }
+}
+
+impl agentvm_run::monitor::StatsFeed for VmStatsWatch {
+    fn next(&self, wait: Duration) -> Option<Result<DomainStats, String>> {
+        VmStatsWatch::next(self, wait)
+    }
+
+    fn now(&self, wait: Duration) -> Option<Result<DomainStats, String>> {
+        VmStatsWatch::now(self, wait)
+    }
+}
+
+impl Drop for VmStatsWatch {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.upgrade() {
+            lock(&shared.plan).watches.retain(|w| w.id != self.id);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Memory the guest uses: balloon `available - usable` (or `- unused`) when the guest reports
@@ -165,13 +292,18 @@ fn counter_delta(new: u64, old: Option<u64>) -> u64 {
     }
 }
 
+/// Longest the thread sleeps at once, so that it notices when every handle is gone.
+const MAX_SLEEP: Duration = Duration::from_millis(200);
+
 impl VmStatsSampler {
-    /// A sampler publishing into `metrics` and `health`, keeping `history`.
+    /// A sampler publishing into `metrics` and `health`, keeping `history`. It samples
+    /// nothing before [`VmStatsSampler::start`] or a [`VmStatsSampler::watch`].
     pub fn new(metrics: Metrics, history: VmStatsHistory, health: Readiness) -> Self {
         Self {
             metrics,
             history,
             health,
+            shared: Arc::default(),
         }
     }
 
@@ -230,6 +362,25 @@ impl VmStatsSampler {
         }
     }
 
+    /// Samples every VM of `source` now and then every `every` (and the watched VMs as
+    /// their watches ask) on the sampling thread, until [`VmStatsSampler::stop`].
+    pub fn start(&self, source: Box<dyn StatsSource>, every: Duration) -> std::io::Result<()> {
+        *lock(&self.shared.source) = Some(source);
+        {
+            let mut plan = lock(&self.shared.plan);
+            plan.every = Some(every.max(Duration::from_millis(100)));
+            plan.next_full = Some(Instant::now());
+            plan.stop = false;
+        }
+        self.spawn()
+    }
+
+    /// Ends the sampling thread (after the sample in progress).
+    pub fn stop(&self) {
+        lock(&self.shared.plan).stop = true;
+        self.shared.changed.notify_all();
+    }
+
     /// Samples `source` now and then every `every` until `shutdown` resolves.
     pub async fn run(
         self,
@@ -237,22 +388,146 @@ impl VmStatsSampler {
         every: Duration,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
-        let source = Arc::new(Mutex::new(source));
-        let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => break,
-                _ = tick.tick() => {}
+        if let Err(e) = self.start(source, every) {
+            tracing::error!("VM statistics not sampled: cannot start the sampling thread: {e}");
+            return;
+        }
+        shutdown.await;
+        self.stop();
+    }
+
+    /// A feed of VM `vm`'s samples: the first at once, then about one every `every`. When
+    /// the sampler has no source yet (no [`VmStatsSampler::start`]: a context without the
+    /// controller's sampler), `fallback` becomes its source, for watched VMs only.
+    pub fn watch(
+        &self,
+        vm: &str,
+        every: Duration,
+        fallback: impl FnOnce() -> Box<dyn StatsSource>,
+    ) -> std::io::Result<VmStatsWatch> {
+        {
+            let mut source = lock(&self.shared.source);
+            if source.is_none() {
+                *source = Some(fallback());
             }
-            let src = source.clone();
-            let result = tokio::task::spawn_blocking(move || {
-                src.lock().unwrap_or_else(|e| e.into_inner()).sample()
-            })
-            .await
-            .unwrap_or_else(|e| Err(format!("statistics source panicked: {e}")));
-            self.record(result);
+        }
+        let (tx, feed) = mpsc::channel();
+        let id = {
+            let mut plan = lock(&self.shared.plan);
+            plan.next_id += 1;
+            let id = plan.next_id;
+            plan.watches.push(WatchEntry {
+                id,
+                vm: vm.to_string(),
+                every: every.max(Duration::from_millis(10)),
+                due: Instant::now(),
+                feed: tx,
+            });
+            id
+        };
+        self.shared.changed.notify_all();
+        let watch = VmStatsWatch {
+            shared: Arc::downgrade(&self.shared),
+            id,
+            feed,
+        };
+        self.spawn()?;
+        Ok(watch)
+    }
+
+    /// Starts the sampling thread unless one runs.
+    fn spawn(&self) -> std::io::Result<()> {
+        {
+            let mut plan = lock(&self.shared.plan);
+            if plan.running {
+                drop(plan);
+                self.shared.changed.notify_all();
+                return Ok(());
+            }
+            plan.running = true;
+        }
+        let weak = Arc::downgrade(&self.shared);
+        // The thread records through a handle of its own that does not keep the shared
+        // plan alive: only `weak` reaches it.
+        let recorder = VmStatsSampler {
+            metrics: self.metrics.clone(),
+            history: self.history.clone(),
+            health: self.health.clone(),
+            shared: Arc::default(),
+        };
+        let spawned = std::thread::Builder::new()
+            .name("vm-stats".into())
+            .spawn(move || recorder.sampling_loop(weak));
+        if let Err(e) = spawned {
+            lock(&self.shared.plan).running = false;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The sampling thread: `self` is a recorder (metrics, history, health); the plan and
+    /// the source are in `weak`, which ends the thread when every handle is gone.
+    fn sampling_loop(self, weak: Weak<Shared>) {
+        loop {
+            let Some(shared) = weak.upgrade() else {
+                return;
+            };
+            let now = Instant::now();
+            let (full, due) = {
+                let mut plan = lock(&shared.plan);
+                if plan.stop {
+                    plan.running = false;
+                    return;
+                }
+                match plan.due(now) {
+                    Some(due) => due,
+                    None => {
+                        let wait = plan
+                            .next_due()
+                            .map_or(MAX_SLEEP, |t| t.saturating_duration_since(now))
+                            .min(MAX_SLEEP);
+                        let _ = shared
+                            .changed
+                            .wait_timeout(plan, wait)
+                            .unwrap_or_else(|e| e.into_inner());
+                        continue;
+                    }
+                }
+            };
+            let mut source = lock(&shared.source);
+            let Some(src) = source.as_mut() else {
+                drop(source);
+                std::thread::sleep(MAX_SLEEP);
+                continue;
+            };
+            let mut taken: HashMap<String, Result<DomainStats, String>> = HashMap::new();
+            if full {
+                let result = src.sample();
+                if let Ok(samples) = &result {
+                    for s in samples {
+                        taken.insert(s.vm_id.clone(), Ok(s.stats.clone()));
+                    }
+                }
+                self.record(result);
+                let mut plan = lock(&shared.plan);
+                plan.next_full = plan.every.map(|every| now + every);
+            }
+            for vm in due {
+                if let std::collections::hash_map::Entry::Vacant(e) = taken.entry(vm) {
+                    let sample = src.sample_vm(e.key());
+                    e.insert(sample);
+                }
+            }
+            drop(source);
+            let mut plan = lock(&shared.plan);
+            let done = Instant::now();
+            for w in plan.watches.iter_mut() {
+                if let Some(sample) = taken.get(&w.vm) {
+                    // A dropped receiver's entry goes with its watch.
+                    let _ = w.feed.send(sample.clone());
+                    w.due = done + w.every;
+                }
+            }
         }
     }
 }
@@ -411,13 +686,140 @@ mod tests {
     }
 
     #[test]
-    fn libvirt_source_on_the_test_driver_lists_only_owned_domains() {
+    fn backend_source_on_the_test_driver_lists_only_owned_domains() {
         // test:///default has one foreign domain ("test"), which is not sampled.
-        let mut src = LibvirtStatsSource::new("test:///default");
+        let dir = tempfile::tempdir().unwrap();
+        let backend = agentvm_backend::LibvirtBackend::new(
+            "test:///default",
+            dir.path(),
+            agentvm_backend::AcceleratorChoice::Tcg,
+            Duration::from_secs(5),
+        );
+        let mut src = BackendStatsSource::new(Arc::new(backend));
         let samples = src.sample().unwrap();
         assert!(samples.iter().all(|s| s.vm_id != "test"), "{samples:?}");
         // An unknown URI is an error, not a panic.
-        let mut bad = LibvirtStatsSource::new("nope:///nothing");
-        assert!(bad.sample().is_err());
+        let bad = agentvm_backend::LibvirtBackend::new(
+            "nope:///nothing",
+            dir.path(),
+            agentvm_backend::AcceleratorChoice::Tcg,
+            Duration::from_secs(5),
+        );
+        assert!(BackendStatsSource::new(Arc::new(bad)).sample().is_err());
+    }
+
+    /// A source counting its calls: every VM in `vms`, with a CPU counter that grows.
+    struct Counting {
+        vms: Vec<&'static str>,
+        full: Arc<std::sync::atomic::AtomicUsize>,
+        single: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl StatsSource for Counting {
+        fn sample(&mut self) -> Result<Vec<VmSample>, String> {
+            let n = self.full.fetch_add(1, std::sync::atomic::Ordering::SeqCst) as u64;
+            Ok(self
+                .vms
+                .iter()
+                .map(|vm| sample(vm, 1, stats(Instant::now(), n, n, n)))
+                .collect())
+        }
+
+        fn sample_vm(&mut self, vm: &str) -> Result<DomainStats, String> {
+            self.single
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if self.vms.contains(&vm) {
+                Ok(stats(Instant::now(), 0, 0, 0))
+            } else {
+                Err(format!("VM {vm} is not running"))
+            }
+        }
+    }
+
+    fn counting(
+        vms: Vec<&'static str>,
+    ) -> (
+        Counting,
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        let (full, single) = (Arc::default(), Arc::default());
+        (
+            Counting {
+                vms,
+                full: Arc::clone(&full),
+                single: Arc::clone(&single),
+            },
+            full,
+            single,
+        )
+    }
+
+    #[test]
+    fn one_thread_feeds_the_metrics_and_each_watch_at_its_own_pace() {
+        let metrics = Metrics::new();
+        let sampler = VmStatsSampler::new(
+            metrics.clone(),
+            VmStatsHistory::new(4),
+            Readiness::default(),
+        );
+        let (src, full, single) = counting(vec!["vm-a", "vm-b"]);
+        // Every VM once an hour: the first full sample now, the next long after the test.
+        sampler
+            .start(Box::new(src), Duration::from_secs(3600))
+            .unwrap();
+        let watch = sampler
+            .watch("vm-a", Duration::from_millis(20), || {
+                unreachable!("has a source")
+            })
+            .unwrap();
+        let mut got = 0;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while got < 5 {
+            assert!(
+                Instant::now() < deadline,
+                "only {got} samples for the watch"
+            );
+            if let Some(s) = watch.next(Duration::from_millis(100)) {
+                s.unwrap();
+                got += 1;
+            }
+        }
+        // The watched VM alone was sampled in between; every VM once, for the metrics.
+        assert_eq!(full.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(single.load(std::sync::atomic::Ordering::SeqCst) >= 3);
+        assert_eq!(sampler.history().vms(), ["vm-a", "vm-b"]);
+        assert!(metrics.render().contains("agentvm_libvirt_up 1"));
+        // A VM that is not running: the watch hears why.
+        let gone = sampler
+            .watch("vm-z", Duration::from_millis(20), || unreachable!())
+            .unwrap();
+        let why = gone.next(Duration::from_secs(5)).unwrap().unwrap_err();
+        assert!(why.contains("not running"), "{why}");
+        // A sample asked for now arrives at once, without waiting for the interval.
+        let slow = sampler
+            .watch("vm-b", Duration::from_secs(3600), || unreachable!())
+            .unwrap();
+        slow.next(Duration::from_secs(5)).unwrap().unwrap();
+        slow.now(Duration::from_secs(5)).unwrap().unwrap();
+        drop((watch, gone, slow));
+        assert!(lock(&sampler.shared.plan).watches.is_empty());
+        sampler.stop();
+    }
+
+    #[test]
+    fn without_the_controller_s_sampler_a_watch_samples_its_vm_only() {
+        let sampler =
+            VmStatsSampler::new(Metrics::new(), VmStatsHistory::new(4), Readiness::default());
+        let (src, full, single) = counting(vec!["vm-a"]);
+        let watch = sampler
+            .watch("vm-a", Duration::from_millis(10), move || Box::new(src))
+            .unwrap();
+        for _ in 0..3 {
+            watch.next(Duration::from_secs(5)).unwrap().unwrap();
+        }
+        assert_eq!(full.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert!(single.load(std::sync::atomic::Ordering::SeqCst) >= 3);
+        assert!(sampler.history().vms().is_empty());
     }
 }

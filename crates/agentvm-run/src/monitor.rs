@@ -1,6 +1,7 @@
-//! `RunMonitor`: samples the VM of a running `AgentRun` about once a second on a thread of its
-//! own (libvirt domain statistics through [`Backend::vm_stats`], the guest's task count from
-//! `/proc/loadavg` and the CPU time of the run's cgroup through the guest agent), feeds the [`AnomalyDetector`], and for each
+//! `RunMonitor`: watches the VM of a running `AgentRun` about once a second on a thread of its
+//! own (domain statistics from a [`StatsFeed`] — in the controller its one sampler, which
+//! samples through the backend; the guest's task count from `/proc/loadavg` and the CPU time
+//! of the run's cgroup through the guest agent), feeds the [`AnomalyDetector`], and for each
 //! anomaly: appends it to the run's status (written at once) and hands it to the
 //! [`AnomalySink`] (the controller counts it in `agent_vm_anomalies_total{rule}` and writes
 //! an `anomaly` audit event). With policy `kill`
@@ -10,7 +11,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use agentvm_api::{AgentRunStatus, Anomaly, AnomalyDetection, AnomalyPolicy, ResourceUsage};
 use agentvm_backend::guest::RUN_CGROUP;
@@ -18,6 +19,15 @@ use agentvm_backend::{Backend, Guest};
 use agentvm_store::time::Timestamp;
 
 use crate::anomaly::{cgroup_cpu_ns, tasks_from_loadavg, AnomalyDetector, Observation, Rule};
+
+/// Where a [`RunMonitor`] gets the VM's domain statistics: the controller's sampler
+/// (`VmStatsWatch`), which samples every watched VM through the backend's one connection.
+pub trait StatsFeed: Send {
+    /// The next sample (or why none could be taken), waiting at most `wait`.
+    fn next(&self, wait: Duration) -> Option<Result<agentvm_backend::DomainStats, String>>;
+    /// A fresh sample, taken at once, waiting for it at most `wait`.
+    fn now(&self, wait: Duration) -> Option<Result<agentvm_backend::DomainStats, String>>;
+}
 
 /// Where a [`RunMonitor`] reports: the controller implements it with its metrics, audit log
 /// and store. Called from the monitor's own thread.
@@ -86,6 +96,8 @@ impl std::fmt::Debug for RunMonitor {
 
 struct Sampler {
     backend: Arc<dyn Backend>,
+    /// The VM's domain statistics.
+    stats: Box<dyn StatsFeed>,
     target: MonitorTarget,
     sink: Arc<dyn AnomalySink>,
     detector: AnomalyDetector,
@@ -118,8 +130,12 @@ impl Sampler {
         (tasks, cpu)
     }
 
-    fn sample(&mut self) -> Option<Observation> {
-        match self.backend.vm_stats(&self.target.vm) {
+    /// An observation from a sample of the VM's statistics (`None`: it could not be taken).
+    fn observation(
+        &mut self,
+        sample: Result<agentvm_backend::DomainStats, String>,
+    ) -> Option<Observation> {
+        match sample {
             Ok(stats) => Some(Observation {
                 stats,
                 processes: None,
@@ -135,8 +151,8 @@ impl Sampler {
         }
     }
 
-    fn tick(&mut self) {
-        let Some(mut obs) = self.sample() else {
+    fn tick(&mut self, sample: Result<agentvm_backend::DomainStats, String>) {
+        let Some(mut obs) = self.observation(sample) else {
             return;
         };
         (obs.processes, obs.run_cpu_ns) = self.guest_readings();
@@ -179,6 +195,7 @@ impl RunMonitor {
     pub fn start(
         backend: Arc<dyn Backend>,
         sink: Arc<dyn AnomalySink>,
+        stats: Box<dyn StatsFeed>,
         target: MonitorTarget,
         status: AgentRunStatus,
         cancel: Arc<AtomicBool>,
@@ -188,6 +205,7 @@ impl RunMonitor {
         let killed = Arc::new(AtomicBool::new(false));
         let closed = Arc::new(std::sync::Mutex::new(false));
         let mut s = Sampler {
+            stats,
             detector: AnomalyDetector::new(&target.settings, target.vcpus, target.memory_bytes),
             backend,
             sink,
@@ -216,21 +234,21 @@ impl RunMonitor {
                     }
                 };
                 loop {
-                    let next = Instant::now() + every;
-                    s.tick();
-                    *shared.lock().unwrap_or_else(|e| e.into_inner()) = report(&s);
-                    while Instant::now() < next {
-                        if stopping.load(Ordering::SeqCst) {
-                            // A last reading so the usage covers the whole run.
-                            if let Some(mut obs) = s.sample() {
+                    if let Some(sample) = s.stats.next(Duration::from_millis(25).min(every)) {
+                        s.tick(sample);
+                        *shared.lock().unwrap_or_else(|e| e.into_inner()) = report(&s);
+                    }
+                    if stopping.load(Ordering::SeqCst) {
+                        // A last reading so the usage covers the whole run.
+                        if let Some(sample) = s.stats.now(STOP_WAIT) {
+                            if let Some(mut obs) = s.observation(sample) {
                                 obs.run_cpu_ns = s.guest_readings().1;
                                 s.detector.account(&obs);
                             }
-                            // The receiver may have stopped waiting; nothing to do then.
-                            let _ = tx.send(report(&s));
-                            return;
                         }
-                        std::thread::sleep(Duration::from_millis(25).min(every));
+                        // The receiver may have stopped waiting; nothing to do then.
+                        let _ = tx.send(report(&s));
+                        return;
                     }
                 }
             })?;

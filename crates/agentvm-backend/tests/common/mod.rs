@@ -1,11 +1,14 @@
 //! Shared set-up of the tier-3 tests and the benchmarks: the guest image, the accelerator, the
-//! VM shape and the libvirt connection. Each fails loudly (never skips) when its part is missing.
+//! backend every VM is made through (the pools' path), the VM shape and the libvirt
+//! connection. Each fails loudly (never skips) when its part is missing.
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::time::Duration;
 
-use agentvm_backend::vm::{BootImage, VmShape};
-use agentvm_backend::{Accelerator, AcceleratorChoice, Libvirt};
+use agentvm_backend::vm::{default_state_dir, BootImage};
+use agentvm_backend::{
+    Accelerator, AcceleratorChoice, Libvirt, LibvirtBackend, Owner, ResetStrategy, VmRequest,
+};
 
 /// The default recipe's guest image (`agentvm image build`; scripts/test.sh builds it).
 pub fn image() -> BootImage {
@@ -34,19 +37,42 @@ pub fn accel() -> Accelerator {
     }
 }
 
-/// The tier-3 guests' shape: 1 vCPU, 512 MiB, no NIC, 180 s to boot, [`accel`], and the
-/// translation cache pools use.
-pub fn shape() -> VmShape {
-    VmShape {
+/// How long a tier-3 guest may take to boot.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// The backend the tier-3 tests and benchmarks make their VMs with, as the controller does:
+/// `qemu:///system`, the default state directory, [`accel`], [`BOOT_TIMEOUT`], the
+/// translation cache pools use, and `strategy` for resets.
+pub fn backend(strategy: ResetStrategy) -> LibvirtBackend {
+    let choice = match accel() {
+        Accelerator::Kvm => AcceleratorChoice::Kvm,
+        Accelerator::Tcg => AcceleratorChoice::Tcg,
+    };
+    LibvirtBackend::new(
+        Libvirt::default_uri(),
+        default_state_dir(),
+        choice,
+        BOOT_TIMEOUT,
+    )
+    .with_reset_strategy(strategy)
+}
+
+/// Test VM `name` owned by `owner`, of the tier-3 guests' shape: 1 vCPU, 512 MiB, no NIC,
+/// the image's disk, no warm-up, no limits; parked (set `park: false` for a VM used once).
+pub fn request(name: &str, owner: Owner) -> VmRequest {
+    VmRequest {
+        name: name.to_string(),
+        image: image(),
         vcpus: 1,
         memory_mib: 512,
         nic: None,
-        accelerator: accel(),
-        boot_timeout: Duration::from_secs(180),
+        owner,
+        warmup: Vec::new(),
         limits: Default::default(),
-        disabled_cpu_features: Vec::new(),
-        tcg_tb_cache_mib: Some(agentvm_backend::vm::DEFAULT_TCG_TB_CACHE_MIB),
         disk_gib: None,
+        disabled_cpu_features: Vec::new(),
+        park: true,
+        from_template: false,
     }
 }
 

@@ -1033,9 +1033,21 @@ impl Job {
             vcpus: res.vcpu,
             memory_bytes: u64::from(res.memory_mib) << 20,
         };
+        let backend = self.backend.clone();
+        let stats = self
+            .ctx
+            .vm_stats
+            .watch(&self.vm, SAMPLE_INTERVAL, || {
+                Box::new(crate::vm_stats::BackendStatsSource::new(backend))
+            })
+            .inspect_err(
+                |e| tracing::warn!(run = %self.name, error = %e, "cannot watch the VM's statistics"),
+            )
+            .ok()?;
         RunMonitor::start(
             self.backend.clone(),
             Arc::new(anomalies::ControllerSink(self.ctx.clone())),
+            Box::new(stats),
             target,
             self.status.clone(),
             self.cancel.clone(),

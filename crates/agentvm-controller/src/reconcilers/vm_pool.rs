@@ -34,7 +34,7 @@ use agentvm_api::{
     spec_hash, ImagePhase, ImageStatus, Kind, NetworkFilterPhase, NetworkFilterStatus,
     NetworkPhase, NetworkStatus, PoolEvent, Reason, Resource, VmPool, VmPoolPhase, VmPoolStatus,
 };
-use agentvm_backend::backend::{OwnedVm, PoolVmRequest};
+use agentvm_backend::backend::{OwnedVm, VmRequest};
 use agentvm_backend::guest::ExecRequest;
 use agentvm_backend::libvirt::DomainState;
 use agentvm_backend::netxml::libvirt_name;
@@ -545,7 +545,7 @@ impl VmPoolReconciler {
         generation: i64,
         ctx: &Ctx,
     ) -> Result<Enforcement, ReconcileError> {
-        let req = PoolVmRequest {
+        let req = VmRequest {
             name: vm.to_string(),
             image: tpl.image.clone(),
             vcpus: tpl.vcpus,
@@ -560,12 +560,14 @@ impl VmPoolReconciler {
             warmup: tpl.warmup.clone(),
             limits: tpl.limits,
             disk_gib: Some(tpl.disk_gib),
+            disabled_cpu_features: Vec::new(),
+            park: true,
             from_template: tpl.from_template,
         };
         tracing::info!(pool, vm, "creating VM");
         let report = self
             .backend
-            .create_pool_vm(&req)
+            .create_vm(&req)
             .map_err(|e| backend_error(&format!("creating {vm}"), &e))?;
         tracing::info!(pool, vm, boot = ?report.boot, warmup = ?report.warmup, park = ?report.park, "VM ready");
         ctx.metrics.vm_booted(vm, pool, report.boot.as_secs_f64());

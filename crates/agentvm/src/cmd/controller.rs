@@ -8,7 +8,7 @@ use std::time::Duration;
 use agentvm_backend::LibvirtBackend;
 use agentvm_controller::reconcile::DispatcherOptions;
 use agentvm_controller::reconcilers::{self, ImageCache, PoolRegistry};
-use agentvm_controller::vm_stats::LibvirtStatsSource;
+use agentvm_controller::vm_stats::BackendStatsSource;
 use agentvm_controller::{Config, Controller};
 use anyhow::Context;
 use clap::Args;
@@ -85,10 +85,11 @@ impl ControllerArgs {
             let images = Arc::new(ImageCache {
                 dir: cfg.cache_dir.clone(),
             });
-            controller = controller.egress(backend.clone());
+            controller = controller
+                .egress(backend.clone())
+                .vm_stats(BackendStatsSource::new(backend.clone()));
             controller =
-                reconcilers::register(controller, backend, Arc::new(PoolRegistry::new()), images)
-                    .vm_stats(LibvirtStatsSource::new(cfg.libvirt_uri.clone()));
+                reconcilers::register(controller, backend, Arc::new(PoolRegistry::new()), images);
         }
         runtime.block_on(async move {
             let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;

@@ -3,8 +3,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use agentvm_backend::vm::resolve_accelerator;
-use agentvm_backend::{AcceleratorChoice, Libvirt};
+use agentvm_backend::AcceleratorChoice;
 use agentvm_controller::Config;
 use agentvm_image::Recipe;
 use clap::Args;
@@ -58,17 +57,14 @@ impl DoctorArgs {
         let mut r = Report { failures: 0 };
         let setup = "run `scripts/host-setup.sh` (or `agentvm host setup`) as root";
 
-        let lv = match Libvirt::connect(&cfg.libvirt_uri) {
-            Ok(lv) => {
+        let backend = super::local_backend(cfg);
+        let lv = match backend.libvirt_version() {
+            Ok(version) => {
                 r.ok(
                     "libvirt",
-                    format!(
-                        "{} reachable (libvirt {})",
-                        cfg.libvirt_uri,
-                        lv.version().unwrap_or_default()
-                    ),
+                    format!("{} reachable (libvirt {version})", cfg.libvirt_uri),
                 );
-                Some(lv)
+                Some(&backend)
             }
             Err(e) => {
                 r.fail("libvirt", e.to_string(), setup);
@@ -131,13 +127,8 @@ impl DoctorArgs {
         };
 
         match (cfg.accelerator, &lv, &image, self.probe) {
-            (AcceleratorChoice::Auto, Some(lv), Some(img), true) => {
-                match resolve_accelerator(
-                    lv,
-                    &cfg.state_dir,
-                    &super::image::boot_image(img),
-                    cfg.accelerator,
-                ) {
+            (AcceleratorChoice::Auto, Some(backend), Some(img), true) => {
+                match backend.accelerator_for(&super::image::boot_image(img)) {
                     Ok((acc, why)) => r.ok("accelerator", format!("{acc} ({why})")),
                     Err(e) => r.fail("accelerator", e.to_string(), "set AGENTVM_ACCEL=tcg"),
                 }

@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use agentvm_backend::agent_conn::Interactive;
 use agentvm_backend::guest::{ExecRequest, Guest, Stream};
-use agentvm_backend::vm::{resolve_accelerator, EphemeralVm, VmShape};
-use agentvm_backend::{Libvirt, Owner};
+use agentvm_backend::{EphemeralVm, Owner, VmRequest};
 use agentvm_controller::Config;
 use agentvm_guest::WinSize;
 use agentvm_image::Recipe;
@@ -174,32 +173,33 @@ impl ExecArgs {
             .collect::<anyhow::Result<Vec<_>>>()?;
         let img = super::image::ensure_image(cfg, &Recipe::default())?;
         let image = super::image::boot_image(&img);
-        let lv = Libvirt::connect(&cfg.libvirt_uri)?;
-        let (accel, why) = resolve_accelerator(&lv, &cfg.state_dir, &image, cfg.accelerator)?;
+        let backend = super::local_backend(cfg);
+        let (accel, why) = backend.accelerator_for(&image)?;
         tracing::info!(%accel, %why, "accelerator");
-        let shape = VmShape {
+        let name = format!("agentvm-exec-{}", std::process::id());
+        eprintln!("booting isolated VM {name} ({accel})...");
+        let req = VmRequest {
+            name: name.clone(),
+            image,
             vcpus: self.vcpus,
             memory_mib: self.memory_mib,
             nic: None,
-            accelerator: accel,
-            boot_timeout: Duration::from_secs(cfg.boot_timeout_seconds),
+            owner: Owner {
+                kind: "Exec".into(),
+                name: name.clone(),
+                ..Owner::default()
+            },
+            warmup: Vec::new(),
             limits: Default::default(),
-            disabled_cpu_features: Vec::new(),
-            tcg_tb_cache_mib: cfg.tcg_tb_cache(),
             disk_gib: None,
+            disabled_cpu_features: Vec::new(),
+            park: false,
+            from_template: false,
         };
-        let name = format!("agentvm-exec-{}", std::process::id());
-        eprintln!("booting isolated VM {name} ({accel})...");
-        let owner = Owner {
-            kind: "Exec".into(),
-            name: name.clone(),
-            ..Owner::default()
-        };
-        let vm = EphemeralVm::boot(&lv, &cfg.state_dir, &name, &image, &shape, owner)
-            .context("booting the VM")?;
+        let vm = EphemeralVm::create(&backend, &req).context("booting the VM")?;
         eprintln!(
             "guest agent answered after {:.1}s",
-            vm.boot_time.as_secs_f64()
+            vm.report.boot.as_secs_f64()
         );
         let tty = if self.tty {
             Some(Terminal::open().context("-t needs a terminal on standard input")?)
@@ -223,7 +223,7 @@ impl ExecArgs {
             req.env.insert(k.to_string(), v.to_string());
         }
         let agent = vm.agent()?;
-        let guest = Guest::new(&agent);
+        let guest = Guest::new(&*agent);
         if !listeners.is_empty() {
             let conn = guest.agent().context(
                 "forwarding ports needs agentvm-guest in the VM, and it does not answer",

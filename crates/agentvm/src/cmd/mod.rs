@@ -44,6 +44,19 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
     Ok(Config::load(path.or(default.as_deref()))?)
 }
 
+/// The backend of the commands that make VMs right here, without a controller (`run`,
+/// `exec`, `doctor`): libvirt at the configured URI, VM files under the state directory,
+/// the configured accelerator, boot timeout and translation cache, as the controller's.
+pub fn local_backend(cfg: &Config) -> agentvm_backend::LibvirtBackend {
+    agentvm_backend::LibvirtBackend::new(
+        cfg.libvirt_uri.clone(),
+        cfg.state_dir.clone(),
+        cfg.accelerator,
+        Duration::from_secs(cfg.boot_timeout_seconds),
+    )
+    .with_tcg_translation_cache(cfg.tcg_tb_cache())
+}
+
 /// Exit status: the command failed (an error, a missing or refused object, a `wait`
 /// timeout), or `diff` found differences.
 pub const EXIT_FAILURE: i32 = 1;

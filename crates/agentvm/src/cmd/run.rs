@@ -4,12 +4,11 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use agentvm_api::{AgentRun, Image, Resource, VmPool};
 use agentvm_backend::guest::{Guest, Stream};
-use agentvm_backend::vm::{resolve_accelerator, EphemeralVm, VmShape};
-use agentvm_backend::{Libvirt, Owner};
+use agentvm_backend::{EphemeralVm, LibvirtBackend, Owner, VmRequest};
 use agentvm_controller::images::recipe_for;
 use agentvm_controller::Config;
 use agentvm_run::artifacts::RunDir;
@@ -65,10 +64,10 @@ impl RunArgs {
                 self.files
             );
         }
-        let lv = Libvirt::connect(&cfg.libvirt_uri)?;
+        let backend = super::local_backend(cfg);
         let mut exit = 0;
         for (run, base) in runs {
-            let code = self.one(cfg, &lv, run, &base, &images, &pools)?;
+            let code = self.one(cfg, &backend, run, &base, &images, &pools)?;
             if exit == 0 {
                 exit = code;
             }
@@ -79,7 +78,7 @@ impl RunArgs {
     fn one(
         &self,
         cfg: &Config,
-        lv: &Libvirt,
+        backend: &LibvirtBackend,
         run: &AgentRun,
         base: &Path,
         images: &[&Image],
@@ -117,61 +116,55 @@ impl RunArgs {
             .with_context(|| format!("AgentRun {name}"))?;
         let img = super::image::ensure_image(cfg, &recipe_for(&image.spec))?;
         let boot = super::image::boot_image(&img);
-        let (accel, why) = resolve_accelerator(lv, &cfg.state_dir, &boot, cfg.accelerator)?;
+        let (accel, why) = backend.accelerator_for(&boot)?;
         tracing::info!(%accel, %why, "accelerator");
         let res = pool.spec.template.resources.resolved();
-        let shape = VmShape {
-            vcpus: res.vcpu,
-            memory_mib: u64::from(res.memory_mib),
-            nic: None,
-            accelerator: accel,
-            boot_timeout: Duration::from_secs(cfg.boot_timeout_seconds),
-            limits: agentvm_controller::limits::vm_limits(&pool.spec.template.resources),
-            disabled_cpu_features: Vec::new(),
-            tcg_tb_cache_mib: cfg.tcg_tb_cache(),
-            disk_gib: Some(u64::from(res.disk_gib)),
-        };
         let vm_name = format!("agentvm-run-{name}-{}", std::process::id());
         eprintln!(
             "run/{name}: booting VM {vm_name} (pool {}, {} vCPU, {} MiB, {accel})",
             pool.metadata.name, res.vcpu, res.memory_mib
         );
-        let owner = Owner {
-            kind: "AgentRun".into(),
-            name: name.clone(),
-            ..Owner::default()
+        for step in &pool.spec.template.warmup {
+            let label = step.name.as_deref().unwrap_or(&step.run);
+            eprintln!("run/{name}: warm-up: {label}");
+        }
+        // The pool's VM as the controller makes it (same shape, same limits), used once: not
+        // parked.
+        let req = VmRequest {
+            name: vm_name,
+            image: boot,
+            vcpus: res.vcpu,
+            memory_mib: u64::from(res.memory_mib),
+            nic: None,
+            owner: Owner {
+                kind: "AgentRun".into(),
+                name: name.clone(),
+                ..Owner::default()
+            },
+            warmup: warmup_requests(&pool.spec.template),
+            limits: agentvm_controller::limits::vm_limits(&pool.spec.template.resources),
+            disk_gib: Some(u64::from(res.disk_gib)),
+            disabled_cpu_features: Vec::new(),
+            park: false,
+            from_template: false,
         };
-        let vm = EphemeralVm::boot(lv, &cfg.state_dir, &vm_name, &boot, &shape, owner)?;
+        let vm = EphemeralVm::create(backend, &req).with_context(|| {
+            format!(
+                "AgentRun {name}: VM of pool {} (boot and warm-up)",
+                pool.metadata.name
+            )
+        })?;
         eprintln!(
             "run/{name}: VM ready in {:.1}s; running",
-            vm.boot_time.as_secs_f64()
+            (vm.report.boot + vm.report.warmup).as_secs_f64()
         );
-        for (limit, verdict) in &vm.limits {
+        for (limit, verdict) in &vm.report.limits {
             if let Err(why) = verdict {
                 eprintln!("run/{name}: {limit} is not enforced by this host ({why}); the VM runs without it");
             }
         }
         let agent = vm.agent()?;
-        let g = Guest::new(&agent);
-        for (step, req) in pool
-            .spec
-            .template
-            .warmup
-            .iter()
-            .zip(warmup_requests(&pool.spec.template))
-        {
-            let label = step.name.clone().unwrap_or_else(|| step.run.clone());
-            eprintln!("run/{name}: warm-up: {label}");
-            let out = g.exec(&req, &mut |_, _| {})?;
-            if !out.success() {
-                bail!(
-                    "AgentRun {name}: warm-up step {label:?} of pool {} failed (exit {:?}): {}",
-                    pool.metadata.name,
-                    out.exit_code,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-        }
+        let g = Guest::new(&*agent);
         let started = Instant::now();
         let result = execute(&g, &run.spec, &prepared, &mut || {}, &mut |s, d| {
             let _ = match s {
