@@ -292,16 +292,19 @@ pub(super) async fn exec(
         }
         let _ = tx.blocking_send(line(&event));
     });
+    streamed(rx, "application/x-ndjson")
+}
+
+/// A response whose body is what arrives on `rx`, as it arrives.
+fn streamed(rx: tokio::sync::mpsc::Receiver<Bytes>, content_type: &'static str) -> Response {
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv()
             .await
             .map(|b| (Ok::<Bytes, std::io::Error>(b), rx))
     });
     let mut resp = Response::new(Body::from_stream(stream));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/x-ndjson"),
-    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
 }
 
@@ -877,17 +880,7 @@ pub(super) async fn download(
         };
         let _ = tx.blocking_send(Bytes::from(last));
     });
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|b| (Ok::<Bytes, std::io::Error>(b), rx))
-    });
-    let mut resp = Response::new(Body::from_stream(stream));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    resp
+    streamed(rx, "application/octet-stream")
 }
 
 /// Query of `/v1/sandboxes/{name}/forward`.
