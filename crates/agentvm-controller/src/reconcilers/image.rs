@@ -138,6 +138,11 @@ impl ImageReconciler {
     }
 }
 
+/// When a failed build of a recipe may start again. This schedule is the build's, not the
+/// work queue's per-object backoff: a pass that reports a failed build succeeds (the
+/// failure is the object's state, `Failed`), and the pass that starts the retry succeeds
+/// too, which resets the queue's count; with it, a failing build of several minutes would
+/// start again every second or two.
 fn retry_delay(failures: u32) -> Duration {
     crate::reconcile::backoff_delay(failures, RETRY_BASE, RETRY_MAX)
 }
@@ -162,11 +167,9 @@ impl Reconciler for ImageReconciler {
         let hash = match recipe.try_hash() {
             Ok(h) => h,
             Err(e) => {
-                let err = ReconcileError::new(Reason::RecipeInvalid, e.to_string());
                 status.phase = ImagePhase::Failed;
-                Conditions(&mut status.conditions).degraded(&err, false);
-                write_status(ctx, &obj, &status)?;
-                return Err(err);
+                return Err(ReconcileError::new(Reason::RecipeInvalid, e.to_string())
+                    .with_status(&obj, &status));
             }
         };
         let found = self

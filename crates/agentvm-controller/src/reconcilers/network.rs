@@ -92,11 +92,9 @@ impl Reconciler for NetworkReconciler {
                 Ok(Action::AwaitChange)
             }
             Err(e) => {
-                let err = backend_error(&format!("ensuring network {lname}"), &e);
                 status.phase = NetworkPhase::Failed;
-                Conditions(&mut status.conditions).degraded(&err, false);
-                write_status(ctx, &obj, &status)?;
-                Err(err)
+                Err(backend_error(&format!("ensuring network {lname}"), &e)
+                    .with_status(&obj, &status))
             }
         }
     }

@@ -87,11 +87,9 @@ impl Reconciler for NetworkFilterReconciler {
                 Ok(Action::AwaitChange)
             }
             Err(e) => {
-                let err = backend_error(&format!("ensuring nwfilter {lname}"), &e);
                 status.phase = NetworkFilterPhase::Failed;
-                Conditions(&mut status.conditions).degraded(&err, false);
-                write_status(ctx, &obj, &status)?;
-                Err(err)
+                Err(backend_error(&format!("ensuring nwfilter {lname}"), &e)
+                    .with_status(&obj, &status))
             }
         }
     }

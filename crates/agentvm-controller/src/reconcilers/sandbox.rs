@@ -429,10 +429,9 @@ impl SandboxReconciler {
                 write_status(ctx, obj, &status)?;
             }
             if let Err(e) = self.backend.destroy_vm(&vm) {
-                let err = backend_error(&format!("destroying VM {vm}"), &e);
-                Conditions(&mut status.conditions).degraded(&err, false);
-                write_status(ctx, obj, &status)?;
-                return Err(err);
+                return Err(
+                    backend_error(&format!("destroying VM {vm}"), &e).with_status(obj, &status)
+                );
             }
             ctx.audit.record(
                 AuditEvent::new(
@@ -523,10 +522,12 @@ impl SandboxReconciler {
             }
             None => {
                 if let Err(e) = self.backend.rollback_vm(vm, &req.snapshot) {
-                    let err = backend_error(&format!("rolling {vm} back to {}", req.snapshot), &e);
-                    Conditions(&mut status.conditions).degraded(&err, true);
-                    write_status(ctx, obj, status)?;
-                    return Err(err);
+                    return Err(backend_error(
+                        &format!("rolling {vm} back to {}", req.snapshot),
+                        &e,
+                    )
+                    .with_status(obj, status)
+                    .keeping_ready(true));
                 }
                 self.sandboxes.touch(name);
                 agentvm_api::RollbackStatus {
@@ -635,11 +636,7 @@ impl Reconciler for SandboxReconciler {
                     }
                     return Ok(Action::Requeue(WAITING_FOR_VM));
                 }
-                Err(err) => {
-                    Conditions(&mut status.conditions).degraded(&err, false);
-                    write_status(ctx, &obj, &status)?;
-                    return Err(err);
-                }
+                Err(err) => return Err(err.with_status(&obj, &status)),
             },
         };
         self.sandboxes.seed(
@@ -710,10 +707,8 @@ impl Reconciler for SandboxReconciler {
             tracing::info!(sandbox = name, %vm, from = ?power, to = ?want, %why, "changing power state");
             if let Err(e) = self.backend.set_vm_power(&vm, want) {
                 let err = backend_error(&format!("{vm}: {power:?} to {want:?}"), &e);
-                let err = ReconcileError::new(Reason::PowerChangeFailed, err.message);
-                Conditions(&mut status.conditions).degraded(&err, false);
-                write_status(ctx, &obj, &status)?;
-                return Err(err);
+                return Err(ReconcileError::new(Reason::PowerChangeFailed, err.message)
+                    .with_status(&obj, &status));
             }
             if want == PowerState::Running {
                 self.sandboxes.touch(name);

@@ -195,10 +195,9 @@ impl Reconciler for SnapshotReconciler {
         let taken = match self.backend.snapshot_vm(&vm, name) {
             Ok(t) => t,
             Err(e) => {
-                let err = backend_error(&format!("snapshot of {vm}"), &e);
-                Conditions(&mut status.conditions).degraded(&err, false);
-                write_status(ctx, &obj, &status)?;
-                return Err(err);
+                return Err(
+                    backend_error(&format!("snapshot of {vm}"), &e).with_status(&obj, &status)
+                );
             }
         };
         status.phase = SnapshotPhase::Ready;

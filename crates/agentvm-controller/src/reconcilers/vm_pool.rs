@@ -285,11 +285,7 @@ impl VmPoolReconciler {
                 write_status(ctx, obj, status)?;
                 Ok(Action::Requeue(Duration::from_secs(2)))
             }
-            Err(err) => {
-                Conditions(&mut status.conditions).degraded(&err, false);
-                write_status(ctx, obj, status)?;
-                Err(err)
-            }
+            Err(err) => Err(err.with_status(obj, status)),
         }
     }
 
@@ -835,9 +831,9 @@ impl Reconciler for VmPoolReconciler {
                 self.fill_status(&mut status, &c, ctx, name);
                 let min = pool.spec.min_ready.min(pool.spec.max_size);
                 status.phase = VmPoolPhase::Degraded;
-                Conditions(&mut status.conditions).degraded(&err, c.ready_current >= min);
-                write_status(ctx, &obj, &status)?;
-                Err(err)
+                Err(err
+                    .with_status(&obj, &status)
+                    .keeping_ready(c.ready_current >= min))
             }
         }
     }
