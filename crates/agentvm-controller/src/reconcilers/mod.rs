@@ -1,4 +1,5 @@
-//! The per-kind reconcilers (`Network`, `NetworkFilter`, `Image`, `VmPool`), the pool
+//! The per-kind reconcilers (`Network` and `NetworkFilter` on the generic owned-object
+//! reconciler, `Image`, `VmPool`, `Sandbox`, `Snapshot`, `AgentRun`), the pool
 //! registry they share with the run scheduler, and the garbage collector of owned libvirt
 //! objects that no stored object declares any more.
 //!
@@ -26,6 +27,7 @@ pub mod gc;
 pub mod image;
 pub mod network;
 pub mod network_filter;
+pub mod owned;
 pub mod registry;
 pub mod sandbox;
 pub mod snapshot;
@@ -36,6 +38,7 @@ pub use gc::GarbageCollector;
 pub use image::{ImageBuilder, ImageCache, ImageReconciler};
 pub use network::NetworkReconciler;
 pub use network_filter::NetworkFilterReconciler;
+pub use owned::{LibvirtObject, OwnedObjectReconciler};
 pub use registry::{PoolRegistry, PoolVm, VmPhase};
 pub use sandbox::{SandboxReconciler, Sandboxes};
 pub use snapshot::SnapshotReconciler;
