@@ -571,6 +571,173 @@ impl SandboxReconciler {
             })),
         );
     }
+
+    /// The sandbox's VM: found by its ownership metadata, else claimed from the pool or
+    /// forked from the snapshot. `Err(action)`: none (yet, or lost: `Failed`), with the
+    /// status written when it changed.
+    fn vm_of(
+        &self,
+        obj: &StoredObject,
+        sb: &Sandbox,
+        status: &mut SandboxStatus,
+        before: &SandboxStatus,
+        ctx: &Ctx,
+    ) -> Result<Result<String, Action>, ReconcileError> {
+        Ok(Ok(match self.find_vm(sb.name())? {
+            Some(vm) => {
+                if status.vm.as_deref() != Some(&vm) {
+                    // Claimed by an earlier controller that stopped before recording it.
+                    status.vm = Some(vm.clone());
+                    if !sb.spec.pool_ref.is_empty() {
+                        status.pool.get_or_insert_with(|| sb.spec.pool_ref.clone());
+                    }
+                    status
+                        .created_at
+                        .get_or_insert_with(|| Timestamp::now().to_string());
+                }
+                vm
+            }
+            None if status.vm.is_some() => {
+                let vm = status.vm.clone().unwrap_or_default();
+                status.phase = SandboxPhase::Failed;
+                let err = ReconcileError::new(
+                    Reason::VmLost,
+                    format!("its VM {vm} is gone from libvirt (with its disk and memory); delete the sandbox and make a new one"),
+                );
+                Conditions(&mut status.conditions).degraded(&err, false);
+                if *status != *before {
+                    write_status(ctx, obj, status)?;
+                }
+                return Ok(Err(Action::AwaitChange));
+            }
+            None => match match &sb.spec.from_snapshot {
+                Some(from) => self.fork(obj, sb, from, status, ctx),
+                None => self.claim(obj, sb, status, ctx),
+            } {
+                Ok(Some(vm)) => vm,
+                Ok(None) => {
+                    if *status != *before {
+                        write_status(ctx, obj, status)?;
+                    }
+                    if status.phase == SandboxPhase::Failed {
+                        return Ok(Err(Action::AwaitChange));
+                    }
+                    return Ok(Err(Action::Requeue(WAITING_FOR_VM)));
+                }
+                Err(err) => return Err(err.with_status(obj, status)),
+            },
+        }))
+    }
+
+    /// The power state `sb` wants, given the lifetime rule that `ended` (if any); keeps or
+    /// clears `status.stoppedReason` (an idle stop ends at the next use, `woken`).
+    fn wanted_power(
+        sb: &Sandbox,
+        status: &mut SandboxStatus,
+        ended: Option<Reason>,
+        woken: bool,
+    ) -> PowerState {
+        match (ended, status.stopped_reason.as_deref()) {
+            (Some(reason), _) => status.stopped_reason = Some(reason.as_str().to_string()),
+            // Idle-stopped: back on the next use.
+            (None, Some("IdleTimeout")) if woken => status.stopped_reason = None,
+            (None, Some("IdleTimeout")) => {}
+            // The lifetime was raised.
+            (None, Some(_)) => status.stopped_reason = None,
+            (None, None) => {}
+        }
+        if sb.spec.state != SandboxState::Running {
+            status.stopped_reason = None;
+        }
+        match (sb.spec.state, &status.stopped_reason) {
+            (_, Some(_)) => PowerState::Saved,
+            (SandboxState::Running, None) => PowerState::Running,
+            (SandboxState::Paused, None) => PowerState::Paused,
+            (SandboxState::Stopped, None) => PowerState::Saved,
+        }
+    }
+
+    /// Phase, `Ready` condition, activity of a sandbox whose VM `vm` is now `want`.
+    fn report(
+        sb: &Sandbox,
+        vm: &str,
+        want: PowerState,
+        idle: Duration,
+        active: u32,
+        status: &mut SandboxStatus,
+    ) {
+        let (phase, reason, message) = match want {
+            PowerState::Running => (SandboxPhase::Running, Reason::SandboxRunning, format!("{vm} runs")),
+            PowerState::Paused => (
+                SandboxPhase::Paused,
+                Reason::SandboxPaused,
+                format!("{vm} is paused (memory kept)"),
+            ),
+            _ => (
+                SandboxPhase::Stopped,
+                Reason::SandboxStopped,
+                match status.stopped_reason.as_deref() {
+                    Some("IdleTimeout") => format!("{vm} is saved to disk after {}s idle; the next exec or `agentvm start` brings it back", sb.spec.idle_timeout_seconds),
+                    Some(r) => format!("{vm} is saved to disk: its lifetime ended ({r})"),
+                    None => format!("{vm} is saved to disk"),
+                },
+            ),
+        };
+        status.phase = phase;
+        Conditions(&mut status.conditions).ready(reason, message);
+        status.active_execs = active;
+        status.idle_seconds = if want == PowerState::Running {
+            idle.as_secs()
+        } else {
+            0
+        };
+        let last = SystemTime::now() - idle;
+        status.last_activity_at = Some(Timestamp(last).to_string());
+    }
+
+    /// True when `status` differs from `before` by more than the idle time moving.
+    fn changed(status: &SandboxStatus, before: &SandboxStatus) -> bool {
+        let mut a = status.clone();
+        let mut b = before.clone();
+        for s in [&mut a, &mut b] {
+            s.idle_seconds = 0;
+            s.last_activity_at = None;
+        }
+        let idle_moved = status.idle_seconds.abs_diff(before.idle_seconds) >= 10
+            || (status.idle_seconds == 0) != (before.idle_seconds == 0);
+        a != b || idle_moved
+    }
+
+    /// When to look again: at the latest [`RECHECK`], or just after the idle timeout, the
+    /// TTL or the shutdown time falls due.
+    fn next_check(
+        sb: &Sandbox,
+        status: &SandboxStatus,
+        want: PowerState,
+        idle: Duration,
+        active: u32,
+    ) -> Duration {
+        let mut next = RECHECK;
+        if want == PowerState::Running && sb.spec.idle_timeout_seconds != 0 && active == 0 {
+            let timeout = Duration::from_secs(sb.spec.idle_timeout_seconds.into());
+            next = next.min(timeout.saturating_sub(idle) + Duration::from_millis(200));
+        }
+        if let (Some(ttl), Some(created)) = (
+            sb.spec.ttl_seconds,
+            status.created_at.as_deref().and_then(Timestamp::parse),
+        ) {
+            let end = created.0 + Duration::from_secs(ttl.into());
+            if let Ok(left) = end.duration_since(SystemTime::now()) {
+                next = next.min(left + Duration::from_millis(200));
+            }
+        }
+        if let Some(at) = sb.spec.shutdown_time.as_deref().and_then(Timestamp::parse) {
+            if let Ok(left) = at.0.duration_since(SystemTime::now()) {
+                next = next.min(left + Duration::from_millis(200));
+            }
+        }
+        next
+    }
 }
 
 impl Reconciler for SandboxReconciler {
@@ -595,49 +762,9 @@ impl Reconciler for SandboxReconciler {
         let before = status.clone();
         status.observed_generation = Some(obj.generation());
 
-        let vm = match self.find_vm(name)? {
-            Some(vm) => {
-                if status.vm.as_deref() != Some(&vm) {
-                    // Claimed by an earlier controller that stopped before recording it.
-                    status.vm = Some(vm.clone());
-                    if !sb.spec.pool_ref.is_empty() {
-                        status.pool.get_or_insert_with(|| sb.spec.pool_ref.clone());
-                    }
-                    status
-                        .created_at
-                        .get_or_insert_with(|| Timestamp::now().to_string());
-                }
-                vm
-            }
-            None if status.vm.is_some() => {
-                let vm = status.vm.clone().unwrap_or_default();
-                status.phase = SandboxPhase::Failed;
-                let err = ReconcileError::new(
-                    Reason::VmLost,
-                    format!("its VM {vm} is gone from libvirt (with its disk and memory); delete the sandbox and make a new one"),
-                );
-                Conditions(&mut status.conditions).degraded(&err, false);
-                if status != before {
-                    write_status(ctx, &obj, &status)?;
-                }
-                return Ok(Action::AwaitChange);
-            }
-            None => match match &sb.spec.from_snapshot {
-                Some(from) => self.fork(&obj, sb, from, &mut status, ctx),
-                None => self.claim(&obj, sb, &mut status, ctx),
-            } {
-                Ok(Some(vm)) => vm,
-                Ok(None) => {
-                    if status != before {
-                        write_status(ctx, &obj, &status)?;
-                    }
-                    if status.phase == SandboxPhase::Failed {
-                        return Ok(Action::AwaitChange);
-                    }
-                    return Ok(Action::Requeue(WAITING_FOR_VM));
-                }
-                Err(err) => return Err(err.with_status(&obj, &status)),
-            },
+        let vm = match self.vm_of(&obj, sb, &mut status, &before, ctx)? {
+            Ok(vm) => vm,
+            Err(action) => return Ok(action),
         };
         self.sandboxes.seed(
             name,
@@ -674,24 +801,7 @@ impl Reconciler for SandboxReconciler {
                 return Ok(Action::Requeue(Duration::ZERO));
             }
         }
-        match (ended, status.stopped_reason.as_deref()) {
-            (Some(reason), _) => status.stopped_reason = Some(reason.as_str().to_string()),
-            // Idle-stopped: back on the next use.
-            (None, Some("IdleTimeout")) if woken => status.stopped_reason = None,
-            (None, Some("IdleTimeout")) => {}
-            // The lifetime was raised.
-            (None, Some(_)) => status.stopped_reason = None,
-            (None, None) => {}
-        }
-        if sb.spec.state != SandboxState::Running {
-            status.stopped_reason = None;
-        }
-        let want = match (sb.spec.state, &status.stopped_reason) {
-            (_, Some(_)) => PowerState::Saved,
-            (SandboxState::Running, None) => PowerState::Running,
-            (SandboxState::Paused, None) => PowerState::Paused,
-            (SandboxState::Stopped, None) => PowerState::Saved,
-        };
+        let want = Self::wanted_power(sb, &mut status, ended, woken);
         let power = if power == PowerState::Off && want == PowerState::Saved {
             // Off without saved memory (the host rebooted, or a hand `virsh destroy`): its
             // disk is all there is; it stays off until wanted running.
@@ -723,66 +833,15 @@ impl Reconciler for SandboxReconciler {
             .vm_snapshots(&vm)
             .map_err(|e| backend_error(&format!("listing snapshots of {vm}"), &e))?;
         let (idle, active) = self.sandboxes.idle(name);
-        let (phase, reason, message) = match want {
-            PowerState::Running => (SandboxPhase::Running, Reason::SandboxRunning, format!("{vm} runs")),
-            PowerState::Paused => (
-                SandboxPhase::Paused,
-                Reason::SandboxPaused,
-                format!("{vm} is paused (memory kept)"),
-            ),
-            _ => (
-                SandboxPhase::Stopped,
-                Reason::SandboxStopped,
-                match status.stopped_reason.as_deref() {
-                    Some("IdleTimeout") => format!("{vm} is saved to disk after {}s idle; the next exec or `agentvm start` brings it back", sb.spec.idle_timeout_seconds),
-                    Some(r) => format!("{vm} is saved to disk: its lifetime ended ({r})"),
-                    None => format!("{vm} is saved to disk"),
-                },
-            ),
-        };
-        status.phase = phase;
-        Conditions(&mut status.conditions).ready(reason, message);
-        status.active_execs = active;
-        status.idle_seconds = if want == PowerState::Running {
-            idle.as_secs()
-        } else {
-            0
-        };
-        let last = SystemTime::now() - idle;
-        status.last_activity_at = Some(Timestamp(last).to_string());
+        Self::report(sb, &vm, want, idle, active, &mut status);
         // Only a real change is written (the idle seconds alone move every pass).
-        let mut a = status.clone();
-        let mut b = before.clone();
-        for s in [&mut a, &mut b] {
-            s.idle_seconds = 0;
-            s.last_activity_at = None;
-        }
-        let idle_moved = status.idle_seconds.abs_diff(before.idle_seconds) >= 10
-            || (status.idle_seconds == 0) != (before.idle_seconds == 0);
-        if a != b || idle_moved {
+        if Self::changed(&status, &before) {
             write_status(ctx, &obj, &status)?;
         }
 
-        let mut next = RECHECK;
-        if want == PowerState::Running && sb.spec.idle_timeout_seconds != 0 && active == 0 {
-            let timeout = Duration::from_secs(sb.spec.idle_timeout_seconds.into());
-            next = next.min(timeout.saturating_sub(idle) + Duration::from_millis(200));
-        }
-        if let (Some(ttl), Some(created)) = (
-            sb.spec.ttl_seconds,
-            status.created_at.as_deref().and_then(Timestamp::parse),
-        ) {
-            let end = created.0 + Duration::from_secs(ttl.into());
-            if let Ok(left) = end.duration_since(SystemTime::now()) {
-                next = next.min(left + Duration::from_millis(200));
-            }
-        }
-        if let Some(at) = sb.spec.shutdown_time.as_deref().and_then(Timestamp::parse) {
-            if let Ok(left) = at.0.duration_since(SystemTime::now()) {
-                next = next.min(left + Duration::from_millis(200));
-            }
-        }
-        Ok(Action::Requeue(next))
+        Ok(Action::Requeue(Self::next_check(
+            sb, &status, want, idle, active,
+        )))
     }
 }
 

@@ -114,14 +114,7 @@ impl Reconciler for SnapshotReconciler {
             }
             SnapshotPhase::Ready => {
                 let vm = status.vm.clone().unwrap_or_default();
-                let lost = match self.backend.vm_snapshots(&vm) {
-                    Ok(names) => (!names.iter().any(|n| n == name))
-                        .then(|| format!("it is gone from VM {vm} (deleted by hand?)")),
-                    Err(e) if e.is_not_found() => Some(format!(
-                        "its sandbox's VM {vm} is gone, and the snapshot with it"
-                    )),
-                    Err(e) => return Err(backend_error(&format!("listing snapshots of {vm}"), &e)),
-                };
+                let lost = self.lost(name, &vm)?;
                 if let Some(why) = lost {
                     status.phase = SnapshotPhase::Failed;
                     let err = ReconcileError::new(Reason::SnapshotLost, why);
@@ -133,6 +126,40 @@ impl Reconciler for SnapshotReconciler {
             SnapshotPhase::Pending => {}
         }
 
+        self.take(&obj, snap, status, &before, ctx)
+    }
+}
+
+impl SnapshotReconciler {
+    /// Why snapshot `name` of `vm` is gone, if it is.
+    fn lost(&self, name: &str, vm: &str) -> Result<Option<String>, ReconcileError> {
+        match self.backend.vm_snapshots(vm) {
+            Ok(names) => Ok((!names.iter().any(|n| n == name))
+                .then(|| format!("it is gone from VM {vm} (deleted by hand?)"))),
+            Err(e) if e.is_not_found() => Ok(Some(format!(
+                "its sandbox's VM {vm} is gone, and the snapshot with it"
+            ))),
+            Err(e) => Err(backend_error(&format!("listing snapshots of {vm}"), &e)),
+        }
+    }
+
+    /// A `Pending` snapshot: waits for its sandbox to be `Running` or `Paused`, then takes
+    /// it (or adopts one taken before a restart) within the sandbox's `maxSnapshots`.
+    fn take(
+        &self,
+        obj: &StoredObject,
+        snap: &Snapshot,
+        mut status: SnapshotStatus,
+        before: &SnapshotStatus,
+        ctx: &Ctx,
+    ) -> Result<Action, ReconcileError> {
+        let name = snap.name();
+        let write = |status: &SnapshotStatus| -> Result<(), ReconcileError> {
+            if status != before {
+                write_status(ctx, obj, status)?;
+            }
+            Ok(())
+        };
         let sandbox_ref = &snap.spec.sandbox_ref;
         let Some(sb_obj) = ctx.store.get(Kind::Sandbox, sandbox_ref)? else {
             Conditions(&mut status.conditions).progressing(
@@ -176,7 +203,7 @@ impl Reconciler for SnapshotReconciler {
                 Reason::Taken,
                 format!("found in {vm}: taken before the controller restarted"),
             );
-            write_status(ctx, &obj, &status)?;
+            write_status(ctx, obj, &status)?;
             return Ok(Action::Requeue(CHECK));
         }
         let others = Self::siblings(ctx, sandbox_ref, name)?;
@@ -196,7 +223,7 @@ impl Reconciler for SnapshotReconciler {
             Ok(t) => t,
             Err(e) => {
                 return Err(
-                    backend_error(&format!("snapshot of {vm}"), &e).with_status(&obj, &status)
+                    backend_error(&format!("snapshot of {vm}"), &e).with_status(obj, &status)
                 );
             }
         };
@@ -212,7 +239,7 @@ impl Reconciler for SnapshotReconciler {
                 taken.pause.as_millis()
             ),
         );
-        write_status(ctx, &obj, &status)?;
+        write_status(ctx, obj, &status)?;
         ctx.audit.record(
             AuditEvent::new(
                 AuditEventType::SnapshotTaken,
