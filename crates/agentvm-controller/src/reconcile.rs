@@ -710,6 +710,9 @@ mod tests {
             }));
             eventually("a failure", || rec.policy_calls.load(Ordering::SeqCst) >= 1).await;
             tokio::time::sleep(Duration::from_millis(150)).await;
+            // Stopped first: a pass in progress finishes, its failure with its policy.
+            tx.send(()).unwrap();
+            task.await.unwrap();
             let calls = rec.calls.load(Ordering::SeqCst);
             assert_eq!(rec.policy_calls.load(Ordering::SeqCst), calls);
             if default_policy {
@@ -737,8 +740,6 @@ mod tests {
                 let obj = store.get(Kind::Image, "img").unwrap().unwrap();
                 assert!(<agentvm_api::ImageStatus as KindStatus>::of(&obj.resource).is_none());
             }
-            tx.send(()).unwrap();
-            task.await.unwrap();
         }
     }
 
