@@ -147,6 +147,17 @@ fn retry_delay(failures: u32) -> Duration {
     crate::reconcile::backoff_delay(failures, RETRY_BASE, RETRY_MAX)
 }
 
+/// `Ready` with the artifact paths and recipe hash of `img`.
+fn built(status: &mut ImageStatus, img: &BuiltImage) {
+    status.phase = ImagePhase::Ready;
+    status.disk_path = Some(img.disk.display().to_string());
+    status.kernel_path = Some(img.kernel.display().to_string());
+    status.initrd_path = Some(img.initrd.display().to_string());
+    status.built_spec_hash = Some(img.recipe_hash.clone());
+    Conditions(&mut status.conditions)
+        .ready(Reason::Built, format!("image {}", img.disk.display()));
+}
+
 impl Reconciler for ImageReconciler {
     fn kind(&self) -> Kind {
         Kind::Image
@@ -181,13 +192,7 @@ impl Reconciler for ImageReconciler {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&hash);
-            status.phase = ImagePhase::Ready;
-            status.disk_path = Some(img.disk.display().to_string());
-            status.kernel_path = Some(img.kernel.display().to_string());
-            status.initrd_path = Some(img.initrd.display().to_string());
-            status.built_spec_hash = Some(img.recipe_hash.clone());
-            Conditions(&mut status.conditions)
-                .ready(Reason::Built, format!("image {}", img.disk.display()));
+            built(&mut status, &img);
             write_status(ctx, &obj, &status)?;
             return Ok(Action::AwaitChange);
         }

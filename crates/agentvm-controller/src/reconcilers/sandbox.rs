@@ -490,26 +490,12 @@ impl SandboxReconciler {
         }
         let name = sb.name();
         let snapshot = ctx.store.get(Kind::Snapshot, &req.snapshot)?;
-        let refused = match snapshot.as_ref().map(|o| &o.resource) {
-            None => Some(format!("Snapshot {} does not exist", req.snapshot)),
-            Some(Resource::Snapshot(s)) if s.spec.sandbox_ref != name => Some(format!(
-                "Snapshot {} is of Sandbox {}, not of this one",
-                req.snapshot, s.spec.sandbox_ref
-            )),
-            Some(Resource::Snapshot(s)) => match &s.status {
-                Some(st) if st.phase == agentvm_api::SnapshotPhase::Ready => {
-                    (st.vm.as_deref() != Some(vm)).then(|| {
-                        format!(
-                            "Snapshot {} was taken of VM {}, not of this sandbox's VM {vm}",
-                            req.snapshot,
-                            st.vm.as_deref().unwrap_or("-")
-                        )
-                    })
-                }
-                _ => Some(format!("Snapshot {} is not Ready", req.snapshot)),
-            },
-            Some(_) => Some(format!("{} is not a Snapshot", req.snapshot)),
-        };
+        let refused = rollback_refusal(
+            snapshot.as_ref().map(|o| &o.resource),
+            &req.snapshot,
+            name,
+            vm,
+        );
         let started = Instant::now();
         let outcome = match refused {
             Some(why) => {
@@ -737,6 +723,36 @@ impl SandboxReconciler {
             }
         }
         next
+    }
+}
+
+/// Why a rollback of sandbox `name` (VM `vm`) to Snapshot `wanted` is refused, if it is:
+/// the snapshot must exist, be `Ready`, and have been taken of this sandbox's VM.
+fn rollback_refusal(
+    snapshot: Option<&Resource>,
+    wanted: &str,
+    name: &str,
+    vm: &str,
+) -> Option<String> {
+    match snapshot {
+        None => Some(format!("Snapshot {} does not exist", wanted)),
+        Some(Resource::Snapshot(s)) if s.spec.sandbox_ref != name => Some(format!(
+            "Snapshot {} is of Sandbox {}, not of this one",
+            wanted, s.spec.sandbox_ref
+        )),
+        Some(Resource::Snapshot(s)) => match &s.status {
+            Some(st) if st.phase == agentvm_api::SnapshotPhase::Ready => {
+                (st.vm.as_deref() != Some(vm)).then(|| {
+                    format!(
+                        "Snapshot {} was taken of VM {}, not of this sandbox's VM {vm}",
+                        wanted,
+                        st.vm.as_deref().unwrap_or("-")
+                    )
+                })
+            }
+            _ => Some(format!("Snapshot {} is not Ready", wanted)),
+        },
+        Some(_) => Some(format!("{} is not a Snapshot", wanted)),
     }
 }
 
