@@ -615,6 +615,24 @@ impl SandboxReconciler {
         }))
     }
 
+    /// The lifetime rule that ended the sandbox's life, if one did: its `ttlSeconds` or
+    /// `shutdownTime` passed, or it ran idle (no exec in progress) for `idleTimeoutSeconds`.
+    fn lifetime_over(
+        sb: &Sandbox,
+        status: &SandboxStatus,
+        power: PowerState,
+        idle: Duration,
+        active: u32,
+    ) -> Option<Reason> {
+        let expired = Self::expired(sb, status);
+        let idle_out = sb.spec.state == SandboxState::Running
+            && power == PowerState::Running
+            && sb.spec.idle_timeout_seconds != 0
+            && active == 0
+            && idle >= Duration::from_secs(sb.spec.idle_timeout_seconds.into());
+        expired.or(idle_out.then_some(Reason::IdleTimeout))
+    }
+
     /// The power state `sb` wants, given the lifetime rule that `ended` (if any); keeps or
     /// clears `status.stoppedReason` (an idle stop ends at the next use, `woken`).
     fn wanted_power(
@@ -798,14 +816,7 @@ impl Reconciler for SandboxReconciler {
         let (idle, active) = self.sandboxes.idle(name);
         let woken = self.sandboxes.take_wake(name);
 
-        // Lifetime rules.
-        let expired = Self::expired(sb, &status);
-        let idle_out = sb.spec.state == SandboxState::Running
-            && power == PowerState::Running
-            && sb.spec.idle_timeout_seconds != 0
-            && active == 0
-            && idle >= Duration::from_secs(sb.spec.idle_timeout_seconds.into());
-        let ended = expired.or(idle_out.then_some(Reason::IdleTimeout));
+        let ended = Self::lifetime_over(sb, &status, power, idle, active);
         if let Some(reason) = ended {
             if sb.spec.shutdown_policy == ShutdownPolicy::Delete {
                 tracing::info!(

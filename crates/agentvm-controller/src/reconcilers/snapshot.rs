@@ -130,7 +130,42 @@ impl Reconciler for SnapshotReconciler {
     }
 }
 
+/// Why a snapshot waits for its sandbox: the `Progressing` reason and message.
+type WaitsFor = (Reason, String);
+
 impl SnapshotReconciler {
+    /// The VM of the snapshot's sandbox (with the sandbox's `maxSnapshots`) once it is
+    /// `Running` or `Paused` (and not being deleted); else why the snapshot waits: (reason,
+    /// message).
+    fn sandbox_vm(
+        ctx: &Ctx,
+        snap: &Snapshot,
+    ) -> Result<Result<(String, u32), WaitsFor>, ReconcileError> {
+        let sandbox_ref = &snap.spec.sandbox_ref;
+        let Some(sb_obj) = ctx.store.get(Kind::Sandbox, sandbox_ref)? else {
+            return Ok(Err((
+                Reason::SandboxNotFound,
+                format!("Sandbox {sandbox_ref} does not exist"),
+            )));
+        };
+        let Resource::Sandbox(sb) = &sb_obj.resource else {
+            return Err(super::wrong_kind(&sb_obj, Kind::Sandbox));
+        };
+        let sb_status: SandboxStatus = sb.status.clone().unwrap_or_default();
+        Ok(match (&sb_status.vm, sb_status.phase) {
+            (Some(vm), SandboxPhase::Running | SandboxPhase::Paused) if !sb_obj.is_deleting() => {
+                Ok((vm.clone(), sb.spec.max_snapshots))
+            }
+            _ => Err((
+                Reason::WaitingForSandbox,
+                format!(
+                    "waiting for Sandbox {sandbox_ref} to be Running or Paused (it is {})",
+                    sb_status.phase.as_str()
+                ),
+            )),
+        })
+    }
+
     /// Why snapshot `name` of `vm` is gone, if it is.
     fn lost(&self, name: &str, vm: &str) -> Result<Option<String>, ReconcileError> {
         match self.backend.vm_snapshots(vm) {
@@ -161,30 +196,10 @@ impl SnapshotReconciler {
             Ok(())
         };
         let sandbox_ref = &snap.spec.sandbox_ref;
-        let Some(sb_obj) = ctx.store.get(Kind::Sandbox, sandbox_ref)? else {
-            Conditions(&mut status.conditions).progressing(
-                Reason::SandboxNotFound,
-                format!("Sandbox {sandbox_ref} does not exist"),
-            );
-            write(&status)?;
-            return Ok(Action::Requeue(WAITING));
-        };
-        let Resource::Sandbox(sb) = &sb_obj.resource else {
-            return Err(super::wrong_kind(&sb_obj, Kind::Sandbox));
-        };
-        let sb_status: SandboxStatus = sb.status.clone().unwrap_or_default();
-        let vm = match (&sb_status.vm, sb_status.phase) {
-            (Some(vm), SandboxPhase::Running | SandboxPhase::Paused) if !sb_obj.is_deleting() => {
-                vm.clone()
-            }
-            _ => {
-                Conditions(&mut status.conditions).progressing(
-                    Reason::WaitingForSandbox,
-                    format!(
-                        "waiting for Sandbox {sandbox_ref} to be Running or Paused (it is {})",
-                        sb_status.phase.as_str()
-                    ),
-                );
+        let (vm, max_snapshots) = match Self::sandbox_vm(ctx, snap)? {
+            Ok(found) => found,
+            Err((reason, message)) => {
+                Conditions(&mut status.conditions).progressing(reason, message);
                 write(&status)?;
                 return Ok(Action::Requeue(WAITING));
             }
@@ -207,7 +222,7 @@ impl SnapshotReconciler {
             return Ok(Action::Requeue(CHECK));
         }
         let others = Self::siblings(ctx, sandbox_ref, name)?;
-        if others >= sb.spec.max_snapshots as usize {
+        if others >= max_snapshots as usize {
             status.phase = SnapshotPhase::Failed;
             let err = ReconcileError::new(
                 Reason::SnapshotLimit,
