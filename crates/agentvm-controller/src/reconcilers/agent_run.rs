@@ -1347,6 +1347,13 @@ impl Reconciler for AgentRunReconciler {
         match status.phase {
             p if p.is_terminal() => finalize(ctx),
             AgentRunPhase::Scheduled | AgentRunPhase::Running => {
+                // The run may have ended here between reading `obj` and looking at the
+                // runs executing: its final status is in the store then.
+                if let Some(now) = ctx.store.get(Kind::AgentRun, name)? {
+                    if status_of::<AgentRunStatus>(&now).phase.is_terminal() {
+                        return finalize(ctx);
+                    }
+                }
                 // Not executing in this process: an earlier controller was running it.
                 finish(
                     &mut status,

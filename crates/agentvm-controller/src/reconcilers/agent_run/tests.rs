@@ -684,3 +684,25 @@ fn a_run_in_a_sandbox_runs_in_its_vm_keeps_it_unreset_and_counts_as_activity() {
     assert_eq!(st.phase, AgentRunPhase::Failed);
     assert_eq!(st.reason.as_deref(), Some("NotPermitted"));
 }
+
+#[test]
+fn a_run_that_ended_after_its_object_was_read_is_not_taken_for_a_restart() {
+    let r = Runs::new(1, 1);
+    r.t.apply(&run_yaml("r", "true", ""));
+    // Read while it ran here; it ends before the reconcile looks at the runs executing.
+    r.t.store
+        .update_status_json(Kind::AgentRun, "r", serde_json::json!({"phase": "Running"}))
+        .unwrap();
+    let stale = r.t.store.get(Kind::AgentRun, "r").unwrap().unwrap();
+    r.t.store
+        .update_status_json(
+            Kind::AgentRun,
+            "r",
+            serde_json::json!({"phase": "Succeeded", "reason": "Completed"}),
+        )
+        .unwrap();
+    r.runs.reconcile(Arc::new(stale), &r.t.ctx).unwrap();
+    let st = r.status("r");
+    assert_eq!(st.phase, AgentRunPhase::Succeeded, "{st:?}");
+    assert_eq!(st.reason.as_deref(), Some("Completed"));
+}
