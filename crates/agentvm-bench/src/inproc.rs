@@ -90,6 +90,10 @@ impl Reconciler for Timed {
         self.inner.reconcile(obj, ctx)
     }
 
+    fn error_policy(&self, obj: Arc<StoredObject>, err: &ReconcileError, ctx: &Ctx) -> Action {
+        self.inner.error_policy(obj, err, ctx)
+    }
+
     fn watches(&self) -> &[Kind] {
         self.inner.watches()
     }

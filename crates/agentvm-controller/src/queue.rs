@@ -8,6 +8,9 @@
 //!   one object is never reconciled twice at the same time, and no trigger is lost;
 //! - [`WorkQueue::add_after`] schedules a key; the earliest requested time wins, and an
 //!   immediate add beats a delayed one.
+//! - Per-key backoff (client-go's rate limiter): [`WorkQueue::record_failure`] counts the
+//!   failures of a key in a row, [`WorkQueue::retry_delay`] turns the count into an
+//!   exponential delay, [`WorkQueue::forget`] resets it after a success.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
@@ -19,10 +22,20 @@ use tokio::time::Instant;
 use agentvm_store::ObjectKey;
 
 /// The reconcile work queue; share it behind an `Arc`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WorkQueue {
     state: Mutex<State>,
     notify: Notify,
+    /// Failures in a row per key.
+    failures: Mutex<HashMap<ObjectKey, u32>>,
+    backoff_base: Duration,
+    backoff_max: Duration,
+}
+
+impl Default for WorkQueue {
+    fn default() -> Self {
+        Self::with_backoff(Duration::from_secs(1), Duration::from_secs(300))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -75,9 +88,49 @@ impl State {
 }
 
 impl WorkQueue {
-    /// An empty queue.
+    /// An empty queue (retry backoff from 1 s, capped at 5 min).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty queue whose retry delays start at `base` and double up to `max`.
+    pub fn with_backoff(base: Duration, max: Duration) -> Self {
+        Self {
+            state: Mutex::default(),
+            notify: Notify::new(),
+            failures: Mutex::default(),
+            backoff_base: base,
+            backoff_max: max,
+        }
+    }
+
+    /// Counts one more failure of `key` in a row; returns the count.
+    pub fn record_failure(&self, key: &ObjectKey) -> u32 {
+        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(key.clone()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    /// The delay before retrying `key`: base, 2×base, 4×base, ... capped, by its failures
+    /// in a row (the base when it has none).
+    pub fn retry_delay(&self, key: &ObjectKey) -> Duration {
+        let failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .copied()
+            .unwrap_or(0);
+        crate::reconcile::backoff_delay(failures, self.backoff_base, self.backoff_max)
+    }
+
+    /// Resets `key`'s failure count (after a success, or when it is gone).
+    pub fn forget(&self, key: &ObjectKey) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
     }
 
     /// Queues `key` now.
@@ -255,6 +308,22 @@ mod tests {
         let t = Instant::now();
         assert_eq!(q.next().await, Some(key("b")));
         assert_eq!(t.elapsed().as_secs(), 5);
+    }
+
+    #[test]
+    fn retry_delay_grows_per_key_and_resets() {
+        let q = WorkQueue::with_backoff(Duration::from_secs(1), Duration::from_secs(5));
+        assert_eq!(q.retry_delay(&key("a")), Duration::from_secs(1));
+        let delays: Vec<u64> = (0..4)
+            .map(|_| {
+                q.record_failure(&key("a"));
+                q.retry_delay(&key("a")).as_secs()
+            })
+            .collect();
+        assert_eq!(delays, [1, 2, 4, 5]);
+        assert_eq!(q.retry_delay(&key("b")), Duration::from_secs(1));
+        q.forget(&key("a"));
+        assert_eq!(q.retry_delay(&key("a")), Duration::from_secs(1));
     }
 
     #[tokio::test]

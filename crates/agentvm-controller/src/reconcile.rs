@@ -9,9 +9,13 @@
 //! - One object is never reconciled twice at the same time; different objects are
 //!   reconciled in parallel (`workers`).
 //! - Every object is reconciled after the dispatcher starts, after every apply or deletion
-//!   request, after `Requeue(d)`, after a failure (exponential backoff from 1 s, doubling,
-//!   capped at 5 min, reset by a success) and at every resync (default 30 s): eventual
-//!   consistency does not depend on events, which may be lost.
+//!   request, after `Requeue(d)`, after a failure (when [`Reconciler::error_policy`] says;
+//!   by default exponential backoff from 1 s, doubling, capped at 5 min, reset by a success)
+//!   and at every resync (default 30 s): eventual consistency does not depend on events,
+//!   which may be lost.
+//! - A failed reconcile is handed to [`Reconciler::error_policy`] (also on a blocking
+//!   thread, still before the object can be reconciled again), which shows it in the status
+//!   and picks the retry; a panicking reconciler is retried with the backoff.
 //! - Reconcilers run on blocking threads (`spawn_blocking`): they may call libvirt directly.
 //! - A kind without a reconciler has nothing outside the store to clean up: its objects
 //!   are removed as soon as their deletion is requested. Its status is left untouched.
@@ -24,15 +28,18 @@
 //! - A reconciler re-reads what it needs and tolerates running again at any time.
 //! - For an object with [`StoredObject::is_deleting`], it tears down what it owns and then
 //!   calls [`Store::finalize_delete`]; until then the object stays (finalizer semantics).
-//! - It reports progress and errors in the object's status (conditions), through
-//!   [`Store::update_status`], which writes nothing when the status is unchanged.
+//! - It reports progress in the object's status (conditions), through
+//!   [`Store::update_status`], which writes nothing when the status is unchanged. A failure
+//!   it wants shown is returned with the status the pass computed
+//!   ([`ReconcileError::with_status`]); the error policy adds the `Degraded` condition and
+//!   writes it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use agentvm_api::{Kind, Reason};
+use agentvm_api::{Kind, KindStatus, Reason, Resource};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::audit::AuditLog;
@@ -52,8 +59,8 @@ pub enum Action {
     AwaitChange,
 }
 
-/// A failed reconcile: retried with backoff, logged, and meant to be shown as a condition
-/// by the reconciler.
+/// A failed reconcile: handed to [`Reconciler::error_policy`], which shows it as the
+/// `Degraded` condition (when it carries a status) and picks when to retry.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{reason}: {message}")]
 pub struct ReconcileError {
@@ -61,6 +68,19 @@ pub struct ReconcileError {
     pub reason: Reason,
     /// Human-readable details.
     pub message: String,
+    /// What to show in the object's status; `None`: the status is left as it is (e.g. the
+    /// store itself failed, or the failure is not the object's state).
+    pub shown: Option<Box<FailedStatus>>,
+}
+
+/// The status a failed pass had computed, to be written with the error as `Degraded`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedStatus {
+    /// The object carrying that status.
+    pub resource: Resource,
+    /// `Ready` keeps its value (a degraded object may still be in service); otherwise it
+    /// becomes false with the error.
+    pub keep_ready: bool,
 }
 
 impl ReconcileError {
@@ -69,7 +89,29 @@ impl ReconcileError {
         Self {
             reason,
             message: message.into(),
+            shown: None,
         }
+    }
+
+    /// The error, to be shown in `obj`'s status as `status` plus the `Degraded` condition
+    /// (`Ready` false) by the error policy.
+    pub fn with_status<S: KindStatus>(mut self, obj: &StoredObject, status: &S) -> Self {
+        let mut resource = obj.resource.clone();
+        if status.clone().put(&mut resource) {
+            self.shown = Some(Box::new(FailedStatus {
+                resource,
+                keep_ready: false,
+            }));
+        }
+        self
+    }
+
+    /// Shown with `Ready` kept as it is in the status (see [`ReconcileError::with_status`]).
+    pub fn keeping_ready(mut self, keep: bool) -> Self {
+        if let Some(shown) = &mut self.shown {
+            shown.keep_ready = keep;
+        }
+        self
     }
 }
 
@@ -109,6 +151,16 @@ pub struct Ctx {
 pub struct Wake(Option<Arc<WorkQueue>>);
 
 impl Wake {
+    /// The delay before retrying `key` after its latest failure: the queue's per-object
+    /// exponential backoff over the failures in a row the dispatcher counted. Outside a
+    /// dispatcher, the default first delay.
+    pub fn retry_delay(&self, key: &ObjectKey) -> Duration {
+        match &self.0 {
+            Some(q) => q.retry_delay(key),
+            None => DispatcherOptions::default().backoff_base,
+        }
+    }
+
     /// Queues `key` now.
     pub fn add(&self, key: ObjectKey) {
         if let Some(q) = &self.0 {
@@ -149,11 +201,35 @@ pub trait Reconciler: Send + Sync + 'static {
     /// blocking thread; see the module docs for what it may assume.
     fn reconcile(&self, obj: Arc<StoredObject>, ctx: &Ctx) -> Result<Action, ReconcileError>;
 
+    /// What to do after [`Reconciler::reconcile`] failed: kube-rs' `error_policy`. Called by
+    /// the dispatcher on a blocking thread; the object is not reconciled meanwhile. The
+    /// default shows the error in the status ([`show_failure`]) and retries after the
+    /// queue's per-object exponential backoff ([`Wake::retry_delay`]).
+    fn error_policy(&self, obj: Arc<StoredObject>, err: &ReconcileError, ctx: &Ctx) -> Action {
+        show_failure(ctx, err);
+        Action::Requeue(ctx.wake.retry_delay(&obj.key()))
+    }
+
     /// Other kinds whose changes (including status) can change this kind's outcome, e.g. a
     /// `VmPool` waits for its `Image` to be `Ready`. A change of any object of these kinds
     /// requeues every object of [`Reconciler::kind`].
     fn watches(&self) -> &[Kind] {
         &[]
+    }
+}
+
+/// The default error policy's status write: the status `err` carries, with `Degraded` true
+/// (and `Progressing` false, `Ready` false unless kept) on the error's reason and message.
+/// Nothing when the error carries no status; a failed write is logged (the retry writes
+/// again).
+pub fn show_failure(ctx: &Ctx, err: &ReconcileError) {
+    let Some(shown) = &err.shown else { return };
+    if let Err(e) = crate::reconcilers::write_degraded(ctx, shown, err) {
+        tracing::warn!(
+            "{}/{}: writing the status of a failed reconcile: {e}",
+            shown.resource.kind(),
+            shown.resource.name()
+        );
     }
 }
 
@@ -216,7 +292,6 @@ struct Shared {
     ctx: Arc<Ctx>,
     reconcilers: HashMap<Kind, Arc<dyn Reconciler>>,
     queue: Arc<WorkQueue>,
-    failures: Mutex<HashMap<ObjectKey, u32>>,
     options: DispatcherOptions,
     stats: DispatchStats,
 }
@@ -252,7 +327,10 @@ impl Dispatcher {
         reconcilers: Vec<Arc<dyn Reconciler>>,
         options: DispatcherOptions,
     ) -> Self {
-        let queue = Arc::new(WorkQueue::new());
+        let queue = Arc::new(WorkQueue::with_backoff(
+            options.backoff_base,
+            options.backoff_max,
+        ));
         ctx.wake = Wake(Some(queue.clone()));
         let reconcilers: HashMap<Kind, Arc<dyn Reconciler>> =
             reconcilers.into_iter().map(|r| (r.kind(), r)).collect();
@@ -264,7 +342,6 @@ impl Dispatcher {
                 ctx: Arc::new(ctx),
                 reconcilers,
                 queue,
-                failures: Mutex::new(HashMap::new()),
                 options,
                 stats: DispatchStats::default(),
             }),
@@ -392,56 +469,72 @@ impl Shared {
         let kind = key.kind.as_str();
         let _timer = self.ctx.metrics.reconcile_started(kind);
         let ctx = self.ctx.clone();
-        let result = tokio::task::spawn_blocking(move || reconciler.reconcile(obj, &ctx)).await;
-        match &result {
-            Ok(Err(e)) => self.ctx.metrics.reconcile_failed(kind, e.reason.as_str()),
-            Err(_) => self
-                .ctx
-                .metrics
-                .reconcile_failed(kind, Reason::Panic.as_str()),
-            Ok(Ok(_)) => {}
-        }
+        let result = {
+            let (reconciler, obj) = (reconciler.clone(), obj.clone());
+            tokio::task::spawn_blocking(move || reconciler.reconcile(obj, &ctx)).await
+        };
         match result {
             Ok(Ok(action)) => {
-                self.forget(key);
+                self.queue.forget(key);
                 if let Action::Requeue(after) = action {
                     self.queue.add_after(key.clone(), after);
                 }
             }
             Ok(Err(e)) => {
+                self.ctx.metrics.reconcile_failed(kind, e.reason.as_str());
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                self.retry(key, &e.to_string());
+                let failures = self.queue.record_failure(key);
+                let ctx = self.ctx.clone();
+                let message = e.to_string();
+                let policy =
+                    tokio::task::spawn_blocking(move || reconciler.error_policy(obj, &e, &ctx))
+                        .await;
+                let action = policy.unwrap_or_else(|join| {
+                    tracing::error!("{key}: the error policy panicked: {join}");
+                    Action::Requeue(self.queue.retry_delay(key))
+                });
+                self.after_failure(key, failures, action, &message);
             }
             Err(join) => {
+                self.ctx
+                    .metrics
+                    .reconcile_failed(kind, Reason::Panic.as_str());
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                self.retry(key, &format!("reconciler panicked: {join}"));
+                let failures = self.queue.record_failure(key);
+                let action = Action::Requeue(self.queue.retry_delay(key));
+                self.after_failure(
+                    key,
+                    failures,
+                    action,
+                    &format!("reconciler panicked: {join}"),
+                );
             }
         }
     }
 
     fn forget(&self, key: &ObjectKey) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
+        self.queue.forget(key);
     }
 
+    /// A failure not about a reconciler (reading the store, finalizing): backoff.
     fn retry(&self, key: &ObjectKey, error: &str) {
-        let failures = {
-            let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-            let n = map.entry(key.clone()).or_insert(0);
-            *n = n.saturating_add(1);
-            *n
-        };
-        let delay = backoff_delay(
-            failures,
-            self.options.backoff_base,
-            self.options.backoff_max,
-        );
-        tracing::warn!(
-            "reconcile {key} failed (attempt {failures}, retrying in {delay:?}): {error}"
-        );
-        self.queue.add_after(key.clone(), delay);
+        let failures = self.queue.record_failure(key);
+        let action = Action::Requeue(self.queue.retry_delay(key));
+        self.after_failure(key, failures, action, error);
+    }
+
+    fn after_failure(&self, key: &ObjectKey, failures: u32, action: Action, error: &str) {
+        match action {
+            Action::Requeue(delay) => {
+                tracing::warn!(
+                    "reconcile {key} failed (attempt {failures}, retrying in {delay:?}): {error}"
+                );
+                self.queue.add_after(key.clone(), delay);
+            }
+            Action::AwaitChange => {
+                tracing::warn!("reconcile {key} failed (attempt {failures}): {error}");
+            }
+        }
     }
 }
 
@@ -451,6 +544,7 @@ mod tests {
     use agentvm_api::{Image, ImageSpec, Resource};
     use agentvm_store::{ApplyOptions, Manager, STORE_FILE};
     use std::sync::atomic::AtomicUsize;
+    use std::sync::Mutex;
     use std::time::Instant;
 
     /// Counts calls per object, can fail the first N calls, detects overlapping calls.
@@ -584,6 +678,86 @@ mod tests {
         assert_eq!(rec.count("a"), 1);
         tx.send(()).unwrap();
         task.await.unwrap();
+    }
+
+    /// Fails every pass with an error carrying a status; the error policy is either the
+    /// default or one that waits for a change.
+    struct Failing {
+        policy_calls: AtomicUsize,
+        calls: AtomicUsize,
+        default_policy: bool,
+    }
+
+    impl Reconciler for Failing {
+        fn kind(&self) -> Kind {
+            Kind::Image
+        }
+        fn reconcile(&self, obj: Arc<StoredObject>, _: &Ctx) -> Result<Action, ReconcileError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let status = agentvm_api::ImageStatus {
+                phase: agentvm_api::ImagePhase::Failed,
+                ..Default::default()
+            };
+            Err(ReconcileError::new(Reason::BuildFailed, "no mirror").with_status(&obj, &status))
+        }
+        fn error_policy(&self, obj: Arc<StoredObject>, err: &ReconcileError, ctx: &Ctx) -> Action {
+            self.policy_calls.fetch_add(1, Ordering::SeqCst);
+            if self.default_policy {
+                show_failure(ctx, err);
+                return Action::Requeue(ctx.wake.retry_delay(&obj.key()));
+            }
+            Action::AwaitChange
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_error_policy_shows_the_failure_and_picks_the_retry() {
+        for default_policy in [true, false] {
+            let (_d, store) = setup();
+            apply(&store, image("img"));
+            let rec = Arc::new(Failing {
+                policy_calls: AtomicUsize::new(0),
+                calls: AtomicUsize::new(0),
+                default_policy,
+            });
+            let dispatcher = Dispatcher::new(ctx(&store), vec![rec.clone()], fast());
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(dispatcher.run(async {
+                let _ = rx.await;
+            }));
+            eventually("a failure", || rec.policy_calls.load(Ordering::SeqCst) >= 1).await;
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            // Stopped first: a pass in progress finishes, its failure with its policy.
+            tx.send(()).unwrap();
+            task.await.unwrap();
+            let calls = rec.calls.load(Ordering::SeqCst);
+            assert_eq!(rec.policy_calls.load(Ordering::SeqCst), calls);
+            if default_policy {
+                // Retried with the backoff (20, 40, 80, 80 ms ...), shown as Degraded.
+                assert!(calls >= 3, "{calls} calls");
+                let s = store
+                    .get(Kind::Image, "img")
+                    .unwrap()
+                    .unwrap()
+                    .status_json();
+                assert_eq!(s["phase"], "Failed");
+                let degraded = s["conditions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|c| c["type"] == "Degraded")
+                    .unwrap()
+                    .clone();
+                assert_eq!(degraded["status"], "True");
+                assert_eq!(degraded["reason"], "BuildFailed");
+                assert_eq!(degraded["message"], "no mirror");
+            } else {
+                // AwaitChange: no retry until something changes.
+                assert_eq!(calls, 1);
+                let obj = store.get(Kind::Image, "img").unwrap().unwrap();
+                assert!(<agentvm_api::ImageStatus as KindStatus>::of(&obj.resource).is_none());
+            }
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,6 +50,9 @@ use agentvm_run::{self as run, Redactor, RunError};
 use agentvm_store::time::Timestamp;
 use agentvm_store::{ObjectKey, OutputStream, StoredObject};
 
+mod outcome;
+use outcome::{classify, Ending, ProgramEnd, Verdict};
+
 /// Bytes of each output stream kept in `status.stdoutTail` / `stderrTail`.
 pub const TAIL_BYTES: usize = 4096;
 /// Condition type: the run has (or has not yet) been given a VM.
@@ -886,6 +889,17 @@ impl Watchdog {
     }
 }
 
+/// What executing a run left, for [`Job::record_ending`].
+struct Executed {
+    result: Result<run::RunResult, RunError>,
+    /// The deadline thread destroyed the VM.
+    hard_stopped: bool,
+    report: MonitorReport,
+    artifacts: Vec<CollectedArtifact>,
+    /// The last lines of stdout and stderr.
+    tails: (String, String),
+}
+
 /// One run being executed on its own thread.
 struct Job {
     name: String,
@@ -1059,42 +1073,42 @@ impl Job {
         .ok()
     }
 
+    /// Executes the run, records how it ended, then hands its VM back.
     fn run(mut self, prepared: run::PreparedRun) {
         let started = Instant::now();
         let spec = self.run.spec.clone();
         let secrets = prepared.secret_values().to_vec();
+        let executed = self.execute_run(prepared, &spec, &secrets, started);
+        let replace_vm = self.record_ending(executed, &spec, &secrets, started);
+        self.hand_back_vm(replace_vm);
+    }
+
+    /// Executes the run: marks it `Running`, runs the program under the deadline thread and
+    /// the anomaly monitor, and collects its artifacts when it ended by itself.
+    fn execute_run(
+        &mut self,
+        prepared: run::PreparedRun,
+        spec: &agentvm_api::AgentRunSpec,
+        secrets: &[String],
+        started: Instant,
+    ) -> Executed {
         let tails: Arc<Mutex<(Tail, Tail)>> = Arc::default();
-        let mut artifacts = Vec::new();
-        let mut report = MonitorReport::default();
+        let (mut hard_stopped, mut report, mut artifacts) =
+            (false, MonitorReport::default(), vec![]);
         let watchdog = Watchdog::start(
             self.backend.clone(),
             self.name.clone(),
             self.vm.clone(),
             self.sandbox.is_none(),
         );
-        let mut hard_stopped = false;
-        let result = match self.backend.agent(&self.vm) {
+        // The guest agent answers (the channel itself is not kept).
+        let reachable = self.backend.agent(&self.vm).map(drop);
+        let result = match reachable {
             Err(e) => Err(RunError::Backend(e)),
-            Ok(chan) => {
-                drop(chan);
-                self.status.phase = AgentRunPhase::Running;
-                self.status.reason = Some(Reason::Running.into());
-                self.status.started_at = Some(Timestamp::now().to_string());
-                self.status.observed_generation = Some(self.generation);
-                self.write();
-                self.ctx.audit.add_secrets(secrets.iter());
-                self.ctx.audit.record(
-                    AuditEvent::new(
-                        AuditEventType::RunStarted,
-                        Kind::AgentRun,
-                        &self.name,
-                        "controller",
-                    )
-                    .vm(&self.vm)
-                    .details(serde_json::json!({"pool": self.pool, "submitter": self.submitter})),
-                );
+            Ok(()) => {
+                self.mark_running(secrets);
                 let monitor = self.start_monitor();
-                let r = self.execute(prepared, &spec, &watchdog, tails.clone());
+                let r = self.execute(prepared, spec, &watchdog, tails.clone());
                 hard_stopped = watchdog.finish();
                 tracing::info!(run = %self.name, took = ?started.elapsed(), hard_stopped, ok = r.is_ok(), "the program's execution returned");
                 if let Some(m) = monitor {
@@ -1107,64 +1121,108 @@ impl Job {
                 }
                 if r.is_ok() && !self.cancel.load(Ordering::SeqCst) {
                     if let Some(a) = &spec.artifacts {
-                        let cap = u64::from(a.max_size_mib) * 1024 * 1024;
-                        let collected = self
-                            .backend
-                            .agent(&self.vm)
-                            .map_err(RunError::Backend)
-                            .and_then(|chan| {
-                                let g = Guest::with_cancel(&*chan, self.cancel.clone());
-                                self.artifact_dir().and_then(|mut dir| {
-                                    run::collect_artifacts(&g, &a.paths, &mut dir, cap)
-                                })
-                            });
-                        match collected {
-                            Ok(report) => {
-                                artifact_conditions(&mut self.status, &report, cap);
-                                artifacts = report
-                                    .collected
-                                    .into_iter()
-                                    .map(|a| CollectedArtifact {
-                                        path: a.guest_path,
-                                        host_path: a.host_path.display().to_string(),
-                                        size_bytes: a.size_bytes,
-                                        sha256: a.sha256,
-                                    })
-                                    .collect()
-                            }
-                            Err(e) => {
-                                tracing::warn!(run = %self.name, error = %e, "collecting artifacts failed");
-                                set(
-                                    &mut self.status,
-                                    ARTIFACTS_COLLECTED,
-                                    false,
-                                    Reason::CollectionFailed,
-                                    e.to_string(),
-                                );
-                            }
-                        }
+                        artifacts = self.collect_artifacts(a);
                     }
                 }
                 r
             }
         };
+        watchdog.finish();
+        let t = tails.lock().unwrap_or_else(|e| e.into_inner());
+        Executed {
+            result,
+            hard_stopped,
+            report,
+            artifacts,
+            tails: (t.0.text(), t.1.text()),
+        }
+    }
+
+    /// `Running` in the status and the audit log (whose lines hide the run's secrets from
+    /// now on).
+    fn mark_running(&mut self, secrets: &[String]) {
+        self.status.phase = AgentRunPhase::Running;
+        self.status.reason = Some(Reason::Running.into());
+        self.status.started_at = Some(Timestamp::now().to_string());
+        self.status.observed_generation = Some(self.generation);
+        self.write();
+        self.ctx.audit.add_secrets(secrets.iter());
+        self.ctx.audit.record(
+            AuditEvent::new(
+                AuditEventType::RunStarted,
+                Kind::AgentRun,
+                &self.name,
+                "controller",
+            )
+            .vm(&self.vm)
+            .details(serde_json::json!({"pool": self.pool, "submitter": self.submitter})),
+        );
+    }
+
+    /// Copies the run's artifacts out of the guest; the `ArtifactsCollected` condition says
+    /// how that went.
+    fn collect_artifacts(&mut self, a: &agentvm_api::Artifacts) -> Vec<CollectedArtifact> {
+        let cap = u64::from(a.max_size_mib) * 1024 * 1024;
+        let collected = self
+            .backend
+            .agent(&self.vm)
+            .map_err(RunError::Backend)
+            .and_then(|chan| {
+                let g = Guest::with_cancel(&*chan, self.cancel.clone());
+                self.artifact_dir()
+                    .and_then(|mut dir| run::collect_artifacts(&g, &a.paths, &mut dir, cap))
+            });
+        match collected {
+            Ok(report) => {
+                artifact_conditions(&mut self.status, &report, cap);
+                report
+                    .collected
+                    .into_iter()
+                    .map(|a| CollectedArtifact {
+                        path: a.guest_path,
+                        host_path: a.host_path.display().to_string(),
+                        size_bytes: a.size_bytes,
+                        sha256: a.sha256,
+                    })
+                    .collect()
+            }
+            Err(e) => {
+                tracing::warn!(run = %self.name, error = %e, "collecting artifacts failed");
+                set(
+                    &mut self.status,
+                    ARTIFACTS_COLLECTED,
+                    false,
+                    Reason::CollectionFailed,
+                    e.to_string(),
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    /// Writes the run's final status (output, artifacts, anomalies, usage, egress, and the
+    /// phase [`classify`] gives), its metric and its `run_finished` audit event. True when
+    /// its VM is not to be trusted with another run.
+    fn record_ending(
+        &mut self,
+        ex: Executed,
+        spec: &agentvm_api::AgentRunSpec,
+        secrets: &[String],
+        started: Instant,
+    ) -> bool {
         let cancelled = self.cancel.load(Ordering::SeqCst);
         let redact = |s: String| {
-            String::from_utf8_lossy(&Redactor::redact_all(&secrets, s.as_bytes())).into_owned()
+            String::from_utf8_lossy(&Redactor::redact_all(secrets, s.as_bytes())).into_owned()
         };
         let fate = self.fate();
         let st = &mut self.status;
-        {
-            let t = tails.lock().unwrap_or_else(|e| e.into_inner());
-            st.stdout_tail = t.0.text();
-            st.stderr_tail = t.1.text();
-        }
-        st.artifacts = artifacts;
-        st.anomalies = report.anomalies;
-        st.resource_usage = report.usage;
+        (st.stdout_tail, st.stderr_tail) = ex.tails;
+        st.artifacts = ex.artifacts;
+        st.anomalies = ex.report.anomalies;
+        st.resource_usage = ex.report.usage;
         // Connections still open now are not in it (they are logged when they end).
         st.egress = self.ctx.egress.take(&self.name);
-        if let Ok(r) = &result {
+        if let Ok(r) = &ex.result {
             st.output = Some(r.output);
             st.guest_agent = Some(r.outcome.served_by.as_str().to_string());
             if let Some(message) = r.truncated_message(spec.output.max_mib) {
@@ -1178,95 +1236,31 @@ impl Job {
             }
         }
         let secs = started.elapsed().as_secs_f64();
-        // A VM whose QEMU or guest agent failed under the run is not trusted with another.
-        let mut replace = false;
-        watchdog.finish();
-        let (phase, reason, message) = match result {
-            _ if hard_stopped => {
-                replace = true;
-                (
-                    AgentRunPhase::TimedOut,
-                    Reason::GuestUnresponsive,
-                    format!(
-                        "the program did not end within {} s of its {} s timeout (the guest did not carry out the kill); VM {} {}",
-                        KILL_GRACE.as_secs(),
-                        spec.timeout_seconds,
-                        self.vm,
-                        fate,
-                    ),
-                )
-            }
-            _ if report.killed => (
-                AgentRunPhase::Failed,
-                Reason::AnomalyPolicy,
-                match st.anomalies.first() {
-                    Some(a) => format!(
-                        "stopped by the pool's anomaly policy: {}: {}",
-                        a.rule, a.message
-                    ),
-                    None => "stopped by the pool's anomaly policy".to_string(),
-                },
-            ),
-            _ if cancelled => (
-                AgentRunPhase::Cancelled,
-                Reason::Cancelled,
-                "deleted while running; killed in the guest".to_string(),
-            ),
-            Ok(r) => {
-                st.exit_code = r.outcome.exit_code;
-                if r.outcome.timed_out {
-                    (
-                        AgentRunPhase::TimedOut,
-                        Reason::Timeout,
-                        format!(
-                            "killed in the guest after its {} s timeout",
-                            spec.timeout_seconds
-                        ),
-                    )
-                } else if r.outcome.exit_code == Some(0) {
-                    (
-                        AgentRunPhase::Succeeded,
-                        Reason::Completed,
-                        format!("exited 0 in {secs:.1} s"),
-                    )
-                } else if let Some(code) = r.outcome.exit_code {
-                    (
-                        AgentRunPhase::Failed,
-                        Reason::NonZeroExit,
-                        format!("exited {code}"),
-                    )
-                } else {
-                    (
-                        AgentRunPhase::Failed,
-                        Reason::Signaled,
-                        format!("killed by signal {:?}", r.outcome.signal),
-                    )
-                }
-            }
-            Err(RunError::Backend(e @ BackendError::Timeout { .. })) => {
-                replace = true;
-                (
-                    AgentRunPhase::TimedOut,
-                    Reason::GuestUnresponsive,
-                    redact(format!("VM {} ({fate}): {e}", self.vm)),
-                )
-            }
-            Err(RunError::Backend(e)) => {
-                replace = true;
-                (
-                    AgentRunPhase::Failed,
-                    Reason::VmLost,
-                    redact(format!("VM {} ({fate}): {e}", self.vm)),
-                )
-            }
-            Err(e) => (
-                AgentRunPhase::Failed,
-                Reason::SetupFailed,
-                redact(e.to_string()),
-            ),
+        let ending = Ending {
+            hard_stopped: ex.hard_stopped,
+            anomaly_kill: ex.report.killed.then(|| {
+                st.anomalies
+                    .first()
+                    .map(|a| format!("{}: {}", a.rule, a.message))
+            }),
+            cancelled,
+            result: ex.result.as_ref().map(|r| ProgramEnd {
+                exit_code: r.outcome.exit_code,
+                signal: r.outcome.signal,
+                timed_out: r.outcome.timed_out,
+            }),
+            timeout_seconds: spec.timeout_seconds,
+            secs,
+            vm: &self.vm,
+            fate,
         };
+        let verdict = classify(&ending, &redact);
+        if verdict.from_program {
+            st.exit_code = ending.result.ok().and_then(|end| end.exit_code);
+        }
+        let Verdict { phase, reason, .. } = verdict;
         tracing::info!(run = %self.name, vm = %self.vm, ?phase, reason = reason.as_str(), took = ?started.elapsed(), "run finished");
-        finish(st, phase, reason, message);
+        finish(st, phase, reason, verdict.message);
         let label = phase.as_str().to_lowercase();
         self.ctx.metrics.execution_finished(&label, secs);
         self.write();
@@ -1287,15 +1281,20 @@ impl Job {
             })),
         );
         self.ctx.audit.remove_secrets(secrets.iter());
-        // Back to golden right here (the VM is still busy, so the pool leaves it alone), then
-        // ready for the next run: a pool reconciler busy booting another VM does not delay
-        // it. If the reset fails, the pool gets it as needing a reset (and replaces it). A VM
-        // that passed the pool's TTL during the run is handed back unreset: the pool replaces
-        // it. A VM the run lost (QEMU gone, agent silent) is destroyed right here.
+        verdict.replace_vm
+    }
+
+    /// Back to golden right here (the VM is still busy, so the pool leaves it alone), then
+    /// ready for the next run: a pool reconciler busy booting another VM does not delay it.
+    /// If the reset fails, the pool gets it as needing a reset (and replaces it). A VM that
+    /// passed the pool's TTL during the run is handed back unreset: the pool replaces it. A
+    /// VM the run lost (QEMU gone, agent silent) is destroyed right here. Then a deletion
+    /// requested meanwhile is finalized.
+    fn hand_back_vm(mut self, replace_vm: bool) {
         if self.sandbox.is_some() {
             // The sandbox's VM stays as the run left it; the sandbox reconciler watches it.
             self.sandbox = None;
-        } else if replace {
+        } else if replace_vm {
             self.destroy_lost_vm();
         } else if self.registry.expired(&self.pool, &self.vm) {
             tracing::info!(pool = %self.pool, vm = %self.vm, "VM past its TTL; the pool replaces it");
@@ -1307,7 +1306,6 @@ impl Job {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.name);
-        // A deletion requested meanwhile is finalized now that the run has ended.
         if let Ok(Some(o)) = self.ctx.store.get(Kind::AgentRun, &self.name) {
             if o.is_deleting() {
                 let _ = self.ctx.store.finalize_delete(Kind::AgentRun, &self.name);
@@ -1399,6 +1397,13 @@ impl Reconciler for AgentRunReconciler {
         match status.phase {
             p if p.is_terminal() => finalize(ctx),
             AgentRunPhase::Scheduled | AgentRunPhase::Running => {
+                // The run may have ended here between reading `obj` and looking at the
+                // runs executing: its final status is in the store then.
+                if let Some(now) = ctx.store.get(Kind::AgentRun, name)? {
+                    if status_of::<AgentRunStatus>(&now).phase.is_terminal() {
+                        return finalize(ctx);
+                    }
+                }
                 // Not executing in this process: an earlier controller was running it.
                 finish(
                     &mut status,

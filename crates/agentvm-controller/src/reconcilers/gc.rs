@@ -9,10 +9,13 @@
 
 use std::sync::Arc;
 
-use agentvm_api::Kind;
-use agentvm_backend::Backend;
+use agentvm_api::{Kind, KindStatus};
+use agentvm_backend::{Backend, Owner};
 
 use super::backend_error;
+use super::network::LibvirtNetwork;
+use super::network_filter::LibvirtNwFilter;
+use super::owned::LibvirtObject;
 use crate::reconcile::{Ctx, ReconcileError, Sweeper};
 
 /// What one sweep removed (libvirt names).
@@ -37,73 +40,81 @@ impl GarbageCollector {
         Self { backend }
     }
 
-    fn exists(ctx: &Ctx, kind: Kind, name: &str) -> Result<bool, ReconcileError> {
-        Ok(ctx.store.get(kind, name)?.is_some())
-    }
-
     /// One sweep. Continues past individual failures and reports the first one.
     pub fn collect(&self, ctx: &Ctx) -> Result<GcReport, ReconcileError> {
+        let backend = self.backend.as_ref();
         let mut report = GcReport::default();
         let mut first_err = None;
-        let mut note = |r: Result<(), ReconcileError>| {
-            if let Err(e) = r {
-                tracing::warn!("garbage collection: {e}");
-                first_err.get_or_insert(e);
-            }
-        };
-        let vms = self
-            .backend
+        let vms = backend
             .list_vms()
-            .map_err(|e| backend_error("listing domains", &e))?;
-        for vm in vms {
-            let owner_kind = [Kind::VmPool, Kind::Sandbox]
-                .into_iter()
-                .find(|k| vm.owner.is_kind(*k));
-            let Some(kind) = owner_kind else { continue };
-            if !Self::exists(ctx, kind, &vm.owner.name)? {
-                tracing::info!(vm = %vm.name, owner = %vm.owner.name, %kind, "removing VM whose owner no longer exists");
-                let r = self.backend.destroy_vm(&vm.name);
-                if r.is_ok() {
-                    report.domains.push(vm.name.clone());
-                }
-                note(r.map_err(|e| backend_error(&format!("destroying {}", vm.name), &e)));
-            }
-        }
-        let filters = self
-            .backend
-            .list_nwfilters()
-            .map_err(|e| backend_error("listing nwfilters", &e))?;
-        for f in filters {
-            if f.owner.is_kind(Kind::NetworkFilter)
-                && !Self::exists(ctx, Kind::NetworkFilter, &f.owner.name)?
-            {
-                tracing::info!(nwfilter = %f.name, "removing nwfilter no object declares");
-                let r = self.backend.delete_nwfilter(&f.name);
-                if r.is_ok() {
-                    report.filters.push(f.name.clone());
-                }
-                note(r.map_err(|e| backend_error(&format!("deleting {}", f.name), &e)));
-            }
-        }
-        let networks = self
-            .backend
-            .list_networks()
-            .map_err(|e| backend_error("listing networks", &e))?;
-        for n in networks {
-            if n.owner.is_kind(Kind::Network) && !Self::exists(ctx, Kind::Network, &n.owner.name)? {
-                tracing::info!(network = %n.name, "removing network no object declares");
-                let r = self.backend.delete_network(&n.name);
-                if r.is_ok() {
-                    report.networks.push(n.name.clone());
-                }
-                note(r.map_err(|e| backend_error(&format!("deleting {}", n.name), &e)));
-            }
-        }
+            .map_err(|e| backend_error("listing domains", &e))?
+            .into_iter()
+            .map(|vm| (vm.name, vm.owner));
+        // Domains are destroyed (stopped, disks and golden state removed), not undefined,
+        // and belong to two kinds; otherwise the same sweep as networks and filters.
+        report.domains = sweep(
+            ctx,
+            vms,
+            &[Kind::VmPool, Kind::Sandbox],
+            &mut first_err,
+            |n| {
+                backend
+                    .destroy_vm(n)
+                    .map_err(|e| backend_error(&format!("destroying {n}"), &e))
+            },
+        )?;
+        report.filters = self.sweep_owned::<LibvirtNwFilter>(ctx, &mut first_err)?;
+        report.networks = self.sweep_owned::<LibvirtNetwork>(ctx, &mut first_err)?;
         match first_err {
             Some(e) => Err(e),
             None => Ok(report),
         }
     }
+
+    /// Undefines the owned objects of type `T` whose owner is gone; the names removed.
+    fn sweep_owned<T: LibvirtObject>(
+        &self,
+        ctx: &Ctx,
+        first_err: &mut Option<ReconcileError>,
+    ) -> Result<Vec<String>, ReconcileError> {
+        let backend = self.backend.as_ref();
+        let listed = T::list_owned(backend)
+            .map_err(|e| backend_error(&format!("listing {}s", T::NOUN), &e))?;
+        sweep(ctx, listed, &[T::Status::KIND], first_err, |n| {
+            T::undefine(backend, n).map_err(|e| backend_error(&format!("deleting {n}"), &e))
+        })
+    }
+}
+
+/// Removes (with `remove`) each listed libvirt object (name, owner) owned by an object of
+/// one of `kinds` that is not in the store; returns the names removed. A failed removal
+/// is logged, kept in `first_err` if it is the first, and the sweep goes on; a failed store
+/// read stops it.
+fn sweep(
+    ctx: &Ctx,
+    listed: impl IntoIterator<Item = (String, Owner)>,
+    kinds: &[Kind],
+    first_err: &mut Option<ReconcileError>,
+    remove: impl Fn(&str) -> Result<(), ReconcileError>,
+) -> Result<Vec<String>, ReconcileError> {
+    let mut removed = Vec::new();
+    for (name, owner) in listed {
+        let Some(kind) = kinds.iter().copied().find(|k| owner.is_kind(*k)) else {
+            continue;
+        };
+        if ctx.store.get(kind, &owner.name)?.is_some() {
+            continue;
+        }
+        tracing::info!(%name, owner = %owner.name, %kind, "removing a libvirt object whose owner no longer exists");
+        match remove(&name) {
+            Ok(()) => removed.push(name),
+            Err(e) => {
+                tracing::warn!("garbage collection: {e}");
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    Ok(removed)
 }
 
 impl Sweeper for GarbageCollector {
@@ -117,7 +128,6 @@ mod tests {
     use super::*;
     use crate::reconcilers::testutil::*;
     use agentvm_backend::fake::{FakeBackend, Op};
-    use agentvm_backend::Owner;
 
     fn owner(kind: &str, name: &str) -> Owner {
         Owner {

@@ -150,13 +150,7 @@ impl ImageReconciler {
         mut status: ImageStatus,
         img: &BuiltImage,
     ) -> Result<Action, ReconcileError> {
-        status.phase = ImagePhase::Ready;
-        status.disk_path = Some(img.disk.display().to_string());
-        status.kernel_path = Some(img.kernel.display().to_string());
-        status.initrd_path = Some(img.initrd.display().to_string());
-        status.built_spec_hash = Some(img.recipe_hash.clone());
-        Conditions(&mut status.conditions)
-            .ready(Reason::Built, format!("image {}", img.disk.display()));
+        built(&mut status, img);
         write_status(ctx, obj, &status)?;
         Ok(Action::AwaitChange)
     }
@@ -202,8 +196,24 @@ impl ImageReconciler {
     }
 }
 
+/// When a failed build of a recipe may start again. This schedule is the build's, not the
+/// work queue's per-object backoff: a pass that reports a failed build succeeds (the
+/// failure is the object's state, `Failed`), and the pass that starts the retry succeeds
+/// too, which resets the queue's count; with it, a failing build of several minutes would
+/// start again every second or two.
 fn retry_delay(failures: u32) -> Duration {
     crate::reconcile::backoff_delay(failures, RETRY_BASE, RETRY_MAX)
+}
+
+/// `Ready` with the artifact paths and recipe hash of `img`.
+fn built(status: &mut ImageStatus, img: &BuiltImage) {
+    status.phase = ImagePhase::Ready;
+    status.disk_path = Some(img.disk.display().to_string());
+    status.kernel_path = Some(img.kernel.display().to_string());
+    status.initrd_path = Some(img.initrd.display().to_string());
+    status.built_spec_hash = Some(img.recipe_hash.clone());
+    Conditions(&mut status.conditions)
+        .ready(Reason::Built, format!("image {}", img.disk.display()));
 }
 
 impl Reconciler for ImageReconciler {
@@ -229,11 +239,9 @@ impl Reconciler for ImageReconciler {
         let hash = match recipe.try_hash() {
             Ok(h) => h,
             Err(e) => {
-                let err = ReconcileError::new(Reason::RecipeInvalid, e.to_string());
                 status.phase = ImagePhase::Failed;
-                Conditions(&mut status.conditions).degraded(&err, false);
-                write_status(ctx, &obj, &status)?;
-                return Err(err);
+                return Err(ReconcileError::new(Reason::RecipeInvalid, e.to_string())
+                    .with_status(&obj, &status));
             }
         };
         let found = self

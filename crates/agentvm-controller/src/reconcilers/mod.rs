@@ -1,12 +1,15 @@
-//! The per-kind reconcilers (`Network`, `NetworkFilter`, `Image`, `VmPool`), the pool
+//! The per-kind reconcilers (`Network` and `NetworkFilter` on the generic owned-object
+//! reconciler, `Image`, `VmPool`, `Sandbox`, `Snapshot`, `AgentRun`), the pool
 //! registry they share with the run scheduler, and the garbage collector of owned libvirt
 //! objects that no stored object declares any more.
 //!
 //! Each reconciler is an idempotent function of (object, actual state read from the
 //! [`Backend`] on every pass) → backend actions + status. Status always carries `phase`,
 //! `observedGeneration` and the conditions `Ready`, `Progressing` and `Degraded` with
-//! CamelCase reasons. A backend failure is written as `Degraded` and returned as a
-//! [`ReconcileError`], so the dispatcher retries with backoff.
+//! CamelCase reasons. A backend failure is returned as a [`ReconcileError`] carrying the
+//! status the pass computed ([`ReconcileError::with_status`]); the default error policy
+//! ([`crate::reconcile::show_failure`]) writes it with `Degraded` and the dispatcher retries
+//! with backoff.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,16 +17,17 @@ use std::time::Duration;
 use agentvm_api::{set_condition, Condition, ConditionStatus, Kind, KindStatus, Reason, Resource};
 use agentvm_backend::{Backend, BackendError, Owner};
 
-use crate::reconcile::{Ctx, ReconcileError};
+use crate::reconcile::{Ctx, FailedStatus, ReconcileError};
 use crate::Controller;
 use agentvm_store::time::Timestamp;
-use agentvm_store::StoredObject;
+use agentvm_store::{StoreError, StoredObject};
 
 pub mod agent_run;
 pub mod gc;
 pub mod image;
 pub mod network;
 pub mod network_filter;
+pub mod owned;
 pub mod registry;
 pub mod sandbox;
 pub mod snapshot;
@@ -34,6 +38,7 @@ pub use gc::GarbageCollector;
 pub use image::{ImageBuilder, ImageCache, ImageReconciler};
 pub use network::NetworkReconciler;
 pub use network_filter::NetworkFilterReconciler;
+pub use owned::{LibvirtObject, OwnedObjectReconciler};
 pub use registry::{PoolRegistry, PoolVm, VmPhase};
 pub use sandbox::{SandboxReconciler, Sandboxes};
 pub use snapshot::SnapshotReconciler;
@@ -173,6 +178,37 @@ pub(crate) fn write_status<S: KindStatus>(
     Ok(())
 }
 
+/// Writes the status `shown` carries with `Degraded` set from `err` (the default error
+/// policy's write), through the kind's typed [`crate::Store::update_status`].
+pub(crate) fn write_degraded(
+    ctx: &Ctx,
+    shown: &FailedStatus,
+    err: &ReconcileError,
+) -> Result<bool, StoreError> {
+    fn write<S: KindStatus>(
+        ctx: &Ctx,
+        shown: &FailedStatus,
+        err: &ReconcileError,
+        conditions: fn(&mut S) -> &mut Vec<Condition>,
+    ) -> Result<bool, StoreError> {
+        let mut status: S = S::of(&shown.resource).cloned().unwrap_or_default();
+        Conditions(conditions(&mut status)).degraded(err, shown.keep_ready);
+        ctx.store.update_status(shown.resource.name(), status)
+    }
+    use agentvm_api as api;
+    match shown.resource.kind() {
+        Kind::Network => write::<api::NetworkStatus>(ctx, shown, err, |s| &mut s.conditions),
+        Kind::NetworkFilter => {
+            write::<api::NetworkFilterStatus>(ctx, shown, err, |s| &mut s.conditions)
+        }
+        Kind::Image => write::<api::ImageStatus>(ctx, shown, err, |s| &mut s.conditions),
+        Kind::VmPool => write::<api::VmPoolStatus>(ctx, shown, err, |s| &mut s.conditions),
+        Kind::Sandbox => write::<api::SandboxStatus>(ctx, shown, err, |s| &mut s.conditions),
+        Kind::Snapshot => write::<api::SnapshotStatus>(ctx, shown, err, |s| &mut s.conditions),
+        Kind::AgentRun => write::<api::AgentRunStatus>(ctx, shown, err, |s| &mut s.conditions),
+    }
+}
+
 /// `VmPool`s in the store (including those being deleted) for which `uses` holds.
 pub(crate) fn pools_using(
     ctx: &Ctx,
@@ -221,10 +257,7 @@ pub(crate) fn delete_when_unused<S: KindStatus>(
         return Ok(crate::reconcile::Action::Requeue(IN_USE_RETRY));
     }
     if let Err(e) = delete() {
-        let err = backend_error(&format!("deleting {what}"), &e);
-        Conditions(conditions(status)).degraded(&err, false);
-        write_status(ctx, obj, status)?;
-        return Err(err);
+        return Err(backend_error(&format!("deleting {what}"), &e).with_status(obj, status));
     }
     ctx.store
         .finalize_delete(obj.resource.kind(), obj.resource.name())?;

@@ -1,111 +1,100 @@
 //! `Network` → a libvirt network named `agentvm-<name>`, defined and running with the spec's
-//! hash in its ownership metadata.
+//! hash in its ownership metadata: the network's [`LibvirtObject`] for the generic
+//! [`OwnedObjectReconciler`].
 //!
 //! Every pass ensures the network (redefined when the spec hash differs, recreated when it
 //! was removed by hand, restarted when stopped by hand). Deletion waits while any `VmPool`
 //! still refers to the network (`Degraded`/`InUse`), then undefines it and finalizes.
 
-use std::sync::Arc;
-
-use agentvm_api::{Kind, NetworkPhase, NetworkStatus, Reason, Resource};
+use agentvm_api::{Condition, NetworkPhase, NetworkStatus, Reason, Resource, VmPoolSpec};
 use agentvm_backend::backend::EnsureOutcome;
-use agentvm_backend::netxml::{libvirt_name, NetworkDef};
-use agentvm_backend::Backend;
+use agentvm_backend::netxml::NetworkDef;
+use agentvm_backend::{Backend, BackendError, Owner};
 
-use super::{backend_error, owner_of, pools_using, status_of, write_status, Conditions};
-use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
-use agentvm_store::StoredObject;
+use super::owned::{LibvirtObject, OwnedObjectReconciler};
+
+/// A libvirt network, as owned by a `Network`.
+pub struct LibvirtNetwork;
 
 /// Reconciles `Network` objects into libvirt networks.
-pub struct NetworkReconciler {
-    backend: Arc<dyn Backend>,
-}
+pub type NetworkReconciler = OwnedObjectReconciler<LibvirtNetwork>;
 
-impl NetworkReconciler {
-    /// A reconciler acting through `backend`.
-    pub fn new(backend: Arc<dyn Backend>) -> Self {
-        Self { backend }
-    }
-}
+impl LibvirtObject for LibvirtNetwork {
+    type Status = NetworkStatus;
+    type Def = NetworkDef;
+    const NOUN: &'static str = "network";
+    const READY_REASON: Reason = Reason::Active;
+    const READY_STATE: &'static str = "defined and running";
 
-impl Reconciler for NetworkReconciler {
-    fn kind(&self) -> Kind {
-        Kind::Network
-    }
-
-    fn watches(&self) -> &[Kind] {
-        // A pool going away may unblock a deletion.
-        &[Kind::VmPool]
-    }
-
-    fn reconcile(&self, obj: Arc<StoredObject>, ctx: &Ctx) -> Result<Action, ReconcileError> {
-        let Resource::Network(net) = &obj.resource else {
-            return Err(super::wrong_kind(&obj, Kind::Network));
+    fn definition(resource: &Resource, name: String, owner: Owner) -> Option<NetworkDef> {
+        let Resource::Network(net) = resource else {
+            return None;
         };
-        let name = net.name();
-        let lname = libvirt_name(name);
-        let mut status: NetworkStatus = status_of(&obj);
-        // Ready at this generation before this pass: a change found now is drift.
-        let was_ready_here = status.phase == NetworkPhase::Ready
-            && status.observed_generation == Some(obj.generation());
-        status.libvirt_name = Some(lname.clone());
-        status.observed_generation = Some(obj.generation());
-
-        if obj.is_deleting() {
-            let users = pools_using(ctx, |p| {
-                p.template
-                    .network
-                    .attachment()
-                    .is_some_and(|a| a.network_ref == name)
-            })?;
-            let was_ready = status.phase == NetworkPhase::Ready;
-            return super::delete_when_unused(
-                ctx,
-                &obj,
-                &mut status,
-                |s: &mut NetworkStatus| &mut s.conditions,
-                was_ready,
-                users,
-                &format!("network {lname}"),
-                || self.backend.delete_network(&lname),
-            );
-        }
-
-        let def = NetworkDef {
-            name: lname.clone(),
+        Some(NetworkDef {
+            name,
             spec: net.spec.clone(),
-            owner: owner_of(&obj),
+            owner,
+        })
+    }
+
+    fn ensure(backend: &dyn Backend, def: &NetworkDef) -> Result<EnsureOutcome, BackendError> {
+        backend.ensure_network(def)
+    }
+
+    fn undefine(backend: &dyn Backend, name: &str) -> Result<(), BackendError> {
+        backend.delete_network(name)
+    }
+
+    fn list_owned(backend: &dyn Backend) -> Result<Vec<(String, Owner)>, BackendError> {
+        Ok(backend
+            .list_networks()?
+            .into_iter()
+            .map(|n| (n.name, n.owner))
+            .collect())
+    }
+
+    fn used_by(pool: &VmPoolSpec, name: &str) -> bool {
+        pool.template
+            .network
+            .attachment()
+            .is_some_and(|a| a.network_ref == name)
+    }
+
+    fn is_ready(status: &NetworkStatus) -> bool {
+        status.phase == NetworkPhase::Ready
+    }
+
+    fn set_ready(status: &mut NetworkStatus, ready: bool) {
+        status.phase = if ready {
+            NetworkPhase::Ready
+        } else {
+            NetworkPhase::Failed
         };
-        match self.backend.ensure_network(&def) {
-            Ok(outcome) => {
-                super::drift_check(ctx, &obj, was_ready_here, outcome);
-                if outcome != EnsureOutcome::Unchanged {
-                    tracing::info!(network = %lname, ?outcome, "network ensured");
-                }
-                status.phase = NetworkPhase::Ready;
-                status.bridge = Some(def.bridge());
-                Conditions(&mut status.conditions).ready(
-                    Reason::Active,
-                    format!("libvirt network {lname} is defined and running"),
-                );
-                write_status(ctx, &obj, &status)?;
-                Ok(Action::AwaitChange)
-            }
-            Err(e) => {
-                let err = backend_error(&format!("ensuring network {lname}"), &e);
-                status.phase = NetworkPhase::Failed;
-                Conditions(&mut status.conditions).degraded(&err, false);
-                write_status(ctx, &obj, &status)?;
-                Err(err)
-            }
-        }
+    }
+
+    fn ensured(status: &mut NetworkStatus, def: &NetworkDef) {
+        status.bridge = Some(def.bridge());
+    }
+
+    fn observed_generation(status: &mut NetworkStatus) -> &mut Option<i64> {
+        &mut status.observed_generation
+    }
+
+    fn libvirt_name(status: &mut NetworkStatus) -> &mut Option<String> {
+        &mut status.libvirt_name
+    }
+
+    fn conditions(status: &mut NetworkStatus) -> &mut Vec<Condition> {
+        &mut status.conditions
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reconcile::Action;
     use crate::reconcilers::testutil::*;
+    use agentvm_api::Kind;
     use agentvm_backend::fake::Op;
 
     const NET: &str = "apiVersion: agentvm.dev/v1alpha1\nkind: Network\nmetadata: {name: lan}\nspec: {mode: nat, subnet: 10.80.0.0/24}\n";

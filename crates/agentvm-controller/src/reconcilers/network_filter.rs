@@ -1,99 +1,90 @@
 //! `NetworkFilter` → a libvirt nwfilter named `agentvm-<name>` with the spec's hash in its
-//! ownership record.
+//! ownership record: the nwfilter's [`LibvirtObject`] for the generic
+//! [`OwnedObjectReconciler`].
 //!
 //! Every pass ensures the filter (redefined when the spec hash differs, which libvirt applies
 //! to running guests at once; recreated when removed by hand). Deletion waits while any
 //! `VmPool` still refers to it (`Degraded`/`InUse`), then undefines it and finalizes.
 
-use std::sync::Arc;
+use agentvm_api::{
+    Condition, NetworkFilterPhase, NetworkFilterStatus, Reason, Resource, VmPoolSpec,
+};
+use agentvm_backend::backend::EnsureOutcome;
+use agentvm_backend::netxml::NwFilterDef;
+use agentvm_backend::{Backend, BackendError, Owner};
 
-use agentvm_api::{Kind, NetworkFilterPhase, NetworkFilterStatus, Reason, Resource};
-use agentvm_backend::netxml::{libvirt_name, NwFilterDef};
-use agentvm_backend::Backend;
+use super::owned::{LibvirtObject, OwnedObjectReconciler};
 
-use super::{backend_error, owner_of, pools_using, status_of, write_status, Conditions};
-use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
-use agentvm_store::StoredObject;
+/// A libvirt nwfilter, as owned by a `NetworkFilter`.
+pub struct LibvirtNwFilter;
 
 /// Reconciles `NetworkFilter` objects into libvirt nwfilters.
-pub struct NetworkFilterReconciler {
-    backend: Arc<dyn Backend>,
-}
+pub type NetworkFilterReconciler = OwnedObjectReconciler<LibvirtNwFilter>;
 
-impl NetworkFilterReconciler {
-    /// A reconciler acting through `backend`.
-    pub fn new(backend: Arc<dyn Backend>) -> Self {
-        Self { backend }
-    }
-}
+impl LibvirtObject for LibvirtNwFilter {
+    type Status = NetworkFilterStatus;
+    type Def = NwFilterDef;
+    const NOUN: &'static str = "nwfilter";
+    const READY_REASON: Reason = Reason::Defined;
+    const READY_STATE: &'static str = "defined";
 
-impl Reconciler for NetworkFilterReconciler {
-    fn kind(&self) -> Kind {
-        Kind::NetworkFilter
-    }
-
-    fn watches(&self) -> &[Kind] {
-        &[Kind::VmPool]
-    }
-
-    fn reconcile(&self, obj: Arc<StoredObject>, ctx: &Ctx) -> Result<Action, ReconcileError> {
-        let Resource::NetworkFilter(filter) = &obj.resource else {
-            return Err(super::wrong_kind(&obj, Kind::NetworkFilter));
+    fn definition(resource: &Resource, name: String, owner: Owner) -> Option<NwFilterDef> {
+        let Resource::NetworkFilter(filter) = resource else {
+            return None;
         };
-        let name = filter.name();
-        let lname = libvirt_name(name);
-        let mut status: NetworkFilterStatus = status_of(&obj);
-        // Ready at this generation before this pass: a change found now is drift.
-        let was_ready_here = status.phase == NetworkFilterPhase::Ready
-            && status.observed_generation == Some(obj.generation());
-        status.libvirt_name = Some(lname.clone());
-        status.observed_generation = Some(obj.generation());
-
-        if obj.is_deleting() {
-            let users = pools_using(ctx, |p| {
-                p.template
-                    .network
-                    .attachment()
-                    .is_some_and(|a| a.filter_ref == name)
-            })?;
-            let was_ready = status.phase == NetworkFilterPhase::Ready;
-            return super::delete_when_unused(
-                ctx,
-                &obj,
-                &mut status,
-                |s: &mut NetworkFilterStatus| &mut s.conditions,
-                was_ready,
-                users,
-                &format!("nwfilter {lname}"),
-                || self.backend.delete_nwfilter(&lname),
-            );
-        }
-
-        let def = NwFilterDef {
-            name: lname.clone(),
+        Some(NwFilterDef {
+            name,
             spec: filter.spec.clone(),
-            owner: owner_of(&obj),
+            owner,
+        })
+    }
+
+    fn ensure(backend: &dyn Backend, def: &NwFilterDef) -> Result<EnsureOutcome, BackendError> {
+        // A filter is not started; libvirt applies a redefinition to running guests at once.
+        backend.ensure_nwfilter(def)
+    }
+
+    fn undefine(backend: &dyn Backend, name: &str) -> Result<(), BackendError> {
+        backend.delete_nwfilter(name)
+    }
+
+    fn list_owned(backend: &dyn Backend) -> Result<Vec<(String, Owner)>, BackendError> {
+        Ok(backend
+            .list_nwfilters()?
+            .into_iter()
+            .map(|f| (f.name, f.owner))
+            .collect())
+    }
+
+    fn used_by(pool: &VmPoolSpec, name: &str) -> bool {
+        pool.template
+            .network
+            .attachment()
+            .is_some_and(|a| a.filter_ref == name)
+    }
+
+    fn is_ready(status: &NetworkFilterStatus) -> bool {
+        status.phase == NetworkFilterPhase::Ready
+    }
+
+    fn set_ready(status: &mut NetworkFilterStatus, ready: bool) {
+        status.phase = if ready {
+            NetworkFilterPhase::Ready
+        } else {
+            NetworkFilterPhase::Failed
         };
-        match self.backend.ensure_nwfilter(&def) {
-            Ok(outcome) => {
-                super::drift_check(ctx, &obj, was_ready_here, outcome);
-                tracing::debug!(nwfilter = %lname, ?outcome, "nwfilter ensured");
-                status.phase = NetworkFilterPhase::Ready;
-                Conditions(&mut status.conditions).ready(
-                    Reason::Defined,
-                    format!("libvirt nwfilter {lname} is defined"),
-                );
-                write_status(ctx, &obj, &status)?;
-                Ok(Action::AwaitChange)
-            }
-            Err(e) => {
-                let err = backend_error(&format!("ensuring nwfilter {lname}"), &e);
-                status.phase = NetworkFilterPhase::Failed;
-                Conditions(&mut status.conditions).degraded(&err, false);
-                write_status(ctx, &obj, &status)?;
-                Err(err)
-            }
-        }
+    }
+
+    fn observed_generation(status: &mut NetworkFilterStatus) -> &mut Option<i64> {
+        &mut status.observed_generation
+    }
+
+    fn libvirt_name(status: &mut NetworkFilterStatus) -> &mut Option<String> {
+        &mut status.libvirt_name
+    }
+
+    fn conditions(status: &mut NetworkFilterStatus) -> &mut Vec<Condition> {
+        &mut status.conditions
     }
 }
 
@@ -101,6 +92,7 @@ impl Reconciler for NetworkFilterReconciler {
 mod tests {
     use super::*;
     use crate::reconcilers::testutil::*;
+    use agentvm_api::Kind;
     use agentvm_backend::fake::{FakeBackend, Op};
 
     const FILTER: &str = "apiVersion: agentvm.dev/v1alpha1\nkind: NetworkFilter\nmetadata: {name: egress}\nspec:\n  egress:\n    - {protocol: tcp, ports: [443]}\n";

@@ -429,10 +429,9 @@ impl SandboxReconciler {
                 write_status(ctx, obj, &status)?;
             }
             if let Err(e) = self.backend.destroy_vm(&vm) {
-                let err = backend_error(&format!("destroying VM {vm}"), &e);
-                Conditions(&mut status.conditions).degraded(&err, false);
-                write_status(ctx, obj, &status)?;
-                return Err(err);
+                return Err(
+                    backend_error(&format!("destroying VM {vm}"), &e).with_status(obj, &status)
+                );
             }
             ctx.audit.record(
                 AuditEvent::new(
@@ -491,26 +490,12 @@ impl SandboxReconciler {
         }
         let name = sb.name();
         let snapshot = ctx.store.get(Kind::Snapshot, &req.snapshot)?;
-        let refused = match snapshot.as_ref().map(|o| &o.resource) {
-            None => Some(format!("Snapshot {} does not exist", req.snapshot)),
-            Some(Resource::Snapshot(s)) if s.spec.sandbox_ref != name => Some(format!(
-                "Snapshot {} is of Sandbox {}, not of this one",
-                req.snapshot, s.spec.sandbox_ref
-            )),
-            Some(Resource::Snapshot(s)) => match &s.status {
-                Some(st) if st.phase == agentvm_api::SnapshotPhase::Ready => {
-                    (st.vm.as_deref() != Some(vm)).then(|| {
-                        format!(
-                            "Snapshot {} was taken of VM {}, not of this sandbox's VM {vm}",
-                            req.snapshot,
-                            st.vm.as_deref().unwrap_or("-")
-                        )
-                    })
-                }
-                _ => Some(format!("Snapshot {} is not Ready", req.snapshot)),
-            },
-            Some(_) => Some(format!("{} is not a Snapshot", req.snapshot)),
-        };
+        let refused = rollback_refusal(
+            snapshot.as_ref().map(|o| &o.resource),
+            &req.snapshot,
+            name,
+            vm,
+        );
         let started = Instant::now();
         let outcome = match refused {
             Some(why) => {
@@ -523,10 +508,12 @@ impl SandboxReconciler {
             }
             None => {
                 if let Err(e) = self.backend.rollback_vm(vm, &req.snapshot) {
-                    let err = backend_error(&format!("rolling {vm} back to {}", req.snapshot), &e);
-                    Conditions(&mut status.conditions).degraded(&err, true);
-                    write_status(ctx, obj, status)?;
-                    return Err(err);
+                    return Err(backend_error(
+                        &format!("rolling {vm} back to {}", req.snapshot),
+                        &e,
+                    )
+                    .with_status(obj, status)
+                    .keeping_ready(true));
                 }
                 self.sandboxes.touch(name);
                 agentvm_api::RollbackStatus {
@@ -570,31 +557,19 @@ impl SandboxReconciler {
             })),
         );
     }
-}
 
-impl Reconciler for SandboxReconciler {
-    fn kind(&self) -> Kind {
-        Kind::Sandbox
-    }
-
-    fn watches(&self) -> &[Kind] {
-        &[Kind::VmPool]
-    }
-
-    fn reconcile(&self, obj: Arc<StoredObject>, ctx: &Ctx) -> Result<Action, ReconcileError> {
-        let Resource::Sandbox(sb) = &obj.resource else {
-            return Err(super::wrong_kind(&obj, Kind::Sandbox));
-        };
-        self.sandboxes.set_wake(&ctx.wake);
-        if obj.is_deleting() {
-            return self.delete(&obj, ctx);
-        }
-        let name = sb.name();
-        let mut status: SandboxStatus = status_of(&obj);
-        let before = status.clone();
-        status.observed_generation = Some(obj.generation());
-
-        let vm = match self.find_vm(name)? {
+    /// The sandbox's VM: found by its ownership metadata, else claimed from the pool or
+    /// forked from the snapshot. `Err(action)`: none (yet, or lost: `Failed`), with the
+    /// status written when it changed.
+    fn vm_of(
+        &self,
+        obj: &StoredObject,
+        sb: &Sandbox,
+        status: &mut SandboxStatus,
+        before: &SandboxStatus,
+        ctx: &Ctx,
+    ) -> Result<Result<String, Action>, ReconcileError> {
+        Ok(Ok(match self.find_vm(sb.name())? {
             Some(vm) => {
                 if status.vm.as_deref() != Some(&vm) {
                     // Claimed by an earlier controller that stopped before recording it.
@@ -616,67 +591,56 @@ impl Reconciler for SandboxReconciler {
                     format!("its VM {vm} is gone from libvirt (with its disk and memory); delete the sandbox and make a new one"),
                 );
                 Conditions(&mut status.conditions).degraded(&err, false);
-                if status != before {
-                    write_status(ctx, &obj, &status)?;
+                if *status != *before {
+                    write_status(ctx, obj, status)?;
                 }
-                return Ok(Action::AwaitChange);
+                return Ok(Err(Action::AwaitChange));
             }
             None => match match &sb.spec.from_snapshot {
-                Some(from) => self.fork(&obj, sb, from, &mut status, ctx),
-                None => self.claim(&obj, sb, &mut status, ctx),
+                Some(from) => self.fork(obj, sb, from, status, ctx),
+                None => self.claim(obj, sb, status, ctx),
             } {
                 Ok(Some(vm)) => vm,
                 Ok(None) => {
-                    if status != before {
-                        write_status(ctx, &obj, &status)?;
+                    if *status != *before {
+                        write_status(ctx, obj, status)?;
                     }
                     if status.phase == SandboxPhase::Failed {
-                        return Ok(Action::AwaitChange);
+                        return Ok(Err(Action::AwaitChange));
                     }
-                    return Ok(Action::Requeue(WAITING_FOR_VM));
+                    return Ok(Err(Action::Requeue(WAITING_FOR_VM)));
                 }
-                Err(err) => {
-                    Conditions(&mut status.conditions).degraded(&err, false);
-                    write_status(ctx, &obj, &status)?;
-                    return Err(err);
-                }
+                Err(err) => return Err(err.with_status(obj, status)),
             },
-        };
-        self.sandboxes.seed(
-            name,
-            status
-                .last_activity_at
-                .as_deref()
-                .and_then(Timestamp::parse)
-                .map(|t| t.0),
-        );
+        }))
+    }
 
-        let power = self
-            .backend
-            .vm_power(&vm)
-            .map_err(|e| backend_error(&format!("reading the power state of {vm}"), &e))?;
-        let (idle, active) = self.sandboxes.idle(name);
-        let woken = self.sandboxes.take_wake(name);
-
-        // Lifetime rules.
-        let expired = Self::expired(sb, &status);
+    /// The lifetime rule that ended the sandbox's life, if one did: its `ttlSeconds` or
+    /// `shutdownTime` passed, or it ran idle (no exec in progress) for `idleTimeoutSeconds`.
+    fn lifetime_over(
+        sb: &Sandbox,
+        status: &SandboxStatus,
+        power: PowerState,
+        idle: Duration,
+        active: u32,
+    ) -> Option<Reason> {
+        let expired = Self::expired(sb, status);
         let idle_out = sb.spec.state == SandboxState::Running
             && power == PowerState::Running
             && sb.spec.idle_timeout_seconds != 0
             && active == 0
             && idle >= Duration::from_secs(sb.spec.idle_timeout_seconds.into());
-        let ended = expired.or(idle_out.then_some(Reason::IdleTimeout));
-        if let Some(reason) = ended {
-            if sb.spec.shutdown_policy == ShutdownPolicy::Delete {
-                tracing::info!(
-                    sandbox = name,
-                    reason = reason.as_str(),
-                    "lifetime over; deleting the sandbox"
-                );
-                ctx.store.request_delete(Kind::Sandbox, name, None)?;
-                return Ok(Action::Requeue(Duration::ZERO));
-            }
-        }
+        expired.or(idle_out.then_some(Reason::IdleTimeout))
+    }
+
+    /// The power state `sb` wants, given the lifetime rule that `ended` (if any); keeps or
+    /// clears `status.stoppedReason` (an idle stop ends at the next use, `woken`).
+    fn wanted_power(
+        sb: &Sandbox,
+        status: &mut SandboxStatus,
+        ended: Option<Reason>,
+        woken: bool,
+    ) -> PowerState {
         match (ended, status.stopped_reason.as_deref()) {
             (Some(reason), _) => status.stopped_reason = Some(reason.as_str().to_string()),
             // Idle-stopped: back on the next use.
@@ -689,45 +653,23 @@ impl Reconciler for SandboxReconciler {
         if sb.spec.state != SandboxState::Running {
             status.stopped_reason = None;
         }
-        let want = match (sb.spec.state, &status.stopped_reason) {
+        match (sb.spec.state, &status.stopped_reason) {
             (_, Some(_)) => PowerState::Saved,
             (SandboxState::Running, None) => PowerState::Running,
             (SandboxState::Paused, None) => PowerState::Paused,
             (SandboxState::Stopped, None) => PowerState::Saved,
-        };
-        let power = if power == PowerState::Off && want == PowerState::Saved {
-            // Off without saved memory (the host rebooted, or a hand `virsh destroy`): its
-            // disk is all there is; it stays off until wanted running.
-            PowerState::Saved
-        } else {
-            power
-        };
-        if power != want {
-            let why = status
-                .stopped_reason
-                .clone()
-                .unwrap_or_else(|| format!("spec.state {}", sb.spec.state.as_str()));
-            tracing::info!(sandbox = name, %vm, from = ?power, to = ?want, %why, "changing power state");
-            if let Err(e) = self.backend.set_vm_power(&vm, want) {
-                let err = backend_error(&format!("{vm}: {power:?} to {want:?}"), &e);
-                let err = ReconcileError::new(Reason::PowerChangeFailed, err.message);
-                Conditions(&mut status.conditions).degraded(&err, false);
-                write_status(ctx, &obj, &status)?;
-                return Err(err);
-            }
-            if want == PowerState::Running {
-                self.sandboxes.touch(name);
-            }
-            Self::record_power(ctx, name, &vm, power, want, &why);
         }
-        if want != PowerState::Saved {
-            self.rollback(&obj, sb, &vm, &mut status, ctx)?;
-        }
-        status.snapshots = self
-            .backend
-            .vm_snapshots(&vm)
-            .map_err(|e| backend_error(&format!("listing snapshots of {vm}"), &e))?;
-        let (idle, active) = self.sandboxes.idle(name);
+    }
+
+    /// Phase, `Ready` condition, activity of a sandbox whose VM `vm` is now `want`.
+    fn report(
+        sb: &Sandbox,
+        vm: &str,
+        want: PowerState,
+        idle: Duration,
+        active: u32,
+        status: &mut SandboxStatus,
+    ) {
         let (phase, reason, message) = match want {
             PowerState::Running => (SandboxPhase::Running, Reason::SandboxRunning, format!("{vm} runs")),
             PowerState::Paused => (
@@ -755,7 +697,10 @@ impl Reconciler for SandboxReconciler {
         };
         let last = SystemTime::now() - idle;
         status.last_activity_at = Some(Timestamp(last).to_string());
-        // Only a real change is written (the idle seconds alone move every pass).
+    }
+
+    /// True when `status` differs from `before` by more than the idle time moving.
+    fn changed(status: &SandboxStatus, before: &SandboxStatus) -> bool {
         let mut a = status.clone();
         let mut b = before.clone();
         for s in [&mut a, &mut b] {
@@ -764,10 +709,18 @@ impl Reconciler for SandboxReconciler {
         }
         let idle_moved = status.idle_seconds.abs_diff(before.idle_seconds) >= 10
             || (status.idle_seconds == 0) != (before.idle_seconds == 0);
-        if a != b || idle_moved {
-            write_status(ctx, &obj, &status)?;
-        }
+        a != b || idle_moved
+    }
 
+    /// When to look again: at the latest [`RECHECK`], or just after the idle timeout, the
+    /// TTL or the shutdown time falls due.
+    fn next_check(
+        sb: &Sandbox,
+        status: &SandboxStatus,
+        want: PowerState,
+        idle: Duration,
+        active: u32,
+    ) -> Duration {
         let mut next = RECHECK;
         if want == PowerState::Running && sb.spec.idle_timeout_seconds != 0 && active == 0 {
             let timeout = Duration::from_secs(sb.spec.idle_timeout_seconds.into());
@@ -787,7 +740,135 @@ impl Reconciler for SandboxReconciler {
                 next = next.min(left + Duration::from_millis(200));
             }
         }
-        Ok(Action::Requeue(next))
+        next
+    }
+}
+
+/// Why a rollback of sandbox `name` (VM `vm`) to Snapshot `wanted` is refused, if it is:
+/// the snapshot must exist, be `Ready`, and have been taken of this sandbox's VM.
+fn rollback_refusal(
+    snapshot: Option<&Resource>,
+    wanted: &str,
+    name: &str,
+    vm: &str,
+) -> Option<String> {
+    match snapshot {
+        None => Some(format!("Snapshot {} does not exist", wanted)),
+        Some(Resource::Snapshot(s)) if s.spec.sandbox_ref != name => Some(format!(
+            "Snapshot {} is of Sandbox {}, not of this one",
+            wanted, s.spec.sandbox_ref
+        )),
+        Some(Resource::Snapshot(s)) => match &s.status {
+            Some(st) if st.phase == agentvm_api::SnapshotPhase::Ready => {
+                (st.vm.as_deref() != Some(vm)).then(|| {
+                    format!(
+                        "Snapshot {} was taken of VM {}, not of this sandbox's VM {vm}",
+                        wanted,
+                        st.vm.as_deref().unwrap_or("-")
+                    )
+                })
+            }
+            _ => Some(format!("Snapshot {} is not Ready", wanted)),
+        },
+        Some(_) => Some(format!("{} is not a Snapshot", wanted)),
+    }
+}
+
+impl Reconciler for SandboxReconciler {
+    fn kind(&self) -> Kind {
+        Kind::Sandbox
+    }
+
+    fn watches(&self) -> &[Kind] {
+        &[Kind::VmPool]
+    }
+
+    fn reconcile(&self, obj: Arc<StoredObject>, ctx: &Ctx) -> Result<Action, ReconcileError> {
+        let Resource::Sandbox(sb) = &obj.resource else {
+            return Err(super::wrong_kind(&obj, Kind::Sandbox));
+        };
+        self.sandboxes.set_wake(&ctx.wake);
+        if obj.is_deleting() {
+            return self.delete(&obj, ctx);
+        }
+        let name = sb.name();
+        let mut status: SandboxStatus = status_of(&obj);
+        let before = status.clone();
+        status.observed_generation = Some(obj.generation());
+
+        let vm = match self.vm_of(&obj, sb, &mut status, &before, ctx)? {
+            Ok(vm) => vm,
+            Err(action) => return Ok(action),
+        };
+        self.sandboxes.seed(
+            name,
+            status
+                .last_activity_at
+                .as_deref()
+                .and_then(Timestamp::parse)
+                .map(|t| t.0),
+        );
+
+        let power = self
+            .backend
+            .vm_power(&vm)
+            .map_err(|e| backend_error(&format!("reading the power state of {vm}"), &e))?;
+        let (idle, active) = self.sandboxes.idle(name);
+        let woken = self.sandboxes.take_wake(name);
+
+        let ended = Self::lifetime_over(sb, &status, power, idle, active);
+        if let Some(reason) = ended {
+            if sb.spec.shutdown_policy == ShutdownPolicy::Delete {
+                tracing::info!(
+                    sandbox = name,
+                    reason = reason.as_str(),
+                    "lifetime over; deleting the sandbox"
+                );
+                ctx.store.request_delete(Kind::Sandbox, name, None)?;
+                return Ok(Action::Requeue(Duration::ZERO));
+            }
+        }
+        let want = Self::wanted_power(sb, &mut status, ended, woken);
+        let power = if power == PowerState::Off && want == PowerState::Saved {
+            // Off without saved memory (the host rebooted, or a hand `virsh destroy`): its
+            // disk is all there is; it stays off until wanted running.
+            PowerState::Saved
+        } else {
+            power
+        };
+        if power != want {
+            let why = status
+                .stopped_reason
+                .clone()
+                .unwrap_or_else(|| format!("spec.state {}", sb.spec.state.as_str()));
+            tracing::info!(sandbox = name, %vm, from = ?power, to = ?want, %why, "changing power state");
+            if let Err(e) = self.backend.set_vm_power(&vm, want) {
+                let err = backend_error(&format!("{vm}: {power:?} to {want:?}"), &e);
+                return Err(ReconcileError::new(Reason::PowerChangeFailed, err.message)
+                    .with_status(&obj, &status));
+            }
+            if want == PowerState::Running {
+                self.sandboxes.touch(name);
+            }
+            Self::record_power(ctx, name, &vm, power, want, &why);
+        }
+        if want != PowerState::Saved {
+            self.rollback(&obj, sb, &vm, &mut status, ctx)?;
+        }
+        status.snapshots = self
+            .backend
+            .vm_snapshots(&vm)
+            .map_err(|e| backend_error(&format!("listing snapshots of {vm}"), &e))?;
+        let (idle, active) = self.sandboxes.idle(name);
+        Self::report(sb, &vm, want, idle, active, &mut status);
+        // Only a real change is written (the idle seconds alone move every pass).
+        if Self::changed(&status, &before) {
+            write_status(ctx, &obj, &status)?;
+        }
+
+        Ok(Action::Requeue(Self::next_check(
+            sb, &status, want, idle, active,
+        )))
     }
 }
 

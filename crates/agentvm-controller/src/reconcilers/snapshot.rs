@@ -83,18 +83,19 @@ impl SnapshotReconciler {
         Ok((count, bytes))
     }
 
-    /// With snapshot `name` of `vm` holding `bytes`, are `sb`'s snapshots past its
-    /// `maxSnapshotMib`? Then the snapshot is deleted again (so the limit holds on disk) and
-    /// the error to fail it with is returned.
+    /// With snapshot `name` of `vm` holding `bytes`, are sandbox `sandbox`'s snapshots past
+    /// its `maxSnapshotMib`? Then the snapshot is deleted again (so the limit holds on disk)
+    /// and the error to fail it with is returned.
     fn past_byte_limit(
         &self,
-        sb: &agentvm_api::Sandbox,
+        sandbox: &str,
+        limits: Limits,
         others_bytes: u64,
         bytes: Option<u64>,
         vm: &str,
         name: &str,
     ) -> Result<Option<ReconcileError>, ReconcileError> {
-        let Some(mib) = sb.spec.max_snapshot_mib else {
+        let Some(mib) = limits.max_snapshot_mib else {
             return Ok(None);
         };
         let bytes = bytes.unwrap_or(0);
@@ -108,8 +109,7 @@ impl SnapshotReconciler {
         Ok(Some(ReconcileError::new(
             Reason::SnapshotLimit,
             format!(
-                "Sandbox {}'s snapshots would hold {} MiB with this one ({} MiB), past its maxSnapshotMib of {mib}; it was deleted again. Delete a snapshot (or raise maxSnapshotMib) and apply this snapshot again",
-                sb.name(),
+                "Sandbox {sandbox}'s snapshots would hold {} MiB with this one ({} MiB), past its maxSnapshotMib of {mib}; it was deleted again. Delete a snapshot (or raise maxSnapshotMib) and apply this snapshot again",
                 total >> 20,
                 bytes >> 20,
             ),
@@ -150,14 +150,7 @@ impl Reconciler for SnapshotReconciler {
             }
             SnapshotPhase::Ready => {
                 let vm = status.vm.clone().unwrap_or_default();
-                let lost = match self.backend.vm_snapshots(&vm) {
-                    Ok(names) => (!names.iter().any(|n| n == name))
-                        .then(|| format!("it is gone from VM {vm} (deleted by hand?)")),
-                    Err(e) if e.is_not_found() => Some(format!(
-                        "its sandbox's VM {vm} is gone, and the snapshot with it"
-                    )),
-                    Err(e) => return Err(backend_error(&format!("listing snapshots of {vm}"), &e)),
-                };
+                let lost = self.lost(name, &vm)?;
                 if let Some(why) = lost {
                     status.phase = SnapshotPhase::Failed;
                     let err = ReconcileError::new(Reason::SnapshotLost, why);
@@ -169,31 +162,95 @@ impl Reconciler for SnapshotReconciler {
             SnapshotPhase::Pending => {}
         }
 
+        self.take(&obj, snap, status, &before, ctx)
+    }
+}
+
+/// Why a snapshot waits for its sandbox: the `Progressing` reason and message.
+type WaitsFor = (Reason, String);
+
+/// A sandbox's limits on its snapshots.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// `maxSnapshots`.
+    max_snapshots: u32,
+    /// `maxSnapshotMib`.
+    max_snapshot_mib: Option<u32>,
+}
+
+impl SnapshotReconciler {
+    /// The VM of the snapshot's sandbox (with the sandbox's snapshot limits) once it is
+    /// `Running` or `Paused` (and not being deleted); else why the snapshot waits: (reason,
+    /// message).
+    fn sandbox_vm(
+        ctx: &Ctx,
+        snap: &Snapshot,
+    ) -> Result<Result<(String, Limits), WaitsFor>, ReconcileError> {
         let sandbox_ref = &snap.spec.sandbox_ref;
         let Some(sb_obj) = ctx.store.get(Kind::Sandbox, sandbox_ref)? else {
-            Conditions(&mut status.conditions).progressing(
+            return Ok(Err((
                 Reason::SandboxNotFound,
                 format!("Sandbox {sandbox_ref} does not exist"),
-            );
-            write(&status)?;
-            return Ok(Action::Requeue(WAITING));
+            )));
         };
         let Resource::Sandbox(sb) = &sb_obj.resource else {
             return Err(super::wrong_kind(&sb_obj, Kind::Sandbox));
         };
         let sb_status: SandboxStatus = sb.status.clone().unwrap_or_default();
-        let vm = match (&sb_status.vm, sb_status.phase) {
+        Ok(match (&sb_status.vm, sb_status.phase) {
             (Some(vm), SandboxPhase::Running | SandboxPhase::Paused) if !sb_obj.is_deleting() => {
-                vm.clone()
+                Ok((
+                    vm.clone(),
+                    Limits {
+                        max_snapshots: sb.spec.max_snapshots,
+                        max_snapshot_mib: sb.spec.max_snapshot_mib,
+                    },
+                ))
             }
-            _ => {
-                Conditions(&mut status.conditions).progressing(
-                    Reason::WaitingForSandbox,
-                    format!(
-                        "waiting for Sandbox {sandbox_ref} to be Running or Paused (it is {})",
-                        sb_status.phase.as_str()
-                    ),
-                );
+            _ => Err((
+                Reason::WaitingForSandbox,
+                format!(
+                    "waiting for Sandbox {sandbox_ref} to be Running or Paused (it is {})",
+                    sb_status.phase.as_str()
+                ),
+            )),
+        })
+    }
+
+    /// Why snapshot `name` of `vm` is gone, if it is.
+    fn lost(&self, name: &str, vm: &str) -> Result<Option<String>, ReconcileError> {
+        match self.backend.vm_snapshots(vm) {
+            Ok(names) => Ok((!names.iter().any(|n| n == name))
+                .then(|| format!("it is gone from VM {vm} (deleted by hand?)"))),
+            Err(e) if e.is_not_found() => Ok(Some(format!(
+                "its sandbox's VM {vm} is gone, and the snapshot with it"
+            ))),
+            Err(e) => Err(backend_error(&format!("listing snapshots of {vm}"), &e)),
+        }
+    }
+
+    /// A `Pending` snapshot: waits for its sandbox to be `Running` or `Paused`, then takes
+    /// it (or adopts one taken before a restart) within the sandbox's `maxSnapshots`.
+    fn take(
+        &self,
+        obj: &StoredObject,
+        snap: &Snapshot,
+        mut status: SnapshotStatus,
+        before: &SnapshotStatus,
+        ctx: &Ctx,
+    ) -> Result<Action, ReconcileError> {
+        let name = snap.name();
+        let write = |status: &SnapshotStatus| -> Result<(), ReconcileError> {
+            if status != before {
+                write_status(ctx, obj, status)?;
+            }
+            Ok(())
+        };
+        let sandbox_ref = &snap.spec.sandbox_ref;
+        let (vm, limits) = match Self::sandbox_vm(ctx, snap)? {
+            Ok(found) => found,
+            Err((reason, message)) => {
+                Conditions(&mut status.conditions).progressing(reason, message);
                 write(&status)?;
                 return Ok(Action::Requeue(WAITING));
             }
@@ -208,7 +265,9 @@ impl Reconciler for SnapshotReconciler {
         if existing.iter().any(|n| n == name) {
             // Its size counts against maxSnapshotMib like any other.
             let bytes = self.backend.vm_snapshot_bytes(&vm, name);
-            if let Some(err) = self.past_byte_limit(sb, others_bytes, bytes, &vm, name)? {
+            if let Some(err) =
+                self.past_byte_limit(sandbox_ref, limits, others_bytes, bytes, &vm, name)?
+            {
                 status.phase = SnapshotPhase::Failed;
                 Conditions(&mut status.conditions).degraded(&err, false);
                 write(&status)?;
@@ -222,10 +281,10 @@ impl Reconciler for SnapshotReconciler {
                 Reason::Taken,
                 format!("found in {vm}: taken before the controller restarted"),
             );
-            write_status(ctx, &obj, &status)?;
+            write_status(ctx, obj, &status)?;
             return Ok(Action::Requeue(CHECK));
         }
-        if others >= sb.spec.max_snapshots as usize {
+        if others >= limits.max_snapshots as usize {
             status.phase = SnapshotPhase::Failed;
             let err = ReconcileError::new(
                 Reason::SnapshotLimit,
@@ -240,13 +299,19 @@ impl Reconciler for SnapshotReconciler {
         let taken = match self.backend.snapshot_vm(&vm, name) {
             Ok(t) => t,
             Err(e) => {
-                let err = backend_error(&format!("snapshot of {vm}"), &e);
-                Conditions(&mut status.conditions).degraded(&err, false);
-                write_status(ctx, &obj, &status)?;
-                return Err(err);
+                return Err(
+                    backend_error(&format!("snapshot of {vm}"), &e).with_status(obj, &status)
+                );
             }
         };
-        if let Some(err) = self.past_byte_limit(sb, others_bytes, taken.memory_bytes, &vm, name)? {
+        if let Some(err) = self.past_byte_limit(
+            sandbox_ref,
+            limits,
+            others_bytes,
+            taken.memory_bytes,
+            &vm,
+            name,
+        )? {
             status.phase = SnapshotPhase::Failed;
             Conditions(&mut status.conditions).degraded(&err, false);
             write(&status)?;
@@ -264,7 +329,7 @@ impl Reconciler for SnapshotReconciler {
                 taken.pause.as_millis()
             ),
         );
-        write_status(ctx, &obj, &status)?;
+        write_status(ctx, obj, &status)?;
         ctx.audit.record(
             AuditEvent::new(
                 AuditEventType::SnapshotTaken,

@@ -77,8 +77,11 @@ impl Setup {
         kind: Kind,
         name: &str,
     ) -> Result<Action, ReconcileError> {
-        let obj = self.store.get(kind, name).unwrap().expect("object exists");
-        r.reconcile(Arc::new(obj), &self.ctx)
+        let obj = Arc::new(self.store.get(kind, name).unwrap().expect("object exists"));
+        // As the dispatcher does: a failure goes through the error policy.
+        r.reconcile(obj.clone(), &self.ctx).inspect_err(|e| {
+            r.error_policy(obj, e, &self.ctx);
+        })
     }
 
     pub fn status(&self, kind: Kind, name: &str) -> serde_json::Value {

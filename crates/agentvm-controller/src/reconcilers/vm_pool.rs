@@ -36,7 +36,6 @@ use agentvm_api::{
 };
 use agentvm_backend::backend::{OwnedVm, VmRequest};
 use agentvm_backend::guest::ExecRequest;
-use agentvm_backend::libvirt::DomainState;
 use agentvm_backend::netxml::libvirt_name;
 use agentvm_backend::vm::BootImage;
 use agentvm_backend::{Backend, Enforcement, NicSpec, Owner, VmLimits};
@@ -48,8 +47,13 @@ use crate::limits;
 #[cfg(test)]
 use crate::limits::CPU_SHARES_APPLIED;
 use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
-use agentvm_store::time::{human_age, Timestamp};
+use agentvm_store::time::Timestamp;
 use agentvm_store::StoredObject;
+
+mod plan;
+use plan::{
+    plan_repairs, plan_scaling, DomainView, Repair, RepairView, Scaling, ScalingView, VmView,
+};
 
 /// Recheck delay while VMs are busy or runs wait (released VMs are reset promptly).
 const BUSY_RECHECK: Duration = Duration::from_millis(200);
@@ -285,15 +289,13 @@ impl VmPoolReconciler {
                 write_status(ctx, obj, status)?;
                 Ok(Action::Requeue(Duration::from_secs(2)))
             }
-            Err(err) => {
-                Conditions(&mut status.conditions).degraded(&err, false);
-                write_status(ctx, obj, status)?;
-                Err(err)
-            }
+            Err(err) => Err(err.with_status(obj, status)),
         }
     }
 
-    /// One convergence step; returns the action and whether the pool is steady.
+    /// One pass over a pool whose template resolved: observe (libvirt, the registry), plan
+    /// the repairs and act on them, then plan the one scaling step on the result and take
+    /// it. The plans are pure ([`plan`]); this is the acting.
     fn converge(
         &self,
         obj: &StoredObject,
@@ -303,215 +305,213 @@ impl VmPoolReconciler {
         status: &mut VmPoolStatus,
     ) -> Result<Action, ReconcileError> {
         let name = pool.name();
-        let vms = self.observe(name, ctx)?;
-        // Creation times recorded earlier (adopted VMs keep their age across restarts).
+        let view = self.observe_repairs(pool, tpl, ctx, status)?;
+        // The last replacement of this pass, for the condition of the creation that follows.
+        let mut replaced = None;
+        for step in plan_repairs(&view) {
+            if let Some(r) = self.repair(ctx, name, step, status)? {
+                replaced = Some(r);
+            }
+        }
+        let view = ScalingView {
+            vms: self.registry.vms(name).iter().map(VmView::from).collect(),
+            current_hash: tpl.hash.clone(),
+            min_ready: pool.spec.min_ready,
+            max_size: pool.spec.max_size,
+            waiting: self.registry.waiting(name),
+            replaced,
+        };
+        match plan_scaling(&view) {
+            Scaling::Create {
+                reason,
+                replacing,
+                ready_current,
+                wanted,
+            } => {
+                let message = |vm: &str| {
+                    let progress = format!("creating {vm} ({ready_current} of {wanted} ready)");
+                    match &replacing {
+                        Some(why) => format!("replacing {why}; {progress}"),
+                        None => progress,
+                    }
+                };
+                self.create_one(obj, name, tpl, ctx, status, reason, &message)
+            }
+            Scaling::DestroyStale { vm, why } => {
+                self.destroy(name, &vm, why, ctx)?;
+                Ok(Action::Requeue(NEXT_STEP))
+            }
+            Scaling::ScaleDown { vms } => {
+                for vm in vms {
+                    self.destroy(name, &vm, "scaling down", ctx)?;
+                }
+                Ok(Action::Requeue(NEXT_STEP))
+            }
+            Scaling::Settle => self.settle(obj, pool, &view, ctx, status),
+        }
+    }
+
+    /// The pool's domains and registry after syncing them, for [`plan_repairs`]; also
+    /// seeds the registry with the creation times recorded earlier (adopted VMs keep their
+    /// age across restarts) and the pool's TTL.
+    fn observe_repairs(
+        &self,
+        pool: &VmPool,
+        tpl: &Template,
+        ctx: &Ctx,
+        status: &VmPoolStatus,
+    ) -> Result<RepairView, ReconcileError> {
+        let name = pool.name();
+        let domains = self
+            .observe(name, ctx)?
+            .into_iter()
+            .map(|vm| DomainView {
+                name: vm.name,
+                state: vm.state,
+                golden: vm.golden,
+                edited: vm.edited,
+            })
+            .collect();
         for (vm, at) in &status.vm_created_at {
             if let Some(t) = Timestamp::parse(at) {
                 self.registry.seed_created(name, vm, t.0);
             }
         }
-        // Broken idle VMs: shut off or crashed by hand, or never finished parking.
-        for vm in &vms {
-            if vm.state != DomainState::Running || !vm.golden {
-                let why = if vm.golden {
-                    format!("domain is {:?}, not running", vm.state)
-                } else {
-                    "no golden state (creation was interrupted)".to_string()
-                };
-                if self.destroy(name, &vm.name, &why, ctx)? && vm.golden {
-                    drift_repaired(ctx, name, &vm.name, &format!("{why}; replaced"));
-                }
-            }
-        }
-        // The last replacement of this pass, for the condition of the creation that follows.
-        let mut replaced: Option<(Reason, String)> = None;
-        // Definitions edited by hand (`virsh edit`): replaced by a VM of the template once
-        // idle (a busy one finishes its run first; `replace` leaves it alone until then).
-        for vm in vms
-            .iter()
-            .filter(|v| v.edited && v.state == DomainState::Running)
-        {
-            let message = "its libvirt definition was changed outside agentvm".to_string();
-            if self.replace(
-                ctx,
-                name,
-                &vm.name,
-                Reason::EditedByHand,
-                message.clone(),
-                status,
-            )? {
-                drift_repaired(ctx, name, &vm.name, "definition edited by hand; replaced");
-                replaced = Some((Reason::EditedByHand, format!("{}: {message}", vm.name)));
-            }
-        }
-        // Idle VMs past their TTL (from creation): replaced, not reset or reused. A busy one
-        // finishes its run first (its run hands it back as needing a reset).
         let ttl = Duration::from_secs(u64::from(pool.spec.ttl_seconds));
         self.registry.set_ttl(name, ttl);
-        for vm in self.registry.vms(name) {
-            if matches!(vm.phase, VmPhase::Ready | VmPhase::NeedsReset) && vm.age() >= ttl {
-                let message = format!(
-                    "created {} ago, past ttlSeconds {}",
-                    human_age(vm.age()),
-                    pool.spec.ttl_seconds
-                );
-                if self.replace(
-                    ctx,
-                    name,
-                    &vm.name,
-                    Reason::TtlExpired,
-                    message.clone(),
-                    status,
-                )? {
-                    replaced = Some((Reason::TtlExpired, format!("{}: {message}", vm.name)));
+        Ok(RepairView {
+            domains,
+            vms: self.registry.vms(name).iter().map(VmView::from).collect(),
+            current_hash: tpl.hash.clone(),
+            ttl_seconds: pool.spec.ttl_seconds,
+            health_every: Duration::from_secs(u64::from(pool.spec.health_check_seconds)),
+        })
+    }
+
+    /// Acts on one repair; returns the replacement it made, if any: (reason, "vm: message").
+    fn repair(
+        &self,
+        ctx: &Ctx,
+        pool: &str,
+        step: Repair,
+        status: &mut VmPoolStatus,
+    ) -> Result<Option<(Reason, String)>, ReconcileError> {
+        let (vm, reason, message) = match step {
+            Repair::DestroyBroken { vm, why, drift } => {
+                if self.destroy(pool, &vm, &why, ctx)? && drift {
+                    drift_repaired(ctx, pool, &vm, &format!("{why}; replaced"));
                 }
+                return Ok(None);
             }
-        }
-        // Adopted or released VMs of the current template: back to golden.
-        for vm in self.registry.vms(name) {
-            if vm.phase == VmPhase::NeedsReset && vm.template_hash == tpl.hash {
-                match self.backend.reset_vm(&vm.name) {
-                    Ok(took) => {
-                        tracing::info!(pool = name, vm = %vm.name, ?took, "VM reset to golden");
-                        vm_reset(ctx, &*self.backend, name, &vm.name, took);
-                        self.registry.transition(
-                            name,
-                            &vm.name,
-                            VmPhase::NeedsReset,
-                            VmPhase::Ready,
-                        );
-                    }
-                    Err(e) => {
-                        tracing::warn!(pool = name, vm = %vm.name, error = %e, "reset failed; replacing the VM");
-                        let message = format!("reset to golden failed: {e}");
-                        if self.replace(
-                            ctx,
-                            name,
-                            &vm.name,
-                            Reason::ResetFailed,
-                            message.clone(),
-                            status,
-                        )? {
-                            replaced =
-                                Some((Reason::ResetFailed, format!("{}: {message}", vm.name)));
-                        }
-                    }
-                }
-            }
-        }
-        // Health checks: each idle VM's guest agent answers a ping every healthCheckSeconds
-        // (claimed as `Checking` meanwhile, so no run takes it half-checked).
-        let every = Duration::from_secs(u64::from(pool.spec.health_check_seconds));
-        for vm in self.registry.vms(name) {
-            if vm.phase != VmPhase::Ready
-                || vm.last_checked.elapsed() < every
-                || !self
-                    .registry
-                    .transition(name, &vm.name, VmPhase::Ready, VmPhase::Checking)
-            {
-                continue;
-            }
-            match self.health_check(&vm.name) {
-                Ok(()) => {
-                    self.registry.mark_checked(name, &vm.name);
+            Repair::Replace {
+                vm,
+                reason,
+                message,
+            } => (vm, reason, message),
+            Repair::Reset { vm } => match self.backend.reset_vm(&vm) {
+                Ok(took) => {
+                    tracing::info!(pool, %vm, ?took, "VM reset to golden");
+                    vm_reset(ctx, &*self.backend, pool, &vm, took);
                     self.registry
-                        .transition(name, &vm.name, VmPhase::Checking, VmPhase::Ready);
+                        .transition(pool, &vm, VmPhase::NeedsReset, VmPhase::Ready);
+                    return Ok(None);
                 }
                 Err(e) => {
-                    tracing::warn!(pool = name, vm = %vm.name, error = %e, "health check failed; replacing the VM");
-                    let message = format!("guest agent did not answer a ping: {e}");
-                    if self.replace(
-                        ctx,
-                        name,
-                        &vm.name,
-                        Reason::Unhealthy,
-                        message.clone(),
-                        status,
-                    )? {
-                        replaced = Some((Reason::Unhealthy, format!("{}: {message}", vm.name)));
+                    tracing::warn!(pool, %vm, error = %e, "reset failed; replacing the VM");
+                    let message = format!("reset to golden failed: {e}");
+                    (vm, Reason::ResetFailed, message)
+                }
+            },
+            Repair::HealthCheck { vm } => {
+                // Claimed as `Checking` meanwhile, so no run takes it half-checked.
+                if !self
+                    .registry
+                    .transition(pool, &vm, VmPhase::Ready, VmPhase::Checking)
+                {
+                    return Ok(None);
+                }
+                match self.health_check(&vm) {
+                    Ok(()) => {
+                        self.registry.mark_checked(pool, &vm);
+                        self.registry
+                            .transition(pool, &vm, VmPhase::Checking, VmPhase::Ready);
+                        return Ok(None);
+                    }
+                    Err(e) => {
+                        tracing::warn!(pool, %vm, error = %e, "health check failed; replacing the VM");
+                        let message = format!("guest agent did not answer a ping: {e}");
+                        (vm, Reason::Unhealthy, message)
                     }
                 }
             }
+        };
+        // A busy VM finishes its run first; `replace` leaves it alone until then.
+        if !self.replace(ctx, pool, &vm, reason, message.clone(), status)? {
+            return Ok(None);
         }
-
-        let spec = &pool.spec;
-        // Runs waiting for a VM are demand on top of minReady (up to maxSize).
-        let waiting = self.registry.waiting(name);
-        let min = (spec.min_ready + waiting).min(spec.max_size);
-        let c = self.counts(name, &tpl.hash);
-        let stale_idle: Vec<String> = self
-            .registry
-            .vms(name)
-            .into_iter()
-            .filter(|v| {
-                v.template_hash != tpl.hash
-                    && matches!(v.phase, VmPhase::Ready | VmPhase::NeedsReset)
-            })
-            .map(|v| v.name)
-            .collect();
-        let rolling = !stale_idle.is_empty();
-
-        if c.ready_current < min {
-            if c.total < spec.max_size {
-                let vm_name = vm_name(name);
-                let mut c = c;
-                c.starting += 1;
-                c.total += 1;
-                c.names.push(vm_name.clone());
-                // Listed while it boots, with its creation time (its TTL counts from here).
-                c.created
-                    .insert(vm_name.clone(), Timestamp::now().to_string());
-                self.fill_status(status, &c, ctx, name);
-                status.phase = VmPoolPhase::Warming;
-                let progress = format!("creating {vm_name} ({} of {min} ready)", c.ready_current);
-                let (reason, message) = match &replaced {
-                    Some((reason, why)) => (*reason, format!("replacing {why}; {progress}")),
-                    None if rolling => (Reason::RollingUpdate, progress),
-                    None => (Reason::ScalingUp, progress),
-                };
-                Conditions(&mut status.conditions).progressing(reason, message);
-                write_status(ctx, obj, status)?;
-                let enforcement = self.create(name, &vm_name, tpl, obj.generation(), ctx)?;
-                // Say plainly which limits asked for are in force on this host.
-                for (limit, verdict) in &enforcement {
-                    if let Err(why) = verdict {
-                        tracing::warn!(pool = name, vm = %vm_name, %limit, "limit not applied by this host: {why}");
-                    }
-                }
-                limits::set_conditions(
-                    &mut status.conditions,
-                    &tpl.resources,
-                    &vm_name,
-                    &enforcement,
-                );
-                status.resources =
-                    limits::resource_summary(&tpl.resources, tpl.nic.is_some(), &enforcement);
-                write_status(ctx, obj, status)?;
-                return Ok(Action::Requeue(NEXT_STEP));
-            }
-            if let Some(old) = stale_idle.first() {
-                self.destroy(name, old, "template changed (making room)", ctx)?;
-                return Ok(Action::Requeue(NEXT_STEP));
-            }
-        } else if let Some(old) = stale_idle.first() {
-            self.destroy(name, old, "template changed", ctx)?;
-            return Ok(Action::Requeue(NEXT_STEP));
-        } else if c.ready_current > min {
-            let extra: Vec<String> = self
-                .registry
-                .vms(name)
-                .into_iter()
-                .filter(|v| v.phase == VmPhase::Ready)
-                .map(|v| v.name)
-                .take((c.ready_current - min) as usize)
-                .collect();
-            for vm in extra {
-                self.destroy(name, &vm, "scaling down", ctx)?;
-            }
-            return Ok(Action::Requeue(NEXT_STEP));
+        if reason == Reason::EditedByHand {
+            drift_repaired(ctx, pool, &vm, "definition edited by hand; replaced");
         }
+        Ok(Some((reason, format!("{vm}: {message}"))))
+    }
 
-        let c = self.counts(name, &tpl.hash);
+    /// Creates one VM: lists it in the status while it boots (`Warming`, `Progressing` with
+    /// `reason` and `message(vm)`), then says which of the limits asked for are in force.
+    #[allow(clippy::too_many_arguments)]
+    fn create_one(
+        &self,
+        obj: &StoredObject,
+        name: &str,
+        tpl: &Template,
+        ctx: &Ctx,
+        status: &mut VmPoolStatus,
+        reason: Reason,
+        message: &dyn Fn(&str) -> String,
+    ) -> Result<Action, ReconcileError> {
+        let vm_name = vm_name(name);
+        let mut c = self.counts(name, &tpl.hash);
+        c.starting += 1;
+        c.total += 1;
+        c.names.push(vm_name.clone());
+        // Listed while it boots, with its creation time (its TTL counts from here).
+        c.created
+            .insert(vm_name.clone(), Timestamp::now().to_string());
+        self.fill_status(status, &c, ctx, name);
+        status.phase = VmPoolPhase::Warming;
+        Conditions(&mut status.conditions).progressing(reason, message(&vm_name));
+        write_status(ctx, obj, status)?;
+        let enforcement = self.create(name, &vm_name, tpl, obj.generation(), ctx)?;
+        // Say plainly which limits asked for are in force on this host.
+        for (limit, verdict) in &enforcement {
+            if let Err(why) = verdict {
+                tracing::warn!(pool = name, vm = %vm_name, %limit, "limit not applied by this host: {why}");
+            }
+        }
+        limits::set_conditions(
+            &mut status.conditions,
+            &tpl.resources,
+            &vm_name,
+            &enforcement,
+        );
+        status.resources =
+            limits::resource_summary(&tpl.resources, tpl.nic.is_some(), &enforcement);
+        write_status(ctx, obj, status)?;
+        Ok(Action::Requeue(NEXT_STEP))
+    }
+
+    /// Nothing to change: `Ready` when enough VMs are, else `Warming`/`AtMaxSize`; looks
+    /// again soon while runs hold or want VMs, else at the next drift or health check.
+    fn settle(
+        &self,
+        obj: &StoredObject,
+        pool: &VmPool,
+        view: &ScalingView,
+        ctx: &Ctx,
+        status: &mut VmPoolStatus,
+    ) -> Result<Action, ReconcileError> {
+        let name = pool.name();
+        let min = view.wanted();
+        let c = self.counts(name, &view.current_hash);
         self.fill_status(status, &c, ctx, name);
         if c.ready_current >= min {
             status.phase = VmPoolPhase::Ready;
@@ -525,15 +525,16 @@ impl VmPoolReconciler {
                 Reason::AtMaxSize,
                 format!(
                     "{} of {min} VMs ready; maxSize {} reached with {} busy",
-                    c.ready_current, spec.max_size, c.busy
+                    c.ready_current, pool.spec.max_size, c.busy
                 ),
             );
         }
         write_status(ctx, obj, status)?;
-        if c.busy > 0 || waiting > 0 {
+        if c.busy > 0 || view.waiting > 0 {
             // Runs hold or want VMs: look again soon (a released VM is reset promptly).
             return Ok(Action::Requeue(self.drift_check.min(BUSY_RECHECK)));
         }
+        let every = Duration::from_secs(u64::from(pool.spec.health_check_seconds));
         Ok(Action::Requeue(self.drift_check.min(every)))
     }
 
@@ -837,9 +838,9 @@ impl Reconciler for VmPoolReconciler {
                 self.fill_status(&mut status, &c, ctx, name);
                 let min = pool.spec.min_ready.min(pool.spec.max_size);
                 status.phase = VmPoolPhase::Degraded;
-                Conditions(&mut status.conditions).degraded(&err, c.ready_current >= min);
-                write_status(ctx, &obj, &status)?;
-                Err(err)
+                Err(err
+                    .with_status(&obj, &status)
+                    .keeping_ready(c.ready_current >= min))
             }
         }
     }

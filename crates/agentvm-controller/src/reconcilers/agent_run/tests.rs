@@ -715,3 +715,25 @@ fn inputs_that_take_too_long_to_read_fail_the_run_without_a_vm() {
     assert!(r.registry.vms("p").iter().all(|v| v.phase != VmPhase::Busy));
     drop(release);
 }
+
+#[test]
+fn a_run_that_ended_after_its_object_was_read_is_not_taken_for_a_restart() {
+    let r = Runs::new(1, 1);
+    r.t.apply(&run_yaml("r", "true", ""));
+    // Read while it ran here; it ends before the reconcile looks at the runs executing.
+    r.t.store
+        .update_status_json(Kind::AgentRun, "r", serde_json::json!({"phase": "Running"}))
+        .unwrap();
+    let stale = r.t.store.get(Kind::AgentRun, "r").unwrap().unwrap();
+    r.t.store
+        .update_status_json(
+            Kind::AgentRun,
+            "r",
+            serde_json::json!({"phase": "Succeeded", "reason": "Completed"}),
+        )
+        .unwrap();
+    r.runs.reconcile(Arc::new(stale), &r.t.ctx).unwrap();
+    let st = r.status("r");
+    assert_eq!(st.phase, AgentRunPhase::Succeeded, "{st:?}");
+    assert_eq!(st.reason.as_deref(), Some("Completed"));
+}
