@@ -22,6 +22,7 @@ pub mod parse;
 pub mod reason;
 pub mod resource;
 pub mod schema;
+pub mod time;
 pub mod validate;
 
 /// API group and version of every object.
@@ -61,6 +62,7 @@ pub use parse::{
 };
 pub use reason::{Reason, UnknownReason};
 pub use resource::{spec_hash, KindStatus, Resource};
+pub use time::Timestamp;
 pub use validate::{
     is_dns_label, pool_disk_too_small, suggest_dns_label, validate, validate_pool_disk, FieldPath,
     PathSegment, ValidationError, ValidationErrors,

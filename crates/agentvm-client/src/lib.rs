@@ -37,7 +37,8 @@ pub use client::{Client, ClientError, ExecStream, Logs, Response, WatchStream};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use agentvm_store::{ApplyOutcome, StoredObject, Timestamp};
+use agentvm_api::Timestamp;
+use agentvm_store::{ApplyOutcome, StoredObject};
 use serde::{Deserialize, Serialize};
 
 /// Environment variable overriding the socket path.

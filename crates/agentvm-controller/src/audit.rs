@@ -28,7 +28,7 @@ use serde_json::Value;
 use tokio::sync::broadcast;
 
 use crate::metrics::Metrics;
-use agentvm_store::time::Timestamp;
+use agentvm_api::time::Timestamp;
 use agentvm_store::{Change, Store, StoreEvent};
 
 /// The audit log's file name in the state directory.

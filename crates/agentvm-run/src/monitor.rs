@@ -13,10 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentvm_api::time::Timestamp;
 use agentvm_api::{AgentRunStatus, Anomaly, AnomalyDetection, AnomalyPolicy, ResourceUsage};
 use agentvm_backend::guest::RUN_CGROUP;
 use agentvm_backend::{Backend, Guest};
-use agentvm_store::time::Timestamp;
 
 use crate::anomaly::{cgroup_cpu_ns, tasks_from_loadavg, AnomalyDetector, Observation, Rule};
 

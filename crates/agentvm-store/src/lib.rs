@@ -10,7 +10,7 @@
 //!
 //! Where things are: `objects.rs` (records, apply, status, deletion, watch events),
 //! `output.rs` (run output), `db.rs` (opening the file, and reopening it after an I/O
-//! error), [`caller`] (who submitted an object), [`time`] (timestamps).
+//! error), [`caller`] (who submitted an object).
 //!
 //! # Guarantees
 //! - Every write is one ACID transaction: after a crash the file holds either the old or
@@ -47,7 +47,6 @@ pub mod caller;
 mod db;
 mod objects;
 mod output;
-pub mod time;
 
 pub use caller::Caller;
 pub use db::STORE_CACHE_BYTES;
@@ -55,7 +54,6 @@ pub use objects::{
     ApplyItem, ApplyOptions, ApplyOutcome, Change, Manager, ObjectKey, StoreEvent, StoredObject,
 };
 pub use output::{OutputChunk, OutputRead, OutputStream, MAX_OUTPUT_BYTES_PER_STREAM};
-pub use time::Timestamp;
 
 use std::fmt;
 use std::path::PathBuf;

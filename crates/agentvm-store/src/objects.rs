@@ -8,7 +8,8 @@ use redb::{ReadableTable, ReadableTableMetadata};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::{Caller, Store, StoreError, Timestamp, OBJECTS, OUTPUT, OUTPUT_META};
+use crate::{Caller, Store, StoreError, OBJECTS, OUTPUT, OUTPUT_META};
+use agentvm_api::Timestamp;
 
 /// Who declares an object; only its manager may change or delete it (unless forced).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]

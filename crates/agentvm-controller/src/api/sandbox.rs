@@ -438,7 +438,7 @@ pub(super) async fn rollback(
     }
     let request = Rollback {
         snapshot: req.snapshot.clone(),
-        requested_at: agentvm_store::time::Timestamp::now().to_string(),
+        requested_at: agentvm_api::time::Timestamp::now().to_string(),
     };
     let what = format!("`spec.rollback` (snapshot {})", req.snapshot);
     match edit_spec(&st, &name, caller, &what, |spec| {

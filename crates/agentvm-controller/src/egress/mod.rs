@@ -396,7 +396,7 @@ fn record(ctx: &Ctx, r: EgressRecord) {
     }
     let mut event = AuditEvent::new(AuditEventType::Egress, kind, name, "controller").details(
         serde_json::json!({
-            "started": agentvm_store::time::Timestamp(r.started).to_string(),
+            "started": agentvm_api::time::Timestamp(r.started).to_string(),
             "run": r.guest.as_ref().and_then(|g| g.run.clone()),
             "sandbox": r.guest.as_ref().and_then(|g| g.sandbox.clone()),
             "pool": pool,

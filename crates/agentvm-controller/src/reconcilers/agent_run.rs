@@ -43,11 +43,11 @@ use agentvm_backend::{Backend, BackendError, Guest, Stream};
 use super::{condition, status_of, write_status, PoolRegistry, VmPhase};
 use crate::audit::{AuditEvent, AuditEventType};
 use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler, Wake};
+use agentvm_api::time::Timestamp;
 use agentvm_run::artifacts::RunDir;
 use agentvm_run::host_access::HostAccess;
 use agentvm_run::monitor::{MonitorReport, MonitorTarget, RunMonitor, SAMPLE_INTERVAL};
 use agentvm_run::{self as run, Redactor, RunError};
-use agentvm_store::time::Timestamp;
 use agentvm_store::{ObjectKey, OutputStream, StoredObject};
 
 mod outcome;

@@ -19,7 +19,7 @@ use agentvm_backend::{Backend, BackendError, Owner};
 
 use crate::reconcile::{Ctx, FailedStatus, ReconcileError};
 use crate::Controller;
-use agentvm_store::time::Timestamp;
+use agentvm_api::time::Timestamp;
 use agentvm_store::{StoreError, StoredObject};
 
 pub mod agent_run;

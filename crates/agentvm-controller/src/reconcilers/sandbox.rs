@@ -32,7 +32,7 @@ use agentvm_backend::{Backend, Owner, PowerState};
 use super::{backend_error, status_of, write_status, Conditions, PoolRegistry};
 use crate::audit::{AuditEvent, AuditEventType};
 use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler, Wake};
-use agentvm_store::time::Timestamp;
+use agentvm_api::time::Timestamp;
 use agentvm_store::{ObjectKey, StoredObject};
 
 /// Longest wait between passes of a running sandbox (idle accounting, drift).

@@ -19,7 +19,7 @@ use agentvm_backend::Backend;
 use super::{backend_error, status_of, write_status, Conditions};
 use crate::audit::{AuditEvent, AuditEventType};
 use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
-use agentvm_store::time::Timestamp;
+use agentvm_api::time::Timestamp;
 use agentvm_store::StoredObject;
 
 /// Recheck delay while waiting for the sandbox.

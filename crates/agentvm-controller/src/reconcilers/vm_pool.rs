@@ -47,7 +47,7 @@ use crate::limits;
 #[cfg(test)]
 use crate::limits::CPU_SHARES_APPLIED;
 use crate::reconcile::{Action, Ctx, ReconcileError, Reconciler};
-use agentvm_store::time::Timestamp;
+use agentvm_api::time::Timestamp;
 use agentvm_store::StoredObject;
 
 mod plan;

@@ -32,9 +32,9 @@ use std::time::Duration;
 use agentvm_api::{parse_file, ParsedResource};
 use notify::{EventKind, RecursiveMode, Watcher};
 
+use agentvm_api::time::Timestamp;
 use agentvm_client::{SpecDirReport, SpecDirState};
 use agentvm_store::caller::Caller;
-use agentvm_store::time::Timestamp;
 use agentvm_store::{ApplyItem, ApplyOutcome, Manager, ObjectKey, Store, StoreError};
 
 /// What one pass did.

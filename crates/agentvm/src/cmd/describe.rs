@@ -2,8 +2,8 @@
 //! conditions and, for pools, each resource asked for against what the host enforces, and
 //! recent VM events, newest first.
 
+use agentvm_api::time::{human_age, Timestamp};
 use agentvm_controller::Config;
-use agentvm_store::time::{human_age, Timestamp};
 use agentvm_store::{Manager, StoredObject};
 use clap::Args;
 use serde_json::Value;
@@ -202,8 +202,8 @@ impl DescribeArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use agentvm_api::time::Timestamp;
     use agentvm_api::{Resource, ResourceStatus, VmPoolStatus};
-    use agentvm_store::time::Timestamp;
 
     #[test]
     fn a_pool_shows_each_resource_requested_and_enforced() {

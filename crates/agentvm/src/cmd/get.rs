@@ -3,10 +3,10 @@
 
 use std::collections::BTreeMap;
 
+use agentvm_api::time::human_age;
 use agentvm_api::Kind;
 use agentvm_client::{LabelSelector, WatchChange};
 use agentvm_controller::Config;
-use agentvm_store::time::human_age;
 use agentvm_store::{Manager, StoredObject};
 use anyhow::bail;
 use clap::{Args, ValueEnum};
@@ -480,7 +480,7 @@ impl GetArgs {
 mod tests {
     use std::time::{Duration, SystemTime};
 
-    use agentvm_store::time::Timestamp;
+    use agentvm_api::time::Timestamp;
     use serde::Deserialize;
 
     use super::*;

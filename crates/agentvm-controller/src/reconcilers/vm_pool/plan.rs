@@ -13,7 +13,7 @@ use agentvm_api::Reason;
 use agentvm_backend::libvirt::DomainState;
 
 use crate::reconcilers::{PoolVm, VmPhase};
-use agentvm_store::time::human_age;
+use agentvm_api::time::human_age;
 
 /// A pool domain as libvirt lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
