@@ -1,5 +1,6 @@
 //! Parts every object shares: `metadata` and the condition list of `status`.
 
+use crate::time::Timestamp;
 use std::collections::BTreeMap;
 
 use schemars::JsonSchema;
@@ -71,9 +72,9 @@ pub struct Condition {
     /// Human-readable details.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
-    /// When `status` last changed (RFC 3339, e.g. `2025-01-31T12:00:00Z`).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub last_transition_time: String,
+    /// When `status` last changed (RFC 3339, e.g. `2025-01-31T12:00:00.000Z`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<Timestamp>,
 }
 
 impl Condition {
@@ -83,14 +84,14 @@ impl Condition {
         status: ConditionStatus,
         reason: impl Into<String>,
         message: impl Into<String>,
-        last_transition_time: impl Into<String>,
+        last_transition_time: Option<Timestamp>,
     ) -> Self {
         Self {
             type_: type_.into(),
             status,
             reason: reason.into(),
             message: message.into(),
-            last_transition_time: last_transition_time.into(),
+            last_transition_time,
         }
     }
 }
@@ -103,7 +104,7 @@ pub fn set_condition(conditions: &mut Vec<Condition>, condition: Condition) -> b
         Some(existing) => {
             let mut updated = condition;
             if existing.status == updated.status {
-                updated.last_transition_time = existing.last_transition_time.clone();
+                updated.last_transition_time = existing.last_transition_time;
             }
             if *existing == updated {
                 false
@@ -128,35 +129,41 @@ pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'
 mod tests {
     use super::*;
 
+    fn t(secs: u64) -> Option<Timestamp> {
+        Some(Timestamp(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+        ))
+    }
+
     #[test]
     fn set_condition_keeps_transition_time_when_status_unchanged() {
         let mut conds = Vec::new();
         assert!(set_condition(
             &mut conds,
-            Condition::new("Ready", ConditionStatus::False, "Booting", "", "t1")
+            Condition::new("Ready", ConditionStatus::False, "Booting", "", t(1))
         ));
         assert!(set_condition(
             &mut conds,
-            Condition::new("Ready", ConditionStatus::False, "StillBooting", "", "t2")
+            Condition::new("Ready", ConditionStatus::False, "StillBooting", "", t(2))
         ));
-        assert_eq!(conds[0].last_transition_time, "t1");
+        assert_eq!(conds[0].last_transition_time, t(1));
         assert_eq!(conds[0].reason, "StillBooting");
         assert!(!set_condition(
             &mut conds,
-            Condition::new("Ready", ConditionStatus::False, "StillBooting", "", "t3")
+            Condition::new("Ready", ConditionStatus::False, "StillBooting", "", t(3))
         ));
         assert!(set_condition(
             &mut conds,
-            Condition::new("Ready", ConditionStatus::True, "Booted", "", "t4")
+            Condition::new("Ready", ConditionStatus::True, "Booted", "", t(4))
         ));
-        assert_eq!(conds[0].last_transition_time, "t4");
+        assert_eq!(conds[0].last_transition_time, t(4));
         assert_eq!(find_condition(&conds, "Ready").unwrap().reason, "Booted");
         assert_eq!(conds.len(), 1);
     }
 
     #[test]
     fn condition_serializes_type_and_skips_empty() {
-        let c = Condition::new("Ready", ConditionStatus::True, "", "", "");
+        let c = Condition::new("Ready", ConditionStatus::True, "", "", None);
         assert_eq!(
             serde_json::to_string(&c).unwrap(),
             r#"{"type":"Ready","status":"True"}"#

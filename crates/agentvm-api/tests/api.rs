@@ -477,7 +477,7 @@ fn status_round_trips_and_skips_empty_collections() {
             ConditionStatus::True,
             "ExitedZero",
             "",
-            "2025-01-01T00:00:00Z",
+            agentvm_api::Timestamp::parse("2025-01-01T00:00:00Z"),
         )],
         vm: Some("agentvm-p-0".into()),
         exit_code: Some(0),
@@ -489,7 +489,7 @@ fn status_round_trips_and_skips_empty_collections() {
         serde_json::json!({
             "phase": "Succeeded",
             "observedGeneration": 1,
-            "conditions": [{"type": "Completed", "status": "True", "reason": "ExitedZero", "lastTransitionTime": "2025-01-01T00:00:00Z"}],
+            "conditions": [{"type": "Completed", "status": "True", "reason": "ExitedZero", "lastTransitionTime": "2025-01-01T00:00:00.000Z"}],
             "vm": "agentvm-p-0",
             "exitCode": 0
         })

@@ -268,10 +268,6 @@ fn wait_pool(client: &Client, pool: &str, n: u64, timeout: Duration) -> Result<D
     })
 }
 
-fn system_time(ts: &str) -> Option<SystemTime> {
-    humantime::parse_rfc3339_weak(ts).ok()
-}
-
 fn between(a: SystemTime, b: SystemTime) -> Duration {
     b.duration_since(a).unwrap_or(Duration::ZERO)
 }
@@ -283,18 +279,10 @@ fn server_times(obj: &StoredObject) -> Result<(SystemTime, SystemTime, SystemTim
     let created = obj.created_at.0;
     let scheduled = find_condition(&status.conditions, "Scheduled")
         .filter(|c| c.status == agentvm_api::ConditionStatus::True)
-        .and_then(|c| system_time(&c.last_transition_time))
+        .and_then(|c| c.last_transition_time.map(|t| t.0))
         .context("no Scheduled=True condition")?;
-    let started = status
-        .started_at
-        .as_deref()
-        .and_then(system_time)
-        .context("no startedAt")?;
-    let finished = status
-        .finished_at
-        .as_deref()
-        .and_then(system_time)
-        .context("no finishedAt")?;
+    let started = status.started_at.map(|t| t.0).context("no startedAt")?;
+    let finished = status.finished_at.map(|t| t.0).context("no finishedAt")?;
     Ok((created, scheduled, started, finished))
 }
 

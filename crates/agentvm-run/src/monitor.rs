@@ -168,7 +168,7 @@ impl Sampler {
                 observed: f.observed,
                 threshold: f.threshold,
                 message: f.message,
-                detected_at: Timestamp::now().to_string(),
+                detected_at: Some(Timestamp::now()),
             };
             tracing::warn!(run = %self.target.run, vm = %self.target.vm, rule = %a.rule, "anomaly: {}", a.message);
             self.sink.anomaly(&self.target, f.rule, &a, policy);

@@ -1,5 +1,6 @@
 //! `AgentRun`: one execution of a script or command in a VM taken from a pool.
 
+use crate::time::Timestamp;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -438,10 +439,10 @@ pub struct AgentRunStatus {
     pub exit_code: Option<i32>,
     /// When the program started (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub started_at: Option<String>,
+    pub started_at: Option<Timestamp>,
     /// When the run ended (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finished_at: Option<String>,
+    pub finished_at: Option<Timestamp>,
     /// Last part of standard output (capped).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub stdout_tail: String,
@@ -608,8 +609,8 @@ pub struct Anomaly {
     /// Human-readable details with the observed values.
     pub message: String,
     /// When it was detected (RFC 3339).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub detected_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detected_at: Option<Timestamp>,
 }
 
 /// Resources a run's VM used while the run executed, from the same samples

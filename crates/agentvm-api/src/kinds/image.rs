@@ -1,5 +1,6 @@
 //! `Image`: a guest disk image built reproducibly from a base distribution.
 
+use crate::time::Timestamp;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -159,5 +160,5 @@ pub struct ImageStatus {
     pub built_spec_hash: Option<String>,
     /// When the build finished (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub built_at: Option<String>,
+    pub built_at: Option<Timestamp>,
 }

@@ -1,6 +1,7 @@
 //! `Sandbox`: a VM that is kept — claimed from a pool, then used command after command,
 //! paused, stopped and started again until it is deleted or its lifetime ends.
 
+use crate::time::Timestamp;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -222,11 +223,11 @@ pub struct SandboxStatus {
     pub pool: Option<String>,
     /// When the VM was claimed (RFC 3339): `ttlSeconds` counts from here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub created_at: Option<String>,
+    pub created_at: Option<Timestamp>,
     /// When something last used the sandbox (RFC 3339): an exec, copy or
     /// forwarded connection began or ended, or it was started or resumed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_activity_at: Option<String>,
+    pub last_activity_at: Option<Timestamp>,
     /// Seconds of running (not paused or stopped) time since the last
     /// activity, as of this status: what `idleTimeoutSeconds` is compared
     /// with.

@@ -1,6 +1,7 @@
 //! `Snapshot`: a named point-in-time copy of a sandbox's memory and disk, to roll the
 //! sandbox back to.
 
+use crate::time::Timestamp;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -69,7 +70,7 @@ pub struct SnapshotStatus {
     pub vm: Option<String>,
     /// When it was taken (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub taken_at: Option<String>,
+    pub taken_at: Option<Timestamp>,
     /// Bytes of memory and device state it holds (its disk blocks are
     /// shared with the sandbox's disk until either changes them).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,5 +1,6 @@
 //! `VmPool`: a set of warm VMs booted from one template and parked at a golden state.
 
+use crate::time::Timestamp;
 use std::collections::BTreeMap;
 
 use schemars::JsonSchema;
@@ -671,7 +672,7 @@ pub struct VmPoolStatus {
     /// When each VM was created (RFC 3339), by domain name: `ttlSeconds`
     /// counts from here, also across controller restarts.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub vm_created_at: BTreeMap<String, String>,
+    pub vm_created_at: BTreeMap<String, Timestamp>,
     /// The most recent VM replacements and why (newest last, at most 10).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<PoolEvent>,

@@ -731,7 +731,7 @@ fn write_if_changed(
 fn finish(status: &mut AgentRunStatus, phase: AgentRunPhase, reason: Reason, message: String) {
     status.phase = phase;
     status.reason = Some(reason.into());
-    status.finished_at = Some(Timestamp::now().to_string());
+    status.finished_at = Some(Timestamp::now());
     set(status, COMPLETED, true, reason, message);
 }
 
@@ -1143,7 +1143,7 @@ impl Job {
     fn mark_running(&mut self, secrets: &[String]) {
         self.status.phase = AgentRunPhase::Running;
         self.status.reason = Some(Reason::Running.into());
-        self.status.started_at = Some(Timestamp::now().to_string());
+        self.status.started_at = Some(Timestamp::now());
         self.status.observed_generation = Some(self.generation);
         self.write();
         self.ctx.audit.add_secrets(secrets.iter());

@@ -98,7 +98,7 @@ pub(crate) fn condition(
         },
         reason,
         message,
-        Timestamp::now().to_string(),
+        Some(Timestamp::now()),
     )
 }
 

@@ -265,10 +265,10 @@ impl SandboxReconciler {
         // No longer the pool's: it boots a replacement.
         self.registry.remove(pool, &vm);
         ctx.wake.add(ObjectKey::new(Kind::VmPool, pool.clone()));
-        let now = Timestamp::now().to_string();
+        let now = Timestamp::now();
         status.vm = Some(vm.clone());
         status.pool = Some(pool.clone());
-        status.created_at = Some(now.clone());
+        status.created_at = Some(now);
         status.last_activity_at = Some(now);
         self.sandboxes.touch(sb.name());
         ctx.audit.record(
@@ -391,10 +391,10 @@ impl SandboxReconciler {
             source_pause_ms: report.source_pause.as_millis() as u64,
             took_ms: report.total.as_millis() as u64,
         };
-        let now = Timestamp::now().to_string();
+        let now = Timestamp::now();
         status.vm = Some(vm.clone());
         status.pool = src_status.pool.clone();
-        status.created_at = Some(now.clone());
+        status.created_at = Some(now);
         status.last_activity_at = Some(now);
         status.forked_from = Some(forked.clone());
         self.sandboxes.touch(sb.name());
@@ -452,10 +452,7 @@ impl SandboxReconciler {
     /// Why the sandbox's lifetime is over, if it is (`ttlSeconds`, `shutdownTime`).
     fn expired(sb: &Sandbox, status: &SandboxStatus) -> Option<Reason> {
         let now = SystemTime::now();
-        if let (Some(ttl), Some(created)) = (
-            sb.spec.ttl_seconds,
-            status.created_at.as_deref().and_then(Timestamp::parse),
-        ) {
+        if let (Some(ttl), Some(created)) = (sb.spec.ttl_seconds, status.created_at) {
             if created.0 + Duration::from_secs(ttl.into()) <= now {
                 return Some(Reason::TtlExpired);
             }
@@ -577,9 +574,7 @@ impl SandboxReconciler {
                     if !sb.spec.pool_ref.is_empty() {
                         status.pool.get_or_insert_with(|| sb.spec.pool_ref.clone());
                     }
-                    status
-                        .created_at
-                        .get_or_insert_with(|| Timestamp::now().to_string());
+                    status.created_at.get_or_insert_with(Timestamp::now);
                 }
                 vm
             }
@@ -696,7 +691,7 @@ impl SandboxReconciler {
             0
         };
         let last = SystemTime::now() - idle;
-        status.last_activity_at = Some(Timestamp(last).to_string());
+        status.last_activity_at = Some(Timestamp(last));
     }
 
     /// True when `status` differs from `before` by more than the idle time moving.
@@ -726,10 +721,7 @@ impl SandboxReconciler {
             let timeout = Duration::from_secs(sb.spec.idle_timeout_seconds.into());
             next = next.min(timeout.saturating_sub(idle) + Duration::from_millis(200));
         }
-        if let (Some(ttl), Some(created)) = (
-            sb.spec.ttl_seconds,
-            status.created_at.as_deref().and_then(Timestamp::parse),
-        ) {
+        if let (Some(ttl), Some(created)) = (sb.spec.ttl_seconds, status.created_at) {
             let end = created.0 + Duration::from_secs(ttl.into());
             if let Ok(left) = end.duration_since(SystemTime::now()) {
                 next = next.min(left + Duration::from_millis(200));
@@ -800,14 +792,8 @@ impl Reconciler for SandboxReconciler {
             Ok(vm) => vm,
             Err(action) => return Ok(action),
         };
-        self.sandboxes.seed(
-            name,
-            status
-                .last_activity_at
-                .as_deref()
-                .and_then(Timestamp::parse)
-                .map(|t| t.0),
-        );
+        self.sandboxes
+            .seed(name, status.last_activity_at.map(|t| t.0));
 
         let power = self
             .backend

@@ -275,7 +275,7 @@ impl SnapshotReconciler {
             }
             status.phase = SnapshotPhase::Ready;
             status.vm = Some(vm.clone());
-            status.taken_at = Some(Timestamp::now().to_string());
+            status.taken_at = Some(Timestamp::now());
             status.memory_bytes = bytes;
             Conditions(&mut status.conditions).ready(
                 Reason::Taken,
@@ -319,7 +319,7 @@ impl SnapshotReconciler {
         }
         status.phase = SnapshotPhase::Ready;
         status.vm = Some(vm.clone());
-        status.taken_at = Some(Timestamp::now().to_string());
+        status.taken_at = Some(Timestamp::now());
         status.memory_bytes = taken.memory_bytes;
         status.pause_ms = Some(taken.pause.as_millis() as u64);
         Conditions(&mut status.conditions).ready(

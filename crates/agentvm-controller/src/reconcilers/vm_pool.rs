@@ -101,7 +101,7 @@ struct Counts {
     starting: u32,
     total: u32,
     names: Vec<String>,
-    created: std::collections::BTreeMap<String, String>,
+    created: std::collections::BTreeMap<String, Timestamp>,
 }
 
 impl VmPoolReconciler {
@@ -226,8 +226,7 @@ impl VmPoolReconciler {
         for vm in self.registry.vms(pool) {
             c.total += 1;
             c.names.push(vm.name.clone());
-            c.created
-                .insert(vm.name.clone(), Timestamp(vm.created).to_string());
+            c.created.insert(vm.name.clone(), Timestamp(vm.created));
             match vm.phase {
                 VmPhase::Ready | VmPhase::Checking => {
                     c.ready += 1;
@@ -373,9 +372,7 @@ impl VmPoolReconciler {
             })
             .collect();
         for (vm, at) in &status.vm_created_at {
-            if let Some(t) = Timestamp::parse(at) {
-                self.registry.seed_created(name, vm, t.0);
-            }
+            self.registry.seed_created(name, vm, at.0);
         }
         let ttl = Duration::from_secs(u64::from(pool.spec.ttl_seconds));
         self.registry.set_ttl(name, ttl);
@@ -474,8 +471,7 @@ impl VmPoolReconciler {
         c.total += 1;
         c.names.push(vm_name.clone());
         // Listed while it boots, with its creation time (its TTL counts from here).
-        c.created
-            .insert(vm_name.clone(), Timestamp::now().to_string());
+        c.created.insert(vm_name.clone(), Timestamp::now());
         self.fill_status(status, &c, ctx, name);
         status.phase = VmPoolPhase::Warming;
         Conditions(&mut status.conditions).progressing(reason, message(&vm_name));

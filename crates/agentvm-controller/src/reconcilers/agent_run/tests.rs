@@ -123,7 +123,7 @@ fn runs_wait_in_fifo_order_at_max_size_one() {
         std::thread::sleep(Duration::from_millis(3));
     }
     r.drive(Runs::all_terminal);
-    let mut started: Vec<(String, String)> = names
+    let mut started: Vec<(Timestamp, String)> = names
         .iter()
         .map(|n| {
             let s = r.status(n);
@@ -133,7 +133,7 @@ fn runs_wait_in_fifo_order_at_max_size_one() {
             assert_eq!(s.stdout_tail, format!("hello from {n}\n"));
             assert_eq!(r.output(n), format!("hello from {n}\n"));
             assert!(s.finished_at.is_some());
-            (s.started_at.clone().unwrap(), n.to_string())
+            (s.started_at.unwrap(), n.to_string())
         })
         .collect();
     started.sort();

@@ -189,7 +189,7 @@ fn ttl_with_policy_delete_deletes_the_sandbox_and_its_vm() {
     let vm = b.status()["vm"].as_str().unwrap().to_string();
     // Claimed 11 s ago.
     let mut st: SandboxStatus = serde_json::from_value(b.status()).unwrap();
-    st.created_at = Some(Timestamp(SystemTime::now() - Duration::from_secs(11)).to_string());
+    st.created_at = Some(Timestamp(SystemTime::now() - Duration::from_secs(11)));
     b.t.store.update_status("s", st).unwrap();
     b.pass().unwrap();
     assert!(b
