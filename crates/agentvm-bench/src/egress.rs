@@ -21,7 +21,7 @@ use crate::vms::virsh;
 use crate::wait_until;
 
 /// The world's server (DNS for `big.test`, HTTPS with `/big?N`), shared with the tests.
-const WORLD: &str = include_str!("../../agentvm/tests/support/egress_internet.py");
+const WORLD: &str = include_str!("../../../tests/support/egress_internet.py");
 const WORLD_HOST: &str = "198.18.0.2";
 const DOWNLOAD_BYTES: u64 = 100 << 20;
 const DOWNLOADS: usize = 3;
