@@ -220,6 +220,7 @@ pub struct LibvirtBackend {
     boot_timeout: Duration,
     strategy: ResetStrategy,
     tcg_tb_cache_mib: Option<u64>,
+    lean_memory: bool,
     vm_ops: VmOps,
     /// Where [`crate::filter_guard`] runs: `None` off (a libvirt this host's iptables do not
     /// filter for), `Some(None)` this process's network namespace, `Some(Some(ns))` `ns`.
@@ -276,6 +277,7 @@ impl LibvirtBackend {
             boot_timeout,
             strategy: ResetStrategy::default(),
             tcg_tb_cache_mib: Some(crate::vm::DEFAULT_TCG_TB_CACHE_MIB),
+            lean_memory: true,
             vm_ops: VmOps::default(),
             filter_guard: None,
         }
@@ -293,6 +295,13 @@ impl LibvirtBackend {
     /// 1 GiB); see [`crate::vm::DEFAULT_TCG_TB_CACHE_MIB`].
     pub fn with_tcg_translation_cache(mut self, mib: Option<u64>) -> Self {
         self.tcg_tb_cache_mib = mib;
+        self
+    }
+
+    /// Lean idle memory for the VMs it creates (on unless turned off; off only to measure
+    /// against), see [`crate::vm::VmShape::lean_memory`].
+    pub fn with_lean_memory(mut self, on: bool) -> Self {
+        self.lean_memory = on;
         self
     }
 
@@ -545,6 +554,7 @@ impl Backend for LibvirtBackend {
             limits: req.limits,
             disabled_cpu_features: Vec::new(),
             tcg_tb_cache_mib: self.tcg_tb_cache_mib,
+            lean_memory: self.lean_memory,
             disk_gib: req.disk_gib,
         };
         // Booting removes what it created when it fails; past `into_parts` we do.

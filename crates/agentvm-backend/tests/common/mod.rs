@@ -46,6 +46,7 @@ pub fn shape() -> VmShape {
         limits: Default::default(),
         disabled_cpu_features: Vec::new(),
         tcg_tb_cache_mib: Some(agentvm_backend::vm::DEFAULT_TCG_TB_CACHE_MIB),
+        lean_memory: true,
         disk_gib: None,
     }
 }

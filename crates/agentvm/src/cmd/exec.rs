@@ -186,6 +186,7 @@ impl ExecArgs {
             limits: Default::default(),
             disabled_cpu_features: Vec::new(),
             tcg_tb_cache_mib: cfg.tcg_tb_cache(),
+            lean_memory: true,
             disk_gib: None,
         };
         let name = format!("agentvm-exec-{}", std::process::id());

@@ -129,6 +129,7 @@ impl RunArgs {
             limits: agentvm_controller::limits::vm_limits(&pool.spec.template.resources),
             disabled_cpu_features: Vec::new(),
             tcg_tb_cache_mib: cfg.tcg_tb_cache(),
+            lean_memory: true,
             disk_gib: Some(u64::from(res.disk_gib)),
         };
         let vm_name = format!("agentvm-run-{name}-{}", std::process::id());
