@@ -56,9 +56,9 @@ pub struct VmShape {
     /// QEMU's TCG translation cache, MiB ([`DEFAULT_TCG_TB_CACHE_MIB`] unless configured);
     /// `None` leaves QEMU's default of 1 GiB. Ignored under KVM.
     pub tcg_tb_cache_mib: Option<u64>,
-    /// Lean idle memory: free page reporting on the virtio balloon and guest RAM in a memfd
-    /// ([`DomainSpec::free_page_reporting`], [`DomainSpec::ram_in_memfd`]; the guest's caches
-    /// are dropped before parking, [`crate::lean`]). agentvm's VMs have it; off only to
+    /// Lean idle memory: free page reporting on the virtio balloon
+    /// ([`DomainSpec::free_page_reporting`]; the guest's caches are dropped before parking,
+    /// [`crate::lean`]). agentvm's VMs have it; off only to
     /// measure against.
     pub lean_memory: bool,
     /// Virtual size of the VM's disk in GiB (its overlay; the guest grows its root file
@@ -300,7 +300,6 @@ impl<'a> EphemeralVm<'a> {
             accelerator: shape.accelerator,
             tcg_tb_cache_mib: shape.tcg_tb_cache_mib,
             free_page_reporting: shape.lean_memory,
-            ram_in_memfd: shape.lean_memory,
             owner,
         };
         let start = Instant::now();

@@ -189,12 +189,6 @@ pub struct DomainSpec {
     /// back to the host, so memory a guest touched once (boot, the initrd, dropped caches)
     /// stops counting on the host. See [`crate::lean`].
     pub free_page_reporting: bool,
-    /// Guest RAM in a memfd (`<memoryBacking><source type='memfd'/>`, shared) instead of
-    /// anonymous memory: shared memory is not backed by transparent huge pages on a host
-    /// with `shmem_enabled=never` (the default), so a guest page touched once costs 4 KiB
-    /// rather than 2 MiB, and free page reporting can give back what the guest frees at
-    /// 4 KiB granularity. See [`crate::lean`].
-    pub ram_in_memfd: bool,
     /// Ownership metadata.
     pub owner: Owner,
 }
@@ -299,17 +293,6 @@ impl DomainSpec {
                         w.create_element("hard_limit")
                             .with_attribute(("unit", "MiB"))
                             .write_text_content(BytesText::new(&limit.to_string()))?;
-                        Ok(())
-                    })?;
-                }
-                if self.ram_in_memfd {
-                    w.create_element("memoryBacking").write_inner_content(|w| {
-                        w.create_element("source")
-                            .with_attribute(("type", "memfd"))
-                            .write_empty()?;
-                        w.create_element("access")
-                            .with_attribute(("mode", "shared"))
-                            .write_empty()?;
                         Ok(())
                     })?;
                 }
@@ -582,7 +565,6 @@ mod tests {
             accelerator: Accelerator::Tcg,
             tcg_tb_cache_mib: None,
             free_page_reporting: false,
-            ram_in_memfd: false,
             owner: Owner {
                 kind: "VmPool".into(),
                 name: "p<&\"'>".into(),
@@ -714,35 +696,6 @@ mod tests {
             ]
         );
         assert!(s.to_xml().contains("<stats period=\"5\"/>"), "stats kept");
-    }
-
-    #[test]
-    fn guest_ram_in_a_memfd_is_a_shared_memory_backing() {
-        let backing = |s: &DomainSpec| -> Vec<(String, Vec<(String, String)>)> {
-            element_paths(&s.to_xml())
-                .into_iter()
-                .filter(|(p, _, _)| p.contains("memoryBacking"))
-                .map(|(p, a, _)| (p, a))
-                .collect()
-        };
-        let mut s = spec();
-        assert!(backing(&s).is_empty(), "anonymous memory unless asked");
-        s.ram_in_memfd = true;
-        let attr = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
-        assert_eq!(
-            backing(&s),
-            vec![
-                ("domain/memoryBacking".to_string(), vec![]),
-                (
-                    "domain/memoryBacking/source".to_string(),
-                    attr("type", "memfd")
-                ),
-                (
-                    "domain/memoryBacking/access".to_string(),
-                    attr("mode", "shared")
-                ),
-            ]
-        );
     }
 
     #[test]

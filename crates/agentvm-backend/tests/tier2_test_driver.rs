@@ -24,7 +24,6 @@ fn spec(name: &str) -> DomainSpec {
         accelerator: Accelerator::Tcg,
         tcg_tb_cache_mib: None,
         free_page_reporting: true,
-        ram_in_memfd: true,
         owner: Owner {
             kind: "VmPool".into(),
             name: "pool-<&>".into(),
