@@ -242,6 +242,7 @@ pub struct LibvirtBackend {
     boot_timeout: Duration,
     strategy: ResetStrategy,
     tcg_tb_cache_mib: Option<u64>,
+    lean_memory: bool,
     vm_ops: VmOps,
     /// Where [`crate::filter_guard`] runs: `None` off (a libvirt this host's iptables do not
     /// filter for), `Some(None)` this process's network namespace, `Some(Some(ns))` `ns`.
@@ -298,6 +299,7 @@ impl LibvirtBackend {
             boot_timeout,
             strategy: ResetStrategy::default(),
             tcg_tb_cache_mib: Some(crate::vm::DEFAULT_TCG_TB_CACHE_MIB),
+            lean_memory: true,
             vm_ops: VmOps::default(),
             filter_guard: None,
         }
@@ -322,6 +324,13 @@ impl LibvirtBackend {
     /// [`ResetStrategy::SnapshotLoadvm`]); VMs are parked the way it needs.
     pub fn with_reset_strategy(mut self, strategy: ResetStrategy) -> Self {
         self.strategy = strategy;
+        self
+    }
+
+    /// Lean idle memory for the VMs it creates (on unless turned off; off only to measure
+    /// against), see [`crate::vm::VmShape::lean_memory`].
+    pub fn with_lean_memory(mut self, on: bool) -> Self {
+        self.lean_memory = on;
         self
     }
 
@@ -603,6 +612,7 @@ impl Backend for LibvirtBackend {
             limits: req.limits,
             disabled_cpu_features: req.disabled_cpu_features.clone(),
             tcg_tb_cache_mib: self.tcg_tb_cache_mib,
+            lean_memory: self.lean_memory,
             disk_gib: req.disk_gib,
         };
         // Booting removes what it created when it fails; past it we do.

@@ -248,6 +248,8 @@ impl Libvirt {
     ) -> Result<GoldenState> {
         let dom = self.owned_domain(name)?;
         let start = Instant::now();
+        // The guest gives back what it does not need before the state every reset loads.
+        crate::lean::settle_before_golden(self, name, &dom);
         crate::agent_conn::forget(name);
         match strategy.kind() {
             GoldenKind::InternalSnapshot => {

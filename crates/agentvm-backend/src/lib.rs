@@ -14,6 +14,7 @@ pub mod fork;
 pub mod golden;
 pub mod guest;
 pub mod guest_addr;
+pub mod lean;
 pub mod libvirt;
 pub mod libvirt_net;
 pub mod limits;

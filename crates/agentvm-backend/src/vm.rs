@@ -56,6 +56,11 @@ pub struct VmShape {
     /// QEMU's TCG translation cache, MiB ([`DEFAULT_TCG_TB_CACHE_MIB`] unless configured);
     /// `None` leaves QEMU's default of 1 GiB. Ignored under KVM.
     pub tcg_tb_cache_mib: Option<u64>,
+    /// Lean idle memory: free page reporting on the virtio balloon
+    /// ([`DomainSpec::free_page_reporting`]; the guest's caches are dropped before parking,
+    /// [`crate::lean`]). agentvm's VMs have it; off only to
+    /// measure against.
+    pub lean_memory: bool,
     /// Virtual size of the VM's disk in GiB (its overlay; the guest grows its root file
     /// system to it at boot); `None` keeps the image's size. Must not be below the image's.
     pub disk_gib: Option<u64>,
@@ -307,6 +312,7 @@ fn boot_in(
         nic: shape.nic.clone(),
         accelerator: shape.accelerator,
         tcg_tb_cache_mib: shape.tcg_tb_cache_mib,
+        free_page_reporting: shape.lean_memory,
         owner,
     };
     let start = Instant::now();
@@ -396,6 +402,7 @@ pub fn resolve_accelerator(
         limits: VmLimits::default(),
         disabled_cpu_features: Vec::new(),
         tcg_tb_cache_mib: Some(DEFAULT_TCG_TB_CACHE_MIB),
+        lean_memory: true,
         disk_gib: None,
     };
     let name = format!("agentvm-accel-probe-{}", std::process::id());

@@ -184,6 +184,11 @@ pub struct DomainSpec {
     /// Size of QEMU's TCG translation cache, MiB (`<features><tcg><tb-cache>`); `None`
     /// leaves QEMU's default (1 GiB, filled as guest code is translated). Only for TCG.
     pub tcg_tb_cache_mib: Option<u64>,
+    /// Free page reporting on the virtio balloon (`<memballoon freePageReporting='on'>`):
+    /// the guest kernel reports the free memory it holds in 2 MiB blocks and QEMU gives it
+    /// back to the host, so memory a guest touched once (boot, the initrd, dropped caches)
+    /// stops counting on the host. See [`crate::lean`].
+    pub free_page_reporting: bool,
     /// Ownership metadata.
     pub owner: Owner,
 }
@@ -428,14 +433,20 @@ impl DomainSpec {
                     .write_text_content(BytesText::new("/dev/urandom"))?;
                 Ok(())
             })?;
-        w.create_element("memballoon")
-            .with_attribute(("model", "virtio"))
-            .write_inner_content(|w| {
-                w.create_element("stats")
-                    .with_attribute(("period", "5"))
-                    .write_empty()?;
-                Ok(())
-            })?;
+        let balloon = w
+            .create_element("memballoon")
+            .with_attribute(("model", "virtio"));
+        let balloon = if self.free_page_reporting {
+            balloon.with_attribute(("freePageReporting", "on"))
+        } else {
+            balloon
+        };
+        balloon.write_inner_content(|w| {
+            w.create_element("stats")
+                .with_attribute(("period", "5"))
+                .write_empty()?;
+            Ok(())
+        })?;
         Ok(())
     }
 }
@@ -553,6 +564,7 @@ mod tests {
             nic: None,
             accelerator: Accelerator::Tcg,
             tcg_tb_cache_mib: None,
+            free_page_reporting: false,
             owner: Owner {
                 kind: "VmPool".into(),
                 name: "p<&\"'>".into(),
@@ -659,6 +671,31 @@ mod tests {
             parameters(&nic.interface_xml(NetBandwidth::default())),
             [p("AGENTVM_HOST", "10.1.2.1")]
         );
+    }
+
+    #[test]
+    fn free_page_reporting_is_an_attribute_of_the_balloon() {
+        let balloon = |s: &DomainSpec| -> Vec<(String, String)> {
+            elements(&s.to_xml())
+                .into_iter()
+                .find(|(n, _)| n == "memballoon")
+                .expect("a balloon")
+                .1
+        };
+        let mut s = spec();
+        assert_eq!(
+            balloon(&s),
+            vec![("model".to_string(), "virtio".to_string())]
+        );
+        s.free_page_reporting = true;
+        assert_eq!(
+            balloon(&s),
+            vec![
+                ("model".to_string(), "virtio".to_string()),
+                ("freePageReporting".to_string(), "on".to_string())
+            ]
+        );
+        assert!(s.to_xml().contains("<stats period=\"5\"/>"), "stats kept");
     }
 
     #[test]

@@ -23,6 +23,7 @@ fn spec(name: &str) -> DomainSpec {
         nic: None,
         accelerator: Accelerator::Tcg,
         tcg_tb_cache_mib: None,
+        free_page_reporting: true,
         owner: Owner {
             kind: "VmPool".into(),
             name: "pool-<&>".into(),

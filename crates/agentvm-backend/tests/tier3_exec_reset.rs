@@ -304,6 +304,14 @@ fn dirty_then_reset(vm: &EphemeralVm<'_>, strategy: ResetStrategy, round: u32) {
         "golden",
         "warm-up state survives"
     );
+    assert_eq!(
+        sh(
+            &g,
+            "ls /sys/bus/virtio/drivers/virtio_balloon | grep -c '^virtio'"
+        ),
+        "1",
+        "the balloon driver (free page reporting) is bound after the reset"
+    );
     assert!(report.clock_synced, "{report:?}");
     let guest_now: i64 = sh(&g, "date +%s").parse().unwrap();
     let host_now = std::time::SystemTime::now()
@@ -349,6 +357,15 @@ fn snapshot_resets_clear_disk_tmpfs_and_processes_with_loadvm_and_libvirt_revert
     let lv = libvirt();
     let backend = backend(ResetStrategy::SnapshotLoadvm);
     let (name, vm) = park(&backend, "reset-snap");
+    let xml = lv
+        .raw()
+        .lookup_domain_by_name(&name)
+        .and_then(|d| d.xml_desc(0))
+        .unwrap();
+    assert!(
+        agentvm_backend::lean::has_free_page_reporting(&xml),
+        "the balloon reports free pages: {xml}"
+    );
     eprintln!(
         "boot {:?}, warm-up {:?}, park {:?}",
         vm.report.boot,

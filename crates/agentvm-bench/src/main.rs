@@ -10,6 +10,7 @@
 
 mod controller;
 mod egress;
+mod idle;
 mod inproc;
 mod neighbours;
 mod report;

@@ -12,9 +12,10 @@ use agentvm_backend::vm::BootImage;
 use agentvm_backend::{AcceleratorChoice, Backend, Guest, LibvirtBackend, Owner};
 use anyhow::{bail, Context, Result};
 
+use crate::idle::idle_rows;
 use crate::report::{Row, Table};
 use crate::stats::{fmt_duration, fmt_kib, summarize};
-use crate::system::rss_kib;
+use crate::system::{qemu_memory, QemuMemory};
 
 /// Guest RAM of every benchmark VM, MiB (the shape the e2e tests use).
 pub const MEMORY_MIB: u64 = 512;
@@ -85,7 +86,7 @@ fn dirty(backend: &LibvirtBackend, name: &str) -> Result<bool> {
 }
 
 /// A benchmark VM of [`MEMORY_MIB`], 1 vCPU, isolated, no warm-up.
-fn request(name: &str, image: &BootImage, pid: u32) -> VmRequest {
+pub(crate) fn request(name: &str, image: &BootImage, pid: u32) -> VmRequest {
     VmRequest {
         name: name.to_string(),
         image: image.clone(),
@@ -172,10 +173,6 @@ pub fn vm_rows(
         ),
     ));
 
-    // The parked VM idles: its QEMU's resident memory.
-    std::thread::sleep(Duration::from_secs(3));
-    let parked_rss = rss_kib(qemu_pid(&name)?).context("reading the QEMU process's memory")?;
-
     let (mut ours, mut baseline) = (vec![], vec![]);
     // Resets after which the agent answered, then dropped the next command.
     let (mut ours_dropped, mut baseline_dropped) = (0, 0);
@@ -190,8 +187,8 @@ pub fn vm_rows(
         if reset_rss.is_none() {
             // After one reset in the same QEMU process (before any `virsh snapshot-revert`,
             // which starts a new one): how a pool VM idles between runs.
-            std::thread::sleep(Duration::from_secs(3));
-            reset_rss = Some(rss_kib(qemu_pid(&name)?).context("reading QEMU's memory")?);
+            std::thread::sleep(crate::idle::IDLE);
+            reset_rss = Some(qemu_memory(qemu_pid(&name)?).context("reading QEMU's smaps")?);
         }
 
         if dirty(&backend, &name)? {
@@ -227,8 +224,15 @@ pub fn vm_rows(
         ),
     ));
 
+    let reset: QemuMemory = reset_rss.expect("at least one cycle");
+    drop(vm);
+
+    // Idle parked guests, alone and side by side, against the same without free page
+    // reporting.
+    let lean = idle_rows(uri, state_dir, image, &reset, memory)?;
+
     // The baseline: QEMU's own translation cache (1 GiB) on an otherwise identical VM,
-    // booted and parked the same way in this run.
+    // booted and parked the same way in this run, alone.
     let qemu_default = {
         let backend = LibvirtBackend::new(uri, state_dir, accel, Duration::from_secs(300))
             .with_tcg_translation_cache(None);
@@ -241,32 +245,21 @@ pub fn vm_rows(
         backend
             .create_vm(&req)
             .with_context(|| format!("creating {name}"))?;
-        std::thread::sleep(Duration::from_secs(3));
-        let rss = rss_kib(qemu_pid(&name)?).context("reading the QEMU process's memory")?;
+        std::thread::sleep(crate::idle::IDLE);
+        let m = qemu_memory(qemu_pid(&name)?).context("reading QEMU's smaps")?;
         drop(guard);
-        rss
+        m
     };
-    let reset_rss = reset_rss.expect("at least one cycle");
-    memory.push(Row::value(
-        format!("idle guest, host RSS of its QEMU process ({MEMORY_MIB} MiB guest)"),
-        1,
-        fmt_kib(parked_rss.0),
-        format!(
-            "3 s after parking; {} 3 s after a run's reset; peak {}; TCG translation cache {} MiB (`tcgTranslationCacheMib`)",
-            fmt_kib(reset_rss.0),
-            fmt_kib(parked_rss.1.max(reset_rss.1)),
-            agentvm_backend::vm::DEFAULT_TCG_TB_CACHE_MIB
-        ),
-    ));
     memory.push(Row::value(
         "baseline: the same idle guest with QEMU's default translation cache (1 GiB)",
         1,
-        fmt_kib(qemu_default.0),
+        fmt_kib(qemu_default.pss_kib),
         format!(
-            "booted and parked the same way in this run, 3 s after parking; agentvm's default uses {:.0} % of it",
-            100.0 * parked_rss.0 as f64 / qemu_default.0.max(1) as f64
+            "PSS; booted and parked the same way in this run (with free page reporting), {:?} after parking; {}; agentvm's default uses {:.0} % of it",
+            crate::idle::IDLE,
+            crate::idle::describe(&qemu_default),
+            100.0 * lean.pss_kib as f64 / qemu_default.pss_kib.max(1) as f64
         ),
     ));
-    drop(vm);
     Ok(VmFacts { accelerator })
 }
