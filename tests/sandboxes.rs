@@ -357,6 +357,15 @@ fn a_sandbox_keeps_its_vm_files_and_processes_through_pause_stop_and_restarts() 
     assert_eq!(exec(&env, "dev-fork-1", "test -e /root/source-only").0, 1);
     assert_eq!(exec_ok(&env, "dev-fork-1", "hostname"), "dev-fork-1\n");
     assert_eq!(exec_ok(&env, "dev-fork-2", "hostname"), "dev-fork-2\n");
+    // `describe` lists them, on the source and on the snapshot.
+    for target in ["sandbox/dev", "snapshot/before"] {
+        let text = env.ok(&["describe", target]);
+        let forks = text.split("Forks:").nth(1).unwrap_or_default();
+        assert!(
+            forks.contains("dev-fork-1") && forks.contains("dev-fork-2"),
+            "describe {target}: {text}"
+        );
+    }
     let random = "head -c 16 /dev/urandom | od -An -tx1";
     let draws: std::collections::BTreeSet<String> = ["dev", "dev-fork-1", "dev-fork-2"]
         .iter()

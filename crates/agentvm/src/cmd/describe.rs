@@ -1,8 +1,9 @@
 //! `agentvm describe KIND/NAME`: one object in full: identity, manager, spec, status,
 //! conditions and, for pools, each resource asked for against what the host enforces, and
-//! recent VM events, newest first.
+//! recent VM events, newest first; for a sandbox or a snapshot, the sandboxes forked from it.
 
 use agentvm_api::time::{human_age, Timestamp};
+use agentvm_api::Kind;
 use agentvm_controller::Config;
 use agentvm_store::{Manager, StoredObject};
 use clap::Args;
@@ -156,6 +157,39 @@ pub fn describe(obj: &StoredObject) -> String {
     out
 }
 
+/// For a `Sandbox` or a `Snapshot`: the sandboxes forked from it (`status.forkedFrom`), one
+/// per line with the snapshot they went on from; empty for other kinds.
+pub fn forks(obj: &StoredObject, sandboxes: &[StoredObject]) -> String {
+    let name = obj.resource.name();
+    let field = match obj.resource.kind() {
+        Kind::Sandbox => "sandbox",
+        Kind::Snapshot => "snapshot",
+        _ => return String::new(),
+    };
+    let mut rows = vec![["  NAME", "SNAPSHOT", "PHASE", "VM"]
+        .map(String::from)
+        .to_vec()];
+    for sb in sandboxes {
+        let st = sb.status_json();
+        let from = &st["forkedFrom"];
+        if from[field].as_str() != Some(name) {
+            continue;
+        }
+        let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
+        rows.push(vec![
+            format!("  {}", sb.resource.name()),
+            s(&from["snapshot"]),
+            s(&st["phase"]),
+            s(&st["vm"]),
+        ]);
+    }
+    if rows.len() == 1 {
+        "Forks:        <none>\n".to_string()
+    } else {
+        format!("Forks:\n{}", table_text(&rows))
+    }
+}
+
 fn table_text(rows: &[Vec<String>]) -> String {
     let widths: Vec<usize> = (0..rows[0].len())
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
@@ -184,6 +218,10 @@ impl DescribeArgs {
                         println!();
                     }
                     print!("{}", describe(&obj));
+                    if matches!(kind, Kind::Sandbox | Kind::Snapshot) {
+                        let sandboxes = client.list(Some(Kind::Sandbox), None)?;
+                        print!("{}", forks(&obj, &sandboxes));
+                    }
                 }
                 Err(e) if e.is_not_found() => {
                     eprintln!(
@@ -269,5 +307,62 @@ mod tests {
         );
         // Not repeated in the generic status dump.
         assert!(!text.contains("detail:"), "{text}");
+    }
+
+    fn stored(yaml: &str, status: serde_json::Value) -> StoredObject {
+        let mut resource = agentvm_api::parse_str(yaml, "x.yaml")
+            .unwrap()
+            .remove(0)
+            .resource;
+        if let Resource::Sandbox(sb) = &mut resource {
+            sb.status = serde_json::from_value(status).unwrap();
+        }
+        StoredObject {
+            resource,
+            manager: Manager::Api,
+            submitter: None,
+            created_at: Timestamp::now(),
+            updated_at: Timestamp::now(),
+            deletion_requested_at: None,
+            deletion_requested_by: None,
+        }
+    }
+
+    #[test]
+    fn a_sandbox_and_a_snapshot_list_the_sandboxes_forked_from_them() {
+        let sb = |name: &str, spec: &str| {
+            format!("apiVersion: agentvm.dev/v1alpha1\nkind: Sandbox\nmetadata: {{name: {name}}}\nspec: {spec}\n")
+        };
+        let src = stored(
+            &sb("dev", "{poolRef: p}"),
+            serde_json::json!({"phase": "Running"}),
+        );
+        let snap = stored(
+            "apiVersion: agentvm.dev/v1alpha1\nkind: Snapshot\nmetadata: {name: before}\nspec: {sandboxRef: dev}\n",
+            serde_json::Value::Null,
+        );
+        let fork = stored(
+            &sb("f1", "{fromSnapshot: before}"),
+            serde_json::json!({"phase": "Running", "vm": "agentvm-sbx-f1",
+                "forkedFrom": {"snapshot": "before", "sandbox": "dev", "sourcePauseMs": 1, "tookMs": 2}}),
+        );
+        let all = [src.clone(), fork];
+        for obj in [&src, &snap] {
+            let text = forks(obj, &all);
+            let rows: Vec<Vec<&str>> = text
+                .lines()
+                .skip(1)
+                .map(|l| l.split_whitespace().collect())
+                .collect();
+            assert_eq!(
+                rows,
+                [
+                    vec!["NAME", "SNAPSHOT", "PHASE", "VM"],
+                    vec!["f1", "before", "Running", "agentvm-sbx-f1"]
+                ],
+                "{text}"
+            );
+        }
+        assert_eq!(forks(&all[1], &all), "Forks:        <none>\n");
     }
 }
