@@ -305,9 +305,10 @@ fn bench_exec(vm: &EphemeralVm<'_>, n: usize) -> Vec<Row> {
 fn boot<'a>(backend: &'a LibvirtBackend, tag: &str, memory_mib: u64) -> EphemeralVm<'a> {
     let name = format!("agentvm-bench-{tag}-{}", std::process::id());
     let owner = Owner {
-        kind: "Benchmark".into(),
+        kind: agentvm_backend::OwnerKind::Benchmark,
         name: tag.into(),
-        ..Owner::default()
+        spec_hash: String::new(),
+        generation: 0,
     };
     let req = VmRequest {
         memory_mib,

@@ -34,4 +34,4 @@ pub use guest::{AgentChannel, ExecOutcome, ExecRequest, Guest, ServedBy, Stream}
 pub use libvirt::{Libvirt, PowerState};
 pub use limits::{Enforcement, Limit, VmLimits};
 pub use stats::DomainStats;
-pub use xml::{DiskIoLimits, DomainSpec, NetBandwidth, NicSpec, Owner};
+pub use xml::{DiskIoLimits, DomainSpec, NetBandwidth, NicSpec, Owner, OwnerKind};

@@ -57,7 +57,7 @@ use quick_xml::events::{BytesText, Event};
 use quick_xml::{Reader, Writer};
 use sha2::{Digest, Sha256};
 
-use crate::xml::{owner_element, parse_owner, Owner};
+use crate::xml::{owner_element, parse_owner, Owner, OwnerKind};
 
 /// Prefix of every libvirt network and nwfilter name agentvm creates.
 pub const NAME_PREFIX: &str = "agentvm-";
@@ -302,7 +302,7 @@ pub struct NwFilterDef {
 /// The ownership record as stored in a rule comment.
 fn owner_comment(owner: &Owner) -> String {
     let record = serde_json::json!({
-        "kind": owner.kind,
+        "kind": owner.kind.as_str(),
         "name": owner.name,
         "specHash": owner.spec_hash,
         "generation": owner.generation,
@@ -314,7 +314,7 @@ fn owner_from_comment(comment: &str) -> Option<Owner> {
     let json = comment.strip_prefix(OWNER_COMMENT_PREFIX)?;
     let v: serde_json::Value = serde_json::from_str(json).ok()?;
     Some(Owner {
-        kind: v.get("kind")?.as_str()?.to_string(),
+        kind: OwnerKind::parse(v.get("kind")?.as_str()?)?,
         name: v.get("name")?.as_str()?.to_string(),
         spec_hash: v.get("specHash")?.as_str()?.to_string(),
         generation: v.get("generation")?.as_i64()?,
@@ -427,7 +427,7 @@ fn egress_rules<'a>(rule: &'a EgressRule, stateful: bool, out: &mut Vec<RuleOut<
 impl NwFilterDef {
     /// The UUID this filter is defined with ([`filter_uuid`]).
     pub fn uuid(&self) -> String {
-        filter_uuid(&self.name, &self.owner.kind, &self.owner.name)
+        filter_uuid(&self.name, self.owner.kind.as_str(), &self.owner.name)
     }
 
     /// The libvirt nwfilter XML (see the module documentation for the rules).
@@ -753,7 +753,7 @@ impl ParsedFilter {
             return None;
         }
         let owner = self.recorded_owner()?;
-        let expected = filter_uuid(&self.name, &owner.kind, &owner.name);
+        let expected = filter_uuid(&self.name, owner.kind.as_str(), &owner.name);
         (self.uuid.as_deref()? == expected).then_some(owner)
     }
 
@@ -950,7 +950,7 @@ mod tests {
     use super::*;
     use agentvm_api::{DhcpRange, Ipv4Cidr, PortRange};
 
-    fn owner(kind: &str, name: &str) -> Owner {
+    fn owner(kind: agentvm_api::Kind, name: &str) -> Owner {
         Owner {
             kind: kind.into(),
             name: name.into(),
@@ -967,7 +967,7 @@ mod tests {
                 subnet: "192.168.101.0/24".parse().unwrap(),
                 dhcp: None,
             },
-            owner: owner("Network", "sandbox<&\"'>"),
+            owner: owner(agentvm_api::Kind::Network, "sandbox<&\"'>"),
         }
     }
 
@@ -975,7 +975,7 @@ mod tests {
         NwFilterDef {
             name: libvirt_name("egress"),
             spec,
-            owner: owner("NetworkFilter", "egress"),
+            owner: owner(agentvm_api::Kind::NetworkFilter, "egress"),
         }
     }
 
@@ -1512,7 +1512,7 @@ mod tests {
     #[test]
     fn owner_record_with_special_characters_round_trips() {
         let mut def = filter_def(NetworkFilterSpec::predecessor_default());
-        def.owner = owner("NetworkFilter", "a<&\"'>b");
+        def.owner = owner(agentvm_api::Kind::NetworkFilter, "a<&\"'>b");
         let f = parse_nwfilter(&def.to_xml().unwrap()).unwrap();
         assert_eq!(f.owner(), Some(def.owner.clone()));
         def.owner.name = "n".repeat(250);

@@ -407,9 +407,10 @@ pub fn resolve_accelerator(
     };
     let name = format!("agentvm-accel-probe-{}", std::process::id());
     let owner = Owner {
-        kind: "AcceleratorProbe".into(),
+        kind: crate::xml::OwnerKind::AcceleratorProbe,
         name: name.clone(),
-        ..Owner::default()
+        spec_hash: String::new(),
+        generation: 0,
     };
     let (kvm, detail) = match boot_domain(lv, state_dir, &name, image, &shape, owner) {
         Ok(vm) => {

@@ -14,11 +14,64 @@ pub const OWNER_NS: &str = "https://agentvm.dev/xmlns/owner/v1";
 /// Namespace prefix used for [`OWNER_NS`].
 pub const OWNER_PREFIX: &str = "agentvm";
 
+/// What kind of thing owns a libvirt object agentvm created: an object of the API, or one of
+/// the VMs agentvm makes for itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OwnerKind {
+    /// An object of the API (`VmPool`, `Sandbox`, `Network`, `NetworkFilter`, ...).
+    Object(agentvm_api::Kind),
+    /// `agentvm exec`'s throwaway VM.
+    Exec,
+    /// A VM of the benchmarks.
+    Benchmark,
+    /// The VM that probes whether the accelerator works.
+    AcceleratorProbe,
+    /// A VM of the backend's own tests.
+    Test,
+}
+
+impl OwnerKind {
+    /// The name stored in the ownership metadata (a `Kind`'s own name for objects).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OwnerKind::Object(k) => k.as_str(),
+            OwnerKind::Exec => "Exec",
+            OwnerKind::Benchmark => "Benchmark",
+            OwnerKind::AcceleratorProbe => "AcceleratorProbe",
+            OwnerKind::Test => "Test",
+        }
+    }
+
+    /// The kind named `s` in ownership metadata; `None` for a name agentvm never writes (the
+    /// object is then not taken for ours).
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "Exec" => OwnerKind::Exec,
+            "Benchmark" => OwnerKind::Benchmark,
+            "AcceleratorProbe" => OwnerKind::AcceleratorProbe,
+            "Test" => OwnerKind::Test,
+            other => OwnerKind::Object(other.parse().ok()?),
+        })
+    }
+}
+
+impl From<agentvm_api::Kind> for OwnerKind {
+    fn from(k: agentvm_api::Kind) -> Self {
+        OwnerKind::Object(k)
+    }
+}
+
+impl std::fmt::Display for OwnerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Who owns a libvirt object agentvm created: the manifest object it realises.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
-    /// Kind of the owning object (`VmPool`, `Network`, `NetworkFilter`, `AgentRun`).
-    pub kind: String,
+    /// Kind of the owner.
+    pub kind: OwnerKind,
     /// Name of the owning object.
     pub name: String,
     /// Hash of the owner's spec the object was generated from (drift detection).
@@ -28,11 +81,19 @@ pub struct Owner {
 }
 
 impl Owner {
-    /// Whether the owning object is of `kind` (`kind` is stored as [`Kind::as_str`]).
-    ///
-    /// [`Kind::as_str`]: agentvm_api::Kind::as_str
+    /// `kind`'s `name`, with no spec hash and generation 0 (owners that are not API objects).
+    pub fn new(kind: impl Into<OwnerKind>, name: impl Into<String>) -> Self {
+        Owner {
+            kind: kind.into(),
+            name: name.into(),
+            spec_hash: String::new(),
+            generation: 0,
+        }
+    }
+
+    /// Whether the owning object is of `kind`.
     pub fn is_kind(&self, kind: agentvm_api::Kind) -> bool {
-        self.kind == kind.as_str()
+        self.kind == OwnerKind::Object(kind)
     }
 }
 
@@ -522,17 +583,19 @@ pub fn parse_owner(xml: &str) -> Option<Owner> {
                 if !is_owner {
                     continue;
                 }
-                let mut owner = Owner::default();
+                let (mut kind, mut owner) = (None, Owner::new(OwnerKind::Test, ""));
                 for a in e.attributes().flatten() {
                     let v = a.unescape_value().ok()?.into_owned();
                     match a.key.as_ref() {
-                        b"kind" => owner.kind = v,
+                        b"kind" => kind = OwnerKind::parse(&v),
                         b"name" => owner.name = v,
                         b"specHash" => owner.spec_hash = v,
                         b"generation" => owner.generation = v.parse().unwrap_or(0),
                         _ => {}
                     }
                 }
+                // A kind agentvm never writes: not ours.
+                owner.kind = kind?;
                 return Some(owner);
             }
             Ok(Event::Eof) | Err(_) => return None,
@@ -566,7 +629,7 @@ mod tests {
             tcg_tb_cache_mib: None,
             free_page_reporting: false,
             owner: Owner {
-                kind: "VmPool".into(),
+                kind: agentvm_api::Kind::VmPool.into(),
                 name: "p<&\"'>".into(),
                 spec_hash: "abc".into(),
                 generation: 3,
@@ -958,5 +1021,26 @@ mod tests {
             ),
             None
         );
+    }
+
+    #[test]
+    fn owner_kinds_round_trip_and_unknown_ones_are_not_ours() {
+        for kind in [
+            OwnerKind::Object(agentvm_api::Kind::VmPool),
+            OwnerKind::Object(agentvm_api::Kind::Sandbox),
+            OwnerKind::Exec,
+            OwnerKind::Benchmark,
+            OwnerKind::AcceleratorProbe,
+            OwnerKind::Test,
+        ] {
+            assert_eq!(OwnerKind::parse(kind.as_str()), Some(kind));
+        }
+        let xml = |kind: &str| {
+            format!(
+                "<domain><metadata><agentvm:owner xmlns:agentvm=\"{OWNER_NS}\" kind=\"{kind}\" name=\"x\" specHash=\"h\" generation=\"1\"/></metadata></domain>"
+            )
+        };
+        assert!(parse_owner(&xml("VmPool")).is_some_and(|o| o.is_kind(agentvm_api::Kind::VmPool)));
+        assert_eq!(parse_owner(&xml("SomethingElse")), None);
     }
 }

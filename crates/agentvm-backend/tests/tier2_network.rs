@@ -16,7 +16,7 @@ fn test_driver() -> Libvirt {
 
 fn owner(name: &str, hash: &str) -> Owner {
     Owner {
-        kind: "Network".into(),
+        kind: agentvm_api::Kind::Network.into(),
         name: name.into(),
         spec_hash: hash.into(),
         generation: 1,
@@ -208,7 +208,7 @@ fn generated_xml_validates_against_libvirts_schemas() {
     validate("network", &def.to_xml().unwrap());
 
     let filter_owner = Owner {
-        kind: "NetworkFilter".into(),
+        kind: agentvm_api::Kind::NetworkFilter.into(),
         name: "egress<&\"'>".into(),
         spec_hash: "ab".repeat(32),
         generation: 3,

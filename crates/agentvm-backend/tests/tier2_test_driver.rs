@@ -25,7 +25,7 @@ fn spec(name: &str) -> DomainSpec {
         tcg_tb_cache_mib: None,
         free_page_reporting: true,
         owner: Owner {
-            kind: "VmPool".into(),
+            kind: agentvm_api::Kind::VmPool.into(),
             name: "pool-<&>".into(),
             spec_hash: "h1".into(),
             generation: 1,

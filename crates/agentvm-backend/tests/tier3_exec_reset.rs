@@ -47,9 +47,10 @@ fn assert_disk_size<C: agentvm_backend::AgentChannel + ?Sized>(
 
 fn owner(test: &str) -> Owner {
     Owner {
-        kind: "Test".into(),
+        kind: agentvm_backend::OwnerKind::Test,
         name: test.into(),
-        ..Owner::default()
+        spec_hash: String::new(),
+        generation: 0,
     }
 }
 
@@ -680,7 +681,7 @@ fn a_pool_vm_made_from_the_template_has_the_warm_up_its_own_entropy_and_resets()
         ..request(
             name,
             Owner {
-                kind: "VmPool".into(),
+                kind: agentvm_api::Kind::VmPool.into(),
                 name: pool.clone(),
                 spec_hash: "h1".into(),
                 generation: 1,

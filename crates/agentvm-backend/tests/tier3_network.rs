@@ -162,7 +162,7 @@ fn assert_libvirtd_in_test_netns() -> String {
 
 fn owner(kind: &str, test: &str) -> Owner {
     Owner {
-        kind: kind.into(),
+        kind: agentvm_backend::OwnerKind::parse(kind).expect("a kind agentvm writes"),
         name: test.into(),
         spec_hash: "tier3".into(),
         generation: i64::from(std::process::id()),
@@ -716,7 +716,7 @@ fn nwfilters_round_trip_through_libvirt_and_foreign_ones_are_untouched() {
         name: name.clone(),
         spec,
         owner: Owner {
-            kind: "NetworkFilter".into(),
+            kind: agentvm_api::Kind::NetworkFilter.into(),
             name: "filter<&\"'>".into(),
             spec_hash: "ab".repeat(32),
             generation: 1,

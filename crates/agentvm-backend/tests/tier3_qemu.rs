@@ -12,9 +12,10 @@ use common::{backend, libvirt, request};
 fn boot<'a>(backend: &'a LibvirtBackend, test: &str) -> EphemeralVm<'a> {
     let name = format!("agentvm-t3-{test}-{}", std::process::id());
     let owner = Owner {
-        kind: "Test".into(),
+        kind: agentvm_backend::OwnerKind::Test,
         name: test.into(),
-        ..Owner::default()
+        spec_hash: String::new(),
+        generation: 0,
     };
     let req = VmRequest {
         park: false,

@@ -48,9 +48,10 @@ fn request(name: &str, image: &BootImage, limits: VmLimits) -> VmRequest {
         memory_mib: MEMORY_MIB,
         nic: None,
         owner: Owner {
-            kind: "Benchmark".into(),
+            kind: agentvm_backend::OwnerKind::Benchmark,
             name: format!("bench{}", std::process::id()),
-            ..Owner::default()
+            spec_hash: String::new(),
+            generation: 0,
         },
         warmup: Vec::new(),
         limits,

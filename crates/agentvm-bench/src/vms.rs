@@ -94,9 +94,10 @@ pub(crate) fn request(name: &str, image: &BootImage, pid: u32) -> VmRequest {
         memory_mib: MEMORY_MIB,
         nic: None,
         owner: Owner {
-            kind: "Benchmark".into(),
+            kind: agentvm_backend::OwnerKind::Benchmark,
             name: format!("bench{pid}"),
-            ..Owner::default()
+            spec_hash: String::new(),
+            generation: 0,
         },
         warmup: Vec::new(),
         limits: Default::default(),

@@ -131,7 +131,7 @@ mod tests {
 
     fn owner(kind: &str, name: &str) -> Owner {
         Owner {
-            kind: kind.into(),
+            kind: agentvm_backend::OwnerKind::parse(kind).unwrap(),
             name: name.into(),
             spec_hash: "h".into(),
             generation: 1,

@@ -268,7 +268,7 @@ pub(crate) fn delete_when_unused<S: KindStatus>(
 /// hash and generation.
 pub(crate) fn owner_of(obj: &StoredObject) -> Owner {
     Owner {
-        kind: obj.resource.kind().to_string(),
+        kind: obj.resource.kind().into(),
         name: obj.resource.name().to_string(),
         spec_hash: agentvm_api::spec_hash(&obj.resource),
         generation: obj.generation(),

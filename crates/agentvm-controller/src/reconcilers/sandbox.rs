@@ -198,7 +198,7 @@ impl SandboxReconciler {
 
     fn owner(obj: &StoredObject) -> Owner {
         Owner {
-            kind: Kind::Sandbox.as_str().to_string(),
+            kind: Kind::Sandbox.into(),
             name: obj.resource.name().to_string(),
             // The VM is not rebuilt when the spec changes: no drift hash.
             spec_hash: String::new(),

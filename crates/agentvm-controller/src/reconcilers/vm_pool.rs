@@ -549,7 +549,7 @@ impl VmPoolReconciler {
             memory_mib: tpl.memory_mib,
             nic: tpl.nic.clone(),
             owner: Owner {
-                kind: Kind::VmPool.to_string(),
+                kind: Kind::VmPool.into(),
                 name: pool.to_string(),
                 spec_hash: tpl.hash.clone(),
                 generation,

@@ -185,9 +185,10 @@ impl ExecArgs {
             memory_mib: self.memory_mib,
             nic: None,
             owner: Owner {
-                kind: "Exec".into(),
+                kind: agentvm_backend::OwnerKind::Exec,
                 name: name.clone(),
-                ..Owner::default()
+                spec_hash: String::new(),
+                generation: 0,
             },
             warmup: Vec::new(),
             limits: Default::default(),

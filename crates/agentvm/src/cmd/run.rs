@@ -137,9 +137,10 @@ impl RunArgs {
             memory_mib: u64::from(res.memory_mib),
             nic: None,
             owner: Owner {
-                kind: "AgentRun".into(),
+                kind: agentvm_api::Kind::AgentRun.into(),
                 name: name.clone(),
-                ..Owner::default()
+                spec_hash: String::new(),
+                generation: 0,
             },
             warmup: warmup_requests(&pool.spec.template),
             limits: agentvm_controller::limits::vm_limits(&pool.spec.template.resources),

@@ -508,7 +508,7 @@ fn a_fork_left_unfinished_by_a_stopped_controller_is_destroyed_and_made_again() 
     b.t.fake.add_owned_domain(
         "agentvm-sbx-f",
         Owner {
-            kind: "Sandbox".into(),
+            kind: agentvm_api::Kind::Sandbox.into(),
             name: "f".into(),
             spec_hash: agentvm_backend::fork::UNFINISHED.into(),
             generation: 1,

@@ -295,7 +295,7 @@ fn adopted_vms_of_an_old_template_or_half_created_are_replaced() {
     p.t.image_ready();
     p.t.apply(&pool_yaml(1, 4, 512));
     let stale = Owner {
-        kind: "VmPool".into(),
+        kind: agentvm_api::Kind::VmPool.into(),
         name: "p".into(),
         spec_hash: "edited-by-hand".into(),
         generation: 1,
