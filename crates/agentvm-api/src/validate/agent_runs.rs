@@ -54,45 +54,7 @@ impl Validator {
 
         self.run_env(path, spec);
         self.run_files(path, spec);
-        if let Some(ws) = &spec.workspace {
-            let wp = path.key("workspace");
-            match (&ws.host_path, &ws.git_url) {
-                (None, None) => self.error(
-                    wp.clone(),
-                    "no source; set `hostPath` (a host directory) or `gitUrl` (a repository)",
-                ),
-                (Some(_), Some(_)) => self.error(
-                    wp.key("gitUrl"),
-                    "`hostPath` and `gitUrl` are both set; keep one",
-                ),
-                (Some(host), None) => self.host_path(wp.key("hostPath"), host),
-                (None, Some(url)) => {
-                    if !git_url_ok(url) {
-                        self.error(wp.key("gitUrl"), format!("{} is not a git URL; use https://, http://, ssh://, git:// or user@host:path", show(url)));
-                    }
-                }
-            }
-            if let Some(git_ref) = &ws.git_ref {
-                if ws.git_url.is_none() {
-                    self.error(wp.key("gitRef"), "only applies with `gitUrl`; remove it");
-                } else if git_ref.is_empty()
-                    || git_ref.starts_with('-')
-                    || git_ref.chars().any(|c| c.is_whitespace() || c.is_control())
-                {
-                    self.error(
-                        wp.key("gitRef"),
-                        format!("{} is not a branch, tag or commit name", show(git_ref)),
-                    );
-                }
-            }
-            self.guest_path(wp.key("path"), &ws.path);
-            if ws.path.trim_end_matches('/').is_empty() && ws.path.starts_with('/') {
-                self.error(
-                    wp.key("path"),
-                    "`/` is the guest's root directory; use a subdirectory such as /workspace",
-                );
-            }
-        }
+        self.run_workspace(path, spec);
         if let Some(dir) = &spec.working_dir {
             self.guest_path(path.key("workingDir"), dir);
         }
@@ -222,6 +184,49 @@ impl Validator {
                         "{} is not an octal file mode; write it quoted, e.g. \"0644\" or \"0755\"",
                         show(&file.mode)
                     ),
+                );
+            }
+        }
+    }
+
+    /// `workspace`: one source (a host directory or a git repository) and where it goes.
+    fn run_workspace(&mut self, path: &FieldPath, spec: &AgentRunSpec) {
+        if let Some(ws) = &spec.workspace {
+            let wp = path.key("workspace");
+            match (&ws.host_path, &ws.git_url) {
+                (None, None) => self.error(
+                    wp.clone(),
+                    "no source; set `hostPath` (a host directory) or `gitUrl` (a repository)",
+                ),
+                (Some(_), Some(_)) => self.error(
+                    wp.key("gitUrl"),
+                    "`hostPath` and `gitUrl` are both set; keep one",
+                ),
+                (Some(host), None) => self.host_path(wp.key("hostPath"), host),
+                (None, Some(url)) => {
+                    if !git_url_ok(url) {
+                        self.error(wp.key("gitUrl"), format!("{} is not a git URL; use https://, http://, ssh://, git:// or user@host:path", show(url)));
+                    }
+                }
+            }
+            if let Some(git_ref) = &ws.git_ref {
+                if ws.git_url.is_none() {
+                    self.error(wp.key("gitRef"), "only applies with `gitUrl`; remove it");
+                } else if git_ref.is_empty()
+                    || git_ref.starts_with('-')
+                    || git_ref.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    self.error(
+                        wp.key("gitRef"),
+                        format!("{} is not a branch, tag or commit name", show(git_ref)),
+                    );
+                }
+            }
+            self.guest_path(wp.key("path"), &ws.path);
+            if ws.path.trim_end_matches('/').is_empty() && ws.path.starts_with('/') {
+                self.error(
+                    wp.key("path"),
+                    "`/` is the guest's root directory; use a subdirectory such as /workspace",
                 );
             }
         }
