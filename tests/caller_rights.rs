@@ -7,8 +7,8 @@
 //! of it reaches a guest. A clone that hangs is killed at `gitCloneTimeoutSeconds`. The same
 //! user's own file, own directory and an allow-listed variable do reach the guest, and root
 //! still reads `/root`. The audit log names the user as actor. In root's sandbox the user
-//! can neither exec, pause nor roll back. Fails (never skips) without
-//! root, libvirt or the default image.
+//! can neither exec, pause nor roll back, nor snapshot it or fork root's snapshot. Fails
+//! (never skips) without root, libvirt or the default image.
 
 mod common;
 
@@ -375,4 +375,37 @@ fn a_socket_group_member_reads_only_what_they_may_read() {
         env.ok(&["exec", "sandbox/rootbox", "--", "echo", "root-may"]),
         "root-may\n"
     );
+    // Nor copy it: a snapshot of it, or a fork of root's snapshot, fails `NotPermitted`
+    // and nothing is taken or made.
+    env.ok(&["snapshot", "sandbox/rootbox", "--name", "rootsnap"]);
+    for (args, object, what) in [
+        (
+            &["snapshot", "sandbox/rootbox", "--name", "theirs"][..],
+            ("snapshot", "theirs"),
+            "only they and root may snapshot it",
+        ),
+        (
+            &["fork", "snapshot/rootsnap", "--name", "stolen"][..],
+            ("sandbox", "stolen"),
+            "only they and root may fork it",
+        ),
+    ] {
+        let out = env.cmd_as(&who.user, args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} as {}: {err}", who.user);
+        assert!(err.contains(what), "{args:?}: {err}");
+        let st = env.status(object.0, object.1);
+        assert_eq!(st["phase"], "Failed", "{st}");
+        assert!(
+            st["conditions"].to_string().contains("NotPermitted"),
+            "{st}"
+        );
+    }
+    let vm = env.status("sandbox", "rootbox")["vm"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, snaps) = virsh(&["snapshot-list", &vm, "--name"]);
+    assert!(!snaps.contains("theirs"), "{snaps}");
+    assert!(!virsh(&["domstate", "agentvm-sbx-stolen"]).0);
 }

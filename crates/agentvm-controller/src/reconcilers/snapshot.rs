@@ -217,6 +217,31 @@ impl SnapshotReconciler {
         })
     }
 
+    /// Why the submitter of snapshot `obj` may not snapshot sandbox `sandbox`, if they may
+    /// not: a sandbox holds its owner's work, so only they (and root) may copy it, as for
+    /// forks, execs and rollbacks.
+    fn not_permitted(
+        ctx: &Ctx,
+        obj: &StoredObject,
+        sandbox: &str,
+    ) -> Result<Option<String>, ReconcileError> {
+        let Some(sb_obj) = ctx.store.get(Kind::Sandbox, sandbox)? else {
+            return Ok(None);
+        };
+        let owner = sb_obj.submitter.as_ref().map_or(0, |c| c.uid);
+        let by = obj.submitter.as_ref().map_or(0, |c| c.uid);
+        if by == 0 || by == owner {
+            return Ok(None);
+        }
+        let whose = sb_obj
+            .submitter
+            .as_ref()
+            .map_or_else(|| "root".to_string(), |c| c.to_string());
+        Ok(Some(format!(
+            "Sandbox {sandbox} belongs to {whose}; only they and root may snapshot it"
+        )))
+    }
+
     /// Why snapshot `name` of `vm` is gone, if it is.
     fn lost(&self, name: &str, vm: &str) -> Result<Option<String>, ReconcileError> {
         match self.backend.vm_snapshots(vm) {
@@ -247,6 +272,13 @@ impl SnapshotReconciler {
             Ok(())
         };
         let sandbox_ref = &snap.spec.sandbox_ref;
+        if let Some(why) = Self::not_permitted(ctx, obj, sandbox_ref)? {
+            status.phase = SnapshotPhase::Failed;
+            let err = ReconcileError::new(Reason::NotPermitted, why);
+            Conditions(&mut status.conditions).degraded(&err, false);
+            write(&status)?;
+            return Ok(Action::AwaitChange);
+        }
         let (vm, limits) = match Self::sandbox_vm(ctx, snap)? {
             Ok(found) => found,
             Err((reason, message)) => {

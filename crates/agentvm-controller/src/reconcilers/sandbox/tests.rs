@@ -394,6 +394,38 @@ fn a_snapshot_past_max_snapshot_mib_is_deleted_again_and_fails() {
 }
 
 #[test]
+fn only_the_sandbox_s_owner_and_root_may_snapshot_it() {
+    let b = Boxes::new();
+    let snaps = crate::reconcilers::SnapshotReconciler::new(b.t.backend());
+    b.t.apply(&sandbox(""));
+    b.pass().unwrap();
+    let vm = b.status()["vm"].as_str().unwrap().to_string();
+    b.t.apply(&snapshot_yaml("theirs", "s"));
+    b.t.resubmit_as(Kind::Snapshot, "theirs", 4242);
+    assert_eq!(
+        b.t.reconcile(&snaps, Kind::Snapshot, "theirs").unwrap(),
+        Action::AwaitChange
+    );
+    let st = b.t.status(Kind::Snapshot, "theirs");
+    assert_eq!(st["phase"], "Failed", "{st}");
+    assert_eq!(cond(&st, "Degraded").1, "NotPermitted");
+    assert!(
+        st["conditions"]
+            .to_string()
+            .contains("only they and root may snapshot it"),
+        "{st}"
+    );
+    assert!(
+        b.t.fake.vm_snapshots(&vm).unwrap().is_empty(),
+        "nothing taken"
+    );
+    // Root's own is taken.
+    b.t.apply(&snapshot_yaml("roots", "s"));
+    b.t.reconcile(&snaps, Kind::Snapshot, "roots").unwrap();
+    assert_eq!(b.t.status(Kind::Snapshot, "roots")["phase"], "Ready");
+}
+
+#[test]
 fn a_snapshot_taken_but_not_recorded_before_a_restart_is_adopted_not_retaken() {
     let b = Boxes::new();
     let snaps = crate::reconcilers::SnapshotReconciler::new(b.t.backend());
