@@ -258,6 +258,28 @@ fn guests_reach_only_the_names_their_filter_lists() {
         Duration::from_secs(30),
         || guard_plan().is_empty(),
     );
+    // The steering rules come back the same way when something flushes their chain.
+    let steering = || {
+        String::from_utf8_lossy(&iptables(&["-t", "nat", "-S", "AGENTVM_EGRESS"]).stdout)
+            .lines()
+            .filter(|l| l.starts_with("-A "))
+            .count()
+    };
+    env.wait(
+        "the guest's steering rules",
+        Duration::from_secs(60),
+        || steering() > 0,
+    );
+    let rules = steering();
+    assert!(iptables(&["-t", "nat", "-F", "AGENTVM_EGRESS"])
+        .status
+        .success());
+    assert_eq!(steering(), 0);
+    env.wait(
+        "the steering rules back after a flush",
+        Duration::from_secs(30),
+        || steering() == rules,
+    );
 
     // 1. What gets through and what does not.
     let s = run_to_end(&env, "checks", &pool, CHECKS);

@@ -172,7 +172,11 @@ fn run(ctx: Ctx, backend: Arc<dyn Backend>) {
                     // namespace's tables are not touched at all.
                     applied = Some(script.clone());
                 }
-                if applied.as_deref() != Some(script.as_str()) {
+                // Loaded again when it changed, or when the live chain no longer matches it
+                // (flushed or replaced by something else) while there is something to steer.
+                let stale = applied.as_deref() != Some(script.as_str())
+                    || (!ports.is_empty() && !steer::in_place(&script));
+                if stale {
                     match steer::apply(&script) {
                         Ok(()) => {
                             tracing::info!(

@@ -66,6 +66,31 @@ pub fn chain_exists() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// True when the live [`CHAIN`] holds as many rules as `script` and `PREROUTING` jumps to it:
+/// false once something else flushed, replaced or unlinked it (the loop then loads `script`
+/// again, so a steering rule removed behind the controller's back comes back within one sync).
+pub fn in_place(script: &str) -> bool {
+    let wanted = script.lines().filter(|l| l.starts_with("-A ")).count();
+    let Ok(out) = run(None, "iptables", &["-w", "-t", "nat", "-S", CHAIN], None) else {
+        return false;
+    };
+    if !out.status.success() {
+        return wanted == 0;
+    }
+    let live = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("-A "))
+        .count();
+    live == wanted
+        && run(
+            None,
+            "iptables",
+            &["-w", "-t", "nat", "-C", "PREROUTING", "-j", CHAIN],
+            None,
+        )
+        .is_ok_and(|o| o.status.success())
+}
+
 /// Loads `script` and makes sure `PREROUTING` jumps to [`CHAIN`] first.
 pub fn apply(script: &str) -> Result<(), String> {
     must(None, "iptables-restore", &["-w", "--noflush"], Some(script))?;
