@@ -274,15 +274,7 @@ mod tests {
             ],
             ..VmPoolStatus::default()
         });
-        let obj = StoredObject {
-            resource: Resource::VmPool(pool),
-            manager: Manager::Api,
-            submitter: None,
-            created_at: Timestamp::now(),
-            updated_at: Timestamp::now(),
-            deletion_requested_at: None,
-            deletion_requested_by: None,
-        };
+        let obj = record(Resource::VmPool(pool));
         let text = describe(&obj);
         let table: Vec<&str> = text
             .lines()
@@ -317,6 +309,11 @@ mod tests {
         if let Resource::Sandbox(sb) = &mut resource {
             sb.status = serde_json::from_value(status).unwrap();
         }
+        record(resource)
+    }
+
+    /// `resource` as stored by root through the API, now.
+    fn record(resource: Resource) -> StoredObject {
         StoredObject {
             resource,
             manager: Manager::Api,
