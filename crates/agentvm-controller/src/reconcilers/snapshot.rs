@@ -181,9 +181,12 @@ struct Limits {
 impl SnapshotReconciler {
     /// The VM of the snapshot's sandbox (with the sandbox's snapshot limits) once it is
     /// `Running` or `Paused` (and not being deleted); else why the snapshot waits: (reason,
-    /// message).
+    /// message), or `NotPermitted` when the snapshot's submitter is neither root nor the
+    /// sandbox's owner (a sandbox holds its owner's work: only they and root may copy it, as
+    /// for forks, execs and rollbacks).
     fn sandbox_vm(
         ctx: &Ctx,
+        obj: &StoredObject,
         snap: &Snapshot,
     ) -> Result<Result<(String, Limits), WaitsFor>, ReconcileError> {
         let sandbox_ref = &snap.spec.sandbox_ref;
@@ -196,6 +199,20 @@ impl SnapshotReconciler {
         let Resource::Sandbox(sb) = &sb_obj.resource else {
             return Err(super::wrong_kind(&sb_obj, Kind::Sandbox));
         };
+        let owner = sb_obj.submitter.as_ref().map_or(0, |c| c.uid);
+        let by = obj.submitter.as_ref().map_or(0, |c| c.uid);
+        if by != 0 && by != owner {
+            let whose = sb_obj
+                .submitter
+                .as_ref()
+                .map_or_else(|| "root".to_string(), |c| c.to_string());
+            return Ok(Err((
+                Reason::NotPermitted,
+                format!(
+                    "Sandbox {sandbox_ref} belongs to {whose}; only they and root may snapshot it"
+                ),
+            )));
+        }
         let sb_status: SandboxStatus = sb.status.clone().unwrap_or_default();
         Ok(match (&sb_status.vm, sb_status.phase) {
             (Some(vm), SandboxPhase::Running | SandboxPhase::Paused) if !sb_obj.is_deleting() => {
@@ -215,31 +232,6 @@ impl SnapshotReconciler {
                 ),
             )),
         })
-    }
-
-    /// Why the submitter of snapshot `obj` may not snapshot sandbox `sandbox`, if they may
-    /// not: a sandbox holds its owner's work, so only they (and root) may copy it, as for
-    /// forks, execs and rollbacks.
-    fn not_permitted(
-        ctx: &Ctx,
-        obj: &StoredObject,
-        sandbox: &str,
-    ) -> Result<Option<String>, ReconcileError> {
-        let Some(sb_obj) = ctx.store.get(Kind::Sandbox, sandbox)? else {
-            return Ok(None);
-        };
-        let owner = sb_obj.submitter.as_ref().map_or(0, |c| c.uid);
-        let by = obj.submitter.as_ref().map_or(0, |c| c.uid);
-        if by == 0 || by == owner {
-            return Ok(None);
-        }
-        let whose = sb_obj
-            .submitter
-            .as_ref()
-            .map_or_else(|| "root".to_string(), |c| c.to_string());
-        Ok(Some(format!(
-            "Sandbox {sandbox} belongs to {whose}; only they and root may snapshot it"
-        )))
     }
 
     /// Why snapshot `name` of `vm` is gone, if it is.
@@ -272,15 +264,15 @@ impl SnapshotReconciler {
             Ok(())
         };
         let sandbox_ref = &snap.spec.sandbox_ref;
-        if let Some(why) = Self::not_permitted(ctx, obj, sandbox_ref)? {
-            status.phase = SnapshotPhase::Failed;
-            let err = ReconcileError::new(Reason::NotPermitted, why);
-            Conditions(&mut status.conditions).degraded(&err, false);
-            write(&status)?;
-            return Ok(Action::AwaitChange);
-        }
-        let (vm, limits) = match Self::sandbox_vm(ctx, snap)? {
+        let (vm, limits) = match Self::sandbox_vm(ctx, obj, snap)? {
             Ok(found) => found,
+            Err((Reason::NotPermitted, why)) => {
+                status.phase = SnapshotPhase::Failed;
+                let err = ReconcileError::new(Reason::NotPermitted, why);
+                Conditions(&mut status.conditions).degraded(&err, false);
+                write(&status)?;
+                return Ok(Action::AwaitChange);
+            }
             Err((reason, message)) => {
                 Conditions(&mut status.conditions).progressing(reason, message);
                 write(&status)?;
