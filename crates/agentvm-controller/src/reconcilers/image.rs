@@ -322,6 +322,18 @@ mod tests {
         lookups: Mutex<u32>,
     }
 
+    impl FakeBuilder {
+        /// A builder whose builds end when `gate` says so.
+        fn gated(gate: mpsc::Receiver<Result<(), String>>) -> Arc<Self> {
+            Arc::new(FakeBuilder {
+                built: Mutex::default(),
+                gate: Mutex::new(gate),
+                builds: Mutex::new(0),
+                lookups: Mutex::new(0),
+            })
+        }
+    }
+
     impl ImageBuilder for FakeBuilder {
         fn lookup(&self, recipe: &Recipe) -> Result<Option<BuiltImage>, String> {
             *self.lookups.lock().unwrap() += 1;
@@ -366,12 +378,7 @@ mod tests {
         let t = Setup::new();
         t.apply(IMG);
         let (tx, rx) = mpsc::channel();
-        let b = Arc::new(FakeBuilder {
-            built: Mutex::default(),
-            gate: Mutex::new(rx),
-            builds: Mutex::new(0),
-            lookups: Mutex::new(0),
-        });
+        let b = FakeBuilder::gated(rx);
         let r = ImageReconciler::new(b.clone());
         assert_eq!(
             t.reconcile(&r, Kind::Image, "img").unwrap(),
@@ -418,12 +425,7 @@ mod tests {
         let t = Setup::new();
         t.apply(IMG);
         let (tx, rx) = mpsc::channel();
-        let b = Arc::new(FakeBuilder {
-            built: Mutex::default(),
-            gate: Mutex::new(rx),
-            builds: Mutex::new(0),
-            lookups: Mutex::new(0),
-        });
+        let b = FakeBuilder::gated(rx);
         let r = ImageReconciler::new(b.clone());
         t.reconcile(&r, Kind::Image, "img").unwrap();
         tx.send(Err("debootstrap: mirror unreachable".into()))
@@ -451,12 +453,7 @@ mod tests {
     fn objects_sharing_a_found_recipe_cost_one_lookup_until_it_is_stale() {
         let t = Setup::new();
         let (_tx, rx) = mpsc::channel();
-        let b = Arc::new(FakeBuilder {
-            built: Mutex::default(),
-            gate: Mutex::new(rx),
-            builds: Mutex::new(0),
-            lookups: Mutex::new(0),
-        });
+        let b = FakeBuilder::gated(rx);
         let hash = recipe_for(&agentvm_api::ImageSpec::default()).hash();
         let dir = PathBuf::from("/cache/images").join(&hash);
         b.built.lock().unwrap().insert(
