@@ -71,24 +71,15 @@ pub fn chain_exists() -> bool {
 /// again, so a steering rule removed behind the controller's back comes back within one sync).
 pub fn in_place(script: &str) -> bool {
     let wanted = script.lines().filter(|l| l.starts_with("-A ")).count();
-    let Ok(out) = run(None, "iptables", &["-w", "-t", "nat", "-S", CHAIN], None) else {
+    // One listing of the nat table answers both questions.
+    let Ok(out) = run(None, "iptables", &["-w", "-t", "nat", "-S"], None) else {
         return false;
     };
-    if !out.status.success() {
-        return wanted == 0;
-    }
-    let live = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.starts_with("-A "))
-        .count();
-    live == wanted
-        && run(
-            None,
-            "iptables",
-            &["-w", "-t", "nat", "-C", "PREROUTING", "-j", CHAIN],
-            None,
-        )
-        .is_ok_and(|o| o.status.success())
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rules = format!("-A {CHAIN} ");
+    let live = text.lines().filter(|l| l.starts_with(&rules)).count();
+    let jump = format!("-A PREROUTING -j {CHAIN}");
+    out.status.success() && live == wanted && text.lines().any(|l| l.trim_end() == jump)
 }
 
 /// Loads `script` and makes sure `PREROUTING` jumps to [`CHAIN`] first.
