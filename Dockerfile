@@ -9,7 +9,7 @@
 FROM rust:1-bookworm AS build
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libvirt-dev pkg-config \
+ && apt-get install -y --no-install-recommends libvirt-dev pkg-config protobuf-compiler libprotobuf-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .

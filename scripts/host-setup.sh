@@ -30,7 +30,9 @@ export DEBIAN_FRONTEND=noninteractive
 PKGS=(libvirt-daemon-system libvirt-dev libvirt-clients libvirt-daemon-driver-qemu
       qemu-system-x86 dnsmasq-base iptables ebtables debootstrap
       linux-image-cloud-amd64 pkg-config e2fsprogs iproute2 procps libxml2-utils
-      systemd)  # systemd: systemd-analyze checks the controller's unit (tests)
+      systemd     # systemd-analyze checks the controller's unit (tests)
+      protobuf-compiler libprotobuf-dev  # build the etcd client (cluster store)
+      etcd-server)       # the cluster store's tests run a real etcd
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -1,14 +1,13 @@
 //! Opening the database file, and reopening it after an I/O error: redb refuses every call
-//! on a handle that hit one (a full disk, say), so [`Store`]'s calls go through
-//! `Store::with_db`, which reopens the file from its last commit and retries once.
+//! on a handle that hit one (a full disk, say), so every call goes through
+//! `LocalDb::with_db`, which reopens the file from its last commit and retries once.
 
-use std::path::Path;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::path::{Path, PathBuf};
+use std::sync::{PoisonError, RwLock};
 
 use redb::Database;
-use tokio::sync::broadcast;
 
-use crate::{Inner, Store, StoreError, EVENT_CAPACITY, OBJECTS, OUTPUT, OUTPUT_META};
+use crate::{StoreError, OBJECTS, OUTPUT, OUTPUT_META};
 
 /// Bytes of the store file redb keeps cached in memory. Its default (1 GiB) let the
 /// controller's memory grow with the total output runs ever wrote, up to that size.
@@ -91,7 +90,15 @@ impl StoreError {
     }
 }
 
-impl Store {
+/// The local redb file: object records of a single-host store, and run output always.
+pub(crate) struct LocalDb {
+    /// The open database and how often it was reopened. `None` while a reopen failed
+    /// (the next call tries again).
+    db: RwLock<(Option<Database>, u64)>,
+    path: PathBuf,
+}
+
+impl LocalDb {
     /// Runs `f` on the database. redb refuses every call after an I/O error (a full disk,
     /// say) until the file is reopened, so such a failure reopens the database (repairing
     /// it from its last commit); a call refused that way is retried once on the reopened
@@ -104,7 +111,7 @@ impl Store {
         let mut retried = false;
         loop {
             let (result, seen) = {
-                let guard = self.inner.db.read().unwrap_or_else(PoisonError::into_inner);
+                let guard = self.db.read().unwrap_or_else(PoisonError::into_inner);
                 match &guard.0 {
                     Some(db) => (f(db), guard.1),
                     None => (
@@ -133,7 +140,7 @@ impl Store {
                     }
                     return Err(if disk_full {
                         StoreError::DiskFull {
-                            path: self.inner.path.clone(),
+                            path: self.path.clone(),
                         }
                     } else {
                         e
@@ -146,53 +153,41 @@ impl Store {
     /// Closes and reopens the database unless another thread already did since the handle
     /// `seen` was taken.
     fn reopen(&self, seen: u64) -> Result<(), StoreError> {
-        let mut guard = self
-            .inner
-            .db
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self.db.write().unwrap_or_else(PoisonError::into_inner);
         if guard.1 != seen && guard.0.is_some() {
             return Ok(());
         }
         // The old handle must be closed first: redb locks the file.
         guard.0 = None;
         guard.1 += 1;
-        let db = open_database(&self.inner.path)?;
+        let db = open_database(&self.path)?;
         tracing::warn!(
             "object store {}: reopened after an I/O error",
-            self.inner.path.display()
+            self.path.display()
         );
         guard.0 = Some(db);
         Ok(())
     }
 
-    /// Opens (creating if needed) the store at `path`, and its parent directory.
-    pub fn open(path: impl AsRef<Path>) -> Result<Store, StoreError> {
-        let path = path.as_ref().to_path_buf();
+    /// Opens (creating if needed) the database at `path`, and its parent directory.
+    pub(crate) fn open(path: &Path) -> Result<LocalDb, StoreError> {
         let open_err = |message: String| StoreError::Open {
-            path: path.clone(),
+            path: path.to_path_buf(),
             message,
         };
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| open_err(e.to_string()))?;
         }
-        make_private(&path).map_err(|e| open_err(e.to_string()))?;
-        let db = open_database(&path)?;
-        let (events, _) = broadcast::channel(EVENT_CAPACITY);
-        let (output_events, _) = broadcast::channel(EVENT_CAPACITY);
-        Ok(Store {
-            inner: Arc::new(Inner {
-                db: RwLock::new((Some(db), 0)),
-                path,
-                events,
-                output_events,
-                observers: std::sync::Mutex::default(),
-            }),
+        make_private(path).map_err(|e| open_err(e.to_string()))?;
+        let db = open_database(path)?;
+        Ok(LocalDb {
+            db: RwLock::new((Some(db), 0)),
+            path: path.to_path_buf(),
         })
     }
 
     /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.inner.path
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
     }
 }

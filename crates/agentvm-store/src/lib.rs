@@ -45,8 +45,10 @@
 
 pub mod caller;
 mod db;
+mod etcd;
 mod objects;
 mod output;
+mod records;
 
 pub use caller::Caller;
 pub use db::STORE_CACHE_BYTES;
@@ -56,12 +58,15 @@ pub use objects::{
 pub use output::{OutputChunk, OutputRead, OutputStream, MAX_OUTPUT_BYTES_PER_STREAM};
 
 use std::fmt;
-use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use agentvm_api::ValidationErrors;
-use redb::{Database, TableDefinition};
+use redb::TableDefinition;
 use tokio::sync::broadcast;
+
+pub use etcd::ClusterConfig;
+use records::RecordStore;
 
 /// Name of the store file inside the state directory.
 pub const STORE_FILE: &str = "store.redb";
@@ -123,6 +128,17 @@ pub enum StoreError {
         /// Why it does not decode.
         message: String,
     },
+    /// The cluster store (etcd) did not answer in time or refused the call (no quorum, say).
+    #[error("the cluster store ({endpoints}) is unavailable: {message}; nothing was changed by this call, and it can be retried once the store answers")]
+    Unavailable {
+        /// The etcd endpoints.
+        endpoints: String,
+        /// What failed.
+        message: String,
+    },
+    /// Other writers kept changing the object while this write was decided on.
+    #[error("{0} kept changing while this write was being made; retry")]
+    Contended(ObjectKey),
     /// A stored record cannot be decoded (written by an incompatible version).
     #[error("object store record {key:?} cannot be decoded: {message}")]
     Corrupt {
@@ -157,10 +173,10 @@ pub struct Store {
 }
 
 struct Inner {
-    /// The open database and how often it was reopened. `None` while a reopen failed
-    /// (the next call tries again).
-    db: RwLock<(Option<Database>, u64)>,
-    path: PathBuf,
+    /// The local file: run output, and the object records of a single-host store.
+    local: Arc<db::LocalDb>,
+    /// Where object records live: the local file, or an etcd cluster.
+    records: Box<dyn RecordStore>,
     events: broadcast::Sender<StoreEvent>,
     output_events: broadcast::Sender<String>,
     observers: std::sync::Mutex<Vec<ChangeObserver>>,
@@ -174,10 +190,58 @@ pub type ChangeObserver = Box<dyn Fn(&StoreEvent) -> bool + Send + Sync>;
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Store")
-            .field("path", &self.inner.path)
+            .field("path", &self.inner.local.path())
             .finish()
     }
 }
+
+impl Store {
+    /// Opens (creating if needed) the single-host store at `path`, and its parent
+    /// directory: objects and run output in one file.
+    pub fn open(path: impl AsRef<Path>) -> Result<Store, StoreError> {
+        let local = Arc::new(db::LocalDb::open(path.as_ref())?);
+        let records = Box::new(records::LocalRecords { db: local.clone() });
+        let store = Self::with_records(local, records);
+        store.prune_output()?;
+        Ok(store)
+    }
+
+    /// Opens a cluster store: objects in the etcd cluster `cluster` names, run output in the
+    /// local file at `output_path`. Changes made by any node arrive as events.
+    pub fn open_cluster(
+        cluster: &ClusterConfig,
+        output_path: impl AsRef<Path>,
+    ) -> Result<Store, StoreError> {
+        let local = Arc::new(db::LocalDb::open(output_path.as_ref())?);
+        let records = etcd::EtcdRecords::connect(cluster)?;
+        let store = Self::with_records(local, Box::new(records.clone()));
+        records.watch(&store)?;
+        store.prune_output()?;
+        Ok(store)
+    }
+
+    fn with_records(local: Arc<db::LocalDb>, records: Box<dyn RecordStore>) -> Store {
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let (output_events, _) = broadcast::channel(EVENT_CAPACITY);
+        Store {
+            inner: Arc::new(Inner {
+                local,
+                records,
+                events,
+                output_events,
+                observers: std::sync::Mutex::default(),
+            }),
+        }
+    }
+
+    /// The local database file (run output; and the objects of a single-host store).
+    pub fn path(&self) -> &Path {
+        self.inner.local.path()
+    }
+}
+
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 
 #[cfg(test)]
 mod tests;

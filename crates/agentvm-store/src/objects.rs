@@ -3,13 +3,26 @@
 
 use std::fmt;
 
-use agentvm_api::{spec_hash, validate, Kind, KindStatus, Resource};
-use redb::{ReadableTable, ReadableTableMetadata};
+use agentvm_api::{spec_hash, validate, ImageSpec, Kind, KindStatus, Resource};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::{Caller, Store, StoreError, OBJECTS, OUTPUT, OUTPUT_META};
+use crate::records::Write;
+use crate::{Caller, Store, StoreError};
 use agentvm_api::Timestamp;
+
+/// How often a write is decided again after other writers changed its records meanwhile.
+const CONFLICT_RETRIES: usize = 32;
+
+/// What a decision does to one record.
+enum Edit {
+    /// Nothing (no write, no event).
+    Keep,
+    /// Store this record.
+    Put(Box<StoredObject>),
+    /// Remove the record.
+    Remove,
+}
 
 /// Who declares an object; only its manager may change or delete it (unless forced).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -207,7 +220,10 @@ fn carry_status(to: &mut Resource, from: &Resource) {
         (Resource::NetworkFilter(t), Resource::NetworkFilter(f)) => t.status.clone_from(&f.status),
         (Resource::Image(t), Resource::Image(f)) => t.status.clone_from(&f.status),
         (Resource::VmPool(t), Resource::VmPool(f)) => t.status.clone_from(&f.status),
+        (Resource::Sandbox(t), Resource::Sandbox(f)) => t.status.clone_from(&f.status),
+        (Resource::Snapshot(t), Resource::Snapshot(f)) => t.status.clone_from(&f.status),
         (Resource::AgentRun(t), Resource::AgentRun(f)) => t.status.clone_from(&f.status),
+        // Different kinds: never under one key.
         _ => {}
     }
 }
@@ -220,7 +236,9 @@ impl Store {
 
     /// Calls `observer` with every change from now on, synchronously (unlike
     /// [`Store::subscribe`], it cannot lag): the controller's object cache uses it so that
-    /// a write is visible in the cache once it returns.
+    /// a write is visible in the cache once it returns. In a cluster store, a change this
+    /// process made is observed when the write returns and again when the cluster's watch
+    /// delivers it; changes made by other nodes are observed when the watch delivers them.
     pub fn observe(&self, observer: crate::ChangeObserver) {
         self.observers().push(observer);
     }
@@ -237,6 +255,8 @@ impl Store {
         self.observers().len()
     }
 
+    /// A change this process committed. In a cluster store subscribers hear of it from the
+    /// cluster's watch, like every other node's changes (once, in the cluster's order).
     pub(crate) fn emit(&self, key: &ObjectKey, change: Change) {
         let event = StoreEvent {
             kind: key.kind,
@@ -244,8 +264,54 @@ impl Store {
             change,
         };
         self.observers().retain(|observe| observe(&event));
-        // No receivers is fine.
+        if !self.inner.records.watched() {
+            // No receivers is fine.
+            let _ = self.inner.events.send(event);
+        }
+    }
+
+    /// A change delivered by the cluster's watch.
+    pub(crate) fn emit_watched(&self, event: StoreEvent) {
+        self.observers().retain(|observe| observe(&event));
         let _ = self.inner.events.send(event);
+    }
+
+    /// The record under `db_key` and the version it was read at.
+    fn read(&self, db_key: &str) -> Result<Option<(StoredObject, u64)>, StoreError> {
+        self.inner
+            .records
+            .get(db_key)?
+            .map(|v| Ok((decode(db_key, &v.bytes)?, v.version)))
+            .transpose()
+    }
+
+    /// Read → decide → conditional write of the record of `key`. When another writer changed
+    /// the record between the read and the write, `decide` runs again on the fresh record.
+    fn modify<T>(
+        &self,
+        key: &ObjectKey,
+        mut decide: impl FnMut(Option<StoredObject>) -> Result<(Edit, T), StoreError>,
+    ) -> Result<T, StoreError> {
+        let db_key = key.db_key();
+        for _ in 0..CONFLICT_RETRIES {
+            let current = self.read(&db_key)?;
+            let expected = current.as_ref().map(|(_, version)| *version);
+            let (edit, out) = decide(current.map(|(record, _)| record))?;
+            let value = match edit {
+                Edit::Keep => return Ok(out),
+                Edit::Put(record) => Some(encode(&record)),
+                Edit::Remove => None,
+            };
+            let write = Write {
+                key: db_key.clone(),
+                expected,
+                value,
+            };
+            if self.inner.records.commit(&[write])? {
+                return Ok(out);
+            }
+        }
+        Err(StoreError::Contended(key.clone()))
     }
 
     /// Applies one object for `manager`, submitted by root (tests and tools; the API and
@@ -268,7 +334,8 @@ impl Store {
             .unwrap_or_else(|| unreachable!("one result per item"))
     }
 
-    /// Applies several objects in one transaction (one fsync); each gets its own result.
+    /// Applies several objects in one transaction (one fsync; in a cluster store, one etcd
+    /// transaction per as many objects as it allows); each gets its own result.
     ///
     /// Per object: it is validated; `status` and `generation` of the input are ignored;
     /// a new object gets generation 1; an existing one keeps its status and creation time,
@@ -277,200 +344,122 @@ impl Store {
     /// with the rights of whoever applied it last. An object managed by
     /// someone else is refused with [`StoreError::Conflict`] unless `force`. Applying an
     /// object whose deletion was requested cancels the deletion. When nothing changes,
-    /// nothing is written. The outer error is a database failure (nothing applied).
+    /// nothing is written. The outer error is a store failure (nothing of the transaction
+    /// that hit it applied).
     pub fn apply_batch(
         &self,
         items: Vec<ApplyItem>,
         dry_run: bool,
     ) -> Result<Vec<Result<ApplyOutcome, StoreError>>, StoreError> {
-        self.with_db(|db| {
-            let txn = db.begin_write()?;
+        // Images of this batch, for checking the pools of the same batch against.
+        let images: std::collections::HashMap<String, ImageSpec> = items
+            .iter()
+            .filter_map(|i| match &i.resource {
+                Resource::Image(img) => Some((img.metadata.name.clone(), img.spec.clone())),
+                _ => None,
+            })
+            .collect();
+        let mut results = Vec::with_capacity(items.len());
+        for chunk in items.chunks(self.inner.records.max_writes().max(1)) {
+            results.extend(self.apply_chunk(chunk, &images, dry_run)?);
+        }
+        Ok(results)
+    }
+
+    /// [`Store::apply_batch`] of objects that fit one transaction.
+    fn apply_chunk(
+        &self,
+        items: &[ApplyItem],
+        batch_images: &std::collections::HashMap<String, ImageSpec>,
+        dry_run: bool,
+    ) -> Result<Vec<Result<ApplyOutcome, StoreError>>, StoreError> {
+        let stored_image = |name: &str| -> Result<Option<ImageSpec>, StoreError> {
+            Ok(
+                match self.read(&ObjectKey::new(Kind::Image, name).db_key())? {
+                    Some((
+                        StoredObject {
+                            resource: Resource::Image(img),
+                            ..
+                        },
+                        _,
+                    )) => Some(img.spec),
+                    _ => None,
+                },
+            )
+        };
+        for _ in 0..CONFLICT_RETRIES {
+            let now = Timestamp::now();
             let mut results = Vec::with_capacity(items.len());
+            let mut writes = Vec::new();
             let mut changed = Vec::new();
-            {
-                let mut table = txn.open_table(OBJECTS)?;
-                let now = Timestamp::now();
-                // Images of this batch, for checking the pools of the same batch against.
-                let images: std::collections::HashMap<String, agentvm_api::ImageSpec> = items
-                    .iter()
-                    .filter_map(|i| match &i.resource {
-                        Resource::Image(img) => Some((img.metadata.name.clone(), img.spec.clone())),
-                        _ => None,
-                    })
-                    .collect();
-                for item in items.iter().cloned() {
-                    let outcome = Self::apply_one(&mut table, item, &images, now)?;
-                    if let Ok((outcome, key)) = &outcome {
-                        if *outcome != ApplyOutcome::Unchanged {
-                            changed.push(key.clone());
-                        }
+            for item in items.iter().cloned() {
+                let key = ObjectKey::new(item.resource.kind(), item.resource.name());
+                let db_key = key.db_key();
+                let current = self.read(&db_key)?;
+                let expected = current.as_ref().map(|(_, version)| *version);
+                let decided = decide_apply(
+                    current.map(|(record, _)| record),
+                    item,
+                    batch_images,
+                    &stored_image,
+                    now,
+                )?;
+                results.push(decided.map(|(outcome, record)| {
+                    if let Some(record) = record {
+                        writes.push(Write {
+                            key: db_key,
+                            expected,
+                            value: Some(encode(&record)),
+                        });
+                        changed.push(key);
                     }
-                    results.push(outcome.map(|(o, _)| o));
-                }
+                    outcome
+                }));
             }
-            if dry_run || changed.is_empty() {
-                txn.abort()?;
-            } else {
-                txn.commit()?;
+            if dry_run || writes.is_empty() {
+                return Ok(results);
+            }
+            if self.inner.records.commit(&writes)? {
                 for key in &changed {
                     self.emit(key, Change::Applied);
                 }
-            }
-            Ok(results)
-        })
-    }
-
-    /// The inner `Result` is the object's own outcome; the outer one a database failure.
-    #[allow(clippy::type_complexity)]
-    fn apply_one(
-        table: &mut redb::Table<&str, &[u8]>,
-        item: ApplyItem,
-        batch_images: &std::collections::HashMap<String, agentvm_api::ImageSpec>,
-        now: Timestamp,
-    ) -> Result<Result<(ApplyOutcome, ObjectKey), StoreError>, StoreError> {
-        let ApplyItem {
-            mut resource,
-            manager,
-            submitter,
-            force,
-        } = item;
-        resource.clear_status();
-        resource.metadata_mut().generation = 0;
-        let key = ObjectKey::new(resource.kind(), resource.name());
-        if let Err(errors) = validate(&resource) {
-            return Ok(Err(StoreError::Invalid { key, errors }));
-        }
-        // A pool's disk must hold its image: checked here when the image is known (in this
-        // batch or stored); otherwise the pool reports it once the image appears.
-        if let Resource::VmPool(pool) = &resource {
-            let name = &pool.spec.template.image_ref;
-            let image = match batch_images.get(name) {
-                Some(spec) => Some(spec.clone()),
-                None => {
-                    let image_key = ObjectKey::new(Kind::Image, name).db_key();
-                    match table.get(image_key.as_str())? {
-                        Some(bytes) => match decode(&image_key, bytes.value())?.resource {
-                            Resource::Image(img) => Some(img.spec),
-                            _ => None,
-                        },
-                        None => None,
-                    }
-                }
-            };
-            if let Some(image) = image {
-                if let Err(errors) = agentvm_api::validate_pool_disk(&pool.spec, name, &image) {
-                    return Ok(Err(StoreError::Invalid { key, errors }));
-                }
+                return Ok(results);
             }
         }
-        let db_key = key.db_key();
-        let existing = match table.get(db_key.as_str())? {
-            Some(bytes) => Some(decode(&db_key, bytes.value())?),
-            None => None,
-        };
-        let (record, outcome) = match existing {
-            None => {
-                resource.metadata_mut().generation = 1;
-                let record = StoredObject {
-                    resource,
-                    manager,
-                    submitter: Some(submitter),
-                    created_at: now,
-                    updated_at: now,
-                    deletion_requested_at: None,
-                    deletion_requested_by: None,
-                };
-                (record, ApplyOutcome::Created)
-            }
-            Some(old) => {
-                if old.manager != manager && !force {
-                    return Ok(Err(StoreError::Conflict {
-                        key,
-                        manager: old.manager,
-                    }));
-                }
-                let spec_changed = spec_hash(&old.resource) != spec_hash(&resource);
-                let old_meta = old.resource.metadata();
-                resource.metadata_mut().generation =
-                    old_meta.generation.max(1) + i64::from(spec_changed);
-                let meta_changed = old_meta.labels != resource.metadata().labels
-                    || old_meta.annotations != resource.metadata().annotations;
-                let changed = spec_changed
-                    || meta_changed
-                    || old.manager != manager
-                    || old.submitter.as_ref() != Some(&submitter)
-                    || old.deletion_requested_at.is_some();
-                if !changed {
-                    return Ok(Ok((ApplyOutcome::Unchanged, key)));
-                }
-                carry_status(&mut resource, &old.resource);
-                let record = StoredObject {
-                    resource,
-                    manager,
-                    submitter: Some(submitter),
-                    created_at: old.created_at,
-                    updated_at: now,
-                    deletion_requested_at: None,
-                    deletion_requested_by: None,
-                };
-                (record, ApplyOutcome::Configured)
-            }
-        };
-        table.insert(db_key.as_str(), encode(&record).as_slice())?;
-        Ok(Ok((outcome, key)))
+        let key = items
+            .first()
+            .map(|i| ObjectKey::new(i.resource.kind(), i.resource.name()))
+            .unwrap_or_else(|| ObjectKey::new(Kind::Network, ""));
+        Err(StoreError::Contended(key))
     }
 
     /// The object `kind`/`name`, if stored (also while its deletion is pending).
     pub fn get(&self, kind: Kind, name: &str) -> Result<Option<StoredObject>, StoreError> {
-        self.with_db(|db| {
-            let txn = db.begin_read()?;
-            let table = txn.open_table(OBJECTS)?;
-            let db_key = ObjectKey::new(kind, name).db_key();
-            let got = table.get(db_key.as_str())?;
-            got.map(|v| decode(&db_key, v.value())).transpose()
-        })
+        Ok(self
+            .read(&ObjectKey::new(kind, name).db_key())?
+            .map(|(record, _)| record))
     }
 
     /// Every object of `kind` (all kinds when `None`), sorted by kind (dependency order)
     /// then name.
     pub fn list(&self, kind: Option<Kind>) -> Result<Vec<StoredObject>, StoreError> {
-        self.with_db(|db| {
-            let txn = db.begin_read()?;
-            let table = txn.open_table(OBJECTS)?;
-            let mut out = Vec::new();
-            let mut push = |k: &str, v: &[u8]| -> Result<(), StoreError> {
-                out.push(decode(k, v)?);
-                Ok(())
-            };
-            match kind {
-                Some(kind) => {
-                    // `/` + 1 is `0`: the range holds exactly the keys `Kind/...`.
-                    let (from, to) = (format!("{kind}/"), format!("{kind}0"));
-                    for entry in table.range(from.as_str()..to.as_str())? {
-                        let (k, v) = entry?;
-                        push(k.value(), v.value())?;
-                    }
-                }
-                None => {
-                    for entry in table.iter()? {
-                        let (k, v) = entry?;
-                        push(k.value(), v.value())?;
-                    }
-                }
-            }
-            out.sort_by(|a, b| {
-                (a.resource.kind(), a.resource.name()).cmp(&(b.resource.kind(), b.resource.name()))
-            });
-            Ok(out)
-        })
+        let prefix = kind.map(|k| format!("{k}/")).unwrap_or_default();
+        let mut out = self
+            .inner
+            .records
+            .list(&prefix)?
+            .into_iter()
+            .map(|(key, v)| decode(&key, &v.bytes))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.sort_by(|a, b| {
+            (a.resource.kind(), a.resource.name()).cmp(&(b.resource.kind(), b.resource.name()))
+        });
+        Ok(out)
     }
 
     /// Number of stored objects.
     pub fn len(&self) -> Result<u64, StoreError> {
-        self.with_db(|db| {
-            let txn = db.begin_read()?;
-            Ok(txn.open_table(OBJECTS)?.len()?)
-        })
+        self.inner.records.count()
     }
 
     /// True when no object is stored.
@@ -484,47 +473,26 @@ impl Store {
     /// pass).
     pub fn update_status<S: KindStatus>(&self, name: &str, status: S) -> Result<bool, StoreError> {
         let key = ObjectKey::new(S::KIND, name);
-        // Most writes change nothing (a resync): find that out without a write transaction.
-        match self.get(S::KIND, name)? {
-            None => return Err(StoreError::NotFound(key)),
-            Some(o) if S::of(&o.resource) == Some(&status) => return Ok(false),
-            Some(_) => {}
-        }
-        let db_key = key.db_key();
-        self.with_db(|db| {
-            let txn = db.begin_write()?;
-            let changed = {
-                let mut table = txn.open_table(OBJECTS)?;
-                let mut record = match table.get(db_key.as_str())? {
-                    Some(v) => decode(&db_key, v.value())?,
-                    None => return Err(StoreError::NotFound(key.clone())),
-                };
-                if S::of(&record.resource) == Some(&status) {
-                    false
-                } else {
-                    if !status.clone().put(&mut record.resource) {
-                        return Err(StoreError::BadStatus {
-                            key: key.clone(),
-                            message: format!(
-                                "a {} status for a {}",
-                                S::KIND,
-                                record.resource.kind()
-                            ),
-                        });
-                    }
-                    record.updated_at = Timestamp::now();
-                    table.insert(db_key.as_str(), encode(&record).as_slice())?;
-                    true
-                }
+        let changed = self.modify(&key, |record| {
+            let Some(mut record) = record else {
+                return Err(StoreError::NotFound(key.clone()));
             };
-            if changed {
-                txn.commit()?;
-                self.emit(&key, Change::StatusChanged);
-            } else {
-                txn.abort()?;
+            if S::of(&record.resource) == Some(&status) {
+                return Ok((Edit::Keep, false));
             }
-            Ok(changed)
-        })
+            if !status.clone().put(&mut record.resource) {
+                return Err(StoreError::BadStatus {
+                    key: key.clone(),
+                    message: format!("a {} status for a {}", S::KIND, record.resource.kind()),
+                });
+            }
+            record.updated_at = Timestamp::now();
+            Ok((Edit::Put(Box::new(record)), true))
+        })?;
+        if changed {
+            self.emit(&key, Change::StatusChanged);
+        }
+        Ok(changed)
     }
 
     /// [`Store::update_status`] from JSON in the shape of `kind`'s status: for tests (here
@@ -580,36 +548,31 @@ impl Store {
         by: Option<&Caller>,
     ) -> Result<bool, StoreError> {
         let key = ObjectKey::new(kind, name);
-        let db_key = key.db_key();
-        self.with_db(|db| {
-            let txn = db.begin_write()?;
-            {
-                let mut table = txn.open_table(OBJECTS)?;
-                let mut record = match table.get(db_key.as_str())? {
-                    Some(v) => decode(&db_key, v.value())?,
-                    None => return Ok(false),
-                };
-                if let Some(expected) = manager_check {
-                    if *expected != record.manager {
-                        return Err(StoreError::Conflict {
-                            key: key.clone(),
-                            manager: record.manager,
-                        });
-                    }
+        let (marked, now_marked) = self.modify(&key, |record| {
+            let Some(mut record) = record else {
+                return Ok((Edit::Keep, (false, false)));
+            };
+            if let Some(expected) = manager_check {
+                if *expected != record.manager {
+                    return Err(StoreError::Conflict {
+                        key: key.clone(),
+                        manager: record.manager,
+                    });
                 }
-                if record.deletion_requested_at.is_some() {
-                    return Ok(true);
-                }
-                let now = Timestamp::now();
-                record.deletion_requested_at = Some(now);
-                record.deletion_requested_by = by.cloned();
-                record.updated_at = now;
-                table.insert(db_key.as_str(), encode(&record).as_slice())?;
             }
-            txn.commit()?;
+            if record.deletion_requested_at.is_some() {
+                return Ok((Edit::Keep, (true, false)));
+            }
+            let now = Timestamp::now();
+            record.deletion_requested_at = Some(now);
+            record.deletion_requested_by = by.cloned();
+            record.updated_at = now;
+            Ok((Edit::Put(Box::new(record)), (true, true)))
+        })?;
+        if now_marked {
             self.emit(&key, Change::DeleteRequested);
-            Ok(true)
-        })
+        }
+        Ok(marked)
     }
 
     /// Removes `kind`/`name` (and a run's output) if its deletion was requested. Returns
@@ -618,28 +581,102 @@ impl Store {
     /// back to existence, which it does on its next pass).
     pub fn finalize_delete(&self, kind: Kind, name: &str) -> Result<bool, StoreError> {
         let key = ObjectKey::new(kind, name);
-        let db_key = key.db_key();
-        self.with_db(|db| {
-            let txn = db.begin_write()?;
-            {
-                let mut table = txn.open_table(OBJECTS)?;
-                let deleting = match table.get(db_key.as_str())? {
-                    Some(v) => decode(&db_key, v.value())?.is_deleting(),
-                    None => false,
-                };
-                if !deleting {
-                    return Ok(false);
-                }
-                table.remove(db_key.as_str())?;
-                if kind == Kind::AgentRun {
-                    txn.open_table(OUTPUT_META)?.remove(name)?;
-                    txn.open_table(OUTPUT)?
-                        .retain_in((name, 0u64)..=(name, u64::MAX), |_, _| false)?;
-                }
+        let removed = self.modify(&key, |record| {
+            Ok(match record {
+                Some(record) if record.is_deleting() => (Edit::Remove, true),
+                _ => (Edit::Keep, false),
+            })
+        })?;
+        if removed {
+            if kind == Kind::AgentRun {
+                // After the record: a crash in between leaves output of a run that no
+                // longer exists, which `prune_output` removes when the store is opened.
+                self.remove_output(name)?;
             }
-            txn.commit()?;
             self.emit(&key, Change::Removed);
-            Ok(true)
-        })
+        }
+        Ok(removed)
     }
+}
+
+/// What applying `item` does to its stored record `existing`: the outcome and the record
+/// to write (`None`: nothing changes). The inner `Result` is the object's own outcome; the
+/// outer one a store failure.
+#[allow(clippy::type_complexity)]
+fn decide_apply(
+    existing: Option<StoredObject>,
+    item: ApplyItem,
+    batch_images: &std::collections::HashMap<String, ImageSpec>,
+    stored_image: &dyn Fn(&str) -> Result<Option<ImageSpec>, StoreError>,
+    now: Timestamp,
+) -> Result<Result<(ApplyOutcome, Option<StoredObject>), StoreError>, StoreError> {
+    let ApplyItem {
+        mut resource,
+        manager,
+        submitter,
+        force,
+    } = item;
+    resource.clear_status();
+    resource.metadata_mut().generation = 0;
+    let key = ObjectKey::new(resource.kind(), resource.name());
+    if let Err(errors) = validate(&resource) {
+        return Ok(Err(StoreError::Invalid { key, errors }));
+    }
+    // A pool's disk must hold its image: checked here when the image is known (in this
+    // batch or stored); otherwise the pool reports it once the image appears.
+    if let Resource::VmPool(pool) = &resource {
+        let name = &pool.spec.template.image_ref;
+        let image = match batch_images.get(name) {
+            Some(spec) => Some(spec.clone()),
+            None => stored_image(name)?,
+        };
+        if let Some(image) = image {
+            if let Err(errors) = agentvm_api::validate_pool_disk(&pool.spec, name, &image) {
+                return Ok(Err(StoreError::Invalid { key, errors }));
+            }
+        }
+    }
+    let Some(old) = existing else {
+        resource.metadata_mut().generation = 1;
+        let record = StoredObject {
+            resource,
+            manager,
+            submitter: Some(submitter),
+            created_at: now,
+            updated_at: now,
+            deletion_requested_at: None,
+            deletion_requested_by: None,
+        };
+        return Ok(Ok((ApplyOutcome::Created, Some(record))));
+    };
+    if old.manager != manager && !force {
+        return Ok(Err(StoreError::Conflict {
+            key,
+            manager: old.manager,
+        }));
+    }
+    let spec_changed = spec_hash(&old.resource) != spec_hash(&resource);
+    let old_meta = old.resource.metadata();
+    resource.metadata_mut().generation = old_meta.generation.max(1) + i64::from(spec_changed);
+    let meta_changed = old_meta.labels != resource.metadata().labels
+        || old_meta.annotations != resource.metadata().annotations;
+    let changed = spec_changed
+        || meta_changed
+        || old.manager != manager
+        || old.submitter.as_ref() != Some(&submitter)
+        || old.deletion_requested_at.is_some();
+    if !changed {
+        return Ok(Ok((ApplyOutcome::Unchanged, None)));
+    }
+    carry_status(&mut resource, &old.resource);
+    let record = StoredObject {
+        resource,
+        manager,
+        submitter: Some(submitter),
+        created_at: old.created_at,
+        updated_at: now,
+        deletion_requested_at: None,
+        deletion_requested_by: None,
+    };
+    Ok(Ok((ApplyOutcome::Configured, Some(record))))
 }

@@ -8,7 +8,7 @@ use redb::{Durability, ReadableTable};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::{ObjectKey, Store, StoreError, OBJECTS, OUTPUT, OUTPUT_META};
+use crate::{ObjectKey, Store, StoreError, OUTPUT, OUTPUT_META};
 
 /// Most output bytes kept per stream of a run, whatever cap the caller asks for: the largest
 /// `output.maxMib` (64 MiB).
@@ -120,14 +120,13 @@ impl Store {
         cap: u64,
     ) -> Result<usize, StoreError> {
         let key = ObjectKey::new(Kind::AgentRun, run);
-        let db_key = key.db_key();
-        self.with_db(|db| {
+        if self.inner.records.get(&key.db_key())?.is_none() {
+            return Err(StoreError::NotFound(key));
+        }
+        self.inner.local.with_db(|db| {
             let mut txn = db.begin_write()?;
             txn.set_durability(Durability::Eventual);
             let kept = {
-                if txn.open_table(OBJECTS)?.get(db_key.as_str())?.is_none() {
-                    return Err(StoreError::NotFound(key.clone()));
-                }
                 let mut meta_table = txn.open_table(OUTPUT_META)?;
                 let mut meta: OutputMeta = match meta_table.get(run)? {
                     Some(v) => serde_json::from_slice(v.value()).unwrap_or_default(),
@@ -173,21 +172,14 @@ impl Store {
         max_bytes: usize,
     ) -> Result<OutputRead, StoreError> {
         let key = ObjectKey::new(Kind::AgentRun, run);
-        self.with_db(|db| {
+        let read = self.inner.local.with_db(|db| {
             let txn = db.begin_read()?;
             let meta: Option<OutputMeta> = txn
                 .open_table(OUTPUT_META)?
                 .get(run)?
                 .map(|v| serde_json::from_slice(v.value()).unwrap_or_default());
             let Some(meta) = meta else {
-                if txn
-                    .open_table(OBJECTS)?
-                    .get(key.db_key().as_str())?
-                    .is_none()
-                {
-                    return Err(StoreError::NotFound(key.clone()));
-                }
-                return Ok(OutputRead::default());
+                return Ok(None);
             };
             let table = txn.open_table(OUTPUT)?;
             let mut read = OutputRead {
@@ -229,7 +221,47 @@ impl Store {
                     taken += push(k.value().1, v.value(), &mut read);
                 }
             }
-            Ok(read)
+            Ok(Some(read))
+        })?;
+        match read {
+            Some(read) => Ok(read),
+            None if self.inner.records.get(&key.db_key())?.is_none() => {
+                Err(StoreError::NotFound(key))
+            }
+            None => Ok(OutputRead::default()),
+        }
+    }
+
+    /// Removes the output of `run`.
+    pub(crate) fn remove_output(&self, run: &str) -> Result<(), StoreError> {
+        self.inner.local.with_db(|db| {
+            let txn = db.begin_write()?;
+            txn.open_table(OUTPUT_META)?.remove(run)?;
+            txn.open_table(OUTPUT)?
+                .retain_in((run, 0u64)..=(run, u64::MAX), |_, _| false)?;
+            txn.commit()?;
+            Ok(())
         })
+    }
+
+    /// Removes the output of runs that are no longer stored (left by a crash between a run's
+    /// removal and its output's, or, in a cluster, by a run another node finalized).
+    pub(crate) fn prune_output(&self) -> Result<(), StoreError> {
+        let runs: Vec<String> = self.inner.local.with_db(|db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(OUTPUT_META)?;
+            let mut runs = Vec::new();
+            for entry in table.iter()? {
+                runs.push(entry?.0.value().to_string());
+            }
+            Ok(runs)
+        })?;
+        for run in runs {
+            if self.get(Kind::AgentRun, &run)?.is_none() {
+                tracing::info!("removing the output of AgentRun/{run}, which no longer exists");
+                self.remove_output(&run)?;
+            }
+        }
+        Ok(())
     }
 }

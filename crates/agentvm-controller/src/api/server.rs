@@ -270,6 +270,9 @@ fn store_error(e: StoreError) -> Response {
             StatusCode::UNPROCESSABLE_ENTITY
         }
         StoreError::DiskFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
+        StoreError::Unavailable { .. } | StoreError::Contended(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, e.to_string(), vec![])
