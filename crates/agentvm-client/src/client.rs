@@ -761,6 +761,11 @@ impl Client {
             .call::<SpecDirResponse>("GET", "/v1/specdir/errors", None)?
             .spec_dir)
     }
+
+    /// `GET /v1/nodes`.
+    pub fn nodes(&self) -> Result<crate::NodesResponse, ClientError> {
+        self.call("GET", "/v1/nodes", None)
+    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@
 //! | `GET /v1/watch?kind=K&initial=true` | newline-delimited [`WatchEvent`]s, until the client hangs up |
 //! | `GET /v1/runs/{name}/logs?offset=N&follow=true` | the run's output (stdout and stderr interleaved), chunked; `follow` streams until the run ends |
 //! | `GET /v1/specdir/errors` | [`SpecDirResponse`] |
+//! | `GET /v1/nodes` | [`NodesResponse`]: the cluster's nodes, the leader marked; 503 when the cluster store does not answer |
 //! | `POST /v1/sandboxes/{name}/exec` | [`SandboxExecRequest`] → newline-delimited [`ExecEvent`]s (output as it comes, then the exit); 409 when the sandbox is not wanted running |
 //! | `PUT /v1/sandboxes/{name}/files?path=P&mode=644` | the body (streamed) becomes guest file `P`; `{"bytes": N}` |
 //! | `GET /v1/sandboxes/{name}/files?path=P` | guest file `P` as [`attach`] frames: data, then its size or an error |
@@ -186,6 +187,16 @@ pub struct WatchEvent {
 pub struct SpecDirResponse {
     /// The spec directory's state, or `None` when the controller watches none.
     pub spec_dir: Option<SpecDirState>,
+}
+
+/// Response to `GET /v1/nodes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodesResponse {
+    /// False for a single-host controller (no `--cluster`): it has no nodes to list.
+    pub cluster: bool,
+    /// The registered nodes, by name.
+    pub nodes: Vec<agentvm_store::cluster::NodeEntry>,
 }
 
 /// A label selector, Kubernetes equality-based syntax: `a=b,c!=d,e,!f`

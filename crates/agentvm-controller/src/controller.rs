@@ -18,7 +18,8 @@ use crate::source::specdir::SpecDirError;
 use crate::source::{SpecDir, WatchOptions};
 use crate::vm_stats::{StatsSource, VmStatsHistory, VmStatsSampler, DEFAULT_HISTORY};
 use crate::Config;
-use agentvm_store::{Store, StoreError, STORE_FILE};
+use agentvm_store::cluster::{Membership, NodeInfo};
+use agentvm_store::{ClusterConfig, Store, StoreError, STORE_FILE};
 
 /// How long shutdown waits for reconciles in progress before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -72,6 +73,23 @@ pub struct Controller {
     stats_source: Option<Box<dyn StatsSource>>,
     egress: Option<Arc<dyn agentvm_backend::Backend>>,
     sandboxes: Option<crate::api::server::SandboxAccess>,
+    cluster: Option<(ClusterConfig, NodeInfo)>,
+}
+
+/// Waits until this node may reconcile: at once on a single host; in a cluster, once it is
+/// elected.
+async fn leading(membership: &Option<Arc<Membership>>) {
+    if let Some(m) = membership {
+        m.leadership().await;
+    }
+}
+
+/// Waits until this node lost its cluster lease; never on a single host.
+async fn lease_lost(membership: &Option<Arc<Membership>>) {
+    match membership {
+        Some(m) => m.lost().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Controller {
@@ -94,7 +112,16 @@ impl Controller {
             stats_source: None,
             egress: None,
             sandboxes: None,
+            cluster: None,
         }
+    }
+
+    /// Keep objects in the etcd cluster `config` names and join it as `node`: every node
+    /// serves the whole API; the elected leader reconciles, and a node stops when it loses
+    /// its lease (see [`agentvm_store::cluster`]).
+    pub fn cluster(mut self, config: ClusterConfig, node: NodeInfo) -> Self {
+        self.cluster = Some((config, node));
+        self
     }
 
     /// Sample VM statistics from `source` every `vmStatsIntervalSeconds` into the per-VM
@@ -178,9 +205,18 @@ impl Controller {
             source,
         })?;
         let store_path = self.config.state_dir.join(STORE_FILE);
-        let store = tokio::task::spawn_blocking(move || Store::open(store_path))
-            .await
-            .map_err(|e| ControllerError::Task(e.to_string()))??;
+        let cluster = self.cluster.take();
+        let (store, membership) = tokio::task::spawn_blocking(move || match cluster {
+            None => Ok((Store::open(store_path)?, None)),
+            Some((config, node)) => {
+                // Run output stays in the local file.
+                let store = Store::open_cluster(&config, store_path)?;
+                let membership = Membership::join(&config, node)?;
+                Ok::<_, agentvm_store::StoreError>((store, Some(Arc::new(membership))))
+            }
+        })
+        .await
+        .map_err(|e| ControllerError::Task(e.to_string()))??;
         self.readiness.set_store_open(true);
         // Subscribed before anything can change the store, so every change is audited.
         let store_events = store.subscribe();
@@ -233,6 +269,7 @@ impl Controller {
             shutdown: stop_rx.clone(),
             sandboxes: self.sandboxes.clone(),
             audit: Some(audit.clone()),
+            membership: membership.clone(),
         };
         let mut api = tokio::spawn(server::serve(listener, api_state, stopped(stop_rx.clone())));
         let mut source = match spec_dir.clone() {
@@ -262,9 +299,13 @@ impl Controller {
             wake: Default::default(),
         };
         if let Some(backend) = self.egress.take() {
-            if let Err(e) = crate::egress::start(ctx.clone(), backend) {
-                tracing::error!("egress proxy not started: {e}");
-            }
+            let (ctx, membership) = (ctx.clone(), membership.clone());
+            tokio::spawn(async move {
+                leading(&membership).await;
+                if let Err(e) = crate::egress::start(ctx, backend) {
+                    tracing::error!("egress proxy not started: {e}");
+                }
+            });
         }
         let sweeps: Vec<_> = self
             .sweepers
@@ -273,8 +314,13 @@ impl Controller {
                 let ctx = ctx.clone();
                 let every = self.dispatcher.resync;
                 let until = stopped(stop_rx.clone());
+                let membership = membership.clone();
                 tokio::spawn(async move {
                     tokio::pin!(until);
+                    tokio::select! {
+                        _ = &mut until => return,
+                        _ = leading(&membership) => {}
+                    }
                     let mut tick = tokio::time::interval(every);
                     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     loop {
@@ -324,13 +370,23 @@ impl Controller {
                 stopped(stop_rx.clone()),
             )));
         }
-        let dispatcher = Dispatcher::new(ctx, self.reconcilers, self.dispatcher);
+        let mut dispatcher = Dispatcher::new(ctx, self.reconcilers, self.dispatcher);
+        if let Some(m) = &membership {
+            let m = m.clone();
+            dispatcher = dispatcher.fenced_by(Arc::new(move || m.may_act()));
+        }
         let handle = dispatcher.handle();
-        let dispatching = dispatcher.run(stopped(stop_rx.clone()));
         let readiness = self.readiness.clone();
-        readiness.set_dispatcher_running(true);
+        let until = stopped(stop_rx.clone());
+        let leader = membership.clone();
         let mut dispatch = tokio::spawn(async move {
-            dispatching.await;
+            tokio::pin!(until);
+            tokio::select! {
+                _ = &mut until => return,
+                _ = leading(&leader) => {}
+            }
+            readiness.set_dispatcher_running(true);
+            dispatcher.run(until).await;
             readiness.set_dispatcher_running(false);
         });
         tracing::info!(
@@ -360,6 +416,9 @@ impl Controller {
                 Err(e) => e.to_string(),
             }),
             _ = &mut dispatch => failure = Some("the dispatcher stopped".to_string()),
+            _ = lease_lost(&membership) => failure = Some(
+                "this node lost its cluster lease: it stops so that nothing runs twice; start it again to rejoin the cluster".to_string()
+            ),
         }
         let _ = stop_tx.send(true);
         let wait_all = async {
@@ -422,6 +481,132 @@ mod tests {
             ctx.store.update_status(&name, status)?;
             Ok(Action::AwaitChange)
         }
+    }
+
+    /// Records which node reconciled each Image.
+    struct Reconciled(&'static str, Arc<Mutex<Vec<(String, &'static str)>>>);
+
+    impl Reconciler for Reconciled {
+        fn kind(&self) -> Kind {
+            Kind::Image
+        }
+        fn reconcile(&self, obj: Arc<StoredObject>, _: &Ctx) -> Result<Action, ReconcileError> {
+            let name = obj.resource.name().to_string();
+            self.1.lock().unwrap().push((name, self.0));
+            Ok(Action::AwaitChange)
+        }
+    }
+
+    /// Two controllers on one real etcd: both serve the API; only the leader reconciles,
+    /// and when it stops the other takes over.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_nodes_one_reconciles_and_the_other_takes_over() {
+        let etcd = agentvm_store::testing::shared_etcd();
+        let cluster = etcd.config(&format!("/controller-{}", std::process::id()));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let tmp = tempfile::tempdir().unwrap();
+        let start = |name: &'static str| {
+            let dir = tmp.path().join(name);
+            let config = Config {
+                state_dir: dir.join("state"),
+                metrics_address: "off".into(),
+                ..Config::default()
+            };
+            let node = NodeInfo {
+                name: name.into(),
+                vcpus: 2,
+                memory_mib: 1024,
+                accelerator: "tcg".into(),
+                version: "test".into(),
+                joined_at: agentvm_api::Timestamp::now(),
+            };
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let controller = Controller::new(config)
+                .socket(dir.join("api.sock"))
+                .reconciler(Arc::new(Reconciled(name, log.clone())))
+                .cluster(cluster.clone(), node);
+            let task = tokio::spawn(controller.run(async {
+                let _ = stopped.await;
+            }));
+            (
+                stop,
+                task,
+                agentvm_client::Client::new(dir.join("api.sock")),
+            )
+        };
+        let mut nodes = std::collections::HashMap::new();
+        for name in ["node-a", "node-b"] {
+            nodes.insert(name, start(name));
+        }
+        let wait_for = |what: &'static str, ok: Box<dyn Fn() -> bool + Send>| async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !ok() {
+                assert!(Instant::now() < deadline, "{what}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let image = |name: &str| agentvm_client::ApplyRequest {
+            objects: vec![serde_json::json!({
+                "apiVersion": "agentvm.dev/v1alpha1",
+                "kind": "Image",
+                "metadata": {"name": name},
+                "spec": {},
+            })],
+            sources: vec![],
+            dry_run: false,
+            force: false,
+        };
+        // Applied through node-b's API (any node serves it), retried until it is up.
+        let apply = |via: &agentvm_client::Client, name: &str| {
+            let (c, r) = (via.clone(), image(name));
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                loop {
+                    let (c, r) = (c.clone(), r.clone());
+                    let applied = tokio::task::spawn_blocking(move || c.apply(&r))
+                        .await
+                        .unwrap();
+                    if applied.is_ok() {
+                        return;
+                    }
+                    assert!(Instant::now() < deadline, "no API answered: {applied:?}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        apply(&nodes["node-b"].2, "first").await;
+        let l = log.clone();
+        wait_for(
+            "first reconciled",
+            Box::new(move || l.lock().unwrap().iter().any(|(n, _)| n == "first")),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let leader = log.lock().unwrap()[0].1;
+        assert!(
+            log.lock().unwrap().iter().all(|(_, node)| *node == leader),
+            "only the leader reconciles: {:?}",
+            log.lock().unwrap()
+        );
+        // The leader stops: the other is elected and reconciles what is applied next.
+        let (stop, task, _) = nodes.remove(leader).unwrap();
+        let _ = stop.send(());
+        task.await.unwrap().unwrap();
+        let (other, (stop, task, client)) = nodes.into_iter().next().unwrap();
+        apply(&client, "second").await;
+        let l = log.clone();
+        wait_for(
+            "the other node reconciles after the leader stopped",
+            Box::new(move || {
+                l.lock()
+                    .unwrap()
+                    .iter()
+                    .any(|(n, node)| n == "second" && *node == other)
+            }),
+        )
+        .await;
+        let _ = stop.send(());
+        task.await.unwrap().unwrap();
     }
 
     /// Prints the latency from a spec-file write to the start of its reconcile (run with

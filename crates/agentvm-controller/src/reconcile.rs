@@ -294,6 +294,9 @@ struct Shared {
     queue: Arc<WorkQueue>,
     options: DispatcherOptions,
     stats: DispatchStats,
+    /// False while this node may not act (a cluster node that is not the leader, or whose
+    /// lease lapsed): nothing is reconciled then.
+    may_act: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
 /// A handle on a running dispatcher: trigger a resync, read its counters.
@@ -344,8 +347,18 @@ impl Dispatcher {
                 queue,
                 options,
                 stats: DispatchStats::default(),
+                may_act: Arc::new(|| true),
             }),
         }
+    }
+
+    /// Reconcile only while `may_act` says so (checked before every reconcile; see
+    /// [`agentvm_store::cluster::Membership::may_act`]). Before [`Dispatcher::run`].
+    pub fn fenced_by(mut self, may_act: Arc<dyn Fn() -> bool + Send + Sync>) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.may_act = may_act;
+        }
+        self
     }
 
     /// A handle usable while [`Dispatcher::run`] runs.
@@ -441,6 +454,10 @@ impl Shared {
     }
 
     async fn process(self: &Arc<Self>, key: &ObjectKey) {
+        if !(self.may_act)() {
+            tracing::warn!("{key}: not reconciled: this node may not act (not the cluster's leader, or its lease lapsed)");
+            return;
+        }
         self.stats.processed.fetch_add(1, Ordering::Relaxed);
         let obj = match self.ctx.cache.get(key.kind, &key.name) {
             Ok(Some(obj)) => obj,

@@ -86,6 +86,8 @@ pub(crate) struct EtcdRecords {
 struct EtcdInner {
     rt: BgRuntime,
     client: Client,
+    /// `<prefix>` without a trailing `/`.
+    prefix: String,
     /// `<prefix>/objects/`.
     objects: String,
     endpoints: String,
@@ -114,18 +116,24 @@ impl EtcdRecords {
             .with_timeout(config.timeout)
             .with_keep_alive(Duration::from_secs(5), config.timeout);
         let eps = config.endpoints.clone();
-        // Connecting may try each endpoint for up to the timeout.
+        // Connecting may try each endpoint for up to the timeout. Waited for on a channel, not
+        // with `block_on`, so that it may be called on an async thread too.
         let connect_wait = config.timeout * 2;
-        let client = rt
-            .block_on(async move {
-                tokio::time::timeout(connect_wait, Client::connect(eps, Some(options))).await
-            })
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        rt.spawn(async move {
+            let r = tokio::time::timeout(connect_wait, Client::connect(eps, Some(options))).await;
+            let _ = tx.send(r);
+        });
+        let client = rx
+            .recv()
+            .map_err(|_| unavailable("the etcd client stopped".into()))?
             .map_err(|_| unavailable("no answer while connecting".into()))?
             .map_err(|e| unavailable(format!("connecting: {e}")))?;
         let records = EtcdRecords {
             inner: Arc::new(EtcdInner {
                 rt: BgRuntime(Some(rt)),
                 client,
+                prefix: config.prefix.trim_end_matches('/').to_string(),
                 objects: format!("{}/objects/", config.prefix.trim_end_matches('/')),
                 endpoints,
                 timeout: config.timeout,
@@ -161,6 +169,34 @@ impl EtcdRecords {
             }
             Err(_) => Err(self.unavailable("the etcd client stopped")),
         }
+    }
+
+    /// [`EtcdRecords::call`] for the cluster's other users (`cluster.rs`).
+    pub(crate) fn run<T: Send + 'static>(
+        &self,
+        f: impl Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.call(f)
+    }
+
+    /// Runs `f` in the background on the client's runtime (until the last handle drops).
+    pub(crate) fn spawn(&self, f: impl Future<Output = ()> + Send + 'static) {
+        self.inner.rt.handle().spawn(f);
+    }
+
+    /// A handle on the etcd client.
+    pub(crate) fn client(&self) -> Client {
+        self.inner.client.clone()
+    }
+
+    /// The key of node `name`'s record (`<prefix>/nodes/<name>`).
+    pub(crate) fn node_key(&self, name: &str) -> String {
+        format!("{}/nodes/{name}", self.inner.prefix)
+    }
+
+    /// The election whose leader reconciles.
+    pub(crate) fn leader_key(&self) -> String {
+        format!("{}/leader", self.inner.prefix)
     }
 
     fn key(&self, key: &str) -> String {

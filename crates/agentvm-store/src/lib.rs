@@ -44,6 +44,7 @@
 //!   re-read the object; they never trust an event's content.
 
 pub mod caller;
+pub mod cluster;
 mod db;
 mod etcd;
 mod objects;

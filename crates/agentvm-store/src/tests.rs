@@ -335,3 +335,79 @@ mod etcd {
         assert!(matches!(err, StoreError::Unavailable { .. }), "{err}");
     }
 }
+
+/// Nodes of a cluster: registration, election, fencing, on a real etcd.
+mod membership {
+    use crate::cluster::{Membership, NodeInfo, NODE_LEASE_TTL};
+    use std::time::{Duration, Instant};
+
+    fn node(name: &str) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            vcpus: 2,
+            memory_mib: 4096,
+            accelerator: "tcg".into(),
+            version: "test".into(),
+            joined_at: agentvm_api::Timestamp::now(),
+        }
+    }
+
+    fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+        let deadline = Instant::now() + limit;
+        while !ok() {
+            assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    #[test]
+    fn one_leader_acts_and_the_other_takes_over_when_it_leaves() {
+        let server = crate::testing::shared_etcd();
+        let config = server.config(&format!("/test-{}-election", std::process::id()));
+        let a = Membership::join(&config, node("a")).unwrap();
+        wait_for("a is elected", Duration::from_secs(10), || a.may_act());
+        let b = Membership::join(&config, node("b")).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(!b.may_act(), "only one node acts");
+        let err = Membership::join(&config, node("a"))
+            .err()
+            .expect("a second a");
+        assert!(err.to_string().contains("already registered"), "{err}");
+        let nodes = b.nodes().unwrap();
+        let names: Vec<_> = nodes
+            .iter()
+            .map(|n| (n.info.name.as_str(), n.leader))
+            .collect();
+        assert_eq!(names, vec![("a", true), ("b", false)]);
+        assert!(nodes
+            .iter()
+            .all(|n| n.lease_seconds_left > 0 && n.info.vcpus == 2));
+        drop(a);
+        wait_for("b takes over", Duration::from_secs(10), || b.may_act());
+        let nodes = b.nodes().unwrap();
+        assert_eq!(nodes.len(), 1, "a's record left with its lease");
+        assert!(nodes[0].leader);
+    }
+
+    #[test]
+    fn a_node_that_cannot_renew_its_lease_stops_acting_before_it_expires() {
+        let server = crate::testing::EtcdServer::start();
+        let m = Membership::join(&server.config("/fence"), node("solo")).unwrap();
+        wait_for("elected", Duration::from_secs(10), || m.may_act());
+        server.kill();
+        let killed = Instant::now();
+        wait_for("fenced", NODE_LEASE_TTL + Duration::from_secs(2), || {
+            !m.may_act()
+        });
+        assert!(killed.elapsed() <= NODE_LEASE_TTL + Duration::from_secs(1));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), m.lost())
+                .await
+                .expect("lost() resolves once the lease ran out");
+        });
+    }
+}

@@ -61,6 +61,8 @@ pub struct ApiState {
     pub sandboxes: Option<SandboxAccess>,
     /// The audit log (each sandbox exec is recorded).
     pub audit: Option<crate::audit::AuditLog>,
+    /// This node's cluster membership (`None` on a single host).
+    pub membership: Option<Arc<agentvm_store::cluster::Membership>>,
 }
 
 /// What the sandbox routes need: the backend to reach the VMs, and the activity record.
@@ -150,6 +152,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/watch", get(watch_events))
         .route("/v1/runs/{name}/logs", get(logs))
         .route("/v1/specdir/errors", get(specdir_errors))
+        .route("/v1/nodes", get(nodes))
         .route(
             "/v1/sandboxes/{name}/exec",
             axum::routing::post(super::sandbox::exec),
@@ -754,6 +757,24 @@ async fn logs(
         HeaderValue::from_static("application/octet-stream"),
     );
     resp
+}
+
+async fn nodes(State(st): State<ApiState>) -> Response {
+    let Some(m) = st.membership.clone() else {
+        return Json(agentvm_client::NodesResponse {
+            cluster: false,
+            nodes: vec![],
+        })
+        .into_response();
+    };
+    match blocking(move || m.nodes()).await {
+        Ok(nodes) => Json(agentvm_client::NodesResponse {
+            cluster: true,
+            nodes,
+        })
+        .into_response(),
+        Err(resp) => resp,
+    }
 }
 
 async fn specdir_errors(State(st): State<ApiState>) -> Response {

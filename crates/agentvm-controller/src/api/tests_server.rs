@@ -49,6 +49,7 @@ fn start() -> TestServer {
             sandboxes: std::sync::Arc::new(crate::reconcilers::Sandboxes::new()),
         }),
         audit: None,
+        membership: None,
     };
     let mut until = rx;
     rt.spawn(serve(listener, state, async move {

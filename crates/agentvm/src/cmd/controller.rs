@@ -37,6 +37,28 @@ pub struct ControllerArgs {
     /// metricsAddress, else 127.0.0.1:9090].
     #[arg(long, value_name = "ADDR")]
     metrics_address: Option<String>,
+    /// Keep objects in this etcd cluster (comma-separated client URLs,
+    /// `http://10.0.0.1:2379,http://10.0.0.2:2379`) and join it as a node: every node serves
+    /// the whole API, the elected leader reconciles, and a node that loses its lease stops.
+    /// Without it, objects stay in <stateDir>/store.redb (one host).
+    #[arg(
+        long,
+        value_name = "URLS",
+        env = "AGENTVM_CLUSTER",
+        value_delimiter = ','
+    )]
+    cluster: Vec<String>,
+    /// This node's name in the cluster [default: the host name].
+    #[arg(long, value_name = "NAME", env = "AGENTVM_NODE", requires = "cluster")]
+    node: Option<String>,
+    /// Key prefix of this agentvm cluster's data in etcd.
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        default_value = "/agentvm",
+        requires = "cluster"
+    )]
+    cluster_prefix: String,
 }
 
 impl ControllerArgs {
@@ -51,18 +73,27 @@ impl ControllerArgs {
             .context("starting the async runtime")?;
         let socket = self
             .socket
+            .clone()
             .unwrap_or_else(|| agentvm_client::default_socket(&cfg.state_dir));
         let mut cfg = cfg.clone();
-        if let Some(addr) = self.metrics_address {
+        if let Some(addr) = self.metrics_address.clone() {
             cfg.metrics_address = addr;
         }
         let mut controller = Controller::new(cfg.clone())
-            .spec_dir(self.spec_dir)
+            .spec_dir(self.spec_dir.clone())
             .socket(socket)
             .dispatcher_options(DispatcherOptions {
                 resync: self.resync.max(Duration::from_secs(1)),
                 ..DispatcherOptions::default()
             });
+        if !self.cluster.is_empty() {
+            let node = self.node_info(&cfg)?;
+            let cluster = agentvm_store::ClusterConfig {
+                prefix: self.cluster_prefix.clone(),
+                ..agentvm_store::ClusterConfig::new(self.cluster.clone())
+            };
+            controller = controller.cluster(cluster, node);
+        }
         if !self.without_reconcilers {
             let mut backend = LibvirtBackend::new(
                 cfg.libvirt_uri.clone(),
@@ -111,6 +142,40 @@ impl ControllerArgs {
             Ok::<_, anyhow::Error>(())
         })?;
         Ok(0)
+    }
+}
+
+impl ControllerArgs {
+    /// What this node publishes to the cluster.
+    fn node_info(&self, cfg: &Config) -> anyhow::Result<agentvm_store::cluster::NodeInfo> {
+        let name = match &self.node {
+            Some(n) => n.clone(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .context("reading the host name (give --node NAME)")?,
+        };
+        if !agentvm_api::is_dns_label(&name) {
+            anyhow::bail!(
+                "--node {name:?}: a node name must be a DNS label (lower-case letters, digits and '-', at most 63)"
+            );
+        }
+        let memory_mib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map_or(0, |kib| kib / 1024);
+        Ok(agentvm_store::cluster::NodeInfo {
+            name,
+            vcpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            memory_mib,
+            // The configured choice (`auto`, `kvm`, `tcg`).
+            accelerator: format!("{:?}", cfg.accelerator).to_lowercase(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            joined_at: agentvm_api::Timestamp::now(),
+        })
     }
 }
 

@@ -30,8 +30,9 @@ pub enum OutputFormat {
 /// Options of `get`.
 #[derive(Debug, Args)]
 pub struct GetArgs {
-    /// Kind: Network (net), NetworkFilter (nwf), Image (img), VmPool (pool), AgentRun (run),
-    /// their plurals, or `all`.
+    /// Kind: Network (net), NetworkFilter (nwf), Image (img), VmPool (pool), Sandbox (sb),
+    /// Snapshot (snap), AgentRun (run), their plurals, or `all`; `nodes` lists the nodes of
+    /// a cluster.
     #[arg(value_name = "KIND")]
     kind: String,
     /// Only these objects (all of the kind when omitted).
@@ -365,6 +366,12 @@ impl GetArgs {
     /// Fetch and print; exit 1 if a named object is missing.
     pub fn run(self, cfg: &Config) -> anyhow::Result<i32> {
         let client = self.conn.client(cfg);
+        if matches!(
+            self.kind.to_ascii_lowercase().as_str(),
+            "node" | "nodes" | "no"
+        ) {
+            return self.nodes(&client);
+        }
         let all = self.kind.eq_ignore_ascii_case("all");
         let kind = if all {
             None
@@ -473,6 +480,72 @@ impl GetArgs {
             }
         }
         Ok(i32::from(missing > 0))
+    }
+}
+
+impl GetArgs {
+    /// `get nodes`: the cluster's nodes (a controller started with `--cluster`).
+    fn nodes(&self, client: &agentvm_client::Client) -> anyhow::Result<i32> {
+        if self.watch || self.selector.is_some() {
+            bail!("`get nodes` takes neither --watch nor --selector");
+        }
+        let resp = client.nodes()?;
+        if !resp.cluster {
+            eprintln!(
+                "This controller runs on one host (started without --cluster): it has no nodes to list."
+            );
+            return Ok(0);
+        }
+        let nodes: Vec<_> = resp
+            .nodes
+            .into_iter()
+            .filter(|n| self.names.is_empty() || self.names.contains(&n.info.name))
+            .collect();
+        let missing: Vec<_> = self
+            .names
+            .iter()
+            .filter(|name| !nodes.iter().any(|n| &n.info.name == *name))
+            .collect();
+        for name in &missing {
+            eprintln!("error: node \"{name}\" not found");
+        }
+        match self.output {
+            Some(OutputFormat::Json) => println!("{}", serde_json::to_string_pretty(&nodes)?),
+            Some(OutputFormat::Yaml) => print!("{}", serde_yaml::to_string(&nodes)?),
+            Some(OutputFormat::Name) => {
+                for n in &nodes {
+                    println!("node/{}", n.info.name);
+                }
+            }
+            None | Some(OutputFormat::Wide) => {
+                if nodes.is_empty() && missing.is_empty() {
+                    eprintln!("No nodes found.");
+                }
+                let header: Vec<String> = [
+                    "NAME", "ROLE", "VCPUS", "MEMORY", "ACCEL", "LEASE", "AGE", "VERSION",
+                ]
+                .map(String::from)
+                .to_vec();
+                let rows: Vec<Vec<String>> = nodes
+                    .iter()
+                    .map(|n| {
+                        vec![
+                            n.info.name.clone(),
+                            if n.leader { "leader" } else { "standby" }.into(),
+                            n.info.vcpus.to_string(),
+                            format!("{}Mi", n.info.memory_mib),
+                            n.info.accelerator.clone(),
+                            format!("{}s", n.lease_seconds_left),
+                            human_age(n.info.joined_at.age()),
+                            n.info.version.clone(),
+                        ]
+                    })
+                    .collect();
+                let header = (!self.no_headers && !nodes.is_empty()).then_some(header);
+                print!("{}", table_text(header.as_deref(), &rows, &[]).0);
+            }
+        }
+        Ok(if missing.is_empty() { 0 } else { 1 })
     }
 }
 
