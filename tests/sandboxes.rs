@@ -2,7 +2,8 @@
 //! pool (which boots a replacement) and keeps it: `agentvm exec sandbox/NAME` passes output
 //! and exit codes through, `-i` this process's stdin and `-t` a terminal of its size (and
 //! `agentvm shell` a login shell on one);
-//! `agentvm cp` copies files in and out intact, with their mode; `agentvm port-forward`
+//! `agentvm cp` copies files and directories (nested, with links and modes) in and out intact,
+//! and refuses a guest directory with a link leading out of it; `agentvm port-forward`
 //! reaches a web server in the sandbox; `pause` stops the vCPUs (an exec is refused until `resume`);
 //! `stop` saves memory and disk to the host's disk (no QEMU process) and `start` brings
 //! back the same files and the same running processes; a `kill -9` of the controller loses
@@ -219,6 +220,72 @@ fn a_sandbox_keeps_its_vm_files_and_processes_through_pause_stop_and_restarts() 
     assert!(!missing.exists());
     let err = env.fails(&["cp", local.to_str().unwrap(), "sandbox/dev:relative"]);
     assert!(err.contains("must be absolute"), "{err}");
+
+    // cp of a directory both ways: nested directories, a symbolic link and an executable
+    // mode arrive as they were; an existing target is never merged into; `-` takes files
+    // only; a guest link leading out of the copy refuses the whole copy and leaves nothing.
+    let tree = env.state().join("tree");
+    std::fs::create_dir_all(tree.join("a/b")).unwrap();
+    std::fs::write(tree.join("a/b/deep.txt"), b"deep\n").unwrap();
+    std::fs::write(tree.join("run.sh"), b"#!/bin/sh\necho ran\n").unwrap();
+    std::fs::set_permissions(
+        tree.join("run.sh"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("a/b/deep.txt", tree.join("link")).unwrap();
+    env.ok(&["cp", tree.to_str().unwrap(), "sandbox/dev:/root"]);
+    assert_eq!(
+        exec_ok(
+            &env,
+            "dev",
+            "cd /root/tree && cat link && ./run.sh && stat -c %a run.sh && readlink link"
+        ),
+        "deep\nran\n755\na/b/deep.txt\n"
+    );
+    let err = env.fails(&[
+        "cp",
+        tree.to_str().unwrap(),
+        "sandbox/dev:/root/tree/a/b/deep.txt",
+    ]);
+    assert!(err.contains("not a directory"), "{err}");
+    exec_ok(&env, "dev", "echo new > /root/tree/a/made-here");
+    let out = env.state().join("out");
+    std::fs::create_dir(&out).unwrap();
+    env.ok(&["cp", "sandbox/dev:/root/tree", out.to_str().unwrap()]);
+    let got = out.join("tree");
+    assert_eq!(std::fs::read(got.join("link")).unwrap(), b"deep\n");
+    assert_eq!(std::fs::read(got.join("a/made-here")).unwrap(), b"new\n");
+    assert_eq!(
+        std::fs::read_link(got.join("link")).unwrap(),
+        std::path::Path::new("a/b/deep.txt")
+    );
+    let mode = std::fs::metadata(got.join("run.sh")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o755
+    );
+    let err = env.fails(&["cp", "sandbox/dev:/root/tree", out.to_str().unwrap()]);
+    assert!(err.contains("exists already"), "{err}");
+    let err = env.fails(&["cp", "sandbox/dev:/root/tree", "-"]);
+    assert!(
+        err.contains("is a directory") && err.contains("`-`"),
+        "{err}"
+    );
+    exec_ok(&env, "dev", "ln -s /etc/shadow /root/tree/a/evil");
+    let refused = env.state().join("refused");
+    let err = env.fails(&["cp", "sandbox/dev:/root/tree", refused.to_str().unwrap()]);
+    assert!(
+        err.contains("tree/a/evil: symbolic link to /etc/shadow, outside the copied directory"),
+        "{err}"
+    );
+    assert!(!refused.exists());
+    let left: Vec<_> = std::fs::read_dir(env.state())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".agentvm-cp"))
+        .collect();
+    assert!(left.is_empty(), "staging left behind: {left:?}");
 
     // port-forward: a web server in the sandbox, reached on this machine's loopback.
     exec_ok(

@@ -21,8 +21,8 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use agentvm_guest::{
-    cost, read_frame, scan_for, sync_bytes, write_frame, ExecSpec, ToGuest, ToHost, WinSize,
-    FRAME_COST, GUEST_SYNC, HOST_SYNC, MAX_CHUNK, MAX_FRAME, WINDOW,
+    cost, read_frame, scan_for, sync_bytes, write_frame, ExecSpec, PathStat, ToGuest, ToHost,
+    WinSize, FRAME_COST, GUEST_SYNC, HOST_SYNC, MAX_CHUNK, MAX_FRAME, TREE_VERSION, WINDOW,
 };
 
 use crate::error::{BackendError, Result};
@@ -441,17 +441,114 @@ impl AgentConn {
         mode: u32,
         src: &mut dyn Read,
     ) -> Result<()> {
+        let request = ToGuest::WriteFile {
+            path: path.to_string(),
+            mode,
+        };
+        self.send_stream(request, path, &format!("write {path}"), src)
+    }
+
+    /// The protocol version of the agent (a round trip).
+    pub fn version(self: &Arc<Self>) -> Result<u32> {
+        let mut rx = self.open()?;
+        self.send(rx.id, &ToGuest::Ping)?;
+        match self.answer(&mut rx, "ping")? {
+            ToHost::Pong { version, .. } => Ok(version),
+            other => Err(self.protocol("ping", &other)),
+        }
+    }
+
+    /// An error unless the agent copies directories (an older one would drop the
+    /// connection on the request).
+    fn require_trees(self: &Arc<Self>, what: &str) -> Result<()> {
+        let version = self.version()?;
+        if version < TREE_VERSION {
+            return Err(self.refused(
+                what,
+                &format!(
+                    "agentvm-guest in this VM speaks protocol {version}; this needs \
+                     {TREE_VERSION} or later: rebuild the image (`agentvm image build`) with \
+                     this agentvm's agent"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// What is at `path` in the guest (links followed).
+    pub fn stat(self: &Arc<Self>, path: &str) -> Result<PathStat> {
+        let what = format!("stat {path}");
+        self.require_trees(&what)?;
         let mut rx = self.open()?;
         self.send(
             rx.id,
-            &ToGuest::WriteFile {
+            &ToGuest::Stat {
                 path: path.to_string(),
-                mode,
             },
         )?;
+        match self.answer(&mut rx, &what)? {
+            ToHost::Stat(st) => Ok(st),
+            ToHost::Error { message } => Err(self.refused(what, &message)),
+            other => Err(self.protocol(&what, &other)),
+        }
+    }
+
+    /// Make the new directory `path` in the guest from the tar stream `src` of a directory
+    /// called `name` (see [`agentvm_guest::tree`]); the agent refuses entries outside it
+    /// and leaves nothing at `path` when it refuses.
+    pub fn write_tree_from(
+        self: &Arc<Self>,
+        path: &str,
+        name: &str,
+        src: &mut dyn Read,
+    ) -> Result<()> {
+        let what = format!("copy a directory to {path}");
+        self.require_trees(&what)?;
+        let request = ToGuest::WriteTree {
+            path: path.to_string(),
+            name: name.to_string(),
+        };
+        self.send_stream(request, path, &what, src)
+    }
+
+    /// The directory `path` in the guest as a tar stream of at most `max` bytes (see
+    /// [`agentvm_guest::tree`]; the guest made it: unpack it as hostile).
+    pub fn open_tree_reader(self: &Arc<Self>, path: &str, max: u64) -> Result<AgentFileReader> {
+        self.require_trees(&format!("copy the directory {path}"))?;
+        let rx = self.open()?;
+        self.send(
+            rx.id,
+            &ToGuest::ReadTree {
+                path: path.to_string(),
+                max,
+            },
+        )?;
+        Ok(AgentFileReader {
+            rx,
+            path: path.to_string(),
+            max,
+            got: 0,
+            buf: Vec::new(),
+            pos: 0,
+            ended: false,
+            error: None,
+        })
+    }
+
+    /// Send `request`, then what `src` yields as its data under the agent's credit, then
+    /// the end; wait for the agent's answer.
+    fn send_stream(
+        self: &Arc<Self>,
+        request: ToGuest,
+        path: &str,
+        what: &str,
+        src: &mut dyn Read,
+    ) -> Result<()> {
+        let mut rx = self.open()?;
+        self.send(rx.id, &request)?;
         let mut credit = WINDOW;
         let mut buf = vec![0u8; MAX_CHUNK];
-        let what = format!("write {path}");
+        let what = what.to_string();
         loop {
             if credit < cost(MAX_CHUNK) {
                 // Wait for credit; a `Done` here would be out of turn.

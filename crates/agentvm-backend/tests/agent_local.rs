@@ -455,3 +455,83 @@ fn a_host_connection_is_forwarded_to_a_guest_port_both_ways() {
     assert!(matches!(e, BackendError::GuestCommand { .. }), "{e}");
     assert!(c.ping().is_ok());
 }
+
+#[test]
+fn directories_go_in_and_out_and_the_agent_refuses_escapes() {
+    use std::os::unix::fs::PermissionsExt;
+    let a = agent();
+    let c = connect(&a);
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("a/b")).unwrap();
+    std::fs::write(src.join("a/b/f"), vec![5u8; 3 << 20]).unwrap();
+    std::fs::write(src.join("x.sh"), b"#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(src.join("x.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("a/b/f", src.join("l")).unwrap();
+    let mut tar = Vec::new();
+    agentvm_guest::tree::pack(&src, "src", &mut tar).unwrap();
+
+    let into = dir.path().join("in");
+    let into_s = into.to_str().unwrap();
+    assert_eq!(
+        c.stat(into_s).unwrap().kind,
+        agentvm_guest::PathKind::Missing
+    );
+    c.write_tree_from(into_s, "src", &mut &tar[..]).unwrap();
+    assert_eq!(
+        c.stat(into_s).unwrap().kind,
+        agentvm_guest::PathKind::Directory
+    );
+    assert_eq!(
+        std::fs::read(into.join("a/b/f")).unwrap(),
+        vec![5u8; 3 << 20]
+    );
+    assert_eq!(
+        std::fs::metadata(into.join("x.sh"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o755
+    );
+    assert_eq!(
+        std::fs::read_link(into.join("l")).unwrap(),
+        Path::new("a/b/f")
+    );
+    // Again: the target exists, the agent refuses and the connection lives.
+    let e = c.write_tree_from(into_s, "src", &mut &tar[..]).unwrap_err();
+    assert!(e.to_string().contains("exists already"), "{e}");
+
+    // Out again, as a tar of the directory under its own name.
+    let mut back = Vec::new();
+    c.open_tree_reader(into_s, 64 << 20)
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap();
+    let out = dir.path().join("out");
+    agentvm_guest::tree::unpack_new(&back[..], &out, "in").unwrap();
+    assert_eq!(
+        std::fs::read(out.join("a/b/f")).unwrap(),
+        vec![5u8; 3 << 20]
+    );
+    // Over the cap: an error, not a cut archive.
+    let mut r = c.open_tree_reader(into_s, 1 << 20).unwrap();
+    assert!(r.read_to_end(&mut Vec::new()).is_err());
+
+    // A hostile archive: an entry climbing out is refused and nothing is made.
+    let mut h = tar::Header::new_gnu();
+    h.as_old_mut().name[..11].copy_from_slice(b"d/../../esc");
+    h.set_size(1);
+    h.set_mode(0o644);
+    h.set_cksum();
+    let mut evil = h.as_bytes().to_vec();
+    evil.push(b'x');
+    evil.resize(1024 + 1024, 0);
+    let target = dir.path().join("evil");
+    let e = c
+        .write_tree_from(target.to_str().unwrap(), "d", &mut &evil[..])
+        .unwrap_err();
+    assert!(e.to_string().contains("d/../../esc: path with `..`"), "{e}");
+    assert!(!target.exists() && !dir.path().parent().unwrap().join("esc").exists());
+    assert!(c.ping().is_ok());
+}

@@ -675,9 +675,33 @@ impl Client {
             encode(sandbox),
             encode(path)
         );
+        self.put_stream(&url, src, len)
+    }
+
+    /// `PUT /v1/sandboxes/{name}/dirs`: `len` bytes of `src`, the tar archive of a directory
+    /// called `name`, become the new guest directory `path`; the archive bytes sent.
+    pub fn sandbox_upload_dir(
+        &self,
+        sandbox: &str,
+        path: &str,
+        name: &str,
+        src: &mut dyn Read,
+        len: u64,
+    ) -> Result<u64, ClientError> {
+        let url = format!(
+            "/v1/sandboxes/{}/dirs?path={}&name={}",
+            encode(sandbox),
+            encode(path),
+            encode(name)
+        );
+        self.put_stream(&url, src, len)
+    }
+
+    /// A streamed `PUT` answered `{"bytes": N}`; N.
+    fn put_stream(&self, url: &str, src: &mut dyn Read, len: u64) -> Result<u64, ClientError> {
         let (mut resp, _) = self.send(
             "PUT",
-            &url,
+            url,
             RequestBody::Stream(src, len),
             Some(REQUEST_TIMEOUT),
             None,
@@ -692,6 +716,34 @@ impl Client {
         Ok(v["bytes"].as_u64().unwrap_or(0))
     }
 
+    /// `GET /v1/sandboxes/{name}/stat`: what is at guest path `path` (links followed).
+    pub fn sandbox_stat(&self, sandbox: &str, path: &str) -> Result<crate::PathStat, ClientError> {
+        let url = format!(
+            "/v1/sandboxes/{}/stat?path={}",
+            encode(sandbox),
+            encode(path)
+        );
+        self.call("GET", &url, None)
+    }
+
+    /// `GET /v1/sandboxes/{name}/dirs`: the guest directory `path` as a tar archive of at
+    /// most `max` bytes (made by the guest: unpack it as hostile) copied into `dst`; its
+    /// size. An error when the guest could not send all of it.
+    pub fn sandbox_download_dir(
+        &self,
+        sandbox: &str,
+        path: &str,
+        max: u64,
+        dst: &mut dyn Write,
+    ) -> Result<u64, ClientError> {
+        let url = format!(
+            "/v1/sandboxes/{}/dirs?path={}&max={max}",
+            encode(sandbox),
+            encode(path)
+        );
+        self.download_frames(&url, dst)
+    }
+
     /// `GET /v1/sandboxes/{name}/files`: guest file `path` copied into `dst`; its size. An
     /// error when the guest could not send all of it.
     pub fn sandbox_download(
@@ -700,13 +752,19 @@ impl Client {
         path: &str,
         dst: &mut dyn Write,
     ) -> Result<u64, ClientError> {
-        use crate::attach as frames;
         let url = format!(
             "/v1/sandboxes/{}/files?path={}",
             encode(sandbox),
             encode(path)
         );
-        let mut resp = self.request("GET", &url, None, Some(REQUEST_TIMEOUT))?;
+        self.download_frames(&url, dst)
+    }
+
+    /// A download framed as [`crate::attach`] frames (`DATA`, then the count or `ERROR`)
+    /// copied into `dst`; its size.
+    fn download_frames(&self, url: &str, dst: &mut dyn Write) -> Result<u64, ClientError> {
+        use crate::attach as frames;
+        let mut resp = self.request("GET", url, None, Some(REQUEST_TIMEOUT))?;
         if resp.status != 200 {
             let mut bytes = Vec::new();
             let _ = resp.body.read_to_end(&mut bytes);

@@ -374,6 +374,36 @@ pub struct SandboxRollbackRequest {
     pub snapshot: String,
 }
 
+/// Default cap of a directory copied out of a sandbox (`GET /v1/sandboxes/{name}/dirs`),
+/// archive bytes.
+pub const MAX_DIR_BYTES: u64 = 1 << 30;
+
+/// What a guest path is ([`PathStat`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PathKind {
+    /// Nothing is there.
+    Missing,
+    /// A regular file.
+    File,
+    /// A directory.
+    Directory,
+    /// A socket, FIFO or device.
+    Other,
+}
+
+/// `GET /v1/sandboxes/{name}/stat?path=/abs`: what is at a guest path (links followed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PathStat {
+    /// What is there.
+    pub kind: PathKind,
+    /// Its size, bytes.
+    pub size: u64,
+    /// Its permission bits.
+    pub mode: u32,
+}
+
 /// The `Upgrade` protocol of `POST /v1/sandboxes/{name}/forward`: raw bytes both ways.
 pub const FORWARD_PROTOCOL: &str = "agentvm-forward";
 

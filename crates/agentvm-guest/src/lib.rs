@@ -22,12 +22,18 @@
 
 use std::io::{self, Read, Write};
 
+pub mod tree;
+
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// The name of the virtio-serial port (`<target type='virtio' name=...>`).
 pub const PORT_NAME: &str = "org.agentvm.agent.0";
-/// Protocol version, reported in [`ToHost::Pong`].
-pub const VERSION: u32 = 1;
+/// Protocol version, reported in [`ToHost::Pong`]. 2 added [`ToGuest::Stat`],
+/// [`ToGuest::WriteTree`] and [`ToGuest::ReadTree`] (an agent of version 1 drops the
+/// connection on them: ask its version first).
+pub const VERSION: u32 = 2;
+/// The first [`VERSION`] that copies directories.
+pub const TREE_VERSION: u32 = 2;
 /// Largest encoded frame body either side accepts.
 pub const MAX_FRAME: usize = 128 * 1024;
 /// Largest data payload a sender puts into one frame.
@@ -139,6 +145,53 @@ pub enum ToGuest {
         /// Guest port.
         port: u16,
     },
+    /// What is at `path` (links followed): answered with [`ToHost::Stat`].
+    Stat {
+        /// Absolute path in the guest.
+        path: String,
+    },
+    /// Make the new directory `path` (it must not exist; its parent must) from the tar
+    /// archive that follows as [`ToGuest::FileData`] and [`ToGuest::FileEnd`], its entries
+    /// under `name` (see [`tree`]); answered like [`ToGuest::WriteFile`].
+    WriteTree {
+        /// Absolute path in the guest.
+        path: String,
+        /// The top-level name in the archive.
+        name: String,
+    },
+    /// Send the directory at `path` as a tar archive (see [`tree`]), its entries under the
+    /// path's last component, at most `max` bytes: [`ToHost::FileData`] then
+    /// [`ToHost::FileEnd`], or [`ToHost::Error`].
+    ReadTree {
+        /// Absolute path in the guest.
+        path: String,
+        /// Stop with an error after this many bytes.
+        max: u64,
+    },
+}
+
+/// What a path is, in [`PathStat`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PathKind {
+    /// Nothing is there.
+    Missing,
+    /// A regular file.
+    File,
+    /// A directory.
+    Directory,
+    /// Anything else (socket, FIFO, device).
+    Other,
+}
+
+/// Answer to [`ToGuest::Stat`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathStat {
+    /// What is there.
+    pub kind: PathKind,
+    /// Its size, bytes.
+    pub size: u64,
+    /// Its permission bits.
+    pub mode: u32,
 }
 
 /// Agent → host.
@@ -185,6 +238,8 @@ pub enum ToHost {
     },
     /// The guest side of a forwarded connection will send nothing more.
     Eof,
+    /// Answer to [`ToGuest::Stat`].
+    Stat(PathStat),
 }
 
 impl ToHost {

@@ -27,8 +27,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use agentvm_guest::{
-    cost, read_frame, scan_for_magic, sync_bytes, ExecSpec, FrameError, ToGuest, ToHost, WinSize,
-    FRAME_COST, GUEST_SYNC, HOST_SYNC, MAX_CHUNK, PORT_NAME, VERSION, WINDOW,
+    cost, read_frame, scan_for_magic, sync_bytes, ExecSpec, FrameError, PathKind, PathStat,
+    ToGuest, ToHost, WinSize, FRAME_COST, GUEST_SYNC, HOST_SYNC, MAX_CHUNK, PORT_NAME, VERSION,
+    WINDOW,
 };
 
 /// After the program exits, output still arriving (from children that kept its pipes) is
@@ -362,6 +363,13 @@ fn dispatch(agent: &Arc<Agent>, epoch: u64, stream: u32, msg: ToGuest) {
         ToGuest::Connect { port } => start_task(agent, epoch, stream, move |a, s| {
             run_forward(a, epoch, stream, port, s)
         }),
+        ToGuest::Stat { path } => reply(ToHost::Stat(stat(&path))),
+        ToGuest::ReadTree { path, max } => start_task(agent, epoch, stream, move |a, s| {
+            run_tree_download(a, epoch, stream, &path, max, s)
+        }),
+        ToGuest::WriteTree { path, name } => start_task(agent, epoch, stream, move |a, s| {
+            run_tree_upload(a, epoch, stream, &path, &name, s)
+        }),
         ToGuest::WriteFile { path, mode } => {
             use std::os::unix::fs::OpenOptionsExt;
             let (file, error) = match std::fs::OpenOptions::new()
@@ -382,22 +390,35 @@ fn dispatch(agent: &Arc<Agent>, epoch: u64, stream: u32, msg: ToGuest) {
         }
         ToGuest::FileData(data) => {
             let mut slots = agent.slots.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(Slot::Upload { file, error }) = slots.get_mut(&stream) {
-                if let (Some(f), None) = (file.as_mut(), error.as_ref()) {
-                    if let Err(e) = f.write_all(&data) {
-                        *error = Some(e.to_string());
+            match slots.get_mut(&stream) {
+                Some(Slot::Upload { file, error }) => {
+                    if let (Some(f), None) = (file.as_mut(), error.as_ref()) {
+                        if let Err(e) = f.write_all(&data) {
+                            *error = Some(e.to_string());
+                        }
                     }
+                    drop(slots);
+                    reply(ToHost::Credit(cost(data.len())));
                 }
-                drop(slots);
-                reply(ToHost::Credit(cost(data.len())));
+                // A directory being unpacked: its thread reads the data and gives credit.
+                Some(Slot::Task(s)) => {
+                    let s = s.clone();
+                    drop(slots);
+                    s.update(|c| c.stdin.push_back(data));
+                }
+                None => {}
             }
         }
         ToGuest::FileEnd => {
-            let slot = agent
-                .slots
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&stream);
+            let mut slots = agent.slots.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(Slot::Task(s)) = slots.get(&stream) {
+                let s = s.clone();
+                drop(slots);
+                s.update(|c| c.stdin_close = true);
+                return;
+            }
+            let slot = slots.remove(&stream);
+            drop(slots);
             if let Some(Slot::Upload { file, error }) = slot {
                 reply(match (file, error) {
                     (_, Some(message)) => ToHost::Error { message },
@@ -1022,6 +1043,171 @@ fn run_download(agent: &Agent, epoch: u64, stream: u32, path: &str, max: u64, s:
         }
     }
     send(ToHost::FileEnd { size: sent });
+}
+
+fn stat(path: &str) -> PathStat {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(path) {
+        Ok(m) => PathStat {
+            kind: if m.is_dir() {
+                PathKind::Directory
+            } else if m.is_file() {
+                PathKind::File
+            } else {
+                PathKind::Other
+            },
+            size: m.len(),
+            mode: m.permissions().mode() & 0o7777,
+        },
+        Err(_) => PathStat {
+            kind: PathKind::Missing,
+            size: 0,
+            mode: 0,
+        },
+    }
+}
+
+/// A stream's data to the host as [`ToHost::FileData`] under its credit, at most `max`
+/// bytes.
+struct ToHostWriter<'a> {
+    agent: &'a Agent,
+    epoch: u64,
+    stream: u32,
+    s: &'a Session,
+    sent: u64,
+    max: u64,
+}
+
+impl Write for ToHostWriter<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        loop {
+            let credit = {
+                let c = self.s.ctl.lock().unwrap_or_else(|e| e.into_inner());
+                if c.closed {
+                    return Err(io::Error::other("closed by the host"));
+                }
+                c.credit
+            };
+            if credit <= FRAME_COST {
+                self.s.wait(Duration::from_secs(60));
+                continue;
+            }
+            let k = ((credit - FRAME_COST) as usize)
+                .min(MAX_CHUNK)
+                .min(data.len());
+            if self.sent + k as u64 > self.max {
+                return Err(io::Error::other(format!(
+                    "larger than the cap of {} bytes",
+                    self.max
+                )));
+            }
+            self.s.ctl.lock().unwrap_or_else(|e| e.into_inner()).credit -= cost(k);
+            self.sent += k as u64;
+            let msg = ToHost::FileData(data[..k].to_vec());
+            if !self.agent.send(self.epoch, self.stream, &msg) {
+                return Err(io::Error::other("the host went away"));
+            }
+            return Ok(k);
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A directory to the host as a tar stream ([`agentvm_guest::tree::pack`]).
+fn run_tree_download(agent: &Agent, epoch: u64, stream: u32, path: &str, max: u64, s: &Session) {
+    let send = |m: ToHost| agent.send(epoch, stream, &m);
+    let name = std::path::Path::new(path)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    let Some(name) = name else {
+        send(ToHost::Error {
+            message: format!("{path}: names no directory to copy"),
+        });
+        return;
+    };
+    let mut out = ToHostWriter {
+        agent,
+        epoch,
+        stream,
+        s,
+        sent: 0,
+        max,
+    };
+    let packed = agentvm_guest::tree::pack(
+        std::path::Path::new(path),
+        &name,
+        io::BufWriter::with_capacity(MAX_CHUNK, &mut out),
+    );
+    match packed {
+        Ok(()) => send(ToHost::FileEnd { size: out.sent }),
+        Err(e) => send(ToHost::Error {
+            message: format!("{path}: {e}"),
+        }),
+    };
+}
+
+/// A stream's data from the host ([`ToGuest::FileData`] queued by the dispatcher), giving
+/// credit back as it is read; ends at [`ToGuest::FileEnd`].
+struct FromHostReader<'a> {
+    agent: &'a Agent,
+    epoch: u64,
+    stream: u32,
+    s: &'a Session,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for FromHostReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.buf.len() {
+            let next = {
+                let mut c = self.s.ctl.lock().unwrap_or_else(|e| e.into_inner());
+                if c.closed {
+                    return Err(io::Error::other("closed by the host"));
+                }
+                match c.stdin.pop_front() {
+                    Some(chunk) => Some(chunk),
+                    None if c.stdin_close => return Ok(0),
+                    None => None,
+                }
+            };
+            match next {
+                Some(chunk) => {
+                    self.agent
+                        .send(self.epoch, self.stream, &ToHost::Credit(cost(chunk.len())));
+                    self.buf = chunk;
+                    self.pos = 0;
+                }
+                None => self.s.wait(Duration::from_secs(60)),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// A directory from the host's tar stream ([`agentvm_guest::tree::unpack_new`]).
+fn run_tree_upload(agent: &Agent, epoch: u64, stream: u32, path: &str, name: &str, s: &Session) {
+    let src = FromHostReader {
+        agent,
+        epoch,
+        stream,
+        s,
+        buf: Vec::new(),
+        pos: 0,
+    };
+    let msg = match agentvm_guest::tree::unpack_new(src, std::path::Path::new(path), name) {
+        Ok(_) => ToHost::Done,
+        Err(e) => ToHost::Error {
+            message: e.to_string(),
+        },
+    };
+    agent.send(epoch, stream, &msg);
 }
 
 /// A forwarded connection: bytes between the host's stream and `127.0.0.1:port`.

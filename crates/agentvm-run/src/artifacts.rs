@@ -1,5 +1,6 @@
 //! Artifacts on the host: a fresh directory per run ([`RunDir`]) and the unpacking of the
-//! tar a guest made of each declared path into it ([`unpack`]).
+//! tar a guest made of each declared path into it ([`unpack`]); and the same unpacking for a
+//! directory `agentvm cp` copies out of a sandbox ([`unpack_to`], under [`Rules::COPY`]).
 //!
 //! The archive is made by a guest that is root in its VM and may be hostile, so nothing in
 //! it is trusted (GNU `tar -x` run as root would keep its owners, setuid bits, device nodes
@@ -28,6 +29,12 @@
 //!   says) or goes over a limit is refused as a whole ([`ArchiveError`]): what was unpacked
 //!   from it is removed.
 //! - [`RunDir::create`] never reuses a directory: a later run of the same name gets another.
+//! - [`Rules`] loosen two of the above for `agentvm cp`, and only these: permission bits are
+//!   kept (`0o777` of them: never setuid, setgid or sticky), and a symbolic link is created
+//!   when its target is relative and cannot leave the copied directory (`..` only at its
+//!   start, never climbing above the top; links are never followed while unpacking, so an
+//!   entry "through" a link is still rejected). [`unpack_to`] refuses the whole archive for
+//!   any rejected entry and renames it into place only when all of it was unpacked.
 //!
 //! Assumptions: the parent of the run directories is not writable by anyone the host does
 //! not trust (the controller's `<stateDir>/artifacts`, 0750; for `agentvm run`, a directory
@@ -82,6 +89,39 @@ impl Budget {
     }
 }
 
+/// How [`unpack_with`] treats what an archive says beyond names and bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    /// Keep each entry's permission bits (`& 0o777`; directories also get `0o700`, so that
+    /// they can be filled) instead of [`FILE_MODE`] and [`DIR_MODE`].
+    pub keep_permissions: bool,
+    /// Create symbolic links whose target stays inside the artifact (see the module
+    /// documentation); others are rejected as [`RejectReason::Symlink`] or
+    /// [`RejectReason::SymlinkOutside`].
+    pub symlinks_inside: bool,
+    /// Deepest entry, in path components (the artifact's own name counts).
+    pub max_depth: usize,
+}
+
+impl Rules {
+    /// Run artifacts: fixed modes, no links, any depth the path length allows.
+    pub const ARTIFACTS: Rules = Rules {
+        keep_permissions: false,
+        symlinks_inside: false,
+        max_depth: usize::MAX,
+    };
+    /// `agentvm cp` out of a sandbox: permissions kept, links inside the copy, at most
+    /// [`MAX_COPY_DEPTH`] deep.
+    pub const COPY: Rules = Rules {
+        keep_permissions: true,
+        symlinks_inside: true,
+        max_depth: MAX_COPY_DEPTH,
+    };
+}
+
+/// Deepest entry of a directory `agentvm cp` copies out of a sandbox, path components.
+pub const MAX_COPY_DEPTH: usize = 64;
+
 /// Why an entry, or a whole archive, was not unpacked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RejectReason {
@@ -89,6 +129,16 @@ pub enum RejectReason {
     Symlink {
         /// Where it points.
         target: String,
+    },
+    /// A symbolic link whose target is absolute or may lead outside the artifact.
+    SymlinkOutside {
+        /// Where it points.
+        target: String,
+    },
+    /// More path components than [`Rules::max_depth`].
+    TooDeep {
+        /// The limit.
+        max: usize,
     },
     /// A hard link (never created on the host).
     HardLink {
@@ -126,6 +176,10 @@ impl std::fmt::Display for RejectReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RejectReason::Symlink { target } => write!(f, "symbolic link to {target}"),
+            RejectReason::SymlinkOutside { target } => {
+                write!(f, "symbolic link to {target}, outside the copied directory")
+            }
+            RejectReason::TooDeep { max } => write!(f, "deeper than {max} directories"),
             RejectReason::HardLink { target } => write!(f, "hard link to {target}"),
             RejectReason::CharDevice => f.write_str("character device"),
             RejectReason::BlockDevice => f.write_str("block device"),
@@ -230,6 +284,8 @@ pub struct Unpacked {
     pub files: u64,
     /// Directories created.
     pub dirs: u64,
+    /// Symbolic links created (only under [`Rules::symlinks_inside`]).
+    pub symlinks: u64,
     /// Entries skipped, in archive order.
     pub rejected: Vec<Rejection>,
 }
@@ -442,6 +498,17 @@ pub fn unpack(
     name: &[u8],
     budget: &mut Budget,
 ) -> Result<Unpacked, ArchiveError> {
+    unpack_with(source, dir, name, budget, &Rules::ARTIFACTS)
+}
+
+/// [`unpack`] under `rules`.
+pub fn unpack_with(
+    source: &mut dyn Read,
+    dir: &mut RunDir,
+    name: &[u8],
+    budget: &mut Budget,
+    rules: &Rules,
+) -> Result<Unpacked, ArchiveError> {
     let host_name = dir.claim(name);
     let mut counted = Counted {
         inner: source,
@@ -451,7 +518,7 @@ pub fn unpack(
     };
     let cap = budget.packed_bytes;
     let mut out = Unpacked::default();
-    let result = unpack_entries(&mut counted, dir, name, &host_name, budget, &mut out);
+    let result = unpack_entries(&mut counted, dir, name, &host_name, budget, rules, &mut out);
     budget.packed_bytes = counted.left;
     let error = match result {
         Ok(()) => None,
@@ -467,6 +534,91 @@ pub fn unpack(
             Err(e)
         }
     }
+}
+
+/// Why [`unpack_to`] copied nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// The archive as a whole was refused, or could not be read or written.
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    /// An entry was refused; the first one and why.
+    #[error("{0}")]
+    Refused(Rejection),
+    /// The destination exists already (nothing is merged into or over it).
+    #[error("{}: exists already; remove it or name a new path", .0.display())]
+    Exists(PathBuf),
+    /// The archive held no directory of the expected name.
+    #[error("the archive holds no directory {0}")]
+    NoDirectory(String),
+    /// The host could not make the temporary directory or rename it into place.
+    #[error("{}: {source}", path.display())]
+    Host {
+        /// What was being made.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+/// Unpack the tar stream of a directory called `name` (all entries `name` or under it) to
+/// `dest`, which must not exist, under `rules` and `budget`: into a new hidden directory
+/// beside `dest`, renamed to `dest` only when every entry was unpacked. On any error (a
+/// refused entry, a cap, a malformed archive) nothing is left at `dest` or beside it.
+pub fn unpack_to(
+    source: &mut dyn Read,
+    dest: &Path,
+    name: &[u8],
+    budget: &mut Budget,
+    rules: &Rules,
+) -> Result<Unpacked, CopyError> {
+    let host = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CopyError::Host { path, source }
+    };
+    if std::fs::symlink_metadata(dest).is_ok() {
+        return Err(CopyError::Exists(dest.to_path_buf()));
+    }
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let staging = tempfile::Builder::new()
+        .prefix(".agentvm-cp-")
+        .tempdir_in(parent)
+        .map_err(host(parent))?;
+    let fd = open_dir(rustix::fs::CWD, staging.path()).map_err(host(staging.path()))?;
+    let mut dir = RunDir {
+        path: staging.path().to_path_buf(),
+        fd,
+        gid: None,
+        names: HashSet::new(),
+    };
+    let out = unpack_with(source, &mut dir, name, budget, rules)?;
+    if let Some(first) = out.rejected.first() {
+        return Err(CopyError::Refused(first.clone()));
+    }
+    let top = staging.path().join(OsStr::from_bytes(name));
+    if !std::fs::symlink_metadata(&top).is_ok_and(|m| m.is_dir()) {
+        return Err(CopyError::NoDirectory(shown(name)));
+    }
+    rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        &top,
+        rustix::fs::CWD,
+        dest,
+        rustix::fs::RenameFlags::NOREPLACE,
+    )
+    .map_err(|e| match e {
+        Errno::EXIST => CopyError::Exists(dest.to_path_buf()),
+        e => CopyError::Host {
+            path: dest.to_path_buf(),
+            source: e.into(),
+        },
+    })?;
+    // `staging` (now empty) goes when dropped; its removal failing leaves an empty hidden
+    // directory, not a copy.
+    Ok(out)
 }
 
 /// Reads a GNU long name/link or PAX record block, at most [`MAX_RECORD_BYTES`].
@@ -500,6 +652,7 @@ fn unpack_entries(
     name: &[u8],
     host_name: &[u8],
     budget: &mut Budget,
+    rules: &Rules,
     out: &mut Unpacked,
 ) -> Result<(), Stop> {
     use tar::EntryType as T;
@@ -565,6 +718,7 @@ fn unpack_entries(
         };
         let reason = match kind {
             T::Regular | T::Directory => None,
+            T::Symlink if rules.symlinks_inside => None,
             T::Symlink => Some(RejectReason::Symlink { target: target() }),
             T::Link => Some(RejectReason::HardLink { target: target() }),
             T::Char => Some(RejectReason::CharDevice),
@@ -583,12 +737,41 @@ fn unpack_entries(
                 continue;
             }
         };
+        if components.len() > rules.max_depth {
+            reject(
+                out,
+                RejectReason::TooDeep {
+                    max: rules.max_depth,
+                },
+            );
+            continue;
+        }
         let is_top = components.len() == 1;
         // On the host the first component is the artifact's own (maybe renamed) name.
         let mut host: Vec<&[u8]> = components;
         host[0] = host_name;
+        let mode = rules
+            .keep_permissions
+            .then(|| entry.header().mode().map(|m| m & 0o777))
+            .transpose()?;
         let result = if kind == T::Directory {
-            make_dirs(dir, &host, out).map(|_| ())
+            make_dirs(dir, &host, out).and_then(|fd| match mode {
+                Some(m) => set_owner_mode(&fd, dir.gid, m | 0o700)
+                    .map_err(|e| host_error(dir.path.join(OsStr::from_bytes(&path)), e)),
+                None => Ok(()),
+            })
+        } else if kind == T::Symlink {
+            let target = link.as_deref().unwrap_or_default();
+            if !link_stays_inside(host.len() - 1, target) {
+                reject(
+                    out,
+                    RejectReason::SymlinkOutside {
+                        target: shown(target),
+                    },
+                );
+                continue;
+            }
+            make_link(dir, &host, target, out)
         } else {
             if size > budget.file_bytes {
                 return Err(Stop::Refused(ArchiveError::FileCap {
@@ -597,7 +780,13 @@ fn unpack_entries(
                 }));
             }
             budget.file_bytes -= size;
-            write_file(dir, &host, &shown(&path), &mut entry, size, is_top, out)
+            let file = NewFile {
+                entry: &shown(&path),
+                size,
+                mode: mode.unwrap_or(FILE_MODE),
+                is_top,
+            };
+            write_file(dir, &host, &file, &mut entry, out)
         };
         match result {
             Ok(()) => {}
@@ -610,7 +799,7 @@ fn unpack_entries(
             "a long name or PAX record describes no entry".into(),
         )));
     }
-    if out.files + out.dirs > 0 {
+    if out.files + out.dirs + out.symlinks > 0 {
         out.host_path = Some(dir.path.join(OsStr::from_bytes(host_name)));
     }
     Ok(())
@@ -675,7 +864,7 @@ fn place_error(e: Errno, path: PathBuf) -> Place {
 /// Opens (creating as needed, mode [`DIR_MODE`]) the directories `parts` under `dir`,
 /// following nothing; returns the last one's descriptor.
 fn make_dirs(dir: &RunDir, parts: &[&[u8]], out: &mut Unpacked) -> Result<OwnedFd, Place> {
-    let mut cur = open_dir(&dir.fd, ".").map_err(|e| host(dir.path.clone(), e))?;
+    let mut cur = open_dir(&dir.fd, ".").map_err(|e| host_error(dir.path.clone(), e))?;
     let mut at = dir.path.clone();
     for part in parts {
         at.push(OsStr::from_bytes(part));
@@ -692,7 +881,7 @@ fn make_dirs(dir: &RunDir, parts: &[&[u8]], out: &mut Unpacked) -> Result<OwnedF
         )
         .map_err(|e| place_error(e, at.clone()))?;
         if created {
-            set_owner_mode(&next, dir.gid, DIR_MODE).map_err(|e| host(at.clone(), e))?;
+            set_owner_mode(&next, dir.gid, DIR_MODE).map_err(|e| host_error(at.clone(), e))?;
             out.dirs += 1;
         }
         cur = next;
@@ -700,21 +889,72 @@ fn make_dirs(dir: &RunDir, parts: &[&[u8]], out: &mut Unpacked) -> Result<OwnedF
     Ok(cur)
 }
 
-fn host(path: PathBuf, source: io::Error) -> Place {
+fn host_error(path: PathBuf, source: io::Error) -> Place {
     Place::Stop(Stop::Refused(ArchiveError::Host { path, source }))
 }
 
-/// Creates the regular file `parts` (its parents as needed) with the `size` bytes of entry
-/// `entry`'s `data`.
+/// True when a link at depth `depth` (components of its parent directory, the artifact's
+/// name included) pointing at `target` resolves inside the artifact whatever the links it
+/// names resolve to: relative, `..` only before every other component and never more of
+/// them than `depth - 1`.
+fn link_stays_inside(depth: usize, target: &[u8]) -> bool {
+    if target.is_empty() || target.starts_with(b"/") || target.contains(&0) {
+        return false;
+    }
+    let mut ups = 0usize;
+    let mut named = false;
+    for c in target.split(|b| *b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." if named => return false,
+            b".." => ups += 1,
+            _ => named = true,
+        }
+    }
+    depth >= 1 && ups < depth
+}
+
+/// Creates the symbolic link `parts` (its parents as needed) pointing at `target`.
+fn make_link(
+    dir: &RunDir,
+    parts: &[&[u8]],
+    target: &[u8],
+    out: &mut Unpacked,
+) -> Result<(), Place> {
+    let (last, parents) = parts.split_last().expect("at least the artifact's name");
+    let parent = make_dirs(dir, parents, out)?;
+    let mut at = dir.path.clone();
+    at.extend(parts.iter().map(|p| OsStr::from_bytes(p)));
+    rustix::fs::symlinkat(OsStr::from_bytes(target), &parent, *last)
+        .map_err(|e| place_error(e, at))?;
+    out.symlinks += 1;
+    Ok(())
+}
+
+/// A regular file to create: the entry's shown name, its size and mode, and whether it is
+/// the artifact itself.
+struct NewFile<'a> {
+    entry: &'a str,
+    size: u64,
+    mode: u32,
+    is_top: bool,
+}
+
+/// Creates the regular file `parts` (its parents as needed) with the `file.size` bytes of
+/// `data`.
 fn write_file(
     dir: &RunDir,
     parts: &[&[u8]],
-    entry: &str,
+    file_spec: &NewFile<'_>,
     data: &mut impl Read,
-    size: u64,
-    is_top: bool,
     out: &mut Unpacked,
 ) -> Result<(), Place> {
+    let NewFile {
+        entry,
+        size,
+        mode,
+        is_top,
+    } = *file_spec;
     let (last, parents) = parts.split_last().expect("at least the artifact's name");
     let parent = make_dirs(dir, parents, out)?;
     let mut at = dir.path.clone();
@@ -723,10 +963,10 @@ fn write_file(
         &parent,
         *last,
         OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::from_raw_mode(FILE_MODE),
+        Mode::from_raw_mode(mode),
     )
     .map_err(|e| place_error(e, at.clone()))?;
-    set_owner_mode(&fd, dir.gid, FILE_MODE).map_err(|e| host(at.clone(), e))?;
+    set_owner_mode(&fd, dir.gid, mode).map_err(|e| host_error(at.clone(), e))?;
     out.files += 1;
     let mut file = std::fs::File::from(fd);
     let mut hasher = is_top.then(Sha256::new);
@@ -742,7 +982,8 @@ fn write_file(
                 entry: entry.to_string(),
             })));
         }
-        file.write_all(&buf[..n]).map_err(|e| host(at.clone(), e))?;
+        file.write_all(&buf[..n])
+            .map_err(|e| host_error(at.clone(), e))?;
         if let Some(h) = hasher.as_mut() {
             h.update(&buf[..n]);
         }

@@ -80,7 +80,15 @@ enum Command {
     Start(cmd::sandbox::PowerArgs),
     /// Forward local ports to ports in a sandbox until interrupted.
     PortForward(cmd::sandbox::PortForwardArgs),
-    /// Copy a file into or out of a sandbox (`sandbox/NAME:/path` on one side).
+    /// Copy a file or directory into or out of a sandbox (`sandbox/NAME:/path` on one side).
+    ///
+    /// A directory is copied like `docker cp`: it becomes DST when DST does not exist, else
+    /// DST/<its name>; nothing that exists is merged into or replaced. Its regular files,
+    /// directories and symbolic links travel with their permission bits; a socket, FIFO or
+    /// device in it stops the copy. Out of a sandbox the guest's archive is checked entry
+    /// by entry (no absolute paths, no `..`, no links leading outside the copy, no devices,
+    /// at most --max-bytes, 100000 entries and 64 levels) and unpacked beside DST, which
+    /// appears only when all of it was unpacked. `-` (stdin, stdout) takes a file only.
     Cp(cmd::sandbox::CpArgs),
     /// Take a snapshot (memory and disk) of a sandbox: creates a Snapshot object.
     Snapshot(cmd::sandbox::SnapshotArgs),

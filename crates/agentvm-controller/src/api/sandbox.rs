@@ -757,24 +757,97 @@ pub(super) async fn upload(
     axum::extract::Query(q): axum::extract::Query<FileQuery>,
     body: Body,
 ) -> Response {
+    let mode = match check_file_query(&q) {
+        Ok(m) => m,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message, vec![]),
+    };
+    let path = q.path.clone();
+    receive(&st, caller, &name, &q.path, body, move |conn, src| {
+        conn.write_file_from(&path, mode, src)
+    })
+    .await
+}
+
+/// Query of `/v1/sandboxes/{name}/dirs` and `/stat`.
+#[derive(Debug, serde::Deserialize)]
+pub(super) struct DirQuery {
+    path: String,
+    /// PUT: the name of the directory the archive holds (its entries' first component).
+    #[serde(default)]
+    name: Option<String>,
+    /// GET: the most archive bytes to send (default [`agentvm_client::MAX_DIR_BYTES`]).
+    #[serde(default)]
+    max: Option<u64>,
+}
+
+/// An absolute guest path without NUL.
+fn check_guest_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') || path.contains('\0') || path.len() > 4096 {
+        return Err(format!("path {path:?} is not an absolute guest path"));
+    }
+    Ok(())
+}
+
+/// `PUT /v1/sandboxes/{name}/dirs?path=/abs&name=NAME`: the request body, a tar archive of a
+/// directory called NAME (every entry NAME or under it), becomes the new directory `path`
+/// in the guest, unpacked by the guest agent (which refuses entries outside it and leaves
+/// nothing at `path` when it refuses). Answers `{"bytes": N}`.
+pub(super) async fn upload_dir(
+    State(st): State<ApiState>,
+    caller: Option<Extension<Caller>>,
+    UrlPath(name): UrlPath<String>,
+    axum::extract::Query(q): axum::extract::Query<DirQuery>,
+    body: Body,
+) -> Response {
+    if let Err(message) = check_guest_path(&q.path) {
+        return error(StatusCode::BAD_REQUEST, message, vec![]);
+    }
+    let top = match q.name.as_deref() {
+        Some(n) if !n.is_empty() && !n.contains('/') && n != "." && n != ".." => n.to_string(),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "name= must be the archive's directory name (one path component)",
+                vec![],
+            )
+        }
+    };
+    let path = q.path.clone();
+    receive(&st, caller, &name, &q.path, body, move |conn, src| {
+        conn.write_tree_from(&path, &top, src)
+    })
+    .await
+}
+
+/// Streams the request `body` to the guest through `write` (on a blocking thread, with the
+/// sandbox's agentvm-guest connection); answers `{"bytes": N}` or why not.
+async fn receive(
+    st: &ApiState,
+    caller: Option<Extension<Caller>>,
+    name: &str,
+    path: &str,
+    body: Body,
+    write: impl FnOnce(
+            &std::sync::Arc<agentvm_backend::agent_conn::AgentConn>,
+            &mut dyn std::io::Read,
+        ) -> agentvm_backend::Result<()>
+        + Send
+        + 'static,
+) -> Response {
     use futures::StreamExt;
     let caller = match caller_of(caller) {
         Ok(c) => c,
         Err(resp) => return resp,
     };
-    let mode = match check_file_query(&q) {
-        Ok(m) => m,
-        Err(message) => return error(StatusCode::BAD_REQUEST, message, vec![]),
-    };
-    let (access, in_use, vm) = match transfer_target(&st, &name, &caller).await {
+    let (access, in_use, vm) = match transfer_target(st, name, &caller).await {
         Ok(t) => t,
         Err(resp) => return resp,
     };
     let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
     let counted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let count = counted.clone();
-    let path = q.path.clone();
-    let write = tokio::task::spawn_blocking(move || {
+    let shown = path.to_string();
+    let written = tokio::task::spawn_blocking(move || {
         let _in_use = in_use;
         let mut src = ChannelReader {
             rx,
@@ -785,8 +858,7 @@ pub(super) async fn upload(
         let conn = Guest::new(&*agent).agent().ok_or_else(|| {
             format!("agentvm-guest does not answer in {vm}; copying files needs it")
         })?;
-        conn.write_file_from(&path, mode, &mut src)
-            .map_err(|e| format!("writing {path} in {vm}: {e}"))
+        write(&conn, &mut src).map_err(|e| format!("writing {shown} in {vm}: {e}"))
     });
     let mut stream = body.into_data_stream();
     let mut broken = None;
@@ -805,11 +877,11 @@ pub(super) async fn upload(
         }
     }
     drop(tx);
-    let written = write.await;
+    let written = written.await;
     if let Some(e) = broken {
         return error(
             StatusCode::BAD_REQUEST,
-            format!("the upload broke off: {e}; {} may hold part of it", q.path),
+            format!("the upload broke off: {e}; {path} may hold part of it"),
             vec![],
         );
     }
@@ -833,22 +905,16 @@ pub(super) async fn download(
     UrlPath(name): UrlPath<String>,
     axum::extract::Query(q): axum::extract::Query<FileQuery>,
 ) -> Response {
-    use agentvm_client::attach as frames;
-    let caller = match caller_of(caller) {
-        Ok(c) => c,
-        Err(resp) => return resp,
-    };
     if let Err(message) = check_file_query(&q) {
         return error(StatusCode::BAD_REQUEST, message, vec![]);
     }
-    let (access, in_use, vm) = match transfer_target(&st, &name, &caller).await {
+    let (access, in_use, vm) = match download_target(&st, caller, &name).await {
         Ok(t) => t,
         Err(resp) => return resp,
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     let path = q.path.clone();
     tokio::task::spawn_blocking(move || {
-        use std::io::Read;
         let _in_use = in_use;
         let result = (|| -> Result<u64, String> {
             let agent = access.backend.agent(&vm).map_err(|e| e.to_string())?;
@@ -856,31 +922,140 @@ pub(super) async fn download(
             let mut reader = guest
                 .open_reader(&path)
                 .map_err(|e| format!("reading {path} in {vm}: {e}"))?;
-            let mut buf = vec![0u8; 256 * 1024];
-            let mut total = 0u64;
-            loop {
-                let n = reader
-                    .read(&mut buf)
-                    .map_err(|e| format!("reading {path} in {vm}: {e}"))?;
-                if n == 0 {
-                    return Ok(total);
-                }
-                total += n as u64;
-                if tx
-                    .blocking_send(Bytes::from(frames::encode(frames::DATA, &buf[..n])))
-                    .is_err()
-                {
-                    return Err("the client went away".into());
-                }
-            }
+            pump(&mut reader, &tx, &path, &vm)
         })();
-        let last = match result {
-            Ok(total) => frames::encode(frames::RESIZE_OR_EXIT, &total.to_be_bytes()),
-            Err(message) => frames::encode(frames::ERROR, message.as_bytes()),
-        };
-        let _ = tx.blocking_send(Bytes::from(last));
+        finish(&tx, result);
     });
     streamed(rx, "application/octet-stream")
+}
+
+/// `GET /v1/sandboxes/{name}/dirs?path=/abs&max=N`: the guest directory as a tar archive of
+/// at most N bytes made by the guest agent (entries under the path's last component),
+/// framed as for `/files`. The guest made it: a client unpacks it as hostile.
+pub(super) async fn download_dir(
+    State(st): State<ApiState>,
+    caller: Option<Extension<Caller>>,
+    UrlPath(name): UrlPath<String>,
+    axum::extract::Query(q): axum::extract::Query<DirQuery>,
+) -> Response {
+    if let Err(message) = check_guest_path(&q.path) {
+        return error(StatusCode::BAD_REQUEST, message, vec![]);
+    }
+    let (access, in_use, vm) = match download_target(&st, caller, &name).await {
+        Ok(t) => t,
+        Err(resp) => return resp,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let path = q.path.clone();
+    let max = q.max.unwrap_or(agentvm_client::MAX_DIR_BYTES);
+    tokio::task::spawn_blocking(move || {
+        let _in_use = in_use;
+        let result = (|| -> Result<u64, String> {
+            let agent = access.backend.agent(&vm).map_err(|e| e.to_string())?;
+            let conn = Guest::new(&*agent).agent().ok_or_else(|| {
+                format!("agentvm-guest does not answer in {vm}; copying directories needs it")
+            })?;
+            let mut reader = conn
+                .open_tree_reader(&path, max)
+                .map_err(|e| format!("reading {path} in {vm}: {e}"))?;
+            pump(&mut reader, &tx, &path, &vm)
+        })();
+        finish(&tx, result);
+    });
+    streamed(rx, "application/octet-stream")
+}
+
+/// The caller's sandbox VM for a download (see [`transfer_target`]).
+async fn download_target(
+    st: &ApiState,
+    caller: Option<Extension<Caller>>,
+    name: &str,
+) -> Result<(SandboxAccess, crate::reconcilers::sandbox::InUse, String), Response> {
+    let caller = caller_of(caller)?;
+    transfer_target(st, name, &caller).await
+}
+
+/// Copies `reader` to `tx` as `DATA` frames; the bytes copied.
+fn pump(
+    reader: &mut dyn std::io::Read,
+    tx: &tokio::sync::mpsc::Sender<Bytes>,
+    path: &str,
+    vm: &str,
+) -> Result<u64, String> {
+    use agentvm_client::attach as frames;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = reader
+            .read(&mut buf)
+            .map_err(|e| format!("reading {path} in {vm}: {e}"))?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n as u64;
+        if tx
+            .blocking_send(Bytes::from(frames::encode(frames::DATA, &buf[..n])))
+            .is_err()
+        {
+            return Err("the client went away".into());
+        }
+    }
+}
+
+/// The last frame of a download: the byte count, or why it stopped.
+fn finish(tx: &tokio::sync::mpsc::Sender<Bytes>, result: Result<u64, String>) {
+    use agentvm_client::attach as frames;
+    let last = match result {
+        Ok(total) => frames::encode(frames::RESIZE_OR_EXIT, &total.to_be_bytes()),
+        Err(message) => frames::encode(frames::ERROR, message.as_bytes()),
+    };
+    let _ = tx.blocking_send(Bytes::from(last));
+}
+
+/// `GET /v1/sandboxes/{name}/stat?path=/abs`: what is at that guest path (links followed):
+/// [`agentvm_client::PathStat`].
+pub(super) async fn stat(
+    State(st): State<ApiState>,
+    caller: Option<Extension<Caller>>,
+    UrlPath(name): UrlPath<String>,
+    axum::extract::Query(q): axum::extract::Query<DirQuery>,
+) -> Response {
+    if let Err(message) = check_guest_path(&q.path) {
+        return error(StatusCode::BAD_REQUEST, message, vec![]);
+    }
+    let caller = match caller_of(caller) {
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
+    let (access, in_use, vm) = match transfer_target(&st, &name, &caller).await {
+        Ok(t) => t,
+        Err(resp) => return resp,
+    };
+    let path = q.path.clone();
+    let answer = tokio::task::spawn_blocking(move || -> Result<agentvm_guest::PathStat, String> {
+        let _in_use = in_use;
+        let agent = access.backend.agent(&vm).map_err(|e| e.to_string())?;
+        let conn = Guest::new(&*agent).agent().ok_or_else(|| {
+            format!("agentvm-guest does not answer in {vm}; copying files needs it")
+        })?;
+        conn.stat(&path).map_err(|e| format!("{path} in {vm}: {e}"))
+    })
+    .await;
+    match answer {
+        Ok(Ok(st)) => Json(agentvm_client::PathStat {
+            kind: match st.kind {
+                agentvm_guest::PathKind::Missing => agentvm_client::PathKind::Missing,
+                agentvm_guest::PathKind::File => agentvm_client::PathKind::File,
+                agentvm_guest::PathKind::Directory => agentvm_client::PathKind::Directory,
+                agentvm_guest::PathKind::Other => agentvm_client::PathKind::Other,
+            },
+            size: st.size,
+            mode: st.mode,
+        })
+        .into_response(),
+        Ok(Err(message)) => error(StatusCode::BAD_GATEWAY, message, vec![]),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), vec![]),
+    }
 }
 
 /// Query of `/v1/sandboxes/{name}/forward`.

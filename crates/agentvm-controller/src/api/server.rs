@@ -166,6 +166,11 @@ pub fn router(state: ApiState) -> Router {
             get(super::sandbox::download).put(super::sandbox::upload),
         )
         .route(
+            "/v1/sandboxes/{name}/dirs",
+            get(super::sandbox::download_dir).put(super::sandbox::upload_dir),
+        )
+        .route("/v1/sandboxes/{name}/stat", get(super::sandbox::stat))
+        .route(
             "/v1/sandboxes/{name}/forward",
             axum::routing::post(super::sandbox::forward),
         )

@@ -612,3 +612,235 @@ fn mutated_archives_never_panic_escape_or_leave_anything_but_plain_files() {
     // Both outcomes were exercised.
     assert!(ok > 100 && refused > 100, "ok {ok}, refused {refused}");
 }
+
+/// `agentvm cp` out of a sandbox: `unpack_to` into `<tmp>/dest` under [`Rules::COPY`].
+struct CopyTo {
+    tmp: tempfile::TempDir,
+}
+
+impl CopyTo {
+    fn new() -> Self {
+        CopyTo {
+            tmp: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn dest(&self) -> PathBuf {
+        self.tmp.path().join("dest")
+    }
+    fn unpack(&self, tar: &[u8], budget: &mut Budget) -> Result<Unpacked, CopyError> {
+        unpack_to(&mut &tar[..], &self.dest(), b"out", budget, &Rules::COPY)
+    }
+    /// The refusal of `tar`, after checking that nothing was left behind (not at the
+    /// destination, not beside it).
+    fn refused(&self, tar: &[u8], budget: &mut Budget) -> CopyError {
+        let e = self.unpack(tar, budget).unwrap_err();
+        let left: Vec<_> = std::fs::read_dir(self.tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "{e}: left behind: {left:?}");
+        e
+    }
+}
+
+#[test]
+fn a_copied_directory_keeps_permissions_and_inside_links() {
+    let c = CopyTo::new();
+    let tar = Tar::default()
+        .dir("out")
+        .dir("out/sub/deeper")
+        .entry(b"out/sub/run.sh", b'0', b"#!/bin/sh\n", b"", 0o4755, 0)
+        .entry(b"out/ro", b'0', b"x", b"", 0o444, 0)
+        .entry(b"out/locked", b'5', b"", b"", 0o500, 0)
+        .link("out/sub/deeper/up", b'2', "../run.sh")
+        .link("out/here", b'2', "./sub")
+        .finish();
+    let u = c.unpack(&tar, &mut Budget::new(1 << 20)).unwrap();
+    assert_eq!((u.files, u.symlinks), (2, 2));
+    let d = c.dest();
+    let mode = |p: &str| {
+        std::fs::symlink_metadata(d.join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    // setuid is dropped; the rest of the bits are kept.
+    assert_eq!(mode("sub/run.sh"), 0o755);
+    assert_eq!(mode("ro"), 0o444);
+    // A directory stays fillable by its owner.
+    assert_eq!(mode("locked"), 0o700);
+    assert_eq!(
+        std::fs::read_link(d.join("sub/deeper/up")).unwrap(),
+        Path::new("../run.sh")
+    );
+    assert_eq!(
+        std::fs::read(d.join("sub/deeper/up")).unwrap(),
+        b"#!/bin/sh\n"
+    );
+    assert!(d.join("here/run.sh").is_file());
+    // Only the destination is left in its parent: the staging directory is gone.
+    assert_eq!(std::fs::read_dir(c.tmp.path()).unwrap().count(), 1);
+}
+
+#[test]
+fn a_copy_with_one_hostile_entry_is_refused_whole_and_names_it() {
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "path traversal",
+            Tar::default()
+                .file("out/ok", b"fine")
+                .file("out/../../escaped", b"x")
+                .finish(),
+            "out/../../escaped: path with `..`",
+        ),
+        (
+            "absolute path",
+            Tar::default()
+                .file("out/ok", b"fine")
+                .file("/etc/cron.d/x", b"x")
+                .finish(),
+            "/etc/cron.d/x: absolute path",
+        ),
+        (
+            "symlink out, then a file through it",
+            Tar::default()
+                .link("out/l", b'2', "/etc")
+                .file("out/l/passwd", b"x")
+                .finish(),
+            "out/l: symbolic link to /etc, outside the copied directory",
+        ),
+        (
+            "symlink climbing out",
+            Tar::default().link("out/a", b'2', "../../home").finish(),
+            "out/a: symbolic link to ../../home, outside the copied directory",
+        ),
+        (
+            "symlink inside, then a file through it",
+            Tar::default()
+                .dir("out/sub")
+                .link("out/l", b'2', "sub")
+                .file("out/l/f", b"x")
+                .finish(),
+            "out/l/f: a parent is not a directory",
+        ),
+        (
+            "a link whose name goes back up after a link",
+            Tar::default().link("out/a/b", b'2', "../c/../..").finish(),
+            "out/a/b: symbolic link to ../c/../.., outside the copied directory",
+        ),
+        (
+            "a device",
+            Tar::default().special("out/sda", b'4').finish(),
+            "out/sda: block device",
+        ),
+        (
+            "a hard link",
+            Tar::default().link("out/h", b'1', "/etc/shadow").finish(),
+            "out/h: hard link to /etc/shadow",
+        ),
+        (
+            "another directory",
+            Tar::default().file("elsewhere/x", b"x").finish(),
+            "elsewhere/x: outside the artifact's directory out",
+        ),
+        (
+            "too deep",
+            {
+                let deep = format!("out/{}f", "d/".repeat(MAX_COPY_DEPTH));
+                Tar::default()
+                    .long_name(deep.as_bytes())
+                    .file("x", b"x")
+                    .finish()
+            },
+            "deeper than 64 directories",
+        ),
+    ];
+    for (what, tar, want) in cases {
+        let c = CopyTo::new();
+        let e = c.refused(&tar, &mut Budget::new(1 << 20));
+        assert!(matches!(e, CopyError::Refused(_)), "{what}: {e}");
+        assert!(e.to_string().contains(want), "{what}: {e}");
+    }
+}
+
+#[test]
+fn a_copy_over_a_cap_is_refused_and_leaves_nothing() {
+    // A file bigger than the cap, after a few good ones.
+    let c = CopyTo::new();
+    let tar = Tar::default()
+        .file("out/a", b"fine")
+        .file("out/big", &[7u8; 5000])
+        .finish();
+    let mut budget = Budget::new(1 << 20);
+    budget.file_bytes = 4096;
+    let e = c.refused(&tar, &mut budget);
+    assert!(e.to_string().starts_with("out/big: "), "{e}");
+    assert!(matches!(
+        e,
+        CopyError::Archive(ArchiveError::FileCap { .. })
+    ));
+
+    // A huge number of entries.
+    let c = CopyTo::new();
+    let mut t = Tar::default();
+    for i in 0..500 {
+        t.file(&format!("out/{i}"), b"");
+    }
+    let mut budget = Budget::new(1 << 20);
+    budget.entries = 100;
+    let e = c.refused(&t.finish(), &mut budget);
+    assert!(
+        matches!(e, CopyError::Archive(ArchiveError::TooManyEntries)),
+        "{e}"
+    );
+
+    // More packed bytes than the cap.
+    let c = CopyTo::new();
+    let tar = Tar::default().file("out/a", &[1u8; 8192]).finish();
+    let mut budget = Budget::new(4096);
+    budget.file_bytes = 1 << 20;
+    let e = c.refused(&tar, &mut budget);
+    assert!(
+        matches!(e, CopyError::Archive(ArchiveError::PackedCap { .. })),
+        "{e}"
+    );
+
+    // An archive with no directory of the name.
+    let c = CopyTo::new();
+    let tar = Tar::default().file("out", b"a file").finish();
+    let e = c.refused(&tar, &mut Budget::new(1 << 20));
+    assert!(matches!(e, CopyError::NoDirectory(_)), "{e}");
+}
+
+#[test]
+fn a_copy_never_merges_into_or_replaces_what_exists() {
+    let c = CopyTo::new();
+    std::fs::create_dir(c.dest()).unwrap();
+    let tar = Tar::default().file("out/a", b"x").finish();
+    let e = c.unpack(&tar, &mut Budget::new(1 << 20)).unwrap_err();
+    assert!(matches!(e, CopyError::Exists(_)), "{e}");
+    assert_eq!(std::fs::read_dir(c.dest()).unwrap().count(), 0);
+}
+
+#[test]
+fn links_that_stay_inside() {
+    for (depth, target, inside) in [
+        (1, "a", true),
+        (1, "./a/b", true),
+        (1, "..", false),
+        (2, "../a", true),
+        (2, "../..", false),
+        (3, "../../x/y", true),
+        (3, "x/../..", false),
+        (3, "/abs", false),
+        (3, "", false),
+        (0, "a", false),
+    ] {
+        assert_eq!(
+            link_stays_inside(depth, target.as_bytes()),
+            inside,
+            "{depth} {target}"
+        );
+    }
+}

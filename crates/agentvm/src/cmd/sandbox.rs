@@ -470,17 +470,48 @@ pub fn attached(
 /// Options of `cp`.
 #[derive(Debug, Args)]
 pub struct CpArgs {
-    /// What to copy: a local file (`-` for stdin) or `sandbox/NAME:/guest/path`.
+    /// What to copy: a local file or directory (`-` for stdin) or `sandbox/NAME:/guest/path`.
     #[arg(value_name = "SRC")]
     src: String,
-    /// Where to: `sandbox/NAME:/guest/path`, or a local file or directory (`-` for stdout).
+    /// Where to: `sandbox/NAME:/guest/path`, or a local file or directory (`-` for stdout,
+    /// files only).
     #[arg(value_name = "DST")]
     dst: String,
-    /// Mode of the file written in the guest (octal) [default: the local file's, else 644].
+    /// Mode of the file written in the guest (octal) [default: the local file's, else 644];
+    /// files only (a directory's entries keep their own).
     #[arg(long, value_name = "MODE")]
     mode: Option<String>,
+    /// Most bytes of a directory copied out of a sandbox (its tar archive; also the cap on
+    /// its files' bytes).
+    #[arg(long, value_name = "BYTES", default_value_t = agentvm_client::MAX_DIR_BYTES)]
+    max_bytes: u64,
     #[command(flatten)]
     connect: ConnectArgs,
+}
+
+/// The name a copied directory takes: the last component of `path` (`.` and `..` resolved
+/// for a local path).
+fn dir_name(path: &str, local: bool) -> anyhow::Result<String> {
+    let p = std::path::Path::new(path);
+    let named = match p.file_name() {
+        Some(n) => Some(n.to_os_string()),
+        None if local => std::fs::canonicalize(p)?
+            .file_name()
+            .map(|n| n.to_os_string()),
+        None => None,
+    };
+    let name = named
+        .and_then(|n| n.into_string().ok())
+        .filter(|n| n != "." && n != "..")
+        .with_context(|| {
+            format!("{path:?}: name the directory itself (its last component is its name)")
+        })?;
+    Ok(name)
+}
+
+/// `dir/name` for a guest directory.
+fn guest_join(dir: &str, name: &str) -> String {
+    format!("{}/{name}", dir.trim_end_matches('/'))
 }
 
 /// `sandbox/NAME:/path` → (NAME, /path).
@@ -498,7 +529,7 @@ fn remote(arg: &str) -> Option<anyhow::Result<(String, String)>> {
 }
 
 impl CpArgs {
-    /// Copies one file into or out of a sandbox.
+    /// Copies one file or directory into or out of a sandbox.
     pub fn run(self, cfg: &Config) -> anyhow::Result<i32> {
         use std::io::Read;
         let client = self.connect.client(cfg);
@@ -506,6 +537,20 @@ impl CpArgs {
             remote(&self.src).transpose()?,
             remote(&self.dst).transpose()?,
         ) {
+            (None, Some((name, path)))
+                if self.src != "-" && std::fs::metadata(&self.src).is_ok_and(|m| m.is_dir()) =>
+            {
+                self.upload_dir(&client, &name, &path)
+            }
+            (Some((name, path)), None) if self.is_guest_dir(&client, &name, &path) => {
+                if self.dst == "-" {
+                    bail!(
+                        "sandbox/{name}:{path} is a directory: `-` (stdout) takes a file only; \
+                         name a local directory to copy it to"
+                    );
+                }
+                self.download_dir(&client, &name, &path)
+            }
             (None, Some((name, path))) => {
                 let (mut src, len, local_mode): (Box<dyn Read>, u64, Option<u32>) =
                     if self.src == "-" {
@@ -577,6 +622,131 @@ impl CpArgs {
                 bail!("copying between two sandboxes is not supported: copy to a local file first")
             }
             (None, None) => bail!("one side must be a sandbox: sandbox/NAME:/guest/path"),
+        }
+    }
+
+    /// True when the guest path is a directory. Any failure to tell (an agent too old to
+    /// answer, ...) counts as no: the single-file copy then runs and reports its own error.
+    fn is_guest_dir(&self, client: &agentvm_client::Client, name: &str, path: &str) -> bool {
+        client
+            .sandbox_stat(name, path)
+            .is_ok_and(|st| st.kind == agentvm_client::PathKind::Directory)
+    }
+
+    /// A local directory into the sandbox: packed here (regular files, directories and
+    /// links; anything else stops it), unpacked by the guest agent as the new directory
+    /// `path`, or `path/<its name>` when `path` is a directory.
+    fn upload_dir(
+        &self,
+        client: &agentvm_client::Client,
+        name: &str,
+        path: &str,
+    ) -> anyhow::Result<i32> {
+        use std::io::{Seek, Write};
+        if self.mode.is_some() {
+            bail!("--mode is for files: a directory's entries keep their own modes");
+        }
+        let dir = dir_name(&self.src, true)?;
+        let target = match client.sandbox_stat(name, path)?.kind {
+            agentvm_client::PathKind::Directory => guest_join(path, &dir),
+            agentvm_client::PathKind::Missing => path.to_string(),
+            _ => bail!("sandbox/{name}:{path} exists and is not a directory"),
+        };
+        let mut archive = tempfile::tempfile().context("a temporary file for the archive")?;
+        {
+            let mut w = std::io::BufWriter::new(&mut archive);
+            agentvm_guest::tree::pack(std::path::Path::new(&self.src), &dir, &mut w)
+                .with_context(|| format!("packing {}", self.src))?;
+            w.flush()?;
+        }
+        let len = archive.stream_position()?;
+        archive.rewind()?;
+        let n = client.sandbox_upload_dir(name, &target, &dir, &mut archive, len)?;
+        eprintln!(
+            "{} copied to sandbox/{name}:{target} ({n} bytes packed)",
+            self.src
+        );
+        Ok(0)
+    }
+
+    /// A sandbox directory out: the guest's tar archive (hostile) unpacked by the run
+    /// artifacts' unpacker under [`agentvm_run::artifacts::Rules::COPY`] as the new
+    /// directory DST, or `DST/<its name>` when DST is a directory; all or nothing.
+    fn download_dir(
+        &self,
+        client: &agentvm_client::Client,
+        name: &str,
+        path: &str,
+    ) -> anyhow::Result<i32> {
+        use agentvm_run::artifacts::{unpack_to, ArchiveError, Budget, CopyError, Rules};
+        let dir = dir_name(path, false)?;
+        let mut dest = std::path::PathBuf::from(&self.dst);
+        if dest.is_dir() {
+            dest.push(&dir);
+        }
+        let (mut from_guest, mut to_unpack) = std::io::pipe()?;
+        let download = {
+            let (client, name, path, max) = (
+                client.clone(),
+                name.to_string(),
+                path.to_string(),
+                self.max_bytes,
+            );
+            std::thread::spawn(move || {
+                let n = client.sandbox_download_dir(&name, &path, max, &mut to_unpack);
+                drop(to_unpack);
+                n
+            })
+        };
+        let mut budget = Budget::new(self.max_bytes);
+        budget.entries = agentvm_guest::tree::MAX_ENTRIES;
+        let unpacked = unpack_to(
+            &mut from_guest,
+            &dest,
+            dir.as_bytes(),
+            &mut budget,
+            &Rules::COPY,
+        );
+        if unpacked.is_ok() {
+            // The archive's padding after its end.
+            let _ = std::io::copy(&mut from_guest, &mut std::io::sink());
+        }
+        drop(from_guest);
+        let downloaded = download
+            .join()
+            .map_err(|_| anyhow::anyhow!("the download thread panicked"))?;
+        let remove = |dest: &std::path::Path| {
+            let _ = std::fs::remove_dir_all(dest);
+        };
+        match (downloaded, unpacked) {
+            (Ok(_), Ok(u)) => {
+                eprintln!(
+                    "{} files, {} directories, {} links ({} bytes) copied to {}",
+                    u.files,
+                    u.dirs,
+                    u.symlinks,
+                    u.file_bytes,
+                    dest.display()
+                );
+                Ok(0)
+            }
+            (Err(e), Ok(_)) => {
+                remove(&dest);
+                Err(e.into())
+            }
+            // A cut or failed stream is the download's failure: say why it stopped.
+            (
+                Err(e),
+                Err(CopyError::Archive(
+                    ArchiveError::Read(_)
+                    | ArchiveError::Truncated { .. }
+                    | ArchiveError::Malformed(_),
+                )),
+            ) => Err(e.into()),
+            (_, Err(e)) => Err(anyhow::anyhow!(e).context(format!(
+                "copying sandbox/{name}:{path} to {} (nothing was written)",
+                dest.display()
+            ))),
         }
     }
 }
@@ -655,5 +825,25 @@ impl PortForwardArgs {
         loop {
             std::thread::park();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copied_directory_is_named_by_its_last_component() {
+        assert_eq!(dir_name("/root/tree", false).unwrap(), "tree");
+        assert_eq!(dir_name("/root/tree/", false).unwrap(), "tree");
+        assert!(dir_name("/", false).is_err());
+        assert!(dir_name("/root/..", false).is_err());
+        let tmp = tempfile::tempdir().unwrap();
+        let here = tmp.path().join("here");
+        std::fs::create_dir(&here).unwrap();
+        let dot = format!("{}/.", here.display());
+        assert_eq!(dir_name(&dot, true).unwrap(), "here");
+        assert_eq!(guest_join("/root/", "tree"), "/root/tree");
+        assert_eq!(guest_join("/", "tree"), "/tree");
     }
 }
