@@ -313,6 +313,14 @@ fn dirty_then_reset(vm: &EphemeralVm<'_>, strategy: ResetStrategy, round: u32) {
         "1",
         "the balloon driver (free page reporting) is bound after the reset"
     );
+    assert_eq!(
+        sh(
+            &g,
+            "cat /sys/module/page_reporting/parameters/page_reporting_order"
+        ),
+        agentvm_backend::lean::REPORTING_ORDER.to_string(),
+        "the guest reports small free blocks after the reset"
+    );
     assert!(report.clock_synced, "{report:?}");
     let guest_now: i64 = sh(&g, "date +%s").parse().unwrap();
     let host_now = std::time::SystemTime::now()

@@ -1,5 +1,5 @@
 //! Host memory of idle parked pool VMs: one alone and four side by side, with agentvm's
-//! settings (free page reporting, caches dropped before parking) against the same VMs without
+//! settings (free page reporting of 32 KiB blocks and up, caches dropped before parking) against the same VMs without
 //! them, booted and parked the same way in the same run.
 
 use std::path::Path;
@@ -152,12 +152,14 @@ pub fn idle_rows(
     let lean = idle(&ours, image, "lean")?;
     let base = idle(&without, image, "nofpr")?;
     let tb = agentvm_backend::vm::DEFAULT_TCG_TB_CACHE_MIB;
+    let order = agentvm_backend::lean::REPORTING_ORDER;
     memory.push(Row::value(
         format!("idle guest, host PSS of its QEMU process ({MEMORY_MIB} MiB guest)"),
         1,
         fmt_kib(lean.alone.pss_kib),
         format!(
-            "free page reporting, caches dropped before parking; {IDLE:?} after parking, alone; {}; \
+            "free page reporting (blocks of order {order} and up), caches dropped before parking; \
+             {IDLE:?} after parking, alone; {}; \
              {}; after a run's reset in the same process: PSS {}, RSS {}; TCG translation cache {tb} MiB",
             describe(&lean.alone),
             lean.guest.describe(),
