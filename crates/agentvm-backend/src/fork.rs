@@ -132,7 +132,7 @@ pub(crate) fn internal_snapshots(disk: &Path) -> Result<Vec<String>> {
         .unwrap_or_default())
 }
 
-fn delete_internal_snapshot(disk: &Path, tag: &str) -> Result<()> {
+pub(crate) fn delete_internal_snapshot(disk: &Path, tag: &str) -> Result<()> {
     let out = std::process::Command::new("qemu-img")
         .args(["snapshot", "-d", tag])
         .arg(disk)

@@ -82,7 +82,7 @@ enum Command {
     PortForward(cmd::sandbox::PortForwardArgs),
     /// Copy a file into or out of a sandbox (`sandbox/NAME:/path` on one side).
     Cp(cmd::sandbox::CpArgs),
-    /// Take a snapshot (memory and disk) of a sandbox: creates a Snapshot object.
+    /// Take a snapshot (memory and disk, or the disk alone) of a sandbox: creates a Snapshot object.
     Snapshot(cmd::sandbox::SnapshotArgs),
     /// Roll a sandbox back to one of its snapshots (sets spec.rollback).
     Rollback(cmd::sandbox::RollbackArgs),

@@ -320,6 +320,16 @@ impl SandboxReconciler {
         };
         let source = snap.spec.sandbox_ref.as_str();
         let snap_status: SnapshotStatus = status_of(&snap_obj);
+        if !snap.spec.memory || snap_status.disk_only {
+            failed(
+                status,
+                Reason::SnapshotHasNoMemory,
+                format!(
+                    "Snapshot {from} of sandbox {source} holds its disk alone (memory: false): there is no running state to fork. Take a snapshot with memory (`agentvm snapshot sandbox/{source} --name NAME`, without --disk-only) and fork that"
+                ),
+            );
+            return Ok(None);
+        }
         match snap_status.phase {
             SnapshotPhase::Ready => {}
             SnapshotPhase::Failed => {
@@ -493,6 +503,9 @@ impl SandboxReconciler {
             name,
             vm,
         );
+        let disk_only = snapshot
+            .as_ref()
+            .is_some_and(|o| matches!(&o.resource, Resource::Snapshot(s) if !s.spec.memory));
         let started = Instant::now();
         let outcome = match refused {
             Some(why) => {
@@ -513,10 +526,15 @@ impl SandboxReconciler {
                     .keeping_ready(true));
                 }
                 self.sandboxes.touch(name);
+                let ms = started.elapsed().as_millis();
                 agentvm_api::RollbackStatus {
                     request: req.clone(),
                     done: true,
-                    message: format!("rolled back in {} ms", started.elapsed().as_millis()),
+                    message: if disk_only {
+                        format!("disk restored and the sandbox booted afresh in {ms} ms (a disk-only snapshot holds no memory: programs that ran were not brought back)")
+                    } else {
+                        format!("rolled back in {ms} ms")
+                    },
                 }
             }
         };

@@ -201,9 +201,13 @@ fn row(obj: &StoredObject, wide: bool, name: String) -> Vec<String> {
             r
         }
         Kind::Snapshot => {
-            let memory = at(&v, "/status/memoryBytes")
-                .and_then(Value::as_u64)
-                .map_or_else(|| "-".into(), |b| format!("{}Mi", b.div_ceil(1 << 20)));
+            let memory = if at(&v, "/status/diskOnly") == Some(&Value::Bool(true)) {
+                "disk-only".to_string()
+            } else {
+                at(&v, "/status/memoryBytes")
+                    .and_then(Value::as_u64)
+                    .map_or_else(|| "-".into(), |b| format!("{}Mi", b.div_ceil(1 << 20)))
+            };
             let mut r = vec![
                 name,
                 text(&v, "/spec/sandboxRef"),

@@ -433,7 +433,7 @@ fn a_snapshot_taken_but_not_recorded_before_a_restart_is_adopted_not_retaken() {
     b.pass().unwrap();
     let vm = b.status()["vm"].as_str().unwrap().to_string();
     // The earlier controller took it, then died.
-    b.t.fake.snapshot_vm(&vm, "one").unwrap();
+    b.t.fake.snapshot_vm(&vm, "one", true).unwrap();
     b.t.apply(&snapshot_yaml("one", "s"));
     b.t.reconcile(&snaps, Kind::Snapshot, "one").unwrap();
     let st = b.t.status(Kind::Snapshot, "one");
@@ -563,4 +563,61 @@ fn a_fork_left_unfinished_by_a_stopped_controller_is_destroyed_and_made_again() 
     );
     let owner = b.t.fake.domains()["agentvm-sbx-f"].owner.clone().unwrap();
     assert_ne!(owner.spec_hash, agentvm_backend::fork::UNFINISHED);
+}
+
+#[test]
+fn a_disk_only_snapshot_has_no_memory_rolls_back_with_a_boot_and_cannot_be_forked() {
+    let b = Boxes::new();
+    let snaps = crate::reconcilers::SnapshotReconciler::new(b.t.backend());
+    b.t.apply(&sandbox(""));
+    b.pass().unwrap();
+    let vm = b.status()["vm"].as_str().unwrap().to_string();
+    b.t.apply(&snapshot_yaml("disk", "s").replace("s}\n", "s, memory: false}\n"));
+    b.t.reconcile(&snaps, Kind::Snapshot, "disk").unwrap();
+    let st = b.t.status(Kind::Snapshot, "disk");
+    assert_eq!(st["phase"], "Ready", "{st}");
+    assert_eq!(st["diskOnly"], true, "{st}");
+    assert!(st.get("memoryBytes").is_none(), "{st}");
+    assert_eq!(cond(&st, "Ready").1, "Taken");
+    assert!(
+        st["conditions"]
+            .to_string()
+            .contains("file systems were frozen"),
+        "{st}"
+    );
+    assert!(b
+        .t
+        .fake
+        .calls()
+        .iter()
+        .any(|c| c.op == Op::SnapshotVm && c.name == vm));
+
+    // A rollback to it says the sandbox booted afresh.
+    b.t.apply(&sandbox(&rollback_to("disk", "2026-01-01T00:00:00Z")));
+    b.pass().unwrap();
+    assert_eq!(b.t.fake.rollbacks(), vec![(vm.clone(), "disk".to_string())]);
+    let last = &b.status()["lastRollback"];
+    assert_eq!(last["done"], true, "{last}");
+    assert!(
+        last["message"].as_str().unwrap().contains("booted afresh"),
+        "{last}"
+    );
+
+    // A fork of it fails at once, naming the snapshot; nothing is made.
+    b.t.apply(&fork_yaml("f", "disk"));
+    assert_eq!(
+        b.t.reconcile(&b.r, Kind::Sandbox, "f").unwrap(),
+        Action::AwaitChange
+    );
+    let st = b.t.status(Kind::Sandbox, "f");
+    assert_eq!(st["phase"], "Failed", "{st}");
+    assert_eq!(cond(&st, "Degraded").1, "SnapshotHasNoMemory");
+    let conditions = st["conditions"].to_string();
+    assert!(
+        conditions.contains("Snapshot disk of sandbox s") && conditions.contains("with memory"),
+        "{conditions}"
+    );
+    assert!(st.get("vm").is_none(), "{st}");
+    assert!(!b.t.fake.calls().iter().any(|c| c.op == Op::ForkVm));
+    assert_eq!(b.owned_by_sandbox(), vec![vm]);
 }
