@@ -16,7 +16,7 @@
 //! waits until it runs; an `AgentRun` with `sandboxRef` runs in the sandbox's VM and leaves
 //! its files there; the pool (`creation: template`) makes its replacement VM from its
 //! template, and that VM serves the second sandbox; deleting the sandbox destroys its VM
-//! and its snapshots. Fails (never skips) without libvirt or the default image.
+//! and its snapshots; a sandbox with a `template` (no pool) boots a VM of its own. Fails (never skips) without libvirt or the default image.
 
 mod common;
 
@@ -554,4 +554,43 @@ fn a_sandbox_keeps_its_vm_files_and_processes_through_pause_stop_and_restarts() 
         env.get("sandbox", "idle").is_none()
     });
     assert!(!virsh(&["domstate", &idle_vm]).0);
+
+    // Without a pool: a sandbox booted from a template (the pool's image) gets a VM of its
+    // own, owned by it; deleting it destroys the VM and its files.
+    let t = Instant::now();
+    apply_yaml(
+        &env,
+        "tpl.yaml",
+        &format!("apiVersion: agentvm.dev/v1alpha1\nkind: Sandbox\nmetadata: {{name: tpl}}\nspec:\n  template:\n    imageRef: {image}\n    resources: {{profile: custom, vcpu: 1, memoryMib: 512, diskGib: 2}}\n  idleTimeoutSeconds: 0\n"),
+    );
+    env.wait(
+        "the template sandbox Running",
+        Duration::from_secs(300),
+        || phase(&env, "tpl") == "Running",
+    );
+    eprintln!(
+        "apply -> sandbox Running from a template (a boot): {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    let st = env.status("sandbox", "tpl");
+    assert_eq!(st["vm"], "agentvm-sbx-tpl", "{st}");
+    assert!(st.get("pool").is_none(), "{st}");
+    assert_eq!(
+        exec_ok(&env, "tpl", "echo made > /root/m; cat /root/m"),
+        "made\n"
+    );
+    let (ok, xml) = virsh(&["dumpxml", "agentvm-sbx-tpl"]);
+    assert!(
+        ok && xml.contains("Sandbox")
+            && (xml.contains("name='tpl'") || xml.contains("name=\"tpl\"")),
+        "{xml}"
+    );
+    let table = env.ok(&["get", "sandboxes"]);
+    assert!(table.contains(&format!("img/{image}")), "{table}");
+    env.ok(&["delete", "sandbox/tpl"]);
+    env.wait("tpl gone", Duration::from_secs(60), || {
+        env.get("sandbox", "tpl").is_none()
+    });
+    assert!(!virsh(&["domstate", "agentvm-sbx-tpl"]).0);
+    assert!(!env.state().join("vms/agentvm-sbx-tpl").exists());
 }

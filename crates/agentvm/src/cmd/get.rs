@@ -180,14 +180,12 @@ fn row(obj: &StoredObject, wide: bool, name: String) -> Vec<String> {
                 .and_then(Value::as_str)
                 .unwrap_or("Running")
                 .to_string();
-            let mut r = vec![
-                name,
-                text(&v, "/spec/poolRef"),
-                state,
-                phase(obj, &v),
-                idle,
-                age,
-            ];
+            // A sandbox booted from its template shows its image instead of a pool.
+            let source = match at(&v, "/spec/template/imageRef").and_then(Value::as_str) {
+                Some(image) => format!("img/{image}"),
+                None => text(&v, "/spec/poolRef"),
+            };
+            let mut r = vec![name, source, state, phase(obj, &v), idle, age];
             if wide {
                 r.push(text(&v, "/status/vm"));
                 r.push(
