@@ -108,7 +108,8 @@ pub struct SnapshotTaken {
     /// Bytes of memory and device state it holds, when known (`None` for a disk-only one).
     pub memory_bytes: Option<u64>,
     /// A disk-only snapshot: true when the guest's file systems were frozen for it (false:
-    /// its vCPUs were stopped instead, or it has memory).
+    /// its vCPUs were stopped instead — it was paused, or its agent could not freeze them —
+    /// or it has memory).
     pub fs_frozen: bool,
 }
 

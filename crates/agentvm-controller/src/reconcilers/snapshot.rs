@@ -180,7 +180,7 @@ fn taken_message(
             "disk of {vm} alone (no memory: a rollback boots the sandbox afresh, and it cannot be forked); the guest's file systems were frozen {ms} ms for it"
         ),
         (false, false) => format!(
-            "disk of {vm} alone (no memory: a rollback boots the sandbox afresh, and it cannot be forked); the guest agent could not freeze its file systems, so its vCPUs were stopped {ms} ms for it"
+            "disk of {vm} alone (no memory: a rollback boots the sandbox afresh, and it cannot be forked); its vCPUs were stopped {ms} ms for it (it was paused, or its guest agent could not freeze its file systems)"
         ),
     }
 }
