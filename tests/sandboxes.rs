@@ -11,11 +11,13 @@
 //! without activity, never while a command runs, and the next exec brings it back;
 //! a snapshot (memory and disk) taken before a risky step brings files and processes back
 //! on `rollback`, with the guest clock set to the host's; `fork` makes a new sandbox from a
-//! snapshot with its files and running processes, independent of its source; a snapshot of a stopped sandbox
+//! snapshot with its files and running processes, independent of its source; a disk-only
+//! snapshot (`--disk-only`) brings files back on rollback with a fresh boot and cannot be
+//! forked; a snapshot of a stopped sandbox
 //! waits until it runs; an `AgentRun` with `sandboxRef` runs in the sandbox's VM and leaves
 //! its files there; the pool (`creation: template`) makes its replacement VM from its
 //! template, and that VM serves the second sandbox; deleting the sandbox destroys its VM
-//! and its snapshots. Fails (never skips) without libvirt or the default image.
+//! and its snapshots; a sandbox with a `template` (no pool) boots a VM of its own. Fails (never skips) without libvirt or the default image.
 
 mod common;
 
@@ -458,6 +460,67 @@ fn a_sandbox_keeps_its_vm_files_and_processes_through_pause_stop_and_restarts() 
     let runs = env.ok(&["get", "runs"]);
     assert!(runs.contains("sbx/dev"), "{runs}");
 
+    // A disk-only snapshot: the guest keeps running (its file systems frozen for a moment);
+    // a rollback to it brings the files back and boots afresh, without the processes; a
+    // fork of it fails at once and makes nothing.
+    let t = Instant::now();
+    let out = env.ok(&["snapshot", "sandbox/dev", "--name", "files", "--disk-only"]);
+    eprintln!(
+        "disk-only snapshot: {:.0} ms ({})",
+        t.elapsed().as_secs_f64() * 1000.0,
+        out.trim()
+    );
+    let snap = env.status("snapshot", "files");
+    assert_eq!(snap["phase"], "Ready", "{snap}");
+    assert_eq!(snap["diskOnly"], true, "{snap}");
+    assert!(snap.get("memoryBytes").is_none(), "{snap}");
+    assert!(
+        snap["conditions"]
+            .to_string()
+            .contains("file systems were frozen"),
+        "{snap}"
+    );
+    eprintln!(
+        "disk-only snapshot: file systems frozen {} ms",
+        snap["pauseMs"]
+    );
+    assert_eq!(exec_ok(&env, "dev", &alive), "kept\nsleep 100000 ");
+    exec_ok(&env, "dev", "rm /root/from-run; echo later > /root/later");
+    let err = env.fails(&["fork", "snapshot/files", "--name", "nomem"]);
+    assert!(
+        err.contains("SnapshotHasNoMemory") || err.contains("holds its disk alone"),
+        "{err}"
+    );
+    assert_eq!(env.status("sandbox", "nomem")["phase"], "Failed");
+    assert!(!virsh(&["domstate", "agentvm-sbx-nomem"]).0);
+    assert!(!env.state().join("vms/agentvm-sbx-nomem").exists());
+    env.ok(&["delete", "sandbox/nomem"]);
+    let t = Instant::now();
+    env.ok(&["rollback", "sandbox/dev", "--to", "snapshot/files"]);
+    eprintln!(
+        "rollback to a disk-only snapshot (with a boot): {:.0} ms",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+    let last = &env.status("sandbox", "dev")["lastRollback"];
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("booted afresh"),
+        "{last}"
+    );
+    assert_eq!(exec_ok(&env, "dev", "cat /root/from-run"), "from-run\n");
+    assert_eq!(exec(&env, "dev", "test -e /root/later").0, 1);
+    assert_ne!(
+        exec(&env, "dev", &alive).0,
+        0,
+        "a fresh boot runs no old process"
+    );
+    assert_eq!(
+        env.status("sandbox", "dev")["snapshots"],
+        serde_json::json!(["before", "files"])
+    );
+
     // get shows it.
     let table = env.ok(&["get", "sandboxes"]);
     assert!(
@@ -558,4 +621,43 @@ fn a_sandbox_keeps_its_vm_files_and_processes_through_pause_stop_and_restarts() 
         env.get("sandbox", "idle").is_none()
     });
     assert!(!virsh(&["domstate", &idle_vm]).0);
+
+    // Without a pool: a sandbox booted from a template (the pool's image) gets a VM of its
+    // own, owned by it; deleting it destroys the VM and its files.
+    let t = Instant::now();
+    apply_yaml(
+        &env,
+        "tpl.yaml",
+        &format!("apiVersion: agentvm.dev/v1alpha1\nkind: Sandbox\nmetadata: {{name: tpl}}\nspec:\n  template:\n    imageRef: {image}\n    resources: {{profile: custom, vcpu: 1, memoryMib: 512, diskGib: 2}}\n  idleTimeoutSeconds: 0\n"),
+    );
+    env.wait(
+        "the template sandbox Running",
+        Duration::from_secs(300),
+        || phase(&env, "tpl") == "Running",
+    );
+    eprintln!(
+        "apply -> sandbox Running from a template (a boot): {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    let st = env.status("sandbox", "tpl");
+    assert_eq!(st["vm"], "agentvm-sbx-tpl", "{st}");
+    assert!(st.get("pool").is_none(), "{st}");
+    assert_eq!(
+        exec_ok(&env, "tpl", "echo made > /root/m; cat /root/m"),
+        "made\n"
+    );
+    let (ok, xml) = virsh(&["dumpxml", "agentvm-sbx-tpl"]);
+    assert!(
+        ok && xml.contains("Sandbox")
+            && (xml.contains("name='tpl'") || xml.contains("name=\"tpl\"")),
+        "{xml}"
+    );
+    let table = env.ok(&["get", "sandboxes"]);
+    assert!(table.contains(&format!("img/{image}")), "{table}");
+    env.ok(&["delete", "sandbox/tpl"]);
+    env.wait("tpl gone", Duration::from_secs(60), || {
+        env.get("sandbox", "tpl").is_none()
+    });
+    assert!(!virsh(&["domstate", "agentvm-sbx-tpl"]).0);
+    assert!(!env.state().join("vms/agentvm-sbx-tpl").exists());
 }

@@ -64,6 +64,6 @@ pub use reason::{Reason, UnknownReason};
 pub use resource::{spec_hash, KindStatus, Resource};
 pub use time::Timestamp;
 pub use validate::{
-    is_dns_label, pool_disk_too_small, suggest_dns_label, validate, validate_pool_disk, FieldPath,
-    PathSegment, ValidationError, ValidationErrors,
+    is_dns_label, pool_disk_too_small, suggest_dns_label, template_disk_too_small, validate,
+    validate_pool_disk, FieldPath, PathSegment, ValidationError, ValidationErrors,
 };

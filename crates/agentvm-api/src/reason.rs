@@ -197,6 +197,9 @@ reasons! {
     SnapshotNotFound,
     /// The fork waits for its `Snapshot` to be taken.
     WaitingForSnapshot,
+    /// The fork's `Snapshot` holds the disk alone (`memory: false`): there is
+    /// no running state to go on from.
+    SnapshotHasNoMemory,
     /// The sandbox was forked from a snapshot.
     Forked,
 }

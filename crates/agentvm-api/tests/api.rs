@@ -374,7 +374,7 @@ fn a_run_names_exactly_one_of_pool_and_sandbox_and_a_sandbox_its_limits() {
     ] {
         assert!(sandbox.contains(expected), "{expected} not in:\n{sandbox}");
     }
-    // Its VM comes from exactly one place: a pool or a snapshot to fork.
+    // Its VM comes from exactly one place: a pool, a template or a snapshot to fork.
     let sandbox_errors = |spec: &str| {
         agentvm_api::parse_str(
             &format!("apiVersion: agentvm.dev/v1alpha1\nkind: Sandbox\nmetadata: {{name: s}}\nspec: {spec}\n"),
@@ -385,13 +385,36 @@ fn a_run_names_exactly_one_of_pool_and_sandbox_and_a_sandbox_its_limits() {
         .unwrap_or_default()
     };
     assert!(sandbox_errors("{}").contains(
-        "spec.poolRef: where does its VM come from? set `poolRef` (a VmPool: a warm VM is taken) or `fromSnapshot` (a Snapshot: a fork of it)"
+        "spec.poolRef: where does its VM come from? set `poolRef` (a VmPool: a warm VM is taken), `template` (a VM booted for it: imageRef, resources, network as in a VmPool) or `fromSnapshot` (a Snapshot: a fork of it)"
     ));
     assert!(sandbox_errors("{poolRef: p, fromSnapshot: x}")
         .contains("spec.fromSnapshot: `poolRef` and `fromSnapshot` are both set"));
     assert!(sandbox_errors("{fromSnapshot: Bad}")
         .contains("spec.fromSnapshot: `Bad` is not a valid Snapshot name"));
     assert_eq!(sandbox_errors("{fromSnapshot: base}"), "");
+    // A template is a pool's template, checked the same way.
+    assert_eq!(sandbox_errors("{template: {imageRef: img}}"), "");
+    assert!(
+        sandbox_errors("{poolRef: p, template: {imageRef: img}}").contains(
+            "spec.template: `poolRef` and `template` are both set; keep exactly one of them"
+        )
+    );
+    assert!(
+        sandbox_errors("{poolRef: p, template: {imageRef: img}, fromSnapshot: x}").contains(
+            "spec.fromSnapshot: `poolRef` and `template` and `fromSnapshot` are all set; keep exactly one of them"
+        )
+    );
+    let bad = sandbox_errors(
+        "{template: {imageRef: Bad, resources: {profile: custom, vcpu: 0, memoryMib: 256, diskGib: 2}, network: {mode: attached}}}",
+    );
+    for expected in [
+        "spec.template.imageRef: `Bad` is not a valid Image name",
+        "spec.template.resources.vcpu",
+        "spec.template.network",
+    ] {
+        assert!(bad.contains(expected), "{expected} not in:\n{bad}");
+    }
+    assert!(sandbox_errors("{template: {imageRef: img, surprise: 1}}").contains("surprise"));
 }
 
 #[test]

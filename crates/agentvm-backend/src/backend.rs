@@ -105,8 +105,12 @@ pub struct VmRequest {
 pub struct SnapshotTaken {
     /// How long the guest was stopped for it.
     pub pause: Duration,
-    /// Bytes of memory and device state it holds, when known.
+    /// Bytes of memory and device state it holds, when known (`None` for a disk-only one).
     pub memory_bytes: Option<u64>,
+    /// A disk-only snapshot: true when the guest's file systems were frozen for it (false:
+    /// its vCPUs were stopped instead — it was paused, or its agent could not freeze them —
+    /// or it has memory).
+    pub fs_frozen: bool,
 }
 
 /// Timings of a VM's creation.
@@ -168,11 +172,14 @@ pub trait Backend: Send + Sync {
     /// saved one; then its clock is set), [`PowerState::Paused`] (stop its vCPUs, memory kept)
     /// or [`PowerState::Saved`] (memory and devices saved to disk, QEMU ended). Idempotent.
     fn set_vm_power(&self, name: &str, to: PowerState) -> Result<()>;
-    /// Takes snapshot `snapshot` (a DNS label) of running or paused owned VM `name`: memory,
-    /// device state and disk, in one step while the guest is stopped.
-    fn snapshot_vm(&self, name: &str, snapshot: &str) -> Result<SnapshotTaken>;
+    /// Takes snapshot `snapshot` (a DNS label) of running or paused owned VM `name`: with
+    /// `memory`, memory, device state and disk, in one step while the guest is stopped;
+    /// without, its disk alone, with the guest's file systems frozen for the moment (see
+    /// [`crate::snapshots`]).
+    fn snapshot_vm(&self, name: &str, snapshot: &str, memory: bool) -> Result<SnapshotTaken>;
     /// Brings running or paused owned VM `name` back to its snapshot `snapshot` (its clock is
-    /// set afterwards when it runs).
+    /// set afterwards when it runs). To a disk-only snapshot: the VM is stopped, its disk put
+    /// back, and it boots afresh (then paused again if it was paused).
     fn rollback_vm(&self, name: &str, snapshot: &str) -> Result<()>;
     /// Deletes snapshot `snapshot` of owned VM `name`, freeing its space; succeeds when it
     /// does not exist.
@@ -728,12 +735,23 @@ impl Backend for LibvirtBackend {
         self.lv()?.power_state(name)
     }
 
-    fn snapshot_vm(&self, name: &str, snapshot: &str) -> Result<SnapshotTaken> {
+    fn snapshot_vm(&self, name: &str, snapshot: &str, memory: bool) -> Result<SnapshotTaken> {
         let _op = self.vm_op(name);
-        let pause = self.lv()?.create_named_snapshot(name, snapshot)?;
+        let lv = self.lv()?;
+        if !memory {
+            let (pause, fs_frozen) =
+                lv.create_disk_snapshot(name, snapshot, Duration::from_secs(10))?;
+            return Ok(SnapshotTaken {
+                pause,
+                memory_bytes: None,
+                fs_frozen,
+            });
+        }
+        let pause = lv.create_named_snapshot(name, snapshot)?;
         Ok(SnapshotTaken {
             pause,
             memory_bytes: self.vm_snapshot_bytes(name, snapshot),
+            fs_frozen: false,
         })
     }
 
@@ -750,6 +768,9 @@ impl Backend for LibvirtBackend {
     fn rollback_vm(&self, name: &str, snapshot: &str) -> Result<()> {
         let _op = self.vm_op(name);
         let lv = self.lv()?;
+        if !lv.has_memory_snapshot(name, snapshot)? {
+            return self.rollback_disk(&lv, name, snapshot);
+        }
         lv.revert_named_snapshot(name, snapshot)?;
         if lv.power_state(name)? == PowerState::Running {
             self.refresh_after_wake(&lv, name)?;
@@ -759,11 +780,34 @@ impl Backend for LibvirtBackend {
 
     fn delete_vm_snapshot(&self, name: &str, snapshot: &str) -> Result<()> {
         let _op = self.vm_op(name);
-        self.lv()?.delete_named_snapshot(name, snapshot)
+        let lv = self.lv()?;
+        lv.delete_named_snapshot(name, snapshot)?;
+        // A disk-only one, which libvirt does not know.
+        let disk = self.files(name).disk();
+        let in_disk = crate::snapshots::disk_snapshots(&disk)
+            .map(|s| s.iter().any(|(n, _)| n == snapshot))
+            .unwrap_or(false);
+        if !in_disk {
+            return Ok(());
+        }
+        match lv.power_state(name)? {
+            PowerState::Running | PowerState::Paused => lv.delete_disk_snapshot(name, snapshot),
+            _ => crate::fork::delete_internal_snapshot(
+                &disk,
+                &crate::snapshots::snapshot_tag(snapshot),
+            ),
+        }
     }
 
     fn vm_snapshots(&self, name: &str) -> Result<Vec<String>> {
-        self.lv()?.named_snapshots(name)
+        let mut names = self.lv()?.named_snapshots(name)?;
+        // Disk-only ones are in the overlay alone.
+        if let Ok(in_disk) = crate::snapshots::disk_snapshots(&self.files(name).disk()) {
+            names.extend(in_disk.into_iter().map(|(n, _)| n));
+        }
+        names.sort();
+        names.dedup();
+        Ok(names)
     }
 
     fn remove_pool_template(&self, pool: &str) -> Result<()> {
@@ -891,6 +935,32 @@ impl LibvirtBackend {
                 tracing::warn!(vm = %req.name, error = %e, "cleanup after a failed VM from template failed");
             }
         })
+    }
+
+    /// [`Backend::rollback_vm`] to disk-only snapshot `snapshot`: the VM is stopped (what
+    /// ran in it is dropped), its disk put back with `qemu-img snapshot -a`, and it boots
+    /// (paused again afterwards if it was paused).
+    fn rollback_disk(&self, lv: &Libvirt, name: &str, snapshot: &str) -> Result<()> {
+        let disk = self.files(name).disk();
+        if !crate::snapshots::disk_snapshots(&disk)?
+            .iter()
+            .any(|(n, _)| n == snapshot)
+        {
+            return Err(BackendError::NotFound {
+                kind: "snapshot",
+                name: snapshot.to_string(),
+            });
+        }
+        let was = lv.power_state(name)?;
+        crate::agent_conn::forget(name);
+        lv.destroy_domain(name)?;
+        crate::snapshots::apply_internal_snapshot(&disk, snapshot)?;
+        lv.start_domain(name)?;
+        self.refresh_after_wake(lv, name)?;
+        if was == PowerState::Paused {
+            lv.suspend_domain(name)?;
+        }
+        Ok(())
     }
 
     /// After a resume or restore: waits for the guest agent, then sets the guest clock (it

@@ -132,6 +132,8 @@ struct State {
     snapshots: BTreeMap<String, std::collections::BTreeSet<String>>,
     /// Rollbacks by domain, in order.
     rollbacks: Vec<(String, String)>,
+    /// Disk-only snapshots, as (domain, snapshot).
+    disk_only: std::collections::BTreeSet<(String, String)>,
 }
 
 /// Answers [`Backend::vm_stats`] for a VM name.
@@ -590,7 +592,12 @@ impl Backend for FakeBackend {
         Self::power_of(&s, name)
     }
 
-    fn snapshot_vm(&self, name: &str, snapshot: &str) -> Result<crate::backend::SnapshotTaken> {
+    fn snapshot_vm(
+        &self,
+        name: &str,
+        snapshot: &str,
+        memory: bool,
+    ) -> Result<crate::backend::SnapshotTaken> {
         let mut s = self.enter(Op::SnapshotVm, name)?;
         match Self::power_of(&s, name)? {
             PowerState::Running | PowerState::Paused => {}
@@ -604,9 +611,20 @@ impl Backend for FakeBackend {
             .entry(name.to_string())
             .or_default()
             .insert(snapshot.to_string());
+        let key = (name.to_string(), snapshot.to_string());
+        if !memory {
+            s.disk_only.insert(key);
+            return Ok(crate::backend::SnapshotTaken {
+                pause: Duration::from_millis(1),
+                memory_bytes: None,
+                fs_frozen: true,
+            });
+        }
+        s.disk_only.remove(&key);
         Ok(crate::backend::SnapshotTaken {
             pause: Duration::from_millis(1),
             memory_bytes: Some(FAKE_SNAPSHOT_BYTES),
+            fs_frozen: false,
         })
     }
 
@@ -642,11 +660,14 @@ impl Backend for FakeBackend {
     }
 
     fn vm_snapshot_bytes(&self, name: &str, snapshot: &str) -> Option<u64> {
-        self.lock()
-            .snapshots
+        let s = self.lock();
+        let disk_only = s
+            .disk_only
+            .contains(&(name.to_string(), snapshot.to_string()));
+        s.snapshots
             .get(name)
             .is_some_and(|v| v.contains(snapshot))
-            .then_some(FAKE_SNAPSHOT_BYTES)
+            .then_some(if disk_only { 0 } else { FAKE_SNAPSHOT_BYTES })
     }
 
     fn remove_pool_template(&self, pool: &str) -> Result<()> {
@@ -671,6 +692,14 @@ impl Backend for FakeBackend {
             return Err(BackendError::NotFound {
                 kind: "snapshot",
                 name: snapshot.to_string(),
+            });
+        }
+        if s.disk_only
+            .contains(&(source.to_string(), snapshot.to_string()))
+        {
+            return Err(BackendError::Unsupported {
+                what: format!("forking {source}"),
+                why: format!("snapshot {snapshot} holds no memory"),
             });
         }
         if s.domains.contains_key(name) {

@@ -35,9 +35,9 @@ use crate::snapshots::snapshot_tag;
 use crate::vm::{make_dir, VmFiles};
 use crate::xml::Owner;
 
-/// `spec_hash` of a fork's owner metadata until the fork is complete: a domain found with it
-/// (the controller stopped half-way) is not a usable fork, and its owner destroys it and
-/// forks again.
+/// `spec_hash` of a fork's owner metadata until the fork is complete (and of a sandbox's VM
+/// booted from its template until it is up): a domain found with it (the controller stopped
+/// half-way) is not usable, and its owner destroys it and makes it again.
 pub const UNFINISHED: &str = "agentvm-fork-unfinished";
 
 /// What making a fork cost.
@@ -132,7 +132,7 @@ pub(crate) fn internal_snapshots(disk: &Path) -> Result<Vec<String>> {
         .unwrap_or_default())
 }
 
-fn delete_internal_snapshot(disk: &Path, tag: &str) -> Result<()> {
+pub(crate) fn delete_internal_snapshot(disk: &Path, tag: &str) -> Result<()> {
     let out = std::process::Command::new("qemu-img")
         .args(["snapshot", "-d", tag])
         .arg(disk)

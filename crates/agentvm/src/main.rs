@@ -90,7 +90,7 @@ enum Command {
     /// at most --max-bytes, 100000 entries and 64 levels) and unpacked beside DST, which
     /// appears only when all of it was unpacked. `-` (stdin, stdout) takes a file only.
     Cp(cmd::sandbox::CpArgs),
-    /// Take a snapshot (memory and disk) of a sandbox: creates a Snapshot object.
+    /// Take a snapshot (memory and disk, or the disk alone) of a sandbox: creates a Snapshot object.
     Snapshot(cmd::sandbox::SnapshotArgs),
     /// Roll a sandbox back to one of its snapshots (sets spec.rollback).
     Rollback(cmd::sandbox::RollbackArgs),

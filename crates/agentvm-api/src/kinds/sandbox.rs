@@ -1,4 +1,5 @@
-//! `Sandbox`: a VM that is kept — claimed from a pool, then used command after command,
+//! `Sandbox`: a VM that is kept — claimed from a pool, made from a template or forked from a
+//! snapshot, then used command after command,
 //! paused, stopped and started again until it is deleted or its lifetime ends.
 
 use crate::time::Timestamp;
@@ -10,7 +11,8 @@ use crate::meta::Condition;
 
 resource_object!(
     /// A long-lived VM you exec into. It is claimed from `poolRef` (a warm VM
-    /// at once; the pool boots a replacement) and kept, not reset, until the
+    /// at once; the pool boots a replacement), booted from `template`, or
+    /// forked from a snapshot (`fromSnapshot`), and kept, not reset, until the
     /// sandbox is deleted. `state` is the desired power state; the lifetime
     /// rules (`idleTimeoutSeconds`, `ttlSeconds`, `shutdownTime`) end it the
     /// way `shutdownPolicy` says.
@@ -36,9 +38,17 @@ fn default_idle_timeout_seconds() -> u32 {
 pub struct SandboxSpec {
     /// Name of the `VmPool` whose warm VM the sandbox takes. The VM leaves
     /// the pool for good (it is never reset or handed to a run); the pool
-    /// boots a replacement. Exactly one of `poolRef` and `fromSnapshot`.
+    /// boots a replacement. Exactly one of `poolRef`, `template` and
+    /// `fromSnapshot`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub pool_ref: String,
+    /// A VM of its own, booted for this sandbox from this template (the
+    /// same fields as a `VmPool`'s `template`: image, resources, network,
+    /// warm-up steps), without a pool. It waits for the `Image` (and an
+    /// attached network) to be `Ready`; booting takes as long as a pool VM's
+    /// first boot. Later changes to the template do not rebuild the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<crate::VmTemplate>,
     /// Name of a `Snapshot` to fork: the sandbox gets a new VM that goes on
     /// from that snapshot of its sandbox — same files, same memory, same
     /// running programs — with its own name, files, host name (the

@@ -220,7 +220,17 @@ pub fn pool_disk_too_small(
     image_name: &str,
     image: &ImageSpec,
 ) -> Option<String> {
-    let r = &pool.template.resources;
+    template_disk_too_small(&pool.template, image_name, image)
+}
+
+/// Why the disk of VMs made from `template` does not fit its image (every VM's disk is an
+/// overlay on it), or `None` when it does.
+pub fn template_disk_too_small(
+    template: &crate::VmTemplate,
+    image_name: &str,
+    image: &ImageSpec,
+) -> Option<String> {
+    let r = &template.resources;
     let disk_gib = r.resolved().disk_gib;
     let image_mib = u64::from(image.disk_size_mib);
     if u64::from(disk_gib) * 1024 >= image_mib {

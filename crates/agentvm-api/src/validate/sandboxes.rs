@@ -4,17 +4,41 @@ use super::*;
 
 impl Validator {
     pub(super) fn sandbox(&mut self, path: &FieldPath, spec: &SandboxSpec) {
-        match (spec.pool_ref.is_empty(), &spec.from_snapshot) {
-            (true, None) => self.error(
+        let sources: Vec<&str> = [
+            (!spec.pool_ref.is_empty()).then_some("poolRef"),
+            spec.template.is_some().then_some("template"),
+            spec.from_snapshot.is_some().then_some("fromSnapshot"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        match sources.as_slice() {
+            [] => self.error(
                 path.key("poolRef"),
-                "where does its VM come from? set `poolRef` (a VmPool: a warm VM is taken) or `fromSnapshot` (a Snapshot: a fork of it)",
+                "where does its VM come from? set `poolRef` (a VmPool: a warm VM is taken), `template` (a VM booted for it: imageRef, resources, network as in a VmPool) or `fromSnapshot` (a Snapshot: a fork of it)",
             ),
-            (false, Some(_)) => self.error(
-                path.key("fromSnapshot"),
-                "`poolRef` and `fromSnapshot` are both set; keep exactly one of them",
+            [_] => {}
+            [.., last] => self.error(
+                path.key(*last),
+                format!(
+                    "{} are {} set; keep exactly one of them",
+                    sources
+                        .iter()
+                        .map(|s| format!("`{s}`"))
+                        .collect::<Vec<_>>()
+                        .join(" and "),
+                    if sources.len() == 2 { "both" } else { "all" },
+                ),
             ),
-            (false, None) => self.dns_label(&path.key("poolRef"), &spec.pool_ref, "VmPool name"),
-            (true, Some(snap)) => self.dns_label(&path.key("fromSnapshot"), snap, "Snapshot name"),
+        }
+        if !spec.pool_ref.is_empty() {
+            self.dns_label(&path.key("poolRef"), &spec.pool_ref, "VmPool name");
+        }
+        if let Some(t) = &spec.template {
+            self.vm_template(&path.key("template"), t);
+        }
+        if let Some(snap) = &spec.from_snapshot {
+            self.dns_label(&path.key("fromSnapshot"), snap, "Snapshot name");
         }
         let range = (sandbox::MIN_LIFETIME_SECONDS, sandbox::MAX_LIFETIME_SECONDS);
         if spec.idle_timeout_seconds != 0 {

@@ -4,30 +4,7 @@ use super::*;
 
 impl Validator {
     pub(super) fn vm_pool(&mut self, path: &FieldPath, spec: &VmPoolSpec) {
-        let tp = path.key("template");
-        let t = &spec.template;
-        self.dns_label(&tp.key("imageRef"), &t.image_ref, "Image name");
-
-        self.pool_resources(&tp.key("resources"), &t.resources);
-        self.pool_network(&tp.key("network"), &t.network);
-        for (i, step) in t.warmup.iter().enumerate() {
-            let wp = tp.key("warmup").index(i);
-            self.non_empty(
-                wp.key("run"),
-                &step.run,
-                "write a shell command or remove the step",
-            );
-            if let Some(name) = &step.name {
-                self.no_nul(wp.key("name"), name);
-            }
-            self.range(
-                wp.key("timeoutSeconds"),
-                step.timeout_seconds,
-                (1, vm_pool::MAX_WARMUP_TIMEOUT_SECONDS),
-                "",
-            );
-        }
-
+        self.vm_template(&path.key("template"), &spec.template);
         self.range(
             path.key("maxSize"),
             spec.max_size,
@@ -56,6 +33,32 @@ impl Validator {
             "",
         );
         self.pool_anomalies(&path.key("anomalies"), &spec.anomalies);
+    }
+
+    /// A VM template (a pool's `template`, a sandbox's `template`): image, resources,
+    /// network, warm-up steps.
+    pub(super) fn vm_template(&mut self, tp: &FieldPath, t: &vm_pool::VmTemplate) {
+        self.dns_label(&tp.key("imageRef"), &t.image_ref, "Image name");
+
+        self.pool_resources(&tp.key("resources"), &t.resources);
+        self.pool_network(&tp.key("network"), &t.network);
+        for (i, step) in t.warmup.iter().enumerate() {
+            let wp = tp.key("warmup").index(i);
+            self.non_empty(
+                wp.key("run"),
+                &step.run,
+                "write a shell command or remove the step",
+            );
+            if let Some(name) = &step.name {
+                self.no_nul(wp.key("name"), name);
+            }
+            self.range(
+                wp.key("timeoutSeconds"),
+                step.timeout_seconds,
+                (1, vm_pool::MAX_WARMUP_TIMEOUT_SECONDS),
+                "",
+            );
+        }
     }
 
     /// `template.resources`: a profile or custom sizes, limits in their ranges.

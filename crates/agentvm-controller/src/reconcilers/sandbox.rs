@@ -1,11 +1,15 @@
-//! `Sandbox` → one libvirt domain, claimed from the sandbox's pool and kept.
+//! `Sandbox` → one libvirt domain, claimed from the sandbox's pool (or booted from its
+//! template, or forked from a snapshot) and kept.
 //!
 //! Each pass:
 //! 1. finds the domain owned by the sandbox (ownership metadata kind `Sandbox`, its name):
-//!    after a controller restart, that is adoption;
+//!    after a controller restart, that is adoption (a fork or a template VM left unfinished
+//!    is destroyed and made again);
 //! 2. without one, claims a ready VM of `poolRef` from the [`PoolRegistry`] and hands it over
 //!    by rewriting its ownership metadata (one libvirt call; the VM is never without an
-//!    owner), then drops it from the registry, so the pool boots a replacement. A sandbox
+//!    owner), then drops it from the registry, so the pool boots a replacement; or, with
+//!    `template`, waits for its `Image` (and network) to be `Ready` and boots a VM of its own
+//!    through [`Backend::create_vm`], owned by the sandbox from its definition on. A sandbox
 //!    whose recorded VM vanished is `Failed` (`VmLost`): its files and memory are gone;
 //! 3. applies the lifetime rules: `ttlSeconds` (from the claim) and `shutdownTime` end the
 //!    sandbox as `shutdownPolicy` says; so does `idleTimeoutSeconds` of running time without
@@ -285,6 +289,80 @@ impl SandboxReconciler {
         Ok(Some(vm))
     }
 
+    /// Boots this sandbox's VM from its `template` (the one creation path,
+    /// [`Backend::create_vm`], not parked). `None` while the image or network is not ready,
+    /// or when the template cannot work (phase `Failed`). The VM is owned by the sandbox from
+    /// its definition on, marked unfinished until it is up, so one left half-made by a
+    /// stopped controller is destroyed and booted again.
+    fn create(
+        &self,
+        obj: &StoredObject,
+        sb: &Sandbox,
+        template: &agentvm_api::VmTemplate,
+        status: &mut SandboxStatus,
+        ctx: &Ctx,
+    ) -> Result<Option<String>, ReconcileError> {
+        let tpl = match super::vm_pool::resolve_template(ctx, template, false)? {
+            Ok(t) => t,
+            Err(blocked) => {
+                status.phase = if blocked.failed {
+                    SandboxPhase::Failed
+                } else {
+                    SandboxPhase::Pending
+                };
+                if blocked.failed {
+                    Conditions(&mut status.conditions)
+                        .degraded(&ReconcileError::new(blocked.reason, blocked.message), false);
+                } else {
+                    Conditions(&mut status.conditions).progressing(
+                        blocked.reason,
+                        format!("{}; the sandbox's VM boots once it is", blocked.message),
+                    );
+                }
+                return Ok(None);
+            }
+        };
+        let vm = format!("agentvm-sbx-{}", sb.name());
+        let owner = Self::owner(obj);
+        let req = tpl.request(
+            &vm,
+            Owner {
+                spec_hash: agentvm_backend::fork::UNFINISHED.to_string(),
+                ..owner.clone()
+            },
+            false,
+        );
+        tracing::info!(sandbox = sb.name(), %vm, image = %template.image_ref, "booting the sandbox's VM from its template");
+        let report = self
+            .backend
+            .create_vm(&req)
+            .map_err(|e| backend_error(&format!("creating {vm}"), &e))?;
+        self.backend
+            .set_vm_owner(&vm, &owner)
+            .map_err(|e| backend_error(&format!("recording {vm} as made"), &e))?;
+        let now = Timestamp::now();
+        status.vm = Some(vm.clone());
+        status.created_at = Some(now);
+        status.last_activity_at = Some(now);
+        self.sandboxes.touch(sb.name());
+        ctx.audit.record(
+            AuditEvent::new(
+                AuditEventType::VmCreated,
+                Kind::Sandbox,
+                sb.name(),
+                "controller",
+            )
+            .vm(vm.clone())
+            .details(serde_json::json!({
+                "image": template.image_ref,
+                "bootSeconds": report.boot.as_secs_f64(),
+                "warmupSeconds": report.warmup.as_secs_f64(),
+            })),
+        );
+        tracing::info!(sandbox = sb.name(), %vm, boot = ?report.boot, "booted from the template");
+        Ok(Some(vm))
+    }
+
     /// Makes this sandbox's VM a fork of Snapshot `from`. `None` while the snapshot is not
     /// ready, or when the fork cannot be made at all (phase `Failed`, reason in conditions).
     fn fork(
@@ -320,6 +398,16 @@ impl SandboxReconciler {
         };
         let source = snap.spec.sandbox_ref.as_str();
         let snap_status: SnapshotStatus = status_of(&snap_obj);
+        if !snap.spec.memory || snap_status.disk_only {
+            failed(
+                status,
+                Reason::SnapshotHasNoMemory,
+                format!(
+                    "Snapshot {from} of sandbox {source} holds its disk alone (memory: false): there is no running state to fork. Take a snapshot with memory (`agentvm snapshot sandbox/{source} --name NAME`, without --disk-only) and fork that"
+                ),
+            );
+            return Ok(None);
+        }
         match snap_status.phase {
             SnapshotPhase::Ready => {}
             SnapshotPhase::Failed => {
@@ -493,6 +581,9 @@ impl SandboxReconciler {
             name,
             vm,
         );
+        let disk_only = snapshot
+            .as_ref()
+            .is_some_and(|o| matches!(&o.resource, Resource::Snapshot(s) if !s.spec.memory));
         let started = Instant::now();
         let outcome = match refused {
             Some(why) => {
@@ -513,10 +604,15 @@ impl SandboxReconciler {
                     .keeping_ready(true));
                 }
                 self.sandboxes.touch(name);
+                let ms = started.elapsed().as_millis();
                 agentvm_api::RollbackStatus {
                     request: req.clone(),
                     done: true,
-                    message: format!("rolled back in {} ms", started.elapsed().as_millis()),
+                    message: if disk_only {
+                        format!("disk restored and the sandbox booted afresh in {ms} ms (a disk-only snapshot holds no memory: programs that ran were not brought back)")
+                    } else {
+                        format!("rolled back in {ms} ms")
+                    },
                 }
             }
         };
@@ -591,9 +687,10 @@ impl SandboxReconciler {
                 }
                 return Ok(Err(Action::AwaitChange));
             }
-            None => match match &sb.spec.from_snapshot {
-                Some(from) => self.fork(obj, sb, from, status, ctx),
-                None => self.claim(obj, sb, status, ctx),
+            None => match match (&sb.spec.from_snapshot, &sb.spec.template) {
+                (Some(from), _) => self.fork(obj, sb, from, status, ctx),
+                (None, Some(template)) => self.create(obj, sb, template, status, ctx),
+                (None, None) => self.claim(obj, sb, status, ctx),
             } {
                 Ok(Some(vm)) => vm,
                 Ok(None) => {
@@ -772,7 +869,13 @@ impl Reconciler for SandboxReconciler {
     }
 
     fn watches(&self) -> &[Kind] {
-        &[Kind::VmPool]
+        // Pools for claims; images and networks for template sandboxes waiting on them.
+        &[
+            Kind::VmPool,
+            Kind::Image,
+            Kind::Network,
+            Kind::NetworkFilter,
+        ]
     }
 
     fn reconcile(&self, obj: Arc<StoredObject>, ctx: &Ctx) -> Result<Action, ReconcileError> {

@@ -1,4 +1,5 @@
-//! `Snapshot` → an internal snapshot (memory and disk) of its sandbox's VM.
+//! `Snapshot` → an internal snapshot (memory and disk, or with `memory: false` the disk
+//! alone, taken with the guest's file systems frozen) of its sandbox's VM.
 //!
 //! A pending snapshot waits until its sandbox runs (or is paused), then is taken once; a
 //! sandbox at `maxSnapshots` fails it (`SnapshotLimit`). A taken snapshot is checked on
@@ -166,6 +167,24 @@ impl Reconciler for SnapshotReconciler {
     }
 }
 
+/// The `Ready` message of a snapshot of `vm` just taken.
+fn taken_message(
+    vm: &str,
+    taken: &agentvm_backend::backend::SnapshotTaken,
+    memory: bool,
+) -> String {
+    let ms = taken.pause.as_millis();
+    match (memory, taken.fs_frozen) {
+        (true, _) => format!("memory and disk of {vm}; the guest was stopped {ms} ms for it"),
+        (false, true) => format!(
+            "disk of {vm} alone (no memory: a rollback boots the sandbox afresh, and it cannot be forked); the guest's file systems were frozen {ms} ms for it"
+        ),
+        (false, false) => format!(
+            "disk of {vm} alone (no memory: a rollback boots the sandbox afresh, and it cannot be forked); its vCPUs were stopped {ms} ms for it (it was paused, or its guest agent could not freeze its file systems)"
+        ),
+    }
+}
+
 /// Why a snapshot waits for its sandbox: the `Progressing` reason and message.
 type WaitsFor = (Reason, String);
 
@@ -288,7 +307,10 @@ impl SnapshotReconciler {
         let (others, others_bytes) = Self::siblings(ctx, sandbox_ref, name)?;
         if existing.iter().any(|n| n == name) {
             // Its size counts against maxSnapshotMib like any other.
-            let bytes = self.backend.vm_snapshot_bytes(&vm, name);
+            let bytes = self
+                .backend
+                .vm_snapshot_bytes(&vm, name)
+                .filter(|_| snap.spec.memory);
             if let Some(err) =
                 self.past_byte_limit(sandbox_ref, limits, others_bytes, bytes, &vm, name)?
             {
@@ -301,6 +323,7 @@ impl SnapshotReconciler {
             status.vm = Some(vm.clone());
             status.taken_at = Some(Timestamp::now());
             status.memory_bytes = bytes;
+            status.disk_only = !snap.spec.memory;
             Conditions(&mut status.conditions).ready(
                 Reason::Taken,
                 format!("found in {vm}: taken before the controller restarted"),
@@ -320,7 +343,7 @@ impl SnapshotReconciler {
             write(&status)?;
             return Ok(Action::AwaitChange);
         }
-        let taken = match self.backend.snapshot_vm(&vm, name) {
+        let taken = match self.backend.snapshot_vm(&vm, name, snap.spec.memory) {
             Ok(t) => t,
             Err(e) => {
                 return Err(
@@ -344,15 +367,11 @@ impl SnapshotReconciler {
         status.phase = SnapshotPhase::Ready;
         status.vm = Some(vm.clone());
         status.taken_at = Some(Timestamp::now());
-        status.memory_bytes = taken.memory_bytes;
+        status.memory_bytes = taken.memory_bytes.filter(|_| snap.spec.memory);
+        status.disk_only = !snap.spec.memory;
         status.pause_ms = Some(taken.pause.as_millis() as u64);
-        Conditions(&mut status.conditions).ready(
-            Reason::Taken,
-            format!(
-                "memory and disk of {vm}; the guest was stopped {} ms for it",
-                taken.pause.as_millis()
-            ),
-        );
+        Conditions(&mut status.conditions)
+            .ready(Reason::Taken, taken_message(&vm, &taken, snap.spec.memory));
         write_status(ctx, obj, &status)?;
         ctx.audit.record(
             AuditEvent::new(
@@ -365,6 +384,7 @@ impl SnapshotReconciler {
             .details(serde_json::json!({
                 "sandbox": sandbox_ref,
                 "memoryBytes": taken.memory_bytes,
+                "memory": snap.spec.memory,
                 "pauseMs": taken.pause.as_millis() as u64,
             })),
         );

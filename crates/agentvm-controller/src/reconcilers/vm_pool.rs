@@ -73,23 +73,44 @@ pub struct VmPoolReconciler {
     drift_check: Duration,
 }
 
-/// What a pool's VMs are made of, resolved from the store.
+/// What a pool's VMs (or a template sandbox's VM) are made of, resolved from the store.
 #[derive(Debug, Clone)]
-struct Template {
-    image: BootImage,
-    nic: Option<NicSpec>,
-    hash: String,
-    vcpus: u32,
-    memory_mib: u64,
-    warmup: Vec<ExecRequest>,
+pub(crate) struct Template {
+    pub(crate) image: BootImage,
+    pub(crate) nic: Option<NicSpec>,
+    pub(crate) hash: String,
+    pub(crate) vcpus: u32,
+    pub(crate) memory_mib: u64,
+    pub(crate) warmup: Vec<ExecRequest>,
     /// The template's resources (for the conditions and `status.resources`).
-    resources: agentvm_api::Resources,
+    pub(crate) resources: agentvm_api::Resources,
     /// Limits asked of the host for each VM.
-    limits: VmLimits,
+    pub(crate) limits: VmLimits,
     /// Disk size (the profile's or `diskGib`), GiB.
-    disk_gib: u64,
+    pub(crate) disk_gib: u64,
     /// `spec.creation: template`.
-    from_template: bool,
+    pub(crate) from_template: bool,
+}
+
+impl Template {
+    /// The request for VM `name`, owned by `owner`: parked at its golden state (a pool VM)
+    /// or left running (a sandbox's).
+    pub(crate) fn request(&self, name: &str, owner: Owner, park: bool) -> VmRequest {
+        VmRequest {
+            name: name.to_string(),
+            image: self.image.clone(),
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            nic: self.nic.clone(),
+            owner,
+            warmup: self.warmup.clone(),
+            limits: self.limits,
+            disk_gib: Some(self.disk_gib),
+            disabled_cpu_features: Vec::new(),
+            park,
+            from_template: park && self.from_template,
+        }
+    }
 }
 
 /// Counts for the status.
@@ -542,25 +563,16 @@ impl VmPoolReconciler {
         generation: i64,
         ctx: &Ctx,
     ) -> Result<Enforcement, ReconcileError> {
-        let req = VmRequest {
-            name: vm.to_string(),
-            image: tpl.image.clone(),
-            vcpus: tpl.vcpus,
-            memory_mib: tpl.memory_mib,
-            nic: tpl.nic.clone(),
-            owner: Owner {
+        let req = tpl.request(
+            vm,
+            Owner {
                 kind: Kind::VmPool.into(),
                 name: pool.to_string(),
                 spec_hash: tpl.hash.clone(),
                 generation,
             },
-            warmup: tpl.warmup.clone(),
-            limits: tpl.limits,
-            disk_gib: Some(tpl.disk_gib),
-            disabled_cpu_features: Vec::new(),
-            park: true,
-            from_template: tpl.from_template,
-        };
+            true,
+        );
         tracing::info!(pool, vm, "creating VM");
         let report = self
             .backend
@@ -652,15 +664,15 @@ fn vm_name(pool: &str) -> String {
     format!("agentvm-{pool}-{suffix}")
 }
 
-/// Why a pool cannot create VMs (yet).
+/// Why a pool (or a template sandbox) cannot create VMs (yet).
 #[derive(Debug)]
-struct Blocked {
+pub(crate) struct Blocked {
     /// Condition reason.
-    reason: Reason,
+    pub(crate) reason: Reason,
     /// Condition message.
-    message: String,
+    pub(crate) message: String,
     /// True when waiting will not help: the manifests have to change (phase `Failed`).
-    failed: bool,
+    pub(crate) failed: bool,
 }
 
 /// Waiting for a dependency: (reason, message).
@@ -673,7 +685,21 @@ fn waiting(reason: Reason, message: String) -> Blocked {
 }
 
 fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Blocked>, ReconcileError> {
-    let t = &pool.spec.template;
+    resolve_template(
+        ctx,
+        &pool.spec.template,
+        pool.spec.creation == agentvm_api::VmCreation::Template,
+    )
+}
+
+/// What VMs made from `t` are made of, once its `Image` (and attached `Network` and
+/// `NetworkFilter`) are `Ready`; else why not yet. `from_template`: a pool's `creation:
+/// template`.
+pub(crate) fn resolve_template(
+    ctx: &Ctx,
+    t: &agentvm_api::VmTemplate,
+    from_template: bool,
+) -> Result<Result<Template, Blocked>, ReconcileError> {
     let Some(img) = ctx.cache.get(Kind::Image, &t.image_ref)? else {
         return Ok(Err(waiting(
             Reason::WaitingForImage,
@@ -683,9 +709,7 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Blocked>, Reconc
     // Every VM's disk is an overlay on the image: it cannot be smaller. `apply` refuses such
     // a pool when it knows the image; this catches an image applied (or grown) after it.
     if let Resource::Image(image) = &img.resource {
-        if let Some(message) =
-            agentvm_api::pool_disk_too_small(&pool.spec, &t.image_ref, &image.spec)
-        {
+        if let Some(message) = agentvm_api::template_disk_too_small(t, &t.image_ref, &image.spec) {
             return Ok(Err(Blocked {
                 reason: Reason::DiskTooSmall,
                 message,
@@ -779,7 +803,7 @@ fn resolve(ctx: &Ctx, pool: &VmPool) -> Result<Result<Template, Blocked>, Reconc
         resources: t.resources.clone(),
         limits: limits::vm_limits(&t.resources),
         disk_gib: u64::from(res.disk_gib),
-        from_template: pool.spec.creation == agentvm_api::VmCreation::Template,
+        from_template,
     }))
 }
 

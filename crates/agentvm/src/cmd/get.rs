@@ -181,14 +181,12 @@ fn row(obj: &StoredObject, wide: bool, name: String) -> Vec<String> {
                 .and_then(Value::as_str)
                 .unwrap_or("Running")
                 .to_string();
-            let mut r = vec![
-                name,
-                text(&v, "/spec/poolRef"),
-                state,
-                phase(obj, &v),
-                idle,
-                age,
-            ];
+            // A sandbox booted from its template shows its image instead of a pool.
+            let source = match at(&v, "/spec/template/imageRef").and_then(Value::as_str) {
+                Some(image) => format!("img/{image}"),
+                None => text(&v, "/spec/poolRef"),
+            };
+            let mut r = vec![name, source, state, phase(obj, &v), idle, age];
             if wide {
                 r.push(text(&v, "/status/vm"));
                 r.push(
@@ -202,9 +200,13 @@ fn row(obj: &StoredObject, wide: bool, name: String) -> Vec<String> {
             r
         }
         Kind::Snapshot => {
-            let memory = at(&v, "/status/memoryBytes")
-                .and_then(Value::as_u64)
-                .map_or_else(|| "-".into(), |b| format!("{}Mi", b.div_ceil(1 << 20)));
+            let memory = if at(&v, "/status/diskOnly") == Some(&Value::Bool(true)) {
+                "disk-only".to_string()
+            } else {
+                at(&v, "/status/memoryBytes")
+                    .and_then(Value::as_u64)
+                    .map_or_else(|| "-".into(), |b| format!("{}Mi", b.div_ceil(1 << 20)))
+            };
             let mut r = vec![
                 name,
                 text(&v, "/spec/sandboxRef"),

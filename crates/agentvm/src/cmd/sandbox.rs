@@ -148,6 +148,11 @@ pub struct SnapshotArgs {
     /// Name of the new `Snapshot` object.
     #[arg(long, value_name = "NAME")]
     name: String,
+    /// Copy the disk alone, with the guest's file systems frozen for a moment
+    /// (no memory: a rollback to it boots the sandbox afresh, and it cannot be
+    /// forked).
+    #[arg(long)]
+    disk_only: bool,
     /// How long to wait for it to be taken (`90`, `90s`, `5m`).
     #[arg(long, default_value = "5m", value_name = "DURATION", value_parser = super::parse_duration)]
     timeout: Duration,
@@ -164,6 +169,7 @@ impl SnapshotArgs {
             self.name.clone(),
             agentvm_api::SnapshotSpec {
                 sandbox_ref: sandbox.clone(),
+                memory: !self.disk_only,
             },
         );
         create(&client, serde_json::to_value(&snapshot)?)?;
@@ -176,11 +182,13 @@ impl SnapshotArgs {
                     match st.phase {
                         agentvm_api::SnapshotPhase::Ready => {
                             let mib = st.memory_bytes.map(|b| b.div_ceil(1 << 20));
-                            println!(
-                                "{what} taken of sandbox/{sandbox}{}",
+                            let held = if st.disk_only {
+                                " (disk only)".to_string()
+                            } else {
                                 mib.map(|m| format!(" ({m} MiB of memory)"))
                                     .unwrap_or_default()
-                            );
+                            };
+                            println!("{what} taken of sandbox/{sandbox}{held}");
                             return Ok(0);
                         }
                         agentvm_api::SnapshotPhase::Failed => {

@@ -433,7 +433,7 @@ fn a_snapshot_taken_but_not_recorded_before_a_restart_is_adopted_not_retaken() {
     b.pass().unwrap();
     let vm = b.status()["vm"].as_str().unwrap().to_string();
     // The earlier controller took it, then died.
-    b.t.fake.snapshot_vm(&vm, "one").unwrap();
+    b.t.fake.snapshot_vm(&vm, "one", true).unwrap();
     b.t.apply(&snapshot_yaml("one", "s"));
     b.t.reconcile(&snaps, Kind::Snapshot, "one").unwrap();
     let st = b.t.status(Kind::Snapshot, "one");
@@ -563,4 +563,175 @@ fn a_fork_left_unfinished_by_a_stopped_controller_is_destroyed_and_made_again() 
     );
     let owner = b.t.fake.domains()["agentvm-sbx-f"].owner.clone().unwrap();
     assert_ne!(owner.spec_hash, agentvm_backend::fork::UNFINISHED);
+}
+
+#[test]
+fn a_disk_only_snapshot_has_no_memory_rolls_back_with_a_boot_and_cannot_be_forked() {
+    let b = Boxes::new();
+    let snaps = crate::reconcilers::SnapshotReconciler::new(b.t.backend());
+    b.t.apply(&sandbox(""));
+    b.pass().unwrap();
+    let vm = b.status()["vm"].as_str().unwrap().to_string();
+    b.t.apply(&snapshot_yaml("disk", "s").replace("s}\n", "s, memory: false}\n"));
+    b.t.reconcile(&snaps, Kind::Snapshot, "disk").unwrap();
+    let st = b.t.status(Kind::Snapshot, "disk");
+    assert_eq!(st["phase"], "Ready", "{st}");
+    assert_eq!(st["diskOnly"], true, "{st}");
+    assert!(st.get("memoryBytes").is_none(), "{st}");
+    assert_eq!(cond(&st, "Ready").1, "Taken");
+    assert!(
+        st["conditions"]
+            .to_string()
+            .contains("file systems were frozen"),
+        "{st}"
+    );
+    assert!(b
+        .t
+        .fake
+        .calls()
+        .iter()
+        .any(|c| c.op == Op::SnapshotVm && c.name == vm));
+
+    // A rollback to it says the sandbox booted afresh.
+    b.t.apply(&sandbox(&rollback_to("disk", "2026-01-01T00:00:00Z")));
+    b.pass().unwrap();
+    assert_eq!(b.t.fake.rollbacks(), vec![(vm.clone(), "disk".to_string())]);
+    let last = &b.status()["lastRollback"];
+    assert_eq!(last["done"], true, "{last}");
+    assert!(
+        last["message"].as_str().unwrap().contains("booted afresh"),
+        "{last}"
+    );
+
+    // A fork of it fails at once, naming the snapshot; nothing is made.
+    b.t.apply(&fork_yaml("f", "disk"));
+    assert_eq!(
+        b.t.reconcile(&b.r, Kind::Sandbox, "f").unwrap(),
+        Action::AwaitChange
+    );
+    let st = b.t.status(Kind::Sandbox, "f");
+    assert_eq!(st["phase"], "Failed", "{st}");
+    assert_eq!(cond(&st, "Degraded").1, "SnapshotHasNoMemory");
+    let conditions = st["conditions"].to_string();
+    assert!(
+        conditions.contains("Snapshot disk of sandbox s") && conditions.contains("with memory"),
+        "{conditions}"
+    );
+    assert!(st.get("vm").is_none(), "{st}");
+    assert!(!b.t.fake.calls().iter().any(|c| c.op == Op::ForkVm));
+    assert_eq!(b.owned_by_sandbox(), vec![vm]);
+}
+
+fn template_sandbox(name: &str) -> String {
+    format!("apiVersion: agentvm.dev/v1alpha1\nkind: Sandbox\nmetadata: {{name: {name}}}\nspec:\n  template:\n    imageRef: img\n    resources: {{profile: custom, vcpu: 1, memoryMib: 384, diskGib: 2}}\n")
+}
+
+#[test]
+fn a_template_sandbox_waits_for_its_image_then_boots_a_vm_of_its_own() {
+    let t = Setup::new();
+    let registry = Arc::new(PoolRegistry::new());
+    let r = SandboxReconciler::new(t.backend(), registry.clone(), Arc::new(Sandboxes::new()));
+    t.apply(&template_sandbox("t"));
+    // No image yet, then one not built: it waits and says so; nothing is made.
+    assert_eq!(
+        t.reconcile(&r, Kind::Sandbox, "t").unwrap(),
+        Action::Requeue(WAITING_FOR_VM)
+    );
+    let st = t.status(Kind::Sandbox, "t");
+    assert_eq!(st["phase"], "Pending", "{st}");
+    assert_eq!(cond(&st, "Progressing").1, "WaitingForImage");
+    assert!(st["conditions"].to_string().contains("Image img"), "{st}");
+    t.apply("apiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata: {name: img}\nspec: {}\n");
+    t.reconcile(&r, Kind::Sandbox, "t").unwrap();
+    assert_eq!(
+        cond(&t.status(Kind::Sandbox, "t"), "Progressing").1,
+        "WaitingForImage"
+    );
+    assert!(t.fake.domains().is_empty());
+    assert!(t.fake.pool_vm_requests().is_empty());
+
+    // Ready: one VM, through create_vm, not parked, the template's shape, owned by the
+    // sandbox (marked made once it is up).
+    t.image_ready();
+    t.reconcile(&r, Kind::Sandbox, "t").unwrap();
+    let st = t.status(Kind::Sandbox, "t");
+    assert_eq!(st["phase"], "Running", "{st}");
+    assert_eq!(st["vm"], "agentvm-sbx-t");
+    assert!(st.get("pool").is_none(), "{st}");
+    let reqs = t.fake.pool_vm_requests();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].name, "agentvm-sbx-t");
+    assert!(!reqs[0].park && !reqs[0].from_template);
+    assert_eq!((reqs[0].vcpus, reqs[0].memory_mib), (1, 384));
+    assert_eq!(reqs[0].disk_gib, Some(2));
+    assert_eq!(reqs[0].owner.spec_hash, agentvm_backend::fork::UNFINISHED);
+    let owner = t.fake.domains()["agentvm-sbx-t"].owner.clone().unwrap();
+    assert!(owner.is_kind(Kind::Sandbox) && owner.name == "t");
+    assert_ne!(owner.spec_hash, agentvm_backend::fork::UNFINISHED);
+
+    // A restarted controller adopts it: nothing booted twice.
+    let r2 = SandboxReconciler::new(t.backend(), registry, Arc::new(Sandboxes::new()));
+    t.reconcile(&r2, Kind::Sandbox, "t").unwrap();
+    assert_eq!(t.fake.pool_vm_requests().len(), 1);
+    // Drift: found off (destroyed by hand), it is started again from its disk.
+    t.fake
+        .set_vm_power("agentvm-sbx-t", PowerState::Off)
+        .unwrap();
+    t.reconcile(&r2, Kind::Sandbox, "t").unwrap();
+    assert_eq!(
+        t.fake.vm_power("agentvm-sbx-t").unwrap(),
+        PowerState::Running
+    );
+    assert_eq!(t.status(Kind::Sandbox, "t")["phase"], "Running");
+    // Deletion destroys it.
+    t.store.request_delete(Kind::Sandbox, "t", None).unwrap();
+    t.reconcile(&r2, Kind::Sandbox, "t").unwrap();
+    assert!(t.fake.domains().is_empty());
+    assert!(t.store.get(Kind::Sandbox, "t").unwrap().is_none());
+}
+
+#[test]
+fn a_template_vm_left_unfinished_is_destroyed_and_booted_again_and_a_failed_boot_leaves_nothing() {
+    let b = Boxes::new();
+    b.t.apply(&template_sandbox("t"));
+    // What a controller killed in the middle of create_vm leaves.
+    b.t.fake
+        .create_vm(&agentvm_backend::VmRequest {
+            name: "agentvm-sbx-t".into(),
+            owner: Owner {
+                kind: Kind::Sandbox.into(),
+                name: "t".into(),
+                spec_hash: agentvm_backend::fork::UNFINISHED.into(),
+                generation: 1,
+            },
+            ..b.t.fake.pool_vm_requests()[0].clone()
+        })
+        .unwrap();
+    let before = b.t.fake.pool_vm_requests().len();
+    b.t.reconcile(&b.r, Kind::Sandbox, "t").unwrap();
+    assert!(b
+        .t
+        .fake
+        .calls()
+        .iter()
+        .any(|c| c.op == Op::DestroyVm && c.name == "agentvm-sbx-t"));
+    assert_eq!(b.t.fake.pool_vm_requests().len(), before + 1);
+    let owner = b.t.fake.domains()["agentvm-sbx-t"].owner.clone().unwrap();
+    assert_ne!(owner.spec_hash, agentvm_backend::fork::UNFINISHED);
+    assert_eq!(b.t.status(Kind::Sandbox, "t")["phase"], "Running");
+
+    // A boot that fails: an error (retried), no VM recorded, nothing left.
+    b.t.apply(&template_sandbox("u"));
+    b.t.fake.fail_next(
+        Op::CreatePoolVm,
+        agentvm_backend::BackendError::Protocol {
+            what: "booting".into(),
+            message: "no agent".into(),
+        },
+    );
+    assert!(b.t.reconcile(&b.r, Kind::Sandbox, "u").is_err());
+    assert!(!b.t.fake.domains().contains_key("agentvm-sbx-u"));
+    assert!(b.t.status(Kind::Sandbox, "u").get("vm").is_none());
+    b.t.reconcile(&b.r, Kind::Sandbox, "u").unwrap();
+    assert_eq!(b.t.status(Kind::Sandbox, "u")["vm"], "agentvm-sbx-u");
 }
