@@ -99,7 +99,7 @@ impl Reconciler for Timed {
     }
 }
 
-fn image_doc(name: &str) -> String {
+pub fn image_doc(name: &str) -> String {
     format!(
         "apiVersion: agentvm.dev/v1alpha1\nkind: Image\nmetadata:\n  name: {name}\nspec: {{}}\n"
     )

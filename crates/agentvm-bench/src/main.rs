@@ -4,10 +4,12 @@
 //! pools of 1, 2 and 4 VMs, controller and idle-guest memory, a no-op resync over 1,000
 //! objects, spec-file write → reconcile latency, a waiting run's VM ready → scheduled, and sandboxes (claim, pause/resume,
 //! stop/start, snapshot, rollback against `virsh snapshot-revert`, memory of N running,
-//! paused and stopped); prints one Markdown report.
+//! paused and stopped), and the cluster store on etcd against the single-host file; prints
+//! one Markdown report.
 //!
 //! Run it through `scripts/bench.sh` (libvirtd in its network namespace, release build).
 
+mod cluster;
 mod controller;
 mod egress;
 mod idle;
@@ -91,6 +93,9 @@ enum Part {
     /// HTTPS throughput and latency through the egress proxy against plain NAT (a NAT
     /// network in `--netns`).
     Egress,
+    /// The cluster store (a real etcd on loopback) against the single-host file: store
+    /// calls, apply → reconcile, another node's event.
+    Cluster,
 }
 
 /// Polls `cond` every 20 ms until it holds; fails after `timeout`.
@@ -196,6 +201,7 @@ fn main() -> Result<()> {
     let mut isolation = Table::new("Isolation: a noisy neighbour on the disk");
     let mut sandbox = Table::new("Sandboxes");
     let mut egress_table = Table::new("Egress: the domain proxy against plain NAT");
+    let mut cluster_table = Table::new("Cluster store: etcd against the single-host file");
     let objects = 1000;
     let mut accelerator = std::env::var("AGENTVM_ACCEL").unwrap_or_else(|_| "tcg".into());
 
@@ -307,6 +313,14 @@ fn main() -> Result<()> {
             &mut egress_table,
         )?;
     }
+    if wants(Part::Cluster) {
+        eprintln!("== cluster store: etcd against the single-host file");
+        cluster::cluster_rows(
+            &dir.join("cluster"),
+            if quick { 50 } else { 200 },
+            &mut cluster_table,
+        )?;
+    }
     match scratch {
         Some(s) => drop(s),
         None => eprintln!("scratch state kept in {}", dir.display()),
@@ -336,6 +350,7 @@ fn main() -> Result<()> {
         &control,
         &isolation,
         &egress_table,
+        &cluster_table,
     ] {
         if !t.rows.is_empty() {
             out.push('\n');
