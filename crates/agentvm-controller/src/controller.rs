@@ -377,6 +377,7 @@ impl Controller {
         }
         let handle = dispatcher.handle();
         let readiness = self.readiness.clone();
+        readiness.set_standby(membership.is_some());
         let until = stopped(stop_rx.clone());
         let leader = membership.clone();
         let mut dispatch = tokio::spawn(async move {
@@ -385,6 +386,7 @@ impl Controller {
                 _ = &mut until => return,
                 _ = leading(&leader) => {}
             }
+            readiness.set_standby(false);
             readiness.set_dispatcher_running(true);
             dispatcher.run(until).await;
             readiness.set_dispatcher_running(false);

@@ -1,4 +1,5 @@
-//! `Readiness`: what `/readyz` reports: the store is open, the dispatcher runs, and (when the
+//! `Readiness`: what `/readyz` reports: the store is open, the dispatcher runs (or the node
+//! stands by in a cluster, serving the API while another node reconciles), and (when the
 //! controller samples VM statistics) the last sample reached libvirt.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +15,7 @@ pub struct Readiness {
 struct Inner {
     store_open: AtomicBool,
     dispatcher_running: AtomicBool,
+    standby: AtomicBool,
     libvirt_required: AtomicBool,
     /// Result of the last statistics sample; `None` before the first.
     libvirt: Mutex<Option<Result<(), String>>>,
@@ -32,6 +34,12 @@ impl Readiness {
             .store(running, Ordering::SeqCst);
     }
 
+    /// A cluster node waiting to be elected (`true`): it serves the API, and its dispatcher
+    /// is not expected to run.
+    pub fn set_standby(&self, standby: bool) {
+        self.inner.standby.store(standby, Ordering::SeqCst);
+    }
+
     /// Readiness also needs a successful libvirt statistics sample.
     pub fn require_libvirt(&self) {
         self.inner.libvirt_required.store(true, Ordering::SeqCst);
@@ -48,7 +56,7 @@ impl Readiness {
         if !i.store_open.load(Ordering::SeqCst) {
             return Err("the store is not open".into());
         }
-        if !i.dispatcher_running.load(Ordering::SeqCst) {
+        if !i.dispatcher_running.load(Ordering::SeqCst) && !i.standby.load(Ordering::SeqCst) {
             return Err("the dispatcher is not running".into());
         }
         if i.libvirt_required.load(Ordering::SeqCst) {
@@ -80,5 +88,7 @@ mod tests {
         assert!(h.check().is_ok());
         h.set_dispatcher_running(false);
         assert!(h.check().is_err());
+        h.set_standby(true);
+        assert!(h.check().is_ok(), "a standby cluster node serves the API");
     }
 }
