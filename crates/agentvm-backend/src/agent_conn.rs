@@ -515,24 +515,11 @@ impl AgentConn {
     /// [`agentvm_guest::tree`]; the guest made it: unpack it as hostile).
     pub fn open_tree_reader(self: &Arc<Self>, path: &str, max: u64) -> Result<AgentFileReader> {
         self.require_trees(&format!("copy the directory {path}"))?;
-        let rx = self.open()?;
-        self.send(
-            rx.id,
-            &ToGuest::ReadTree {
-                path: path.to_string(),
-                max,
-            },
-        )?;
-        Ok(AgentFileReader {
-            rx,
+        let request = ToGuest::ReadTree {
             path: path.to_string(),
             max,
-            got: 0,
-            buf: Vec::new(),
-            pos: 0,
-            ended: false,
-            error: None,
-        })
+        };
+        self.start_reading(request, path, max)
     }
 
     /// Send `request`, then what `src` yields as its data under the agent's credit, then
@@ -604,14 +591,23 @@ impl AgentConn {
 
     /// `path` in the guest as a stream of at most `max` bytes.
     pub fn open_reader(self: &Arc<Self>, path: &str, max: u64) -> Result<AgentFileReader> {
+        let request = ToGuest::ReadFile {
+            path: path.to_string(),
+            max,
+        };
+        self.start_reading(request, path, max)
+    }
+
+    /// Sends `request` (a read of `path`, at most `max` bytes) on a new stream and returns
+    /// the reader of its answer.
+    fn start_reading(
+        self: &Arc<Self>,
+        request: ToGuest,
+        path: &str,
+        max: u64,
+    ) -> Result<AgentFileReader> {
         let rx = self.open()?;
-        self.send(
-            rx.id,
-            &ToGuest::ReadFile {
-                path: path.to_string(),
-                max,
-            },
-        )?;
+        self.send(rx.id, &request)?;
         Ok(AgentFileReader {
             rx,
             path: path.to_string(),
