@@ -86,6 +86,8 @@ reasons! {
     ProtocolError,
     /// The image is larger than the pool's disk.
     DiskTooSmall,
+    /// The host file system a VM's files live on is too full for what was asked.
+    HostDiskFull,
 
     // Resource limits.
     /// A limit is in force.

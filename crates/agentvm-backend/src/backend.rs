@@ -18,6 +18,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Room a snapshot needs besides the guest's memory: its tables in the disk file, and
+/// clusters the guest writes while it is taken.
+const SNAPSHOT_OVERHEAD_BYTES: u64 = 64 << 20;
+
 use crate::accel::{Accelerator, AcceleratorChoice};
 use crate::error::{io_err, BackendError, Result};
 use crate::golden::{GoldenKind, GoldenState, ResetReport, ResetStrategy, GOLDEN_SNAPSHOT};
@@ -738,6 +742,22 @@ impl Backend for LibvirtBackend {
     fn snapshot_vm(&self, name: &str, snapshot: &str, memory: bool) -> Result<SnapshotTaken> {
         let _op = self.vm_op(name);
         let lv = self.lv()?;
+        // The snapshot goes into the VM's disk file: memory and device state (at most the
+        // guest's memory) plus the snapshot's own tables. Refused up front when it cannot
+        // fit, rather than failing half way with the guest stopped.
+        let needed = SNAPSHOT_OVERHEAD_BYTES + if memory { lv.memory_bytes(name)? } else { 0 };
+        let disk = self.files(name).disk();
+        let dir = disk.parent().unwrap_or(&disk).to_path_buf();
+        let free =
+            crate::snapshots::free_bytes(&dir).map_err(crate::error::io_err("statvfs", &dir))?;
+        if free < needed {
+            return Err(BackendError::HostDiskFull {
+                path: dir,
+                what: format!("snapshot {snapshot:?} of {name}"),
+                needed_bytes: needed,
+                free_bytes: free,
+            });
+        }
         if !memory {
             let (pause, fs_frozen) =
                 lv.create_disk_snapshot(name, snapshot, Duration::from_secs(10))?;

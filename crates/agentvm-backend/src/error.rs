@@ -102,6 +102,19 @@ pub enum BackendError {
         /// The size asked for, bytes.
         wanted_bytes: u64,
     },
+    /// The host file system a VM's files live on has too little free space for what was
+    /// asked; nothing was changed.
+    #[error("the host file system holding {} has {} MiB free; {what} needs about {} MiB: nothing was changed; free space there (or delete snapshots) and it is retried", .path.display(), .free_bytes >> 20, .needed_bytes >> 20)]
+    HostDiskFull {
+        /// A directory on that file system.
+        path: PathBuf,
+        /// What was asked.
+        what: String,
+        /// Bytes it needs, about.
+        needed_bytes: u64,
+        /// Bytes free for unprivileged writers.
+        free_bytes: u64,
+    },
     /// agentvm cannot do this (yet) for this object; nothing was changed.
     #[error("{what}: not supported: {why}")]
     Unsupported {

@@ -284,6 +284,15 @@ impl Libvirt {
         .map_err(|e| BackendError::from_virt(e, "domain", name))
     }
 
+    /// Memory of running domain `name`, bytes.
+    pub fn memory_bytes(&self, name: &str) -> Result<u64> {
+        let dom = self.lookup(name)?;
+        let info = dom
+            .info()
+            .map_err(|e| BackendError::from_virt(e, "domain", name))?;
+        Ok(info.memory.saturating_mul(1024))
+    }
+
     /// Power state of domain `name`, telling paused from running and a domain saved with
     /// [`Libvirt::save_domain`] from one that is merely off.
     pub fn power_state(&self, name: &str) -> Result<PowerState> {

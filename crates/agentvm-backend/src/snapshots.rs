@@ -299,6 +299,12 @@ fn fs_thaw(dom: &Domain, domain: &str, timeout: Duration) {
     }
 }
 
+/// Bytes free for unprivileged writers on the file system holding `dir`.
+pub(crate) fn free_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
+    let st = rustix::fs::statvfs(dir)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

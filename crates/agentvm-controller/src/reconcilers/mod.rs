@@ -157,6 +157,7 @@ pub(crate) fn backend_error(doing: &str, e: &BackendError) -> ReconcileError {
         BackendError::Command { .. } => Reason::HostCommandFailed,
         BackendError::Protocol { .. } => Reason::ProtocolError,
         BackendError::DiskTooSmall { .. } => Reason::DiskTooSmall,
+        BackendError::HostDiskFull { .. } => Reason::HostDiskFull,
         BackendError::Unsupported { .. } => Reason::Unsupported,
     };
     ReconcileError::new(reason, format!("{doing}: {e}"))

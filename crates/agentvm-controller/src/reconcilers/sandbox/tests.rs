@@ -394,6 +394,43 @@ fn a_snapshot_past_max_snapshot_mib_is_deleted_again_and_fails() {
 }
 
 #[test]
+fn a_snapshot_on_a_full_host_disk_waits_with_a_clear_condition_then_is_taken() {
+    let b = Boxes::new();
+    let snaps = crate::reconcilers::SnapshotReconciler::new(b.t.backend());
+    b.t.apply(&sandbox(""));
+    b.pass().unwrap();
+    let vm = b.status()["vm"].as_str().unwrap().to_string();
+    b.t.fake.fail_next(
+        Op::SnapshotVm,
+        agentvm_backend::BackendError::HostDiskFull {
+            path: "/var/lib/agentvm/vms/x".into(),
+            what: format!("snapshot \"full\" of {vm}"),
+            needed_bytes: 320 << 20,
+            free_bytes: 12 << 20,
+        },
+    );
+    b.t.apply(&snapshot_yaml("full", "s"));
+    assert!(b.t.reconcile(&snaps, Kind::Snapshot, "full").is_err());
+    let st = b.t.status(Kind::Snapshot, "full");
+    assert_ne!(st["phase"], "Failed", "it waits for space: {st}");
+    assert_ne!(st["phase"], "Ready", "{st}");
+    assert_eq!(cond(&st, "Degraded").1, "HostDiskFull", "{st}");
+    let message = st["conditions"].to_string();
+    assert!(
+        message.contains("12 MiB free") && message.contains("about 320 MiB"),
+        "{message}"
+    );
+    assert!(
+        b.t.fake.vm_snapshots(&vm).unwrap().is_empty(),
+        "nothing taken"
+    );
+    assert_eq!(b.status()["phase"], "Running", "the sandbox runs on");
+    // Space is back: the next pass takes it.
+    b.t.reconcile(&snaps, Kind::Snapshot, "full").unwrap();
+    assert_eq!(b.t.status(Kind::Snapshot, "full")["phase"], "Ready");
+}
+
+#[test]
 fn only_the_sandbox_s_owner_and_root_may_snapshot_it() {
     let b = Boxes::new();
     let snaps = crate::reconcilers::SnapshotReconciler::new(b.t.backend());
