@@ -164,6 +164,9 @@ reasons! {
     SetupFailed,
     /// The run was executing when an earlier controller stopped.
     ControllerRestarted,
+    /// The cluster node that was running the run stopped or lost its lease; the run is not
+    /// started again elsewhere (it may have had effects).
+    NodeLost,
     // Sandbox.
     /// The sandbox's VM runs.
     SandboxRunning,

@@ -297,6 +297,7 @@ impl Controller {
             egress: Default::default(),
             // Connected to the work queue by the dispatcher.
             wake: Default::default(),
+            node: membership.as_ref().map(|m| m.name().to_string()),
         };
         if let Some(backend) = self.egress.take() {
             let (ctx, membership) = (ctx.clone(), membership.clone());

@@ -142,6 +142,8 @@ pub struct Ctx {
     pub egress: crate::egress::RunSummaries,
     /// Queues other objects for reconciliation (the dispatcher's work queue).
     pub wake: Wake,
+    /// This node's name in a cluster (`None` on a single host).
+    pub node: Option<String>,
 }
 
 /// A handle on the dispatcher's work queue, so that a reconciler (or a callback it installs)
@@ -187,6 +189,7 @@ impl Ctx {
             audit: AuditLog::disabled(),
             egress: Default::default(),
             wake: Wake::default(),
+            node: None,
         }
     }
 }

@@ -434,6 +434,10 @@ pub struct AgentRunStatus {
     /// Name of the VM (libvirt domain) the run executes in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<String>,
+    /// The cluster node that runs (or ran) the program; its output is kept there. Absent
+    /// on a single host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// Exit code of the program, once it exited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,

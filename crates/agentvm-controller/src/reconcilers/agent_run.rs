@@ -1144,6 +1144,7 @@ impl Job {
         self.status.phase = AgentRunPhase::Running;
         self.status.reason = Some(Reason::Running.into());
         self.status.started_at = Some(Timestamp::now());
+        self.status.node.clone_from(&self.ctx.node);
         self.status.observed_generation = Some(self.generation);
         self.write();
         self.ctx.audit.add_secrets(secrets.iter());
@@ -1404,13 +1405,19 @@ impl Reconciler for AgentRunReconciler {
                         return finalize(ctx);
                     }
                 }
-                // Not executing in this process: an earlier controller was running it.
-                finish(
-                    &mut status,
-                    AgentRunPhase::Failed,
-                    Reason::ControllerRestarted,
-                    "the controller restarted while the run was in flight".into(),
-                );
+                // Not executing in this process: an earlier controller, here or on another
+                // node, was running it. It is never started again.
+                let (reason, message) = match &status.node {
+                    Some(node) if ctx.node.as_ref() != Some(node) => (
+                        Reason::NodeLost,
+                        format!("node {node}, which was running it, stopped or lost its cluster lease; the run is not started again"),
+                    ),
+                    _ => (
+                        Reason::ControllerRestarted,
+                        "the controller restarted while the run was in flight".into(),
+                    ),
+                };
+                finish(&mut status, AgentRunPhase::Failed, reason, message);
                 write_status(ctx, &obj, &status)?;
                 finalize(ctx)
             }

@@ -282,6 +282,37 @@ fn secrets_reach_the_guest_but_never_status_output_or_store_file() {
 }
 
 #[test]
+fn a_run_left_running_by_another_cluster_node_fails_node_lost_once() {
+    let r = Runs::new(1, 1);
+    r.t.apply(&run_yaml("elsewhere", "echo hi", ""));
+    r.t.store
+        .update_status_json(
+            Kind::AgentRun,
+            "elsewhere",
+            serde_json::json!({"phase": "Running", "vm": "agentvm-p-old00", "node": "node-a"}),
+        )
+        .unwrap();
+    r.pass();
+    let s = r.status("elsewhere");
+    assert_eq!(s.phase, AgentRunPhase::Failed);
+    assert_eq!(s.reason.as_deref(), Some("NodeLost"));
+    assert_eq!(s.node.as_deref(), Some("node-a"), "where its output is");
+    let message = s
+        .conditions
+        .iter()
+        .map(|c| c.message.clone())
+        .collect::<String>();
+    assert!(
+        message.contains("node node-a") && message.contains("not started again"),
+        "{message}"
+    );
+    // Terminal: a later pass changes nothing (the run is never started twice).
+    let before = r.status("elsewhere");
+    r.pass();
+    assert_eq!(r.status("elsewhere"), before);
+}
+
+#[test]
 fn runs_left_in_flight_by_an_earlier_controller_fail_with_controller_restarted() {
     let r = Runs::new(1, 1);
     for (n, phase) in [("was-running", "Running"), ("was-scheduled", "Scheduled")] {
