@@ -1,5 +1,6 @@
 //! A cluster of two nodes on a real etcd, through the real binary: `agentvm controller
-//! --cluster` on each, the CLI against either node's socket. Reconcilers are off (no
+//! --cluster` on each, the CLI against either node's socket: shared objects, one leader,
+//! a duplicate name refused, drain and uncordon, kill -9 of the leader, etcd gone. Reconcilers are off (no
 //! libvirt needed); the dispatcher still finalizes deletions, which only the leader does.
 
 use std::time::Duration;
@@ -8,13 +9,11 @@ mod common;
 
 use common::Env;
 
-fn node(tag: &str, etcd: &str, name: &str) -> Env {
-    let mut env = Env::test_driver(tag);
-    let socket = env.socket();
-    env.start_controller_with(&[
+fn controller_args<'a>(env: &Env, etcd: &'a str, name: &'a str) -> Vec<String> {
+    [
         "controller",
         "--socket",
-        socket.to_str().unwrap(),
+        env.socket().to_str().unwrap(),
         "--without-reconcilers",
         "--metrics-address",
         "off",
@@ -22,12 +21,33 @@ fn node(tag: &str, etcd: &str, name: &str) -> Env {
         etcd,
         "--node",
         name,
-    ]);
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn start(env: &mut Env, etcd: &str, name: &str) {
+    let args = controller_args(env, etcd, name);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    env.start_controller_with(&args);
+}
+
+fn node(tag: &str, etcd: &str, name: &str) -> Env {
+    let mut env = Env::test_driver(tag);
+    start(&mut env, etcd, name);
     env
 }
 
 /// `get nodes -o json` through `env`: (name, leader) pairs.
 fn nodes(env: &Env) -> Vec<(String, bool)> {
+    nodes_full(env)
+        .into_iter()
+        .map(|(n, leader, _)| (n, leader))
+        .collect()
+}
+
+/// (name, leader, cordoned) of every node.
+fn nodes_full(env: &Env) -> Vec<(String, bool, bool)> {
     let out = env.ok(&["get", "nodes", "-o", "json"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     v.as_array()
@@ -37,6 +57,7 @@ fn nodes(env: &Env) -> Vec<(String, bool)> {
             (
                 n["name"].as_str().unwrap().to_string(),
                 n["leader"].as_bool().unwrap(),
+                n["cordoned"].as_bool().unwrap(),
             )
         })
         .collect()
@@ -45,7 +66,7 @@ fn nodes(env: &Env) -> Vec<(String, bool)> {
 #[test]
 fn two_nodes_share_objects_elect_one_leader_and_survive_its_loss() {
     let etcd = agentvm_store::testing::EtcdServer::start();
-    let mut a = node("cluster-a", &etcd.endpoint, "node-a");
+    let a = node("cluster-a", &etcd.endpoint, "node-a");
     let b = node("cluster-b", &etcd.endpoint, "node-b");
 
     // Both registered, one of them the leader; the table shows roles and leases.
@@ -100,13 +121,64 @@ fn two_nodes_share_objects_elect_one_leader_and_survive_its_loss() {
     assert!(err.contains("already registered"), "{err}");
     dup.controller = None;
 
-    // kill -9 of node-a: its lease runs out, node-b is (or stays) the leader alone, and
-    // finalizes a deletion requested through it.
+    // Drain the leader: the other node leads, and the drained one stops (a service manager
+    // starts it again); started again, it stands by, cordoned, until uncordoned.
+    let leader = nodes(&b)
+        .into_iter()
+        .find(|(_, l)| *l)
+        .map(|(n, _)| n)
+        .unwrap();
+    let (mut drained, other, other_name) = if leader == "node-a" {
+        (a, b, "node-b")
+    } else {
+        (b, a, "node-a")
+    };
+    let out = other.ok(&["drain", &format!("node/{leader}")]);
+    assert!(
+        out.contains(&format!("node/{leader} drained: node/{other_name} leads")),
+        "{out}"
+    );
+    let mut child = drained.controller.take().unwrap();
+    other.wait(
+        "the drained controller to stop",
+        Duration::from_secs(20),
+        || child.try_wait().unwrap().is_some(),
+    );
+    assert!(
+        drained
+            .log()
+            .contains("cordoned (drained) and stepped down"),
+        "{}",
+        drained.log()
+    );
+    let _ = std::fs::remove_file(drained.socket());
+    start(&mut drained, &etcd.endpoint, &leader);
+    other.wait(
+        "the drained node back, cordoned",
+        Duration::from_secs(20),
+        || nodes_full(&other).contains(&(leader.clone(), false, true)),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(nodes_full(&other).contains(&(other_name.to_string(), true, false)));
+    assert!(other
+        .ok(&["uncordon", &format!("node/{leader}")])
+        .contains("uncordoned"));
+    let table = other.ok(&["get", "nodes"]);
+    assert!(
+        table.contains("standby") && !table.contains("cordoned"),
+        "{table}"
+    );
+
+    // kill -9 of the leader: its lease runs out, the other leads alone and finalizes a
+    // deletion requested through it.
+    let (mut a, b) = (other, drained);
     a.kill_controller();
-    let waited = b.wait("node-b alone and leading", Duration::from_secs(25), || {
-        nodes(&b) == vec![("node-b".to_string(), true)]
-    });
-    println!("node-a's loss seen after {waited:?} (lease 10 s)");
+    let waited = b.wait(
+        "the other node alone and leading",
+        Duration::from_secs(25),
+        || nodes(&b) == vec![(leader.clone(), true)],
+    );
+    println!("the leader's loss seen after {waited:?} (lease 10 s)");
     b.ok(&["delete", "image/shared"]);
     b.wait("the deletion finalized", Duration::from_secs(20), || {
         b.get("Image", "shared").is_none()

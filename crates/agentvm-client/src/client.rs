@@ -820,6 +820,17 @@ impl Client {
             .spec_dir)
     }
 
+    /// `POST /v1/nodes/{name}/cordon`.
+    pub fn cordon(&self, node: &str, cordoned: bool) -> Result<crate::NodesResponse, ClientError> {
+        let body = serde_json::to_vec(&crate::CordonRequest { cordoned })
+            .map_err(|e| self.protocol(e.to_string()))?;
+        self.call(
+            "POST",
+            &format!("/v1/nodes/{}/cordon", encode(node)),
+            Some(&body),
+        )
+    }
+
     /// `GET /v1/nodes`.
     pub fn nodes(&self) -> Result<crate::NodesResponse, ClientError> {
         self.call("GET", "/v1/nodes", None)

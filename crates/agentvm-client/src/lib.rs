@@ -15,6 +15,7 @@
 //! | `GET /v1/watch?kind=K&initial=true` | newline-delimited [`WatchEvent`]s, until the client hangs up |
 //! | `GET /v1/runs/{name}/logs?offset=N&follow=true` | the run's output (stdout and stderr interleaved), chunked; `follow` streams until the run ends |
 //! | `GET /v1/specdir/errors` | [`SpecDirResponse`] |
+//! | `POST /v1/nodes/{name}/cordon` | [`CordonRequest`] → [`NodesResponse`]; root only; 404 for no live node of that name, 409 on a single host |
 //! | `GET /v1/nodes` | [`NodesResponse`]: the cluster's nodes, the leader marked; 503 when the cluster store does not answer |
 //! | `POST /v1/sandboxes/{name}/exec` | [`SandboxExecRequest`] → newline-delimited [`ExecEvent`]s (output as it comes, then the exit); 409 when the sandbox is not wanted running |
 //! | `PUT /v1/sandboxes/{name}/files?path=P&mode=644` | the body (streamed) becomes guest file `P`; `{"bytes": N}` |
@@ -197,6 +198,14 @@ pub struct NodesResponse {
     pub cluster: bool,
     /// The registered nodes, by name.
     pub nodes: Vec<agentvm_store::cluster::NodeEntry>,
+}
+
+/// Body of `POST /v1/nodes/{name}/cordon`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CordonRequest {
+    /// True to cordon (the node does not lead; a leading node steps down), false to lift it.
+    pub cordoned: bool,
 }
 
 /// A label selector, Kubernetes equality-based syntax: `a=b,c!=d,e,!f`

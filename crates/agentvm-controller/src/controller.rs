@@ -84,8 +84,9 @@ async fn leading(membership: &Option<Arc<Membership>>) {
     }
 }
 
-/// Waits until this node lost its cluster lease; never on a single host.
-async fn lease_lost(membership: &Option<Arc<Membership>>) {
+/// Waits until this node may no longer act (its cluster lease lapsed, or it was drained)
+/// and says why; never on a single host.
+async fn lease_lost(membership: &Option<Arc<Membership>>) -> String {
     match membership {
         Some(m) => m.lost().await,
         None => std::future::pending().await,
@@ -419,9 +420,9 @@ impl Controller {
                 Err(e) => e.to_string(),
             }),
             _ = &mut dispatch => failure = Some("the dispatcher stopped".to_string()),
-            _ = lease_lost(&membership) => failure = Some(
-                "this node lost its cluster lease: it stops so that nothing runs twice; start it again to rejoin the cluster".to_string()
-            ),
+            why = lease_lost(&membership) => failure = Some(format!(
+                "{why}: it stops so that nothing runs twice; started again it rejoins the cluster (as a standby while cordoned)"
+            )),
         }
         let _ = stop_tx.send(true);
         let wait_all = async {

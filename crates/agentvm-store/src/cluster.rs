@@ -6,6 +6,10 @@
 //! lease, so it vanishes when the node stops renewing it. The node campaigns for
 //! `<prefix>/leader` with the same lease.
 //!
+//! Cordon: `<prefix>/cordoned/<name>` (no lease; it outlives restarts) keeps a node from
+//! campaigning; a cordoned leader steps down within a third of the lease (`agentvm drain`),
+//! and another node takes over.
+//!
 //! Fencing: [`Membership::may_act`] is true only while this node is the leader and its
 //! lease is known to be alive — measured on the monotonic clock from the last renewal etcd
 //! confirmed, so a node that was stopped (SIGSTOP, a frozen VM) past its lease sees at once,
@@ -56,12 +60,17 @@ pub struct NodeEntry {
     pub leader: bool,
     /// Seconds its lease has left (renewed every third of [`NODE_LEASE_TTL`]).
     pub lease_seconds_left: i64,
+    /// True when cordoned: it does not lead (`agentvm cordon`, `agentvm drain`).
+    #[serde(default)]
+    pub cordoned: bool,
 }
 
 struct State {
     /// The lease is alive until then, as far as etcd last confirmed.
     alive_until: Instant,
     leader: bool,
+    /// The election key this node holds while it leads (to resign with).
+    leader_key: Option<etcd_client::LeaderKey>,
 }
 
 /// This node's membership; dropping it stops renewing (the lease then expires).
@@ -70,7 +79,7 @@ pub struct Membership {
     name: String,
     lease: i64,
     state: Arc<Mutex<State>>,
-    lost: watch::Receiver<bool>,
+    lost: watch::Receiver<Option<String>>,
     leader_rx: watch::Receiver<bool>,
 }
 
@@ -121,13 +130,22 @@ impl Membership {
         let state = Arc::new(Mutex::new(State {
             alive_until: granted + NODE_LEASE_TTL,
             leader: false,
+            leader_key: None,
         }));
-        let (lost_tx, lost) = watch::channel(false);
+        let (lost_tx, lost) = watch::channel(None);
         let (leader_tx, leader_rx) = watch::channel(false);
-        records.spawn(keep_alive(records.client(), lease, state.clone(), lost_tx));
+        let cordon = records.cordon_key(&node.name);
+        records.spawn(keep_alive(
+            records.client(),
+            lease,
+            cordon.clone(),
+            state.clone(),
+            lost_tx,
+        ));
         records.spawn(campaign(
             records.client(),
             records.leader_key(),
+            cordon,
             node.name.clone(),
             lease,
             state.clone(),
@@ -170,20 +188,46 @@ impl Membership {
         }
     }
 
-    /// Waits until the lease is lost (not renewed in time, or expired in etcd).
-    pub async fn lost(&self) {
+    /// Waits until this node may no longer act: its lease was lost (not renewed in time,
+    /// or expired in etcd), or it stepped down as leader because it was cordoned. Returns
+    /// why.
+    pub async fn lost(&self) -> String {
         let mut rx = self.lost.clone();
-        while !*rx.borrow_and_update() {
+        loop {
+            if let Some(why) = rx.borrow_and_update().clone() {
+                return why;
+            }
             if rx.changed().await.is_err() {
                 std::future::pending::<()>().await;
             }
         }
     }
 
+    /// Cordons node `node` (or lifts its cordon): a cordoned node does not lead; if it
+    /// leads, it steps down. Returns false when no live node has that name (nothing
+    /// changed).
+    pub fn set_cordoned(&self, node: &str, cordoned: bool) -> Result<bool, StoreError> {
+        let client = self.records.client();
+        let (node_key, cordon_key) = (self.records.node_key(node), self.records.cordon_key(node));
+        self.records.run(async move {
+            let mut client = client;
+            if client.get(node_key, None).await?.kvs().is_empty() {
+                return Ok(false);
+            }
+            if cordoned {
+                client.put(cordon_key, "1", None).await?;
+            } else {
+                client.delete(cordon_key, None).await?;
+            }
+            Ok(true)
+        })
+    }
+
     /// Every registered node, the leader marked.
     pub fn nodes(&self) -> Result<Vec<NodeEntry>, StoreError> {
         let client = self.records.client();
         let prefix = self.records.node_key("");
+        let cordons = self.records.cordon_key("");
         let leader_key = self.records.leader_key();
         self.records.run(async move {
             let mut client = client;
@@ -194,6 +238,13 @@ impl Membership {
                 // No leader elected (yet).
                 Err(_) => None,
             };
+            let cordoned: Vec<String> = client
+                .get(cordons.clone(), Some(GetOptions::new().with_prefix()))
+                .await?
+                .kvs()
+                .iter()
+                .filter_map(|kv| kv.key_str().ok()?.strip_prefix(&cordons).map(String::from))
+                .collect();
             let resp = client
                 .get(prefix, Some(GetOptions::new().with_prefix()))
                 .await?;
@@ -204,6 +255,7 @@ impl Membership {
                 };
                 let left = client.lease_time_to_live(kv.lease(), None).await?.ttl();
                 out.push(NodeEntry {
+                    cordoned: cordoned.contains(&info.name),
                     leader: leader.as_deref() == Some(info.name.as_str()),
                     info,
                     lease_seconds_left: left,
@@ -233,8 +285,9 @@ impl Drop for Membership {
 async fn keep_alive(
     client: etcd_client::Client,
     lease: i64,
+    cordon: String,
     state: Arc<Mutex<State>>,
-    lost: watch::Sender<bool>,
+    lost: watch::Sender<Option<String>>,
 ) {
     let mut client = client;
     let every = NODE_LEASE_TTL / 3;
@@ -262,6 +315,31 @@ async fn keep_alive(
             Ok(Err(e)) => tracing::warn!("cluster: renewing this node's lease: {e}"),
             Err(_) => tracing::warn!("cluster: renewing this node's lease: no answer"),
         }
+        // A cordoned leader steps down: it stops acting now, then resigns.
+        let leading = state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .leader_key
+            .clone();
+        if let Some(key) = leading {
+            let cordoned = tokio::time::timeout(every, client.get(cordon.clone(), None)).await;
+            if let Ok(Ok(resp)) = cordoned {
+                if !resp.kvs().is_empty() {
+                    state.lock().unwrap_or_else(|e| e.into_inner()).leader = false;
+                    let resign = etcd_client::ResignOptions::new().with_leader(key);
+                    if let Err(e) = client.resign(Some(resign)).await {
+                        tracing::warn!(
+                            "cluster: resigning: {e}; the lease's end hands over instead"
+                        );
+                    }
+                    tracing::warn!("cluster: this node is cordoned: it stepped down as leader");
+                    let _ = lost.send(Some(
+                        "this node was cordoned (drained) and stepped down as leader".into(),
+                    ));
+                    return;
+                }
+            }
+        }
         tokio::time::sleep(every.saturating_sub(sent.elapsed())).await;
     }
     {
@@ -270,7 +348,7 @@ async fn keep_alive(
         s.alive_until = Instant::now();
     }
     tracing::error!("cluster: this node lost its lease; it may no longer act");
-    let _ = lost.send(true);
+    let _ = lost.send(Some("this node lost its cluster lease".into()));
 }
 
 /// Campaigns until elected (each call waits at most the client's timeout, so it is
@@ -278,6 +356,7 @@ async fn keep_alive(
 async fn campaign(
     client: etcd_client::Client,
     election: String,
+    cordon: String,
     name: String,
     lease: i64,
     state: Arc<Mutex<State>>,
@@ -291,9 +370,26 @@ async fn campaign(
                 return;
             }
         }
-        match client.campaign(election.clone(), name.clone(), lease).await {
+        // A cordoned node waits outside the election.
+        match client.get(cordon.clone(), None).await {
+            Ok(resp) if resp.kvs().is_empty() => {}
             Ok(_) => {
-                state.lock().unwrap_or_else(|e| e.into_inner()).leader = true;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => {
+                tracing::debug!("cluster: reading this node's cordon: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        }
+        match client.campaign(election.clone(), name.clone(), lease).await {
+            Ok(mut resp) => {
+                {
+                    let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+                    s.leader = true;
+                    s.leader_key = resp.take_leader();
+                }
                 tracing::info!("cluster: node {name} is the leader");
                 let _ = leader.send(true);
                 return;

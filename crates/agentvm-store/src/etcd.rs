@@ -194,6 +194,11 @@ impl EtcdRecords {
         format!("{}/nodes/{name}", self.inner.prefix)
     }
 
+    /// The key whose presence cordons node `name` (`<prefix>/cordoned/<name>`).
+    pub(crate) fn cordon_key(&self, name: &str) -> String {
+        format!("{}/cordoned/{name}", self.inner.prefix)
+    }
+
     /// The election whose leader reconciles.
     pub(crate) fn leader_key(&self) -> String {
         format!("{}/leader", self.inner.prefix)

@@ -100,6 +100,12 @@ enum Command {
     Shell(cmd::exec::ShellArgs),
     /// Print an AgentRun's output; `-f` follows it until the run ends.
     Logs(cmd::logs::LogsArgs),
+    /// Keep a cluster node from leading (the leader reconciles); a leading node steps down.
+    Cordon(cmd::node::NodeArgs),
+    /// Let a cordoned cluster node lead again.
+    Uncordon(cmd::node::NodeArgs),
+    /// Cordon a cluster node and wait until another node leads.
+    Drain(cmd::node::NodeArgs),
     /// Wait until objects meet a condition, reach a phase or are deleted.
     Wait(cmd::wait::WaitArgs),
     /// Print the JSON Schema of a kind's manifests.
@@ -161,6 +167,9 @@ fn main() {
             Command::PortForward(a) => a.run(&cfg),
             Command::Rollback(a) => a.run(&cfg),
             Command::Wait(a) => a.run(&cfg),
+            Command::Cordon(a) => a.run(&cfg, true, false),
+            Command::Uncordon(a) => a.run(&cfg, false, false),
+            Command::Drain(a) => a.run(&cfg, true, true),
             Command::Version(a) => a.run(&cfg),
             Command::Schema(a) => a.run(),
             Command::Completion(a) => a.run(&mut Cli::command()),

@@ -153,6 +153,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/runs/{name}/logs", get(logs))
         .route("/v1/specdir/errors", get(specdir_errors))
         .route("/v1/nodes", get(nodes))
+        .route("/v1/nodes/{name}/cordon", axum::routing::post(cordon))
         .route(
             "/v1/sandboxes/{name}/exec",
             axum::routing::post(super::sandbox::exec),
@@ -774,6 +775,62 @@ async fn nodes(State(st): State<ApiState>) -> Response {
     };
     match blocking(move || m.nodes()).await {
         Ok(nodes) => Json(agentvm_client::NodesResponse {
+            cluster: true,
+            nodes,
+        })
+        .into_response(),
+        Err(resp) => resp,
+    }
+}
+
+/// `POST /v1/nodes/{name}/cordon`: [`agentvm_client::CordonRequest`] → the nodes. Root only.
+async fn cordon(
+    State(st): State<ApiState>,
+    caller: Option<Extension<Caller>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    body: Bytes,
+) -> Response {
+    let caller = match caller_of(caller) {
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
+    if !caller.is_root() {
+        return error(
+            StatusCode::FORBIDDEN,
+            "only root may cordon or drain a cluster node; nothing was changed",
+            vec![],
+        );
+    }
+    let Some(m) = st.membership.clone() else {
+        return error(
+            StatusCode::CONFLICT,
+            "this controller runs on one host (started without --cluster): it has no nodes to cordon",
+            vec![],
+        );
+    };
+    let request: agentvm_client::CordonRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("bad request body: {e}"),
+                vec![],
+            )
+        }
+    };
+    let n = name.clone();
+    match blocking(move || {
+        let found = m.set_cordoned(&n, request.cordoned)?;
+        Ok((found, m.nodes()?))
+    })
+    .await
+    {
+        Ok((false, _)) => error(
+            StatusCode::NOT_FOUND,
+            format!("no live node named {name:?} (see `agentvm get nodes`)"),
+            vec![],
+        ),
+        Ok((true, nodes)) => Json(agentvm_client::NodesResponse {
             cluster: true,
             nodes,
         })

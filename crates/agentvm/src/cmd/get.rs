@@ -533,7 +533,13 @@ impl GetArgs {
                     .map(|n| {
                         vec![
                             n.info.name.clone(),
-                            if n.leader { "leader" } else { "standby" }.into(),
+                            match (n.leader, n.cordoned) {
+                                (true, false) => "leader",
+                                (true, true) => "leader,cordoned",
+                                (false, false) => "standby",
+                                (false, true) => "cordoned",
+                            }
+                            .into(),
                             n.info.vcpus.to_string(),
                             format!("{}Mi", n.info.memory_mib),
                             n.info.accelerator.clone(),

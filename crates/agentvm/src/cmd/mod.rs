@@ -14,6 +14,7 @@ pub mod image;
 pub mod logs;
 pub mod man;
 pub mod manifests;
+pub mod node;
 pub mod objects;
 pub mod run;
 pub mod sandbox;
