@@ -7,7 +7,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::Env;
+use common::{sh_run, Env};
 
 fn controller_args<'a>(env: &Env, etcd: &'a str, name: &'a str) -> Vec<String> {
     [
@@ -97,6 +97,30 @@ fn two_nodes_share_objects_elect_one_leader_and_survive_its_loss() {
         .get("Image", "shared")
         .expect("node-b serves node-a's object");
     assert_eq!(got["metadata"]["generation"], 1);
+
+    // A run's output is kept by the node that ran it; another node says where it is.
+    let run = a.write("run.yaml", &sh_run("ran-elsewhere", "p", "echo hi", ""));
+    a.ok(&["apply", "-f", &run]);
+    let dir = tempfile::tempdir().unwrap();
+    let store = agentvm_store::Store::open_cluster(
+        &agentvm_store::ClusterConfig::new(vec![etcd.endpoint.clone()]),
+        dir.path().join("store.redb"),
+    )
+    .unwrap();
+    store
+        .update_status_json(
+            agentvm_api::Kind::AgentRun,
+            "ran-elsewhere",
+            serde_json::json!({"phase": "Succeeded", "node": "node-x"}),
+        )
+        .unwrap();
+    drop(store);
+    let err = b.fails(&["logs", "run/ran-elsewhere"]);
+    assert!(
+        err.contains("ran on node node-x, which keeps its output")
+            && err.contains("this is node node-b"),
+        "{err}"
+    );
 
     // A second controller under a live node's name is refused, and says why.
     let mut dup = Env::test_driver("cluster-dup");

@@ -675,6 +675,24 @@ async fn logs(
     UrlPath(name): UrlPath<String>,
     Query(q): Query<LogsQuery>,
 ) -> Response {
+    // In a cluster, a run's output is kept by the node that ran it.
+    if let Some(m) = &st.membership {
+        if let Ok(Some(obj)) = st.store.get(Kind::AgentRun, &name) {
+            let ran_on =
+                <agentvm_api::AgentRunStatus as agentvm_api::KindStatus>::of(&obj.resource)
+                    .and_then(|s| s.node.clone());
+            if let Some(node) = ran_on.filter(|n| n != m.name()) {
+                return error(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "AgentRun/{name} ran on node {node}, which keeps its output: ask that node's API (this is node {})",
+                        m.name()
+                    ),
+                    vec![],
+                );
+            }
+        }
+    }
     // Subscribe first so output appended between the first read and the wait is seen.
     let output_events = st.store.subscribe_output();
     let first = match st.store.read_output(&name, q.offset, usize::MAX) {
