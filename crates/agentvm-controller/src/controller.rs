@@ -273,6 +273,22 @@ impl Controller {
             membership: membership.clone(),
         };
         let mut api = tokio::spawn(server::serve(listener, api_state, stopped(stop_rx.clone())));
+        if let Some(m) = membership.clone() {
+            // This node's role and lease, for /metrics.
+            let (metrics, until) = (self.metrics.clone(), stopped(stop_rx.clone()));
+            tokio::spawn(async move {
+                tokio::pin!(until);
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    let (leader, left) = m.role();
+                    metrics.cluster_node(m.name(), leader, left);
+                    tokio::select! {
+                        _ = &mut until => break,
+                        _ = tick.tick() => {}
+                    }
+                }
+            });
+        }
         let mut source = match spec_dir.clone() {
             Some(s) => tokio::spawn(s.run(self.watch, stopped(stop_rx.clone()))),
             None => {
@@ -529,6 +545,7 @@ mod tests {
                 .socket(dir.join("api.sock"))
                 .reconciler(Arc::new(Reconciled(name, log.clone())))
                 .cluster(cluster.clone(), node);
+            let metrics = controller.metrics();
             let task = tokio::spawn(controller.run(async {
                 let _ = stopped.await;
             }));
@@ -536,6 +553,7 @@ mod tests {
                 stop,
                 task,
                 agentvm_client::Client::new(dir.join("api.sock")),
+                metrics,
             )
         };
         let mut nodes = std::collections::HashMap::new();
@@ -592,11 +610,23 @@ mod tests {
             "only the leader reconciles: {:?}",
             log.lock().unwrap()
         );
+        // Each node's /metrics tell its role and lease.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        for (name, node) in &nodes {
+            let text = node.3.render();
+            let want = format!(
+                "agentvm_cluster_leader{{node=\"{name}\"}} {}",
+                u8::from(*name == leader)
+            );
+            assert!(text.contains(&want), "{want} in:\n{text}");
+            let lease = format!("agentvm_cluster_lease_seconds_left{{node=\"{name}\"}}");
+            assert!(text.contains(&lease), "{lease} in:\n{text}");
+        }
         // The leader stops: the other is elected and reconciles what is applied next.
-        let (stop, task, _) = nodes.remove(leader).unwrap();
+        let (stop, task, _, _) = nodes.remove(leader).unwrap();
         let _ = stop.send(());
         task.await.unwrap().unwrap();
-        let (other, (stop, task, client)) = nodes.into_iter().next().unwrap();
+        let (other, (stop, task, client, _)) = nodes.into_iter().next().unwrap();
         apply(&client, "second").await;
         let l = log.clone();
         wait_for(

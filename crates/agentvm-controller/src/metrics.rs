@@ -67,6 +67,8 @@ struct Inner {
     egress_connections: IntCounterVec,
     egress_bytes: IntCounterVec,
     libvirt_up: IntGauge,
+    cluster_leader: IntGaugeVec,
+    cluster_lease_seconds: IntGaugeVec,
     /// Label values in use that Prometheus cannot remove by a partial label set.
     labels: Mutex<LabelIndex>,
 }
@@ -332,6 +334,28 @@ impl Metrics {
                 ))
                 .unwrap(),
             ),
+            cluster_leader: reg(
+                &r,
+                IntGaugeVec::new(
+                    opts(
+                        "agentvm_cluster_leader",
+                        "1 while this cluster node leads (reconciles), else 0; absent on a single host.",
+                    ),
+                    &["node"],
+                )
+                .unwrap(),
+            ),
+            cluster_lease_seconds: reg(
+                &r,
+                IntGaugeVec::new(
+                    opts(
+                        "agentvm_cluster_lease_seconds_left",
+                        "Seconds this cluster node's lease has left, as of its last renewal (0 once lost).",
+                    ),
+                    &["node"],
+                )
+                .unwrap(),
+            ),
             labels: Mutex::new(LabelIndex::default()),
             registry: r,
         };
@@ -423,6 +447,18 @@ impl Metrics {
     /// Whether the last statistics sample reached libvirt.
     pub fn libvirt_up(&self, up: bool) {
         self.inner.libvirt_up.set(i64::from(up));
+    }
+
+    /// This cluster node's role and lease.
+    pub fn cluster_node(&self, node: &str, leader: bool, lease_seconds_left: u64) {
+        self.inner
+            .cluster_leader
+            .with_label_values(&[node])
+            .set(i64::from(leader));
+        self.inner
+            .cluster_lease_seconds
+            .with_label_values(&[node])
+            .set(i64::try_from(lease_seconds_left).unwrap_or(i64::MAX));
     }
 
     // --- Pools ---------------------------------------------------------------------------

@@ -171,6 +171,17 @@ impl Membership {
         &self.name
     }
 
+    /// Whether this node leads (may act), and the seconds its lease has left as of the
+    /// last renewal etcd confirmed.
+    pub fn role(&self) -> (bool, u64) {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let left = s
+            .alive_until
+            .saturating_duration_since(Instant::now())
+            .as_secs();
+        (s.leader && left > 0, left)
+    }
+
     /// True while this node is the leader and its lease is alive: only then may it start,
     /// change or remove anything.
     pub fn may_act(&self) -> bool {
