@@ -119,6 +119,34 @@ pub(crate) fn fork_definition(
     Ok(xml)
 }
 
+/// `xml` (a domain definition agentvm made) with `owner` as its only metadata: a copy of
+/// another domain's definition must never be defined, even for a moment, with that domain's
+/// owner, or a controller stopped in that moment leaves a domain its source's owner takes
+/// for its own.
+pub(crate) fn with_owner(xml: &str, owner: &Owner) -> Result<String> {
+    let metadata = format!("<metadata>{}</metadata>", crate::xml::owner_element(owner));
+    let mut out = xml.to_string();
+    if let (Some(start), Some(end)) = (out.find("<metadata>"), out.find("</metadata>")) {
+        if end < start {
+            return Err(BackendError::Protocol {
+                what: "a domain definition".into(),
+                message: "its <metadata> is malformed".into(),
+            });
+        }
+        out.replace_range(start..end + "</metadata>".len(), &metadata);
+    } else if let Some(at) = out.find("<metadata/>") {
+        out.replace_range(at..at + "<metadata/>".len(), &metadata);
+    } else if let Some(at) = out.find("</name>") {
+        out.insert_str(at + "</name>".len(), &metadata);
+    } else {
+        return Err(BackendError::Protocol {
+            what: "a domain definition".into(),
+            message: "it has no <name>".into(),
+        });
+    }
+    Ok(out)
+}
+
 /// The internal snapshots in qcow2 file `disk`.
 pub(crate) fn internal_snapshots(disk: &Path) -> Result<Vec<String>> {
     let info = crate::vm::qemu_img_info(disk)?;
@@ -313,11 +341,11 @@ impl Libvirt {
                 delete_internal_snapshot(&files.disk(), &other)?;
             }
         }
+        // Defined with its own owner from the first moment.
         let dom = self
             .raw()
-            .define_domain_xml(xml)
+            .define_domain_xml(&with_owner(xml, owner)?)
             .map_err(|e| BackendError::from_virt(e, "domain", name))?;
-        self.set_domain_owner(name, owner)?;
         dom.create_with_flags(sys::VIR_DOMAIN_START_PAUSED)
             .map_err(|e| BackendError::from_virt(e, "domain", name))?;
         // The vCPUs stay stopped through the load (they were stopped before it).
@@ -385,6 +413,33 @@ mod tests {
             "sbx-b",
             Path::new("/var/lib/agentvm/vms/sbx-b"),
         )
+    }
+
+    #[test]
+    fn a_fork_is_defined_with_its_own_owner_never_its_source_s() {
+        let source_owner = Owner {
+            kind: agentvm_api::Kind::Sandbox.into(),
+            name: "a".into(),
+            spec_hash: String::new(),
+            generation: 1,
+        };
+        let fork_owner = Owner {
+            name: "fk".into(),
+            spec_hash: UNFINISHED.into(),
+            ..source_owner.clone()
+        };
+        let with_source = with_owner(SOURCE, &source_owner).unwrap();
+        let xml = with_owner(&fork(&with_source).unwrap(), &fork_owner).unwrap();
+        let parsed = crate::xml::parse_owner(&xml).expect("an owner");
+        assert_eq!(parsed, fork_owner, "{xml}");
+        assert_eq!(
+            xml.matches("<agentvm:owner").count(),
+            1,
+            "one owner element: {xml}"
+        );
+        // A definition without metadata gets it after its name.
+        let bare = with_owner(SOURCE, &fork_owner).unwrap();
+        assert_eq!(crate::xml::parse_owner(&bare), Some(fork_owner));
     }
 
     #[test]
