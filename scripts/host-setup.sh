@@ -88,6 +88,10 @@ if alive /run/libvirtd.pid; then
   say "libvirtd already running (pid $pid)"
 else
   if [ -n "$netns" ]; then
+    # `ip netns exec` gives libvirtd its own mount namespace, a slave of this one: with `/`
+    # shared (systemd's default; not on hosts without systemd), file systems mounted here
+    # later (a test's small tmpfs for VM files) are seen by libvirtd and QEMU too.
+    mount --make-rshared /
     ip netns exec "$netns" libvirtd -d
     say "started libvirtd in network namespace $netns"
   else

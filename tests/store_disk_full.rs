@@ -6,67 +6,13 @@
 //! Needs root (it mounts a tmpfs); fails loudly otherwise.
 
 mod plain_controller;
+#[path = "support/tinyfs.rs"]
+mod tinyfs;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use plain_controller::PlainController;
-
-/// A tmpfs of `size_mib` mounted on a fresh temporary directory; unmounted on drop.
-struct TinyFs {
-    mount: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl TinyFs {
-    fn new(size_mib: u32) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mount = dir.path().join("fs");
-        std::fs::create_dir(&mount).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o"])
-            .arg(format!("size={size_mib}m,mode=0755"))
-            .arg("agentvm-test-tinyfs")
-            .arg(&mount)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mounting a tmpfs needs root: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        TinyFs { mount, _dir: dir }
-    }
-
-    /// Writes a file until the filesystem is full; returns its path.
-    fn fill(&self) -> PathBuf {
-        let path = self.mount.join("filler");
-        let mut f = std::fs::File::create(&path).unwrap();
-        let chunk = vec![0xA5u8; 64 * 1024];
-        loop {
-            if let Err(e) = f.write_all(&chunk) {
-                assert_eq!(e.raw_os_error(), Some(28), "{e}");
-                break;
-            }
-        }
-        // Small writes too, down to the last bytes.
-        while f.write_all(&[0u8; 512]).is_ok() {}
-        path
-    }
-}
-
-impl Drop for TinyFs {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.mount)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
-        }
-    }
-}
+use tinyfs::TinyFs;
 
 /// An Image whose annotation makes it about 200 KiB big (redb does not compress).
 fn big_image(dir: &Path, name: &str) -> PathBuf {
