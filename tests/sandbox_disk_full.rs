@@ -85,7 +85,10 @@ fn a_snapshot_on_a_full_host_disk_waits_clearly_and_is_taken_once_space_returns(
     eprintln!("taken {:.1}s after space returned", waited.as_secs_f64());
     let out = env.ok(&["exec", &format!("sandbox/{sandbox}"), "--", "echo", "alive"]);
     assert!(out.contains("alive"), "{out}");
-    // VMs first (their files are on the tmpfs), then the mount.
+    // VMs first (their files are on the tmpfs), then the mount; the state directory could
+    // not be removed while the mount was in it.
+    let dir = env.state().to_path_buf();
     drop(env);
     drop(fs);
+    let _ = std::fs::remove_dir_all(dir);
 }
