@@ -14,9 +14,9 @@ use agentvm_controller::{Action, Config, Controller, Ctx, ReconcileError, Reconc
 use agentvm_store::cluster::NodeInfo;
 use agentvm_store::testing::EtcdServer;
 use agentvm_store::{ApplyOptions, ClusterConfig, Manager, Store, StoredObject, STORE_FILE};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
-use crate::inproc::{apply_request, image_doc};
+use crate::inproc::{apply_request, image_doc, wait_until_some};
 use crate::report::{Row, Table};
 use crate::stats::{fmt_duration, summarize};
 
@@ -121,16 +121,17 @@ fn apply_to_reconcile(
             let request = apply_request(&image_doc(&name))?;
             let t = Instant::now();
             client.apply(&request)?;
-            let deadline = t + Duration::from_secs(30);
-            let started = loop {
-                if let Some(at) = seen.0.lock().unwrap_or_else(|e| e.into_inner()).get(&name) {
-                    break *at;
-                }
-                if Instant::now() > deadline {
-                    bail!("{name} was not reconciled within 30 s");
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            };
+            let started = wait_until_some(
+                "the applied object's reconcile",
+                Duration::from_secs(30),
+                || {
+                    seen.0
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&name)
+                        .copied()
+                },
+            )?;
             times.push(started.saturating_duration_since(t));
         }
         Ok(times)

@@ -276,7 +276,7 @@ pub fn controller_rows(
     result
 }
 
-fn wait_until_some<T>(
+pub fn wait_until_some<T>(
     what: &str,
     timeout: Duration,
     mut f: impl FnMut() -> Option<T>,

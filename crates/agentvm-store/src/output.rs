@@ -120,7 +120,17 @@ impl Store {
         cap: u64,
     ) -> Result<usize, StoreError> {
         let key = ObjectKey::new(Kind::AgentRun, run);
-        if self.inner.records.get(&key.db_key())?.is_none() {
+        // The run must exist when its output starts (in a cluster store, a round trip):
+        // checked once, while it has none. Its removal removes its output, so a later append
+        // is checked again.
+        let started = self.inner.local.with_db(|db| {
+            Ok(db
+                .begin_read()?
+                .open_table(OUTPUT_META)?
+                .get(run)?
+                .is_some())
+        })?;
+        if !started && self.inner.records.get(&key.db_key())?.is_none() {
             return Err(StoreError::NotFound(key));
         }
         self.inner.local.with_db(|db| {

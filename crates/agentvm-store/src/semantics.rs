@@ -489,21 +489,10 @@ fn events_name_each_change() {
         .unwrap();
     store.request_delete(Kind::Image, "base", None).unwrap();
     store.finalize_delete(Kind::Image, "base").unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
-    let seen: Vec<Change> = rt.block_on(async {
-        let mut seen = Vec::new();
-        while seen.len() < 4 {
-            let e = tokio::time::timeout(std::time::Duration::from_secs(5), events.recv())
-                .await
-                .expect("an event within 5 s")
-                .unwrap();
-            seen.push(e.change);
-        }
-        seen
-    });
+    let seen: Vec<Change> = next_events(&mut events, 4)
+        .into_iter()
+        .map(|e| e.change)
+        .collect();
     assert_eq!(
         seen,
         vec![

@@ -29,6 +29,25 @@ fn temp_store() -> (tempfile::TempDir, Store) {
     (dir, store)
 }
 
+/// The next `n` events of `events`, each within 5 s.
+fn next_events(events: &mut broadcast::Receiver<StoreEvent>, n: usize) -> Vec<StoreEvent> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut seen = Vec::with_capacity(n);
+        while seen.len() < n {
+            let e = tokio::time::timeout(std::time::Duration::from_secs(5), events.recv())
+                .await
+                .expect("an event within 5 s")
+                .unwrap();
+            seen.push(e);
+        }
+        seen
+    })
+}
+
 fn spec_dir(file: &str) -> Manager {
     Manager::SpecDir { file: file.into() }
 }
@@ -275,20 +294,10 @@ mod etcd {
         .unwrap();
         a.request_delete(Kind::Image, "base", None).unwrap();
         a.finalize_delete(Kind::Image, "base").unwrap();
-        let mut seen = Vec::new();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            while seen.len() < 4 {
-                let e = tokio::time::timeout(std::time::Duration::from_secs(5), events.recv())
-                    .await
-                    .expect("the other node hears of every change within 5 s")
-                    .unwrap();
-                seen.push((e.key(), e.change));
-            }
-        });
+        let seen: Vec<_> = next_events(&mut events, 4)
+            .into_iter()
+            .map(|e| (e.key(), e.change))
+            .collect();
         let key = ObjectKey::new(Kind::Image, "base");
         assert_eq!(
             seen,
